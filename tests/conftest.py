@@ -1,0 +1,23 @@
+"""Shared fixtures: the tiny synthetic AF3 checkpoint and the bundled clips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from af3trt.runtime import assets
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A complete HF AF3 directory (tiny preset, fixed seed), written once per test session."""
+    from af3trt.export.synth import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "af3-tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def speech_bytes() -> bytes:
+    """The bundled 5-s speech clip (FLAC, 16 kHz mono), as a client would send it."""
+    return assets.speech_path().read_bytes()
