@@ -1,0 +1,262 @@
+"""One shot from a Hugging Face AF3 checkpoint to a ready Triton model repository.
+
+    python build/build_engines.py --hf-model DIR --target cpu --out out/af3-tiny
+    af3trt build --hf-model DIR --target cpu --out out/af3-tiny
+
+Steps (CPU target): inspect the checkpoint → export + validate the encoder ONNX → (optional INT8 encoder) →
+extract the Qwen2 language model → render the repository → write manifest.json. Everything is built in a
+scratch directory beside --out and moved into place at the end: an existing --out is refused unless --force,
+which replaces it whole. A failed build leaves no half-written repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger("af3trt.build")
+
+ROOT_FILES = ("config.json",)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass
+class BuildOptions:
+    hf_model: Path
+    out: Path
+    target: str = "cpu"
+    force: bool = False
+    # serving limits
+    max_batch_size: int = 8
+    max_audio_seconds: int = 600
+    max_text_len: int = 1024  # text tokens per request besides the audio tokens
+    max_output_len: int = 512
+    default_max_tokens: int = 128
+    # CPU backends
+    encoder_precision: str = "fp32"  # fp32 | int8 (ONNX Runtime dynamic quantization)
+    cpu_threads: int = 0  # 0 = the runtimes' defaults
+    encoder_max_batch: int = 64
+    # GPU target (see build/gpu_build.py)
+    gpu: dict = field(default_factory=dict)
+
+
+class Progress:
+    """`[2/5] exporting encoder … done in 3.1 s` lines, and the timings for the manifest."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.timings = total, 0, {}
+
+    def step(self, name: str):
+        self.n += 1
+        prog = self
+
+        class _Step:
+            def __enter__(self):
+                print(f"[{prog.n}/{prog.total}] {name} …", flush=True)
+                self.t0 = time.perf_counter()
+                return self
+
+            def __exit__(self, exc_type, *_):
+                dt = time.perf_counter() - self.t0
+                prog.timings[name] = round(dt, 3)
+                print(f"[{prog.n}/{prog.total}] {name}: {'failed' if exc_type else 'done'} in {dt:.1f} s", flush=True)
+
+        return _Step()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("af3trt", "torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors",
+                "tritonclient", "nvidia-pytriton", "nvidia-modelopt", "tensorrt", "tensorrt_llm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def checkpoint_digest(hf_dir: Path) -> dict:
+    """sha256 over config.json and the weight files (name order), with sizes: identifies what was built."""
+    files = sorted(p for p in hf_dir.iterdir() if p.suffix == ".safetensors" or p.name in ROOT_FILES)
+    h = hashlib.sha256()
+    total = 0
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+                total += len(chunk)
+    return {"sha256": h.hexdigest(), "files": [p.name for p in files], "bytes": total}
+
+
+def inspect_checkpoint(hf_dir: Path) -> dict:
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.exists():
+        raise BuildError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("model_type") != "audioflamingo3":
+        raise BuildError(f"{hf_dir}: model_type is {cfg.get('model_type')!r}, expected 'audioflamingo3'")
+    text, audio = cfg["text_config"], cfg["audio_config"]
+    if not any(hf_dir.glob("*.safetensors")):
+        raise BuildError(f"{hf_dir} has no .safetensors weights")
+    gen = json.loads((hf_dir / "generation_config.json").read_text(encoding="utf-8")) if (hf_dir / "generation_config.json").exists() else {}
+    eos = gen.get("eos_token_id", text.get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [eos]
+    pad = gen.get("pad_token_id", text.get("pad_token_id"))
+    return {
+        "text_hidden_size": text["hidden_size"], "text_layers": text["num_hidden_layers"],
+        "vocab_size": text["vocab_size"], "audio_hidden_size": audio["hidden_size"],
+        "audio_layers": audio["num_hidden_layers"], "audio_token_id": cfg.get("audio_token_id"),
+        "dtype": text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype") or cfg.get("torch_dtype"),
+        "end_id": eos[0], "eos_ids": eos, "pad_id": pad if pad is not None else eos[0],
+    }
+
+
+def serving_limits(opts: BuildOptions) -> dict:
+    from af3trt.runtime import lengths
+
+    windows = -(-opts.max_audio_seconds // lengths.WINDOW_SECONDS)
+    if not 1 <= windows <= lengths.MAX_WINDOWS:
+        raise BuildError(f"--max-audio-seconds must be in [1, {lengths.MAX_AUDIO_SECONDS}], got {opts.max_audio_seconds}")
+    audio_tokens = windows * lengths.EMBEDS_PER_WINDOW
+    return {
+        "max_batch_size": opts.max_batch_size, "max_audio_seconds": opts.max_audio_seconds,
+        "max_audio_windows": windows, "audio_tokens_per_request": audio_tokens,
+        "max_input_len": opts.max_text_len + audio_tokens, "max_output_len": opts.max_output_len,
+        "default_max_tokens": min(opts.default_max_tokens, opts.max_output_len),
+    }
+
+
+def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) -> None:
+    from af3trt.build.repository import render_repository
+    from af3trt.export.extract_lm import extract_language_model
+    from af3trt.export.onnx_export import export_encoder, quantize_encoder_dynamic
+    from af3trt.triton_repo.configs import RepoSpec
+
+    info, limits = manifest["checkpoint"]["config"], manifest["limits"]
+    artifacts = work / "artifacts"
+    with prog.step("exporting + validating the encoder ONNX"):
+        manifest["validation"]["encoder_onnx"] = export_encoder(opts.hf_model, artifacts / "encoder.onnx")
+    onnx_rel = "artifacts/encoder.onnx"
+    if opts.encoder_precision == "int8":
+        with prog.step("quantizing the encoder (ONNX Runtime INT8 dynamic)"):
+            manifest["validation"]["encoder_int8"] = quantize_encoder_dynamic(
+                artifacts / "encoder.onnx", artifacts / "encoder.int8.onnx")
+        onnx_rel = "artifacts/encoder.int8.onnx"
+    with prog.step("extracting the Qwen2 language model"):
+        lm = extract_language_model(opts.hf_model, artifacts / "lm")
+        manifest["language_model"] = {k: v for k, v in lm.items() if k != "shapes"}
+    threads = str(opts.cpu_threads) if opts.cpu_threads else "0"
+    spec = RepoSpec(
+        target="cpu", hidden_size=info["text_hidden_size"], decoder_dtype=lm["dtype"],
+        vocab_size=lm["vocab_size"], end_id=info["end_id"], pad_id=info["pad_id"],
+        max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
+        max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
+        default_max_tokens=limits["default_max_tokens"], encoder_max_batch=opts.encoder_max_batch,
+        encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads},
+        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits["max_batch_size"]),
+                        "threads": threads},
+        fusion_params={"tokenizer_dir": "artifacts/lm"},
+        postprocess_params={"tokenizer_dir": "artifacts/lm"},
+    )
+    with prog.step("rendering the Triton model repository"):
+        render_repository(work / "model_repository", spec)
+    manifest["repository"] = {"spec": asdict(spec), "models": sorted(p.name for p in (work / "model_repository").iterdir())}
+    manifest["precisions"] = {"encoder": opts.encoder_precision, "encoder_io": "float32", "decoder": lm["dtype"],
+                              "prompt_table": lm["dtype"]}
+
+
+def build(opts: BuildOptions) -> Path:
+    opts.hf_model, opts.out = Path(opts.hf_model).resolve(), Path(opts.out).resolve()
+    if opts.target not in ("cpu", "gpu"):
+        raise BuildError(f"--target must be cpu or gpu, got {opts.target!r}")
+    if opts.encoder_precision not in ("fp32", "int8"):
+        raise BuildError(f"--encoder-precision must be fp32 or int8 on the CPU target, got {opts.encoder_precision!r}")
+    if opts.out.exists() and not opts.force:
+        raise BuildError(f"{opts.out} exists: pass --force to replace it (the old one is removed only after the "
+                         f"new build succeeds)")
+    if not opts.hf_model.is_dir():
+        raise BuildError(f"--hf-model {opts.hf_model} is not a directory")
+
+    prog = Progress(total=5 if opts.encoder_precision == "int8" else 4)
+    manifest = {"af3trt_manifest": 1, "target": opts.target, "created_unix": int(time.time()),
+                "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+                "versions": versions(), "options": {k: str(v) for k, v in asdict(opts).items()},
+                "validation": {}}
+    with prog.step("inspecting the checkpoint"):
+        manifest["checkpoint"] = {"path": str(opts.hf_model), "config": inspect_checkpoint(opts.hf_model),
+                                  **checkpoint_digest(opts.hf_model)}
+        manifest["limits"] = serving_limits(opts)
+
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    work = opts.out.parent / f".{opts.out.name}.building-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        if opts.target == "gpu":
+            from af3trt.build.gpu_build import build_gpu
+
+            build_gpu(opts, work, prog, manifest)
+        else:
+            build_cpu(opts, work, prog, manifest)
+        manifest["timings_s"] = prog.timings
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if opts.out.exists():
+            old = opts.out.parent / f".{opts.out.name}.old-{os.getpid()}"
+            opts.out.rename(old)
+            work.rename(opts.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(opts.out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"model repository: {opts.out / 'model_repository'}\nmanifest:         {opts.out / 'manifest.json'}",
+          flush=True)
+    return opts.out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="af3trt build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-model", required=True, type=Path, help="Hugging Face AF3 checkpoint directory")
+    ap.add_argument("--out", required=True, type=Path, help="output directory (repository, artifacts, manifest)")
+    ap.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
+    ap.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in the decoder")
+    ap.add_argument("--max-audio-seconds", type=int, default=600, help="audio per request (AF3 reads at most 600)")
+    ap.add_argument("--max-text-len", type=int, default=1024, help="text tokens per request besides audio tokens")
+    ap.add_argument("--max-output-len", type=int, default=512)
+    ap.add_argument("--default-max-tokens", type=int, default=128)
+    ap.add_argument("--encoder-precision", default="fp32", help="cpu: fp32 | int8 (ORT dynamic)")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="threads per ONNX Runtime / torch model (0: default)")
+    ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="    %(message)s")
+    opts = BuildOptions(**{k: v for k, v in vars(args).items()})
+    try:
+        build(opts)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""AF3's audio front end for serving: bytes → mono 16 kHz → 30-s windows → log-mel features + mask.
+
+Produces what AudioFlamingo3Processor produces (input_features, input_features_mask, the number of
+<sound> tokens) without importing transformers, which the serving container may not have.
+Only bytes are decoded: no path or URL is ever opened.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+
+from af3trt.runtime import lengths
+from af3trt.runtime.lengths import HOP, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES
+
+# Refusal limits (client errors, checked from the header before decoding and again while decoding).
+MAX_CLIP_SECONDS = 3600.0
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 384000
+MAX_CHANNELS = 32
+# libsndfile containers we accept (soundfile's format names).
+ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3"})
+
+_BLOCK_SECONDS = 30
+
+
+class AudioError(ValueError):
+    """The client sent audio we cannot use; the message says why (and which clip)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_audio(data: bytes, *, max_seconds: float = MAX_CLIP_SECONDS) -> np.ndarray:
+    """Decode a WAV/FLAC/OGG/MP3 byte stream to float32 [n] mono at 16 kHz (channels averaged)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode_audio takes the encoded bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise AudioError("empty (0 bytes)")
+    try:
+        stream = sf.SoundFile(io.BytesIO(data))
+    except (sf.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"could not decode: not a WAV/FLAC/OGG/MP3 stream ({_reason(e)})") from e
+    with stream:
+        rate, channels = stream.samplerate, stream.channels
+        if stream.format not in ACCEPTED_FORMATS:
+            raise AudioError(
+                f"could not decode: unsupported container {stream.format} (send WAV, FLAC, OGG or MP3)"
+            )
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise AudioError(f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise AudioError(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+        max_frames = int(max_seconds * rate)
+        if stream.frames > max_frames:
+            raise AudioError(f"audio is {stream.frames / rate:.1f} s long; the limit is {max_seconds:g} s")
+        mono = _read_mono(stream, max(1, int(rate * _BLOCK_SECONDS)), max_frames, max_seconds)
+    if mono.size == 0:
+        raise AudioError("audio has no samples")
+    if rate != SAMPLE_RATE:
+        g = math.gcd(SAMPLE_RATE, rate)
+        mono = resample_poly(mono, SAMPLE_RATE // g, rate // g).astype(np.float32, copy=False)
+    return mono
+
+
+def _read_mono(stream: sf.SoundFile, block: int, max_frames: int, max_seconds: float) -> np.ndarray:
+    """Read block by block, averaging channels per block, so memory stays at one mono copy."""
+    parts: list[np.ndarray] = []
+    total = 0
+    while True:
+        try:
+            frames = stream.read(block, dtype="float32", always_2d=True)  # [t, C]
+        except (sf.SoundFileError, RuntimeError) as e:
+            raise AudioError(f"could not decode: corrupt stream ({_reason(e)})") from e
+        if len(frames) == 0:
+            break
+        total += len(frames)
+        if total > max_frames:  # the header undercounted
+            raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
+        if not np.isfinite(frames).all():
+            raise AudioError("audio has non-finite samples (NaN or Inf)")
+        parts.append(frames[:, 0].copy() if frames.shape[1] == 1 else frames.mean(axis=1))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "error_string", None) or str(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+
+def split_windows(wave: np.ndarray, max_windows: int = lengths.MAX_WINDOWS) -> tuple[list[np.ndarray], bool]:
+    """Cut a mono 16-kHz clip into 30-s chunks (last one partial), keeping at most max_windows."""
+    counts = lengths.window_sample_counts(len(wave), max_windows)
+    _, truncated = lengths.window_count(len(wave), max_windows)
+    return [wave[i * WINDOW_SAMPLES : i * WINDOW_SAMPLES + n] for i, n in enumerate(counts)], truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# log-mel features
+
+
+@lru_cache(maxsize=1)
+def mel_filters() -> torch.Tensor:
+    """Slaney-scale, Slaney-normalised triangular filters over 0..8000 Hz: [N_MELS, N_FFT//2+1] float32."""
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)  # [201]
+    mel_edges = np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), N_MELS + 2)
+    hz_edges = _mel_to_hz(mel_edges)  # [130]
+    width = np.diff(hz_edges)  # [129]
+    to_edge = hz_edges[None, :] - fft_hz[:, None]  # [201, 130]
+    rising = -to_edge[:, :-2] / width[:-1]
+    falling = to_edge[:, 2:] / width[1:]
+    tri = np.maximum(0.0, np.minimum(rising, falling))  # [201, 128]
+    tri *= 2.0 / (hz_edges[2:] - hz_edges[:-2])  # equal area per filter
+    return torch.from_numpy(tri.T.astype(np.float32)).contiguous()
+
+
+_F_SP = 200.0 / 3  # Hz per mel in the linear part
+_LOG_HZ = 1000.0  # where the log part starts
+_LOG_MEL = _LOG_HZ / _F_SP  # 15 mel
+_LOG_STEP = math.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz):
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / _F_SP
+    log = _LOG_MEL + np.log(np.maximum(hz, _LOG_HZ) / _LOG_HZ) / _LOG_STEP
+    return np.where(hz >= _LOG_HZ, log, linear)
+
+
+def _mel_to_hz(mel):
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * _F_SP
+    log = _LOG_HZ * np.exp(_LOG_STEP * (np.maximum(mel, _LOG_MEL) - _LOG_MEL))
+    return np.where(mel >= _LOG_MEL, log, linear)
+
+
+@lru_cache(maxsize=1)
+def _hann() -> torch.Tensor:
+    return torch.hann_window(N_FFT)  # periodic, float32
+
+
+@torch.no_grad()
+def log_mel(chunks: list[np.ndarray], batch: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper log-mel of each chunk zero-padded to 30 s.
+
+    Returns features [W, 128, 3000] float32 and mask [W, 3000] int32 (1 on frames holding samples).
+    """
+    n = len(chunks)
+    features = np.empty((n, N_MELS, WINDOW_FRAMES), np.float32)
+    mask = np.zeros((n, WINDOW_FRAMES), np.int32)
+    for start in range(0, n, batch):
+        group = chunks[start : start + batch]
+        wave = np.zeros((len(group), WINDOW_SAMPLES), np.float32)  # [B, 480000]
+        for i, chunk in enumerate(group):
+            if chunk.ndim != 1 or len(chunk) > WINDOW_SAMPLES:
+                raise ValueError(f"a chunk is mono with at most {WINDOW_SAMPLES} samples, got {chunk.shape}")
+            wave[i, : len(chunk)] = chunk
+            mask[start + i, : lengths.valid_frames(len(chunk))] = 1
+        features[start : start + len(group)] = _log_mel_padded(torch.from_numpy(wave)).numpy()
+    return features, mask
+
+
+def _log_mel_padded(wave: torch.Tensor) -> torch.Tensor:
+    # wave: [B, 480000] float32 → [B, 128, 3000]
+    spec = torch.stft(wave, N_FFT, HOP, window=_hann(), center=True, pad_mode="reflect", return_complex=True)
+    power = (spec[..., :-1].abs() ** 2).contiguous()  # [B, 201, 3000]; the last frame is dropped
+    mel = mel_filters() @ power  # [B, 128, 3000]
+    log = mel.clamp_(min=1e-10).log10_()
+    peak = log.amax(dim=(1, 2), keepdim=True)  # per window
+    return torch.maximum(log, peak - 8.0).add_(4.0).div_(4.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# a request's clips
+
+
+@dataclass
+class AudioBatch:
+    features: np.ndarray  # [W_total, 128, 3000] float32, the clips' windows in order
+    mask: np.ndarray  # [W_total, 3000] int32
+    windows_per_clip: list[int]
+    tokens_per_clip: list[int]  # <sound> tokens each clip expands to
+    seconds_per_clip: list[float]  # decoded duration, before AF3's truncation
+    truncated: list[bool]  # clip was longer than max_windows * 30 s; only the start is used
+
+
+def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS) -> AudioBatch:
+    """Decode, window and featurise a request's clips; AudioError messages name the clip index."""
+    chunks: list[np.ndarray] = []
+    windows, tokens, seconds, truncated = [], [], [], []
+    for index, data in enumerate(clips):
+        try:
+            wave = decode_audio(data)
+            n_tokens = lengths.audio_tokens_for_samples(len(wave), max_windows)
+            if n_tokens == 0:
+                raise AudioError(
+                    f"too short ({len(wave)} samples at 16 kHz): AF3 needs at least "
+                    f"{lengths.min_samples_with_tokens()} to produce an audio token"
+                )
+        except AudioError as e:
+            raise AudioError(f"audio clip {index}: {e}") from e
+        clip_chunks, clip_truncated = split_windows(wave, max_windows)
+        chunks += clip_chunks
+        windows.append(len(clip_chunks))
+        tokens.append(n_tokens)
+        seconds.append(len(wave) / SAMPLE_RATE)
+        truncated.append(clip_truncated)
+    features, mask = log_mel(chunks)
+    return AudioBatch(features, mask, windows, tokens, seconds, truncated)

@@ -1,0 +1,68 @@
+"""Per-request context shared by the ensemble's python models, keyed by the request id.
+
+Triton lets a step after a decoupled model (postprocess, after the decoder) read only that model's outputs. What
+postprocess must know about the request itself (audio truncation notices, whether to strip AF3's transcription
+prefix) is written here by preprocess and read back by postprocess. Entries are small JSON files in a directory
+private to the tritonserver process (the models' common parent), removed when the request ends and purged when
+stale. Requests without an id (e.g. perf_analyzer's) carry no context: they get the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+STALE_SECONDS = 900.0
+
+
+def default_root() -> Path:
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return base / f"af3trt-context-{os.getppid()}"
+
+
+class RequestContext:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_root()
+        self._last_purge = 0.0
+
+    def _path(self, request_id: str) -> Path:
+        return self.root / hashlib.sha1(request_id.encode()).hexdigest()
+
+    def put(self, request_id: str, data: dict) -> None:
+        if not request_id:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self._path(request_id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+        self.purge()
+
+    def get(self, request_id: str) -> dict:
+        if not request_id:
+            return {}
+        try:
+            return json.loads(self._path(request_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def drop(self, request_id: str) -> None:
+        if request_id:
+            self._path(request_id).unlink(missing_ok=True)
+
+    def purge(self, older_than: float = STALE_SECONDS) -> None:
+        """Remove entries of requests that never reached postprocess (failed upstream); at most once a minute."""
+        now = time.time()
+        if now - self._last_purge < 60 or not self.root.is_dir():
+            return
+        self._last_purge = now
+        for p in self.root.iterdir():
+            try:
+                if now - p.stat().st_mtime > older_than:
+                    p.unlink()
+            except OSError:
+                pass

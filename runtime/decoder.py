@@ -1,0 +1,428 @@
+"""CPU decoder backend with the semantics of TensorRT-LLM's `tensorrtllm` Triton backend.
+
+The Triton python model that wraps `DecoderEngine` is a drop-in for the GPU decoder: same inputs, same outputs, same
+meaning. What the GPU backend does and we reproduce (TensorRT-LLM 1.2, executor API):
+
+- prompt tuning: a token id >= vocab_size (the model config's, never a literal) is embedded from row
+  `id - vocab_size` of the request's prompt table; other ids from the word embedding;
+- in-flight (continuous) batching: a request joins the running batch as soon as it is prefilled, and leaves it when
+  it finishes; every iteration advances all running requests by one token in one batched forward;
+- greedy unless sampling is asked for (top_k == 1, or top_k == 0 and top_p == 0, is greedy);
+- output excludes the input (exclude_input_in_output=true) and **excludes the end token**: the sampler does not count
+  the end id in the sequence length, so `output_ids` stops before it; a streaming request that ends on the end id gets
+  a last, empty, final response;
+- streaming: one response per generated token; non-streaming: one response with all tokens;
+- a request without a seed samples with seed 0 (TensorRT-LLM's default), so it is reproducible too.
+
+The decoder is a standard Qwen2ForCausalLM (written by af3trt.export.extract_lm) run by transformers on CPU.
+
+    engine = DecoderEngine(lm_dir)
+    tokens = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=64, end_id=engine.eos_ids[0]))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[list, bool], None]  # emit(new_token_ids, final)
+OnError = Callable[[BaseException], None]
+
+DEFAULT_SEED = 0  # TensorRT-LLM's DefaultDecodingParams::getSeed()
+
+
+class DecodeError(ValueError):
+    """A request the decoder cannot run (bad inputs or parameters), or the engine is stopped."""
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    input_ids: np.ndarray  # int32 [L]; ids >= vocab_size address the prompt table
+    prompt_table: torch.Tensor | None = None  # [N, H] in the engine dtype
+    prompt_vocab_size: int = 0  # rows of the table addressable by fake ids (0 = all rows of a given table)
+    max_new_tokens: int  # request_output_len
+    end_id: int | None = None  # None: never stop early
+    pad_id: int | None = None  # accepted for the contract; nothing is padded in the output
+    streaming: bool = False
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.0  # 0 = off
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0) or self.temperature == 0.0
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A request in flight."""
+
+    req: GenerationRequest
+    ids: torch.Tensor  # int64 [L]
+    emit: Emit
+    on_error: OnError | None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # bool [V]: ids seen so far, for the repetition penalty
+    generated: list = field(default_factory=list)
+    last: int = -1  # last sampled token: the next decode input
+    pos: int = 0  # position of the next decode input = real tokens in this row's KV cache
+    t_submit: float = 0.0
+
+
+_STOP = object()
+
+
+class DecoderEngine:
+    """Qwen2ForCausalLM on CPU behind a continuous-batching worker thread.
+
+    `submit(request, emit, on_error)` validates (raising DecodeError at once) and queues; the worker calls
+    `emit(new_token_ids, final)` as tokens are produced, and `on_error(exc)` if that request fails later (only that
+    request: the others and the engine carry on). `generate(request)` is the synchronous form.
+    """
+
+    def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
+                 max_new_tokens_limit: int = 4096, threads: int | None = None):
+        from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide in torch
+        lm_dir = Path(lm_dir)
+        t0 = time.perf_counter()
+        self.model = Qwen2ForCausalLM.from_pretrained(lm_dir, dtype="auto").eval()
+        cfg = self.model.config
+        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (cfg.layer_types or [])):
+            raise DecodeError("sliding-window attention is not supported by the CPU decoder")
+        self.vocab_size: int = cfg.vocab_size
+        self.hidden_size: int = cfg.hidden_size
+        self.dtype: torch.dtype = self.model.dtype
+        self.eos_ids: tuple = _eos_ids(lm_dir, cfg)
+        self.max_batch_size = int(max_batch_size)
+        self.max_new_tokens_limit = int(max_new_tokens_limit)
+        self.max_input_len = int(max_input_len if max_input_len is not None
+                                 else cfg.max_position_embeddings - self.max_new_tokens_limit)
+        if self.max_input_len < 1 or self.max_batch_size < 1 or self.max_new_tokens_limit < 1:
+            raise DecodeError("max_input_len, max_batch_size and max_new_tokens_limit must be positive")
+        if self.max_input_len + self.max_new_tokens_limit > cfg.max_position_embeddings:
+            raise DecodeError(f"max_input_len + max_new_tokens_limit exceeds max_position_embeddings "
+                              f"{cfg.max_position_embeddings}")
+        self._embed_tokens = self.model.get_input_embeddings()
+
+        # Batch state, owned by the worker thread.
+        self._rows: list[_Seq] = []
+        self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
+        self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
+        self.stats = {"requests": 0, "prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
+                      "decode_seconds": 0.0, "prefill_seconds": 0.0}
+
+        self._queue: queue.Queue = queue.Queue()
+        self._stopped = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="af3trt-decoder", daemon=True)
+        self._worker.start()
+        log.info("decoder: %s, %s, vocab %d, hidden %d, eos %s, max_batch %d, max_input %d, max_new %d (%.2f s)",
+                 lm_dir, str(self.dtype).removeprefix("torch."), self.vocab_size, self.hidden_size, self.eos_ids,
+                 self.max_batch_size, self.max_input_len, self.max_new_tokens_limit, time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- public API
+
+    def validate(self, r: GenerationRequest) -> torch.Tensor:
+        """Check a request; return its input ids as int64. Raises DecodeError with the reason."""
+        ids = np.asarray(r.input_ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise DecodeError(f"input_ids must be a non-empty 1-D array, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise DecodeError(f"input_ids must be integers, got {ids.dtype}")
+        if ids.size > self.max_input_len:
+            raise DecodeError(f"input length {ids.size} exceeds max_input_len {self.max_input_len}")
+        if ids.min() < 0:
+            raise DecodeError(f"negative token id {int(ids.min())} in input_ids")
+        n_rows = 0
+        if r.prompt_table is not None:
+            t = r.prompt_table
+            if not isinstance(t, torch.Tensor) or t.ndim != 2:
+                raise DecodeError("prompt_table must be a 2-D torch.Tensor [N, hidden]")
+            if t.shape[1] != self.hidden_size:
+                raise DecodeError(f"prompt_table hidden size {t.shape[1]} != engine hidden size {self.hidden_size}")
+            if t.dtype != self.dtype:
+                raise DecodeError(f"prompt_table dtype {t.dtype} != engine dtype {self.dtype}")
+            n_rows = t.shape[0] if r.prompt_vocab_size == 0 else r.prompt_vocab_size
+            if not 0 < n_rows <= t.shape[0]:
+                raise DecodeError(f"prompt_vocab_size {r.prompt_vocab_size} outside 1..{t.shape[0]} (table rows)")
+        elif r.prompt_vocab_size:
+            raise DecodeError(f"prompt_vocab_size {r.prompt_vocab_size} given without a prompt_table")
+        top = int(ids.max())
+        if top >= self.vocab_size + n_rows:
+            what = "without a prompt table" if n_rows == 0 else f"with a {n_rows}-row prompt table"
+            raise DecodeError(f"token id {top} >= vocab_size {self.vocab_size} {what}")
+        if not 1 <= r.max_new_tokens <= self.max_new_tokens_limit:
+            raise DecodeError(f"max_new_tokens {r.max_new_tokens} outside 1..{self.max_new_tokens_limit}")
+        if r.end_id is not None and not 0 <= r.end_id < self.vocab_size:
+            raise DecodeError(f"end_id {r.end_id} outside 0..{self.vocab_size - 1}")
+        if not (r.temperature >= 0.0) or math.isinf(r.temperature):  # also rejects NaN
+            raise DecodeError(f"temperature must be a finite number >= 0, got {r.temperature}")
+        if not 0.0 <= r.top_p <= 1.0:  # also rejects NaN
+            raise DecodeError(f"top_p must be in [0, 1], got {r.top_p}")
+        if r.top_k < 0:
+            raise DecodeError(f"top_k must be >= 0, got {r.top_k}")
+        if not (r.repetition_penalty > 0.0) or math.isinf(r.repetition_penalty):
+            raise DecodeError(f"repetition_penalty must be a finite number > 0, got {r.repetition_penalty}")
+        return torch.from_numpy(ids.astype(np.int64))
+
+    def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None) -> None:
+        """Queue a request. Raises DecodeError now if it is invalid or the engine is stopped."""
+        if self._stopped.is_set():
+            raise DecodeError("decoder engine is stopped")
+        ids = self.validate(request)
+        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error, t_submit=time.perf_counter()))
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> list[int]:
+        """Run one request to completion through the worker; return the generated ids (end id excluded)."""
+        done, tokens, errors = threading.Event(), [], []
+
+        def emit(new, final):
+            tokens.extend(new)
+            if final:
+                done.set()
+
+        def on_error(exc):
+            errors.append(exc)
+            done.set()
+
+        self.submit(request, emit, on_error)
+        if not done.wait(timeout):
+            raise TimeoutError(f"decoder did not finish within {timeout} s")
+        if errors:
+            raise errors[0]
+        return tokens
+
+    def stop(self) -> None:
+        """Stop the worker after the current step; requests still queued or running get
+        DecodeError('decoder engine is stopped'). May be called from a callback (then it does not wait)."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._queue.put(_STOP)  # wakes an idle worker
+        if threading.current_thread() is not self._worker:
+            self._worker.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ---------------------------------------------------------------- worker
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopped.is_set():
+                self._admit()
+                if self._rows and not self._stopped.is_set():
+                    self._decode_step()
+        stopped = DecodeError("decoder engine is stopped")
+        for seq in self._rows:
+            self._fail(seq, stopped)
+        self._reset_batch()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self._fail(item, stopped)
+
+    def _admit(self) -> None:
+        """Prefill queued requests while there is room, blocking when idle (until a request or stop arrives)."""
+        while len(self._rows) < self.max_batch_size and not self._stopped.is_set():
+            try:
+                item = self._queue.get(block=not self._rows)
+            except queue.Empty:
+                return
+            if item is _STOP:
+                return
+            if self._stopped.is_set():
+                self._fail(item, DecodeError("decoder engine is stopped"))
+                return
+            try:
+                self._prefill(item)
+            except Exception as exc:  # noqa: BLE001 — delivered to that request only
+                self._fail(item, exc)
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+        """inputs_embeds [L, H]: word embedding for ids < vocab_size, table row (id - vocab_size) otherwise."""
+        fake = ids >= self.vocab_size
+        if not bool(fake.any()):
+            return self._embed_tokens(ids)
+        embeds = torch.empty(ids.shape[0], self.hidden_size, dtype=self.dtype)
+        embeds[~fake] = self._embed_tokens(ids[~fake])
+        embeds[fake] = table[ids[fake] - self.vocab_size]
+        return embeds
+
+    def _prefill(self, seq: _Seq) -> None:
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        r = seq.req
+        if not r.greedy:
+            seq.generator = torch.Generator().manual_seed(DEFAULT_SEED if r.seed is None else int(r.seed))
+        if r.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+            seq.seen[seq.ids[seq.ids < self.vocab_size]] = True
+        cache = DynamicCache(config=self.model.config)
+        embeds = self._embed(seq.ids, r.prompt_table)  # [L, H]
+        out = self.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seq.pos = seq.ids.shape[0]
+        self.stats["requests"] += 1
+        self.stats["prefills"] += 1
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
+        if not self._advance(seq, self._next_token(seq, out.logits[0, -1])):
+            self._join(seq, out.past_key_values)
+
+    def _decode_step(self) -> None:
+        t0 = time.perf_counter()
+        rows = self._rows
+        batch = len(rows)
+        input_ids = torch.tensor([[s.last] for s in rows], dtype=torch.long)  # [B, 1]
+        position_ids = torch.tensor([[s.pos] for s in rows], dtype=torch.long)  # [B, 1]
+        self._mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)  # [B, T+1]
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
+                             past_key_values=self._cache, use_cache=True)
+        except Exception as exc:  # noqa: BLE001 — the batch state is unusable: fail its requests, keep serving
+            log.exception("batched decode step failed; failing %d requests", batch)
+            for seq in rows:
+                self._fail(seq, exc)
+            self._reset_batch()
+            return
+        logits = out.logits[:, -1]  # [B, V]
+        keep = []
+        for i, seq in enumerate(rows):
+            seq.pos += 1
+            try:
+                finished = self._advance(seq, self._next_token(seq, logits[i]))
+            except Exception as exc:  # noqa: BLE001 — delivered to that request only
+                self._fail(seq, exc)
+                finished = True
+            if not finished:
+                keep.append(i)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += batch
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        if len(keep) < batch:
+            self._select(keep)
+
+    def _next_token(self, seq: _Seq, logits: torch.Tensor) -> int:
+        """Sample one token from logits [V] with the request's sampling parameters."""
+        r = seq.req
+        logits = logits.float()
+        if seq.seen is not None:
+            seen = logits[seq.seen]
+            logits[seq.seen] = torch.where(seen > 0, seen / r.repetition_penalty, seen * r.repetition_penalty)
+        if r.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / r.temperature
+        if r.top_k > 0 and r.top_k < logits.shape[0]:
+            kth = torch.topk(logits, r.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if 0.0 < r.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = torch.cumsum(probs, dim=-1) - probs >= r.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.index_fill(0, order[drop], -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _advance(self, seq: _Seq, token: int) -> bool:
+        """Record a sampled token and emit it; True when the request is finished."""
+        r = seq.req
+        if r.end_id is not None and token == r.end_id:  # the end id is not part of the output
+            seq.emit([] if r.streaming else list(seq.generated), True)
+            return True
+        seq.generated.append(token)
+        if seq.seen is not None:
+            seq.seen[token] = True
+        final = len(seq.generated) >= r.max_new_tokens
+        if r.streaming:
+            seq.emit([token], final)
+        elif final:
+            seq.emit(list(seq.generated), True)
+        seq.last = token
+        return final
+
+    def _fail(self, seq: _Seq, exc: BaseException) -> None:
+        if seq.on_error is None:
+            log.error("decoder request failed and has no on_error: %s", exc)
+            return
+        try:
+            seq.on_error(exc)
+        except Exception:  # noqa: BLE001
+            log.exception("on_error callback raised")
+
+    # ---------------------------------------------------------------- batched, left-padded KV cache
+
+    def _join(self, seq: _Seq, cache) -> None:
+        """Add a prefilled row to the batch; the shorter side is left-padded to a common length."""
+        length = seq.pos
+        if not self._rows:
+            self._cache, self._mask, self._rows = cache, torch.ones(1, length, dtype=torch.long), [seq]
+        else:
+            width = self._mask.shape[1]
+            total = max(width, length)
+            for mine, new in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_pad_left(mine.keys, total - width), _pad_left(new.keys, total - length)])
+                mine.values = torch.cat([_pad_left(mine.values, total - width),
+                                         _pad_left(new.values, total - length)])
+            row_mask = torch.ones(1, length, dtype=torch.long)
+            self._mask = torch.cat([_pad_left_2d(self._mask, total - width), _pad_left_2d(row_mask, total - length)])
+            self._rows.append(seq)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows `keep`, then drop the left padding every remaining row shares."""
+        if not keep:
+            self._reset_batch()
+            return
+        self._rows = [self._rows[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long)
+        shared_pad = self._mask.shape[1] - max(s.pos for s in self._rows)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, shared_pad:]
+            layer.values = layer.values[index, :, shared_pad:]
+        self._mask = self._mask[index, shared_pad:]
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
+
+def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Left-pad a [B, heads, T, head_dim] cache tensor along T with zeros (masked out anyway)."""
+    return x if n == 0 else torch.nn.functional.pad(x, (0, 0, n, 0))
+
+
+def _pad_left_2d(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return mask if n == 0 else torch.nn.functional.pad(mask, (n, 0))
+
+
+def _eos_ids(lm_dir: Path, cfg) -> tuple:
+    """End ids from generation_config.json, else from config.json (an int or a list in either)."""
+    eos = None
+    gen = lm_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(cfg, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))

@@ -1,0 +1,79 @@
+"""CPU backend of the encoder stage: the exported audio encoder + projector on ONNX Runtime.
+
+Imported by the Triton python model, so it depends on onnxruntime and numpy only (no torch, no transformers).
+
+    enc = OnnxEncoder("encoder.onnx")
+    embeds = enc.run(features, mask)   # [W, 128, 3000] f32, [W, 3000] i32 → [W, 750, H] f32
+
+Rows of a window past its valid length are finite but meaningless; the caller keeps the number of rows that the
+audio-length arithmetic gives for that window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+# The encoder's tensor contract (names as exported by af3trt.export.onnx_export).
+INPUT_FEATURES = "input_features"
+INPUT_MASK = "input_features_mask"
+OUTPUT_EMBEDS = "audio_embeds"
+
+# metadata_props written at export
+META_HIDDEN_SIZE = "af3trt.hidden_size"  # text hidden size H (width of audio_embeds)
+META_CHECKPOINT_DTYPE = "af3trt.checkpoint_dtype"  # dtype the checkpoint stores the exported weights in
+META_EXPORT_DTYPE = "af3trt.export_dtype"  # dtype of the graph's weights and activations
+META_QUANTIZATION = "af3trt.quantization"  # absent for the plain export, e.g. "int8-dynamic"
+
+
+class OnnxEncoder:
+    """One ONNX Runtime CPU session over the exported encoder."""
+
+    def __init__(self, path: str | Path, intra_op_threads: int | None = None, inter_op_threads: int = 1):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = inter_op_threads
+        if intra_op_threads is not None:  # else ORT uses one thread per physical core
+            opts.intra_op_num_threads = intra_op_threads
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if set(inputs) != {INPUT_FEATURES, INPUT_MASK} or OUTPUT_EMBEDS not in outputs:
+            raise ValueError(f"{self.path} is not an af3trt encoder: inputs {sorted(inputs)}, outputs {sorted(outputs)}")
+        _, self.num_mel_bins, self.frames = inputs[INPUT_FEATURES].shape  # [W, n_mels, frames]
+        _, self.rows_per_window, width = outputs[OUTPUT_EMBEDS].shape  # [W, rows, H]
+        declared = self.metadata.get(META_HIDDEN_SIZE)
+        if isinstance(width, int) and declared is not None and int(declared) != width:
+            raise ValueError(f"{self.path}: output width {width} but metadata {META_HIDDEN_SIZE}={declared}")
+        if not isinstance(width, int) and declared is None:
+            raise ValueError(f"{self.path}: hidden size is neither static in the output shape nor in the metadata")
+        self.hidden_size = width if isinstance(width, int) else int(declared)
+        self.checkpoint_dtype = self.metadata.get(META_CHECKPOINT_DTYPE)
+        self.quantization = self.metadata.get(META_QUANTIZATION)
+
+    def run(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """features: [W, n_mels, frames] float32, mask: [W, frames] int32 → audio_embeds: [W, rows, H] float32."""
+        self._check(features, mask)
+        if features.shape[0] == 0:
+            return np.zeros((0, self.rows_per_window, self.hidden_size), np.float32)
+        feeds = {INPUT_FEATURES: np.ascontiguousarray(features), INPUT_MASK: np.ascontiguousarray(mask)}
+        (embeds,) = self.session.run([OUTPUT_EMBEDS], feeds)
+        return embeds
+
+    def _check(self, features, mask):
+        if not isinstance(features, np.ndarray) or not isinstance(mask, np.ndarray):
+            raise ValueError(f"features and mask must be numpy arrays, got {type(features)}, {type(mask)}")
+        if features.dtype != np.float32:
+            raise ValueError(f"{INPUT_FEATURES} must be float32, got {features.dtype}")
+        if mask.dtype != np.int32:
+            raise ValueError(f"{INPUT_MASK} must be int32, got {mask.dtype}")
+        if features.ndim != 3 or features.shape[1:] != (self.num_mel_bins, self.frames):
+            raise ValueError(f"{INPUT_FEATURES} must be [W, {self.num_mel_bins}, {self.frames}], got {features.shape}")
+        if mask.shape != (features.shape[0], self.frames):
+            raise ValueError(f"{INPUT_MASK} must be [W={features.shape[0]}, {self.frames}], got {mask.shape}")

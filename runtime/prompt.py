@@ -1,0 +1,156 @@
+"""Fusion: chat template + tokens + audio embeddings → the inputs of TensorRT-LLM's `tensorrtllm` backend.
+
+No transformers at serve time: the checkpoint's own chat template is rendered with jinja2 and tokenized with
+the `tokenizers` library from tokenizer.json. Each `<sound>` placeholder is expanded to one fake id per audio
+token, `vocab_size + k`, where vocab_size is the decoder's embedding size (engine/checkpoint config, never the
+tokenizer size); row k of the request's prompt table is the k-th valid audio embedding. The decoder embeds
+ids ≥ vocab_size from that table: exactly AF3's masked_scatter of audio features into `<sound>` slots.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from af3trt.runtime import lengths
+
+AUDIO_TOKEN = "<sound>"
+
+
+class PromptError(ValueError):
+    """A request that cannot become a decoder prompt (over-long, bad parameters, …)."""
+
+
+@dataclass(frozen=True)
+class FusionLimits:
+    vocab_size: int  # first fake id
+    hidden_size: int
+    dtype: str  # decoder dtype: "float32" | "float16" | "bfloat16"
+    end_id: int
+    pad_id: int
+    max_input_len: int
+    max_output_len: int
+    default_max_tokens: int
+
+    @classmethod
+    def from_params(cls, p: dict[str, str]) -> "FusionLimits":
+        return cls(vocab_size=int(p["vocab_size"]), hidden_size=int(p["hidden_size"]), dtype=p["dtype"],
+                   end_id=int(p["end_id"]), pad_id=int(p["pad_id"]), max_input_len=int(p["max_input_len"]),
+                   max_output_len=int(p["max_output_len"]), default_max_tokens=int(p["default_max_tokens"]))
+
+
+def load_chat_template(tokenizer_dir: Path) -> str:
+    """The processor's chat template, wherever the checkpoint keeps it."""
+    d = Path(tokenizer_dir)
+    if (d / "chat_template.jinja").exists():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        f = d / name
+        if f.exists():
+            tpl = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(tpl, str):
+                return tpl
+    raise FileNotFoundError(f"no chat template in {d} (chat_template.jinja / *.json)")
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer_dir: Path, limits: FusionLimits):
+        import jinja2
+        from tokenizers import Tokenizer
+
+        self.limits = limits
+        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        self.audio_token_id = self.tokenizer.token_to_id(AUDIO_TOKEN)
+        if self.audio_token_id is None:
+            raise ValueError(f"{AUDIO_TOKEN} is not a token of {tokenizer_dir}/tokenizer.json")
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
+        self.template = env.from_string(load_chat_template(tokenizer_dir))
+
+    def render(self, prompt: str, system_prompt: str | None, n_audio: int) -> str:
+        """The chat text with one <sound> per clip before the prompt (AF3's user-turn layout)."""
+        messages = []
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": AUDIO_TOKEN * n_audio + prompt})
+        return self.template.render(messages=messages, add_generation_prompt=True)
+
+    def build(self, prompt: str, system_prompt: str | None, audio_embeds: np.ndarray, mask: np.ndarray,
+              audio_windows: list[int]):
+        """(input_ids int32 [L], prompt table [N, H] float32 numpy) for one request.
+
+        audio_embeds: [W, 750, H] encoder output; mask: [W, 3000] the windows' mel masks; audio_windows: windows
+        of each clip in order (windows past their sum are placeholders for text-only requests).
+        """
+        if AUDIO_TOKEN in prompt or (system_prompt and AUDIO_TOKEN in system_prompt):
+            raise PromptError(f"the prompt may not contain {AUDIO_TOKEN}: send audio as clips")
+        text = self.render(prompt, system_prompt, len(audio_windows))
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+
+        # Valid rows of each window, then each clip's rows in order: [N, H].
+        rows, w = [], 0
+        for n_win in audio_windows:
+            for _ in range(n_win):
+                rows.append(audio_embeds[w, : lengths.embeds_valid_per_window(int(mask[w].sum()))])
+                w += 1
+        per_clip, w = [], 0
+        for n_win in audio_windows:
+            per_clip.append(sum(len(r) for r in rows[w: w + n_win]))
+            w += n_win
+        table = np.concatenate(rows, 0) if rows else np.zeros((0, self.limits.hidden_size), np.float32)
+
+        # Expand the k-th <sound> into per_clip[k] fake ids.
+        out, next_row, clip = [], 0, 0
+        for t in ids:
+            if t == self.audio_token_id:
+                if clip >= len(per_clip):
+                    raise PromptError("the chat template produced more audio placeholders than clips")
+                out.extend(range(self.limits.vocab_size + next_row, self.limits.vocab_size + next_row + per_clip[clip]))
+                next_row += per_clip[clip]
+                clip += 1
+            else:
+                out.append(t)
+        if clip != len(per_clip):
+            raise PromptError(f"the chat template placed {clip} audio placeholders for {len(per_clip)} clips")
+        if len(out) > self.limits.max_input_len:
+            raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - next_row} text + {next_row} audio) "
+                              f"> max_input_len {self.limits.max_input_len}")
+        return np.asarray(out, np.int32), table
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    top_k: int
+    top_p: float
+    temperature: float
+    repetition_penalty: float
+    seed: int
+    stream: bool
+
+
+def check_sampling(limits: FusionLimits, max_tokens=None, temperature=None, top_k=None, top_p=None,
+                   repetition_penalty=None, seed=None, stream=None) -> Sampling:
+    """Validate a request's generation parameters and map them to the decoder's (TensorRT-LLM's) semantics:
+    greedy unless asked otherwise; temperature 0 means greedy (runtime_top_k = 1)."""
+    mt = limits.default_max_tokens if max_tokens is None else int(max_tokens)
+    if not 1 <= mt <= limits.max_output_len:
+        raise PromptError(f"max_tokens must be in [1, {limits.max_output_len}], got {mt}")
+    temp = 1.0 if temperature is None else float(temperature)
+    if not np.isfinite(temp) or temp < 0:
+        raise PromptError(f"temperature must be a finite number >= 0, got {temperature}")
+    k = 0 if top_k is None else int(top_k)
+    if k < 0:
+        raise PromptError(f"top_k must be >= 0, got {k}")
+    p = 0.0 if top_p is None else float(top_p)
+    if not (np.isfinite(p) and 0.0 <= p <= 1.0):
+        raise PromptError(f"top_p must be in [0, 1], got {top_p}")
+    rp = 1.0 if repetition_penalty is None else float(repetition_penalty)
+    if not np.isfinite(rp) or rp <= 0:
+        raise PromptError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if temperature is not None and temp == 0.0:
+        k, temp = 1, 1.0
+    s = 0 if seed is None else int(seed)
+    return Sampling(mt, k, p, temp, rp, s, bool(stream))

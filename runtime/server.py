@@ -1,0 +1,251 @@
+"""Start and stop a real `tritonserver` for a model repository, bound to loopback unless told otherwise.
+
+The binary is found through $AF3TRT_TRITONSERVER, then PATH, then the `nvidia-pytriton` wheel (which carries
+Triton 2.51 with the python backend). Python-backend models run in a stub process; we prepare the stub for the
+running interpreter and give it this interpreter's site-packages, so the models import `af3trt` exactly as the
+caller does. Only the process we started is ever stopped.
+
+    af3trt serve --model-repository out/af3-tiny/model_repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CACHE = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    return root if (root / "bin" / "tritonserver").exists() else None
+
+
+def find_tritonserver() -> Path:
+    """The tritonserver executable: $AF3TRT_TRITONSERVER, PATH, or the nvidia-pytriton wheel."""
+    env = os.environ.get("AF3TRT_TRITONSERVER")
+    if env:
+        if not Path(env).is_file():
+            raise ServerError(f"AF3TRT_TRITONSERVER={env} does not exist")
+        return Path(env)
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path)
+    root = _pytriton_root()
+    if root:
+        return root / "bin" / "tritonserver"
+    raise ServerError("tritonserver not found: set AF3TRT_TRITONSERVER, put it on PATH, or "
+                      "`pip install nvidia-pytriton==0.7.0` (it carries Triton 2.51 with the python backend)")
+
+
+def prepare_backends(binary: Path) -> Path:
+    """A backend directory whose python backend has the stub for the running Python (copied once, cached)."""
+    root = binary.parent.parent
+    stubs = root / "python_backend_stubs"
+    if not stubs.is_dir():  # a full Triton install (e.g. the NGC container) has its own backends
+        return root / "backends"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = stubs / py / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the Triton wheel has no python backend stub for Python {py} (has: "
+                          f"{sorted(p.name for p in stubs.iterdir() if p.is_dir())})")
+    dest = CACHE / f"tritonserver-backends-py{py}" / "backends"
+    marker = dest / ".source"
+    if not (marker.exists() and marker.read_text() == str(root)):
+        tmp = CACHE / f".tmp-backends-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(root / "backends", tmp / "backends")
+        target = tmp / "backends" / "python" / "triton_python_backend_stub"
+        shutil.copy2(stub, target)
+        target.chmod(0o755)
+        (tmp / "backends" / ".source").write_text(str(root))
+        shutil.rmtree(dest.parent, ignore_errors=True)
+        tmp.rename(dest.parent)
+    return dest
+
+
+def _stub_pythonpath() -> Path:
+    """A directory with a sitecustomize that makes the stub's Python see this interpreter's site-packages
+    (including .pth files, so editable installs of af3trt import too)."""
+    dirs = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
+    d = CACHE / f"stub-site-{abs(hash(tuple(dirs))) % 10**10}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sitecustomize.py").write_text(
+        "import site\n" + "".join(f"site.addsitedir({p!r})\n" for p in dict.fromkeys(dirs)))
+    return d
+
+
+def server_env(binary: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = []
+    # The stub links libpython3.X.so.1.0: make it the running interpreter's, not another Python's of the same
+    # minor version (whose stdlib extension modules would not match).
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).exists():
+        libs.append(libdir)
+    root = _pytriton_root()
+    if root is not None:
+        sp = root.parent.parent
+        libs += [str(sp / "nvidia_pytriton.libs"), str(sp / "nvidia" / "cuda_runtime" / "lib")]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(libs)
+    env["PYTHONPATH"] = os.pathsep.join([str(_stub_pythonpath())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUTF8"] = "1"  # the stubs would otherwise decode files with the C locale's ASCII
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process: `with TritonServer(repo) as srv: srv.grpc_url`."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int | None = None
+    http_port: int | None = None
+    metrics_port: int | None = None
+    log_path: Path | None = None
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def command(self, binary: Path, backends: Path) -> list[str]:
+        return [
+            str(binary), f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        binary = find_tritonserver()
+        backends = prepare_backends(binary)
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.http_port = self.http_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        if self.log_path is None:
+            self.log_path = Path(self.model_repository).parent / "tritonserver.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(binary, backends)
+        log.info("starting %s", " ".join(cmd))
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=server_env(binary),
+                                         start_new_session=True)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.proc.returncode} before it was ready; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        log.info("tritonserver ready: grpc %s, http %s (pid %d)", self.grpc_url, self.http_url,
+                                 self.proc.pid)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the process we started (by PID; its process group holds only the python stubs it spawned)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="af3trt serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-repository", required=True, type=Path)
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--log", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
+                       args.metrics_port, args.log)
+    srv.start()
+    print(f"serving {args.model_repository} on grpc {srv.grpc_url} (log {srv.log_path}); Ctrl-C stops it",
+          flush=True)
+    try:
+        srv.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Small helpers for the Triton python models (the adapters in triton_repo/*/model.py).
+
+`pb` is the `triton_python_backend_utils` module, passed in so that unit tests can give a fake one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("af3trt")
+
+
+class RequestError(ValueError):
+    """A bad request: answered with an error for that request only."""
+
+
+def params(args: dict) -> dict[str, str]:
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+def resolve(args: dict, value: str) -> Path:
+    """A path parameter: absolute, or relative to the model repository's parent (the build output)."""
+    p = Path(value)
+    return p if p.is_absolute() else (Path(args["model_repository"]).parent.parent / p).resolve()
+
+
+def tensor(pb, request, name: str) -> np.ndarray | None:
+    t = pb.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def scalar(pb, request, name: str, kind=None):
+    """The single value of an optional [1] (or [1,1]) input, or None when absent."""
+    a = tensor(pb, request, name)
+    if a is None:
+        return None
+    if a.size != 1:
+        raise RequestError(f"{name} must hold one value, got shape {list(a.shape)}")
+    v = a.reshape(-1)[0]
+    return kind(v) if kind else v
+
+
+def text(pb, request, name: str) -> str | None:
+    v = scalar(pb, request, name)
+    if v is None:
+        return None
+    if isinstance(v, (bytes, np.bytes_)):
+        try:
+            return bytes(v).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{name} is not valid UTF-8 ({e})") from None
+    return str(v)
+
+
+def error_response(pb, exc: BaseException):
+    """A per-request error; unexpected exceptions are logged with their traceback."""
+    if not isinstance(exc, ValueError):
+        log.exception("internal error", exc_info=exc)
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
+def bytes_tensor(pb, name: str, values: list[bytes]):
+    return pb.Tensor(name, np.array(values, dtype=np.object_))

@@ -1,0 +1,258 @@
+"""Triton model configurations of the AF3 ensemble, built as `model_config_pb2.ModelConfig` messages.
+
+One function per model; each takes the typed `RepoSpec` that build_engines.py derives from the checkpoint and
+the serving limits. Nothing here is text substitution: `render()` prints the protobuf, and `parse()` reads a
+config.pbtxt back for the contract checks in the tests.
+
+Tensor flow (names are the contract; the decoder's are TensorRT-LLM's `tensorrtllm` backend names):
+
+    client ─ text_input, audio[], system_prompt, max_tokens, sampling, stream, strip_prefix ─▶ af3 (ensemble)
+    preprocess : audio[] ─▶ input_features [W,128,3000] f32, input_features_mask [W,3000] i32, audio_windows [C] i32
+    encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,750,H] f32
+    fusion     : text + audio_embeds ─▶ input_ids, input_lengths, request_output_len, end_id, pad_id, streaming,
+                 sampling, prompt_embedding_table [1,N,H] (decoder dtype), prompt_vocab_size
+    decoder    : TensorRT-LLM contract (decoupled) ─▶ output_ids [B,beam,T], sequence_length [B,beam]
+    postprocess: output_ids, sequence_length ─▶ text_output (UTF-8), output_ids (this chunk's ids)
+
+Triton allows the steps after a decoupled model to read only that model's outputs, so everything postprocess
+needs about the request travels in the request context (runtime/context.py), keyed by the request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from af3trt.runtime import lengths
+
+ENSEMBLE = "af3"
+STAGES = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
+
+T = mc.DataType
+DTYPES = {"float32": T.TYPE_FP32, "float16": T.TYPE_FP16, "bfloat16": T.TYPE_BF16}
+
+
+@dataclass
+class RepoSpec:
+    """Everything the model configurations depend on: read from the checkpoint, or chosen as serving limits."""
+
+    target: str  # "cpu" | "gpu"
+    hidden_size: int  # text hidden size H (rows of the prompt table)
+    decoder_dtype: str  # "float32" | "float16" | "bfloat16": the prompt table carries it end to end
+    vocab_size: int  # first fake id of the prompt table (engine vocab, never the tokenizer size)
+    end_id: int
+    pad_id: int
+    max_batch_size: int = 8  # concurrent sequences in the decoder
+    max_audio_windows: int = lengths.MAX_WINDOWS  # per request (20 = 10 min)
+    max_input_len: int = 4096  # text + audio tokens per request
+    max_output_len: int = 512
+    default_max_tokens: int = 128
+    encoder_max_batch: int = 64  # windows per encoder execution
+    encoder_queue_delay_us: int = 2000
+    preprocess_instances: int = 1
+    encoder_instances: int = 1
+    fusion_instances: int = 1
+    decoder_instances: int = 1
+    # decoder parameters (the tensorrtllm backend reads these as strings; the CPU decoder reads the same keys)
+    decoder_params: dict[str, str] = field(default_factory=dict)
+    encoder_params: dict[str, str] = field(default_factory=dict)
+    fusion_params: dict[str, str] = field(default_factory=dict)
+    postprocess_params: dict[str, str] = field(default_factory=dict)
+    preprocess_params: dict[str, str] = field(default_factory=dict)
+
+
+def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None):
+    t = mc.ModelInput(name=name, data_type=dtype, dims=dims, optional=optional)
+    if reshape is not None:
+        t.reshape.SetInParent()
+        t.reshape.shape.extend(reshape)
+    return t
+
+
+def _out(name: str, dtype: int, dims: list[int]):
+    return mc.ModelOutput(name=name, data_type=dtype, dims=dims)
+
+
+def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
+    for k, v in sorted(params.items()):
+        cfg.parameters[k].string_value = str(v)
+
+
+def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    return cfg
+
+
+# The ensemble's request inputs: (name, dtype, dims, optional).
+REQUEST_INPUTS = [
+    ("text_input", T.TYPE_STRING, [1], False),
+    ("system_prompt", T.TYPE_STRING, [1], True),
+    ("audio", T.TYPE_STRING, [-1], True),
+    ("max_tokens", T.TYPE_INT32, [1], True),
+    ("temperature", T.TYPE_FP32, [1], True),
+    ("top_k", T.TYPE_INT32, [1], True),
+    ("top_p", T.TYPE_FP32, [1], True),
+    ("repetition_penalty", T.TYPE_FP32, [1], True),
+    ("seed", T.TYPE_UINT64, [1], True),
+    ("stream", T.TYPE_BOOL, [1], True),
+    ("strip_prefix", T.TYPE_BOOL, [1], True),
+]
+# What each response carries: this chunk's text (complete UTF-8 characters) and token ids, and on a request's
+# first response a JSON list of notices (e.g. audio truncated to 10 min), else "".
+RESPONSE_OUTPUTS = [("text_output", T.TYPE_STRING, [1]), ("output_ids", T.TYPE_INT32, [-1]),
+                    ("notice", T.TYPE_STRING, [1])]
+SAMPLING_INPUTS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stream"]
+
+
+def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
+    cfg = _python("preprocess", 0, spec.preprocess_instances)
+    cfg.input.extend([
+        _io("audio", T.TYPE_STRING, [-1], optional=True),
+        _io("strip_prefix", T.TYPE_BOOL, [1], optional=True),
+        _io("stream", T.TYPE_BOOL, [1], optional=True),
+    ])
+    cfg.output.extend([
+        _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, lengths.WINDOW_FRAMES]),
+        _out("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
+        _out("audio_windows", T.TYPE_INT32, [-1]),
+    ])
+    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **spec.preprocess_params})
+    return cfg
+
+
+def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
+    ins = [_io("input_features", T.TYPE_FP32, [lengths.N_MELS, lengths.WINDOW_FRAMES]),
+           _io("input_features_mask", T.TYPE_INT32, [lengths.WINDOW_FRAMES])]
+    outs = [_out("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, spec.hidden_size])]
+    if spec.target == "gpu":
+        cfg = mc.ModelConfig(name="encoder", platform="tensorrt_plan", max_batch_size=spec.encoder_max_batch)
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances)
+    else:
+        cfg = _python("encoder", spec.encoder_max_batch, spec.encoder_instances)
+    cfg.input.extend(ins)
+    cfg.output.extend(outs)
+    cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
+    _params(cfg, spec.encoder_params)
+    return cfg
+
+
+FUSION_OUTPUTS = [  # (name, dtype); all [1, 1] except the two ragged ones
+    ("input_lengths", T.TYPE_INT32), ("request_output_len", T.TYPE_INT32), ("end_id", T.TYPE_INT32),
+    ("pad_id", T.TYPE_INT32), ("streaming", T.TYPE_BOOL), ("runtime_top_k", T.TYPE_INT32),
+    ("runtime_top_p", T.TYPE_FP32), ("temperature", T.TYPE_FP32), ("repetition_penalty", T.TYPE_FP32),
+    ("seed", T.TYPE_UINT64), ("prompt_vocab_size", T.TYPE_INT32),
+]
+
+
+def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
+    cfg = _python("fusion", 0, spec.fusion_instances)
+    cfg.input.extend([
+        _io("text_input", T.TYPE_STRING, [1]),
+        _io("system_prompt", T.TYPE_STRING, [1], optional=True),
+        _io("audio_embeds", T.TYPE_FP32, [-1, lengths.EMBEDS_PER_WINDOW, spec.hidden_size]),
+        _io("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
+        _io("audio_windows", T.TYPE_INT32, [-1]),
+    ])
+    cfg.input.extend(_io(n, d, dims, optional=True) for n, d, dims, _ in REQUEST_INPUTS if n in SAMPLING_INPUTS)
+    cfg.output.append(_out("input_ids", T.TYPE_INT32, [1, -1]))
+    cfg.output.extend(_out(n, d, [1, 1]) for n, d in FUSION_OUTPUTS)
+    cfg.output.append(_out("prompt_embedding_table", DTYPES[spec.decoder_dtype], [1, -1, spec.hidden_size]))
+    _params(cfg, {
+        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "dtype": spec.decoder_dtype,
+        "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
+        "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
+        **spec.fusion_params,
+    })
+    return cfg
+
+
+# The decoder's tensor contract: TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt` (the subset
+# the ensemble feeds, plus the optional inputs a direct client may use). `[1]` scalars are reshaped to [].
+def decoder_inputs(dtype: str) -> list[mc.ModelInput]:
+    scalar = dict(dims=[1], reshape=[])
+    return [
+        _io("input_ids", T.TYPE_INT32, [-1]),
+        _io("input_lengths", T.TYPE_INT32, **scalar),
+        _io("request_output_len", T.TYPE_INT32, **scalar),
+        _io("end_id", T.TYPE_INT32, optional=True, **scalar),
+        _io("pad_id", T.TYPE_INT32, optional=True, **scalar),
+        _io("streaming", T.TYPE_BOOL, optional=True, **scalar),
+        _io("runtime_top_k", T.TYPE_INT32, optional=True, **scalar),
+        _io("runtime_top_p", T.TYPE_FP32, optional=True, **scalar),
+        _io("temperature", T.TYPE_FP32, optional=True, **scalar),
+        _io("repetition_penalty", T.TYPE_FP32, optional=True, **scalar),
+        _io("seed", T.TYPE_UINT64, optional=True, **scalar),
+        _io("prompt_embedding_table", DTYPES[dtype], [-1, -1], optional=True),
+        _io("prompt_vocab_size", T.TYPE_INT32, optional=True, **scalar),
+    ]
+
+
+def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
+    if spec.target == "gpu":
+        cfg = mc.ModelConfig(name="decoder", backend="tensorrtllm", max_batch_size=spec.max_batch_size)
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)  # the backend places work on GPUs
+    else:
+        cfg = _python("decoder", spec.max_batch_size, spec.decoder_instances)
+    cfg.model_transaction_policy.decoupled = True
+    cfg.dynamic_batching.SetInParent()
+    cfg.input.extend(decoder_inputs(spec.decoder_dtype))
+    cfg.output.extend([_out("output_ids", T.TYPE_INT32, [-1, -1]), _out("sequence_length", T.TYPE_INT32, [-1])])
+    _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
+                  "exclude_input_in_output": "true", **spec.decoder_params})
+    return cfg
+
+
+def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
+    # One instance: it keeps the incomplete UTF-8 tail of each streamed request between responses.
+    cfg = _python("postprocess", 0, 1)
+    cfg.input.extend([_io("output_ids", T.TYPE_INT32, [-1, -1, -1]), _io("sequence_length", T.TYPE_INT32, [-1, -1])])
+    cfg.output.extend(_out(n, d, dims) for n, d, dims in RESPONSE_OUTPUTS)
+    _params(cfg, spec.postprocess_params)
+    return cfg
+
+
+def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
+    cfg.input.extend(_io(n, d, dims, optional=opt) for n, d, dims, opt in REQUEST_INPUTS)
+    cfg.output.extend(_out(n, d, dims) for n, d, dims in RESPONSE_OUTPUTS)
+
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
+        s = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        for k, v in inputs.items():
+            s.input_map[k] = v
+        for k, v in outputs.items():
+            s.output_map[k] = v
+
+    step("preprocess", {"audio": "audio", "strip_prefix": "strip_prefix", "stream": "stream"},
+         {k: f"_{k}" for k in ("input_features", "input_features_mask", "audio_windows")})
+    step("encoder", {"input_features": "_input_features", "input_features_mask": "_input_features_mask"},
+         {"audio_embeds": "_audio_embeds"})
+    fusion_in = {"text_input": "text_input", "system_prompt": "system_prompt", "audio_embeds": "_audio_embeds",
+                 "input_features_mask": "_input_features_mask", "audio_windows": "_audio_windows"}
+    fusion_in.update({n: n for n in SAMPLING_INPUTS})
+    fusion_out = {n: f"_{n}" for n, _ in FUSION_OUTPUTS}
+    fusion_out.update(input_ids="_input_ids", prompt_embedding_table="_prompt_embedding_table")
+    step("fusion", fusion_in, fusion_out)
+    step("decoder", {v[1:]: v for v in fusion_out.values()},
+         {"output_ids": "_output_ids", "sequence_length": "_sequence_length"})
+    step("postprocess", {"output_ids": "_output_ids", "sequence_length": "_sequence_length"},
+         {n: n for n, _, _ in RESPONSE_OUTPUTS})
+    return cfg
+
+
+def all_configs(spec: RepoSpec) -> dict[str, mc.ModelConfig]:
+    return {
+        "preprocess": preprocess_config(spec), "encoder": encoder_config(spec), "fusion": fusion_config(spec),
+        "decoder": decoder_config(spec), "postprocess": postprocess_config(spec), ENSEMBLE: ensemble_config(spec),
+    }
+
+
+def render(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())

@@ -1,0 +1,72 @@
+"""Triton adapter: the CPU backend of the decoder stage, with the tensor contract of TensorRT-LLM's C++
+`tensorrtllm` backend (decoupled; in-flight batching inside af3trt.runtime.decoder.DecoderEngine)."""
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from af3trt.runtime import triton_io as io
+from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
+
+
+def _response(tokens):
+    ids = np.asarray(tokens, np.int32).reshape(1, 1, -1)  # [batch, beam, new tokens]
+    return pb.InferenceResponse([pb.Tensor("output_ids", ids),
+                                 pb.Tensor("sequence_length", np.array([[ids.shape[-1]]], np.int32))])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = io.params(args)
+        threads = int(p.get("threads", "0")) or None
+        self.engine = DecoderEngine(io.resolve(args, p["gpt_model_path"]), max_batch_size=int(p["max_batch_size"]),
+                                    max_input_len=int(p["max_input_len"]),
+                                    max_new_tokens_limit=int(p["max_output_len"]), threads=threads)
+
+    def execute(self, requests):
+        for r in requests:
+            sender = r.get_response_sender()
+            try:
+                self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender))
+            except Exception as e:  # noqa: BLE001
+                sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def request(self, r) -> GenerationRequest:
+        ids = io.tensor(pb, r, "input_ids")
+        if ids is None or ids.ndim != 2 or ids.shape[0] != 1:
+            raise io.RequestError(f"input_ids must be [1, L] (one sequence per request), got "
+                                  f"{None if ids is None else list(ids.shape)}")
+        n = io.scalar(pb, r, "input_lengths", int)
+        table = pb.get_input_tensor_by_name(r, "prompt_embedding_table")
+        if table is not None:
+            import torch
+
+            table = torch.from_dlpack(table.to_dlpack())  # [1, N, H] in the engine dtype
+            table = table.reshape(table.shape[-2], table.shape[-1]).clone()
+
+        def get(name, kind, default):
+            v = io.scalar(pb, r, name, kind)
+            return default if v is None else v
+
+        return GenerationRequest(
+            input_ids=ids[0, :n], prompt_table=table, prompt_vocab_size=get("prompt_vocab_size", int, 0),
+            max_new_tokens=io.scalar(pb, r, "request_output_len", int), end_id=get("end_id", int, None),
+            pad_id=get("pad_id", int, None), streaming=get("streaming", bool, False),
+            top_k=get("runtime_top_k", int, 0), top_p=get("runtime_top_p", float, 0.0),
+            temperature=get("temperature", float, 1.0), repetition_penalty=get("repetition_penalty", float, 1.0),
+            seed=get("seed", int, None))
+
+    @staticmethod
+    def _emitter(sender):
+        def emit(tokens, final):
+            sender.send(_response(tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        return emit
+
+    @staticmethod
+    def _on_error(sender):
+        def on_error(exc):
+            sender.send(io.error_response(pb, exc), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return on_error
+
+    def finalize(self):
+        self.engine.stop()

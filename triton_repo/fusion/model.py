@@ -1,0 +1,69 @@
+"""Triton adapter: prompt + audio embeddings → the tensorrtllm backend's inputs (af3trt.runtime.prompt)."""
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from af3trt.runtime import triton_io as io
+from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
+
+
+def _table_tensor(table: np.ndarray, dtype: str):
+    """[1, N, H] in the decoder's dtype; bf16 has no numpy type, so it crosses as a torch tensor via DLPack."""
+    if dtype == "float32":
+        return pb.Tensor("prompt_embedding_table", table[None])
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    t = torch.from_numpy(table[None]).to(getattr(torch, dtype)).contiguous()
+    return pb.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(t))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = io.params(args)
+        self.limits = FusionLimits.from_params(p)
+        self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            try:
+                out.append(self.run(r))
+            except Exception as e:  # noqa: BLE001
+                out.append(io.error_response(pb, e))
+        return out
+
+    def run(self, r):
+        prompt = io.text(pb, r, "text_input")
+        if prompt is None:
+            raise PromptError("text_input is required")
+        sampling = check_sampling(
+            self.limits, max_tokens=io.scalar(pb, r, "max_tokens"), temperature=io.scalar(pb, r, "temperature"),
+            top_k=io.scalar(pb, r, "top_k"), top_p=io.scalar(pb, r, "top_p"),
+            repetition_penalty=io.scalar(pb, r, "repetition_penalty"), seed=io.scalar(pb, r, "seed"),
+            stream=io.scalar(pb, r, "stream"))
+        windows = [int(w) for w in io.tensor(pb, r, "audio_windows").reshape(-1)]
+        ids, table = self.builder.build(prompt, io.text(pb, r, "system_prompt"), io.tensor(pb, r, "audio_embeds"),
+                                        io.tensor(pb, r, "input_features_mask"), windows)
+        n_rows = len(table)
+        if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
+            table = np.zeros((1, self.limits.hidden_size), np.float32)
+
+        def one(name, value, dtype):
+            return pb.Tensor(name, np.array([[value]], dtype=dtype))
+
+        return pb.InferenceResponse([
+            pb.Tensor("input_ids", ids[None]),  # [1, L]
+            one("input_lengths", len(ids), np.int32),
+            one("request_output_len", sampling.max_tokens, np.int32),
+            one("end_id", self.limits.end_id, np.int32),
+            one("pad_id", self.limits.pad_id, np.int32),
+            one("streaming", sampling.stream, np.bool_),
+            one("runtime_top_k", sampling.top_k, np.int32),
+            one("runtime_top_p", sampling.top_p, np.float32),
+            one("temperature", sampling.temperature, np.float32),
+            one("repetition_penalty", sampling.repetition_penalty, np.float32),
+            one("seed", sampling.seed, np.uint64),
+            one("prompt_vocab_size", max(n_rows, 1), np.int32),
+            _table_tensor(table, self.limits.dtype),  # [1, N, H]
+        ])

@@ -1,0 +1,68 @@
+"""Triton adapter: token ids → text (af3trt.runtime.detok), incremental for streams.
+
+Called once per decoder response. Streamed answers are released as complete UTF-8 characters: the incomplete
+tail of each request is kept here between its responses (hence a single instance), keyed by request id.
+"""
+
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RequestContext
+from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
+
+STATE_TTL = 900.0
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = io.params(args)
+        self.detok = Detokenizer(io.resolve(args, p["tokenizer_dir"]) / "tokenizer.json")
+        self.ctx = RequestContext()
+        self.states: dict[str, tuple[float, StreamState, dict]] = {}
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            try:
+                out.append(self.run(r))
+            except Exception as e:  # noqa: BLE001
+                out.append(io.error_response(pb, e))
+        self._purge()
+        return out
+
+    def run(self, r):
+        ids = io.tensor(pb, r, "output_ids")  # [1, beam, T]
+        n = int(io.tensor(pb, r, "sequence_length").reshape(-1)[0])
+        tokens = ids[0, 0, : min(n, ids.shape[-1])]
+        rid = r.request_id()
+        entry = self.states.get(rid) if rid else None
+        first = entry is None
+        if first:
+            ctx = self.ctx.get(rid)
+            self.ctx.drop(rid)
+            entry = (time.monotonic(), StreamState(), ctx)
+        _, state, ctx = entry
+        data = self.detok.to_bytes(tokens)
+        if ctx.get("stream"):
+            text = state.feed(data, final=False)
+            self.states[rid] = (time.monotonic(), state, ctx)
+        else:  # the whole answer in one response
+            text = data.decode("utf-8", errors="replace")
+            if ctx.get("strip_prefix"):
+                text = strip_transcription_prefix(text)
+            self.states.pop(rid, None)
+        notice = json.dumps(ctx.get("notices")) if first and ctx.get("notices") else ""
+        return pb.InferenceResponse([
+            io.bytes_tensor(pb, "text_output", [text.encode()]),
+            pb.Tensor("output_ids", np.ascontiguousarray(tokens, np.int32)),
+            io.bytes_tensor(pb, "notice", [notice.encode()]),
+        ])
+
+    def _purge(self):
+        now = time.monotonic()
+        for rid in [k for k, (t, _, _) in self.states.items() if now - t > STATE_TTL]:
+            del self.states[rid]

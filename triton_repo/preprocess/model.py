@@ -1,0 +1,49 @@
+"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio)."""
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from af3trt.runtime import audio, lengths
+from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RequestContext
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = io.params(args)
+        self.max_windows = int(p["max_audio_windows"])
+        self.ctx = RequestContext()
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            try:
+                out.append(self.run(r))
+            except Exception as e:  # noqa: BLE001 - every failure becomes this request's error
+                out.append(io.error_response(pb, e))
+        return out
+
+    def run(self, r):
+        clips = io.tensor(pb, r, "audio")
+        clips = [] if clips is None else [bytes(c) for c in clips.reshape(-1)]
+        batch = audio.prepare_clips(clips, self.max_windows)
+        if sum(batch.windows_per_clip) > self.max_windows:
+            raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
+                                  f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
+        limit = self.max_windows * lengths.WINDOW_SECONDS
+        notices = [f"audio clip {i}: {s:.1f} s is longer than the {limit} s AF3 reads; only the first {limit} s "
+                   f"were used" for i, (s, cut) in enumerate(zip(batch.seconds_per_clip, batch.truncated)) if cut]
+        self.ctx.put(r.request_id(), {"notices": notices,
+                                      "strip_prefix": bool(io.scalar(pb, r, "strip_prefix") or False),
+                                      "stream": bool(io.scalar(pb, r, "stream") or False)})
+        features, mask = batch.features, batch.mask
+        if features.shape[0] == 0:
+            # Text-only request: Triton cannot batch zero windows, so send one empty-mask placeholder window
+            # (the CPU encoder skips it; fusion ignores windows past the clips').
+            features = np.zeros((1, lengths.N_MELS, lengths.WINDOW_FRAMES), np.float32)
+            mask = np.zeros((1, lengths.WINDOW_FRAMES), np.int32)
+        return pb.InferenceResponse([
+            pb.Tensor("input_features", features),  # [W, 128, 3000]
+            pb.Tensor("input_features_mask", mask),  # [W, 3000]
+            pb.Tensor("audio_windows", np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
+        ])
