@@ -9,8 +9,8 @@ meaning. What the GPU backend does and we reproduce (TensorRT-LLM 1.2, executor 
   it finishes; every iteration advances all running requests by one token in one batched forward;
 - greedy unless sampling is asked for (top_k == 1, or top_k == 0 and top_p == 0, is greedy);
 - output excludes the input (exclude_input_in_output=true) and **excludes the end token**: the sampler does not count
-  the end id in the sequence length, so `output_ids` stops before it; a streaming request that ends on the end id gets
-  a last, empty, final response;
+  the end id in the sequence length, so `output_ids` stops before it and `sequence_length` (the number of ids in a
+  response) does not count it; a streaming request that ends on the end id gets a last, empty, final response;
 - streaming: one response per generated token; non-streaming: one response with all tokens;
 - a request without a seed samples with seed 0 (TensorRT-LLM's default), so it is reproducible too.
 
@@ -80,7 +80,6 @@ class _Seq:
     generated: list = field(default_factory=list)
     last: int = -1  # last sampled token: the next decode input
     pos: int = 0  # position of the next decode input = real tokens in this row's KV cache
-    t_submit: float = 0.0
 
 
 _STOP = object()
@@ -125,7 +124,7 @@ class DecoderEngine:
         self._rows: list[_Seq] = []
         self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
         self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
-        self.stats = {"requests": 0, "prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
+        self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
                       "decode_seconds": 0.0, "prefill_seconds": 0.0}
 
         self._queue: queue.Queue = queue.Queue()
@@ -186,7 +185,7 @@ class DecoderEngine:
         if self._stopped.is_set():
             raise DecodeError("decoder engine is stopped")
         ids = self.validate(request)
-        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error, t_submit=time.perf_counter()))
+        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error))
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> list[int]:
         """Run one request to completion through the worker; return the generated ids (end id excluded)."""
@@ -284,7 +283,6 @@ class DecoderEngine:
         embeds = self._embed(seq.ids, r.prompt_table)  # [L, H]
         out = self.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq.pos = seq.ids.shape[0]
-        self.stats["requests"] += 1
         self.stats["prefills"] += 1
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         if not self._advance(seq, self._next_token(seq, out.logits[0, -1])):
@@ -380,12 +378,14 @@ class DecoderEngine:
         else:
             width = self._mask.shape[1]
             total = max(width, length)
-            for mine, new in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_pad_left(mine.keys, total - width), _pad_left(new.keys, total - length)])
-                mine.values = torch.cat([_pad_left(mine.values, total - width),
-                                         _pad_left(new.values, total - length)])
+            merged = [(torch.cat([_pad_left(mine.keys, total - width), _pad_left(new.keys, total - length)]),
+                       torch.cat([_pad_left(mine.values, total - width), _pad_left(new.values, total - length)]))
+                      for mine, new in zip(self._cache.layers, cache.layers, strict=True)]
             row_mask = torch.ones(1, length, dtype=torch.long)
-            self._mask = torch.cat([_pad_left_2d(self._mask, total - width), _pad_left_2d(row_mask, total - length)])
+            mask = torch.cat([_pad_left_2d(self._mask, total - width), _pad_left_2d(row_mask, total - length)])
+            for layer, (keys, values) in zip(self._cache.layers, merged):  # commit only once all is built
+                layer.keys, layer.values = keys, values
+            self._mask = mask
             self._rows.append(seq)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
 

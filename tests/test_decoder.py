@@ -279,7 +279,6 @@ def test_decode_errors(engine, af3):
 
 def test_prompt_table_rows_are_used(engine, af3):
     """Fake ids take table rows: the same prompt with a different table row answers differently."""
-    model, _ = af3
     inputs = _chat(af3, "Describe the sound.", seconds=1)
     r = _our_request(af3, inputs)
     flipped = GenerationRequest(input_ids=r.input_ids, prompt_table=r.prompt_table.flip(0).contiguous(),

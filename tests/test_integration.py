@@ -1,0 +1,234 @@
+"""The whole ensemble on a real tritonserver (127.0.0.1, free ports) against transformers' AF3, token for token.
+
+The reference is `AudioFlamingo3ForConditionalGeneration.generate` (greedy) on the same tiny checkpoint, fed by
+`AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently here (soundfile, and
+scipy for resampling). TensorRT-LLM stops on one end id and leaves it out of output_ids; the reference's
+trailing end token is dropped before comparing.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from af3trt.runtime.client import AF3Client, AF3Error
+
+pytestmark = pytest.mark.integration
+
+MAX_TOKENS = 24
+
+
+def wav_bytes(wave: np.ndarray, sr: int, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_ckpt, tmp_path_factory):
+    from af3trt.build.build_engines import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("build") / "af3-tiny"
+    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=64, default_max_tokens=16))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    from af3trt.runtime.server import TritonServer
+
+    srv = TritonServer(repo / "model_repository", log_path=repo / "tritonserver.log")
+    srv.start(timeout=300)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        assert srv.proc.poll() is not None
+        print(f"--- tail of {srv.log_path}\n{srv.log_tail(30)}")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> AF3Client:
+    return AF3Client(server.grpc_url, timeout=120)
+
+
+class Reference:
+    def __init__(self, ckpt):
+        import torch
+        from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(ckpt)
+        self.model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
+        self.end_id = self.model.generation_config.eos_token_id[0]
+        self.lock = threading.Lock()
+
+    def generate(self, prompt: str, wave: np.ndarray | None = None, system: str | None = None,
+                 max_new_tokens: int = MAX_TOKENS) -> list[int]:
+        content = ([{"type": "audio", "audio": wave}] if wave is not None else []) + [{"type": "text", "text": prompt}]
+        conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        with self.lock, self.torch.no_grad():
+            inputs = self.processor.apply_chat_template(conv, tokenize=True, return_dict=True,
+                                                        add_generation_prompt=True)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=self.end_id, pad_token_id=self.end_id)
+        ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return ids[:-1] if ids and ids[-1] == self.end_id else ids
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_ckpt) -> Reference:
+    return Reference(tiny_ckpt)
+
+
+def mono16k(data: bytes) -> np.ndarray:
+    """The reference's own decoding: soundfile, channel mean, scipy polyphase resampling to 16 kHz."""
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if sr != 16000:
+        g = gcd(16000, sr)
+        wave = resample_poly(wave, 16000 // g, sr // g).astype(np.float32)
+    return wave
+
+
+@pytest.fixture(scope="module")
+def long_clip(speech_bytes) -> bytes:
+    """70 s (3 windows): speech, a tone and noise, as 16 kHz FLAC."""
+    speech = mono16k(speech_bytes)
+    rng = np.random.default_rng(7)
+    t = np.arange(16000 * 70) / 16000
+    wave = 0.05 * np.sin(2 * np.pi * 440 * t) + 0.01 * rng.standard_normal(len(t))
+    for start in range(0, len(t) - len(speech), len(speech) * 3):
+        wave[start: start + len(speech)] += speech
+    return wav_bytes(wave.astype(np.float32), 16000, "FLAC")
+
+
+def test_speech_clip_matches_transformers(client, ref, speech_bytes):
+    got = client.ask("What is said in the audio?", [speech_bytes], max_tokens=MAX_TOKENS)
+    want = ref.generate("What is said in the audio?", mono16k(speech_bytes))
+    assert len(want) > 5
+    assert got.token_ids == want
+
+
+def test_long_clip_three_windows_matches_transformers(client, ref, long_clip):
+    got = client.ask("Describe the sounds.", [long_clip], max_tokens=MAX_TOKENS, system_prompt="Be precise.")
+    assert got.token_ids == ref.generate("Describe the sounds.", mono16k(long_clip), system="Be precise.")
+    assert got.notices == []
+
+
+def test_text_only_matches_transformers(client, ref):
+    got = client.ask("Tell me about the weather tomorrow.", [], max_tokens=MAX_TOKENS)
+    assert got.token_ids == ref.generate("Tell me about the weather tomorrow.")
+
+
+def test_stream_equals_non_stream(client, speech_bytes):
+    whole = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False)
+    chunks = list(client.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True))
+    assert whole.chunks == 1
+    assert len(chunks) == len(whole.token_ids) >= 5  # one response per token
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [c.t for c in chunks] == sorted(c.t for c in chunks)
+
+
+def test_stereo_44k_equals_reference_resample(client, ref, speech_bytes):
+    from scipy.signal import resample_poly
+
+    mono = mono16k(speech_bytes)
+    up = resample_poly(mono, 441, 160).astype(np.float32)
+    stereo = np.stack([up, 0.5 * up], axis=1)  # different channels: the mix matters
+    data = wav_bytes(stereo, 44100)
+    got = client.ask("What is said?", [data], max_tokens=MAX_TOKENS)
+    assert got.token_ids == ref.generate("What is said?", mono16k(data))
+
+
+def test_eight_concurrent_mixed_requests(client, ref, speech_bytes, long_clip):
+    jobs = [("What is said?", speech_bytes), ("Describe the sounds.", long_clip), ("Say something nice.", None),
+            ("Is this music?", speech_bytes)] * 2
+    results: dict[int, list[int] | Exception] = {}
+
+    def run(i, prompt, clip):
+        try:
+            results[i] = client.ask(prompt, [clip] if clip else [], max_tokens=MAX_TOKENS,
+                                    stream=bool(i % 2)).token_ids
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, p, c)) for i, (p, c) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, (prompt, clip) in enumerate(jobs):
+        assert results[i] == ref.generate(prompt, mono16k(clip) if clip else None), f"request {i}"
+
+
+def test_bad_requests_fail_alone(client, ref, speech_bytes):
+    """Corrupt bytes, empty audio, an over-long prompt and bad sampling values each get their own clear error
+    while good requests in flight alongside them still succeed."""
+    bad = {
+        "corrupt": (dict(prompt="x", audio=[b"RIFF\x00\x00garbage" * 10]), "could not decode"),
+        "empty": (dict(prompt="x", audio=[b""]), "empty"),
+        "too long": (dict(prompt="word " * 3000), "prompt too long"),
+        "top_p": (dict(prompt="x", top_p=2.0), "top_p"),
+        "max_tokens": (dict(prompt="x", max_tokens=100000), "max_tokens"),
+    }
+    good: dict[int, list[int]] = {}
+    errors: dict[str, str] = {}
+
+    def run_good(i):
+        good[i] = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True).token_ids
+
+    def run_bad(name, kw):
+        try:
+            client.ask(kw.pop("prompt"), kw.pop("audio", []), **kw)
+            errors[name] = "no error"
+        except AF3Error as e:
+            errors[name] = str(e)
+
+    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=run_bad, args=(n, dict(kw))) for n, (kw, _) in bad.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for name, (_, needle) in bad.items():
+        assert needle in errors[name], f"{name}: {errors[name]}"
+    want = ref.generate("What is said?", mono16k(speech_bytes))
+    assert good == {0: want, 1: want}
+
+
+def test_truncation_is_reported(client, ref, speech_bytes):
+    speech = mono16k(speech_bytes)
+    wave = np.tile(speech, int(np.ceil(16000 * 610 / len(speech))))[: 16000 * 610]  # 10 min 10 s
+    got = client.ask("What is said?", [wav_bytes(wave, 16000, "FLAC")], max_tokens=8)
+    assert len(got.notices) == 1 and "only the first 600 s" in got.notices[0]
+    assert got.token_ids == ref.generate("What is said?", wave, max_new_tokens=8)
+
+
+def test_strip_prefix_flag_reaches_postprocess(client, speech_bytes):
+    plain = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False)
+    stripped = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False, strip_prefix=True)
+    assert stripped.token_ids == plain.token_ids
+    from af3trt.runtime.detok import strip_transcription_prefix
+
+    assert stripped.text == strip_transcription_prefix(plain.text)
+
+
+def test_perf_analyzer_measures_the_ensemble(server, tmp_path, speech_bytes):
+    """perf_analyzer 2.51 (from the tritonclient wheel) drives the decoupled ensemble over gRPC."""
+    from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
+
+    data = write_input_data(tmp_path / "inputs.json", [("What is said?", speech_bytes)], max_tokens=8, stream=True)
+    result = run_perf_analyzer(find_perf_analyzer(), server.grpc_url, data, concurrency=[1], streaming=True,
+                               requests_per_level=6, out_dir=tmp_path)
+    point = result[0]
+    assert point["concurrency"] == 1 and point["throughput_rps"] > 0 and point["p50_latency_us"] > 0
