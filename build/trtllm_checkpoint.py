@@ -407,6 +407,9 @@ def _check_rank(names: dict, config: dict, rank: int) -> list[str]:
             elif tuple(shape) != packed:
                 problems.append(f"{where}: {module}.weight int8 has shape {list(shape)}; {algo} needs the plugin's "
                                 f"preprocessed layout {list(packed)}")
+            elif names[f"{module}.per_channel_scale"][1] != (out_f,):
+                problems.append(f"{where}: {module}.per_channel_scale has shape "
+                                f"{list(names[f'{module}.per_channel_scale'][1])}, expected [{out_f}]")
         else:
             problems.append(f"{where}: {module}.weight is {dtype}, expected {dt} (quantized by trtllm-build) or int8")
     if missing:

@@ -133,7 +133,8 @@ def test_stream_equals_non_stream(client, speech_bytes):
     whole = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False)
     chunks = list(client.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True))
     assert whole.chunks == 1
-    assert len(chunks) == len(whole.token_ids) >= 5  # one response per token
+    assert len(whole.token_ids) >= 5
+    assert all(len(c.token_ids) == 1 for c in chunks[:-1])  # one response per token (TRT-LLM: + an empty final)
     assert [t for c in chunks for t in c.token_ids] == whole.token_ids
     assert "".join(c.text for c in chunks) == whole.text
     assert [c.t for c in chunks] == sorted(c.t for c in chunks)
@@ -177,7 +178,7 @@ def test_bad_requests_fail_alone(client, ref, speech_bytes):
     bad = {
         "corrupt": (dict(prompt="x", audio=[b"RIFF\x00\x00garbage" * 10]), "could not decode"),
         "empty": (dict(prompt="x", audio=[b""]), "empty"),
-        "too long": (dict(prompt="word " * 3000), "prompt too long"),
+        "too long": (dict(prompt="word " * 20000), "prompt too long"),
         "top_p": (dict(prompt="x", top_p=2.0), "top_p"),
         "max_tokens": (dict(prompt="x", max_tokens=100000), "max_tokens"),
     }

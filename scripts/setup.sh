@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up everything af3trt needs on a fresh Debian 12 machine of this project's kind (2 cores, no GPU):
+# Debian packages, a venv in .venv with Python 3.11, torch 2.13 CPU, the tritonserver 2.51 binary (nvidia-pytriton
+# wheel), tritonclient[all]==2.51.0 (perf_analyzer), nvidia-modelopt, and af3trt itself (editable).
+# Safe to re-run: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in libb64-0d libsndfile1 sox espeak-ng; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+
+stamp=.venv/.af3trt-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== pip install (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51 wheel, tritonclient 2.51, af3trt)"
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -e ".[export,server,perf,test]"
+  echo "$want" > "$stamp"
+fi
+.venv/bin/python - <<'PY'
+import numpy, torch, transformers, onnxruntime
+from af3trt.runtime.server import find_tritonserver
+from af3trt.perf.analyzer import find_perf_analyzer
+assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: the Triton 2.51 python backend needs numpy<2"
+print(f"== ready: torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime "
+      f"{onnxruntime.__version__}, numpy {numpy.__version__}, tritonserver {find_tritonserver()}, "
+      f"perf_analyzer {find_perf_analyzer()}")
+PY

@@ -1,0 +1,168 @@
+"""Fusion: our prompt (chat template + tokenizers + fake ids + prompt table) against transformers' AF3 processor
+and model, and the fusion model adapter's tensor contract (with a fake Triton utils module)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from af3trt.runtime import lengths
+from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
+from af3trt.triton_repo import configs
+
+import fake_pb
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_ckpt):
+    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_ckpt), AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+
+
+@pytest.fixture(scope="module")
+def limits(hf):
+    _, model = hf
+    t = model.config.text_config
+    return FusionLimits(vocab_size=t.vocab_size, hidden_size=t.hidden_size, dtype="float32", end_id=t.eos_token_id,
+                        pad_id=t.bos_token_id, max_input_len=2000, max_output_len=64, default_max_tokens=16)
+
+
+def reference(hf, prompt, wave, system=None):
+    processor, model = hf
+    content = ([{"type": "audio", "audio": wave}] if wave is not None else []) + [{"type": "text", "text": prompt}]
+    conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    inputs = processor.apply_chat_template(conv, tokenize=True, return_dict=True, add_generation_prompt=True)
+    with torch.no_grad():
+        if wave is None:
+            return inputs, None, None
+        tower = model.model.audio_tower(inputs["input_features"], input_features_mask=inputs["input_features_mask"])
+        full = model.model.multi_modal_projector(tower.last_hidden_state)  # [W, 750, H]
+        valid = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+    return inputs, full.numpy(), valid.numpy()
+
+
+@pytest.mark.parametrize("seconds,system", [(5.0, None), (70.0, "Answer briefly."), (0.5, None), (None, None),
+                                            (None, "You are terse.")])
+def test_prompt_matches_processor(hf, limits, tiny_ckpt, seconds, system):
+    rng = np.random.default_rng(3)
+    wave = None if seconds is None else (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+    inputs, full, valid = reference(hf, "What is in the audio?", wave, system)
+    builder = PromptBuilder(tiny_ckpt, limits)
+    windows = [] if wave is None else [inputs["input_features"].shape[0]]
+    embeds = full if full is not None else np.zeros((1, lengths.EMBEDS_PER_WINDOW, limits.hidden_size), np.float32)
+    mask = inputs.get("input_features_mask", torch.zeros(1, lengths.WINDOW_FRAMES)).numpy()
+    ids, table = builder.build("What is in the audio?", system, embeds, mask, windows)
+
+    want = inputs["input_ids"][0].numpy()
+    audio_id = hf[1].config.audio_token_id
+    fake = ids >= limits.vocab_size
+    assert fake.sum() == (want == audio_id).sum()
+    assert np.array_equal(ids[~fake], want[want != audio_id])  # the text ids, in place
+    assert np.array_equal(np.flatnonzero(fake), np.flatnonzero(want == audio_id))
+    assert np.array_equal(ids[fake], limits.vocab_size + np.arange(fake.sum()))  # rows 0..N-1 in order
+    if valid is not None:
+        np.testing.assert_array_equal(table, valid)  # exactly AF3's masked_scatter source
+
+
+def test_two_clips_get_consecutive_rows(limits, tiny_ckpt):
+    builder = PromptBuilder(tiny_ckpt, limits)
+    embeds = np.random.default_rng(0).standard_normal((3, lengths.EMBEDS_PER_WINDOW, limits.hidden_size)).astype(np.float32)
+    mask = np.zeros((3, lengths.WINDOW_FRAMES), np.int32)
+    mask[0, :] = 1
+    mask[1, :1000] = 1  # clip 0: 1.5 windows
+    mask[2, :400] = 1  # clip 1: one short window
+    ids, table = builder.build("Compare them.", None, embeds, mask, [2, 1])
+    n0 = lengths.EMBEDS_PER_WINDOW + lengths.audio_token_count(1000)
+    n1 = lengths.audio_token_count(400)
+    assert len(table) == n0 + n1
+    np.testing.assert_array_equal(table[n0:], embeds[2, :n1])
+    fake = ids[ids >= limits.vocab_size] - limits.vocab_size
+    assert fake.tolist() == list(range(n0 + n1))
+    assert builder.tokenizer.decode(ids[ids < limits.vocab_size].tolist(), skip_special_tokens=False).count(
+        "<|im_start|>user\nCompare them.") == 1
+
+
+def test_prompt_errors(limits, tiny_ckpt):
+    builder = PromptBuilder(tiny_ckpt, limits)
+    empty = np.zeros((0, lengths.EMBEDS_PER_WINDOW, limits.hidden_size), np.float32)
+    no_mask = np.zeros((0, lengths.WINDOW_FRAMES), np.int32)
+    with pytest.raises(PromptError, match="may not contain <sound>"):
+        builder.build("hi <sound>", None, empty, no_mask, [])
+    with pytest.raises(PromptError, match="prompt too long"):
+        builder.build("word " * 5000, None, empty, no_mask, [])
+
+
+def test_sampling_defaults_and_errors(limits):
+    s = check_sampling(limits)
+    assert (s.max_tokens, s.top_k, s.top_p, s.temperature, s.repetition_penalty, s.seed, s.stream) == \
+        (limits.default_max_tokens, 0, 0.0, 1.0, 1.0, 0, False)  # TensorRT-LLM's greedy defaults
+    assert check_sampling(limits, temperature=0.0).top_k == 1
+    assert check_sampling(limits, temperature=0.7, top_p=0.9, seed=5).seed == 5
+    for kw, needle in [(dict(max_tokens=0), "max_tokens"), (dict(max_tokens=65), "max_tokens"),
+                       (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(top_k=-2), "top_k"), (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0), "repetition")]:
+        with pytest.raises(PromptError, match=needle):
+            check_sampling(limits, **kw)
+
+
+def _spec(hf, dtype, tiny_ckpt):
+    t = hf[1].config.text_config
+    return configs.RepoSpec(target="cpu", hidden_size=t.hidden_size, decoder_dtype=dtype, vocab_size=t.vocab_size,
+                            end_id=t.eos_token_id, pad_id=t.bos_token_id, max_input_len=2000, max_output_len=64,
+                            default_max_tokens=16, fusion_params={"tokenizer_dir": str(tiny_ckpt)})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fusion_adapter_emits_the_tensorrtllm_inputs(hf, tiny_ckpt, dtype, speech_bytes):
+    from af3trt.runtime.audio import prepare_clips
+
+    spec = _spec(hf, dtype, tiny_ckpt)
+    cfg = configs.fusion_config(spec)
+    model = fake_pb.load_model("fusion", cfg)
+    batch = prepare_clips([speech_bytes])
+    embeds = np.random.default_rng(1).standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
+    req = fake_pb.Request({"text_input": np.array([b"What is said?"], object), "audio_embeds": embeds,
+                           "input_features_mask": batch.mask, "audio_windows": np.array([1], np.int32),
+                           "max_tokens": np.array([8], np.int32), "temperature": np.array([0.0], np.float32)})
+    (resp,) = model.execute([req])
+    assert not resp.has_error(), resp.error
+    declared = {o.name: o for o in cfg.output}
+    assert set(resp.outputs) == set(declared)
+    n = batch.tokens_per_clip[0]
+    table = resp.outputs["prompt_embedding_table"]._array
+    assert tuple(table.shape) == (1, n, spec.hidden_size)
+    assert str(table.dtype).endswith(dtype)
+    ids = resp.outputs["input_ids"].as_numpy()
+    assert ids.shape[0] == 1 and resp.outputs["input_lengths"].as_numpy().tolist() == [[ids.shape[1]]]
+    assert (ids >= spec.vocab_size).sum() == n
+    assert resp.outputs["runtime_top_k"].as_numpy().tolist() == [[1]]  # temperature 0 → greedy
+    assert resp.outputs["request_output_len"].as_numpy().tolist() == [[8]]
+    assert resp.outputs["seed"].as_numpy().dtype == np.uint64
+    for name, t in resp.outputs.items():
+        if name != "prompt_embedding_table":
+            want = fake_pb_dtype(declared[name].data_type)
+            assert t.as_numpy().dtype == want, name
+
+
+def fake_pb_dtype(triton_type):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return {mc.TYPE_INT32: np.int32, mc.TYPE_FP32: np.float32, mc.TYPE_BOOL: np.bool_, mc.TYPE_UINT64: np.uint64,
+            mc.TYPE_STRING: np.object_}[triton_type]
+
+
+def test_fusion_adapter_errors_are_per_request(hf, tiny_ckpt):
+    model = fake_pb.load_model("fusion", configs.fusion_config(_spec(hf, "float32", tiny_ckpt)))
+    placeholder = dict(audio_embeds=np.zeros((1, 750, 64), np.float32), input_features_mask=np.zeros((1, 3000), np.int32),
+                       audio_windows=np.zeros((0,), np.int32))
+    good = fake_pb.Request({"text_input": np.array([b"Hello"], object), **placeholder})
+    bad = fake_pb.Request({"text_input": np.array([b"Hello"], object), "top_p": np.array([3.0], np.float32),
+                           **placeholder})
+    not_utf8 = fake_pb.Request({"text_input": np.array([b"\xff\xfe"], object), **placeholder})
+    r_good, r_bad, r_utf = model.execute([good, bad, not_utf8])
+    assert not r_good.has_error()
+    assert r_good.outputs["prompt_vocab_size"].as_numpy().tolist() == [[1]]  # text-only: one unused row
+    assert "top_p" in r_bad.error.message()
+    assert "UTF-8" in r_utf.error.message()
