@@ -5,7 +5,8 @@ The graph maps a batch of W mel windows to the decoder's embedding space:
     input_features       float32 [W, 128, 3000]   log-mel windows (30 s each)
     input_features_mask  int32   [W, 3000]        1 for valid frames
     audio_embeds         float32 [W, 750, H]      H = text hidden size; rows past a window's valid length are
-                                                  finite garbage, the caller keeps the first n (see `embed_rows`)
+                                                  finite garbage: the caller keeps the first
+                                                  lengths.embeds_valid_per_window(mask sum)
 
 The export is described once by an `ExportSpec` (names, dims with their dynamic axis names, opset, tolerances)
 and validated as it is produced: ONNX Runtime CPU against PyTorch (transformers' own forward, SDPA attention) on a
@@ -40,6 +41,7 @@ from transformers.models.audioflamingo3.modeling_audioflamingo3 import (AudioFla
                                                                          AudioFlamingo3MultiModalProjector)
 
 from af3trt.export import weights
+from af3trt.runtime import lengths
 from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_CHECKPOINT_DTYPE, META_EXPORT_DTYPE,
                                     META_HIDDEN_SIZE, META_QUANTIZATION, OUTPUT_EMBEDS)
 
@@ -94,6 +96,10 @@ def encoder_spec(config: AudioFlamingo3Config, *, opset: int = 18) -> ExportSpec
     audio = config.audio_config
     frames = 2 * audio.max_source_positions  # conv2 has stride 2: 3000 mel frames → 1500 positions
     rows = audio.max_source_positions // 2  # avg-pool stride 2 → 750 embeddings per window
+    if (audio.num_mel_bins, frames, rows) != (lengths.N_MELS, lengths.WINDOW_FRAMES, lengths.EMBEDS_PER_WINDOW):
+        raise ValueError(f"audio config gives [{audio.num_mel_bins}, {frames}] → {rows} rows per window; the serving "
+                         f"arithmetic (runtime/lengths.py) assumes [{lengths.N_MELS}, {lengths.WINDOW_FRAMES}] → "
+                         f"{lengths.EMBEDS_PER_WINDOW}")
     return ExportSpec(
         inputs=(TensorSpec(INPUT_FEATURES, "float32", ("W", audio.num_mel_bins, frames)),
                 TensorSpec(INPUT_MASK, "int32", ("W", frames))),
@@ -104,13 +110,6 @@ def encoder_spec(config: AudioFlamingo3Config, *, opset: int = 18) -> ExportSpec
 
 # INT8 dynamic quantization (ONNX Runtime CPU benchmark option) is judged by cosine only.
 INT8_MIN_COSINE = 0.99
-
-
-def embed_rows(valid_frames: int) -> int:
-    """Valid audio_embeds rows of one window: conv stride 2, then avg-pool stride 2.
-    (Validation only; serving uses the project's single length function.)"""
-    conv = (valid_frames - 1) // 2 + 1
-    return max(0, (conv - 2) // 2 + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def check_io(onnx_path: Path, spec: ExportSpec) -> None:
 
 def compare(got: np.ndarray, want: np.ndarray, valid_frames: list[int]) -> dict:
     """Figures on the valid rows of each window (got, want: [W, rows, H])."""
-    rows = [embed_rows(n) for n in valid_frames]
+    rows = [lengths.embeds_valid_per_window(n) for n in valid_frames]
     a = np.concatenate([got[w, :n] for w, n in enumerate(rows)]).astype(np.float64)  # [sum(rows), H]
     b = np.concatenate([want[w, :n] for w, n in enumerate(rows)]).astype(np.float64)
     row_cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)

@@ -45,7 +45,8 @@ class OnnxEncoder:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
         if set(inputs) != {INPUT_FEATURES, INPUT_MASK} or OUTPUT_EMBEDS not in outputs:
-            raise ValueError(f"{self.path} is not an af3trt encoder: inputs {sorted(inputs)}, outputs {sorted(outputs)}")
+            raise ValueError(f"{self.path} is not an af3trt encoder: inputs {sorted(inputs)}, "
+                             f"outputs {sorted(outputs)}")
         _, self.num_mel_bins, self.frames = inputs[INPUT_FEATURES].shape  # [W, n_mels, frames]
         _, self.rows_per_window, width = outputs[OUTPUT_EMBEDS].shape  # [W, rows, H]
         declared = self.metadata.get(META_HIDDEN_SIZE)

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from af3trt.export import onnx_export
-from af3trt.export.onnx_export import (ExportValidationError, embed_rows, export_encoder, load_audio_embedder,
-                                       make_inputs, quantize_encoder_dynamic, validate_encoder)
+from af3trt.export.onnx_export import (ExportValidationError, export_encoder, load_audio_embedder, make_inputs,
+                                       quantize_encoder_dynamic, validate_encoder)
 from af3trt.runtime.encoder import OnnxEncoder
+from af3trt.runtime.lengths import embeds_valid_per_window
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_matches_transformers_get_audio_features(exported, tiny_ckpt):
     frames = [700, 3000, 3]  # partial, full, a 3-frame tail (1 row)
     features, mask = make_inputs(128, 3000, frames, seed=7)
     got = OnnxEncoder(exported[0]).run(features, mask)  # [3, 750, 64]
-    got = np.concatenate([got[w, :embed_rows(n)] for w, n in enumerate(frames)])
+    got = np.concatenate([got[w, :embeds_valid_per_window(n)] for w, n in enumerate(frames)])
 
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
     with torch.no_grad():
@@ -66,14 +67,6 @@ def test_matches_transformers_get_audio_features(exported, tiny_ckpt):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     cos = (got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want))
     assert cos > 0.99999
-
-
-def test_embed_rows_matches_transformers():
-    from transformers.models.audioflamingo3.modeling_audioflamingo3 import AudioFlamingo3Encoder
-
-    lengths = torch.tensor([1, 2, 3, 4, 5, 699, 700, 1501, 2999, 3000])
-    _, want = AudioFlamingo3Encoder._get_feat_extract_output_lengths(None, lengths)
-    assert [embed_rows(int(n)) for n in lengths] == want.tolist()
 
 
 def test_zero_windows_do_not_call_ort(exported, monkeypatch):
