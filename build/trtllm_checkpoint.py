@@ -278,14 +278,21 @@ class _Expect:
     why: str = ""
 
 
+@dataclass
+class _RankExpectation:
+    required: dict[str, _Expect] = field(default_factory=dict)  # name -> dtype / shape
+    one_of: list[tuple[str, ...]] = field(default_factory=list)  # alternatives, "a+b" = both a and b
+    weight_only: list[tuple[str, int, int]] = field(default_factory=list)  # (module, out, in): float or packed int8
+    problems: list[str] = field(default_factory=list)  # found from the config alone
+
+
 def _excluded(module: str, exclude_modules) -> bool:
     patterns = DEFAULT_EXCLUDE_MODULES if exclude_modules is None else exclude_modules
     return any(fnmatch.fnmatchcase(module, p) for p in patterns)
 
 
-def expected_tensors(config: dict, tp_rank: int = 0) -> tuple[dict[str, _Expect], list[tuple[str, ...]], list[str]]:
-    """(required tensors, one-of groups, extra rules) of one rank, from a config that passed check_config."""
-    del tp_rank  # tp ranks differ in values, not in names or shapes
+def expected_tensors(config: dict) -> _RankExpectation:
+    """What every rank must hold (tp ranks differ in values, not in names or shapes) for a well-formed config."""
     dt = config["dtype"]
     H, L, V, I = (config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"))
     nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -296,7 +303,8 @@ def expected_tensors(config: dict, tp_rank: int = 0) -> tuple[dict[str, _Expect]
     excl = quant.get("exclude_modules")
     gs = quant.get("group_size", 128)
     rows = -(-V // tp)  # pad_vocab_size(V, tp) / tp
-    req, groups, rules = {}, [], []
+    exp = _RankExpectation()
+    req = exp.required
 
     def linear(module: str, out_f: int, in_f: int, bias: bool = False, full_out: int = 0, full_in: int = 0):
         quantized = algo is not None and not _excluded(module, excl)
@@ -316,14 +324,14 @@ def expected_tensors(config: dict, tp_rank: int = 0) -> tuple[dict[str, _Expect]
         elif algo in ("W8A16", "W4A16"):
             multiple = 64 * tp
             if full_out % multiple or full_in % multiple:
-                rules.append(f"{module}: weight-only layers are padded to multiples of {multiple} (64 x tp) by "
-                             f"trtllm-build; [{full_out}, {full_in}] is not, so the checkpoint shapes cannot load")
-            rules.append(("weight_only", module, out_f, in_f))
+                exp.problems.append(f"{module}: weight-only layers are padded to multiples of {multiple} (64 x tp) "
+                                    f"by trtllm-build; [{full_out}, {full_in}] is not, so the shapes cannot load")
+            exp.weight_only.append((module, out_f, in_f))
         elif algo == "W4A16_AWQ":
             multiple = max(64, gs) * tp
             if full_out % multiple or full_in % multiple:
-                rules.append(f"{module}: AWQ layers are padded to multiples of {multiple} by trtllm-build; "
-                             f"[{full_out}, {full_in}] is not, so the checkpoint shapes cannot load")
+                exp.problems.append(f"{module}: AWQ layers are padded to multiples of {multiple} by trtllm-build; "
+                                    f"[{full_out}, {full_in}] is not, so the checkpoint shapes cannot load")
             req[f"{module}.weight"] = _Expect(("int8",), (out_f // 2, in_f), "int4 pairs packed in int8 [out/2, in]")
             req[f"{module}.weights_scaling_factor"] = _Expect((dt, "float32"), (out_f, max(in_f // gs, 1)),
                                                               f"per-group scales (group {gs})")
@@ -342,7 +350,7 @@ def expected_tensors(config: dict, tp_rank: int = 0) -> tuple[dict[str, _Expect]
         linear(f"{p}.mlp.gate", I // tp, H, full_out=I, full_in=H)
         linear(f"{p}.mlp.proj", H, I // tp, full_out=H, full_in=I)
         if kv is not None:
-            groups.append((f"{p}.attention.kv_cache_scaling_factor",
+            exp.one_of.append((f"{p}.attention.kv_cache_scaling_factor",
                            f"{p}.attention.k_cache_scaling_factor+{p}.attention.v_cache_scaling_factor"))
     req["transformer.ln_f.weight"] = _Expect((dt,), (H,))
 
@@ -361,35 +369,33 @@ def expected_tensors(config: dict, tp_rank: int = 0) -> tuple[dict[str, _Expect]
     if not tied:
         linear("lm_head", rows, H, full_out=rows * tp, full_in=H)
         if algo in ("W8A16", "W4A16") and not _excluded("lm_head", excl):
-            rules.append("lm_head: W8A16/W4A16 would quantize lm_head (not in exclude_modules) but trtllm-build only "
-                         "quantizes qkv/dense/fc/gate/proj weights at load: exclude it")
-    return req, groups, rules
+            exp.problems.append("lm_head: W8A16/W4A16 would quantize lm_head (not in exclude_modules) but "
+                                "trtllm-build only quantizes qkv/dense/fc/gate/proj weights at load: exclude it")
+    return exp
 
 
 def _check_rank(names: dict, config: dict, rank: int) -> list[str]:
     problems = []
-    req, groups, rules = expected_tensors(config, rank % config["mapping"]["tp_size"])
+    exp = expected_tensors(config)
     algo = (config.get("quantization") or {}).get("quant_algo")
     where = f"rank{rank}.safetensors"
     missing = []
-    for name, exp in req.items():
+    for name, want in exp.required.items():
         if name not in names:
-            missing.append(name if not exp.why else f"{name} ({exp.why})")
+            missing.append(name if not want.why else f"{name} ({want.why})")
             continue
         dtype, shape, _ = names[name]
-        if dtype not in exp.dtypes:
-            problems.append(f"{where}: {name} is {dtype}, expected {' or '.join(exp.dtypes)}")
-        if tuple(shape) != exp.shape and not (exp.shape == (1,) and tuple(shape) == ()):
-            problems.append(f"{where}: {name} has shape {list(shape)}, expected {list(exp.shape)}")
-    for group in groups:
+        if dtype not in want.dtypes:
+            problems.append(f"{where}: {name} is {dtype}, expected {' or '.join(want.dtypes)}")
+        if tuple(shape) != want.shape and not (want.shape == (1,) and tuple(shape) == ()):
+            problems.append(f"{where}: {name} has shape {list(shape)}, expected {list(want.shape)}")
+    for group in exp.one_of:
         if not any(all(n in names for n in option.split("+")) for option in group):
             missing.append(f"{group[0]} (KV cache scale, or the k/v pair)")
     dt = config["dtype"]
-    for rule in rules:
-        if isinstance(rule, str):
-            problems.append(f"{where}: {rule}")
-            continue
-        _, module, out_f, in_f = rule
+    if rank == 0:  # the same for every rank
+        problems += [f"config.json + {where}: {p}" for p in exp.problems]
+    for module, out_f, in_f in exp.weight_only:
         w = names.get(f"{module}.weight")
         if w is None:
             missing.append(f"{module}.weight")

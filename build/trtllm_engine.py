@@ -121,11 +121,15 @@ def _check_against_checkpoint(ckpt_dir: Path, precision: str, kv_cache: str, tp_
 def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, precision: str,
                       kv_cache: str = "auto", audio_tokens_per_request: int | None = None, *,
                       timing_cache: Path | None = None, gpu=None, log_level: str = "info") -> TrtllmBuildPlan:
-    """The trtllm-build command line for these limits, with the numbers behind it and the builder's caveats."""
+    """The trtllm-build command line for these limits, with the numbers behind it and the builder's caveats.
+
+    gpu: the target (af3trt.build.gpu.target_gpu); precisions it cannot run raise PrecisionError.
+    When ckpt_dir already holds a checkpoint, its quantization, dtype and tp size must be the ones asked for.
+    """
     from af3trt.build.gpu import check_precision
 
     _check_precision_args(precision, kv_cache)
-    notes = list(check_precision(precision, kv_cache, gpu)) if gpu is not None else []
+    notes = check_precision(precision, kv_cache, gpu)  # raises when the GPU cannot run it; a note when no GPU
     config = _check_against_checkpoint(ckpt_dir, precision, kv_cache, limits.tp_size)
     audio = audio_tokens_per_request if audio_tokens_per_request is not None else limits.audio_tokens_per_request
     if audio < 1:

@@ -392,6 +392,7 @@ def quantize_encoder_dynamic(onnx_path: Path, out_path: Path, *, valid_frames: l
     t0 = time.perf_counter()
     external = onnx_path.with_name(onnx_path.name + ".data").exists()
     log.info("quantizing %s → %s (int8 dynamic, MatMul weights per channel)", onnx_path.name, out_path.name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as tmp:
         raw = Path(tmp) / "encoder.int8.onnx"
         quantize_dynamic(onnx_path, raw, op_types_to_quantize=["MatMul"], per_channel=True,

@@ -64,6 +64,10 @@ class Reference:
         self.torch = torch
         self.processor = AutoProcessor.from_pretrained(ckpt)
         self.model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
+        # Our CPU encoder backend computes in float32 whatever the checkpoint dtype (the exported ONNX graph);
+        # the embeddings enter the language model in its own dtype. The reference does the same.
+        self.model.model.audio_tower.float()
+        self.model.model.multi_modal_projector.float()
         self.end_id = self.model.generation_config.eos_token_id[0]
         self.lock = threading.Lock()
 
@@ -233,3 +237,24 @@ def test_perf_analyzer_measures_the_ensemble(server, tmp_path, speech_bytes):
                                requests_per_level=6, out_dir=tmp_path)
     point = result[0]
     assert point["concurrency"] == 1 and point["throughput_rps"] > 0 and point["p50_latency_us"] > 0
+
+
+def test_bf16_checkpoint_carries_bf16_end_to_end(tmp_path_factory, speech_bytes):
+    """A bf16 checkpoint (like the real AF3): the prompt table crosses fusion → decoder as bf16 (DLPack), and the
+    answer equals transformers' bf16 generate."""
+    from af3trt.build.build_engines import BuildOptions, build
+    from af3trt.export.synth import write_checkpoint
+    from af3trt.runtime.server import TritonServer
+    from af3trt.triton_repo import configs
+
+    base = tmp_path_factory.mktemp("bf16")
+    ckpt = write_checkpoint(base / "af3-tiny-bf16", "tiny", seed=1, dtype="bfloat16")
+    out = build(BuildOptions(hf_model=ckpt, out=base / "out", max_audio_seconds=30, max_text_len=256,
+                             max_output_len=32))
+    decoder = configs.parse((out / "model_repository" / "decoder" / "config.pbtxt").read_text())
+    table = next(i for i in decoder.input if i.name == "prompt_embedding_table")
+    assert configs.mc.DataType.Name(table.data_type) == "TYPE_BF16"
+    want = Reference(ckpt).generate("What is said?", mono16k(speech_bytes), max_new_tokens=16)
+    with TritonServer(out / "model_repository", log_path=out / "tritonserver.log") as srv:
+        got = AF3Client(srv.grpc_url, timeout=120).ask("What is said?", [speech_bytes], max_tokens=16)
+    assert got.token_ids == want
