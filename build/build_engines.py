@@ -49,6 +49,9 @@ class BuildOptions:
     encoder_precision: str = "fp32"  # fp32 | int8 (ONNX Runtime dynamic quantization)
     cpu_threads: int = 0  # 0 = the runtimes' defaults
     encoder_max_batch: int = 64
+    encoder_queue_delay_us: int = 2000  # the encoder's dynamic batcher waits this long for more windows
+    preprocess_instances: int = 1
+    encoder_instances: int = 1
     # GPU target (see build/gpu_build.py)
     gpu: dict = field(default_factory=dict)
 
@@ -171,6 +174,9 @@ def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) ->
                         "threads": threads},
         fusion_params={"tokenizer_dir": "artifacts/lm"},
         postprocess_params={"tokenizer_dir": "artifacts/lm"},
+        preprocess_params={"threads": threads},
+        preprocess_instances=opts.preprocess_instances, encoder_instances=opts.encoder_instances,
+        encoder_queue_delay_us=opts.encoder_queue_delay_us,
     )
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
@@ -242,8 +248,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-output-len", type=int, default=512)
     ap.add_argument("--default-max-tokens", type=int, default=128)
     ap.add_argument("--encoder-precision", default="fp32", help="cpu: fp32 | int8 (ORT dynamic)")
-    ap.add_argument("--cpu-threads", type=int, default=0, help="threads per ONNX Runtime / torch model (0: default)")
+    ap.add_argument("--cpu-threads", type=int, default=0,
+                    help="threads per ONNX Runtime / torch model: encoder, decoder, preprocess (0: their defaults)")
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
+    ap.add_argument("--encoder-queue-delay-us", type=int, default=2000,
+                    help="how long the encoder's dynamic batcher waits to gather windows")
+    ap.add_argument("--preprocess-instances", type=int, default=1, help="instances of the preprocess model")
+    ap.add_argument("--encoder-instances", type=int, default=1, help="instances of the encoder model")
     return ap
 
 

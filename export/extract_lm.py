@@ -31,7 +31,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's usual shard size
 
 # Files copied verbatim when present. tokenizer.json and tokenizer_config.json are required.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "processor_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "generation_config.json")
 REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json")
 

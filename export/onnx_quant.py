@@ -200,7 +200,7 @@ def clamp_float_constants(model: onnx.ModelProto, limit: float) -> list[str]:
     return clamped
 
 
-def _float_types(model: onnx.ModelProto) -> dict[str, int]:
+def _initializer_types(model: onnx.ModelProto) -> dict[str, int]:
     """{element type name: count} over the initializers: what the weights are stored as."""
     out: dict[str, int] = {}
     for init in model.graph.initializer:
@@ -240,7 +240,8 @@ def _figures(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> dict:
 
 def cast_encoder(onnx_path: Path, out_path: Path, dtype: str = "fp16") -> dict:
     """Write `out_path`: the float32 encoder with weights and activations in fp16 or bf16, float32 I/O kept.
-    (modelopt's AutoCast `convert_to_f16` does the cast and the boundary Casts; no op is kept in float32.)"""
+    (modelopt's AutoCast `convert_to_f16` does the cast and the boundary Casts; no float op is kept in float32 —
+    the Range/And it reports skipping compute the mask's integer/bool arithmetic.)"""
     from modelopt.onnx.autocast import convert_to_f16
 
     if dtype not in LOW_TYPES:
@@ -261,7 +262,7 @@ def cast_encoder(onnx_path: Path, out_path: Path, dtype: str = "fp16") -> dict:
     onnx.checker.check_model(str(out_path))
     return {"onnx_path": str(out_path), "onnx_bytes": onnx_bytes(out_path), "external_data": external,
             "precision": dtype, "opset": opset, "io_dtype": "float32", "clamped_constants": clamped,
-            "initializer_types": _float_types(_load(out_path)), "seconds": round(time.perf_counter() - t0, 3)}
+            "initializer_types": _initializer_types(_load(out_path)), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def estimate_bf16_torch(hf_dir: Path, features: np.ndarray, mask: np.ndarray) -> dict:
@@ -284,9 +285,11 @@ def estimate_bf16_torch(hf_dir: Path, features: np.ndarray, mask: np.ndarray) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 def quantize_encoder(onnx_path: Path, out_path: Path, mode: str, calib: CalibrationSet, *,
-                     high_precision: str = "fp16", calibration_method: str | None = None) -> dict:
-    """Write `out_path`: explicit Q/DQ (`mode` int8 or fp8) by nvidia-modelopt's ONNX PTQ, calibrated on CPU with
-    `calib`'s calibration windows; the unquantized ops in `high_precision` (fp16, or fp32), float32 I/O kept.
+                     high_precision: str = "fp16", calibration_method: str | None = None,
+                     calibration_eps: Sequence[str] = ("cpu",)) -> dict:
+    """Write `out_path`: explicit Q/DQ (`mode` int8 or fp8) by nvidia-modelopt's ONNX PTQ, calibrated with `calib`'s
+    calibration windows (on ONNX Runtime CPU unless `calibration_eps` says e.g. ("cuda:0", "cpu")); the unquantized
+    ops in `high_precision` (fp16, or fp32), float32 I/O kept.
 
     modelopt's defaults decide what is quantized: MatMul/Conv inputs and weights (per-channel weights for INT8),
     plus the attention BMMs in FP8 mode. FP8 is written at opset 21 (see the module docstring).
@@ -312,7 +315,7 @@ def quantize_encoder(onnx_path: Path, out_path: Path, mode: str, calib: Calibrat
         raw = Path(tmp) / f"encoder.{mode}.onnx"
         quantize(onnx_path=str(clamped_path), quantize_mode=mode,
                  calibration_data={INPUT_FEATURES: calib.features, INPUT_MASK: calib.mask},
-                 calibration_method=calibration_method, calibration_eps=["cpu"], output_path=str(raw),
+                 calibration_method=calibration_method, calibration_eps=list(calibration_eps), output_path=str(raw),
                  high_precision_dtype=high_precision, use_external_data_format=external, log_level="WARNING",
                  opset=FP8_OPSET if mode == "fp8" else None)
         model = onnx.load(str(raw))

@@ -15,7 +15,9 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
+from af3trt.perf.metrics import RequestRecord
 from af3trt.runtime.client import MODEL
 
 
@@ -72,30 +74,88 @@ def write_input_data(path: Path, requests: list[tuple[str, bytes | None]], *, ma
 
 def run_perf_analyzer(binary: Path, url: str, input_data: Path, *, concurrency: list[int], streaming: bool = True,
                       requests_per_level: int = 16, out_dir: Path, model: str = MODEL, timeout: float = 1800,
-                      extra: list[str] = ()) -> list[dict]:
-    """perf_analyzer at each concurrency level with a fixed request count (max(requests_per_level, 2 x level)):
-    these machines are too noisy for its stability windows. Returns a dict per level from its CSV report."""
+                      extra: list[str] = (), rounds_per_level: int = 2, profile_export: bool = False,
+                      on_level: Callable[[int, str], None] | None = None, tag: str = "") -> list[dict]:
+    """perf_analyzer at each concurrency level with a fixed request count (max(requests_per_level,
+    rounds_per_level x level)): these machines are too noisy for its stability windows. Returns a dict per level
+    from its CSV report.
+
+    profile_export: also write perf_analyzer's per-request timestamps and keep them parsed as row["records"]
+    (RequestRecord: every response's arrival, so latency to the last response, TTFT and ITL for streams — in 2.51
+    the CSV's latency of a decoupled model is the time to its *first* response). on_level(c, "before"|"after")
+    is called around each level (e.g. to snapshot Triton's statistics)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "perf_analyzer.csv"
+    suffix = f"_{tag}" if tag else ""
+    csv_path = out_dir / f"perf_analyzer{suffix}.csv"
     levels = ",".join(str(c) for c in concurrency)
     # perf_analyzer takes start:end:step; give each level its own run so arbitrary lists work
     rows = []
     for c in concurrency:
         cmd = [str(binary), "-m", model, "-i", "grpc", "-u", url, "--input-data", str(input_data),
-               "--concurrency-range", f"{c}:{c}", "--request-count", str(max(requests_per_level, 2 * c)),
+               "--concurrency-range", f"{c}:{c}", "--request-count", str(level_requests(c, requests_per_level,
+                                                                                         rounds_per_level)),
                "-f", str(csv_path), *extra]
         if streaming:
             cmd.append("--streaming")
+        export = out_dir / f"profile{suffix}_c{c}.json"
+        if profile_export:
+            cmd += ["--profile-export-file", str(export)]
+        if on_level:
+            on_level(c, "before")
         proc = subprocess.run(cmd, env=perf_env(), capture_output=True, text=True, timeout=timeout)
-        (out_dir / f"perf_analyzer_c{c}.log").write_text(proc.stdout + proc.stderr)
+        if on_level:
+            on_level(c, "after")
+        (out_dir / f"perf_analyzer{suffix}_c{c}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             raise PerfAnalyzerError(f"perf_analyzer failed at concurrency {c} (levels {levels}):\n"
                                     f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                rows.append(_row(row))
+            level_rows = [_row(row) for row in csv.DictReader(f)]
+        if profile_export:
+            records, window = parse_profile_export(export.read_bytes())
+            export.unlink()  # it holds every request's audio: keep only what was parsed
+            for r in level_rows:
+                r["records"], r["window_s"] = records, window
+        rows += level_rows
     return rows
+
+
+def level_requests(concurrency: int, requests_per_level: int, rounds_per_level: int = 2) -> int:
+    """Requests sent at one level: at least `rounds_per_level` per concurrent slot."""
+    return max(requests_per_level, rounds_per_level * concurrency)
+
+
+def parse_profile_export(data: bytes | str) -> tuple[list[RequestRecord], float | None]:
+    """perf_analyzer's --profile-export-file (2.51) → (records, measurement window in s).
+
+    Each request has an absolute send `timestamp` (ns), `response_timestamps` (ns) and `response_outputs`, where a
+    response's `output_ids` is a number for one token, a list for several, or absent/empty for none. Raw audio
+    inputs are echoed in `request_inputs` as undecodable bytes, hence the lenient decoding."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", errors="replace")
+    doc = json.loads(data)
+    records, window = [], None
+    for exp in doc.get("experiments", []):
+        bounds = exp.get("window_boundaries") or []
+        if len(bounds) >= 2:
+            window = (window or 0.0) + (bounds[-1] - bounds[0]) / 1e9
+        for req in exp.get("requests", []):
+            t0 = req["timestamp"]
+            times = [(t - t0) / 1e9 for t in req.get("response_timestamps", [])]
+            outs = req.get("response_outputs") or [{}] * len(times)
+            tokens = [_count_ids(o.get("output_ids")) for o in outs]
+            records.append(RequestRecord(start_s=t0 / 1e9, response_s=times, response_tokens=tokens,
+                                         error=None if times else "no response"))
+    return records, window
+
+
+def _count_ids(v) -> int:
+    if v is None or v == "":
+        return 0
+    if isinstance(v, list):
+        return len(v)
+    return 1
 
 
 def _row(row: dict) -> dict:

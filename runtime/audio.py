@@ -151,7 +151,7 @@ def _hann() -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_mel(chunks: list[np.ndarray], batch: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def log_mel(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Whisper log-mel of each chunk zero-padded to 30 s.
 
     Returns features [W, 128, 3000] float32 and mask [W, 3000] int32 (1 on frames holding samples).
@@ -159,26 +159,35 @@ def log_mel(chunks: list[np.ndarray], batch: int = 2) -> tuple[np.ndarray, np.nd
     n = len(chunks)
     features = np.empty((n, N_MELS, WINDOW_FRAMES), np.float32)
     mask = np.zeros((n, WINDOW_FRAMES), np.int32)
-    for start in range(0, n, batch):
-        group = chunks[start : start + batch]
-        wave = np.zeros((len(group), WINDOW_SAMPLES), np.float32)  # [B, 480000]
-        for i, chunk in enumerate(group):
-            if chunk.ndim != 1 or len(chunk) > WINDOW_SAMPLES:
-                raise ValueError(f"a chunk is mono with at most {WINDOW_SAMPLES} samples, got {chunk.shape}")
-            wave[i, : len(chunk)] = chunk
-            mask[start + i, : lengths.valid_frames(len(chunk))] = 1
-        features[start : start + len(group)] = _log_mel_padded(torch.from_numpy(wave)).numpy()
+    for i, chunk in enumerate(chunks):
+        if chunk.ndim != 1 or len(chunk) > WINDOW_SAMPLES:
+            raise ValueError(f"a chunk is mono with at most {WINDOW_SAMPLES} samples, got {chunk.shape}")
+        mask[i, : lengths.valid_frames(len(chunk))] = 1
+        features[i] = _log_mel_padded(torch.from_numpy(np.ascontiguousarray(chunk, np.float32))).numpy()
     return features, mask
 
 
-def _log_mel_padded(wave: torch.Tensor) -> torch.Tensor:
-    # wave: [B, 480000] float32 → [B, 128, 3000]
+def _log_mel_padded(chunk: torch.Tensor) -> torch.Tensor:
+    """chunk: [n] float32, n <= 480000 → [128, 3000]: the log-mel of the chunk zero-padded to 30 s.
+
+    Only the frames that can see a sample are transformed. Frame t covers samples [160 t - 200, 160 t + 200) of
+    the padded window (reflect-padded at its ends), so with a prefix of n + 400 samples every frame the STFT
+    returns equals the full window's frame (its reflected tail is zeros, as the window's is) and every later
+    frame of the full window is all zeros: power 0. The mel product and the per-window peak then run over the
+    full 3000 frames exactly as before, so the features are bit-identical to transforming the padded window.
+    """
+    n = chunk.shape[0]
+    k = n + N_FFT if n + N_FFT < WINDOW_SAMPLES else WINDOW_SAMPLES
+    wave = torch.zeros(1, k)  # [1, k]
+    wave[0, :n] = chunk
     spec = torch.stft(wave, N_FFT, HOP, window=_hann(), center=True, pad_mode="reflect", return_complex=True)
-    power = (spec[..., :-1].abs() ** 2).contiguous()  # [B, 201, 3000]; the last frame is dropped
-    mel = mel_filters() @ power  # [B, 128, 3000]
+    f = min(spec.shape[-1], WINDOW_FRAMES)  # the full window's last frame (3000) is dropped
+    power = torch.zeros(1, N_FFT // 2 + 1, WINDOW_FRAMES)  # [1, 201, 3000]
+    power[..., :f] = spec[..., :f].abs() ** 2
+    mel = mel_filters() @ power  # [1, 128, 3000]
     log = mel.clamp_(min=1e-10).log10_()
     peak = log.amax(dim=(1, 2), keepdim=True)  # per window
-    return torch.maximum(log, peak - 8.0).add_(4.0).div_(4.0)
+    return torch.maximum(log, peak - 8.0).add_(4.0).div_(4.0)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,13 @@ the `tokenizers` library from tokenizer.json. Each `<sound>` placeholder is expa
 token, `vocab_size + k`, where vocab_size is the decoder's embedding size (engine/checkpoint config, never the
 tokenizer size); row k of the request's prompt table is the k-th valid audio embedding. The decoder embeds
 ids ≥ vocab_size from that table: exactly AF3's masked_scatter of audio features into `<sound>` slots.
+
+With TensorRT-LLM's KV-cache reuse on, fusion also sends prompt_table_extra_ids (table_extra_ids below).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +37,14 @@ class FusionLimits:
     max_input_len: int
     max_output_len: int
     default_max_tokens: int
+    extra_ids: bool = False  # also emit prompt_table_extra_ids (TensorRT-LLM KV-cache reuse)
 
     @classmethod
     def from_params(cls, p: dict[str, str]) -> "FusionLimits":
         return cls(vocab_size=int(p["vocab_size"]), hidden_size=int(p["hidden_size"]), dtype=p["dtype"],
                    end_id=int(p["end_id"]), pad_id=int(p["pad_id"]), max_input_len=int(p["max_input_len"]),
-                   max_output_len=int(p["max_output_len"]), default_max_tokens=int(p["default_max_tokens"]))
+                   max_output_len=int(p["max_output_len"]), default_max_tokens=int(p["default_max_tokens"]),
+                   extra_ids=p.get("prompt_table_extra_ids", "false") == "true")
 
 
 def load_chat_template(tokenizer_dir: Path) -> str:
@@ -118,6 +123,26 @@ class PromptBuilder:
             raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - next_row} text + {next_row} audio) "
                               f"> max_input_len {self.limits.max_input_len}")
         return np.asarray(out, np.int32), table
+
+
+def table_extra_ids(ids: np.ndarray, table: np.ndarray, vocab_size: int) -> np.ndarray:
+    """TensorRT-LLM's prompt_table_extra_ids for one request: uint64 [L], 0 for text tokens and, for every fake id
+    (>= vocab_size), one id >= 1 that identifies the table's contents.
+
+    With KV-cache reuse, TensorRT-LLM keys each cached block by its (token id, extra id) pairs (generated tokens get
+    0). Fake ids are the same in every request (vocab_size + k), so the extra id is what tells two tables apart:
+    the same audio (same table) gets the same id and shares cached blocks, different audio never does. The id is 64
+    bits of SHA-256 over the table's shape and float32 bytes (about 0.25 s for a 10-min table, 13 ms for 30 s).
+    ids: [L] int32 prompt; table: [N, H] float32, the rows the fake ids address.
+    """
+    fake = ids >= vocab_size
+    out = np.zeros(len(ids), np.uint64)
+    if fake.any():
+        table = np.ascontiguousarray(table, np.float32)
+        h = hashlib.sha256(np.asarray(table.shape, np.int64).tobytes())
+        h.update(memoryview(table).cast("B"))
+        out[fake] = int.from_bytes(h.digest()[:8], "little") or 1
+    return out
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,10 @@ class RepoSpec:
     encoder_instances: int = 1
     fusion_instances: int = 1
     decoder_instances: int = 1
+    # fusion also sends prompt_table_extra_ids (one uint64 per input token: 0 for text, a hash of the request's
+    # prompt table for its audio rows). TensorRT-LLM 1.2 rejects a request with a prompt table and no extra ids when
+    # enable_kv_cache_reuse is on, and without them would reuse KV blocks across different audio (same fake ids).
+    prompt_table_extra_ids: bool = False
     # decoder parameters (the tensorrtllm backend reads these as strings; the CPU decoder reads the same keys)
     decoder_params: dict[str, str] = field(default_factory=dict)
     encoder_params: dict[str, str] = field(default_factory=dict)
@@ -63,8 +67,9 @@ class RepoSpec:
     preprocess_params: dict[str, str] = field(default_factory=dict)
 
 
-def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None):
-    t = mc.ModelInput(name=name, data_type=dtype, dims=dims, optional=optional)
+def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None,
+        ragged: bool = False):
+    t = mc.ModelInput(name=name, data_type=dtype, dims=dims, optional=optional, allow_ragged_batch=ragged)
     if reshape is not None:
         t.reshape.SetInParent()
         t.reshape.shape.extend(reshape)
@@ -128,7 +133,10 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
            _io("input_features_mask", T.TYPE_INT32, [lengths.WINDOW_FRAMES])]
     outs = [_out("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, spec.hidden_size])]
     if spec.target == "gpu":
-        cfg = mc.ModelConfig(name="encoder", platform="tensorrt_plan", max_batch_size=spec.encoder_max_batch)
+        # The TensorRT engine (build/trt_encoder.py) is encoder/1/model.plan; its profile's max windows must equal
+        # encoder_max_batch (build/gpu_repo.py sets both from one number).
+        cfg = mc.ModelConfig(name="encoder", platform="tensorrt_plan", max_batch_size=spec.encoder_max_batch,
+                             default_model_filename="model.plan")
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances)
     else:
         cfg = _python("encoder", spec.encoder_max_batch, spec.encoder_instances)
@@ -160,21 +168,25 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.output.append(_out("input_ids", T.TYPE_INT32, [1, -1]))
     cfg.output.extend(_out(n, d, [1, 1]) for n, d in FUSION_OUTPUTS)
     cfg.output.append(_out("prompt_embedding_table", DTYPES[spec.decoder_dtype], [1, -1, spec.hidden_size]))
+    if spec.prompt_table_extra_ids:
+        cfg.output.append(_out("prompt_table_extra_ids", T.TYPE_UINT64, [1, -1]))
     _params(cfg, {
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "dtype": spec.decoder_dtype,
         "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
         "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
+        **({"prompt_table_extra_ids": "true"} if spec.prompt_table_extra_ids else {}),
         **spec.fusion_params,
     })
     return cfg
 
 
 # The decoder's tensor contract: TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt` (the subset
-# the ensemble feeds, plus the optional inputs a direct client may use). `[1]` scalars are reshaped to [].
+# the ensemble feeds, plus the optional inputs a direct client may use), with the same dims, reshape, optional and
+# allow_ragged_batch flags as there. `[1]` scalars are reshaped to [].
 def decoder_inputs(dtype: str) -> list[mc.ModelInput]:
     scalar = dict(dims=[1], reshape=[])
     return [
-        _io("input_ids", T.TYPE_INT32, [-1]),
+        _io("input_ids", T.TYPE_INT32, [-1], optional=True, ragged=True),
         _io("input_lengths", T.TYPE_INT32, **scalar),
         _io("request_output_len", T.TYPE_INT32, **scalar),
         _io("end_id", T.TYPE_INT32, optional=True, **scalar),
@@ -185,12 +197,24 @@ def decoder_inputs(dtype: str) -> list[mc.ModelInput]:
         _io("temperature", T.TYPE_FP32, optional=True, **scalar),
         _io("repetition_penalty", T.TYPE_FP32, optional=True, **scalar),
         _io("seed", T.TYPE_UINT64, optional=True, **scalar),
-        _io("prompt_embedding_table", DTYPES[dtype], [-1, -1], optional=True),
+        _io("prompt_embedding_table", DTYPES[dtype], [-1, -1], optional=True, ragged=True),
+        _io("prompt_table_extra_ids", T.TYPE_UINT64, [-1], optional=True, ragged=True),
         _io("prompt_vocab_size", T.TYPE_INT32, optional=True, **scalar),
     ]
 
 
+def _true(value: str | None, default: bool) -> bool:
+    """A boolean parameter as the tensorrtllm backend reads it (True/true/TRUE/1; absent → its default)."""
+    return default if value is None else value in ("True", "true", "TRUE", "1")
+
+
 def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
+    # The 1.2 backend turns KV-cache reuse ON when enable_kv_cache_reuse is absent, and then fails every request that
+    # carries a prompt table (fusion always sends one) without prompt_table_extra_ids.
+    if spec.target == "gpu" and _true(spec.decoder_params.get("enable_kv_cache_reuse"), True) \
+            and not spec.prompt_table_extra_ids:
+        raise ValueError("enable_kv_cache_reuse is on for the tensorrtllm decoder (also its default when unset): "
+                         "set RepoSpec.prompt_table_extra_ids so that fusion sends prompt_table_extra_ids")
     if spec.target == "gpu":
         cfg = mc.ModelConfig(name="decoder", backend="tensorrtllm", max_batch_size=spec.max_batch_size)
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)  # the backend places work on GPUs
@@ -235,6 +259,8 @@ def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     fusion_in.update({n: n for n in SAMPLING_INPUTS})
     fusion_out = {n: f"_{n}" for n, _ in FUSION_OUTPUTS}
     fusion_out.update(input_ids="_input_ids", prompt_embedding_table="_prompt_embedding_table")
+    if spec.prompt_table_extra_ids:
+        fusion_out["prompt_table_extra_ids"] = "_prompt_table_extra_ids"
     step("fusion", fusion_in, fusion_out)
     step("decoder", {v[1:]: v for v in fusion_out.values()},
          {"output_ids": "_output_ids", "sequence_length": "_sequence_length"})

@@ -4,7 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
+from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 
 
 def _table_tensor(table: np.ndarray, dtype: str):
@@ -46,13 +46,14 @@ class TritonPythonModel:
         ids, table = self.builder.build(prompt, io.text(pb, r, "system_prompt"), io.tensor(pb, r, "audio_embeds"),
                                         io.tensor(pb, r, "input_features_mask"), windows)
         n_rows = len(table)
+        extra = table_extra_ids(ids, table, self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
             table = np.zeros((1, self.limits.hidden_size), np.float32)
 
         def one(name, value, dtype):
             return pb.Tensor(name, np.array([[value]], dtype=dtype))
 
-        return pb.InferenceResponse([
+        outputs = [
             pb.Tensor("input_ids", ids[None]),  # [1, L]
             one("input_lengths", len(ids), np.int32),
             one("request_output_len", sampling.max_tokens, np.int32),
@@ -66,4 +67,7 @@ class TritonPythonModel:
             one("seed", sampling.seed, np.uint64),
             one("prompt_vocab_size", max(n_rows, 1), np.int32),
             _table_tensor(table, self.limits.dtype),  # [1, N, H]
-        ])
+        ]
+        if extra is not None:
+            outputs.append(pb.Tensor("prompt_table_extra_ids", extra[None]))  # [1, L]
+        return pb.InferenceResponse(outputs)

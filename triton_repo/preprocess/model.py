@@ -12,6 +12,10 @@ class TritonPythonModel:
     def initialize(self, args):
         p = io.params(args)
         self.max_windows = int(p["max_audio_windows"])
+        if int(p.get("threads", "0")):  # torch intra-op threads of the log-mel (process-wide in this stub)
+            import torch
+
+            torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
 
     def execute(self, requests):

@@ -1,0 +1,221 @@
+"""The GPU target's repository: the RepoSpec for a TensorRT encoder plan and TensorRT-LLM 1.2's `tensorrtllm`
+decoder backend, and the placement of the encoder plan.
+
+    info = read_decoder_engine("artifacts/engine")          # dtype, vocab, hidden, build limits of the engine
+    spec = gpu_repo_spec(checkpoint, limits, engine_dir="artifacts/engine", tokenizer_dir="artifacts/lm",
+                         encoder_max_windows=160, engine=info, options=TrtllmOptions())
+    render_gpu_repository(work / "model_repository", spec, encoder_plan=work / "artifacts/encoder.plan")
+
+`checkpoint` and `limits` are what build_engines.py's inspect_checkpoint() and serving_limits() return.
+
+Models (configs from triton_repo/configs.py):
+  encoder   platform tensorrt_plan, KIND_GPU, max_batch_size = the engine profile's max windows; the plan is moved to
+            encoder/1/model.plan (Triton's file name for tensorrt_plan, also written as default_model_filename).
+  decoder   backend tensorrtllm with the 1.2 backend's parameters (decoder_parameters); the prompt table is declared
+            in the engine's dtype (read from the engine's config.json, never assumed), e.g. TYPE_BF16 for AF3.
+  fusion    sends prompt_table_extra_ids when KV-cache reuse is on (runtime/prompt.py: table_extra_ids).
+  preprocess, postprocess: the python models of the CPU target, unchanged.
+
+What the 1.2 backend (triton_backend/inflight_batcher_llm/src/model_instance_state.cc) requires of the parameters:
+  - gpt_model_type is read without a default (v1 | inflight_batching | inflight_fused_batching);
+  - tokenizer_dir, xgrammar_tokenizer_info_path and guided_decoding_backend are read without a default: missing,
+    the model fails to load. Empty values turn guided decoding off;
+  - enable_kv_cache_reuse defaults to TRUE when absent; with reuse on, a request with a prompt table and without
+    prompt_table_extra_ids of the prompt's length is rejected;
+  - gpt_model_path is opened as given (relative paths resolve against tritonserver's working directory): it is
+    written absolute, as the engine will be seen at serving time;
+  - executor_worker_path is used only in orchestrator mode (TRTLLM_ORCHESTRATOR=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from af3trt.triton_repo.configs import DTYPES, RepoSpec
+
+EXECUTOR_WORKER_PATH = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+BATCHING_TYPES = ("inflight_fused_batching", "inflight_batching")
+
+
+class GpuRepoError(ValueError):
+    """The engine, the checkpoint and the serving limits do not fit together."""
+
+
+@dataclass(frozen=True)
+class TrtllmOptions:
+    """The tensorrtllm backend's runtime parameters (config.pbtxt `parameters`, all sent as strings)."""
+
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    enable_kv_cache_reuse: bool = True  # the backend's own default; fusion then sends prompt_table_extra_ids
+    enable_chunked_context: bool = True
+    max_tokens_in_paged_kv_cache: int | None = None  # None: sized by kv_cache_free_gpu_mem_fraction
+    exclude_input_in_output: bool = True
+    cancellation_check_period_ms: int = 100
+    executor_worker_path: str = EXECUTOR_WORKER_PATH
+    max_beam_width: int = 1
+    gpt_model_type: str = "inflight_fused_batching"
+
+    def check(self) -> None:
+        if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
+            raise GpuRepoError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got "
+                               f"{self.kv_cache_free_gpu_mem_fraction}")
+        if self.batch_scheduler_policy not in SCHEDULER_POLICIES:
+            raise GpuRepoError(f"batch_scheduler_policy must be one of {SCHEDULER_POLICIES}, got "
+                               f"{self.batch_scheduler_policy!r}")
+        if self.gpt_model_type not in BATCHING_TYPES:
+            raise GpuRepoError(f"gpt_model_type must be one of {BATCHING_TYPES}, got {self.gpt_model_type!r}")
+        if self.max_tokens_in_paged_kv_cache is not None and self.max_tokens_in_paged_kv_cache < 1:
+            raise GpuRepoError(f"max_tokens_in_paged_kv_cache must be >= 1, got {self.max_tokens_in_paged_kv_cache}")
+        if self.max_beam_width < 1 or self.cancellation_check_period_ms < 1:
+            raise GpuRepoError("max_beam_width and cancellation_check_period_ms must be >= 1")
+        if not os.path.isabs(self.executor_worker_path):
+            raise GpuRepoError(f"executor_worker_path must be absolute, got {self.executor_worker_path!r}")
+
+
+@dataclass(frozen=True)
+class DecoderEngine:
+    """What the repository needs to know about a TensorRT-LLM engine (or, before the build, its checkpoint)."""
+
+    dtype: str  # "bfloat16" | "float16" | "float32": the prompt table's dtype
+    vocab_size: int  # first fake id
+    hidden_size: int
+    max_batch_size: int | None = None  # build limits; None when read from a checkpoint
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    max_prompt_embedding_table_size: int | None = None
+    paged_context_fmha: bool | None = None  # KV-cache reuse and chunked context need it
+    source: str = ""
+
+
+def read_decoder_engine(path: Path) -> DecoderEngine:
+    """From an engine directory's config.json (trtllm-build: pretrained_config + build_config) or a TensorRT-LLM
+    checkpoint's config.json (the same keys at top level, no build limits)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise GpuRepoError(f"{path}: no config.json (expected a TensorRT-LLM engine or checkpoint directory)")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    pretrained, build = cfg.get("pretrained_config", cfg), cfg.get("build_config") or {}
+    missing = [k for k in ("dtype", "vocab_size", "hidden_size") if k not in pretrained]
+    if missing:
+        raise GpuRepoError(f"{cfg_path}: no {', '.join(missing)}")
+    if pretrained["dtype"] not in DTYPES:
+        raise GpuRepoError(f"{cfg_path}: dtype {pretrained['dtype']!r} is not one of {sorted(DTYPES)}")
+    plugins = build.get("plugin_config") or {}
+    return DecoderEngine(
+        dtype=pretrained["dtype"], vocab_size=int(pretrained["vocab_size"]), hidden_size=int(pretrained["hidden_size"]),
+        max_batch_size=build.get("max_batch_size"), max_input_len=build.get("max_input_len"),
+        max_seq_len=build.get("max_seq_len"),
+        max_prompt_embedding_table_size=build.get("max_prompt_embedding_table_size"),
+        paged_context_fmha=plugins.get("use_paged_context_fmha"),
+        source=f"{cfg_path} ({'engine' if 'pretrained_config' in cfg else 'checkpoint'})")
+
+
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def decoder_parameters(gpt_model_path: str, options: TrtllmOptions) -> dict[str, str]:
+    """The tensorrtllm backend's parameters; gpt_model_path as the server will see it (absolute)."""
+    options.check()
+    if not os.path.isabs(gpt_model_path):
+        raise GpuRepoError(f"gpt_model_path must be absolute (the backend does not resolve it), got {gpt_model_path!r}")
+    params = {
+        "gpt_model_type": options.gpt_model_type,
+        "gpt_model_path": gpt_model_path,
+        "max_beam_width": str(options.max_beam_width),
+        "kv_cache_free_gpu_mem_fraction": str(options.kv_cache_free_gpu_mem_fraction),
+        "batch_scheduler_policy": options.batch_scheduler_policy,
+        "enable_kv_cache_reuse": _bool(options.enable_kv_cache_reuse),
+        "enable_chunked_context": _bool(options.enable_chunked_context),
+        "exclude_input_in_output": _bool(options.exclude_input_in_output),
+        "cancellation_check_period_ms": str(options.cancellation_check_period_ms),
+        "executor_worker_path": options.executor_worker_path,
+        "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+        # read without a default by the 1.2 backend: present and empty = no guided decoding
+        "tokenizer_dir": "", "xgrammar_tokenizer_info_path": "", "guided_decoding_backend": "",
+    }
+    if options.max_tokens_in_paged_kv_cache is not None:
+        params["max_tokens_in_paged_kv_cache"] = str(options.max_tokens_in_paged_kv_cache)
+    return params
+
+
+def check_engine_fits(engine: DecoderEngine, checkpoint: dict, limits: dict, options: TrtllmOptions) -> None:
+    """GpuRepoError when the engine cannot serve the limits (sizes read from its build_config, when present)."""
+    problems = []
+    if engine.hidden_size != checkpoint["text_hidden_size"]:
+        problems.append(f"engine hidden_size {engine.hidden_size} != checkpoint {checkpoint['text_hidden_size']}")
+    if engine.vocab_size < checkpoint["vocab_size"]:
+        problems.append(f"engine vocab_size {engine.vocab_size} < checkpoint text vocab {checkpoint['vocab_size']}")
+    audio_rows = limits["max_batch_size"] * limits["audio_tokens_per_request"]
+    for what, have, need in (
+            ("max_batch_size", engine.max_batch_size, limits["max_batch_size"]),
+            ("max_input_len", engine.max_input_len, limits["max_input_len"]),
+            ("max_seq_len", engine.max_seq_len, limits["max_input_len"] + limits["max_output_len"]),
+            ("max_prompt_embedding_table_size", engine.max_prompt_embedding_table_size, audio_rows)):
+        if have is not None and have < need:
+            problems.append(f"engine {what} {have} < {need} needed by the serving limits")
+    if engine.paged_context_fmha is False and (options.enable_kv_cache_reuse or options.enable_chunked_context):
+        problems.append("the engine was built without use_paged_context_fmha: turn off enable_kv_cache_reuse and "
+                        "enable_chunked_context, or rebuild it with --use_paged_context_fmha enable")
+    if problems:
+        raise GpuRepoError(f"{engine.source}: " + "; ".join(problems))
+
+
+def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer_dir: str, encoder_max_windows: int,
+                  engine: DecoderEngine | None = None, options: TrtllmOptions = TrtllmOptions(),
+                  engine_dir_at_serve: str | None = None, encoder_instances: int = 1,
+                  encoder_queue_delay_us: int = 2000) -> RepoSpec:
+    """The RepoSpec of target "gpu".
+
+    engine_dir: the TensorRT-LLM engine directory (config.json read here unless `engine` is given).
+    engine_dir_at_serve: its absolute path inside the serving container when that differs from engine_dir's.
+    tokenizer_dir: for fusion/postprocess, absolute or relative to the build output (as on the CPU target).
+    encoder_max_windows: the encoder engine profile's max (build/trt_encoder.encoder_max_windows).
+    """
+    engine = engine or read_decoder_engine(engine_dir)
+    check_engine_fits(engine, checkpoint, limits, options)
+    if encoder_max_windows < limits["max_audio_windows"]:
+        raise GpuRepoError(f"the encoder engine takes at most {encoder_max_windows} windows at once, but one request "
+                           f"may bring {limits['max_audio_windows']}")
+    gpt_model_path = engine_dir_at_serve or str(Path(engine_dir).resolve())
+    return RepoSpec(
+        target="gpu", hidden_size=checkpoint["text_hidden_size"], decoder_dtype=engine.dtype,
+        vocab_size=engine.vocab_size, end_id=checkpoint["end_id"], pad_id=checkpoint["pad_id"],
+        max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
+        max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
+        default_max_tokens=limits["default_max_tokens"], encoder_max_batch=encoder_max_windows,
+        encoder_queue_delay_us=encoder_queue_delay_us, encoder_instances=encoder_instances,
+        prompt_table_extra_ids=options.enable_kv_cache_reuse,
+        decoder_params=decoder_parameters(gpt_model_path, options),
+        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir})
+
+
+def place_encoder_plan(repo_root: Path, plan: Path, *, copy: bool = False) -> Path:
+    """Put the encoder engine at <repo>/encoder/1/model.plan: moved (a rename within one file system) unless
+    `copy`. Returns the destination."""
+    dest = Path(repo_root) / "encoder" / "1" / "model.plan"
+    if not Path(plan).is_file():
+        raise GpuRepoError(f"encoder plan {plan} does not exist")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if copy:
+        shutil.copy2(plan, dest)
+    else:
+        shutil.move(str(plan), dest)
+    return dest
+
+
+def render_gpu_repository(root: Path, spec: RepoSpec, *, encoder_plan: Path, copy_plan: bool = False) -> dict:
+    """Render the repository (configs + python models, build/repository.py) and place the encoder plan in it."""
+    from af3trt.build.repository import render_repository
+
+    if spec.target != "gpu":
+        raise GpuRepoError(f"render_gpu_repository takes a gpu RepoSpec, got target {spec.target!r}")
+    rendered = render_repository(root, spec)
+    dest = place_encoder_plan(root, encoder_plan, copy=copy_plan)
+    return {"configs": rendered, "encoder_plan": str(dest), "spec": asdict(spec)}

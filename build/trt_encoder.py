@@ -1,0 +1,221 @@
+"""The encoder's TensorRT engine: a strongly typed TensorRT 10.14 build of the encoder ONNX.
+
+The precision is in the ONNX (export/onnx_quant.py: fp16/bf16 cast, or INT8/FP8 explicit Q/DQ); the network is
+created STRONGLY_TYPED, so TensorRT keeps every tensor's ONNX type and no precision flag is set (BuilderFlag.FP16/
+BF16/INT8/FP8 are deprecated since 10.12 and gone in TensorRT 11). The only dynamic axis is the window axis W of
+both inputs; one optimization profile covers it:
+
+    input_features       float32 [W, 128, 3000]   min 1, opt, max
+    input_features_mask  int32   [W, 3000]        the same W
+    audio_embeds         float32 [W, 750, H]
+
+    max = max_batch_size x max windows per request (encoder_max_windows): Triton's dynamic batcher may merge the
+          windows of every request the decoder can hold; the encoder's Triton max_batch_size is this same number.
+    opt = max / 2 by default, as NVIDIA's Qwen2-Audio example builds its audio engine (1 / max/2 / max).
+
+    plan = encoder_engine_plan(max_windows=160)      # pure: what will be asked of TensorRT (tests assert it)
+    report = build_encoder_engine("encoder.fp16.onnx", "model_repository/encoder/1/model.plan", max_windows=160,
+                                  timing_cache="artifacts/encoder.timing.cache")
+
+TensorRT is imported only inside build_encoder_engine: everything else here runs without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from af3trt.runtime import lengths
+from af3trt.runtime.encoder import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKSPACE_GB = 8.0
+TRT_VERSION = "10.14"  # what this module is written against (nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3)
+# Lowest compute capability (SM, e.g. 89 for 8.9) whose tensor cores TensorRT uses for each encoder precision.
+MIN_SM = {"fp32": 75, "fp16": 75, "int8": 75, "bf16": 80, "fp8": 89}
+
+
+class TensorRTUnavailable(ImportError):
+    """The `tensorrt` Python package is not importable here."""
+
+
+class EncoderEngineError(RuntimeError):
+    """The ONNX could not be parsed, does not have the encoder's inputs, or TensorRT could not build it."""
+
+
+@dataclass(frozen=True)
+class ProfileShape:
+    name: str
+    dtype: str  # what the ONNX must declare (the Triton contract)
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EncoderEnginePlan:
+    """Everything build_encoder_engine asks of TensorRT, decided without it."""
+
+    max_windows: int
+    opt_windows: int
+    workspace_bytes: int
+    profile: tuple[ProfileShape, ...]
+    strongly_typed: bool = True
+    precision_flags: tuple[str, ...] = ()  # none: the precision is in the ONNX
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def encoder_max_windows(max_batch_size: int, max_audio_windows: int) -> int:
+    """Windows the engine must take at once: every sequence the decoder holds, each with its longest audio."""
+    if max_batch_size < 1 or max_audio_windows < 1:
+        raise ValueError(f"max_batch_size and max_audio_windows must be >= 1, got {max_batch_size}, "
+                         f"{max_audio_windows}")
+    return max_batch_size * max_audio_windows
+
+
+def encoder_engine_plan(*, max_windows: int, opt_windows: int | None = None,
+                        workspace_gb: float = DEFAULT_WORKSPACE_GB) -> EncoderEnginePlan:
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    opt = max(1, max_windows // 2) if opt_windows is None else opt_windows
+    if not 1 <= opt <= max_windows:
+        raise ValueError(f"opt_windows must be in [1, {max_windows}], got {opt}")
+    if workspace_gb <= 0:
+        raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
+    mels, frames = lengths.N_MELS, lengths.WINDOW_FRAMES
+
+    def shape(name, dtype, *tail):
+        return ProfileShape(name, dtype, (1, *tail), (opt, *tail), (max_windows, *tail))
+
+    return EncoderEnginePlan(
+        max_windows=max_windows, opt_windows=opt, workspace_bytes=int(workspace_gb * (1 << 30)),
+        profile=(shape(INPUT_FEATURES, "float32", mels, frames), shape(INPUT_MASK, "int32", frames)))
+
+
+def check_encoder_precision(precision: str, sm: int | None) -> None:
+    """ValueError when a GPU of compute capability `sm` (e.g. 80 for A100) cannot run the encoder in `precision`;
+    None (GPU unknown) checks nothing."""
+    if precision not in MIN_SM:
+        raise ValueError(f"encoder precision must be one of {sorted(MIN_SM)}, got {precision!r}")
+    if sm is not None and sm < MIN_SM[precision]:
+        raise ValueError(f"a {precision} encoder needs an SM {MIN_SM[precision] / 10:.1f}+ GPU, this one is SM "
+                         f"{sm / 10:.1f}" + (": use int8 or fp16" if precision == "fp8" else ""))
+
+
+def import_tensorrt():
+    """The `tensorrt` module, or TensorRTUnavailable saying where it comes from."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise TensorRTUnavailable(
+            f"the encoder engine needs TensorRT {TRT_VERSION} (`import tensorrt` failed: {e}). Build the GPU target "
+            f"on the serving GPU machine, e.g. inside nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3, which ships "
+            f"it; the CPU target does not need it.") from e
+    return tensorrt
+
+
+def _parser_errors(parser) -> list[str]:
+    out = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        out.append(f"{e.desc()} [node {e.node()} {e.node_name()!r} ({e.node_operator()}), {e.code()}, "
+                   f"{e.file()}:{e.line()}]")
+    return out
+
+
+def _check_network(trt, network, plan: EncoderEnginePlan) -> dict:
+    """The parsed network has exactly the encoder's inputs, with the plan's dtypes and static dims; returns its
+    inputs/outputs for the report."""
+    inputs = {t.name: t for t in (network.get_input(i) for i in range(network.num_inputs))}
+    outputs = {t.name: t for t in (network.get_output(i) for i in range(network.num_outputs))}
+    want_dtype = {"float32": trt.float32, "int32": trt.int32}
+    problems = []
+    if set(inputs) != {p.name for p in plan.profile}:
+        problems.append(f"inputs are {sorted(inputs)}, expected {sorted(p.name for p in plan.profile)}")
+    for p in plan.profile:
+        t = inputs.get(p.name)
+        if t is None:
+            continue
+        if t.dtype != want_dtype[p.dtype]:
+            problems.append(f"{p.name} is {t.dtype}, expected {p.dtype} (the graph I/O must stay as exported)")
+        dims = list(t.shape)
+        if len(dims) != len(p.max) or dims[0] != -1 or dims[1:] != list(p.max[1:]):
+            problems.append(f"{p.name} has dims {dims}, expected [-1, {', '.join(map(str, p.max[1:]))}]")
+    if OUTPUT_EMBEDS not in outputs:
+        problems.append(f"no {OUTPUT_EMBEDS} output (outputs: {sorted(outputs)})")
+    elif outputs[OUTPUT_EMBEDS].dtype != trt.float32:
+        problems.append(f"{OUTPUT_EMBEDS} is {outputs[OUTPUT_EMBEDS].dtype}, expected float32")
+    if problems:
+        raise EncoderEngineError("the ONNX is not an af3trt encoder: " + "; ".join(problems))
+    return {kind: {n: {"dtype": str(t.dtype), "shape": list(t.shape)} for n, t in ts.items()}
+            for kind, ts in (("inputs", inputs), ("outputs", outputs))}
+
+
+def _write_atomic(path: Path, data) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def build_encoder_engine(onnx_path: Path, plan_path: Path, *, max_windows: int, opt_windows: int | None = None,
+                         workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: Path | None = None,
+                         verbose: bool = False) -> dict:
+    """Parse `onnx_path`, build a strongly typed engine with one profile over the window axis, write `plan_path`.
+
+    timing_cache: loaded when the file exists (TensorRT skips the tactic timings it holds) and written back after
+    the build with what this build measured; None uses a fresh cache that is not kept.
+    Returns the build report (plan, TensorRT version, network I/O, sizes, seconds).
+    """
+    trt = import_tensorrt()
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise EncoderEngineError(f"{onnx_path}: no such ONNX file")
+    plan = encoder_engine_plan(max_windows=max_windows, opt_windows=opt_windows, workspace_gb=workspace_gb)
+    t0 = time.perf_counter()
+
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves <name>.onnx.data beside the file
+        errors = _parser_errors(parser)
+        raise EncoderEngineError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} error(s)):\n  "
+                                 + "\n  ".join(errors or ["(no error recorded)"]))
+    io = _check_network(trt, network, plan)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    profile = builder.create_optimization_profile()
+    for p in plan.profile:
+        profile.set_shape(p.name, p.min, p.opt, p.max)
+    config.add_optimization_profile(profile)
+
+    cache_in = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    cache = config.create_timing_cache(cache_in)
+    if not config.set_timing_cache(cache, False):  # ignore_mismatch=False: a cache from another GPU/TRT is refused
+        raise EncoderEngineError(f"TensorRT refused the timing cache {timing_cache} (another TensorRT version or "
+                                 f"GPU?): delete it to start a new one")
+
+    log.info("building the encoder engine from %s (windows 1/%d/%d, workspace %.1f GiB, strongly typed)",
+             onnx_path.name, plan.opt_windows, plan.max_windows, plan.workspace_bytes / (1 << 30))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EncoderEngineError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
+    plan_bytes = _write_atomic(plan_path, serialized)
+    cache_bytes = _write_atomic(Path(timing_cache), cache.serialize()) if timing_cache else 0
+    seconds = time.perf_counter() - t0
+    log.info("wrote %s (%.1f MB) in %.1f s", plan_path, plan_bytes / 1e6, seconds)
+    return {"plan_path": str(plan_path), "plan_bytes": plan_bytes, "onnx_path": str(onnx_path),
+            "tensorrt_version": getattr(trt, "__version__", "unknown"), "engine_plan": plan.as_dict(),
+            "network": io, "timing_cache": {"path": str(timing_cache) if timing_cache else None,
+                                            "loaded_bytes": len(cache_in), "saved_bytes": cache_bytes},
+            "seconds": round(seconds, 3)}

@@ -1,0 +1,505 @@
+"""One command from nothing to a benchmark report of the AF3 Triton ensemble.
+
+    python -m af3trt.perf.bench --preset small --out perf/results/<stamp>
+    python -m af3trt.perf.bench --repo OUT                 # an existing build (CPU or GPU repository)
+    python -m af3trt.perf.bench --url HOST:PORT [--hf-model DIR | --repo OUT]   # an existing server
+
+Steps: synthetic checkpoint of the preset (unless --hf-model/--repo) → CPU repository (unless --repo/--url) →
+tritonserver on loopback (unless --url) → clips → perf_analyzer concurrency sweeps, non-streaming and streaming
+(per-request timestamps from its profile export; Triton statistics diffed around every point) → our own client
+(per-request overhead at c=1, streaming cross-check, audio-length and output-length studies) → transformers'
+generate on the same checkpoint and clips (sequential and batched) → GPU projection → results.json, report.md,
+PNG plots. Every figure in the report names the tool that measured it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from af3trt.perf import clips as clipgen
+from af3trt.perf import machine, metrics, stats
+from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
+from af3trt.perf.loadgen import one_request, run_load
+from af3trt.runtime import lengths
+from af3trt.triton_repo.configs import ENSEMBLE, STAGES
+
+log = logging.getLogger("af3trt.bench")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ("What is said in the audio?", "Transcribe the input speech.", "Describe the audio in detail.",
+           "What sounds can you hear in this recording?")
+DEFAULT_LENGTH_CLIPS = "speech:5,speech:30,speech:120,speech:600,nonspeech:5,nonspeech:30,nonspeech:120,nonspeech:600"
+DEFAULT_SCALING_EXTRA = "speech:60,speech:300"  # with the 30 s, 2 min and 10 min clips: 1, 2, 4, 10, 20 windows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="af3trt-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_argument_group("what to measure")
+    src.add_argument("--preset", default="small", help="synthetic checkpoint preset (af3trt.export.synth)")
+    src.add_argument("--hf-model", type=Path, help="an AF3 checkpoint instead of the synthetic preset")
+    src.add_argument("--repo", type=Path, help="an existing build output (with model_repository/, manifest.json)")
+    src.add_argument("--url", help="an existing server's gRPC address HOST:PORT (nothing is built or started)")
+    src.add_argument("--out", type=Path, help="results directory (default perf/results/<UTC stamp>)")
+    src.add_argument("--work", type=Path, help="where checkpoint and repository are cached "
+                                               "(default ~/.cache/af3trt/bench)")
+    b = ap.add_argument_group("CPU build (ignored with --repo/--url)")
+    b.add_argument("--encoder-precision", default="int8", choices=["fp32", "int8"])
+    b.add_argument("--cpu-threads", type=int, default=1, help="threads per model process (2 cores: 1 each)")
+    b.add_argument("--max-batch-size", type=int, default=16, help="decoder in-flight batch")
+    b.add_argument("--encoder-queue-delay-us", type=int, default=0)
+    b.add_argument("--encoder-instances", type=int, default=1)
+    b.add_argument("--max-text-len", type=int, default=512)
+    b.add_argument("--max-output-len", type=int, default=256)
+    s = ap.add_argument_group("sweep")
+    s.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    s.add_argument("--modes", default="nonstream,stream", help="perf_analyzer sweeps: nonstream, stream")
+    s.add_argument("--requests-per-level", type=int, default=12)
+    s.add_argument("--rounds-per-level", type=int, default=2, help="at least this many requests per slot")
+    s.add_argument("--main-seconds", type=float, default=10.0, help="clip length of the sweep inputs")
+    s.add_argument("--main-variants", type=int, default=4, help="distinct (clip, prompt) inputs in the sweep")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--client-levels", default="1,8", help="levels of the own-client streaming cross-check")
+    s.add_argument("--client-requests", type=int, default=12)
+    s.add_argument("--overhead-requests", type=int, default=12, help="sequential requests of the c=1 probe")
+    s.add_argument("--length-clips", default=DEFAULT_LENGTH_CLIPS, help="KIND:SECONDS,… ('' to skip)")
+    s.add_argument("--scaling-extra", default=DEFAULT_SCALING_EXTRA, help="more clips for the window scaling")
+    s.add_argument("--length-repeats", type=int, default=2, help="requests per clip up to 2 min (1 above)")
+    s.add_argument("--output-lengths", default="1,8,32,128", help="max_tokens of the output-length study")
+    bl = ap.add_argument_group("transformers baseline")
+    bl.add_argument("--no-baseline", action="store_true")
+    bl.add_argument("--baseline-requests", type=int, default=6, help="sequential requests")
+    bl.add_argument("--baseline-max-batch", type=int, default=16, help="largest batched-generate level")
+    bl.add_argument("--baseline-max-seconds", type=float, default=120.0,
+                    help="longest length-study clip the baseline also runs")
+    bl.add_argument("--baseline-threads", default="auto", help="torch threads: auto (faster of 1 and all) or N")
+    ap.add_argument("--projection-config", type=Path, help="config.json of the model to project on GPUs "
+                                                           "(default: the published AF3 dimensions)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+class Phases:
+    """Wall time of each phase, for the report (and to keep the default run under its budget)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        log.info("== %s", name)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t, 1)
+            log.info("== %s: %.1f s", name, self.seconds[name])
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def prepare_checkpoint(args, work: Path) -> Path:
+    if args.hf_model:
+        return args.hf_model.resolve()
+    if args.repo and (args.repo / "manifest.json").exists():
+        path = Path(json.loads((args.repo / "manifest.json").read_text())["checkpoint"]["path"])
+        if path.is_dir():
+            return path
+    from af3trt.export.synth import write_checkpoint
+
+    ckpt = work / f"ckpt-{args.preset}"
+    marker = ckpt / "af3trt_synth.json"
+    if not (marker.exists() and json.loads(marker.read_text()).get("preset") == args.preset):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        write_checkpoint(ckpt, args.preset, seed=0)
+    return ckpt
+
+
+def build_options(args, ckpt: Path, out: Path):
+    from af3trt.build.build_engines import BuildOptions
+
+    return BuildOptions(hf_model=ckpt, out=out, force=True, max_batch_size=args.max_batch_size,
+                        max_text_len=args.max_text_len, max_output_len=args.max_output_len,
+                        default_max_tokens=args.max_tokens, encoder_precision=args.encoder_precision,
+                        cpu_threads=args.cpu_threads, encoder_queue_delay_us=args.encoder_queue_delay_us,
+                        encoder_instances=args.encoder_instances)
+
+
+def prepare_repository(args, ckpt: Path, work: Path) -> Path:
+    """The build output to serve: --repo, or a CPU build cached under --work keyed by its options."""
+    if args.repo:
+        return args.repo.resolve()
+    from af3trt.build.build_engines import build, checkpoint_digest
+
+    opts = build_options(args, ckpt, work / "repo")
+    key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}
+    key["checkpoint"] = checkpoint_digest(ckpt)["sha256"]
+    key["sources"] = source_digest()
+    stamp = work / "repo" / "bench_build.json"
+    if not (stamp.exists() and json.loads(stamp.read_text()) == key):
+        build(opts)
+        stamp.write_text(json.dumps(key, indent=1))
+    return opts.out
+
+
+def source_digest() -> str:
+    """The model adapters are copied into the repository at build time: rebuild when they change."""
+    from af3trt.triton_repo import configs
+
+    h = hashlib.sha256()
+    for p in sorted(Path(configs.__file__).parent.glob("*/model.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def make_inputs(args) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """The sweep's (prompt, clip) inputs: `main_variants` speech clips of main_seconds, each with its prompt."""
+    inputs, meta = [], []
+    for i in range(args.main_variants):
+        spec = clipgen.ClipSpec("speech", args.main_seconds)
+        inputs.append((PROMPTS[i % len(PROMPTS)], clipgen.make_clip(spec, seed=i)))
+        meta.append({"clip": spec.name, "seed": i, "prompt": PROMPTS[i % len(PROMPTS)], "bytes": len(inputs[-1][1])})
+    return inputs, meta
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def probe_requests(url: str, items: list[tuple[str, bytes]], *, max_tokens: int, stream: bool) -> list[dict]:
+    """Requests one at a time, Triton statistics snapshotted around each: per-request stage split and overhead."""
+    from af3trt.runtime.client import AF3Client
+
+    client = AF3Client(url, timeout=3600)
+    out = []
+    for prompt, clip in items:
+        before = stats.snapshot(url)
+        rec, ids = one_request(client, prompt, clip, max_tokens=max_tokens, stream=stream)
+        after = stats.snapshot(url)
+        split = stats.stage_split(stats.diff(before, after), ensemble=ENSEMBLE, stages=STAGES)
+        lat = 1e3 * rec.latency_s if rec.ok else None
+        out.append({"record": rec.to_dict(), "ids": ids, "latency_ms": lat,
+                    "ttft_ms": 1e3 * rec.ttft_s if rec.ok and rec.ttft_s is not None else None,
+                    "split": split, "overhead": stats.overhead(split, client_latency_ms=lat)})
+    return out
+
+
+def sweep_perf_analyzer(args, url: str, inputs, out: Path, mode: str) -> list[dict]:
+    stream = mode == "stream"
+    data = write_input_data(out / f"inputs_{mode}.json", inputs, max_tokens=args.max_tokens, stream=stream)
+    snaps = {}
+
+    def on_level(c, phase):
+        snaps[(c, phase)] = stats.snapshot(url)
+
+    rows = run_perf_analyzer(find_perf_analyzer(), url, data, concurrency=ints(args.concurrency), streaming=True,
+                             requests_per_level=args.requests_per_level, rounds_per_level=args.rounds_per_level,
+                             out_dir=out / "perf_analyzer", profile_export=True, on_level=on_level, tag=mode)
+    data.unlink()  # the clips as base64: large and reproducible
+    points = []
+    for row in rows:
+        c = row["concurrency"]
+        summary = metrics.summarize(row["records"], row.get("window_s"))
+        split = stats.stage_split(stats.diff(snaps[(c, "before")], snaps[(c, "after")]), ensemble=ENSEMBLE,
+                                  stages=STAGES)
+        lat = summary.get("latency_mean_ms")
+        points.append({"concurrency": c, "mode": mode, "tool": "perf_analyzer 2.51 (profile export)",
+                       **summary, "split": split,
+                       "overhead_mean": stats.overhead(split, client_latency_ms=lat),
+                       "perf_analyzer_csv": {k: v for k, v in row.items() if k not in ("records", "raw")}})
+        log.info("%s c=%d: %.2f req/s, %.1f tok/s, p50 %.0f ms, TTFT p50 %.0f ms", mode, c,
+                 summary.get("throughput_rps", 0), summary.get("output_tokens_per_s", 0),
+                 (summary.get("latency_ms") or {}).get("p50") or 0, (summary.get("ttft_ms") or {}).get("p50") or 0)
+    return points
+
+
+def sweep_client(args, url: str, inputs) -> list[dict]:
+    points = []
+    for c in ints(args.client_levels):
+        before = stats.snapshot(url)
+        records, wall = run_load(url, inputs, concurrency=c, requests=max(args.client_requests, 2 * c),
+                                 max_tokens=args.max_tokens, stream=True)
+        split = stats.stage_split(stats.diff(before, stats.snapshot(url)), ensemble=ENSEMBLE, stages=STAGES)
+        summary = metrics.summarize(records)
+        points.append({"concurrency": c, "mode": "stream", "tool": "af3trt client (gRPC streaming, Python threads)",
+                       **summary, "split": split})
+    return points
+
+
+def length_study(args, url: str, specs: list[clipgen.ClipSpec], clips_out: dict) -> list[dict]:
+    """Each clip at c=1, streaming, Triton statistics around every request; clips_out[name] = (seconds, bytes)."""
+    rows = []
+    for spec in specs:
+        clip = clipgen.make_clip(spec, seed=100)
+        clips_out[spec.name] = (spec.seconds, clip)
+        repeats = args.length_repeats if spec.seconds <= 120 else 1
+        probes = probe_requests(url, [(PROMPTS[0], clip)] * repeats, max_tokens=args.max_tokens, stream=True)
+        ok = [p for p in probes if p["latency_ms"] is not None]
+        windows, _ = lengths.window_count(int(round(spec.seconds * lengths.SAMPLE_RATE)))
+        row = {"clip": spec.name, "kind": spec.kind, "seconds": spec.seconds, "windows": windows,
+               "requests": len(probes), "errors": len(probes) - len(ok),
+               "tool": "af3trt client + Triton statistics (c=1, streaming)"}
+        if ok:
+            row.update(_probe_medians(ok))
+        rows.append(row)
+        log.info("length %s: e2e %.0f ms, encoder %.0f ms, TTFT %.0f ms", spec.name, row.get("latency_ms", 0),
+                 row.get("encoder_ms", 0), row.get("ttft_ms", 0))
+    return rows
+
+
+def _probe_medians(probes: list[dict]) -> dict:
+    def med(f):
+        vals = [v for v in (f(p) for p in probes) if v is not None]
+        return float(np.median(vals)) if vals else None
+
+    def stage(name, key):
+        return lambda p: p["split"].get("stages", {}).get(name, {}).get(key)
+
+    return {"latency_ms": med(lambda p: p["latency_ms"]), "ttft_ms": med(lambda p: p["ttft_ms"]),
+            "tokens": med(lambda p: len(p["ids"])),
+            "preprocess_ms": med(stage("preprocess", "critical_ms")),
+            "encoder_ms": med(stage("encoder", "compute_infer_ms")),
+            "fusion_ms": med(stage("fusion", "critical_ms")),
+            "decoder_ms": med(lambda p: p["split"].get("decoder_generation_ms")),
+            "overhead_ms": med(lambda p: p["overhead"].get("total_ms"))}
+
+
+def output_length_study(args, url: str, inputs) -> list[dict]:
+    rows = []
+    for n in ints(args.output_lengths):
+        probes = probe_requests(url, [inputs[0]] * 2, max_tokens=n, stream=True)
+        ok = [p for p in probes if p["latency_ms"] is not None]
+        itl = [g for p in ok for g in metrics.RequestRecord(**p["record"]).inter_token_s()]
+        row = {"max_tokens": n, "tool": "af3trt client + Triton statistics (c=1, streaming)", **_probe_medians(ok),
+               "itl_ms_p50": 1e3 * float(np.median(itl)) if itl else None}
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, bytes]], ours_ids: list[list[int]]) -> dict:
+    import os
+
+    from af3trt.perf import baseline as bl
+
+    ref = bl.TransformersBaseline(ckpt)
+    out = {"tool": "transformers AudioFlamingo3ForConditionalGeneration.generate (this process)"}
+    # threads: the faster of 1 and all cores on one warm request (a noisy 2-core box punishes oversubscription)
+    candidates = [1, os.cpu_count() or 1] if args.baseline_threads == "auto" else [int(args.baseline_threads)]
+    timing = {}
+    for n in dict.fromkeys(candidates):
+        ref.set_threads(n)
+        ref.generate([inputs[0]], args.max_tokens)  # warm-up
+        timing[n] = min(ref.generate([inputs[0]], args.max_tokens)[0] for _ in range(2))
+    best = min(timing, key=timing.get)
+    ref.set_threads(best)
+    out["threads"] = best
+    out["thread_calibration_s"] = {str(k): v for k, v in timing.items()}
+    seq = ref.sequential(inputs, args.baseline_requests, args.max_tokens)
+    out["sequential"] = {"seconds": seq["seconds"], "tokens": seq["tokens"],
+                         "points": [bl.sequential_point(seq["seconds"], seq["tokens"], c)
+                                    for c in ints(args.concurrency)]}
+    out["agreement"] = bl.agreement(ours_ids, seq["ids"][: len(ours_ids)])
+    batched = []
+    for c in ints(args.concurrency):
+        if c > args.baseline_max_batch:
+            continue
+        run = ref.batched(inputs, c, args.max_tokens)
+        batched.append({**bl.batched_point(run), "tokens": run["tokens"],
+                        "agreement_with_sequential": bl.agreement(run["ids"], [seq["ids"][i % len(inputs)]
+                                                                               for i in range(c)])})
+        log.info("baseline batched c=%d: %.2f req/s", c, batched[-1]["throughput_rps"])
+    out["batched"] = batched
+    by_length = []
+    for name, (secs, clip) in length_clips.items():
+        if secs > args.baseline_max_seconds:
+            continue
+        s, (ids,) = ref.generate([(PROMPTS[0], clip)], args.max_tokens)
+        by_length.append({"clip": name, "seconds": secs, "latency_ms": 1e3 * s, "tokens": len(ids)})
+    out["lengths"] = by_length
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from af3trt.runtime.server import CACHE, TritonServer
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = (args.out or REPO_ROOT / "perf" / "results" / stamp).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = (args.work or CACHE / "bench").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    phases = Phases()
+    results: dict = {"af3trt_bench": 1, "started_utc": stamp, "args": {k: str(v) for k, v in vars(args).items()},
+                     "machine": machine.describe(REPO_ROOT), "load_average_start": machine.load_average()}
+    server = None
+    try:
+        with phases("checkpoint"):
+            ckpt = prepare_checkpoint(args, work) if not (args.url and args.no_baseline) else None
+        results["checkpoint"] = _checkpoint_info(ckpt, args)
+        repo = None
+        if not args.url:
+            with phases("build"):
+                repo = prepare_repository(args, ckpt, work)
+            with phases("server start"):
+                server = TritonServer(repo / "model_repository", log_path=out / "tritonserver.log").start(timeout=600)
+        url = args.url or server.grpc_url
+        results["repository"] = _repo_info(repo)
+        results["url"] = url
+
+        with phases("clips"):
+            inputs, meta = make_inputs(args)
+            results["inputs"] = meta
+            specs = [clipgen.ClipSpec.parse(s) for s in args.length_clips.split(",") if s.strip()]
+            extra = [clipgen.ClipSpec.parse(s) for s in args.scaling_extra.split(",") if s.strip()] if specs else []
+
+        with phases("warm-up and per-request overhead (c=1)"):
+            calib = probe_requests(url, inputs, max_tokens=args.max_tokens, stream=False)  # also warms every stage
+            ours_ids = [p["ids"] for p in calib]
+            probes = probe_requests(url, [inputs[i % len(inputs)] for i in range(args.overhead_requests)],
+                                    max_tokens=args.max_tokens, stream=False)
+            results["overhead_probe"] = summarize_probes(probes)
+
+        results["sweeps"] = {}
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            with phases(f"perf_analyzer sweep ({mode})"):
+                results["sweeps"][mode] = sweep_perf_analyzer(args, url, inputs, out, mode)
+        if args.client_levels:
+            with phases("own-client streaming sweep"):
+                results["client_sweep"] = sweep_client(args, url, inputs)
+
+        length_clips: dict[str, tuple[float, bytes]] = {}
+        if specs:
+            with phases("audio-length study"):
+                results["lengths"] = length_study(args, url, specs + extra, length_clips)
+        if args.output_lengths:
+            with phases("output-length study"):
+                results["output_lengths"] = output_length_study(args, url, inputs)
+
+        if not args.no_baseline:
+            with phases("transformers baseline"):
+                results["baseline"] = run_baseline(args, ckpt, inputs, length_clips, ours_ids)
+    finally:
+        if server is not None:
+            with phases("server stop"):
+                server.stop()
+        results["load_average_end"] = machine.load_average()
+
+    with phases("projection and report"):
+        from af3trt.perf import projection, report
+
+        proj_cfg = json.loads(args.projection_config.read_text()) if args.projection_config \
+            else projection.AF3_REFERENCE_CONFIG
+        label = f"{args.projection_config}" if args.projection_config else "AF3 (published dimensions: Qwen2.5-7B " \
+                                                                            "decoder, Whisper-large-v3 encoder)"
+        projs = [projection.project(proj_cfg, label=label)]
+        if ckpt is not None:
+            projs.append(projection.project(json.loads((ckpt / "config.json").read_text()),
+                                            label=f"benchmarked checkpoint ({results['checkpoint'].get('label')})"))
+        results["projection"] = projs
+        results["derived"] = report.headline(results)
+        results["phase_seconds"] = phases.seconds
+        results["total_seconds"] = phases.total()
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+        (out / "gpu_projection.md").write_text(projection.render_markdown(projs))
+        report.write_report(results, out)
+    print(f"report: {out / 'report.md'}\nresults: {out / 'results.json'}\ntotal: {phases.total():.0f} s", flush=True)
+    return 0
+
+
+def summarize_probes(probes: list[dict]) -> dict:
+    ok = [p for p in probes if p["latency_ms"] is not None]
+    ov = [p["overhead"] for p in ok if p["overhead"]]
+
+    def p50(key, src=ov):
+        vals = [o[key] for o in src if o.get(key) is not None]
+        return float(np.median(vals)) if vals else None
+
+    parts = {}
+    for o in ov:
+        for k, v in o["parts_ms"].items():
+            parts.setdefault(k, []).append(v)
+    return {"tool": "af3trt client, one request at a time, Triton statistics around each",
+            "requests": len(probes), "errors": len(probes) - len(ok),
+            "latency_ms_p50": float(np.median([p["latency_ms"] for p in ok])) if ok else None,
+            "overhead_ms_p50": p50("total_ms"), "server_overhead_ms_p50": p50("server_ms"),
+            "transport_ms_p50": p50("transport_ms"), "features_ms_p50": p50("features_ms"),
+            "overhead_without_features_ms_p50": p50("without_features_ms"),
+            "parts_ms_p50": {k: float(np.median(v)) for k, v in parts.items()},
+            "encoder_ms_p50": float(np.median([p["split"]["stages"]["encoder"]["compute_infer_ms"] for p in ok
+                                               if "encoder" in p["split"].get("stages", {})] or [np.nan])),
+            "decoder_ms_p50": float(np.median([p["split"]["decoder_generation_ms"] for p in ok
+                                               if "decoder_generation_ms" in p["split"]] or [np.nan]))}
+
+
+def _checkpoint_info(ckpt: Path | None, args) -> dict:
+    if ckpt is None:
+        return {"label": "unknown (--url without a checkpoint)"}
+    synth = ckpt / "af3trt_synth.json"
+    info = {"path": str(ckpt)}
+    if synth.exists():
+        s = json.loads(synth.read_text())
+        info.update(label=f"synthetic '{s['preset']}' preset", synth=s)
+    else:
+        info["label"] = ckpt.name
+    cfg = json.loads((ckpt / "config.json").read_text())
+    t, a = cfg.get("text_config", {}), cfg.get("audio_config", {})
+    info["dims"] = {"decoder": {k: t.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                        "num_key_value_heads", "intermediate_size", "vocab_size")},
+                    "encoder": {k: a.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                        "intermediate_size")}}
+    try:
+        from af3trt.build.sizing import decoder_params, dims_from_config, encoder_params
+
+        d, e = dims_from_config(cfg)
+        info["params"] = {"decoder": decoder_params(d)["total"], "encoder": encoder_params(e)["total"] if e else 0}
+    except Exception:  # noqa: BLE001 — informative only
+        pass
+    return info
+
+
+def _repo_info(repo: Path | None) -> dict:
+    if repo is None or not (repo / "manifest.json").exists():
+        return {"path": str(repo) if repo else None}
+    m = json.loads((repo / "manifest.json").read_text())
+    spec = m.get("repository", {}).get("spec", {})
+    keep = ("target", "max_batch_size", "encoder_max_batch", "encoder_queue_delay_us", "preprocess_instances",
+            "encoder_instances", "fusion_instances", "decoder_instances", "decoder_params", "encoder_params",
+            "preprocess_params", "max_input_len", "max_output_len")
+    return {"path": str(repo), "target": m.get("target"), "precisions": m.get("precisions"),
+            "validation": m.get("validation"), "spec": {k: spec.get(k) for k in keep if k in spec}}
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

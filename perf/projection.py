@@ -1,0 +1,170 @@
+"""PROJECTION — what AF3 should cost on an H100 or A100, computed from a checkpoint's config. Nothing here ran on
+a GPU. Sizes (parameters, weight bytes per precision, KV bytes per token) come from af3trt.build.sizing; this
+module adds the roofline times:
+
+    decode step (batch B, context T tokens per sequence)
+        bytes  = decoder weights streamed once per step (all but the embedding table, of which B rows are read)
+                 + B x T x KV bytes per token
+        flops  = 2 x (decoder parameters without the embedding) x B  (+ attention: 4 x layers x q_dim x T x B)
+        time   = max(bytes / HBM bandwidth, flops / peak)          — memory-bound at small B
+    prefill (L tokens)     flops = 2 x params x L + 2 x layers x q_dim x L^2 (causal);  time = flops / peak
+    encoder (one 30-s window, compute-bound)
+        flops  = conv1 2*3000*mels*3*H + conv2 2*1500*H*3*H
+                 + layers x (2*S*4*H^2 + 2*S*2*H*F + 4*S^2*H)   (S = 1500 positions)
+                 + projector 2*750*(H*D + D*D)
+        time   = flops / peak
+
+Assumptions: dense bf16 peak (H100 SXM 989 TFLOPS, A100 312 TFLOPS) and HBM bandwidth (3.35 / 2.0 TB/s) at
+100 % efficiency: these are lower bounds on time. Real kernels reach roughly 60-80 % of bandwidth in decode
+and 40-70 % of peak in GEMMs; the `at_efficiency` figures divide by the stated fractions. For models as small
+as the benchmark preset the roofline is far below kernel-launch and scheduling costs (a few µs per kernel, hundreds
+of kernels per step): read those rows as "negligible", not as predictions. The encoder runs in bf16
+whatever the decoder precision; quantized decoders are modelled by their weight bytes only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from af3trt.build import sizing
+from af3trt.runtime import lengths
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    hbm_bytes_per_s: float
+    bf16_flops: float
+
+
+GPUS = {
+    "H100": Gpu("H100 SXM 80GB (HBM3)", 3.35e12, 989e12),
+    "A100": Gpu("A100 80GB", 2.0e12, 312e12),
+}
+BANDWIDTH_EFFICIENCY = 0.7
+COMPUTE_EFFICIENCY = 0.5
+DECODER_PRECISIONS = ("bf16", "fp8", "int8_wo", "int4_awq")
+NO_FP8 = ("A100",)  # FP8 needs SM 8.9+
+KV_CACHES = ("auto", "fp8")
+
+# AF3 as published (nvidia/audio-flamingo-3-hf): Qwen2.5-7B decoder, Whisper-large-v3 encoder.
+AF3_REFERENCE_CONFIG = {
+    "model_type": "audioflamingo3", "projector_bias": True,
+    "text_config": {"vocab_size": 151672, "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+                    "num_key_value_heads": 4, "intermediate_size": 18944, "tie_word_embeddings": False},
+    "audio_config": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20,
+                     "intermediate_size": 5120, "num_mel_bins": 128, "max_source_positions": 1500},
+}
+
+
+def encoder_window_flops(e: sizing.EncoderDims) -> float:
+    frames, s, rows = 2 * e.max_source_positions, e.max_source_positions, e.max_source_positions // 2
+    h, f, d = e.hidden, e.ffn, e.projector_out
+    convs = 2 * frames * e.mel_bins * 3 * h + 2 * s * h * 3 * h
+    layer = 2 * s * 4 * h * h + 2 * s * 2 * h * f + 4 * s * s * h
+    return float(convs + e.layers * layer + 2 * rows * (h * d + d * d))
+
+
+def decoder_flops_per_token(d: sizing.DecoderDims) -> float:
+    p = sizing.decoder_params(d)
+    return 2.0 * (p["total"] - p["embedding"])
+
+
+def streamed_weight_bytes(d: sizing.DecoderDims, precision: str) -> int:
+    """Weights read once per decode step: everything but the embedding table (kept in the engine dtype)."""
+    return sizing.decoder_weight_bytes(d, precision) - sizing.decoder_params(d)["embedding"] * sizing.DTYPE_BYTES
+
+
+def decode_step(d: sizing.DecoderDims, gpu: Gpu, precision: str, kv_cache: str, batch: int, context: int) -> dict:
+    q_dim = d.heads * d.head_dim
+    bytes_ = streamed_weight_bytes(d, precision) + batch * context * sizing.kv_bytes_per_token(d, kv_cache)
+    flops = batch * (decoder_flops_per_token(d) + 4.0 * d.layers * q_dim * context)
+    t_mem, t_flop = bytes_ / gpu.hbm_bytes_per_s, flops / gpu.bf16_flops
+    t = max(t_mem, t_flop)
+    return {"bytes": bytes_, "flops": flops, "memory_s": t_mem, "compute_s": t_flop, "step_s": t,
+            "bound": "memory" if t_mem >= t_flop else "compute", "tokens_per_s": batch / t,
+            "step_s_at_efficiency": max(t_mem / BANDWIDTH_EFFICIENCY, t_flop / COMPUTE_EFFICIENCY)}
+
+
+def prefill_s(d: sizing.DecoderDims, gpu: Gpu, tokens: int) -> float:
+    flops = decoder_flops_per_token(d) * tokens + 2.0 * d.layers * d.heads * d.head_dim * tokens ** 2
+    return flops / gpu.bf16_flops
+
+
+def project(config: dict, *, label: str, text_tokens: int = 64, batches=(1, 8, 64)) -> dict:
+    d, e = sizing.dims_from_config(config)
+    out = {"label": label, "decoder": sizing.decoder_params(d), "gpus": {},
+           "weights_bytes": {p: sizing.decoder_weight_bytes(d, p) for p in DECODER_PRECISIONS},
+           "streamed_weight_bytes": {p: streamed_weight_bytes(d, p) for p in DECODER_PRECISIONS},
+           "kv_bytes_per_token": {k: sizing.kv_bytes_per_token(d, k) for k in KV_CACHES},
+           "encoder_weight_bytes": sizing.encoder_weight_bytes(e) if e else 0,
+           "encoder_window_flops": encoder_window_flops(e) if e else None,
+           "decoder_flops_per_token": decoder_flops_per_token(d),
+           "assumptions": {"bandwidth_efficiency": BANDWIDTH_EFFICIENCY, "compute_efficiency": COMPUTE_EFFICIENCY,
+                           "text_tokens": text_tokens}}
+    for key, gpu in GPUS.items():
+        g = {"gpu": gpu.name, "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "bf16_flops": gpu.bf16_flops,
+             "encoder_window_s": (encoder_window_flops(e) / gpu.bf16_flops) if e else None, "decode": [],
+             "prefill_s": {}}
+        for seconds in (30, 600):
+            ctx = lengths.audio_tokens_for_samples(seconds * lengths.SAMPLE_RATE) + text_tokens
+            g["prefill_s"][f"{seconds}s"] = prefill_s(d, gpu, ctx)
+            for p in DECODER_PRECISIONS:
+                for kv in KV_CACHES:
+                    for b in batches:
+                        g["decode"].append({"audio_s": seconds, "context": ctx, "precision": p, "kv_cache": kv,
+                                            "batch": b, **decode_step(d, gpu, p, kv, b, ctx)})
+        out["gpus"][key] = g
+    return out
+
+
+def render_markdown(projections: list[dict]) -> str:
+    lines = ["## GPU projection (PROJECTION — computed from the config, not measured)", "",
+             "Formulas and assumptions: see `af3trt/perf/projection.py` (module docstring). Times are roofline lower "
+             f"bounds at 100 % of HBM bandwidth / dense bf16 peak; the 'at eff.' column assumes "
+             f"{BANDWIDTH_EFFICIENCY:.0%} of bandwidth and {COMPUTE_EFFICIENCY:.0%} of peak.", ""]
+    for pr in projections:
+        n = pr["decoder"]["total"]
+        lines += [f"### {pr['label']}", "",
+                  f"Decoder {n / 1e6:,.1f} M parameters; {pr['decoder_flops_per_token'] / 1e9:.2f} GFLOP per token; "
+                  f"encoder {pr['encoder_window_flops'] / 1e9:,.1f} GFLOP per 30-s window; encoder weights "
+                  f"{pr['encoder_weight_bytes'] / 1e6:,.1f} MB (bf16).", "",
+                  "| decoder precision | weights | streamed per step | KV / token (bf16) | KV / token (fp8) |",
+                  "|---|---:|---:|---:|---:|"]
+        for p in DECODER_PRECISIONS:
+            lines.append(f"| {p} | {_bytes(pr['weights_bytes'][p])} | {_bytes(pr['streamed_weight_bytes'][p])} | "
+                         f"{pr['kv_bytes_per_token']['auto']:,} B | {pr['kv_bytes_per_token']['fp8']:,} B |")
+        lines += ["", "| GPU | encoder / window | prefill 30 s | prefill 10 min |", "|---|---:|---:|---:|"]
+        for g in pr["gpus"].values():
+            lines.append(f"| {g['gpu']} | {_t(g['encoder_window_s'])} | {_t(g['prefill_s']['30s'])} | "
+                         f"{_t(g['prefill_s']['600s'])} |")
+        batches = sorted({r["batch"] for g in pr["gpus"].values() for r in g["decode"]})
+        lines += ["", "Decode step, one token for each of B sequences, bf16 KV cache: roofline time (at eff.), and "
+                  "tokens/s at the largest B at 100 %:", "",
+                  "| GPU | audio | precision | " + " | ".join(f"B={b}" for b in batches) + " | tokens/s |",
+                  "|---|---|---|" + "---:|" * (len(batches) + 1)]
+        for key, g in pr["gpus"].items():
+            rows = {}
+            for r in g["decode"]:
+                if r["kv_cache"] == "auto":
+                    rows.setdefault((r["audio_s"], r["precision"]), {})[r["batch"]] = r
+            for (audio_s, prec), by_b in rows.items():
+                if prec == "fp8" and key in NO_FP8:
+                    cells, tps = ["n/a: no FP8 on A100 (SM 8.0)"] + ["—"] * (len(batches) - 1), "—"
+                else:
+                    cells = [f"{_t(by_b[b]['step_s'])} ({_t(by_b[b]['step_s_at_efficiency'])})" for b in batches]
+                    tps = f"{by_b[batches[-1]]['tokens_per_s']:,.0f}"
+                label = f"{audio_s // 60} min" if audio_s >= 60 else f"{audio_s} s"
+                lines.append(f"| {key} | {label} | {prec} | " + " | ".join(cells) + f" | {tps} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _t(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} µs"

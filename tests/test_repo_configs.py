@@ -1,0 +1,398 @@
+"""Both rendered repositories (CPU and GPU targets), read back through Triton's model_config protobuf and checked
+against the tensor contract of every model they connect, and the GPU decoder against TensorRT-LLM 1.2's
+`tensorrtllm` backend contract (triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt and the
+parameters its model_instance_state.cc reads)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from af3trt.build.build_engines import BuildOptions, inspect_checkpoint, serving_limits
+from af3trt.build.gpu_repo import (EXECUTOR_WORKER_PATH, GpuRepoError, TrtllmOptions, decoder_parameters,
+                                   gpu_repo_spec, read_decoder_engine, render_gpu_repository)
+from af3trt.build.repository import render_repository
+from af3trt.build.trt_encoder import encoder_engine_plan, encoder_max_windows
+from af3trt.runtime import lengths
+from af3trt.runtime.prompt import table_extra_ids
+from af3trt.triton_repo import configs
+
+import fake_pb
+
+T = mc.DataType
+MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "af3")
+
+# TensorRT-LLM 1.2 tensorrt_llm/config.pbtxt: name → (dtype, dims, reshape (None: none), optional, allow_ragged_batch).
+# "ENGINE" stands for ${prompt_embedding_table_data_type}, the engine's dtype.
+TRTLLM_INPUTS = {
+    "input_ids": (T.TYPE_INT32, [-1], None, True, True),
+    "input_lengths": (T.TYPE_INT32, [1], [], False, False),
+    "request_output_len": (T.TYPE_INT32, [1], [], False, False),
+    "end_id": (T.TYPE_INT32, [1], [], True, False),
+    "pad_id": (T.TYPE_INT32, [1], [], True, False),
+    "stop_words_list": (T.TYPE_INT32, [2, -1], None, True, True),
+    "bad_words_list": (T.TYPE_INT32, [2, -1], None, True, True),
+    "beam_width": (T.TYPE_INT32, [1], [], True, False),
+    "temperature": (T.TYPE_FP32, [1], [], True, False),
+    "runtime_top_k": (T.TYPE_INT32, [1], [], True, False),
+    "runtime_top_p": (T.TYPE_FP32, [1], [], True, False),
+    "repetition_penalty": (T.TYPE_FP32, [1], [], True, False),
+    "min_tokens": (T.TYPE_INT32, [1], [], True, False),
+    "presence_penalty": (T.TYPE_FP32, [1], [], True, False),
+    "frequency_penalty": (T.TYPE_FP32, [1], [], True, False),
+    "seed": (T.TYPE_UINT64, [1], [], True, False),
+    "return_log_probs": (T.TYPE_BOOL, [1], [], True, False),
+    "return_num_output_tokens": (T.TYPE_BOOL, [1], [], True, False),
+    "exclude_input_in_output": (T.TYPE_BOOL, [1], [], True, False),
+    "streaming": (T.TYPE_BOOL, [1], [], True, False),
+    "prompt_embedding_table": ("ENGINE", [-1, -1], None, True, True),
+    "prompt_table_extra_ids": (T.TYPE_UINT64, [-1], None, True, True),
+    "prompt_vocab_size": (T.TYPE_INT32, [1], [], True, False),
+}
+TRTLLM_OUTPUTS = {
+    "output_ids": (T.TYPE_INT32, [-1, -1]), "sequence_length": (T.TYPE_INT32, [-1]),
+    "cum_log_probs": (T.TYPE_FP32, [-1]), "output_log_probs": (T.TYPE_FP32, [-1, -1]),
+    "num_input_tokens": (T.TYPE_INT32, [1]), "num_output_tokens": (T.TYPE_INT32, [1]),
+    "first_token_time_ns": (T.TYPE_INT64, [1]),
+}
+# Parameters the 1.2 backend reads without a default: a config without them does not load.
+TRTLLM_REQUIRED_PARAMS = ("gpt_model_type", "tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend")
+BACKEND_BOOLS = ("True", "true", "TRUE", "1", "False", "false", "FALSE", "0")  # ModelState::GetParameter<bool>
+
+
+def engine_config(dtype: str, *, vocab: int, hidden: int, mbs: int = 4, max_input_len: int = 16000,
+                  max_seq_len: int = 16600, table: int | None = None, paged_context_fmha: bool = True) -> dict:
+    """The parts of a trtllm-build config.json the repository reads."""
+    return {"version": "1.2.1",
+            "pretrained_config": {"architecture": "Qwen2ForCausalLM", "dtype": dtype, "vocab_size": vocab,
+                                  "hidden_size": hidden, "num_hidden_layers": 2},
+            "build_config": {"max_batch_size": mbs, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
+                             "max_prompt_embedding_table_size": mbs * 15000 if table is None else table,
+                             "plugin_config": {"use_paged_context_fmha": paged_context_fmha}}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_ckpt):
+    return inspect_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def limits(tiny_ckpt, tmp_path_factory):
+    return serving_limits(BuildOptions(hf_model=tiny_ckpt, out=tmp_path_factory.mktemp("o"), max_batch_size=4,
+                                       max_text_len=512, max_output_len=64, default_max_tokens=16))
+
+
+def write_engine(root: Path, cfg: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "rank0.engine").write_bytes(b"engine")
+    return root
+
+
+def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.build_cpu renders
+    return configs.RepoSpec(
+        target="cpu", hidden_size=checkpoint["text_hidden_size"], decoder_dtype="float32",
+        vocab_size=checkpoint["vocab_size"], end_id=checkpoint["end_id"], pad_id=checkpoint["pad_id"],
+        max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
+        max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
+        default_max_tokens=limits["default_max_tokens"],
+        encoder_params={"onnx_path": "artifacts/encoder.onnx", "intra_op_threads": "0"},
+        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits["max_batch_size"]),
+                        "threads": "0"},
+        fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"})
+
+
+def gpu_spec(checkpoint, limits, tmp_path, dtype="bfloat16", options=TrtllmOptions(), **engine_kw):
+    engine_dir = write_engine(tmp_path / f"engine-{dtype}",
+                              engine_config(dtype, vocab=checkpoint["vocab_size"] + 8,
+                                            hidden=checkpoint["text_hidden_size"], **engine_kw))
+    return gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="artifacts/lm",
+                         encoder_max_windows=encoder_max_windows(limits["max_batch_size"], limits["max_audio_windows"]),
+                         options=options), engine_dir
+
+
+def rendered(root: Path) -> dict[str, mc.ModelConfig]:
+    """Every config.pbtxt of a rendered repository, parsed back through model_config_pb2."""
+    out = {}
+    for name in MODELS:
+        out[name] = configs.parse((root / name / "config.pbtxt").read_text())
+        assert out[name].name == name
+    assert sorted(p.name for p in root.iterdir()) == sorted(MODELS)
+    return out
+
+
+def full_shape(cfg: mc.ModelConfig, t) -> list[int]:
+    """The tensor's shape as Triton passes it between models: batching models prepend the batch dimension."""
+    return ([-1] if cfg.max_batch_size > 0 else []) + list(t.dims)
+
+
+def compatible(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
+
+
+def check_repository(cfgs: dict[str, mc.ModelConfig]) -> None:
+    ens = cfgs["af3"]
+    assert ens.platform == "ensemble" and ens.max_batch_size == 0
+    produced = {i.name: (ens, i) for i in ens.input}  # ensemble tensor → (producer config, its io)
+    for step in ens.ensemble_scheduling.step:
+        model = cfgs[step.model_name]
+        ins, outs = {i.name: i for i in model.input}, {o.name: o for o in model.output}
+        for model_in, tensor in step.input_map.items():
+            assert model_in in ins, f"{step.model_name} has no input {model_in}"
+            assert tensor in produced, f"{tensor} is used by {step.model_name} before any step produces it"
+            src_cfg, src = produced[tensor]
+            dst = ins[model_in]
+            assert src.data_type == dst.data_type, (step.model_name, model_in)
+            assert compatible(full_shape(src_cfg, src), full_shape(model, dst)), \
+                (step.model_name, model_in, full_shape(src_cfg, src), full_shape(model, dst))
+        missing = [n for n, i in ins.items() if not i.optional and n not in step.input_map]
+        assert not missing, f"{step.model_name}: required inputs {missing} are not fed"
+        for model_out, tensor in step.output_map.items():
+            assert model_out in outs, f"{step.model_name} has no output {model_out}"
+            assert tensor not in produced, f"{tensor} is produced twice"
+            produced[tensor] = (model, outs[model_out])
+    for o in ens.output:
+        src_cfg, src = produced[o.name]
+        assert src.data_type == o.data_type and compatible(full_shape(src_cfg, src), list(o.dims)), o.name
+    consumed = {t for s in ens.ensemble_scheduling.step for t in s.input_map.values()}
+    assert {i.name for i in ens.input} <= consumed  # every request input reaches a model
+
+    for name, cfg in cfgs.items():
+        if name == "af3":
+            continue
+        assert cfg.model_transaction_policy.decoupled == (name == "decoder"), name
+        assert cfg.HasField("dynamic_batching") == (name in ("encoder", "decoder")), name
+        for i in cfg.input:
+            if i.HasField("reshape"):  # [1] scalars reshaped to []
+                assert math.prod(i.dims) == math.prod(i.reshape.shape) and list(i.dims) == [1], (name, i.name)
+    # one request's windows fit in one encoder batch
+    assert cfgs["encoder"].max_batch_size >= int(cfgs["preprocess"].parameters["max_audio_windows"].string_value)
+
+    request = {i.name: i for i in ens.input}
+    assert not request["text_input"].optional
+    assert all(i.optional for n, i in request.items() if n != "text_input")
+
+
+def check_decoder_contract(dec: mc.ModelConfig, engine_dtype: int) -> None:
+    """Every tensor our decoder declares is the 1.2 backend's, with its dtype, dims, reshape and flags."""
+    for i in dec.input:
+        assert i.name in TRTLLM_INPUTS, f"{i.name} is not a tensorrtllm input"
+        dtype, dims, reshape, optional, ragged = TRTLLM_INPUTS[i.name]
+        assert i.data_type == (engine_dtype if dtype == "ENGINE" else dtype), i.name
+        assert list(i.dims) == dims and i.optional == optional and i.allow_ragged_batch == ragged, i.name
+        assert (list(i.reshape.shape) if i.HasField("reshape") else None) == reshape, i.name
+    required = {n for n, v in TRTLLM_INPUTS.items() if not v[3]}
+    assert required <= {i.name for i in dec.input}
+    for o in dec.output:
+        assert o.name in TRTLLM_OUTPUTS and (o.data_type, list(o.dims)) == TRTLLM_OUTPUTS[o.name], o.name
+    assert dec.model_transaction_policy.decoupled  # streaming needs it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
+    render_repository(tmp_path / "repo", cpu_spec(checkpoint, limits))
+    cfgs = rendered(tmp_path / "repo")
+    check_repository(cfgs)
+    check_decoder_contract(cfgs["decoder"], T.TYPE_FP32)
+    assert cfgs["encoder"].backend == "python" and cfgs["decoder"].backend == "python"
+    assert (tmp_path / "repo" / "encoder" / "1" / "model.py").is_file()
+    assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}  # CPU fusion is unchanged
+    assert "prompt_table_extra_ids" not in cfgs["fusion"].parameters
+
+
+@pytest.mark.parametrize("dtype, triton_dtype", [("bfloat16", T.TYPE_BF16), ("float16", T.TYPE_FP16),
+                                                 ("float32", T.TYPE_FP32)])
+def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dtype):
+    spec, engine_dir = gpu_spec(checkpoint, limits, tmp_path, dtype)
+    plan = tmp_path / "encoder.plan"
+    plan.write_bytes(b"PLAN")
+    out = render_gpu_repository(tmp_path / "repo", spec, encoder_plan=plan)
+    cfgs = rendered(tmp_path / "repo")
+    check_repository(cfgs)
+
+    dec = cfgs["decoder"]
+    check_decoder_contract(dec, triton_dtype)
+    assert dec.backend == "tensorrtllm" and not dec.platform and dec.max_batch_size == limits["max_batch_size"]
+    assert [(g.kind, g.count) for g in dec.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
+    table = {i.name: i for i in dec.input}["prompt_embedding_table"]
+    assert table.data_type == triton_dtype  # the engine's dtype, end to end
+    assert {o.name: o for o in cfgs["fusion"].output}["prompt_embedding_table"].data_type == triton_dtype
+    assert cfgs["fusion"].parameters["dtype"].string_value == dtype
+    assert int(cfgs["fusion"].parameters["vocab_size"].string_value) == checkpoint["vocab_size"] + 8  # engine's
+
+    enc = cfgs["encoder"]
+    assert enc.platform == "tensorrt_plan" and not enc.backend and enc.default_model_filename == "model.plan"
+    assert [g.kind for g in enc.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert enc.max_batch_size == encoder_engine_plan(max_windows=spec.encoder_max_batch).max_windows \
+        == limits["max_batch_size"] * limits["max_audio_windows"]  # Triton batches what the engine profile takes
+    assert (tmp_path / "repo" / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN" and not plan.exists()
+    assert sorted(p.name for p in (tmp_path / "repo" / "encoder" / "1").iterdir()) == ["model.plan"]
+    assert out["encoder_plan"] == str(tmp_path / "repo" / "encoder" / "1" / "model.plan")
+    assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
+        ("input_features", T.TYPE_FP32, [128, 3000]), ("input_features_mask", T.TYPE_INT32, [3000])]
+    assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
+        ("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, checkpoint["text_hidden_size"]])]
+
+    p = {k: v.string_value for k, v in dec.parameters.items()}
+    for k in TRTLLM_REQUIRED_PARAMS:
+        assert k in p, k
+    assert p["gpt_model_type"] == "inflight_fused_batching" and p["gpt_model_path"] == str(engine_dir.resolve())
+    assert Path(p["gpt_model_path"]).is_absolute()
+    assert (p["max_beam_width"], p["kv_cache_free_gpu_mem_fraction"], p["batch_scheduler_policy"]) == \
+        ("1", "0.9", "guaranteed_no_evict")
+    assert (p["enable_kv_cache_reuse"], p["enable_chunked_context"], p["exclude_input_in_output"]) == \
+        ("true", "true", "true")
+    assert p["executor_worker_path"] == EXECUTOR_WORKER_PATH and p["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    assert int(p["cancellation_check_period_ms"]) > 0 and "max_tokens_in_paged_kv_cache" not in p
+    assert p["guided_decoding_backend"] == "" and p["xgrammar_tokenizer_info_path"] == ""  # guided decoding off
+    for k in ("enable_kv_cache_reuse", "enable_chunked_context", "exclude_input_in_output"):
+        assert p[k] in BACKEND_BOOLS
+
+    # KV-cache reuse on: fusion sends the extra ids and the ensemble carries them to the decoder
+    assert {o.name: o for o in cfgs["fusion"].output}["prompt_table_extra_ids"].data_type == T.TYPE_UINT64
+    assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
+    dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder")
+    assert dec_step.input_map["prompt_table_extra_ids"] == "_prompt_table_extra_ids"
+
+
+def test_gpu_repository_without_kv_reuse(checkpoint, limits, tmp_path):
+    opts = TrtllmOptions(enable_kv_cache_reuse=False, enable_chunked_context=False, max_tokens_in_paged_kv_cache=65536,
+                         kv_cache_free_gpu_mem_fraction=0.8)
+    spec, _ = gpu_spec(checkpoint, limits, tmp_path, options=opts)
+    assert not spec.prompt_table_extra_ids
+    cfgs = {n: configs.parse(configs.render(c)) for n, c in configs.all_configs(spec).items()}
+    check_repository(cfgs)
+    p = {k: v.string_value for k, v in cfgs["decoder"].parameters.items()}
+    assert (p["enable_kv_cache_reuse"], p["max_tokens_in_paged_kv_cache"], p["kv_cache_free_gpu_mem_fraction"]) == \
+        ("false", "65536", "0.8")
+    assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}
+    dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder")
+    assert "prompt_table_extra_ids" not in dec_step.input_map
+
+
+def test_kv_reuse_without_extra_ids_is_refused(checkpoint, limits, tmp_path):
+    spec, _ = gpu_spec(checkpoint, limits, tmp_path)
+    for params in (spec.decoder_params, {k: v for k, v in spec.decoder_params.items() if k != "enable_kv_cache_reuse"}):
+        bad = dataclasses.replace(spec, prompt_table_extra_ids=False, decoder_params=params)  # absent = backend's true
+        with pytest.raises(ValueError, match="prompt_table_extra_ids"):
+            configs.decoder_config(bad)
+
+
+@pytest.mark.parametrize("engine_kw, options, match", [
+    (dict(max_input_len=1000), TrtllmOptions(), "max_input_len 1000"),
+    (dict(max_seq_len=15550), TrtllmOptions(), "max_seq_len 15550 < 15576"),
+    (dict(mbs=2), TrtllmOptions(), "max_batch_size 2"),
+    (dict(table=15000), TrtllmOptions(), "max_prompt_embedding_table_size 15000 < 60000"),
+    (dict(paged_context_fmha=False), TrtllmOptions(), "use_paged_context_fmha"),
+])
+def test_engine_that_cannot_serve_the_limits_is_refused(checkpoint, limits, tmp_path, engine_kw, options, match):
+    with pytest.raises(GpuRepoError, match=match):
+        gpu_spec(checkpoint, limits, tmp_path, options=options, **engine_kw)
+
+
+def test_paged_context_off_is_fine_without_reuse_and_chunking(checkpoint, limits, tmp_path):
+    spec, _ = gpu_spec(checkpoint, limits, tmp_path, paged_context_fmha=False,
+                       options=TrtllmOptions(enable_kv_cache_reuse=False, enable_chunked_context=False))
+    assert spec.decoder_params["enable_chunked_context"] == "false"
+
+
+def test_engine_info_and_parameter_errors(checkpoint, limits, tmp_path):
+    ckpt = write_engine(tmp_path / "ckpt", {"architecture": "Qwen2ForCausalLM", "dtype": "bfloat16",
+                                            "vocab_size": 151672, "hidden_size": 3584})
+    info = read_decoder_engine(ckpt)  # a TensorRT-LLM checkpoint: no build limits yet
+    assert (info.dtype, info.vocab_size, info.hidden_size, info.max_input_len) == ("bfloat16", 151672, 3584, None)
+    with pytest.raises(GpuRepoError, match="no config.json"):
+        read_decoder_engine(tmp_path / "nowhere")
+    write_engine(tmp_path / "bad", {"dtype": "int8", "vocab_size": 1, "hidden_size": 1})
+    with pytest.raises(GpuRepoError, match="dtype 'int8'"):
+        read_decoder_engine(tmp_path / "bad")
+    with pytest.raises(GpuRepoError, match="absolute"):
+        decoder_parameters("engines/decoder", TrtllmOptions())
+    for bad in (TrtllmOptions(batch_scheduler_policy="fifo"), TrtllmOptions(kv_cache_free_gpu_mem_fraction=1.5),
+                TrtllmOptions(gpt_model_type="v2"), TrtllmOptions(executor_worker_path="trtllmExecutorWorker")):
+        with pytest.raises(GpuRepoError):
+            decoder_parameters("/engines/decoder", bad)
+    wide = write_engine(tmp_path / "wide", engine_config("bfloat16", vocab=checkpoint["vocab_size"], hidden=128))
+    with pytest.raises(GpuRepoError, match="hidden_size 128 != checkpoint 64"):
+        gpu_repo_spec(checkpoint, limits, engine_dir=wide, tokenizer_dir="t", encoder_max_windows=80)
+    engine_dir = write_engine(tmp_path / "e", engine_config("bfloat16", vocab=checkpoint["vocab_size"],
+                                                            hidden=checkpoint["text_hidden_size"]))
+    with pytest.raises(GpuRepoError, match="at most 4 windows"):
+        gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="t", encoder_max_windows=4)
+    spec = gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="t", encoder_max_windows=20,
+                         engine_dir_at_serve="/models/engine")
+    assert spec.decoder_params["gpt_model_path"] == "/models/engine"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt_table_extra_ids: what fusion sends when KV-cache reuse is on
+
+def test_table_extra_ids_semantics():
+    rng = np.random.default_rng(0)
+    vocab = 100
+    a = rng.standard_normal((5, 8)).astype(np.float32)
+    ids = np.array([1, 2, 100, 101, 102, 103, 104, 7, 8], np.int32)
+    x = table_extra_ids(ids, a, vocab)
+    assert x.dtype == np.uint64 and x.shape == ids.shape
+    assert (x[ids < vocab] == 0).all()  # text tokens
+    assert len(set(x[ids >= vocab].tolist())) == 1 and x[2] >= 1  # one id for the whole table
+    assert (table_extra_ids(ids, a.copy(), vocab) == x).all()  # same audio → same id: the KV cache is shared
+    b = a.copy()
+    b[3, 4] += 1e-3
+    assert table_extra_ids(ids, b, vocab)[2] != x[2]  # different audio → different id: never shared
+    assert table_extra_ids(np.array([1, 2], np.int32), a, vocab).tolist() == [0, 0]  # text-only
+
+
+@pytest.fixture(scope="module")
+def fusion_models(tiny_ckpt, checkpoint, limits, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fusion")
+    spec, _ = gpu_spec(checkpoint, limits, tmp, "bfloat16")
+    spec = dataclasses.replace(spec, fusion_params={"tokenizer_dir": str(tiny_ckpt)})
+    off = dataclasses.replace(spec, prompt_table_extra_ids=False)
+    return [(s, fake_pb.load_model("fusion", configs.fusion_config(s))) for s in (spec, off)]
+
+
+def _fusion_request(embeds, batch, windows):
+    return fake_pb.Request({"text_input": np.array([b"What is said?"], object), "audio_embeds": embeds,
+                            "input_features_mask": batch.mask, "audio_windows": np.array(windows, np.int32)})
+
+
+def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
+    from af3trt.runtime.audio import prepare_clips
+
+    (spec, model), (_, model_off) = fusion_models
+    batch = prepare_clips([speech_bytes])
+    rng = np.random.default_rng(1)
+    e1 = rng.standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
+    e2 = rng.standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
+    r1, r1_again, r2 = model.execute([_fusion_request(e1, batch, [1]), _fusion_request(e1, batch, [1]),
+                                      _fusion_request(e2, batch, [1])])
+    declared = {o.name for o in configs.fusion_config(spec).output}
+    for r in (r1, r1_again, r2):
+        assert not r.has_error(), r.error
+        assert set(r.outputs) == declared
+    ids = r1.outputs["input_ids"].as_numpy()[0]
+    x1 = r1.outputs["prompt_table_extra_ids"].as_numpy()
+    assert x1.dtype == np.uint64 and x1.shape == (1, len(ids))  # one per input token
+    fake = ids >= spec.vocab_size
+    assert fake.sum() == batch.tokens_per_clip[0]
+    assert (x1[0, ~fake] == 0).all() and len(set(x1[0, fake].tolist())) == 1 and x1[0, fake][0] >= 1
+    assert (r1_again.outputs["prompt_table_extra_ids"].as_numpy() == x1).all()
+    assert r2.outputs["prompt_table_extra_ids"].as_numpy()[0, fake][0] != x1[0, fake][0]
+
+    text_only = fake_pb.Request({"text_input": np.array([b"Hello"], object),
+                                 "audio_embeds": np.zeros((1, 750, spec.hidden_size), np.float32),
+                                 "input_features_mask": np.zeros((1, 3000), np.int32),
+                                 "audio_windows": np.zeros((0,), np.int32)})
+    (rt,) = model.execute([text_only])
+    assert not rt.has_error() and (rt.outputs["prompt_table_extra_ids"].as_numpy() == 0).all()
+
+    (r_off,) = model_off.execute([_fusion_request(e1, batch, [1])])
+    assert "prompt_table_extra_ids" not in r_off.outputs

@@ -1,0 +1,334 @@
+"""The encoder's TensorRT build (build/trt_encoder.py) against a fake `tensorrt` module that records every call.
+
+Nothing here runs TensorRT: the fake checks that the documented TensorRT 10.14 Python API is called as intended
+(strongly typed network, ONNX parser, workspace pool, one window-axis profile, timing cache, serialized build) and
+that failures come back as clear errors.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import types
+
+import pytest
+
+from af3trt.build import trt_encoder
+from af3trt.build.trt_encoder import (EncoderEngineError, TensorRTUnavailable, build_encoder_engine,
+                                      encoder_engine_plan, encoder_max_windows)
+from af3trt.runtime import lengths
+
+H = 64
+
+
+class FakeTensor:
+    def __init__(self, name, dtype, shape):
+        self.name, self.dtype, self.shape = name, dtype, tuple(shape)
+
+
+def encoder_io(trt, features_dtype=None, drop_mask=False, frames=3000):
+    inputs = [FakeTensor("input_features", features_dtype or trt.float32, (-1, 128, frames))]
+    if not drop_mask:
+        inputs.append(FakeTensor("input_features_mask", trt.int32, (-1, frames)))
+    return inputs, [FakeTensor("audio_embeds", trt.float32, (-1, 750, H))]
+
+
+def make_fake_trt(*, parse_ok=True, build_ok=True, accept_cache=True, io=None):
+    """A `tensorrt` stand-in; `trt.calls` lists (api, args) in call order."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.14.1.48"
+    calls = trt.calls = []
+    trt.float32, trt.float16, trt.int32 = "DataType.FLOAT", "DataType.HALF", "DataType.INT32"
+
+    def record(name, *args):
+        calls.append((name, args))
+
+    class Logger:
+        WARNING, VERBOSE = "WARNING", "VERBOSE"
+
+        def __init__(self, severity):
+            record("Logger", severity)
+
+    class NetworkDefinitionCreationFlag(enum.IntEnum):
+        EXPLICIT_BATCH = 0
+        STRONGLY_TYPED = 1
+
+    class MemoryPoolType(enum.Enum):
+        WORKSPACE = 0
+
+    class Network:
+        def __init__(self):
+            self.inputs, self.outputs = [], []
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+    class ParserError:
+        def desc(self):
+            return "Unsupported operator Foo"
+
+        def node(self):
+            return 7
+
+        def node_name(self):
+            return "/audio_tower/Foo"
+
+        def node_operator(self):
+            return "Foo"
+
+        def code(self):
+            return "ErrorCode.UNSUPPORTED_NODE"
+
+        def file(self):
+            return "onnxOpImporters.cpp"
+
+        def line(self):
+            return 123
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            record("OnnxParser", network, logger)
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            record("parse_from_file", path)
+            if not parse_ok:
+                self.num_errors = 2
+                return False
+            self.network.inputs, self.network.outputs = io or encoder_io(trt)
+            return True
+
+        def get_error(self, i):
+            return ParserError()
+
+    class Profile:
+        def set_shape(self, name, mn, opt, mx):
+            record("set_shape", name, tuple(mn), tuple(opt), tuple(mx))
+
+    class TimingCache:
+        def __init__(self, blob):
+            self.blob = bytes(blob)
+
+        def serialize(self):
+            record("serialize_cache")
+            return self.blob + b"+timings"
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            record("set_memory_pool_limit", pool, size)
+
+        def set_flag(self, flag):  # weakly typed precision flags must never be set
+            record("set_flag", flag)
+
+        def add_optimization_profile(self, profile):
+            record("add_optimization_profile", profile)
+            return 0
+
+        def create_timing_cache(self, blob):
+            record("create_timing_cache", bytes(blob))
+            return TimingCache(blob)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            record("set_timing_cache", cache, ignore_mismatch)
+            return accept_cache
+
+    class Builder:
+        def __init__(self, logger):
+            record("Builder", logger)
+
+        def create_network(self, flags):
+            record("create_network", flags)
+            return Network()
+
+        def create_builder_config(self):
+            record("create_builder_config")
+            return Config()
+
+        def create_optimization_profile(self):
+            record("create_optimization_profile")
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            record("build_serialized_network", network, config)
+            return b"PLAN-BYTES" if build_ok else None
+
+    for cls in (Logger, NetworkDefinitionCreationFlag, MemoryPoolType, OnnxParser, Builder):
+        setattr(trt, cls.__name__, cls)
+    return trt
+
+
+@pytest.fixture
+def onnx_file(tmp_path):
+    p = tmp_path / "encoder.fp16.onnx"
+    p.write_bytes(b"not parsed by the fake")
+    return p
+
+
+def names(trt):
+    return [c[0] for c in trt.calls]
+
+
+def only(trt, name):
+    return [args for n, args in trt.calls if n == name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+LIMITS = [  # (max_batch_size, max_audio_windows, opt_windows) → expected (max, opt)
+    (8, 20, None, 160, 80),
+    (1, 1, None, 1, 1),
+    (4, 2, None, 8, 4),
+    (3, 20, 20, 60, 20),
+    (16, 1, 1, 16, 1),
+]
+
+
+@pytest.mark.parametrize("mbs, windows, opt, want_max, want_opt", LIMITS)
+def test_plan_profile_for_limits(mbs, windows, opt, want_max, want_opt):
+    max_w = encoder_max_windows(mbs, windows)
+    plan = encoder_engine_plan(max_windows=max_w, opt_windows=opt, workspace_gb=2)
+    assert (plan.max_windows, plan.opt_windows) == (want_max, want_opt)
+    feats, mask = plan.profile
+    assert feats.name == "input_features" and feats.dtype == "float32"
+    assert (feats.min, feats.opt, feats.max) == ((1, 128, 3000), (want_opt, 128, 3000), (want_max, 128, 3000))
+    assert mask.name == "input_features_mask" and mask.dtype == "int32"
+    assert (mask.min, mask.opt, mask.max) == ((1, 3000), (want_opt, 3000), (want_max, 3000))
+    assert plan.strongly_typed and plan.precision_flags == () and plan.workspace_bytes == 2 << 30
+    assert feats.max[1:] == (lengths.N_MELS, lengths.WINDOW_FRAMES)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(max_windows=0), "max_windows"),
+                                       (dict(max_windows=4, opt_windows=5), "opt"),
+                                       (dict(max_windows=4, opt_windows=0), "opt"),
+                                       (dict(max_windows=4, workspace_gb=0), "workspace")])
+def test_plan_rejects_bad_limits(kw, match):
+    with pytest.raises(ValueError, match=match):
+        encoder_engine_plan(**kw)
+    with pytest.raises(ValueError):
+        encoder_max_windows(0, 20)
+
+
+@pytest.mark.parametrize("mbs, windows, opt, want_max, want_opt", LIMITS)
+def test_build_calls_the_tensorrt_api(monkeypatch, onnx_file, tmp_path, mbs, windows, opt, want_max, want_opt):
+    trt = make_fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    plan_path = tmp_path / "repo" / "encoder" / "1" / "model.plan"
+    report = build_encoder_engine(onnx_file, plan_path, max_windows=encoder_max_windows(mbs, windows),
+                                  opt_windows=opt, workspace_gb=4)
+
+    assert names(trt) == [
+        "Logger", "Builder", "create_network", "OnnxParser", "parse_from_file", "create_builder_config",
+        "set_memory_pool_limit", "create_optimization_profile", "set_shape", "set_shape", "add_optimization_profile",
+        "create_timing_cache", "set_timing_cache", "build_serialized_network"]
+    assert only(trt, "Logger") == [("WARNING",)]
+    assert only(trt, "create_network") == [(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED),)] == [(2,)]
+    assert only(trt, "parse_from_file") == [(str(onnx_file),)]  # from the file: external weights resolve beside it
+    assert only(trt, "set_memory_pool_limit") == [(trt.MemoryPoolType.WORKSPACE, 4 << 30)]
+    assert only(trt, "set_shape") == [
+        ("input_features", (1, 128, 3000), (want_opt, 128, 3000), (want_max, 128, 3000)),
+        ("input_features_mask", (1, 3000), (want_opt, 3000), (want_max, 3000))]
+    assert only(trt, "set_flag") == []  # no FP16/BF16/INT8/FP8 builder flags: the precision is in the ONNX
+    assert only(trt, "create_timing_cache") == [(b"",)]  # no cache file: a fresh one
+    (_, ignore_mismatch), = only(trt, "set_timing_cache")
+    assert ignore_mismatch is False
+    network = only(trt, "OnnxParser")[0][0]
+    assert only(trt, "build_serialized_network")[0][0] is network
+
+    assert plan_path.read_bytes() == b"PLAN-BYTES" and report["plan_bytes"] == 10
+    assert report["tensorrt_version"] == "10.14.1.48"
+    assert report["engine_plan"]["max_windows"] == want_max and report["engine_plan"]["opt_windows"] == want_opt
+    assert report["network"]["inputs"]["input_features"] == {"dtype": trt.float32, "shape": [-1, 128, 3000]}
+    assert report["timing_cache"] == {"path": None, "loaded_bytes": 0, "saved_bytes": 0}
+    assert not list(plan_path.parent.glob(".*tmp*"))  # written atomically
+
+
+def test_timing_cache_is_loaded_and_saved(monkeypatch, onnx_file, tmp_path):
+    cache = tmp_path / "artifacts" / "encoder.timing.cache"
+    trt = make_fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    r1 = build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8, timing_cache=cache)
+    assert only(trt, "create_timing_cache") == [(b"",)]
+    assert cache.read_bytes() == b"+timings" and r1["timing_cache"]["saved_bytes"] == len(b"+timings")
+    assert names(trt)[-1] == "serialize_cache"  # serialized after the build, with what the build measured
+
+    trt2 = make_fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt2)
+    r2 = build_encoder_engine(onnx_file, tmp_path / "b.plan", max_windows=8, timing_cache=cache)
+    assert only(trt2, "create_timing_cache") == [(b"+timings",)]  # the previous build's cache is reused
+    assert cache.read_bytes() == b"+timings+timings"
+    assert r2["timing_cache"]["loaded_bytes"] == len(b"+timings")
+
+
+def test_refused_timing_cache_is_an_error(monkeypatch, onnx_file, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(accept_cache=False))
+    with pytest.raises(EncoderEngineError, match="refused the timing cache"):
+        build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8, timing_cache=tmp_path / "c")
+
+
+def test_parser_errors_are_reported(monkeypatch, onnx_file, tmp_path):
+    trt = make_fake_trt(parse_ok=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(EncoderEngineError) as err:
+        build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8)
+    msg = str(err.value)
+    assert "rejected" in msg and "2 error(s)" in msg and str(onnx_file) in msg
+    for part in ("Unsupported operator Foo", "/audio_tower/Foo", "(Foo)", "UNSUPPORTED_NODE", "onnxOpImporters.cpp:123"):
+        assert part in msg
+    assert "build_serialized_network" not in names(trt) and not (tmp_path / "a.plan").exists()
+
+
+@pytest.mark.parametrize("io_kw, match", [
+    (dict(features_dtype="DataType.HALF"), "input_features is DataType.HALF, expected float32"),
+    (dict(drop_mask=True), "inputs are"),
+    (dict(frames=1500), r"dims \[-1, 128, 1500\]"),
+])
+def test_network_that_is_not_the_encoder_is_refused(monkeypatch, onnx_file, tmp_path, io_kw, match):
+    trt = make_fake_trt()
+    trt_io = encoder_io(trt, **io_kw)
+    trt = make_fake_trt(io=trt_io)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(EncoderEngineError, match=match):
+        build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8)
+    assert "build_serialized_network" not in names(trt)
+
+
+def test_failed_build_is_an_error(monkeypatch, onnx_file, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(build_ok=False))
+    with pytest.raises(EncoderEngineError, match="could not build"):
+        build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8)
+    assert not (tmp_path / "a.plan").exists()
+
+
+def test_missing_onnx_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    with pytest.raises(EncoderEngineError, match="no such ONNX"):
+        build_encoder_engine(tmp_path / "nope.onnx", tmp_path / "a.plan", max_windows=8)
+
+
+@pytest.mark.parametrize("precision, sm, ok", [("fp8", 89, True), ("fp8", 90, True), ("fp8", 80, False),
+                                               ("fp8", 86, False), ("bf16", 80, True), ("bf16", 75, False),
+                                               ("int8", 75, True), ("fp16", 100, True), ("fp8", None, True)])
+def test_encoder_precision_against_the_gpu(precision, sm, ok):
+    if ok:
+        trt_encoder.check_encoder_precision(precision, sm)
+    else:
+        with pytest.raises(ValueError, match=precision):
+            trt_encoder.check_encoder_precision(precision, sm)
+    with pytest.raises(ValueError, match="one of"):
+        trt_encoder.check_encoder_precision("int4", 90)
+
+
+def test_clear_error_when_tensorrt_is_missing(monkeypatch, onnx_file, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    with pytest.raises(TensorRTUnavailable, match=r"TensorRT 10\.14") as err:
+        build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8)
+    assert "tritonserver" in str(err.value) and "CPU target" in str(err.value)
+    assert isinstance(err.value, ImportError) and not (tmp_path / "a.plan").exists()
+    # the module itself and the pure plan need no TensorRT
+    assert trt_encoder.encoder_engine_plan(max_windows=2).max_windows == 2
