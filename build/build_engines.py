@@ -20,7 +20,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -46,14 +46,14 @@ class BuildOptions:
     max_output_len: int = 512
     default_max_tokens: int = 128
     # CPU backends
-    encoder_precision: str = "fp32"  # fp32 | int8 (ONNX Runtime dynamic quantization)
+    encoder_precision: str | None = None  # cpu: fp32 | int8 (ORT dynamic); gpu: fp16 | bf16 | fp32 | int8 | fp8
     cpu_threads: int = 0  # 0 = the runtimes' defaults
     encoder_max_batch: int = 64
     encoder_queue_delay_us: int = 2000  # the encoder's dynamic batcher waits this long for more windows
     preprocess_instances: int = 1
     encoder_instances: int = 1
-    # GPU target (see build/gpu_build.py)
-    gpu: dict = field(default_factory=dict)
+    # GPU target (build/gpu_build.py)
+    gpu: "GpuOptions | None" = None
 
 
 class Progress:
@@ -189,15 +189,31 @@ def build(opts: BuildOptions) -> Path:
     opts.hf_model, opts.out = Path(opts.hf_model).resolve(), Path(opts.out).resolve()
     if opts.target not in ("cpu", "gpu"):
         raise BuildError(f"--target must be cpu or gpu, got {opts.target!r}")
-    if opts.encoder_precision not in ("fp32", "int8"):
-        raise BuildError(f"--encoder-precision must be fp32 or int8 on the CPU target, got {opts.encoder_precision!r}")
+    if opts.target == "cpu":
+        opts.encoder_precision = opts.encoder_precision or "fp32"
+        if opts.encoder_precision not in ("fp32", "int8"):
+            raise BuildError(f"--encoder-precision must be fp32 or int8 on the CPU target, got {opts.encoder_precision!r}")
+        total = 5 if opts.encoder_precision == "int8" else 4
+    else:
+        from af3trt.build.gpu_build import GpuBuildError, GpuOptions, check_target
+
+        opts.gpu = opts.gpu or GpuOptions()
+        if opts.encoder_precision:
+            opts.gpu.encoder_precision = opts.encoder_precision
+        opts.encoder_precision = opts.gpu.encoder_precision
+        try:
+            opts.gpu.check()
+            check_target(opts.gpu)  # refuse what the GPU cannot run before any work
+        except GpuBuildError as e:
+            raise BuildError(str(e)) from None
+        total = 5 + opts.gpu.accuracy_report + (0 if opts.gpu.prepare_only else 3)
     if opts.out.exists() and not opts.force:
         raise BuildError(f"{opts.out} exists: pass --force to replace it (the old one is removed only after the "
                          f"new build succeeds)")
     if not opts.hf_model.is_dir():
         raise BuildError(f"--hf-model {opts.hf_model} is not a directory")
 
-    prog = Progress(total=5 if opts.encoder_precision == "int8" else 4)
+    prog = Progress(total=total)
     manifest = {"af3trt_manifest": 1, "target": opts.target, "created_unix": int(time.time()),
                 "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
                 "versions": versions(), "options": {k: str(v) for k, v in asdict(opts).items()},
@@ -230,8 +246,9 @@ def build(opts: BuildOptions) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    print(f"model repository: {opts.out / 'model_repository'}\nmanifest:         {opts.out / 'manifest.json'}",
-          flush=True)
+    if (opts.out / "model_repository").exists():
+        print(f"model repository: {opts.out / 'model_repository'}", flush=True)
+    print(f"manifest:         {opts.out / 'manifest.json'}", flush=True)
     return opts.out
 
 
@@ -247,7 +264,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-text-len", type=int, default=1024, help="text tokens per request besides audio tokens")
     ap.add_argument("--max-output-len", type=int, default=512)
     ap.add_argument("--default-max-tokens", type=int, default=128)
-    ap.add_argument("--encoder-precision", default="fp32", help="cpu: fp32 | int8 (ORT dynamic)")
+    ap.add_argument("--encoder-precision", default=None,
+                    help="cpu: fp32 (default) | int8 (ORT dynamic); gpu: fp16 (default) | bf16 | fp32 | int8 | fp8")
     ap.add_argument("--cpu-threads", type=int, default=0,
                     help="threads per ONNX Runtime / torch model: encoder, decoder, preprocess (0: their defaults)")
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
@@ -255,13 +273,33 @@ def parser() -> argparse.ArgumentParser:
                     help="how long the encoder's dynamic batcher waits to gather windows")
     ap.add_argument("--preprocess-instances", type=int, default=1, help="instances of the preprocess model")
     ap.add_argument("--encoder-instances", type=int, default=1, help="instances of the encoder model")
+    gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
+    gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
+    gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")
+    gpu.add_argument("--tp-size", type=int, default=1)
+    gpu.add_argument("--gpu", default=None, help="declare the target GPU (h100, a100, l40s, …) when building elsewhere")
+    gpu.add_argument("--calib-audio", action="append", default=[], type=Path,
+                     help="audio file for the encoder's INT8/FP8 calibration (repeatable; default: bundled clip)")
+    gpu.add_argument("--prepare-only", action="store_true",
+                     help="stop before the engine builds; write artifacts/gpu_build_plan.json")
+    gpu.add_argument("--engine-dir-at-serve", default=None,
+                     help="absolute path of the decoder engine inside the serving container")
+    gpu.add_argument("--no-accuracy-report", action="store_true")
     return ap
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    opts = BuildOptions(**{k: v for k, v in vars(args).items()})
+    v = vars(args)
+    gpu_keys = ("precision", "kv_cache", "tp_size", "gpu", "calib_audio", "prepare_only", "engine_dir_at_serve")
+    gpu_kw = {k: v.pop(k) for k in gpu_keys}
+    accuracy = not v.pop("no_accuracy_report")
+    opts = BuildOptions(**v)
+    if opts.target == "gpu":
+        from af3trt.build.gpu_build import GpuOptions
+
+        opts.gpu = GpuOptions(**gpu_kw, accuracy_report=accuracy)
     try:
         build(opts)
     except BuildError as e:

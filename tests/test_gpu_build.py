@@ -1,0 +1,115 @@
+"""`build_engines.py --target gpu` end to end without a GPU: everything that runs anywhere runs for real
+(ONNX export and cast, LM extraction, modelopt TRT-LLM checkpoint, CPU accuracy report); the two engine builders
+are stand-ins (a fake `tensorrt` module and a fake `trtllm-build` on PATH) so the orchestration, the engine
+build commands and the rendered repository are checked against their contracts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from af3trt.build.build_engines import BuildError, BuildOptions, build, main
+from af3trt.build.gpu_build import GpuOptions
+from af3trt.triton_repo import configs
+
+from test_trt_encoder import make_fake_trt
+
+FAKE_TRTLLM_BUILD = textwrap.dedent('''\
+    #!{python}
+    """Stands in for trtllm-build: records its argv, writes an engine dir as 1.2 lays it out."""
+    import json, sys, pathlib
+    args = sys.argv[1:]
+    opt = {{args[i][2:]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}}
+    ckpt = json.loads((pathlib.Path(opt["checkpoint_dir"]) / "config.json").read_text())
+    out = pathlib.Path(opt["output_dir"]); out.mkdir(parents=True, exist_ok=True)
+    (out / "argv.json").write_text(json.dumps(args))
+    build = {{k: int(opt[k]) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
+                                       "max_prompt_embedding_table_size")}}
+    build["plugin_config"] = {{"use_paged_context_fmha": opt.get("use_paged_context_fmha") == "enable"}}
+    (out / "config.json").write_text(json.dumps({{"version": "1.2.1", "pretrained_config": ckpt,
+                                                  "build_config": build}}))
+    (out / "rank0.engine").write_bytes(b"ENGINE")
+    print("[TRT-LLM] Total time of building all engines: 00:00:01")
+''')
+
+
+@pytest.fixture
+def fake_gpu_tools(monkeypatch, tmp_path):
+    trt = make_fake_trt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "trtllm-build"
+    exe.write_text(FAKE_TRTLLM_BUILD.format(python=sys.executable))
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return trt
+
+
+def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_tools):
+    out = tmp_path / "gpu"
+    build(BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu", max_batch_size=4, max_audio_seconds=60,
+                       max_text_len=256, max_output_len=64,
+                       gpu=GpuOptions(precision="fp8", kv_cache="fp8", gpu="h100", encoder_precision="fp16")))
+    repo = out / "model_repository"
+    enc = configs.parse((repo / "encoder" / "config.pbtxt").read_text())
+    dec = configs.parse((repo / "decoder" / "config.pbtxt").read_text())
+    assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 4 * 2
+    assert (repo / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN-BYTES"
+    assert dec.backend == "tensorrtllm" and dec.model_transaction_policy.decoupled
+    assert dec.parameters["gpt_model_path"].string_value == str(out / "artifacts" / "engine")  # where it ends up
+    assert (out / "artifacts" / "engine" / "rank0.engine").exists()
+    ckpt_cfg = json.loads((out / "artifacts" / "trtllm_checkpoint" / "config.json").read_text())
+    table = next(i for i in dec.input if i.name == "prompt_embedding_table")
+    assert configs.mc.DataType.Name(table.data_type) == configs.mc.DataType.Name(configs.DTYPES[ckpt_cfg["dtype"]])
+    fusion = configs.parse((repo / "fusion" / "config.pbtxt").read_text())
+    assert fusion.parameters["vocab_size"].string_value == str(ckpt_cfg["vocab_size"])  # the engine's vocab
+    assert ckpt_cfg["rotary_base"] == 1e6 and ckpt_cfg["quantization"]["quant_algo"] == "FP8"
+
+    argv = json.loads((out / "artifacts" / "engine" / "argv.json").read_text())
+    assert argv[argv.index("--max_prompt_embedding_table_size") + 1] == str(4 * 2 * 750)
+    assert argv[argv.index("--max_input_len") + 1] == str(256 + 2 * 750)
+    assert argv[argv.index("--use_fp8_context_fmha") + 1] == "enable"
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"] == "gpu" and m["precisions"]["decoder"] == "fp8" and m["precisions"]["kv_cache"] == "fp8"
+    acc = m["validation"]["decoder_accuracy"]
+    assert 0 <= acc["token_agreement"] <= 1 and acc["mean_kl"] >= 0
+    assert m["validation"]["encoder_engine_onnx"]["validation"]["cosine"] > 0.999
+    assert m["encoder_engine"]["engine_plan"]["max_windows"] == 8
+    names = [c[0] for c in fake_gpu_tools.calls]
+    assert "build_serialized_network" in names and "set_flag" not in names
+
+
+def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
+    out = tmp_path / "prep"
+    main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "int8_wo",
+          "--gpu", "a100", "--prepare-only", "--no-accuracy-report", "--max-audio-seconds", "30"])
+    plan = json.loads((out / "artifacts" / "gpu_build_plan.json").read_text())
+    cmd = plan["trtllm_build_command"]
+    assert cmd.startswith("trtllm-build --checkpoint_dir " + str(out / "artifacts" / "trtllm_checkpoint"))
+    assert ".building-" not in json.dumps(plan)  # paths are the final ones, not the scratch directory's
+    assert plan["encoder"]["profile"]["max_windows"] == 8  # max_batch_size 8 × one 30-s window
+    assert not (out / "model_repository").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["trtllm_checkpoint"]["quant_algo"] == "W8A16" and "decoder_accuracy" not in m["validation"]
+
+
+def test_fp8_refused_on_a100_before_any_work(tiny_ckpt, tmp_path):
+    with pytest.raises(BuildError, match="SM 8.9"):
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu",
+                           gpu=GpuOptions(precision="fp8", gpu="a100")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_trtllm_build_is_a_clear_error(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with pytest.raises(Exception, match="trtllm-build"):
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,
+                           gpu=GpuOptions(precision="bf16", gpu="h100", accuracy_report=False)))
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
