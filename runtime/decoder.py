@@ -280,6 +280,7 @@ class DecoderEngine:
             seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
             seq.seen[seq.ids[seq.ids < self.vocab_size]] = True
         cache = DynamicCache(config=self.model.config)
+        cache.layers[:] = [_append_layer() for _ in cache.layers]  # full attention only (checked at load)
         embeds = self._embed(seq.ids, r.prompt_table)  # [L, H]
         out = self.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq.pos = seq.ids.shape[0]
@@ -404,6 +405,54 @@ class DecoderEngine:
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
+
+
+_GROW_TOKENS = 64  # spare positions allocated with a layer's buffer (and at least a quarter of its length)
+
+
+def _append_layer():
+    """A transformers DynamicLayer that appends in place (the class is made on first use: transformers is lazy)."""
+    global _AppendLayer
+    if _AppendLayer is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class AppendLayer(DynamicLayer):
+            """keys/values are views [B, kv_heads, T, head_dim] of buffers with spare room along T: a decode step
+            writes its new position in place instead of copying the whole cache (DynamicLayer's torch.cat, which on
+            CPU cost as much as the step's matmuls at batch 16). The attention reads the same values through a view,
+            so results are unchanged. When the engine replaces keys/values wholesale (join, select), the next update
+            copies them into a new buffer."""
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                n, add = self.get_seq_length(), key_states.shape[-2]
+                kbuf, vbuf = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+                if not (_views(self.keys, kbuf, n) and _views(self.values, vbuf, n)) or kbuf.shape[-2] < n + add:
+                    b, h, _, d = key_states.shape
+                    cap = n + add + max(_GROW_TOKENS, (n + add) // 4)
+                    kbuf = key_states.new_empty(b, h, cap, d)
+                    vbuf = value_states.new_empty(b, h, cap, value_states.shape[-1])
+                    if n:
+                        kbuf[:, :, :n] = self.keys
+                        vbuf[:, :, :n] = self.values
+                    self._kbuf, self._vbuf = kbuf, vbuf
+                kbuf[:, :, n: n + add] = key_states
+                vbuf[:, :, n: n + add] = value_states
+                self.keys, self.values = kbuf[:, :, : n + add], vbuf[:, :, : n + add]
+                return self.keys, self.values
+
+        _AppendLayer = AppendLayer
+    return _AppendLayer()
+
+
+_AppendLayer = None
+
+
+def _views(t: torch.Tensor | None, buf: torch.Tensor | None, n: int) -> bool:
+    """t is buf[:, :, :n] (the layer's keys/values were not replaced since the last update)."""
+    return (t is not None and buf is not None and t.data_ptr() == buf.data_ptr() and t.shape[:2] == buf.shape[:2]
+            and t.shape[-2] == n and t.stride() == buf.stride())
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,21 +12,8 @@ from af3trt.build.sizing import (decoder_params, decoder_weight_bytes, dims_from
                                  render_markdown, sizing_table)
 
 # AF3 (nvidia/audio-flamingo-3-hf): Qwen2.5-7B decoder, Whisper-large-v3 encoder.
-AF3_CONFIG = {
-    "architectures": ["AudioFlamingo3ForConditionalGeneration"],
-    "model_type": "audioflamingo3",
-    "projector_bias": True,
-    "projector_hidden_act": "gelu",
-    "audio_token_id": 151669,
-    "audio_config": {"model_type": "audioflamingo3_encoder", "hidden_size": 1280, "num_hidden_layers": 32,
-                     "num_attention_heads": 20, "intermediate_size": 5120, "num_mel_bins": 128,
-                     "max_source_positions": 1500},
-    "text_config": {"model_type": "qwen2", "vocab_size": 151672, "hidden_size": 3584, "num_hidden_layers": 28,
-                    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
-                    "max_position_embeddings": 32768, "rope_parameters": {"rope_type": "default",
-                                                                          "rope_theta": 1000000.0},
-                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "dtype": "bfloat16"},
-}
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "af3-reference"
+AF3_CONFIG = json.loads((REFERENCE / "config.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +95,12 @@ def test_formulas_match_real_models(tiny_ckpt):
     assert encoder_params(enc)["projector"] == count["multi_modal_projector"]
     # a bare Qwen2 config: no encoder
     assert dims_from_config(config["text_config"])[1] is None
+
+
+def test_committed_sizing_doc_is_what_the_code_computes(capsys):
+    """docs/sizing.md is generated (scripts/gen_docs.sh), never typed: it must equal the code's output."""
+    for gpu in ("h100", "a100"):
+        main(["--hf-model", str(REFERENCE), "--gpu", gpu])
+    generated = capsys.readouterr().out
+    committed = (REFERENCE.parent / "sizing.md").read_text(encoding="utf-8")
+    assert generated in committed
