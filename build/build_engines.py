@@ -255,8 +255,8 @@ def build(opts: BuildOptions) -> Path:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="af3trt build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf-model", required=True, type=Path, help="Hugging Face AF3 checkpoint directory")
-    ap.add_argument("--out", required=True, type=Path, help="output directory (repository, artifacts, manifest)")
+    ap.add_argument("--hf-model", type=Path, help="Hugging Face AF3 checkpoint directory")
+    ap.add_argument("--out", type=Path, help="output directory (repository, artifacts, manifest)")
     ap.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
     ap.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in the decoder")
@@ -285,13 +285,28 @@ def parser() -> argparse.ArgumentParser:
     gpu.add_argument("--engine-dir-at-serve", default=None,
                      help="absolute path of the decoder engine inside the serving container")
     gpu.add_argument("--no-accuracy-report", action="store_true")
+    gpu.add_argument("--from-prepared", type=Path, default=None, metavar="OUT",
+                     help="build the engines and the repository of a --prepare-only output (on the GPU host)")
     return ap
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
     v = vars(args)
+    prepared = v.pop("from_prepared")
+    if prepared is not None:
+        from af3trt.build.gpu_build import build_from_prepared
+
+        try:
+            build_from_prepared(prepared)
+        except BuildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        return
+    if args.hf_model is None or args.out is None:
+        ap.error("--hf-model and --out are required (or --from-prepared OUT)")
     gpu_keys = ("precision", "kv_cache", "tp_size", "gpu", "calib_audio", "prepare_only", "engine_dir_at_serve")
     gpu_kw = {k: v.pop(k) for k in gpu_keys}
     accuracy = not v.pop("no_accuracy_report")

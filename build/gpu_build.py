@@ -16,7 +16,9 @@ a machine lacking TensorRT / trtllm-build fails at that step with a clear messag
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,9 +69,7 @@ def check_target(g: GpuOptions):
 
 def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
     """Called by build_engines.build() inside its scratch directory `work` (moved to opts.out at the end)."""
-    from af3trt.build.gpu_repo import gpu_repo_spec, render_gpu_repository
-    from af3trt.build.trt_encoder import build_encoder_engine, encoder_engine_plan, encoder_max_windows
-    from af3trt.build.trtllm_engine import ServingLimits, decoder_accuracy_report, plan_trtllm_build, run_trtllm_build
+    from af3trt.build.trtllm_engine import decoder_accuracy_report
     from af3trt.export.extract_lm import extract_language_model
     from af3trt.export.onnx_export import export_encoder
     from af3trt.export.onnx_quant import calibration_set, prepare_encoder
@@ -107,37 +107,98 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
             acc = decoder_accuracy_report(art / "lm", g.precision, g.kv_cache)
             manifest["validation"]["decoder_accuracy"] = acc
 
-    max_windows = encoder_max_windows(limits["max_batch_size"], limits["max_audio_windows"])
-    serving = ServingLimits(max_batch_size=limits["max_batch_size"], max_audio_seconds=limits["max_audio_seconds"],
-                            max_text_input_len=opts.max_text_len, max_output_len=limits["max_output_len"],
-                            tp_size=g.tp_size)
-    engine_dir = art / "engine"
-    trtllm = plan_trtllm_build(art / "trtllm_checkpoint", engine_dir, serving, g.precision, g.kv_cache,
-                               limits["audio_tokens_per_request"], timing_cache=art / "trtllm.timing.cache", gpu=gpu)
-    encoder_plan = encoder_engine_plan(max_windows=max_windows)
-    plan = {
-        "encoder": {"onnx": str(final_art / enc_onnx.name), "plan": str(final_art / "encoder.plan"),
-                    "profile": asdict(encoder_plan)},
-        "trtllm_build": trtllm.as_dict(),
-        "trtllm_build_command": "trtllm-build " + " ".join(shlex.quote(a) for a in trtllm.args).replace(
-            str(work), str(opts.out)),
-    }
-    (art / "gpu_build_plan.json").write_text(json.dumps(plan, indent=2, default=str).replace(str(work), str(opts.out)))
+    manifest["gpu"]["encoder_onnx"] = f"artifacts/{enc_onnx.name}"
+    plans = engine_plans(work, Path(opts.out), manifest, gpu)
+    (art / "gpu_build_plan.json").write_text(json.dumps(plans["public"], indent=2, default=str))
     manifest["gpu"]["build_plan"] = "artifacts/gpu_build_plan.json"
     if g.prepare_only:
-        print(f"    --prepare-only: engines not built; the plan is in {final_art / 'gpu_build_plan.json'}", flush=True)
+        print(f"    --prepare-only: engines not built; the plan is in {final_art / 'gpu_build_plan.json'}; build them "
+              f"with `af3trt build --from-prepared {opts.out}` where TensorRT and trtllm-build are", flush=True)
         return
+    build_engines_and_repository(work, Path(opts.out), manifest, plans, prog, work / "model_repository")
 
-    with prog.step(f"building the TensorRT encoder engine (1…{max_windows} windows)"):
-        manifest["encoder_engine"] = build_encoder_engine(enc_onnx, art / "encoder.plan", max_windows=max_windows,
-                                                          timing_cache=art / "encoder.timing.cache")
+
+def engine_plans(root: Path, final_root: Path, manifest: dict, gpu) -> dict:
+    """The two engine builds for a prepared output at `root` (which will live at `final_root`): the TensorRT
+    encoder profile and the trtllm-build command line, both derived from the manifest's limits and options."""
+    from af3trt.build.trt_encoder import encoder_engine_plan, encoder_max_windows
+    from af3trt.build.trtllm_engine import ServingLimits, plan_trtllm_build
+
+    limits, g = manifest["limits"], manifest["gpu"]["options"]
+    art = root / "artifacts"
+    max_windows = encoder_max_windows(limits["max_batch_size"], limits["max_audio_windows"])
+    serving = ServingLimits(max_batch_size=limits["max_batch_size"], max_audio_seconds=limits["max_audio_seconds"],
+                            max_text_input_len=limits["max_input_len"] - limits["audio_tokens_per_request"],
+                            max_output_len=limits["max_output_len"], tp_size=g["tp_size"])
+    trtllm = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", serving, g["precision"], g["kv_cache"],
+                               limits["audio_tokens_per_request"], timing_cache=art / "trtllm.timing.cache", gpu=gpu)
+    encoder = encoder_engine_plan(max_windows=max_windows)
+    public = {
+        "encoder": {"onnx": manifest["gpu"]["encoder_onnx"], "plan": "artifacts/encoder.plan",
+                    "profile": asdict(encoder)},
+        "trtllm_build": trtllm.as_dict(),
+        "trtllm_build_command": "trtllm-build " + " ".join(shlex.quote(a) for a in trtllm.args),
+    }
+    text = json.dumps(public, default=str).replace(str(root), str(final_root))
+    return {"encoder": encoder, "trtllm": trtllm, "public": json.loads(text)}
+
+
+def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, plans: dict, prog,
+                                 repo_dir: Path) -> None:
+    """TensorRT encoder engine, trtllm-build, then the tensorrt_plan + tensorrtllm repository at repo_dir."""
+    from af3trt.build.gpu_repo import gpu_repo_spec, render_gpu_repository
+    from af3trt.build.trt_encoder import build_encoder_engine
+    from af3trt.build.trtllm_engine import run_trtllm_build
+
+    art, enc = root / "artifacts", plans["encoder"]
+    with prog.step(f"building the TensorRT encoder engine (1…{enc.max_windows} windows)"):
+        manifest["encoder_engine"] = build_encoder_engine(
+            root / manifest["gpu"]["encoder_onnx"], art / "encoder.plan", max_windows=enc.max_windows,
+            opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
     with prog.step("building the TensorRT-LLM decoder engine (trtllm-build)"):
-        manifest["decoder_engine"] = run_trtllm_build(trtllm.args, work / "logs" / "trtllm-build.log")
+        manifest["decoder_engine"] = run_trtllm_build(plans["trtllm"].args, root / "logs" / "trtllm-build.log")
     with prog.step("rendering the Triton model repository (tensorrt_plan + tensorrtllm)"):
-        spec = gpu_repo_spec(info, limits, engine_dir=engine_dir, tokenizer_dir="artifacts/lm",
-                             encoder_max_windows=max_windows,
-                             engine_dir_at_serve=g.engine_dir_at_serve or str(final_art / "engine"))
-        render_gpu_repository(work / "model_repository", spec, encoder_plan=art / "encoder.plan")
+        g = manifest["gpu"]["options"]
+        spec = gpu_repo_spec(manifest["checkpoint"]["config"], manifest["limits"], engine_dir=art / "engine",
+                             tokenizer_dir="artifacts/lm", encoder_max_windows=enc.max_windows,
+                             engine_dir_at_serve=g.get("engine_dir_at_serve") or str(final_root / "artifacts" / "engine"))
+        render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
     manifest["repository"] = {"spec": asdict(spec)}
-    manifest["precisions"] = {"encoder": g.encoder_precision, "encoder_io": "float32", "decoder": g.precision,
-                              "kv_cache": g.kv_cache, "prompt_table": spec.decoder_dtype}
+    manifest["precisions"] = {"encoder": g["encoder_precision"], "encoder_io": "float32", "decoder": g["precision"],
+                              "kv_cache": g["kv_cache"], "prompt_table": spec.decoder_dtype}
+
+
+def build_from_prepared(out: Path) -> Path:
+    """`af3trt build --from-prepared OUT`: the engine half of a `--prepare-only` build, on the GPU host. Needs only
+    TensorRT, trtllm-build and af3trt (no transformers, no modelopt). The repository appears only when both
+    engines are built."""
+    import time
+
+    from af3trt.build.build_engines import BuildError, Progress, versions
+    from af3trt.build.gpu import target_gpu
+
+    out = Path(out).resolve()
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        raise BuildError(f"{out} has no manifest.json: run `af3trt build --target gpu --prepare-only` first")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("target") != "gpu" or "encoder_onnx" not in manifest.get("gpu", {}):
+        raise BuildError(f"{out} is not a prepared GPU build")
+    if (out / "model_repository").exists():
+        raise BuildError(f"{out / 'model_repository'} exists: the engines were built already")
+    opts = manifest["gpu"]["options"]
+    gpu, notes = check_target(GpuOptions(precision=opts["precision"], kv_cache=opts["kv_cache"],
+                                         encoder_precision=opts["encoder_precision"], tp_size=opts["tp_size"],
+                                         gpu=opts.get("gpu")))
+    prog = Progress(total=3)
+    scratch = out / f".model_repository.building-{os.getpid()}"
+    try:
+        build_engines_and_repository(out, out, manifest, engine_plans(out, out, manifest, gpu), prog, scratch)
+        manifest["engines_built"] = {"unix": int(time.time()), "versions": versions(), "notes": notes}
+        scratch.rename(out / "model_repository")
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+    print(f"model repository: {out / 'model_repository'}", flush=True)
+    return out

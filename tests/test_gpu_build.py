@@ -95,8 +95,27 @@ def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
     assert ".building-" not in json.dumps(plan)  # paths are the final ones, not the scratch directory's
     assert plan["encoder"]["profile"]["max_windows"] == 8  # max_batch_size 8 × one 30-s window
     assert not (out / "model_repository").exists()
+    assert plan["encoder"]["onnx"] == "artifacts/encoder.fp16.onnx"
     m = json.loads((out / "manifest.json").read_text())
     assert m["trtllm_checkpoint"]["quant_algo"] == "W8A16" and "decoder_accuracy" not in m["validation"]
+
+
+def test_from_prepared_builds_engines_then_the_repository(tiny_ckpt, tmp_path, fake_gpu_tools):
+    """The container flow: prepare with the export environment, build engines where TensorRT lives."""
+    out = tmp_path / "prep"
+    main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "bf16",
+          "--gpu", "h100", "--prepare-only", "--no-accuracy-report", "--max-audio-seconds", "30"])
+    plan = json.loads((out / "artifacts" / "gpu_build_plan.json").read_text())
+    main(["--from-prepared", str(out)])
+    argv = json.loads((out / "artifacts" / "engine" / "argv.json").read_text())
+    assert "trtllm-build " + " ".join(argv) == plan["trtllm_build_command"]  # what the plan said is what ran
+    dec = configs.parse((out / "model_repository" / "decoder" / "config.pbtxt").read_text())
+    assert dec.backend == "tensorrtllm"
+    assert (out / "model_repository" / "encoder" / "1" / "model.plan").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["engines_built"]["unix"] > 0 and m["precisions"]["prompt_table"] == "bfloat16"
+    with pytest.raises(SystemExit):  # a second run refuses: the repository exists
+        main(["--from-prepared", str(out)])
 
 
 def test_fp8_refused_on_a100_before_any_work(tiny_ckpt, tmp_path):
