@@ -52,6 +52,7 @@ class BuildOptions:
     encoder_queue_delay_us: int = 2000  # the encoder's dynamic batcher waits this long for more windows
     preprocess_instances: int = 1
     encoder_instances: int = 1
+    decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
     # GPU target (build/gpu_build.py)
     gpu: "GpuOptions | None" = None
 
@@ -176,6 +177,7 @@ def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) ->
         postprocess_params={"tokenizer_dir": "artifacts/lm"},
         preprocess_params={"threads": threads},
         preprocess_instances=opts.preprocess_instances, encoder_instances=opts.encoder_instances,
+        decoder_instances=opts.decoder_instances,
         encoder_queue_delay_us=opts.encoder_queue_delay_us,
     )
     with prog.step("rendering the Triton model repository"):
@@ -273,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
                     help="how long the encoder's dynamic batcher waits to gather windows")
     ap.add_argument("--preprocess-instances", type=int, default=1, help="instances of the preprocess model")
     ap.add_argument("--encoder-instances", type=int, default=1, help="instances of the encoder model")
+    ap.add_argument("--decoder-instances", type=int, default=1,
+                    help="instances of the CPU decoder model (each batches its own requests)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
     gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")
