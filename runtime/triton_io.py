@@ -64,5 +64,16 @@ def error_response(pb, exc: BaseException):
     return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(exc).__name__}: {exc}"))
 
 
+def per_request(pb, requests, run) -> list:
+    """`run(request)` for each request; any exception becomes that request's error response only."""
+    out = []
+    for r in requests:
+        try:
+            out.append(run(r))
+        except Exception as e:  # noqa: BLE001 - every failure is answered, never raised into Triton
+            out.append(error_response(pb, e))
+    return out
+
+
 def bytes_tensor(pb, name: str, values: list[bytes]):
     return pb.Tensor(name, np.array(values, dtype=np.object_))

@@ -21,3 +21,13 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def speech_bytes() -> bytes:
     """The bundled 5-s speech clip (FLAC, 16 kHz mono), as a client would send it."""
     return assets.speech_path().read_bytes()
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint's language model extracted as a standalone Qwen2ForCausalLM directory."""
+    from af3trt.export.extract_lm import extract_language_model
+
+    out = tmp_path_factory.mktemp("lm") / "qwen2"
+    extract_language_model(tiny_ckpt, out)
+    return out

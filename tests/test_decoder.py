@@ -23,13 +23,6 @@ def af3(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm") / "qwen2"
-    extract_language_model(tiny_ckpt, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def engine(lm_dir):
     with DecoderEngine(lm_dir, max_batch_size=4) as eng:
         yield eng

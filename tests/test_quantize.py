@@ -26,15 +26,6 @@ CASES = {  # precision, kv cache -> quant_algo, kv_cache_quant_algo
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tiny_ckpt, tmp_path_factory):
-    from af3trt.export.extract_lm import extract_language_model
-
-    out = tmp_path_factory.mktemp("lm") / "qwen2"
-    extract_language_model(tiny_ckpt, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def checkpoints(lm_dir, tmp_path_factory):
     """Checkpoints written on demand, once per (precision, kv cache, tp)."""
     root, cache = tmp_path_factory.mktemp("ckpts"), {}

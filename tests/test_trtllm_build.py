@@ -34,15 +34,6 @@ GONE_OR_DEPRECATED = {"--paged_kv_cache", "--auto_parallel", "--enable_xqa", "--
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tiny_ckpt, tmp_path_factory):
-    from af3trt.export.extract_lm import extract_language_model
-
-    out = tmp_path_factory.mktemp("lm") / "qwen2"
-    extract_language_model(tiny_ckpt, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def good(lm_dir, tmp_path_factory):
     """A valid bf16 and fp8 (+ fp8 KV) checkpoint of the tiny decoder."""
     from af3trt.export.quantize import write_trtllm_checkpoint

@@ -25,13 +25,7 @@ class TritonPythonModel:
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
 
     def execute(self, requests):
-        out = []
-        for r in requests:
-            try:
-                out.append(self.run(r))
-            except Exception as e:  # noqa: BLE001
-                out.append(io.error_response(pb, e))
-        return out
+        return io.per_request(pb, requests, self.run)
 
     def run(self, r):
         prompt = io.text(pb, r, "text_input")

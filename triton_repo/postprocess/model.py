@@ -25,12 +25,7 @@ class TritonPythonModel:
         self.states: dict[str, tuple[float, StreamState, dict]] = {}
 
     def execute(self, requests):
-        out = []
-        for r in requests:
-            try:
-                out.append(self.run(r))
-            except Exception as e:  # noqa: BLE001
-                out.append(io.error_response(pb, e))
+        out = io.per_request(pb, requests, self.run)
         self._purge()
         return out
 

@@ -19,13 +19,7 @@ class TritonPythonModel:
         self.ctx = RequestContext()
 
     def execute(self, requests):
-        out = []
-        for r in requests:
-            try:
-                out.append(self.run(r))
-            except Exception as e:  # noqa: BLE001 - every failure becomes this request's error
-                out.append(io.error_response(pb, e))
-        return out
+        return io.per_request(pb, requests, self.run)
 
     def run(self, r):
         clips = io.tensor(pb, r, "audio")
