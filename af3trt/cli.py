@@ -7,6 +7,13 @@
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
+
+  single steps of the build:
+    af3trt export-encoder   encoder + projector → validated ONNX (optionally INT8 dynamic)
+    af3trt encoder-variant  that ONNX → fp16/bf16 cast or INT8/FP8 Q/DQ for a TensorRT engine
+    af3trt extract-lm       AF3 → standalone Qwen2ForCausalLM checkpoint
+    af3trt quantize         Qwen2 → TensorRT-LLM 1.2 checkpoint (bf16 … int4_awq), validated
+    af3trt check-checkpoint validate a TensorRT-LLM checkpoint against the 1.2 format
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ COMMANDS = {
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.sizing",
     "bench": "af3trt.perf.bench",
+    "export-encoder": "af3trt.export.onnx_export",
+    "encoder-variant": "af3trt.export.onnx_quant",
+    "extract-lm": "af3trt.export.extract_lm",
+    "quantize": "af3trt.export.quantize",
+    "check-checkpoint": "af3trt.build.trtllm_checkpoint",
 }
 
 
@@ -31,7 +43,7 @@ def main(argv=None) -> None:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     module = importlib.import_module(COMMANDS[argv[0]])
-    module.main(argv[1:])
+    raise SystemExit(module.main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":
