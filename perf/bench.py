@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ import numpy as np
 from af3trt.perf import clips as clipgen
 from af3trt.perf import machine, metrics, stats
 from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
-from af3trt.perf.loadgen import one_request, run_load
+from af3trt.perf.loadgen import PersistentStream, run_load
 from af3trt.runtime import lengths
 from af3trt.triton_repo.configs import ENSEMBLE, STAGES
 
@@ -41,6 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ("What is said in the audio?", "Transcribe the input speech.", "Describe the audio in detail.",
            "What sounds can you hear in this recording?")
 DEFAULT_LENGTH_CLIPS = "speech:5,speech:30,speech:120,speech:600,nonspeech:5,nonspeech:30,nonspeech:120,nonspeech:600"
+# After a run the ensemble stays "live" for Triton's whole 30-s exit timeout (seen with 2.51 after streamed
+# requests; every request had its final response): nothing is in flight when we stop, so don't wait for it.
 DEFAULT_SCALING_EXTRA = "speech:60,speech:300"  # with the 30 s, 2 min and 10 min clips: 1, 2, 4, 10, 20 windows
 
 
@@ -56,8 +59,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--work", type=Path, help="where checkpoint and repository are cached "
                                                "(default ~/.cache/af3trt/bench)")
     b = ap.add_argument_group("CPU build (ignored with --repo/--url)")
-    b.add_argument("--encoder-precision", default="int8", choices=["fp32", "int8"])
-    b.add_argument("--cpu-threads", type=int, default=1, help="threads per model process (2 cores: 1 each)")
+    b.add_argument("--encoder-precision", default="fp32", choices=["fp32", "int8"],
+                   help="encoder of the main build; fp32 answers exactly as transformers does")
+    b.add_argument("--ablation-levels", default="1,8,16",
+                   help="non-streaming levels run again on a build with the other encoder precision ('' to skip)")
+    b.add_argument("--encoder-threads", type=int, default=0,
+                   help="ONNX Runtime threads of the encoder (0: one per logical CPU; idle ones sleep)")
+    b.add_argument("--decoder-threads", type=int, default=0, help="torch threads of the decoder (0: logical CPUs)")
+    b.add_argument("--preprocess-threads", type=int, default=1, help="torch threads of the log-mel")
+    b.add_argument("--encoder-windows-per-run", type=int, default=2,
+                   help="windows per ONNX Runtime run (long clips: smaller attention buffers)")
+    b.add_argument("--encoder-batching", action="store_true",
+                   help="let Triton batch several requests' windows per encoder run (slower on CPU)")
     b.add_argument("--max-batch-size", type=int, default=16, help="decoder in-flight batch")
     b.add_argument("--encoder-queue-delay-us", type=int, default=0)
     b.add_argument("--encoder-instances", type=int, default=1)
@@ -135,27 +148,32 @@ def prepare_checkpoint(args, work: Path) -> Path:
     return ckpt
 
 
-def build_options(args, ckpt: Path, out: Path):
+def build_options(args, ckpt: Path, out: Path, precision: str):
     from af3trt.build.build_engines import BuildOptions
 
     return BuildOptions(hf_model=ckpt, out=out, force=True, max_batch_size=args.max_batch_size,
                         max_text_len=args.max_text_len, max_output_len=args.max_output_len,
-                        default_max_tokens=args.max_tokens, encoder_precision=args.encoder_precision,
-                        cpu_threads=args.cpu_threads, encoder_queue_delay_us=args.encoder_queue_delay_us,
+                        default_max_tokens=args.max_tokens, encoder_precision=precision,
+                        encoder_threads=args.encoder_threads or os.cpu_count(),
+                        decoder_threads=args.decoder_threads or os.cpu_count(),
+                        preprocess_threads=args.preprocess_threads, encoder_batching=args.encoder_batching,
+                        encoder_windows_per_run=args.encoder_windows_per_run,
+                        encoder_queue_delay_us=args.encoder_queue_delay_us,
                         encoder_instances=args.encoder_instances)
 
 
-def prepare_repository(args, ckpt: Path, work: Path) -> Path:
+def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = None) -> Path:
     """The build output to serve: --repo, or a CPU build cached under --work keyed by its options."""
-    if args.repo:
+    if args.repo and precision is None:
         return args.repo.resolve()
     from af3trt.build.build_engines import build, checkpoint_digest
 
-    opts = build_options(args, ckpt, work / "repo")
+    precision = precision or args.encoder_precision
+    opts = build_options(args, ckpt, work / f"repo-{precision}", precision)
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}
     key["checkpoint"] = checkpoint_digest(ckpt)["sha256"]
     key["sources"] = source_digest()
-    stamp = work / "repo" / "bench_build.json"
+    stamp = opts.out / "bench_build.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == key):
         build(opts)
         stamp.write_text(json.dumps(key, indent=1))
@@ -185,30 +203,31 @@ def make_inputs(args) -> tuple[list[tuple[str, bytes]], list[dict]]:
 # ------------------------------------------------------------------------------------------------ measuring
 
 def probe_requests(url: str, items: list[tuple[str, bytes]], *, max_tokens: int, stream: bool) -> list[dict]:
-    """Requests one at a time, Triton statistics snapshotted around each: per-request stage split and overhead."""
-    from af3trt.runtime.client import AF3Client
-
-    client = AF3Client(url, timeout=3600)
+    """Requests one at a time on one open gRPC stream (PersistentStream), Triton statistics snapshotted around
+    each: per-request stage split and overhead."""
     out = []
-    for prompt, clip in items:
-        before = stats.snapshot(url)
-        rec, ids = one_request(client, prompt, clip, max_tokens=max_tokens, stream=stream)
-        after = stats.snapshot(url)
-        split = stats.stage_split(stats.diff(before, after), ensemble=ENSEMBLE, stages=STAGES)
-        lat = 1e3 * rec.latency_s if rec.ok else None
-        out.append({"record": rec.to_dict(), "ids": ids, "latency_ms": lat,
-                    "ttft_ms": 1e3 * rec.ttft_s if rec.ok and rec.ttft_s is not None else None,
-                    "split": split, "overhead": stats.overhead(split, client_latency_ms=lat)})
+    with PersistentStream(url) as conn:
+        for prompt, clip in items:
+            before = stats.snapshot(url)
+            rec, ids = conn.request(prompt, clip, max_tokens=max_tokens, stream=stream)
+            after = stats.snapshot(url)
+            split = stats.stage_split(stats.diff(before, after), ensemble=ENSEMBLE, stages=STAGES)
+            lat = 1e3 * rec.latency_s if rec.ok else None
+            out.append({"record": rec.to_dict(), "ids": ids, "latency_ms": lat,
+                        "ttft_ms": 1e3 * rec.ttft_s if rec.ok and rec.ttft_s is not None else None,
+                        "split": split, "overhead": stats.overhead(split, client_latency_ms=lat)})
     return out
 
 
-def sweep_perf_analyzer(args, url: str, inputs, out: Path, mode: str) -> list[dict]:
+def sweep_perf_analyzer(args, url: str, inputs, out: Path, mode: str, server_pid: int | None) -> list[dict]:
     stream = mode == "stream"
+    out.mkdir(parents=True, exist_ok=True)
     data = write_input_data(out / f"inputs_{mode}.json", inputs, max_tokens=args.max_tokens, stream=stream)
     snaps = {}
 
     def on_level(c, phase):
         snaps[(c, phase)] = stats.snapshot(url)
+        snaps[(c, phase, "cpu")] = machine.cpu_sample(server_pid)
 
     rows = run_perf_analyzer(find_perf_analyzer(), url, data, concurrency=ints(args.concurrency), streaming=True,
                              requests_per_level=args.requests_per_level, rounds_per_level=args.rounds_per_level,
@@ -217,14 +236,17 @@ def sweep_perf_analyzer(args, url: str, inputs, out: Path, mode: str) -> list[di
     points = []
     for row in rows:
         c = row["concurrency"]
-        summary = metrics.summarize(row["records"], row.get("window_s"))
+        # perf_analyzer's own window (and CSV throughput) is in whole seconds: use the requests' span instead
+        summary = metrics.summarize(row["records"])
         split = stats.stage_split(stats.diff(snaps[(c, "before")], snaps[(c, "after")]), ensemble=ENSEMBLE,
                                   stages=STAGES)
         lat = summary.get("latency_mean_ms")
         points.append({"concurrency": c, "mode": mode, "tool": "perf_analyzer 2.51 (profile export)",
                        **summary, "split": split,
+                       "cpu": machine.busy_cores(snaps[(c, "before", "cpu")], snaps[(c, "after", "cpu")]),
                        "overhead_mean": stats.overhead(split, client_latency_ms=lat),
                        "perf_analyzer_csv": {k: v for k, v in row.items() if k not in ("records", "raw")}})
+        points[-1]["perf_analyzer_csv"]["window_s"] = row.get("window_s")
         log.info("%s c=%d: %.2f req/s, %.1f tok/s, p50 %.0f ms, TTFT p50 %.0f ms", mode, c,
                  summary.get("throughput_rps", 0), summary.get("output_tokens_per_s", 0),
                  (summary.get("latency_ms") or {}).get("p50") or 0, (summary.get("ttft_ms") or {}).get("p50") or 0)
@@ -297,8 +319,6 @@ def output_length_study(args, url: str, inputs) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ baseline
 
 def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, bytes]], ours_ids: list[list[int]]) -> dict:
-    import os
-
     from af3trt.perf import baseline as bl
 
     ref = bl.TransformersBaseline(ckpt)
@@ -319,6 +339,7 @@ def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, 
                          "points": [bl.sequential_point(seq["seconds"], seq["tokens"], c)
                                     for c in ints(args.concurrency)]}
     out["agreement"] = bl.agreement(ours_ids, seq["ids"][: len(ours_ids)])
+    out["sequential_ids"] = seq["ids"]
     batched = []
     for c in ints(args.concurrency):
         if c > args.baseline_max_batch:
@@ -365,7 +386,8 @@ def main(argv=None) -> int:
             with phases("build"):
                 repo = prepare_repository(args, ckpt, work)
             with phases("server start"):
-                server = TritonServer(repo / "model_repository", log_path=out / "tritonserver.log").start(timeout=600)
+                server = TritonServer(repo / "model_repository", log_path=out / "tritonserver.log",
+                                      exit_timeout=3).start(timeout=600)
         url = args.url or server.grpc_url
         results["repository"] = _repo_info(repo)
         results["url"] = url
@@ -386,7 +408,8 @@ def main(argv=None) -> int:
         results["sweeps"] = {}
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             with phases(f"perf_analyzer sweep ({mode})"):
-                results["sweeps"][mode] = sweep_perf_analyzer(args, url, inputs, out, mode)
+                results["sweeps"][mode] = sweep_perf_analyzer(args, url, inputs, out, mode,
+                                                               server.proc.pid if server else None)
         if args.client_levels:
             with phases("own-client streaming sweep"):
                 results["client_sweep"] = sweep_client(args, url, inputs)
@@ -399,9 +422,33 @@ def main(argv=None) -> int:
             with phases("output-length study"):
                 results["output_lengths"] = output_length_study(args, url, inputs)
 
+        if server is not None:
+            with phases("server stop (main)"):
+                server.stop()
+            server = None
+        if args.ablation_levels and not (args.url or args.repo):
+            other = "int8" if args.encoder_precision == "fp32" else "fp32"
+            with phases(f"ablation: {other} encoder"):
+                abl_repo = prepare_repository(args, ckpt, work, other)
+                server = TritonServer(abl_repo / "model_repository", log_path=out / f"tritonserver-{other}.log",
+                                      exit_timeout=3).start(timeout=600)
+                abl_ids = [p["ids"] for p in probe_requests(server.grpc_url, inputs, max_tokens=args.max_tokens,
+                                                             stream=False)]
+                abl_args = argparse.Namespace(**{**vars(args), "concurrency": args.ablation_levels})
+                results["ablation"] = {
+                    "encoder_precision": other, "repository": _repo_info(abl_repo),
+                    "nonstream": sweep_perf_analyzer(abl_args, server.grpc_url, inputs, out / "ablation", "nonstream",
+                                                     server.proc.pid),
+                    "agreement_with_main": baseline_agreement(abl_ids, ours_ids)}
+                server.stop()
+                server = None
+
         if not args.no_baseline:
             with phases("transformers baseline"):
                 results["baseline"] = run_baseline(args, ckpt, inputs, length_clips, ours_ids)
+                if "ablation" in results:
+                    results["ablation"]["agreement_with_transformers"] = baseline_agreement(
+                        abl_ids, results["baseline"]["sequential_ids"][: len(abl_ids)])
     finally:
         if server is not None:
             with phases("server stop"):
@@ -442,7 +489,8 @@ def summarize_probes(probes: list[dict]) -> dict:
     for o in ov:
         for k, v in o["parts_ms"].items():
             parts.setdefault(k, []).append(v)
-    return {"tool": "af3trt client, one request at a time, Triton statistics around each",
+    return {"tool": "one open gRPC stream (tritonclient, no per-request connection set-up), one request at a time, "
+                    "Triton statistics around each",
             "requests": len(probes), "errors": len(probes) - len(ok),
             "latency_ms_p50": float(np.median([p["latency_ms"] for p in ok])) if ok else None,
             "overhead_ms_p50": p50("total_ms"), "server_overhead_ms_p50": p50("server_ms"),
@@ -453,6 +501,12 @@ def summarize_probes(probes: list[dict]) -> dict:
                                                if "encoder" in p["split"].get("stages", {})] or [np.nan])),
             "decoder_ms_p50": float(np.median([p["split"]["decoder_generation_ms"] for p in ok
                                                if "decoder_generation_ms" in p["split"]] or [np.nan]))}
+
+
+def baseline_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    from af3trt.perf.baseline import agreement
+
+    return agreement(a, b)
 
 
 def _checkpoint_info(ckpt: Path | None, args) -> dict:
@@ -486,7 +540,8 @@ def _repo_info(repo: Path | None) -> dict:
         return {"path": str(repo) if repo else None}
     m = json.loads((repo / "manifest.json").read_text())
     spec = m.get("repository", {}).get("spec", {})
-    keep = ("target", "max_batch_size", "encoder_max_batch", "encoder_queue_delay_us", "preprocess_instances",
+    keep = ("target", "max_batch_size", "encoder_max_batch", "encoder_batching", "encoder_queue_delay_us",
+            "preprocess_instances",
             "encoder_instances", "fusion_instances", "decoder_instances", "decoder_params", "encoder_params",
             "preprocess_params", "max_input_len", "max_output_len")
     return {"path": str(repo), "target": m.get("target"), "precisions": m.get("precisions"),

@@ -61,3 +61,56 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def cpu_sample(pid: int | None = None) -> dict:
+    """Jiffies of the whole machine (total, idle) and CPU seconds of process `pid` and its descendants (the
+    tritonserver we started and its python-backend stubs); two samples give busy cores over an interval."""
+    out = {"t": None, "total": 0, "idle": 0, "tree_s": None}
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        out.update(total=sum(fields), idle=fields[3] + fields[4])
+    except (OSError, ValueError, IndexError):
+        return out
+    import time
+
+    out["t"] = time.monotonic()
+    if pid is not None:
+        out["tree_s"] = sum(_proc_cpu_s(p) for p in _descendants(pid))
+    return out
+
+
+def busy_cores(a: dict, b: dict) -> dict:
+    """Cores in use between two cpu_sample()s: all processes, and the sampled process tree."""
+    if a.get("t") is None or b.get("t") is None or b["total"] <= a["total"]:
+        return {}
+    cpus = os.cpu_count() or 1
+    out = {"machine_busy_cores": cpus * (1 - (b["idle"] - a["idle"]) / (b["total"] - a["total"]))}
+    if a.get("tree_s") is not None and b.get("tree_s") is not None and b["t"] > a["t"]:
+        out["server_cores"] = (b["tree_s"] - a["tree_s"]) / (b["t"] - a["t"])
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack += children.get(p, [])
+    return out
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -114,3 +114,15 @@ def growth_exponent(x, y) -> float | None:
     if keep.sum() < 2 or np.ptp(np.log(x[keep])) == 0:
         return None
     return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
+
+
+def quadratic_share(x, y) -> float | None:
+    """Least-squares y = a + b x + c x²: the quadratic term's share of the fitted cost at the largest x (0 = linear;
+    positive = growing faster than linear, e.g. attention over the whole sequence)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 3 or len(set(x.tolist())) < 3:
+        return None
+    c, b, a = np.polyfit(x, y, 2)
+    top = x.max()
+    fitted = a + b * top + c * top * top
+    return float(c * top * top / fitted) if fitted else None

@@ -139,6 +139,7 @@ class TritonServer:
     metrics_port: int | None = None
     log_path: Path | None = None
     log_verbose: int = 0
+    exit_timeout: int = 5
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
 
@@ -157,6 +158,8 @@ class TritonServer:
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
+            # Triton 2.51 keeps a decoupled ensemble "live" after streamed requests for the whole exit timeout
+            f"--exit-timeout-secs={self.exit_timeout}",
             *self.extra_args,
         ]
 

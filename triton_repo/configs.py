@@ -51,6 +51,10 @@ class RepoSpec:
     default_max_tokens: int = 128
     encoder_max_batch: int = 64  # windows per encoder execution
     encoder_queue_delay_us: int = 2000
+    # False: the encoder runs one request per execution (no dynamic batcher). On CPU, batching windows saves no
+    # compute and holds every request of a batch until the last window is done; without it requests flow into the
+    # decoder one by one (measured on 2 cores: +15-30 % throughput at concurrency 8-16).
+    encoder_batching: bool = True
     preprocess_instances: int = 1
     encoder_instances: int = 1
     fusion_instances: int = 1
@@ -142,7 +146,8 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
         cfg = _python("encoder", spec.encoder_max_batch, spec.encoder_instances)
     cfg.input.extend(ins)
     cfg.output.extend(outs)
-    cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
+    if spec.encoder_batching:
+        cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
     _params(cfg, spec.encoder_params)
     return cfg
 

@@ -1,0 +1,317 @@
+"""The benchmark's pure parts: perf_analyzer export parsing, Triton statistics diffing and stage split, figures,
+baseline bookkeeping, clips, GPU projection arithmetic, report rendering. No server, no model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from af3trt.perf import analyzer, baseline, clips, machine, metrics, projection, report, stats
+from af3trt.perf.metrics import RequestRecord
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def rec(start, times, tokens=None):
+    return RequestRecord(start_s=start, response_s=list(times), response_tokens=tokens or [1] * len(times))
+
+
+def test_record_ttft_itl_latency():
+    r = rec(10.0, [0.5, 0.6, 0.8], [0, 1, 2])  # an empty first response, then 1 token, then 2 at once
+    assert r.ttft_s == 0.6 and r.latency_s == 0.8 and r.end_s == 10.8 and r.tokens == 3
+    assert r.inter_token_s() == pytest.approx([0.2, 0.0])
+    assert not RequestRecord(start_s=0.0).ok and not RequestRecord(start_s=0, response_s=[1], error="x").ok
+
+
+def test_summarize_throughput_and_percentiles():
+    records = [rec(float(i), [0.1 * (i + 1), 0.1 * (i + 1) + 0.01]) for i in range(10)]
+    records.append(RequestRecord(start_s=0.0, error="boom"))
+    s = metrics.summarize(records)
+    assert s["requests"] == 11 and s["errors"] == 1
+    window = (9 + 1.01) - 0.0
+    assert s["window_s"] == pytest.approx(window)
+    assert s["throughput_rps"] == pytest.approx(10 / window)
+    assert s["output_tokens_per_s"] == pytest.approx(20 / window)
+    lat = [1e3 * (0.1 * (i + 1) + 0.01) for i in range(10)]
+    assert s["latency_ms"]["p50"] == pytest.approx(np.percentile(lat, 50))
+    assert s["ttft_ms"]["p99"] == pytest.approx(np.percentile([100.0 * (i + 1) for i in range(10)], 99))
+    assert s["itl_ms"]["p50"] == pytest.approx(10.0)
+    assert metrics.summarize(records, window_s=20.0)["throughput_rps"] == pytest.approx(0.5)
+
+
+def test_summarize_non_streaming_has_no_itl_and_empty_is_safe():
+    s = metrics.summarize([rec(0.0, [1.0], [32]), rec(0.5, [1.5], [32])])
+    assert "itl_ms" not in s and s["ttft_ms"]["p50"] == s["latency_ms"]["p50"]
+    assert metrics.summarize([]) == {"requests": 0, "errors": 0}
+    assert metrics.percentiles([]) == {"p50": None, "p90": None, "p99": None}
+
+
+def test_linear_fit_and_growth_exponent():
+    x = [1, 2, 4, 10, 20]
+    fit = metrics.fit_linear(x, [5 + 3 * v for v in x])
+    assert fit["slope"] == pytest.approx(3) and fit["intercept"] == pytest.approx(5) and fit["r2"] == pytest.approx(1)
+    assert metrics.growth_exponent(x, [2 * v for v in x]) == pytest.approx(1.0)
+    assert metrics.growth_exponent(x, [v * v for v in x]) == pytest.approx(2.0)
+    assert metrics.fit_linear([1], [1])["slope"] is None and metrics.growth_exponent([1], [1]) is None
+
+
+# ------------------------------------------------------------------------------------------------ perf_analyzer
+
+
+def test_parse_profile_export():
+    t0 = 1_000_000_000_000
+    doc = {"version": "2.51.0", "experiments": [{
+        "experiment": {"mode": "concurrency", "value": 2},
+        "window_boundaries": [t0, t0 + 4_000_000_000],
+        "requests": [
+            {"timestamp": t0, "request_inputs": {"audio": "@@AUDIO@@"},
+             "response_timestamps": [t0 + 100_000_000, t0 + 150_000_000, t0 + 160_000_000],
+             "response_outputs": [{"output_ids": 5, "text_output": "a"}, {"output_ids": [6, 7]}, {"output_ids": []}]},
+            {"timestamp": t0 + 10, "response_timestamps": [], "response_outputs": []},
+        ]}]}
+    raw = json.dumps(doc).encode().replace(b"@@AUDIO@@", b"fLaC\xe8\xff")  # echoed audio: not UTF-8
+    records, window = analyzer.parse_profile_export(raw)
+    assert window == pytest.approx(4.0)
+    a, b = records
+    assert a.response_s == pytest.approx([0.1, 0.15, 0.16]) and a.response_tokens == [1, 2, 0] and a.ok
+    assert not b.ok and b.error == "no response"
+
+
+def test_level_requests_and_input_data(tmp_path):
+    assert analyzer.level_requests(1, 12) == 12 and analyzer.level_requests(64, 12) == 128
+    assert analyzer.level_requests(8, 12, rounds_per_level=3) == 24
+    path = analyzer.write_input_data(tmp_path / "in.json", [("hi", b"\x00\x01audio"), ("text only", None)],
+                                     max_tokens=7, stream=True)
+    data = json.loads(path.read_text())["data"]
+    blob = base64.b64decode(data[0]["audio"]["b64"])
+    assert struct.unpack("<I", blob[:4])[0] == 7 and blob[4:] == b"\x00\x01audio"
+    assert data[0]["max_tokens"] == {"content": [7], "shape": [1]} and data[0]["stream"]["content"] == [True]
+    assert "audio" not in data[1]
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def model_stats(name, n, execs, queue, cin, infer, cout, success=None, batch=None):
+    ns = lambda v: {"count": str(n), "ns": str(v)}  # noqa: E731 — int64s arrive as strings
+    m = {"name": name, "version": "1", "inference_count": str(n), "execution_count": str(execs),
+         "inference_stats": {"success": ns(success if success is not None else queue + cin + infer + cout),
+                             "fail": {}, "queue": ns(queue), "compute_input": ns(cin), "compute_infer": ns(infer),
+                             "compute_output": ns(cout)}}
+    if batch:
+        m["batch_stats"] = [{"batch_size": "1", **{k: {"count": str(execs), "ns": str(v)} for k, v in batch.items()}}]
+    return m
+
+
+def test_parse_sums_versions_and_tolerates_missing_fields():
+    a = model_stats("encoder", 2, 1, 10, 1, 100, 2)
+    b = dict(model_stats("encoder", 1, 1, 5, 0, 50, 0), version="2")
+    got = stats.parse({"model_stats": [a, b, {"name": "idle", "version": "1", "inference_stats": {}}]})
+    assert got["encoder"]["success_count"] == 3 and got["encoder"]["compute_infer_ns"] == 150
+    assert got["encoder"]["executions"] == 2 and got["idle"]["success_count"] == 0
+
+
+def test_diff_and_stage_split():
+    ms = 1_000_000
+    before = stats.parse({"model_stats": [model_stats("af3", 1, 1, 0, 0, 0, 0, success=500 * ms)]})
+    # 4 requests; encoder ran them in 2 executions of 2 (each request charged its batch's 100 ms)
+    after = stats.parse({"model_stats": [
+        model_stats("af3", 5, 5, 0, 0, 0, 0, success=500 * ms + 4 * 1000 * ms),
+        model_stats("preprocess", 4, 4, 4 * ms, 0, 40 * ms, 0),
+        model_stats("encoder", 4, 2, 20 * ms, 0, 400 * ms, 0, batch={"compute_infer": 200 * ms}),
+        model_stats("fusion", 4, 4, 0, 0, 8 * ms, 0),
+        model_stats("decoder", 4, 4, 0, 0, 4 * ms, 0),
+        model_stats("postprocess", 128, 128, 0, 0, 128 * ms, 0),  # 32 responses per request, 1 ms each
+    ]})
+    split = stats.stage_split(stats.diff(before, after), ensemble="af3",
+                              stages=("preprocess", "encoder", "fusion", "decoder", "postprocess"))
+    st = split["stages"]
+    assert split["requests"] == 4 and split["ensemble_ms"] == pytest.approx(1000)
+    assert st["encoder"]["compute_ms"] == pytest.approx(100) and st["encoder"]["busy_ms"] == pytest.approx(50)
+    assert st["encoder"]["queue_ms"] == pytest.approx(5) and st["encoder"]["executions_per_request"] == 0.5
+    assert st["postprocess"]["critical_ms"] == pytest.approx(1.0) and st["postprocess"]["compute_ms"] == 32
+    on_path = 11 + 105 + 2 + 1 + 1
+    assert split["decoder_generation_ms"] == pytest.approx(1000 - on_path)
+    ov = stats.overhead(split, client_latency_ms=1003.0)
+    assert ov["parts_ms"]["encoder"] == pytest.approx(5)  # its queue: compute_infer is the encoder's compute
+    assert ov["server_ms"] == pytest.approx(11 + 5 + 2 + 1 + 1)
+    assert ov["transport_ms"] == pytest.approx(3) and ov["total_ms"] == pytest.approx(23)
+    assert ov["features_ms"] == pytest.approx(10) and ov["without_features_ms"] == pytest.approx(13)
+
+
+def test_stage_split_without_requests_is_empty():
+    s = stats.parse({"model_stats": [model_stats("af3", 3, 3, 0, 0, 0, 0)]})
+    assert stats.stage_split(stats.diff(s, s), ensemble="af3", stages=("encoder",)) == {}
+    assert stats.overhead({}, client_latency_ms=1.0) == {}
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+def test_baseline_bookkeeping():
+    assert baseline.strip_end([5, 6, 9, 9, 9], 9) == [5, 6] and baseline.strip_end([5, 6], 9) == [5, 6]
+    a = baseline.agreement([[1, 2, 3], [1, 2]], [[1, 2, 3], [1, 5]])
+    assert a == {"pairs": 2, "exact": 0.5, "prefix": pytest.approx(0.75)}
+    p = baseline.sequential_point([1.0, 1.0, 2.0], [32, 32, 32], 4)
+    assert p["throughput_rps"] == pytest.approx(0.75) and p["derived"]
+    assert p["latency_ms"]["p50"] == pytest.approx(4000) and p["output_tokens_per_s"] == pytest.approx(24)
+    b = baseline.batched_point({"batch_size": 8, "seconds": 2.0, "tokens": [32] * 8})
+    assert b["throughput_rps"] == 4.0 and b["output_tokens_per_s"] == 128.0 and not b["derived"]
+
+
+# ------------------------------------------------------------------------------------------------ clips, machine
+
+
+def test_clip_specs_and_waves():
+    assert clips.ClipSpec.parse("speech:600").name == "speech-10min"
+    assert clips.ClipSpec.parse("nonspeech:5").name == "nonspeech-5s"
+    with pytest.raises(ValueError):
+        clips.ClipSpec.parse("music:5")
+    for kind in clips.KINDS:
+        w = clips.make_wave(clips.ClipSpec(kind, 3.0), seed=1)
+        assert w.dtype == np.float32 and len(w) == 48000 and np.isfinite(w).all() and np.abs(w).max() > 0.01
+        assert np.array_equal(w, clips.make_wave(clips.ClipSpec(kind, 3.0), seed=1))
+    from af3trt.runtime.audio import decode_audio
+
+    wave = decode_audio(clips.make_clip(clips.ClipSpec("speech", 2.0)))
+    assert len(wave) == 32000
+
+
+def test_machine_parsers():
+    text = "Architecture: x86_64\nCPU(s): 2\nModel name: AMD EPYC\nFlags: fpu avx2 avx512f avx512_vnni\nBogus: 1\n"
+    got = machine.parse_lscpu(text)
+    assert got == {"Architecture": "x86_64", "CPU(s)": "2", "Model name": "AMD EPYC", "isa": "avx2 avx512f avx512_vnni"}
+    assert machine.meminfo_bytes("MemTotal:       24000000 kB\nMemFree: 1 kB\n") == 24000000 * 1024
+
+
+# ------------------------------------------------------------------------------------------------ projection
+
+SMALL = {"text_config": {"vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "intermediate_size": 512},
+         "audio_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "intermediate_size": 128, "num_mel_bins": 128, "max_source_positions": 1500}}
+
+
+def test_decode_step_is_weights_plus_kv_over_bandwidth():
+    from af3trt.build import sizing
+
+    d, _ = sizing.dims_from_config(SMALL)
+    gpu = projection.GPUS["H100"]
+    r = projection.decode_step(d, gpu, "bf16", "auto", batch=4, context=100)
+    weights = sizing.decoder_weight_bytes(d, "bf16") - 1000 * 256 * 2  # the embedding table is not streamed
+    kv = 4 * 100 * 2 * 2 * 2 * 64 * 2  # B x T x (K,V) x layers x kv_heads x head_dim x 2 bytes
+    assert r["bytes"] == weights + kv
+    assert r["memory_s"] == pytest.approx((weights + kv) / 3.35e12) and r["bound"] == "memory"
+    assert r["tokens_per_s"] == pytest.approx(4 / r["step_s"])
+
+
+def test_encoder_window_flops_formula():
+    from af3trt.build import sizing
+
+    _, e = sizing.dims_from_config(SMALL)
+    h, f, s = 64, 128, 1500
+    want = (2 * 3000 * 128 * 3 * h + 2 * s * h * 3 * h + 2 * (2 * s * 4 * h * h + 2 * s * 2 * h * f + 4 * s * s * h)
+            + 2 * 750 * (h * 256 + 256 * 256))
+    assert projection.encoder_window_flops(e) == want
+
+
+def test_projection_markdown_is_labelled_and_skips_fp8_on_a100():
+    md = projection.render_markdown([projection.project(projection.AF3_REFERENCE_CONFIG, label="AF3")])
+    assert "PROJECTION" in md and "n/a: no FP8 on A100" in md
+    assert "| H100 | 30 s | fp8 |" in md and "| A100 | 30 s | bf16 |" in md
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def fake_results():
+    split = {"requests": 16, "ensemble_ms": 3000.0, "decoder_generation_ms": 2000.0, "stages": {
+        name: {"queue_ms": 10.0, "compute_ms": 100.0 if name == "encoder" else 2.0, "compute_infer_ms": 90.0,
+               "busy_ms": 50.0, "critical_ms": 12.0, "inferences_per_request": 1.0, "executions_per_request": 1.0}
+        for name in report.STAGE_ORDER}}
+    point = lambda c, mode: {"concurrency": c, "mode": mode, "tool": "perf_analyzer", "requests": 16,  # noqa: E731
+                             "throughput_rps": 0.5 * c if c < 8 else 4.0, "output_tokens_per_s": 100.0,
+                             "latency_ms": {"p50": 1000.0, "p90": 1500.0, "p99": 2000.0},
+                             "ttft_ms": {"p50": 300.0, "p90": 400.0, "p99": 500.0},
+                             "itl_ms": {"p50": 10.0, "p90": 20.0, "p99": 30.0} if mode == "stream" else None,
+                             "split": split, "overhead_mean": {"total_ms": 12.0, "transport_ms": 0.5,
+                                                               "features_ms": 8.0}}
+    return {
+        "started_utc": "X", "machine": {"cpu": {"Model name": "CPU"}, "logical_cpus": 2, "ram_bytes": 2**34},
+        "checkpoint": {"label": "synthetic 'small' preset", "params": {"decoder": 25e6, "encoder": 8e6}},
+        "sweeps": {m: [point(c, m) for c in (1, 8)] for m in ("nonstream", "stream")},
+        "baseline": {"threads": 2, "thread_calibration_s": {"1": 1.0, "2": 0.8},
+                     "sequential": {"points": [baseline.sequential_point([1.0], [32], c) for c in (1, 8)]},
+                     "batched": [baseline.batched_point({"batch_size": 8, "seconds": 4.0, "tokens": [32] * 8})],
+                     "agreement": {"pairs": 4, "exact": 1.0, "prefix": 1.0}, "lengths": []},
+        "overhead_probe": {"tool": "probe", "requests": 6, "overhead_ms_p50": 16.0,
+                           "overhead_without_features_ms_p50": 6.0, "parts_ms_p50": {"preprocess": 10.0}},
+        "lengths": [{"clip": f"speech-{w * 30}s", "kind": "speech", "seconds": w * 30.0, "windows": w,
+                     "latency_ms": 500.0 + 10 * w * w, "encoder_ms": 100.0 * w, "decoder_ms": 300.0 + 10 * w * w,
+                     "preprocess_ms": 10.0 * w, "ttft_ms": 200.0, "tokens": 32, "tool": "client"}
+                    for w in (1, 2, 4, 10, 20)],
+        "output_lengths": [{"max_tokens": n, "tokens": n, "latency_ms": 300.0 + 10 * n} for n in (1, 8, 32)],
+    }
+
+
+def test_headline_ratios_targets_and_scaling():
+    h = report.headline(fake_results())
+    assert h["nonstream"]["ratio_vs_sequential"] == pytest.approx(4.0)
+    assert h["nonstream"]["ratio_vs_batched"] == pytest.approx(2.0)
+    assert list(h["targets"].values()) == [True, False]  # 4x >= 3x; 16 ms > 5 ms
+    assert h["streaming"]["c8"]["itl_ms"]["p50"] == 10.0
+    sc = h["scaling"]
+    assert sc["encoder_ms vs windows"]["verdict"] == "linear"
+    assert sc["decoder_ms vs windows"]["verdict"].startswith("superlinear")
+    assert metrics.quadratic_share([1, 2, 4, 10, 20], [3 + 2 * w for w in (1, 2, 4, 10, 20)]) == pytest.approx(0, abs=1e-9)
+    assert sc["latency_ms vs output tokens"]["slope"] == pytest.approx(10.0)
+    assert h["stage_split_ms"]["decoder"]["generation_ms (derived)"] == 2000.0
+
+
+def test_render_markdown_and_plots(tmp_path):
+    results = fake_results()
+    results["repository"] = {"precisions": {"encoder": "fp32"}}
+    results["ablation"] = {"encoder_precision": "int8", "agreement_with_main": {"exact": 0.5, "prefix": 0.6},
+                           "agreement_with_transformers": {"exact": 0.5, "prefix": 0.6},
+                           "nonstream": [dict(results["sweeps"]["nonstream"][1], throughput_rps=5.0)]}
+    results["derived"] = report.headline(results)
+    md = report.render_markdown(results, ["throughput_vs_concurrency.png"])
+    assert "### Ablation: int8 encoder (main build: fp32)" in md and "| 8 | 5.00 | 4.00 | 1.25x | 5.00x |" in md
+    assert "**5.00x** transformers one-at-a-time (greedy ids identical to transformers' for 50%" in md
+    assert "## Headline" in md and "**4.00x** transformers one-at-a-time" in md
+    assert "| nonstream | 8 | 4.00 |" in md and "transformers batched generate | 8 | 2.00" in md
+    assert "NOT met" in md and "![throughput_vs_concurrency.png]" in md
+    path = report.write_report(results, tmp_path)
+    assert path.read_text().startswith("# af3trt benchmark")
+    for name in ("throughput_vs_concurrency.png", "latency_vs_concurrency.png", "stage_breakdown.png",
+                 "latency_vs_audio_length.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_series_stacks_every_part():
+    series = report.stage_series(fake_results()["sweeps"]["nonstream"])
+    assert list(series) == ["preprocess", "encoder queue", "encoder compute", "fusion", "decoder (derived)",
+                            "postprocess (last)"]
+    assert series["decoder (derived)"] == [2012.0, 2012.0]
+
+
+def test_bench_cli_defaults():
+    from af3trt.perf import bench
+
+    args = bench.parse_args([])
+    assert bench.ints(args.concurrency) == [1, 2, 4, 8, 16, 32, 64]
+    assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.encoder_precision == "fp32" and args.ablation_levels == "1,8,16"
+    assert [clips.ClipSpec.parse(s).seconds for s in args.length_clips.split(",")] == [5, 30, 120, 600] * 2
+
+
+def test_busy_cores_from_samples(monkeypatch):
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    a = {"t": 0.0, "total": 1000, "idle": 600, "tree_s": 1.0}
+    b = {"t": 2.0, "total": 1400, "idle": 700, "tree_s": 3.0}
+    got = machine.busy_cores(a, b)
+    assert got["machine_busy_cores"] == pytest.approx(1.5) and got["server_cores"] == pytest.approx(1.0)
+    assert machine.busy_cores({"t": None}, b) == {}
