@@ -315,3 +315,16 @@ def test_busy_cores_from_samples(monkeypatch):
     got = machine.busy_cores(a, b)
     assert got["machine_busy_cores"] == pytest.approx(1.5) and got["server_cores"] == pytest.approx(1.0)
     assert machine.busy_cores({"t": None}, b) == {}
+
+
+def test_committed_gpu_projection_doc_is_what_the_code_computes():
+    import json
+    from pathlib import Path
+
+    from af3trt.perf import projection
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    cfg = json.loads((docs / "af3-reference" / "config.json").read_text(encoding="utf-8"))
+    text = projection.render_markdown([projection.project(cfg, label="AF3 (docs/af3-reference/config.json)")])
+    assert text in (docs / "gpu_projection.md").read_text(encoding="utf-8")
+    assert "PROJECTION" in text
