@@ -31,3 +31,10 @@ def lm_dir(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lm") / "qwen2"
     extract_language_model(tiny_ckpt, out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _modelopt_sees_the_real_tensorrt():
+    """modelopt.onnx decides at import whether TensorRT is installed. Import it before any test puts a fake
+    `tensorrt` module in sys.modules (test_trt_encoder, test_gpu_build), so it never mistakes the fake for one."""
+    import modelopt.onnx.trt_utils  # noqa: F401
