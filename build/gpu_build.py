@@ -6,7 +6,7 @@ Steps: check the precision against the GPU (FP8 needs SM 8.9+: refused on A100) 
 ONNX → cast or quantize it for the engine (fp16/bf16 cast, INT8/FP8 Q/DQ calibrated on real audio features) →
 extract the Qwen2 LM → TensorRT-LLM checkpoint for the precision (modelopt PTQ + export, patched and validated) →
 accuracy report on CPU (fake quantization vs the unquantized LM) → TensorRT encoder engine → trtllm-build →
-repository with the encoder as tensorrt_plan and the decoder as the tensorrtllm backend.
+repository with the encoder as a python model running the TensorRT plan and the decoder as the tensorrtllm backend.
 
 Everything before the two engine builds runs on any machine. `--prepare-only` stops there and writes the exact
 engine build plan (artifacts/gpu_build_plan.json) so the engines can be built later on the GPU host; without it,
@@ -145,7 +145,7 @@ def engine_plans(root: Path, final_root: Path, manifest: dict, gpu) -> dict:
 
 def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, plans: dict, prog,
                                  repo_dir: Path) -> None:
-    """TensorRT encoder engine, trtllm-build, then the tensorrt_plan + tensorrtllm repository at repo_dir."""
+    """TensorRT encoder engine, trtllm-build, then the python-encoder + tensorrtllm repository at repo_dir."""
     from af3trt.build.gpu_repo import gpu_repo_spec, render_gpu_repository
     from af3trt.build.trt_encoder import build_encoder_engine
     from af3trt.build.trtllm_engine import run_trtllm_build
@@ -157,7 +157,7 @@ def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, p
             opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
     with prog.step("building the TensorRT-LLM decoder engine (trtllm-build)"):
         manifest["decoder_engine"] = run_trtllm_build(plans["trtllm"].args, root / "logs" / "trtllm-build.log")
-    with prog.step("rendering the Triton model repository (tensorrt_plan + tensorrtllm)"):
+    with prog.step("rendering the Triton model repository (TensorRT encoder in python + tensorrtllm)"):
         g = manifest["gpu"]["options"]
         spec = gpu_repo_spec(manifest["checkpoint"]["config"], manifest["limits"], engine_dir=art / "engine",
                              tokenizer_dir="artifacts/lm", encoder_max_windows=enc.max_windows,

@@ -9,8 +9,9 @@ decoder backend, and the placement of the encoder plan.
 `checkpoint` and `limits` are what build_engines.py's inspect_checkpoint() and serving_limits() return.
 
 Models (configs from triton_repo/configs.py):
-  encoder   platform tensorrt_plan, KIND_GPU, max_batch_size = the engine profile's max windows; the plan is moved to
-            encoder/1/model.plan (Triton's file name for tensorrt_plan, also written as default_model_filename).
+  encoder   python backend running the TensorRT plan (triton_repo/encoder_trt, runtime/trt_runner.py: the container has no
+            TensorRT backend), KIND_GPU, max_batch_size = the engine profile's max windows; the plan is moved to
+            encoder/1/model.plan (parameter plan_file, resolved against the model's version directory).
   decoder   backend tensorrtllm with the 1.2 backend's parameters (decoder_parameters); the prompt table is declared
             in the engine's dtype (read from the engine's config.json, never assumed), e.g. TYPE_BF16 for AF3.
   fusion    sends prompt_table_extra_ids when KV-cache reuse is on (runtime/prompt.py: table_extra_ids).

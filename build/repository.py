@@ -15,6 +15,8 @@ from af3trt.triton_repo import configs
 
 SOURCES = Path(configs.__file__).parent
 PYTHON_MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
+# model.py sources that differ by target: the GPU encoder runs the TensorRT plan (triton_repo/encoder_trt)
+MODEL_SOURCES = {("gpu", "encoder"): "encoder_trt"}
 
 
 def render_repository(root: Path, spec: configs.RepoSpec) -> dict[str, str]:
@@ -29,5 +31,6 @@ def render_repository(root: Path, spec: configs.RepoSpec) -> dict[str, str]:
         (model_dir / "config.pbtxt").write_text(text)
         rendered[name] = text
         if cfg.backend == "python":
-            shutil.copy2(SOURCES / name / "model.py", model_dir / "1" / "model.py")
+            source = MODEL_SOURCES.get((spec.target, name), name)
+            shutil.copy2(SOURCES / source / "model.py", model_dir / "1" / "model.py")
     return rendered

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from af3trt.runtime import lengths
-from af3trt.runtime.encoder import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
+from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
 
 log = logging.getLogger(__name__)
 

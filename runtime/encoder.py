@@ -16,16 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-# The encoder's tensor contract (names as exported by af3trt.export.onnx_export).
-INPUT_FEATURES = "input_features"
-INPUT_MASK = "input_features_mask"
-OUTPUT_EMBEDS = "audio_embeds"
-
-# metadata_props written at export
-META_HIDDEN_SIZE = "af3trt.hidden_size"  # text hidden size H (width of audio_embeds)
-META_CHECKPOINT_DTYPE = "af3trt.checkpoint_dtype"  # dtype the checkpoint stores the exported weights in
-META_EXPORT_DTYPE = "af3trt.export_dtype"  # dtype of the graph's weights and activations
-META_QUANTIZATION = "af3trt.quantization"  # absent for the plain export, e.g. "int8-dynamic"
+# The encoder's tensor contract (runtime/encoder_io.py, names as exported by af3trt.export.onnx_export).
+from af3trt.runtime.encoder_io import (INPUT_FEATURES, INPUT_MASK, META_CHECKPOINT_DTYPE,  # noqa: F401
+                                       META_EXPORT_DTYPE, META_HIDDEN_SIZE, META_QUANTIZATION, OUTPUT_EMBEDS)
 
 
 class OnnxEncoder:

@@ -58,7 +58,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     repo = out / "model_repository"
     enc = configs.parse((repo / "encoder" / "config.pbtxt").read_text())
     dec = configs.parse((repo / "decoder" / "config.pbtxt").read_text())
-    assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 4 * 2
+    assert enc.backend == "python" and enc.max_batch_size == 4 * 2
     assert (repo / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN-BYTES"
     assert dec.backend == "tensorrtllm" and dec.model_transaction_policy.decoupled
     assert dec.parameters["gpt_model_path"].string_value == str(out / "artifacts" / "engine")  # where it ends up

@@ -228,12 +228,15 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert int(cfgs["fusion"].parameters["vocab_size"].string_value) == checkpoint["vocab_size"] + 8  # engine's
 
     enc = cfgs["encoder"]
-    assert enc.platform == "tensorrt_plan" and not enc.backend and enc.default_model_filename == "model.plan"
+    # a python model runs the plan: the 26.04 trtllm container has no TensorRT backend (test_gpu_encoder.py)
+    assert enc.backend == "python" and not enc.platform and enc.parameters["plan_file"].string_value == "model.plan"
+    assert enc.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert [g.kind for g in enc.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert enc.max_batch_size == encoder_engine_plan(max_windows=spec.encoder_max_batch).max_windows \
         == limits["max_batch_size"] * limits["max_audio_windows"]  # Triton batches what the engine profile takes
     assert (tmp_path / "repo" / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN" and not plan.exists()
-    assert sorted(p.name for p in (tmp_path / "repo" / "encoder" / "1").iterdir()) == ["model.plan"]
+    assert sorted(p.name for p in (tmp_path / "repo" / "encoder" / "1").iterdir()) == ["model.plan", "model.py"]
+    assert "TrtRunner" in (tmp_path / "repo" / "encoder" / "1" / "model.py").read_text()
     assert out["encoder_plan"] == str(tmp_path / "repo" / "encoder" / "1" / "model.plan")
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
         ("input_features", T.TYPE_FP32, [128, 3000]), ("input_features_mask", T.TYPE_INT32, [3000])]

@@ -137,11 +137,14 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
            _io("input_features_mask", T.TYPE_INT32, [lengths.WINDOW_FRAMES])]
     outs = [_out("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, spec.hidden_size])]
     if spec.target == "gpu":
-        # The TensorRT engine (build/trt_encoder.py) is encoder/1/model.plan; its profile's max windows must equal
-        # encoder_max_batch (build/gpu_repo.py sets both from one number).
-        cfg = mc.ModelConfig(name="encoder", platform="tensorrt_plan", max_batch_size=spec.encoder_max_batch,
-                             default_model_filename="model.plan")
+        # The TensorRT engine (build/trt_encoder.py) is encoder/1/model.plan, run by a python-backend model
+        # (triton_repo/encoder_trt/model.py): the serving container has no Triton TensorRT backend (tensorrtllm_backend
+        # r26.04 docs/build.md; server issue #7346). Its profile's max windows must equal encoder_max_batch
+        # (build/gpu_repo.py sets both from one number). Inputs are taken wherever Triton holds them (python_backend
+        # r26.04 README, FORCE_CPU_ONLY_INPUT_TENSORS).
+        cfg = mc.ModelConfig(name="encoder", backend="python", max_batch_size=spec.encoder_max_batch)
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances)
+        _params(cfg, {"plan_file": "model.plan", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
     else:
         cfg = _python("encoder", spec.encoder_max_batch, spec.encoder_instances)
     cfg.input.extend(ins)

@@ -1,0 +1,300 @@
+"""A stand-in for TensorRT 10.14's Python module (`import tensorrt`), importable from disk.
+
+It exists so that the container half of af3trt (engine build, GPU encoder model) runs here, in a real
+interpreter, against the API it will meet. Every name below is one the real module has; the signatures and
+return conventions are those of NVIDIA/TensorRT branch release/10.14, python/src/infer/pyCore.cpp (bindings)
+and pyFoundationalTypes.cpp (DataType):
+
+  Runtime(logger).deserialize_cuda_engine(serialized_engine) -> ICudaEngine | None (None: not a plan)
+  ICudaEngine: num_io_tensors, get_tensor_name(index), get_tensor_mode(name) -> TensorIOMode.INPUT|OUTPUT,
+               get_tensor_dtype(name), get_tensor_shape(name) (-1 for a dynamic axis), create_execution_context()
+  IExecutionContext: set_input_shape(name, shape) -> bool (False outside the optimization profile),
+               get_tensor_shape(name) (an output's dims are known once every input shape is set),
+               set_tensor_address(name, memory: int) -> bool, execute_async_v3(stream_handle: int) -> bool
+  DataType.FLOAT/HALF/BF16/INT32/INT64/BOOL/INT8, with module aliases float32, float16, bfloat16, int32, …
+  Builder side: Logger, Builder.create_network(flags), NetworkDefinitionCreationFlag.STRONGLY_TYPED, OnnxParser,
+               create_builder_config, set_memory_pool_limit(MemoryPoolType.WORKSPACE, n),
+               create_optimization_profile().set_shape(name, min, opt, max), create_timing_cache(bytes),
+               set_timing_cache(cache, ignore_mismatch) -> bool, build_serialized_network(network, config)
+
+What is faked: the plan is JSON naming the ONNX file the engine was built from, its I/O and its profile; the
+parser presents the encoder's I/O (runtime/encoder_io.py) with the ONNX's output width when onnxruntime can read
+it. Executing reads the inputs from the bound addresses and writes the output at its bound address (host memory:
+torch CPU tensors stand in for CUDA ones) after running the ONNX with ONNX Runtime, so a GPU-encoder test can
+compare with the CPU encoder. Where onnxruntime is absent (the container env) engines build but do not execute.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+
+import numpy as np
+
+__version__ = "10.14.1.48"
+PLAN_MAGIC = "af3trt-fake-tensorrt-plan"
+calls: list[tuple] = []  # (api, args) in call order, for tests that want to see the sequence
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+    BF16 = 7
+    INT64 = 8
+
+
+float32, float16, int8, int32, bool, bfloat16, int64 = (DataType.FLOAT, DataType.HALF, DataType.INT8,  # noqa: A001
+                                                       DataType.INT32, DataType.BOOL, DataType.BF16, DataType.INT64)
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
+       "INT64": np.int64}
+_ORT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int32)": "INT32", "tensor(int64)": "INT64"}
+
+
+def nptype(dtype: DataType):
+    return _NP[dtype.name]
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    STRONGLY_TYPED = 1
+
+
+class MemoryPoolType(enum.Enum):
+    WORKSPACE = 0
+
+
+class Logger:
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    def __init__(self, min_severity=2):
+        self.min_severity = min_severity
+
+
+# ---- builder side -----------------------------------------------------------------------------------------------
+
+class _Tensor:
+    def __init__(self, name, dtype, shape):
+        self.name, self.dtype, self.shape = name, dtype, tuple(shape)
+
+
+class _Network:
+    def __init__(self):
+        self.inputs, self.outputs, self.onnx = [], [], None
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+    def get_output(self, i):
+        return self.outputs[i]
+
+
+def _onnx_io(path: str):
+    """The encoder's I/O as TensorRT's parser presents it (dynamic axes -1); output width from the ONNX if it can."""
+    frames, width = 3000, -1
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        ins = {i.name: i for i in sess.get_inputs()}
+        outs = {o.name: o for o in sess.get_outputs()}
+        dims = lambda shape: tuple(d if isinstance(d, int) else -1 for d in shape)  # noqa: E731
+        return ([_Tensor(n, DataType[_ORT[i.type]], dims(i.shape)) for n, i in ins.items()],
+                [_Tensor(n, DataType[_ORT[o.type]], dims(o.shape)) for n, o in outs.items()])
+    except ImportError:
+        pass
+    return ([_Tensor("input_features", DataType.FLOAT, (-1, 128, frames)),
+             _Tensor("input_features_mask", DataType.INT32, (-1, frames))],
+            [_Tensor("audio_embeds", DataType.FLOAT, (-1, -1, width))])
+
+
+class OnnxParser:
+    def __init__(self, network, logger):
+        self.network, self.num_errors = network, 0
+
+    def parse_from_file(self, path):
+        calls.append(("parse_from_file", (path,)))
+        self.network.inputs, self.network.outputs = _onnx_io(path)
+        self.network.onnx = str(path)
+        return True
+
+    def get_error(self, i):
+        raise IndexError(i)
+
+
+class _Profile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, mn, opt, mx):
+        calls.append(("set_shape", (name, tuple(mn), tuple(opt), tuple(mx))))
+        self.shapes[name] = [list(mn), list(opt), list(mx)]
+
+
+class _TimingCache:
+    def __init__(self, blob):
+        self.blob = bytes(blob)
+
+    def serialize(self):
+        return self.blob + b"+timings"
+
+
+class _BuilderConfig:
+    def __init__(self):
+        self.profiles, self.pools = [], {}
+
+    def set_memory_pool_limit(self, pool, size):
+        self.pools[pool.name] = size
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, blob):
+        return _TimingCache(blob)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        return True
+
+    def set_flag(self, flag):
+        calls.append(("set_flag", (flag,)))
+
+
+class Builder:
+    def __init__(self, logger):
+        self.logger = logger
+
+    def create_network(self, flags=0):
+        calls.append(("create_network", (flags,)))
+        return _Network()
+
+    def create_builder_config(self):
+        return _BuilderConfig()
+
+    def create_optimization_profile(self):
+        return _Profile()
+
+    def build_serialized_network(self, network, config):
+        calls.append(("build_serialized_network", ()))
+        plan = {"magic": PLAN_MAGIC, "version": __version__, "onnx": network.onnx,
+                "io": [[t.name, "INPUT", t.dtype.name, list(t.shape)] for t in network.inputs]
+                + [[t.name, "OUTPUT", t.dtype.name, list(t.shape)] for t in network.outputs],
+                "profile": config.profiles[0].shapes if config.profiles else {}}
+        return json.dumps(plan).encode()
+
+
+# ---- runtime side -----------------------------------------------------------------------------------------------
+
+class Runtime:
+    def __init__(self, logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, serialized_engine):
+        calls.append(("deserialize_cuda_engine", ()))
+        try:
+            plan = json.loads(bytes(serialized_engine))
+        except (ValueError, UnicodeDecodeError):
+            return None  # TensorRT logs the error and returns nullptr
+        return ICudaEngine(plan) if isinstance(plan, dict) and plan.get("magic") == PLAN_MAGIC else None
+
+
+class ICudaEngine:
+    def __init__(self, plan):
+        self.plan = plan
+        self.io = {name: (TensorIOMode[mode], DataType[dt], tuple(shape)) for name, mode, dt, shape in plan["io"]}
+        self.names = [name for name, *_ in plan["io"]]
+
+    @property
+    def num_io_tensors(self):
+        return len(self.names)
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0] if name in self.io else TensorIOMode.NONE
+
+    def get_tensor_dtype(self, name):
+        return self.io[name][1]
+
+    def get_tensor_shape(self, name):
+        return self.io[name][2]
+
+    def create_execution_context(self):
+        calls.append(("create_execution_context", ()))
+        return IExecutionContext(self)
+
+
+class IExecutionContext:
+    def __init__(self, engine: ICudaEngine):
+        self.engine, self.shapes, self.addresses, self._session = engine, {}, {}, None
+
+    def _inputs(self):
+        return [n for n in self.engine.names if self.engine.io[n][0] is TensorIOMode.INPUT]
+
+    def set_input_shape(self, name, shape):
+        calls.append(("set_input_shape", (name, tuple(shape))))
+        mode, _, dims = self.engine.io.get(name, (None, None, ()))
+        shape = tuple(int(d) for d in shape)
+        if mode is not TensorIOMode.INPUT or len(shape) != len(dims):
+            return False
+        if any(d != -1 and d != s for d, s in zip(dims, shape)):
+            return False
+        mn, _, mx = self.engine.plan["profile"].get(name, [shape, shape, shape])
+        if any(not lo <= s <= hi for s, lo, hi in zip(shape, mn, mx)):
+            return False  # outside the optimization profile
+        self.shapes[name] = shape
+        return True
+
+    def _run(self, feeds):
+        import onnxruntime as ort  # only where the fake executes (our venv); the container env lacks it
+
+        if self._session is None:
+            self._session = ort.InferenceSession(self.engine.plan["onnx"], providers=["CPUExecutionProvider"])
+        outs = [n for n in self.engine.names if self.engine.io[n][0] is TensorIOMode.OUTPUT]
+        return dict(zip(outs, self._session.run(outs, feeds)))
+
+    def get_tensor_shape(self, name):
+        mode, _, dims = self.engine.io[name]
+        if mode is TensorIOMode.INPUT:
+            return self.shapes.get(name, dims)
+        if any(n not in self.shapes for n in self._inputs()):
+            return dims
+        # the output's shape follows from the input shapes: run the ONNX once on zeros of those shapes
+        zeros = {n: np.zeros(self.shapes[n], nptype(self.engine.io[n][1])) for n in self._inputs()}
+        return tuple(self._run(zeros)[name].shape)
+
+    def set_tensor_address(self, name, memory):
+        calls.append(("set_tensor_address", (name,)))
+        if name not in self.engine.io or not isinstance(memory, int) or memory == 0:
+            return False
+        self.addresses[name] = memory
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        calls.append(("execute_async_v3", (stream_handle,)))
+        if not isinstance(stream_handle, int):
+            raise TypeError("execute_async_v3(): stream_handle must be an int (a cudaStream_t)")
+        if any(n not in self.shapes for n in self._inputs()) or any(n not in self.addresses for n in self.engine.names):
+            return False  # TensorRT: "not all shapes are specified" / "address is not set"
+
+        def view(name, shape):
+            dtype = np.dtype(nptype(self.engine.io[name][1]))
+            n = int(np.prod(shape)) * dtype.itemsize
+            return np.frombuffer((ctypes.c_byte * n).from_address(self.addresses[name]), dtype).reshape(shape)
+
+        feeds = {n: view(n, self.shapes[n]).copy() for n in self._inputs()}
+        for name, value in self._run(feeds).items():
+            view(name, value.shape)[...] = value
+        return True

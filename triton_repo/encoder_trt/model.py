@@ -1,0 +1,44 @@
+"""Triton adapter: the encoder's TensorRT plan run by TensorRT's Python runtime (GPU backend of the encoder stage).
+
+The serving container has no Triton TensorRT backend (runtime/trt_runner.py says where that is written), so the
+plan runs inside this python-backend model, one engine and CUDA stream per GPU instance. Triton's dynamic batcher
+still merges the windows of several requests into one execution; each request gets its slice of the output as a
+GPU tensor through DLPack (python_backend r26.04 README: pb_utils.Tensor.from_dlpack takes C-contiguous tensors
+implementing __dlpack__; a row slice of the contiguous output is one).
+"""
+
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb
+
+from af3trt.runtime import triton_io as io
+from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
+from af3trt.runtime.trt_runner import TrtRunner, encode_windows
+
+
+def _torch(request, name: str, device) -> torch.Tensor:
+    # inputs may arrive in CPU or GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no"): taken without a copy, then moved
+    return torch.from_dlpack(pb.get_input_tensor_by_name(request, name).to_dlpack()).to(device)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = io.params(args)
+        plan = Path(args["model_repository"]) / args["model_version"] / p.get("plan_file", "model.plan")
+        self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
+
+    def execute(self, requests):
+        try:
+            device = self.runner.place.device
+            feats = [_torch(r, INPUT_FEATURES, device) for r in requests]  # each [w_i, 128, T]
+            masks = [_torch(r, INPUT_MASK, device) for r in requests]  # each [w_i, T]
+            embeds = encode_windows(self.runner, torch.cat(feats), torch.cat(masks))  # [W, T/4, H] on the GPU
+        except Exception as e:  # noqa: BLE001
+            return [io.error_response(pb, e) for _ in requests]
+        out, start = [], 0
+        for x in feats:
+            part = embeds[start: start + len(x)]
+            out.append(pb.InferenceResponse([pb.Tensor.from_dlpack(OUTPUT_EMBEDS, part)]))
+            start += len(x)
+        return out
