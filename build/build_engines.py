@@ -219,7 +219,7 @@ def build(opts: BuildOptions) -> Path:
             check_target(opts.gpu)  # refuse what the GPU cannot run before any work
         except GpuBuildError as e:
             raise BuildError(str(e)) from None
-        total = 5 + opts.gpu.accuracy_report + (0 if opts.gpu.prepare_only else 3)
+        total = 5 + opts.gpu.accuracy_report + opts.gpu.goldens + (0 if opts.gpu.prepare_only else 3)
     if opts.out.exists() and not opts.force:
         raise BuildError(f"{opts.out} exists: pass --force to replace it (the old one is removed only after the "
                          f"new build succeeds)")
@@ -311,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
     gpu.add_argument("--engine-dir-at-serve", default=None,
                      help="absolute path of the decoder engine inside the serving container")
     gpu.add_argument("--no-accuracy-report", action="store_true")
+    gpu.add_argument("--no-goldens", action="store_true",
+                     help="skip the reference answers for `af3trt gpu-check` (artifacts/goldens.json)")
     gpu.add_argument("--from-prepared", type=Path, default=None, metavar="OUT",
                      help="build the engines and the repository of a --prepare-only output (on the GPU host)")
     return ap
@@ -336,11 +338,12 @@ def main(argv=None) -> None:
     gpu_keys = ("precision", "kv_cache", "tp_size", "gpu", "calib_audio", "prepare_only", "engine_dir_at_serve")
     gpu_kw = {k: v.pop(k) for k in gpu_keys}
     accuracy = not v.pop("no_accuracy_report")
+    goldens = not v.pop("no_goldens")
     opts = BuildOptions(**v)
     if opts.target == "gpu":
         from af3trt.build.gpu_build import GpuOptions
 
-        opts.gpu = GpuOptions(**gpu_kw, accuracy_report=accuracy)
+        opts.gpu = GpuOptions(**gpu_kw, accuracy_report=accuracy, goldens=goldens)
     try:
         build(opts)
     except BuildError as e:

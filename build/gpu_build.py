@@ -42,6 +42,7 @@ class GpuOptions:
     prepare_only: bool = False
     engine_dir_at_serve: str | None = None  # where the decoder engine will be inside the serving container
     accuracy_report: bool = True
+    goldens: bool = True  # reference answers for `af3trt gpu-check` (export/goldens.py), written where transformers is
 
     def check(self) -> None:
         for name, value, allowed in (("precision", self.precision, PRECISIONS), ("kv-cache", self.kv_cache, KV_CACHES),
@@ -102,6 +103,11 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
         ckpt = write_trtllm_checkpoint(art / "lm", art / "trtllm_checkpoint", precision=g.precision,
                                        kv_cache=g.kv_cache, tp_size=g.tp_size)
         manifest["trtllm_checkpoint"] = ckpt
+    if g.goldens:
+        from af3trt.export.goldens import write_goldens
+
+        with prog.step("golden answers for `af3trt gpu-check` (transformers, greedy)"):
+            manifest["goldens"] = write_goldens(opts.hf_model, art)
     if g.accuracy_report:
         with prog.step("decoder accuracy on CPU (fake quantization vs the unquantized LM)"):
             acc = decoder_accuracy_report(art / "lm", g.precision, g.kv_cache)

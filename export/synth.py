@@ -67,6 +67,11 @@ PRESETS = {
     # a few MB: unit and integration tests
     "tiny": Preset(bpe_vocab=640, text_vocab_pad=64, enc_hidden=64, enc_layers=2, enc_heads=4, enc_ffn=128,
                    hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, init_std=0.25),
+    # GPU acceptance (`af3trt gpu-check`): tiny, but with a decoder head size TensorRT-LLM can run. Its generation
+    # attention kernels exist for head sizes 32…256 only (decoderMaskedMultiheadAttention{32,48,64,…,256}, see
+    # build/gpu_check.py): the tiny preset's 16 builds an engine that fails at its first generated token.
+    "tiny-gpu": Preset(bpe_vocab=640, text_vocab_pad=64, enc_hidden=64, enc_layers=2, enc_heads=4, enc_ffn=128,
+                       hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, init_std=0.25),
     # tens of millions of parameters: CPU benchmarks with AF3's structure
     "small": Preset(bpe_vocab=4000, text_vocab_pad=128, enc_hidden=384, enc_layers=4, enc_heads=6, enc_ffn=1536,
                     hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, init_std=0.08),

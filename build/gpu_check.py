@@ -1,0 +1,212 @@
+"""`af3trt gpu-check OUT [OUT …]`: GPU acceptance in one command, run inside the serving container on the GPU host.
+
+    af3trt gpu-check /data/af3-bf16 /data/af3-fp8
+
+For each build output (one precision each; engines built by `af3trt build --from-prepared`): refuse clearly what
+cannot run (no GPU, engines not built, no golden answers, a decoder head size TensorRT-LLM has no kernels for),
+start tritonserver on OUT/model_repository (127.0.0.1, free ports), send the golden prompts written at prepare time
+(artifacts/goldens.json, export/goldens.py: transformers' greedy answers), compare token ids, and print one line per
+case and a PASS/FAIL line per output with its agreement figures. Nothing is built. Exit status 0 when every output
+passes, 1 when one fails, 2 when one cannot be checked.
+
+Pass rules (ours, judged: transformers' reference is not the engine's numerics): an unquantized decoder (bf16, fp16)
+must reproduce the first PREFIX tokens of every answer exactly and agree on at least MIN_AGREEMENT of all positions;
+quantized decoders must agree on their first token and on at least MIN_AGREEMENT of positions; CPU-side predictions
+(manifest validation.decoder_accuracy, fake quantization) are printed beside the measured figures when present.
+
+Imports only what the container's Python has (tests/test_container_half.py runs this module there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# TensorRT-LLM's generation attention (masked multi-head attention) kernels are instantiated for these head sizes
+# only: NVIDIA/TensorRT-LLM cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention/instantiation/
+# decoderMaskedMultiheadAttention{32,48,64,80,96,104,112,128,144,160,192,224,256}_{float,half,bf16}.cu.
+# An engine with another head size builds, and fails at its first generated token.
+TRTLLM_HEAD_SIZES = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
+
+PREFIX = {"bf16": 4, "fp16": 4}
+DEFAULT_PREFIX = 1
+MIN_AGREEMENT = {"bf16": 0.75, "fp16": 0.75, "fp8": 0.5, "int8_sq": 0.5, "int8_wo": 0.5, "int4_awq": 0.25}
+
+
+class GpuCheckError(RuntimeError):
+    """This output cannot be checked (what to do is in the message)."""
+
+
+@dataclass(frozen=True)
+class Golden:
+    name: str
+    prompt: str
+    audio: Path
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Goldens:
+    max_tokens: int
+    reference: str
+    cases: list[Golden]
+
+
+@dataclass
+class Agreement:
+    name: str
+    got: list[int]
+    want: list[int]
+
+    @property
+    def prefix(self) -> int:
+        """Length of the common prefix."""
+        n = 0
+        for a, b in zip(self.got, self.want):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def positional(self) -> float:
+        """Share of the reference's positions where the answer has the same token (1.0 for two empty answers)."""
+        n = max(len(self.want), len(self.got))
+        return 1.0 if n == 0 else sum(a == b for a, b in zip(self.got, self.want)) / n
+
+
+@dataclass
+class Verdict:
+    precision: str
+    cases: list[Agreement] = field(default_factory=list)
+
+    @property
+    def agreement(self) -> float:
+        total = sum(max(len(c.want), len(c.got)) for c in self.cases)
+        same = sum(sum(a == b for a, b in zip(c.got, c.want)) for c in self.cases)
+        return 1.0 if total == 0 else same / total
+
+    @property
+    def passed(self) -> bool:
+        need = PREFIX.get(self.precision, DEFAULT_PREFIX)
+        prefix_ok = all(c.prefix >= min(need, len(c.want)) for c in self.cases)
+        return bool(self.cases) and prefix_ok and self.agreement >= MIN_AGREEMENT.get(self.precision, 0.75)
+
+
+def head_size(engine_config: dict) -> int:
+    """The decoder's attention head size from an engine's (or checkpoint's) config.json."""
+    p = engine_config.get("pretrained_config", engine_config)
+    return int(p.get("head_size") or p["hidden_size"] // p["num_attention_heads"])
+
+
+def read_goldens(artifacts: Path) -> Goldens:
+    path = Path(artifacts) / "goldens.json"
+    if not path.is_file():
+        raise GpuCheckError(f"{path} does not exist: it is written by `af3trt build --target gpu` (export side, "
+                            f"with transformers); prepare again without --no-goldens")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if doc.get("af3trt_goldens") != 1 or not doc.get("cases"):
+        raise GpuCheckError(f"{path} is not an af3trt goldens file (format 1 with cases)")
+    cases = [Golden(c["name"], c["prompt"], Path(artifacts) / c["audio"], [int(t) for t in c["token_ids"]])
+             for c in doc["cases"]]
+    for c in cases:
+        if not c.audio.is_file():
+            raise GpuCheckError(f"{path}: audio {c.audio} of case {c.name} is missing")
+    return Goldens(int(doc["max_tokens"]), doc.get("reference", ""), cases)
+
+
+def preflight(out: Path) -> dict:
+    """Everything that can be refused without a server; returns {"precision", "goldens", "repository", "notes"}."""
+    out = Path(out)
+    problems = []
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        raise GpuCheckError(f"{out}: no manifest.json (not an af3trt build output)")
+    m = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if m.get("target") != "gpu":
+        raise GpuCheckError(f"{out} is a {m.get('target')!r} build: gpu-check takes GPU builds")
+    repo, engine = out / "model_repository", out / "artifacts" / "engine"
+    if not (repo / "encoder" / "1" / "model.plan").is_file() or not list(engine.glob("rank*.engine")):
+        problems.append(f"the engines are not built (no {repo / 'encoder/1/model.plan'} or "
+                        f"{engine}/rank*.engine): run `af3trt build --from-prepared {out}` in this container first")
+    else:
+        hs = head_size(json.loads((engine / "config.json").read_text(encoding="utf-8")))
+        if hs not in TRTLLM_HEAD_SIZES:
+            problems.append(f"the decoder's head size is {hs}; TensorRT-LLM has generation kernels for head sizes "
+                            f"{TRTLLM_HEAD_SIZES[0]}…{TRTLLM_HEAD_SIZES[-1]} ({', '.join(map(str, TRTLLM_HEAD_SIZES))})"
+                            f" only: for a synthetic check use `af3trt synth --preset tiny-gpu`")
+    try:
+        goldens = read_goldens(out / "artifacts")
+    except GpuCheckError as e:
+        problems.append(str(e))
+    if problems:
+        raise GpuCheckError(f"{out}: " + "; ".join(problems))
+    predicted = (m.get("validation") or {}).get("decoder_accuracy") or {}
+    return {"precision": m["gpu"]["options"]["precision"], "goldens": goldens, "repository": repo,
+            "predicted_agreement": predicted.get("token_agreement")}
+
+
+def check_repository(repo: Path, goldens: Goldens, precision: str, *, log_path: Path | None = None,
+                     timeout: float = 600.0) -> Verdict:
+    """Serve `repo` on loopback, send every golden prompt (greedy, the goldens' max_tokens), compare."""
+    from af3trt.runtime.client import AF3Client
+    from af3trt.runtime.server import TritonServer
+
+    verdict = Verdict(precision)
+    with TritonServer(Path(repo), log_path=log_path) as srv:
+        client = AF3Client(srv.grpc_url, timeout=timeout)
+        for c in goldens.cases:
+            got = client.ask(c.prompt, [c.audio.read_bytes()], max_tokens=goldens.max_tokens).token_ids
+            verdict.cases.append(Agreement(c.name, got, c.token_ids))
+    return verdict
+
+
+def report(out: Path, verdict: Verdict, predicted: float | None = None) -> str:
+    lines = [f"  {c.name}: {c.positional:.0%} of positions agree, common prefix {c.prefix}/{len(c.want)}"
+             f"\n    gpu       {c.got}\n    reference {c.want}" for c in verdict.cases]
+    pred = "" if predicted is None else f" (CPU fake-quant prediction {predicted:.0%})"
+    lines.append(f"{'PASS' if verdict.passed else 'FAIL'} {verdict.precision} {out}: {verdict.agreement:.1%} token "
+                 f"agreement over {len(verdict.cases)} prompts{pred}; needs prefix "
+                 f"{PREFIX.get(verdict.precision, DEFAULT_PREFIX)} and >= "
+                 f"{MIN_AGREEMENT.get(verdict.precision, 0.75):.0%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="af3trt gpu-check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("outputs", nargs="+", type=Path, help="build outputs (engines built), one precision each")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
+    args = ap.parse_args(argv)
+    from af3trt.build.gpu import detect_gpu
+
+    refusals, checks = [], []
+    for out in args.outputs:
+        try:
+            checks.append((out.resolve(), preflight(out.resolve())))
+        except GpuCheckError as e:
+            refusals.append(str(e))
+    gpu = detect_gpu()
+    if gpu is None:
+        refusals.append("no NVIDIA GPU is visible (nvidia-smi found none): run gpu-check on the GPU host, inside "
+                        "the container (docker run --gpus all …)")
+    if refusals:
+        for r in refusals:
+            print(f"cannot check: {r}", file=sys.stderr)
+        return 2
+    failed = False
+    for out, pre in checks:
+        print(f"checking {out} ({pre['precision']}) on {gpu.name}: {len(pre['goldens'].cases)} golden prompts, "
+              f"reference {pre['goldens'].reference}", flush=True)
+        verdict = check_repository(pre["repository"], pre["goldens"], pre["precision"],
+                                   log_path=out / "gpu-check.tritonserver.log", timeout=args.timeout)
+        print(report(out, verdict, pre["predicted_agreement"]), flush=True)
+        failed |= not verdict.passed
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
