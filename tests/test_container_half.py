@@ -74,6 +74,11 @@ def test_from_prepared_and_the_repository_run_in_the_container_python(prepared, 
     m = json.loads((out / "manifest.json").read_text())
     assert "transformers" not in m["engines_built"]["versions"] and "onnxruntime" not in m["engines_built"]["versions"]
 
+    # gpu-check runs there too; with no GPU and the tiny preset's head size it refuses, saying why
+    r = run_in(container, "-m", "af3trt.cli", "gpu-check", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "head size is 16" in r.stderr and "no NVIDIA GPU is visible" in r.stderr
+
     # every python model of the repository imports there (Triton's utils module faked, as in the unit tests)
     script = textwrap.dedent(f"""
         import importlib.util, pathlib, sys
