@@ -4,7 +4,9 @@ The serving container has no Triton TensorRT backend (runtime/trt_runner.py says
 plan runs inside this python-backend model, one engine and CUDA stream per GPU instance. Triton's dynamic batcher
 still merges the windows of several requests into one execution; each request gets its slice of the output as a
 GPU tensor through DLPack (python_backend r26.04 README: pb_utils.Tensor.from_dlpack takes C-contiguous tensors
-implementing __dlpack__; a row slice of the contiguous output is one).
+implementing __dlpack__; a row slice of the contiguous output is one). Triton hands initialize() the model's
+directory, version and the instance's GPU as args "model_repository", "model_version", "model_instance_device_id"
+(python_backend r26.04 src/stub_launcher.cc).
 """
 
 from pathlib import Path
