@@ -30,14 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 FAKES = Path(__file__).resolve().parent / "fakes"
 
-# What the base image's Python brings that af3trt's container half imports. tensorrt-llm 1.2.1 pins
-# torch>=2.9.1,<=2.10 and needs numpy (NVIDIA/TensorRT-LLM release/1.2.1 requirements.txt; see
-# /work/shared/docs/trtllm-1.2-contracts.md). The image also holds transformers 4.57.3 and nvidia-modelopt 0.37
-# (TensorRT-LLM's pins), but neither is ours to use there (no AF3 classes; another modelopt than the export
-# side's): leaving them out makes any import of them fail here.
+# What the base image's Python brings that af3trt's container half imports: TensorRT-LLM's requirements.txt
+# (NVIDIA/TensorRT-LLM, 1.2-era version in the search index, commit 000867d9) lists torch and numpy<2. It also lists
+# onnx, transformers (4.57.x) and nvidia-modelopt[torch]~=0.37, which the image therefore holds, but none is ours to
+# use there (no AF3 classes in that transformers; another modelopt than the export side's): leaving them out here
+# makes any import of them fail, which is stricter than the container and what we want.
 IMAGE_PACKAGES = ["torch", "numpy"]
 
-# Never in the container's Python on our account: an import of any of these by the container half is a bug.
+# Export-side packages: the container half must not import them (onnxruntime is absent there; the others are
+# TensorRT-LLM's versions, not the export side's): an import of any of these by the container half is a bug.
 EXPORT_ONLY = ("onnxruntime", "onnx", "transformers", "modelopt")
 
 
@@ -108,7 +109,6 @@ def make_container_env(dest: Path, extra_bin: Path | None = None) -> dict:
     roots = dockerfile_container_requirements() + IMAGE_PACKAGES
     dists = _closure(roots)
     dists["af3trt"] = metadata.distribution("af3trt")  # installed --no-deps: its editable finder + .pth
-    ours = Path(metadata.distribution("numpy").locate_file(""))
     for dist in dists.values():
         where = Path(dist.locate_file(""))
         for name in _top_levels(dist):
@@ -122,5 +122,5 @@ def make_container_env(dest: Path, extra_bin: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PATH"] = os.pathsep.join([*([str(extra_bin)] if extra_bin else []), str(dest / "bin"), "/usr/bin", "/bin"])
     env["PYTHONNOUSERSITE"] = "1"
-    return {"python": str(dest / "bin" / "python"), "env": env, "site": site, "source_site": ours,
+    return {"python": str(dest / "bin" / "python"), "env": env, "site": site,
             "distributions": sorted(dists)}
