@@ -7,6 +7,8 @@
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
+    af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
+    af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
 
   single steps of the build:
     af3trt export-encoder   encoder + projector → validated ONNX (optionally INT8 dynamic)
@@ -29,6 +31,8 @@ COMMANDS = {
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.sizing",
     "bench": "af3trt.perf.bench",
+    "replicas": "af3trt.runtime.replicas",
+    "k8s": "af3trt.build.k8s",
     "export-encoder": "af3trt.export.onnx_export",
     "encoder-variant": "af3trt.export.onnx_quant",
     "extract-lm": "af3trt.export.extract_lm",
