@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     try:
         rs.start()
         print(f"{args.replicas} replicas behind haproxy: grpc {rs.grpc_url}, http {rs.http_url}, stats "
-              f"{rs.stats_url}; logs in {rs.workdir}. Ctrl-C stops everything started here.", flush=True)
+              f"{rs.stats_url}; logs in {rs.workdir} (haproxy pid {rs.haproxy.pid}). Ctrl-C stops everything "
+              f"started here.", flush=True)
         while True:
             if rs.haproxy.poll() is not None:
                 raise ServerError(f"haproxy exited with {rs.haproxy.returncode}; log {rs.workdir / 'haproxy.log'}")

@@ -110,3 +110,40 @@ def test_killed_replica_is_taken_out_and_rejoins(replicas, speech_bytes):
     served_r0 = replicas.replica_requests(0)
     assert served_r0 > 0
     print(f"restart: UP after {up_after:.1f} s; replica 0 served {served_r0} of 12 requests")
+
+
+def test_replicas_command_starts_the_layout_and_stops_what_it_started(tiny_repo, tmp_path, speech_bytes):
+    """`af3trt replicas` as a newcomer runs it: balancer up, a request through it, SIGTERM stops every process."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from af3trt.runtime.server import free_port
+
+    grpc, http, stats = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "af3trt.cli", "replicas", "--model-repository", str(tiny_repo / "model_repository"),
+           "--replicas", "1", "--grpc-port", str(grpc), "--http-port", str(http), "--stats-port", str(stats),
+           "--workdir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # bounded by the server's own start timeout; ends if the command exits
+            lines.append(line)
+            if "behind haproxy" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        assert f"grpc 127.0.0.1:{grpc}" in lines[-1]
+        answer = AF3Client(f"127.0.0.1:{grpc}", timeout=120).ask("What is said?", [speech_bytes], max_tokens=2)
+        assert answer.token_ids
+        started = [int(p) for p in re.findall(r"\((?:haproxy )?pid (\d+)\)", "".join(lines))]
+        assert len(started) == 2, lines  # the tritonserver replica and haproxy
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(60)
+    assert rc == 0
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert (tmp_path / "haproxy.cfg").exists()
