@@ -8,6 +8,8 @@
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt gpu-check OUT [OUT …]                    GPU acceptance in the container: serve, compare with goldens
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
+    af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
+    af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
 
   single steps of the build:
     af3trt export-encoder   encoder + projector → validated ONNX (optionally INT8 dynamic)
@@ -31,6 +33,8 @@ COMMANDS = {
     "sizing": "af3trt.build.sizing",
     "gpu-check": "af3trt.build.gpu_check",
     "bench": "af3trt.perf.bench",
+    "replicas": "af3trt.runtime.replicas",
+    "k8s": "af3trt.build.k8s",
     "export-encoder": "af3trt.export.onnx_export",
     "encoder-variant": "af3trt.export.onnx_quant",
     "extract-lm": "af3trt.export.extract_lm",

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3trt.runtime.tp_launch import leader_mode_command
+
 log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
@@ -141,6 +143,7 @@ class TritonServer:
     log_verbose: int = 0
     exit_timeout: int = 5
     extra_args: list[str] = field(default_factory=list)
+    world_size: int = 1  # TensorRT-LLM ranks (= TP size of the engine): >1 launches leader mode under mpirun
     proc: subprocess.Popen | None = None
 
     @property
@@ -152,6 +155,9 @@ class TritonServer:
         return f"{self.host}:{self.http_port}"
 
     def command(self, binary: Path, backends: Path) -> list[str]:
+        return leader_mode_command(self.rank_command(binary, backends), self.world_size)
+
+    def rank_command(self, binary: Path, backends: Path) -> list[str]:
         return [
             str(binary), f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
@@ -235,11 +241,15 @@ def main(argv=None) -> None:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="TensorRT-LLM ranks = the engine's TP size; >1 runs one tritonserver per GPU under mpirun")
+    ap.add_argument("--start-timeout", type=float, default=180.0,
+                    help="seconds to wait for readiness (engine loading on a GPU can take many minutes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
-                       args.metrics_port, args.log)
-    srv.start()
+                       args.metrics_port, args.log, world_size=args.world_size)
+    srv.start(timeout=args.start_timeout)
     print(f"serving {args.model_repository} on grpc {srv.grpc_url} (log {srv.log_path}); Ctrl-C stops it",
           flush=True)
     try:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in libb64-0d libsndfile1 sox espeak-ng; do
+for pkg in libb64-0d libsndfile1 sox espeak-ng haproxy; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -16,6 +16,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# deploy/ renders with Kustomize: kubectl's built-in one (this machine image's kubectl 1.32) or a kustomize binary
+command -v kustomize >/dev/null || command -v kubectl >/dev/null \
+  || echo "== warning: neither kustomize nor kubectl on PATH: tests/test_deploy.py cannot render deploy/" >&2
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
@@ -30,7 +34,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== pip install (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51 wheel, tritonclient 2.51, af3trt)"
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[export,server,perf,test,quant]"
+  .venv/bin/pip install -q -e ".[export,server,perf,test,quant,deploy]"
   # modelopt's ONNX side (PTQ, fp16/bf16 casts), without their dependency pins
   .venv/bin/pip install -q --no-deps onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 polygraphy==0.53.6 \
       onnxconverter-common==1.16.0 lief==1.0.0 onnxscript==0.7.2 onnx-ir==1.1.0 colorama==0.4.6

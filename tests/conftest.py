@@ -33,6 +33,17 @@ def lm_dir(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint built once per session for the CPU target (OUT with OUT/model_repository), shared by
+    the integration, deployment and multi-replica tests."""
+    from af3trt.build.build_engines import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("build") / "af3-tiny"
+    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=64, default_max_tokens=16))
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _modelopt_sees_the_real_tensorrt():
     """modelopt.onnx decides at import whether TensorRT is installed. Import it before any test puts a fake

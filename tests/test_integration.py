@@ -29,12 +29,8 @@ def wav_bytes(wave: np.ndarray, sr: int, fmt: str = "WAV") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def repo(tiny_ckpt, tmp_path_factory):
-    from af3trt.build.build_engines import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("build") / "af3-tiny"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=64, default_max_tokens=16))
-    return out
+def repo(tiny_repo):
+    return tiny_repo
 
 
 @pytest.fixture(scope="module")
