@@ -86,6 +86,8 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
         k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(g).items()}}
     for n in notes:
         print(f"    note: {n}", flush=True)
+    plan = preflight(opts.hf_model, g, limits, gpu)  # refuses what cannot work, before any long step
+    manifest["gpu"]["memory_plan"] = plan.as_dict()
 
     with prog.step("exporting + validating the encoder ONNX (fp32)"):
         manifest["validation"]["encoder_onnx"] = export_encoder(opts.hf_model, art / "encoder.onnx")
@@ -121,17 +123,18 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
 def engine_plans(root: Path, final_root: Path, manifest: dict, gpu) -> dict:
     """The two engine builds for a prepared output at `root` (which will live at `final_root`): the TensorRT
     encoder profile and the trtllm-build command line, both derived from the manifest's limits and options."""
-    from af3trt.build.trt_encoder import encoder_engine_plan, encoder_max_windows
-    from af3trt.build.trtllm_engine import ServingLimits, plan_trtllm_build
+    from af3trt.build.memory_plan import encoder_profile_windows
+    from af3trt.build.trt_encoder import encoder_engine_plan
+    from af3trt.build.trtllm_engine import plan_trtllm_build
 
     limits, g = manifest["limits"], manifest["gpu"]["options"]
     art = root / "artifacts"
-    max_windows = encoder_max_windows(limits["max_batch_size"], limits["max_audio_windows"])
-    serving = ServingLimits(max_batch_size=limits["max_batch_size"], max_audio_seconds=limits["max_audio_seconds"],
-                            max_text_input_len=limits["max_input_len"] - limits["audio_tokens_per_request"],
-                            max_output_len=limits["max_output_len"], tp_size=g["tp_size"])
-    trtllm = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", serving, g["precision"], g["kv_cache"],
-                               limits["audio_tokens_per_request"], timing_cache=art / "trtllm.timing.cache", gpu=gpu)
+    trtllm = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", serving_limits_of(limits, g["tp_size"]),
+                               g["precision"], g["kv_cache"], limits["audio_tokens_per_request"],
+                               timing_cache=art / "trtllm.timing.cache", gpu=gpu)
+    # the encoder takes per execution what the decoder can take per iteration (build/memory_plan.py)
+    max_windows = encoder_profile_windows(limits["max_batch_size"], limits["max_audio_windows"],
+                                          trtllm.derived["max_num_tokens"])
     encoder = encoder_engine_plan(max_windows=max_windows)
     public = {
         "encoder": {"onnx": manifest["gpu"]["encoder_onnx"], "plan": "artifacts/encoder.plan",
@@ -146,7 +149,8 @@ def engine_plans(root: Path, final_root: Path, manifest: dict, gpu) -> dict:
 def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, plans: dict, prog,
                                  repo_dir: Path) -> None:
     """TensorRT encoder engine, trtllm-build, then the tensorrt_plan + tensorrtllm repository at repo_dir."""
-    from af3trt.build.gpu_repo import gpu_repo_spec, render_gpu_repository
+    from af3trt.build.gpu_repo import (TrtllmOptions, backend_options, gpu_repo_spec, read_decoder_engine,
+                                       render_gpu_repository)
     from af3trt.build.trt_encoder import build_encoder_engine
     from af3trt.build.trtllm_engine import run_trtllm_build
 
@@ -159,13 +163,82 @@ def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, p
         manifest["decoder_engine"] = run_trtllm_build(plans["trtllm"].args, root / "logs" / "trtllm-build.log")
     with prog.step("rendering the Triton model repository (tensorrt_plan + tensorrtllm)"):
         g = manifest["gpu"]["options"]
+        engine = read_decoder_engine(art / "engine")  # what trtllm-build actually built (its plugin_config)
+        kv_tokens = (manifest["gpu"].get("memory_plan") or {}).get("kv_cache_tokens")
+        options = backend_options(engine, TrtllmOptions(max_tokens_in_paged_kv_cache=kv_tokens))
         spec = gpu_repo_spec(manifest["checkpoint"]["config"], manifest["limits"], engine_dir=art / "engine",
-                             tokenizer_dir="artifacts/lm", encoder_max_windows=enc.max_windows,
+                             tokenizer_dir="artifacts/lm", encoder_max_windows=enc.max_windows, engine=engine,
+                             options=options,
                              engine_dir_at_serve=g.get("engine_dir_at_serve") or str(final_root / "artifacts" / "engine"))
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
+    manifest["gpu"]["backend_options"] = asdict(options)
     manifest["repository"] = {"spec": asdict(spec)}
     manifest["precisions"] = {"encoder": g["encoder_precision"], "encoder_io": "float32", "decoder": g["precision"],
                               "kv_cache": g["kv_cache"], "prompt_table": spec.decoder_dtype}
+
+
+def serving_limits_of(limits: dict, tp_size: int):
+    """The trtllm-build ServingLimits of a manifest's limits."""
+    from af3trt.build.trtllm_engine import ServingLimits
+
+    return ServingLimits(max_batch_size=limits["max_batch_size"], max_audio_seconds=limits["max_audio_seconds"],
+                         max_text_input_len=limits["max_input_len"] - limits["audio_tokens_per_request"],
+                         max_output_len=limits["max_output_len"], tp_size=tp_size)
+
+
+def preflight(hf_model: Path, g: GpuOptions, limits: dict, gpu):
+    """Refuse, before any long step, a combination that cannot work; return the GPU memory plan.
+
+    Refused (each with its source):
+      - a GPU that cannot run the precision: check_target (build/gpu.py);
+      - a prompt longer than max_num_tokens (so chunked context is needed) with a KV cache for which TensorRT-LLM 1.2
+        builds no paged context FMHA (builder.py: INT8 KV cache; FP8 KV cache under non-FP8 weights), since
+        "Chunked context requires ... paged context FMHA" (trtGptModelInflightBatching.cpp): plan_trtllm_build;
+      - a tensor-parallel size that does not divide the attention heads or the MLP width (TensorRT-LLM splits both
+        per rank), or leaves no AWQ group size (128, 64: the groupwise kernels' sizes) dividing a rank's widths;
+      - a memory plan that does not fit the target GPU (build/memory_plan.py).
+    """
+    from af3trt.build.memory_plan import MemoryPlanError, check_fits, encoder_profile_windows, plan_memory
+    from af3trt.build.sizing import dims_from_config
+    from af3trt.build.trtllm_engine import plan_trtllm_build
+    from af3trt.export.quantize import QuantizeError, awq_block_size_for
+
+    config = json.loads((Path(hf_model) / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or config
+    problems = []
+    for what, n in (("attention heads", text["num_attention_heads"]), ("intermediate size", text["intermediate_size"])):
+        if n % g.tp_size:
+            problems.append(f"--tp-size {g.tp_size} does not divide the {what} ({n})")
+    if g.precision == "int4_awq" and not problems:
+        try:
+            awq_block_size_for(text, g.tp_size)
+        except QuantizeError as e:
+            problems.append(f"int4_awq with --tp-size {g.tp_size}: {e}")
+    try:
+        # placeholder paths: nothing is read or written, only the limits are derived and checked
+        trtllm = plan_trtllm_build(Path("checkpoint-not-written-yet"), Path("engine"),
+                                   serving_limits_of(limits, g.tp_size), g.precision, g.kv_cache,
+                                   limits["audio_tokens_per_request"], gpu=gpu)
+    except ValueError as e:
+        problems.append(str(e))
+        trtllm = None
+    if problems:
+        raise GpuBuildError(f"precision {g.precision}, KV cache {g.kv_cache}, tp {g.tp_size} cannot work: "
+                            + "; ".join(problems))
+    d, e = dims_from_config(config)
+    derived = trtllm.derived
+    plan = plan_memory(d, e, precision=g.precision, kv_cache=g.kv_cache, encoder_precision=g.encoder_precision,
+                       tp_size=g.tp_size, max_batch_size=limits["max_batch_size"], max_seq_len=derived["max_seq_len"],
+                       max_num_tokens=derived["max_num_tokens"],
+                       prompt_table_rows=derived["max_prompt_embedding_table_size"],
+                       encoder_windows=encoder_profile_windows(limits["max_batch_size"], limits["max_audio_windows"],
+                                                               derived["max_num_tokens"]),
+                       gpu_name=None if gpu is None else gpu.name, gpu_bytes=None if gpu is None else gpu.memory_bytes)
+    try:
+        check_fits(plan)
+    except MemoryPlanError as e:
+        raise GpuBuildError(str(e)) from None
+    return plan
 
 
 def build_from_prepared(out: Path) -> Path:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from af3trt.triton_repo.configs import DTYPES, RepoSpec
@@ -114,6 +114,30 @@ def read_decoder_engine(path: Path) -> DecoderEngine:
         max_prompt_embedding_table_size=build.get("max_prompt_embedding_table_size"),
         paged_context_fmha=plugins.get("use_paged_context_fmha"),
         source=f"{cfg_path} ({'engine' if 'pretrained_config' in cfg else 'checkpoint'})")
+
+
+def backend_options(engine: DecoderEngine, base: TrtllmOptions = TrtllmOptions()) -> TrtllmOptions:
+    """The tensorrtllm backend options this engine can serve: `base`, with KV-cache reuse and chunked context
+    turned off when the engine was built without paged context FMHA (its config.json
+    build_config.plugin_config.use_paged_context_fmha, which is what trtllm-build actually built, not what we asked).
+
+    Facts (re-verify before relying on them):
+    - TensorRT-LLM 1.2 tensorrt_llm/builder.py `build()` turns use_paged_context_fmha off for an INT8 KV cache
+      ("Paged Context FMHA is disabled because it doesn't work with int8 kv cache currently") and for an FP8 KV cache
+      unless the weights take the FP8 workflow (quant_algo FP8/W4A8_AWQ/NVFP4) on SM >= 89; the engine's
+      config.json is written from that modified copy of the build config (EngineConfig.to_dict).
+    - cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp: "Chunked context requires context FMHA, paged
+      kv_cache and paged context FMHA all enabled at the same time." (TLLM_CHECK: the model fails to load).
+    - KV-cache reuse: docs/source/advanced/kv-cache-reuse.md "KV cache reuse requires the model to be built for
+      paged context attention" (older executors TLLM_CHECK "When KV cache block reuse is set, model has to be built
+      with paged context FMHA support"); tensorrt_llm/plugin/plugin.py use_paged_context_fmha: "Allow advanced
+      features like KV cache reuse and chunked context."
+    An engine without a plugin_config (not written by trtllm-build) is treated as having no paged context FMHA.
+    """
+    paged = bool(engine.paged_context_fmha)
+    if paged:
+        return base
+    return replace(base, enable_kv_cache_reuse=False, enable_chunked_context=False)
 
 
 def _bool(v: bool) -> str:

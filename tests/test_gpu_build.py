@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -18,23 +18,13 @@ from af3trt.triton_repo import configs
 
 from test_trt_encoder import make_fake_trt
 
-FAKE_TRTLLM_BUILD = textwrap.dedent('''\
-    #!{python}
-    """Stands in for trtllm-build: records its argv, writes an engine dir as 1.2 lays it out."""
-    import json, sys, pathlib
-    args = sys.argv[1:]
-    opt = {{args[i][2:]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}}
-    ckpt = json.loads((pathlib.Path(opt["checkpoint_dir"]) / "config.json").read_text())
-    out = pathlib.Path(opt["output_dir"]); out.mkdir(parents=True, exist_ok=True)
-    (out / "argv.json").write_text(json.dumps(args))
-    build = {{k: int(opt[k]) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
-                                       "max_prompt_embedding_table_size")}}
-    build["plugin_config"] = {{"use_paged_context_fmha": opt.get("use_paged_context_fmha") == "enable"}}
-    (out / "config.json").write_text(json.dumps({{"version": "1.2.1", "pretrained_config": ckpt,
-                                                  "build_config": build}}))
-    (out / "rank0.engine").write_bytes(b"ENGINE")
-    print("[TRT-LLM] Total time of building all engines: 00:00:01")
-''')
+# trtllm-build stand-in: tests/fake_trtllm_build.py (reproduces the 1.2 builder's plugin_config, sources there)
+FAKE_TRTLLM_BUILD = """#!{python}
+import sys
+sys.path.insert(0, {tests!r})
+import fake_trtllm_build
+sys.exit(fake_trtllm_build.main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture
@@ -44,7 +34,7 @@ def fake_gpu_tools(monkeypatch, tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     exe = bindir / "trtllm-build"
-    exe.write_text(FAKE_TRTLLM_BUILD.format(python=sys.executable))
+    exe.write_text(FAKE_TRTLLM_BUILD.format(python=sys.executable, tests=str(Path(__file__).parent)))
     exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     return trt
@@ -58,7 +48,9 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     repo = out / "model_repository"
     enc = configs.parse((repo / "encoder" / "config.pbtxt").read_text())
     dec = configs.parse((repo / "decoder" / "config.pbtxt").read_text())
-    assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 4 * 2
+    # the encoder takes what the decoder can take per iteration: max_num_tokens 1759 (= 256 + 2 x 750 + 3) -> 3
+    # windows, at least one request's 2 windows (build/memory_plan.encoder_profile_windows), not 4 x 2
+    assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 3
     assert (repo / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN-BYTES"
     assert dec.backend == "tensorrtllm" and dec.model_transaction_policy.decoupled
     assert dec.parameters["gpt_model_path"].string_value == str(out / "artifacts" / "engine")  # where it ends up
@@ -80,7 +72,11 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     acc = m["validation"]["decoder_accuracy"]
     assert 0 <= acc["token_agreement"] <= 1 and acc["mean_kl"] >= 0
     assert m["validation"]["encoder_engine_onnx"]["validation"]["cosine"] > 0.999
-    assert m["encoder_engine"]["engine_plan"]["max_windows"] == 8
+    assert m["encoder_engine"]["engine_plan"]["max_windows"] == 3
+    plan = m["gpu"]["memory_plan"]
+    assert plan["encoder_windows"] == 3 and plan["fits"] and plan["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert plan["kv_cache_tokens"] == 4 * -(-int(argv[argv.index("--max_seq_len") + 1]) // 32) * 32
+    assert dec.parameters["max_tokens_in_paged_kv_cache"].string_value == str(plan["kv_cache_tokens"])
     names = [c[0] for c in fake_gpu_tools.calls]
     assert "build_serialized_network" in names and "set_flag" not in names
 
@@ -93,7 +89,8 @@ def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
     cmd = plan["trtllm_build_command"]
     assert cmd.startswith("trtllm-build --checkpoint_dir " + str(out / "artifacts" / "trtllm_checkpoint"))
     assert ".building-" not in json.dumps(plan)  # paths are the final ones, not the scratch directory's
-    assert plan["encoder"]["profile"]["max_windows"] == 8  # max_batch_size 8 × one 30-s window
+    # max_num_tokens 1781 (1024 + 750 + 7) -> 3 windows per decoder iteration, not max_batch_size 8 x 1 window
+    assert plan["encoder"]["profile"]["max_windows"] == 3
     assert not (out / "model_repository").exists()
     assert plan["encoder"]["onnx"] == "artifacts/encoder.fp16.onnx"
     m = json.loads((out / "manifest.json").read_text())
