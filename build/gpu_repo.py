@@ -35,6 +35,7 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from af3trt.runtime.stop_words import end_and_stop_ids
 from af3trt.triton_repo.configs import DTYPES, RepoSpec
 
 EXECUTOR_WORKER_PATH = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
@@ -211,6 +212,7 @@ def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer
     return RepoSpec(
         target="gpu", hidden_size=checkpoint["text_hidden_size"], decoder_dtype=engine.dtype,
         vocab_size=engine.vocab_size, end_id=checkpoint["end_id"], pad_id=checkpoint["pad_id"],
+        stop_ids=end_and_stop_ids(checkpoint.get("eos_ids") or [checkpoint["end_id"]])[1],
         max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
         max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
         default_max_tokens=limits["default_max_tokens"], encoder_max_batch=encoder_max_windows,

@@ -129,3 +129,119 @@ def test_missing_trtllm_build_is_a_clear_error(tiny_ckpt, tmp_path, monkeypatch)
         build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,
                            gpu=GpuOptions(precision="bf16", gpu="h100", accuracy_report=False)))
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ every precision x KV cache x tp size
+
+MATRIX = [(p, kv, tp) for p in ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
+          for kv in ("auto", "fp8", "int8") for tp in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def exported_encoder(tiny_ckpt, tmp_path_factory):
+    """The fp32 encoder ONNX of the tiny checkpoint, exported once for the matrix: every combination below differs
+    only in the decoder, and export_encoder is deterministic, so later builds get a copy of the same files."""
+    from af3trt.export.onnx_export import export_encoder
+
+    cache = tmp_path_factory.mktemp("encoder-cache")
+    report = export_encoder(tiny_ckpt, cache / "encoder.onnx")
+    return cache, report
+
+
+@pytest.fixture
+def reuse_encoder_export(exported_encoder, monkeypatch):
+    import shutil
+
+    from af3trt.export import onnx_export
+
+    cache, report = exported_encoder
+
+    def export_copy(hf_dir, out_path, **_):
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        for f in cache.iterdir():
+            shutil.copy2(f, out_path.parent / f.name)
+        return json.loads(json.dumps(report).replace(str(cache), str(out_path.parent)))
+
+    monkeypatch.setattr(onnx_export, "export_encoder", export_copy)
+
+
+def _paged_context_fmha(precision: str, kv: str) -> bool:
+    """What TensorRT-LLM 1.2's builder.py leaves of --use_paged_context_fmha enable on an SM 9.0 GPU (see
+    tests/fake_trtllm_build.py): off with an INT8 KV cache, and with an FP8 KV cache under non-FP8 weights."""
+    return kv != "int8" and not (kv == "fp8" and precision != "fp8")
+
+
+@pytest.mark.parametrize("precision,kv,tp", MATRIX, ids=[f"{p}-kv_{k}-tp{t}" for p, k, t in MATRIX])
+def test_gpu_build_every_combination(precision, kv, tp, tiny_ckpt, tmp_path, fake_gpu_tools, reuse_encoder_export):
+    """The whole GPU build (real quantization and checkpoint, fake engine builders) for each combination: either it
+    completes with backend options the built engine supports, or it is refused before any work, saying why."""
+    text = json.loads((tiny_ckpt / "config.json").read_text())["text_config"]
+    # int4_awq: TensorRT-LLM's groupwise kernels take group sizes 128 or 64; a rank's slice of the hidden size must
+    # be a multiple of one of them (tiny preset: hidden 64 -> 32 per rank at tp 2)
+    refused = precision == "int4_awq" and (text["hidden_size"] // tp) % 64 != 0
+    out = tmp_path / "gpu"
+    opts = BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu", max_batch_size=2, max_audio_seconds=30,
+                        max_text_len=64, max_output_len=16,
+                        gpu=GpuOptions(precision=precision, kv_cache=kv, tp_size=tp, gpu="h100",
+                                       encoder_precision="fp32", accuracy_report=False))
+    if refused:
+        with pytest.raises(BuildError, match="cannot work.*AWQ group size"):
+            build(opts)
+        assert list(tmp_path.iterdir()) == [tmp_path / "bin"]  # nothing was written
+        return
+    build(opts)
+    engine_cfg = json.loads((out / "artifacts" / "engine" / "config.json").read_text())
+    paged = engine_cfg["build_config"]["plugin_config"]["use_paged_context_fmha"]
+    assert paged == _paged_context_fmha(precision, kv)
+    assert sorted(p.name for p in (out / "artifacts" / "engine").glob("rank*.engine")) == \
+        [f"rank{r}.engine" for r in range(tp)]
+    repo = out / "model_repository"
+    dec = configs.parse((repo / "decoder" / "config.pbtxt").read_text())
+    fusion = configs.parse((repo / "fusion" / "config.pbtxt").read_text())
+    flag = "true" if paged else "false"
+    assert dec.parameters["enable_kv_cache_reuse"].string_value == flag
+    assert dec.parameters["enable_chunked_context"].string_value == flag
+    fusion_sends_extra_ids = any(o.name == "prompt_table_extra_ids" for o in fusion.output)
+    assert fusion_sends_extra_ids == paged  # extra ids exactly when reuse is on
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["gpu"]["backend_options"]["enable_kv_cache_reuse"] is paged
+    assert m["gpu"]["memory_plan"]["fits"] and m["gpu"]["memory_plan"]["tp_size"] == tp
+
+
+def test_chunked_context_without_paged_fmha_is_refused_before_any_work(tiny_ckpt, tmp_path):
+    """10-min audio + 2,000 text tokens need chunked context (max_num_tokens is capped at 16,384), which an INT8 KV
+    cache rules out (no paged context FMHA): refused with the reason, nothing written."""
+    with pytest.raises(BuildError, match="chunked context.*paged context FMHA"):
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=600,
+                           max_text_len=2000, gpu=GpuOptions(precision="int8_wo", kv_cache="int8", gpu="h100")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backend_options_follow_the_engine(tmp_path):
+    """Today's failure: an engine built without paged context FMHA with the default options raised GpuRepoError
+    after both engines were built; the options derived from its config.json render."""
+    from af3trt.build.gpu_repo import GpuRepoError, backend_options, gpu_repo_spec, read_decoder_engine
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fake_trtllm_build
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "dtype": "bfloat16", "vocab_size": 1000, "hidden_size": 64, "mapping": {"world_size": 1},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": "INT8"}}))
+    fake_trtllm_build.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "engine"),
+                            "--max_batch_size", "2", "--max_input_len", "800", "--max_seq_len", "900",
+                            "--max_num_tokens", "801", "--max_beam_width", "1",
+                            "--max_prompt_embedding_table_size", "1500", "--use_paged_context_fmha", "enable"])
+    engine = read_decoder_engine(tmp_path / "engine")
+    assert engine.paged_context_fmha is False  # the builder turned it off for the INT8 KV cache
+    checkpoint = {"text_hidden_size": 64, "vocab_size": 1000, "end_id": 1, "pad_id": 1}
+    limits = {"max_batch_size": 2, "audio_tokens_per_request": 750, "max_input_len": 800, "max_output_len": 100,
+              "max_audio_windows": 1, "default_max_tokens": 50}
+    kw = dict(engine_dir=tmp_path / "engine", tokenizer_dir="lm", encoder_max_windows=2, engine=engine)
+    with pytest.raises(GpuRepoError, match="use_paged_context_fmha"):
+        gpu_repo_spec(checkpoint, limits, **kw)  # the defaults (reuse + chunked context on) cannot load
+    spec = gpu_repo_spec(checkpoint, limits, options=backend_options(engine), **kw)
+    assert spec.decoder_params["enable_kv_cache_reuse"] == "false" and not spec.prompt_table_extra_ids
