@@ -22,13 +22,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from af3trt.build.build_engines import BuildError
+
 PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
 KV_CACHES = ("auto", "fp8", "int8")
 ENCODER_PRECISIONS = ("fp16", "bf16", "fp32", "int8", "fp8")
 
 
-class GpuBuildError(RuntimeError):
-    pass
+class GpuBuildError(BuildError):
+    """A GPU build that cannot work (a BuildError: `af3trt build` prints it as a clean error)."""
 
 
 @dataclass
@@ -198,8 +200,7 @@ def preflight(hf_model: Path, g: GpuOptions, limits: dict, gpu):
         per rank), or leaves no AWQ group size (128, 64: the groupwise kernels' sizes) dividing a rank's widths;
       - a memory plan that does not fit the target GPU (build/memory_plan.py).
     """
-    from af3trt.build.memory_plan import MemoryPlanError, check_fits, encoder_profile_windows, plan_memory
-    from af3trt.build.sizing import dims_from_config
+    from af3trt.build.memory_plan import MemoryPlanError, check_fits, plan_for_config
     from af3trt.build.trtllm_engine import plan_trtllm_build
     from af3trt.export.quantize import QuantizeError, awq_block_size_for
 
@@ -225,15 +226,9 @@ def preflight(hf_model: Path, g: GpuOptions, limits: dict, gpu):
     if problems:
         raise GpuBuildError(f"precision {g.precision}, KV cache {g.kv_cache}, tp {g.tp_size} cannot work: "
                             + "; ".join(problems))
-    d, e = dims_from_config(config)
-    derived = trtllm.derived
-    plan = plan_memory(d, e, precision=g.precision, kv_cache=g.kv_cache, encoder_precision=g.encoder_precision,
-                       tp_size=g.tp_size, max_batch_size=limits["max_batch_size"], max_seq_len=derived["max_seq_len"],
-                       max_num_tokens=derived["max_num_tokens"],
-                       prompt_table_rows=derived["max_prompt_embedding_table_size"],
-                       encoder_windows=encoder_profile_windows(limits["max_batch_size"], limits["max_audio_windows"],
-                                                               derived["max_num_tokens"]),
-                       gpu_name=None if gpu is None else gpu.name, gpu_bytes=None if gpu is None else gpu.memory_bytes)
+    plan = plan_for_config(config, precision=g.precision, kv_cache=g.kv_cache, encoder_precision=g.encoder_precision,
+                           tp_size=g.tp_size, max_batch_size=limits["max_batch_size"],
+                           max_audio_windows=limits["max_audio_windows"], derived=trtllm.derived, gpu=gpu)
     try:
         check_fits(plan)
     except MemoryPlanError as e:

@@ -36,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, EncoderDims, decoder_weight_bytes,
-                                 encoder_weight_bytes, kv_bytes_per_token)
+                                 dims_from_config, encoder_weight_bytes, kv_bytes_per_token)
 from af3trt.runtime import lengths
 
 GIB = 1024**3
@@ -173,4 +173,49 @@ def render_markdown(plan: MemoryPlan, title: str) -> str:
              f"of {plan.gpu_bytes / GIB:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}")]
     lines = [f"### {title}", "", "| | GiB | |", "|---|---:|---|"]
     lines += [f"| {name} | {b / GIB:.2f} | {note} |" for name, b, note in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_precision: str, tp_size: int,
+                    max_batch_size: int, max_audio_windows: int, derived: dict, gpu=None) -> MemoryPlan:
+    """The plan of one GPU build: `config` the HF config.json, `derived` what plan_trtllm_build derived from the
+    serving limits (max_seq_len, max_num_tokens, max_prompt_embedding_table_size), `gpu` a build.gpu.GpuInfo."""
+    d, e = dims_from_config(config)
+    return plan_memory(d, e, precision=precision, kv_cache=kv_cache, encoder_precision=encoder_precision,
+                       tp_size=tp_size, max_batch_size=max_batch_size, max_seq_len=derived["max_seq_len"],
+                       max_num_tokens=derived["max_num_tokens"],
+                       prompt_table_rows=derived["max_prompt_embedding_table_size"],
+                       encoder_windows=encoder_profile_windows(max_batch_size, max_audio_windows,
+                                                               derived["max_num_tokens"]),
+                       gpu_name=None if gpu is None else gpu.name,
+                       gpu_bytes=None if gpu is None else gpu.memory_bytes)
+
+
+def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv_cache: str = "auto") -> str:
+    """docs/sizing.md's memory plan: `af3trt build --target gpu` with its default serving limits, per GPU."""
+    from af3trt.build.build_engines import BuildOptions, serving_limits
+    from af3trt.build.gpu_build import serving_limits_of
+    from af3trt.build.trtllm_engine import plan_trtllm_build
+
+    opts = BuildOptions(hf_model="-", out="-")
+    limits = serving_limits(opts)
+    derived = plan_trtllm_build("checkpoint", "engine", serving_limits_of(limits, 1), precision, kv_cache,
+                                limits["audio_tokens_per_request"]).derived
+    plans = {key: plan_for_config(config, precision=precision, kv_cache=kv_cache, encoder_precision="fp16",
+                                  tp_size=1, max_batch_size=limits["max_batch_size"],
+                                  max_audio_windows=limits["max_audio_windows"], derived=derived, gpu=gpu)
+             for key, gpu in gpus.items()}
+    first = next(iter(plans.values()))
+    title = (f"Memory plan of the default GPU build ({precision}, KV cache {kv_cache}, fp16 encoder, tp 1, "
+             f"{limits['max_batch_size']} requests of {limits['max_audio_seconds']} s audio + {opts.max_text_len} text "
+             f"+ {limits['max_output_len']} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
+    lines = [render_markdown(first, title).rsplit("\n| **total", 1)[0],
+             f"| **total on GPU 0** | {first.total / GIB:.2f} | |", "",
+             "| GPU | memory | fits | KV within 0.9 of what the others leave |", "|---|---:|---|---|"]
+    for key, plan in plans.items():
+        lines.append(f"| {plan.gpu} (`--gpu {key}`) | {plan.gpu_bytes / GIB:.1f} GiB | "
+                     f"{'yes' if plan.fits else 'no'} | {'yes' if plan.kv_within_free_fraction else 'no'} |")
+    lines += ["", "`af3trt build --target gpu` computes this plan for its own options, refuses one that does not fit "
+              "the target GPU before any long step, writes it into manifest.json (`gpu.memory_plan`) and sets "
+              "`max_tokens_in_paged_kv_cache` to its KV tokens. Computed, not measured."]
     return "\n".join(lines) + "\n"
