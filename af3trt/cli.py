@@ -6,6 +6,7 @@
     af3trt ask    --audio clip.wav "What is said?" [--stream] [--url 127.0.0.1:8001]
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
+    af3trt doctor [--repository DIR]                can this machine serve it? (GPU, backends, stub, versions)
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
 
   single steps of the build:
@@ -28,6 +29,7 @@ COMMANDS = {
     "ask": "af3trt.runtime.client",
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.sizing",
+    "doctor": "af3trt.runtime.doctor",
     "bench": "af3trt.perf.bench",
     "export-encoder": "af3trt.export.onnx_export",
     "encoder-variant": "af3trt.export.onnx_quant",

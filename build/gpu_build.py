@@ -90,6 +90,7 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
         print(f"    note: {n}", flush=True)
     plan = preflight(opts.hf_model, g, limits, gpu)  # refuses what cannot work, before any long step
     manifest["gpu"]["memory_plan"] = plan.as_dict()
+    doctor_build_tools(g.prepare_only)  # TensorRT and trtllm-build present when the engines are built here
 
     with prog.step("exporting + validating the encoder ONNX (fp32)"):
         manifest["validation"]["encoder_onnx"] = export_encoder(opts.hf_model, art / "encoder.onnx")
@@ -179,6 +180,16 @@ def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, p
                               "kv_cache": g["kv_cache"], "prompt_table": spec.decoder_dtype}
 
 
+def doctor_build_tools(prepare_only: bool) -> None:
+    """af3trt doctor's build checks (runtime/doctor.py), as a GpuBuildError."""
+    from af3trt.runtime.doctor import DoctorError, build_checks
+
+    try:
+        build_checks(prepare_only)
+    except DoctorError as e:
+        raise GpuBuildError(str(e)) from None
+
+
 def serving_limits_of(limits: dict, tp_size: int):
     """The trtllm-build ServingLimits of a manifest's limits."""
     from af3trt.build.trtllm_engine import ServingLimits
@@ -258,6 +269,7 @@ def build_from_prepared(out: Path) -> Path:
     gpu, notes = check_target(GpuOptions(precision=opts["precision"], kv_cache=opts["kv_cache"],
                                          encoder_precision=opts["encoder_precision"], tp_size=opts["tp_size"],
                                          gpu=opts.get("gpu")))
+    doctor_build_tools(False)
     prog = Progress(total=3)
     scratch = out / f".model_repository.building-{os.getpid()}"
     try:

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3trt.runtime.doctor import preflight_or_exit
+
 log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("AF3TRT_CACHE", Path.home() / ".cache" / "af3trt"))
@@ -237,6 +239,7 @@ def main(argv=None) -> None:
     ap.add_argument("--log", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
                        args.metrics_port, args.log)
     srv.start()
