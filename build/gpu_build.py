@@ -190,6 +190,34 @@ def doctor_build_tools(prepare_only: bool) -> None:
         raise GpuBuildError(str(e)) from None
 
 
+def weight_only_shape_problems(text: dict, precision: str, tp_size: int) -> list[str]:
+    """Why int8_wo / int4_awq cannot be built at this tp size for these layer shapes ([] when they can).
+
+    The rules are the checkpoint validator's (build/trtllm_checkpoint.py, from TensorRT-LLM 1.2's weight-only and
+    AWQ linear layers): trtllm-build pads weight-only layers to multiples of 64 x tp, AWQ layers to multiples of
+    max(64, group size) x tp, and the AWQ group size (128 or 64: the groupwise kernels' sizes) must divide every
+    rank's input width (export/quantize.awq_block_size_for). A checkpoint whose full shapes are not such multiples
+    cannot load, so it is refused here rather than after calibration.
+    """
+    from af3trt.export.quantize import QuantizeError, awq_block_size_for
+
+    heads, kv_heads, hidden = text["num_attention_heads"], text.get("num_key_value_heads"), text["hidden_size"]
+    hd = text.get("head_dim") or hidden // heads
+    inter = text["intermediate_size"]
+    if precision == "int4_awq":
+        try:
+            multiple = max(64, awq_block_size_for(text, tp_size)) * tp_size
+        except QuantizeError as e:
+            return [f"int4_awq with --tp-size {tp_size}: {e}"]
+    else:
+        multiple = 64 * tp_size
+    shapes = {"qkv": ((heads + 2 * (kv_heads or heads)) * hd, hidden), "dense": (hidden, heads * hd),
+              "mlp.fc/gate": (inter, hidden), "mlp.proj": (hidden, inter)}
+    bad = [f"{n} {list(s)}" for n, s in shapes.items() if s[0] % multiple or s[1] % multiple]
+    return [f"{precision} layers are padded to multiples of {multiple} by trtllm-build at tp {tp_size}; "
+            f"{', '.join(bad)} are not, so the checkpoint could not load"] if bad else []
+
+
 def serving_limits_of(limits: dict, tp_size: int):
     """The trtllm-build ServingLimits of a manifest's limits."""
     from af3trt.build.trtllm_engine import ServingLimits
@@ -208,12 +236,11 @@ def preflight(hf_model: Path, g: GpuOptions, limits: dict, gpu):
         builds no paged context FMHA (builder.py: INT8 KV cache; FP8 KV cache under non-FP8 weights), since
         "Chunked context requires ... paged context FMHA" (trtGptModelInflightBatching.cpp): plan_trtllm_build;
       - a tensor-parallel size that does not divide the attention heads or the MLP width (TensorRT-LLM splits both
-        per rank), or leaves no AWQ group size (128, 64: the groupwise kernels' sizes) dividing a rank's widths;
+        per rank); for weight-only precisions, layer shapes that trtllm-build cannot pad-load (weight_only_shape_problems);
       - a memory plan that does not fit the target GPU (build/memory_plan.py).
     """
     from af3trt.build.memory_plan import MemoryPlanError, check_fits, plan_for_config
     from af3trt.build.trtllm_engine import plan_trtllm_build
-    from af3trt.export.quantize import QuantizeError, awq_block_size_for
 
     config = json.loads((Path(hf_model) / "config.json").read_text(encoding="utf-8"))
     text = config.get("text_config") or config
@@ -221,11 +248,8 @@ def preflight(hf_model: Path, g: GpuOptions, limits: dict, gpu):
     for what, n in (("attention heads", text["num_attention_heads"]), ("intermediate size", text["intermediate_size"])):
         if n % g.tp_size:
             problems.append(f"--tp-size {g.tp_size} does not divide the {what} ({n})")
-    if g.precision == "int4_awq" and not problems:
-        try:
-            awq_block_size_for(text, g.tp_size)
-        except QuantizeError as e:
-            problems.append(f"int4_awq with --tp-size {g.tp_size}: {e}")
+    if g.precision in ("int8_wo", "int4_awq") and not problems:
+        problems += weight_only_shape_problems(text, g.precision, g.tp_size)
     try:
         # placeholder paths: nothing is read or written, only the limits are derived and checked
         trtllm = plan_trtllm_build(Path("checkpoint-not-written-yet"), Path("engine"),

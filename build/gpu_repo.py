@@ -133,6 +133,8 @@ def backend_options(engine: DecoderEngine, base: TrtllmOptions = TrtllmOptions()
       paged context attention" (older executors TLLM_CHECK "When KV cache block reuse is set, model has to be built
       with paged context FMHA support"); tensorrt_llm/plugin/plugin.py use_paged_context_fmha: "Allow advanced
       features like KV cache reuse and chunked context."
+    - the backend passes enable_kv_cache_reuse / enable_chunked_context to the executor as they are
+      (triton-inference-server/tensorrtllm_backend r26.04 docs/model_config.md lists both parameters).
     An engine without a plugin_config (not written by trtllm-build) is treated as having no paged context FMHA.
     """
     paged = bool(engine.paged_context_fmha)

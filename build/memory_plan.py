@@ -7,7 +7,9 @@ the models of a repository in parallel. If the decoder starts first, 0.9 of the 
 encoder, loading second, runs out of memory; if the encoder starts first, the decoder gets less KV than planned.
 So the plan fixes the KV cache in tokens: `max_tokens_in_paged_kv_cache` (when both are set the executor uses the
 smaller: calculateMaxNumBlocks takes min(maxTokens, fraction x free); docs/source/reference/memory.md "the minimum
-between this computed number of tokens and maxTokens is used"), sized for what the decoder can hold at once.
+between this computed number of tokens and maxTokens is used"; triton-inference-server/tensorrtllm_backend r26.04
+docs/model_config.md: "KV cache allocation is the min of max_tokens_in_paged_kv_cache and value derived from
+kv_cache_free_gpu_mem_fraction"), sized for what the decoder can hold at once.
 
 What one GPU holds (rank 0 also runs the encoder model):
 
