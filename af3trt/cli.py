@@ -7,6 +7,7 @@
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt gpu-check OUT [OUT …]                    GPU acceptance in the container: serve, compare with goldens
+    af3trt doctor [--repository DIR]                can this machine serve it? (GPU, backends, stub, versions)
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
     af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
     af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
@@ -32,6 +33,7 @@ COMMANDS = {
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.sizing",
     "gpu-check": "af3trt.build.gpu_check",
+    "doctor": "af3trt.runtime.doctor",
     "bench": "af3trt.perf.bench",
     "replicas": "af3trt.runtime.replicas",
     "k8s": "af3trt.build.k8s",

@@ -134,6 +134,13 @@ def inspect_checkpoint(hf_dir: Path) -> dict:
     }
 
 
+def stop_ids_of(info: dict) -> list[int]:
+    """The checkpoint's end ids after end_id (runtime/stop_words.py): generation stops on any of them."""
+    from af3trt.runtime.stop_words import end_and_stop_ids
+
+    return end_and_stop_ids(info.get("eos_ids") or [info["end_id"]])[1]
+
+
 def serving_limits(opts: BuildOptions) -> dict:
     from af3trt.runtime import lengths
 
@@ -175,7 +182,7 @@ def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) ->
 
     spec = RepoSpec(
         target="cpu", hidden_size=info["text_hidden_size"], decoder_dtype=lm["dtype"],
-        vocab_size=lm["vocab_size"], end_id=info["end_id"], pad_id=info["pad_id"],
+        vocab_size=lm["vocab_size"], end_id=info["end_id"], pad_id=info["pad_id"], stop_ids=stop_ids_of(info),
         max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
         max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
         default_max_tokens=limits["default_max_tokens"], encoder_max_batch=opts.encoder_max_batch,

@@ -22,13 +22,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from af3trt.build.build_engines import BuildError
+
 PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
 KV_CACHES = ("auto", "fp8", "int8")
 ENCODER_PRECISIONS = ("fp16", "bf16", "fp32", "int8", "fp8")
 
 
-class GpuBuildError(RuntimeError):
-    pass
+class GpuBuildError(BuildError):
+    """A GPU build that cannot work (a BuildError: `af3trt build` prints it as a clean error)."""
 
 
 @dataclass
@@ -87,6 +89,9 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
         k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(g).items()}}
     for n in notes:
         print(f"    note: {n}", flush=True)
+    plan = preflight(opts.hf_model, g, limits, gpu)  # refuses what cannot work, before any long step
+    manifest["gpu"]["memory_plan"] = plan.as_dict()
+    doctor_build_tools(g.prepare_only)  # TensorRT and trtllm-build present when the engines are built here
 
     with prog.step("exporting + validating the encoder ONNX (fp32)"):
         manifest["validation"]["encoder_onnx"] = export_encoder(opts.hf_model, art / "encoder.onnx")
@@ -127,17 +132,18 @@ def build_gpu(opts, work: Path, prog, manifest: dict) -> None:
 def engine_plans(root: Path, final_root: Path, manifest: dict, gpu) -> dict:
     """The two engine builds for a prepared output at `root` (which will live at `final_root`): the TensorRT
     encoder profile and the trtllm-build command line, both derived from the manifest's limits and options."""
-    from af3trt.build.trt_encoder import encoder_engine_plan, encoder_max_windows
-    from af3trt.build.trtllm_engine import ServingLimits, plan_trtllm_build
+    from af3trt.build.memory_plan import encoder_profile_windows
+    from af3trt.build.trt_encoder import encoder_engine_plan
+    from af3trt.build.trtllm_engine import plan_trtllm_build
 
     limits, g = manifest["limits"], manifest["gpu"]["options"]
     art = root / "artifacts"
-    max_windows = encoder_max_windows(limits["max_batch_size"], limits["max_audio_windows"])
-    serving = ServingLimits(max_batch_size=limits["max_batch_size"], max_audio_seconds=limits["max_audio_seconds"],
-                            max_text_input_len=limits["max_input_len"] - limits["audio_tokens_per_request"],
-                            max_output_len=limits["max_output_len"], tp_size=g["tp_size"])
-    trtllm = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", serving, g["precision"], g["kv_cache"],
-                               limits["audio_tokens_per_request"], timing_cache=art / "trtllm.timing.cache", gpu=gpu)
+    trtllm = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", serving_limits_of(limits, g["tp_size"]),
+                               g["precision"], g["kv_cache"], limits["audio_tokens_per_request"],
+                               timing_cache=art / "trtllm.timing.cache", gpu=gpu)
+    # the encoder takes per execution what the decoder can take per iteration (build/memory_plan.py)
+    max_windows = encoder_profile_windows(limits["max_batch_size"], limits["max_audio_windows"],
+                                          trtllm.derived["max_num_tokens"])
     encoder = encoder_engine_plan(max_windows=max_windows)
     public = {
         "encoder": {"onnx": manifest["gpu"]["encoder_onnx"], "plan": "artifacts/encoder.plan",
@@ -152,7 +158,8 @@ def engine_plans(root: Path, final_root: Path, manifest: dict, gpu) -> dict:
 def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, plans: dict, prog,
                                  repo_dir: Path) -> None:
     """TensorRT encoder engine, trtllm-build, then the python-encoder + tensorrtllm repository at repo_dir."""
-    from af3trt.build.gpu_repo import gpu_repo_spec, render_gpu_repository
+    from af3trt.build.gpu_repo import (TrtllmOptions, backend_options, gpu_repo_spec, read_decoder_engine,
+                                       render_gpu_repository)
     from af3trt.build.trt_encoder import build_encoder_engine
     from af3trt.build.trtllm_engine import run_trtllm_build
 
@@ -165,13 +172,109 @@ def build_engines_and_repository(root: Path, final_root: Path, manifest: dict, p
         manifest["decoder_engine"] = run_trtllm_build(plans["trtllm"].args, root / "logs" / "trtllm-build.log")
     with prog.step("rendering the Triton model repository (TensorRT encoder in python + tensorrtllm)"):
         g = manifest["gpu"]["options"]
+        engine = read_decoder_engine(art / "engine")  # what trtllm-build actually built (its plugin_config)
+        kv_tokens = (manifest["gpu"].get("memory_plan") or {}).get("kv_cache_tokens")
+        options = backend_options(engine, TrtllmOptions(max_tokens_in_paged_kv_cache=kv_tokens))
         spec = gpu_repo_spec(manifest["checkpoint"]["config"], manifest["limits"], engine_dir=art / "engine",
-                             tokenizer_dir="artifacts/lm", encoder_max_windows=enc.max_windows,
+                             tokenizer_dir="artifacts/lm", encoder_max_windows=enc.max_windows, engine=engine,
+                             options=options,
                              engine_dir_at_serve=g.get("engine_dir_at_serve") or str(final_root / "artifacts" / "engine"))
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
+    manifest["gpu"]["backend_options"] = asdict(options)
     manifest["repository"] = {"spec": asdict(spec)}
     manifest["precisions"] = {"encoder": g["encoder_precision"], "encoder_io": "float32", "decoder": g["precision"],
                               "kv_cache": g["kv_cache"], "prompt_table": spec.decoder_dtype}
+
+
+def doctor_build_tools(prepare_only: bool) -> None:
+    """af3trt doctor's build checks (runtime/doctor.py), as a GpuBuildError."""
+    from af3trt.runtime.doctor import DoctorError, build_checks
+
+    try:
+        build_checks(prepare_only)
+    except DoctorError as e:
+        raise GpuBuildError(str(e)) from None
+
+
+def weight_only_shape_problems(text: dict, precision: str, tp_size: int) -> list[str]:
+    """Why int8_wo / int4_awq cannot be built at this tp size for these layer shapes ([] when they can).
+
+    The rules are the checkpoint validator's (build/trtllm_checkpoint.py, from TensorRT-LLM 1.2's weight-only and
+    AWQ linear layers): trtllm-build pads weight-only layers to multiples of 64 x tp, AWQ layers to multiples of
+    max(64, group size) x tp, and the AWQ group size (128 or 64: the groupwise kernels' sizes) must divide every
+    rank's input width (export/quantize.awq_block_size_for). A checkpoint whose full shapes are not such multiples
+    cannot load, so it is refused here rather than after calibration.
+    """
+    from af3trt.export.quantize import QuantizeError, awq_block_size_for
+
+    heads, kv_heads, hidden = text["num_attention_heads"], text.get("num_key_value_heads"), text["hidden_size"]
+    hd = text.get("head_dim") or hidden // heads
+    inter = text["intermediate_size"]
+    if precision == "int4_awq":
+        try:
+            multiple = max(64, awq_block_size_for(text, tp_size)) * tp_size
+        except QuantizeError as e:
+            return [f"int4_awq with --tp-size {tp_size}: {e}"]
+    else:
+        multiple = 64 * tp_size
+    shapes = {"qkv": ((heads + 2 * (kv_heads or heads)) * hd, hidden), "dense": (hidden, heads * hd),
+              "mlp.fc/gate": (inter, hidden), "mlp.proj": (hidden, inter)}
+    bad = [f"{n} {list(s)}" for n, s in shapes.items() if s[0] % multiple or s[1] % multiple]
+    return [f"{precision} layers are padded to multiples of {multiple} by trtllm-build at tp {tp_size}; "
+            f"{', '.join(bad)} are not, so the checkpoint could not load"] if bad else []
+
+
+def serving_limits_of(limits: dict, tp_size: int):
+    """The trtllm-build ServingLimits of a manifest's limits."""
+    from af3trt.build.trtllm_engine import ServingLimits
+
+    return ServingLimits(max_batch_size=limits["max_batch_size"], max_audio_seconds=limits["max_audio_seconds"],
+                         max_text_input_len=limits["max_input_len"] - limits["audio_tokens_per_request"],
+                         max_output_len=limits["max_output_len"], tp_size=tp_size)
+
+
+def preflight(hf_model: Path, g: GpuOptions, limits: dict, gpu):
+    """Refuse, before any long step, a combination that cannot work; return the GPU memory plan.
+
+    Refused (each with its source):
+      - a GPU that cannot run the precision: check_target (build/gpu.py);
+      - a prompt longer than max_num_tokens (so chunked context is needed) with a KV cache for which TensorRT-LLM 1.2
+        builds no paged context FMHA (builder.py: INT8 KV cache; FP8 KV cache under non-FP8 weights), since
+        "Chunked context requires ... paged context FMHA" (trtGptModelInflightBatching.cpp): plan_trtllm_build;
+      - a tensor-parallel size that does not divide the attention heads or the MLP width (TensorRT-LLM splits both
+        per rank); for weight-only precisions, layer shapes that trtllm-build cannot pad-load (weight_only_shape_problems);
+      - a memory plan that does not fit the target GPU (build/memory_plan.py).
+    """
+    from af3trt.build.memory_plan import MemoryPlanError, check_fits, plan_for_config
+    from af3trt.build.trtllm_engine import plan_trtllm_build
+
+    config = json.loads((Path(hf_model) / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or config
+    problems = []
+    for what, n in (("attention heads", text["num_attention_heads"]), ("intermediate size", text["intermediate_size"])):
+        if n % g.tp_size:
+            problems.append(f"--tp-size {g.tp_size} does not divide the {what} ({n})")
+    if g.precision in ("int8_wo", "int4_awq") and not problems:
+        problems += weight_only_shape_problems(text, g.precision, g.tp_size)
+    try:
+        # placeholder paths: nothing is read or written, only the limits are derived and checked
+        trtllm = plan_trtllm_build(Path("checkpoint-not-written-yet"), Path("engine"),
+                                   serving_limits_of(limits, g.tp_size), g.precision, g.kv_cache,
+                                   limits["audio_tokens_per_request"], gpu=gpu)
+    except ValueError as e:
+        problems.append(str(e))
+        trtllm = None
+    if problems:
+        raise GpuBuildError(f"precision {g.precision}, KV cache {g.kv_cache}, tp {g.tp_size} cannot work: "
+                            + "; ".join(problems))
+    plan = plan_for_config(config, precision=g.precision, kv_cache=g.kv_cache, encoder_precision=g.encoder_precision,
+                           tp_size=g.tp_size, max_batch_size=limits["max_batch_size"],
+                           max_audio_windows=limits["max_audio_windows"], derived=trtllm.derived, gpu=gpu)
+    try:
+        check_fits(plan)
+    except MemoryPlanError as e:
+        raise GpuBuildError(str(e)) from None
+    return plan
 
 
 def build_from_prepared(out: Path) -> Path:
@@ -196,6 +299,7 @@ def build_from_prepared(out: Path) -> Path:
     gpu, notes = check_target(GpuOptions(precision=opts["precision"], kv_cache=opts["kv_cache"],
                                          encoder_precision=opts["encoder_precision"], tp_size=opts["tp_size"],
                                          gpu=opts.get("gpu")))
+    doctor_build_tools(False)
     prog = Progress(total=3)
     scratch = out / f".model_repository.building-{os.getpid()}"
     try:

@@ -33,9 +33,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from af3trt.runtime.stop_words import end_and_stop_ids
 from af3trt.triton_repo.configs import DTYPES, RepoSpec
 
 EXECUTOR_WORKER_PATH = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
@@ -117,6 +118,32 @@ def read_decoder_engine(path: Path) -> DecoderEngine:
         source=f"{cfg_path} ({'engine' if 'pretrained_config' in cfg else 'checkpoint'})")
 
 
+def backend_options(engine: DecoderEngine, base: TrtllmOptions = TrtllmOptions()) -> TrtllmOptions:
+    """The tensorrtllm backend options this engine can serve: `base`, with KV-cache reuse and chunked context
+    turned off when the engine was built without paged context FMHA (its config.json
+    build_config.plugin_config.use_paged_context_fmha, which is what trtllm-build actually built, not what we asked).
+
+    Facts (re-verify before relying on them):
+    - TensorRT-LLM 1.2 tensorrt_llm/builder.py `build()` turns use_paged_context_fmha off for an INT8 KV cache
+      ("Paged Context FMHA is disabled because it doesn't work with int8 kv cache currently") and for an FP8 KV cache
+      unless the weights take the FP8 workflow (quant_algo FP8/W4A8_AWQ/NVFP4) on SM >= 89; the engine's
+      config.json is written from that modified copy of the build config (EngineConfig.to_dict).
+    - cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp: "Chunked context requires context FMHA, paged
+      kv_cache and paged context FMHA all enabled at the same time." (TLLM_CHECK: the model fails to load).
+    - KV-cache reuse: docs/source/advanced/kv-cache-reuse.md "KV cache reuse requires the model to be built for
+      paged context attention" (older executors TLLM_CHECK "When KV cache block reuse is set, model has to be built
+      with paged context FMHA support"); tensorrt_llm/plugin/plugin.py use_paged_context_fmha: "Allow advanced
+      features like KV cache reuse and chunked context."
+    - the backend passes enable_kv_cache_reuse / enable_chunked_context to the executor as they are
+      (triton-inference-server/tensorrtllm_backend r26.04 docs/model_config.md lists both parameters).
+    An engine without a plugin_config (not written by trtllm-build) is treated as having no paged context FMHA.
+    """
+    paged = bool(engine.paged_context_fmha)
+    if paged:
+        return base
+    return replace(base, enable_kv_cache_reuse=False, enable_chunked_context=False)
+
+
 def _bool(v: bool) -> str:
     return "true" if v else "false"
 
@@ -188,6 +215,7 @@ def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer
     return RepoSpec(
         target="gpu", hidden_size=checkpoint["text_hidden_size"], decoder_dtype=engine.dtype,
         vocab_size=engine.vocab_size, end_id=checkpoint["end_id"], pad_id=checkpoint["pad_id"],
+        stop_ids=end_and_stop_ids(checkpoint.get("eos_ids") or [checkpoint["end_id"]])[1],
         max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
         max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
         default_max_tokens=limits["default_max_tokens"], encoder_max_batch=encoder_max_windows,

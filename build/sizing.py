@@ -282,7 +282,15 @@ def main(argv=None) -> int:
     gpu = KNOWN_GPUS[args.gpu]
     table = sizing_table(args.hf_model, gpu_bytes=gpu.memory_bytes, gpu_name=gpu.name, text_tokens=args.text_tokens,
                          output_tokens=args.output_tokens, reserve_bytes=int(args.reserve_gib * 1024**3))
-    print(json.dumps(table, indent=2) if args.json else render_markdown(table))
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(render_markdown(table))
+    if gpu.name.startswith("NVIDIA H100"):  # printed once (docs/sizing.md): the plan of a default GPU build per GPU
+        from af3trt.build.memory_plan import default_build_plans
+
+        config = json.loads((args.hf_model / "config.json").read_text(encoding="utf-8"))
+        print(default_build_plans(config, {k: KNOWN_GPUS[k] for k in ("a100-40gb", "a100", "h100", "h200")}))
     return 0
 
 

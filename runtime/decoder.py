@@ -11,6 +11,8 @@ meaning. What the GPU backend does and we reproduce (TensorRT-LLM 1.2, executor 
 - output excludes the input (exclude_input_in_output=true) and **excludes the end token**: the sampler does not count
   the end id in the sequence length, so `output_ids` stops before it and `sequence_length` (the number of ids in a
   response) does not count it; a streaming request that ends on the end id gets a last, empty, final response;
+- stop words (`stop_words_list`, e.g. the checkpoint's other end ids) end the request too, but **stay in the
+  output**, as TensorRT-LLM's executor leaves them (runtime/stop_words.py has the source); postprocess trims them;
 - streaming: one response per generated token; non-streaming: one response with all tokens;
 - a request without a seed samples with seed 0 (TensorRT-LLM's default), so it is reproducible too.
 
@@ -35,6 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from af3trt.runtime.stop_words import ends_with_stop_word
+
 log = logging.getLogger(__name__)
 
 Emit = Callable[[list, bool], None]  # emit(new_token_ids, final)
@@ -54,6 +58,7 @@ class GenerationRequest:
     prompt_vocab_size: int = 0  # rows of the table addressable by fake ids (0 = all rows of a given table)
     max_new_tokens: int  # request_output_len
     end_id: int | None = None  # None: never stop early
+    stop_words: tuple = ()  # token-id sequences that end the request (kept in the output, like TensorRT-LLM)
     pad_id: int | None = None  # accepted for the contract; nothing is padded in the output
     streaming: bool = False
     top_k: int = 0  # 0 = off
@@ -170,6 +175,9 @@ class DecoderEngine:
             raise DecodeError(f"max_new_tokens {r.max_new_tokens} outside 1..{self.max_new_tokens_limit}")
         if r.end_id is not None and not 0 <= r.end_id < self.vocab_size:
             raise DecodeError(f"end_id {r.end_id} outside 0..{self.vocab_size - 1}")
+        for word in r.stop_words:
+            if not word or not all(0 <= t < self.vocab_size for t in word):
+                raise DecodeError(f"stop word {list(word)} must be non-empty with ids in 0..{self.vocab_size - 1}")
         if not (r.temperature >= 0.0) or math.isinf(r.temperature):  # also rejects NaN
             raise DecodeError(f"temperature must be a finite number >= 0, got {r.temperature}")
         if not 0.0 <= r.top_p <= 1.0:  # also rejects NaN
@@ -352,7 +360,7 @@ class DecoderEngine:
         seq.generated.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
-        final = len(seq.generated) >= r.max_new_tokens
+        final = len(seq.generated) >= r.max_new_tokens or ends_with_stop_word(seq.generated, r.stop_words)
         if r.streaming:
             seq.emit([token], final)
         elif final:

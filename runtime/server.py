@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3trt.runtime.tp_launch import leader_mode_command
+from af3trt.runtime.doctor import preflight_or_exit
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def main(argv=None) -> None:
                     help="seconds to wait for readiness (engine loading on a GPU can take many minutes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
                        args.metrics_port, args.log, world_size=args.world_size)
     srv.start(timeout=args.start_timeout)

@@ -2,8 +2,8 @@
 
 The reference is `AudioFlamingo3ForConditionalGeneration.generate` (greedy) on the same tiny checkpoint, fed by
 `AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently here (soundfile, and
-scipy for resampling). TensorRT-LLM stops on one end id and leaves it out of output_ids; the reference's
-trailing end token is dropped before comparing.
+scipy for resampling). Generation stops on any of the checkpoint's end ids (TensorRT-LLM: end_id + stop_words_list,
+runtime/stop_words.py); the reference's trailing end token is dropped before comparing.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class Reference:
         self.model.model.audio_tower.float()
         self.model.model.multi_modal_projector.float()
         self.end_id = self.model.generation_config.eos_token_id[0]
+        self.eos_ids = list(self.model.generation_config.eos_token_id)  # generate stops on any (and so do we)
         self.lock = threading.Lock()
 
     def generate(self, prompt: str, wave: np.ndarray | None = None, system: str | None = None,
@@ -75,9 +76,9 @@ class Reference:
             inputs = self.processor.apply_chat_template(conv, tokenize=True, return_dict=True,
                                                         add_generation_prompt=True)
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=self.end_id, pad_token_id=self.end_id)
+                                      eos_token_id=self.eos_ids, pad_token_id=self.end_id)
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-        return ids[:-1] if ids and ids[-1] == self.end_id else ids
+        return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
 
 
 @pytest.fixture(scope="module")

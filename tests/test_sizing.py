@@ -104,3 +104,88 @@ def test_committed_sizing_doc_is_what_the_code_computes(capsys):
     generated = capsys.readouterr().out
     committed = (REFERENCE.parent / "sizing.md").read_text(encoding="utf-8")
     assert generated in committed
+
+
+# ------------------------------------------------------------------ the GPU memory plan (build/memory_plan.py)
+
+def _af3_plan(windows=None, **kw):
+    from af3trt.build.memory_plan import encoder_profile_windows, plan_memory
+
+    dec, enc = dims_from_config(AF3_CONFIG)
+    # the default GPU build: 8 requests x (15,000 audio + 1,024 text) tokens + 512 output tokens
+    args = dict(precision="bf16", kv_cache="auto", encoder_precision="fp16", tp_size=1, max_batch_size=8,
+                max_seq_len=16536, max_num_tokens=16031, prompt_table_rows=8 * 15000)
+    args.update(kw)
+    if windows is None:
+        windows = encoder_profile_windows(args["max_batch_size"], 20, args["max_num_tokens"])
+    return plan_memory(dec, enc, encoder_windows=windows, **args)
+
+
+def test_encoder_profile_follows_what_the_decoder_takes_per_iteration():
+    from af3trt.build.memory_plan import encoder_profile_windows
+
+    assert encoder_profile_windows(8, 20, 16031) == 22  # ceil(16,031 / 750), not 8 x 20 = 160
+    assert encoder_profile_windows(8, 1, 1781) == 3
+    assert encoder_profile_windows(1, 20, 1000) == 20  # one request's windows are never split
+    assert encoder_profile_windows(2, 1, 100000) == 2  # never more than every sequence's audio
+
+
+def test_encoder_activations_are_a_function_of_windows_and_frames():
+    from af3trt.build.memory_plan import encoder_activation_bytes
+
+    _, enc = dims_from_config(AF3_CONFIG)
+    one = encoder_activation_bytes(enc, 1, 3000)
+    assert encoder_activation_bytes(enc, 22, 3000) == 22 * one  # linear in windows
+    assert encoder_activation_bytes(enc, 1, 1000) < one / 3  # shorter windows (a windows x frames profile) cost less
+    assert 0.15 * GIB < one < 0.3 * GIB  # 20 heads x 1500^2 scores (fp16, with softmax) dominate a window
+
+
+GIB = 1024**3
+
+
+def test_memory_plan_of_the_default_build():
+    from af3trt.build.gpu import KNOWN_GPUS
+    from af3trt.build.memory_plan import MemoryPlanError, check_fits, plan_memory
+
+    plan = _af3_plan()
+    assert plan.encoder_windows == 22
+    assert plan.kv_cache_tokens == 8 * 16544  # max_seq_len 16,536 in whole 32-token blocks
+    assert plan.kv_cache == 8 * 16544 * 57344
+    assert plan.total == sum(getattr(plan, k) for k in ("encoder_weights", "encoder_activations", "decoder_weights",
+                                                         "decoder_activations", "prompt_table", "kv_cache", "reserve"))
+    for key in ("a100-40gb", "a100", "h100", "h200"):
+        gpu = KNOWN_GPUS[key]
+        check_fits(_af3_plan(gpu_name=gpu.name, gpu_bytes=gpu.memory_bytes))  # the default fits every declared GPU
+    # the old profile (every sequence's longest audio: 8 x 20 = 160 windows) would not fit an A100 40GB
+    a100_40 = KNOWN_GPUS["a100-40gb"]
+    old = _af3_plan(windows=160, gpu_name=a100_40.name, gpu_bytes=a100_40.memory_bytes)
+    assert old.encoder_activations > 25 * GIB and not old.fits
+    with pytest.raises(MemoryPlanError, match="does not fit.*--max-batch-size"):
+        check_fits(old)
+    # tp 2 halves the decoder's weights and KV per rank
+    tp2 = _af3_plan(tp_size=2)
+    assert tp2.decoder_weights == plan.decoder_weights // 2 and tp2.kv_cache == plan.kv_cache // 2
+
+
+def test_memory_plan_kv_must_fit_whatever_loads_first():
+    """The KV cache must be at most 0.9 of what the other models leave (the backend takes its fraction of the memory
+    free when it starts, and Triton loads models in parallel)."""
+    from af3trt.build.gpu import KNOWN_GPUS
+
+    h100 = KNOWN_GPUS["h100"]
+    plan = _af3_plan(max_batch_size=40, max_seq_len=16536, gpu_name=h100.name, gpu_bytes=h100.memory_bytes)
+    assert plan.kv_cache > 30 * GIB
+    assert plan.fits == (plan.total <= h100.memory_bytes)
+    assert not plan.kv_within_free_fraction or plan.fits
+
+
+def test_build_refuses_a_plan_that_does_not_fit_before_any_work(tiny_ckpt, tmp_path):
+    """A configuration whose KV cache cannot fit the declared GPU is refused before the first step."""
+    from af3trt.build.build_engines import BuildError, BuildOptions, build
+    from af3trt.build.gpu_build import GpuOptions
+
+    with pytest.raises(BuildError, match="memory plan does not fit"):
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_batch_size=16384,
+                           max_audio_seconds=600, max_text_len=1024,
+                           gpu=GpuOptions(precision="bf16", gpu="a100-40gb", accuracy_report=False)))
+    assert list(tmp_path.iterdir()) == []

@@ -69,6 +69,9 @@ class RepoSpec:
     fusion_params: dict[str, str] = field(default_factory=dict)
     postprocess_params: dict[str, str] = field(default_factory=dict)
     preprocess_params: dict[str, str] = field(default_factory=dict)
+    # the checkpoint's end ids after end_id: fusion sends them as stop_words_list, postprocess trims them
+    # (runtime/stop_words.py); empty when the checkpoint names one end id
+    stop_ids: list[int] = field(default_factory=list)
 
 
 def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None,
@@ -178,11 +181,14 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.output.append(_out("prompt_embedding_table", DTYPES[spec.decoder_dtype], [1, -1, spec.hidden_size]))
     if spec.prompt_table_extra_ids:
         cfg.output.append(_out("prompt_table_extra_ids", T.TYPE_UINT64, [1, -1]))
+    if spec.stop_ids:
+        cfg.output.append(_out("stop_words_list", T.TYPE_INT32, [1, 2, -1]))
     _params(cfg, {
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "dtype": spec.decoder_dtype,
         "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
         "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
         **({"prompt_table_extra_ids": "true"} if spec.prompt_table_extra_ids else {}),
+        **({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
         **spec.fusion_params,
     })
     return cfg
@@ -208,6 +214,7 @@ def decoder_inputs(dtype: str) -> list[mc.ModelInput]:
         _io("prompt_embedding_table", DTYPES[dtype], [-1, -1], optional=True, ragged=True),
         _io("prompt_table_extra_ids", T.TYPE_UINT64, [-1], optional=True, ragged=True),
         _io("prompt_vocab_size", T.TYPE_INT32, optional=True, **scalar),
+        _io("stop_words_list", T.TYPE_INT32, [2, -1], optional=True, ragged=True),
     ]
 
 
@@ -242,7 +249,8 @@ def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python("postprocess", 0, 1)
     cfg.input.extend([_io("output_ids", T.TYPE_INT32, [-1, -1, -1]), _io("sequence_length", T.TYPE_INT32, [-1, -1])])
     cfg.output.extend(_out(n, d, dims) for n, d, dims in RESPONSE_OUTPUTS)
-    _params(cfg, spec.postprocess_params)
+    _params(cfg, {**({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
+                  **spec.postprocess_params})
     return cfg
 
 
@@ -269,6 +277,8 @@ def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     fusion_out.update(input_ids="_input_ids", prompt_embedding_table="_prompt_embedding_table")
     if spec.prompt_table_extra_ids:
         fusion_out["prompt_table_extra_ids"] = "_prompt_table_extra_ids"
+    if spec.stop_ids:
+        fusion_out["stop_words_list"] = "_stop_words_list"
     step("fusion", fusion_in, fusion_out)
     step("decoder", {v[1:]: v for v in fusion_out.values()},
          {"output_ids": "_output_ids", "sequence_length": "_sequence_length"})

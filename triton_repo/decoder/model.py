@@ -6,6 +6,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
+from af3trt.runtime.stop_words import parse_stop_words_list
 
 
 def _response(tokens):
@@ -54,7 +55,12 @@ class TritonPythonModel:
             pad_id=get("pad_id", int, None), streaming=get("streaming", bool, False),
             top_k=get("runtime_top_k", int, 0), top_p=get("runtime_top_p", float, 0.0),
             temperature=get("temperature", float, 1.0), repetition_penalty=get("repetition_penalty", float, 1.0),
-            seed=get("seed", int, None))
+            seed=get("seed", int, None), stop_words=self.stop_words(r))
+
+    @staticmethod
+    def stop_words(r) -> tuple:
+        arr = io.tensor(pb, r, "stop_words_list")  # [1, 2, L] (TensorRT-LLM's format) or absent
+        return () if arr is None else parse_stop_words_list(arr)
 
     @staticmethod
     def _emitter(sender):

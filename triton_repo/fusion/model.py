@@ -5,6 +5,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
+from af3trt.runtime.stop_words import stop_words_list
 
 
 def _table_tensor(table: np.ndarray, dtype: str):
@@ -62,6 +63,8 @@ class TritonPythonModel:
             one("prompt_vocab_size", max(n_rows, 1), np.int32),
             _table_tensor(table, self.limits.dtype),  # [1, N, H]
         ]
+        if self.limits.stop_ids:  # [1, 2, L]: the other end ids, one single-token stop word each
+            outputs.append(pb.Tensor("stop_words_list", stop_words_list([i] for i in self.limits.stop_ids)[None]))
         if extra is not None:
             outputs.append(pb.Tensor("prompt_table_extra_ids", extra[None]))  # [1, L]
         return pb.InferenceResponse(outputs)

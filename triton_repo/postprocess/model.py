@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
+from af3trt.runtime.stop_words import trim_stop_token
 
 STATE_TTL = 900.0
 
@@ -23,6 +24,7 @@ class TritonPythonModel:
         self.detok = Detokenizer(io.resolve(args, p["tokenizer_dir"]) / "tokenizer.json")
         self.ctx = RequestContext()
         self.states: dict[str, tuple[float, StreamState, dict]] = {}
+        self.stop_ids = [int(i) for i in p.get("stop_ids", "").split(",") if i.strip()]
 
     def execute(self, requests):
         out = io.per_request(pb, requests, self.run)
@@ -33,6 +35,7 @@ class TritonPythonModel:
         ids = io.tensor(pb, r, "output_ids")  # [1, beam, T]
         n = int(io.tensor(pb, r, "sequence_length").reshape(-1)[0])
         tokens = ids[0, 0, : min(n, ids.shape[-1])]
+        tokens = trim_stop_token(tokens, self.stop_ids)  # the decoder keeps stop words, as TensorRT-LLM does
         rid = r.request_id()
         entry = self.states.get(rid) if rid else None
         first = entry is None

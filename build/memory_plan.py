@@ -1,0 +1,223 @@
+"""The GPU memory plan of one GPU build, from the sizing code (build/sizing.py), checked before any long step.
+
+Why a plan and not `kv_cache_free_gpu_mem_fraction` alone: the tensorrtllm backend sizes its KV cache as that
+fraction of the memory that is free *when its executor starts* (TensorRT-LLM cpp/tensorrt_llm/batch_manager/
+kvCacheManager.cpp, BaseKVCacheManager::calculateFreeMemBytes: cudaMemGetInfo free x fraction), and Triton loads
+the models of a repository in parallel. If the decoder starts first, 0.9 of the GPU goes to KV blocks and the
+encoder, loading second, runs out of memory; if the encoder starts first, the decoder gets less KV than planned.
+So the plan fixes the KV cache in tokens: `max_tokens_in_paged_kv_cache` (when both are set the executor uses the
+smaller: calculateMaxNumBlocks takes min(maxTokens, fraction x free); docs/source/reference/memory.md "the minimum
+between this computed number of tokens and maxTokens is used"; triton-inference-server/tensorrtllm_backend r26.04
+docs/model_config.md: "KV cache allocation is the min of max_tokens_in_paged_kv_cache and value derived from
+kv_cache_free_gpu_mem_fraction"), sized for what the decoder can hold at once.
+
+What one GPU holds (rank 0 also runs the encoder model):
+
+    encoder    weights (engine dtype) + activation peak of its largest profile: encoder_activation_bytes(windows,
+               frames), an upper bound that materializes the attention scores (TensorRT may fuse them; the real
+               figure is ICudaEngine.device_memory_size of the built plan)
+    decoder    weights / tp + activations for max_num_tokens (TensorRT sizes activations for the largest profile at
+               build time: docs/source/reference/memory.md "Activation size") + the prompt-table buffer
+    KV cache   max_batch_size x max_seq_len tokens in whole blocks (guaranteed_no_evict reserves a request's whole
+               sequence), / tp per rank
+    reserve    CUDA contexts of the server and the encoder's python stub, cuBLAS/NCCL workspaces: an estimate
+
+The encoder's window profile is sized from what the decoder can take per iteration: without chunked context a
+context phase holds at most max_num_tokens tokens (trtGptModelInflightBatching.cpp: "the max context length ...
+needs to be less than or equal to the max number of tokens"), so more than ceil(max_num_tokens / 750) windows of
+audio cannot enter the decoder in one iteration; but one request's windows arrive as one Triton request and are
+never split, so the profile takes at least max_audio_windows.
+
+Every figure is computed, not measured: the plan is checked against the declared GPU's memory and written into the
+manifest and docs/sizing.md; measure on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, EncoderDims, decoder_weight_bytes,
+                                 dims_from_config, encoder_weight_bytes, kv_bytes_per_token)
+from af3trt.runtime import lengths
+
+GIB = 1024**3
+RUNTIME_RESERVE_BYTES = 2 * GIB  # CUDA contexts (server + encoder stub) and library workspaces: an estimate
+KV_FREE_FRACTION = 0.9  # the tensorrtllm backend's kv_cache_free_gpu_mem_fraction we still send (min() with tokens)
+ENCODER_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "fp8": 2}  # activations stay 16-bit with Q/DQ
+
+
+class MemoryPlanError(ValueError):
+    """The configuration does not fit the GPU it is built for."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gpu: str | None
+    gpu_bytes: int | None
+    tp_size: int
+    encoder_windows: int  # the encoder profile's max windows
+    encoder_frames: int  # mel frames per window in that profile
+    encoder_weights: int
+    encoder_activations: int
+    decoder_weights: int  # per rank
+    decoder_activations: int  # per rank
+    prompt_table: int
+    kv_cache_tokens: int  # max_tokens_in_paged_kv_cache
+    kv_cache: int  # bytes per rank
+    reserve: int
+    total: int  # on rank 0 (encoder + decoder rank 0 + reserve)
+    fits: bool | None  # None: no GPU known
+    kv_within_free_fraction: bool | None  # KV <= fraction x (GPU - everything else): safe whatever the load order
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def encoder_activation_bytes(e: EncoderDims, windows: int, frames: int = lengths.WINDOW_FRAMES,
+                             dtype_bytes: int = DTYPE_BYTES) -> int:
+    """Upper bound of the encoder engine's activation memory for `windows` windows of `frames` mel frames.
+
+    T = frames / 2 positions after the stride-2 conv. Live at the widest point of a layer: the input features
+    (float32 [W, mel, frames] + int32 mask), the residual stream and attention output (2 x [W, T, H]), q/k/v
+    (3 x [W, T, H]), the FFN intermediate ([W, T, ffn]) and, unless TensorRT fuses attention, the scores and their
+    softmax (2 x [W, heads, T, T]).
+    """
+    if windows < 1 or frames < 2:
+        raise ValueError(f"windows must be >= 1 and frames >= 2, got {windows}, {frames}")
+    t = frames // 2
+    inputs = windows * frames * (e.mel_bins * 4 + 4)
+    stream = windows * t * (5 * e.hidden + e.ffn) * dtype_bytes
+    scores = 2 * windows * e.heads * t * t * dtype_bytes
+    return inputs + stream + scores
+
+
+def decoder_activation_bytes(d: DecoderDims, max_num_tokens: int, max_batch_size: int, tp_size: int = 1,
+                             dtype_bytes: int = DTYPE_BYTES) -> int:
+    """Estimate of the decoder engine's activations: per token in flight the residual, q/k/v, attention output and
+    the gated MLP's two intermediates (split over tp), plus float32 logits for every sequence (--logits_dtype
+    float32 in our trtllm-build plan)."""
+    qkv = (d.heads + 2 * d.kv_heads) * d.head_dim
+    per_token = (2 * d.hidden + (qkv + d.heads * d.head_dim + 2 * d.intermediate) // tp_size) * dtype_bytes
+    return max_num_tokens * per_token + max_batch_size * d.vocab * 4
+
+
+def encoder_profile_windows(max_batch_size: int, max_audio_windows: int, max_num_tokens: int) -> int:
+    """Windows the encoder profile must take: what the decoder can consume per iteration, never fewer than one
+    request's windows (see module docstring), never more than every sequence's longest audio."""
+    if min(max_batch_size, max_audio_windows, max_num_tokens) < 1:
+        raise ValueError("max_batch_size, max_audio_windows and max_num_tokens must be >= 1")
+    per_iteration = math.ceil(max_num_tokens / lengths.EMBEDS_PER_WINDOW)
+    return max(max_audio_windows, min(max_batch_size * max_audio_windows, per_iteration))
+
+
+def kv_cache_tokens(max_batch_size: int, max_seq_len: int, tokens_per_block: int = TOKENS_PER_BLOCK) -> int:
+    """max_tokens_in_paged_kv_cache: every sequence at its longest, in whole KV blocks."""
+    return max_batch_size * math.ceil(max_seq_len / tokens_per_block) * tokens_per_block
+
+
+def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str, encoder_precision: str,
+                tp_size: int, max_batch_size: int, max_seq_len: int, max_num_tokens: int,
+                prompt_table_rows: int, encoder_windows: int, encoder_frames: int = lengths.WINDOW_FRAMES,
+                gpu_name: str | None = None, gpu_bytes: int | None = None,
+                reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> MemoryPlan:
+    kv_tokens = kv_cache_tokens(max_batch_size, max_seq_len)
+    kv_rank = kv_tokens * kv_bytes_per_token(d, kv_cache) // tp_size
+    enc_bytes = ENCODER_DTYPE_BYTES[encoder_precision]
+    parts = {
+        "encoder_weights": encoder_weight_bytes(e, enc_bytes if encoder_precision != "int8" else 1),
+        "encoder_activations": encoder_activation_bytes(e, encoder_windows, encoder_frames, enc_bytes),
+        "decoder_weights": decoder_weight_bytes(d, precision) // tp_size,
+        "decoder_activations": decoder_activation_bytes(d, max_num_tokens, max_batch_size, tp_size),
+        "prompt_table": prompt_table_rows * d.hidden * DTYPE_BYTES,
+        "kv_cache": kv_rank, "reserve": reserve_bytes,
+    }
+    total = sum(parts.values())
+    fits = kv_ok = None
+    if gpu_bytes is not None:
+        fits = total <= gpu_bytes
+        kv_ok = kv_rank <= KV_FREE_FRACTION * (gpu_bytes - (total - kv_rank))
+    return MemoryPlan(gpu=gpu_name, gpu_bytes=gpu_bytes, tp_size=tp_size, encoder_windows=encoder_windows,
+                      encoder_frames=encoder_frames, kv_cache_tokens=kv_tokens, total=total, fits=fits,
+                      kv_within_free_fraction=kv_ok, **parts)
+
+
+def check_fits(plan: MemoryPlan) -> None:
+    """MemoryPlanError with the plan's figures and what to change when it does not fit its GPU."""
+    if plan.fits is None or (plan.fits and plan.kv_within_free_fraction):
+        return
+    why = (f"needs {plan.total / GIB:.1f} GiB on GPU 0 but {plan.gpu} has {plan.gpu_bytes / GIB:.1f} GiB"
+           if not plan.fits else
+           f"the KV cache ({plan.kv_cache / GIB:.1f} GiB) exceeds {KV_FREE_FRACTION} of what the other models leave "
+           f"free, so the decoder could not allocate it whichever model Triton loads first")
+    raise MemoryPlanError(f"the GPU memory plan does not fit: {why} ({render_line(plan)}). Lower --max-batch-size "
+                          f"or --max-audio-seconds / --max-text-len / --max-output-len, quantize (--precision fp8 / "
+                          f"int8_wo / int4_awq, --kv-cache fp8 or int8), or build for a larger GPU (--gpu h200) or "
+                          f"--tp-size 2")
+
+
+def render_line(plan: MemoryPlan) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {getattr(plan, k) / GIB:.2f} GiB" for k in
+                     ("encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations",
+                      "prompt_table", "kv_cache", "reserve"))
+
+
+def render_markdown(plan: MemoryPlan, title: str) -> str:
+    rows = [("encoder weights", plan.encoder_weights, ""),
+            ("encoder activations", plan.encoder_activations,
+             f"largest profile: {plan.encoder_windows} windows x {plan.encoder_frames} frames (unfused upper bound)"),
+            ("decoder weights", plan.decoder_weights, f"per rank (tp {plan.tp_size})"),
+            ("decoder activations", plan.decoder_activations, "estimate for max_num_tokens + float32 logits"),
+            ("prompt-table buffer", plan.prompt_table, "max_prompt_embedding_table_size x hidden"),
+            ("KV cache", plan.kv_cache, f"max_tokens_in_paged_kv_cache = {plan.kv_cache_tokens:,}"),
+            ("reserve", plan.reserve, "CUDA contexts and workspaces (estimate)"),
+            ("**total on GPU 0**", plan.total, "" if plan.gpu_bytes is None else
+             f"of {plan.gpu_bytes / GIB:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}")]
+    lines = [f"### {title}", "", "| | GiB | |", "|---|---:|---|"]
+    lines += [f"| {name} | {b / GIB:.2f} | {note} |" for name, b, note in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_precision: str, tp_size: int,
+                    max_batch_size: int, max_audio_windows: int, derived: dict, gpu=None) -> MemoryPlan:
+    """The plan of one GPU build: `config` the HF config.json, `derived` what plan_trtllm_build derived from the
+    serving limits (max_seq_len, max_num_tokens, max_prompt_embedding_table_size), `gpu` a build.gpu.GpuInfo."""
+    d, e = dims_from_config(config)
+    return plan_memory(d, e, precision=precision, kv_cache=kv_cache, encoder_precision=encoder_precision,
+                       tp_size=tp_size, max_batch_size=max_batch_size, max_seq_len=derived["max_seq_len"],
+                       max_num_tokens=derived["max_num_tokens"],
+                       prompt_table_rows=derived["max_prompt_embedding_table_size"],
+                       encoder_windows=encoder_profile_windows(max_batch_size, max_audio_windows,
+                                                               derived["max_num_tokens"]),
+                       gpu_name=None if gpu is None else gpu.name,
+                       gpu_bytes=None if gpu is None else gpu.memory_bytes)
+
+
+def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv_cache: str = "auto") -> str:
+    """docs/sizing.md's memory plan: `af3trt build --target gpu` with its default serving limits, per GPU."""
+    from af3trt.build.build_engines import BuildOptions, serving_limits
+    from af3trt.build.gpu_build import serving_limits_of
+    from af3trt.build.trtllm_engine import plan_trtllm_build
+
+    opts = BuildOptions(hf_model="-", out="-")
+    limits = serving_limits(opts)
+    derived = plan_trtllm_build("checkpoint", "engine", serving_limits_of(limits, 1), precision, kv_cache,
+                                limits["audio_tokens_per_request"]).derived
+    plans = {key: plan_for_config(config, precision=precision, kv_cache=kv_cache, encoder_precision="fp16",
+                                  tp_size=1, max_batch_size=limits["max_batch_size"],
+                                  max_audio_windows=limits["max_audio_windows"], derived=derived, gpu=gpu)
+             for key, gpu in gpus.items()}
+    first = next(iter(plans.values()))
+    title = (f"Memory plan of the default GPU build ({precision}, KV cache {kv_cache}, fp16 encoder, tp 1, "
+             f"{limits['max_batch_size']} requests of {limits['max_audio_seconds']} s audio + {opts.max_text_len} text "
+             f"+ {limits['max_output_len']} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
+    lines = [render_markdown(first, title).rsplit("\n| **total", 1)[0],
+             f"| **total on GPU 0** | {first.total / GIB:.2f} | |", "",
+             "| GPU | memory | fits | KV within 0.9 of what the others leave |", "|---|---:|---|---|"]
+    for key, plan in plans.items():
+        lines.append(f"| {plan.gpu} (`--gpu {key}`) | {plan.gpu_bytes / GIB:.1f} GiB | "
+                     f"{'yes' if plan.fits else 'no'} | {'yes' if plan.kv_within_free_fraction else 'no'} |")
+    lines += ["", "`af3trt build --target gpu` computes this plan for its own options, refuses one that does not fit "
+              "the target GPU before any long step, writes it into manifest.json (`gpu.memory_plan`) and sets "
+              "`max_tokens_in_paged_kv_cache` to its KV tokens. Computed, not measured."]
+    return "\n".join(lines) + "\n"
