@@ -109,10 +109,11 @@ REQUEST_INPUTS = [
     ("stream", T.TYPE_BOOL, [1], True),
     ("strip_prefix", T.TYPE_BOOL, [1], True),
 ]
-# What each response carries: this chunk's text (complete UTF-8 characters) and token ids, and on a request's
-# first response a JSON list of notices (e.g. audio truncated to 10 min), else "".
+# What each response carries: this chunk's text (complete UTF-8 characters) and token ids, on a request's
+# first response a JSON list of notices (e.g. audio truncated to 10 min), else "", and the prompt's length in
+# tokens as fusion built it (text + audio rows; -1 when unknown, e.g. a request without an id).
 RESPONSE_OUTPUTS = [("text_output", T.TYPE_STRING, [1]), ("output_ids", T.TYPE_INT32, [-1]),
-                    ("notice", T.TYPE_STRING, [1])]
+                    ("notice", T.TYPE_STRING, [1]), ("prompt_tokens", T.TYPE_INT32, [1])]
 SAMPLING_INPUTS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stream"]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
+from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
 
 
 def _response(tokens):
@@ -26,7 +26,9 @@ class TritonPythonModel:
         for r in requests:
             sender = r.get_response_sender()
             try:
-                self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender))
+                req = self.request(r)
+                req.cancelled = sender.is_cancelled  # Triton ≥ 23.10: the client cancelled (gRPC stream closed)
+                self.engine.submit(req, self._emitter(sender), self._on_error(sender))
             except Exception as e:  # noqa: BLE001
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
@@ -65,6 +67,8 @@ class TritonPythonModel:
     @staticmethod
     def _on_error(sender):
         def on_error(exc):
+            if isinstance(exc, RequestCancelled):
+                pb.Logger.log_info(f"decoder: {exc}")
             sender.send(io.error_response(pb, exc), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return on_error
 

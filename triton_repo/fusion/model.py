@@ -4,6 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 
 
@@ -23,6 +24,7 @@ class TritonPythonModel:
         p = io.params(args)
         self.limits = FusionLimits.from_params(p)
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
+        self.ctx = RequestContext()
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
@@ -40,6 +42,7 @@ class TritonPythonModel:
         ids, table = self.builder.build(prompt, io.text(pb, r, "system_prompt"), io.tensor(pb, r, "audio_embeds"),
                                         io.tensor(pb, r, "input_features_mask"), windows)
         n_rows = len(table)
+        self.ctx.update(r.request_id(), prompt_tokens=len(ids))  # postprocess reports it (usage)
         extra = table_extra_ids(ids, table, self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
             table = np.zeros((1, self.limits.hidden_size), np.float32)

@@ -55,6 +55,7 @@ class TritonPythonModel:
             io.bytes_tensor(pb, "text_output", [text.encode()]),
             pb.Tensor("output_ids", np.ascontiguousarray(tokens, np.int32)),
             io.bytes_tensor(pb, "notice", [notice.encode()]),
+            pb.Tensor("prompt_tokens", np.array([ctx.get("prompt_tokens", -1)], np.int32)),
         ])
 
     def _purge(self):
