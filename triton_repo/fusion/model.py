@@ -5,6 +5,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import conversation
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 
 
@@ -24,6 +25,7 @@ class TritonPythonModel:
         p = io.params(args)
         self.limits = FusionLimits.from_params(p)
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
+        self.ctx = RequestContext()
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
@@ -38,6 +40,8 @@ class TritonPythonModel:
         conv = self.conversation(r, len(windows))
         ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, "audio_embeds"),
                                                      io.tensor(pb, r, "input_features_mask"), windows)
+        if sampling.stream:  # postprocess knows a stream's last response by its token count (or an empty one)
+            self.ctx.update(r.request_id(), max_tokens=sampling.max_tokens)
         n_rows = len(table)
         extra = table_extra_ids(ids, table, self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
