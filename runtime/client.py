@@ -15,6 +15,7 @@ whole answer in one response.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import queue
 import sys
@@ -22,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
@@ -58,6 +59,14 @@ class Answer:
     chunks: int = 0
     first_token_s: float | None = None
     latency_s: float = 0.0
+
+    def add(self, c: Chunk) -> None:
+        self.text += c.text
+        self.token_ids += c.token_ids
+        self.notices += c.notices
+        self.chunks += 1
+        if self.first_token_s is None and c.token_ids:
+            self.first_token_s = c.t
 
 
 @dataclass
@@ -133,6 +142,23 @@ def connection_error(url: str, model: str, error) -> AF3ConnectionError | None:
     return None
 
 
+def _chunk(result, t0: float) -> Chunk | None:
+    """The chunk a response carries (None for the empty final response)."""
+    text = result.as_numpy("text_output")
+    if text is None:
+        return None
+    notice = result.as_numpy("notice")
+    notice = bytes(notice.reshape(-1)[0]).decode() if notice is not None else ""
+    return Chunk(text=b"".join(bytes(x) for x in text.reshape(-1)).decode("utf-8", "replace"),
+                 token_ids=result.as_numpy("output_ids").reshape(-1).tolist(),
+                 notices=json.loads(notice) if notice else [], t=time.perf_counter() - t0)
+
+
+def _final(result) -> bool:
+    final = result.get_response().parameters.get("triton_final_response")
+    return final is not None and final.bool_param
+
+
 class AF3Client:
     def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):
         self.url, self.model, self.timeout = url, model, timeout
@@ -172,16 +198,10 @@ class AF3Client:
                     raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
                 if error is not None:
                     raise connection_error(self.url, self.model, error) or AF3Error(str(error))
-                response = result.get_response()
-                text = result.as_numpy("text_output")
-                if text is not None:
-                    notice = result.as_numpy("notice")
-                    notice = bytes(notice.reshape(-1)[0]).decode() if notice is not None else ""
-                    yield Chunk(text=b"".join(bytes(x) for x in text.reshape(-1)).decode("utf-8", "replace"),
-                                token_ids=result.as_numpy("output_ids").reshape(-1).tolist(),
-                                notices=json.loads(notice) if notice else [], t=time.perf_counter() - t0)
-                final = response.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
+                chunk = _chunk(result, t0)
+                if chunk is not None:
+                    yield chunk
+                if _final(result):
                     return
         finally:
             client.stop_stream(cancel_requests=True)
@@ -196,12 +216,63 @@ class AF3Client:
         ans = Answer()
         t0 = time.perf_counter()
         for c in self.responses(req):
-            ans.text += c.text
-            ans.token_ids += c.token_ids
-            ans.notices += c.notices
-            ans.chunks += 1
-            if ans.first_token_s is None and c.token_ids:
-                ans.first_token_s = c.t
+            ans.add(c)
+        ans.latency_s = time.perf_counter() - t0
+        return ans
+
+
+class AsyncAF3Client:
+    """The same requests from asyncio code (an HTTP front end): `async for chunk in client.responses(req)`.
+
+    Leaving the loop early (break, `aclose()`, the task cancelled when an HTTP client disconnects) cancels the gRPC
+    call, and with it the request in Triton. Errors as AF3Client's: AF3ConnectionError, AF3Error.
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):
+        self.url, self.model, self.timeout = url, model, timeout
+
+    async def responses(self, req: Request) -> AsyncIterator[Chunk]:
+        import grpc
+        import tritonclient.grpc.aio as aioclient
+        from tritonclient.utils import InferenceServerException
+
+        request = {"model_name": self.model, "inputs": req.inputs(), "request_id": req.request_id or uuid.uuid4().hex,
+                   "parameters": {"triton_enable_empty_final_response": True}}
+
+        async def one_request():
+            yield request
+
+        client = aioclient.InferenceServerClient(self.url)
+        t0 = time.perf_counter()
+        stream = client.stream_infer(one_request())
+        try:
+            while True:
+                try:
+                    result, error = await asyncio.wait_for(stream.__anext__(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
+                except grpc.RpcError as e:
+                    error = InferenceServerException(msg=e.details(), status=str(e.code()))
+                except StopAsyncIteration:
+                    raise AF3ConnectionError(self.url, "unavailable", "the stream ended before the last response") \
+                        from None
+                if error is not None:
+                    raise connection_error(self.url, self.model, error) or AF3Error(str(error))
+                chunk = _chunk(result, t0)
+                if chunk is not None:
+                    yield chunk
+                if _final(result):
+                    return
+        finally:
+            stream.cancel()
+            await client.close()
+
+    async def complete(self, req: Request) -> Answer:
+        """The whole answer of one request, with its first-chunk time and latency."""
+        ans = Answer()
+        t0 = time.perf_counter()
+        async for c in self.responses(req):
+            ans.add(c)
         ans.latency_s = time.perf_counter() - t0
         return ans
 
@@ -239,9 +310,7 @@ def main(argv=None) -> None:
                 print(f"[notice] {n}", file=sys.stderr)
             sys.stdout.write(c.text)
             sys.stdout.flush()
-            ans.token_ids += c.token_ids
-            if ans.first_token_s is None and c.token_ids:
-                ans.first_token_s = c.t
+            ans.add(c)
             ans.latency_s = c.t
         print()
         print(f"[{len(ans.token_ids)} tokens, first after {ans.first_token_s or 0:.3f} s, "

@@ -3,6 +3,7 @@ answers, a model that is not ready), and strip_prefix giving the same answer str
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 
@@ -120,3 +121,38 @@ def test_closing_the_iterator_cancels_and_the_server_goes_on(client, speech_byte
     assert len(first.token_ids) == 1
     again = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True)
     assert len(again.token_ids) == MAX_TOKENS
+
+
+def test_async_client_no_server(closed_port):
+    from af3trt.runtime.client import AsyncAF3Client
+
+    with pytest.raises(AF3ConnectionError) as e:
+        asyncio.run(AsyncAF3Client(f"127.0.0.1:{closed_port}", timeout=30).complete(Request("hi")))
+    assert e.value.cause == "connection refused"
+
+
+@pytest.mark.integration
+def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
+    """AsyncAF3Client (for asyncio front ends): the same answers as AF3Client, server errors as AF3Error, and a
+    stream left early is cancelled without disturbing the next request."""
+    from af3trt.runtime.client import AF3Error, AsyncAF3Client
+
+    aclient = AsyncAF3Client(server.grpc_url, timeout=120)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_index": 0}, {"type": "text", "text": "What?"}]}]
+
+    async def run():
+        whole = await aclient.complete(Request(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS,
+                                               stream=False))
+        streamed = await aclient.complete(Request(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS))
+        it = aclient.responses(Request("What is said?", [speech_bytes], max_tokens=MAX_TOKENS))
+        first = await it.__anext__()
+        await it.aclose()
+        with pytest.raises(AF3Error, match="never referenced"):
+            await aclient.complete(Request(messages=[{"role": "user", "content": "x"}], audio=[speech_bytes]))
+        return whole, streamed, first
+
+    whole, streamed, first = asyncio.run(run())
+    want = client.ask(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS, stream=False)
+    assert whole.token_ids == streamed.token_ids == want.token_ids and whole.text == streamed.text == want.text
+    assert whole.chunks == 1 and streamed.chunks >= MAX_TOKENS and len(first.token_ids) == 1
+    assert client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
