@@ -1,9 +1,10 @@
 """The whole ensemble on a real tritonserver (127.0.0.1, free ports) against transformers' AF3, token for token.
 
 The reference is `AudioFlamingo3ForConditionalGeneration.generate` (greedy) on the same tiny checkpoint, fed by
-`AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently here (soundfile, and
-scipy for resampling). TensorRT-LLM stops on one end id and leaves it out of output_ids; the reference's
-trailing end token is dropped before comparing.
+`AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently (soundfile, and scipy for
+resampling): tests/reference.py. The build, the server, the client and the reference are session fixtures in
+tests/conftest.py, shared with the other integration modules. TensorRT-LLM stops on one end id and leaves it out of
+output_ids; the reference's trailing end token is dropped before comparing.
 """
 
 from __future__ import annotations
