@@ -43,7 +43,7 @@ class RequestContext:
         self.purge()
 
     def update(self, request_id: str, **values) -> None:
-        """Add keys to a request's entry (a later stage adding what it learned, e.g. fusion's prompt length)."""
+        """Add keys to a request's entry (a later stage adding what it resolved, e.g. fusion's max_tokens and prompt length)."""
         if request_id:
             self.put(request_id, {**self.get(request_id), **values})
 
