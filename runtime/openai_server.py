@@ -47,10 +47,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
-from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from af3trt.runtime import lengths
+from af3trt.runtime.client import Request as Job
+from af3trt.runtime.client import _chunk, _final, connection_error
 
 log = logging.getLogger("af3trt.openai")
 
@@ -102,43 +103,6 @@ class Piece:
     ids: list[int]
     notices: list[str]
     prompt_tokens: int
-
-
-@dataclass
-class Job:
-    """One ensemble request, in the ensemble's own input names."""
-
-    text_input: str
-    system_prompt: str | None = None
-    messages: list[dict] | None = None
-    audio: list[bytes] = field(default_factory=list)
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stream: bool = False
-    strip_prefix: bool = False
-
-    def inputs(self) -> list[InferInput]:
-        def make(name, array, dtype):
-            t = InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array)
-            return t
-
-        ins = [make("text_input", np.array([self.text_input.encode()], np.object_), "BYTES")]
-        if self.system_prompt is not None:
-            ins.append(make("system_prompt", np.array([self.system_prompt.encode()], np.object_), "BYTES"))
-        if self.messages is not None:
-            ins.append(make("messages", np.array([json.dumps(self.messages).encode()], np.object_), "BYTES"))
-        if self.audio:
-            ins.append(make("audio", np.array(self.audio, np.object_), "BYTES"))
-        for name, value, np_type, triton_type in (
-                ("max_tokens", self.max_tokens, np.int32, "INT32"), ("temperature", self.temperature, np.float32, "FP32"),
-                ("top_p", self.top_p, np.float32, "FP32"), ("seed", self.seed, np.uint64, "UINT64"),
-                ("stream", self.stream, np.bool_, "BOOL"), ("strip_prefix", self.strip_prefix, np.bool_, "BOOL")):
-            if value is not None:
-                ins.append(make(name, np.array([value], np_type), triton_type))
-        return ins
 
 
 def _unavailable(url: str, e: BaseException) -> APIError:
@@ -199,26 +163,23 @@ class Triton:
 
         call = self.client.stream_infer(requests())
         finished = False
+        t0 = time.perf_counter()
         try:
             async for result, error in call:
                 if error is not None:
+                    unavailable = connection_error(self.url, self.model, error)
+                    if unavailable is not None:
+                        raise APIError(503, str(unavailable), code="triton_unavailable")
                     message = str(error.message() if hasattr(error, "message") else error)
                     if CLIENT_ERRORS.search(message):
-                        raise APIError(400, message.split("] ", 1)[-1] if "] " in message else message)
-                    if "unavailable" in message.lower() or "not ready" in message.lower():
-                        raise APIError(503, message, code="model_not_ready")
+                        raise APIError(400, message)
                     raise APIError(500, message)
-                text = result.as_numpy("text_output")
-                if text is not None:
-                    notice = result.as_numpy("notice")
-                    notice = bytes(notice.reshape(-1)[0]).decode() if notice is not None else ""
+                chunk = _chunk(result, t0)
+                if chunk is not None:
                     prompt = result.as_numpy("prompt_tokens")
-                    yield Piece(text=b"".join(bytes(x) for x in text.reshape(-1)).decode("utf-8", "replace"),
-                                ids=result.as_numpy("output_ids").reshape(-1).tolist(),
-                                notices=json.loads(notice) if notice else [],
+                    yield Piece(text=chunk.text, ids=chunk.token_ids, notices=chunk.notices,
                                 prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None else -1)
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
+                if _final(result):
                     finished = True
                     return
             raise APIError(500, "Triton closed the stream before the final response")
@@ -307,19 +268,14 @@ def check_audio(data: bytes, where: str, max_seconds: float) -> None:
                             f"{max_seconds:g} s", code="audio_too_long")
 
 
-def _split(content: str | list[TextPart | AudioPart]) -> tuple[str, list[AudioPart]]:
-    if isinstance(content, str):
-        return content, []
-    return ("".join(p.text for p in content if isinstance(p, TextPart)),
-            [p for p in content if isinstance(p, AudioPart)])
-
-
 def build_job(req: ChatRequest, info: EnsembleInfo) -> Job:
-    """OpenAI messages → the ensemble's inputs.
+    """OpenAI messages → the ensemble's request.
 
-    One user turn (after an optional system turn) maps onto text_input + system_prompt + audio, the ensemble's
-    single-turn shorthand. Longer conversations go to the ensemble's `messages` input (roles and text, audio parts
-    as {"type": "audio", "audio_index": k} referring to the clips of `audio` in order).
+    The conversation goes to the ensemble's `messages` input as it is: roles (OpenAI's "developer" is a system
+    message), text parts, and each input_audio part as {"type": "audio", "audio_index": k}, k counting the clips
+    of the `audio` input in order. The ensemble renders it with the checkpoint's chat template and checks it (role
+    order, empty content). A repository built before `messages` existed takes one user turn after an optional system
+    message, sent as its text_input + system_prompt shorthand.
     """
     if req.n not in (None, 1):
         raise APIError(400, f"n={req.n}: this server returns one choice per request (n=1)", param="n")
@@ -329,29 +285,38 @@ def build_job(req: ChatRequest, info: EnsembleInfo) -> Job:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
         max_tokens = info.default_max_tokens or None
-    msgs = [m.model_copy(update={"role": "system"}) if m.role == "developer" else m for m in req.messages]
     clips: list[bytes] = []
     turns: list[dict] = []
-    for m in msgs:
-        text, audio = _split(m.content)
-        if m.role != "user" and audio:
-            raise APIError(400, f"input_audio is accepted in user messages only, not in a {m.role} message",
-                           param="messages")
-        parts: list[dict] = [{"type": "audio", "audio_index": len(clips) + k} for k in range(len(audio))]
-        clips += [decode_audio_part(a, len(clips) + k, info.max_audio_seconds) for k, a in enumerate(audio)]
-        turns.append({"role": m.role, "content": parts + [{"type": "text", "text": text}] if parts else text})
-    sampling = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                    audio=clips)
-    system = [t for t in turns if t["role"] == "system"]
-    rest = [t for t in turns if t["role"] != "system"]
-    if len(system) <= 1 and all(t is turns[0] for t in system) and len(rest) == 1 and rest[0]["role"] == "user":
-        return Job(text_input=_split(msgs[-1].content)[0], system_prompt=_split(msgs[0].content)[0] if system else None,
-                   **sampling)
-    if "messages" not in info.inputs:
-        raise APIError(400, "this model repository takes one user turn (with an optional system message first); "
-                            "rebuild it with a version of af3trt whose ensemble has the `messages` input for "
-                            "multi-turn conversations", param="messages")
-    return Job(text_input="", messages=turns, **sampling)
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        if isinstance(m.content, str):
+            turns.append({"role": role, "content": m.content})
+            continue
+        parts = []
+        for p in m.content:
+            if isinstance(p, TextPart):
+                parts.append({"type": "text", "text": p.text})
+            else:
+                parts.append({"type": "audio", "audio_index": len(clips)})
+                clips.append(decode_audio_part(p, len(clips), info.max_audio_seconds))
+        turns.append({"role": role, "content": parts})
+    job = Job(audio=clips, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+              stream=req.stream)
+    if "messages" in info.inputs:
+        job.messages = turns
+        return job
+    roles = [t["role"] for t in turns]
+    if roles not in (["user"], ["system", "user"]):
+        raise APIError(400, "this model repository takes one user message (after an optional system message); "
+                            "multi-turn conversations need a repository whose ensemble has the `messages` input "
+                            "(rebuild it with this version of af3trt)", param="messages")
+
+    def text(content) -> str:
+        return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+    job.prompt = text(turns[-1]["content"])
+    job.system_prompt = text(turns[0]["content"]) if len(turns) == 2 else None
+    return job
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -539,7 +504,6 @@ def create_app(settings: Settings) -> FastAPI:
         info = await tr.info()
         stops = _stops(body.stop)
         job = build_job(body, info)
-        job.stream = body.stream
         rid = uuid.uuid4().hex
         cid, created = f"chatcmpl-{rid}", int(time.time())
 
@@ -623,7 +587,7 @@ def create_app(settings: Settings) -> FastAPI:
         data = await upload.read()
         check_audio(data, "file", info.max_audio_seconds)
         # A prompt (OpenAI: context for the transcription) replaces AF3's default transcription instruction.
-        job = Job(text_input=str(form.get("prompt") or TRANSCRIPTION_PROMPT), audio=[data],
+        job = Job(prompt=str(form.get("prompt") or TRANSCRIPTION_PROMPT), audio=[data],
                   temperature=temperature, max_tokens=info.max_output_len or None, stream=stream, strip_prefix=True)
         rid = uuid.uuid4().hex
 
