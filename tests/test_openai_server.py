@@ -327,3 +327,34 @@ def test_decoder_stops_a_request_triton_cancels(server):
         time.sleep(0.2)
     line = next(x for x in server.log_tail(200).splitlines() if "request cancelled by the client" in x)
     assert int(line.split(" after ")[1].split()[0]) < 64, line
+
+
+def test_serve_with_openai_port_starts_both(repo, tmp_path):
+    """`af3trt serve --openai-port P`: tritonserver and the HTTP API from one command; SIGTERM stops both."""
+    ports = {name: free_port() for name in ("grpc", "http", "metrics", "openai")}
+    cmd = [sys.executable, "-m", "af3trt.runtime.server", "--model-repository", str(repo / "model_repository"),
+           "--grpc-port", str(ports["grpc"]), "--http-port", str(ports["http"]), "--metrics-port",
+           str(ports["metrics"]), "--log", str(tmp_path / "triton.log"), "--openai-port", str(ports["openai"])]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports['openai']}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['openai']}/v1", api_key="none", max_retries=0)
+        got = c.chat.completions.create(model="af3", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert got.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    with pytest.raises(urllib.error.URLError):  # Triton went down with it
+        urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/health/live", timeout=5)
