@@ -154,9 +154,12 @@ def _chunk(result, t0: float) -> Chunk | None:
                  notices=json.loads(notice) if notice else [], t=time.perf_counter() - t0)
 
 
-def _final(result) -> bool:
+def _receive(url: str, model: str, result, error, t0: float) -> tuple[Chunk | None, bool]:
+    """(chunk or None, whether it was the request's last response) of one stream callback; raises its error."""
+    if error is not None:
+        raise connection_error(url, model, error) or AF3Error(str(error))
     final = result.get_response().parameters.get("triton_final_response")
-    return final is not None and final.bool_param
+    return _chunk(result, t0), final is not None and final.bool_param
 
 
 class AF3Client:
@@ -196,12 +199,10 @@ class AF3Client:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
                     raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
-                if error is not None:
-                    raise connection_error(self.url, self.model, error) or AF3Error(str(error))
-                chunk = _chunk(result, t0)
+                chunk, final = _receive(self.url, self.model, result, error, t0)
                 if chunk is not None:
                     yield chunk
-                if _final(result):
+                if final:
                     return
         finally:
             client.stop_stream(cancel_requests=True)
@@ -252,16 +253,14 @@ class AsyncAF3Client:
                 except asyncio.TimeoutError:
                     raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
                 except grpc.RpcError as e:
-                    error = InferenceServerException(msg=e.details(), status=str(e.code()))
+                    result, error = None, InferenceServerException(msg=e.details(), status=str(e.code()))
                 except StopAsyncIteration:
                     raise AF3ConnectionError(self.url, "unavailable", "the stream ended before the last response") \
                         from None
-                if error is not None:
-                    raise connection_error(self.url, self.model, error) or AF3Error(str(error))
-                chunk = _chunk(result, t0)
+                chunk, final = _receive(self.url, self.model, result, error, t0)
                 if chunk is not None:
                     yield chunk
-                if _final(result):
+                if final:
                     return
         finally:
             stream.cancel()

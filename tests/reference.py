@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import threading
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -107,3 +108,30 @@ class Reference:
                                       eos_token_id=self.end_id, pad_token_id=self.end_id)
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
         return ids[:-1] if ids and ids[-1] == self.end_id else ids
+
+
+def run_alongside(good: Callable[[], list[int]], bad: dict[str, Callable[[], object]], n_good: int = 2):
+    """Run `good` n_good times and every call of `bad` at once, each in its own thread. Returns the good calls'
+    results by index and, by name, the message of the AF3Error each bad call raised ("no error" if none)."""
+    from af3trt.runtime.client import AF3Error
+
+    results: dict[int, list[int]] = {}
+    errors: dict[str, str] = {}
+
+    def run_good(i):
+        results[i] = good()
+
+    def run_bad(name, call):
+        try:
+            call()
+            errors[name] = "no error"
+        except AF3Error as e:
+            errors[name] = str(e)
+
+    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(n_good)]
+    threads += [threading.Thread(target=run_bad, args=item) for item in bad.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results, errors

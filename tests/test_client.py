@@ -156,3 +156,10 @@ def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
     assert whole.token_ids == streamed.token_ids == want.token_ids and whole.text == streamed.text == want.text
     assert whole.chunks == 1 and streamed.chunks >= MAX_TOKENS and len(first.token_ids) == 1
     assert client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
+
+
+@pytest.mark.parametrize("args", [[], ["hi", "--messages", "conv.json"]])
+def test_ask_wants_a_prompt_or_messages(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        client_mod.main(args)
+    assert e.value.code == 2 and "give a prompt or --messages" in capsys.readouterr().err

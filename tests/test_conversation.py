@@ -5,18 +5,16 @@ ensemble over gRPC against AudioFlamingo3ForConditionalGeneration.generate, toke
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from af3trt.runtime import conversation
-from af3trt.runtime.client import AF3Error
 from af3trt.runtime.conversation import Audio, PromptError
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder
 from af3trt.triton_repo import configs
-from reference import MAX_TOKENS, mono16k, wav_bytes
+from reference import MAX_TOKENS, mono16k, run_alongside, wav_bytes
 
 import fake_pb
 
@@ -259,25 +257,9 @@ def test_bad_conversations_fail_alone_over_grpc(client, ref, clips):
         "too long": (dict(messages=[user("word " * 20000)]), "prompt too long"),
         "both": (dict(messages=TEXT_ONLY, prompt="x"), "either messages or text_input"),
     }
-    good: dict[int, list[int]] = {}
-    errors: dict[str, str] = {}
-
-    def run_good(i):
-        good[i] = client.ask(messages=CARD, audio=clips[:1], max_tokens=MAX_TOKENS, stream=bool(i)).token_ids
-
-    def run_bad(name, kw):
-        try:
-            client.ask(**kw)
-            errors[name] = "no error"
-        except AF3Error as e:
-            errors[name] = str(e)
-
-    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(2)]
-    threads += [threading.Thread(target=run_bad, args=(n, dict(kw))) for n, (kw, _) in bad.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    good, errors = run_alongside(
+        lambda: client.ask(messages=CARD, audio=clips[:1], max_tokens=MAX_TOKENS, stream=True).token_ids,
+        {name: (lambda kw=kw: client.ask(**kw)) for name, (kw, _) in bad.items()})
     for name, (_, needle) in bad.items():
         assert needle in errors[name], f"{name}: {errors[name]}"
     want = ref.generate_conversation(CARD, [mono16k(clips[0])])

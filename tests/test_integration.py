@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import pytest
 
-from af3trt.runtime.client import AF3Client, AF3Error
-from reference import MAX_TOKENS, Reference, mono16k, wav_bytes
+from af3trt.runtime.client import AF3Client
+from reference import MAX_TOKENS, Reference, mono16k, run_alongside, wav_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -103,25 +103,12 @@ def test_bad_requests_fail_alone(client, ref, speech_bytes):
         "top_p": (dict(prompt="x", top_p=2.0), "top_p"),
         "max_tokens": (dict(prompt="x", max_tokens=100000), "max_tokens"),
     }
-    good: dict[int, list[int]] = {}
-    errors: dict[str, str] = {}
+    def bad_call(kw):
+        return lambda: client.ask(kw.pop("prompt"), kw.pop("audio", []), **kw)
 
-    def run_good(i):
-        good[i] = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True).token_ids
-
-    def run_bad(name, kw):
-        try:
-            client.ask(kw.pop("prompt"), kw.pop("audio", []), **kw)
-            errors[name] = "no error"
-        except AF3Error as e:
-            errors[name] = str(e)
-
-    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(2)]
-    threads += [threading.Thread(target=run_bad, args=(n, dict(kw))) for n, (kw, _) in bad.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    good, errors = run_alongside(
+        lambda: client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True).token_ids,
+        {name: bad_call(dict(kw)) for name, (kw, _) in bad.items()})
     for name, (_, needle) in bad.items():
         assert needle in errors[name], f"{name}: {errors[name]}"
     want = ref.generate("What is said?", mono16k(speech_bytes))
