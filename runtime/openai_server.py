@@ -51,7 +51,7 @@ from tritonclient.utils import InferenceServerException
 
 from af3trt.runtime import lengths
 from af3trt.runtime.client import Request as Job
-from af3trt.runtime.client import _chunk, _final, connection_error
+from af3trt.runtime.client import AF3ConnectionError, AF3Error, _receive
 
 log = logging.getLogger("af3trt.openai")
 
@@ -166,20 +166,17 @@ class Triton:
         t0 = time.perf_counter()
         try:
             async for result, error in call:
-                if error is not None:
-                    unavailable = connection_error(self.url, self.model, error)
-                    if unavailable is not None:
-                        raise APIError(503, str(unavailable), code="triton_unavailable")
-                    message = str(error.message() if hasattr(error, "message") else error)
-                    if CLIENT_ERRORS.search(message):
-                        raise APIError(400, message)
-                    raise APIError(500, message)
-                chunk = _chunk(result, t0)
+                try:
+                    chunk, final = _receive(self.url, self.model, result, error, t0)
+                except AF3ConnectionError as e:
+                    raise APIError(503, str(e), code="triton_unavailable") from None
+                except AF3Error as e:
+                    raise APIError(400 if CLIENT_ERRORS.search(str(e)) else 500, str(e)) from None
                 if chunk is not None:
                     prompt = result.as_numpy("prompt_tokens")
                     yield Piece(text=chunk.text, ids=chunk.token_ids, notices=chunk.notices,
                                 prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None else -1)
-                if _final(result):
+                if final:
                     finished = True
                     return
             raise APIError(500, "Triton closed the stream before the final response")
