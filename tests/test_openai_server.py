@@ -12,8 +12,8 @@ import base64
 import os
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 
@@ -185,27 +185,20 @@ def test_transcription_strips_the_prefix(oai, client, speech_bytes):
 def test_eight_concurrent_requests(oai, client, speech_bytes):
     jobs = [("What is said?", speech_bytes), ("Say something nice.", None)] * 4
     want = [client.ask(p, [c] if c else [], max_tokens=MAX_TOKENS).text for p, c in jobs]
-    got: dict[int, str | Exception] = {}
 
-    def run(i, prompt, clip):
-        content = ([audio_part(clip)] if clip else []) + [{"type": "text", "text": prompt}]
-        try:
-            if i % 2:
-                s = oai.chat.completions.create(model="af3", messages=[{"role": "user", "content": content}],
-                                                max_tokens=MAX_TOKENS, stream=True)
-                got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
-            else:
-                got[i] = oai.chat.completions.create(model="af3", messages=[{"role": "user", "content": content}],
-                                                     max_tokens=MAX_TOKENS).choices[0].message.content
-        except Exception as e:  # noqa: BLE001
-            got[i] = e
+    def run(i: int) -> str:
+        prompt, clip = jobs[i]
+        messages = [{"role": "user", "content": ([audio_part(clip)] if clip else []) +
+                     [{"type": "text", "text": prompt}]}]
+        if i % 2:
+            s = oai.chat.completions.create(model="af3", messages=messages, max_tokens=MAX_TOKENS, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        return oai.chat.completions.create(model="af3", messages=messages,
+                                           max_tokens=MAX_TOKENS).choices[0].message.content
 
-    threads = [threading.Thread(target=run, args=(i, p, c)) for i, (p, c) in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert [got.get(i) for i in range(len(jobs))] == want
+    with ThreadPoolExecutor(len(jobs)) as pool:  # all eight in flight at once
+        got = list(pool.map(run, range(len(jobs)), timeout=300))
+    assert got == want
 
 
 def _status(fn) -> tuple[int, str]:
