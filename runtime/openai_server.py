@@ -568,8 +568,9 @@ def create_app(settings: Settings) -> FastAPI:
         tr = triton(request)
         info = await tr.info()
         form = await request.form()  # the body's size is capped by BodyLimit
-        allowed = {"file", "model", "response_format", "stream", "prompt", "language", "temperature"}
-        unknown = sorted(set(form.keys()) - allowed - {"include[]", "timestamp_granularities[]"})
+        # AF3 takes no language hint and gives no timestamps: such fields are refused, not ignored.
+        allowed = {"file", "model", "response_format", "stream", "prompt", "temperature"}
+        unknown = sorted(set(form.keys()) - allowed)
         if unknown:
             raise APIError(400, f"unsupported parameter(s): {', '.join(unknown)}", param=unknown[0])
         upload = form.get("file")

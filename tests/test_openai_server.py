@@ -233,6 +233,8 @@ def test_client_mistakes_get_4xx_with_openai_errors(oai, http, speech_bytes):
         "unknown model": (chat(model="gpt-4o"), 404, "model"),
         "over the upload limit": (lambda: oai.audio.transcriptions.create(
             model="af3", file=("big.wav", b"\x00" * (UPLOAD_LIMIT + 1))), 413, "limit"),
+        "language hint": (lambda: oai.audio.transcriptions.create(
+            model="af3", file=("a.flac", speech_bytes), language="de"), 400, "language"),
         "bad response_format": (lambda: oai.audio.transcriptions.create(
             model="af3", file=("a.flac", speech_bytes), response_format="srt"), 400, "response_format"),
     }
