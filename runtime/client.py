@@ -296,9 +296,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.messages is None):
         ap.error("give a prompt or --messages (not both)")
-    audio = [p.read_bytes() for p in args.audio]
+    try:
+        audio = [p.read_bytes() for p in args.audio]
+        messages = args.messages.read_text(encoding="utf-8") if args.messages else None
+    except (OSError, UnicodeDecodeError) as e:
+        ap.error(f"cannot read {getattr(e, 'filename', None) or args.messages}: {getattr(e, 'strerror', None) or e}")
     client = AF3Client(args.url, args.model)
-    messages = args.messages.read_text(encoding="utf-8") if args.messages else None
     kw = dict(messages=messages, system_prompt=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
               stream=args.stream, strip_prefix=args.strip_prefix or None)

@@ -163,3 +163,9 @@ def test_ask_wants_a_prompt_or_messages(args, capsys):
     with pytest.raises(SystemExit) as e:
         client_mod.main(args)
     assert e.value.code == 2 and "give a prompt or --messages" in capsys.readouterr().err
+
+
+def test_ask_names_an_unreadable_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        client_mod.main(["hi", "--audio", str(tmp_path / "missing.wav")])
+    assert e.value.code == 2 and f"cannot read {tmp_path / 'missing.wav'}: No such file" in capsys.readouterr().err

@@ -103,11 +103,12 @@ def test_bad_conversations_are_named(messages, clips, needle):
 
 @pytest.fixture(scope="module")
 def waves():
-    """Two clips: 3 s of noisy speech-band tones and 1.2 s of noise (different token counts)."""
+    """Two clips: 3 s of noisy speech-band tones (one window) and 33 s of noise with a tone (two windows)."""
     rng = np.random.default_rng(11)
     t = np.arange(48000) / 16000
     a = (0.1 * np.sin(2 * np.pi * 300 * t) * np.sin(2 * np.pi * 3 * t) + 0.02 * rng.standard_normal(len(t)))
-    b = 0.1 * rng.standard_normal(19200)
+    t = np.arange(16000 * 33) / 16000
+    b = 0.05 * rng.standard_normal(len(t)) + 0.05 * np.sin(2 * np.pi * 880 * t)
     return [a.astype(np.float32), b.astype(np.float32)]
 
 
@@ -171,6 +172,7 @@ def test_one_audio_conversation_ids_equal_the_processor(ref, limits, tiny_ckpt, 
 
 @pytest.mark.parametrize("name", sorted(TWO_AUDIO))
 def test_several_clips_match_the_model_level_reference(ref, limits, tiny_ckpt, waves, name):
+    assert encode(ref, waves)[2] == [1, 2]  # windows per clip: the second clip spans two windows
     ids = check_against_reference(ref, limits, PromptBuilder(tiny_ckpt, limits), TWO_AUDIO[name], waves)
     if name == "reversed":  # clip 1's rows come first in the prompt, but the table stays in clip order
         assert ids[ids >= limits.vocab_size][0] > limits.vocab_size
