@@ -4,6 +4,7 @@
     af3trt build  --hf-model DIR --out OUT          checkpoint → Triton model repository (+ manifest)
     af3trt serve  --model-repository OUT/model_repository
     af3trt ask    --audio clip.wav "What is said?" [--stream] [--url 127.0.0.1:8001]
+    af3trt openai --triton 127.0.0.1:8001 [--port 9000]   OpenAI-compatible HTTP API in front of the ensemble
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt gpu-check OUT [OUT …]                    GPU acceptance in the container: serve, compare with goldens
@@ -30,6 +31,7 @@ COMMANDS = {
     "build": "af3trt.build.build_engines",
     "serve": "af3trt.runtime.server",
     "ask": "af3trt.runtime.client",
+    "openai": "af3trt.runtime.openai_server",
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.sizing",
     "gpu-check": "af3trt.build.gpu_check",

@@ -42,6 +42,11 @@ class RequestContext:
         tmp.replace(path)
         self.purge()
 
+    def update(self, request_id: str, **values) -> None:
+        """Add keys to a request's entry (a later stage adding what it resolved, e.g. fusion's max_tokens and prompt length)."""
+        if request_id:
+            self.put(request_id, {**self.get(request_id), **values})
+
     def get(self, request_id: str) -> dict:
         if not request_id:
             return {}

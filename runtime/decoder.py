@@ -51,6 +51,13 @@ class DecodeError(ValueError):
     """A request the decoder cannot run (bad inputs or parameters), or the engine is stopped."""
 
 
+class RequestCancelled(DecodeError):
+    """The client cancelled the request (e.g. closed its stream); raised to that request's on_error."""
+
+
+CANCEL_CHECK_S = 0.05  # how often a running request's `cancelled` is polled (an IPC call in the python backend)
+
+
 @dataclass(kw_only=True)
 class GenerationRequest:
     input_ids: np.ndarray  # int32 [L]; ids >= vocab_size address the prompt table
@@ -66,6 +73,9 @@ class GenerationRequest:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # Polled between decode steps (at most every CANCEL_CHECK_S): True when the client has gone (Triton's
+    # response_sender.is_cancelled); the request then ends with RequestCancelled and frees its batch row.
+    cancelled: Callable[[], bool] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +95,7 @@ class _Seq:
     generated: list = field(default_factory=list)
     last: int = -1  # last sampled token: the next decode input
     pos: int = 0  # position of the next decode input = real tokens in this row's KV cache
+    next_cancel_check: float = 0.0  # time.monotonic() of the next `cancelled` poll
 
 
 _STOP = object()
@@ -317,6 +328,10 @@ class DecoderEngine:
         keep = []
         for i, seq in enumerate(rows):
             seq.pos += 1
+            if self._cancelled(seq):
+                self._fail(seq, RequestCancelled(f"request cancelled by the client after {len(seq.generated)} "
+                                                 f"of at most {seq.req.max_new_tokens} tokens"))
+                continue
             try:
                 finished = self._advance(seq, self._next_token(seq, logits[i]))
             except Exception as exc:  # noqa: BLE001 — delivered to that request only
@@ -329,6 +344,16 @@ class DecoderEngine:
         self.stats["decode_seconds"] += time.perf_counter() - t0
         if len(keep) < batch:
             self._select(keep)
+
+    def _cancelled(self, seq: _Seq) -> bool:
+        if seq.req.cancelled is None or time.monotonic() < seq.next_cancel_check:
+            return False
+        seq.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+        try:
+            return bool(seq.req.cancelled())
+        except Exception:  # noqa: BLE001 — a failing probe must not end the request
+            log.exception("cancellation check failed")
+            return False
 
     def _next_token(self, seq: _Seq, logits: torch.Tensor) -> int:
         """Sample one token from logits [V] with the request's sampling parameters."""

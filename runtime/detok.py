@@ -97,6 +97,7 @@ class StreamState:
     decided: bool = False
     quote: str = ""  # the opening quote dropped after the prefix; its closing twin is dropped at the end
     notices: list[str] = field(default_factory=list)
+    tokens: int = 0  # answer tokens received so far (postprocess: the stream ends at max_tokens)
 
     def feed(self, chunk: bytes, final: bool) -> str:
         """Add a chunk of answer bytes; return the text that can be released now."""

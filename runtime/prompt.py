@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from af3trt.runtime import lengths
+from af3trt.runtime.conversation import AUDIO_TOKEN, Conversation, PromptError, shorthand
 
-AUDIO_TOKEN = "<sound>"
-
-
-class PromptError(ValueError):
-    """A request that cannot become a decoder prompt (over-long, bad parameters, …)."""
+__all__ = ["AUDIO_TOKEN", "FusionLimits", "PromptBuilder", "PromptError", "Sampling", "check_sampling",
+           "table_extra_ids"]
 
 
 @dataclass(frozen=True)
@@ -77,24 +75,27 @@ class PromptBuilder:
         self.template = env.from_string(load_chat_template(tokenizer_dir))
 
     def render(self, prompt: str, system_prompt: str | None, n_audio: int) -> str:
-        """The chat text with one <sound> per clip before the prompt (AF3's user-turn layout)."""
-        messages = []
-        if system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": AUDIO_TOKEN * n_audio + prompt})
-        return self.template.render(messages=messages, add_generation_prompt=True)
+        """The chat text of the one-turn shorthand: one user turn, its clips before the prompt."""
+        return self.render_conversation(shorthand(prompt, system_prompt, n_audio))
+
+    def render_conversation(self, conv: Conversation) -> str:
+        return self.template.render(messages=conv.template_messages(), add_generation_prompt=True)
 
     def build(self, prompt: str, system_prompt: str | None, audio_embeds: np.ndarray, mask: np.ndarray,
               audio_windows: list[int]):
+        """The one-turn shorthand (text_input + system_prompt): see build_conversation."""
+        return self.build_conversation(shorthand(prompt, system_prompt, len(audio_windows)), audio_embeds, mask,
+                                       audio_windows)
+
+    def build_conversation(self, conv: Conversation, audio_embeds: np.ndarray, mask: np.ndarray,
+                           audio_windows: list[int]):
         """(input_ids int32 [L], prompt table [N, H] float32 numpy) for one request.
 
         audio_embeds: [W, 750, H] encoder output; mask: [W, 3000] the windows' mel masks; audio_windows: windows
-        of each clip in order (windows past their sum are placeholders for text-only requests).
+        of each clip in order (windows past their sum are placeholders for text-only requests). The table holds
+        every clip's valid rows in clip order; each audio part becomes a run of fake ids addressing its clip's rows.
         """
-        if AUDIO_TOKEN in prompt or (system_prompt and AUDIO_TOKEN in system_prompt):
-            raise PromptError(f"the prompt may not contain {AUDIO_TOKEN}: send audio as clips")
-        text = self.render(prompt, system_prompt, len(audio_windows))
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(self.render_conversation(conv), add_special_tokens=False).ids
 
         # Valid rows of each window, then each clip's rows in order: [N, H].
         rows, w = [], 0
@@ -106,25 +107,43 @@ class PromptBuilder:
         for n_win in audio_windows:
             per_clip.append(sum(len(r) for r in rows[w: w + n_win]))
             w += n_win
+        first_row = np.concatenate([[0], np.cumsum(per_clip)]).astype(int)  # [clips + 1]
         table = np.concatenate(rows, 0) if rows else np.zeros((0, self.limits.hidden_size), np.float32)
 
-        # Expand the k-th <sound> into per_clip[k] fake ids.
-        out, next_row, clip = [], 0, 0
+        runs = self._placeholder_runs(conv, sum(1 for t in ids if t == self.audio_token_id))
+        # Expand the k-th <sound> into the fake ids of its clips: vocab_size + (row of that clip's table rows).
+        out, k = [], 0
         for t in ids:
             if t == self.audio_token_id:
-                if clip >= len(per_clip):
-                    raise PromptError("the chat template produced more audio placeholders than clips")
-                out.extend(range(self.limits.vocab_size + next_row, self.limits.vocab_size + next_row + per_clip[clip]))
-                next_row += per_clip[clip]
-                clip += 1
+                for clip in runs[k]:
+                    out.extend(range(self.limits.vocab_size + first_row[clip],
+                                     self.limits.vocab_size + first_row[clip] + per_clip[clip]))
+                k += 1
             else:
                 out.append(t)
-        if clip != len(per_clip):
-            raise PromptError(f"the chat template placed {clip} audio placeholders for {len(per_clip)} clips")
+        n_audio = sum(per_clip[c] for run in runs for c in run)
         if len(out) > self.limits.max_input_len:
-            raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - next_row} text + {next_row} audio) "
+            raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - n_audio} text + {n_audio} audio) "
                               f"> max_input_len {self.limits.max_input_len}")
         return np.asarray(out, np.int32), table
+
+    @staticmethod
+    def _placeholder_runs(conv: Conversation, n_placeholders: int) -> list[list[int]]:
+        """The clips each rendered <sound> stands for. A template that writes one <sound> per audio part maps them
+        one to one; AF3's writes one per message that has audio, which then stands for that message's clips in
+        order (their placeholder runs back to back)."""
+        order = conv.audio_order()
+        if n_placeholders == len(order):
+            return [[k] for k in order]
+        per_message = conv.audio_per_message()
+        if n_placeholders == len(per_message):
+            runs, i = [], 0
+            for n in per_message:
+                runs.append(order[i: i + n])
+                i += n
+            return runs
+        raise PromptError(f"the chat template placed {n_placeholders} audio placeholders for {len(order)} audio "
+                          f"parts in {len(per_message)} messages")
 
 
 def table_extra_ids(ids: np.ndarray, table: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -5,7 +5,7 @@ Triton 2.51 with the python backend). Python-backend models run in a stub proces
 running interpreter and give it this interpreter's site-packages, so the models import `af3trt` exactly as the
 caller does. Only the process we started is ever stopped.
 
-    af3trt serve --model-repository out/af3-tiny/model_repository
+    af3trt serve --model-repository out/af3-tiny/model_repository [--openai-port 9000]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from af3trt.runtime.tp_launch import leader_mode_command
 from af3trt.runtime.doctor import preflight_or_exit
+from af3trt.runtime import openai_server
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +247,26 @@ def main(argv=None) -> None:
                     help="TensorRT-LLM ranks = the engine's TP size; >1 runs one tritonserver per GPU under mpirun")
     ap.add_argument("--start-timeout", type=float, default=180.0,
                     help="seconds to wait for readiness (engine loading on a GPU can take many minutes)")
+    ap.add_argument("--openai-port", type=int, default=None,
+                    help="also serve the OpenAI-compatible API (af3trt openai) on this port, same --host")
+    openai_server.add_arguments(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
                        args.metrics_port, args.log, world_size=args.world_size)
+    # SIGTERM (also re-raised by uvicorn after its own shutdown) must run the `finally` below: tritonserver runs in
+    # its own session and would outlive us otherwise.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     srv.start(timeout=args.start_timeout)
     print(f"serving {args.model_repository} on grpc {srv.grpc_url} (log {srv.log_path}); Ctrl-C stops it",
           flush=True)
     try:
-        srv.proc.wait()
+        if args.openai_port is not None:  # in the foreground until Ctrl-C; then Triton is stopped too
+            triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else srv.grpc_url
+            openai_server.serve(openai_server.settings_from(args, triton), args.host, args.openai_port)
+        else:
+            srv.proc.wait()
     except KeyboardInterrupt:
         pass
     finally:

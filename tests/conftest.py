@@ -49,3 +49,39 @@ def _modelopt_sees_the_real_tensorrt():
     """modelopt.onnx decides at import whether TensorRT is installed. Import it before any test puts a fake
     `tensorrt` module in sys.modules (test_trt_encoder, test_gpu_build), so it never mistakes the fake for one."""
     import modelopt.onnx.trt_utils  # noqa: F401
+
+
+# The tiny ensemble on a real tritonserver, shared by every integration module (one build, one server per session).
+
+@pytest.fixture(scope="session")
+def repo(tiny_repo):
+    return tiny_repo
+
+
+@pytest.fixture(scope="session")
+def server(repo):
+    from af3trt.runtime.server import TritonServer
+
+    srv = TritonServer(repo / "model_repository", log_path=repo / "tritonserver.log")
+    srv.start(timeout=300)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        assert srv.proc.poll() is not None
+        print(f"--- tail of {srv.log_path}\n{srv.log_tail(30)}")
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from af3trt.runtime.client import AF3Client
+
+    return AF3Client(server.grpc_url, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ref(tiny_ckpt):
+    """transformers' AF3 on the tiny checkpoint (tests/reference.py)."""
+    from reference import Reference
+
+    return Reference(tiny_ckpt)

@@ -63,9 +63,21 @@ class InferenceResponse:
 class Sender:
     def __init__(self):
         self.sent = []
+        self.cancelled = False  # set by a test to play a client that went away
 
     def send(self, response=None, flags=0):
         self.sent.append((response, flags))
+
+    def is_cancelled(self):
+        return self.cancelled
+
+
+class Logger:
+    lines: list[str] = []
+
+    @classmethod
+    def log_info(cls, msg):
+        cls.lines.append(msg)
 
 
 class Request:

@@ -330,3 +330,42 @@ def test_stop_fails_queued_and_running_requests(lm_dir, af3):
     assert isinstance(first[0], DecodeError) and isinstance(second[0], DecodeError)
     with pytest.raises(DecodeError, match="stopped"):
         eng.submit(_text_request(af3, "late", max_new_tokens=3), lambda new, final: None)
+
+
+def test_cancelled_request_leaves_the_batch(engine, af3):
+    """A request whose client went away (Triton's is_cancelled) stops generating and gets RequestCancelled; a
+    request decoding beside it is untouched."""
+    from af3trt.runtime.decoder import RequestCancelled
+
+    keep = _text_request(af3, "Hello world", max_new_tokens=12)
+    alone = engine.generate(keep)
+    tokens, errors, done = [], {}, threading.Semaphore(0)
+    gone = threading.Event()
+
+    def emit_cancelled(new, final):
+        tokens.extend(new)
+        if len(tokens) == 2:
+            gone.set()  # the client disconnects after two tokens
+        if final:
+            done.release()
+
+    def on_error(exc):
+        errors["c"] = exc
+        done.release()
+
+    cancelled = _text_request(af3, "This one is abandoned", max_new_tokens=40, streaming=True, end_id=None)
+    cancelled.cancelled = gone.is_set
+    results = {}
+
+    def emit_keep(new, final):
+        results.setdefault("k", []).extend(new)
+        if final:
+            done.release()
+
+    engine.submit(cancelled, emit_cancelled, on_error)
+    engine.submit(keep, emit_keep, lambda e: errors.setdefault("k", e))
+    for _ in range(2):
+        assert done.acquire(timeout=60)
+    assert isinstance(errors.get("c"), RequestCancelled) and "k" not in errors
+    assert 2 <= len(tokens) < 40
+    assert results["k"] == alone

@@ -1,103 +1,24 @@
 """The whole ensemble on a real tritonserver (127.0.0.1, free ports) against transformers' AF3, token for token.
 
 The reference is `AudioFlamingo3ForConditionalGeneration.generate` (greedy) on the same tiny checkpoint, fed by
-`AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently here (soundfile, and
-scipy for resampling). Generation stops on any of the checkpoint's end ids (TensorRT-LLM: end_id + stop_words_list,
-runtime/stop_words.py); the reference's trailing end token is dropped before comparing.
+`AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently (soundfile, and scipy for
+resampling): tests/reference.py. The build, the server, the client and the reference are session fixtures in
+tests/conftest.py, shared with the other integration modules. Generation stops on any of the
+checkpoint's end ids (TensorRT-LLM: end_id + stop_words_list, runtime/stop_words.py); the reference's trailing end
+token is dropped before comparing.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 
 import numpy as np
 import pytest
-import soundfile as sf
 
-from af3trt.runtime.client import AF3Client, AF3Error
+from af3trt.runtime.client import AF3Client
+from reference import MAX_TOKENS, Reference, mono16k, run_alongside, wav_bytes
 
 pytestmark = pytest.mark.integration
-
-MAX_TOKENS = 24
-
-
-def wav_bytes(wave: np.ndarray, sr: int, fmt: str = "WAV") -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, wave, sr, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def repo(tiny_repo):
-    return tiny_repo
-
-
-@pytest.fixture(scope="module")
-def server(repo):
-    from af3trt.runtime.server import TritonServer
-
-    srv = TritonServer(repo / "model_repository", log_path=repo / "tritonserver.log")
-    srv.start(timeout=300)
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        assert srv.proc.poll() is not None
-        print(f"--- tail of {srv.log_path}\n{srv.log_tail(30)}")
-
-
-@pytest.fixture(scope="module")
-def client(server) -> AF3Client:
-    return AF3Client(server.grpc_url, timeout=120)
-
-
-class Reference:
-    def __init__(self, ckpt):
-        import torch
-        from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
-
-        self.torch = torch
-        self.processor = AutoProcessor.from_pretrained(ckpt)
-        self.model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
-        # Our CPU encoder backend computes in float32 whatever the checkpoint dtype (the exported ONNX graph);
-        # the embeddings enter the language model in its own dtype. The reference does the same.
-        self.model.model.audio_tower.float()
-        self.model.model.multi_modal_projector.float()
-        self.end_id = self.model.generation_config.eos_token_id[0]
-        self.eos_ids = list(self.model.generation_config.eos_token_id)  # generate stops on any (and so do we)
-        self.lock = threading.Lock()
-
-    def generate(self, prompt: str, wave: np.ndarray | None = None, system: str | None = None,
-                 max_new_tokens: int = MAX_TOKENS) -> list[int]:
-        content = ([{"type": "audio", "audio": wave}] if wave is not None else []) + [{"type": "text", "text": prompt}]
-        conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        with self.lock, self.torch.no_grad():
-            inputs = self.processor.apply_chat_template(conv, tokenize=True, return_dict=True,
-                                                        add_generation_prompt=True)
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=self.eos_ids, pad_token_id=self.end_id)
-        ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-        return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_ckpt) -> Reference:
-    return Reference(tiny_ckpt)
-
-
-def mono16k(data: bytes) -> np.ndarray:
-    """The reference's own decoding: soundfile, channel mean, scipy polyphase resampling to 16 kHz."""
-    from math import gcd
-
-    from scipy.signal import resample_poly
-
-    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    wave = wave.mean(axis=1)
-    if sr != 16000:
-        g = gcd(16000, sr)
-        wave = resample_poly(wave, 16000 // g, sr // g).astype(np.float32)
-    return wave
 
 
 @pytest.fixture(scope="module")
@@ -183,25 +104,12 @@ def test_bad_requests_fail_alone(client, ref, speech_bytes):
         "top_p": (dict(prompt="x", top_p=2.0), "top_p"),
         "max_tokens": (dict(prompt="x", max_tokens=100000), "max_tokens"),
     }
-    good: dict[int, list[int]] = {}
-    errors: dict[str, str] = {}
+    def bad_call(kw):
+        return lambda: client.ask(kw.pop("prompt"), kw.pop("audio", []), **kw)
 
-    def run_good(i):
-        good[i] = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True).token_ids
-
-    def run_bad(name, kw):
-        try:
-            client.ask(kw.pop("prompt"), kw.pop("audio", []), **kw)
-            errors[name] = "no error"
-        except AF3Error as e:
-            errors[name] = str(e)
-
-    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(2)]
-    threads += [threading.Thread(target=run_bad, args=(n, dict(kw))) for n, (kw, _) in bad.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    good, errors = run_alongside(
+        lambda: client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True).token_ids,
+        {name: bad_call(dict(kw)) for name, (kw, _) in bad.items()})
     for name, (_, needle) in bad.items():
         assert needle in errors[name], f"{name}: {errors[name]}"
     want = ref.generate("What is said?", mono16k(speech_bytes))

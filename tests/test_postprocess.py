@@ -112,3 +112,20 @@ def test_postprocess_adapter_strips_whole_answers(tiny_ckpt, tok, tmp_path, monk
     assert bytes(out.outputs["text_output"].as_numpy()[0]).decode() == "hello world"
     (plain,) = model.execute([fake_pb.Request(_resp(ids), "")])  # no id (perf_analyzer): defaults, no stripping
     assert bytes(plain.outputs["text_output"].as_numpy()[0]).decode().startswith("The spoken content")
+
+
+@pytest.mark.parametrize("end", ["end_id", "max_tokens"])
+def test_postprocess_adapter_streams_stripped_answers(tiny_ckpt, tok, tmp_path, monkeypatch, end):
+    """strip_prefix on a stream: the text joined from its responses is the stripped whole answer. The last response
+    is recognised as empty (the request ended on its end id) or as the one that reaches max_tokens (from fusion)."""
+    _, model = _postprocess(tiny_ckpt, tmp_path, monkeypatch)
+    answer = 'The spoken content of the audio is "hello world, café".'
+    ids = tok.encode(answer).ids
+    ctx = {"stream": True, "strip_prefix": True, "max_tokens": len(ids) if end == "max_tokens" else len(ids) + 5}
+    RequestContext(tmp_path).put("r3", ctx)
+    outs = [model.execute([fake_pb.Request(_resp([i]), "r3")])[0] for i in ids]
+    if end == "end_id":
+        outs.append(model.execute([fake_pb.Request(_resp([]), "r3")])[0])
+    text = "".join(bytes(o.outputs["text_output"].as_numpy()[0]).decode() for o in outs)
+    assert text == strip_transcription_prefix(answer) == "hello world, café"
+    assert model.states == {}  # the stream's state is gone with its last response

@@ -175,8 +175,8 @@ def check_repository(cfgs: dict[str, mc.ModelConfig]) -> None:
     assert cfgs["encoder"].max_batch_size >= int(cfgs["preprocess"].parameters["max_audio_windows"].string_value)
 
     request = {i.name: i for i in ens.input}
-    assert not request["text_input"].optional
-    assert all(i.optional for n, i in request.items() if n != "text_input")
+    assert request["messages"].data_type == mc.TYPE_STRING and list(request["messages"].dims) == [1]
+    assert all(i.optional for i in request.values())  # text_input or messages: fusion says which is missing
 
 
 def check_decoder_contract(dec: mc.ModelConfig, engine_dtype: int) -> None:

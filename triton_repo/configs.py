@@ -6,7 +6,7 @@ config.pbtxt back for the contract checks in the tests.
 
 Tensor flow (names are the contract; the decoder's are TensorRT-LLM's `tensorrtllm` backend names):
 
-    client ─ text_input, audio[], system_prompt, max_tokens, sampling, stream, strip_prefix ─▶ af3 (ensemble)
+    client ─ text_input | messages, audio[], system_prompt, max_tokens, sampling, stream, strip_prefix ─▶ af3 (ensemble)
     preprocess : audio[] ─▶ input_features [W,128,3000] f32, input_features_mask [W,3000] i32, audio_windows [C] i32
     encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,750,H] f32
     fusion     : text + audio_embeds ─▶ input_ids, input_lengths, request_output_len, end_id, pad_id, streaming,
@@ -100,7 +100,8 @@ def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
 
 # The ensemble's request inputs: (name, dtype, dims, optional).
 REQUEST_INPUTS = [
-    ("text_input", T.TYPE_STRING, [1], False),
+    ("text_input", T.TYPE_STRING, [1], True),  # text_input (+ system_prompt) or messages: one is required
+    ("messages", T.TYPE_STRING, [1], True),  # a conversation, UTF-8 JSON (runtime/conversation.py)
     ("system_prompt", T.TYPE_STRING, [1], True),
     ("audio", T.TYPE_STRING, [-1], True),
     ("max_tokens", T.TYPE_INT32, [1], True),
@@ -112,10 +113,11 @@ REQUEST_INPUTS = [
     ("stream", T.TYPE_BOOL, [1], True),
     ("strip_prefix", T.TYPE_BOOL, [1], True),
 ]
-# What each response carries: this chunk's text (complete UTF-8 characters) and token ids, and on a request's
-# first response a JSON list of notices (e.g. audio truncated to 10 min), else "".
+# What each response carries: this chunk's text (complete UTF-8 characters) and token ids, on a request's
+# first response a JSON list of notices (e.g. audio truncated to 10 min), else "", and the prompt's length in
+# tokens as fusion built it (text + audio rows; -1 when unknown, e.g. a request without an id).
 RESPONSE_OUTPUTS = [("text_output", T.TYPE_STRING, [1]), ("output_ids", T.TYPE_INT32, [-1]),
-                    ("notice", T.TYPE_STRING, [1])]
+                    ("notice", T.TYPE_STRING, [1]), ("prompt_tokens", T.TYPE_INT32, [1])]
 SAMPLING_INPUTS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stream"]
 
 
@@ -169,8 +171,9 @@ FUSION_OUTPUTS = [  # (name, dtype); all [1, 1] except the two ragged ones
 def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python("fusion", 0, spec.fusion_instances)
     cfg.input.extend([
-        _io("text_input", T.TYPE_STRING, [1]),
+        _io("text_input", T.TYPE_STRING, [1], optional=True),
         _io("system_prompt", T.TYPE_STRING, [1], optional=True),
+        _io("messages", T.TYPE_STRING, [1], optional=True),
         _io("audio_embeds", T.TYPE_FP32, [-1, lengths.EMBEDS_PER_WINDOW, spec.hidden_size]),
         _io("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
         _io("audio_windows", T.TYPE_INT32, [-1]),
@@ -270,7 +273,8 @@ def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
          {k: f"_{k}" for k in ("input_features", "input_features_mask", "audio_windows")})
     step("encoder", {"input_features": "_input_features", "input_features_mask": "_input_features_mask"},
          {"audio_embeds": "_audio_embeds"})
-    fusion_in = {"text_input": "text_input", "system_prompt": "system_prompt", "audio_embeds": "_audio_embeds",
+    fusion_in = {"text_input": "text_input", "system_prompt": "system_prompt", "messages": "messages",
+                 "audio_embeds": "_audio_embeds",
                  "input_features_mask": "_input_features_mask", "audio_windows": "_audio_windows"}
     fusion_in.update({n: n for n in SAMPLING_INPUTS})
     fusion_out = {n: f"_{n}" for n, _ in FUSION_OUTPUTS}

@@ -3,7 +3,9 @@
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.runtime import conversation
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
 
@@ -24,23 +26,25 @@ class TritonPythonModel:
         p = io.params(args)
         self.limits = FusionLimits.from_params(p)
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
+        self.ctx = RequestContext()
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
 
     def run(self, r):
-        prompt = io.text(pb, r, "text_input")
-        if prompt is None:
-            raise PromptError("text_input is required")
         sampling = check_sampling(
             self.limits, max_tokens=io.scalar(pb, r, "max_tokens"), temperature=io.scalar(pb, r, "temperature"),
             top_k=io.scalar(pb, r, "top_k"), top_p=io.scalar(pb, r, "top_p"),
             repetition_penalty=io.scalar(pb, r, "repetition_penalty"), seed=io.scalar(pb, r, "seed"),
             stream=io.scalar(pb, r, "stream"))
         windows = [int(w) for w in io.tensor(pb, r, "audio_windows").reshape(-1)]
-        ids, table = self.builder.build(prompt, io.text(pb, r, "system_prompt"), io.tensor(pb, r, "audio_embeds"),
-                                        io.tensor(pb, r, "input_features_mask"), windows)
+        conv = self.conversation(r, len(windows))
+        ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, "audio_embeds"),
+                                                     io.tensor(pb, r, "input_features_mask"), windows)
+        if sampling.stream:  # postprocess knows a stream's last response by its token count (or an empty one)
+            self.ctx.update(r.request_id(), max_tokens=sampling.max_tokens)
         n_rows = len(table)
+        self.ctx.update(r.request_id(), prompt_tokens=len(ids))  # postprocess reports it (usage)
         extra = table_extra_ids(ids, table, self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
             table = np.zeros((1, self.limits.hidden_size), np.float32)
@@ -68,3 +72,15 @@ class TritonPythonModel:
         if extra is not None:
             outputs.append(pb.Tensor("prompt_table_extra_ids", extra[None]))  # [1, L]
         return pb.InferenceResponse(outputs)
+
+    @staticmethod
+    def conversation(r, n_clips: int) -> conversation.Conversation:
+        """`messages` (a conversation), or the one-turn shorthand text_input + system_prompt."""
+        prompt, system, messages = (io.text(pb, r, n) for n in ("text_input", "system_prompt", "messages"))
+        if messages is not None:
+            if prompt is not None or system is not None:
+                raise PromptError("send either messages or text_input (+ system_prompt), not both")
+            return conversation.parse(messages, n_clips)
+        if prompt is None:
+            raise PromptError("text_input or messages is required")
+        return conversation.shorthand(prompt, system, n_clips)

@@ -2,6 +2,12 @@
 
 Called once per decoder response. Streamed answers are released as complete UTF-8 characters: the incomplete
 tail of each request is kept here between its responses (hence a single instance), keyed by request id.
+
+A stream's last response is not flagged to the steps after the decoder, so it is recognised here: it is empty (the
+request ended on its end id, which the tensorrtllm backend leaves out of output_ids: see runtime/decoder.py), or it
+brings the answer to max_tokens (resolved by fusion, read from the request context). There the held-back text of
+strip_prefix (a possible prefix, the closing quote and full stop) is settled, so a streamed answer joins to exactly
+the non-streamed one.
 """
 
 import json
@@ -42,12 +48,17 @@ class TritonPythonModel:
         if first:
             ctx = self.ctx.get(rid)
             self.ctx.drop(rid)
-            entry = (time.monotonic(), StreamState(), ctx)
+            entry = (time.monotonic(), StreamState(strip_prefix=bool(ctx.get("strip_prefix"))), ctx)
         _, state, ctx = entry
         data = self.detok.to_bytes(tokens)
         if ctx.get("stream"):
-            text = state.feed(data, final=False)
-            self.states[rid] = (time.monotonic(), state, ctx)
+            state.tokens += len(tokens)
+            final = len(tokens) == 0 or state.tokens >= ctx.get("max_tokens", float("inf"))
+            text = state.feed(data, final=final)
+            if final:
+                self.states.pop(rid, None)
+            else:
+                self.states[rid] = (time.monotonic(), state, ctx)
         else:  # the whole answer in one response
             text = data.decode("utf-8", errors="replace")
             if ctx.get("strip_prefix"):
@@ -58,6 +69,7 @@ class TritonPythonModel:
             io.bytes_tensor(pb, "text_output", [text.encode()]),
             pb.Tensor("output_ids", np.ascontiguousarray(tokens, np.int32)),
             io.bytes_tensor(pb, "notice", [notice.encode()]),
+            pb.Tensor("prompt_tokens", np.array([ctx.get("prompt_tokens", -1)], np.int32)),
         ])
 
     def _purge(self):

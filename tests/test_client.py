@@ -1,0 +1,171 @@
+"""The client (runtime/client.py) and `af3trt ask`: errors people can act on (no server, a server that never
+answers, a model that is not ready), and strip_prefix giving the same answer streamed and whole over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+
+from af3trt.runtime import client as client_mod
+from af3trt.runtime.client import AF3Client, AF3ConnectionError, Request
+from af3trt.runtime.detok import strip_transcription_prefix
+from reference import MAX_TOKENS
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP listener that accepts connections and never speaks (no HTTP/2 handshake)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    conns, stop = [], threading.Event()
+
+    def accept():
+        s.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(s.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"127.0.0.1:{s.getsockname()[1]}"
+    stop.set()
+    t.join(5)
+    for c in conns:
+        c.close()
+    s.close()
+
+
+def test_no_server_is_one_clear_error(closed_port):
+    url = f"127.0.0.1:{closed_port}"
+    with pytest.raises(AF3ConnectionError) as e:
+        AF3Client(url, timeout=30).ask("hi")
+    assert e.value.cause == "connection refused" and e.value.url == url
+    assert str(e.value).startswith(f"tritonserver at {url}: connection refused")
+
+
+def test_ask_without_server_prints_one_line_and_fails(closed_port, capsys):
+    with pytest.raises(SystemExit) as e:
+        client_mod.main(["hi", "--url", f"127.0.0.1:{closed_port}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith(f"error: tritonserver at 127.0.0.1:{closed_port}: connection refused")
+
+
+def test_silent_server_times_out(silent_server):
+    with pytest.raises(AF3ConnectionError) as e:
+        AF3Client(silent_server, timeout=2).ask("hi")
+    assert e.value.cause == "timeout" and silent_server in str(e.value)
+
+
+def test_request_inputs():
+    ins = {i.name(): i for i in Request(messages=[{"role": "user", "content": "hé"}], audio=[b"x", b"y"],
+                                        max_tokens=4, stream=False).inputs()}
+    assert set(ins) == {"messages", "audio", "max_tokens", "stream"}
+    assert ins["audio"].shape() == [2] and ins["messages"].datatype() == "BYTES"
+    short = {i.name() for i in Request("hi", system_prompt="s").inputs()}
+    assert short == {"text_input", "system_prompt", "stream"}
+
+
+@pytest.mark.integration
+def test_model_not_ready_names_the_model(server):
+    with pytest.raises(AF3ConnectionError) as e:
+        AF3Client(server.grpc_url, model="nope", timeout=30).ask("hi")
+    assert e.value.cause == "model not ready" and "nope" in str(e.value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("prompt", ["Transcribe the input speech.", "What is said?"])
+def test_strip_prefix_streamed_equals_whole(client, speech_bytes, prompt):
+    whole = client.ask(prompt, [speech_bytes], max_tokens=MAX_TOKENS, stream=False, strip_prefix=True)
+    plain = client.ask(prompt, [speech_bytes], max_tokens=MAX_TOKENS, stream=False)
+    chunks = list(client.stream(prompt, [speech_bytes], max_tokens=MAX_TOKENS, stream=True, strip_prefix=True))
+    assert len(chunks) > 2
+    assert "".join(c.text for c in chunks) == whole.text == strip_transcription_prefix(plain.text)
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids == plain.token_ids
+
+
+@pytest.mark.integration
+def test_ask_stream_strip_prefix_prints_the_whole_answer(server, tmp_path, speech_bytes, capsys):
+    clip = tmp_path / "speech.flac"
+    clip.write_bytes(speech_bytes)
+    args = ["Transcribe the input speech.", "--audio", str(clip), "--url", server.grpc_url, "--strip-prefix",
+            "--max-tokens", str(MAX_TOKENS)]
+    client_mod.main(args)
+    whole = capsys.readouterr().out
+    client_mod.main(args + ["--stream"])
+    streamed = capsys.readouterr().out
+    assert streamed == whole and len(whole.strip()) > 5
+
+
+@pytest.mark.integration
+def test_closing_the_iterator_cancels_and_the_server_goes_on(client, speech_bytes):
+    it = client.responses(Request("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True))
+    first = next(it)
+    it.close()  # stop_stream(cancel_requests=True)
+    assert len(first.token_ids) == 1
+    again = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True)
+    assert len(again.token_ids) == MAX_TOKENS
+
+
+def test_async_client_no_server(closed_port):
+    from af3trt.runtime.client import AsyncAF3Client
+
+    with pytest.raises(AF3ConnectionError) as e:
+        asyncio.run(AsyncAF3Client(f"127.0.0.1:{closed_port}", timeout=30).complete(Request("hi")))
+    assert e.value.cause == "connection refused"
+
+
+@pytest.mark.integration
+def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
+    """AsyncAF3Client (for asyncio front ends): the same answers as AF3Client, server errors as AF3Error, and a
+    stream left early is cancelled without disturbing the next request."""
+    from af3trt.runtime.client import AF3Error, AsyncAF3Client
+
+    aclient = AsyncAF3Client(server.grpc_url, timeout=120)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_index": 0}, {"type": "text", "text": "What?"}]}]
+
+    async def run():
+        whole = await aclient.complete(Request(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS,
+                                               stream=False))
+        streamed = await aclient.complete(Request(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS))
+        it = aclient.responses(Request("What is said?", [speech_bytes], max_tokens=MAX_TOKENS))
+        first = await it.__anext__()
+        await it.aclose()
+        with pytest.raises(AF3Error, match="never referenced"):
+            await aclient.complete(Request(messages=[{"role": "user", "content": "x"}], audio=[speech_bytes]))
+        return whole, streamed, first
+
+    whole, streamed, first = asyncio.run(run())
+    want = client.ask(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS, stream=False)
+    assert whole.token_ids == streamed.token_ids == want.token_ids and whole.text == streamed.text == want.text
+    assert whole.chunks == 1 and streamed.chunks >= MAX_TOKENS and len(first.token_ids) == 1
+    assert client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
+
+
+@pytest.mark.parametrize("args", [[], ["hi", "--messages", "conv.json"]])
+def test_ask_wants_a_prompt_or_messages(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        client_mod.main(args)
+    assert e.value.code == 2 and "give a prompt or --messages" in capsys.readouterr().err
+
+
+def test_ask_names_an_unreadable_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        client_mod.main(["hi", "--audio", str(tmp_path / "missing.wav")])
+    assert e.value.code == 2 and f"cannot read {tmp_path / 'missing.wav'}: No such file" in capsys.readouterr().err

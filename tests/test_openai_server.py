@@ -1,0 +1,355 @@
+"""The OpenAI-compatible HTTP server (runtime/openai_server.py), driven by the official `openai` package.
+
+`af3trt openai` runs as a real process on 127.0.0.1 (free port) in front of the session's real tritonserver
+(conftest: the tiny ensemble). Answers are compared with the same requests sent straight to the ensemble over
+gRPC (AF3Client), whose token ids test_integration/test_conversation prove equal to transformers' generate; the
+usage's prompt_tokens is compared with the processor's own input ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from reference import MAX_TOKENS, mono16k, wav_bytes
+
+from af3trt.runtime.detok import strip_transcription_prefix
+from af3trt.runtime.openai_server import TRANSCRIPTION_PROMPT
+from af3trt.runtime.server import free_port
+
+openai = pytest.importorskip("openai")  # a declared test dependency (pyproject [test]); CI installs it
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "af3trt-test-key"
+UPLOAD_LIMIT = 2 * 2**20
+
+
+class HTTPServer:
+    """`af3trt openai` as a subprocess on a free loopback port; stopped by its PID."""
+
+    def __init__(self, triton_url: str, log_path, api_key: str | None = API_KEY):
+        self.port = free_port()
+        env = dict(os.environ, AF3TRT_TEST_API_KEY=api_key or "")
+        cmd = [sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", triton_url, "--port", str(self.port),
+               "--max-upload-bytes", str(UPLOAD_LIMIT)] + (["--api-key-env", "AF3TRT_TEST_API_KEY"] if api_key else [])
+        self.log_path = log_path
+        with open(log_path, "wb") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"af3trt openai exited:\n{self.log()}"
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=5)
+                return
+            except urllib.error.HTTPError:  # listening (503 while Triton is not ready)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"af3trt openai not listening after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def http(server, tmp_path_factory):
+    srv = HTTPServer(server.grpc_url, tmp_path_factory.mktemp("openai") / "openai.log")
+    try:
+        srv.wait_listening()
+        yield srv
+    finally:
+        srv.stop()
+        print(f"--- af3trt openai log\n{srv.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def oai(http):
+    return openai.OpenAI(base_url=http.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def audio_part(data: bytes, fmt: str = "flac") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def ask_messages(speech_bytes, question="What is said in the audio?"):
+    return [{"role": "user", "content": [audio_part(speech_bytes), {"type": "text", "text": question}]}]
+
+
+def test_models_and_health(oai, http):
+    assert [m.id for m in oai.models.list().data] == ["af3"]
+    with urllib.request.urlopen(http.url + "/health", timeout=10) as r:  # no key needed for health probes
+        assert r.status == 200
+
+
+def test_chat_equals_grpc_streamed_and_whole(oai, client, ref, speech_bytes):
+    want = client.ask("What is said in the audio?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False)
+    assert len(want.token_ids) > 5
+    whole = oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=MAX_TOKENS)
+    assert whole.choices[0].message.content == want.text
+    assert whole.usage.completion_tokens == len(want.token_ids)
+    inputs = ref.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio", "audio": mono16k(speech_bytes)},
+                                      {"type": "text", "text": "What is said in the audio?"}]}],
+        tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert whole.usage.prompt_tokens == inputs["input_ids"].shape[1]  # text + audio tokens, as the processor counts
+    assert whole.choices[0].finish_reason == ("length" if len(want.token_ids) == MAX_TOKENS else "stop")
+
+    stream = oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=MAX_TOKENS,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) > 1  # really streamed
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_system_and_sampling_parameters_reach_the_ensemble(oai, client, speech_bytes):
+    msgs = [{"role": "system", "content": "Be precise."}] + ask_messages(speech_bytes, "Describe it.")
+    got = oai.chat.completions.create(model="af3", messages=msgs, max_completion_tokens=12, temperature=0.8,
+                                      top_p=0.9, seed=7)
+    want = client.ask("Describe it.", [speech_bytes], system_prompt="Be precise.", max_tokens=12, temperature=0.8,
+                      top_p=0.9, seed=7)
+    assert got.choices[0].message.content == want.text
+    assert got.usage.completion_tokens == len(want.token_ids)
+
+
+def test_stop_string_truncates(oai, speech_bytes):
+    whole = oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=MAX_TOKENS)
+    text = whole.choices[0].message.content
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert len(stop) == 3
+    want = text[: text.index(stop)]
+    got = oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=MAX_TOKENS,
+                                      stop=[stop, "\x00never"])
+    assert got.choices[0].message.content == want and got.choices[0].finish_reason == "stop"
+    streamed = oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=MAX_TOKENS,
+                                           stop=stop, stream=True)
+    chunks = [c for c in streamed if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_multi_turn_conversation_with_audio(oai, client, ref, speech_bytes):
+    """The model card's pattern: user audio + question, the assistant's answer, a follow-up question."""
+    first = oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=8)
+    answer = first.choices[0].message.content
+    msgs = ask_messages(speech_bytes) + [{"role": "assistant", "content": answer},
+                                         {"role": "user", "content": "Why do you think so?"}]
+    got = oai.chat.completions.create(model="af3", messages=msgs, max_tokens=MAX_TOKENS)
+    ours = [{"role": "user", "content": [{"type": "audio", "audio_index": 0},
+                                         {"type": "text", "text": "What is said in the audio?"}]},
+            {"role": "assistant", "content": answer}, {"role": "user", "content": "Why do you think so?"}]
+    want = client.ask(messages=ours, audio=[speech_bytes], max_tokens=MAX_TOKENS)
+    assert want.token_ids == ref.generate_conversation(ours, [mono16k(speech_bytes)])
+    assert got.choices[0].message.content == want.text
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.prompt_tokens == ref.model_inputs(ours, [mono16k(speech_bytes)])["input_ids"].shape[1]
+
+
+def test_transcription_strips_the_prefix(oai, client, speech_bytes):
+    plain = client.ask(TRANSCRIPTION_PROMPT, [speech_bytes], max_tokens=64, stream=False)
+    want = strip_transcription_prefix(plain.text)
+    got = oai.audio.transcriptions.create(model="af3", file=("speech.flac", speech_bytes))
+    assert got.text == want
+    text = oai.audio.transcriptions.create(model="af3", file=("speech.flac", speech_bytes), response_format="text")
+    assert text == want
+    events = list(oai.audio.transcriptions.create(model="af3", file=("speech.flac", speech_bytes), stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert [e.type for e in events][-1] == "transcript.text.done" and events[-1].text == want
+    assert "".join(deltas) == want
+
+
+def test_eight_concurrent_requests(oai, client, speech_bytes):
+    jobs = [("What is said?", speech_bytes), ("Say something nice.", None)] * 4
+    want = [client.ask(p, [c] if c else [], max_tokens=MAX_TOKENS).text for p, c in jobs]
+
+    def run(i: int) -> str:
+        prompt, clip = jobs[i]
+        messages = [{"role": "user", "content": ([audio_part(clip)] if clip else []) +
+                     [{"type": "text", "text": prompt}]}]
+        if i % 2:
+            s = oai.chat.completions.create(model="af3", messages=messages, max_tokens=MAX_TOKENS, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        return oai.chat.completions.create(model="af3", messages=messages,
+                                           max_tokens=MAX_TOKENS).choices[0].message.content
+
+    with ThreadPoolExecutor(len(jobs)) as pool:  # all eight in flight at once
+        got = list(pool.map(run, range(len(jobs)), timeout=300))
+    assert got == want
+
+
+def _status(fn) -> tuple[int, str]:
+    try:
+        fn()
+    except openai.APIStatusError as e:
+        return e.status_code, str(e.body)
+    return 200, ""
+
+
+def test_client_mistakes_get_4xx_with_openai_errors(oai, http, speech_bytes):
+    silence = wav_bytes(np.zeros(16000 * 610, np.float32), 16000, "FLAC")  # 10 min 10 s: longer than AF3 reads
+
+    def chat(messages=None, **kw):
+        return lambda: oai.chat.completions.create(model=kw.pop("model", "af3"),
+                                                   messages=messages or ask_messages(speech_bytes), **kw)
+
+    bad_b64 = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "@@notbase64",
+                                                                                     "format": "wav"}}]}]
+    cases = {
+        "bad base64": (chat(bad_b64), 400, "base64"),
+        "corrupt audio": (chat([{"role": "user", "content": [audio_part(b"RIFF\x00\x00garbage" * 10, "wav"),
+                                                             {"type": "text", "text": "x"}]}]), 400, "decode"),
+        "too long audio": (chat([{"role": "user", "content": [audio_part(silence)]}]), 400, "600 s"),
+        "bad format": (chat([{"role": "user", "content": [audio_part(speech_bytes, "aiff")]}]), 400, "format"),
+        "top_p": (chat(top_p=2.0), 400, "top_p"),
+        "temperature": (chat(temperature=-1.0), 400, "temperature"),
+        "max_tokens": (chat(max_tokens=100000), 400, "max_tokens"),
+        "n>1": (chat(n=2), 400, "n=2"),
+        "unknown parameter": (chat(extra_body={"best_of": 3}), 400, "best_of"),
+        "conversation order": (chat([{"role": "assistant", "content": "hi"}]), 400, "messages"),
+        "unknown model": (chat(model="gpt-4o"), 404, "model"),
+        "over the upload limit": (lambda: oai.audio.transcriptions.create(
+            model="af3", file=("big.wav", b"\x00" * (UPLOAD_LIMIT + 1))), 413, "limit"),
+        "language hint": (lambda: oai.audio.transcriptions.create(
+            model="af3", file=("a.flac", speech_bytes), language="de"), 400, "language"),
+        "bad response_format": (lambda: oai.audio.transcriptions.create(
+            model="af3", file=("a.flac", speech_bytes), response_format="srt"), 400, "response_format"),
+    }
+    for name, (fn, status, needle) in cases.items():
+        got, body = _status(fn)
+        assert (got, needle in body) == (status, True), f"{name}: {got} {body}"
+    wrong = openai.OpenAI(base_url=http.url + "/v1", api_key="wrong-key", max_retries=0)
+    status, body = _status(lambda: wrong.models.list())
+    assert status == 401 and "API key" in body
+    with pytest.raises(urllib.error.HTTPError) as missing:  # the openai client refuses to send no key at all
+        urllib.request.urlopen(http.url + "/v1/models", timeout=10)
+    assert missing.value.code == 401 and b"invalid_api_key" in missing.value.read()
+    # and the server still answers
+    assert oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=4).choices
+
+
+def test_triton_down_is_503(server, tmp_path):
+    """An HTTP server whose Triton address has nothing listening: health and requests answer 503."""
+    down = HTTPServer(f"127.0.0.1:{free_port()}", tmp_path / "openai-down.log", api_key=None)
+    try:
+        down.wait_listening()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(down.url + "/health", timeout=10)
+        assert e.value.code == 503
+        c = openai.OpenAI(base_url=down.url + "/v1", api_key="unused", max_retries=0)
+        status, body = _status(lambda: c.chat.completions.create(
+            model="af3", messages=[{"role": "user", "content": "hi"}]))
+        assert status == 503 and "unavailable" in body
+    finally:
+        down.stop()
+
+
+def test_client_disconnect_cancels_the_grpc_stream(oai, http):
+    """A streaming client that goes away: the HTTP server cancels its gRPC stream to Triton. (Triton 2.51's
+    ensemble does not pass that cancellation on to the decoder already running: see the next test.)"""
+    stream = oai.chat.completions.create(model="af3", messages=[{"role": "user", "content": "Tell a long story."}],
+                                         max_tokens=64, stream=True)
+    first = next(iter(stream))
+    stream.close()
+    needle = f"request {first.id.removeprefix('chatcmpl-')}: cancelling it in Triton"
+    deadline = time.monotonic() + 60
+    while needle not in http.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert needle in http.log()
+
+
+def test_decoder_stops_a_request_triton_cancels(server):
+    """What the CPU decoder does when Triton reports a request cancelled (gRPC stream cancelled): it stops that
+    request's generation. Sent to the decoder model directly, where Triton 2.51 delivers the cancellation."""
+    import asyncio
+
+    import tritonclient.grpc.aio as aio
+    from tritonclient.grpc import InferInput
+
+    def tensor(name, array, dtype):
+        t = InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    async def run() -> int:
+        client = aio.InferenceServerClient(server.grpc_url)
+        inputs = [tensor("input_ids", np.array([[11, 12, 13, 14, 15]], np.int32), "INT32"),
+                  tensor("input_lengths", np.array([[5]], np.int32), "INT32"),
+                  tensor("request_output_len", np.array([[64]], np.int32), "INT32"),
+                  tensor("streaming", np.array([[True]]), "BOOL")]
+
+        async def one():
+            yield {"model_name": "decoder", "inputs": inputs, "request_id": "cancel-me"}
+            await asyncio.sleep(120)
+
+        call = client.stream_infer(one())
+        n = 0
+        async for _, error in call:
+            assert error is None
+            n += 1
+            if n == 2:
+                break
+        call.cancel()
+        await client.close()
+        return n
+
+    assert asyncio.run(run()) == 2
+    deadline = time.monotonic() + 60
+    while "request cancelled by the client" not in server.log_tail(200) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    line = next(x for x in server.log_tail(200).splitlines() if "request cancelled by the client" in x)
+    assert int(line.split(" after ")[1].split()[0]) < 64, line
+
+
+def test_serve_with_openai_port_starts_both(repo, tmp_path):
+    """`af3trt serve --openai-port P`: tritonserver and the HTTP API from one command; SIGTERM stops both."""
+    ports = {name: free_port() for name in ("grpc", "http", "metrics", "openai")}
+    cmd = [sys.executable, "-m", "af3trt.runtime.server", "--model-repository", str(repo / "model_repository"),
+           "--grpc-port", str(ports["grpc"]), "--http-port", str(ports["http"]), "--metrics-port",
+           str(ports["metrics"]), "--log", str(tmp_path / "triton.log"), "--openai-port", str(ports["openai"])]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports['openai']}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['openai']}/v1", api_key="none", max_retries=0)
+        got = c.chat.completions.create(model="af3", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert got.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    with pytest.raises(urllib.error.URLError):  # Triton went down with it
+        urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/health/live", timeout=5)
