@@ -170,13 +170,14 @@ def check_engine_fits(engine: DecoderEngine, checkpoint: dict, limits: dict, opt
 def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer_dir: str, encoder_max_windows: int,
                   engine: DecoderEngine | None = None, options: TrtllmOptions = TrtllmOptions(),
                   engine_dir_at_serve: str | None = None, encoder_instances: int = 1,
-                  encoder_queue_delay_us: int = 2000) -> RepoSpec:
+                  encoder_queue_delay_us: int = 2000, gpu_kernels: bool = True) -> RepoSpec:
     """The RepoSpec of target "gpu".
 
     engine_dir: the TensorRT-LLM engine directory (config.json read here unless `engine` is given).
     engine_dir_at_serve: its absolute path inside the serving container when that differs from engine_dir's.
     tokenizer_dir: for fusion/postprocess, absolute or relative to the build output (as on the CPU target).
     encoder_max_windows: the encoder engine profile's max (build/trt_encoder.encoder_max_windows).
+    gpu_kernels: log-mel and prompt table on the GPU (af3trt.kernels; RepoSpec.gpu_kernels), else the CPU path.
     """
     engine = engine or read_decoder_engine(engine_dir)
     check_engine_fits(engine, checkpoint, limits, options)
@@ -193,7 +194,8 @@ def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer
         encoder_queue_delay_us=encoder_queue_delay_us, encoder_instances=encoder_instances,
         prompt_table_extra_ids=options.enable_kv_cache_reuse,
         decoder_params=decoder_parameters(gpt_model_path, options),
-        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir})
+        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir},
+        gpu_kernels=gpu_kernels)
 
 
 def place_encoder_plan(repo_root: Path, plan: Path, *, copy: bool = False) -> Path:

@@ -196,7 +196,7 @@ def _log_mel_padded(chunk: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AudioBatch:
-    features: np.ndarray  # [W_total, 128, 3000] float32, the clips' windows in order
+    features: np.ndarray  # [W_total, 128, 3000] float32, the clips' windows in order (torch with log_mel_fn)
     mask: np.ndarray  # [W_total, 3000] int32
     windows_per_clip: list[int]
     tokens_per_clip: list[int]  # <sound> tokens each clip expands to
@@ -204,8 +204,12 @@ class AudioBatch:
     truncated: list[bool]  # clip was longer than max_windows * 30 s; only the start is used
 
 
-def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS) -> AudioBatch:
-    """Decode, window and featurise a request's clips; AudioError messages name the clip index."""
+def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS, log_mel_fn=log_mel) -> AudioBatch:
+    """Decode, window and featurise a request's clips; AudioError messages name the clip index.
+
+    log_mel_fn: chunks → (features, mask) like log_mel; the GPU target passes af3trt.kernels.logmel.log_mel bound to
+    its device (features then stay a torch tensor on that device).
+    """
     chunks: list[np.ndarray] = []
     windows, tokens, seconds, truncated = [], [], [], []
     for index, data in enumerate(clips):
@@ -225,5 +229,5 @@ def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS) ->
         tokens.append(n_tokens)
         seconds.append(len(wave) / SAMPLE_RATE)
         truncated.append(clip_truncated)
-    features, mask = log_mel(chunks)
+    features, mask = log_mel_fn(chunks)
     return AudioBatch(features, mask, windows, tokens, seconds, truncated)

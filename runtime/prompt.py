@@ -89,22 +89,24 @@ class PromptBuilder:
         audio_embeds: [W, 750, H] encoder output; mask: [W, 3000] the windows' mel masks; audio_windows: windows
         of each clip in order (windows past their sum are placeholders for text-only requests).
         """
+        rows = window_rows(mask, audio_windows)
+        ids = self.build_ids(prompt, system_prompt, rows, audio_windows)
+        # Valid rows of each window, in order: [N, H] (af3trt.kernels.table does the same on the device).
+        parts = [audio_embeds[w, :n] for w, n in enumerate(rows)]
+        table = np.concatenate(parts, 0) if parts else np.zeros((0, self.limits.hidden_size), np.float32)
+        return ids, table
+
+    def build_ids(self, prompt: str, system_prompt: str | None, rows: list[int], audio_windows: list[int]):
+        """input_ids int32 [L] for a request whose windows keep rows[w] table rows each (window_rows)."""
         if AUDIO_TOKEN in prompt or (system_prompt and AUDIO_TOKEN in system_prompt):
             raise PromptError(f"the prompt may not contain {AUDIO_TOKEN}: send audio as clips")
         text = self.render(prompt, system_prompt, len(audio_windows))
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
 
-        # Valid rows of each window, then each clip's rows in order: [N, H].
-        rows, w = [], 0
-        for n_win in audio_windows:
-            for _ in range(n_win):
-                rows.append(audio_embeds[w, : lengths.embeds_valid_per_window(int(mask[w].sum()))])
-                w += 1
         per_clip, w = [], 0
         for n_win in audio_windows:
-            per_clip.append(sum(len(r) for r in rows[w: w + n_win]))
+            per_clip.append(sum(rows[w: w + n_win]))
             w += n_win
-        table = np.concatenate(rows, 0) if rows else np.zeros((0, self.limits.hidden_size), np.float32)
 
         # Expand the k-th <sound> into per_clip[k] fake ids.
         out, next_row, clip = [], 0, 0
@@ -122,7 +124,12 @@ class PromptBuilder:
         if len(out) > self.limits.max_input_len:
             raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - next_row} text + {next_row} audio) "
                               f"> max_input_len {self.limits.max_input_len}")
-        return np.asarray(out, np.int32), table
+        return np.asarray(out, np.int32)
+
+
+def window_rows(mask: np.ndarray, audio_windows: list[int]) -> list[int]:
+    """Valid encoder rows of each of the request's windows (the first sum(audio_windows) rows of mask [W, 3000])."""
+    return [lengths.embeds_valid_per_window(int(mask[w].sum())) for w in range(sum(audio_windows))]
 
 
 def table_extra_ids(ids: np.ndarray, table: np.ndarray, vocab_size: int) -> np.ndarray:

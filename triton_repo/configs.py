@@ -69,6 +69,23 @@ class RepoSpec:
     fusion_params: dict[str, str] = field(default_factory=dict)
     postprocess_params: dict[str, str] = field(default_factory=dict)
     preprocess_params: dict[str, str] = field(default_factory=dict)
+    # GPU preprocessing kernels (af3trt.kernels): preprocess computes the log-mel on the device and fusion builds the
+    # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
+    gpu_kernels: bool | None = None
+
+
+def kernel_params(spec: RepoSpec, model: str) -> dict[str, str]:
+    """The parameters that switch preprocess/fusion to the device path (read by af3trt.kernels.device_from_params).
+
+    fusion also gets FORCE_CPU_ONLY_INPUT_TENSORS "no": by default the python backend copies every input to the CPU
+    before execute(); with "no" it hands over tensors where they were last used, e.g. the TensorRT encoder's output
+    on the GPU (triton-inference-server/python_backend README, "Input Tensor Device Placement"; src/python_be.cc
+    defaults force_cpu_only_input_tensors_ to true).
+    """
+    on = spec.target == "gpu" if spec.gpu_kernels is None else spec.gpu_kernels
+    if not on:
+        return {}
+    return {"gpu_kernels": "true", **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if model == "fusion" else {})}
 
 
 def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None,
@@ -128,7 +145,8 @@ def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
         _out("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
         _out("audio_windows", T.TYPE_INT32, [-1]),
     ])
-    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **spec.preprocess_params})
+    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
+                  **spec.preprocess_params})
     return cfg
 
 
@@ -180,6 +198,7 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
         "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
         "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
         **({"prompt_table_extra_ids": "true"} if spec.prompt_table_extra_ids else {}),
+        **kernel_params(spec, "fusion"),
         **spec.fusion_params,
     })
     return cfg

@@ -1,8 +1,12 @@
-"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio)."""
+"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio; af3trt.kernels.logmel on the GPU)."""
+
+from functools import partial
 
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.kernels import device_from_params as kernels_device
+from af3trt.kernels import logmel
 from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
@@ -17,6 +21,8 @@ class TritonPythonModel:
 
             torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
+        device = kernels_device(p, "preprocess")  # None: the CPU log-mel
+        self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
@@ -24,7 +30,7 @@ class TritonPythonModel:
     def run(self, r):
         clips = io.tensor(pb, r, "audio")
         clips = [] if clips is None else [bytes(c) for c in clips.reshape(-1)]
-        batch = audio.prepare_clips(clips, self.max_windows)
+        batch = audio.prepare_clips(clips, self.max_windows, self.log_mel)
         if sum(batch.windows_per_clip) > self.max_windows:
             raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
                                   f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
@@ -41,7 +47,7 @@ class TritonPythonModel:
             features = np.zeros((1, lengths.N_MELS, lengths.WINDOW_FRAMES), np.float32)
             mask = np.zeros((1, lengths.WINDOW_FRAMES), np.int32)
         return pb.InferenceResponse([
-            pb.Tensor("input_features", features),  # [W, 128, 3000]
+            io.output_tensor(pb, "input_features", features),  # [W, 128, 3000] (numpy, or torch on the GPU)
             pb.Tensor("input_features_mask", mask),  # [W, 3000]
             pb.Tensor("audio_windows", np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
         ])
