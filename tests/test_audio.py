@@ -89,6 +89,23 @@ def test_per_window_rows_sum_to_clip_tokens():
         assert per_window == lengths.audio_tokens_for_samples(n), n
 
 
+def test_frame_buckets():
+    # Every bucket is even with whole rows, the last is the full window, and each window's bucket is the smallest
+    # one that holds its valid frames plus the two a kept token can still see (L + 2), capped at the window.
+    assert lengths.FRAME_BUCKETS[-1] == lengths.WINDOW_FRAMES and len(set(lengths.FRAME_BUCKETS)) == 30
+    assert all(b % 4 == 0 for b in lengths.FRAME_BUCKETS)
+    assert lengths.encoder_rows(lengths.WINDOW_FRAMES) == lengths.EMBEDS_PER_WINDOW
+    for L in range(lengths.WINDOW_FRAMES + 1):
+        T = lengths.frame_bucket(L)
+        assert T in lengths.FRAME_BUCKETS and T >= min(L + 2, lengths.WINDOW_FRAMES)
+        assert T == lengths.FRAME_BUCKETS[0] or T - lengths.FRAME_BUCKET_STEP < min(L + 2, lengths.WINDOW_FRAMES)
+        assert lengths.embeds_valid_per_window(L) <= lengths.encoder_rows(T)
+    assert [lengths.frame_bucket(L) for L in (0, 98, 99, 2998, 2999, 3000)] == [100, 100, 200, 3000, 3000, 3000]
+    assert lengths.encoded_frames_for_samples(65 * SR) == [3000, 3000, 600]
+    with pytest.raises(ValueError):
+        lengths.frame_bucket(3001)
+
+
 # ---------------------------------------------------------------------------------------------
 # windows, features and tokens against the processor
 
