@@ -8,11 +8,17 @@ module adds the roofline times:
         flops  = 2 x (decoder parameters without the embedding) x B  (+ attention: 4 x layers x q_dim x T x B)
         time   = max(bytes / HBM bandwidth, flops / peak)          — memory-bound at small B
     prefill (L tokens)     flops = 2 x params x L + 2 x layers x q_dim x L^2 (causal);  time = flops / peak
-    encoder (one 30-s window, compute-bound)
-        flops  = conv1 2*3000*mels*3*H + conv2 2*1500*H*3*H
-                 + layers x (2*S*4*H^2 + 2*S*2*H*F + 4*S^2*H)   (S = 1500 positions)
-                 + projector 2*750*(H*D + D*D)
+    encoder (one window of T mel frames, compute-bound; T = 3000 for a full 30-s window)
+        flops  = conv1 2*T*mels*3*H + conv2 2*(T/2)*H*3*H
+                 + layers x (2*S*4*H^2 + 2*S*2*H*F + 4*S^2*H)   (S = T/2 positions)
+                 + projector 2*(T/4)*(H*D + D*D)
         time   = flops / peak
+    encoder per clip, following the valid audio: each window runs on T = lengths.frame_bucket(L) frames, the
+        smallest frame bucket >= L+2 for its L valid frames (runtime/lengths.py, one definition shared with the
+        preprocess crop); "full" is every window at 3000 frames, as before variable-length encoding (issue 10).
+        It assumes each window is encoded at its own bucket (length-bucketed batching), and that small buckets
+        reach the same efficiency as full windows — they do not quite (a 5-s window is 300 positions: small GEMMs),
+        so read the short-clip gain as an upper bound.
 
 Assumptions: dense bf16 peak (H100 SXM 989 TFLOPS, A100 312 TFLOPS) and HBM bandwidth (3.35 / 2.0 TB/s) at
 100 % efficiency: these are lower bounds on time. Real kernels reach roughly 60-80 % of bandwidth in decode
@@ -57,12 +63,45 @@ AF3_REFERENCE_CONFIG = {
 }
 
 
-def encoder_window_flops(e: sizing.EncoderDims) -> float:
-    frames, s, rows = 2 * e.max_source_positions, e.max_source_positions, e.max_source_positions // 2
+def encoder_window_flops(e: sizing.EncoderDims, frames: int | None = None) -> float:
+    """One window of `frames` mel frames (default: the full window, 2 x max_source_positions)."""
+    frames = 2 * e.max_source_positions if frames is None else frames
+    s, rows = frames // 2, frames // 4
     h, f, d = e.hidden, e.ffn, e.projector_out
     convs = 2 * frames * e.mel_bins * 3 * h + 2 * s * h * 3 * h
     layer = 2 * s * 4 * h * h + 2 * s * 2 * h * f + 4 * s * s * h
     return float(convs + e.layers * layer + 2 * rows * (h * d + d * d))
+
+
+def clip_encoder_flops(e: sizing.EncoderDims, seconds: float) -> dict:
+    """Encoder FLOPs of one clip: every window at full length, and each window at its frame bucket."""
+    n = int(round(seconds * lengths.SAMPLE_RATE))
+    frames = lengths.encoded_frames_for_samples(n)
+    return {"windows": len(frames), "frames_full": len(frames) * lengths.WINDOW_FRAMES, "frames": sum(frames),
+            "full": len(frames) * encoder_window_flops(e), "cropped": sum(encoder_window_flops(e, t) for t in frames)}
+
+
+MIX_SECONDS = (5, 30, 120, 600)  # the clip mix of the variable-length projection: one request of each
+
+
+def clip_mix(d: sizing.DecoderDims, e: sizing.EncoderDims, gpu: Gpu, text_tokens: int,
+             seconds=MIX_SECONDS) -> list[dict]:
+    """Per clip (and the mix, one request each): encoder time full vs cropped, and the compute before the first
+    token (encoder + prefill) — roofline at 100 % of peak and at COMPUTE_EFFICIENCY."""
+    rows = []
+    for sec in seconds:
+        c = clip_encoder_flops(e, sec)
+        tokens = lengths.audio_tokens_for_samples(int(round(sec * lengths.SAMPLE_RATE))) + text_tokens
+        rows.append({"audio_s": sec, **c, "prefill_s": prefill_s(d, gpu, tokens), "context": tokens,
+                     "encoder_full_s": c["full"] / gpu.bf16_flops, "encoder_s": c["cropped"] / gpu.bf16_flops})
+    total = {k: sum(r[k] for r in rows) for k in ("audio_s", "windows", "frames_full", "frames", "full", "cropped",
+                                                  "prefill_s", "encoder_full_s", "encoder_s", "context")}
+    for r in rows + [total]:
+        r["encoder_speedup"] = r["full"] / r["cropped"]
+        r["first_token_full_s"] = r["encoder_full_s"] + r["prefill_s"]
+        r["first_token_s"] = r["encoder_s"] + r["prefill_s"]
+    total["label"] = "mix"
+    return rows + [total]
 
 
 def decoder_flops_per_token(d: sizing.DecoderDims) -> float:
@@ -105,7 +144,7 @@ def project(config: dict, *, label: str, text_tokens: int = 64, batches=(1, 8, 6
     for key, gpu in GPUS.items():
         g = {"gpu": gpu.name, "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "bf16_flops": gpu.bf16_flops,
              "encoder_window_s": (encoder_window_flops(e) / gpu.bf16_flops) if e else None, "decode": [],
-             "prefill_s": {}}
+             "prefill_s": {}, "clip_mix": clip_mix(d, e, gpu, text_tokens) if e else []}
         for seconds in (30, 600):
             ctx = lengths.audio_tokens_for_samples(seconds * lengths.SAMPLE_RATE) + text_tokens
             g["prefill_s"][f"{seconds}s"] = prefill_s(d, gpu, ctx)
@@ -138,6 +177,7 @@ def render_markdown(projections: list[dict]) -> str:
         for g in pr["gpus"].values():
             lines.append(f"| {g['gpu']} | {_t(g['encoder_window_s'])} | {_t(g['prefill_s']['30s'])} | "
                          f"{_t(g['prefill_s']['600s'])} |")
+        lines += _clip_mix_markdown(pr["gpus"]["H100"])
         batches = sorted({r["batch"] for g in pr["gpus"].values() for r in g["decode"]})
         lines += ["", "Decode step, one token for each of B sequences, bf16 KV cache: roofline time (at eff.), and "
                   "tokens/s at the largest B at 100 %:", "",
@@ -158,6 +198,32 @@ def render_markdown(projections: list[dict]) -> str:
                 lines.append(f"| {key} | {label} | {prec} | " + " | ".join(cells) + f" | {tps} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _clip_mix_markdown(g: dict) -> list[str]:
+    """The variable-length encoder table (one GPU): encoder cost follows the valid audio."""
+    if not g["clip_mix"]:
+        return []
+    eff = COMPUTE_EFFICIENCY
+    lines = ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): each window encoded at its "
+             "frame bucket (smallest multiple of 100 frames >= L+2, `runtime/lengths.frame_bucket`) instead of 3000 "
+             "frames. 'First token' is encoder + prefill compute (64 text tokens), roofline at 100 % of peak "
+             f"(at {eff:.0%}); the mix is one request of each clip. Only a clip's last, partial window is cropped: "
+             "clips of whole 30-s windows (30 s, 2 min, 10 min) gain nothing, short clips gain most, and a clip of "
+             "arbitrary length saves about half a window on average.", "",
+             "| clip | windows | frames encoded (full → cropped) | encoder GFLOP (full → cropped) | encoder time "
+             "(full → cropped) | encoder gain | first token (full → cropped) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in g["clip_mix"]:
+        sec = r["audio_s"]
+        label = "mix (5 s + 30 s + 2 min + 10 min)" if r.get("label") == "mix" else \
+            (f"{sec // 60} min" if sec >= 60 else f"{sec} s")
+        lines.append(f"| {label} | {r['windows']} | {r['frames_full']:,} → {r['frames']:,} | "
+                     f"{r['full'] / 1e9:,.0f} → {r['cropped'] / 1e9:,.0f} | "
+                     f"{_t(r['encoder_full_s'])} → {_t(r['encoder_s'])} ({_t(r['encoder_s'] / eff)}) | "
+                     f"{r['encoder_speedup']:.2f}× | {_t(r['first_token_full_s'])} → {_t(r['first_token_s'])} "
+                     f"({_t(r['first_token_s'] / eff)}) |")
+    return lines
 
 
 def _bytes(n: float) -> str:

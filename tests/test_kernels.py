@@ -280,3 +280,16 @@ def test_fusion_adapter_device_path_gives_the_cpu_table(tiny_ckpt, limits, speec
     assert (x[~fake] == 0).all() and len(set(x[fake].tolist())) == 1 and x[fake][0] >= 1
     (again,) = dev_model.execute([fake_pb.Request(dict(inputs))])
     assert np.array_equal(again.outputs["prompt_table_extra_ids"].as_numpy(), x)  # same audio → same id
+
+
+def test_kernels_bench_says_what_it_timed():
+    from af3trt.perf import kernels_bench
+
+    r = kernels_bench.run([1], hidden=8, repeats=1)
+    (row,) = r["rows"]
+    assert row["windows"] == 1 and row["log_mel_cpu_ms"] > 0 and row["table_cpu_ms"] > 0
+    text = kernels_bench.render(r)
+    if torch.cuda.is_available():
+        assert row["log_mel_gpu_triton_ms"] > 0 and r["device"] in text
+    else:
+        assert "No CUDA device" in text and "log_mel_gpu_triton_ms" not in row

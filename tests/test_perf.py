@@ -219,10 +219,37 @@ def test_encoder_window_flops_formula():
     assert projection.encoder_window_flops(e) == want
 
 
+def test_encoder_flops_follow_the_valid_audio():
+    """Encoder FLOPs per window at T frames (S = T/2 positions, T/4 projector rows); a clip's windows each at their
+    frame bucket from runtime/lengths.py: a 5-s clip (500 valid frames) runs on 600 frames, whole windows on 3000."""
+    from af3trt.build import sizing
+    from af3trt.runtime import lengths
+
+    _, e = sizing.dims_from_config(SMALL)
+    h, f = 64, 128
+    assert projection.encoder_window_flops(e, 3000) == projection.encoder_window_flops(e)
+    s = 300
+    want = (2 * 600 * 128 * 3 * h + 2 * s * h * 3 * h + 2 * (2 * s * 4 * h * h + 2 * s * 2 * h * f + 4 * s * s * h)
+            + 2 * 150 * (h * 256 + 256 * 256))
+    assert projection.encoder_window_flops(e, 600) == want
+    five = projection.clip_encoder_flops(e, 5)
+    assert (five["windows"], five["frames"], five["frames_full"]) == (1, lengths.frame_bucket(500), 3000) == (1, 600, 3000)
+    assert five["cropped"] == want and five["full"] == projection.encoder_window_flops(e)
+    long = projection.clip_encoder_flops(e, 70)  # 30 + 30 + 10 s: only the last window is cropped (1000 → 1100)
+    assert long["frames"] == 3000 + 3000 + 1100 and long["windows"] == 3
+    d, _ = sizing.dims_from_config(SMALL)
+    mix = projection.clip_mix(d, e, projection.GPUS["H100"], text_tokens=64)
+    assert [r["audio_s"] for r in mix] == [5, 30, 120, 600, 755] and mix[-1]["label"] == "mix"
+    assert mix[-1]["cropped"] == sum(r["cropped"] for r in mix[:-1])
+    assert mix[0]["encoder_speedup"] > 1 and all(r["encoder_speedup"] == 1 for r in mix[1:4])
+    assert mix[0]["first_token_s"] == pytest.approx(mix[0]["encoder_s"] + mix[0]["prefill_s"])
+
+
 def test_projection_markdown_is_labelled_and_skips_fp8_on_a100():
     md = projection.render_markdown([projection.project(projection.AF3_REFERENCE_CONFIG, label="AF3")])
     assert "PROJECTION" in md and "n/a: no FP8 on A100" in md
     assert "| H100 | 30 s | fp8 |" in md and "| A100 | 30 s | bf16 |" in md
+    assert "Encoder cost following the valid audio" in md and "| mix (5 s + 30 s + 2 min + 10 min) | 26 |" in md
 
 
 # ------------------------------------------------------------------------------------------------ report
