@@ -18,6 +18,14 @@ applied, `clamp(min=1e-10).log10()`, then for a batch the clamp floor is each wi
 AF3's processor pads every window to 30 s before this (so the peak is over the padded window: compute the log-mel on
 the full window and crop afterwards — platform.md, "What the kept tokens of a window depend on").
 
+transformers computes the same chain on a GPU when asked (`device="cuda"`) and documents it as matching its CPU
+result "with 1e-5 tolerance" (same function's docstring) — cuFFT vs pocketfft rounding.
+
+Precision on the GPU: the mel matmul must run in full fp32. torch's default for fp32 matmuls on CUDA is full precision
+(torch.backends.cuda.matmul.allow_tf32 is False by default since torch 1.12; torch.set_float32_matmul_precision
+"highest" is the default); nothing in the preprocess process changes it. TF32 (10-bit mantissa) would move the
+features by ~1e-4.
+
 Without Triton (not installed, or CPU tensors without TRITON_INTERPRET=1) the epilogue is the torch composition.
 """
 

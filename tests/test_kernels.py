@@ -91,10 +91,9 @@ def test_epilogue_block_edges_and_per_window_peak():
     peak = mel.amax(dim=(1, 2))
     want = torch.maximum(mel.clamp(min=1e-10).log10(), peak.clamp(min=1e-10).log10()[:, None, None] - 8.0)
     want = (want + 4.0) / 4.0
-    out = torch.full_like(mel, float("nan"))
-    logmel.triton_kernels().logmel_epilogue(mel.to(DEVICE), peak.to(DEVICE), out.to(DEVICE), block=1024) \
-        if DEVICE == "cuda" else logmel.triton_kernels().logmel_epilogue(mel, peak, out, block=1024)
-    assert not out.isnan().any()
+    out = torch.full_like(mel, float("nan"), device=DEVICE)
+    logmel.triton_kernels().logmel_epilogue(mel.to(DEVICE), peak.to(DEVICE), out, block=1024)
+    assert not out.isnan().any()  # every element written, none past the end
     assert float((out.cpu() - want).abs().max()) <= FEATURE_TOL
 
 
@@ -115,7 +114,7 @@ def test_log_mel_matches_af3_processor(processor, seconds):
     out = processor(text=[f"clip {i} <sound>" for i in range(len(waves))], audio=waves)
     ref, ref_mask = out["input_features"].numpy(), out["input_features_mask"].numpy()
     chunks = [c for w in waves for c in audio.split_windows(w)[0]]
-    assert len(chunks) == ref.shape[0] and (len(seconds) > 1 or len(chunks) == lengths.window_count(len(waves[0]))[0])
+    assert len(chunks) == ref.shape[0]
     got, mask = logmel.log_mel(chunks, DEVICE)
     assert np.array_equal(mask, ref_mask)
     diff = float(np.abs(got.cpu().numpy() - ref).max())
