@@ -50,7 +50,7 @@ def _compact_rows(src_ptr, rows_ptr, offsets_ptr, out_ptr, R, H, BLOCK_R: tl.con
     # grid: (W, cdiv(R, BLOCK_R), cdiv(H, BLOCK_H)); src: [W, R, H] contiguous; rows, offsets: [W] int32
     # out[offsets[w] + r, :] = src[w, r, :] for r < rows[w], cast to the table dtype rounding to nearest even.
     # BF16_BITS: out is a bf16 table viewed as int16, and the rounding is done here in integer arithmetic (see
-    # bf16_rne), so that the interpreter and the GPU give the same bits.
+    # _bf16_rne), so that the interpreter and the GPU give the same bits.
     w = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -67,10 +67,10 @@ def _compact_rows(src_ptr, rows_ptr, offsets_ptr, out_ptr, R, H, BLOCK_R: tl.con
 
 @triton.jit
 def _bf16_rne(x):
-    # f32 → the 16 bits of bf16, round to nearest even, NaN → 0x7FC0: what torch's `.to(torch.bfloat16)` gives
-    # (c10/util/BFloat16.h round_to_nearest_even) and what the GPU's cvt.rn.bf16.f32 gives. Needed because the
-    # interpreter truncates f32 → bf16 instead (triton 3.9 runtime/interpreter.py: create_fp_trunc → cast_impl →
-    # _convert_float with rounding_mode None keeps the high mantissa bits), which would make CPU tests disagree.
+    # f32 → the 16 bits of bf16, round to nearest even (NaN → a quiet NaN): the finite results of torch's
+    # `.to(torch.bfloat16)` (c10/util/BFloat16.h round_to_nearest_even) and of compiled Triton's RTNE cast.
+    # Needed as the interpreter truncates f32 → bf16 instead (triton 3.9 runtime/interpreter.py: create_fp_trunc →
+    # cast_impl → _convert_float with rounding_mode None keeps the high mantissa bits).
     b = x.to(tl.uint32, bitcast=True)
     rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
     return tl.where(x != x, 0x7FC0, rounded).to(tl.int16)

@@ -8,7 +8,7 @@ WhisperFeatureExtractor / AudioFlamingo3Processor in tests/test_audio.py), for a
       → |·|², last frame dropped                                        [W, 201, 3000]
       → Slaney mel filterbank @ power                                   [W, 128, 3000]           (library matmul)
       → peak = max over the window                                      [W]                      (library reduction)
-      → max(log10(max(mel, 1e-10)), log10(peak) − 8), then (x + 4) / 4  [W, 128, 3000]           (fused Triton kernel)
+      → max(log10(max(mel,1e-10)), log10(peak)−8), then (x+4)/4        [W, 128, 3000]           (fused Triton kernel)
 
 Whisper feature-extractor semantics relied on (transformers, src/transformers/models/whisper/
 feature_extraction_whisper.py, `_torch_extract_fbank_features`): STFT with a periodic Hann window of n_fft 400 and
@@ -38,6 +38,9 @@ import torch
 
 from af3trt.runtime import audio, lengths
 from af3trt.runtime.lengths import HOP, N_FFT, N_MELS, WINDOW_FRAMES, WINDOW_SAMPLES
+
+
+NO_TRITON = "use_triton=True needs the optional dependency triton (pip install 'af3trt[gpu-kernels]')"
 
 
 @lru_cache(maxsize=1)
@@ -93,7 +96,7 @@ def log_mel_windows(waves: torch.Tensor, *, use_triton: bool | None = None, bloc
         floor = peak.clamp(min=1e-10).log10() - 8.0
         return torch.maximum(log, floor[:, None, None]).add_(4.0).div_(4.0)
     if triton_kernels() is None:
-        raise RuntimeError("use_triton=True needs the optional dependency triton (pip install 'af3trt[gpu-kernels]')")
+        raise RuntimeError(NO_TRITON)
     out = torch.empty_like(mel)
     if block is None:
         block = 1024 if mel.is_cuda else 65536

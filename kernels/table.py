@@ -5,9 +5,11 @@ first rows[w] rows (lengths.embeds_valid_per_window of its mask sum, exactly wha
 takes). One Triton kernel gathers and casts in a single pass; without Triton the same result comes from
 index_select + cast (an f32 [N, H] temporary in between).
 
-Cast semantics: the decoder reads the table in its engine dtype (bf16 for AF3); f32 → bf16/f16 rounds to nearest
-even in both torch (`Tensor.to`) and Triton (`tensor.to`, default rounding "rtne"), so both paths give the table the
-CPU fusion path gives — tests/test_kernels.py checks equality bit for bit.
+Cast semantics: the decoder reads the table in its engine dtype (bf16 for AF3); the CPU fusion path casts with torch
+(`Tensor.to`: round to nearest even). Triton's compiled `tensor.to` also rounds to nearest even for f32 → f16/bf16
+(triton/language/semantic.py `cast`: fp downcasts default to ROUNDING_MODE.RTNE); its interpreter does so for f16
+(numpy astype) but truncates for bf16, so the kernel rounds bf16 itself in integer arithmetic (_triton._bf16_rne) and
+both modes give the CPU path's table — tests/test_kernels.py checks it bit for bit (finite values; NaN stays NaN).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from af3trt.kernels.logmel import triton_kernels, triton_runs_on
+from af3trt.kernels.logmel import NO_TRITON, triton_kernels, triton_runs_on
 from af3trt.runtime.prompt import PromptBuilder, window_rows
 
 
@@ -40,7 +42,7 @@ def prompt_table(embeds: torch.Tensor, rows: Sequence[int], dtype: torch.dtype, 
     counts = torch.tensor(list(rows), dtype=torch.int32)
     if use_triton:
         if triton_kernels() is None:
-            raise RuntimeError("use_triton=True needs the optional dependency triton (pip install 'af3trt[gpu-kernels]')")
+            raise RuntimeError(NO_TRITON)
         offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts  # exclusive prefix sum [W]
         triton_kernels().compact_rows(src, counts.to(src.device), offsets.to(src.device), out[0])
         return out
@@ -54,7 +56,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"prompt table dtype must be float32, float16 or bfloat16, got {name!r}")
     return getattr(torch, name)
-
 
 
 def build(builder: PromptBuilder, prompt: str, system_prompt: str | None, device: torch.device,

@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 import fake_pb  # noqa: E402
+from test_audio import test_signal as signal  # noqa: E402  (falling loudness, a silent second)
 from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
 from af3trt.runtime import audio, lengths  # noqa: E402
@@ -36,15 +37,6 @@ from af3trt.triton_repo import configs  # noqa: E402
 SR = lengths.SAMPLE_RATE
 FEATURE_TOL = 1e-5  # measured: 1.2e-7 (the interpreter's log2·log10(2) vs torch's log10)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def signal(n: int, seed: int = 0) -> np.ndarray:
-    """Noise with a loudness that falls over time (each window its own peak) and a silent second."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / SR
-    wave = rng.standard_normal(n) * 0.3 * np.exp(-t / 40.0)
-    wave[(t > 2.0) & (t < 3.0)] = 0.0
-    return wave.astype(np.float32)
 
 
 def test_interpreter_is_on():
