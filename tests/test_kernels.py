@@ -231,6 +231,7 @@ def test_preprocess_adapter_device_path(tiny_ckpt, limits, speech_bytes):
     on = spec_for("gpu", tiny_ckpt, limits, preprocess_params={"kernels_device": DEVICE})
     off = spec_for("cpu", tiny_ckpt, limits)
     dev_model = fake_pb.load_model("preprocess", configs.preprocess_config(on))
+    assert fake_pb.Logger.messages[-1] == f"preprocess: log-mel on {DEVICE} (af3trt.kernels)"
     cpu_model = fake_pb.load_model("preprocess", configs.preprocess_config(off))
     clips = np.array([flac(signal(40 * SR)), speech_bytes], dtype=object)
     (d,), (c,) = (m.execute([fake_pb.Request({"audio": clips})]) for m in (dev_model, cpu_model))
@@ -284,3 +285,42 @@ def test_kernels_bench_says_what_it_timed():
         assert row["log_mel_gpu_triton_ms"] > 0 and r["device"] in text
     else:
         assert "No CUDA device" in text and "log_mel_gpu_triton_ms" not in row
+
+
+@pytest.mark.integration
+def test_device_path_in_a_real_tritonserver_is_token_exact(tmp_path_factory, speech_bytes, monkeypatch):
+    """The CPU repository of a bf16 checkpoint with preprocess and fusion switched to the device path on CPU tensors
+    (kernels_device "cpu", TRITON_INTERPRET=1 in the server's environment): the real tritonserver 2.51 python backend
+    takes the log-mel features and the bf16 prompt table as DLPack outputs and fusion's inputs through to_dlpack with
+    FORCE_CPU_ONLY_INPUT_TENSORS "no"; a 5-s clip and a 70-s clip (3 windows) answer as transformers' generate."""
+    from af3trt.build.build_engines import BuildOptions, build
+    from af3trt.export.synth import write_checkpoint
+    from af3trt.runtime.client import AF3Client
+    from af3trt.runtime.server import TritonServer
+    from test_integration import Reference, mono16k
+
+    base = tmp_path_factory.mktemp("kernels-e2e")
+    ckpt = write_checkpoint(base / "af3-tiny-bf16", "tiny", seed=2, dtype="bfloat16")
+    out = build(BuildOptions(hf_model=ckpt, out=base / "out", max_audio_seconds=90, max_text_len=512,
+                             max_output_len=32))
+    for model in ("preprocess", "fusion"):
+        path = out / "model_repository" / model / "config.pbtxt"
+        cfg = configs.parse(path.read_text())
+        assert "gpu_kernels" not in cfg.parameters  # the CPU target renders the CPU path
+        spec = dataclasses.replace(spec_for("cpu", ckpt, FusionLimits(1, 1, "bfloat16", 0, 0, 1, 1, 1)),
+                                   gpu_kernels=True)
+        for k, v in {**configs.kernel_params(spec, model), "kernels_device": "cpu"}.items():
+            cfg.parameters[k].string_value = v
+        path.write_text(configs.render(cfg))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the python backend stubs
+
+    ref = Reference(ckpt)
+    long_wave = signal(70 * SR, seed=3)
+    clips = {"speech": speech_bytes, "70 s": flac(long_wave)}
+    want = {k: ref.generate("What is said?", mono16k(v), max_new_tokens=16) for k, v in clips.items()}
+    with TritonServer(out / "model_repository", log_path=out / "tritonserver.log") as srv:
+        client = AF3Client(srv.grpc_url, timeout=300)
+        got = {k: client.ask("What is said?", [v], max_tokens=16).token_ids for k, v in clips.items()}
+        log = srv.log_path.read_text(errors="replace")
+    assert "preprocess: log-mel on cpu (af3trt.kernels)" in log and "fusion: prompt table on cpu" in log
+    assert got == want

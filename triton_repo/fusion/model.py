@@ -33,6 +33,7 @@ class TritonPythonModel:
             from af3trt.kernels import table
 
             self.device_table = table
+            pb.Logger.log_info(f"fusion: prompt table on {self.device} (af3trt.kernels)")
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)

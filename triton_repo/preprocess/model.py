@@ -23,6 +23,8 @@ class TritonPythonModel:
         self.ctx = RequestContext()
         device = kernels_device(p, "preprocess")  # None: the CPU log-mel
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
+        if device is not None:
+            pb.Logger.log_info(f"preprocess: log-mel on {device} (af3trt.kernels)")
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
