@@ -205,6 +205,7 @@ def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
     assert (tmp_path / "repo" / "encoder" / "1" / "model.py").is_file()
     assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}  # CPU fusion is unchanged
     assert "prompt_table_extra_ids" not in cfgs["fusion"].parameters
+    assert "gpu_kernels" not in cfgs["preprocess"].parameters and "gpu_kernels" not in cfgs["fusion"].parameters
 
 
 @pytest.mark.parametrize("dtype, triton_dtype", [("bfloat16", T.TYPE_BF16), ("float16", T.TYPE_FP16),
@@ -260,6 +261,11 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
     dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder")
     assert dec_step.input_map["prompt_table_extra_ids"] == "_prompt_table_extra_ids"
+
+    # GPU preprocessing kernels on (af3trt.kernels): log-mel and prompt table on the device, fusion inputs left there
+    assert cfgs["preprocess"].parameters["gpu_kernels"].string_value == "true"
+    assert cfgs["fusion"].parameters["gpu_kernels"].string_value == "true"
+    assert cfgs["fusion"].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
 
 
 def test_gpu_repository_without_kv_reuse(checkpoint, limits, tmp_path):
