@@ -1,7 +1,9 @@
 """AF3's audio front end for serving: bytes → mono 16 kHz → 30-s windows → log-mel features + mask.
 
 Produces what AudioFlamingo3Processor produces (input_features, input_features_mask, the number of
-<sound> tokens) without importing transformers, which the serving container may not have.
+<sound> tokens) without importing transformers, which the serving container may not have, then crops the
+request's windows to the frame bucket of its longest one (crop_windows): the encoder's kept tokens depend only
+on a window's first L+2 frames, so its cost follows the valid audio (runtime/lengths.py).
 Only bytes are decoded: no path or URL is ever opened.
 """
 
@@ -190,14 +192,24 @@ def _log_mel_padded(chunk: torch.Tensor) -> torch.Tensor:
     return torch.maximum(log, peak - 8.0).add_(4.0).div_(4.0)[0]
 
 
+def crop_windows(features: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop full-window features [W, 128, 3000] and mask [W, 3000] to T frames, the largest frame bucket of the
+    windows (lengths.frame_bucket of each mask sum): the shorter windows are padded to it (their mask says how
+    much). Runs after the log-mel, which needs the whole 30-s window for its clamp. → [W, 128, T], [W, T].
+    No window: T is the smallest bucket."""
+    valid = mask.sum(axis=1) if len(mask) else np.zeros(0, np.int64)  # [W]
+    frames = max((lengths.frame_bucket(int(n)) for n in valid), default=lengths.FRAME_BUCKETS[0])
+    return np.ascontiguousarray(features[:, :, :frames]), np.ascontiguousarray(mask[:, :frames])
+
+
 # ---------------------------------------------------------------------------------------------
 # a request's clips
 
 
 @dataclass
 class AudioBatch:
-    features: np.ndarray  # [W_total, 128, 3000] float32, the clips' windows in order
-    mask: np.ndarray  # [W_total, 3000] int32
+    features: np.ndarray  # [W_total, 128, T] float32, the clips' windows in order, cropped to T (crop_windows)
+    mask: np.ndarray  # [W_total, T] int32
     windows_per_clip: list[int]
     tokens_per_clip: list[int]  # <sound> tokens each clip expands to
     seconds_per_clip: list[float]  # decoded duration, before AF3's truncation
@@ -225,5 +237,5 @@ def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS) ->
         tokens.append(n_tokens)
         seconds.append(len(wave) / SAMPLE_RATE)
         truncated.append(clip_truncated)
-    features, mask = log_mel(chunks)
+    features, mask = crop_windows(*log_mel(chunks))
     return AudioBatch(features, mask, windows, tokens, seconds, truncated)

@@ -154,9 +154,22 @@ def test_speech_end_to_end(processor, speech_bytes):
     assert batch.windows_per_clip == [1] and batch.truncated == [False]
     assert batch.seconds_per_clip == [len(wave) / SR] and 4.0 < batch.seconds_per_clip[0] < 6.0
     assert batch.tokens_per_clip == ref_tokens
-    assert np.array_equal(batch.mask, ref_mask)
-    diff = float(np.abs(batch.features - ref_features).max())
+    # cropped after the full-window log-mel to the frame bucket of the 5-s clip (500 valid frames → 600)
+    T = lengths.frame_bucket(int(ref_mask.sum()))
+    assert T == 600 and batch.features.shape == (1, 128, T) and batch.mask.shape == (1, T)
+    assert np.array_equal(batch.mask, ref_mask[:, :T]) and ref_mask[:, T:].sum() == 0
+    diff = float(np.abs(batch.features - ref_features[:, :, :T]).max())
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
+
+
+def test_crop_windows_to_the_longest_bucket():
+    features, mask = log_mel([test_signal(n, seed=n) for n in (SR, 7 * SR + 5, 321)])
+    cropped, cmask = audio.crop_windows(features, mask)
+    assert cropped.shape == (3, 128, 800) and cmask.shape == (3, 800)  # 7 s + 5 samples: 701 frames → 800
+    assert cropped.flags.c_contiguous and np.array_equal(cropped, features[:, :, :800])
+    assert np.array_equal(cmask, mask[:, :800]) and cmask.sum(1).tolist() == [100, 701, 3]
+    none_f, none_m = audio.crop_windows(*log_mel([]))
+    assert none_f.shape == (0, 128, 100) and none_m.shape == (0, 100)
 
 
 def test_several_clips_in_order(processor, speech_bytes):
@@ -167,6 +180,7 @@ def test_several_clips_in_order(processor, speech_bytes):
 
     assert batch.windows_per_clip == [2, 1]
     assert batch.tokens_per_clip == ref_tokens
+    assert batch.features.shape == ref_features.shape  # a full window: nothing cropped
     assert np.array_equal(batch.mask, ref_mask)
     diff = float(np.abs(batch.features - ref_features).max())
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
@@ -174,8 +188,8 @@ def test_several_clips_in_order(processor, speech_bytes):
 
 def test_no_clips():
     batch = prepare_clips([])
-    assert batch.features.shape == (0, 128, 3000) and batch.features.dtype == np.float32
-    assert batch.mask.shape == (0, 3000) and batch.mask.dtype == np.int32
+    assert batch.features.shape == (0, 128, 100) and batch.features.dtype == np.float32
+    assert batch.mask.shape == (0, 100) and batch.mask.dtype == np.int32
     assert batch.windows_per_clip == batch.tokens_per_clip == batch.seconds_per_clip == batch.truncated == []
 
 

@@ -38,10 +38,10 @@ class TritonPythonModel:
         if features.shape[0] == 0:
             # Text-only request: Triton cannot batch zero windows, so send one empty-mask placeholder window
             # (the CPU encoder skips it; fusion ignores windows past the clips').
-            features = np.zeros((1, lengths.N_MELS, lengths.WINDOW_FRAMES), np.float32)
-            mask = np.zeros((1, lengths.WINDOW_FRAMES), np.int32)
+            features = np.zeros((1, lengths.N_MELS, lengths.FRAME_BUCKETS[0]), np.float32)
+            mask = np.zeros((1, lengths.FRAME_BUCKETS[0]), np.int32)
         return pb.InferenceResponse([
-            pb.Tensor("input_features", features),  # [W, 128, 3000]
-            pb.Tensor("input_features_mask", mask),  # [W, 3000]
+            pb.Tensor("input_features", features),  # [W, 128, T]: cropped to the request's frame bucket
+            pb.Tensor("input_features_mask", mask),  # [W, T]
             pb.Tensor("audio_windows", np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
         ])
