@@ -162,14 +162,27 @@ def test_speech_end_to_end(processor, speech_bytes):
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
 
 
-def test_crop_windows_to_the_longest_bucket():
-    features, mask = log_mel([test_signal(n, seed=n) for n in (SR, 7 * SR + 5, 321)])
-    cropped, cmask = audio.crop_windows(features, mask)
-    assert cropped.shape == (3, 128, 800) and cmask.shape == (3, 800)  # 7 s + 5 samples: 701 frames → 800
-    assert cropped.flags.c_contiguous and np.array_equal(cropped, features[:, :, :800])
-    assert np.array_equal(cmask, mask[:, :800]) and cmask.sum(1).tolist() == [100, 701, 3]
-    none_f, none_m = audio.crop_windows(*log_mel([]))
-    assert none_f.shape == (0, 128, 100) and none_m.shape == (0, 100)
+@pytest.mark.parametrize("n", [1, 160 * 97, 160 * 98 + 1, SR, 7 * SR + 5, 30 * SR - 1, 30 * SR])
+def test_cropped_log_mel_is_the_full_window_log_mel_cropped(n):
+    # Only the frames that see a sample are transformed; the rest is the window's constant floor. Equal to the
+    # full-window features cropped, for short clips, bucket edges and a full window.
+    chunks = [test_signal(n, seed=n), test_signal(min(n, 321), seed=1)]
+    T = audio.request_frames(chunks)
+    assert T == lengths.frame_bucket(lengths.valid_frames(n))
+    full, full_mask = log_mel(chunks)
+    cropped, mask = log_mel(chunks, T)
+    assert cropped.shape == (2, 128, T) and mask.shape == (2, T)
+    assert np.array_equal(mask, full_mask[:, :T])
+    diff = float(np.abs(cropped - full[:, :, :T]).max())
+    assert diff <= FEATURE_TOL, f"max abs diff {diff:.3g}"
+
+
+def test_request_frames():
+    assert audio.request_frames([]) == 100
+    assert audio.request_frames([np.zeros(SR, np.float32), np.zeros(7 * SR + 5, np.float32)]) == 800  # 701 → 800
+    assert audio.request_frames([np.zeros(30 * SR, np.float32)]) == 3000
+    with pytest.raises(ValueError, match="frames"):
+        log_mel([np.zeros(10, np.float32)], 0)
 
 
 def test_several_clips_in_order(processor, speech_bytes):
