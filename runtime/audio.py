@@ -224,8 +224,9 @@ class AudioBatch:
     truncated: list[bool]  # clip was longer than max_windows * 30 s; only the start is used
 
 
-def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS) -> AudioBatch:
-    """Decode, window and featurise a request's clips; AudioError messages name the clip index."""
+def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS, crop: bool = True) -> AudioBatch:
+    """Decode, window and featurise a request's clips; AudioError messages name the clip index.
+    crop=False: full 30-s windows (3000 frames) instead of the request's frame bucket."""
     chunks: list[np.ndarray] = []
     windows, tokens, seconds, truncated = [], [], [], []
     for index, data in enumerate(clips):
@@ -245,5 +246,5 @@ def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS) ->
         tokens.append(n_tokens)
         seconds.append(len(wave) / SAMPLE_RATE)
         truncated.append(clip_truncated)
-    features, mask = log_mel(chunks, request_frames(chunks))
+    features, mask = log_mel(chunks, request_frames(chunks) if crop else WINDOW_FRAMES)
     return AudioBatch(features, mask, windows, tokens, seconds, truncated)

@@ -177,6 +177,13 @@ def test_cropped_log_mel_is_the_full_window_log_mel_cropped(n):
     assert diff <= FEATURE_TOL, f"max abs diff {diff:.3g}"
 
 
+def test_prepare_clips_without_cropping(speech_bytes):
+    cropped, full = prepare_clips([speech_bytes]), prepare_clips([speech_bytes], crop=False)
+    assert cropped.features.shape == (1, 128, 600) and full.features.shape == (1, 128, 3000)
+    assert np.array_equal(full.mask[:, :600], cropped.mask) and full.tokens_per_clip == cropped.tokens_per_clip
+    assert float(np.abs(full.features[:, :, :600] - cropped.features).max()) <= FEATURE_TOL
+
+
 def test_request_frames():
     assert audio.request_frames([]) == 100
     assert audio.request_frames([np.zeros(SR, np.float32), np.zeros(7 * SR + 5, np.float32)]) == 800  # 701 → 800

@@ -12,6 +12,7 @@ class TritonPythonModel:
     def initialize(self, args):
         p = io.params(args)
         self.max_windows = int(p["max_audio_windows"])
+        self.crop = p.get("crop_frames", "true") != "false"  # windows cropped to the request's frame bucket
         if int(p.get("threads", "0")):  # torch intra-op threads of the log-mel (process-wide in this stub)
             import torch
 
@@ -24,7 +25,7 @@ class TritonPythonModel:
     def run(self, r):
         clips = io.tensor(pb, r, "audio")
         clips = [] if clips is None else [bytes(c) for c in clips.reshape(-1)]
-        batch = audio.prepare_clips(clips, self.max_windows)
+        batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop)
         if sum(batch.windows_per_clip) > self.max_windows:
             raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
                                   f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
