@@ -86,8 +86,9 @@ class PromptBuilder:
               audio_windows: list[int]):
         """(input_ids int32 [L], prompt table [N, H] float32 numpy) for one request.
 
-        audio_embeds: [W, 750, H] encoder output; mask: [W, 3000] the windows' mel masks; audio_windows: windows
-        of each clip in order (windows past their sum are placeholders for text-only requests).
+        audio_embeds: [W, T/4, H] encoder output; mask: [W, T] the windows' mel masks (T: the request's frame
+        bucket); audio_windows: windows of each clip in order (windows past their sum are placeholders for text-only
+        requests).
         """
         if AUDIO_TOKEN in prompt or (system_prompt and AUDIO_TOKEN in system_prompt):
             raise PromptError(f"the prompt may not contain {AUDIO_TOKEN}: send audio as clips")
