@@ -468,27 +468,24 @@ def main(argv=None) -> int:
             server = None
         if args.full_window_ablation and results.get("compare") and not (args.url or args.repo):
             with phases("ablation: full 30-s windows"):
-                fw_repo = prepare_repository(args, ckpt, work, crop_frames=False)
-                server = TritonServer(fw_repo / "model_repository", log_path=out / "tritonserver-full-windows.log",
-                                      exit_timeout=3).start(timeout=600)
-                results["compare"]["full_window"] = run_full_window(args, server.grpc_url, inputs, spoken)
-                server.stop()
-                server = None
+                results["compare"]["full_window"] = run_variant(
+                    lambda: prepare_repository(args, ckpt, work, crop_frames=False), out / "tritonserver-full-windows.log",
+                    lambda url, pid: run_full_window(args, url, inputs, spoken))
         if args.batching_ablation and results.get("compare") and not (args.url or args.repo):
             other = argparse.Namespace(**{**vars(args), "encoder_batching": not args.encoder_batching,
                                           "encoder_queue_delay_us": 0 if args.encoder_batching else 2000})
+
+            def batching(url, pid):
+                probe_requests(url, inputs, max_tokens=args.max_tokens, stream=False)  # warm-up
+                return {"burst": compare.burst(url, spoken, args.max_tokens),
+                        "steady": compare.steady(url, spoken, args.max_tokens, args.steady_concurrency,
+                                                 out / "compare" / "batching", args.steady_requests, pid)}
+
             with phases(f"ablation: encoder batching {'on' if other.encoder_batching else 'off'}"):
-                b_repo = prepare_repository(other, ckpt, work)
-                server = TritonServer(b_repo / "model_repository", log_path=out / "tritonserver-batching.log",
-                                      exit_timeout=3).start(timeout=600)
-                probe_requests(server.grpc_url, inputs, max_tokens=args.max_tokens, stream=False)  # warm-up
                 results["compare"]["batching"] = {
                     "encoder_batching": other.encoder_batching, "queue_delay_us": other.encoder_queue_delay_us,
-                    "burst": compare.burst(server.grpc_url, spoken, args.max_tokens),
-                    "steady": compare.steady(server.grpc_url, spoken, args.max_tokens, args.steady_concurrency,
-                                             out / "compare" / "batching", args.steady_requests, server.proc.pid)}
-                server.stop()
-                server = None
+                    **run_variant(lambda: prepare_repository(other, ckpt, work), out / "tritonserver-batching.log",
+                                  batching)}
         if args.ablation_levels and not (args.url or args.repo):
             other = "int8" if args.encoder_precision == "fp32" else "fp32"
             with phases(f"ablation: {other} encoder"):
@@ -538,6 +535,24 @@ def main(argv=None) -> int:
         report.write_report(results, out)
     print(f"report: {out / 'report.md'}\nresults: {out / 'results.json'}\ntotal: {phases.total():.0f} s", flush=True)
     return 0
+
+
+def run_variant(build_repo, log_path: Path, measure) -> dict:
+    """Build (cached) and serve another repository, measure(url, server pid) on it, stop it. A failure is recorded
+    in the result ({"error": …}) and the benchmark goes on: the main figures are already measured."""
+    from af3trt.runtime.server import TritonServer
+
+    server = None
+    try:
+        repo = build_repo()
+        server = TritonServer(repo / "model_repository", log_path=log_path, exit_timeout=3).start(timeout=600)
+        return measure(server.grpc_url, server.proc.pid)
+    except Exception as e:  # noqa: BLE001 — reported, see the docstring
+        log.exception("ablation failed (server log: %s)", log_path)
+        return {"error": f"{type(e).__name__}: {e}", "server_log": str(log_path)}
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def run_compare(args, url: str, ref, spoken, out: Path, server_pid: int | None) -> dict:

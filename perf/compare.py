@@ -215,6 +215,9 @@ def render(compare: dict, isa: str | None) -> list[str]:
                   f"{_f(fw.get('encoder_ms_p50'), '{:.1f}')} ms)."]
     for name, met in targets(compare).items():
         lines.append(f"- Target {name}: {'met' if met else 'NOT met' if met is not None else 'not measured'}.")
+    for key, what in (("full_window", "full-window"), ("batching", "encoder-batching")):
+        if (compare.get(key) or {}).get("error"):
+            lines.append(f"- The {what} ablation failed: {compare[key]['error']} (see {compare[key].get('server_log')}).")
     lines += _batching_lines(compare)
     curve = compare.get("encoder_curve") or []
     if curve:
@@ -239,7 +242,7 @@ def _batching_lines(compare: dict) -> list[str]:
     """The encoder-batching ablation beside the main build's median round (one run each)."""
     b = compare.get("batching")
     runs = (compare.get("rounds") or {}).get("runs") or {}
-    if not b or not runs.get("burst"):
+    if not b or b.get("error") or not runs.get("burst"):
         return []
     main_on = not b["encoder_batching"]
     lines = ["", f"Encoder dynamic batching across requests (Triton batches only equal [128, T], so per frame bucket): "

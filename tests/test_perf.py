@@ -379,6 +379,17 @@ def test_compare_medians_ratios_and_targets(tmp_path):
     assert "CPU ISA: **avx2 avx512f**" in md and "| (a) af3trt, burst of 8 | 3.00 | 96.0 | 25.5 | **3.00x** | **1.50x** |" in md
     assert "NOT met" in md and "TTFT p50 at c=1, 5-s clip, streaming: **90 ms**" in md and "200 ms" in md
     assert "| encoder ms, full windows | 60.0 |" in md
+    split = {"stages": {"encoder": {"queue_ms": 5.0, "compute_ms": 40.0}}}
+    cmp["batching"] = {"encoder_batching": True, "queue_delay_us": 2000,
+                       "burst": {"throughput_rps": 2.5, "split": split}, "steady": {"throughput_rps": 2.4, "split": split}}
+    for k in ("burst", "steady"):
+        for r in cmp["rounds"]["runs"][k]:
+            r["split"] = split
+    md = "\n".join(compare.render(cmp, None))
+    assert "| batching on (ablation, one run) | 2.50 | 5 queue + 40 compute | 2.40 |" in md
+    assert "| batching off (main, median round) | 3.00 |" in md
+    cmp["full_window"] = {"error": "RuntimeError: boom", "server_log": "x.log"}
+    assert "- The full-window ablation failed: RuntimeError: boom (see x.log)." in compare.render(cmp, None)
     assert compare.plot_encoder_curve(cmp, tmp_path) == "encoder_ms_vs_clip_seconds.png"
     assert (tmp_path / "encoder_ms_vs_clip_seconds.png").read_bytes()[:4] == b"\x89PNG"
     results = fake_results()
