@@ -100,13 +100,14 @@ def ttft_c1(url: str, clip: bytes, requests: int, max_tokens: int) -> dict:
 
 
 def encoder_curve(url: str, seconds: tuple[float, ...], requests: int) -> list[dict]:
-    """Encoder compute ms (Triton statistics) of one request at c=1 per clip length (speech, 1 token)."""
+    """Encoder compute ms (Triton statistics) of one request at c=1 per clip length (speech, 1 token); the first
+    request of each length is a warm-up (ONNX Runtime plans its buffers on a new input shape) and not counted."""
     from af3trt.perf.bench import probe_requests
 
     rows = []
     for s in seconds:
         clip = clipgen.make_clip(clipgen.ClipSpec("speech", float(s)), seed=int(s))
-        probes = probe_requests(url, [(PROMPT, clip)] * requests, max_tokens=1, stream=False)
+        probes = probe_requests(url, [(PROMPT, clip)] * (requests + 1), max_tokens=1, stream=False)[1:]
         enc = [p["split"]["stages"]["encoder"]["compute_infer_ms"] for p in probes
                if p["latency_ms"] is not None and "encoder" in p["split"]["stages"]]
         frames = lengths.encoded_frames_for_samples(int(s * lengths.SAMPLE_RATE))
