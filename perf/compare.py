@@ -90,13 +90,18 @@ def ttft_c1(url: str, clip: bytes, requests: int, max_tokens: int) -> dict:
 
     probes = probe_requests(url, [(PROMPT, clip)] * requests, max_tokens=max_tokens, stream=True)
     ok = [p for p in probes if p["ttft_ms"] is not None]
-    enc = [p["split"]["stages"]["encoder"]["compute_infer_ms"] for p in ok if "encoder" in p["split"]["stages"]]
-    pre = [p["split"]["stages"]["preprocess"]["critical_ms"] for p in ok if "preprocess" in p["split"]["stages"]]
+    enc, pre = _stage_ms(ok, "encoder", "compute_infer_ms"), _stage_ms(ok, "preprocess", "critical_ms")
     return {"requests": len(probes), "errors": len(probes) - len(ok),
             "ttft_ms": metrics.percentiles([p["ttft_ms"] for p in ok]),
             "encoder_ms_p50": float(np.median(enc)) if enc else None,
             "preprocess_ms_p50": float(np.median(pre)) if pre else None,
             "tool": "one open gRPC stream, streaming, c=1, Triton statistics around each request"}
+
+
+def _stage_ms(probes: list[dict], stage: str, key: str) -> list[float]:
+    """One stage's figure from each probe whose statistics caught its request (a snapshot taken as the response
+    arrives can miss it: that probe's split is empty)."""
+    return [p["split"]["stages"][stage][key] for p in probes if stage in (p["split"] or {}).get("stages", {})]
 
 
 def encoder_curve(url: str, seconds: tuple[float, ...], requests: int) -> list[dict]:
@@ -108,8 +113,7 @@ def encoder_curve(url: str, seconds: tuple[float, ...], requests: int) -> list[d
     for s in seconds:
         clip = clipgen.make_clip(clipgen.ClipSpec("speech", float(s)), seed=int(s))
         probes = probe_requests(url, [(PROMPT, clip)] * (requests + 1), max_tokens=1, stream=False)[1:]
-        enc = [p["split"]["stages"]["encoder"]["compute_infer_ms"] for p in probes
-               if p["latency_ms"] is not None and "encoder" in p["split"]["stages"]]
+        enc = _stage_ms([p for p in probes if p["latency_ms"] is not None], "encoder", "compute_infer_ms")
         frames = lengths.encoded_frames_for_samples(int(s * lengths.SAMPLE_RATE))
         rows.append({"seconds": float(s), "encoded_frames": frames,
                      "encoder_ms": float(np.median(enc)) if enc else None, "requests": len(enc)})
