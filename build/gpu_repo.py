@@ -11,6 +11,8 @@ decoder backend, and the placement of the encoder plan.
 Models (configs from triton_repo/configs.py):
   encoder   platform tensorrt_plan, KIND_GPU, max_batch_size = the engine profile's max windows; the plan is moved to
             encoder/1/model.plan (Triton's file name for tensorrt_plan, also written as default_model_filename).
+            Inputs [W, 128, T] with T each request's frame bucket (runtime/lengths.py); dynamic batching on (queue
+            delay encoder_queue_delay_us): Triton merges requests of equal T only, so the GPU batches per bucket.
   decoder   backend tensorrtllm with the 1.2 backend's parameters (decoder_parameters); the prompt table is declared
             in the engine's dtype (read from the engine's config.json, never assumed), e.g. TYPE_BF16 for AF3.
   fusion    sends prompt_table_extra_ids when KV-cache reuse is on (runtime/prompt.py: table_extra_ids).

@@ -3,9 +3,9 @@
 Only what a fusion buys is written as a kernel; everything a library already does well (STFT, the mel matmul, the
 per-window max) stays a torch op in logmel.py / table.py.
 
-  logmel_epilogue   mel power [W, M, F] → Whisper's log/clamp/scale in ONE read and ONE write per element.
-                    torch composes it from five elementwise passes (clamp, log10, maximum, add, div), each reading
-                    and writing the whole [W, 128, 3000] tensor.
+  logmel_epilogue   mel power [W, M, 3000] → Whisper's log/clamp/scale, cropped to the request's T frames, in ONE
+                    read and ONE write per kept element. torch composes it from five elementwise passes (clamp,
+                    log10, maximum, add, div) and a crop copy.
   compact_rows      encoder output [W, R, H] (f32) → prompt table [N, H] in the decoder dtype: the valid-row gather
                     and the cast in one pass. torch needs an index_select into an f32 [N, H] temporary, then a cast.
 
@@ -30,18 +30,20 @@ LOG10_2 = 0.30102999566398120  # log10(x) = log2(x) * log10(2)
 
 
 @triton.jit
-def _logmel_epilogue(mel_ptr, peak_ptr, out_ptr, n_per_window, BLOCK: tl.constexpr):
-    # grid: (W, cdiv(n_per_window, BLOCK)); mel, out: [W, n_per_window] contiguous f32; peak: [W] f32 (max of mel)
+def _logmel_epilogue(mel_ptr, peak_ptr, out_ptr, n_in, F_in, F_out, n_out, BLOCK: tl.constexpr):
+    # grid: (W, cdiv(n_out, BLOCK)); mel: [W, M, F_in] contiguous f32 (n_in = M*F_in per window); peak: [W] f32, the
+    # max of mel over each whole window; out: [W, M, F_out] (n_out = M*F_out), the first F_out <= F_in frames: the
+    # crop to the request's frame bucket happens in the same pass.
     w = tl.program_id(0)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = i < n_per_window
-    base = w.to(tl.int64) * n_per_window
-    x = tl.load(mel_ptr + base + i, mask=valid, other=1.0)
+    valid = i < n_out
+    m = i // F_out
+    x = tl.load(mel_ptr + w.to(tl.int64) * n_in + m * F_in + (i - m * F_out), mask=valid, other=1.0)
     log = tl.log2(tl.maximum(x, 1e-10)) * LOG10_2
     # log10 is monotonic, so the window's max of log10(clamp(mel)) is log10(clamp(max mel)): no second pass.
     floor = tl.log2(tl.maximum(tl.load(peak_ptr + w), 1e-10)) * LOG10_2 - 8.0
     y = (tl.maximum(log, floor) + 4.0) / 4.0
-    tl.store(out_ptr + base + i, y, mask=valid)
+    tl.store(out_ptr + w.to(tl.int64) * n_out + i, y, mask=valid)
 
 
 @triton.jit
@@ -82,11 +84,15 @@ def interpreted() -> bool:
 
 
 def logmel_epilogue(mel, peak, out, block: int = 1024) -> None:
-    """mel, out: [W, M, F] f32 contiguous on one device; peak: [W] f32, each window's max of mel."""
-    w = mel.shape[0]
-    n = mel[0].numel() if w else 0
-    if w and n:
-        _logmel_epilogue[(w, triton.cdiv(n, block))](mel, peak, out, n, BLOCK=block)
+    """mel: [W, M, F_in], out: [W, M, F_out] (F_out <= F_in) f32 contiguous on one device; peak: [W] f32, each
+    window's max of mel over all F_in frames. Writes out = the features of mel's first F_out frames."""
+    w, m, f_in = mel.shape
+    f_out = out.shape[2]
+    if out.shape[:2] != (w, m) or f_out > f_in:
+        raise ValueError(f"out {list(out.shape)} must be [{w}, {m}, <= {f_in}]")
+    if w and m and f_out:
+        _logmel_epilogue[(w, triton.cdiv(m * f_out, block))](mel, peak, out, m * f_in, f_in, f_out, m * f_out,
+                                                              BLOCK=block)
 
 
 def compact_rows(src, rows, offsets, out, block_r: int = 16, block_h: int = 256) -> None:

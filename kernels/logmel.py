@@ -5,10 +5,11 @@ WhisperFeatureExtractor / AudioFlamingo3Processor in tests/test_audio.py), for a
 
     waves [W, 480000] f32 (each window zero-padded to 30 s)
       → torch.stft(n_fft 400, hop 160, periodic Hann, center, reflect)   [W, 201, 3001] complex   (library op)
-      → |·|², last frame dropped                                        [W, 201, 3000]
+      → re² + im², last frame dropped                                   [W, 201, 3000]
       → Slaney mel filterbank @ power                                   [W, 128, 3000]           (library matmul)
       → peak = max over the window                                      [W]                      (library reduction)
-      → max(log10(max(mel,1e-10)), log10(peak)−8), then (x+4)/4        [W, 128, 3000]           (fused Triton kernel)
+      → max(log10(max(mel,1e-10)), log10(peak)−8), then (x+4)/4        [W, 128, T]              (fused Triton kernel)
+        on the first T frames only: the request's frame bucket (runtime/audio.request_frames), cropped in the same pass
 
 Whisper feature-extractor semantics relied on (transformers, src/transformers/models/whisper/
 feature_extraction_whisper.py, `_torch_extract_fbank_features`): STFT with a periodic Hann window of n_fft 400 and
@@ -74,8 +75,11 @@ def _hann(device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_mel_windows(waves: torch.Tensor, *, use_triton: bool | None = None, block: int | None = None) -> torch.Tensor:
-    """waves: [W, 480000] f32, each window zero-padded to 30 s → log-mel [W, 128, 3000] f32 on the same device.
+def log_mel_windows(waves: torch.Tensor, frames: int = WINDOW_FRAMES, *, use_triton: bool | None = None,
+                    block: int | None = None) -> torch.Tensor:
+    """waves: [W, 480000] f32, each window zero-padded to 30 s → log-mel [W, 128, frames] f32 on the same device:
+    the first `frames` frames of each window's features (the request's frame bucket, runtime/audio.request_frames;
+    the clamp still uses the whole window's peak).
 
     use_triton: None = whenever Triton can run on the device; False forces the torch composition (the perf/ script
     times both). block: the epilogue kernel's elements per program (default 1024; larger in the CPU interpreter,
@@ -83,10 +87,13 @@ def log_mel_windows(waves: torch.Tensor, *, use_triton: bool | None = None, bloc
     """
     if waves.ndim != 2 or waves.shape[1] != WINDOW_SAMPLES or waves.dtype != torch.float32:
         raise ValueError(f"waves must be f32 [W, {WINDOW_SAMPLES}], got {waves.dtype} {list(waves.shape)}")
+    if not 1 <= frames <= WINDOW_FRAMES:
+        raise ValueError(f"frames must be in 1..{WINDOW_FRAMES}, got {frames}")
     dev = waves.device
     spec = torch.stft(waves, N_FFT, HOP, window=_hann(dev), center=True, pad_mode="reflect",
                       return_complex=True)  # [W, 201, 3001]
-    power = (spec[..., :WINDOW_FRAMES].abs() ** 2).contiguous()  # [W, 201, 3000]; contiguous for a fast matmul
+    spec = spec[..., :WINDOW_FRAMES]  # [W, 201, 3000]
+    power = spec.real.square() + spec.imag.square()  # |X|^2 as runtime/audio.py computes it (no sqrt); contiguous
     mel = torch.matmul(_filters(dev), power)  # [W, 128, 3000]
     peak = mel.amax(dim=(1, 2)) if len(mel) else mel.new_zeros(0)  # [W]
     if use_triton is None:
@@ -94,10 +101,10 @@ def log_mel_windows(waves: torch.Tensor, *, use_triton: bool | None = None, bloc
     if not use_triton:
         log = mel.clamp_(min=1e-10).log10_()
         floor = peak.clamp(min=1e-10).log10() - 8.0
-        return torch.maximum(log, floor[:, None, None]).add_(4.0).div_(4.0)
+        return torch.maximum(log[..., :frames], floor[:, None, None]).add_(4.0).div_(4.0)
     if triton_kernels() is None:
         raise RuntimeError(NO_TRITON)
-    out = torch.empty_like(mel)
+    out = mel.new_empty((mel.shape[0], N_MELS, frames))  # [W, 128, frames]
     if block is None:
         block = 1024 if mel.is_cuda else 65536
     triton_kernels().logmel_epilogue(mel, peak, out, block=block)
@@ -122,16 +129,19 @@ def pad_windows(chunks: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return waves
 
 
-def log_mel(chunks: list[np.ndarray], device: torch.device | str) -> tuple[torch.Tensor, np.ndarray]:
+def log_mel(chunks: list[np.ndarray], frames: int = WINDOW_FRAMES, device: torch.device | str = "cuda"
+            ) -> tuple[torch.Tensor, np.ndarray]:
     """Drop-in for af3trt.runtime.audio.log_mel with the features left on `device`.
 
-    Returns features [W, 128, 3000] f32 (torch, on device) and mask [W, 3000] int32 (numpy; 1 on frames holding
+    Returns features [W, 128, frames] f32 (torch, on device) and mask [W, frames] int32 (numpy; 1 on frames holding
     samples — host arithmetic from runtime/lengths.py, nothing to compute on the device).
     """
     device = torch.device(device)
-    mask = np.zeros((len(chunks), WINDOW_FRAMES), np.int32)
+    if not 1 <= frames <= WINDOW_FRAMES:
+        raise ValueError(f"frames must be in 1..{WINDOW_FRAMES}, got {frames}")
+    mask = np.zeros((len(chunks), frames), np.int32)
     for i, c in enumerate(chunks):
         mask[i, : lengths.valid_frames(len(c))] = 1
     if not chunks:
-        return torch.zeros((0, N_MELS, WINDOW_FRAMES), dtype=torch.float32, device=device), mask
-    return log_mel_windows(pad_windows(chunks, device)), mask
+        return torch.zeros((0, N_MELS, frames), dtype=torch.float32, device=device), mask
+    return log_mel_windows(pad_windows(chunks, device), frames), mask

@@ -61,7 +61,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def build(builder: PromptBuilder, prompt: str, system_prompt: str | None, device: torch.device,
           embeds: torch.Tensor, mask: torch.Tensor, audio_windows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """The device twin of PromptBuilder.build: (input_ids int32 [L] numpy, table [N, H] in the decoder dtype on
-    `device`). embeds [W, 750, H], mask [W, 3000], audio_windows [clips]: the fusion model's inputs, on any device
+    `device`). embeds [W, T/4, H], mask [W, T], audio_windows [clips]: the fusion model's inputs, on any device
     (the mask and window counts are small and read on the host)."""
     windows = [int(w) for w in audio_windows.reshape(-1).tolist()]
     rows = window_rows(mask.cpu().numpy(), windows)

@@ -86,8 +86,9 @@ class PromptBuilder:
               audio_windows: list[int]):
         """(input_ids int32 [L], prompt table [N, H] float32 numpy) for one request.
 
-        audio_embeds: [W, 750, H] encoder output; mask: [W, 3000] the windows' mel masks; audio_windows: windows
-        of each clip in order (windows past their sum are placeholders for text-only requests).
+        audio_embeds: [W, T/4, H] encoder output; mask: [W, T] the windows' mel masks (T: the request's frame
+        bucket); audio_windows: windows of each clip in order (windows past their sum are placeholders for text-only
+        requests).
         """
         rows = window_rows(mask, audio_windows)
         ids = self.build_ids(prompt, system_prompt, rows, audio_windows)
@@ -128,7 +129,7 @@ class PromptBuilder:
 
 
 def window_rows(mask: np.ndarray, audio_windows: list[int]) -> list[int]:
-    """Valid encoder rows of each of the request's windows (the first sum(audio_windows) rows of mask [W, 3000])."""
+    """Valid encoder rows of each of the request's windows (the first sum(audio_windows) rows of mask [W, T])."""
     return [lengths.embeds_valid_per_window(int(mask[w].sum())) for w in range(sum(audio_windows))]
 
 

@@ -154,9 +154,42 @@ def test_speech_end_to_end(processor, speech_bytes):
     assert batch.windows_per_clip == [1] and batch.truncated == [False]
     assert batch.seconds_per_clip == [len(wave) / SR] and 4.0 < batch.seconds_per_clip[0] < 6.0
     assert batch.tokens_per_clip == ref_tokens
-    assert np.array_equal(batch.mask, ref_mask)
-    diff = float(np.abs(batch.features - ref_features).max())
+    # cropped after the full-window log-mel to the frame bucket of the 5-s clip (500 valid frames → 600)
+    T = lengths.frame_bucket(int(ref_mask.sum()))
+    assert T == 600 and batch.features.shape == (1, 128, T) and batch.mask.shape == (1, T)
+    assert np.array_equal(batch.mask, ref_mask[:, :T]) and ref_mask[:, T:].sum() == 0
+    diff = float(np.abs(batch.features - ref_features[:, :, :T]).max())
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
+
+
+@pytest.mark.parametrize("n", [1, 160 * 97, 160 * 98 + 1, SR, 7 * SR + 5, 30 * SR - 1, 30 * SR])
+def test_cropped_log_mel_is_the_full_window_log_mel_cropped(n):
+    # Only the frames that see a sample are transformed; the rest is the window's constant floor. Equal to the
+    # full-window features cropped, for short clips, bucket edges and a full window.
+    chunks = [test_signal(n, seed=n), test_signal(min(n, 321), seed=1)]
+    T = audio.request_frames(chunks)
+    assert T == lengths.frame_bucket(lengths.valid_frames(n))
+    full, full_mask = log_mel(chunks)
+    cropped, mask = log_mel(chunks, T)
+    assert cropped.shape == (2, 128, T) and mask.shape == (2, T)
+    assert np.array_equal(mask, full_mask[:, :T])
+    diff = float(np.abs(cropped - full[:, :, :T]).max())
+    assert diff <= FEATURE_TOL, f"max abs diff {diff:.3g}"
+
+
+def test_prepare_clips_without_cropping(speech_bytes):
+    cropped, full = prepare_clips([speech_bytes]), prepare_clips([speech_bytes], crop=False)
+    assert cropped.features.shape == (1, 128, 600) and full.features.shape == (1, 128, 3000)
+    assert np.array_equal(full.mask[:, :600], cropped.mask) and full.tokens_per_clip == cropped.tokens_per_clip
+    assert float(np.abs(full.features[:, :, :600] - cropped.features).max()) <= FEATURE_TOL
+
+
+def test_request_frames():
+    assert audio.request_frames([]) == 100
+    assert audio.request_frames([np.zeros(SR, np.float32), np.zeros(7 * SR + 5, np.float32)]) == 800  # 701 → 800
+    assert audio.request_frames([np.zeros(30 * SR, np.float32)]) == 3000
+    with pytest.raises(ValueError, match="frames"):
+        log_mel([np.zeros(10, np.float32)], 0)
 
 
 def test_several_clips_in_order(processor, speech_bytes):
@@ -167,6 +200,7 @@ def test_several_clips_in_order(processor, speech_bytes):
 
     assert batch.windows_per_clip == [2, 1]
     assert batch.tokens_per_clip == ref_tokens
+    assert batch.features.shape == ref_features.shape  # a full window: nothing cropped
     assert np.array_equal(batch.mask, ref_mask)
     diff = float(np.abs(batch.features - ref_features).max())
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
@@ -174,8 +208,8 @@ def test_several_clips_in_order(processor, speech_bytes):
 
 def test_no_clips():
     batch = prepare_clips([])
-    assert batch.features.shape == (0, 128, 3000) and batch.features.dtype == np.float32
-    assert batch.mask.shape == (0, 3000) and batch.mask.dtype == np.int32
+    assert batch.features.shape == (0, 128, 100) and batch.features.dtype == np.float32
+    assert batch.mask.shape == (0, 100) and batch.mask.dtype == np.int32
     assert batch.windows_per_clip == batch.tokens_per_clip == batch.seconds_per_clip == batch.truncated == []
 
 

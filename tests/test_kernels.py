@@ -58,32 +58,40 @@ CHUNKS = {  # samples per window of one batch: full, partial, tiny, silent, the 
 
 
 @pytest.mark.parametrize("sizes", CHUNKS.values(), ids=CHUNKS.keys())
-def test_log_mel_matches_cpu_reference(sizes):
+@pytest.mark.parametrize("crop", [False, True], ids=["3000 frames", "request bucket"])
+def test_log_mel_matches_cpu_reference(sizes, crop):
+    """Full windows, and cropped to the request's frame bucket (what serving sends: runtime/audio.request_frames)."""
     chunks = [signal(n, seed=i) for i, n in enumerate(sizes)]
     if len(sizes) > 3:
         chunks[3][:] = 0.0  # an all-silent window: peak = 1e-10, every feature (−10 + 4) / 4
-    ref, ref_mask = audio.log_mel(chunks)
-    got, mask = logmel.log_mel(chunks, DEVICE)
+    frames = audio.request_frames(chunks) if crop else lengths.WINDOW_FRAMES
+    ref, ref_mask = audio.log_mel(chunks, frames)
+    got, mask = logmel.log_mel(chunks, frames, device=DEVICE)
     assert got.device.type == DEVICE and got.dtype == torch.float32 and tuple(got.shape) == ref.shape
+    if crop and sizes == [16000]:
+        assert got.shape[-1] == 200  # 100 valid frames + 2 → the 200-frame bucket
     assert np.array_equal(mask, ref_mask)
     diff = float(np.abs(got.cpu().numpy() - ref).max())
     assert diff <= FEATURE_TOL, f"max abs diff {diff:.3g}"
-    composed = logmel.log_mel_windows(logmel.pad_windows(chunks, DEVICE), use_triton=False)  # the torch fallback
+    composed = logmel.log_mel_windows(logmel.pad_windows(chunks, DEVICE), frames, use_triton=False)  # torch fallback
     assert float(np.abs(composed.cpu().numpy() - ref).max()) <= FEATURE_TOL
 
 
-def test_epilogue_block_edges_and_per_window_peak():
+@pytest.mark.parametrize("f_out", [333, 101])
+def test_epilogue_block_edges_and_per_window_peak(f_out):
     """The GPU block size (1024) over a size that is not a multiple of it; windows with peaks decades apart, so
-    the clamp at peak − 8 bites differently in each; zeros clamp to 1e-10."""
+    the clamp at peak − 8 bites differently in each; zeros clamp to 1e-10; a crop to the first f_out frames keeps
+    the peak of the whole window (the largest value sits past the crop in window 0)."""
     g = torch.Generator().manual_seed(0)
     mel = torch.rand((3, 7, 333), generator=g, dtype=torch.float32) ** 8  # [W, M, F], many tiny values
     mel[0] *= 1e6
     mel[1] *= 1e-12
     mel[2, :, :100] = 0.0
+    mel[0, 3, 300] = 1e9
     peak = mel.amax(dim=(1, 2))
     want = torch.maximum(mel.clamp(min=1e-10).log10(), peak.clamp(min=1e-10).log10()[:, None, None] - 8.0)
-    want = (want + 4.0) / 4.0
-    out = torch.full_like(mel, float("nan"), device=DEVICE)
+    want = ((want + 4.0) / 4.0)[..., :f_out]
+    out = torch.full((3, 7, f_out), float("nan"), device=DEVICE)
     logmel.triton_kernels().logmel_epilogue(mel.to(DEVICE), peak.to(DEVICE), out, block=1024)
     assert not out.isnan().any()  # every element written, none past the end
     assert float((out.cpu() - want).abs().max()) <= FEATURE_TOL
@@ -107,7 +115,7 @@ def test_log_mel_matches_af3_processor(processor, seconds):
     ref, ref_mask = out["input_features"].numpy(), out["input_features_mask"].numpy()
     chunks = [c for w in waves for c in audio.split_windows(w)[0]]
     assert len(chunks) == ref.shape[0]
-    got, mask = logmel.log_mel(chunks, DEVICE)
+    got, mask = logmel.log_mel(chunks, device=DEVICE)
     assert np.array_equal(mask, ref_mask)
     diff = float(np.abs(got.cpu().numpy() - ref).max())
     assert diff <= FEATURE_TOL, f"max abs diff to the AF3 processor {diff:.3g}"
@@ -115,11 +123,13 @@ def test_log_mel_matches_af3_processor(processor, seconds):
 
 def test_bad_windows_are_refused():
     with pytest.raises(ValueError, match="480000"):
-        logmel.log_mel([np.zeros(480001, np.float32)], DEVICE)
+        logmel.log_mel([np.zeros(480001, np.float32)], device=DEVICE)
     with pytest.raises(ValueError, match="f32"):
         logmel.log_mel_windows(torch.zeros((1, 1000)))
-    got, mask = logmel.log_mel([], DEVICE)
-    assert tuple(got.shape) == (0, 128, 3000) and mask.shape == (0, 3000)
+    with pytest.raises(ValueError, match="frames must be in"):
+        logmel.log_mel([np.zeros(10, np.float32)], 3001, device=DEVICE)
+    got, mask = logmel.log_mel([], 100, device=DEVICE)
+    assert tuple(got.shape) == (0, 128, 100) and mask.shape == (0, 100)
 
 
 # ---------------------------------------------------------------------------------------------- prompt table
@@ -233,18 +243,22 @@ def test_preprocess_adapter_device_path(tiny_ckpt, limits, speech_bytes):
     dev_model = fake_pb.load_model("preprocess", configs.preprocess_config(on))
     assert fake_pb.Logger.messages[-1] == f"preprocess: log-mel on {DEVICE} (af3trt.kernels)"
     cpu_model = fake_pb.load_model("preprocess", configs.preprocess_config(off))
-    clips = np.array([flac(signal(40 * SR)), speech_bytes], dtype=object)
-    (d,), (c,) = (m.execute([fake_pb.Request({"audio": clips})]) for m in (dev_model, cpu_model))
-    assert not d.has_error() and not c.has_error(), (d.error, c.error)
-    feats = d.outputs["input_features"]._array
-    assert isinstance(feats, torch.Tensor) and feats.device.type == DEVICE  # left on the device, via DLPack
-    ref = c.outputs["input_features"].as_numpy()
-    assert tuple(feats.shape) == ref.shape == (3, 128, 3000)
-    assert float(np.abs(feats.cpu().numpy() - ref).max()) <= FEATURE_TOL
-    for name in ("input_features_mask", "audio_windows"):
-        assert np.array_equal(d.outputs[name].as_numpy(), c.outputs[name].as_numpy())
+    requests = {(3, 128, 3000): [flac(signal(40 * SR)), speech_bytes],  # 30 s + 10 s + 5 s: the full window
+                (1, 128, 600): [speech_bytes]}  # 5 s alone: cropped to its frame bucket
+    for shape, clips in requests.items():
+        clips = np.array(clips, dtype=object)
+        (d,), (c,) = (m.execute([fake_pb.Request({"audio": clips})]) for m in (dev_model, cpu_model))
+        assert not d.has_error() and not c.has_error(), (d.error, c.error)
+        feats = d.outputs["input_features"]._array
+        assert isinstance(feats, torch.Tensor) and feats.device.type == DEVICE  # left on the device, via DLPack
+        ref = c.outputs["input_features"].as_numpy()
+        assert tuple(feats.shape) == ref.shape == shape
+        assert float(np.abs(feats.cpu().numpy() - ref).max()) <= FEATURE_TOL
+        for name in ("input_features_mask", "audio_windows"):
+            assert np.array_equal(d.outputs[name].as_numpy(), c.outputs[name].as_numpy())
     (t,) = dev_model.execute([fake_pb.Request({})])  # text only: one placeholder window, as on the CPU path
-    assert not t.has_error() and t.outputs["input_features"].as_numpy().shape == (1, 128, 3000)
+    (tc,) = cpu_model.execute([fake_pb.Request({})])
+    assert not t.has_error() and t.outputs["input_features"].as_numpy().shape == tc.outputs["input_features"].as_numpy().shape
 
 
 def test_fusion_adapter_device_path_gives_the_cpu_table(tiny_ckpt, limits, speech_bytes):

@@ -236,10 +236,12 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert (tmp_path / "repo" / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN" and not plan.exists()
     assert sorted(p.name for p in (tmp_path / "repo" / "encoder" / "1").iterdir()) == ["model.plan"]
     assert out["encoder_plan"] == str(tmp_path / "repo" / "encoder" / "1" / "model.plan")
+    # [W, 128, T] with T dynamic (the request's frame bucket), as the engine profile ranges over T
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
-        ("input_features", T.TYPE_FP32, [128, 3000]), ("input_features_mask", T.TYPE_INT32, [3000])]
+        ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1])]
     assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
-        ("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, checkpoint["text_hidden_size"]])]
+        ("audio_embeds", T.TYPE_FP32, [-1, checkpoint["text_hidden_size"]])]
+    assert not any(i.allow_ragged_batch for i in enc.input)  # Triton batches equal T only: per-bucket batching
 
     p = {k: v.string_value for k, v in dec.parameters.items()}
     for k in TRTLLM_REQUIRED_PARAMS:

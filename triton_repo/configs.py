@@ -7,8 +7,9 @@ config.pbtxt back for the contract checks in the tests.
 Tensor flow (names are the contract; the decoder's are TensorRT-LLM's `tensorrtllm` backend names):
 
     client ─ text_input, audio[], system_prompt, max_tokens, sampling, stream, strip_prefix ─▶ af3 (ensemble)
-    preprocess : audio[] ─▶ input_features [W,128,3000] f32, input_features_mask [W,3000] i32, audio_windows [C] i32
-    encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,750,H] f32
+    preprocess : audio[] ─▶ input_features [W,128,T] f32, input_features_mask [W,T] i32, audio_windows [C] i32
+                 (T = the request's frame bucket, runtime/lengths.py: 100…3000 frames)
+    encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,T/4,H] f32
     fusion     : text + audio_embeds ─▶ input_ids, input_lengths, request_output_len, end_id, pad_id, streaming,
                  sampling, prompt_embedding_table [1,N,H] (decoder dtype), prompt_vocab_size
     decoder    : TensorRT-LLM contract (decoupled) ─▶ output_ids [B,beam,T], sequence_length [B,beam]
@@ -141,8 +142,8 @@ def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
         _io("stream", T.TYPE_BOOL, [1], optional=True),
     ])
     cfg.output.extend([
-        _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, lengths.WINDOW_FRAMES]),
-        _out("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
+        _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, -1]),  # [W, 128, T]
+        _out("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
         _out("audio_windows", T.TYPE_INT32, [-1]),
     ])
     _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
@@ -151,9 +152,13 @@ def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
 
 
 def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
-    ins = [_io("input_features", T.TYPE_FP32, [lengths.N_MELS, lengths.WINDOW_FRAMES]),
-           _io("input_features_mask", T.TYPE_INT32, [lengths.WINDOW_FRAMES])]
-    outs = [_out("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, spec.hidden_size])]
+    # The frame axis T is dynamic (each request's frame bucket). These inputs are not allow_ragged_batch, so Triton's
+    # dynamic batcher merges only requests of the same [128, T] (triton-inference-server/core src/backend_model.cc:
+    # variable-size inputs without allow_ragged_batch go into enforce_equal_shape_tensors): batching is per frame
+    # bucket, and a 1-s window is never padded to 30 s by a neighbour.
+    ins = [_io("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]),  # [128, T] per window
+           _io("input_features_mask", T.TYPE_INT32, [-1])]  # [T]
+    outs = [_out("audio_embeds", T.TYPE_FP32, [-1, spec.hidden_size])]  # [T/4, H]
     if spec.target == "gpu":
         # The TensorRT engine (build/trt_encoder.py) is encoder/1/model.plan; its profile's max windows must equal
         # encoder_max_batch (build/gpu_repo.py sets both from one number).
@@ -183,8 +188,8 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.input.extend([
         _io("text_input", T.TYPE_STRING, [1]),
         _io("system_prompt", T.TYPE_STRING, [1], optional=True),
-        _io("audio_embeds", T.TYPE_FP32, [-1, lengths.EMBEDS_PER_WINDOW, spec.hidden_size]),
-        _io("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
+        _io("audio_embeds", T.TYPE_FP32, [-1, -1, spec.hidden_size]),  # [W, T/4, H]
+        _io("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
         _io("audio_windows", T.TYPE_INT32, [-1]),
     ])
     cfg.input.extend(_io(n, d, dims, optional=True) for n, d, dims, _ in REQUEST_INPUTS if n in SAMPLING_INPUTS)
