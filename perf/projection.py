@@ -13,19 +13,13 @@ module adds the roofline times:
                  + layers x (2*S*4*H^2 + 2*S*2*H*F + 4*S^2*H)   (S = T/2 positions)
                  + projector 2*(T/4)*(H*D + D*D)
         time   = flops / peak
-    encoder per clip, following the valid audio: each window runs on T = lengths.frame_bucket(L) frames, the
-        smallest frame bucket >= L+2 for its L valid frames (runtime/lengths.py, one definition shared with the
-        preprocess crop); "full" is every window at 3000 frames, as before variable-length encoding (issue 10).
-        It assumes each window is encoded at its own bucket (length-bucketed batching), and that small buckets
-        reach the same efficiency as full windows — they do not quite (a 5-s window is 300 positions: small GEMMs),
-        so read the short-clip gain as an upper bound.
-
-Assumptions: dense bf16 peak (H100 SXM 989 TFLOPS, A100 312 TFLOPS) and HBM bandwidth (3.35 / 2.0 TB/s) at
-100 % efficiency: these are lower bounds on time. Real kernels reach roughly 60-80 % of bandwidth in decode
-and 40-70 % of peak in GEMMs; the `at_efficiency` figures divide by the stated fractions. For models as small
-as the benchmark preset the roofline is far below kernel-launch and scheduling costs (a few µs per kernel, hundreds
-of kernels per step): read those rows as "negligible", not as predictions. The encoder runs in bf16
-whatever the decoder precision; quantized decoders are modelled by their weight bytes only.
+    encoder per clip, following the valid audio: a request's windows run on T frames, the largest frame bucket among
+        them (runtime/audio.request_frames; lengths.frame_bucket(L) is the smallest bucket >= L+2 for L valid
+        frames — one definition shared with the preprocess crop); "full" is every window at 3000 frames, as before
+        variable-length encoding (issue 10). So only one-window clips (<= 30 s) are cropped; a longer clip's last,
+        partial window is padded to its full neighbours. Small buckets are assumed to reach the same efficiency as
+        full windows — they do not quite (a 5-s window is 300 positions: small GEMMs), so read the short-clip gain
+        as an upper bound.
 """
 
 from __future__ import annotations
@@ -74,11 +68,13 @@ def encoder_window_flops(e: sizing.EncoderDims, frames: int | None = None) -> fl
 
 
 def clip_encoder_flops(e: sizing.EncoderDims, seconds: float) -> dict:
-    """Encoder FLOPs of one clip: every window at full length, and each window at its frame bucket."""
+    """Encoder FLOPs of a request with one clip: every window at 3000 frames ("full"), and every window at the
+    request's frame count T, the largest bucket among its windows, as runtime/audio.request_frames crops it."""
     n = int(round(seconds * lengths.SAMPLE_RATE))
-    frames = lengths.encoded_frames_for_samples(n)
-    return {"windows": len(frames), "frames_full": len(frames) * lengths.WINDOW_FRAMES, "frames": sum(frames),
-            "full": len(frames) * encoder_window_flops(e), "cropped": sum(encoder_window_flops(e, t) for t in frames)}
+    buckets = lengths.encoded_frames_for_samples(n)  # each window's own bucket
+    t, w = max(buckets), len(buckets)
+    return {"windows": w, "frames_full": w * lengths.WINDOW_FRAMES, "frames": w * t,
+            "full": w * encoder_window_flops(e), "cropped": w * encoder_window_flops(e, t)}
 
 
 MIX_SECONDS = (5, 30, 120, 600)  # the clip mix of the variable-length projection: one request of each
@@ -205,12 +201,12 @@ def _clip_mix_markdown(g: dict) -> list[str]:
     if not g["clip_mix"]:
         return []
     eff = COMPUTE_EFFICIENCY
-    lines = ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): each window encoded at its "
+    lines = ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): windows encoded at their "
              "frame bucket (smallest multiple of 100 frames >= L+2, `runtime/lengths.frame_bucket`) instead of 3000 "
              "frames. 'First token' is encoder + prefill compute (64 text tokens), roofline at 100 % of peak "
-             f"(at {eff:.0%}); the mix is one request of each clip. Only a clip's last, partial window is cropped: "
-             "clips of whole 30-s windows (30 s, 2 min, 10 min) gain nothing, short clips gain most, and a clip of "
-             "arbitrary length saves about half a window on average.", "",
+             f"(at {eff:.0%}); the mix is one request of each clip. A request's windows share the largest bucket among "
+             "them (`runtime/audio.request_frames`), so only clips of one window (<= 30 s) are cropped: the 5-s clip "
+             "gains, the 30-s clip is a full window, and 2-min and 10-min clips run every window at 3000 frames.", "",
              "| clip | windows | frames encoded (full → cropped) | encoder GFLOP (full → cropped) | encoder time "
              "(full → cropped) | encoder gain | first token (full → cropped) |",
              "|---|---:|---:|---:|---:|---:|---:|"]

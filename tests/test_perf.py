@@ -221,10 +221,11 @@ def test_encoder_window_flops_formula():
 
 
 def test_encoder_flops_follow_the_valid_audio():
-    """Encoder FLOPs per window at T frames (S = T/2 positions, T/4 projector rows); a clip's windows each at their
-    frame bucket from runtime/lengths.py: a 5-s clip (500 valid frames) runs on 600 frames, whole windows on 3000."""
+    """Encoder FLOPs per window at T frames (S = T/2 positions, T/4 projector rows); a request's windows at the frame
+    count preprocess crops them to (runtime/audio.request_frames): a 5-s clip (500 valid frames) runs on 600 frames,
+    a 70-s clip on 3 x 3000 (its 10-s window is padded to its full neighbours)."""
     from af3trt.build import sizing
-    from af3trt.runtime import lengths
+    from af3trt.runtime import audio, lengths
 
     _, e = sizing.dims_from_config(SMALL)
     h, f = 64, 128
@@ -236,8 +237,12 @@ def test_encoder_flops_follow_the_valid_audio():
     five = projection.clip_encoder_flops(e, 5)
     assert (five["windows"], five["frames"], five["frames_full"]) == (1, lengths.frame_bucket(500), 3000) == (1, 600, 3000)
     assert five["cropped"] == want and five["full"] == projection.encoder_window_flops(e)
-    long = projection.clip_encoder_flops(e, 70)  # 30 + 30 + 10 s: only the last window is cropped (1000 → 1100)
-    assert long["frames"] == 3000 + 3000 + 1100 and long["windows"] == 3
+    long = projection.clip_encoder_flops(e, 70)
+    assert long["frames"] == long["frames_full"] == 3 * 3000 and long["cropped"] == long["full"]
+    for sec in (5, 29.5, 70):  # the projection's T is the one preprocess crops to
+        chunks, _ = audio.split_windows(np.zeros(int(sec * lengths.SAMPLE_RATE), np.float32))
+        c = projection.clip_encoder_flops(e, sec)
+        assert c["frames"] == c["windows"] * audio.request_frames(chunks)
     d, _ = sizing.dims_from_config(SMALL)
     mix = projection.clip_mix(d, e, projection.GPUS["H100"], text_tokens=64)
     assert [r["audio_s"] for r in mix] == [5, 30, 120, 600, 755] and mix[-1]["label"] == "mix"
