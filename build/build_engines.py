@@ -58,6 +58,9 @@ class BuildOptions:
     preprocess_instances: int = 1
     encoder_instances: int = 1
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
+    # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
+    # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
+    crop_frames: bool = True
     # GPU target (build/gpu_build.py)
     gpu: "GpuOptions | None" = None
 
@@ -193,7 +196,8 @@ def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) ->
                         "threads": threads_of(opts.decoder_threads)},
         fusion_params={"tokenizer_dir": "artifacts/lm"},
         postprocess_params={"tokenizer_dir": "artifacts/lm"},
-        preprocess_params={"threads": threads_of(opts.preprocess_threads)},
+        preprocess_params={"threads": threads_of(opts.preprocess_threads),
+                           **({} if opts.crop_frames else {"crop_frames": "false"})},
         preprocess_instances=opts.preprocess_instances, encoder_instances=opts.encoder_instances,
         decoder_instances=opts.decoder_instances,
         encoder_queue_delay_us=opts.encoder_queue_delay_us, encoder_batching=opts.encoder_batching,
@@ -306,6 +310,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-instances", type=int, default=1, help="instances of the encoder model")
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")
+    ap.add_argument("--no-crop-frames", dest="crop_frames", action="store_false",
+                    help="send full 30-s windows to the encoder instead of each request's frame bucket (slower; "
+                         "the kept audio tokens are the same)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
     gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")

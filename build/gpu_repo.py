@@ -12,6 +12,8 @@ Models (configs from triton_repo/configs.py):
   encoder   python backend running the TensorRT plan (triton_repo/encoder_trt, runtime/trt_runner.py: the container has no
             TensorRT backend), KIND_GPU, max_batch_size = the engine profile's max windows; the plan is moved to
             encoder/1/model.plan (parameter plan_file, resolved against the model's version directory).
+            Inputs [W, 128, T] with T each request's frame bucket (runtime/lengths.py); dynamic batching on (queue
+            delay encoder_queue_delay_us): Triton merges requests of equal T only, so the GPU batches per bucket.
   decoder   backend tensorrtllm with the 1.2 backend's parameters (decoder_parameters); the prompt table is declared
             in the engine's dtype (read from the engine's config.json, never assumed), e.g. TYPE_BF16 for AF3.
   fusion    sends prompt_table_extra_ids when KV-cache reuse is on (runtime/prompt.py: table_extra_ids).
@@ -198,13 +200,14 @@ def check_engine_fits(engine: DecoderEngine, checkpoint: dict, limits: dict, opt
 def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer_dir: str, encoder_max_windows: int,
                   engine: DecoderEngine | None = None, options: TrtllmOptions = TrtllmOptions(),
                   engine_dir_at_serve: str | None = None, encoder_instances: int = 1,
-                  encoder_queue_delay_us: int = 2000) -> RepoSpec:
+                  encoder_queue_delay_us: int = 2000, gpu_kernels: bool = True) -> RepoSpec:
     """The RepoSpec of target "gpu".
 
     engine_dir: the TensorRT-LLM engine directory (config.json read here unless `engine` is given).
     engine_dir_at_serve: its absolute path inside the serving container when that differs from engine_dir's.
     tokenizer_dir: for fusion/postprocess, absolute or relative to the build output (as on the CPU target).
     encoder_max_windows: the encoder engine profile's max (build/trt_encoder.encoder_max_windows).
+    gpu_kernels: log-mel and prompt table on the GPU (af3trt.kernels; RepoSpec.gpu_kernels), else the CPU path.
     """
     engine = engine or read_decoder_engine(engine_dir)
     check_engine_fits(engine, checkpoint, limits, options)
@@ -222,7 +225,8 @@ def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer
         encoder_queue_delay_us=encoder_queue_delay_us, encoder_instances=encoder_instances,
         prompt_table_extra_ids=options.enable_kv_cache_reuse,
         decoder_params=decoder_parameters(gpt_model_path, options),
-        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir})
+        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir},
+        gpu_kernels=gpu_kernels)
 
 
 def place_encoder_plan(repo_root: Path, plan: Path, *, copy: bool = False) -> Path:

@@ -2,16 +2,20 @@
 
 The precision is in the ONNX (export/onnx_quant.py: fp16/bf16 cast, or INT8/FP8 explicit Q/DQ); the network is
 created STRONGLY_TYPED, so TensorRT keeps every tensor's ONNX type and no precision flag is set (BuilderFlag.FP16/
-BF16/INT8/FP8 are deprecated since 10.12 and gone in TensorRT 11). The only dynamic axis is the window axis W of
-both inputs; one optimization profile covers it:
+BF16/INT8/FP8 are deprecated since 10.12 and gone in TensorRT 11). Two axes are dynamic: the windows W and the
+frames T (each request's windows are cropped to a frame bucket, runtime/lengths.py); one optimization profile
+covers both:
 
-    input_features       float32 [W, 128, 3000]   min 1, opt, max
-    input_features_mask  int32   [W, 3000]        the same W
-    audio_embeds         float32 [W, 750, H]
+    input_features       float32 [W, 128, T]   W: min 1, opt, max;  T: min/opt/max from lengths.FRAME_BUCKETS
+    input_features_mask  int32   [W, T]        the same W, T
+    audio_embeds         float32 [W, T/4, H]
 
-    max = max_batch_size x max windows per request (encoder_max_windows): Triton's dynamic batcher may merge the
-          windows of every request the decoder can hold; the encoder's Triton max_batch_size is this same number.
-    opt = max / 2 by default, as NVIDIA's Qwen2-Audio example builds its audio engine (1 / max/2 / max).
+    W max = max_batch_size x max windows per request (encoder_max_windows): Triton's dynamic batcher may merge the
+            windows of every request the decoder can hold; the encoder's Triton max_batch_size is this same number.
+    W opt = max / 2 by default, as NVIDIA's Qwen2-Audio example builds its audio engine (1 / max/2 / max).
+    T min = the smallest bucket (100 frames, 1 s), max = a full window (3000), opt = the middle bucket (1600)
+            unless asked: TensorRT tunes its tactics for opt and runs any T in [min, max] (one profile, so the
+            engine serves every bucket; TensorRT 10 "Working with Dynamic Shapes", IOptimizationProfile.set_shape).
 
     plan = encoder_engine_plan(max_windows=160)      # pure: what will be asked of TensorRT (tests assert it)
     report = build_encoder_engine("encoder.fp16.onnx", "model_repository/encoder/1/model.plan", max_windows=160,
@@ -63,6 +67,9 @@ class EncoderEnginePlan:
     max_windows: int
     opt_windows: int
     workspace_bytes: int
+    min_frames: int
+    opt_frames: int
+    max_frames: int
     profile: tuple[ProfileShape, ...]
     strongly_typed: bool = True
     precision_flags: tuple[str, ...] = ()  # none: the precision is in the ONNX
@@ -79,7 +86,7 @@ def encoder_max_windows(max_batch_size: int, max_audio_windows: int) -> int:
     return max_batch_size * max_audio_windows
 
 
-def encoder_engine_plan(*, max_windows: int, opt_windows: int | None = None,
+def encoder_engine_plan(*, max_windows: int, opt_windows: int | None = None, opt_frames: int | None = None,
                         workspace_gb: float = DEFAULT_WORKSPACE_GB) -> EncoderEnginePlan:
     if max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
@@ -88,14 +95,20 @@ def encoder_engine_plan(*, max_windows: int, opt_windows: int | None = None,
         raise ValueError(f"opt_windows must be in [1, {max_windows}], got {opt}")
     if workspace_gb <= 0:
         raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
-    mels, frames = lengths.N_MELS, lengths.WINDOW_FRAMES
+    buckets = lengths.FRAME_BUCKETS
+    t_min, t_max = buckets[0], buckets[-1]
+    t_opt = buckets[len(buckets) // 2] if opt_frames is None else opt_frames
+    if t_opt not in buckets:
+        raise ValueError(f"opt_frames must be a frame bucket ({t_min}, {buckets[1]}, …, {t_max}), got {t_opt}")
+    mels = lengths.N_MELS
 
-    def shape(name, dtype, *tail):
-        return ProfileShape(name, dtype, (1, *tail), (opt, *tail), (max_windows, *tail))
+    def shape(name, dtype, *mid):  # [W, *mid, T]
+        return ProfileShape(name, dtype, (1, *mid, t_min), (opt, *mid, t_opt), (max_windows, *mid, t_max))
 
     return EncoderEnginePlan(
         max_windows=max_windows, opt_windows=opt, workspace_bytes=int(workspace_gb * (1 << 30)),
-        profile=(shape(INPUT_FEATURES, "float32", mels, frames), shape(INPUT_MASK, "int32", frames)))
+        min_frames=t_min, opt_frames=t_opt, max_frames=t_max,
+        profile=(shape(INPUT_FEATURES, "float32", mels), shape(INPUT_MASK, "int32")))
 
 
 def check_encoder_precision(precision: str, sm: int | None) -> None:
@@ -145,8 +158,10 @@ def _check_network(trt, network, plan: EncoderEnginePlan) -> dict:
         if t.dtype != want_dtype[p.dtype]:
             problems.append(f"{p.name} is {t.dtype}, expected {p.dtype} (the graph I/O must stay as exported)")
         dims = list(t.shape)
-        if len(dims) != len(p.max) or dims[0] != -1 or dims[1:] != list(p.max[1:]):
-            problems.append(f"{p.name} has dims {dims}, expected [-1, {', '.join(map(str, p.max[1:]))}]")
+        # W and T dynamic, the mel axis static (a profile with max_windows 1 still has a dynamic W)
+        want = [-1] + [-1 if lo != hi else lo for lo, hi in zip(p.min[1:], p.max[1:])]
+        if dims != want:
+            problems.append(f"{p.name} has dims {dims}, expected {want}")
     if OUTPUT_EMBEDS not in outputs:
         problems.append(f"no {OUTPUT_EMBEDS} output (outputs: {sorted(outputs)})")
     elif outputs[OUTPUT_EMBEDS].dtype != trt.float32:
@@ -167,9 +182,10 @@ def _write_atomic(path: Path, data) -> int:
 
 
 def build_encoder_engine(onnx_path: Path, plan_path: Path, *, max_windows: int, opt_windows: int | None = None,
+                         opt_frames: int | None = None,
                          workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: Path | None = None,
                          verbose: bool = False) -> dict:
-    """Parse `onnx_path`, build a strongly typed engine with one profile over the window axis, write `plan_path`.
+    """Parse `onnx_path`, build a strongly typed engine with one profile over windows × frames, write `plan_path`.
 
     timing_cache: loaded when the file exists (TensorRT skips the tactic timings it holds) and written back after
     the build with what this build measured; None uses a fresh cache that is not kept.
@@ -179,7 +195,8 @@ def build_encoder_engine(onnx_path: Path, plan_path: Path, *, max_windows: int, 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise EncoderEngineError(f"{onnx_path}: no such ONNX file")
-    plan = encoder_engine_plan(max_windows=max_windows, opt_windows=opt_windows, workspace_gb=workspace_gb)
+    plan = encoder_engine_plan(max_windows=max_windows, opt_windows=opt_windows, opt_frames=opt_frames,
+                               workspace_gb=workspace_gb)
     t0 = time.perf_counter()
 
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -205,8 +222,9 @@ def build_encoder_engine(onnx_path: Path, plan_path: Path, *, max_windows: int, 
         raise EncoderEngineError(f"TensorRT refused the timing cache {timing_cache} (another TensorRT version or "
                                  f"GPU?): delete it to start a new one")
 
-    log.info("building the encoder engine from %s (windows 1/%d/%d, workspace %.1f GiB, strongly typed)",
-             onnx_path.name, plan.opt_windows, plan.max_windows, plan.workspace_bytes / (1 << 30))
+    log.info("building the encoder engine from %s (windows 1/%d/%d, frames %d/%d/%d, workspace %.1f GiB, strongly "
+             "typed)", onnx_path.name, plan.opt_windows, plan.max_windows, plan.min_frames, plan.opt_frames,
+             plan.max_frames, plan.workspace_bytes / (1 << 30))
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EncoderEngineError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")

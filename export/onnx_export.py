@@ -2,15 +2,22 @@
 
 The graph maps a batch of W mel windows to the decoder's embedding space:
 
-    input_features       float32 [W, 128, 3000]   log-mel windows (30 s each)
-    input_features_mask  int32   [W, 3000]        1 for valid frames
-    audio_embeds         float32 [W, 750, H]      H = text hidden size; rows past a window's valid length are
-                                                  finite garbage: the caller keeps the first
-                                                  lengths.embeds_valid_per_window(mask sum)
+    input_features       float32 [W, 128, T]      log-mel windows cropped to T frames (T even, <= 3000)
+    input_features_mask  int32   [W, T]           1 for valid frames
+    audio_embeds         float32 [W, R, H]        R = T / 4 rows (750 for a full window), H = text hidden size;
+                                                  rows past a window's valid length are finite garbage: the caller
+                                                  keeps the first lengths.embeds_valid_per_window(mask sum)
+
+Both W and T are dynamic. The kept rows of a window with L valid frames depend only on its frames [0, L+2)
+(runtime/lengths.py), so serving crops each window to a frame bucket >= L+2 and the encoder's cost follows the
+valid audio; windows of different lengths share a batch padded to the longest (masked, so exact). The graph is
+AF3's encoder with one change, in AudioEmbedder.forward: the positional embedding is sliced to the T/2 conv
+positions instead of being added whole (which only fits T = 3000).
 
 The export is described once by an `ExportSpec` (names, dims with their dynamic axis names, opset, tolerances)
-and validated as it is produced: ONNX Runtime CPU against PyTorch (transformers' own forward, SDPA attention) on a
-batch with a different W than the traced one, holding a full window and partially padded ones.
+and validated as it is produced: ONNX Runtime CPU against PyTorch (transformers' own forward on full 30-s windows,
+SDPA attention) on batches with other W and T than the traced ones, holding a full window and partially padded
+ones, each cropped batch compared on its kept rows with the full-window computation.
 
 Only the `audio_tower.*` and `multi_modal_projector.*` tensors are read from the checkpoint (see weights.py), in
 float32: at AF3's encoder size (654M parameters, 2.6 GB of float32 weights in `encoder.onnx.data`) the export
@@ -43,7 +50,7 @@ from transformers.models.audioflamingo3.modeling_audioflamingo3 import (AudioFla
 from af3trt.export import weights
 from af3trt.runtime import lengths
 from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_CHECKPOINT_DTYPE, META_EXPORT_DTYPE,
-                                    META_HIDDEN_SIZE, META_QUANTIZATION, OUTPUT_EMBEDS)
+                                    META_HIDDEN_SIZE, META_MAX_FRAMES, META_QUANTIZATION, OUTPUT_EMBEDS)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ AUDIO_TOWER_PREFIXES = ("audio_tower.", "model.audio_tower.")
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 PARTIAL_FRAMES = 700  # valid frames of the partially padded window in the traced dummy and in validation
+TRACE_FRAMES = 1200  # T of the traced dummy: a bucket the validation does not use, so a T baked in would show
 MAX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf cannot serialise 2 GiB: weights go to one .data file beyond this
 
 
@@ -78,6 +86,11 @@ class TensorSpec:
         return tuple(axes[d] if isinstance(d, str) else d for d in self.dims)
 
 
+def axes_for(windows: int, frames: int) -> dict[str, int]:
+    """The dynamic axes' values for W windows of T frames: W, T and R = the output rows."""
+    return {"W": windows, "T": frames, "R": lengths.encoder_rows(frames)}
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     inputs: tuple[TensorSpec, ...]
@@ -86,6 +99,7 @@ class ExportSpec:
     atol: float  # valid rows pass if max|onnx - torch| <= atol + rtol * max|torch|
     rtol: float
     min_cosine: float  # cosine of all valid rows, flattened
+    max_frames: int = lengths.WINDOW_FRAMES  # largest T (a full window)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
@@ -101,9 +115,10 @@ def encoder_spec(config: AudioFlamingo3Config, *, opset: int = 18) -> ExportSpec
                          f"arithmetic (runtime/lengths.py) assumes [{lengths.N_MELS}, {lengths.WINDOW_FRAMES}] → "
                          f"{lengths.EMBEDS_PER_WINDOW}")
     return ExportSpec(
-        inputs=(TensorSpec(INPUT_FEATURES, "float32", ("W", audio.num_mel_bins, frames)),
-                TensorSpec(INPUT_MASK, "int32", ("W", frames))),
-        outputs=(TensorSpec(OUTPUT_EMBEDS, "float32", ("W", rows, config.text_config.hidden_size)),),
+        inputs=(TensorSpec(INPUT_FEATURES, "float32", ("W", audio.num_mel_bins, "T")),
+                TensorSpec(INPUT_MASK, "int32", ("W", "T"))),
+        outputs=(TensorSpec(OUTPUT_EMBEDS, "float32", ("W", "R", config.text_config.hidden_size)),),
+        max_frames=frames,
         opset=opset, atol=1e-4, rtol=1e-4, min_cosine=0.99999,
     )
 
@@ -117,7 +132,14 @@ INT8_MIN_COSINE = 0.99
 # ---------------------------------------------------------------------------------------------------------------
 
 class AudioEmbedder(nn.Module):
-    """AF3's get_audio_features without the valid-row gather: [W, n_mels, frames] → [W, rows, H]."""
+    """AF3's get_audio_features without the valid-row gather, on windows cropped to T frames: [W, n_mels, T] →
+    [W, T/4, H].
+
+    forward is transformers' AudioFlamingo3Encoder.forward + projector written out with its own modules, with the
+    one change that makes T variable: the positional embedding is sliced to the T/2 conv positions. The attention
+    bias is the eager one (finfo.min on padded keys). `reference` runs transformers' own forward (full windows
+    only): validation compares the two.
+    """
 
     def __init__(self, config: AudioFlamingo3Config):
         super().__init__()
@@ -126,9 +148,23 @@ class AudioEmbedder(nn.Module):
         self.multi_modal_projector = AudioFlamingo3MultiModalProjector(config)
 
     def forward(self, input_features, input_features_mask):
-        # input_features: [W, n_mels, frames], input_features_mask: [W, frames]
+        tower = self.audio_tower
+        # input_features: [W, n_mels, T], input_features_mask: [W, T]
+        x = nn.functional.gelu(tower.conv1(input_features))  # [W, D, T]
+        x = nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)  # [W, T/2, D]
+        x = x + tower.embed_positions.weight[: x.shape[1]]
+        conv_lengths = (input_features_mask.sum(-1) - 1) // 2 + 1  # [W] valid conv positions
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < conv_lengths[:, None]  # [W, T/2]
+        bias = (~valid)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min  # [W, 1, 1, T/2] on the keys
+        for layer in tower.layers:
+            x = layer(x, bias)
+        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # [W, T/4, D]
+        return self.multi_modal_projector(tower.layer_norm(x))  # [W, T/4, H]
+
+    def reference(self, input_features, input_features_mask):
+        """transformers' encoder + projector: full windows [W, n_mels, 3000] → [W, 750, H]."""
         hidden = self.audio_tower(input_features, input_features_mask=input_features_mask).last_hidden_state
-        return self.multi_modal_projector(hidden)  # [W, rows, H]
+        return self.multi_modal_projector(hidden)
 
 
 def load_audio_embedder(hf_dir: Path) -> tuple[AudioEmbedder, str]:
@@ -161,12 +197,12 @@ def load_audio_embedder(hf_dir: Path) -> tuple[AudioEmbedder, str]:
 
 @contextlib.contextmanager
 def export_patches(model: AudioEmbedder):
-    """Eager attention while tracing, and the tracer's warnings about the fixed frame axis silenced.
+    """Eager attention while tracing, and the tracer's warnings silenced.
 
     - Eager attention adds a finite (finfo.min) bias for padded keys: a plain MatMul-Softmax-MatMul graph,
       finite for every row. The SDPA path exports extra IsNaN/Where guards around a bool mask.
-    - transformers' mask code compares the mask length with the sequence length in Python; the tracer warns
-      that it becomes a constant. Both are the fixed 3000/1500-frame axis, so the constant is right.
+    - The frame axis is dynamic: AudioEmbedder.forward reads T from the tensor's shape (traced as Shape ops),
+      never as a Python number; validation runs other T than the traced one, so a constant would show.
     The int32 mask needs nothing (ReduceSum + Cast). One known difference: the exported `(n - 1) // 2` truncates
     where torch floors, so only a window with no valid frame (0 rows either way) attends to its first frame.
     """
@@ -184,9 +220,9 @@ def export_patches(model: AudioEmbedder):
 
 
 def pin_output_dims(proto: onnx.ModelProto, spec: ExportSpec) -> None:
-    """Write the declared output dims: the TorchScript exporter leaves the pooled length symbolic
-    ('Addaudio_embeds_dim_1'). ONNX Runtime infers 750 by itself, but the file is the contract a TensorRT build
-    reads. Validation then checks that the actual outputs have exactly these dims for another W."""
+    """Write the declared output dims: the TorchScript exporter names the pooled length after its expression
+    ('Addaudio_embeds_dim_1'); the contract calls it R (= T / 4) and H is static. The file is the contract a
+    TensorRT build reads. Validation then checks that the actual outputs have exactly these dims for other W, T."""
     for out in proto.graph.output:
         declared = next(t for t in spec.outputs if t.name == out.name)
         dims = out.type.tensor_type.shape.dim
@@ -211,15 +247,16 @@ def export_encoder(hf_dir: Path, out_path: Path, *, opset: int = 18, validate: b
     t0 = time.perf_counter()
     model, checkpoint_dtype = load_audio_embedder(hf_dir)
     spec = encoder_spec(model.config, opset=opset)
-    _, n_mels, frames = spec.inputs[0].dims
-    dummy_frames = [frames, PARTIAL_FRAMES]  # traced at W=2; validation runs W=3
-    features, mask = make_inputs(n_mels, frames, dummy_frames, seed=1)
+    n_mels = spec.inputs[0].dims[1]
+    dummy_frames = [TRACE_FRAMES - 2, PARTIAL_FRAMES]  # traced at W=2, T=1200; validation runs other W and T
+    features, mask = make_inputs(n_mels, TRACE_FRAMES, dummy_frames, seed=1)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
         # torch writes one file per tensor beside the model when it passes 2 GB: export to a scratch dir
         raw = Path(tmp) / "encoder.onnx"
-        log.info("exporting %s (traced W=%d, opset %d)", type(model).__name__, len(dummy_frames), opset)
+        log.info("exporting %s (traced W=%d, T=%d, opset %d)", type(model).__name__, len(dummy_frames),
+                 TRACE_FRAMES, opset)
         with export_patches(model), torch.no_grad():
             torch.onnx.export(
                 model, (torch.from_numpy(features), torch.from_numpy(mask)), str(raw), dynamo=False,
@@ -233,6 +270,7 @@ def export_encoder(hf_dir: Path, out_path: Path, *, opset: int = 18, validate: b
         META_HIDDEN_SIZE: str(model.config.text_config.hidden_size),
         META_CHECKPOINT_DTYPE: checkpoint_dtype,
         META_EXPORT_DTYPE: "float32",
+        META_MAX_FRAMES: str(spec.max_frames),
     })
     external = save_onnx(proto, out_path, external_data)
     del proto
@@ -299,36 +337,60 @@ def make_inputs(n_mels: int, frames: int, valid_frames: list[int], seed: int = 0
 
 
 def validation_frames(frames: int) -> list[int]:
-    """W = 3, not the traced 2: a full window, 700 valid frames, and an odd length (1501 → 375 rows)."""
-    return [frames, PARTIAL_FRAMES, frames // 2 + 1]
+    """W = 4, not the traced 2: a full window, 700 valid frames, an odd length (1501 → 375 rows), and 98 frames
+    (exactly its 100-frame bucket's L + 2)."""
+    return [frames, PARTIAL_FRAMES, frames // 2 + 1, lengths.FRAME_BUCKETS[0] - lengths.CROP_MARGIN]
+
+
+def validation_crops(valid_frames: list[int]) -> list[tuple[int, list[int]]]:
+    """(T, windows) of each ONNX run: all windows at the full T (the old fixed shape), then each shorter window's
+    bucket with every window that fits in it (the longest sets T, the others are padded to it)."""
+    full = max(lengths.frame_bucket(n) for n in valid_frames)
+    runs = [(full, list(range(len(valid_frames))))]
+    for T in sorted({lengths.frame_bucket(n) for n in valid_frames} - {full}, reverse=True):
+        runs.append((T, [w for w, n in enumerate(valid_frames) if lengths.frame_bucket(n) <= T]))
+    return runs
 
 
 def validate_encoder(onnx_path: Path, model: AudioEmbedder, spec: ExportSpec,
                      valid_frames: list[int] | None = None) -> dict:
-    """ONNX Runtime CPU (all graph optimisations) vs the torch module; raise ExportValidationError on a broken
-    contract or a difference above the spec's tolerance. Return the figures."""
+    """ONNX Runtime CPU (all graph optimisations) vs transformers' forward on full windows; the graph runs the
+    full windows and, per frame bucket, the windows cropped to it (validation_crops): every run's kept rows are
+    compared with the full-window reference. Raise ExportValidationError on a broken contract or a difference
+    above the spec's tolerance. Return the figures (worst over the runs, and per T)."""
     t0 = time.perf_counter()
-    _, n_mels, frames = spec.inputs[0].dims
-    valid_frames = valid_frames or validation_frames(frames)
-    features, mask = make_inputs(n_mels, frames, valid_frames)
+    n_mels = spec.inputs[0].dims[1]
+    valid_frames = valid_frames or validation_frames(spec.max_frames)
+    features, mask = make_inputs(n_mels, spec.max_frames, valid_frames)  # full windows
     check_io(onnx_path, spec)
     session = _session(onnx_path)
-
-    log.info("validating %s on W=%d windows (valid frames %s)", Path(onnx_path).name, len(valid_frames),
-             valid_frames)
-    outputs = session.run(None, {INPUT_FEATURES: features, INPUT_MASK: mask})
-    axes = {"W": len(valid_frames)}
-    for out, t in zip(outputs, spec.outputs):
-        if out.dtype != np.dtype(t.dtype) or out.shape != t.shape(**axes):
-            raise ExportValidationError(f"{t.name}: got {out.dtype}{list(out.shape)}, declared "
-                                        f"{t.dtype}{list(t.shape(**axes))}")
-    got = outputs[0]
     with torch.no_grad():
-        want = model(torch.from_numpy(features), torch.from_numpy(mask)).numpy()
+        want = model.reference(torch.from_numpy(features), torch.from_numpy(mask)).numpy()  # [W, 750, H]
+
+    runs = validation_crops(valid_frames)
+    log.info("validating %s on W=%d windows (valid frames %s) at T=%s", Path(onnx_path).name, len(valid_frames),
+             valid_frames, [T for T, _ in runs])
+    per_t, got = {}, None
+    for T, idx in runs:
+        outputs = session.run(None, {INPUT_FEATURES: np.ascontiguousarray(features[idx, :, :T]),
+                                     INPUT_MASK: np.ascontiguousarray(mask[idx, :T])})
+        axes = axes_for(len(idx), T)
+        for out, t in zip(outputs, spec.outputs):
+            if out.dtype != np.dtype(t.dtype) or out.shape != t.shape(**axes):
+                raise ExportValidationError(f"{t.name} at T={T}: got {out.dtype}{list(out.shape)}, declared "
+                                            f"{t.dtype}{list(t.shape(**axes))}")
+        per_t[T] = compare(outputs[0], want[idx], [valid_frames[w] for w in idx])
+        if got is None:
+            got = outputs[0]
 
     figures = compare(got, want, valid_frames)
+    figures["max_abs_diff"] = max(f["max_abs_diff"] for f in per_t.values())
+    figures["cosine"] = min(f["cosine"] for f in per_t.values())
+    figures["min_row_cosine"] = min(f["min_row_cosine"] for f in per_t.values())
+    figures["all_finite"] = all(f["all_finite"] for f in per_t.values())
+    figures["per_frames"] = {str(T): {k: per_t[T][k] for k in ("max_abs_diff", "cosine")} for T in per_t}
     figures.update(windows_tested=len(valid_frames), valid_frames=list(valid_frames), atol=spec.atol,
-                   rtol=spec.rtol, min_cosine=spec.min_cosine,
+                   rtol=spec.rtol, min_cosine=spec.min_cosine, frames_tested=[T for T, _ in runs],
                    validate_seconds=round(time.perf_counter() - t0, 3))
     limit = spec.atol + spec.rtol * figures["max_abs_ref"]
     log.info("onnx vs torch: max abs diff %.3g (limit %.3g), cosine %.8f (min %.8f)",
@@ -405,7 +467,8 @@ def quantize_encoder_dynamic(onnx_path: Path, out_path: Path, *, valid_frames: l
     seconds = time.perf_counter() - t0
 
     fp32, int8 = _session(onnx_path), _session(out_path)
-    _, n_mels, frames = fp32.get_inputs()[0].shape  # [W, n_mels, frames]
+    n_mels = fp32.get_inputs()[0].shape[1]  # [W, n_mels, T]
+    frames = lengths.WINDOW_FRAMES
     valid_frames = valid_frames or validation_frames(frames)
     features, mask = make_inputs(n_mels, frames, valid_frames)
     feeds = {INPUT_FEATURES: features, INPUT_MASK: mask}

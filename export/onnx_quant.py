@@ -59,7 +59,7 @@ from onnx import numpy_helper
 
 from af3trt.export.onnx_export import compare, onnx_bytes, save_onnx, set_metadata
 from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_EXPORT_DTYPE, META_QUANTIZATION,
-                                    OUTPUT_EMBEDS)
+                                    OUTPUT_EMBEDS, pad_frames)
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ class OnnxQuantError(RuntimeError):
 
 @dataclass
 class CalibrationSet:
-    features: np.ndarray  # [N, 128, 3000] float32  calibration windows
-    mask: np.ndarray  # [N, 3000] int32
-    held_features: np.ndarray  # [M, 128, 3000] float32  held-out windows: never seen by calibration
-    held_mask: np.ndarray  # [M, 3000] int32
+    features: np.ndarray  # [N, 128, T] float32  calibration windows (T: the longest window's frame bucket)
+    mask: np.ndarray  # [N, T] int32
+    held_features: np.ndarray  # [M, 128, T'] float32  held-out windows: never seen by calibration
+    held_mask: np.ndarray  # [M, T'] int32
     source: str
 
     def describe(self) -> dict:
@@ -136,7 +136,8 @@ def _windows(clips: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     from af3trt.runtime.audio import prepare_clips
 
     batches = [prepare_clips([c]) for c in clips]  # one clip at a time: a bad file names itself
-    return np.concatenate([b.features for b in batches]), np.concatenate([b.mask for b in batches])
+    # each clip comes cropped to its frame bucket: pad to the longest, as the encoder does with a mixed batch
+    return pad_frames([b.features for b in batches], [b.mask for b in batches])
 
 
 def calibration_set(clips: Sequence[bytes] | None = None, *, held_out_fraction: float = 0.25) -> CalibrationSet:
@@ -221,7 +222,7 @@ def _session(path: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort
 
 def run_onnx(path: Path, features: np.ndarray, mask: np.ndarray, *, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
              batch: int = 4) -> np.ndarray:
-    """audio_embeds [W, 750, H] float32 of `path` on ORT CPU, `batch` windows per run."""
+    """audio_embeds [W, T/4, H] float32 of `path` on ORT CPU, `batch` windows per run."""
     s = _session(path, level)
     return np.concatenate([s.run([OUTPUT_EMBEDS], {INPUT_FEATURES: features[i: i + batch],
                                                    INPUT_MASK: mask[i: i + batch]})[0]

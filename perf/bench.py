@@ -1,15 +1,18 @@
 """One command from nothing to a benchmark report of the AF3 Triton ensemble.
 
-    python -m af3trt.perf.bench --preset small --out perf/results/<stamp>
+    python -m af3trt.perf.bench --out perf/results/<stamp>          # the `af3` preset: AF3's compute split
     python -m af3trt.perf.bench --repo OUT                 # an existing build (CPU or GPU repository)
     python -m af3trt.perf.bench --url HOST:PORT [--hf-model DIR | --repo OUT]   # an existing server
 
 Steps: synthetic checkpoint of the preset (unless --hf-model/--repo) → CPU repository (unless --repo/--url) →
-tritonserver on loopback (unless --url) → clips → perf_analyzer concurrency sweeps, non-streaming and streaming
+tritonserver on loopback (unless --url) → clips → the headline comparison (perf/compare.py: a burst of 8 spoken
+clips and steady concurrency 8 against transformers one-at-a-time and batched, interleaved, medians of three; TTFT
+for a 5-s clip; encoder ms against clip seconds) → perf_analyzer concurrency sweeps, non-streaming and streaming
 (per-request timestamps from its profile export; Triton statistics diffed around every point) → our own client
 (per-request overhead at c=1, streaming cross-check, audio-length and output-length studies) → transformers'
-generate on the same checkpoint and clips (sequential and batched) → GPU projection → results.json, report.md,
-PNG plots. Every figure in the report names the tool that measured it.
+generate on the same checkpoint and clips (sequential and batched) → the full-window ablation (a build that
+sends whole 30-s windows, as before the frame axis was dynamic: TTFT and encoder curve) → GPU projection →
+results.json, report.md, PNG plots. Every figure in the report names the tool that measured it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from af3trt.perf import clips as clipgen
-from af3trt.perf import machine, metrics, stats
+from af3trt.perf import compare, machine, metrics, stats
 from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
 from af3trt.perf.loadgen import PersistentStream, run_load
 from af3trt.runtime import lengths
@@ -51,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="af3trt-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("what to measure")
-    src.add_argument("--preset", default="small", help="synthetic checkpoint preset (af3trt.export.synth)")
+    src.add_argument("--preset", default="af3", help="synthetic checkpoint preset (af3trt.export.synth): af3 "
+                                                     "(default: AF3's encoder/decoder compute split), small, tiny")
     src.add_argument("--hf-model", type=Path, help="an AF3 checkpoint instead of the synthetic preset")
     src.add_argument("--repo", type=Path, help="an existing build output (with model_repository/, manifest.json)")
     src.add_argument("--url", help="an existing server's gRPC address HOST:PORT (nothing is built or started)")
@@ -61,8 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     b = ap.add_argument_group("CPU build (ignored with --repo/--url)")
     b.add_argument("--encoder-precision", default="fp32", choices=["fp32", "int8"],
                    help="encoder of the main build; fp32 answers exactly as transformers does")
-    b.add_argument("--ablation-levels", default="1,8,16",
+    b.add_argument("--ablation-levels", default="",
                    help="non-streaming levels run again on a build with the other encoder precision ('' to skip)")
+    b.add_argument("--no-full-window-ablation", dest="full_window_ablation", action="store_false",
+                   help="skip the build that sends full 30-s windows (TTFT and encoder curve before cropping)")
+    b.add_argument("--no-batching-ablation", dest="batching_ablation", action="store_false",
+                   help="skip the build with the other encoder batching setting (burst and steady c=8 once)")
     b.add_argument("--encoder-threads", type=int, default=0,
                    help="ONNX Runtime threads of the encoder (0: one per logical CPU; idle ones sleep)")
     b.add_argument("--decoder-threads", type=int, default=0, help="torch threads of the decoder (0: logical CPUs)")
@@ -77,11 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--max-text-len", type=int, default=512)
     b.add_argument("--max-output-len", type=int, default=256)
     s = ap.add_argument_group("sweep")
-    s.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    s.add_argument("--concurrency", default="1,4,8,16,32")
     s.add_argument("--modes", default="nonstream,stream", help="perf_analyzer sweeps: nonstream, stream")
     s.add_argument("--requests-per-level", type=int, default=12)
     s.add_argument("--rounds-per-level", type=int, default=2, help="at least this many requests per slot")
-    s.add_argument("--main-seconds", type=float, default=10.0, help="clip length of the sweep inputs")
+    s.add_argument("--main-clips", default="spoken", choices=["spoken", "speech"],
+                   help="sweep inputs: the 8 spoken clips of the comparison, or main-variants speech clips")
+    s.add_argument("--main-seconds", type=float, default=10.0, help="clip length of the speech sweep inputs")
     s.add_argument("--main-variants", type=int, default=4, help="distinct (clip, prompt) inputs in the sweep")
     s.add_argument("--max-tokens", type=int, default=32)
     s.add_argument("--client-levels", default="1,8", help="levels of the own-client streaming cross-check")
@@ -91,6 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--scaling-extra", default=DEFAULT_SCALING_EXTRA, help="more clips for the window scaling")
     s.add_argument("--length-repeats", type=int, default=2, help="requests per clip up to 2 min (1 above)")
     s.add_argument("--output-lengths", default="1,8,32,128", help="max_tokens of the output-length study")
+    c = ap.add_argument_group("headline comparison (perf/compare.py)")
+    c.add_argument("--compare-rounds", type=int, default=3, help="interleaved rounds (0 to skip the comparison)")
+    c.add_argument("--burst-clips", type=int, default=8, help="distinct spoken clips of 7-10 s (espeak-ng)")
+    c.add_argument("--steady-concurrency", type=int, default=8)
+    c.add_argument("--steady-requests", type=int, default=24, help="requests per steady perf_analyzer run")
+    c.add_argument("--ttft-requests", type=int, default=10, help="streaming requests of the 5-s TTFT probe")
+    c.add_argument("--encoder-curve", default=",".join(str(x) for x in compare.ENCODER_SECONDS),
+                   help="clip seconds of the encoder-cost curve ('' to skip)")
     bl = ap.add_argument_group("transformers baseline")
     bl.add_argument("--no-baseline", action="store_true")
     bl.add_argument("--baseline-requests", type=int, default=6, help="sequential requests")
@@ -148,10 +166,10 @@ def prepare_checkpoint(args, work: Path) -> Path:
     return ckpt
 
 
-def build_options(args, ckpt: Path, out: Path, precision: str):
+def build_options(args, ckpt: Path, out: Path, precision: str, crop_frames: bool = True):
     from af3trt.build.build_engines import BuildOptions
 
-    return BuildOptions(hf_model=ckpt, out=out, force=True, max_batch_size=args.max_batch_size,
+    return BuildOptions(crop_frames=crop_frames, hf_model=ckpt, out=out, force=True, max_batch_size=args.max_batch_size,
                         max_text_len=args.max_text_len, max_output_len=args.max_output_len,
                         default_max_tokens=args.max_tokens, encoder_precision=precision,
                         encoder_threads=args.encoder_threads or os.cpu_count(),
@@ -162,14 +180,16 @@ def build_options(args, ckpt: Path, out: Path, precision: str):
                         encoder_instances=args.encoder_instances)
 
 
-def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = None) -> Path:
+def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = None, crop_frames: bool = True) -> Path:
     """The build output to serve: --repo, or a CPU build cached under --work keyed by its options."""
-    if args.repo and precision is None:
+    if args.repo and precision is None and crop_frames:
         return args.repo.resolve()
     from af3trt.build.build_engines import build, checkpoint_digest
 
     precision = precision or args.encoder_precision
-    opts = build_options(args, ckpt, work / f"repo-{precision}", precision)
+    name = f"repo-{args.preset}-{precision}" + ("-batched" if args.encoder_batching else "") \
+        + ("" if crop_frames else "-full-windows")
+    opts = build_options(args, ckpt, work / name, precision, crop_frames)
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}
     key["checkpoint"] = checkpoint_digest(ckpt)["sha256"]
     key["sources"] = source_digest()
@@ -190,8 +210,12 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def make_inputs(args) -> tuple[list[tuple[str, bytes]], list[dict]]:
-    """The sweep's (prompt, clip) inputs: `main_variants` speech clips of main_seconds, each with its prompt."""
+def make_inputs(args, spoken: list[tuple[float, bytes]] | None = None) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """The sweep's (prompt, clip) inputs: the comparison's spoken clips, or `main_variants` speech clips of
+    main_seconds, each with its prompt."""
+    if spoken:
+        return compare.items_of(spoken), [{"clip": f"spoken-{s:.1f}s", "seed": i, "prompt": compare.PROMPT,
+                                           "bytes": len(b)} for i, (s, b) in enumerate(spoken)]
     inputs, meta = [], []
     for i in range(args.main_variants):
         spec = clipgen.ClipSpec("speech", args.main_seconds)
@@ -318,12 +342,12 @@ def output_length_study(args, url: str, inputs) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ baseline
 
-def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, bytes]], ours_ids: list[list[int]]) -> dict:
+def load_baseline(args, ckpt: Path, inputs):
+    """transformers' AF3 on the checkpoint, its torch threads the faster of 1 and all cores on one warm request (a
+    noisy 2-core box punishes oversubscription). → (TransformersBaseline, {threads, thread_calibration_s})."""
     from af3trt.perf import baseline as bl
 
     ref = bl.TransformersBaseline(ckpt)
-    out = {"tool": "transformers AudioFlamingo3ForConditionalGeneration.generate (this process)"}
-    # threads: the faster of 1 and all cores on one warm request (a noisy 2-core box punishes oversubscription)
     candidates = [1, os.cpu_count() or 1] if args.baseline_threads == "auto" else [int(args.baseline_threads)]
     timing = {}
     for n in dict.fromkeys(candidates):
@@ -332,8 +356,15 @@ def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, 
         timing[n] = min(ref.generate([inputs[0]], args.max_tokens)[0] for _ in range(2))
     best = min(timing, key=timing.get)
     ref.set_threads(best)
-    out["threads"] = best
-    out["thread_calibration_s"] = {str(k): v for k, v in timing.items()}
+    return ref, {"threads": best, "thread_calibration_s": {str(k): v for k, v in timing.items()}}
+
+
+def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, bytes]], ours_ids: list[list[int]],
+                 loaded=None) -> dict:
+    from af3trt.perf import baseline as bl
+
+    ref, calibration = loaded or load_baseline(args, ckpt, inputs)
+    out = {"tool": "transformers AudioFlamingo3ForConditionalGeneration.generate (this process)", **calibration}
     seq = ref.sequential(inputs, args.baseline_requests, args.max_tokens)
     out["sequential"] = {"seconds": seq["seconds"], "tokens": seq["tokens"],
                          "points": [bl.sequential_point(seq["seconds"], seq["tokens"], c)
@@ -393,7 +424,9 @@ def main(argv=None) -> int:
         results["url"] = url
 
         with phases("clips"):
-            inputs, meta = make_inputs(args)
+            spoken = clipgen.spoken_clips(args.burst_clips) \
+                if (args.compare_rounds or args.main_clips == "spoken") else None
+            inputs, meta = make_inputs(args, spoken if args.main_clips == "spoken" else None)
             results["inputs"] = meta
             specs = [clipgen.ClipSpec.parse(s) for s in args.length_clips.split(",") if s.strip()]
             extra = [clipgen.ClipSpec.parse(s) for s in args.scaling_extra.split(",") if s.strip()] if specs else []
@@ -404,6 +437,13 @@ def main(argv=None) -> int:
             probes = probe_requests(url, [inputs[i % len(inputs)] for i in range(args.overhead_requests)],
                                     max_tokens=args.max_tokens, stream=False)
             results["overhead_probe"] = summarize_probes(probes)
+
+        loaded = None
+        if args.compare_rounds and not args.no_baseline:
+            with phases("headline comparison (af3trt and transformers interleaved)"):
+                loaded = load_baseline(args, ckpt, inputs)
+                results["compare"] = run_compare(args, url, loaded[0], spoken, out,
+                                                 server.proc.pid if server else None)
 
         results["sweeps"] = {}
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
@@ -426,6 +466,26 @@ def main(argv=None) -> int:
             with phases("server stop (main)"):
                 server.stop()
             server = None
+        if args.full_window_ablation and results.get("compare") and not (args.url or args.repo):
+            with phases("ablation: full 30-s windows"):
+                results["compare"]["full_window"] = run_variant(
+                    lambda: prepare_repository(args, ckpt, work, crop_frames=False), out / "tritonserver-full-windows.log",
+                    lambda url, pid: run_full_window(args, url, inputs, spoken))
+        if args.batching_ablation and results.get("compare") and not (args.url or args.repo):
+            other = argparse.Namespace(**{**vars(args), "encoder_batching": not args.encoder_batching,
+                                          "encoder_queue_delay_us": 0 if args.encoder_batching else 2000})
+
+            def batching(url, pid):
+                probe_requests(url, inputs, max_tokens=args.max_tokens, stream=False)  # warm-up
+                return {"burst": compare.burst(url, spoken, args.max_tokens),
+                        "steady": compare.steady(url, spoken, args.max_tokens, args.steady_concurrency,
+                                                 out / "compare" / "batching", args.steady_requests, pid)}
+
+            with phases(f"ablation: encoder batching {'on' if other.encoder_batching else 'off'}"):
+                results["compare"]["batching"] = {
+                    "encoder_batching": other.encoder_batching, "queue_delay_us": other.encoder_queue_delay_us,
+                    **run_variant(lambda: prepare_repository(other, ckpt, work), out / "tritonserver-batching.log",
+                                  batching)}
         if args.ablation_levels and not (args.url or args.repo):
             other = "int8" if args.encoder_precision == "fp32" else "fp32"
             with phases(f"ablation: {other} encoder"):
@@ -445,7 +505,7 @@ def main(argv=None) -> int:
 
         if not args.no_baseline:
             with phases("transformers baseline"):
-                results["baseline"] = run_baseline(args, ckpt, inputs, length_clips, ours_ids)
+                results["baseline"] = run_baseline(args, ckpt, inputs, length_clips, ours_ids, loaded)
                 if "ablation" in results:
                     results["ablation"]["agreement_with_transformers"] = baseline_agreement(
                         abl_ids, results["baseline"]["sequential_ids"][: len(abl_ids)])
@@ -475,6 +535,51 @@ def main(argv=None) -> int:
         report.write_report(results, out)
     print(f"report: {out / 'report.md'}\nresults: {out / 'results.json'}\ntotal: {phases.total():.0f} s", flush=True)
     return 0
+
+
+def run_variant(build_repo, log_path: Path, measure) -> dict:
+    """Build (cached) and serve another repository, measure(url, server pid) on it, stop it. A failure is recorded
+    in the result ({"error": …}) and the benchmark goes on: the main figures are already measured."""
+    from af3trt.runtime.server import TritonServer
+
+    server = None
+    try:
+        repo = build_repo()
+        server = TritonServer(repo / "model_repository", log_path=log_path, exit_timeout=3).start(timeout=600)
+        return measure(server.grpc_url, server.proc.pid)
+    except Exception as e:  # noqa: BLE001 — reported, see the docstring
+        log.exception("ablation failed (server log: %s)", log_path)
+        return {"error": f"{type(e).__name__}: {e}", "server_log": str(log_path)}
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run_compare(args, url: str, ref, spoken, out: Path, server_pid: int | None) -> dict:
+    """The headline: interleaved rounds against transformers, TTFT for the bundled 5-s clip, the encoder curve."""
+    from af3trt.runtime import assets
+
+    cmp = {"rounds": compare.run_rounds(url, ref, spoken, rounds=args.compare_rounds, max_tokens=args.max_tokens,
+                                        concurrency=args.steady_concurrency, steady_requests=args.steady_requests,
+                                        out=out / "compare", server_pid=server_pid)}
+    ttft = compare.ttft_c1(url, assets.speech_path().read_bytes(), args.ttft_requests, args.max_tokens)
+    cmp["ttft"] = {**ttft, "p50_ms": ttft["ttft_ms"]["p50"]}
+    if args.encoder_curve:
+        cmp["encoder_curve"] = compare.encoder_curve(url, tuple(float(x) for x in args.encoder_curve.split(",")), 2)
+    return cmp
+
+
+def run_full_window(args, url: str, inputs, spoken) -> dict:
+    """The same measurements on a build that sends full 30-s windows: what cropping buys."""
+    from af3trt.runtime import assets
+
+    probe_requests(url, inputs, max_tokens=args.max_tokens, stream=False)  # warm every stage
+    ttft = compare.ttft_c1(url, assets.speech_path().read_bytes(), args.ttft_requests, args.max_tokens)
+    fw = {"ttft": ttft, "ttft_p50_ms": ttft["ttft_ms"]["p50"], "encoder_ms_p50": ttft["encoder_ms_p50"],
+          "burst": compare.burst(url, spoken, args.max_tokens)}
+    if args.encoder_curve:
+        fw["encoder_curve"] = compare.encoder_curve(url, tuple(float(x) for x in args.encoder_curve.split(",")), 2)
+    return fw
 
 
 def summarize_probes(probes: list[dict]) -> dict:

@@ -5,12 +5,18 @@ length, as 16-kHz mono FLAC bytes — what a client sends. Deterministic for a g
                gain, separated by short pauses, over a faint noise floor
     nonspeech  alternating segments of notes (a fundamental with two harmonics and a decay) and noise bursts
                (white, or integrated "brown" noise), with short silences
+    spoken     distinct sentences spoken by espeak-ng (Debian's `espeak-ng`), resampled to 16 kHz and padded with
+               silence to a given length: the burst of 8 distinct 7-10 s clips of `af3trt bench` (spoken_clips)
 """
 
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from functools import lru_cache
 
 import numpy as np
@@ -101,3 +107,64 @@ def flac_bytes(wave: np.ndarray) -> bytes:
 
 def make_clip(spec: ClipSpec, seed: int = 0) -> bytes:
     return flac_bytes(make_wave(spec, seed))
+
+
+# Eight distinct sentences, each 6-9 s when spoken by espeak-ng at 150-200 words per minute.
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog while the birds are singing in the garden behind the old house.",
+    "Please remind me to call the dentist tomorrow morning at nine, and to buy fresh bread on the way back home.",
+    "A train arrives at the station; people talk, a door closes, and the engine hums quietly in the background.",
+    "The weather will be sunny tomorrow, with a light wind from the west and warm afternoons until the weekend.",
+    "Our meeting moved to Thursday afternoon, so the report has to be finished and reviewed before Wednesday.",
+    "She played the piano for an hour, then walked to the harbour to watch the fishing boats come in at dusk.",
+    "Turn left at the second traffic light, continue for two kilometres, and the museum is on your right side.",
+    "In the evening the children read stories aloud, and everyone laughed when the dog tried to join the game.",
+)
+ESPEAK_SPEEDS = (150, 165, 180, 200, 225)  # words per minute, tried in turn until the sentence fits
+
+
+class EspeakError(RuntimeError):
+    """espeak-ng is missing or failed."""
+
+
+def espeak(text: str, *, words_per_minute: int = 165, voice: str = "en-us") -> np.ndarray:
+    """`text` spoken by espeak-ng: float32 [n] mono at 16 kHz (espeak-ng writes 22050 Hz; polyphase resampled)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise EspeakError("espeak-ng is not installed (Debian: apt-get install espeak-ng; scripts/setup.sh does it)")
+    with tempfile.TemporaryDirectory(prefix="af3trt-espeak-") as tmp:
+        wav = Path(tmp) / "speech.wav"
+        run = subprocess.run([exe, "-v", voice, "-s", str(words_per_minute), "-w", str(wav), text],
+                             capture_output=True, text=True, timeout=60)
+        if run.returncode != 0 or not wav.exists():
+            raise EspeakError(f"espeak-ng failed ({run.returncode}): {run.stderr.strip()}")
+        wave, rate = sf.read(wav, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if rate != SR:
+        from math import gcd
+
+        g = gcd(SR, rate)
+        wave = resample_poly(wave, SR // g, rate // g).astype(np.float32)
+    return wave
+
+
+def spoken(text: str, seconds: float) -> np.ndarray:
+    """`text` spoken at the slowest espeak-ng speed that fits in `seconds`, padded with silence to exactly that."""
+    n = int(round(seconds * SR))
+    for wpm in ESPEAK_SPEEDS:
+        wave = espeak(text, words_per_minute=wpm)
+        if len(wave) <= n:
+            return np.concatenate([wave, np.zeros(n - len(wave), np.float32)])
+    raise EspeakError(f"{text!r} does not fit in {seconds:g} s even at {ESPEAK_SPEEDS[-1]} words per minute")
+
+
+def spoken_clips(count: int = 8, min_seconds: float = 7.0, max_seconds: float = 10.0) -> list[tuple[float, bytes]]:
+    """`count` distinct spoken clips (SENTENCES in turn) of lengths spread evenly over [min, max] seconds, as
+    (seconds, 16-kHz FLAC bytes)."""
+    if not 1 <= count <= len(SENTENCES):
+        raise ValueError(f"count must be in 1..{len(SENTENCES)}, got {count}")
+    secs = np.linspace(min_seconds, max_seconds, count) if count > 1 else np.array([min_seconds])
+    return [(float(s), flac_bytes(spoken(SENTENCES[i], float(s)))) for i, s in enumerate(secs)]

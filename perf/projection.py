@@ -8,18 +8,18 @@ module adds the roofline times:
         flops  = 2 x (decoder parameters without the embedding) x B  (+ attention: 4 x layers x q_dim x T x B)
         time   = max(bytes / HBM bandwidth, flops / peak)          — memory-bound at small B
     prefill (L tokens)     flops = 2 x params x L + 2 x layers x q_dim x L^2 (causal);  time = flops / peak
-    encoder (one 30-s window, compute-bound)
-        flops  = conv1 2*3000*mels*3*H + conv2 2*1500*H*3*H
-                 + layers x (2*S*4*H^2 + 2*S*2*H*F + 4*S^2*H)   (S = 1500 positions)
-                 + projector 2*750*(H*D + D*D)
+    encoder (one window of T mel frames, compute-bound; T = 3000 for a full 30-s window)
+        flops  = conv1 2*T*mels*3*H + conv2 2*(T/2)*H*3*H
+                 + layers x (2*S*4*H^2 + 2*S*2*H*F + 4*S^2*H)   (S = T/2 positions)
+                 + projector 2*(T/4)*(H*D + D*D)
         time   = flops / peak
-
-Assumptions: dense bf16 peak (H100 SXM 989 TFLOPS, A100 312 TFLOPS) and HBM bandwidth (3.35 / 2.0 TB/s) at
-100 % efficiency: these are lower bounds on time. Real kernels reach roughly 60-80 % of bandwidth in decode
-and 40-70 % of peak in GEMMs; the `at_efficiency` figures divide by the stated fractions. For models as small
-as the benchmark preset the roofline is far below kernel-launch and scheduling costs (a few µs per kernel, hundreds
-of kernels per step): read those rows as "negligible", not as predictions. The encoder runs in bf16
-whatever the decoder precision; quantized decoders are modelled by their weight bytes only.
+    encoder per clip, following the valid audio: a request's windows run on T frames, the largest frame bucket among
+        them (runtime/audio.request_frames; lengths.frame_bucket(L) is the smallest bucket >= L+2 for L valid
+        frames — one definition shared with the preprocess crop); "full" is every window at 3000 frames, as before
+        variable-length encoding (issue 10). So only one-window clips (<= 30 s) are cropped; a longer clip's last,
+        partial window is padded to its full neighbours. Small buckets are assumed to reach the same efficiency as
+        full windows — they do not quite (a 5-s window is 300 positions: small GEMMs), so read the short-clip gain
+        as an upper bound.
 """
 
 from __future__ import annotations
@@ -57,12 +57,47 @@ AF3_REFERENCE_CONFIG = {
 }
 
 
-def encoder_window_flops(e: sizing.EncoderDims) -> float:
-    frames, s, rows = 2 * e.max_source_positions, e.max_source_positions, e.max_source_positions // 2
+def encoder_window_flops(e: sizing.EncoderDims, frames: int | None = None) -> float:
+    """One window of `frames` mel frames (default: the full window, 2 x max_source_positions)."""
+    frames = 2 * e.max_source_positions if frames is None else frames
+    s, rows = frames // 2, frames // 4
     h, f, d = e.hidden, e.ffn, e.projector_out
     convs = 2 * frames * e.mel_bins * 3 * h + 2 * s * h * 3 * h
     layer = 2 * s * 4 * h * h + 2 * s * 2 * h * f + 4 * s * s * h
     return float(convs + e.layers * layer + 2 * rows * (h * d + d * d))
+
+
+def clip_encoder_flops(e: sizing.EncoderDims, seconds: float) -> dict:
+    """Encoder FLOPs of a request with one clip: every window at 3000 frames ("full"), and every window at the
+    request's frame count T, the largest bucket among its windows, as runtime/audio.request_frames crops it."""
+    n = int(round(seconds * lengths.SAMPLE_RATE))
+    buckets = lengths.encoded_frames_for_samples(n)  # each window's own bucket
+    t, w = max(buckets), len(buckets)
+    return {"windows": w, "frames_full": w * lengths.WINDOW_FRAMES, "frames": w * t,
+            "full": w * encoder_window_flops(e), "cropped": w * encoder_window_flops(e, t)}
+
+
+MIX_SECONDS = (5, 30, 120, 600)  # the clip mix of the variable-length projection: one request of each
+
+
+def clip_mix(d: sizing.DecoderDims, e: sizing.EncoderDims, gpu: Gpu, text_tokens: int,
+             seconds=MIX_SECONDS) -> list[dict]:
+    """Per clip (and the mix, one request each): encoder time full vs cropped, and the compute before the first
+    token (encoder + prefill) — roofline at 100 % of peak and at COMPUTE_EFFICIENCY."""
+    rows = []
+    for sec in seconds:
+        c = clip_encoder_flops(e, sec)
+        tokens = lengths.audio_tokens_for_samples(int(round(sec * lengths.SAMPLE_RATE))) + text_tokens
+        rows.append({"audio_s": sec, **c, "prefill_s": prefill_s(d, gpu, tokens), "context": tokens,
+                     "encoder_full_s": c["full"] / gpu.bf16_flops, "encoder_s": c["cropped"] / gpu.bf16_flops})
+    total = {k: sum(r[k] for r in rows) for k in ("audio_s", "windows", "frames_full", "frames", "full", "cropped",
+                                                  "prefill_s", "encoder_full_s", "encoder_s", "context")}
+    for r in rows + [total]:
+        r["encoder_speedup"] = r["full"] / r["cropped"]
+        r["first_token_full_s"] = r["encoder_full_s"] + r["prefill_s"]
+        r["first_token_s"] = r["encoder_s"] + r["prefill_s"]
+    total["label"] = "mix"
+    return rows + [total]
 
 
 def decoder_flops_per_token(d: sizing.DecoderDims) -> float:
@@ -105,7 +140,7 @@ def project(config: dict, *, label: str, text_tokens: int = 64, batches=(1, 8, 6
     for key, gpu in GPUS.items():
         g = {"gpu": gpu.name, "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "bf16_flops": gpu.bf16_flops,
              "encoder_window_s": (encoder_window_flops(e) / gpu.bf16_flops) if e else None, "decode": [],
-             "prefill_s": {}}
+             "prefill_s": {}, "clip_mix": clip_mix(d, e, gpu, text_tokens) if e else []}
         for seconds in (30, 600):
             ctx = lengths.audio_tokens_for_samples(seconds * lengths.SAMPLE_RATE) + text_tokens
             g["prefill_s"][f"{seconds}s"] = prefill_s(d, gpu, ctx)
@@ -138,6 +173,7 @@ def render_markdown(projections: list[dict]) -> str:
         for g in pr["gpus"].values():
             lines.append(f"| {g['gpu']} | {_t(g['encoder_window_s'])} | {_t(g['prefill_s']['30s'])} | "
                          f"{_t(g['prefill_s']['600s'])} |")
+        lines += _clip_mix_markdown(pr["gpus"]["H100"])
         batches = sorted({r["batch"] for g in pr["gpus"].values() for r in g["decode"]})
         lines += ["", "Decode step, one token for each of B sequences, bf16 KV cache: roofline time (at eff.), and "
                   "tokens/s at the largest B at 100 %:", "",
@@ -158,6 +194,32 @@ def render_markdown(projections: list[dict]) -> str:
                 lines.append(f"| {key} | {label} | {prec} | " + " | ".join(cells) + f" | {tps} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _clip_mix_markdown(g: dict) -> list[str]:
+    """The variable-length encoder table (one GPU): encoder cost follows the valid audio."""
+    if not g["clip_mix"]:
+        return []
+    eff = COMPUTE_EFFICIENCY
+    lines = ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): windows encoded at their "
+             "frame bucket (smallest multiple of 100 frames >= L+2, `runtime/lengths.frame_bucket`) instead of 3000 "
+             "frames. 'First token' is encoder + prefill compute (64 text tokens), roofline at 100 % of peak "
+             f"(at {eff:.0%}); the mix is one request of each clip. A request's windows share the largest bucket among "
+             "them (`runtime/audio.request_frames`), so only clips of one window (<= 30 s) are cropped: the 5-s clip "
+             "gains, the 30-s clip is a full window, and 2-min and 10-min clips run every window at 3000 frames.", "",
+             "| clip | windows | frames encoded (full → cropped) | encoder GFLOP (full → cropped) | encoder time "
+             "(full → cropped) | encoder gain | first token (full → cropped) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in g["clip_mix"]:
+        sec = r["audio_s"]
+        label = "mix (5 s + 30 s + 2 min + 10 min)" if r.get("label") == "mix" else \
+            (f"{sec // 60} min" if sec >= 60 else f"{sec} s")
+        lines.append(f"| {label} | {r['windows']} | {r['frames_full']:,} → {r['frames']:,} | "
+                     f"{r['full'] / 1e9:,.0f} → {r['cropped'] / 1e9:,.0f} | "
+                     f"{_t(r['encoder_full_s'])} → {_t(r['encoder_s'])} ({_t(r['encoder_s'] / eff)}) | "
+                     f"{r['encoder_speedup']:.2f}× | {_t(r['first_token_full_s'])} → {_t(r['first_token_s'])} "
+                     f"({_t(r['first_token_s'] / eff)}) |")
+    return lines
 
 
 def _bytes(n: float) -> str:

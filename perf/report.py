@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from af3trt.perf import metrics
+from af3trt.perf import compare, metrics
 
 TARGET_RATIO = 3.0  # throughput at c=8 over transformers one request at a time
 TARGET_OVERHEAD_MS = 5.0  # p50 per request of everything but encoder and decoder compute
@@ -150,6 +150,9 @@ def render_markdown(results: dict, plots: list[str] = ()) -> str:
              f"ratios measured side by side in this one run. Total run time {_f(results.get('total_seconds'), '{:.0f}')} s.",
              ""]
     lines += ["## Headline", ""]
+    lines += compare.render(results.get("compare") or {}, m.get("cpu", {}).get("isa"))
+    if results.get("compare"):
+        lines += ["", "### Sweep figures"]
     lines += _headline_lines(h)
     lines += ["", "## Setup", "",
               f"- Repository: `{repo.get('path')}` (target {repo.get('target')}); precisions "
@@ -569,6 +572,9 @@ def stage_series(points: list[dict]) -> dict[str, list[float]]:
 
 def write_report(results: dict, out: Path) -> Path:
     plots = write_plots(results, out)
+    encoder_plot = compare.plot_encoder_curve(results.get("compare") or {}, out)
+    if encoder_plot:
+        plots.insert(0, encoder_plot)
     path = out / "report.md"
     path.write_text(render_markdown(results, plots))
     return path

@@ -18,3 +18,4 @@ META_HIDDEN_SIZE = "af3trt.hidden_size"  # text hidden size H (width of audio_em
 META_CHECKPOINT_DTYPE = "af3trt.checkpoint_dtype"  # dtype the checkpoint stores the exported weights in
 META_EXPORT_DTYPE = "af3trt.export_dtype"  # dtype of the graph's weights and activations
 META_QUANTIZATION = "af3trt.quantization"  # absent for the plain export, e.g. "int8-dynamic"
+META_MAX_FRAMES = "af3trt.max_frames"  # largest T of a dynamic frame axis (3000)

@@ -10,9 +10,19 @@ The chain, per clip of n samples at 16 kHz:
   tokens    L = valid frames summed over the clip's windows;
             conv = (L - 1) // 2 + 1   (encoder conv, stride 2)
             post = (conv - 2) // 2 + 1 (avg-pool, stride 2) — the number of <sound> tokens.
-The encoder applies the same formula per window to pick the valid rows of its [750, H] output;
+The encoder applies the same formula per window to pick the valid rows of its [rows, H] output;
 since every window but the last is full (3000 frames → 750 rows), the per-window counts sum to the
 clip's count (see embeds_valid_per_window).
+
+Frame buckets (what the encoder computes, not what AF3 reads): the kept tokens of a window with L valid
+frames depend only on its mel frames [0, L+2) (conv1 k=3 pad 1; conv2 k=3 stride 2 pad 1; avg-pool 2 over
+conv positions that are all valid; attention masked to the valid positions). So a window is sent to the
+encoder cropped to T = frame_bucket(L) frames, the smallest bucket >= L+2 (3000 when L+2 > 3000), and the
+encoder runs on T frames with the positional embedding sliced to T/2: its first
+embeds_valid_per_window(L) rows equal the full window's. Buckets are multiples of FRAME_BUCKET_STEP
+frames (1 s), so T/2 positions and T/4 rows stay whole and the set of shapes Triton and TensorRT see
+stays small (30). The log-mel is still computed on the full 30-s window (its clamp uses the window's
+maximum) and cropped afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +48,36 @@ def audio_token_count(valid_frames: int) -> int:
 
 
 EMBEDS_PER_WINDOW = audio_token_count(WINDOW_FRAMES)  # 750
+
+
+# The encoder's frame axis: every window is cropped to one of these (1 s steps, up to the full 30 s).
+FRAME_BUCKET_STEP = 100
+FRAME_BUCKETS = tuple(range(FRAME_BUCKET_STEP, WINDOW_FRAMES + 1, FRAME_BUCKET_STEP))  # 100, 200, …, 3000
+# Frames a kept token can depend on beyond the valid ones (conv1's right tap, then conv2's).
+CROP_MARGIN = 2
+
+
+def frame_bucket(valid: int) -> int:
+    """Frames the encoder runs a window with `valid` mel frames on: the smallest bucket >= valid + 2
+    (the full window when that passes 3000). A window without a valid frame (a text-only placeholder)
+    takes the smallest bucket."""
+    if not 0 <= valid <= WINDOW_FRAMES:
+        raise ValueError(f"a window has 0..{WINDOW_FRAMES} valid frames, got {valid}")
+    need = min(valid + CROP_MARGIN, WINDOW_FRAMES)
+    return -(-need // FRAME_BUCKET_STEP) * FRAME_BUCKET_STEP if need > 0 else FRAME_BUCKETS[0]
+
+
+def encoder_rows(frames: int) -> int:
+    """Rows of the encoder's output for a window of `frames` mel frames (conv stride 2, avg-pool 2):
+    750 for the full 3000, frames // 4 for every bucket."""
+    if frames < 2 or frames % 2:
+        raise ValueError(f"the encoder takes an even number of frames >= 2, got {frames}")
+    return frames // 4
+
+
+def encoded_frames_for_samples(n_samples: int, max_windows: int = MAX_WINDOWS) -> list[int]:
+    """Frames the encoder computes for each window of a clip (its bucket): what encoder cost follows."""
+    return [frame_bucket(f) for f in frames_per_window(n_samples, max_windows)]
 
 
 def embeds_valid_per_window(mask_sum: int) -> int:

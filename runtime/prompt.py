@@ -91,24 +91,26 @@ class PromptBuilder:
                            audio_windows: list[int]):
         """(input_ids int32 [L], prompt table [N, H] float32 numpy) for one request.
 
-        audio_embeds: [W, 750, H] encoder output; mask: [W, 3000] the windows' mel masks; audio_windows: windows
-        of each clip in order (windows past their sum are placeholders for text-only requests). The table holds
-        every clip's valid rows in clip order; each audio part becomes a run of fake ids addressing its clip's rows.
+        audio_embeds: [W, T/4, H] encoder output; mask: [W, T] the windows' mel masks (T: the request's frame
+        bucket); audio_windows: windows of each clip in order (windows past their sum are placeholders for text-only
+        requests). The table holds every clip's valid rows in clip order; each audio part becomes a run of fake ids
+        addressing its clip's rows.
         """
-        ids = self.tokenizer.encode(self.render_conversation(conv), add_special_tokens=False).ids
+        rows = window_rows(mask, audio_windows)
+        ids = self.build_ids(conv, rows, audio_windows)
+        # Valid rows of each window, in order: [N, H] (af3trt.kernels.table does the same on the device).
+        parts = [audio_embeds[w, :n] for w, n in enumerate(rows)]
+        table = np.concatenate(parts, 0) if parts else np.zeros((0, self.limits.hidden_size), np.float32)
+        return ids, table
 
-        # Valid rows of each window, then each clip's rows in order: [N, H].
-        rows, w = [], 0
-        for n_win in audio_windows:
-            for _ in range(n_win):
-                rows.append(audio_embeds[w, : lengths.embeds_valid_per_window(int(mask[w].sum()))])
-                w += 1
+    def build_ids(self, conv: Conversation, rows: list[int], audio_windows: list[int]) -> np.ndarray:
+        """input_ids int32 [L] for a request whose windows keep rows[w] table rows each (window_rows)."""
+        ids = self.tokenizer.encode(self.render_conversation(conv), add_special_tokens=False).ids
         per_clip, w = [], 0
         for n_win in audio_windows:
-            per_clip.append(sum(len(r) for r in rows[w: w + n_win]))
+            per_clip.append(sum(rows[w: w + n_win]))
             w += n_win
         first_row = np.concatenate([[0], np.cumsum(per_clip)]).astype(int)  # [clips + 1]
-        table = np.concatenate(rows, 0) if rows else np.zeros((0, self.limits.hidden_size), np.float32)
 
         runs = self._placeholder_runs(conv, sum(1 for t in ids if t == self.audio_token_id))
         # Expand the k-th <sound> into the fake ids of its clips: vocab_size + (row of that clip's table rows).
@@ -125,7 +127,7 @@ class PromptBuilder:
         if len(out) > self.limits.max_input_len:
             raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - n_audio} text + {n_audio} audio) "
                               f"> max_input_len {self.limits.max_input_len}")
-        return np.asarray(out, np.int32), table
+        return np.asarray(out, np.int32)
 
     @staticmethod
     def _placeholder_runs(conv: Conversation, n_placeholders: int) -> list[list[int]]:
@@ -144,6 +146,11 @@ class PromptBuilder:
             return runs
         raise PromptError(f"the chat template placed {n_placeholders} audio placeholders for {len(order)} audio "
                           f"parts in {len(per_message)} messages")
+
+
+def window_rows(mask: np.ndarray, audio_windows: list[int]) -> list[int]:
+    """Valid encoder rows of each of the request's windows (the first sum(audio_windows) rows of mask [W, T])."""
+    return [lengths.embeds_valid_per_window(int(mask[w].sum())) for w in range(sum(audio_windows))]
 
 
 def table_extra_ids(ids: np.ndarray, table: np.ndarray, vocab_size: int) -> np.ndarray:

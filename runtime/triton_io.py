@@ -77,3 +77,26 @@ def per_request(pb, requests, run) -> list:
 
 def bytes_tensor(pb, name: str, values: list[bytes]):
     return pb.Tensor(name, np.array(values, dtype=np.object_))
+
+
+def device_tensor(pb, request, name: str):
+    """An input as a torch tensor where Triton placed it (GPU or CPU), through DLPack; None when absent.
+
+    With the python-backend parameter FORCE_CPU_ONLY_INPUT_TENSORS "no", Triton hands a python model its inputs in
+    CPU or GPU memory depending on where they were last used, and `pb.Tensor.is_cpu()` tells which
+    (triton-inference-server/python_backend README, "Input Tensor Device Placement"); `as_numpy()` works only on CPU
+    tensors, `to_dlpack()` on both.
+    """
+    import torch
+
+    t = pb.get_input_tensor_by_name(request, name)
+    return None if t is None else torch.from_dlpack(t.to_dlpack())
+
+
+def output_tensor(pb, name: str, value):
+    """A numpy array, or a torch tensor on any device (passed through DLPack without a copy), as an output."""
+    if isinstance(value, np.ndarray):
+        return pb.Tensor(name, value)
+    from torch.utils.dlpack import to_dlpack
+
+    return pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))

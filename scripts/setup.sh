@@ -34,14 +34,14 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== pip install (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51 wheel, tritonclient 2.51, af3trt)"
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[export,server,perf,test,quant,deploy]"
+  .venv/bin/pip install -q -e ".[export,server,perf,test,quant,deploy,gpu-kernels]"
   # modelopt's ONNX side (PTQ, fp16/bf16 casts), without their dependency pins
   .venv/bin/pip install -q --no-deps onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 polygraphy==0.53.6 \
       onnxconverter-common==1.16.0 lief==1.0.0 onnxscript==0.7.2 onnx-ir==1.1.0 colorama==0.4.6
   echo "$want" > "$stamp"
 fi
 .venv/bin/python - <<'PY'
-import numpy, torch, transformers, onnxruntime, modelopt.onnx.quantization, modelopt.torch.quantization
+import numpy, torch, transformers, onnxruntime, modelopt.onnx.quantization, modelopt.torch.quantization, triton
 from af3trt.runtime.server import find_tritonserver
 from af3trt.perf.analyzer import find_perf_analyzer
 assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: the Triton 2.51 python backend needs numpy<2"

@@ -51,6 +51,16 @@ class Tensor:
         return to_dlpack(t)
 
 
+class Logger:
+    """pb_utils.Logger: what the models log into the server log (kept here for assertions)."""
+
+    messages: list[str] = []
+
+    @classmethod
+    def log_info(cls, msg):
+        cls.messages.append(msg)
+
+
 class InferenceResponse:
     def __init__(self, output_tensors=(), error=None):
         self.outputs = {t.name(): t for t in output_tensors}

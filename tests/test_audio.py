@@ -89,6 +89,23 @@ def test_per_window_rows_sum_to_clip_tokens():
         assert per_window == lengths.audio_tokens_for_samples(n), n
 
 
+def test_frame_buckets():
+    # Every bucket is even with whole rows, the last is the full window, and each window's bucket is the smallest
+    # one that holds its valid frames plus the two a kept token can still see (L + 2), capped at the window.
+    assert lengths.FRAME_BUCKETS[-1] == lengths.WINDOW_FRAMES and len(set(lengths.FRAME_BUCKETS)) == 30
+    assert all(b % 4 == 0 for b in lengths.FRAME_BUCKETS)
+    assert lengths.encoder_rows(lengths.WINDOW_FRAMES) == lengths.EMBEDS_PER_WINDOW
+    for L in range(lengths.WINDOW_FRAMES + 1):
+        T = lengths.frame_bucket(L)
+        assert T in lengths.FRAME_BUCKETS and T >= min(L + 2, lengths.WINDOW_FRAMES)
+        assert T == lengths.FRAME_BUCKETS[0] or T - lengths.FRAME_BUCKET_STEP < min(L + 2, lengths.WINDOW_FRAMES)
+        assert lengths.embeds_valid_per_window(L) <= lengths.encoder_rows(T)
+    assert [lengths.frame_bucket(L) for L in (0, 98, 99, 2998, 2999, 3000)] == [100, 100, 200, 3000, 3000, 3000]
+    assert lengths.encoded_frames_for_samples(65 * SR) == [3000, 3000, 600]
+    with pytest.raises(ValueError):
+        lengths.frame_bucket(3001)
+
+
 # ---------------------------------------------------------------------------------------------
 # windows, features and tokens against the processor
 
@@ -137,9 +154,42 @@ def test_speech_end_to_end(processor, speech_bytes):
     assert batch.windows_per_clip == [1] and batch.truncated == [False]
     assert batch.seconds_per_clip == [len(wave) / SR] and 4.0 < batch.seconds_per_clip[0] < 6.0
     assert batch.tokens_per_clip == ref_tokens
-    assert np.array_equal(batch.mask, ref_mask)
-    diff = float(np.abs(batch.features - ref_features).max())
+    # cropped after the full-window log-mel to the frame bucket of the 5-s clip (500 valid frames → 600)
+    T = lengths.frame_bucket(int(ref_mask.sum()))
+    assert T == 600 and batch.features.shape == (1, 128, T) and batch.mask.shape == (1, T)
+    assert np.array_equal(batch.mask, ref_mask[:, :T]) and ref_mask[:, T:].sum() == 0
+    diff = float(np.abs(batch.features - ref_features[:, :, :T]).max())
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
+
+
+@pytest.mark.parametrize("n", [1, 160 * 97, 160 * 98 + 1, SR, 7 * SR + 5, 30 * SR - 1, 30 * SR])
+def test_cropped_log_mel_is_the_full_window_log_mel_cropped(n):
+    # Only the frames that see a sample are transformed; the rest is the window's constant floor. Equal to the
+    # full-window features cropped, for short clips, bucket edges and a full window.
+    chunks = [test_signal(n, seed=n), test_signal(min(n, 321), seed=1)]
+    T = audio.request_frames(chunks)
+    assert T == lengths.frame_bucket(lengths.valid_frames(n))
+    full, full_mask = log_mel(chunks)
+    cropped, mask = log_mel(chunks, T)
+    assert cropped.shape == (2, 128, T) and mask.shape == (2, T)
+    assert np.array_equal(mask, full_mask[:, :T])
+    diff = float(np.abs(cropped - full[:, :, :T]).max())
+    assert diff <= FEATURE_TOL, f"max abs diff {diff:.3g}"
+
+
+def test_prepare_clips_without_cropping(speech_bytes):
+    cropped, full = prepare_clips([speech_bytes]), prepare_clips([speech_bytes], crop=False)
+    assert cropped.features.shape == (1, 128, 600) and full.features.shape == (1, 128, 3000)
+    assert np.array_equal(full.mask[:, :600], cropped.mask) and full.tokens_per_clip == cropped.tokens_per_clip
+    assert float(np.abs(full.features[:, :, :600] - cropped.features).max()) <= FEATURE_TOL
+
+
+def test_request_frames():
+    assert audio.request_frames([]) == 100
+    assert audio.request_frames([np.zeros(SR, np.float32), np.zeros(7 * SR + 5, np.float32)]) == 800  # 701 → 800
+    assert audio.request_frames([np.zeros(30 * SR, np.float32)]) == 3000
+    with pytest.raises(ValueError, match="frames"):
+        log_mel([np.zeros(10, np.float32)], 0)
 
 
 def test_several_clips_in_order(processor, speech_bytes):
@@ -150,6 +200,7 @@ def test_several_clips_in_order(processor, speech_bytes):
 
     assert batch.windows_per_clip == [2, 1]
     assert batch.tokens_per_clip == ref_tokens
+    assert batch.features.shape == ref_features.shape  # a full window: nothing cropped
     assert np.array_equal(batch.mask, ref_mask)
     diff = float(np.abs(batch.features - ref_features).max())
     assert diff <= FEATURE_TOL, f"max abs diff of features {diff:.3g}"
@@ -157,8 +208,8 @@ def test_several_clips_in_order(processor, speech_bytes):
 
 def test_no_clips():
     batch = prepare_clips([])
-    assert batch.features.shape == (0, 128, 3000) and batch.features.dtype == np.float32
-    assert batch.mask.shape == (0, 3000) and batch.mask.dtype == np.int32
+    assert batch.features.shape == (0, 128, 100) and batch.features.dtype == np.float32
+    assert batch.mask.shape == (0, 100) and batch.mask.dtype == np.int32
     assert batch.windows_per_clip == batch.tokens_per_clip == batch.seconds_per_clip == batch.truncated == []
 
 

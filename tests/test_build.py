@@ -39,6 +39,16 @@ def test_repository_and_manifest(built, tiny_ckpt):
     assert fusion.parameters["max_input_len"].string_value == str(256 + 2 * 750)
     assert (built / fusion.parameters["tokenizer_dir"].string_value / "tokenizer.json").exists()
     assert set(m["timings_s"]) and not list(built.parent.glob(".af3.*"))
+    preprocess = configs.parse((repo / "preprocess" / "config.pbtxt").read_text())
+    assert "crop_frames" not in preprocess.parameters  # windows cropped to their frame bucket by default
+    assert [list(o.dims) for o in preprocess.output][:2] == [[-1, 128, -1], [-1, -1]]  # [W, 128, T], [W, T]
+
+
+def test_no_crop_frames_option():
+    from af3trt.build.build_engines import parser
+
+    assert parser().parse_args(["--no-crop-frames"]).crop_frames is False
+    assert parser().parse_args([]).crop_frames is True
 
 
 def test_existing_output_is_refused_then_replaced_atomically(built, tiny_ckpt, monkeypatch):

@@ -10,7 +10,8 @@ import struct
 import numpy as np
 import pytest
 
-from af3trt.perf import analyzer, baseline, clips, machine, metrics, projection, report, stats
+from af3trt.perf import analyzer, baseline, clips, compare, machine, metrics, projection, report, stats
+from af3trt.runtime import lengths
 from af3trt.perf.metrics import RequestRecord
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -219,10 +220,42 @@ def test_encoder_window_flops_formula():
     assert projection.encoder_window_flops(e) == want
 
 
+def test_encoder_flops_follow_the_valid_audio():
+    """Encoder FLOPs per window at T frames (S = T/2 positions, T/4 projector rows); a request's windows at the frame
+    count preprocess crops them to (runtime/audio.request_frames): a 5-s clip (500 valid frames) runs on 600 frames,
+    a 70-s clip on 3 x 3000 (its 10-s window is padded to its full neighbours)."""
+    from af3trt.build import sizing
+    from af3trt.runtime import audio, lengths
+
+    _, e = sizing.dims_from_config(SMALL)
+    h, f = 64, 128
+    assert projection.encoder_window_flops(e, 3000) == projection.encoder_window_flops(e)
+    s = 300
+    want = (2 * 600 * 128 * 3 * h + 2 * s * h * 3 * h + 2 * (2 * s * 4 * h * h + 2 * s * 2 * h * f + 4 * s * s * h)
+            + 2 * 150 * (h * 256 + 256 * 256))
+    assert projection.encoder_window_flops(e, 600) == want
+    five = projection.clip_encoder_flops(e, 5)
+    assert (five["windows"], five["frames"], five["frames_full"]) == (1, lengths.frame_bucket(500), 3000) == (1, 600, 3000)
+    assert five["cropped"] == want and five["full"] == projection.encoder_window_flops(e)
+    long = projection.clip_encoder_flops(e, 70)
+    assert long["frames"] == long["frames_full"] == 3 * 3000 and long["cropped"] == long["full"]
+    for sec in (5, 29.5, 70):  # the projection's T is the one preprocess crops to
+        chunks, _ = audio.split_windows(np.zeros(int(sec * lengths.SAMPLE_RATE), np.float32))
+        c = projection.clip_encoder_flops(e, sec)
+        assert c["frames"] == c["windows"] * audio.request_frames(chunks)
+    d, _ = sizing.dims_from_config(SMALL)
+    mix = projection.clip_mix(d, e, projection.GPUS["H100"], text_tokens=64)
+    assert [r["audio_s"] for r in mix] == [5, 30, 120, 600, 755] and mix[-1]["label"] == "mix"
+    assert mix[-1]["cropped"] == sum(r["cropped"] for r in mix[:-1])
+    assert mix[0]["encoder_speedup"] > 1 and all(r["encoder_speedup"] == 1 for r in mix[1:4])
+    assert mix[0]["first_token_s"] == pytest.approx(mix[0]["encoder_s"] + mix[0]["prefill_s"])
+
+
 def test_projection_markdown_is_labelled_and_skips_fp8_on_a100():
     md = projection.render_markdown([projection.project(projection.AF3_REFERENCE_CONFIG, label="AF3")])
     assert "PROJECTION" in md and "n/a: no FP8 on A100" in md
     assert "| H100 | 30 s | fp8 |" in md and "| A100 | 30 s | bf16 |" in md
+    assert "Encoder cost following the valid audio" in md and "| mix (5 s + 30 s + 2 min + 10 min) | 26 |" in md
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -303,8 +336,11 @@ def test_bench_cli_defaults():
     from af3trt.perf import bench
 
     args = bench.parse_args([])
-    assert bench.ints(args.concurrency) == [1, 2, 4, 8, 16, 32, 64]
-    assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.encoder_precision == "fp32" and args.ablation_levels == "1,8,16"
+    assert args.preset == "af3" and args.main_clips == "spoken"  # AF3's compute split, the burst's spoken clips
+    assert (args.compare_rounds, args.burst_clips, args.steady_concurrency) == (3, 8, 8) and args.full_window_ablation
+    assert bench.ints(args.concurrency) == [1, 4, 8, 16, 32]
+    assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.encoder_precision == "fp32" and args.ablation_levels == ""
+    assert bench.parse_args(["--preset", "small"]).preset == "small"  # the old presets stay options
     assert [clips.ClipSpec.parse(s).seconds for s in args.length_clips.split(",")] == [5, 30, 120, 600] * 2
 
 
@@ -328,3 +364,67 @@ def test_committed_gpu_projection_doc_is_what_the_code_computes():
     text = projection.render_markdown([projection.project(cfg, label="AF3 (docs/af3-reference/config.json)")])
     assert text in (docs / "gpu_projection.md").read_text(encoding="utf-8")
     assert "PROJECTION" in text
+
+
+# ------------------------------------------------------------------------------------------------ headline comparison
+
+
+def test_spoken_clips_are_distinct_and_in_range():
+    from af3trt.runtime.audio import decode_audio
+
+    spoken = clips.spoken_clips(8)
+    assert [round(sec, 2) for sec, _ in spoken] == [7.0, 7.43, 7.86, 8.29, 8.71, 9.14, 9.57, 10.0]
+    waves = [decode_audio(b) for _, b in spoken]
+    assert [len(w) for w in waves] == [int(round(sec * 16000)) for sec, _ in spoken]
+    assert len({b for _, b in spoken}) == 8 and all(np.abs(w).max() > 0.05 for w in waves)  # speech, not silence
+    with pytest.raises(ValueError):
+        clips.spoken_clips(9)
+    with pytest.raises(clips.EspeakError, match="does not fit"):
+        clips.spoken(clips.SENTENCES[0], 1.0)
+
+
+def fake_compare() -> dict:
+    def pt(name, rps):
+        return {"name": name, "throughput_rps": rps, "output_tokens_per_s": 32 * rps, "rtfx": 8.5 * rps}
+
+    runs = {"burst": [pt("burst", r) for r in (3.0, 3.3, 2.9)], "steady": [pt("steady", r) for r in (2.8, 2.7, 3.1)],
+            "sequential": [pt("seq", r) for r in (1.0, 1.1, 0.9)], "batched": [pt("bat", r) for r in (2.0, 2.1, 1.9)]}
+    return {"rounds": {"rounds": 3, "runs": runs, "medians": compare.medians(runs), "clips_s": [7.0, 10.0],
+                       "max_tokens": 32, "concurrency": 8},
+            "ttft": {"p50_ms": 90.0, "encoder_ms_p50": 10.0},
+            "encoder_curve": [{"seconds": s, "encoded_frames": [lengths.frame_bucket(100 * s)], "encoder_ms": 2.0 * s}
+                              for s in (1, 5, 10, 30)],
+            "full_window": {"ttft_p50_ms": 200.0, "encoder_ms_p50": 60.0,
+                            "encoder_curve": [{"seconds": s, "encoder_ms": 60.0} for s in (1, 5, 10, 30)]}}
+
+
+def test_compare_medians_ratios_and_targets(tmp_path):
+    cmp = fake_compare()
+    med = cmp["rounds"]["medians"]
+    assert med["burst"]["throughput_rps"] == 3.0 and med["steady"]["throughput_rps"] == 2.8
+    assert med["burst"]["vs_sequential"] == pytest.approx(3.0) and med["burst"]["vs_batched"] == pytest.approx(1.5)
+    assert med["steady"]["vs_sequential"] == pytest.approx(2.8) and med["burst"]["rtfx"] == pytest.approx(25.5)
+    t = compare.targets(cmp)
+    assert list(t.values()) == [True, True, False, False, True]  # steady 2.8x < 3x, 1.4x < 1.5x; TTFT 90 <= 100
+    assert compare.targets({}) == dict.fromkeys(t, None)
+    md = "\n".join(compare.render(cmp, "avx2 avx512f"))
+    assert "CPU ISA: **avx2 avx512f**" in md and "| (a) af3trt, burst of 8 | 3.00 | 96.0 | 25.5 | **3.00x** | **1.50x** |" in md
+    assert "NOT met" in md and "TTFT p50 at c=1, 5-s clip, streaming: **90 ms**" in md and "200 ms" in md
+    assert "| encoder ms, full windows | 60.0 |" in md
+    split = {"stages": {"encoder": {"queue_ms": 5.0, "compute_ms": 40.0}}}
+    cmp["batching"] = {"encoder_batching": True, "queue_delay_us": 2000,
+                       "burst": {"throughput_rps": 2.5, "split": split}, "steady": {"throughput_rps": 2.4, "split": split}}
+    for k in ("burst", "steady"):
+        for r in cmp["rounds"]["runs"][k]:
+            r["split"] = split
+    md = "\n".join(compare.render(cmp, None))
+    assert "| batching on (ablation, one run) | 2.50 | 5 queue + 40 compute | 2.40 |" in md
+    assert "| batching off (main, median round) | 3.00 |" in md
+    cmp["full_window"] = {"error": "RuntimeError: boom", "server_log": "x.log"}
+    assert "- The full-window ablation failed: RuntimeError: boom (see x.log)." in compare.render(cmp, None)
+    assert compare.plot_encoder_curve(cmp, tmp_path) == "encoder_ms_vs_clip_seconds.png"
+    assert (tmp_path / "encoder_ms_vs_clip_seconds.png").read_bytes()[:4] == b"\x89PNG"
+    results = fake_results()
+    results["compare"] = cmp
+    results["machine"]["cpu"]["isa"] = "avx2"
+    assert "CPU ISA: **avx2**" in report.render_markdown(results)

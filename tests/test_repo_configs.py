@@ -205,6 +205,7 @@ def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
     assert (tmp_path / "repo" / "encoder" / "1" / "model.py").is_file()
     assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}  # CPU fusion is unchanged
     assert "prompt_table_extra_ids" not in cfgs["fusion"].parameters
+    assert "gpu_kernels" not in cfgs["preprocess"].parameters and "gpu_kernels" not in cfgs["fusion"].parameters
 
 
 @pytest.mark.parametrize("dtype, triton_dtype", [("bfloat16", T.TYPE_BF16), ("float16", T.TYPE_FP16),
@@ -238,10 +239,12 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert sorted(p.name for p in (tmp_path / "repo" / "encoder" / "1").iterdir()) == ["model.plan", "model.py"]
     assert "TrtRunner" in (tmp_path / "repo" / "encoder" / "1" / "model.py").read_text()
     assert out["encoder_plan"] == str(tmp_path / "repo" / "encoder" / "1" / "model.plan")
+    # [W, 128, T] with T dynamic (the request's frame bucket), as the engine profile ranges over T
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
-        ("input_features", T.TYPE_FP32, [128, 3000]), ("input_features_mask", T.TYPE_INT32, [3000])]
+        ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1])]
     assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
-        ("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, checkpoint["text_hidden_size"]])]
+        ("audio_embeds", T.TYPE_FP32, [-1, checkpoint["text_hidden_size"]])]
+    assert not any(i.allow_ragged_batch for i in enc.input)  # Triton batches equal T only: per-bucket batching
 
     p = {k: v.string_value for k, v in dec.parameters.items()}
     for k in TRTLLM_REQUIRED_PARAMS:
@@ -263,6 +266,11 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
     dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder")
     assert dec_step.input_map["prompt_table_extra_ids"] == "_prompt_table_extra_ids"
+
+    # GPU preprocessing kernels on (af3trt.kernels): log-mel and prompt table on the device, fusion inputs left there
+    assert cfgs["preprocess"].parameters["gpu_kernels"].string_value == "true"
+    assert cfgs["fusion"].parameters["gpu_kernels"].string_value == "true"
+    assert cfgs["fusion"].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
 
 
 def test_gpu_repository_without_kv_reuse(checkpoint, limits, tmp_path):

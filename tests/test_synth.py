@@ -46,3 +46,26 @@ def test_small_preset_is_tens_of_millions_of_parameters():
         model = AudioFlamingo3ForConditionalGeneration(config)
     n = sum(p.numel() for p in model.parameters())
     assert 10e6 < n < 100e6, n
+
+
+def test_af3_preset_has_the_real_compute_split():
+    """The benchmark default: encoder FLOPs per 30-s window over decoder FLOPs per token within 10 % of the real AF3's
+    (0.65 B encoder + projector, 7.6 B Qwen2.5; docs/af3-reference/config.json), decoder head_dim 128, small."""
+    import json
+    from pathlib import Path
+
+    from af3trt.build import sizing
+    from af3trt.perf import projection
+
+    def split(config: dict) -> tuple[float, int]:
+        dec, enc = sizing.dims_from_config(config)
+        return projection.encoder_window_flops(enc) / projection.decoder_flops_per_token(dec), dec.head_dim
+
+    reference = Path(synth.__file__).resolve().parents[1] / "docs" / "af3-reference" / "config.json"
+    want, want_head_dim = split(json.loads(reference.read_text()))
+    preset = synth.PRESETS["af3"]
+    got, head_dim = split(synth.build_config(preset, synth.train_tokenizer(preset.bpe_vocab), "float32").to_dict())
+    assert 150 < want < 175 and head_dim == want_head_dim == 128
+    assert abs(got / want - 1) < 0.10, (got, want)
+    small, _ = split(synth.build_config(synth.PRESETS["small"], synth.train_tokenizer(4000), "float32").to_dict())
+    assert small > 3 * want  # why `small` is not the default: its encoder weighs 5x too much

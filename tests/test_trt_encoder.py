@@ -26,11 +26,11 @@ class FakeTensor:
         self.name, self.dtype, self.shape = name, dtype, tuple(shape)
 
 
-def encoder_io(trt, features_dtype=None, drop_mask=False, frames=3000):
+def encoder_io(trt, features_dtype=None, drop_mask=False, frames=-1):
     inputs = [FakeTensor("input_features", features_dtype or trt.float32, (-1, 128, frames))]
     if not drop_mask:
         inputs.append(FakeTensor("input_features_mask", trt.int32, (-1, frames)))
-    return inputs, [FakeTensor("audio_embeds", trt.float32, (-1, 750, H))]
+    return inputs, [FakeTensor("audio_embeds", trt.float32, (-1, -1, H))]
 
 
 def make_fake_trt(*, parse_ok=True, build_ok=True, accept_cache=True, io=None):
@@ -196,11 +196,20 @@ def test_plan_profile_for_limits(mbs, windows, opt, want_max, want_opt):
     assert (plan.max_windows, plan.opt_windows) == (want_max, want_opt)
     feats, mask = plan.profile
     assert feats.name == "input_features" and feats.dtype == "float32"
-    assert (feats.min, feats.opt, feats.max) == ((1, 128, 3000), (want_opt, 128, 3000), (want_max, 128, 3000))
+    # windows × frames: T from the frame buckets (1 s … 30 s), opt the middle bucket
+    assert (feats.min, feats.opt, feats.max) == ((1, 128, 100), (want_opt, 128, 1600), (want_max, 128, 3000))
     assert mask.name == "input_features_mask" and mask.dtype == "int32"
-    assert (mask.min, mask.opt, mask.max) == ((1, 3000), (want_opt, 3000), (want_max, 3000))
+    assert (mask.min, mask.opt, mask.max) == ((1, 100), (want_opt, 1600), (want_max, 3000))
+    assert (plan.min_frames, plan.opt_frames, plan.max_frames) == (lengths.FRAME_BUCKETS[0], 1600,
+                                                                   lengths.WINDOW_FRAMES)
     assert plan.strongly_typed and plan.precision_flags == () and plan.workspace_bytes == 2 << 30
     assert feats.max[1:] == (lengths.N_MELS, lengths.WINDOW_FRAMES)
+
+
+def test_plan_opt_frames_must_be_a_bucket():
+    assert encoder_engine_plan(max_windows=4, opt_frames=1000).profile[0].opt == (2, 128, 1000)
+    with pytest.raises(ValueError, match="frame bucket"):
+        encoder_engine_plan(max_windows=4, opt_frames=1001)
 
 
 @pytest.mark.parametrize("kw, match", [(dict(max_windows=0), "max_windows"),
@@ -231,8 +240,8 @@ def test_build_calls_the_tensorrt_api(monkeypatch, onnx_file, tmp_path, mbs, win
     assert only(trt, "parse_from_file") == [(str(onnx_file),)]  # from the file: external weights resolve beside it
     assert only(trt, "set_memory_pool_limit") == [(trt.MemoryPoolType.WORKSPACE, 4 << 30)]
     assert only(trt, "set_shape") == [
-        ("input_features", (1, 128, 3000), (want_opt, 128, 3000), (want_max, 128, 3000)),
-        ("input_features_mask", (1, 3000), (want_opt, 3000), (want_max, 3000))]
+        ("input_features", (1, 128, 100), (want_opt, 128, 1600), (want_max, 128, 3000)),
+        ("input_features_mask", (1, 100), (want_opt, 1600), (want_max, 3000))]
     assert only(trt, "set_flag") == []  # no FP16/BF16/INT8/FP8 builder flags: the precision is in the ONNX
     assert only(trt, "create_timing_cache") == [(b"",)]  # no cache file: a fresh one
     (_, ignore_mismatch), = only(trt, "set_timing_cache")
@@ -243,7 +252,7 @@ def test_build_calls_the_tensorrt_api(monkeypatch, onnx_file, tmp_path, mbs, win
     assert plan_path.read_bytes() == b"PLAN-BYTES" and report["plan_bytes"] == 10
     assert report["tensorrt_version"] == "10.14.1.48"
     assert report["engine_plan"]["max_windows"] == want_max and report["engine_plan"]["opt_windows"] == want_opt
-    assert report["network"]["inputs"]["input_features"] == {"dtype": trt.float32, "shape": [-1, 128, 3000]}
+    assert report["network"]["inputs"]["input_features"] == {"dtype": trt.float32, "shape": [-1, 128, -1]}
     assert report["timing_cache"] == {"path": None, "loaded_bytes": 0, "saved_bytes": 0}
     assert not list(plan_path.parent.glob(".*tmp*"))  # written atomically
 
@@ -286,7 +295,7 @@ def test_parser_errors_are_reported(monkeypatch, onnx_file, tmp_path):
 @pytest.mark.parametrize("io_kw, match", [
     (dict(features_dtype="DataType.HALF"), "input_features is DataType.HALF, expected float32"),
     (dict(drop_mask=True), "inputs are"),
-    (dict(frames=1500), r"dims \[-1, 128, 1500\]"),
+    (dict(frames=3000), r"dims \[-1, 128, 3000\], expected \[-1, 128, -1\]"),  # an ONNX with a fixed T
 ])
 def test_network_that_is_not_the_encoder_is_refused(monkeypatch, onnx_file, tmp_path, io_kw, match):
     trt = make_fake_trt()

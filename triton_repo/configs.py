@@ -7,8 +7,9 @@ config.pbtxt back for the contract checks in the tests.
 Tensor flow (names are the contract; the decoder's are TensorRT-LLM's `tensorrtllm` backend names):
 
     client ─ text_input | messages, audio[], system_prompt, max_tokens, sampling, stream, strip_prefix ─▶ af3 (ensemble)
-    preprocess : audio[] ─▶ input_features [W,128,3000] f32, input_features_mask [W,3000] i32, audio_windows [C] i32
-    encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,750,H] f32
+    preprocess : audio[] ─▶ input_features [W,128,T] f32, input_features_mask [W,T] i32, audio_windows [C] i32
+                 (T = the request's frame bucket, runtime/lengths.py: 100…3000 frames)
+    encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,T/4,H] f32
     fusion     : text + audio_embeds ─▶ input_ids, input_lengths, request_output_len, end_id, pad_id, streaming,
                  sampling, prompt_embedding_table [1,N,H] (decoder dtype), prompt_vocab_size
     decoder    : TensorRT-LLM contract (decoupled) ─▶ output_ids [B,beam,T], sequence_length [B,beam]
@@ -72,6 +73,23 @@ class RepoSpec:
     # the checkpoint's end ids after end_id: fusion sends them as stop_words_list, postprocess trims them
     # (runtime/stop_words.py); empty when the checkpoint names one end id
     stop_ids: list[int] = field(default_factory=list)
+    # GPU preprocessing kernels (af3trt.kernels): preprocess computes the log-mel on the device and fusion builds the
+    # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
+    gpu_kernels: bool | None = None
+
+
+def kernel_params(spec: RepoSpec, model: str) -> dict[str, str]:
+    """The parameters that switch preprocess/fusion to the device path (read by af3trt.kernels.device_from_params).
+
+    fusion also gets FORCE_CPU_ONLY_INPUT_TENSORS "no": by default the python backend copies every input to the CPU
+    before execute(); with "no" it hands over tensors where they were last used, e.g. the TensorRT encoder's output
+    on the GPU (triton-inference-server/python_backend README, "Input Tensor Device Placement"; src/python_be.cc
+    defaults force_cpu_only_input_tensors_ to true).
+    """
+    on = spec.target == "gpu" if spec.gpu_kernels is None else spec.gpu_kernels
+    if not on:
+        return {}
+    return {"gpu_kernels": "true", **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if model == "fusion" else {})}
 
 
 def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None,
@@ -129,18 +147,23 @@ def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
         _io("stream", T.TYPE_BOOL, [1], optional=True),
     ])
     cfg.output.extend([
-        _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, lengths.WINDOW_FRAMES]),
-        _out("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
+        _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, -1]),  # [W, 128, T]
+        _out("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
         _out("audio_windows", T.TYPE_INT32, [-1]),
     ])
-    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **spec.preprocess_params})
+    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
+                  **spec.preprocess_params})
     return cfg
 
 
 def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
-    ins = [_io("input_features", T.TYPE_FP32, [lengths.N_MELS, lengths.WINDOW_FRAMES]),
-           _io("input_features_mask", T.TYPE_INT32, [lengths.WINDOW_FRAMES])]
-    outs = [_out("audio_embeds", T.TYPE_FP32, [lengths.EMBEDS_PER_WINDOW, spec.hidden_size])]
+    # The frame axis T is dynamic (each request's frame bucket). These inputs are not allow_ragged_batch, so Triton's
+    # dynamic batcher merges only requests of the same [128, T] (triton-inference-server/core src/backend_model.cc:
+    # variable-size inputs without allow_ragged_batch go into enforce_equal_shape_tensors): batching is per frame
+    # bucket, and a 1-s window is never padded to 30 s by a neighbour.
+    ins = [_io("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]),  # [128, T] per window
+           _io("input_features_mask", T.TYPE_INT32, [-1])]  # [T]
+    outs = [_out("audio_embeds", T.TYPE_FP32, [-1, spec.hidden_size])]  # [T/4, H]
     if spec.target == "gpu":
         # The TensorRT engine (build/trt_encoder.py) is encoder/1/model.plan, run by a python-backend model
         # (triton_repo/encoder_trt/model.py): the serving container has no Triton TensorRT backend (tensorrtllm_backend
@@ -174,8 +197,8 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
         _io("text_input", T.TYPE_STRING, [1], optional=True),
         _io("system_prompt", T.TYPE_STRING, [1], optional=True),
         _io("messages", T.TYPE_STRING, [1], optional=True),
-        _io("audio_embeds", T.TYPE_FP32, [-1, lengths.EMBEDS_PER_WINDOW, spec.hidden_size]),
-        _io("input_features_mask", T.TYPE_INT32, [-1, lengths.WINDOW_FRAMES]),
+        _io("audio_embeds", T.TYPE_FP32, [-1, -1, spec.hidden_size]),  # [W, T/4, H]
+        _io("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
         _io("audio_windows", T.TYPE_INT32, [-1]),
     ])
     cfg.input.extend(_io(n, d, dims, optional=True) for n, d, dims, _ in REQUEST_INPUTS if n in SAMPLING_INPUTS)
@@ -192,6 +215,7 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
         "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
         **({"prompt_table_extra_ids": "true"} if spec.prompt_table_extra_ids else {}),
         **({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
+        **kernel_params(spec, "fusion"),
         **spec.fusion_params,
     })
     return cfg

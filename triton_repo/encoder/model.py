@@ -1,13 +1,15 @@
 """Triton adapter: the exported encoder+projector ONNX graph on ONNX Runtime (CPU backend of the encoder stage).
 
-Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch.
+Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch. Each
+request's windows are cropped to its frame bucket T_i (preprocess); requests of different T are padded to the
+longest with an empty mask, which changes no kept row (runtime/lengths.py), and each gets back its own T_i / 4 rows.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.encoder import OnnxEncoder
+from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
 
 class TritonPythonModel:
@@ -18,20 +20,21 @@ class TritonPythonModel:
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
 
     def execute(self, requests):
-        feats = [io.tensor(pb, r, "input_features") for r in requests]  # each [w_i, 128, 3000]
-        masks = [io.tensor(pb, r, "input_features_mask") for r in requests]  # each [w_i, 3000]
+        feats = [io.tensor(pb, r, "input_features") for r in requests]  # each [w_i, 128, T_i]
+        masks = [io.tensor(pb, r, "input_features_mask") for r in requests]  # each [w_i, T_i]
         try:
-            f, m = np.concatenate(feats), np.concatenate(masks)
-            embeds = np.zeros((len(f), self.encoder.rows_per_window, self.encoder.hidden_size), np.float32)  # [W, 750, H]
+            f, m = pad_frames(feats, masks)  # [W, 128, T], [W, T] with T = max T_i
+            embeds = np.zeros((len(f), self.encoder.rows(f.shape[2]), self.encoder.hidden_size), np.float32)
             live = np.flatnonzero(m.sum(1) > 0)  # placeholder windows (empty mask) are not computed
             step = self.max_run or max(len(live), 1)
             for s in range(0, len(live), step):
                 idx = live[s: s + step]
-                embeds[idx] = self.encoder.run(f[idx], m[idx])
+                embeds[idx] = self.encoder.run(f[idx], m[idx])  # [w, T/4, H]
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0
         for x in feats:
-            out.append(pb.InferenceResponse([pb.Tensor("audio_embeds", embeds[start: start + len(x)])]))
+            rows = self.encoder.rows(x.shape[2])
+            out.append(pb.InferenceResponse([pb.Tensor("audio_embeds", np.ascontiguousarray(embeds[start: start + len(x), :rows]))]))
             start += len(x)
         return out

@@ -1,17 +1,22 @@
-"""Triton adapter: prompt + audio embeddings → the tensorrtllm backend's inputs (af3trt.runtime.prompt)."""
+"""Triton adapter: prompt + audio embeddings → the tensorrtllm backend's inputs (af3trt.runtime.prompt; the table by
+af3trt.kernels.table on the GPU)."""
 
 import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import conversation
+from af3trt.kernels import device_from_params as kernels_device
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
 
 
-def _table_tensor(table: np.ndarray, dtype: str):
-    """[1, N, H] in the decoder's dtype; bf16 has no numpy type, so it crosses as a torch tensor via DLPack."""
+def _table_tensor(table, dtype: str):
+    """[1, N, H] in the decoder's dtype; bf16 has no numpy type, so it crosses as a torch tensor via DLPack.
+    table: [N, H] f32 numpy, or a torch tensor already in the decoder dtype (GPU path)."""
+    if not isinstance(table, np.ndarray):
+        return io.output_tensor(pb, "prompt_embedding_table", table[None])
     if dtype == "float32":
         return pb.Tensor("prompt_embedding_table", table[None])
     import torch
@@ -27,6 +32,12 @@ class TritonPythonModel:
         self.limits = FusionLimits.from_params(p)
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
         self.ctx = RequestContext()
+        self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
+        if self.device is not None:  # torch (+ triton) only on the GPU path
+            from af3trt.kernels import table
+
+            self.device_table = table
+            pb.Logger.log_info(f"fusion: prompt table on {self.device} (af3trt.kernels)")
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
@@ -37,15 +48,22 @@ class TritonPythonModel:
             top_k=io.scalar(pb, r, "top_k"), top_p=io.scalar(pb, r, "top_p"),
             repetition_penalty=io.scalar(pb, r, "repetition_penalty"), seed=io.scalar(pb, r, "seed"),
             stream=io.scalar(pb, r, "stream"))
-        windows = [int(w) for w in io.tensor(pb, r, "audio_windows").reshape(-1)]
-        conv = self.conversation(r, len(windows))
-        ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, "audio_embeds"),
-                                                     io.tensor(pb, r, "input_features_mask"), windows)
+        if self.device is None:
+            windows = [int(w) for w in io.tensor(pb, r, "audio_windows").reshape(-1)]
+            conv = self.conversation(r, len(windows))
+            ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, "audio_embeds"),
+                                                         io.tensor(pb, r, "input_features_mask"), windows)
+        else:  # inputs may sit on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no"); the table is made and stays there
+            embeds, mask, windows_t = (io.device_tensor(pb, r, n)
+                                       for n in ("audio_embeds", "input_features_mask", "audio_windows"))
+            conv = self.conversation(r, int(windows_t.numel()))
+            ids, table = self.device_table.build(self.builder, conv, self.device, embeds, mask, windows_t)
         if sampling.stream:  # postprocess knows a stream's last response by its token count (or an empty one)
             self.ctx.update(r.request_id(), max_tokens=sampling.max_tokens)
         n_rows = len(table)
         self.ctx.update(r.request_id(), prompt_tokens=len(ids))  # postprocess reports it (usage)
-        extra = table_extra_ids(ids, table, self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
+        extra = table_extra_ids(ids, self.device_table.host_f32(table) if self.device is not None else table,
+                                self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
             table = np.zeros((1, self.limits.hidden_size), np.float32)
 

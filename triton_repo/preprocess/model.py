@@ -1,8 +1,12 @@
-"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio)."""
+"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio; af3trt.kernels.logmel on the GPU)."""
+
+from functools import partial
 
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.kernels import device_from_params as kernels_device
+from af3trt.kernels import logmel
 from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
@@ -12,11 +16,16 @@ class TritonPythonModel:
     def initialize(self, args):
         p = io.params(args)
         self.max_windows = int(p["max_audio_windows"])
+        self.crop = p.get("crop_frames", "true") != "false"  # windows cropped to the request's frame bucket
         if int(p.get("threads", "0")):  # torch intra-op threads of the log-mel (process-wide in this stub)
             import torch
 
             torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
+        device = kernels_device(p, "preprocess")  # None: the CPU log-mel
+        self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
+        if device is not None:
+            pb.Logger.log_info(f"preprocess: log-mel on {device} (af3trt.kernels)")
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
@@ -24,7 +33,7 @@ class TritonPythonModel:
     def run(self, r):
         clips = io.tensor(pb, r, "audio")
         clips = [] if clips is None else [bytes(c) for c in clips.reshape(-1)]
-        batch = audio.prepare_clips(clips, self.max_windows)
+        batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop, log_mel_fn=self.log_mel)
         if sum(batch.windows_per_clip) > self.max_windows:
             raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
                                   f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
@@ -38,10 +47,10 @@ class TritonPythonModel:
         if features.shape[0] == 0:
             # Text-only request: Triton cannot batch zero windows, so send one empty-mask placeholder window
             # (the CPU encoder skips it; fusion ignores windows past the clips').
-            features = np.zeros((1, lengths.N_MELS, lengths.WINDOW_FRAMES), np.float32)
-            mask = np.zeros((1, lengths.WINDOW_FRAMES), np.int32)
+            features = np.zeros((1, lengths.N_MELS, lengths.FRAME_BUCKETS[0]), np.float32)
+            mask = np.zeros((1, lengths.FRAME_BUCKETS[0]), np.int32)
         return pb.InferenceResponse([
-            pb.Tensor("input_features", features),  # [W, 128, 3000]
-            pb.Tensor("input_features_mask", mask),  # [W, 3000]
+            io.output_tensor(pb, "input_features", features),  # [W, 128, T]: cropped to the request's frame bucket
+            pb.Tensor("input_features_mask", mask),  # [W, T]
             pb.Tensor("audio_windows", np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
         ])
