@@ -43,7 +43,7 @@ def container(tmp_path_factory) -> dict:
     bindir.mkdir()
     env = make_container_env(root / "venv", extra_bin=bindir)
     exe = bindir / "trtllm-build"
-    exe.write_text(FAKE_TRTLLM_BUILD.format(python=env["python"]))
+    exe.write_text(FAKE_TRTLLM_BUILD.format(python=env["python"], tests=str(Path(__file__).parent)))
     exe.chmod(0o755)
     return env
 

@@ -102,7 +102,7 @@ class _Network:
 
 def _onnx_io(path: str):
     """The encoder's I/O as TensorRT's parser presents it (dynamic axes -1); output width from the ONNX if it can."""
-    frames, width = 3000, -1
+    frames, width = -1, -1  # without onnxruntime: our export's contract (dynamic window and frame axes)
     try:
         import onnxruntime as ort
 
