@@ -82,14 +82,6 @@ class Sender:
         return self.cancelled
 
 
-class Logger:
-    lines: list[str] = []
-
-    @classmethod
-    def log_info(cls, msg):
-        cls.lines.append(msg)
-
-
 class Request:
     def __init__(self, inputs: dict, request_id: str = ""):
         self.inputs = {k: Tensor(k, v) for k, v in inputs.items() if v is not None}
