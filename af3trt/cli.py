@@ -7,6 +7,7 @@
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
+    af3trt soak   --minutes 10 --concurrency 16 …  steady load: errors, latency, RSS of every server process
 
   single steps of the build:
     af3trt export-encoder   encoder + projector → validated ONNX (optionally INT8 dynamic)
@@ -29,6 +30,7 @@ COMMANDS = {
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.sizing",
     "bench": "af3trt.perf.bench",
+    "soak": "af3trt.perf.soak",
     "export-encoder": "af3trt.export.onnx_export",
     "encoder-variant": "af3trt.export.onnx_quant",
     "extract-lm": "af3trt.export.extract_lm",

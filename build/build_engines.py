@@ -58,6 +58,8 @@ class BuildOptions:
     preprocess_instances: int = 1
     encoder_instances: int = 1
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
+    max_queue_size: int = 32  # per queued stage; beyond it requests are rejected at once (see RepoSpec)
+    queue_timeout_ms: int = 30000  # a request waiting longer in a stage's queue is rejected
     # GPU target (build/gpu_build.py)
     gpu: "GpuOptions | None" = None
 
@@ -190,6 +192,7 @@ def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) ->
         preprocess_instances=opts.preprocess_instances, encoder_instances=opts.encoder_instances,
         decoder_instances=opts.decoder_instances,
         encoder_queue_delay_us=opts.encoder_queue_delay_us, encoder_batching=opts.encoder_batching,
+        max_queue_size=opts.max_queue_size, queue_timeout_ms=opts.queue_timeout_ms,
     )
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
@@ -299,6 +302,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-instances", type=int, default=1, help="instances of the encoder model")
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")
+    ap.add_argument("--max-queue-size", type=int, default=32,
+                    help="requests that may wait in each stage's queue; more are rejected at once as busy (0: no bound)")
+    ap.add_argument("--queue-timeout-ms", type=int, default=30000,
+                    help="a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
     gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")

@@ -28,6 +28,19 @@ class AF3Error(RuntimeError):
     """The server answered this request with an error."""
 
 
+class AF3Busy(AF3Error):
+    """The server is past capacity (UNAVAILABLE): a queue was full or the request waited too long. Retry later."""
+
+
+# How "past capacity" reads in the error text: Triton's queue policy ("Exceeds maximum queue size", "Request
+# timeout expired"), our CPU decoder's "server busy" (a gRPC stream carries the message, not the status code).
+BUSY_MARKERS = ("Exceeds maximum queue size", "Request timeout expired", "server busy")
+
+
+def as_error(message: str) -> AF3Error:
+    return AF3Busy(f"server busy: {message}") if any(m in message for m in BUSY_MARKERS) else AF3Error(message)
+
+
 @dataclass
 class Chunk:
     text: str
@@ -77,8 +90,10 @@ class AF3Client:
                max_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                stream: bool = True, strip_prefix: bool | None = None,
-               request_id: str | None = None) -> Iterator[Chunk]:
-        """Yield the answer's chunks as the server sends them (one chunk when stream=False)."""
+               request_id: str | None = None, deadline_s: float | None = None) -> Iterator[Chunk]:
+        """Yield the answer's chunks as the server sends them (one chunk when stream=False).
+
+        deadline_s: a gRPC deadline on the whole answer; when it passes, the server cancels the request."""
         import tritonclient.grpc as grpcclient
 
         params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -87,7 +102,7 @@ class AF3Client:
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         t0 = time.perf_counter()
-        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=deadline_s)
         try:
             client.async_stream_infer(self.model, inputs, request_id=request_id or uuid.uuid4().hex,
                                       enable_empty_final_response=True)
@@ -97,7 +112,7 @@ class AF3Client:
                 except queue.Empty:
                     raise AF3Error(f"no response within {self.timeout:.0f} s") from None
                 if error is not None:
-                    raise AF3Error(str(error))
+                    raise as_error(str(error))
                 response = result.get_response()
                 text = result.as_numpy("text_output")
                 if text is not None:

@@ -47,6 +47,14 @@ class DecodeError(ValueError):
     """A request the decoder cannot run (bad inputs or parameters), or the engine is stopped."""
 
 
+class ServerBusy(RuntimeError):
+    """Past capacity: the waiting list is full, or the request waited too long for a batch slot (UNAVAILABLE)."""
+
+
+class Cancelled(RuntimeError):
+    """The client cancelled the request (or its deadline passed); generation stopped."""
+
+
 @dataclass(kw_only=True)
 class GenerationRequest:
     input_ids: np.ndarray  # int32 [L]; ids >= vocab_size address the prompt table
@@ -75,6 +83,8 @@ class _Seq:
     ids: torch.Tensor  # int64 [L]
     emit: Emit
     on_error: OnError | None
+    cancelled: Callable[[], bool] | None = None  # the client gave up (Triton's is_cancelled)
+    queued_at: float = 0.0  # time.monotonic() at submit
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # bool [V]: ids seen so far, for the repetition penalty
     generated: list = field(default_factory=list)
@@ -94,7 +104,8 @@ class DecoderEngine:
     """
 
     def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
-                 max_new_tokens_limit: int = 4096, threads: int | None = None):
+                 max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
+                 queue_timeout_s: float = 0.0):
         from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
 
         if threads:
@@ -125,7 +136,10 @@ class DecoderEngine:
         self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
         self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
-                      "decode_seconds": 0.0, "prefill_seconds": 0.0}
+                      "decode_seconds": 0.0, "prefill_seconds": 0.0, "busy": 0, "cancelled": 0}
+        # Overload: at most max_queue_size requests wait for a batch slot (0: no bound); one that waited longer
+        # than queue_timeout_s is answered busy instead of being started (0: no limit).
+        self.max_queue_size, self.queue_timeout_s = int(max_queue_size), float(queue_timeout_s)
 
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
@@ -180,12 +194,19 @@ class DecoderEngine:
             raise DecodeError(f"repetition_penalty must be a finite number > 0, got {r.repetition_penalty}")
         return torch.from_numpy(ids.astype(np.int64))
 
-    def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None) -> None:
-        """Queue a request. Raises DecodeError now if it is invalid or the engine is stopped."""
+    def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None,
+               cancelled: Callable[[], bool] | None = None) -> None:
+        """Queue a request. Raises DecodeError now if it is invalid or the engine is stopped, ServerBusy if
+        max_queue_size requests already wait. `cancelled()` is polled each step: True drops the request."""
         if self._stopped.is_set():
             raise DecodeError("decoder engine is stopped")
         ids = self.validate(request)
-        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error))
+        if self.max_queue_size and self._queue.qsize() >= self.max_queue_size:
+            self.stats["busy"] += 1
+            raise ServerBusy(f"server busy: {self._queue.qsize()} requests already wait for the decoder "
+                             f"(max_queue_size {self.max_queue_size}); retry later")
+        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error, cancelled=cancelled,
+                             queued_at=time.monotonic()))
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> list[int]:
         """Run one request to completion through the worker; return the generated ids (end id excluded)."""
@@ -254,6 +275,14 @@ class DecoderEngine:
             if self._stopped.is_set():
                 self._fail(item, DecodeError("decoder engine is stopped"))
                 return
+            if self._gone(item):
+                continue
+            waited = time.monotonic() - item.queued_at
+            if self.queue_timeout_s and waited > self.queue_timeout_s:
+                self.stats["busy"] += 1
+                self._fail(item, ServerBusy(f"server busy: waited {waited:.1f} s for a decoder slot (queue "
+                                            f"timeout {self.queue_timeout_s:g} s); retry later"))
+                continue
             try:
                 self._prefill(item)
             except Exception as exc:  # noqa: BLE001 — delivered to that request only
@@ -289,7 +318,25 @@ class DecoderEngine:
         if not self._advance(seq, self._next_token(seq, out.logits[0, -1])):
             self._join(seq, out.past_key_values)
 
+    def _gone(self, seq: _Seq) -> bool:
+        """True (and the request is finished with Cancelled) if its client cancelled it."""
+        try:
+            gone = seq.cancelled is not None and seq.cancelled()
+        except Exception:  # noqa: BLE001 - a sender that cannot tell is treated as still wanted
+            gone = False
+        if gone:
+            self.stats["cancelled"] += 1
+            log.warning("decoder: request cancelled by its client after %d tokens; generation stopped",
+                        len(seq.generated))
+            self._fail(seq, Cancelled("request cancelled by the client"))
+        return gone
+
     def _decode_step(self) -> None:
+        live = [i for i, seq in enumerate(self._rows) if not self._gone(seq)]
+        if len(live) < len(self._rows):
+            self._select(live)
+            if not self._rows:
+                return
         t0 = time.perf_counter()
         rows = self._rows
         batch = len(rows)

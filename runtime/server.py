@@ -122,6 +122,21 @@ def server_env(binary: Path) -> dict[str, str]:
     return env
 
 
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGKILL when its parent thread exits (Linux PR_SET_PDEATHSIG), and exits at
+    once if the parent is already gone (the race between fork and prctl)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -142,6 +157,12 @@ class TritonServer:
     exit_timeout: int = 5
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    # Explicit model control (what the supervisor's watchdog and drain need), with Triton's model-repository API
+    # restricted to clients that send header `api_key_header: api_key`. None: every model loads at start, no API.
+    api_key: str | None = field(default=None, repr=False)
+    api_key_header: str = "af3trt-repository-key"
+    # tritonserver gets SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG): never an orphan.
+    die_with_parent: bool = True
 
     @property
     def grpc_url(self) -> str:
@@ -160,8 +181,21 @@ class TritonServer:
             "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
             # Triton 2.51 keeps a decoupled ensemble "live" after streamed requests for the whole exit timeout
             f"--exit-timeout-secs={self.exit_timeout}",
+            *self.control_args(),
             *self.extra_args,
         ]
+
+    def control_args(self) -> list[str]:
+        if self.api_key is None:
+            return []
+        restricted = f"model-repository:{self.api_key_header}={self.api_key}"
+        return ["--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+
+    def redacted(self, cmd: list[str]) -> str:
+        """The command line as it may be logged: the repository key never is."""
+        text = " ".join(cmd)
+        return text.replace(self.api_key, "<redacted>") if self.api_key else text
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         binary = find_tritonserver()
@@ -173,10 +207,11 @@ class TritonServer:
             self.log_path = Path(self.model_repository).parent / "tritonserver.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(binary, backends)
-        log.info("starting %s", " ".join(cmd))
-        with open(self.log_path, "wb") as logf:
+        log.info("starting %s", self.redacted(cmd))
+        with open(self.log_path, "ab" if self.proc is not None else "wb") as logf:  # a restart appends
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=server_env(binary),
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -226,7 +261,9 @@ class TritonServer:
         self.stop()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from af3trt.runtime import supervisor
+
     ap = argparse.ArgumentParser(prog="af3trt serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-repository", required=True, type=Path)
@@ -235,20 +272,20 @@ def main(argv=None) -> None:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--grace-seconds", type=float, default=supervisor.DEFAULT_GRACE_SECONDS,
+                    help="on SIGTERM/SIGINT: how long requests in flight may take to finish (a second signal "
+                         "stops at once)")
+    ap.add_argument("--no-watchdog", dest="watchdog", action="store_false",
+                    help="do not reload a model whose python stub died")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
-                       args.metrics_port, args.log)
+                       args.metrics_port, args.log, api_key=supervisor.repository_key())
     srv.start()
-    print(f"serving {args.model_repository} on grpc {srv.grpc_url} (log {srv.log_path}); Ctrl-C stops it",
-          flush=True)
-    try:
-        srv.proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.stop()
+    print(f"serving {args.model_repository} on grpc {srv.grpc_url}, http {srv.http_url} (log {srv.log_path}); "
+          f"SIGTERM or Ctrl-C drains and stops it", flush=True)
+    return supervisor.supervise(srv, grace_s=args.grace_seconds, watchdog=args.watchdog)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,13 +20,16 @@ class TritonPythonModel:
         threads = int(p.get("threads", "0")) or None
         self.engine = DecoderEngine(io.resolve(args, p["gpt_model_path"]), max_batch_size=int(p["max_batch_size"]),
                                     max_input_len=int(p["max_input_len"]),
-                                    max_new_tokens_limit=int(p["max_output_len"]), threads=threads)
+                                    max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
+                                    max_queue_size=int(p.get("max_queue_size", "0")),
+                                    queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000)
 
     def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
             try:
-                self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender))
+                self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender),
+                                   sender.is_cancelled)
             except Exception as e:  # noqa: BLE001
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
