@@ -59,7 +59,7 @@ class BuildOptions:
     encoder_instances: int = 1
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
     max_queue_size: int = 32  # per queued stage; beyond it requests are rejected at once (see RepoSpec)
-    queue_timeout_ms: int = 30000  # a request waiting longer in a stage's queue is rejected
+    queue_timeout_ms: int = 120000  # a request waiting longer in a stage's queue is rejected
     # GPU target (build/gpu_build.py)
     gpu: "GpuOptions | None" = None
 
@@ -304,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
                     help="instances of the CPU decoder model (each batches its own requests)")
     ap.add_argument("--max-queue-size", type=int, default=32,
                     help="requests that may wait in each stage's queue; more are rejected at once as busy (0: no bound)")
-    ap.add_argument("--queue-timeout-ms", type=int, default=30000,
+    ap.add_argument("--queue-timeout-ms", type=int, default=120000,
                     help="a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")

@@ -95,6 +95,7 @@ class AF3Client:
 
         deadline_s: a gRPC deadline on the whole answer; when it passes, the server cancels the request."""
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
         params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       repetition_penalty=repetition_penalty, seed=seed, stream=stream, strip_prefix=strip_prefix)
@@ -104,8 +105,16 @@ class AF3Client:
         t0 = time.perf_counter()
         client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=deadline_s)
         try:
-            client.async_stream_infer(self.model, inputs, request_id=request_id or uuid.uuid4().hex,
-                                      enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(self.model, inputs, request_id=request_id or uuid.uuid4().hex,
+                                          enable_empty_final_response=True,
+                                          timeout=None if deadline_s is None else int(deadline_s * 1e6))
+            except InferenceServerException as e:  # the stream broke before the request left (server down)
+                try:
+                    _, error = results.get(timeout=1.0)
+                except queue.Empty:
+                    error = e
+                raise as_error(str(error or e)) from None
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout)

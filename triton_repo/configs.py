@@ -69,7 +69,7 @@ class RepoSpec:
     # way ("server busy: ..."). 0 = unbounded / no timeout. Postprocess is never bounded: every streamed token is a
     # request to it.
     max_queue_size: int = 32
-    queue_timeout_ms: int = 30000
+    queue_timeout_ms: int = 120000  # a backstop: max_queue_size is what fails fast; CPU requests take seconds
     # decoder parameters (the tensorrtllm backend reads these as strings; the CPU decoder reads the same keys)
     decoder_params: dict[str, str] = field(default_factory=dict)
     encoder_params: dict[str, str] = field(default_factory=dict)

@@ -1,6 +1,8 @@
 """Triton adapter: the CPU backend of the decoder stage, with the tensor contract of TensorRT-LLM's C++
 `tensorrtllm` backend (decoupled; in-flight batching inside af3trt.runtime.decoder.DecoderEngine)."""
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb
 
@@ -29,7 +31,7 @@ class TritonPythonModel:
             sender = r.get_response_sender()
             try:
                 self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender),
-                                   sender.is_cancelled)
+                                   self._cancelled(r, sender))
             except Exception as e:  # noqa: BLE001
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
@@ -58,6 +60,16 @@ class TritonPythonModel:
             top_k=get("runtime_top_k", int, 0), top_p=get("runtime_top_p", float, 0.0),
             temperature=get("temperature", float, 1.0), repetition_penalty=get("repetition_penalty", float, 1.0),
             seed=get("seed", int, None))
+
+    @staticmethod
+    def _cancelled(r, sender):
+        """The client cancelled, or its deadline passed. Triton 2.51 does not pass an ensemble request's cancellation
+        on to its steps (seen: the decoder's sender never reports it), but each step inherits the request's timeout
+        (the client's deadline, in microseconds): counted from here, it stops generation at the latest that long
+        after the client gave up."""
+        timeout_us = r.timeout() if hasattr(r, "timeout") else 0
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        return lambda: sender.is_cancelled() or (deadline is not None and time.monotonic() > deadline)
 
     @staticmethod
     def _emitter(sender):
