@@ -442,10 +442,11 @@ def test_sigkill_of_a_stub_under_load_heals(served, speech_bytes, model):
         t.join(300)
     in_flight = [o for o in outcomes if o[0] < t_kill]
     hung = [o for o in outcomes if "no response within" in o[2]]
+    errors = {re.sub(r"\[request id: \w+\] ", "", o[2])[:90] for o in outcomes if o[2] != "ok"}
     print(f"\nSIGKILL {model} stub: readiness false after {saw_not_ready} s, ready again after {back:.1f} s; "
           f"{len([o for o in in_flight if o[1] > t_kill])} in flight at the kill, "
           f"{len(outcomes)} requests in all, {sum(o[2] != 'ok' for o in outcomes)} errors: "
-          f"{sorted({re.sub(r'\[request id: \w+\] ', '', o[2])[:90] for o in outcomes if o[2] != 'ok'})}")
+          f"{sorted(errors)}")
     assert saw_not_ready is not None, "readiness never went false"
     assert back < 300 and answer.token_ids
     # every request in flight at the kill ended, answered or failed: none hung
