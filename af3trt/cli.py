@@ -12,6 +12,7 @@
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
     af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
     af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
+    af3trt soak   --minutes 10 --concurrency 16 …  steady load: errors, latency, RSS of every server process
 
   single steps of the build:
     af3trt export-encoder   encoder + projector → validated ONNX (optionally INT8 dynamic)
@@ -39,6 +40,7 @@ COMMANDS = {
     "bench": "af3trt.perf.bench",
     "replicas": "af3trt.runtime.replicas",
     "k8s": "af3trt.build.k8s",
+    "soak": "af3trt.perf.soak",
     "export-encoder": "af3trt.export.onnx_export",
     "encoder-variant": "af3trt.export.onnx_quant",
     "extract-lm": "af3trt.export.extract_lm",

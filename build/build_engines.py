@@ -61,6 +61,8 @@ class BuildOptions:
     # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
     # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
     crop_frames: bool = True
+    max_queue_size: int = 32  # per queued stage; beyond it requests are rejected at once (see RepoSpec)
+    queue_timeout_ms: int = 120000  # a request waiting longer in a stage's queue is rejected
     # GPU target (build/gpu_build.py)
     gpu: "GpuOptions | None" = None
 
@@ -201,6 +203,7 @@ def build_cpu(opts: BuildOptions, work: Path, prog: Progress, manifest: dict) ->
         preprocess_instances=opts.preprocess_instances, encoder_instances=opts.encoder_instances,
         decoder_instances=opts.decoder_instances,
         encoder_queue_delay_us=opts.encoder_queue_delay_us, encoder_batching=opts.encoder_batching,
+        max_queue_size=opts.max_queue_size, queue_timeout_ms=opts.queue_timeout_ms,
     )
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
@@ -313,6 +316,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-crop-frames", dest="crop_frames", action="store_false",
                     help="send full 30-s windows to the encoder instead of each request's frame bucket (slower; "
                          "the kept audio tokens are the same)")
+    ap.add_argument("--max-queue-size", type=int, default=32,
+                    help="requests that may wait in each stage's queue; more are rejected at once as busy (0: no bound)")
+    ap.add_argument("--queue-timeout-ms", type=int, default=120000,
+                    help="a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
     gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")

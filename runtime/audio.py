@@ -19,9 +19,9 @@ from functools import lru_cache
 import numpy as np
 import soundfile as sf
 import torch
-from scipy.signal import resample_poly
 
 from af3trt.runtime import lengths
+from af3trt.runtime.resample import StreamResampler
 from af3trt.runtime.lengths import HOP, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES
 
 # Refusal limits (client errors, checked from the header before decoding and again while decoding).
@@ -33,6 +33,8 @@ MAX_CHANNELS = 32
 ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3"})
 
 _BLOCK_SECONDS = 30
+# At most this many float32 source values (all channels) are decoded at a time: 16 MB.
+DECODE_BLOCK_VALUES = 1 << 22
 
 
 class AudioError(ValueError):
@@ -43,8 +45,25 @@ class AudioError(ValueError):
 # decoding
 
 
+@dataclass
+class DecodedClip:
+    wave: np.ndarray  # float32 [n] mono 16 kHz, at most keep_samples long
+    seconds: float  # the clip's duration: decoded, or the header's when decoding stopped early
+    truncated: bool  # decoding stopped at keep_samples; the rest of the stream was never decoded
+
+
 def decode_audio(data: bytes, *, max_seconds: float = MAX_CLIP_SECONDS) -> np.ndarray:
-    """Decode a WAV/FLAC/OGG/MP3 byte stream to float32 [n] mono at 16 kHz (channels averaged)."""
+    """Decode a WAV/FLAC/OGG/MP3 byte stream to float32 [n] mono at 16 kHz (channels averaged), all of it."""
+    return decode_clip(data, None, max_seconds=max_seconds).wave
+
+
+def decode_clip(data: bytes, keep_samples: int | None, *, max_seconds: float = MAX_CLIP_SECONDS) -> DecodedClip:
+    """Decode at most the first keep_samples (at 16 kHz) of a clip, resampling block by block as it is read.
+
+    Memory bound (per clip): the encoded bytes, one block of DECODE_BLOCK_VALUES float32 source samples (all
+    channels), and the kept 16-kHz output (keep_samples float32: 38.4 MB for AF3's 600 s) — whatever length the
+    file claims. Decoding stops once the kept samples are final; the samples equal those of decoding the whole
+    stream and resampling it with scipy's resample_poly, then cutting."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_audio takes the encoded bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -66,22 +85,30 @@ def decode_audio(data: bytes, *, max_seconds: float = MAX_CLIP_SECONDS) -> np.nd
         max_frames = int(max_seconds * rate)
         if stream.frames > max_frames:
             raise AudioError(f"audio is {stream.frames / rate:.1f} s long; the limit is {max_seconds:g} s")
-        mono = _read_mono(stream, max(1, int(rate * _BLOCK_SECONDS)), max_frames, max_seconds)
-    if mono.size == 0:
+        block = max(1, min(int(rate * _BLOCK_SECONDS), DECODE_BLOCK_VALUES // channels))
+        wave, read, stopped = _read_mono_16k(stream, block, max_frames, max_seconds, keep_samples)
+        claimed = stream.frames if 0 < stream.frames < 2**62 else read
+    if read == 0:
         raise AudioError("audio has no samples")
-    if rate != SAMPLE_RATE:
-        g = math.gcd(SAMPLE_RATE, rate)
-        mono = resample_poly(mono, SAMPLE_RATE // g, rate // g).astype(np.float32, copy=False)
-    return mono
+    return DecodedClip(wave, max(claimed, read) / rate if stopped else read / rate, stopped)
 
 
-def _read_mono(stream: sf.SoundFile, block: int, max_frames: int, max_seconds: float) -> np.ndarray:
-    """Read block by block, averaging channels per block, so memory stays at one mono copy."""
+def _read_mono_16k(stream: sf.SoundFile, block: int, max_frames: int, max_seconds: float,
+                   keep: int | None) -> tuple[np.ndarray, int, bool]:
+    """Read block by block, averaging channels and resampling per block; stop once `keep` outputs are final.
+
+    Returns (wave [<= keep] float32, source frames read, stopped early)."""
+    rate = stream.samplerate
+    resampler = StreamResampler(rate, SAMPLE_RATE) if rate != SAMPLE_RATE else None
+    # Source frames that fix the first `keep` outputs (the filter reaches a little past them).
+    need = None if keep is None else (keep if resampler is None else resampler.inputs_needed(keep))
     parts: list[np.ndarray] = []
+    held = 0  # output samples in parts
     total = 0
-    while True:
+    while need is None or total < need:
+        n = block if need is None else min(block, need - total)
         try:
-            frames = stream.read(block, dtype="float32", always_2d=True)  # [t, C]
+            frames = stream.read(n, dtype="float32", always_2d=True)  # [t, C]
         except (sf.SoundFileError, RuntimeError) as e:
             raise AudioError(f"could not decode: corrupt stream ({_reason(e)})") from e
         if len(frames) == 0:
@@ -91,8 +118,19 @@ def _read_mono(stream: sf.SoundFile, block: int, max_frames: int, max_seconds: f
             raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
         if not np.isfinite(frames).all():
             raise AudioError("audio has non-finite samples (NaN or Inf)")
-        parts.append(frames[:, 0].copy() if frames.shape[1] == 1 else frames.mean(axis=1))
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        mono = frames[:, 0].copy() if frames.shape[1] == 1 else frames.mean(axis=1)  # [t]
+        del frames
+        out = mono if resampler is None else resampler.feed(mono)
+        parts.append(out)
+        held += len(out)
+    stopped = need is not None and total >= need and len(stream.read(1, dtype="float32")) > 0
+    if resampler is not None and not stopped:
+        parts.append(resampler.finish())
+    wave = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if keep is not None and len(wave) > keep:
+        wave = wave[:keep]
+        stopped = True
+    return wave, total, stopped
 
 
 def _reason(e: Exception) -> str:
@@ -236,7 +274,8 @@ def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS, cr
     windows, tokens, seconds, truncated = [], [], [], []
     for index, data in enumerate(clips):
         try:
-            wave = decode_audio(data)
+            clip = decode_clip(data, max_windows * WINDOW_SAMPLES)  # never more than AF3 reads
+            wave = clip.wave
             n_tokens = lengths.audio_tokens_for_samples(len(wave), max_windows)
             if n_tokens == 0:
                 raise AudioError(
@@ -249,7 +288,7 @@ def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS, cr
         chunks += clip_chunks
         windows.append(len(clip_chunks))
         tokens.append(n_tokens)
-        seconds.append(len(wave) / SAMPLE_RATE)
-        truncated.append(clip_truncated)
+        seconds.append(clip.seconds)
+        truncated.append(clip_truncated or clip.truncated)
     features, mask = log_mel_fn(chunks, request_frames(chunks) if crop else WINDOW_FRAMES)
     return AudioBatch(features, mask, windows, tokens, seconds, truncated)

@@ -43,6 +43,19 @@ class AF3ConnectionError(AF3Error):
         super().__init__(f"tritonserver at {url}: {cause}" + (f" ({detail})" if detail else ""))
 
 
+class AF3Busy(AF3Error):
+    """The server is past capacity (UNAVAILABLE): a queue was full or the request waited too long. Retry later."""
+
+
+# How "past capacity" reads in the error text: Triton's queue policy ("Exceeds maximum queue size", "Request
+# timeout expired"), our CPU decoder's "server busy" (a gRPC stream carries the message, not the status code).
+BUSY_MARKERS = ("Exceeds maximum queue size", "Request timeout expired", "server busy")
+
+
+def as_error(message: str) -> AF3Error:
+    return AF3Busy(f"server busy: {message}") if any(m in message for m in BUSY_MARKERS) else AF3Error(message)
+
+
 @dataclass
 class Chunk:
     text: str
@@ -89,6 +102,7 @@ class Request:
     stream: bool = True
     strip_prefix: bool | None = None
     request_id: str | None = None
+    deadline_s: float | None = None  # a deadline on the whole answer: past it, the server cancels the request
 
     def inputs(self) -> list:
         """The ensemble's request inputs (tritonclient.grpc.InferInput) for this request."""
@@ -142,6 +156,13 @@ def connection_error(url: str, model: str, error) -> AF3ConnectionError | None:
     return None
 
 
+def _error(url: str, model: str, error) -> AF3Error:
+    """The AF3Error for an error from tritonclient: busy first (Triton's queue policy answers UNAVAILABLE too, like an
+    unreachable server), then a connection problem, else the server's own message."""
+    err = as_error(str(error))
+    return err if isinstance(err, AF3Busy) else connection_error(url, model, error) or err
+
+
 def _chunk(result, t0: float) -> Chunk | None:
     """The chunk a response carries (None for the empty final response)."""
     text = result.as_numpy("text_output")
@@ -157,7 +178,7 @@ def _chunk(result, t0: float) -> Chunk | None:
 def _receive(url: str, model: str, result, error, t0: float) -> tuple[Chunk | None, bool]:
     """(chunk or None, whether it was the request's last response) of one stream callback; raises its error."""
     if error is not None:
-        raise connection_error(url, model, error) or AF3Error(str(error))
+        raise _error(url, model, error)
     final = result.get_response().parameters.get("triton_final_response")
     return _chunk(result, t0), final is not None and final.bool_param
 
@@ -168,7 +189,8 @@ class AF3Client:
 
     def stream(self, prompt: str | None = None, audio: Sequence[bytes] = (), **kw) -> Iterator[Chunk]:
         """Yield the answer's chunks as the server sends them (one chunk when stream=False). Keywords: the fields
-        of Request (system_prompt, messages, max_tokens, …, stream, strip_prefix, request_id)."""
+        of Request (system_prompt, messages, max_tokens, …, stream, strip_prefix, request_id,
+        deadline_s: a gRPC deadline on the whole answer; when it passes, the server cancels the request)."""
         return self.responses(Request(prompt, audio, **kw))
 
     def responses(self, req: Request) -> Iterator[Chunk]:
@@ -183,17 +205,18 @@ class AF3Client:
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         t0 = time.perf_counter()
-        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=req.deadline_s)
         try:
             try:
                 client.async_stream_infer(self.model, inputs, request_id=req.request_id or uuid.uuid4().hex,
-                                          enable_empty_final_response=True)
+                                          enable_empty_final_response=True,
+                                          timeout=None if req.deadline_s is None else int(req.deadline_s * 1e6))
             except InferenceServerException as e:  # the stream broke at once: its callback holds the cause
                 try:
                     _, error = results.get(timeout=5)
                 except queue.Empty:
                     error = e
-                raise connection_error(self.url, self.model, error) or AF3Error(str(error)) from None
+                raise _error(self.url, self.model, error) from None
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout)

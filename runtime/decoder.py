@@ -51,8 +51,13 @@ class DecodeError(ValueError):
     """A request the decoder cannot run (bad inputs or parameters), or the engine is stopped."""
 
 
-class RequestCancelled(DecodeError):
-    """The client cancelled the request (e.g. closed its stream); raised to that request's on_error."""
+class ServerBusy(RuntimeError):
+    """Past capacity: the waiting list is full, or the request waited too long for a batch slot (UNAVAILABLE)."""
+
+
+class RequestCancelled(RuntimeError):
+    """The client cancelled the request (closed its stream, or its deadline passed); generation stopped and the
+    request's batch row was freed. Raised to that request's on_error."""
 
 
 CANCEL_CHECK_S = 0.05  # how often a running request's `cancelled` is polled (an IPC call in the python backend)
@@ -90,6 +95,8 @@ class _Seq:
     ids: torch.Tensor  # int64 [L]
     emit: Emit
     on_error: OnError | None
+    cancelled: Callable[[], bool] | None = None  # the client gave up (Triton's is_cancelled, or its deadline)
+    queued_at: float = 0.0  # time.monotonic() at submit
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # bool [V]: ids seen so far, for the repetition penalty
     generated: list = field(default_factory=list)
@@ -110,7 +117,8 @@ class DecoderEngine:
     """
 
     def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
-                 max_new_tokens_limit: int = 4096, threads: int | None = None):
+                 max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
+                 queue_timeout_s: float = 0.0):
         from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
 
         if threads:
@@ -141,7 +149,10 @@ class DecoderEngine:
         self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
         self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
-                      "decode_seconds": 0.0, "prefill_seconds": 0.0}
+                      "decode_seconds": 0.0, "prefill_seconds": 0.0, "busy": 0, "cancelled": 0}
+        # Overload: at most max_queue_size requests wait for a batch slot (0: no bound); one that waited longer
+        # than queue_timeout_s is answered busy instead of being started (0: no limit).
+        self.max_queue_size, self.queue_timeout_s = int(max_queue_size), float(queue_timeout_s)
 
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
@@ -199,12 +210,21 @@ class DecoderEngine:
             raise DecodeError(f"repetition_penalty must be a finite number > 0, got {r.repetition_penalty}")
         return torch.from_numpy(ids.astype(np.int64))
 
-    def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None) -> None:
-        """Queue a request. Raises DecodeError now if it is invalid or the engine is stopped."""
+    def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None,
+               cancelled: Callable[[], bool] | None = None) -> None:
+        """Queue a request. Raises DecodeError now if it is invalid or the engine is stopped, ServerBusy if
+        max_queue_size requests already wait. `cancelled()` (default: request.cancelled) is polled between steps, at
+        most every CANCEL_CHECK_S: True drops the request with RequestCancelled."""
         if self._stopped.is_set():
             raise DecodeError("decoder engine is stopped")
         ids = self.validate(request)
-        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error))
+        if self.max_queue_size and self._queue.qsize() >= self.max_queue_size:
+            self.stats["busy"] += 1
+            raise ServerBusy(f"server busy: {self._queue.qsize()} requests already wait for the decoder "
+                             f"(max_queue_size {self.max_queue_size}); retry later")
+        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error,
+                             cancelled=cancelled if cancelled is not None else request.cancelled,
+                             queued_at=time.monotonic()))
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> list[int]:
         """Run one request to completion through the worker; return the generated ids (end id excluded)."""
@@ -273,6 +293,14 @@ class DecoderEngine:
             if self._stopped.is_set():
                 self._fail(item, DecodeError("decoder engine is stopped"))
                 return
+            if self._gone(item):
+                continue
+            waited = time.monotonic() - item.queued_at
+            if self.queue_timeout_s and waited > self.queue_timeout_s:
+                self.stats["busy"] += 1
+                self._fail(item, ServerBusy(f"server busy: waited {waited:.1f} s for a decoder slot (queue "
+                                            f"timeout {self.queue_timeout_s:g} s); retry later"))
+                continue
             try:
                 self._prefill(item)
             except Exception as exc:  # noqa: BLE001 — delivered to that request only
@@ -308,7 +336,30 @@ class DecoderEngine:
         if not self._advance(seq, self._next_token(seq, out.logits[0, -1])):
             self._join(seq, out.past_key_values)
 
+    def _gone(self, seq: _Seq) -> bool:
+        """True (and the request is finished with RequestCancelled) if its client cancelled it."""
+        if seq.cancelled is None or time.monotonic() < seq.next_cancel_check:
+            return False
+        seq.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+        try:
+            gone = bool(seq.cancelled())
+        except Exception:  # noqa: BLE001 - a sender that cannot tell is treated as still wanted
+            log.exception("cancellation check failed")
+            gone = False
+        if gone:
+            self.stats["cancelled"] += 1
+            log.warning("decoder: request cancelled by its client after %d tokens; generation stopped",
+                        len(seq.generated))
+            self._fail(seq, RequestCancelled(f"request cancelled by the client after {len(seq.generated)} of at "
+                                             f"most {seq.req.max_new_tokens} tokens"))
+        return gone
+
     def _decode_step(self) -> None:
+        live = [i for i, seq in enumerate(self._rows) if not self._gone(seq)]
+        if len(live) < len(self._rows):
+            self._select(live)
+            if not self._rows:
+                return
         t0 = time.perf_counter()
         rows = self._rows
         batch = len(rows)
@@ -328,10 +379,6 @@ class DecoderEngine:
         keep = []
         for i, seq in enumerate(rows):
             seq.pos += 1
-            if self._cancelled(seq):
-                self._fail(seq, RequestCancelled(f"request cancelled by the client after {len(seq.generated)} "
-                                                 f"of at most {seq.req.max_new_tokens} tokens"))
-                continue
             try:
                 finished = self._advance(seq, self._next_token(seq, logits[i]))
             except Exception as exc:  # noqa: BLE001 — delivered to that request only
@@ -344,16 +391,6 @@ class DecoderEngine:
         self.stats["decode_seconds"] += time.perf_counter() - t0
         if len(keep) < batch:
             self._select(keep)
-
-    def _cancelled(self, seq: _Seq) -> bool:
-        if seq.req.cancelled is None or time.monotonic() < seq.next_cancel_check:
-            return False
-        seq.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
-        try:
-            return bool(seq.req.cancelled())
-        except Exception:  # noqa: BLE001 — a failing probe must not end the request
-            log.exception("cancellation check failed")
-            return False
 
     def _next_token(self, seq: _Seq, logits: torch.Tensor) -> int:
         """Sample one token from logits [V] with the request's sampling parameters."""

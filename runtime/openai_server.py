@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -666,6 +667,18 @@ def settings_from(args, triton_url: str) -> Settings:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     return Settings(triton_url=triton_url, model=getattr(args, "model", ENSEMBLE), api_key=key,
                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_bytes)
+
+
+def command(args, triton_url: str, host: str, port: int) -> list[str]:
+    """`af3trt openai` as a command line with the options add_arguments() parsed into args (for `af3trt serve
+    --openai-port`). The API key stays in the environment the child inherits, never on its command line."""
+    cmd = [sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", triton_url, "--host", host,
+           "--port", str(port), "--max-upload-bytes", str(args.max_upload_bytes)]
+    if args.api_key_env:
+        cmd += ["--api-key-env", args.api_key_env]
+    if args.served_model_name:
+        cmd += ["--served-model-name", args.served_model_name]
+    return cmd
 
 
 def serve(settings: Settings, host: str, port: int) -> None:

@@ -126,6 +126,21 @@ def server_env(binary: Path) -> dict[str, str]:
     return env
 
 
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGKILL when its parent thread exits (Linux PR_SET_PDEATHSIG), and exits at
+    once if the parent is already gone (the race between fork and prctl)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -147,6 +162,12 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     world_size: int = 1  # TensorRT-LLM ranks (= TP size of the engine): >1 launches leader mode under mpirun
     proc: subprocess.Popen | None = None
+    # Explicit model control (what the supervisor's watchdog and drain need), with Triton's model-repository API
+    # restricted to clients that send header `api_key_header: api_key`. None: every model loads at start, no API.
+    api_key: str | None = field(default=None, repr=False)
+    api_key_header: str = "af3trt-repository-key"
+    # tritonserver gets SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG): never an orphan.
+    die_with_parent: bool = True
 
     @property
     def grpc_url(self) -> str:
@@ -168,8 +189,21 @@ class TritonServer:
             "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
             # Triton 2.51 keeps a decoupled ensemble "live" after streamed requests for the whole exit timeout
             f"--exit-timeout-secs={self.exit_timeout}",
+            *self.control_args(),
             *self.extra_args,
         ]
+
+    def control_args(self) -> list[str]:
+        if self.api_key is None:
+            return []
+        restricted = f"model-repository:{self.api_key_header}={self.api_key}"
+        return ["--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+
+    def redacted(self, cmd: list[str]) -> str:
+        """The command line as it may be logged: the repository key never is."""
+        text = " ".join(cmd)
+        return text.replace(self.api_key, "<redacted>") if self.api_key else text
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         binary = find_tritonserver()
@@ -181,10 +215,11 @@ class TritonServer:
             self.log_path = Path(self.model_repository).parent / "tritonserver.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(binary, backends)
-        log.info("starting %s", " ".join(cmd))
-        with open(self.log_path, "wb") as logf:
+        log.info("starting %s", self.redacted(cmd))
+        with open(self.log_path, "ab" if self.proc is not None else "wb") as logf:  # a restart appends
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=server_env(binary),
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -234,7 +269,9 @@ class TritonServer:
         self.stop()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from af3trt.runtime import supervisor
+
     ap = argparse.ArgumentParser(prog="af3trt serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-repository", required=True, type=Path)
@@ -250,28 +287,35 @@ def main(argv=None) -> None:
     ap.add_argument("--openai-port", type=int, default=None,
                     help="also serve the OpenAI-compatible API (af3trt openai) on this port, same --host")
     openai_server.add_arguments(ap)
+    ap.add_argument("--grace-seconds", type=float, default=supervisor.DEFAULT_GRACE_SECONDS,
+                    help="on SIGTERM/SIGINT: how long requests in flight may take to finish (a second signal "
+                         "stops at once)")
+    ap.add_argument("--no-watchdog", dest="watchdog", action="store_false",
+                    help="do not reload a model whose python stub died")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
-                       args.metrics_port, args.log, world_size=args.world_size)
-    # SIGTERM (also re-raised by uvicorn after its own shutdown) must run the `finally` below: tritonserver runs in
-    # its own session and would outlive us otherwise.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+                       args.metrics_port, args.log, world_size=args.world_size, api_key=supervisor.repository_key())
     srv.start(timeout=args.start_timeout)
-    print(f"serving {args.model_repository} on grpc {srv.grpc_url} (log {srv.log_path}); Ctrl-C stops it",
-          flush=True)
+    print(f"serving {args.model_repository} on grpc {srv.grpc_url}, http {srv.http_url} (log {srv.log_path}); "
+          f"SIGTERM or Ctrl-C drains and stops it", flush=True)
+    front = None
+    if args.openai_port is not None:  # the OpenAI-compatible API in a child process, stopped after the drain
+        triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else srv.grpc_url
+        front = subprocess.Popen(openai_server.command(args, triton, args.host, args.openai_port),
+                                 preexec_fn=_die_with(os.getpid()))
     try:
-        if args.openai_port is not None:  # in the foreground until Ctrl-C; then Triton is stopped too
-            triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else srv.grpc_url
-            openai_server.serve(openai_server.settings_from(args, triton), args.host, args.openai_port)
-        else:
-            srv.proc.wait()
-    except KeyboardInterrupt:
-        pass
+        return supervisor.supervise(srv, grace_s=args.grace_seconds, watchdog=args.watchdog)
     finally:
-        srv.stop()
+        if front is not None:
+            front.terminate()
+            try:
+                front.wait(10)
+            except subprocess.TimeoutExpired:
+                front.kill()
+                front.wait()
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

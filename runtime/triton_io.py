@@ -57,11 +57,22 @@ def text(pb, request, name: str) -> str | None:
     return str(v)
 
 
+# Exceptions answered with Triton's UNAVAILABLE code (past capacity: retry later) and CANCELLED, by class name so
+# that this module needs nothing from the decoder.
+_CODES = {"ServerBusy": "UNAVAILABLE", "RequestCancelled": "CANCELLED"}
+
+
 def error_response(pb, exc: BaseException):
     """A per-request error; unexpected exceptions are logged with their traceback."""
-    if not isinstance(exc, ValueError):
+    code = _CODES.get(type(exc).__name__)
+    if not isinstance(exc, ValueError) and code is None:
         log.exception("internal error", exc_info=exc)
-    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(exc).__name__}: {exc}"))
+    message = f"{type(exc).__name__}: {exc}"
+    if code is not None and hasattr(pb.TritonError, code):  # python backend >= 23.12 takes a status code
+        error = pb.TritonError(message, getattr(pb.TritonError, code))
+    else:
+        error = pb.TritonError(message)
+    return pb.InferenceResponse(output_tensors=[], error=error)
 
 
 def per_request(pb, requests, run) -> list:

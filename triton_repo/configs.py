@@ -64,6 +64,13 @@ class RepoSpec:
     # prompt table for its audio rows). TensorRT-LLM 1.2 rejects a request with a prompt table and no extra ids when
     # enable_kv_cache_reuse is on, and without them would reuse KV blocks across different audio (same fake ids).
     prompt_table_extra_ids: bool = False
+    # Overload: preprocess, encoder (when batching), fusion and decoder each hold at most max_queue_size requests
+    # waiting and reject more at once (Triton: "Exceeds maximum queue size", UNAVAILABLE); a request that waited
+    # queue_timeout_ms is rejected ("Request timeout expired"). The CPU decoder bounds its own waiting list the same
+    # way ("server busy: ..."). 0 = unbounded / no timeout. Postprocess is never bounded: every streamed token is a
+    # request to it.
+    max_queue_size: int = 32
+    queue_timeout_ms: int = 120000  # a backstop: max_queue_size is what fails fast; CPU requests take seconds
     # decoder parameters (the tensorrtllm backend reads these as strings; the CPU decoder reads the same keys)
     decoder_params: dict[str, str] = field(default_factory=dict)
     encoder_params: dict[str, str] = field(default_factory=dict)
@@ -110,6 +117,18 @@ def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
         cfg.parameters[k].string_value = str(v)
 
 
+def _bound_queue(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
+    """Triton's queue policy on a model's scheduler: REJECT past max_queue_size or queue_timeout_ms (a client may
+    ask for a shorter timeout). A max_batch_size 0 model gets a dynamic batcher of single requests for it."""
+    if not (spec.max_queue_size or spec.queue_timeout_ms):
+        return
+    policy = cfg.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.max_queue_size = spec.max_queue_size
+    policy.default_timeout_microseconds = spec.queue_timeout_ms * 1000
+    policy.allow_timeout_override = True
+
+
 def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
@@ -153,6 +172,7 @@ def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     ])
     _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
                   **spec.preprocess_params})
+    _bound_queue(cfg, spec)
     return cfg
 
 
@@ -179,6 +199,7 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.output.extend(outs)
     if spec.encoder_batching:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
+        _bound_queue(cfg, spec)
     _params(cfg, spec.encoder_params)
     return cfg
 
@@ -218,6 +239,7 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
         **kernel_params(spec, "fusion"),
         **spec.fusion_params,
     })
+    _bound_queue(cfg, spec)
     return cfg
 
 
@@ -264,10 +286,13 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
         cfg = _python("decoder", spec.max_batch_size, spec.decoder_instances)
     cfg.model_transaction_policy.decoupled = True
     cfg.dynamic_batching.SetInParent()
+    _bound_queue(cfg, spec)
     cfg.input.extend(decoder_inputs(spec.decoder_dtype))
     cfg.output.extend([_out("output_ids", T.TYPE_INT32, [-1, -1]), _out("sequence_length", T.TYPE_INT32, [-1])])
     _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
                   "exclude_input_in_output": "true", **spec.decoder_params})
+    if spec.target == "cpu":  # the CPU engine's own waiting list (the tensorrtllm backend has its own scheduler)
+        _params(cfg, {"max_queue_size": spec.max_queue_size, "queue_timeout_ms": spec.queue_timeout_ms})
     return cfg
 
 

@@ -1,6 +1,8 @@
 """Triton adapter: the CPU backend of the decoder stage, with the tensor contract of TensorRT-LLM's C++
 `tensorrtllm` backend (decoupled; in-flight batching inside af3trt.runtime.decoder.DecoderEngine)."""
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb
 
@@ -21,18 +23,16 @@ class TritonPythonModel:
         threads = int(p.get("threads", "0")) or None
         self.engine = DecoderEngine(io.resolve(args, p["gpt_model_path"]), max_batch_size=int(p["max_batch_size"]),
                                     max_input_len=int(p["max_input_len"]),
-                                    max_new_tokens_limit=int(p["max_output_len"]), threads=threads)
+                                    max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
+                                    max_queue_size=int(p.get("max_queue_size", "0")),
+                                    queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000)
 
     def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
             try:
-                req = self.request(r)
-                # python_backend README, "Request Cancellation Handling" (r23.10+). Measured on Triton 2.51: True
-                # after a client cancels a direct decoder stream; never inside the af3 ensemble, where Triton
-                # checks cancellation only between steps (server docs/user_guide/request_cancellation.md).
-                req.cancelled = sender.is_cancelled
-                self.engine.submit(req, self._emitter(sender), self._on_error(sender))
+                self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender),
+                                   self._cancelled(r, sender))
             except Exception as e:  # noqa: BLE001
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
@@ -66,6 +66,18 @@ class TritonPythonModel:
     def stop_words(r) -> tuple:
         arr = io.tensor(pb, r, "stop_words_list")  # [1, 2, L] (TensorRT-LLM's format) or absent
         return () if arr is None else parse_stop_words_list(arr)
+
+    @staticmethod
+    def _cancelled(r, sender):
+        """The client cancelled, or its deadline passed. python_backend README, "Request Cancellation Handling"
+        (r23.10+); measured on Triton 2.51: is_cancelled() is True after a client cancels a direct decoder stream, never
+        inside the af3 ensemble, where Triton checks cancellation only between steps (server
+        docs/user_guide/request_cancellation.md). But each step inherits the request's timeout
+        (the client's deadline, in microseconds): counted from here, it stops generation at the latest that long
+        after the client gave up."""
+        timeout_us = r.timeout() if hasattr(r, "timeout") else 0
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        return lambda: sender.is_cancelled() or (deadline is not None and time.monotonic() > deadline)
 
     @staticmethod
     def _emitter(sender):

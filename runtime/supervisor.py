@@ -1,0 +1,275 @@
+"""Keep a running tritonserver truthful and serving: a stub watchdog, a draining shutdown, a restricted API.
+
+What Triton 2.51 does on its own, and why this module exists (each seen on this repository's CPU ensemble):
+- When a python model's stub process dies (the kernel's OOM killer, a segfault), Triton keeps the model READY and
+  answers every later request "Stub process '<model>_0_0' is not healthy" for ever; /v2/health/ready stays 200.
+  Triton never restarts the stub. With explicit model control, unloading a composing model makes the ensemble
+  UNAVAILABLE and /v2/health/ready 400 (with --strict-readiness); loading it again reloads the ensemble too.
+  So the watchdog polls the stubs (children of tritonserver whose argv[1] is <repo>/<model>/<version>/model.py)
+  and, when one is gone, unloads that model (readiness false at once) and loads it again (readiness true when
+  the ensemble can answer).
+- On SIGTERM, Triton's own shutdown refuses new requests to every model at once, including the per-token requests
+  a decoupled ensemble sends to its postprocess step: streams in flight stop mid-answer and hang until the exit
+  timeout. Unloading only the ensemble instead refuses new requests ("Request for unknown model"), makes
+  readiness false, lets requests in flight finish (state UNLOADING until they have), and then it is UNAVAILABLE.
+  So a drain is: unload the ensembles, wait for them to be UNAVAILABLE (at most the grace period), then SIGTERM
+  tritonserver (nothing in flight; it exits in seconds), and SIGKILL its process group if it does not.
+- Explicit model control opens Triton's model-repository API (load/unload) to every client. It is restricted with
+  --http-restricted-api / --grpc-restricted-protocol "model-repository:<header>=<key>": a request without the
+  header gets 403 (HTTP) / PERMISSION_DENIED (gRPC). The key is $AF3TRT_REPOSITORY_KEY or random per launch; it
+  is passed to tritonserver on its command line (readable by local users with access to /proc of that process,
+  not to network clients) and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from af3trt.triton_repo import configs
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "AF3TRT_REPOSITORY_KEY"
+DEFAULT_GRACE_SECONDS = 60.0  # a 512-token answer at 100 ms/token, with margin
+
+
+def repository_key() -> str:
+    """The model-repository API key: $AF3TRT_REPOSITORY_KEY (to use the API yourself), else a random one."""
+    return os.environ.get(KEY_ENV) or secrets.token_urlsafe(24)
+
+
+class RepositoryAPI:
+    """Triton's HTTP health and model-repository endpoints, with the restricted header."""
+
+    def __init__(self, http_url: str, header: str, key: str, timeout: float = 600.0):
+        self.base, self.header, self.key, self.timeout = f"http://{http_url}", header, key, timeout
+
+    def _call(self, path: str, *, post: bool = False, keyed: bool = True) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.base + path, method="POST" if post else "GET",
+                                     data=b"" if post else None)
+        if keyed:
+            req.add_header(self.header, self.key)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def ready(self) -> bool:
+        try:
+            return self._call("/v2/health/ready", keyed=False)[0] == 200
+        except OSError:
+            return False
+
+    def states(self) -> dict[str, str]:
+        """{model: READY | UNLOADING | UNAVAILABLE | LOADING}."""
+        status, body = self._call("/v2/repository/index", post=True)
+        if status != 200:
+            raise RuntimeError(f"repository index: HTTP {status} {body[:200]!r}")
+        return {m["name"]: m.get("state", "") for m in json.loads(body)}
+
+    def load(self, model: str) -> None:
+        status, body = self._call(f"/v2/repository/models/{model}/load", post=True)
+        if status != 200:
+            raise RuntimeError(f"load {model}: HTTP {status} {body[:300]!r}")
+
+    def unload(self, model: str) -> None:
+        status, body = self._call(f"/v2/repository/models/{model}/unload", post=True)
+        if status != 200:
+            raise RuntimeError(f"unload {model}: HTTP {status} {body[:300]!r}")
+
+
+def ensembles(repo: Path) -> list[str]:
+    """The ensemble models of a repository (read from their config.pbtxt)."""
+    names = []
+    for cfg in sorted(Path(repo).glob("*/config.pbtxt")):
+        if configs.parse(cfg.read_text()).platform == "ensemble":
+            names.append(cfg.parent.name)
+    return names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def children(parent: int) -> list[int]:
+    """Live child processes of `parent`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+            out.append(int(d.name))
+    return out
+
+
+def stub_pids(parent: int) -> dict[str, set[int]]:
+    """{model: pids of its live python stubs} among the children of tritonserver."""
+    out: dict[str, set[int]] = {}
+    for pid in children(parent):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub") and argv[1].endswith(b"model.py"):
+            out.setdefault(Path(argv[1].decode()).parent.parent.name, set()).add(pid)
+    return out
+
+
+def decoupled_python_models(repo: Path) -> set[str]:
+    """Python-backend models with a decoupled transaction policy (the CPU decoder)."""
+    names = set()
+    for cfg in Path(repo).glob("*/config.pbtxt"):
+        c = configs.parse(cfg.read_text())
+        if c.backend == "python" and c.model_transaction_policy.decoupled:
+            names.add(cfg.parent.name)
+    return names
+
+
+class Watchdog(threading.Thread):
+    """Bring a model back whose python stub died; readiness is false from the moment it acts until the ensemble
+    can answer again.
+
+    A non-decoupled model is unloaded and loaded: its requests in flight already got an error from Triton
+    ("Stub process ... is not healthy"), those elsewhere in the ensemble finish. A decoupled python model (the
+    CPU decoder) is different: its requests in flight were released to the dead stub, nothing in Triton 2.51 ever
+    completes them, and they hang through an unload and a reload (seen). So then tritonserver itself is restarted
+    on the same ports: those requests fail with a broken connection instead of hanging."""
+
+    def __init__(self, server, api: RepositoryAPI, poll_s: float = 0.5):
+        super().__init__(name="af3trt-stub-watchdog", daemon=True)
+        self.server, self.api, self.poll_s = server, api, poll_s
+        self.ensembles = ensembles(server.model_repository)
+        self.decoupled = decoupled_python_models(server.model_repository)
+        self.stopping = threading.Event()
+        self.idle = threading.Event()  # set while not healing
+        self.idle.set()
+        self.reloads: list[dict] = []  # {model, dead_pids, action, seconds}
+        # A restarted tritonserver was started by this thread, and PR_SET_PDEATHSIG fires when the *thread* that
+        # started a process ends: so this thread lives until the supervisor has stopped tritonserver.
+        self.released = threading.Event()
+
+    def run(self) -> None:
+        known = stub_pids(self.server.proc.pid)
+        while not self.stopping.wait(self.poll_s):
+            for model, pids in list(known.items()):
+                dead = sorted(p for p in pids if not _alive(p))
+                if dead and not self.stopping.is_set():
+                    self.idle.clear()
+                    try:
+                        self.heal(model, dead)
+                    except Exception as e:  # noqa: BLE001 - keep watching; the next poll retries
+                        log.error("watchdog: bringing back %s failed: %s", model, e)
+                    finally:
+                        self.idle.set()
+                    known = stub_pids(self.server.proc.pid)
+                    break
+            else:
+                for model, pids in stub_pids(self.server.proc.pid).items():  # stubs started since
+                    known[model] = known.get(model, set()) | pids
+        self.released.wait()
+
+    def heal(self, model: str, dead: list[int]) -> None:
+        t0 = time.monotonic()
+        restart = model in self.decoupled
+        log.warning("watchdog: the python stub of model '%s' died (pid %s); %s", model,
+                    ", ".join(map(str, dead)), "restarting tritonserver" if restart else "unloading and reloading it")
+        if restart:
+            self.server.stop(timeout=self.server.exit_timeout + 15)
+            self.server.start()
+        else:
+            self.api.unload(model)  # readiness false from here (the ensemble goes with it)
+            self.api.load(model)  # blocks until loaded; Triton reloads the ensembles that use it
+            states = self.api.states()
+            for e in self.ensembles:
+                if states.get(e) != "READY":
+                    self.api.load(e)
+        seconds = time.monotonic() - t0
+        self.reloads.append({"model": model, "dead_pids": dead, "action": "restart" if restart else "reload",
+                             "seconds": round(seconds, 2)})
+        log.warning("watchdog: model '%s' is back after %.1f s; ready=%s", model, seconds, self.api.ready())
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.idle.wait(600)
+
+
+def drain(server, api: RepositoryAPI, grace_s: float, hurry: threading.Event | None = None) -> None:
+    """Refuse new requests, let those in flight finish within grace_s, then stop tritonserver and its stubs."""
+    names = ensembles(server.model_repository)
+    t0 = time.monotonic()
+    log.warning("draining: refusing new requests; waiting up to %.0f s for requests in flight", grace_s)
+    try:
+        for e in names:
+            api.unload(e)
+        while time.monotonic() - t0 < grace_s and not (hurry and hurry.is_set()):
+            states = api.states()
+            if all(states.get(e) in ("UNAVAILABLE", None) for e in names):
+                log.warning("drained in %.1f s", time.monotonic() - t0)
+                break
+            time.sleep(0.2)
+        else:
+            log.warning("grace period over after %.1f s with requests still in flight: stopping anyway",
+                        time.monotonic() - t0)
+    except (OSError, RuntimeError) as e:
+        log.warning("drain: %s; stopping tritonserver", e)
+    server.stop(timeout=server.exit_timeout + 15)
+
+
+def supervise(server, *, grace_s: float = DEFAULT_GRACE_SECONDS, watchdog: bool = True) -> int:
+    """Run until tritonserver exits or SIGTERM/SIGINT arrives (then drain); a second signal cuts the grace short.
+
+    Returns the exit status for the launcher: 0 after a drain, tritonserver's own status if it died."""
+    api = RepositoryAPI(server.http_url, server.api_key_header, server.api_key)
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        log.warning("received %s", signal.Signals(signum).name)
+        (hurry if stop.is_set() else stop).set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    dog = Watchdog(server, api) if watchdog and server.api_key else None
+    if dog:
+        dog.start()
+
+    def died() -> bool:  # tritonserver exited, and not because the watchdog is restarting it
+        proc = server.proc
+        return proc.poll() is not None and (dog is None or dog.idle.is_set()) and server.proc is proc
+
+    try:
+        while not died() and not stop.wait(0.5):
+            pass
+        if died():
+            log.error("tritonserver exited with code %s; log %s:\n%s", server.proc.returncode, server.log_path,
+                      server.log_tail(30))
+            return server.proc.returncode or 1
+        if dog:
+            dog.stop()
+        drain(server, api, grace_s, hurry)
+        return 0
+    finally:
+        if dog:
+            dog.stopping.set()
+        server.stop()
+        if dog:
+            dog.released.set()
+        for s, h in previous.items():
+            signal.signal(s, h)
