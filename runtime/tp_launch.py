@@ -33,18 +33,19 @@ def leader_mode_command(rank_args: list[str], world_size: int, *, decoder_model:
     """`rank_args` (tritonserver binary + its flags, as for one process) → the command for `world_size` ranks.
 
     world_size 1: the same arguments, no MPI. Otherwise one `mpirun` with an
-    `-n 1 …` block per rank, separated by ':'; ranks ≥ 1 load only `decoder_model` (explicit model control).
+    `-n 1 …` block per rank, separated by ':'; rank 0 keeps its model control (e.g. the supervisor's explicit mode,
+    runtime/supervisor.py), ranks ≥ 1 load only `decoder_model` (explicit model control, their own).
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     if not rank_args:
         raise ValueError("rank_args must start with the tritonserver binary")
-    if any(a.startswith("--model-control-mode") or a.startswith("--load-model") for a in rank_args):
-        raise ValueError("rank_args must not choose the model control mode: leader mode sets it per rank")
+    control = ("--model-control-mode", "--load-model")
+    workers = [a for a in rank_args if not a.startswith(control)]  # ranks >= 1 choose their own models
 
     def rank(i: int) -> list[str]:
-        extra = [] if i == 0 else ["--model-control-mode=explicit", f"--load-model={decoder_model}"]
-        return [*rank_args, *extra, "--disable-auto-complete-config", shm_prefix_arg(f"{shm_prefix}{i}_")]
+        args = rank_args if i == 0 else [*workers, "--model-control-mode=explicit", f"--load-model={decoder_model}"]
+        return [*args, "--disable-auto-complete-config", shm_prefix_arg(f"{shm_prefix}{i}_")]
 
     if world_size == 1:
         return list(rank_args)

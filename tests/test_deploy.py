@@ -216,8 +216,10 @@ def test_tp_size_launches_one_rank_per_gpu_in_leader_mode(rendered):
     assert "--model-control-mode=explicit --load-model=decoder" in blocks[1]
     for i, b in enumerate(blocks):
         assert "--disable-auto-complete-config" in b and f"shm-region-prefix-name=af3trt_rank{i}_" in b
-    with pytest.raises(ValueError):
-        leader_mode_command(base + ["--model-control-mode=explicit"], 2)
+    # the leader keeps its own model control (the supervisor's explicit mode); the other ranks load only the decoder
+    blocks = " ".join(leader_mode_command(base + ["--model-control-mode=explicit", "--load-model=*"], 2)[2:]).split(" : ")
+    assert "--load-model=*" in blocks[0] and "--load-model=decoder" not in blocks[0]
+    assert "--load-model=*" not in blocks[1] and blocks[1].count("--model-control-mode") == 1
     from af3trt.runtime.server import TritonServer
 
     srv = TritonServer(Path("/models/af3/model_repository"), "0.0.0.0", 8001, 8000, 8002, world_size=2)
