@@ -377,8 +377,10 @@ def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, 
             continue
         run = ref.batched(inputs, c, args.max_tokens)
         batched.append({**bl.batched_point(run), "tokens": run["tokens"],
-                        "agreement_with_sequential": bl.agreement(run["ids"], [seq["ids"][i % len(inputs)]
-                                                                               for i in range(c)])})
+                        # batched row i is inputs[i % n]; the sequential run covers the first baseline_requests
+                        "agreement_with_sequential": bl.agreement(
+                            [run["ids"][i] for i in range(c) if i % len(inputs) < len(seq["ids"])],
+                            [seq["ids"][i % len(inputs)] for i in range(c) if i % len(inputs) < len(seq["ids"])])})
         log.info("baseline batched c=%d: %.2f req/s", c, batched[-1]["throughput_rps"])
     out["batched"] = batched
     by_length = []
