@@ -77,10 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--preprocess-threads", type=int, default=1, help="torch threads of the log-mel")
     b.add_argument("--encoder-windows-per-run", type=int, default=2,
                    help="windows per ONNX Runtime run (long clips: smaller attention buffers)")
-    b.add_argument("--encoder-batching", action="store_true",
-                   help="let Triton batch several requests' windows per encoder run (slower on CPU)")
+    b.add_argument("--no-encoder-batching", dest="encoder_batching", action="store_false",
+                   help="one request per encoder execution. Default: Triton batches the windows of concurrent "
+                        "requests of the same frame bucket (measured on 2 cores with cropped windows: 2.8x the "
+                        "burst throughput of one request per execution; the batching ablation re-measures it)")
     b.add_argument("--max-batch-size", type=int, default=16, help="decoder in-flight batch")
-    b.add_argument("--encoder-queue-delay-us", type=int, default=0)
+    b.add_argument("--encoder-queue-delay-us", type=int, default=2000)
     b.add_argument("--encoder-instances", type=int, default=1)
     b.add_argument("--max-text-len", type=int, default=512)
     b.add_argument("--max-output-len", type=int, default=256)
