@@ -54,7 +54,8 @@ class RepoSpec:
     encoder_queue_delay_us: int = 2000
     # False: the encoder runs one request per execution (no dynamic batcher). Measured on 2 cores: with full 30-s
     # windows batching saved no compute (+15-30 % throughput without it at c=8-16); with windows cropped to their
-    # frame bucket, batching the requests of one bucket is what pays (burst of 8: 2.8x; `af3trt bench` re-measures).
+    # frame bucket, batching the requests of one bucket won in 3 of 4 bench runs (burst of 8: 1.25-2.9x; 0.6x in the
+    # fourth) on a shared, noisy 2-core machine: on by default; `af3trt bench` re-measures it as an ablation.
     encoder_batching: bool = True
     preprocess_instances: int = 1
     encoder_instances: int = 1
