@@ -143,6 +143,7 @@ def run_rounds(url: str, ref, spoken: list[tuple[float, bytes]], *, rounds: int,
                concurrency: int, steady_requests: int, out: Path, server_pid: int | None) -> dict:
     """`rounds` interleaved rounds of (a) burst, (b) steady, transformers sequential and batched."""
     runs: dict[str, list[dict]] = {"burst": [], "steady": [], "sequential": [], "batched": []}
+    baseline_round(ref, spoken, max_tokens)  # warm-up, not counted: af3trt's warm-up also ran every clip
     for i in range(rounds):
         runs["burst"].append(burst(url, spoken, max_tokens))
         runs["steady"].append(steady(url, spoken, max_tokens, concurrency, out / f"steady-{i}", steady_requests,

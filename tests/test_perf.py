@@ -338,6 +338,8 @@ def test_bench_cli_defaults():
     args = bench.parse_args([])
     assert args.preset == "af3" and args.main_clips == "spoken"  # AF3's compute split, the burst's spoken clips
     assert (args.compare_rounds, args.burst_clips, args.steady_concurrency) == (3, 8, 8) and args.full_window_ablation
+    assert args.encoder_batching and args.encoder_queue_delay_us == 2000 and args.batching_ablation
+    assert not bench.parse_args(["--no-encoder-batching"]).encoder_batching
     assert bench.ints(args.concurrency) == [1, 4, 8, 16, 32]
     assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.encoder_precision == "fp32" and args.ablation_levels == ""
     assert bench.parse_args(["--preset", "small"]).preset == "small"  # the old presets stay options
