@@ -308,7 +308,8 @@ class AsyncAF3Client:
     """The same requests from asyncio code (an HTTP front end): `async for chunk in client.responses(req)`.
 
     Leaving the loop early (break, `aclose()`, the task cancelled when an HTTP client disconnects) cancels the gRPC
-    call and sends the request id to the cancel model (send_cancel_async): the decoder stops generating. Errors as AF3Client's: AF3ConnectionError, AF3Error.
+    call and sends the request id to the cancel model (send_cancel_async): the decoder stops generating. Errors
+    as AF3Client's: AF3ConnectionError, AF3Error.
     """
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):

@@ -16,8 +16,8 @@ Errors use OpenAI's error body {"error": {"message", "type", "param", "code"}}: 
 (bad base64, audio the ensemble cannot decode or longer than it reads, parameters out of range, n > 1), 401
 for a missing or wrong API key, 404 for an unknown model, 413 for a body over --max-upload-bytes, 503 when
 Triton cannot be reached or the ensemble is not ready. A client that disconnects cancels its gRPC stream and sends
-the request id to the repository's `cancel` model, which the CPU decoder polls: it stops generating. Binds 127.0.0.1 unless told otherwise; the API
-key is read from an environment variable and never logged.
+the request id to the repository's `cancel` model, which the CPU decoder polls: it stops generating. Binds
+127.0.0.1 unless told otherwise; the API key is read from an environment variable and never logged.
 """
 
 from __future__ import annotations
