@@ -130,3 +130,23 @@ def test_closing_the_stream_stops_the_decoder_and_the_other_request_completes(se
     t.join(120)
     assert len(first.token_ids) == 1 and most == LONG and n < LONG
     assert len(other["answer"].token_ids) == MAX_TOKENS
+
+
+@pytest.mark.integration
+def test_leaving_the_async_client_early_stops_the_decoder(server, speech_bytes):
+    import asyncio
+
+    from af3trt.runtime.client import AsyncAF3Client
+
+    rid = f"async-closed-early-{uuid.uuid4().hex}"
+
+    async def run():
+        it = AsyncAF3Client(server.grpc_url, timeout=120).responses(
+            Request("Tell a long story.", [speech_bytes], max_tokens=LONG, stream=True, request_id=rid))
+        first = await it.__anext__()
+        await it.aclose()  # cancels the call, then sends the cancel
+        return first
+
+    first = asyncio.run(run())
+    n, most = _tokens(_cancel_line(server, rid))
+    assert len(first.token_ids) == 1 and most == LONG and n < LONG
