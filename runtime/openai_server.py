@@ -202,6 +202,20 @@ class Triton:
                     task.add_done_callback(self._cancels.discard)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends. Starlette (1.10) leaves the
+    generator suspended when a client's disconnect cancels the response at a send; it would be finalized only when
+    the garbage collector gets to it, and its `finally` is what cancels the request in Triton."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 # ------------------------------------------------------------------------------------------------ OpenAI schema
 
 
@@ -572,7 +586,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await rest.aclose()
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                        headers={"cache-control": "no-cache"})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -629,7 +644,8 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 await rest.aclose()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                        headers={"cache-control": "no-cache"})
 
     return app
 
