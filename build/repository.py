@@ -2,7 +2,7 @@
 copied from triton_repo/ (never edited by hand in the output).
 
     out/
-      model_repository/<af3|preprocess|encoder|fusion|decoder|postprocess>/config.pbtxt, 1/model.py
+      model_repository/<af3|preprocess|encoder|fusion|decoder|postprocess|cancel>/config.pbtxt, 1/model.py
       artifacts/…           (encoder.onnx, lm/, tokenizer files: referenced by relative path parameters)
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from af3trt.triton_repo import configs
 
 SOURCES = Path(configs.__file__).parent
-PYTHON_MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
+PYTHON_MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "cancel")
 # model.py sources that differ by target: the GPU encoder runs the TensorRT plan (triton_repo/encoder_trt)
 MODEL_SOURCES = {("gpu", "encoder"): "encoder_trt"}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import queue
 import sys
 import time
@@ -28,6 +29,12 @@ from typing import AsyncIterator, Iterator, Sequence
 import numpy as np
 
 MODEL = "af3"
+# The ensemble's cancellation side channel (triton_repo/cancel): Triton 2.51 does not pass the cancellation of an af3
+# stream on to the decoder already generating for it, so a stream closed early is also cancelled here by its id.
+CANCEL_MODEL = "cancel"
+CANCEL_TIMEOUT_S = 5.0
+
+log = logging.getLogger("af3trt.client")
 
 
 class AF3Error(RuntimeError):
@@ -183,6 +190,49 @@ def _receive(url: str, model: str, result, error, t0: float) -> tuple[Chunk | No
     return _chunk(result, t0), final is not None and final.bool_param
 
 
+def _cancel_input(grpc_module, request_id: str):
+    t = grpc_module.InferInput("request_id", [1], "BYTES")
+    t.set_data_from_numpy(np.array([request_id.encode()], dtype=np.object_))
+    return t
+
+
+def _cancel_failed(request_id: str, model: str, error) -> None:
+    text = str(error)
+    if "unknown model" in text.lower() or "not found" in text.lower():  # a repository built before the cancel model
+        log.info("request %s: the server has no %r model; its decoder stops at the deadline or max_tokens",
+                 request_id, model)
+    else:
+        log.warning("request %s: sending the cancellation failed: %s", request_id, text)
+
+
+def send_cancel(url: str, request_id: str, model: str = CANCEL_MODEL) -> bool:
+    """Tell the server to stop generating for `request_id` (after its stream was closed); best effort: False, and
+    logged, when it could not be delivered (an older repository without the cancel model, a server gone)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.infer(model, [_cancel_input(grpcclient, request_id)], client_timeout=CANCEL_TIMEOUT_S)
+        return True
+    except Exception as e:  # noqa: BLE001 - best effort: the stream is already closed
+        _cancel_failed(request_id, model, e)
+        return False
+    finally:
+        client.close()
+
+
+async def send_cancel_async(client, request_id: str, model: str = CANCEL_MODEL) -> bool:
+    """send_cancel over an open `tritonclient.grpc.aio.InferenceServerClient`."""
+    import tritonclient.grpc.aio as aioclient
+
+    try:
+        await client.infer(model, [_cancel_input(aioclient, request_id)], client_timeout=CANCEL_TIMEOUT_S)
+        return True
+    except Exception as e:  # noqa: BLE001 - best effort: the stream is already closed
+        _cancel_failed(request_id, model, e)
+        return False
+
+
 class AF3Client:
     def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):
         self.url, self.model, self.timeout = url, model, timeout
@@ -195,20 +245,23 @@ class AF3Client:
 
     def responses(self, req: Request) -> Iterator[Chunk]:
         """Yield the chunks of one request as they arrive. Closing the iterator early (break, .close(), garbage
-        collection) closes the gRPC stream with cancel_requests=True: Triton cancels the request. Raises
+        collection) closes the gRPC stream with cancel_requests=True and sends the request id to the server's
+        cancel model (send_cancel): the decoder stops generating for it. Raises
         AF3ConnectionError when the server cannot be reached or the model is not ready, AF3Error for a request the
         server refused (the server's message)."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
         inputs = req.inputs()
+        request_id = req.request_id or uuid.uuid4().hex
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         t0 = time.perf_counter()
         client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=req.deadline_s)
+        running = False  # sent, and neither its last response nor an error came back
         try:
             try:
-                client.async_stream_infer(self.model, inputs, request_id=req.request_id or uuid.uuid4().hex,
+                client.async_stream_infer(self.model, inputs, request_id=request_id,
                                           enable_empty_final_response=True,
                                           timeout=None if req.deadline_s is None else int(req.deadline_s * 1e6))
             except InferenceServerException as e:  # the stream broke at once: its callback holds the cause
@@ -217,12 +270,16 @@ class AF3Client:
                 except queue.Empty:
                     error = e
                 raise _error(self.url, self.model, error) from None
+            running = True
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout)
                 except queue.Empty:
                     raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
+                running = error is None
                 chunk, final = _receive(self.url, self.model, result, error, t0)
+                if final:
+                    running = False
                 if chunk is not None:
                     yield chunk
                 if final:
@@ -230,6 +287,8 @@ class AF3Client:
         finally:
             client.stop_stream(cancel_requests=True)
             client.close()
+            if running:  # closed early: the af3 ensemble does not pass the stream's cancellation to the decoder
+                send_cancel(self.url, request_id)
 
     def ask(self, prompt: str | None = None, audio: Sequence[bytes] = (), **kw) -> Answer:
         """The whole answer, with its first-chunk time and latency (keywords as for stream)."""
@@ -249,7 +308,8 @@ class AsyncAF3Client:
     """The same requests from asyncio code (an HTTP front end): `async for chunk in client.responses(req)`.
 
     Leaving the loop early (break, `aclose()`, the task cancelled when an HTTP client disconnects) cancels the gRPC
-    call, and with it the request in Triton. Errors as AF3Client's: AF3ConnectionError, AF3Error.
+    call and sends the request id to the cancel model (send_cancel_async): the decoder stops generating. Errors
+    as AF3Client's: AF3ConnectionError, AF3Error.
     """
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):
@@ -260,7 +320,8 @@ class AsyncAF3Client:
         import tritonclient.grpc.aio as aioclient
         from tritonclient.utils import InferenceServerException
 
-        request = {"model_name": self.model, "inputs": req.inputs(), "request_id": req.request_id or uuid.uuid4().hex,
+        request_id = req.request_id or uuid.uuid4().hex
+        request = {"model_name": self.model, "inputs": req.inputs(), "request_id": request_id,
                    "parameters": {"triton_enable_empty_final_response": True}}
 
         async def one_request():
@@ -269,6 +330,7 @@ class AsyncAF3Client:
         client = aioclient.InferenceServerClient(self.url)
         t0 = time.perf_counter()
         stream = client.stream_infer(one_request())
+        running = True  # until its last response or an error came back
         try:
             while True:
                 try:
@@ -280,14 +342,21 @@ class AsyncAF3Client:
                 except StopAsyncIteration:
                     raise AF3ConnectionError(self.url, "unavailable", "the stream ended before the last response") \
                         from None
+                running = error is None
                 chunk, final = _receive(self.url, self.model, result, error, t0)
+                if final:
+                    running = False
                 if chunk is not None:
                     yield chunk
                 if final:
                     return
         finally:
             stream.cancel()
-            await client.close()
+            try:
+                if running:  # left early: the af3 ensemble does not pass the call's cancellation to the decoder
+                    await send_cancel_async(client, request_id)
+            finally:
+                await client.close()
 
     async def complete(self, req: Request) -> Answer:
         """The whole answer of one request, with its first-chunk time and latency."""

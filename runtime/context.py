@@ -5,6 +5,11 @@ postprocess must know about the request itself (audio truncation notices, whethe
 prefix) is written here by preprocess and read back by postprocess. Entries are small JSON files in a directory
 private to the tritonserver process (the models' common parent), removed when the request ends and purged when
 stale. Requests without an id (e.g. perf_analyzer's) carry no context: they get the defaults.
+
+Cancellation marks live beside the entries (`<hash>.cancelled`, separate from the entry that postprocess drops at
+the request's first response): Triton 2.51 does not pass a client's cancellation of the af3 ensemble to the decoder
+inside it, so the `cancel` model (triton_repo/cancel) marks the request here and the CPU decoder polls the mark.
+File names are hashes of the request id: nothing a client sends names a path.
 """
 
 from __future__ import annotations
@@ -58,6 +63,23 @@ class RequestContext:
     def drop(self, request_id: str) -> None:
         if request_id:
             self._path(request_id).unlink(missing_ok=True)
+
+    def _cancel_path(self, request_id: str) -> Path:
+        return self._path(request_id).with_suffix(".cancelled")
+
+    def cancel(self, request_id: str) -> None:
+        """Mark a request cancelled by its client (kept until the decoder ends the request, or purged when stale)."""
+        if request_id:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._cancel_path(request_id).touch()
+            self.purge()
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return bool(request_id) and self._cancel_path(request_id).exists()
+
+    def clear_cancel(self, request_id: str) -> None:
+        if request_id:
+            self._cancel_path(request_id).unlink(missing_ok=True)
 
     def purge(self, older_than: float = STALE_SECONDS) -> None:
         """Remove entries of requests that never reached postprocess (failed upstream); at most once a minute."""

@@ -15,9 +15,9 @@ the ensemble, so the HTTP answer is the gRPC answer: same token ids, same errors
 Errors use OpenAI's error body {"error": {"message", "type", "param", "code"}}: 400 for what the client can fix
 (bad base64, audio the ensemble cannot decode or longer than it reads, parameters out of range, n > 1), 401
 for a missing or wrong API key, 404 for an unknown model, 413 for a body over --max-upload-bytes, 503 when
-Triton cannot be reached or the ensemble is not ready. A client that disconnects cancels its gRPC stream, and
-with it the request in Triton (the decoder stops generating). Binds 127.0.0.1 unless told otherwise; the API
-key is read from an environment variable and never logged.
+Triton cannot be reached or the ensemble is not ready. A client that disconnects cancels its gRPC stream and sends
+the request id to the repository's `cancel` model, which the CPU decoder polls: it stops generating. Binds
+127.0.0.1 unless told otherwise; the API key is read from an environment variable and never logged.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from tritonclient.utils import InferenceServerException
 
 from af3trt.runtime import lengths
 from af3trt.runtime.client import Request as Job
-from af3trt.runtime.client import AF3ConnectionError, AF3Error, _receive
+from af3trt.runtime.client import AF3ConnectionError, AF3Error, _receive, send_cancel_async
 
 log = logging.getLogger("af3trt.openai")
 
@@ -117,8 +117,11 @@ class Triton:
         self.url, self.model = url, model
         self.client = grpcaio.InferenceServerClient(url)
         self._info: EnsembleInfo | None = None
+        self._cancels: set[asyncio.Task] = set()  # cancellations in flight (kept referenced until done)
 
     async def close(self) -> None:
+        if self._cancels:  # let the last cancellations reach Triton (each has its own short timeout)
+            await asyncio.wait(set(self._cancels))
         await self.client.close()
 
     async def info(self) -> EnsembleInfo:
@@ -154,7 +157,8 @@ class Triton:
 
     async def generate(self, job: Job, request_id: str) -> AsyncIterator[Piece]:
         """The ensemble's responses for one request. Leaving the iteration early (a client that went away, a
-        stop string) cancels the gRPC call, which Triton turns into a cancellation of the request."""
+        stop string) cancels the gRPC call, which Triton turns into a cancellation of the request, and sends the
+        request id to the cancel model: Triton 2.51 does not pass the first on to the decoder inside the ensemble."""
         done = asyncio.Event()
 
         async def requests():
@@ -164,9 +168,11 @@ class Triton:
 
         call = self.client.stream_infer(requests())
         finished = False
+        errored = False  # Triton answered an error: the request is over there
         t0 = time.perf_counter()
         try:
             async for result, error in call:
+                errored = error is not None
                 try:
                     chunk, final = _receive(self.url, self.model, result, error, t0)
                 except AF3ConnectionError as e:
@@ -190,6 +196,24 @@ class Triton:
             if not finished:  # the client went away, a stop string matched, or an error: end it in Triton
                 log.info("request %s: cancelling it in Triton", request_id)
                 call.cancel()
+                if not errored:
+                    task = asyncio.ensure_future(send_cancel_async(self.client, request_id))
+                    self._cancels.add(task)
+                    task.add_done_callback(self._cancels.discard)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends. Starlette (1.10) leaves the
+    generator suspended when a client's disconnect cancels the response at a send; it would be finalized only when
+    the garbage collector gets to it, and its `finally` is what cancels the request in Triton."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI schema
@@ -562,7 +586,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await rest.aclose()
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                        headers={"cache-control": "no-cache"})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -619,7 +644,8 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 await rest.aclose()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                        headers={"cache-control": "no-cache"})
 
     return app
 

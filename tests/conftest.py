@@ -40,7 +40,8 @@ def tiny_repo(tiny_ckpt, tmp_path_factory) -> Path:
     from af3trt.build.build_engines import BuildOptions, build
 
     out = tmp_path_factory.mktemp("build") / "af3-tiny"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=64, default_max_tokens=16))
+    # max_output_len 512: room for a long answer that a cancellation must cut short (tests/test_cancel.py)
+    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=512, default_max_tokens=16))
     return out
 
 

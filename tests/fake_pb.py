@@ -99,11 +99,8 @@ def get_input_tensor_by_name(request, name):
     return request.inputs.get(name)
 
 
-def load_model(name: str, config, args_extra: dict | None = None):
-    """Import triton_repo/<name>/model.py with this module as triton_python_backend_utils and initialize it
-    with `config` (a ModelConfig protobuf) as Triton would."""
-    from google.protobuf import json_format
-
+def import_model(name: str):
+    """The module triton_repo/<name>/model.py, imported with this module as triton_python_backend_utils."""
     import af3trt.triton_repo as tr
 
     sys.modules["triton_python_backend_utils"] = sys.modules[__name__]
@@ -111,7 +108,15 @@ def load_model(name: str, config, args_extra: dict | None = None):
     spec = importlib.util.spec_from_file_location(f"_af3trt_model_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model = mod.TritonPythonModel()
+    return mod
+
+
+def load_model(name: str, config, args_extra: dict | None = None):
+    """Import triton_repo/<name>/model.py with this module as triton_python_backend_utils and initialize it
+    with `config` (a ModelConfig protobuf) as Triton would."""
+    from google.protobuf import json_format
+
+    model = import_model(name).TritonPythonModel()
     args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
             **(args_extra or {})}
     model.initialize(args)

@@ -19,8 +19,8 @@ def built(tiny_ckpt, tmp_path_factory):
 
 def test_repository_and_manifest(built, tiny_ckpt):
     repo = built / "model_repository"
-    assert sorted(p.name for p in repo.iterdir()) == sorted([configs.ENSEMBLE, *configs.STAGES])
-    for stage in configs.STAGES:
+    assert sorted(p.name for p in repo.iterdir()) == sorted([configs.ENSEMBLE, *configs.STAGES, configs.CANCEL])
+    for stage in (*configs.STAGES, configs.CANCEL):
         cfg = configs.parse((repo / stage / "config.pbtxt").read_text())
         assert cfg.name == stage
         assert (repo / stage / "1" / "model.py").read_text().startswith('"""Triton adapter')

@@ -95,4 +95,4 @@ def test_from_prepared_and_the_repository_run_in_the_container_python(prepared, 
     r = run_in(container, "-c", script)
     assert r.returncode == 0, r.stderr
     # (the GPU decoder is the C++ tensorrtllm backend: no model.py)
-    assert r.stdout.split()[1::2] == ["encoder", "fusion", "postprocess", "preprocess"]
+    assert r.stdout.split()[1::2] == ["cancel", "encoder", "fusion", "postprocess", "preprocess"]

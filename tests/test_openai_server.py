@@ -170,7 +170,8 @@ def test_multi_turn_conversation_with_audio(oai, client, ref, speech_bytes):
 
 
 def test_transcription_strips_the_prefix(oai, client, speech_bytes):
-    plain = client.ask(TRANSCRIPTION_PROMPT, [speech_bytes], max_tokens=64, stream=False)
+    # the endpoint asks for the repository's max_output_len (tests/conftest.py: 512)
+    plain = client.ask(TRANSCRIPTION_PROMPT, [speech_bytes], max_tokens=512, stream=False)
     want = strip_transcription_prefix(plain.text)
     got = oai.audio.transcriptions.create(model="af3", file=("speech.flac", speech_bytes))
     assert got.text == want
@@ -267,18 +268,23 @@ def test_triton_down_is_503(server, tmp_path):
         down.stop()
 
 
-def test_client_disconnect_cancels_the_grpc_stream(oai, http):
-    """A streaming client that goes away: the HTTP server cancels its gRPC stream to Triton. (Triton 2.51's
-    ensemble does not pass that cancellation on to the decoder already running: see the next test.)"""
+def test_client_disconnect_cancels_the_grpc_stream(oai, http, server):
+    """A streaming client that goes away: the HTTP server cancels its gRPC stream to Triton and, since Triton 2.51's
+    ensemble does not pass that on to the decoder already running, sends the request id to the cancel model: the
+    decoder stops that request short of max_tokens."""
     stream = oai.chat.completions.create(model="af3", messages=[{"role": "user", "content": "Tell a long story."}],
-                                         max_tokens=64, stream=True)
+                                         max_tokens=512, stream=True)
     first = next(iter(stream))
     stream.close()
-    needle = f"request {first.id.removeprefix('chatcmpl-')}: cancelling it in Triton"
+    rid = first.id.removeprefix('chatcmpl-')
+    needle = f"request {rid}: cancelling it in Triton"
+    decoder_line = f"(request id {rid!r})"
     deadline = time.monotonic() + 60
-    while needle not in http.log() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (needle in http.log() and decoder_line in server.log_tail(400)):
         time.sleep(0.2)
     assert needle in http.log()
+    line = next(x for x in server.log_tail(400).splitlines() if decoder_line in x)
+    assert "cancelled by the client" in line and int(line.split(" after ")[1].split()[0]) < 512, line
 
 
 def test_decoder_stops_a_request_triton_cancels(server):

@@ -26,7 +26,7 @@ from af3trt.triton_repo import configs
 import fake_pb
 
 T = mc.DataType
-MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "af3")
+MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "af3", "cancel")
 
 # TensorRT-LLM 1.2 tensorrt_llm/config.pbtxt: name → (dtype, dims, reshape (None: none), optional, allow_ragged_batch).
 # "ENGINE" stands for ${prompt_embedding_table_data_type}, the engine's dtype.
@@ -167,8 +167,9 @@ def check_repository(cfgs: dict[str, mc.ModelConfig]) -> None:
         if name == "af3":
             continue
         assert cfg.model_transaction_policy.decoupled == (name == "decoder"), name
-        # every stage but postprocess has a scheduler queue (bounded by the queue policy; see test_reliability)
-        assert cfg.HasField("dynamic_batching") == (name != "postprocess"), name
+        # every stage but postprocess has a scheduler queue (bounded by the queue policy; see test_reliability);
+        # the cancel side channel has none either: a cancellation is never rejected as overload
+        assert cfg.HasField("dynamic_batching") == (name not in ("postprocess", "cancel")), name
         for i in cfg.input:
             if i.HasField("reshape"):  # [1] scalars reshaped to []
                 assert math.prod(i.dims) == math.prod(i.reshape.shape) and list(i.dims) == [1], (name, i.name)

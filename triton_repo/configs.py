@@ -30,6 +30,7 @@ from af3trt.runtime import lengths
 
 ENSEMBLE = "af3"
 STAGES = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
+CANCEL = "cancel"  # not a step: the side channel that cancels a running af3 request (triton_repo/cancel)
 
 T = mc.DataType
 DTYPES = {"float32": T.TYPE_FP32, "float16": T.TYPE_FP16, "bfloat16": T.TYPE_BF16}
@@ -341,10 +342,20 @@ def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     return cfg
 
 
+def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
+    """request_id (the af3 request to stop) → cancelled (an acknowledgement). Same model on both targets; no queue
+    policy, so that a cancellation is never rejected as overload."""
+    cfg = _python(CANCEL, 0, 1)
+    cfg.input.append(_io("request_id", T.TYPE_STRING, [1]))
+    cfg.output.append(_out("cancelled", T.TYPE_BOOL, [1]))
+    return cfg
+
+
 def all_configs(spec: RepoSpec) -> dict[str, mc.ModelConfig]:
     return {
         "preprocess": preprocess_config(spec), "encoder": encoder_config(spec), "fusion": fusion_config(spec),
         "decoder": decoder_config(spec), "postprocess": postprocess_config(spec), ENSEMBLE: ensemble_config(spec),
+        CANCEL: cancel_config(spec),
     }
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RequestContext
 from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
 from af3trt.runtime.stop_words import parse_stop_words_list
 
@@ -26,13 +27,15 @@ class TritonPythonModel:
                                     max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
                                     max_queue_size=int(p.get("max_queue_size", "0")),
                                     queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000)
+        self.ctx = RequestContext()
 
     def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
             try:
-                self.engine.submit(self.request(r), self._emitter(sender), self._on_error(sender),
-                                   self._cancelled(r, sender))
+                rid = r.request_id()
+                self.engine.submit(self.request(r), self._emitter(sender, self.ctx, rid),
+                                   self._on_error(sender, self.ctx, rid), self._cancelled(r, sender, self.ctx))
             except Exception as e:  # noqa: BLE001
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
@@ -68,28 +71,34 @@ class TritonPythonModel:
         return () if arr is None else parse_stop_words_list(arr)
 
     @staticmethod
-    def _cancelled(r, sender):
+    def _cancelled(r, sender, ctx: RequestContext):
         """The client cancelled, or its deadline passed. python_backend README, "Request Cancellation Handling"
         (r23.10+); measured on Triton 2.51: is_cancelled() is True after a client cancels a direct decoder stream, never
         inside the af3 ensemble, where Triton checks cancellation only between steps (server
-        docs/user_guide/request_cancellation.md). But each step inherits the request's timeout
-        (the client's deadline, in microseconds): counted from here, it stops generation at the latest that long
-        after the client gave up."""
+        docs/user_guide/request_cancellation.md). Inside the ensemble the client's cancellation arrives through the
+        `cancel` model, which marks the request id in the request context (the ensemble passes its request id to
+        every step). And each step inherits the request's timeout (the client's deadline, in microseconds): counted
+        from here, it stops generation at the latest that long after the client gave up."""
         timeout_us = r.timeout() if hasattr(r, "timeout") else 0
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
-        return lambda: sender.is_cancelled() or (deadline is not None and time.monotonic() > deadline)
+        rid = r.request_id()
+        return lambda: (sender.is_cancelled() or ctx.is_cancelled(rid)
+                        or (deadline is not None and time.monotonic() > deadline))
 
     @staticmethod
-    def _emitter(sender):
+    def _emitter(sender, ctx: RequestContext, rid: str):
         def emit(tokens, final):
+            if final:
+                ctx.clear_cancel(rid)  # a cancellation that came too late
             sender.send(_response(tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
         return emit
 
     @staticmethod
-    def _on_error(sender):
+    def _on_error(sender, ctx: RequestContext, rid: str):
         def on_error(exc):
+            ctx.clear_cancel(rid)
             if isinstance(exc, RequestCancelled):
-                pb.Logger.log_info(f"decoder: {exc}")
+                pb.Logger.log_info(f"decoder: {exc} (request id {rid[:64]!r})")
             sender.send(io.error_response(pb, exc), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return on_error
 
