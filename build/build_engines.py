@@ -21,16 +21,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
+
+from af3trt.build.common import BuildError, Progress, versions
 
 log = logging.getLogger("af3trt.build")
 
 ROOT_FILES = ("config.json",)
-
-
-class BuildError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -65,41 +62,6 @@ class BuildOptions:
     queue_timeout_ms: int = 120000  # a request waiting longer in a stage's queue is rejected
     # GPU target (build/gpu_build.py)
     gpu: "GpuOptions | None" = None
-
-
-class Progress:
-    """`[2/5] exporting encoder … done in 3.1 s` lines, and the timings for the manifest."""
-
-    def __init__(self, total: int):
-        self.total, self.n, self.timings = total, 0, {}
-
-    def step(self, name: str):
-        self.n += 1
-        prog = self
-
-        class _Step:
-            def __enter__(self):
-                print(f"[{prog.n}/{prog.total}] {name} …", flush=True)
-                self.t0 = time.perf_counter()
-                return self
-
-            def __exit__(self, exc_type, *_):
-                dt = time.perf_counter() - self.t0
-                prog.timings[name] = round(dt, 3)
-                print(f"[{prog.n}/{prog.total}] {name}: {'failed' if exc_type else 'done'} in {dt:.1f} s", flush=True)
-
-        return _Step()
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("af3trt", "torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors",
-                "tritonclient", "nvidia-pytriton", "nvidia-modelopt", "tensorrt", "tensorrt_llm"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def checkpoint_digest(hf_dir: Path) -> dict:

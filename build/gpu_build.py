@@ -22,7 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from af3trt.build.build_engines import BuildError
+from af3trt.build.common import BuildError
 
 PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
 KV_CACHES = ("auto", "fp8", "int8")
@@ -283,7 +283,7 @@ def build_from_prepared(out: Path) -> Path:
     engines are built."""
     import time
 
-    from af3trt.build.build_engines import BuildError, Progress, versions
+    from af3trt.build.common import BuildError, Progress, versions
     from af3trt.build.gpu import target_gpu
 
     out = Path(out).resolve()

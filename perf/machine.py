@@ -39,7 +39,7 @@ def meminfo_bytes(text: str, key: str = "MemTotal") -> int | None:
 
 
 def describe(repo_root: Path | None = None) -> dict:
-    from af3trt.build.build_engines import versions
+    from af3trt.build.common import versions
 
     mem = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     gpus = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]).strip() \
