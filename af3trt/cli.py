@@ -34,7 +34,7 @@ COMMANDS = {
     "ask": "af3trt.runtime.client",
     "openai": "af3trt.runtime.openai_server",
     "demo": "af3trt.demo",
-    "sizing": "af3trt.build.sizing",
+    "sizing": "af3trt.build.memory_plan",
     "gpu-check": "af3trt.build.gpu_check",
     "doctor": "af3trt.runtime.doctor",
     "bench": "af3trt.perf.bench",

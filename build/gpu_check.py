@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("outputs", nargs="+", type=Path, help="build outputs (engines built), one precision each")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
     args = ap.parse_args(argv)
-    from af3trt.build.gpu import detect_gpu
+    from af3trt.runtime.gpus import detect_gpu
 
     refusals, checks = [], []
     for out in args.outputs:

@@ -6,7 +6,7 @@ decoder backend, and the placement of the encoder plan.
                          encoder_max_windows=160, engine=info, options=TrtllmOptions())
     render_gpu_repository(work / "model_repository", spec, encoder_plan=work / "artifacts/encoder.plan")
 
-`checkpoint` and `limits` are what build_engines.py's inspect_checkpoint() and serving_limits() return.
+`checkpoint` and `limits` are the build plan's CheckpointFacts and ServingLimits (build/plan.py).
 
 Models (configs from triton_repo/configs.py):
   encoder   python backend running the TensorRT plan (triton_repo/encoder_trt, runtime/trt_runner.py: the container has no
@@ -38,7 +38,8 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from af3trt.runtime.stop_words import end_and_stop_ids
+from af3trt.build.plan import CheckpointFacts, ServingLimits
+from af3trt.build.repository import render_repository, spec_fields
 from af3trt.triton_repo.configs import DTYPES, RepoSpec
 
 EXECUTOR_WORKER_PATH = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
@@ -83,7 +84,7 @@ class TrtllmOptions:
 
 
 @dataclass(frozen=True)
-class DecoderEngine:
+class TrtllmEngineInfo:
     """What the repository needs to know about a TensorRT-LLM engine (or, before the build, its checkpoint)."""
 
     dtype: str  # "bfloat16" | "float16" | "float32": the prompt table's dtype
@@ -97,7 +98,7 @@ class DecoderEngine:
     source: str = ""
 
 
-def read_decoder_engine(path: Path) -> DecoderEngine:
+def read_decoder_engine(path: Path) -> TrtllmEngineInfo:
     """From an engine directory's config.json (trtllm-build: pretrained_config + build_config) or a TensorRT-LLM
     checkpoint's config.json (the same keys at top level, no build limits)."""
     cfg_path = Path(path) / "config.json"
@@ -111,7 +112,7 @@ def read_decoder_engine(path: Path) -> DecoderEngine:
     if pretrained["dtype"] not in DTYPES:
         raise GpuRepoError(f"{cfg_path}: dtype {pretrained['dtype']!r} is not one of {sorted(DTYPES)}")
     plugins = build.get("plugin_config") or {}
-    return DecoderEngine(
+    return TrtllmEngineInfo(
         dtype=pretrained["dtype"], vocab_size=int(pretrained["vocab_size"]), hidden_size=int(pretrained["hidden_size"]),
         max_batch_size=build.get("max_batch_size"), max_input_len=build.get("max_input_len"),
         max_seq_len=build.get("max_seq_len"),
@@ -120,7 +121,7 @@ def read_decoder_engine(path: Path) -> DecoderEngine:
         source=f"{cfg_path} ({'engine' if 'pretrained_config' in cfg else 'checkpoint'})")
 
 
-def backend_options(engine: DecoderEngine, base: TrtllmOptions = TrtllmOptions()) -> TrtllmOptions:
+def backend_options(engine: TrtllmEngineInfo, base: TrtllmOptions = TrtllmOptions()) -> TrtllmOptions:
     """The tensorrtllm backend options this engine can serve: `base`, with KV-cache reuse and chunked context
     turned off when the engine was built without paged context FMHA (its config.json
     build_config.plugin_config.use_paged_context_fmha, which is what trtllm-build actually built, not what we asked).
@@ -175,18 +176,19 @@ def decoder_parameters(gpt_model_path: str, options: TrtllmOptions) -> dict[str,
     return params
 
 
-def check_engine_fits(engine: DecoderEngine, checkpoint: dict, limits: dict, options: TrtllmOptions) -> None:
+def check_engine_fits(engine: TrtllmEngineInfo, checkpoint: CheckpointFacts, limits: ServingLimits,
+                      options: TrtllmOptions) -> None:
     """GpuRepoError when the engine cannot serve the limits (sizes read from its build_config, when present)."""
     problems = []
-    if engine.hidden_size != checkpoint["text_hidden_size"]:
-        problems.append(f"engine hidden_size {engine.hidden_size} != checkpoint {checkpoint['text_hidden_size']}")
-    if engine.vocab_size < checkpoint["vocab_size"]:
-        problems.append(f"engine vocab_size {engine.vocab_size} < checkpoint text vocab {checkpoint['vocab_size']}")
-    audio_rows = limits["max_batch_size"] * limits["audio_tokens_per_request"]
+    if engine.hidden_size != checkpoint.text_hidden_size:
+        problems.append(f"engine hidden_size {engine.hidden_size} != checkpoint {checkpoint.text_hidden_size}")
+    if engine.vocab_size < checkpoint.vocab_size:
+        problems.append(f"engine vocab_size {engine.vocab_size} < checkpoint text vocab {checkpoint.vocab_size}")
+    audio_rows = limits.max_batch_size * limits.window_tokens_per_request
     for what, have, need in (
-            ("max_batch_size", engine.max_batch_size, limits["max_batch_size"]),
-            ("max_input_len", engine.max_input_len, limits["max_input_len"]),
-            ("max_seq_len", engine.max_seq_len, limits["max_input_len"] + limits["max_output_len"]),
+            ("max_batch_size", engine.max_batch_size, limits.max_batch_size),
+            ("max_input_len", engine.max_input_len, limits.max_input_len),
+            ("max_seq_len", engine.max_seq_len, limits.max_input_len + limits.max_output_len),
             ("max_prompt_embedding_table_size", engine.max_prompt_embedding_table_size, audio_rows)):
         if have is not None and have < need:
             problems.append(f"engine {what} {have} < {need} needed by the serving limits")
@@ -197,8 +199,8 @@ def check_engine_fits(engine: DecoderEngine, checkpoint: dict, limits: dict, opt
         raise GpuRepoError(f"{engine.source}: " + "; ".join(problems))
 
 
-def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer_dir: str, encoder_max_windows: int,
-                  engine: DecoderEngine | None = None, options: TrtllmOptions = TrtllmOptions(),
+def gpu_repo_spec(checkpoint: CheckpointFacts, limits: ServingLimits, *, engine_dir: Path, tokenizer_dir: str, encoder_max_windows: int,
+                  engine: TrtllmEngineInfo | None = None, options: TrtllmOptions = TrtllmOptions(),
                   engine_dir_at_serve: str | None = None, encoder_instances: int = 1,
                   encoder_queue_delay_us: int = 2000, gpu_kernels: bool = True) -> RepoSpec:
     """The RepoSpec of target "gpu".
@@ -211,17 +213,13 @@ def gpu_repo_spec(checkpoint: dict, limits: dict, *, engine_dir: Path, tokenizer
     """
     engine = engine or read_decoder_engine(engine_dir)
     check_engine_fits(engine, checkpoint, limits, options)
-    if encoder_max_windows < limits["max_audio_windows"]:
+    if encoder_max_windows < limits.max_audio_windows:
         raise GpuRepoError(f"the encoder engine takes at most {encoder_max_windows} windows at once, but one request "
-                           f"may bring {limits['max_audio_windows']}")
+                           f"may bring {limits.max_audio_windows}")
     gpt_model_path = engine_dir_at_serve or str(Path(engine_dir).resolve())
     return RepoSpec(
-        target="gpu", hidden_size=checkpoint["text_hidden_size"], decoder_dtype=engine.dtype,
-        vocab_size=engine.vocab_size, end_id=checkpoint["end_id"], pad_id=checkpoint["pad_id"],
-        stop_ids=end_and_stop_ids(checkpoint.get("eos_ids") or [checkpoint["end_id"]])[1],
-        max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
-        max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
-        default_max_tokens=limits["default_max_tokens"], encoder_max_batch=encoder_max_windows,
+        target="gpu", decoder_dtype=engine.dtype, vocab_size=engine.vocab_size, **spec_fields(checkpoint, limits),
+        encoder_max_batch=encoder_max_windows,
         encoder_queue_delay_us=encoder_queue_delay_us, encoder_instances=encoder_instances,
         prompt_table_extra_ids=options.enable_kv_cache_reuse,
         decoder_params=decoder_parameters(gpt_model_path, options),
@@ -245,8 +243,6 @@ def place_encoder_plan(repo_root: Path, plan: Path, *, copy: bool = False) -> Pa
 
 def render_gpu_repository(root: Path, spec: RepoSpec, *, encoder_plan: Path, copy_plan: bool = False) -> dict:
     """Render the repository (configs + python models, build/repository.py) and place the encoder plan in it."""
-    from af3trt.build.repository import render_repository
-
     if spec.target != "gpu":
         raise GpuRepoError(f"render_gpu_repository takes a gpu RepoSpec, got target {spec.target!r}")
     rendered = render_repository(root, spec)

@@ -12,7 +12,7 @@ GPU, precision, KV cache and TP size, and it is computed here, not typed:
     startupProbe budget   loading the weights from the volume at a conservative rate + a fixed start-up allowance
     nodeSelector          nvidia.com/gpu.product as NVIDIA's GPU feature discovery labels the target GPU
 
-    af3trt k8s overlay --hf-model docs/af3-reference --name h100-fp8 --gpu h100 --precision fp8 --kv-cache fp8 \\
+    af3trt k8s overlay --hf-model af3trt/reference --name h100-fp8 --gpu h100 --precision fp8 --kv-cache fp8 \\
         --openai --out deploy/overlays/h100-fp8
     af3trt k8s overlays                      # regenerate every committed overlay (STANDARD_OVERLAYS)
     af3trt k8s init --build-dir /models/af3  # in the pod: check the prepared build, build the engines if absent
@@ -34,12 +34,12 @@ from pathlib import Path
 import yaml
 
 from af3trt.build import sizing
-from af3trt.build.gpu import KNOWN_GPUS, GpuInfo, check_precision
+from af3trt.registry import AF3_REFERENCE_DIR, DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, GpuInfo, check_precision
 from af3trt.runtime.lengths import MAX_WINDOWS, N_MELS, WINDOW_FRAMES, WINDOW_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-REFERENCE_CONFIG = ROOT / "docs" / "af3-reference"
+REFERENCE_CONFIG = AF3_REFERENCE_DIR  # the published AF3 sizes (package data)
 GIB = 1024**3
 
 # Assumptions of the estimates (not measured on a GPU).
@@ -78,8 +78,8 @@ class DeployOptions:
     def check(self) -> GpuInfo:
         if self.gpu not in KNOWN_GPUS:
             raise DeployError(f"unknown GPU {self.gpu!r}; known: {', '.join(sorted(KNOWN_GPUS))}")
-        if self.precision not in sizing.PRECISIONS or self.kv_cache not in sizing.KV_CACHES:
-            raise DeployError(f"precision must be one of {sizing.PRECISIONS} and kv_cache one of {sizing.KV_CACHES}")
+        if self.precision not in DECODER_PRECISIONS or self.kv_cache not in KV_CACHES:
+            raise DeployError(f"precision must be one of {DECODER_PRECISIONS} and kv_cache one of {KV_CACHES}")
         if self.tp_size < 1 or self.max_batch_size < 1:
             raise DeployError("tp_size and max_batch_size must be >= 1")
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -255,8 +255,8 @@ def _options_parser(ap: argparse.ArgumentParser) -> None:
     d = DeployOptions(name="x")
     ap.add_argument("--name", required=True)
     ap.add_argument("--gpu", default=d.gpu, choices=sorted(KNOWN_GPUS))
-    ap.add_argument("--precision", default=d.precision, choices=sizing.PRECISIONS)
-    ap.add_argument("--kv-cache", default=d.kv_cache, choices=sizing.KV_CACHES)
+    ap.add_argument("--precision", default=d.precision, choices=DECODER_PRECISIONS)
+    ap.add_argument("--kv-cache", default=d.kv_cache, choices=KV_CACHES)
     ap.add_argument("--tp-size", type=int, default=d.tp_size)
     ap.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     ap.add_argument("--max-audio-seconds", type=int, default=d.max_audio_seconds)

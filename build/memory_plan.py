@@ -34,11 +34,19 @@ manifest and docs/sizing.md; measure on the GPU.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from af3trt.build import sizing
 from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, EncoderDims, decoder_weight_bytes,
                                  dims_from_config, encoder_weight_bytes, kv_bytes_per_token)
+from af3trt.build.plan import BuildOptions, serving_limits
+from af3trt.build.trtllm_engine import plan_trtllm_build
+from af3trt.registry import KNOWN_GPUS
 from af3trt.runtime import lengths
 
 GIB = 1024**3
@@ -181,7 +189,7 @@ def render_markdown(plan: MemoryPlan, title: str) -> str:
 def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_precision: str, tp_size: int,
                     max_batch_size: int, max_audio_windows: int, derived: dict, gpu=None) -> MemoryPlan:
     """The plan of one GPU build: `config` the HF config.json, `derived` what plan_trtllm_build derived from the
-    serving limits (max_seq_len, max_num_tokens, max_prompt_embedding_table_size), `gpu` a build.gpu.GpuInfo."""
+    serving limits (max_seq_len, max_num_tokens, max_prompt_embedding_table_size), `gpu` a registry.GpuInfo."""
     d, e = dims_from_config(config)
     return plan_memory(d, e, precision=precision, kv_cache=kv_cache, encoder_precision=encoder_precision,
                        tp_size=tp_size, max_batch_size=max_batch_size, max_seq_len=derived["max_seq_len"],
@@ -195,22 +203,18 @@ def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_prec
 
 def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv_cache: str = "auto") -> str:
     """docs/sizing.md's memory plan: `af3trt build --target gpu` with its default serving limits, per GPU."""
-    from af3trt.build.build_engines import BuildOptions, serving_limits
-    from af3trt.build.gpu_build import serving_limits_of
-    from af3trt.build.trtllm_engine import plan_trtllm_build
-
     opts = BuildOptions(hf_model="-", out="-")
     limits = serving_limits(opts)
-    derived = plan_trtllm_build("checkpoint", "engine", serving_limits_of(limits, 1), precision, kv_cache,
-                                limits["audio_tokens_per_request"]).derived
+    derived = plan_trtllm_build("checkpoint", "engine", limits, precision, kv_cache,
+                                limits.window_tokens_per_request).derived
     plans = {key: plan_for_config(config, precision=precision, kv_cache=kv_cache, encoder_precision="fp16",
-                                  tp_size=1, max_batch_size=limits["max_batch_size"],
-                                  max_audio_windows=limits["max_audio_windows"], derived=derived, gpu=gpu)
+                                  tp_size=1, max_batch_size=limits.max_batch_size,
+                                  max_audio_windows=limits.max_audio_windows, derived=derived, gpu=gpu)
              for key, gpu in gpus.items()}
     first = next(iter(plans.values()))
     title = (f"Memory plan of the default GPU build ({precision}, KV cache {kv_cache}, fp16 encoder, tp 1, "
-             f"{limits['max_batch_size']} requests of {limits['max_audio_seconds']} s audio + {opts.max_text_len} text "
-             f"+ {limits['max_output_len']} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
+             f"{limits.max_batch_size} requests of {limits.max_audio_seconds} s audio + {limits.max_text_input_len} text "
+             f"+ {limits.max_output_len} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
     lines = [render_markdown(first, title).rsplit("\n| **total", 1)[0],
              f"| **total on GPU 0** | {first.total / GIB:.2f} | |", "",
              "| GPU | memory | fits | KV within 0.9 of what the others leave |", "|---|---:|---|---|"]
@@ -221,3 +225,31 @@ def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv
               "the target GPU before any long step, writes it into manifest.json (`gpu.memory_plan`) and sets "
               "`max_tokens_in_paged_kv_cache` to its KV tokens. Computed, not measured."]
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="af3trt sizing", description=sizing.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-model", required=True, type=Path, help="AF3 (or Qwen2) Hugging Face directory")
+    ap.add_argument("--gpu", default="h100", choices=sorted(KNOWN_GPUS))
+    ap.add_argument("--text-tokens", type=int, default=1024)
+    ap.add_argument("--output-tokens", type=int, default=1024)
+    ap.add_argument("--reserve-gib", type=float, default=sizing.DEFAULT_RESERVE_BYTES / 1024**3)
+    ap.add_argument("--json", action="store_true", help="print the numbers as JSON instead of markdown")
+    args = ap.parse_args(argv)
+    gpu = KNOWN_GPUS[args.gpu]
+    table = sizing.sizing_table(args.hf_model, gpu_bytes=gpu.memory_bytes, gpu_name=gpu.name,
+                                text_tokens=args.text_tokens, output_tokens=args.output_tokens,
+                                reserve_bytes=int(args.reserve_gib * 1024**3))
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(sizing.render_markdown(table))
+    if gpu.name.startswith("NVIDIA H100"):  # printed once (docs/sizing.md): the plan of a default GPU build per GPU
+        config = json.loads((args.hf_model / "config.json").read_text(encoding="utf-8"))
+        print(default_build_plans(config, {k: KNOWN_GPUS[k] for k in ("a100-40gb", "a100", "h100", "h200")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

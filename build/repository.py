@@ -11,12 +11,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from af3trt.build.plan import CheckpointFacts, ServingLimits
 from af3trt.triton_repo import configs
 
 SOURCES = Path(configs.__file__).parent
-PYTHON_MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "cancel")
 # model.py sources that differ by target: the GPU encoder runs the TensorRT plan (triton_repo/encoder_trt)
 MODEL_SOURCES = {("gpu", "encoder"): "encoder_trt"}
+
+
+def spec_fields(checkpoint: CheckpointFacts, limits: ServingLimits) -> dict:
+    """The RepoSpec fields both targets take from the checkpoint and the serving limits."""
+    return {"hidden_size": checkpoint.text_hidden_size, "end_id": checkpoint.end_id, "pad_id": checkpoint.pad_id,
+            "stop_ids": checkpoint.stop_ids, "max_batch_size": limits.max_batch_size,
+            "max_audio_windows": limits.max_audio_windows, "max_input_len": limits.max_input_len,
+            "max_output_len": limits.max_output_len, "default_max_tokens": limits.served_default_max_tokens}
 
 
 def render_repository(root: Path, spec: configs.RepoSpec) -> dict[str, str]:

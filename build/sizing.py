@@ -7,22 +7,18 @@
     fit            requests of a given audio length that fit next to the weights, with TensorRT-LLM's default
                    kv_cache_free_gpu_mem_fraction (0.9) of what is left after weights and a runtime reserve
 
-    af3trt sizing --hf-model AF3_DIR [--gpu h100] [--text-tokens 1024] [--output-tokens 1024]
+    af3trt sizing --hf-model AF3_DIR [--gpu h100] [--text-tokens 1024] [--output-tokens 1024]   (build/memory_plan.py)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from af3trt.registry import DECODER_PRECISIONS, KV_CACHES, read_config, text_config
 from af3trt.runtime.lengths import SAMPLE_RATE, audio_tokens_for_samples
 
-PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
-KV_CACHES = ("auto", "fp8", "int8")
 DTYPE_BYTES = 2  # bf16 / fp16 engines
 KV_FREE_FRACTION = 0.9  # tensorrt_llm backend's kv_cache_free_gpu_mem_fraction default
 DEFAULT_RESERVE_BYTES = 4 * 1024**3  # CUDA context, TensorRT activations and workspaces: measure on the GPU
@@ -56,8 +52,8 @@ class EncoderDims:
 
 def dims_from_config(config: dict | Path) -> tuple[DecoderDims, EncoderDims | None]:
     """Decoder (and, for AF3, encoder) sizes from a config.json dict or a model directory."""
-    cfg = config if isinstance(config, dict) else json.loads((Path(config) / "config.json").read_text())
-    text = cfg.get("text_config") or cfg
+    cfg = config if isinstance(config, dict) else read_config(config)
+    text = text_config(cfg)
     heads = text["num_attention_heads"]
     dec = DecoderDims(
         vocab=text["vocab_size"], hidden=text["hidden_size"], layers=text["num_hidden_layers"], heads=heads,
@@ -100,8 +96,8 @@ def decoder_params(d: DecoderDims) -> dict:
 
 def decoder_weight_bytes(d: DecoderDims, precision: str, awq_group: int = 128) -> int:
     """Bytes of the decoder's weights (and scales) in a TensorRT-LLM checkpoint / engine of this precision."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision not in DECODER_PRECISIONS:
+        raise ValueError(f"precision must be one of {DECODER_PRECISIONS}")
     p = decoder_params(d)
     fixed = (p["embedding"] + p["lm_head"] + p["other"]) * DTYPE_BYTES
     linears = decoder_linears(d)
@@ -186,7 +182,7 @@ def sizing_table(config: dict | Path, *, gpu_bytes: int = DEFAULT_GPU_BYTES, gpu
                         "kv_free_fraction": KV_FREE_FRACTION, "text_tokens": text_tokens,
                         "output_tokens": output_tokens, "engine_dtype_bytes": DTYPE_BYTES,
                         "tokens_per_block": TOKENS_PER_BLOCK},
-        "weights": {p: decoder_weight_bytes(d, p) for p in PRECISIONS},
+        "weights": {p: decoder_weight_bytes(d, p) for p in DECODER_PRECISIONS},
         "encoder_weights": encoder_weight_bytes(e) if e else 0,
         "kv_bytes_per_token": {k: kv_bytes_per_token(d, k) for k in KV_CACHES},
         "audio_tokens": {"30s": audio_tokens(short), "600s": audio_tokens(long)},
@@ -196,7 +192,7 @@ def sizing_table(config: dict | Path, *, gpu_bytes: int = DEFAULT_GPU_BYTES, gpu
                            "600s": request_tokens(long, text_tokens, output_tokens)},
         "fit": [],
     }
-    for p in PRECISIONS:
+    for p in DECODER_PRECISIONS:
         for k in KV_CACHES:
             kw = dict(gpu_bytes=gpu_bytes, text_tokens=text_tokens, output_tokens=output_tokens,
                       reserve_bytes=reserve_bytes)
@@ -265,34 +261,3 @@ def render_markdown(t: dict) -> str:
                      f"{_gb(row['request_600s_bytes'])} | {row['max_concurrent_600s']} | "
                      f"{row['max_concurrent_30s']} |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    from af3trt.build.gpu import KNOWN_GPUS
-
-    ap = argparse.ArgumentParser(prog="af3trt sizing", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf-model", required=True, type=Path, help="AF3 (or Qwen2) Hugging Face directory")
-    ap.add_argument("--gpu", default="h100", choices=sorted(KNOWN_GPUS))
-    ap.add_argument("--text-tokens", type=int, default=1024)
-    ap.add_argument("--output-tokens", type=int, default=1024)
-    ap.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_BYTES / 1024**3)
-    ap.add_argument("--json", action="store_true", help="print the numbers as JSON instead of markdown")
-    args = ap.parse_args(argv)
-    gpu = KNOWN_GPUS[args.gpu]
-    table = sizing_table(args.hf_model, gpu_bytes=gpu.memory_bytes, gpu_name=gpu.name, text_tokens=args.text_tokens,
-                         output_tokens=args.output_tokens, reserve_bytes=int(args.reserve_gib * 1024**3))
-    if args.json:
-        print(json.dumps(table, indent=2))
-        return 0
-    print(render_markdown(table))
-    if gpu.name.startswith("NVIDIA H100"):  # printed once (docs/sizing.md): the plan of a default GPU build per GPU
-        from af3trt.build.memory_plan import default_build_plans
-
-        config = json.loads((args.hf_model / "config.json").read_text(encoding="utf-8"))
-        print(default_build_plans(config, {k: KNOWN_GPUS[k] for k in ("a100-40gb", "a100", "h100", "h200")}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

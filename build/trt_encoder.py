@@ -33,18 +33,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from af3trt.runtime import lengths
+from af3trt.runtime.trt_runner import import_tensorrt
 from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_GB = 8.0
-TRT_VERSION = "10.14"  # what this module is written against (nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3)
-# Lowest compute capability (SM, e.g. 89 for 8.9) whose tensor cores TensorRT uses for each encoder precision.
-MIN_SM = {"fp32": 75, "fp16": 75, "int8": 75, "bf16": 80, "fp8": 89}
-
-
-class TensorRTUnavailable(ImportError):
-    """The `tensorrt` Python package is not importable here."""
 
 
 class EncoderEngineError(RuntimeError):
@@ -111,28 +105,6 @@ def encoder_engine_plan(*, max_windows: int, opt_windows: int | None = None, opt
         profile=(shape(INPUT_FEATURES, "float32", mels), shape(INPUT_MASK, "int32")))
 
 
-def check_encoder_precision(precision: str, sm: int | None) -> None:
-    """ValueError when a GPU of compute capability `sm` (e.g. 80 for A100) cannot run the encoder in `precision`;
-    None (GPU unknown) checks nothing."""
-    if precision not in MIN_SM:
-        raise ValueError(f"encoder precision must be one of {sorted(MIN_SM)}, got {precision!r}")
-    if sm is not None and sm < MIN_SM[precision]:
-        raise ValueError(f"a {precision} encoder needs an SM {MIN_SM[precision] / 10:.1f}+ GPU, this one is SM "
-                         f"{sm / 10:.1f}" + (": use int8 or fp16" if precision == "fp8" else ""))
-
-
-def import_tensorrt():
-    """The `tensorrt` module, or TensorRTUnavailable saying where it comes from."""
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise TensorRTUnavailable(
-            f"the encoder engine needs TensorRT {TRT_VERSION} (`import tensorrt` failed: {e}). Build the GPU target "
-            f"on the serving GPU machine, e.g. inside nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3, which ships "
-            f"it; the CPU target does not need it.") from e
-    return tensorrt
-
-
 def _parser_errors(parser) -> list[str]:
     out = []
     for i in range(parser.num_errors):
@@ -191,7 +163,7 @@ def build_encoder_engine(onnx_path: Path, plan_path: Path, *, max_windows: int, 
     the build with what this build measured; None uses a fresh cache that is not kept.
     Returns the build report (plan, TensorRT version, network I/O, sizes, seconds).
     """
-    trt = import_tensorrt()
+    trt = import_tensorrt("the encoder engine build")
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise EncoderEngineError(f"{onnx_path}: no such ONNX file")

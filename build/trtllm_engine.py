@@ -35,52 +35,18 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from af3trt.runtime.lengths import MAX_AUDIO_SECONDS, SAMPLE_RATE, audio_tokens_for_samples
+from af3trt.registry import (DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, PRECISION_DTYPES, QUANT_ALGO,
+                             check_precision, text_config)
+from af3trt.build.plan import ServingLimits
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
-KV_CACHES = ("auto", "fp8", "int8")
-QUANT_ALGO = {"bf16": None, "fp16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int8_wo": "W8A16",
-              "int4_awq": "W4A16_AWQ"}
-KV_CACHE_QUANT_ALGO = {"auto": None, "fp8": "FP8", "int8": "INT8"}
 MAX_NUM_TOKENS_CAP = 16384  # tensorrt_llm/_common.py check_max_num_tokens warns above this
 FP8_GEMM_PLUGIN_MAX_BATCH = 4
 
 
 class TrtllmBuildError(RuntimeError):
     """trtllm-build is missing or failed; the message carries the end of its log."""
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """What one decoder engine must serve. Everything trtllm-build is told derives from these."""
-
-    max_batch_size: int = 8
-    max_audio_seconds: float = float(MAX_AUDIO_SECONDS)  # AF3's processor takes at most 10 min
-    max_text_input_len: int = 1024  # prompt tokens besides the audio tokens (chat markup + question)
-    max_output_len: int = 1024
-    tp_size: int = 1
-    max_num_tokens: int | None = None  # per-iteration token budget; None: derived (see module docstring)
-    tokens_per_block: int = 32
-    max_beam_width: int = 1
-    multiple_profiles: bool = True
-
-    def __post_init__(self):
-        for name in ("max_batch_size", "max_text_input_len", "max_output_len", "tp_size", "tokens_per_block",
-                     "max_beam_width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ServingLimits.{name} must be a positive integer, got {v!r}")
-        if not 0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS:
-            raise ValueError(f"max_audio_seconds must be in (0, {MAX_AUDIO_SECONDS}] (AF3's cap), "
-                             f"got {self.max_audio_seconds}")
-        if self.max_num_tokens is not None and self.max_num_tokens < self.tokens_per_block:
-            raise ValueError("max_num_tokens must be at least tokens_per_block")
-
-    @property
-    def audio_tokens_per_request(self) -> int:
-        return audio_tokens_for_samples(int(round(self.max_audio_seconds * SAMPLE_RATE)))
 
 
 @dataclass
@@ -94,8 +60,8 @@ class TrtllmBuildPlan:
 
 
 def _check_precision_args(precision: str, kv_cache: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in DECODER_PRECISIONS:
+        raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
 
@@ -112,7 +78,7 @@ def _check_against_checkpoint(ckpt_dir: Path, precision: str, kv_cache: str, tp_
     if found != wanted:
         raise ValueError(f"{ckpt_dir} holds quant_algo/kv_cache_quant_algo/tp {found}, but the build asks for "
                          f"{precision}/{kv_cache}/tp {tp_size} = {wanted}")
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    dtype = PRECISION_DTYPES.get(precision)
     if dtype and config.get("dtype") != dtype:
         raise ValueError(f"{ckpt_dir} is {config.get('dtype')}, but the build asks for {precision}")
     return config
@@ -123,11 +89,9 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, p
                       timing_cache: Path | None = None, gpu=None, log_level: str = "info") -> TrtllmBuildPlan:
     """The trtllm-build command line for these limits, with the numbers behind it and the builder's caveats.
 
-    gpu: the target (af3trt.build.gpu.target_gpu); precisions it cannot run raise PrecisionError.
+    gpu: the target (af3trt.runtime.gpus.target_gpu); precisions it cannot run raise PrecisionError.
     When ckpt_dir already holds a checkpoint, its quantization, dtype and tp size must be the ones asked for.
     """
-    from af3trt.build.gpu import check_precision
-
     _check_precision_args(precision, kv_cache)
     notes = check_precision(precision, kv_cache, gpu)  # raises when the GPU cannot run it; a note when no GPU
     config = _check_against_checkpoint(ckpt_dir, precision, kv_cache, limits.tp_size)
@@ -300,14 +264,13 @@ def decoder_accuracy_report(lm_dir: Path, precision: str, kv_cache: str = "auto"
     import torch
 
     from af3trt.export.quantize import (awq_block_size_for, calibrate, calibration_batches, default_dtype, load_lm,
-                                        load_tokenizer, modelopt_quant_config, pick_device, read_hf_text_config,
-                                        seed_everything)
+                                        load_tokenizer, modelopt_quant_config, pick_device, seed_everything)
 
     _check_precision_args(precision, kv_cache)
     lm_dir = Path(lm_dir)
     device = pick_device(device)
     seed_everything(seed)
-    text_cfg = read_hf_text_config(lm_dir)
+    text_cfg = text_config(lm_dir)
     native = text_cfg.get("torch_dtype") or text_cfg.get("dtype") or "float32"
     prompts = list(prompts) if prompts is not None else list(EVAL_PROMPTS)
     tok = load_tokenizer(lm_dir)

@@ -25,6 +25,8 @@ import re
 import shutil
 from pathlib import Path
 
+from af3trt.registry import FLOAT_DTYPES, SAFETENSORS_DTYPES, rope_theta, safetensors_dtype
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's usual shard size
@@ -44,7 +46,6 @@ _KEY_RULES = (
 )
 _SKIPPED_PREFIXES = ("audio_tower.", "multi_modal_projector.", "model.audio_tower.", "model.multi_modal_projector.")
 
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 class ExtractError(ValueError):
@@ -70,10 +71,9 @@ def qwen2_config(af3_config: dict, dtype: str) -> dict:
         raise ExtractError(f"text_config.model_type is {text.get('model_type')!r}, expected 'qwen2'")
 
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", text.get("rope_theta"))
+    theta = rope_theta(text)
     if theta is None:
         raise ExtractError("text_config has neither rope_parameters.rope_theta nor rope_theta")
-    theta = float(theta)
     rope.setdefault("rope_type", rope.pop("type", "default"))
     rope["rope_theta"] = theta
 
@@ -195,7 +195,7 @@ def _nbytes(st_dtype: str, shape: list[int]) -> int:
     n = 1
     for d in shape:
         n *= d
-    return n * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}.get(st_dtype, 4)
+    return n * SAFETENSORS_DTYPES.get(st_dtype, ("", 4))[1]
 
 
 def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
@@ -218,9 +218,9 @@ def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int 
     if not plan:
         raise ExtractError(f"no language_model tensors in {hf_dir}")
     dtypes = {dtype for *_, dtype, _ in plan}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
+    if len(dtypes) != 1 or SAFETENSORS_DTYPES.get(next(iter(dtypes)), ("",))[0] not in FLOAT_DTYPES:
         raise ExtractError(f"expected one floating dtype for the language model, found {sorted(dtypes)}")
-    dtype = _ST_DTYPES[dtypes.pop()]
+    dtype = safetensors_dtype(dtypes.pop())
     declared = (af3_config.get("text_config") or {}).get("dtype") or af3_config.get("dtype")
     if declared and declared != dtype:
         log.warning("config declares dtype %s but the tensors are %s: writing %s", declared, dtype, dtype)

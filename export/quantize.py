@@ -34,13 +34,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from af3trt.registry import DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, QUANT_ALGO, rope_theta, text_config
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the model dtype, no KV quantization
-QUANT_ALGO = {"bf16": None, "fp16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int8_wo": "W8A16",
-              "int4_awq": "W4A16_AWQ"}
-KV_CACHE_QUANT_ALGO = {"auto": None, "fp8": "FP8", "int8": "INT8"}
 _MODELOPT_CFG = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG",
                  "int8_wo": "INT8_WEIGHT_ONLY_CFG"}  # int8_wo: accuracy simulation only (see module docstring)
 AWQ_BLOCK_SIZES = (128, 64)  # the group sizes TensorRT-LLM's groupwise kernels take, preferred first
@@ -97,19 +94,6 @@ class QuantizeError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- HF config helpers
-
-def read_hf_text_config(model_dir: Path | dict) -> dict:
-    """The Qwen2 part of a Hugging Face config (a Qwen2 directory, an AF3 directory, or an already-read dict)."""
-    cfg = model_dir if isinstance(model_dir, dict) else json.loads((Path(model_dir) / "config.json").read_text())
-    return dict(cfg.get("text_config") or cfg)
-
-
-def hf_rope_theta(text_cfg: dict) -> float | None:
-    """rope theta from either spelling (transformers 5 `rope_parameters`, 4.x `rope_theta`)."""
-    params = text_cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", text_cfg.get("rope_theta"))
-    return None if theta is None else float(theta)
-
 
 def hf_rope_scaling(text_cfg: dict) -> dict | None:
     """A real rope scaling (linear, yarn, ...) in TensorRT-LLM's `rotary_scaling` spelling, or None for plain rope.
@@ -171,10 +155,10 @@ def modelopt_quant_config(precision: str, kv_cache: str = "auto", *, awq_block_s
 
 
 def _check_args(precision: str, kv_cache: str) -> None:
-    if precision not in PRECISIONS:
-        raise QuantizeError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if kv_cache not in KV_CACHE_DTYPES:
-        raise QuantizeError(f"kv_cache must be one of {KV_CACHE_DTYPES}, got {kv_cache!r}")
+    if precision not in DECODER_PRECISIONS:
+        raise QuantizeError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
+    if kv_cache not in KV_CACHES:
+        raise QuantizeError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
 
 
 def awq_block_size_for(text_cfg: dict, tp_size: int = 1, preferred: int = 128) -> int:
@@ -269,7 +253,7 @@ def patch_trtllm_config(config: dict, text_cfg: dict, precision: str, kv_cache: 
     latter TensorRT-LLM's QWenConfig builds the engine with rope base 10000 and a rope-theta-1e6 model answers
     wrongly without any error.
     """
-    theta = hf_rope_theta(text_cfg)
+    theta = rope_theta(text_cfg)
     if theta is None:
         raise QuantizeError("the Hugging Face config has no rope theta (rope_theta / rope_parameters.rope_theta)")
     patch = {
@@ -312,11 +296,11 @@ def write_trtllm_checkpoint(lm_dir: Path, out_dir: Path, *, precision: str, kv_c
     import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    from af3trt.build.trtllm_checkpoint import validate_checkpoint
+    from af3trt.export.trtllm_checkpoint import validate_checkpoint
 
     _check_args(precision, kv_cache)
     lm_dir, out_dir = Path(lm_dir), Path(out_dir)
-    text_cfg = read_hf_text_config(lm_dir)
+    text_cfg = text_config(lm_dir)
     if text_cfg.get("model_type", "qwen2") != "qwen2":
         raise QuantizeError(f"{lm_dir} is a {text_cfg.get('model_type')!r} model; this writer handles qwen2")
     dtype = dtype or default_dtype(precision, text_cfg)
@@ -393,8 +377,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lm-dir", required=True, type=Path, help="Qwen2ForCausalLM directory (af3trt extract-lm)")
     ap.add_argument("--out", required=True, type=Path, help="TensorRT-LLM checkpoint directory to write")
-    ap.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    ap.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="auto")
+    ap.add_argument("--precision", choices=DECODER_PRECISIONS, default="bf16")
+    ap.add_argument("--kv-cache", choices=KV_CACHES, default="auto")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default=None)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--calib-file", type=Path, help="text file, one calibration sample per paragraph")

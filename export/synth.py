@@ -76,7 +76,7 @@ PRESETS = {
     "small": Preset(bpe_vocab=4000, text_vocab_pad=128, enc_hidden=384, enc_layers=4, enc_heads=6, enc_ffn=1536,
                     hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, init_std=0.08),
     # the benchmark default: AF3's compute split at toy size. Encoder FLOPs per 30-s window / decoder FLOPs per token
-    # = 166 (real AF3, docs/af3-reference/config.json: 2.30 TFLOP / 14.1 GFLOP = 163; `small` is 774, encoder-heavy),
+    # = 166 (real AF3, af3trt/reference/config.json: 2.30 TFLOP / 14.1 GFLOP = 163; `small` is 774, encoder-heavy),
     # decoder head_dim 128 as Qwen2.5-7B's; about 37M parameters, so it runs on 2 cores (tests/test_synth.py).
     "af3": Preset(bpe_vocab=4000, text_vocab_pad=128, enc_hidden=256, enc_layers=2, enc_heads=4, enc_ffn=1024,
                   hidden=512, layers=6, heads=4, kv_heads=2, intermediate=3072, init_std=0.08),

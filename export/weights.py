@@ -13,23 +13,11 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from af3trt.registry import SAFETENSORS_DTYPES, read_config  # noqa: F401 (read_config: part of this API)
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# safetensors header dtype codes → torch dtype names
-_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-
-
-def read_config(hf_dir: Path) -> dict:
-    """The parsed config.json of a checkpoint directory."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {hf_dir}")
-    return json.loads(path.read_text())
 
 
 def weight_map(hf_dir: Path) -> dict[str, Path]:
@@ -71,7 +59,7 @@ def stored_dtypes(hf_dir: Path, prefix: str) -> dict[str, str]:
         with safe_open(file, framework="pt") as f:
             for key in keys:
                 code = f.get_slice(key).get_dtype()
-                dtypes[key] = _DTYPE_NAMES.get(code, code)
+                dtypes[key] = SAFETENSORS_DTYPES.get(code, (code,))[0]
     return dtypes
 
 

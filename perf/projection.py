@@ -24,37 +24,21 @@ module adds the roofline times:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from af3trt.build import sizing
+from af3trt.registry import KNOWN_GPUS, GpuInfo, af3_reference_config, supports_fp8
 from af3trt.runtime import lengths
 
 
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    hbm_bytes_per_s: float
-    bf16_flops: float
-
-
-GPUS = {
-    "H100": Gpu("H100 SXM 80GB (HBM3)", 3.35e12, 989e12),
-    "A100": Gpu("A100 80GB", 2.0e12, 312e12),
-}
+# The GPUs of the registry's catalogue with datasheet peaks (H100, A100), keyed H100 / A100.
+GPUS = {key.upper(): gpu for key, gpu in KNOWN_GPUS.items() if gpu.bf16_flops and gpu.hbm_bytes_per_s}
 BANDWIDTH_EFFICIENCY = 0.7
 COMPUTE_EFFICIENCY = 0.5
-DECODER_PRECISIONS = ("bf16", "fp8", "int8_wo", "int4_awq")
-NO_FP8 = ("A100",)  # FP8 needs SM 8.9+
-KV_CACHES = ("auto", "fp8")
+# what the projection tables show: one precision of each kind (registry.DECODER_PRECISIONS has them all)
+PROJECTED_PRECISIONS = ("bf16", "fp8", "int8_wo", "int4_awq")
+PROJECTED_KV_CACHES = ("auto", "fp8")
 
-# AF3 as published (nvidia/audio-flamingo-3-hf): Qwen2.5-7B decoder, Whisper-large-v3 encoder.
-AF3_REFERENCE_CONFIG = {
-    "model_type": "audioflamingo3", "projector_bias": True,
-    "text_config": {"vocab_size": 151672, "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
-                    "num_key_value_heads": 4, "intermediate_size": 18944, "tie_word_embeddings": False},
-    "audio_config": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20,
-                     "intermediate_size": 5120, "num_mel_bins": 128, "max_source_positions": 1500},
-}
+# AF3 as published (nvidia/audio-flamingo-3-hf): Qwen2.5-7B decoder, Whisper-large-v3 encoder (package data).
+AF3_REFERENCE_CONFIG = af3_reference_config()
 
 
 def encoder_window_flops(e: sizing.EncoderDims, frames: int | None = None) -> float:
@@ -80,7 +64,7 @@ def clip_encoder_flops(e: sizing.EncoderDims, seconds: float) -> dict:
 MIX_SECONDS = (5, 30, 120, 600)  # the clip mix of the variable-length projection: one request of each
 
 
-def clip_mix(d: sizing.DecoderDims, e: sizing.EncoderDims, gpu: Gpu, text_tokens: int,
+def clip_mix(d: sizing.DecoderDims, e: sizing.EncoderDims, gpu: GpuInfo, text_tokens: int,
              seconds=MIX_SECONDS) -> list[dict]:
     """Per clip (and the mix, one request each): encoder time full vs cropped, and the compute before the first
     token (encoder + prefill) — roofline at 100 % of peak and at COMPUTE_EFFICIENCY."""
@@ -110,7 +94,7 @@ def streamed_weight_bytes(d: sizing.DecoderDims, precision: str) -> int:
     return sizing.decoder_weight_bytes(d, precision) - sizing.decoder_params(d)["embedding"] * sizing.DTYPE_BYTES
 
 
-def decode_step(d: sizing.DecoderDims, gpu: Gpu, precision: str, kv_cache: str, batch: int, context: int) -> dict:
+def decode_step(d: sizing.DecoderDims, gpu: GpuInfo, precision: str, kv_cache: str, batch: int, context: int) -> dict:
     q_dim = d.heads * d.head_dim
     bytes_ = streamed_weight_bytes(d, precision) + batch * context * sizing.kv_bytes_per_token(d, kv_cache)
     flops = batch * (decoder_flops_per_token(d) + 4.0 * d.layers * q_dim * context)
@@ -121,7 +105,7 @@ def decode_step(d: sizing.DecoderDims, gpu: Gpu, precision: str, kv_cache: str, 
             "step_s_at_efficiency": max(t_mem / BANDWIDTH_EFFICIENCY, t_flop / COMPUTE_EFFICIENCY)}
 
 
-def prefill_s(d: sizing.DecoderDims, gpu: Gpu, tokens: int) -> float:
+def prefill_s(d: sizing.DecoderDims, gpu: GpuInfo, tokens: int) -> float:
     flops = decoder_flops_per_token(d) * tokens + 2.0 * d.layers * d.heads * d.head_dim * tokens ** 2
     return flops / gpu.bf16_flops
 
@@ -129,9 +113,9 @@ def prefill_s(d: sizing.DecoderDims, gpu: Gpu, tokens: int) -> float:
 def project(config: dict, *, label: str, text_tokens: int = 64, batches=(1, 8, 64)) -> dict:
     d, e = sizing.dims_from_config(config)
     out = {"label": label, "decoder": sizing.decoder_params(d), "gpus": {},
-           "weights_bytes": {p: sizing.decoder_weight_bytes(d, p) for p in DECODER_PRECISIONS},
-           "streamed_weight_bytes": {p: streamed_weight_bytes(d, p) for p in DECODER_PRECISIONS},
-           "kv_bytes_per_token": {k: sizing.kv_bytes_per_token(d, k) for k in KV_CACHES},
+           "weights_bytes": {p: sizing.decoder_weight_bytes(d, p) for p in PROJECTED_PRECISIONS},
+           "streamed_weight_bytes": {p: streamed_weight_bytes(d, p) for p in PROJECTED_PRECISIONS},
+           "kv_bytes_per_token": {k: sizing.kv_bytes_per_token(d, k) for k in PROJECTED_KV_CACHES},
            "encoder_weight_bytes": sizing.encoder_weight_bytes(e) if e else 0,
            "encoder_window_flops": encoder_window_flops(e) if e else None,
            "decoder_flops_per_token": decoder_flops_per_token(d),
@@ -144,8 +128,8 @@ def project(config: dict, *, label: str, text_tokens: int = 64, batches=(1, 8, 6
         for seconds in (30, 600):
             ctx = lengths.audio_tokens_for_samples(seconds * lengths.SAMPLE_RATE) + text_tokens
             g["prefill_s"][f"{seconds}s"] = prefill_s(d, gpu, ctx)
-            for p in DECODER_PRECISIONS:
-                for kv in KV_CACHES:
+            for p in PROJECTED_PRECISIONS:
+                for kv in PROJECTED_KV_CACHES:
                     for b in batches:
                         g["decode"].append({"audio_s": seconds, "context": ctx, "precision": p, "kv_cache": kv,
                                             "batch": b, **decode_step(d, gpu, p, kv, b, ctx)})
@@ -166,7 +150,7 @@ def render_markdown(projections: list[dict]) -> str:
                   f"{pr['encoder_weight_bytes'] / 1e6:,.1f} MB (bf16).", "",
                   "| decoder precision | weights | streamed per step | KV / token (bf16) | KV / token (fp8) |",
                   "|---|---:|---:|---:|---:|"]
-        for p in DECODER_PRECISIONS:
+        for p in PROJECTED_PRECISIONS:
             lines.append(f"| {p} | {_bytes(pr['weights_bytes'][p])} | {_bytes(pr['streamed_weight_bytes'][p])} | "
                          f"{pr['kv_bytes_per_token']['auto']:,} B | {pr['kv_bytes_per_token']['fp8']:,} B |")
         lines += ["", "| GPU | encoder / window | prefill 30 s | prefill 10 min |", "|---|---:|---:|---:|"]
@@ -185,8 +169,9 @@ def render_markdown(projections: list[dict]) -> str:
                 if r["kv_cache"] == "auto":
                     rows.setdefault((r["audio_s"], r["precision"]), {})[r["batch"]] = r
             for (audio_s, prec), by_b in rows.items():
-                if prec == "fp8" and key in NO_FP8:
-                    cells, tps = ["n/a: no FP8 on A100 (SM 8.0)"] + ["—"] * (len(batches) - 1), "—"
+                if prec == "fp8" and not supports_fp8(GPUS[key].sm):
+                    cells = [f"n/a: no FP8 on {key} (SM {GPUS[key].sm / 10:.1f})"] + ["—"] * (len(batches) - 1)
+                    tps = "—"
                 else:
                     cells = [f"{_t(by_b[b]['step_s'])} ({_t(by_b[b]['step_s_at_efficiency'])})" for b in batches]
                     tps = f"{by_b[batches[-1]]['tokens_per_s']:,.0f}"

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from af3trt.registry import TENSORRT_LINE, TRTLLM_LINE, GpuInfo, PrecisionError, check_encoder_precision, check_precision
+from af3trt.runtime import gpus as gpu_detection
+
 PLATFORM_BACKENDS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch",
                      "tensorflow_savedmodel": "tensorflow", "tensorflow_graphdef": "tensorflow"}
 CONTAINER_BACKENDS = "/opt/tritonserver/backends"
-TRTLLM_LINE = "1.2"
-TENSORRT_LINE = "10.14"
 
 
 class DoctorError(RuntimeError):
@@ -55,33 +56,9 @@ class Check:
         return f"[{'ok' if self.ok else 'FAIL'}] {self.name}: {self.detail}" + ("" if self.ok else f"\n       -> {self.fix}")
 
 
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    sm: int
-    memory_bytes: int
-
-
-# ---------------------------------------------------------------------------------------------- what is here
-
-def detect_gpus() -> list[Gpu]:
+def detect_gpus() -> list[GpuInfo]:
     """GPUs from nvidia-smi, else torch.cuda; [] when there is none."""
-    from af3trt.build.gpu import detect_gpus as smi
-
-    found = [Gpu(g.name, g.sm, g.memory_bytes) for g in smi()]
-    if found:
-        return found
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        out.append(Gpu(p.name, p.major * 10 + p.minor, int(p.total_memory)))
-    return out
+    return gpu_detection.detect_gpus(torch_fallback=True)
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -163,10 +140,7 @@ def check_python_stub(backend_dir: Path, python: str | None = None) -> Check:
                  f"for Python {python}")
 
 
-def check_gpu(gpus: list[Gpu], manifest: dict, models: dict[str, dict]) -> list[Check]:
-    from af3trt.build.gpu import GpuInfo, PrecisionError, check_precision
-    from af3trt.build.trt_encoder import check_encoder_precision
-
+def check_gpu(gpus: list[GpuInfo], manifest: dict, models: dict[str, dict]) -> list[Check]:
     gpu_repo = any(m["backend"] == "tensorrtllm" for m in models.values()) or manifest.get("target") == "gpu"
     if not gpu_repo:
         return [Check("GPU", True, f"CPU repository: no GPU needed ({len(gpus)} visible)")]
@@ -178,9 +152,8 @@ def check_gpu(gpus: list[Gpu], manifest: dict, models: dict[str, dict]) -> list[
     g = manifest.get("gpu") or {}
     opts, target = g.get("options") or {}, g.get("target") or {}
     if opts:
-        info = GpuInfo(gpu.name, divmod(gpu.sm, 10), gpu.memory_bytes // (1024 * 1024))
         try:
-            check_precision(opts.get("precision", "bf16"), opts.get("kv_cache", "auto"), info)
+            check_precision(opts.get("precision", "bf16"), opts.get("kv_cache", "auto"), gpu)
             check_encoder_precision(opts.get("encoder_precision", "fp16"), gpu.sm)
             checks.append(Check("precisions", True, f"{opts.get('precision')} weights, KV {opts.get('kv_cache')}, "
                                                     f"{opts.get('encoder_precision')} encoder run on SM {gpu.sm}"))
@@ -241,7 +214,7 @@ def check_versions(versions: dict[str, str | None], manifest: dict, models: dict
     return checks
 
 
-def diagnose(repository: Path, *, backend_dir: Path | None = None, gpus: list[Gpu] | None = None,
+def diagnose(repository: Path, *, backend_dir: Path | None = None, gpus: list[GpuInfo] | None = None,
              versions: dict | None = None, python: str | None = None) -> list[Check]:
     """Every check for serving `repository` here (arguments other than the repository: for tests)."""
     repository = Path(repository)
@@ -293,12 +266,12 @@ def build_checks(prepare_only: bool, versions: dict | None = None) -> list[Check
     """The GPU build's preflight for the tools of its engine half (when it builds the engines here)."""
     if prepare_only:
         return []
-    from af3trt.build.trt_encoder import TensorRTUnavailable, import_tensorrt
+    from af3trt.runtime.trt_runner import TensorRTUnavailable, import_tensorrt
 
     versions = installed_versions() if versions is None else versions
     checks = []
     try:
-        trt = import_tensorrt()
+        trt = import_tensorrt("the encoder engine build")
         have = getattr(trt, "__version__", "unknown")
         checks.append(Check("TensorRT", have.startswith(TENSORRT_LINE) or have == "unknown", f"tensorrt {have}",
                             f"install TensorRT {TENSORRT_LINE} (the version of tritonserver:26.04-trtllm-python-py3)"))

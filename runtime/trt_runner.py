@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from af3trt.registry import SERVING_CONTAINER, TENSORRT_LINE
 from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,19 @@ class TrtRunnerError(RuntimeError):
     """The plan cannot be loaded, or TensorRT refused a shape or an execution."""
 
 
-def import_tensorrt():
+class TensorRTUnavailable(TrtRunnerError, ImportError):
+    """The `tensorrt` Python package is not importable here."""
+
+
+def import_tensorrt(needed_for: str = "the GPU encoder"):
+    """The `tensorrt` module, or TensorRTUnavailable saying where it comes from (the engine build, the GPU encoder
+    and `af3trt doctor` all ask through here)."""
     try:
         import tensorrt
     except ImportError as e:
-        raise TrtRunnerError(f"the GPU encoder needs TensorRT's Python runtime (`import tensorrt` failed: {e}); it "
-                             f"is in nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3") from e
+        raise TensorRTUnavailable(
+            f"{needed_for} needs TensorRT {TENSORRT_LINE} (`import tensorrt` failed: {e}). It is in "
+            f"{SERVING_CONTAINER}; build and serve the GPU target there (the CPU target does not need it).") from e
     return tensorrt
 
 

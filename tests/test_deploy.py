@@ -19,7 +19,7 @@ import yaml
 from cloudcoil.models.prometheus_operator import v1 as prom
 
 from af3trt.build import k8s, sizing
-from af3trt.build.gpu import KNOWN_GPUS, PrecisionError
+from af3trt.registry import KNOWN_GPUS, PrecisionError
 from af3trt.runtime.lengths import N_MELS, WINDOW_FRAMES
 from af3trt.runtime.tp_launch import leader_mode_command
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from af3trt.runtime import doctor
-from af3trt.runtime.doctor import Check, Gpu, check_backends, check_python_stub, diagnose, repository_models
+from af3trt.registry import GpuInfo
+from af3trt.runtime.doctor import Check, check_backends, check_python_stub, diagnose, repository_models
 from af3trt.triton_repo import configs
 
 GIB = 1024**3
 HERE_PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 VERSIONS = {"torch": "2.9.1", "tensorrt": "10.14.1.48", "tensorrt_llm": "1.2.1", "modelopt": "0.37.0"}
-H100 = Gpu("NVIDIA H100 80GB HBM3", 90, 81559 * 1024**2)
-A100 = Gpu("NVIDIA A100-SXM4-80GB", 80, 81920 * 1024**2)
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 81559)
+A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), 81920)
 
 
 def fake_container_backends(root: Path, python: str = "3.12") -> Path:
@@ -147,7 +148,7 @@ def test_serve_runs_doctor_before_starting(tmp_path, monkeypatch, capsys):
 def test_gpu_build_runs_doctor_before_any_long_step(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Building the engines here without trtllm-build is refused before the ONNX export, saying what to do."""
     from af3trt.build.build_engines import BuildError, BuildOptions, build
-    from af3trt.build.gpu_build import GpuOptions
+    from af3trt.build.plan import GpuOptions
 
     from test_trt_encoder import make_fake_trt
 

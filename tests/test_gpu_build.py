@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from af3trt.build.build_engines import BuildError, BuildOptions, build, main
-from af3trt.build.gpu_build import GpuOptions
+from af3trt.build.plan import CheckpointFacts, GpuOptions, ServingLimits
 from af3trt.triton_repo import configs
 
 from test_trt_encoder import make_fake_trt
@@ -250,9 +250,12 @@ def test_backend_options_follow_the_engine(tmp_path):
                             "--max_prompt_embedding_table_size", "1500", "--use_paged_context_fmha", "enable"])
     engine = read_decoder_engine(tmp_path / "engine")
     assert engine.paged_context_fmha is False  # the builder turned it off for the INT8 KV cache
-    checkpoint = {"text_hidden_size": 64, "vocab_size": 1000, "end_id": 1, "pad_id": 1}
-    limits = {"max_batch_size": 2, "audio_tokens_per_request": 750, "max_input_len": 800, "max_output_len": 100,
-              "max_audio_windows": 1, "default_max_tokens": 50}
+    checkpoint = CheckpointFacts(path=ckpt, config={}, text_hidden_size=64, text_layers=1, vocab_size=1000,
+                                 audio_hidden_size=32, audio_layers=1, audio_token_id=None, dtype="bfloat16", end_id=1,
+                                 eos_ids=[1], pad_id=1)
+    limits = ServingLimits(max_batch_size=2, max_audio_seconds=30, max_text_input_len=50, max_output_len=100,
+                           default_max_tokens=50)
+    assert (limits.max_input_len, limits.window_tokens_per_request) == (800, 750)
     kw = dict(engine_dir=tmp_path / "engine", tokenizer_dir="lm", encoder_max_windows=2, engine=engine)
     with pytest.raises(GpuRepoError, match="use_paged_context_fmha"):
         gpu_repo_spec(checkpoint, limits, **kw)  # the defaults (reuse + chunked context on) cannot load

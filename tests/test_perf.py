@@ -356,14 +356,14 @@ def test_busy_cores_from_samples(monkeypatch):
 
 
 def test_committed_gpu_projection_doc_is_what_the_code_computes():
-    import json
     from pathlib import Path
 
     from af3trt.perf import projection
 
+    from af3trt.registry import af3_reference_config
+
     docs = Path(__file__).resolve().parent.parent / "docs"
-    cfg = json.loads((docs / "af3-reference" / "config.json").read_text(encoding="utf-8"))
-    text = projection.render_markdown([projection.project(cfg, label="AF3 (docs/af3-reference/config.json)")])
+    text = projection.render_markdown([projection.project(af3_reference_config(), label="AF3 (af3trt/reference)")])
     assert text in (docs / "gpu_projection.md").read_text(encoding="utf-8")
     assert "PROJECTION" in text
 

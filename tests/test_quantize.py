@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from af3trt.build.trtllm_checkpoint import read_safetensors_header, validate_checkpoint
+from af3trt.export.trtllm_checkpoint import read_safetensors_header, validate_checkpoint
 from af3trt.export.quantize import (CALIBRATION_TEXTS, QuantizeError, awq_block_size_for, hf_rope_scaling,
                                     modelopt_quant_config, patch_trtllm_config, write_trtllm_checkpoint)
 

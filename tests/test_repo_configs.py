@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from af3trt.build.build_engines import BuildOptions, inspect_checkpoint, serving_limits
+from af3trt.build.plan import BuildOptions, inspect_checkpoint, serving_limits
 from af3trt.build.gpu_repo import (EXECUTOR_WORKER_PATH, GpuRepoError, TrtllmOptions, decoder_parameters,
                                    gpu_repo_spec, read_decoder_engine, render_gpu_repository)
 from af3trt.build.repository import render_repository
@@ -97,23 +97,23 @@ def write_engine(root: Path, cfg: dict) -> Path:
 
 def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.build_cpu renders
     return configs.RepoSpec(
-        target="cpu", hidden_size=checkpoint["text_hidden_size"], decoder_dtype="float32",
-        vocab_size=checkpoint["vocab_size"], end_id=checkpoint["end_id"], pad_id=checkpoint["pad_id"],
-        max_batch_size=limits["max_batch_size"], max_audio_windows=limits["max_audio_windows"],
-        max_input_len=limits["max_input_len"], max_output_len=limits["max_output_len"],
-        default_max_tokens=limits["default_max_tokens"],
+        target="cpu", hidden_size=checkpoint.text_hidden_size, decoder_dtype="float32",
+        vocab_size=checkpoint.vocab_size, end_id=checkpoint.end_id, pad_id=checkpoint.pad_id,
+        max_batch_size=limits.max_batch_size, max_audio_windows=limits.max_audio_windows,
+        max_input_len=limits.max_input_len, max_output_len=limits.max_output_len,
+        default_max_tokens=limits.served_default_max_tokens,
         encoder_params={"onnx_path": "artifacts/encoder.onnx", "intra_op_threads": "0"},
-        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits["max_batch_size"]),
+        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits.max_batch_size),
                         "threads": "0"},
         fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"})
 
 
 def gpu_spec(checkpoint, limits, tmp_path, dtype="bfloat16", options=TrtllmOptions(), **engine_kw):
     engine_dir = write_engine(tmp_path / f"engine-{dtype}",
-                              engine_config(dtype, vocab=checkpoint["vocab_size"] + 8,
-                                            hidden=checkpoint["text_hidden_size"], **engine_kw))
+                              engine_config(dtype, vocab=checkpoint.vocab_size + 8,
+                                            hidden=checkpoint.text_hidden_size, **engine_kw))
     return gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="artifacts/lm",
-                         encoder_max_windows=encoder_max_windows(limits["max_batch_size"], limits["max_audio_windows"]),
+                         encoder_max_windows=encoder_max_windows(limits.max_batch_size, limits.max_audio_windows),
                          options=options), engine_dir
 
 
@@ -222,13 +222,13 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
 
     dec = cfgs["decoder"]
     check_decoder_contract(dec, triton_dtype)
-    assert dec.backend == "tensorrtllm" and not dec.platform and dec.max_batch_size == limits["max_batch_size"]
+    assert dec.backend == "tensorrtllm" and not dec.platform and dec.max_batch_size == limits.max_batch_size
     assert [(g.kind, g.count) for g in dec.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     table = {i.name: i for i in dec.input}["prompt_embedding_table"]
     assert table.data_type == triton_dtype  # the engine's dtype, end to end
     assert {o.name: o for o in cfgs["fusion"].output}["prompt_embedding_table"].data_type == triton_dtype
     assert cfgs["fusion"].parameters["dtype"].string_value == dtype
-    assert int(cfgs["fusion"].parameters["vocab_size"].string_value) == checkpoint["vocab_size"] + 8  # engine's
+    assert int(cfgs["fusion"].parameters["vocab_size"].string_value) == checkpoint.vocab_size + 8  # engine's
 
     enc = cfgs["encoder"]
     # a python model runs the plan: the 26.04 trtllm container has no TensorRT backend (test_gpu_encoder.py)
@@ -236,7 +236,7 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert enc.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert [g.kind for g in enc.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert enc.max_batch_size == encoder_engine_plan(max_windows=spec.encoder_max_batch).max_windows \
-        == limits["max_batch_size"] * limits["max_audio_windows"]  # Triton batches what the engine profile takes
+        == limits.max_batch_size * limits.max_audio_windows  # Triton batches what the engine profile takes
     assert (tmp_path / "repo" / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN" and not plan.exists()
     assert sorted(p.name for p in (tmp_path / "repo" / "encoder" / "1").iterdir()) == ["model.plan", "model.py"]
     assert "TrtRunner" in (tmp_path / "repo" / "encoder" / "1" / "model.py").read_text()
@@ -245,7 +245,7 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
         ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1])]
     assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
-        ("audio_embeds", T.TYPE_FP32, [-1, checkpoint["text_hidden_size"]])]
+        ("audio_embeds", T.TYPE_FP32, [-1, checkpoint.text_hidden_size])]
     assert not any(i.allow_ragged_batch for i in enc.input)  # Triton batches equal T only: per-bucket batching
 
     p = {k: v.string_value for k, v in dec.parameters.items()}
@@ -332,11 +332,11 @@ def test_engine_info_and_parameter_errors(checkpoint, limits, tmp_path):
                 TrtllmOptions(gpt_model_type="v2"), TrtllmOptions(executor_worker_path="trtllmExecutorWorker")):
         with pytest.raises(GpuRepoError):
             decoder_parameters("/engines/decoder", bad)
-    wide = write_engine(tmp_path / "wide", engine_config("bfloat16", vocab=checkpoint["vocab_size"], hidden=128))
+    wide = write_engine(tmp_path / "wide", engine_config("bfloat16", vocab=checkpoint.vocab_size, hidden=128))
     with pytest.raises(GpuRepoError, match="hidden_size 128 != checkpoint 64"):
         gpu_repo_spec(checkpoint, limits, engine_dir=wide, tokenizer_dir="t", encoder_max_windows=80)
-    engine_dir = write_engine(tmp_path / "e", engine_config("bfloat16", vocab=checkpoint["vocab_size"],
-                                                            hidden=checkpoint["text_hidden_size"]))
+    engine_dir = write_engine(tmp_path / "e", engine_config("bfloat16", vocab=checkpoint.vocab_size,
+                                                            hidden=checkpoint.text_hidden_size))
     with pytest.raises(GpuRepoError, match="at most 4 windows"):
         gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="t", encoder_max_windows=4)
     spec = gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="t", encoder_max_windows=20,

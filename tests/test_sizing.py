@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from af3trt.build.memory_plan import main
 from af3trt.build.sizing import (decoder_params, decoder_weight_bytes, dims_from_config, encoder_params,
-                                 encoder_weight_bytes, kv_bytes_per_token, main, max_concurrent, prompt_table_bytes,
+                                 encoder_weight_bytes, kv_bytes_per_token, max_concurrent, prompt_table_bytes,
                                  render_markdown, sizing_table)
+from af3trt.registry import AF3_REFERENCE_DIR
 
 # AF3 (nvidia/audio-flamingo-3-hf): Qwen2.5-7B decoder, Whisper-large-v3 encoder.
-REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "af3-reference"
+REFERENCE = AF3_REFERENCE_DIR  # package data: the published AF3 sizes
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 AF3_CONFIG = json.loads((REFERENCE / "config.json").read_text(encoding="utf-8"))
 
 
@@ -102,7 +105,7 @@ def test_committed_sizing_doc_is_what_the_code_computes(capsys):
     for gpu in ("h100", "a100"):
         main(["--hf-model", str(REFERENCE), "--gpu", gpu])
     generated = capsys.readouterr().out
-    committed = (REFERENCE.parent / "sizing.md").read_text(encoding="utf-8")
+    committed = (DOCS / "sizing.md").read_text(encoding="utf-8")
     assert generated in committed
 
 
@@ -144,7 +147,7 @@ GIB = 1024**3
 
 
 def test_memory_plan_of_the_default_build():
-    from af3trt.build.gpu import KNOWN_GPUS
+    from af3trt.registry import KNOWN_GPUS
     from af3trt.build.memory_plan import MemoryPlanError, check_fits, plan_memory
 
     plan = _af3_plan()
@@ -170,7 +173,7 @@ def test_memory_plan_of_the_default_build():
 def test_memory_plan_kv_must_fit_whatever_loads_first():
     """The KV cache must be at most 0.9 of what the other models leave (the backend takes its fraction of the memory
     free when it starts, and Triton loads models in parallel)."""
-    from af3trt.build.gpu import KNOWN_GPUS
+    from af3trt.registry import KNOWN_GPUS
 
     h100 = KNOWN_GPUS["h100"]
     plan = _af3_plan(max_batch_size=40, max_seq_len=16536, gpu_name=h100.name, gpu_bytes=h100.memory_bytes)
@@ -182,7 +185,7 @@ def test_memory_plan_kv_must_fit_whatever_loads_first():
 def test_build_refuses_a_plan_that_does_not_fit_before_any_work(tiny_ckpt, tmp_path):
     """A configuration whose KV cache cannot fit the declared GPU is refused before the first step."""
     from af3trt.build.build_engines import BuildError, BuildOptions, build
-    from af3trt.build.gpu_build import GpuOptions
+    from af3trt.build.plan import GpuOptions
 
     with pytest.raises(BuildError, match="memory plan does not fit"):
         build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_batch_size=16384,

@@ -79,14 +79,14 @@ def generate_ref(two_end_ids_ckpt):
 def test_cpu_decoder_stops_on_every_end_id(two_end_ids_ckpt, generate_ref, tmp_path):
     """The CPU decoder with end_id + the other end ids as stop words: the tokens generate produced, the stop token
     kept (as TensorRT-LLM's executor keeps stop words); trimming it gives generate's answer minus its end token."""
-    from af3trt.build.build_engines import inspect_checkpoint
+    from af3trt.build.plan import inspect_checkpoint
     from af3trt.export.extract_lm import extract_language_model
     from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
 
     ckpt, first, second = two_end_ids_ckpt
     inputs, want = generate_ref
     info = inspect_checkpoint(ckpt)
-    end_id, stop_ids = end_and_stop_ids(info["eos_ids"])
+    end_id, stop_ids = end_and_stop_ids(info.eos_ids)
     assert (end_id, stop_ids) == (first, [second])
     lm = tmp_path / "lm"
     extract_language_model(ckpt, lm)

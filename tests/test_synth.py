@@ -50,10 +50,7 @@ def test_small_preset_is_tens_of_millions_of_parameters():
 
 def test_af3_preset_has_the_real_compute_split():
     """The benchmark default: encoder FLOPs per 30-s window over decoder FLOPs per token within 10 % of the real AF3's
-    (0.65 B encoder + projector, 7.6 B Qwen2.5; docs/af3-reference/config.json), decoder head_dim 128, small."""
-    import json
-    from pathlib import Path
-
+    (0.65 B encoder + projector, 7.6 B Qwen2.5; af3trt/reference/config.json), decoder head_dim 128, small."""
     from af3trt.build import sizing
     from af3trt.perf import projection
 
@@ -61,8 +58,9 @@ def test_af3_preset_has_the_real_compute_split():
         dec, enc = sizing.dims_from_config(config)
         return projection.encoder_window_flops(enc) / projection.decoder_flops_per_token(dec), dec.head_dim
 
-    reference = Path(synth.__file__).resolve().parents[1] / "docs" / "af3-reference" / "config.json"
-    want, want_head_dim = split(json.loads(reference.read_text()))
+    from af3trt.registry import af3_reference_config
+
+    want, want_head_dim = split(af3_reference_config())
     preset = synth.PRESETS["af3"]
     got, head_dim = split(synth.build_config(preset, synth.train_tokenizer(preset.bpe_vocab), "float32").to_dict())
     assert 150 < want < 175 and head_dim == want_head_dim == 128

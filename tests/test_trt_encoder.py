@@ -13,8 +13,10 @@ import types
 
 import pytest
 
+from af3trt import registry
 from af3trt.build import trt_encoder
-from af3trt.build.trt_encoder import (EncoderEngineError, TensorRTUnavailable, build_encoder_engine,
+from af3trt.runtime.trt_runner import TensorRTUnavailable
+from af3trt.build.trt_encoder import (EncoderEngineError, build_encoder_engine,
                                       encoder_engine_plan, encoder_max_windows)
 from af3trt.runtime import lengths
 
@@ -325,12 +327,12 @@ def test_missing_onnx_is_an_error(monkeypatch, tmp_path):
                                                ("int8", 75, True), ("fp16", 100, True), ("fp8", None, True)])
 def test_encoder_precision_against_the_gpu(precision, sm, ok):
     if ok:
-        trt_encoder.check_encoder_precision(precision, sm)
+        registry.check_encoder_precision(precision, sm)
     else:
         with pytest.raises(ValueError, match=precision):
-            trt_encoder.check_encoder_precision(precision, sm)
+            registry.check_encoder_precision(precision, sm)
     with pytest.raises(ValueError, match="one of"):
-        trt_encoder.check_encoder_precision("int4", 90)
+        registry.check_encoder_precision("int4", 90)
 
 
 def test_clear_error_when_tensorrt_is_missing(monkeypatch, onnx_file, tmp_path):

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from af3trt.build.gpu import (KNOWN_GPUS, GpuInfo, PrecisionError, check_precision, detect_gpu, detect_gpus,
-                              parse_nvidia_smi, target_gpu)
-from af3trt.build.trtllm_checkpoint import CheckpointError, validate_checkpoint
-from af3trt.build.trtllm_engine import (ServingLimits, TrtllmBuildError, decoder_accuracy_report,
-                                        plan_trtllm_build, run_trtllm_build, trtllm_build_args)
+from af3trt.build.plan import ServingLimits
+from af3trt.build.trtllm_engine import (TrtllmBuildError, decoder_accuracy_report, plan_trtllm_build, run_trtllm_build,
+                                        trtllm_build_args)
+from af3trt.export.trtllm_checkpoint import CheckpointError, validate_checkpoint
+from af3trt.registry import KNOWN_GPUS, GpuInfo, PrecisionError, check_precision
+from af3trt.runtime.gpus import detect_gpu, detect_gpus, parse_nvidia_smi, target_gpu
 
 pytest.importorskip("modelopt.torch.quantization")
 

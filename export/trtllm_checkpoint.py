@@ -31,6 +31,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from af3trt.registry import SAFETENSORS_DTYPES, rope_theta, text_config
+
 # tensorrt_llm/quantization/mode.py (1.2): QuantAlgo; weights may use any but INT8, KV cache FP8/INT8/NVFP4.
 QUANT_ALGOS = ("W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
                "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
@@ -53,8 +55,6 @@ ARCHITECTURES = ("Qwen2ForCausalLM", "QWenForCausalLM")  # both map to QWenForCa
 DTYPES = ("float16", "bfloat16", "float32")
 ROTARY_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope", "su", "mrope")
 AWQ_GROUP_SIZES = (64, 128)
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-              "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 
 class CheckpointError(ValueError):
@@ -109,7 +109,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...],
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        out[name] = (_ST_DTYPES.get(info["dtype"], info["dtype"]), tuple(info["shape"]), end - begin)
+        out[name] = (SAFETENSORS_DTYPES.get(info["dtype"], (info["dtype"],))[0], tuple(info["shape"]), end - begin)
     return out
 
 
@@ -119,16 +119,6 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _hf_text_config(hf_config) -> dict:
-    cfg = hf_config if isinstance(hf_config, dict) else json.loads((Path(hf_config) / "config.json").read_text())
-    return dict(cfg.get("text_config") or cfg)
-
-
-def _hf_theta(text: dict) -> float | None:
-    theta = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta"))
-    return None if theta is None else float(theta)
 
 
 # ---------------------------------------------------------------------------------------------- config checks
@@ -235,7 +225,7 @@ def check_config(config: dict, hf_config=None) -> tuple[list[str], list[str]]:
             problems.append("config.json: quantization.has_zero_point = true is not what modelopt AWQ writes")
 
     if hf_config is not None:
-        problems += _check_against_hf(config, _hf_text_config(hf_config))
+        problems += _check_against_hf(config, text_config(hf_config))
     else:
         warnings.append("rotary_base was not compared with the Hugging Face rope theta (no hf_config given)")
     return problems, warnings
@@ -243,7 +233,7 @@ def check_config(config: dict, hf_config=None) -> tuple[list[str], list[str]]:
 
 def _check_against_hf(config: dict, text: dict) -> list[str]:
     problems = []
-    theta = _hf_theta(text)
+    theta = rope_theta(text)
     if theta is None:
         problems.append("the Hugging Face config has no rope theta to compare rotary_base with")
     elif _is_num(config.get("rotary_base")) and not math.isclose(config["rotary_base"], theta, rel_tol=1e-6):

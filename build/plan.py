@@ -1,0 +1,391 @@
+"""The typed build plan: what a build is asked for, checked once, and handed from stage to stage.
+
+    options (CLI / BuildOptions) ──make_plan──▶ BuildPlan ──▶ build_cpu | build_gpu ──▶ BuildReport
+                                                    │                                        │
+                                                    └────────────── manifest.json ◀──────────┘
+
+BuildPlan holds the checkpoint's facts (CheckpointFacts), the one ServingLimits every stage derives its sizes from
+(repository configs, trtllm-build flags, the memory plan, the encoder profile), the precisions, the paths and the
+target GPU. Stages read the plan and return what they produced; build_engines.build() collects that in a
+BuildReport and writes manifest.json from plan + report once, at the end. Nothing reads the manifest back to
+learn what to build: a `--prepare-only` GPU build saves its plan as artifacts/build_plan.json, and
+`--from-prepared` continues from that file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from af3trt.build.common import BuildError, versions
+from af3trt.registry import (CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES,
+                             GpuInfo, read_config, text_config)
+from af3trt.runtime import lengths
+from af3trt.runtime.stop_words import end_and_stop_ids
+
+MANIFEST_FORMAT = 1
+PLAN_FILE = "artifacts/build_plan.json"
+ROOT_FILES = ("config.json",)
+
+
+# ---------------------------------------------------------------------------------------------- serving limits
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What the served model must take: one object, from which the repository configs, trtllm-build's flags, the
+    memory plan and the encoder profile are all derived."""
+
+    max_batch_size: int = 8  # concurrent sequences in the decoder
+    max_audio_seconds: float = float(lengths.MAX_AUDIO_SECONDS)  # AF3's processor takes at most 10 min
+    max_text_input_len: int = 1024  # prompt tokens besides the audio tokens (chat markup + question)
+    max_output_len: int = 1024
+    default_max_tokens: int = 128  # a request without max_tokens (capped at max_output_len)
+    tp_size: int = 1
+    max_num_tokens: int | None = None  # per-iteration token budget; None: derived (build/trtllm_engine.py)
+    tokens_per_block: int = 32
+    max_beam_width: int = 1
+    multiple_profiles: bool = True
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_text_input_len", "max_output_len", "tp_size", "tokens_per_block",
+                     "max_beam_width", "default_max_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ServingLimits.{name} must be a positive integer, got {v!r}")
+        if not 0 < self.max_audio_seconds <= lengths.MAX_AUDIO_SECONDS:
+            raise ValueError(f"max_audio_seconds must be in (0, {lengths.MAX_AUDIO_SECONDS}] (AF3's cap), "
+                             f"got {self.max_audio_seconds}")
+        if self.max_num_tokens is not None and self.max_num_tokens < self.tokens_per_block:
+            raise ValueError("max_num_tokens must be at least tokens_per_block")
+
+    @property
+    def audio_tokens_per_request(self) -> int:
+        """Audio tokens of a clip of exactly max_audio_seconds (AF3's arithmetic: 750 per full 30-s window)."""
+        return lengths.audio_tokens_for_samples(int(round(self.max_audio_seconds * lengths.SAMPLE_RATE)))
+
+    @property
+    def max_audio_windows(self) -> int:
+        return -(-int(self.max_audio_seconds) // lengths.WINDOW_SECONDS)
+
+    @property
+    def window_tokens_per_request(self) -> int:
+        """Prompt-table rows the repository sizes a request for: its windows x 750 (whole windows)."""
+        return self.max_audio_windows * lengths.EMBEDS_PER_WINDOW
+
+    @property
+    def max_input_len(self) -> int:
+        """Text + audio tokens of one request, as the repository and the decoder engine take them."""
+        return self.max_text_input_len + self.window_tokens_per_request
+
+    @property
+    def served_default_max_tokens(self) -> int:
+        return min(self.default_max_tokens, self.max_output_len)
+
+    def as_manifest(self) -> dict:
+        """manifest.json `limits` (its keys predate this class: audio_tokens_per_request is the window rows)."""
+        return {"max_batch_size": self.max_batch_size, "max_audio_seconds": self.max_audio_seconds,
+                "max_audio_windows": self.max_audio_windows,
+                "audio_tokens_per_request": self.window_tokens_per_request, "max_input_len": self.max_input_len,
+                "max_output_len": self.max_output_len, "default_max_tokens": self.served_default_max_tokens}
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+@dataclass
+class GpuOptions:
+    precision: str = "bf16"  # decoder weights / activations
+    kv_cache: str = "auto"
+    encoder_precision: str = "fp16"
+    tp_size: int = 1
+    gpu: str | None = None  # declared target (h100, a100, l40s, …) when building without that GPU present
+    calib_audio: list[Path] = field(default_factory=list)  # audio files for the encoder's INT8/FP8 calibration
+    prepare_only: bool = False
+    engine_dir_at_serve: str | None = None  # where the decoder engine will be inside the serving container
+    accuracy_report: bool = True
+    goldens: bool = True  # reference answers for `af3trt gpu-check` (export/goldens.py), written where transformers is
+
+    def check(self) -> None:
+        for name, value, allowed in (("precision", self.precision, DECODER_PRECISIONS),
+                                     ("kv-cache", self.kv_cache, KV_CACHES),
+                                     ("encoder-precision", self.encoder_precision, GPU_ENCODER_PRECISIONS)):
+            if value not in allowed:
+                raise BuildError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.tp_size < 1:
+            raise BuildError(f"--tp-size must be >= 1, got {self.tp_size}")
+
+    def as_dict(self) -> dict:
+        return {k: ([str(p) for p in v] if k == "calib_audio" else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class BuildOptions:
+    hf_model: Path
+    out: Path
+    target: str = "cpu"
+    force: bool = False
+    # serving limits
+    max_batch_size: int = 8
+    max_audio_seconds: int = 600
+    max_text_len: int = 1024  # text tokens per request besides the audio tokens
+    max_output_len: int = 512
+    default_max_tokens: int = 128
+    # CPU backends
+    encoder_precision: str | None = None  # cpu: fp32 | int8 (ORT dynamic); gpu: fp16 | bf16 | fp32 | int8 | fp8
+    cpu_threads: int = 0  # 0 = the runtimes' defaults
+    encoder_threads: int | None = None  # per-model overrides of cpu_threads (None: cpu_threads)
+    decoder_threads: int | None = None
+    preprocess_threads: int | None = 1  # the log-mel of one request is small: more threads only contend
+    encoder_max_batch: int = 64
+    encoder_queue_delay_us: int = 2000  # the encoder's dynamic batcher waits this long for more windows
+    encoder_batching: bool = True  # False: one request per encoder execution (see RepoSpec.encoder_batching)
+    encoder_windows_per_run: int = 2  # CPU encoder: windows per ONNX Runtime run (0: all of an execution at once)
+    preprocess_instances: int = 1
+    encoder_instances: int = 1
+    decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
+    # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
+    # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
+    crop_frames: bool = True
+    max_queue_size: int = 32  # per queued stage; beyond it requests are rejected at once (see RepoSpec)
+    queue_timeout_ms: int = 120000  # a request waiting longer in a stage's queue is rejected
+    # GPU target (build/gpu_build.py)
+    gpu: GpuOptions | None = None
+
+
+def serving_limits(opts: BuildOptions) -> ServingLimits:
+    """The ServingLimits of build options (BuildError for values out of range)."""
+    if not 1 <= opts.max_audio_seconds <= lengths.MAX_AUDIO_SECONDS:
+        raise BuildError(f"--max-audio-seconds must be in [1, {lengths.MAX_AUDIO_SECONDS}], "
+                         f"got {opts.max_audio_seconds}")
+    try:
+        return ServingLimits(max_batch_size=opts.max_batch_size, max_audio_seconds=opts.max_audio_seconds,
+                             max_text_input_len=opts.max_text_len, max_output_len=opts.max_output_len,
+                             default_max_tokens=opts.default_max_tokens,
+                             tp_size=opts.gpu.tp_size if opts.gpu is not None else 1)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------- the checkpoint
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a build needs to know of a Hugging Face AF3 checkpoint, read once."""
+
+    path: Path
+    config: dict  # config.json as read
+    text_hidden_size: int
+    text_layers: int
+    vocab_size: int
+    audio_hidden_size: int
+    audio_layers: int
+    audio_token_id: int | None
+    dtype: str | None
+    end_id: int
+    eos_ids: list[int]
+    pad_id: int
+    sha256: str = ""
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    @property
+    def text(self) -> dict:
+        return text_config(self.config)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The end ids after end_id (runtime/stop_words.py): generation stops on any of them."""
+        return end_and_stop_ids(self.eos_ids or [self.end_id])[1]
+
+    def summary(self) -> dict:
+        """manifest.json `checkpoint.config`."""
+        return {k: getattr(self, k) for k in ("text_hidden_size", "text_layers", "vocab_size", "audio_hidden_size",
+                                              "audio_layers", "audio_token_id", "dtype", "end_id", "eos_ids",
+                                              "pad_id")}
+
+    def as_manifest(self) -> dict:
+        return {"path": str(self.path), "config": self.summary(), "sha256": self.sha256, "files": self.files,
+                "bytes": self.bytes}
+
+
+def checkpoint_digest(hf_dir: Path) -> dict:
+    """sha256 over config.json and the weight files (name order), with sizes: identifies what was built."""
+    files = sorted(p for p in Path(hf_dir).iterdir() if p.suffix == ".safetensors" or p.name in ROOT_FILES)
+    h = hashlib.sha256()
+    total = 0
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+                total += len(chunk)
+    return {"sha256": h.hexdigest(), "files": [p.name for p in files], "bytes": total}
+
+
+def inspect_checkpoint(hf_dir: Path, *, digest: bool = False) -> CheckpointFacts:
+    """The facts of an AF3 checkpoint directory (BuildError when it is not one); with digest, its sha256 too."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").exists():
+        raise BuildError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    cfg = read_config(hf_dir)
+    if cfg.get("model_type") != "audioflamingo3":
+        raise BuildError(f"{hf_dir}: model_type is {cfg.get('model_type')!r}, expected 'audioflamingo3'")
+    text, audio = cfg["text_config"], cfg["audio_config"]
+    if not any(hf_dir.glob("*.safetensors")):
+        raise BuildError(f"{hf_dir} has no .safetensors weights")
+    gen_path = hf_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.exists() else {}
+    eos = gen.get("eos_token_id", text.get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [eos]
+    pad = gen.get("pad_token_id", text.get("pad_token_id"))
+    return CheckpointFacts(
+        path=hf_dir, config=cfg, text_hidden_size=text["hidden_size"], text_layers=text["num_hidden_layers"],
+        vocab_size=text["vocab_size"], audio_hidden_size=audio["hidden_size"],
+        audio_layers=audio["num_hidden_layers"], audio_token_id=cfg.get("audio_token_id"),
+        dtype=text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype") or cfg.get("torch_dtype"),
+        end_id=eos[0], eos_ids=eos, pad_id=pad if pad is not None else eos[0],
+        **(checkpoint_digest(hf_dir) if digest else {}))
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+@dataclass
+class BuildPlan:
+    """Everything a build stage may read. Made once by make_plan(); stages do not change it."""
+
+    target: str  # "cpu" | "gpu"
+    out: Path  # where the build output lives once it is moved into place
+    options: BuildOptions
+    checkpoint: CheckpointFacts
+    limits: ServingLimits
+    encoder_precision: str
+    gpu: GpuOptions | None = None
+    gpu_target: GpuInfo | None = None  # the declared or detected GPU (None: not known; nothing GPU-specific checked)
+    notes: list[str] = field(default_factory=list)
+    created_unix: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def hf_model(self) -> Path:
+        return self.checkpoint.path
+
+    def artifacts(self, root: Path | None = None) -> Path:
+        """The artifacts directory under `root` (default: the final output)."""
+        return Path(root or self.out) / "artifacts"
+
+    # manifest: written once at the end of a build, from the plan and the report -------------------------------
+
+    def manifest(self, report: "BuildReport") -> dict:
+        m = {"af3trt_manifest": MANIFEST_FORMAT, "target": self.target, "created_unix": self.created_unix,
+             "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+             "versions": versions(), "options": {k: str(v) for k, v in asdict(self.options).items()},
+             "checkpoint": self.checkpoint.as_manifest(), "limits": self.limits.as_manifest()}
+        if self.gpu is not None:
+            m["gpu"] = {"target": None if self.gpu_target is None else asdict(self.gpu_target), "notes": self.notes,
+                        "options": self.gpu.as_dict()}
+        return report.merge_into(m)
+
+    # the saved plan of a --prepare-only build --------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        opts = {k: v for k, v in asdict(self.options).items() if k != "gpu"}
+        return {"af3trt_build_plan": MANIFEST_FORMAT, "target": self.target, "out": str(self.out),
+                "created_unix": self.created_unix,
+                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()},
+                "checkpoint": {**self.checkpoint.as_manifest(), "hf_config": self.checkpoint.config},
+                "limits": asdict(self.limits), "encoder_precision": self.encoder_precision,
+                "gpu": None if self.gpu is None else self.gpu.as_dict(),
+                "gpu_target": None if self.gpu_target is None else asdict(self.gpu_target), "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, doc: dict, out: Path) -> "BuildPlan":
+        """The plan saved by a --prepare-only build, for the output now at `out` (it may have been moved)."""
+        if doc.get("af3trt_build_plan") != MANIFEST_FORMAT:
+            raise BuildError(f"{out / PLAN_FILE} is not an af3trt build plan (format {MANIFEST_FORMAT})")
+        c = doc["checkpoint"]
+        checkpoint = CheckpointFacts(path=Path(c["path"]), config=c["hf_config"], sha256=c["sha256"], files=c["files"],
+                                     bytes=c["bytes"], **c["config"])
+        g = doc.get("gpu")
+        gpu = None if g is None else GpuOptions(**{**g, "calib_audio": [Path(p) for p in g.get("calib_audio", [])]})
+        t = doc.get("gpu_target")
+        target = None if t is None else GpuInfo(**{**t, "compute_capability": tuple(t["compute_capability"])})
+        known = {f.name for f in fields(BuildOptions)}
+        options = BuildOptions(**{k: v for k, v in doc["options"].items() if k in known and k != "gpu"}, gpu=gpu)
+        options.hf_model, options.out = Path(options.hf_model), Path(out)
+        return cls(target=doc["target"], out=Path(out), options=options, checkpoint=checkpoint,
+                   limits=ServingLimits(**doc["limits"]), encoder_precision=doc["encoder_precision"], gpu=gpu,
+                   gpu_target=target, notes=list(doc.get("notes") or []), created_unix=doc["created_unix"])
+
+    def save(self, root: Path, **prepared) -> Path:
+        """artifacts/build_plan.json under `root`, with what the prepare half produced for the engine half
+        (`prepared`, e.g. the encoder ONNX the engine is built from)."""
+        path = Path(root) / PLAN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**self.to_json(), "prepared": prepared}, indent=2, default=str))
+        return path
+
+
+def load_plan(out: Path) -> tuple[BuildPlan, dict]:
+    """The plan a --prepare-only build saved in `out`, and what it prepared."""
+    path = Path(out) / PLAN_FILE
+    if not path.is_file():
+        raise BuildError(f"{out} has no {PLAN_FILE}: run `af3trt build --target gpu --prepare-only` first")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return BuildPlan.from_json(doc, Path(out)), dict(doc.get("prepared") or {})
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+@dataclass
+class BuildReport:
+    """What the stages produced and measured, for manifest.json: sections by name (validation figures keyed by
+    check), plus the step timings. Stages add to it; nothing reads it to decide what to build."""
+
+    sections: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    gpu: dict = field(default_factory=dict)  # merged into manifest `gpu` (memory plan, build plan path, options)
+    timings_s: dict = field(default_factory=dict)
+
+    def merge_into(self, manifest: dict, *, keep_validation: bool = False) -> dict:
+        """`manifest` with this report's sections; keep_validation adds to the validation it has already."""
+        manifest["validation"] = {**(manifest.get("validation", {}) if keep_validation else {}), **self.validation}
+        manifest.update(self.sections)
+        if self.gpu:
+            manifest.setdefault("gpu", {}).update(self.gpu)
+        if self.timings_s:
+            manifest["timings_s"] = dict(self.timings_s)
+        return manifest
+
+
+def check_options(opts: BuildOptions) -> None:
+    """Check the options against each other (BuildError), resolving their defaults in place."""
+    opts.hf_model, opts.out = Path(opts.hf_model).resolve(), Path(opts.out).resolve()
+    if opts.target not in ("cpu", "gpu"):
+        raise BuildError(f"--target must be cpu or gpu, got {opts.target!r}")
+    if opts.target == "cpu":
+        opts.encoder_precision = opts.encoder_precision or "fp32"
+        if opts.encoder_precision not in CPU_ENCODER_PRECISIONS:
+            raise BuildError(f"--encoder-precision must be fp32 or int8 on the CPU target, "
+                             f"got {opts.encoder_precision!r}")
+    else:
+        opts.gpu = opts.gpu or GpuOptions()
+        if opts.encoder_precision:
+            opts.gpu.encoder_precision = opts.encoder_precision
+        opts.encoder_precision = opts.gpu.encoder_precision
+        opts.gpu.check()
+
+
+def make_plan(opts: BuildOptions, *, gpu_target: GpuInfo | None = None, notes: list[str] | None = None) -> BuildPlan:
+    """Check the options against each other and the checkpoint; the plan every stage reads."""
+    check_options(opts)
+    limits = serving_limits(opts)
+    if not opts.hf_model.is_dir():
+        raise BuildError(f"--hf-model {opts.hf_model} is not a directory")
+    checkpoint = inspect_checkpoint(opts.hf_model, digest=True)
+    return BuildPlan(target=opts.target, out=opts.out, options=opts, checkpoint=checkpoint, limits=limits,
+                     encoder_precision=opts.encoder_precision, gpu=opts.gpu, gpu_target=gpu_target,
+                     notes=list(notes or []))
+
