@@ -94,13 +94,18 @@ def supports_fp8(sm: int) -> bool:
     return sm >= FP8_MIN_SM
 
 
+def check_precision_names(precision: str, kv_cache: str, error: type[Exception] = ValueError) -> None:
+    """`error` unless both name a decoder precision and a KV cache af3trt builds."""
+    if precision not in DECODER_PRECISIONS:
+        raise error(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
+    if kv_cache not in KV_CACHES:
+        raise error(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+
+
 def check_precision(precision: str, kv_cache: str = "auto", gpu: GpuInfo | None = None) -> list[str]:
     """Raise PrecisionError when `gpu` cannot run this decoder precision / KV cache; return notes (e.g. when nothing
     could be checked)."""
-    if precision not in DECODER_PRECISIONS:
-        raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    check_precision_names(precision, kv_cache)
     if gpu is None:
         return ["no GPU detected and none declared (--gpu): precision support was not checked"]
     problems = []

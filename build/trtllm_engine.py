@@ -35,8 +35,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from af3trt.registry import (DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, PRECISION_DTYPES, QUANT_ALGO,
-                             check_precision, text_config)
+from af3trt.registry import (KV_CACHE_QUANT_ALGO, PRECISION_DTYPES, QUANT_ALGO, check_precision, check_precision_names,
+                             text_config)
 from af3trt.build.plan import ServingLimits
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,6 @@ class TrtllmBuildPlan:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _check_precision_args(precision: str, kv_cache: str) -> None:
-    if precision not in DECODER_PRECISIONS:
-        raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
 
 
 def _check_against_checkpoint(ckpt_dir: Path, precision: str, kv_cache: str, tp_size: int) -> dict | None:
@@ -92,7 +85,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, p
     gpu: the target (af3trt.runtime.gpus.target_gpu); precisions it cannot run raise PrecisionError.
     When ckpt_dir already holds a checkpoint, its quantization, dtype and tp size must be the ones asked for.
     """
-    _check_precision_args(precision, kv_cache)
+    check_precision_names(precision, kv_cache)
     notes = check_precision(precision, kv_cache, gpu)  # raises when the GPU cannot run it; a note when no GPU
     config = _check_against_checkpoint(ckpt_dir, precision, kv_cache, limits.tp_size)
     audio = audio_tokens_per_request if audio_tokens_per_request is not None else limits.audio_tokens_per_request
@@ -266,7 +259,7 @@ def decoder_accuracy_report(lm_dir: Path, precision: str, kv_cache: str = "auto"
     from af3trt.export.quantize import (awq_block_size_for, calibrate, calibration_batches, default_dtype, load_lm,
                                         load_tokenizer, modelopt_quant_config, pick_device, seed_everything)
 
-    _check_precision_args(precision, kv_cache)
+    check_precision_names(precision, kv_cache)
     lm_dir = Path(lm_dir)
     device = pick_device(device)
     seed_everything(seed)

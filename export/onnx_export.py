@@ -48,6 +48,7 @@ from transformers.models.audioflamingo3.modeling_audioflamingo3 import (AudioFla
                                                                          AudioFlamingo3MultiModalProjector)
 
 from af3trt.export import weights
+from af3trt.registry import read_config
 from af3trt.runtime import lengths
 from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_CHECKPOINT_DTYPE, META_EXPORT_DTYPE,
                                     META_HIDDEN_SIZE, META_MAX_FRAMES, META_QUANTIZATION, OUTPUT_EMBEDS)
@@ -169,7 +170,7 @@ class AudioEmbedder(nn.Module):
 
 def load_audio_embedder(hf_dir: Path) -> tuple[AudioEmbedder, str]:
     """The float32 encoder + projector of a checkpoint, and the dtype the checkpoint stores them in."""
-    cfg = weights.read_config(hf_dir)
+    cfg = read_config(hf_dir)
     if cfg.get("model_type") != "audioflamingo3":
         raise ValueError(f"{hf_dir}: model_type {cfg.get('model_type')!r}, expected 'audioflamingo3'")
     config = AudioFlamingo3Config.from_dict(cfg)

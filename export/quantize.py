@@ -34,7 +34,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from af3trt.registry import DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, QUANT_ALGO, rope_theta, text_config
+from af3trt.registry import (DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, QUANT_ALGO, check_precision_names,
+                             rope_theta, text_config)
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,7 @@ def modelopt_quant_config(precision: str, kv_cache: str = "auto", *, awq_block_s
 
 
 def _check_args(precision: str, kv_cache: str) -> None:
-    if precision not in DECODER_PRECISIONS:
-        raise QuantizeError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
-    if kv_cache not in KV_CACHES:
-        raise QuantizeError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    check_precision_names(precision, kv_cache, QuantizeError)
 
 
 def awq_block_size_for(text_cfg: dict, tp_size: int = 1, preferred: int = 128) -> int:

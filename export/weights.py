@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from af3trt.registry import SAFETENSORS_DTYPES, read_config  # noqa: F401 (read_config: part of this API)
+from af3trt.registry import SAFETENSORS_DTYPES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
