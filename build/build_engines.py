@@ -30,6 +30,8 @@ log = logging.getLogger("af3trt.build")
 
 
 def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) -> None:
+    # imported here: `af3trt build --from-prepared` runs this module in the serving container, which lacks export/'s
+    # dependencies (onnx, onnxruntime, transformers)
     from af3trt.export.extract_lm import extract_language_model
     from af3trt.export.onnx_export import export_encoder, quantize_encoder_dynamic
 

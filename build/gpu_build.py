@@ -51,6 +51,8 @@ def check_target(g: GpuOptions) -> tuple[GpuInfo | None, list[str]]:
 
 def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) -> None:
     """Called by build_engines.build() inside its scratch directory `work` (moved to plan.out at the end)."""
+    # export/ is imported here, not at the top: the engine half (build_from_prepared) runs in the serving container,
+    # which has no onnx, onnxruntime, transformers or modelopt (tests/test_container_half.py)
     from af3trt.export.extract_lm import extract_language_model
     from af3trt.export.onnx_export import export_encoder
     from af3trt.export.onnx_quant import calibration_set, prepare_encoder
