@@ -34,7 +34,6 @@ from af3trt.build.trtllm_engine import TrtllmBuildPlan, plan_trtllm_build, run_t
 from af3trt.registry import GpuInfo, PrecisionError, check_encoder_precision, check_precision
 from af3trt.runtime.gpus import target_gpu
 
-GpuBuildError = BuildError  # a GPU build that cannot work: `af3trt build` prints it as a clean error
 
 
 def check_target(g: GpuOptions) -> tuple[GpuInfo | None, list[str]]:
@@ -180,7 +179,7 @@ def doctor_build_tools(prepare_only: bool) -> None:
 def weight_only_shape_problems(text: dict, precision: str, tp_size: int) -> list[str]:
     """Why int8_wo / int4_awq cannot be built at this tp size for these layer shapes ([] when they can).
 
-    The rules are the checkpoint validator's (build/trtllm_checkpoint.py, from TensorRT-LLM 1.2's weight-only and
+    The rules are the checkpoint validator's (export/trtllm_checkpoint.py, from TensorRT-LLM 1.2's weight-only and
     AWQ linear layers): trtllm-build pads weight-only layers to multiples of 64 x tp, AWQ layers to multiples of
     max(64, group size) x tp, and the AWQ group size (128 or 64: the groupwise kernels' sizes) must divide every
     rank's input width (export/quantize.awq_block_size_for). A checkpoint whose full shapes are not such multiples

@@ -4,7 +4,7 @@ to do. Run by `af3trt serve` before it starts tritonserver, and by the GPU build
     af3trt doctor --repository out/af3-h100/model_repository [--backend-directory /opt/tritonserver/backends]
 
 Checks, with the facts they rely on (re-verify before relying on a detail):
-- GPU: SM and memory (nvidia-smi, else torch.cuda) against the repository's precisions (build/gpu.py:
+- GPU: SM and memory (nvidia-smi, else torch.cuda) against the repository's precisions (af3trt/registry.py:
   check_precision; FP8 needs SM 8.9+), the SM its TensorRT engines were built for (a plan runs only on the
   architecture it was built on), its tensor-parallel size (one GPU per rank) and its memory plan (manifest
   `gpu.memory_plan`, build/memory_plan.py). A CPU repository needs no GPU.
