@@ -35,7 +35,6 @@ from af3trt.registry import GpuInfo, PrecisionError, check_encoder_precision, ch
 from af3trt.runtime.gpus import target_gpu
 
 
-
 def check_target(g: GpuOptions) -> tuple[GpuInfo | None, list[str]]:
     """The target GPU and notes, after refusing precisions it cannot run (before any work is done)."""
     try:
