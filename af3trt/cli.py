@@ -45,7 +45,7 @@ COMMANDS = {
     "encoder-variant": "af3trt.export.onnx_quant",
     "extract-lm": "af3trt.export.extract_lm",
     "quantize": "af3trt.export.quantize",
-    "check-checkpoint": "af3trt.build.trtllm_checkpoint",
+    "check-checkpoint": "af3trt.export.trtllm_checkpoint",
 }
 
 
