@@ -401,7 +401,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from af3trt.runtime.server import CACHE, TritonServer
+    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.triton_install import CACHE
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (args.out or REPO_ROOT / "perf" / "results" / stamp).resolve()
