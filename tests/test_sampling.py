@@ -144,3 +144,17 @@ def test_fusion_does_not_load_torch():
     code = "import sys, af3trt.runtime.prompt; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+def test_fusion_refuses_in_the_same_words():
+    """Fusion's check_sampling goes through the same validation (its PromptError carries the message)."""
+    from af3trt.runtime.prompt import FusionLimits, PromptError, check_sampling
+
+    limits = FusionLimits(vocab_size=10, hidden_size=4, dtype="float32", end_id=1, pad_id=0, max_input_len=8,
+                          max_output_len=8, default_max_tokens=4)
+    for kw, message in [(dict(top_p=2.0), "top_p must be in [0, 1], got 2.0"),
+                        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0, got 0.0")]:
+        with pytest.raises(PromptError) as e:
+            check_sampling(limits, **kw)
+        assert str(e.value) == message
+    assert check_sampling(limits, temperature=0.0, top_k=40).top_k == 1
