@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from af3trt.perf.metrics import RequestRecord
-from af3trt.runtime.client import MODEL
+from af3trt.runtime.client import MODEL, Request
+from af3trt.runtime.contract import request_input
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -57,17 +58,16 @@ def _bytes_b64(items: list[bytes]) -> str:
 
 
 def write_input_data(path: Path, requests: list[tuple[str, bytes | None]], *, max_tokens: int, stream: bool) -> Path:
-    """perf_analyzer's --input-data JSON: one data entry per (prompt, clip); clip None = text-only."""
+    """perf_analyzer's --input-data JSON: one data entry per (prompt, clip); clip None = text-only. The inputs are
+    the client's (runtime/client.py Request.values): BYTES as length-prefixed base64, the others as content."""
     entries = []
     for prompt, clip in requests:
-        e = {
-            "text_input": {"b64": _bytes_b64([prompt.encode()]), "shape": [1]},
-            "max_tokens": {"content": [max_tokens], "shape": [1]},
-            "stream": {"content": [bool(stream)], "shape": [1]},
-        }
-        if clip is not None:
-            e["audio"] = {"b64": _bytes_b64([clip]), "shape": [1]}
-        entries.append(e)
+        req = Request(prompt, [clip] if clip is not None else [], max_tokens=max_tokens, stream=bool(stream))
+        entry = {}
+        for name, elements in req.values().items():
+            data = {"b64": _bytes_b64(elements)} if request_input(name).datatype == "BYTES" else {"content": elements}
+            entry[name] = {**data, "shape": [len(elements)]}
+        entries.append(entry)
     Path(path).write_text(json.dumps({"data": entries}))
     return Path(path)
 

@@ -34,10 +34,10 @@ import numpy as np
 
 from af3trt.perf import clips as clipgen
 from af3trt.perf import compare, machine, metrics, stats
-from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
-from af3trt.perf.loadgen import PersistentStream, run_load
+from af3trt.perf.loadgen import run_load
+from af3trt.perf.measure import probe_requests, sweep_perf_analyzer
 from af3trt.runtime import lengths
-from af3trt.triton_repo.configs import ENSEMBLE, STAGES
+from af3trt.runtime.contract import ENSEMBLE, STAGES
 
 log = logging.getLogger("af3trt.bench")
 
@@ -228,55 +228,11 @@ def make_inputs(args, spoken: list[tuple[float, bytes]] | None = None) -> tuple[
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def probe_requests(url: str, items: list[tuple[str, bytes]], *, max_tokens: int, stream: bool) -> list[dict]:
-    """Requests one at a time on one open gRPC stream (PersistentStream), Triton statistics snapshotted around
-    each: per-request stage split and overhead."""
-    out = []
-    with PersistentStream(url) as conn:
-        for prompt, clip in items:
-            before = stats.snapshot(url)
-            rec, ids = conn.request(prompt, clip, max_tokens=max_tokens, stream=stream)
-            after = stats.snapshot(url)
-            split = stats.stage_split(stats.diff(before, after), ensemble=ENSEMBLE, stages=STAGES)
-            lat = 1e3 * rec.latency_s if rec.ok else None
-            out.append({"record": rec.to_dict(), "ids": ids, "latency_ms": lat,
-                        "ttft_ms": 1e3 * rec.ttft_s if rec.ok and rec.ttft_s is not None else None,
-                        "split": split, "overhead": stats.overhead(split, client_latency_ms=lat)})
-    return out
-
-
-def sweep_perf_analyzer(args, url: str, inputs, out: Path, mode: str, server_pid: int | None) -> list[dict]:
-    stream = mode == "stream"
-    out.mkdir(parents=True, exist_ok=True)
-    data = write_input_data(out / f"inputs_{mode}.json", inputs, max_tokens=args.max_tokens, stream=stream)
-    snaps = {}
-
-    def on_level(c, phase):
-        snaps[(c, phase)] = stats.snapshot(url)
-        snaps[(c, phase, "cpu")] = machine.cpu_sample(server_pid)
-
-    rows = run_perf_analyzer(find_perf_analyzer(), url, data, concurrency=ints(args.concurrency), streaming=True,
-                             requests_per_level=args.requests_per_level, rounds_per_level=args.rounds_per_level,
-                             out_dir=out / "perf_analyzer", profile_export=True, on_level=on_level, tag=mode)
-    data.unlink()  # the clips as base64: large and reproducible
-    points = []
-    for row in rows:
-        c = row["concurrency"]
-        # perf_analyzer's own window (and CSV throughput) is in whole seconds: use the requests' span instead
-        summary = metrics.summarize(row["records"])
-        split = stats.stage_split(stats.diff(snaps[(c, "before")], snaps[(c, "after")]), ensemble=ENSEMBLE,
-                                  stages=STAGES)
-        lat = summary.get("latency_mean_ms")
-        points.append({"concurrency": c, "mode": mode, "tool": "perf_analyzer 2.51 (profile export)",
-                       **summary, "split": split,
-                       "cpu": machine.busy_cores(snaps[(c, "before", "cpu")], snaps[(c, "after", "cpu")]),
-                       "overhead_mean": stats.overhead(split, client_latency_ms=lat),
-                       "perf_analyzer_csv": {k: v for k, v in row.items() if k not in ("records", "raw")}})
-        points[-1]["perf_analyzer_csv"]["window_s"] = row.get("window_s")
-        log.info("%s c=%d: %.2f req/s, %.1f tok/s, p50 %.0f ms, TTFT p50 %.0f ms", mode, c,
-                 summary.get("throughput_rps", 0), summary.get("output_tokens_per_s", 0),
-                 (summary.get("latency_ms") or {}).get("p50") or 0, (summary.get("ttft_ms") or {}).get("p50") or 0)
-    return points
+def sweep(args, url: str, inputs, out: Path, mode: str, server_pid: int | None) -> list[dict]:
+    """sweep_perf_analyzer at the levels and request counts of the command line."""
+    return sweep_perf_analyzer(url, inputs, out, mode, server_pid, concurrency=ints(args.concurrency),
+                               max_tokens=args.max_tokens, requests_per_level=args.requests_per_level,
+                               rounds_per_level=args.rounds_per_level)
 
 
 def sweep_client(args, url: str, inputs) -> list[dict]:
@@ -401,7 +357,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from af3trt.runtime.server import CACHE, TritonServer
+    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.triton_install import CACHE
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (args.out or REPO_ROOT / "perf" / "results" / stamp).resolve()
@@ -452,8 +409,7 @@ def main(argv=None) -> int:
         results["sweeps"] = {}
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             with phases(f"perf_analyzer sweep ({mode})"):
-                results["sweeps"][mode] = sweep_perf_analyzer(args, url, inputs, out, mode,
-                                                               server.proc.pid if server else None)
+                results["sweeps"][mode] = sweep(args, url, inputs, out, mode, server.proc.pid if server else None)
         if args.client_levels:
             with phases("own-client streaming sweep"):
                 results["client_sweep"] = sweep_client(args, url, inputs)
@@ -501,8 +457,8 @@ def main(argv=None) -> int:
                 abl_args = argparse.Namespace(**{**vars(args), "concurrency": args.ablation_levels})
                 results["ablation"] = {
                     "encoder_precision": other, "repository": _repo_info(abl_repo),
-                    "nonstream": sweep_perf_analyzer(abl_args, server.grpc_url, inputs, out / "ablation", "nonstream",
-                                                     server.proc.pid),
+                    "nonstream": sweep(abl_args, server.grpc_url, inputs, out / "ablation", "nonstream",
+                                       server.proc.pid),
                     "agreement_with_main": baseline_agreement(abl_ids, ours_ids)}
                 server.stop()
                 server = None

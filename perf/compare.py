@@ -19,7 +19,6 @@ ablation, which is what af3trt did before windows were cropped to their frame bu
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -27,9 +26,10 @@ import numpy as np
 
 from af3trt.perf import clips as clipgen
 from af3trt.perf import metrics, stats
-from af3trt.perf.loadgen import PersistentStream, run_load
+from af3trt.perf.loadgen import run_load
+from af3trt.perf.measure import probe_requests, sweep_perf_analyzer
 from af3trt.runtime import lengths
-from af3trt.triton_repo.configs import ENSEMBLE, STAGES
+from af3trt.runtime.contract import ENSEMBLE, STAGES
 
 log = logging.getLogger("af3trt.bench")
 
@@ -69,12 +69,10 @@ def burst(url: str, spoken: list[tuple[float, bytes]], max_tokens: int) -> dict:
 
 def steady(url: str, spoken: list[tuple[float, bytes]], max_tokens: int, concurrency: int, out: Path,
            requests: int, server_pid: int | None) -> dict:
-    """perf_analyzer at one concurrency level over the clips (bench.sweep_perf_analyzer at that level)."""
-    from af3trt.perf.bench import sweep_perf_analyzer
-
-    args = argparse.Namespace(concurrency=str(concurrency), max_tokens=max_tokens, requests_per_level=requests,
-                              rounds_per_level=max(1, requests // concurrency))
-    (p,) = sweep_perf_analyzer(args, url, items_of(spoken), out, "nonstream", server_pid)
+    """perf_analyzer at one concurrency level over the clips (measure.sweep_perf_analyzer at that level)."""
+    (p,) = sweep_perf_analyzer(url, items_of(spoken), out, "nonstream", server_pid, concurrency=[concurrency],
+                               max_tokens=max_tokens, requests_per_level=requests,
+                               rounds_per_level=max(1, requests // concurrency))
     if p.get("errors") or "throughput_rps" not in p:
         raise RuntimeError(f"steady c={concurrency}: {p.get('errors')} errors")
     mean_audio = float(np.mean([s for s, _ in spoken]))  # perf_analyzer cycles over the clips
@@ -86,8 +84,6 @@ def steady(url: str, spoken: list[tuple[float, bytes]], max_tokens: int, concurr
 
 def ttft_c1(url: str, clip: bytes, requests: int, max_tokens: int) -> dict:
     """Streaming requests one at a time on one open stream: TTFT and the Triton stage split of each."""
-    from af3trt.perf.bench import probe_requests
-
     probes = probe_requests(url, [(PROMPT, clip)] * requests, max_tokens=max_tokens, stream=True)
     ok = [p for p in probes if p["ttft_ms"] is not None]
     enc, pre = _stage_ms(ok, "encoder", "compute_infer_ms"), _stage_ms(ok, "preprocess", "critical_ms")
@@ -107,8 +103,6 @@ def _stage_ms(probes: list[dict], stage: str, key: str) -> list[float]:
 def encoder_curve(url: str, seconds: tuple[float, ...], requests: int) -> list[dict]:
     """Encoder compute ms (Triton statistics) of one request at c=1 per clip length (speech, 1 token); the first
     request of each length is a warm-up (ONNX Runtime plans its buffers on a new input shape) and not counted."""
-    from af3trt.perf.bench import probe_requests
-
     rows = []
     for s in seconds:
         clip = clipgen.make_clip(clipgen.ClipSpec("speech", float(s)), seed=int(s))

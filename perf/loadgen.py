@@ -10,10 +10,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from af3trt.perf.metrics import RequestRecord
-from af3trt.runtime.client import AF3Client
+from af3trt.runtime.client import AF3Client, AF3Stream, Chunk, Request
+from af3trt.runtime.contract import ENSEMBLE
 
 
 def run_load(url: str, inputs: list[tuple[str, bytes | None]], *, concurrency: int, requests: int,
@@ -52,68 +53,50 @@ def run_load(url: str, inputs: list[tuple[str, bytes | None]], *, concurrency: i
 
 def one_request(client: AF3Client, prompt: str, clip: bytes | None, *, max_tokens: int,
                 stream: bool) -> tuple[RequestRecord, list[int]]:
+    return record(client.stream(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream))
+
+
+def record(chunks: Iterator[Chunk]) -> tuple[RequestRecord, list[int]]:
+    """Consume one request's chunks (the request is sent at the first `next`): its record and answer ids. An
+    error is recorded and counted as an error of the point; a request answered by its final flag alone is one
+    response of 0 tokens."""
     rec = RequestRecord(start_s=time.perf_counter())
     ids: list[int] = []
     try:
-        for chunk in client.stream(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream):
+        for chunk in chunks:
             rec.response_s.append(time.perf_counter() - rec.start_s)
             rec.response_tokens.append(len(chunk.token_ids))
             ids += chunk.token_ids
     except Exception as e:  # noqa: BLE001 — recorded, counted as an error of the point
         rec.error = f"{type(e).__name__}: {e}"
+    else:
+        if not rec.response_s:
+            rec.response_s.append(time.perf_counter() - rec.start_s)
+            rec.response_tokens.append(0)
     return rec, ids
 
 
 class PersistentStream:
-    """One gRPC connection and one open stream, requests sent one at a time: what the serving stack costs without
-    the client's connection set-up (AF3Client opens a new one per request). Used by the per-request overhead probe.
+    """One gRPC connection and one open stream (the client's AF3Stream), requests sent one at a time: what the
+    serving stack costs without the client's connection set-up (AF3Client opens a new one per request). Used by
+    the per-request overhead probe.
 
         with PersistentStream(url) as s:
             record, ids = s.request(prompt, clip, max_tokens=32, stream=False)
     """
 
-    def __init__(self, url: str, model: str = "af3", timeout: float = 3600.0):
-        import queue
-
-        import tritonclient.grpc as grpcclient
-
-        self.model, self.timeout = model, timeout
-        self.results: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self.results.put((time.perf_counter(), result, error)))
+    def __init__(self, url: str, model: str = ENSEMBLE, timeout: float = 3600.0):
+        self.conn = AF3Stream(url, model, timeout)
         self.n = 0
 
     def request(self, prompt: str, clip: bytes | None, *, max_tokens: int, stream: bool):
-        from af3trt.runtime.client import _inputs
-
-        inputs = _inputs(prompt, [clip] if clip else [], None, {"max_tokens": max_tokens, "stream": stream})
         self.n += 1
-        rid = f"bench-{id(self)}-{self.n}"
-        rec = RequestRecord(start_s=time.perf_counter())
-        ids: list[int] = []
-        self.client.async_stream_infer(self.model, inputs, request_id=rid, enable_empty_final_response=True)
-        while True:
-            t, result, error = self.results.get(timeout=self.timeout)
-            if error is not None:
-                rec.error = str(error)
-                return rec, ids
-            if result.get_response().id != rid:
-                continue
-            out = result.as_numpy("output_ids")
-            if out is not None:
-                rec.response_s.append(t - rec.start_s)
-                rec.response_tokens.append(int(out.size))
-                ids += out.reshape(-1).tolist()
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                if not rec.response_s:  # an empty final response only
-                    rec.response_s.append(t - rec.start_s)
-                    rec.response_tokens.append(0)
-                return rec, ids
+        req = Request(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream,
+                      request_id=f"bench-{id(self)}-{self.n}")
+        return record(self.conn.responses(req))
 
     def close(self) -> None:
-        self.client.stop_stream()
-        self.client.close()
+        self.conn.close()
 
     def __enter__(self):
         return self

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from af3trt.perf import compare, metrics
+from af3trt.runtime.contract import STAGES
 
 TARGET_RATIO = 3.0  # throughput at c=8 over transformers one request at a time
 TARGET_OVERHEAD_MS = 5.0  # p50 per request of everything but encoder and decoder compute
-STAGE_ORDER = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
+STAGE_ORDER = STAGES  # the tables list the stages in the ensemble's order
 
 
 # ------------------------------------------------------------------------------------------------ figures

@@ -9,7 +9,9 @@ the --audio files in order.
 
 Audio files are read here, on the client, and sent as encoded bytes; the server never opens a path or URL.
 The ensemble is decoupled, so every call goes through gRPC streaming: with stream=False the server sends the
-whole answer in one response.
+whole answer in one response. The request's inputs are built from the ensemble's contract (runtime/contract.py),
+and every way of receiving (AF3Client, AF3Stream, AsyncAF3Client, the OpenAI front) reads responses with one
+ResponseReader.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
-MODEL = "af3"
+from af3trt.runtime import contract
+
+MODEL = contract.ENSEMBLE
 # The ensemble's cancellation side channel (triton_repo/cancel): Triton 2.51 does not pass the cancellation of an af3
 # stream on to the decoder already generating for it, so a stream closed early is also cancelled here by its id.
-CANCEL_MODEL = "cancel"
+CANCEL_MODEL = contract.CANCEL
 CANCEL_TIMEOUT_S = 5.0
 
 log = logging.getLogger("af3trt.client")
@@ -69,6 +73,7 @@ class Chunk:
     token_ids: list[int]
     notices: list[str]
     t: float  # seconds since the request was sent
+    prompt_tokens: int = -1  # the prompt's length as fusion built it (text + audio rows); -1 when not reported
 
 
 @dataclass
@@ -111,40 +116,41 @@ class Request:
     request_id: str | None = None
     deadline_s: float | None = None  # a deadline on the whole answer: past it, the server cancels the request
 
+    def values(self) -> dict[str, list]:
+        """The inputs this request sets, by ensemble input name: each a list of elements (BYTES as bytes), in
+        the contract's order. Unset fields (None, no audio) are left out: the server applies its defaults."""
+        out = {}
+        for spec in contract.REQUEST_INPUTS:
+            value = getattr(self, _FIELD_OF.get(spec.name, spec.name))
+            if spec.name == "messages" and value is not None and not isinstance(value, str):
+                value = json.dumps(value, ensure_ascii=False)
+            elements = list(value) if spec.dims == (-1,) else [] if value is None else [value]
+            if elements:
+                out[spec.name] = [_encode(e) for e in elements] if spec.datatype == "BYTES" else elements
+        return out
+
     def inputs(self) -> list:
         """The ensemble's request inputs (tritonclient.grpc.InferInput) for this request."""
-        params = {k: getattr(self, k) for k in _PARAMS}
-        ins = _inputs(self.prompt, list(self.audio), self.system_prompt, params)
-        if self.messages is not None:
-            data = self.messages if isinstance(self.messages, str) else json.dumps(self.messages, ensure_ascii=False)
-            ins.append(_make("messages", np.array([data.encode()], np.object_), "BYTES"))
-        return ins
+        return [make_input(contract.request_input(name), elements) for name, elements in self.values().items()]
 
 
-_PARAMS = {"max_tokens": (np.int32, "INT32"), "temperature": (np.float32, "FP32"), "top_k": (np.int32, "INT32"),
-           "top_p": (np.float32, "FP32"), "repetition_penalty": (np.float32, "FP32"), "seed": (np.uint64, "UINT64"),
-           "stream": (np.bool_, "BOOL"), "strip_prefix": (np.bool_, "BOOL")}
+# Request fields named otherwise than the ensemble input they fill; every other input is the field of its name.
+_FIELD_OF = {"text_input": "prompt"}
 
 
-def _make(name, array, dtype):
+def _encode(element) -> bytes:
+    return element.encode() if isinstance(element, str) else bytes(element)
+
+
+def make_input(spec: contract.TensorSpec, elements: list):
+    """One tritonclient.grpc.InferInput of shape [len(elements)], typed as the contract says."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import triton_to_np_dtype
 
-    t = grpcclient.InferInput(name, list(array.shape), dtype)
+    array = np.array(elements, dtype=triton_to_np_dtype(spec.datatype))
+    t = grpcclient.InferInput(spec.name, list(array.shape), spec.datatype)
     t.set_data_from_numpy(array)
     return t
-
-
-def _inputs(prompt: str | None, audio, system_prompt, params: dict):
-    ins = [] if prompt is None else [_make("text_input", np.array([prompt.encode()], np.object_), "BYTES")]
-    if system_prompt is not None:
-        ins.append(_make("system_prompt", np.array([system_prompt.encode()], np.object_), "BYTES"))
-    if audio:
-        ins.append(_make("audio", np.array([bytes(a) for a in audio], np.object_), "BYTES"))
-    for name, value in params.items():
-        if value is not None:
-            np_type, triton_type = _PARAMS[name]
-            ins.append(_make(name, np.array([value], np_type), triton_type))
-    return ins
 
 
 def connection_error(url: str, model: str, error) -> AF3ConnectionError | None:
@@ -177,23 +183,38 @@ def _chunk(result, t0: float) -> Chunk | None:
         return None
     notice = result.as_numpy("notice")
     notice = bytes(notice.reshape(-1)[0]).decode() if notice is not None else ""
+    prompt = result.as_numpy("prompt_tokens")
     return Chunk(text=b"".join(bytes(x) for x in text.reshape(-1)).decode("utf-8", "replace"),
                  token_ids=result.as_numpy("output_ids").reshape(-1).tolist(),
-                 notices=json.loads(notice) if notice else [], t=time.perf_counter() - t0)
+                 notices=json.loads(notice) if notice else [], t=time.perf_counter() - t0,
+                 prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None else -1)
 
 
-def _receive(url: str, model: str, result, error, t0: float) -> tuple[Chunk | None, bool]:
-    """(chunk or None, whether it was the request's last response) of one stream callback; raises its error."""
-    if error is not None:
-        raise _error(url, model, error)
-    final = result.get_response().parameters.get("triton_final_response")
-    return _chunk(result, t0), final is not None and final.bool_param
+@dataclass
+class ResponseReader:
+    """Reads the responses of one request, however they arrive (a stream callback's queue, an asyncio stream):
+    each response's chunk, an error as AF3Error, and whether the request is still running in the server.
 
+        reader = ResponseReader(url, model, running=True)  # once the request is sent
+        while not reader.final:
+            chunk = reader.read(*next_response())  # (result, error) of one response
+    """
 
-def _cancel_input(grpc_module, request_id: str):
-    t = grpc_module.InferInput("request_id", [1], "BYTES")
-    t.set_data_from_numpy(np.array([request_id.encode()], dtype=np.object_))
-    return t
+    url: str
+    model: str
+    running: bool = False  # sent, and neither its last response nor an error came back
+    final: bool = False  # its last response came back
+    t0: float = field(default_factory=time.perf_counter)  # chunk times count from here
+
+    def read(self, result, error) -> Chunk | None:
+        """The chunk of one response (None for the empty final one); raises the request's error."""
+        if error is not None:
+            self.running = False  # an error ends the request in the server
+            raise _error(self.url, self.model, error)
+        final = result.get_response().parameters.get("triton_final_response")
+        self.final = final is not None and final.bool_param
+        self.running = not self.final
+        return _chunk(result, self.t0)
 
 
 def _cancel_failed(request_id: str, model: str, error) -> None:
@@ -212,7 +233,8 @@ def send_cancel(url: str, request_id: str, model: str = CANCEL_MODEL) -> bool:
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        client.infer(model, [_cancel_input(grpcclient, request_id)], client_timeout=CANCEL_TIMEOUT_S)
+        client.infer(model, [make_input(contract.CANCEL_INPUT, [request_id.encode()])],
+                     client_timeout=CANCEL_TIMEOUT_S)
         return True
     except Exception as e:  # noqa: BLE001 - best effort: the stream is already closed
         _cancel_failed(request_id, model, e)
@@ -223,14 +245,96 @@ def send_cancel(url: str, request_id: str, model: str = CANCEL_MODEL) -> bool:
 
 async def send_cancel_async(client, request_id: str, model: str = CANCEL_MODEL) -> bool:
     """send_cancel over an open `tritonclient.grpc.aio.InferenceServerClient`."""
-    import tritonclient.grpc.aio as aioclient
-
     try:
-        await client.infer(model, [_cancel_input(aioclient, request_id)], client_timeout=CANCEL_TIMEOUT_S)
+        await client.infer(model, [make_input(contract.CANCEL_INPUT, [request_id.encode()])],
+                           client_timeout=CANCEL_TIMEOUT_S)
         return True
     except Exception as e:  # noqa: BLE001 - best effort: the stream is already closed
         _cancel_failed(request_id, model, e)
         return False
+
+
+class AF3Stream:
+    """One gRPC connection with one open stream, requests sent on it one at a time: no connection set-up per
+    request (what the serving stack costs alone, e.g. perf's per-request overhead probe). AF3Client opens one per
+    request.
+
+        with AF3Stream(url) as s:
+            for chunk in s.responses(Request("What is said?", [clip])): ...
+
+    Leaving a request's responses early (break, .close()) stops the stream with cancel_requests=True, sends the
+    request id to the cancel model (send_cancel), and the next request opens a new stream. `stream_timeout`: a
+    gRPC deadline on the stream (AF3Client sets the request's deadline_s).
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0,
+                 stream_timeout: float | None = None):
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.model, self.timeout, self.stream_timeout = url, model, timeout, stream_timeout
+        self.client = grpcclient.InferenceServerClient(url)
+        self._results: queue.Queue | None = None  # (result, error) of each response; None: no stream open
+
+    def _open(self) -> queue.Queue:
+        if self._results is None:
+            results: queue.Queue = queue.Queue()
+            self.client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                     stream_timeout=self.stream_timeout)
+            self._results = results
+        return self._results
+
+    def _stop(self) -> None:
+        if self._results is not None:
+            self._results = None
+            self.client.stop_stream(cancel_requests=True)
+
+    def responses(self, req: Request) -> Iterator[Chunk]:
+        """Yield the chunks of one request as they arrive. Raises AF3ConnectionError when the server cannot be
+        reached, does not answer within `timeout` or the model is not ready, AF3Error for a request the server
+        refused (the server's message)."""
+        from tritonclient.utils import InferenceServerException
+
+        request_id = req.request_id or uuid.uuid4().hex
+        inputs = req.inputs()
+        reader = ResponseReader(self.url, self.model)
+        results = self._open()
+        try:
+            try:
+                self.client.async_stream_infer(self.model, inputs, request_id=request_id,
+                                               enable_empty_final_response=True,
+                                               timeout=None if req.deadline_s is None else int(req.deadline_s * 1e6))
+            except InferenceServerException as e:  # the stream broke at once: its callback holds the cause
+                try:
+                    _, error = results.get(timeout=5)
+                except queue.Empty:
+                    error = e
+                self._stop()
+                raise _error(self.url, self.model, error) from None
+            reader.running = True
+            while not reader.final:
+                try:
+                    result, error = results.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
+                if result is not None and result.get_response().id != request_id:
+                    continue  # a late response of an earlier request on this stream
+                chunk = reader.read(result, error)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            if reader.running:  # closed early: the af3 ensemble does not pass the stream's cancellation on
+                self._stop()
+                send_cancel(self.url, request_id)
+
+    def close(self) -> None:
+        self._stop()
+        self.client.close()
+
+    def __enter__(self) -> "AF3Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class AF3Client:
@@ -244,51 +348,13 @@ class AF3Client:
         return self.responses(Request(prompt, audio, **kw))
 
     def responses(self, req: Request) -> Iterator[Chunk]:
-        """Yield the chunks of one request as they arrive. Closing the iterator early (break, .close(), garbage
-        collection) closes the gRPC stream with cancel_requests=True and sends the request id to the server's
-        cancel model (send_cancel): the decoder stops generating for it. Raises
+        """Yield the chunks of one request as they arrive, on a connection of its own (AF3Stream). Closing the
+        iterator early (break, .close(), garbage collection) closes the gRPC stream with cancel_requests=True and
+        sends the request id to the server's cancel model (send_cancel): the decoder stops generating for it. Raises
         AF3ConnectionError when the server cannot be reached or the model is not ready, AF3Error for a request the
         server refused (the server's message)."""
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-
-        inputs = req.inputs()
-        request_id = req.request_id or uuid.uuid4().hex
-        results: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.url)
-        t0 = time.perf_counter()
-        client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=req.deadline_s)
-        running = False  # sent, and neither its last response nor an error came back
-        try:
-            try:
-                client.async_stream_infer(self.model, inputs, request_id=request_id,
-                                          enable_empty_final_response=True,
-                                          timeout=None if req.deadline_s is None else int(req.deadline_s * 1e6))
-            except InferenceServerException as e:  # the stream broke at once: its callback holds the cause
-                try:
-                    _, error = results.get(timeout=5)
-                except queue.Empty:
-                    error = e
-                raise _error(self.url, self.model, error) from None
-            running = True
-            while True:
-                try:
-                    result, error = results.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
-                running = error is None
-                chunk, final = _receive(self.url, self.model, result, error, t0)
-                if final:
-                    running = False
-                if chunk is not None:
-                    yield chunk
-                if final:
-                    return
-        finally:
-            client.stop_stream(cancel_requests=True)
-            client.close()
-            if running:  # closed early: the af3 ensemble does not pass the stream's cancellation to the decoder
-                send_cancel(self.url, request_id)
+        with AF3Stream(self.url, self.model, self.timeout, stream_timeout=req.deadline_s) as conn:
+            yield from conn.responses(req)
 
     def ask(self, prompt: str | None = None, audio: Sequence[bytes] = (), **kw) -> Answer:
         """The whole answer, with its first-chunk time and latency (keywords as for stream)."""
@@ -328,11 +394,10 @@ class AsyncAF3Client:
             yield request
 
         client = aioclient.InferenceServerClient(self.url)
-        t0 = time.perf_counter()
+        reader = ResponseReader(self.url, self.model, running=True)  # sent as the stream starts
         stream = client.stream_infer(one_request())
-        running = True  # until its last response or an error came back
         try:
-            while True:
+            while not reader.final:
                 try:
                     result, error = await asyncio.wait_for(stream.__anext__(), self.timeout)
                 except asyncio.TimeoutError:
@@ -342,18 +407,13 @@ class AsyncAF3Client:
                 except StopAsyncIteration:
                     raise AF3ConnectionError(self.url, "unavailable", "the stream ended before the last response") \
                         from None
-                running = error is None
-                chunk, final = _receive(self.url, self.model, result, error, t0)
-                if final:
-                    running = False
+                chunk = reader.read(result, error)
                 if chunk is not None:
                     yield chunk
-                if final:
-                    return
         finally:
             stream.cancel()
             try:
-                if running:  # left early: the af3 ensemble does not pass the call's cancellation to the decoder
+                if reader.running:  # left early: the af3 ensemble does not pass the call's cancellation on
                     await send_cancel_async(client, request_id)
             finally:
                 await client.close()

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# How long a request's entry here, or postprocess's held-back text of a stream, may stay before it counts as left
+# over by a request that ended elsewhere (failed upstream, stream abandoned): the one TTL of per-request state.
 STALE_SECONDS = 900.0
 
 

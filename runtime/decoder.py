@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -37,14 +36,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from af3trt.runtime import sampling
+from af3trt.runtime.sampling import DEFAULT_SEED, SamplingError, SamplingParams
 from af3trt.runtime.stop_words import ends_with_stop_word
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[list, bool], None]  # emit(new_token_ids, final)
 OnError = Callable[[BaseException], None]
-
-DEFAULT_SEED = 0  # TensorRT-LLM's DefaultDecodingParams::getSeed()
 
 
 class DecodeError(ValueError):
@@ -84,7 +83,12 @@ class GenerationRequest:
 
     @property
     def greedy(self) -> bool:
-        return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0) or self.temperature == 0.0
+        return sampling.is_greedy(self.top_k, self.top_p, self.temperature)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
+                              repetition_penalty=self.repetition_penalty,
+                              seed=DEFAULT_SEED if self.seed is None else int(self.seed))
 
 
 @dataclass(eq=False)
@@ -97,6 +101,7 @@ class _Seq:
     on_error: OnError | None
     cancelled: Callable[[], bool] | None = None  # the client gave up (Triton's is_cancelled, or its deadline)
     queued_at: float = 0.0  # time.monotonic() at submit
+    params: SamplingParams = SamplingParams()  # the request's sampling, set at prefill
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # bool [V]: ids seen so far, for the repetition penalty
     generated: list = field(default_factory=list)
@@ -200,14 +205,11 @@ class DecoderEngine:
         for word in r.stop_words:
             if not word or not all(0 <= t < self.vocab_size for t in word):
                 raise DecodeError(f"stop word {list(word)} must be non-empty with ids in 0..{self.vocab_size - 1}")
-        if not (r.temperature >= 0.0) or math.isinf(r.temperature):  # also rejects NaN
-            raise DecodeError(f"temperature must be a finite number >= 0, got {r.temperature}")
-        if not 0.0 <= r.top_p <= 1.0:  # also rejects NaN
-            raise DecodeError(f"top_p must be in [0, 1], got {r.top_p}")
-        if r.top_k < 0:
-            raise DecodeError(f"top_k must be >= 0, got {r.top_k}")
-        if not (r.repetition_penalty > 0.0) or math.isinf(r.repetition_penalty):
-            raise DecodeError(f"repetition_penalty must be a finite number > 0, got {r.repetition_penalty}")
+        try:
+            sampling.validate(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                              repetition_penalty=r.repetition_penalty)
+        except SamplingError as e:
+            raise DecodeError(str(e)) from None
         return torch.from_numpy(ids.astype(np.int64))
 
     def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None,
@@ -321,8 +323,9 @@ class DecoderEngine:
 
         t0 = time.perf_counter()
         r = seq.req
-        if not r.greedy:
-            seq.generator = torch.Generator().manual_seed(DEFAULT_SEED if r.seed is None else int(r.seed))
+        seq.params = r.sampling_params()
+        if not seq.params.greedy:
+            seq.generator = sampling.generator(seq.params.seed)
         if r.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
             seq.seen[seq.ids[seq.ids < self.vocab_size]] = True
@@ -393,25 +396,8 @@ class DecoderEngine:
             self._select(keep)
 
     def _next_token(self, seq: _Seq, logits: torch.Tensor) -> int:
-        """Sample one token from logits [V] with the request's sampling parameters."""
-        r = seq.req
-        logits = logits.float()
-        if seq.seen is not None:
-            seen = logits[seq.seen]
-            logits[seq.seen] = torch.where(seen > 0, seen / r.repetition_penalty, seen * r.repetition_penalty)
-        if r.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / r.temperature
-        if r.top_k > 0 and r.top_k < logits.shape[0]:
-            kth = torch.topk(logits, r.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        if 0.0 < r.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            drop = torch.cumsum(probs, dim=-1) - probs >= r.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.index_fill(0, order[drop], -math.inf)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+        """One token from logits [V] with the request's sampling (runtime/sampling.py)."""
+        return sampling.next_token(logits, seq.params, seen=seq.seen, rng=seq.generator)
 
     def _advance(self, seq: _Seq, token: int) -> bool:
         """Record a sampled token and emit it; True when the request is finished."""

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from af3trt.registry import TENSORRT_LINE, TRTLLM_LINE, GpuInfo, PrecisionError, check_encoder_precision, check_precision
 from af3trt.runtime import gpus as gpu_detection
+from af3trt.runtime.model_config import repository_configs
+from af3trt.runtime.triton_install import ServerError, find_tritonserver, prepare_backends
 
 PLATFORM_BACKENDS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch",
                      "tensorflow_savedmodel": "tensorflow", "tensorflow_graphdef": "tensorflow"}
@@ -76,9 +78,8 @@ def installed_versions() -> dict[str, str | None]:
 
 
 def default_backend_dir() -> Path:
-    """The backend directory `af3trt serve` would give tritonserver (runtime/server.py), else the container's."""
-    from af3trt.runtime.server import ServerError, find_tritonserver, prepare_backends
-
+    """The backend directory `af3trt serve` would give tritonserver (runtime/triton_install.py), else the
+    container's."""
     try:
         return prepare_backends(find_tritonserver())
     except ServerError:
@@ -98,14 +99,11 @@ def stub_python(stub: Path) -> str | None:
 
 def repository_models(repo: Path) -> dict[str, dict]:
     """model name -> {"backend": name or None (ensemble), "config": ModelConfig} for every config.pbtxt."""
-    from af3trt.triton_repo.configs import parse
-
     models = {}
-    for cfg_path in sorted(Path(repo).glob("*/config.pbtxt")):
-        cfg = parse(cfg_path.read_text(encoding="utf-8"))
+    for dirname, cfg in repository_configs(repo).items():
         backend = cfg.backend or PLATFORM_BACKENDS.get(cfg.platform) or (None if cfg.platform == "ensemble"
                                                                           else cfg.platform or None)
-        models[cfg.name or cfg_path.parent.name] = {"backend": backend, "config": cfg}
+        models[cfg.name or dirname] = {"backend": backend, "config": cfg}
     return models
 
 

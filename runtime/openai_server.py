@@ -52,11 +52,11 @@ from tritonclient.utils import InferenceServerException
 
 from af3trt.runtime import lengths
 from af3trt.runtime.client import Request as Job
-from af3trt.runtime.client import AF3ConnectionError, AF3Error, _receive, send_cancel_async
+from af3trt.runtime.client import AF3ConnectionError, AF3Error, ResponseReader, send_cancel_async
+from af3trt.runtime.contract import ENSEMBLE
 
 log = logging.getLogger("af3trt.openai")
 
-ENSEMBLE = "af3"
 # AF3's transcription request, as AudioFlamingo3Processor.apply_transcription_request builds it
 # (transformers models/audioflamingo3/processing_audioflamingo3.py, default_transcription_prompt); its answer
 # "The spoken content of the audio is "…"." is unwrapped by the ensemble's strip_prefix.
@@ -169,21 +169,20 @@ class Triton:
         call = self.client.stream_infer(requests())
         finished = False
         errored = False  # Triton answered an error: the request is over there
-        t0 = time.perf_counter()
+        reader = ResponseReader(self.url, self.model, running=True)
         try:
             async for result, error in call:
                 errored = error is not None
                 try:
-                    chunk, final = _receive(self.url, self.model, result, error, t0)
+                    chunk = reader.read(result, error)
                 except AF3ConnectionError as e:
                     raise APIError(503, str(e), code="triton_unavailable") from None
                 except AF3Error as e:
                     raise APIError(400 if CLIENT_ERRORS.search(str(e)) else 500, str(e)) from None
                 if chunk is not None:
-                    prompt = result.as_numpy("prompt_tokens")
                     yield Piece(text=chunk.text, ids=chunk.token_ids, notices=chunk.notices,
-                                prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None else -1)
-                if final:
+                                prompt_tokens=chunk.prompt_tokens)
+                if reader.final:
                     finished = True
                     return
             raise APIError(500, "Triton closed the stream before the final response")

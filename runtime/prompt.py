@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from af3trt.runtime import lengths
+from af3trt.runtime import lengths, sampling
 from af3trt.runtime.conversation import AUDIO_TOKEN, Conversation, PromptError, shorthand
 
 __all__ = ["AUDIO_TOKEN", "FusionLimits", "PromptBuilder", "PromptError", "Sampling", "check_sampling",
@@ -186,24 +186,13 @@ class Sampling:
 
 def check_sampling(limits: FusionLimits, max_tokens=None, temperature=None, top_k=None, top_p=None,
                    repetition_penalty=None, seed=None, stream=None) -> Sampling:
-    """Validate a request's generation parameters and map them to the decoder's (TensorRT-LLM's) semantics:
-    greedy unless asked otherwise; temperature 0 means greedy (runtime_top_k = 1)."""
+    """Validate a request's generation parameters and map them to the decoder's (TensorRT-LLM's) semantics
+    (runtime/sampling.py): greedy unless asked otherwise; temperature 0 means greedy (runtime_top_k = 1)."""
     mt = limits.default_max_tokens if max_tokens is None else int(max_tokens)
     if not 1 <= mt <= limits.max_output_len:
         raise PromptError(f"max_tokens must be in [1, {limits.max_output_len}], got {mt}")
-    temp = 1.0 if temperature is None else float(temperature)
-    if not np.isfinite(temp) or temp < 0:
-        raise PromptError(f"temperature must be a finite number >= 0, got {temperature}")
-    k = 0 if top_k is None else int(top_k)
-    if k < 0:
-        raise PromptError(f"top_k must be >= 0, got {k}")
-    p = 0.0 if top_p is None else float(top_p)
-    if not (np.isfinite(p) and 0.0 <= p <= 1.0):
-        raise PromptError(f"top_p must be in [0, 1], got {top_p}")
-    rp = 1.0 if repetition_penalty is None else float(repetition_penalty)
-    if not np.isfinite(rp) or rp <= 0:
-        raise PromptError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if temperature is not None and temp == 0.0:
-        k, temp = 1, 1.0
-    s = 0 if seed is None else int(seed)
-    return Sampling(mt, k, p, temp, rp, s, bool(stream))
+    try:
+        p = sampling.from_request(temperature, top_k, top_p, repetition_penalty, seed)
+    except sampling.SamplingError as e:
+        raise PromptError(str(e)) from None
+    return Sampling(mt, p.top_k, p.top_p, p.temperature, p.repetition_penalty, p.seed, bool(stream))

@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3trt.runtime.contract import ENSEMBLE
 from af3trt.runtime.server import ServerError, TritonServer, free_port
 from af3trt.runtime.tp_launch import shm_prefix_arg
 
@@ -210,7 +211,7 @@ class ReplicaSet:
                 raise ServerError(f"replica {i} is {status!r} in haproxy after {timeout:.0f} s, wanted {state}")
             time.sleep(0.2)
 
-    def replica_requests(self, i: int, model: str = "af3") -> int:
+    def replica_requests(self, i: int, model: str = ENSEMBLE) -> int:
         """Successful requests of `model` that replica i served, from its own Triton metrics."""
         with urllib.request.urlopen(f"http://{HOST}:{self.ports[i].metrics}/metrics", timeout=5) as r:
             for line in r.read().decode().splitlines():

@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from af3trt.triton_repo import configs
+from af3trt.runtime.model_config import repository_configs
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,7 @@ class RepositoryAPI:
 
 def ensembles(repo: Path) -> list[str]:
     """The ensemble models of a repository (read from their config.pbtxt)."""
-    names = []
-    for cfg in sorted(Path(repo).glob("*/config.pbtxt")):
-        if configs.parse(cfg.read_text()).platform == "ensemble":
-            names.append(cfg.parent.name)
-    return names
+    return [name for name, cfg in repository_configs(repo).items() if cfg.platform == "ensemble"]
 
 
 def _alive(pid: int) -> bool:
@@ -136,12 +132,8 @@ def stub_pids(parent: int) -> dict[str, set[int]]:
 
 def decoupled_python_models(repo: Path) -> set[str]:
     """Python-backend models with a decoupled transaction policy (the CPU decoder)."""
-    names = set()
-    for cfg in Path(repo).glob("*/config.pbtxt"):
-        c = configs.parse(cfg.read_text())
-        if c.backend == "python" and c.model_transaction_policy.decoupled:
-            names.add(cfg.parent.name)
-    return names
+    return {name for name, cfg in repository_configs(repo).items()
+            if cfg.backend == "python" and cfg.model_transaction_policy.decoupled}
 
 
 class Watchdog(threading.Thread):

@@ -19,7 +19,7 @@ This module only builds the command line (pure, unit-tested); runtime/server.py 
 
 from __future__ import annotations
 
-DECODER_MODEL = "decoder"  # the tensorrtllm model of our ensemble (triton_repo/configs.py STAGES)
+from af3trt.runtime.contract import DECODER  # the tensorrtllm model of our ensemble
 MPIRUN = "mpirun"
 
 
@@ -28,7 +28,7 @@ def shm_prefix_arg(prefix: str) -> str:
     return f"--backend-config=python,shm-region-prefix-name={prefix}"
 
 
-def leader_mode_command(rank_args: list[str], world_size: int, *, decoder_model: str = DECODER_MODEL,
+def leader_mode_command(rank_args: list[str], world_size: int, *, decoder_model: str = DECODER,
                         mpirun: str = MPIRUN, shm_prefix: str = "af3trt_rank") -> list[str]:
     """`rank_args` (tritonserver binary + its flags, as for one process) → the command for `world_size` ranks.
 

@@ -2,7 +2,8 @@
 
 One function per model; each takes the typed `RepoSpec` that build_engines.py derives from the checkpoint and
 the serving limits. Nothing here is text substitution: `render()` prints the protobuf, and `parse()` reads a
-config.pbtxt back for the contract checks in the tests.
+config.pbtxt back (both in runtime/model_config.py, which the serving side uses too). The ensemble's interface with
+its clients (request inputs, response outputs, the cancel model's) is runtime/contract.py: built from, not copied.
 
 Tensor flow (names are the contract; the decoder's are TensorRT-LLM's `tensorrtllm` backend names):
 
@@ -23,14 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from af3trt.runtime import lengths
-
-ENSEMBLE = "af3"
-STAGES = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
-CANCEL = "cancel"  # not a step: the side channel that cancels a running af3 request (triton_repo/cancel)
+from af3trt.runtime import contract, lengths
+from af3trt.runtime.contract import CANCEL, ENSEMBLE, STAGES  # noqa: F401 - the model names, also read from here
+from af3trt.runtime.model_config import parse, render  # noqa: F401 - config.pbtxt text, read from here by the build
 
 T = mc.DataType
 DTYPES = {"float32": T.TYPE_FP32, "float16": T.TYPE_FP16, "bfloat16": T.TYPE_BF16}
@@ -114,6 +112,24 @@ def _out(name: str, dtype: int, dims: list[int]):
     return mc.ModelOutput(name=name, data_type=dtype, dims=dims)
 
 
+def triton_type(datatype: str) -> int:
+    """A contract datatype (Triton's wire name) as config.pbtxt's DataType: BYTES is TYPE_STRING."""
+    return T.TYPE_STRING if datatype == "BYTES" else T.Value(f"TYPE_{datatype}")
+
+
+def _contract_input(spec: contract.TensorSpec) -> mc.ModelInput:
+    return _io(spec.name, triton_type(spec.datatype), list(spec.dims), optional=spec.optional)
+
+
+def _contract_output(spec: contract.TensorSpec) -> mc.ModelOutput:
+    return _out(spec.name, triton_type(spec.datatype), list(spec.dims))
+
+
+def _request_inputs(*names: str) -> list[mc.ModelInput]:
+    """Request inputs a step reads as the client sent them (same type, dims, optional)."""
+    return [_contract_input(contract.request_input(n)) for n in names]
+
+
 def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
     for k, v in sorted(params.items()):
         cfg.parameters[k].string_value = str(v)
@@ -137,36 +153,9 @@ def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
     return cfg
 
 
-# The ensemble's request inputs: (name, dtype, dims, optional).
-REQUEST_INPUTS = [
-    ("text_input", T.TYPE_STRING, [1], True),  # text_input (+ system_prompt) or messages: one is required
-    ("messages", T.TYPE_STRING, [1], True),  # a conversation, UTF-8 JSON (runtime/conversation.py)
-    ("system_prompt", T.TYPE_STRING, [1], True),
-    ("audio", T.TYPE_STRING, [-1], True),
-    ("max_tokens", T.TYPE_INT32, [1], True),
-    ("temperature", T.TYPE_FP32, [1], True),
-    ("top_k", T.TYPE_INT32, [1], True),
-    ("top_p", T.TYPE_FP32, [1], True),
-    ("repetition_penalty", T.TYPE_FP32, [1], True),
-    ("seed", T.TYPE_UINT64, [1], True),
-    ("stream", T.TYPE_BOOL, [1], True),
-    ("strip_prefix", T.TYPE_BOOL, [1], True),
-]
-# What each response carries: this chunk's text (complete UTF-8 characters) and token ids, on a request's
-# first response a JSON list of notices (e.g. audio truncated to 10 min), else "", and the prompt's length in
-# tokens as fusion built it (text + audio rows; -1 when unknown, e.g. a request without an id).
-RESPONSE_OUTPUTS = [("text_output", T.TYPE_STRING, [1]), ("output_ids", T.TYPE_INT32, [-1]),
-                    ("notice", T.TYPE_STRING, [1]), ("prompt_tokens", T.TYPE_INT32, [1])]
-SAMPLING_INPUTS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stream"]
-
-
 def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python("preprocess", 0, spec.preprocess_instances)
-    cfg.input.extend([
-        _io("audio", T.TYPE_STRING, [-1], optional=True),
-        _io("strip_prefix", T.TYPE_BOOL, [1], optional=True),
-        _io("stream", T.TYPE_BOOL, [1], optional=True),
-    ])
+    cfg.input.extend(_request_inputs("audio", "strip_prefix", "stream"))
     cfg.output.extend([
         _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, -1]),  # [W, 128, T]
         _out("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
@@ -216,15 +205,13 @@ FUSION_OUTPUTS = [  # (name, dtype); all [1, 1] except the two ragged ones
 
 def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python("fusion", 0, spec.fusion_instances)
+    cfg.input.extend(_request_inputs("text_input", "system_prompt", "messages"))
     cfg.input.extend([
-        _io("text_input", T.TYPE_STRING, [1], optional=True),
-        _io("system_prompt", T.TYPE_STRING, [1], optional=True),
-        _io("messages", T.TYPE_STRING, [1], optional=True),
         _io("audio_embeds", T.TYPE_FP32, [-1, -1, spec.hidden_size]),  # [W, T/4, H]
         _io("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
         _io("audio_windows", T.TYPE_INT32, [-1]),
     ])
-    cfg.input.extend(_io(n, d, dims, optional=True) for n, d, dims, _ in REQUEST_INPUTS if n in SAMPLING_INPUTS)
+    cfg.input.extend(_request_inputs(*contract.SAMPLING_INPUTS))
     cfg.output.append(_out("input_ids", T.TYPE_INT32, [1, -1]))
     cfg.output.extend(_out(n, d, [1, 1]) for n, d in FUSION_OUTPUTS)
     cfg.output.append(_out("prompt_embedding_table", DTYPES[spec.decoder_dtype], [1, -1, spec.hidden_size]))
@@ -302,7 +289,7 @@ def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     # One instance: it keeps the incomplete UTF-8 tail of each streamed request between responses.
     cfg = _python("postprocess", 0, 1)
     cfg.input.extend([_io("output_ids", T.TYPE_INT32, [-1, -1, -1]), _io("sequence_length", T.TYPE_INT32, [-1, -1])])
-    cfg.output.extend(_out(n, d, dims) for n, d, dims in RESPONSE_OUTPUTS)
+    cfg.output.extend(_contract_output(o) for o in contract.RESPONSE_OUTPUTS)
     _params(cfg, {**({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
                   **spec.postprocess_params})
     return cfg
@@ -310,8 +297,8 @@ def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
 
 def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
-    cfg.input.extend(_io(n, d, dims, optional=opt) for n, d, dims, opt in REQUEST_INPUTS)
-    cfg.output.extend(_out(n, d, dims) for n, d, dims in RESPONSE_OUTPUTS)
+    cfg.input.extend(_contract_input(i) for i in contract.REQUEST_INPUTS)
+    cfg.output.extend(_contract_output(o) for o in contract.RESPONSE_OUTPUTS)
 
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
         s = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
@@ -327,7 +314,7 @@ def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     fusion_in = {"text_input": "text_input", "system_prompt": "system_prompt", "messages": "messages",
                  "audio_embeds": "_audio_embeds",
                  "input_features_mask": "_input_features_mask", "audio_windows": "_audio_windows"}
-    fusion_in.update({n: n for n in SAMPLING_INPUTS})
+    fusion_in.update({n: n for n in contract.SAMPLING_INPUTS})
     fusion_out = {n: f"_{n}" for n, _ in FUSION_OUTPUTS}
     fusion_out.update(input_ids="_input_ids", prompt_embedding_table="_prompt_embedding_table")
     if spec.prompt_table_extra_ids:
@@ -338,7 +325,7 @@ def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     step("decoder", {v[1:]: v for v in fusion_out.values()},
          {"output_ids": "_output_ids", "sequence_length": "_sequence_length"})
     step("postprocess", {"output_ids": "_output_ids", "sequence_length": "_sequence_length"},
-         {n: n for n, _, _ in RESPONSE_OUTPUTS})
+         {o.name: o.name for o in contract.RESPONSE_OUTPUTS})
     return cfg
 
 
@@ -346,8 +333,8 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     """request_id (the af3 request to stop) → cancelled (an acknowledgement). Same model on both targets; no queue
     policy, so that a cancellation is never rejected as overload."""
     cfg = _python(CANCEL, 0, 1)
-    cfg.input.append(_io("request_id", T.TYPE_STRING, [1]))
-    cfg.output.append(_out("cancelled", T.TYPE_BOOL, [1]))
+    cfg.input.append(_contract_input(contract.CANCEL_INPUT))
+    cfg.output.append(_contract_output(contract.CANCEL_OUTPUT))
     return cfg
 
 
@@ -358,10 +345,3 @@ def all_configs(spec: RepoSpec) -> dict[str, mc.ModelConfig]:
         CANCEL: cancel_config(spec),
     }
 
-
-def render(cfg: mc.ModelConfig) -> str:
-    return text_format.MessageToString(cfg)
-
-
-def parse(text: str) -> mc.ModelConfig:
-    return text_format.Parse(text, mc.ModelConfig())

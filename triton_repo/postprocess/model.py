@@ -17,11 +17,9 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import STALE_SECONDS, RequestContext
 from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
 from af3trt.runtime.stop_words import trim_stop_token
-
-STATE_TTL = 900.0
 
 
 class TritonPythonModel:
@@ -74,5 +72,5 @@ class TritonPythonModel:
 
     def _purge(self):
         now = time.monotonic()
-        for rid in [k for k, (t, _, _) in self.states.items() if now - t > STATE_TTL]:
+        for rid in [k for k, (t, _, _) in self.states.items() if now - t > STALE_SECONDS]:
             del self.states[rid]
