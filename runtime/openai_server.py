@@ -36,11 +36,10 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
 import grpc
-import numpy as np
 import soundfile as sf
 import tritonclient.grpc.aio as grpcaio
 from fastapi import FastAPI, Request
