@@ -45,6 +45,36 @@ def tiny_repo(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tiny_ckpt) -> dict:
+    """The build's facts about the tiny checkpoint (test_repo_configs, test_gpu_encoder)."""
+    from af3trt.build.build_engines import inspect_checkpoint
+
+    return inspect_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def limits(tiny_ckpt, tmp_path_factory) -> dict:
+    """Serving limits of a 4-request, 512-text-token build of the tiny checkpoint (test_repo_configs, test_gpu_encoder)."""
+    from af3trt.build.build_engines import BuildOptions, serving_limits
+
+    return serving_limits(BuildOptions(hf_model=tiny_ckpt, out=tmp_path_factory.mktemp("o"), max_batch_size=4,
+                                       max_text_len=512, max_output_len=64, default_max_tokens=16))
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_ckpt, tmp_path_factory) -> Path:
+    """`af3trt build --target gpu --prepare-only` of the tiny checkpoint, the export side's half (test_container_half,
+    test_gpu_check)."""
+    from af3trt.build.build_engines import main as build_main
+
+    out = tmp_path_factory.mktemp("prepared") / "af3-gpu"
+    build_main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "bf16",
+                "--gpu", "h100", "--prepare-only", "--no-accuracy-report", "--max-audio-seconds", "30",
+                "--max-batch-size", "2"])
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _modelopt_sees_the_real_tensorrt():
     """modelopt.onnx decides at import whether TensorRT is installed. Import it before any test puts a fake

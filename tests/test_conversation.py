@@ -16,7 +16,7 @@ from af3trt.runtime.prompt import FusionLimits, PromptBuilder
 from af3trt.triton_repo import configs
 from reference import MAX_TOKENS, mono16k, run_alongside, wav_bytes
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 
 
 def user(*parts):

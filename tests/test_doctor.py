@@ -149,9 +149,9 @@ def test_gpu_build_runs_doctor_before_any_long_step(tiny_ckpt, tmp_path, monkeyp
     from af3trt.build.build_engines import BuildError, BuildOptions, build
     from af3trt.build.gpu_build import GpuOptions
 
-    from test_trt_encoder import make_fake_trt
+    from fakes import tensorrt as fake_tensorrt
 
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(BuildError, match="trtllm-build.*prepare-only"):
         build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,

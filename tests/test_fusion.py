@@ -11,7 +11,7 @@ from af3trt.runtime import lengths
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
 from af3trt.triton_repo import configs
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 from af3trt.runtime import audio, lengths
 from af3trt.triton_repo import configs
 

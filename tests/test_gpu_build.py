@@ -16,26 +16,19 @@ from af3trt.build.build_engines import BuildError, BuildOptions, build, main
 from af3trt.build.gpu_build import GpuOptions
 from af3trt.triton_repo import configs
 
-from test_trt_encoder import make_fake_trt
+from fakes import tensorrt as fake_tensorrt
+from fakes import trtllm_build
 
-# trtllm-build stand-in: tests/fake_trtllm_build.py (reproduces the 1.2 builder's plugin_config, sources there)
-FAKE_TRTLLM_BUILD = """#!{python}
-import sys
-sys.path.insert(0, {tests!r})
-import fake_trtllm_build
-sys.exit(fake_trtllm_build.main(sys.argv[1:]))
-"""
+# trtllm-build stand-in: tests/fakes/trtllm_build.py (reproduces the 1.2 builder's plugin_config, sources there)
 
 
 @pytest.fixture
 def fake_gpu_tools(monkeypatch, tmp_path):
-    trt = make_fake_trt()
+    trt = fake_tensorrt.fresh()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    exe = bindir / "trtllm-build"
-    exe.write_text(FAKE_TRTLLM_BUILD.format(python=sys.executable, tests=str(Path(__file__).parent)))
-    exe.chmod(0o755)
+    trtllm_build.install(bindir, sys.executable)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     return trt
 
@@ -51,7 +44,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     # the encoder takes what the decoder can take per iteration: max_num_tokens 1759 (= 256 + 2 x 750 + 3) -> 3
     # windows, at least one request's 2 windows (build/memory_plan.encoder_profile_windows), not 4 x 2
     assert enc.backend == "python" and enc.max_batch_size == 3
-    assert (repo / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN-BYTES"
+    assert (repo / "encoder" / "1" / "model.plan").read_bytes() == fake_gpu_tools.built_plans[-1]
     assert dec.backend == "tensorrtllm" and dec.model_transaction_policy.decoupled
     assert dec.parameters["gpt_model_path"].string_value == str(out / "artifacts" / "engine")  # where it ends up
     assert (out / "artifacts" / "engine" / "rank0.engine").exists()
@@ -123,7 +116,7 @@ def test_fp8_refused_on_a100_before_any_work(tiny_ckpt, tmp_path):
 
 
 def test_missing_trtllm_build_is_a_clear_error(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(Exception, match="trtllm-build"):
         build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,
@@ -168,7 +161,7 @@ def reuse_encoder_export(exported_encoder, monkeypatch):
 
 def _paged_context_fmha(precision: str, kv: str) -> bool:
     """What TensorRT-LLM 1.2's builder.py leaves of --use_paged_context_fmha enable on an SM 9.0 GPU (see
-    tests/fake_trtllm_build.py): off with an INT8 KV cache, and with an FP8 KV cache under non-FP8 weights."""
+    tests/fakes/trtllm_build.py): off with an INT8 KV cache, and with an FP8 KV cache under non-FP8 weights."""
     return kv != "int8" and not (kv == "fp8" and precision != "fp8")
 
 
@@ -236,15 +229,12 @@ def test_backend_options_follow_the_engine(tmp_path):
     after both engines were built; the options derived from its config.json render."""
     from af3trt.build.gpu_repo import GpuRepoError, backend_options, gpu_repo_spec, read_decoder_engine
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import fake_trtllm_build
-
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({
         "dtype": "bfloat16", "vocab_size": 1000, "hidden_size": 64, "mapping": {"world_size": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": "INT8"}}))
-    fake_trtllm_build.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "engine"),
+    trtllm_build.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "engine"),
                             "--max_batch_size", "2", "--max_input_len", "800", "--max_seq_len", "900",
                             "--max_num_tokens", "801", "--max_beam_width", "1",
                             "--max_prompt_embedding_table_size", "1500", "--use_paged_context_fmha", "enable"])

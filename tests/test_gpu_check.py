@@ -20,10 +20,8 @@ from af3trt.build.gpu_check import Agreement, GpuCheckError, Verdict, preflight,
 from af3trt.export import synth
 from af3trt.runtime import assets
 
-from test_container_half import prepared  # noqa: F401 (fixture: --prepare-only output of the tiny checkpoint)
 
-
-def test_goldens_are_written_at_prepare_time_and_read_back(prepared):  # noqa: F811
+def test_goldens_are_written_at_prepare_time_and_read_back(prepared):
     m = json.loads((prepared / "manifest.json").read_text())
     assert m["goldens"]["path"] == "artifacts/goldens.json" and m["goldens"]["cases"] == 2
     g = read_goldens(prepared / "artifacts")

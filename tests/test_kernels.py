@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-import fake_pb  # noqa: E402
-from test_audio import test_signal as signal  # noqa: E402  (falling loudness, a silent second)
+from fakes import pb_utils as fake_pb  # noqa: E402
+from helpers import fading_noise as signal  # noqa: E402  (falling loudness, a silent second)
 from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
 from af3trt.runtime import audio, lengths  # noqa: E402
