@@ -55,7 +55,8 @@ def checkpoint(tiny_ckpt) -> dict:
 
 @pytest.fixture(scope="session")
 def limits(tiny_ckpt, tmp_path_factory) -> dict:
-    """Serving limits of a 4-request, 512-text-token build of the tiny checkpoint (test_repo_configs, test_gpu_encoder)."""
+    """Serving limits of a 4-request, 512-text-token build of the tiny checkpoint (test_repo_configs,
+    test_gpu_encoder)."""
     from af3trt.build.build_engines import BuildOptions, serving_limits
 
     return serving_limits(BuildOptions(hf_model=tiny_ckpt, out=tmp_path_factory.mktemp("o"), max_batch_size=4,
@@ -112,7 +113,39 @@ def client(server):
 
 @pytest.fixture(scope="session")
 def ref(tiny_ckpt):
-    """transformers' AF3 on the tiny checkpoint (tests/reference.py)."""
+    """transformers' AF3 on the tiny checkpoint (tests/reference.py), loaded once per session, offline
+    (HF_HUB_OFFLINE=1: a synthetic checkpoint needs nothing from the hub). Every test that wants transformers' model
+    or processor for the tiny checkpoint takes `ref.model` / `ref.processor` from here; none may modify them (a
+    test that needs another dtype deep-copies first)."""
     from reference import Reference
 
-    return Reference(tiny_ckpt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return Reference(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def bf16_ckpt(tmp_path_factory) -> Path:
+    """A bfloat16 tiny checkpoint (like the real AF3's dtype), seed 1."""
+    from af3trt.export.synth import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt-bf16") / "af3-tiny-bf16", "tiny", seed=1, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def bf16_repo(bf16_ckpt, tmp_path_factory) -> Path:
+    """The bf16 checkpoint built once for the CPU target (OUT with OUT/model_repository; 90-s audio, so a 70-s clip
+    fits). Tests that change its configs work on a copy."""
+    from af3trt.build.build_engines import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("build-bf16") / "out"
+    build(BuildOptions(hf_model=bf16_ckpt, out=out, max_audio_seconds=90, max_text_len=512, max_output_len=32))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bf16_ref(bf16_ckpt):
+    """transformers' AF3 on the bf16 checkpoint (tests/reference.py), loaded once per session."""
+    from reference import Reference
+
+    return Reference(bf16_ckpt)

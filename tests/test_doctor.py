@@ -114,12 +114,8 @@ def test_version_checks(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cpu_repo(tiny_ckpt, tmp_path_factory):
-    from af3trt.build.build_engines import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("doctor") / "cpu"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_audio_seconds=30, max_text_len=64, max_output_len=16))
-    return out / "model_repository"
+def cpu_repo(tiny_repo):
+    return tiny_repo / "model_repository"  # the session's CPU build (conftest)
 
 
 def test_cpu_repository_passes_here_without_gpu(cpu_repo, capsys):

@@ -64,6 +64,9 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     assert m["target"] == "gpu" and m["precisions"]["decoder"] == "fp8" and m["precisions"]["kv_cache"] == "fp8"
     acc = m["validation"]["decoder_accuracy"]
     assert 0 <= acc["token_agreement"] <= 1 and acc["mean_kl"] >= 0
+    # fake-quantized FP8 moves the logits beyond the bf16 cast alone (measured on this checkpoint: cast 0.0014, fp8
+    # 0.13 mean KL, 96 positions, 54 % greedy agreement), and the greedy tokens still mostly agree
+    assert acc["mean_kl"] > 0.01 and acc["token_agreement"] >= 0.4
     assert m["validation"]["encoder_engine_onnx"]["validation"]["cosine"] > 0.999
     assert m["encoder_engine"]["engine_plan"]["max_windows"] == 3
     plan = m["gpu"]["memory_plan"]

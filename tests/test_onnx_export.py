@@ -59,15 +59,13 @@ def test_onnx_io_contract(exported):
     assert enc.checkpoint_dtype == "float32" and enc.quantization is None
 
 
-def test_matches_transformers_get_audio_features(exported, tiny_ckpt):
-    from transformers import AudioFlamingo3ForConditionalGeneration
-
+def test_matches_transformers_get_audio_features(exported, ref):
     frames = [700, 3000, 3]  # partial, full, a 3-frame tail (1 row)
     features, mask = make_inputs(128, 3000, frames, seed=7)
     got = OnnxEncoder(exported[0]).run(features, mask)  # [3, 750, 64]
     got = np.concatenate([got[w, :embeds_valid_per_window(n)] for w, n in enumerate(frames)])
 
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+    model = ref.model  # transformers' AF3, loaded once per session (conftest)
     with torch.no_grad():
         want = model.get_audio_features(torch.from_numpy(features), torch.from_numpy(mask)).pooler_output.numpy()
     assert got.shape == want.shape == (175 + 750 + 1, 64)
