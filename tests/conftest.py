@@ -76,6 +76,38 @@ def prepared(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+def pytest_ignore_collect(collection_path, config):
+    """`scripts/test.sh --fast` (AF3TRT_TESTS_FAST=1): a test module whose module-level `pytestmark` makes every test
+    integration, slow or gpu is not even imported (its imports cost seconds; -m would deselect all of it anyway)."""
+    import ast
+    import os
+
+    if (os.environ.get("AF3TRT_TESTS_FAST") != "1" or collection_path.suffix != ".py"
+            or not collection_path.name.startswith("test_")):
+        return None
+    for node in ast.parse(collection_path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            marks = {n.attr for n in ast.walk(node.value) if isinstance(n, ast.Attribute)}
+            if marks & {"integration", "slow", "gpu"}:
+                return True
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_server(monkeypatch):
+    """`scripts/test.sh --fast` (AF3TRT_TESTS_FAST=1) promises no tritonserver: a test that starts one there fails,
+    naming the marker it lacks."""
+    import os
+
+    if os.environ.get("AF3TRT_TESTS_FAST") == "1":
+        from af3trt.runtime.server import TritonServer
+
+        def refuse(self, *a, **k):
+            pytest.fail("this test starts tritonserver: mark it `integration` (the fast tier runs none)")
+
+        monkeypatch.setattr(TritonServer, "start", refuse)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _modelopt_sees_the_real_tensorrt():
     """modelopt.onnx decides at import whether TensorRT is installed. Import it before any test puts a fake

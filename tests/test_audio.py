@@ -107,9 +107,11 @@ LENGTHS = {
     "70 s": 70 * SR,
     "11 min": 660 * SR,
 }
+SLOW_LENGTHS = {"11 min"}  # left to the full run (scripts/test.sh --fast)
 
 
-@pytest.mark.parametrize("n", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("n", [pytest.param(n, marks=pytest.mark.slow if k in SLOW_LENGTHS else ())
+                               for k, n in LENGTHS.items()], ids=LENGTHS.keys())
 def test_matches_processor(processor, n):
     wave = fading_noise(n)
     ref_features, ref_mask, (ref_tokens,) = run_processor(processor, [wave])

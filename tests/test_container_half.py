@@ -23,6 +23,7 @@ from container_env import EXPORT_ONLY, make_container_env
 from fakes import trtllm_build
 
 TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # builds a venv and runs the container half in it
 
 
 @pytest.fixture(scope="module")

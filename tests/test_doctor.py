@@ -118,6 +118,7 @@ def cpu_repo(tiny_repo):
     return tiny_repo / "model_repository"  # the session's CPU build (conftest)
 
 
+@pytest.mark.slow
 def test_cpu_repository_passes_here_without_gpu(cpu_repo, capsys):
     """Real checks on this machine (no GPU): the launcher's backend directory, its stub for this Python."""
     checks = diagnose(cpu_repo)

@@ -27,6 +27,7 @@ from af3trt.triton_repo import configs
 
 SCALE = int(os.environ.get("AF3TRT_FUZZ_EXAMPLES", "1"))
 CLIENT_ERRORS = ("AudioError", "RequestError", "PromptError")
+pytestmark = pytest.mark.slow  # hypothesis over the decoder and the ensemble's inputs
 
 
 def fuzz(n: int):

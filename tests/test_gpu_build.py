@@ -33,6 +33,7 @@ def fake_gpu_tools(monkeypatch, tmp_path):
     return trt
 
 
+@pytest.mark.slow
 def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_tools):
     out = tmp_path / "gpu"
     build(BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu", max_batch_size=4, max_audio_seconds=60,
@@ -77,6 +78,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     assert "build_serialized_network" in names and "set_flag" not in names
 
 
+@pytest.mark.slow
 def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
     out = tmp_path / "prep"
     main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "int8_wo",
@@ -93,6 +95,7 @@ def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
     assert m["trtllm_checkpoint"]["quant_algo"] == "W8A16" and "decoder_accuracy" not in m["validation"]
 
 
+@pytest.mark.slow
 def test_from_prepared_builds_engines_then_the_repository(tiny_ckpt, tmp_path, fake_gpu_tools):
     """The container flow: prepare with the export environment, build engines where TensorRT lives."""
     out = tmp_path / "prep"
@@ -180,6 +183,7 @@ def short_calibration(monkeypatch):
                         functools.partial(quantize.write_trtllm_checkpoint, calib_size=4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,kv,tp", MATRIX, ids=[f"{p}-kv_{k}-tp{t}" for p, k, t in MATRIX])
 def test_gpu_build_every_combination(precision, kv, tp, tiny_ckpt, tmp_path, fake_gpu_tools, reuse_encoder_export,
                                      short_calibration):

@@ -21,6 +21,7 @@ from af3trt.export import synth
 from af3trt.runtime import assets
 
 
+@pytest.mark.slow
 def test_goldens_are_written_at_prepare_time_and_read_back(prepared):
     m = json.loads((prepared / "manifest.json").read_text())
     assert m["goldens"]["path"] == "artifacts/goldens.json" and m["goldens"]["cases"] == 2
@@ -53,6 +54,7 @@ def test_agreement_and_pass_rules():
     assert text.splitlines()[-1].startswith("FAIL bf16 OUT: ") and "CPU fake-quant prediction 90%" in text
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_a_prepared_output_without_engines(prepared, capsys):
     assert gpu_check.main([str(prepared)]) == 2
     err = capsys.readouterr().err
@@ -61,6 +63,7 @@ def test_gpu_check_refuses_a_prepared_output_without_engines(prepared, capsys):
         assert "no NVIDIA GPU is visible" in err
 
 
+@pytest.mark.slow
 def test_preflight_refusals(prepared, tmp_path):
     with pytest.raises(GpuCheckError, match="no manifest.json"):
         preflight(tmp_path)

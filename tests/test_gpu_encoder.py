@@ -125,6 +125,7 @@ def _gpu_model(encoder_onnx, tmp_path, monkeypatch, max_windows=8):
         "model_instance_device_id": "0"})
 
 
+@pytest.mark.slow
 def test_gpu_encoder_model_matches_the_cpu_encoder(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     gpu = _gpu_model(encoder_onnx, tmp_path, monkeypatch)
     spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=1, pad_id=1)
@@ -150,6 +151,7 @@ def test_gpu_encoder_model_matches_the_cpu_encoder(encoder_onnx, tmp_path, monke
     assert gpu.runner.place.events == ["after_inputs", "finish"]
 
 
+@pytest.mark.slow
 def test_gpu_encoder_takes_the_frame_axis_from_the_request(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     """The runner sets shapes from the tensors it gets: an engine whose profile leaves T dynamic runs [W,128,T]."""
     monkeypatch.setattr(trt_runner, "CudaPlace", HostPlace)
@@ -170,6 +172,7 @@ def test_gpu_encoder_takes_the_frame_axis_from_the_request(encoder_onnx, tmp_pat
     if out is not None:
         assert tuple(out.shape[:2]) == (2, 250)
 
+@pytest.mark.slow
 def test_bad_requests_and_bad_plans_are_clear_errors(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     gpu = _gpu_model(encoder_onnx, tmp_path, monkeypatch, max_windows=2)
     too_many, _ = _requests([3])  # beyond the profile's 2 windows

@@ -150,6 +150,7 @@ def masks(sizes: list[int]) -> np.ndarray:
     return audio.log_mel([np.zeros(n, np.float32) for n in sizes])[1]  # [W, 3000]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_prompt_table_equals_cpu_fusion_table(tiny_ckpt, limits, dtype):
     """Two clips (1.5 windows, one short window) and a trailing placeholder window the table must skip."""
@@ -263,6 +264,7 @@ def test_preprocess_adapter_device_path(tiny_ckpt, limits, speech_bytes):
     assert not t.has_error() and t.outputs["input_features"].as_numpy().shape == tc.outputs["input_features"].as_numpy().shape
 
 
+@pytest.mark.slow
 def test_fusion_adapter_device_path_gives_the_cpu_table(tiny_ckpt, limits, speech_bytes):
     on = spec_for("gpu", tiny_ckpt, limits, prompt_table_extra_ids=True,
                   fusion_params={"tokenizer_dir": str(tiny_ckpt), "kernels_device": DEVICE})

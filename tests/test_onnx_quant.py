@@ -72,6 +72,7 @@ def test_user_audio_is_split_by_file(speech_bytes):
         oq.calibration_set([speech_bytes])
 
 
+@pytest.mark.slow
 def test_fp16_cast_parity(fp32, calib, tmp_path):
     path, fig = oq.prepare_encoder(fp32, tmp_path, "fp16", calib=calib)
     assert io_signature(path) == io_signature(fp32)  # float32 features/mask in, float32 audio_embeds out
@@ -87,6 +88,7 @@ def test_fp16_cast_parity(fp32, calib, tmp_path):
     assert enc.metadata["af3trt.export_dtype"] == "float16" and enc.hidden_size == 64
 
 
+@pytest.mark.slow
 def test_bf16_cast_and_torch_estimate(fp32, calib, tiny_ckpt, tmp_path):
     path, fig = oq.prepare_encoder(fp32, tmp_path, "bf16", calib=calib, hf_dir=tiny_ckpt)
     assert io_signature(path) == io_signature(fp32)
@@ -118,6 +120,7 @@ def per_channel(x: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
 
 
+@pytest.mark.slow
 def test_int8_qdq_runs_in_ort(fp32, calib, tmp_path):
     path, fig = oq.prepare_encoder(fp32, tmp_path, "int8", calib=calib)
     assert io_signature(path) == io_signature(fp32)
@@ -143,6 +146,7 @@ def test_int8_qdq_runs_in_ort(fp32, calib, tmp_path):
         assert np.mean(q * scale != cols) > 0.5, name  # rounded, not stored as is
 
 
+@pytest.mark.slow
 def test_fp8_qdq_runs_at_opset_21(fp32, calib, tmp_path):
     path, fig = oq.prepare_encoder(fp32, tmp_path, "fp8", calib=calib)
     assert io_signature(path) == io_signature(fp32)
@@ -202,6 +206,7 @@ def test_clamp_float_constants():
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.node[0].attribute[0].t), [-65504.0, 1.0])
 
 
+@pytest.mark.slow
 def test_bad_requests(fp32, calib, tmp_path):
     with pytest.raises(oq.OnnxQuantError, match="precision"):
         oq.prepare_encoder(fp32, tmp_path, "int4", calib=calib)

@@ -41,6 +41,7 @@ def checkpoints(lm_dir, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,kv_cache", list(CASES), ids=[f"{p}-{k}" for p, k in CASES])
 def test_checkpoint_passes_validator(checkpoints, lm_dir, precision, kv_cache):
     summary = checkpoints(precision, kv_cache)
@@ -69,6 +70,7 @@ def test_checkpoint_passes_validator(checkpoints, lm_dir, precision, kv_cache):
     assert provenance["precision"] == precision and provenance["modelopt_version"]
 
 
+@pytest.mark.slow
 def test_tensor_dtypes_per_precision(checkpoints):
     def tensors(precision, kv="auto"):
         return read_safetensors_header(f"{checkpoints(precision, kv)['checkpoint_dir']}/rank0.safetensors")
@@ -97,6 +99,7 @@ LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.
            "mlp.proj": ("mlp.down_proj",), "attention.dense": ("self_attn.o_proj",)}
 
 
+@pytest.mark.slow
 def test_quantized_weights_are_the_hf_weights_rounded(checkpoints, lm_dir):
     """The dtype checks above would pass a quantizer that only casts: here every quantized linear weight must be the
     HF weight (in the checkpoint's bf16) really rounded, at the scale its own range gives.
@@ -140,12 +143,14 @@ def test_quantized_weights_are_the_hf_weights_rounded(checkpoints, lm_dir):
             assert torch.unique(q).numel() > 255 // 2, where
 
 
+@pytest.mark.slow
 def test_int8_wo_config_leaves_default_exclusions(checkpoints):
     written = json.loads(open(f"{checkpoints('int8_wo')['checkpoint_dir']}/config.json").read())
     # exclude_modules absent = TensorRT-LLM's defaults (lm_head, vocab_embedding stay bf16)
     assert "exclude_modules" not in written["quantization"]
 
 
+@pytest.mark.slow
 def test_bf16_checkpoint_holds_the_hf_weights(checkpoints, lm_dir):
     """TensorRT-LLM names: qkv = cat(q, k, v), fc = gate_proj (activated), gate = up_proj, proj = down_proj."""
     from safetensors.torch import load_file
@@ -171,6 +176,7 @@ def test_bf16_checkpoint_holds_the_hf_weights(checkpoints, lm_dir):
     same("lm_head.weight", hf["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_tensor_parallel_checkpoint(checkpoints):
     summary = checkpoints("bf16", "auto", 2)
     report = summary["validation"]

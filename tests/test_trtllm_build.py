@@ -325,6 +325,7 @@ def cast_only(lm_dir):
 MIN_AGREEMENT = {("int8_wo", "auto"): 0.75, ("fp8", "fp8"): 0.4}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,kv_cache", list(MIN_AGREEMENT))
 def test_accuracy_report(lm_dir, cast_only, precision, kv_cache):
     r = decoder_accuracy_report(lm_dir, precision, kv_cache, prompts=ACCURACY_PROMPTS, max_new_tokens=6,
