@@ -1,4 +1,8 @@
-"""Shared fixtures: the tiny synthetic AF3 checkpoint and the bundled clips."""
+"""Shared fixtures, one of each per session: the tiny synthetic AF3 checkpoint (and a bf16 one), the bundled clip,
+transformers' AF3 on them (`ref`, `bf16_ref`: load a model nowhere else), the CPU builds (`tiny_repo`, `bf16_repo`:
+a test that only needs a built repository takes one of these), the GPU target's prepare-only output, the tiny
+ensemble on a real tritonserver; and the fast tier's rules (`scripts/test.sh --fast`). Helpers that several test
+modules share are in tests/helpers.py, the fakes in tests/fakes/: test modules never import one another."""
 
 from __future__ import annotations
 

@@ -90,7 +90,6 @@ class TensorIOMode(enum.Enum):
 
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
-    EXPLICIT_BATCH = 0  # deprecated and ignored since TensorRT 10 (every network is explicit-batch)
     STRONGLY_TYPED = 1
 
 
