@@ -1,4 +1,8 @@
-"""Shared fixtures: the tiny synthetic AF3 checkpoint and the bundled clips."""
+"""Shared fixtures, one of each per session: the tiny synthetic AF3 checkpoint (and a bf16 one), the bundled clip,
+transformers' AF3 on them (`ref`, `bf16_ref`: load a model nowhere else), the CPU builds (`tiny_repo`, `bf16_repo`:
+a test that only needs a built repository takes one of these), the GPU target's prepare-only output, the tiny
+ensemble on a real tritonserver; and the fast tier's rules (`scripts/test.sh --fast`). Helpers that several test
+modules share are in tests/helpers.py, the fakes in tests/fakes/: test modules never import one another."""
 
 from __future__ import annotations
 
@@ -45,6 +49,69 @@ def tiny_repo(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tiny_ckpt) -> dict:
+    """The build's facts about the tiny checkpoint (test_repo_configs, test_gpu_encoder)."""
+    from af3trt.build.plan import inspect_checkpoint
+
+    return inspect_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def limits(tiny_ckpt, tmp_path_factory) -> dict:
+    """Serving limits of a 4-request, 512-text-token build of the tiny checkpoint (test_repo_configs,
+    test_gpu_encoder)."""
+    from af3trt.build.plan import BuildOptions, serving_limits
+
+    return serving_limits(BuildOptions(hf_model=tiny_ckpt, out=tmp_path_factory.mktemp("o"), max_batch_size=4,
+                                       max_text_len=512, max_output_len=64, default_max_tokens=16))
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_ckpt, tmp_path_factory) -> Path:
+    """`af3trt build --target gpu --prepare-only` of the tiny checkpoint, the export side's half (test_container_half,
+    test_gpu_check)."""
+    from af3trt.build.build_engines import main as build_main
+
+    out = tmp_path_factory.mktemp("prepared") / "af3-gpu"
+    build_main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "bf16",
+                "--gpu", "h100", "--prepare-only", "--no-accuracy-report", "--max-audio-seconds", "30",
+                "--max-batch-size", "2"])
+    return out
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`scripts/test.sh --fast` (AF3TRT_TESTS_FAST=1): a test module whose module-level `pytestmark` makes every test
+    integration, slow or gpu is not even imported (its imports cost seconds; -m would deselect all of it anyway)."""
+    import ast
+    import os
+
+    if (os.environ.get("AF3TRT_TESTS_FAST") != "1" or collection_path.suffix != ".py"
+            or not collection_path.name.startswith("test_")):
+        return None
+    for node in ast.parse(collection_path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            marks = {n.attr for n in ast.walk(node.value) if isinstance(n, ast.Attribute)}
+            if marks & {"integration", "slow", "gpu"}:
+                return True
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_server(monkeypatch):
+    """`scripts/test.sh --fast` (AF3TRT_TESTS_FAST=1) promises no tritonserver: a test that starts one there fails,
+    naming the marker it lacks."""
+    import os
+
+    if os.environ.get("AF3TRT_TESTS_FAST") == "1":
+        from af3trt.runtime.server import TritonServer
+
+        def refuse(self, *a, **k):
+            pytest.fail("this test starts tritonserver: mark it `integration` (the fast tier runs none)")
+
+        monkeypatch.setattr(TritonServer, "start", refuse)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _modelopt_sees_the_real_tensorrt():
     """modelopt.onnx decides at import whether TensorRT is installed. Import it before any test puts a fake
@@ -82,7 +149,39 @@ def client(server):
 
 @pytest.fixture(scope="session")
 def ref(tiny_ckpt):
-    """transformers' AF3 on the tiny checkpoint (tests/reference.py)."""
+    """transformers' AF3 on the tiny checkpoint (tests/reference.py), loaded once per session, offline
+    (HF_HUB_OFFLINE=1: a synthetic checkpoint needs nothing from the hub). Every test that wants transformers' model
+    or processor for the tiny checkpoint takes `ref.model` / `ref.processor` from here; none may modify them (a
+    test that needs another dtype deep-copies first)."""
     from reference import Reference
 
-    return Reference(tiny_ckpt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return Reference(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def bf16_ckpt(tmp_path_factory) -> Path:
+    """A bfloat16 tiny checkpoint (like the real AF3's dtype), seed 1."""
+    from af3trt.export.synth import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt-bf16") / "af3-tiny-bf16", "tiny", seed=1, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def bf16_repo(bf16_ckpt, tmp_path_factory) -> Path:
+    """The bf16 checkpoint built once for the CPU target (OUT with OUT/model_repository; 90-s audio, so a 70-s clip
+    fits). Tests that change its configs work on a copy."""
+    from af3trt.build.build_engines import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("build-bf16") / "out"
+    build(BuildOptions(hf_model=bf16_ckpt, out=out, max_audio_seconds=90, max_text_len=512, max_output_len=32))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bf16_ref(bf16_ckpt):
+    """transformers' AF3 on the bf16 checkpoint (tests/reference.py), loaded once per session."""
+    from reference import Reference
+
+    return Reference(bf16_ckpt)

@@ -12,6 +12,8 @@ from scipy.signal import resample_poly
 from af3trt.runtime import audio, lengths
 from af3trt.runtime.audio import AudioError, decode_audio, log_mel, prepare_clips, split_windows
 
+from helpers import fading_noise
+
 SR = lengths.SAMPLE_RATE
 FEATURE_TOL = 1e-5  # measured: 0.0 (bit-exact) on this machine
 
@@ -27,18 +29,6 @@ def encode(wave: np.ndarray, rate: int, fmt: str, subtype: str | None = None) ->
     buf = io.BytesIO()
     sf.write(buf, wave, rate, format=fmt, subtype=subtype)
     return buf.getvalue()
-
-
-def test_signal(n: int, seed: int = 0) -> np.ndarray:
-    """Noise whose loudness falls over time (each window gets its own peak) with a silent stretch."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / SR
-    wave = rng.standard_normal(n) * 0.3 * np.exp(-t / 40.0)
-    wave[(t > 2.0) & (t < 3.0)] = 0.0
-    return wave.astype(np.float32)
-
-
-test_signal.__test__ = False  # a helper, not a test
 
 
 def run_processor(processor, waves: list[np.ndarray]):
@@ -117,11 +107,13 @@ LENGTHS = {
     "70 s": 70 * SR,
     "11 min": 660 * SR,
 }
+SLOW_LENGTHS = {"11 min"}  # left to the full run (scripts/test.sh --fast)
 
 
-@pytest.mark.parametrize("n", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("n", [pytest.param(n, marks=pytest.mark.slow if k in SLOW_LENGTHS else ())
+                               for k, n in LENGTHS.items()], ids=LENGTHS.keys())
 def test_matches_processor(processor, n):
-    wave = test_signal(n)
+    wave = fading_noise(n)
     ref_features, ref_mask, (ref_tokens,) = run_processor(processor, [wave])
 
     chunks, truncated = split_windows(wave)
@@ -166,7 +158,7 @@ def test_speech_end_to_end(processor, speech_bytes):
 def test_cropped_log_mel_is_the_full_window_log_mel_cropped(n):
     # Only the frames that see a sample are transformed; the rest is the window's constant floor. Equal to the
     # full-window features cropped, for short clips, bucket edges and a full window.
-    chunks = [test_signal(n, seed=n), test_signal(min(n, 321), seed=1)]
+    chunks = [fading_noise(n, seed=n), fading_noise(min(n, 321), seed=1)]
     T = audio.request_frames(chunks)
     assert T == lengths.frame_bucket(lengths.valid_frames(n))
     full, full_mask = log_mel(chunks)
@@ -193,7 +185,7 @@ def test_request_frames():
 
 
 def test_several_clips_in_order(processor, speech_bytes):
-    long_wave = test_signal(31 * SR, seed=1)
+    long_wave = fading_noise(31 * SR, seed=1)
     batch = prepare_clips([encode(long_wave, SR, "WAV", "FLOAT"), speech_bytes])
     speech, _ = sf.read(io.BytesIO(speech_bytes), dtype="float32")
     ref_features, ref_mask, ref_tokens = run_processor(processor, [long_wave, speech])
@@ -218,7 +210,7 @@ def test_no_clips():
 
 
 def test_decode_lossless_formats():
-    wave = test_signal(SR // 2) / 4
+    wave = fading_noise(SR // 2) / 4
     ints = np.round(wave * 32768).astype(np.int16)  # libsndfile reads 16-bit PCM as int / 32768
     for fmt, subtype, source, want in [
         ("WAV", "FLOAT", wave, wave),

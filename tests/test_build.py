@@ -17,6 +17,7 @@ def built(tiny_ckpt, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_repository_and_manifest(built, tiny_ckpt):
     repo = built / "model_repository"
     assert sorted(p.name for p in repo.iterdir()) == sorted([configs.ENSEMBLE, *configs.STAGES, configs.CANCEL])
@@ -51,6 +52,7 @@ def test_no_crop_frames_option():
     assert parser().parse_args([]).crop_frames is True
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_then_replaced_atomically(built, tiny_ckpt, monkeypatch):
     with pytest.raises(BuildError, match="exists"):
         build(BuildOptions(hf_model=tiny_ckpt, out=built))

@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 from af3trt.runtime import context as context_mod
 from af3trt.runtime.client import AF3Error, Request, send_cancel
 from af3trt.runtime.context import RequestContext

@@ -67,6 +67,7 @@ def test_ask_without_server_prints_one_line_and_fails(closed_port, capsys):
     assert err == [err[0]] and err[0].startswith(f"error: tritonserver at 127.0.0.1:{closed_port}: connection refused")
 
 
+@pytest.mark.slow
 def test_silent_server_times_out(silent_server):
     with pytest.raises(AF3ConnectionError) as e:
         AF3Client(silent_server, timeout=2).ask("hi")

@@ -17,23 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from af3trt.build.build_engines import main as build_main
 from af3trt.triton_repo import configs
 
 from container_env import EXPORT_ONLY, make_container_env
-from test_gpu_build import FAKE_TRTLLM_BUILD
+from fakes import trtllm_build
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_ckpt, tmp_path_factory) -> Path:
-    """`af3trt build --target gpu --prepare-only` of the tiny checkpoint (the export side's half)."""
-    out = tmp_path_factory.mktemp("prepared") / "af3-gpu"
-    build_main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "bf16",
-                "--gpu", "h100", "--prepare-only", "--no-accuracy-report", "--max-audio-seconds", "30",
-                "--max-batch-size", "2"])
-    return out
+pytestmark = pytest.mark.slow  # builds a venv and runs the container half in it
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +32,7 @@ def container(tmp_path_factory) -> dict:
     bindir = root / "fake-bin"
     bindir.mkdir()
     env = make_container_env(root / "venv", extra_bin=bindir)
-    exe = bindir / "trtllm-build"
-    exe.write_text(FAKE_TRTLLM_BUILD.format(python=env["python"], tests=str(Path(__file__).parent)))
-    exe.chmod(0o755)
+    trtllm_build.install(bindir, env["python"])
     return env
 
 
@@ -83,7 +71,7 @@ def test_from_prepared_and_the_repository_run_in_the_container_python(prepared, 
     script = textwrap.dedent(f"""
         import importlib.util, pathlib, sys
         sys.path.insert(0, {str(TESTS)!r})
-        import fake_pb
+        from fakes import pb_utils as fake_pb
         sys.modules["triton_python_backend_utils"] = fake_pb
         for path in sorted(pathlib.Path({str(repo)!r}).glob("*/1/model.py")):
             spec = importlib.util.spec_from_file_location("m_" + path.parent.parent.name, path)

@@ -16,7 +16,7 @@ from af3trt.runtime.prompt import FusionLimits, PromptBuilder
 from af3trt.triton_repo import configs
 from reference import MAX_TOKENS, mono16k, run_alongside, wav_bytes
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 
 
 def user(*parts):
@@ -170,6 +170,7 @@ def test_one_audio_conversation_ids_equal_the_processor(ref, limits, tiny_ckpt, 
     assert (ids >= limits.vocab_size).sum() > 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TWO_AUDIO))
 def test_several_clips_match_the_model_level_reference(ref, limits, tiny_ckpt, waves, name):
     assert encode(ref, waves)[2] == [1, 2]  # windows per clip: the second clip spans two windows

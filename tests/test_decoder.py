@@ -15,11 +15,8 @@ N_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def af3(tiny_ckpt):
-    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
-
-    return (AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval(),
-            AutoProcessor.from_pretrained(tiny_ckpt))
+def af3(ref):
+    return ref.model, ref.processor  # transformers' AF3 and its processor, loaded once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,7 @@ def image_python(tmp_path_factory):
     return {"python": py, "root": root, "pip": pip}
 
 
+@pytest.mark.slow
 def test_container_pins_accept_an_image_with_editable_installs(image_python, tmp_path):
     pins = tmp_path / "container-pins.txt"
     subprocess.run(["sh", str(PINS_SCRIPT), str(pins), image_python["python"]], check=True)

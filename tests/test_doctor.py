@@ -115,14 +115,11 @@ def test_version_checks(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cpu_repo(tiny_ckpt, tmp_path_factory):
-    from af3trt.build.build_engines import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("doctor") / "cpu"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_audio_seconds=30, max_text_len=64, max_output_len=16))
-    return out / "model_repository"
+def cpu_repo(tiny_repo):
+    return tiny_repo / "model_repository"  # the session's CPU build (conftest)
 
 
+@pytest.mark.slow
 def test_cpu_repository_passes_here_without_gpu(cpu_repo, capsys):
     """Real checks on this machine (no GPU): the launcher's backend directory, its stub for this Python."""
     checks = diagnose(cpu_repo)
@@ -150,9 +147,9 @@ def test_gpu_build_runs_doctor_before_any_long_step(tiny_ckpt, tmp_path, monkeyp
     from af3trt.build.build_engines import BuildError, BuildOptions, build
     from af3trt.build.plan import GpuOptions
 
-    from test_trt_encoder import make_fake_trt
+    from fakes import tensorrt as fake_tensorrt
 
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(BuildError, match="trtllm-build.*prepare-only"):
         build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,

@@ -19,10 +19,8 @@ def extracted(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def af3(tiny_ckpt):
-    from transformers import AudioFlamingo3ForConditionalGeneration
-
-    return AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+def af3(ref):
+    return ref.model  # transformers' AF3, loaded once per session (conftest)
 
 
 def test_logits_equal_af3_language_model(extracted, af3):

@@ -11,14 +11,12 @@ from af3trt.runtime import lengths
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
 from af3trt.triton_repo import configs
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_ckpt):
-    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_ckpt), AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+def hf(ref):
+    return ref.processor, ref.model  # transformers' AF3 processor and model, loaded once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,13 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 from af3trt.runtime import audio, lengths
 from af3trt.triton_repo import configs
 
 SCALE = int(os.environ.get("AF3TRT_FUZZ_EXAMPLES", "1"))
 CLIENT_ERRORS = ("AudioError", "RequestError", "PromptError")
+pytestmark = pytest.mark.slow  # hypothesis over the decoder and the ensemble's inputs
 
 
 def fuzz(n: int):

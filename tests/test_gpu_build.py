@@ -16,30 +16,24 @@ from af3trt.build.build_engines import BuildError, BuildOptions, build, main
 from af3trt.build.plan import CheckpointFacts, GpuOptions, ServingLimits
 from af3trt.triton_repo import configs
 
-from test_trt_encoder import make_fake_trt
+from fakes import tensorrt as fake_tensorrt
+from fakes import trtllm_build
 
-# trtllm-build stand-in: tests/fake_trtllm_build.py (reproduces the 1.2 builder's plugin_config, sources there)
-FAKE_TRTLLM_BUILD = """#!{python}
-import sys
-sys.path.insert(0, {tests!r})
-import fake_trtllm_build
-sys.exit(fake_trtllm_build.main(sys.argv[1:]))
-"""
+# trtllm-build stand-in: tests/fakes/trtllm_build.py (reproduces the 1.2 builder's plugin_config, sources there)
 
 
 @pytest.fixture
 def fake_gpu_tools(monkeypatch, tmp_path):
-    trt = make_fake_trt()
+    trt = fake_tensorrt.fresh()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    exe = bindir / "trtllm-build"
-    exe.write_text(FAKE_TRTLLM_BUILD.format(python=sys.executable, tests=str(Path(__file__).parent)))
-    exe.chmod(0o755)
+    trtllm_build.install(bindir, sys.executable)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     return trt
 
 
+@pytest.mark.slow
 def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_tools):
     out = tmp_path / "gpu"
     build(BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu", max_batch_size=4, max_audio_seconds=60,
@@ -51,7 +45,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     # the encoder takes what the decoder can take per iteration: max_num_tokens 1759 (= 256 + 2 x 750 + 3) -> 3
     # windows, at least one request's 2 windows (build/memory_plan.encoder_profile_windows), not 4 x 2
     assert enc.backend == "python" and enc.max_batch_size == 3
-    assert (repo / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN-BYTES"
+    assert (repo / "encoder" / "1" / "model.plan").read_bytes() == fake_gpu_tools.built_plans[-1]
     assert dec.backend == "tensorrtllm" and dec.model_transaction_policy.decoupled
     assert dec.parameters["gpt_model_path"].string_value == str(out / "artifacts" / "engine")  # where it ends up
     assert (out / "artifacts" / "engine" / "rank0.engine").exists()
@@ -71,6 +65,9 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     assert m["target"] == "gpu" and m["precisions"]["decoder"] == "fp8" and m["precisions"]["kv_cache"] == "fp8"
     acc = m["validation"]["decoder_accuracy"]
     assert 0 <= acc["token_agreement"] <= 1 and acc["mean_kl"] >= 0
+    # fake-quantized FP8 moves the logits beyond the bf16 cast alone (measured on this checkpoint: cast 0.0014, fp8
+    # 0.13 mean KL, 96 positions, 54 % greedy agreement), and the greedy tokens still mostly agree
+    assert acc["mean_kl"] > 0.01 and acc["token_agreement"] >= 0.4
     assert m["validation"]["encoder_engine_onnx"]["validation"]["cosine"] > 0.999
     assert m["encoder_engine"]["engine_plan"]["max_windows"] == 3
     plan = m["gpu"]["memory_plan"]
@@ -81,6 +78,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     assert "build_serialized_network" in names and "set_flag" not in names
 
 
+@pytest.mark.slow
 def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
     out = tmp_path / "prep"
     main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "int8_wo",
@@ -97,6 +95,7 @@ def test_prepare_only_writes_the_engine_plan(tiny_ckpt, tmp_path):
     assert m["trtllm_checkpoint"]["quant_algo"] == "W8A16" and "decoder_accuracy" not in m["validation"]
 
 
+@pytest.mark.slow
 def test_from_prepared_builds_engines_then_the_repository(tiny_ckpt, tmp_path, fake_gpu_tools):
     """The container flow: prepare with the export environment, build engines where TensorRT lives."""
     out = tmp_path / "prep"
@@ -123,7 +122,7 @@ def test_fp8_refused_on_a100_before_any_work(tiny_ckpt, tmp_path):
 
 
 def test_missing_trtllm_build_is_a_clear_error(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(Exception, match="trtllm-build"):
         build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,
@@ -168,7 +167,7 @@ def reuse_encoder_export(exported_encoder, monkeypatch):
 
 def _paged_context_fmha(precision: str, kv: str) -> bool:
     """What TensorRT-LLM 1.2's builder.py leaves of --use_paged_context_fmha enable on an SM 9.0 GPU (see
-    tests/fake_trtllm_build.py): off with an INT8 KV cache, and with an FP8 KV cache under non-FP8 weights."""
+    tests/fakes/trtllm_build.py): off with an INT8 KV cache, and with an FP8 KV cache under non-FP8 weights."""
     return kv != "int8" and not (kv == "fp8" and precision != "fp8")
 
 
@@ -184,6 +183,7 @@ def short_calibration(monkeypatch):
                         functools.partial(quantize.write_trtllm_checkpoint, calib_size=4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,kv,tp", MATRIX, ids=[f"{p}-kv_{k}-tp{t}" for p, k, t in MATRIX])
 def test_gpu_build_every_combination(precision, kv, tp, tiny_ckpt, tmp_path, fake_gpu_tools, reuse_encoder_export,
                                      short_calibration):
@@ -236,15 +236,12 @@ def test_backend_options_follow_the_engine(tmp_path):
     after both engines were built; the options derived from its config.json render."""
     from af3trt.build.gpu_repo import GpuRepoError, backend_options, gpu_repo_spec, read_decoder_engine
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import fake_trtllm_build
-
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({
         "dtype": "bfloat16", "vocab_size": 1000, "hidden_size": 64, "mapping": {"world_size": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": "INT8"}}))
-    fake_trtllm_build.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "engine"),
+    trtllm_build.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "engine"),
                             "--max_batch_size", "2", "--max_input_len", "800", "--max_seq_len", "900",
                             "--max_num_tokens", "801", "--max_beam_width", "1",
                             "--max_prompt_embedding_table_size", "1500", "--use_paged_context_fmha", "enable"])

@@ -20,10 +20,9 @@ from af3trt.build.gpu_check import Agreement, GpuCheckError, Verdict, preflight,
 from af3trt.export import synth
 from af3trt.runtime import assets
 
-from test_container_half import prepared  # noqa: F401 (fixture: --prepare-only output of the tiny checkpoint)
 
-
-def test_goldens_are_written_at_prepare_time_and_read_back(prepared):  # noqa: F811
+@pytest.mark.slow
+def test_goldens_are_written_at_prepare_time_and_read_back(prepared):
     m = json.loads((prepared / "manifest.json").read_text())
     assert m["goldens"]["path"] == "artifacts/goldens.json" and m["goldens"]["cases"] == 2
     g = read_goldens(prepared / "artifacts")
@@ -55,7 +54,8 @@ def test_agreement_and_pass_rules():
     assert text.splitlines()[-1].startswith("FAIL bf16 OUT: ") and "CPU fake-quant prediction 90%" in text
 
 
-def test_gpu_check_refuses_a_prepared_output_without_engines(prepared, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_gpu_check_refuses_a_prepared_output_without_engines(prepared, capsys):
     assert gpu_check.main([str(prepared)]) == 2
     err = capsys.readouterr().err
     assert "the engines are not built" in err and f"af3trt build --from-prepared {prepared}" in err
@@ -63,7 +63,8 @@ def test_gpu_check_refuses_a_prepared_output_without_engines(prepared, capsys): 
         assert "no NVIDIA GPU is visible" in err
 
 
-def test_preflight_refusals(prepared, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_preflight_refusals(prepared, tmp_path):
     with pytest.raises(GpuCheckError, match="no manifest.json"):
         preflight(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"target": "cpu"}))
@@ -96,13 +97,10 @@ def test_acceptance_preset_has_a_head_size_trtllm_can_run():
 
 
 @pytest.mark.integration
-def test_goldens_hold_on_the_cpu_ensemble(tiny_ckpt, prepared, tmp_path):  # noqa: F811
+def test_goldens_hold_on_the_cpu_ensemble(tiny_repo, prepared, tmp_path):
     """gpu-check's serving and comparison path on a real tritonserver: the CPU ensemble of the same checkpoint
-    reproduces the goldens written at prepare time, token for token."""
-    from af3trt.build.build_engines import BuildOptions, build
-
-    out = tmp_path / "cpu"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=64, default_max_tokens=16))
+    (the session's CPU build) reproduces the goldens written at prepare time, token for token."""
+    out = tiny_repo
     goldens = read_goldens(prepared / "artifacts")
     verdict = gpu_check.check_repository(out / "model_repository", goldens, "bf16", log_path=tmp_path / "srv.log",
                                          timeout=300)

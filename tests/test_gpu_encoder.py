@@ -16,7 +16,6 @@ the bound host memory) and torch CPU tensors standing in for CUDA ones, and comp
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
@@ -30,9 +29,9 @@ from af3trt.runtime import trt_runner
 from af3trt.runtime.trt_runner import TrtRunner, TrtRunnerError
 from af3trt.triton_repo import configs
 
-import fake_pb
-from container_env import FAKES
-from test_repo_configs import checkpoint, gpu_spec, limits, rendered  # noqa: F401 (fixtures)
+from fakes import pb_utils as fake_pb
+from fakes import tensorrt as fake_tensorrt
+from helpers import gpu_spec, rendered
 
 CONTAINER_BACKENDS = ("python", "tensorrtllm")  # /opt/tritonserver/backends of the 26.04 trtllm-python-py3 image
 PLATFORM_BACKENDS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch",
@@ -52,9 +51,7 @@ def missing_backends(cfgs: dict, backend_dir) -> dict[str, str]:
 @pytest.fixture
 def fake_trt(monkeypatch):
     """The on-disk fake TensorRT 10.14 module as `tensorrt`, its call log cleared."""
-    spec = importlib.util.spec_from_file_location("tensorrt", FAKES / "tensorrt" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = fake_tensorrt.fresh()
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     return mod
 
@@ -82,7 +79,7 @@ def encoder_onnx(tiny_ckpt, tmp_path_factory):
     return out
 
 
-def test_gpu_repository_needs_only_the_containers_backends(checkpoint, limits, tmp_path):  # noqa: F811
+def test_gpu_repository_needs_only_the_containers_backends(checkpoint, limits, tmp_path):
     backends = tmp_path / "opt-tritonserver-backends"
     for b in CONTAINER_BACKENDS:
         (backends / b).mkdir(parents=True)
@@ -128,6 +125,7 @@ def _gpu_model(encoder_onnx, tmp_path, monkeypatch, max_windows=8):
         "model_instance_device_id": "0"})
 
 
+@pytest.mark.slow
 def test_gpu_encoder_model_matches_the_cpu_encoder(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     gpu = _gpu_model(encoder_onnx, tmp_path, monkeypatch)
     spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=1, pad_id=1)
@@ -153,6 +151,7 @@ def test_gpu_encoder_model_matches_the_cpu_encoder(encoder_onnx, tmp_path, monke
     assert gpu.runner.place.events == ["after_inputs", "finish"]
 
 
+@pytest.mark.slow
 def test_gpu_encoder_takes_the_frame_axis_from_the_request(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     """The runner sets shapes from the tensors it gets: an engine whose profile leaves T dynamic runs [W,128,T]."""
     monkeypatch.setattr(trt_runner, "CudaPlace", HostPlace)
@@ -173,6 +172,7 @@ def test_gpu_encoder_takes_the_frame_axis_from_the_request(encoder_onnx, tmp_pat
     if out is not None:
         assert tuple(out.shape[:2]) == (2, 250)
 
+@pytest.mark.slow
 def test_bad_requests_and_bad_plans_are_clear_errors(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     gpu = _gpu_model(encoder_onnx, tmp_path, monkeypatch, max_windows=2)
     too_many, _ = _requests([3])  # beyond the profile's 2 windows

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from af3trt.runtime.client import AF3Client
-from reference import MAX_TOKENS, Reference, mono16k, run_alongside, wav_bytes
+from reference import MAX_TOKENS, mono16k, run_alongside, wav_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -144,22 +144,17 @@ def test_perf_analyzer_measures_the_ensemble(server, tmp_path, speech_bytes):
     assert point["concurrency"] == 1 and point["throughput_rps"] > 0 and point["p50_latency_us"] > 0
 
 
-def test_bf16_checkpoint_carries_bf16_end_to_end(tmp_path_factory, speech_bytes):
+def test_bf16_checkpoint_carries_bf16_end_to_end(bf16_repo, bf16_ref, speech_bytes):
     """A bf16 checkpoint (like the real AF3): the prompt table crosses fusion → decoder as bf16 (DLPack), and the
     answer equals transformers' bf16 generate."""
-    from af3trt.build.build_engines import BuildOptions, build
-    from af3trt.export.synth import write_checkpoint
     from af3trt.runtime.server import TritonServer
     from af3trt.triton_repo import configs
 
-    base = tmp_path_factory.mktemp("bf16")
-    ckpt = write_checkpoint(base / "af3-tiny-bf16", "tiny", seed=1, dtype="bfloat16")
-    out = build(BuildOptions(hf_model=ckpt, out=base / "out", max_audio_seconds=30, max_text_len=256,
-                             max_output_len=32))
+    out = bf16_repo
     decoder = configs.parse((out / "model_repository" / "decoder" / "config.pbtxt").read_text())
     table = next(i for i in decoder.input if i.name == "prompt_embedding_table")
     assert configs.mc.DataType.Name(table.data_type) == "TYPE_BF16"
-    want = Reference(ckpt).generate("What is said?", mono16k(speech_bytes), max_new_tokens=16)
+    want = bf16_ref.generate("What is said?", mono16k(speech_bytes), max_new_tokens=16)
     with TritonServer(out / "model_repository", log_path=out / "tritonserver.log") as srv:
         got = AF3Client(srv.grpc_url, timeout=120).ask("What is said?", [speech_bytes], max_tokens=16)
     assert got.token_ids == want

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-import fake_pb  # noqa: E402
-from test_audio import test_signal as signal  # noqa: E402  (falling loudness, a silent second)
+from fakes import pb_utils as fake_pb  # noqa: E402
+from helpers import fading_noise as signal  # noqa: E402  (falling loudness, a silent second)
 from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
 from af3trt.runtime import audio, lengths  # noqa: E402
@@ -150,6 +150,7 @@ def masks(sizes: list[int]) -> np.ndarray:
     return audio.log_mel([np.zeros(n, np.float32) for n in sizes])[1]  # [W, 3000]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_prompt_table_equals_cpu_fusion_table(tiny_ckpt, limits, dtype):
     """Two clips (1.5 windows, one short window) and a trailing placeholder window the table must skip."""
@@ -263,6 +264,7 @@ def test_preprocess_adapter_device_path(tiny_ckpt, limits, speech_bytes):
     assert not t.has_error() and t.outputs["input_features"].as_numpy().shape == tc.outputs["input_features"].as_numpy().shape
 
 
+@pytest.mark.slow
 def test_fusion_adapter_device_path_gives_the_cpu_table(tiny_ckpt, limits, speech_bytes):
     on = spec_for("gpu", tiny_ckpt, limits, prompt_table_extra_ids=True,
                   fusion_params={"tokenizer_dir": str(tiny_ckpt), "kernels_device": DEVICE})
@@ -304,21 +306,21 @@ def test_kernels_bench_says_what_it_timed():
 
 
 @pytest.mark.integration
-def test_device_path_in_a_real_tritonserver_is_token_exact(tmp_path_factory, speech_bytes, monkeypatch):
+def test_device_path_in_a_real_tritonserver_is_token_exact(bf16_ckpt, bf16_repo, bf16_ref, tmp_path_factory,
+                                                          speech_bytes, monkeypatch):
     """The CPU repository of a bf16 checkpoint with preprocess and fusion switched to the device path on CPU tensors
     (kernels_device "cpu", TRITON_INTERPRET=1 in the server's environment): the real tritonserver 2.51 python backend
     takes the log-mel features and the bf16 prompt table as DLPack outputs and fusion's inputs through to_dlpack with
     FORCE_CPU_ONLY_INPUT_TENSORS "no"; a 5-s clip and a 70-s clip (3 windows) answer as transformers' generate."""
-    from af3trt.build.build_engines import BuildOptions, build
-    from af3trt.export.synth import write_checkpoint
+    import shutil
+
     from af3trt.runtime.client import AF3Client
     from af3trt.runtime.server import TritonServer
-    from test_integration import Reference, mono16k
+    from reference import mono16k
 
-    base = tmp_path_factory.mktemp("kernels-e2e")
-    ckpt = write_checkpoint(base / "af3-tiny-bf16", "tiny", seed=2, dtype="bfloat16")
-    out = build(BuildOptions(hf_model=ckpt, out=base / "out", max_audio_seconds=90, max_text_len=512,
-                             max_output_len=32))
+    ckpt = bf16_ckpt
+    out = tmp_path_factory.mktemp("kernels-e2e") / "out"
+    shutil.copytree(bf16_repo, out, symlinks=True)  # the session's bf16 build, copied: its configs change below
     for model in ("preprocess", "fusion"):
         path = out / "model_repository" / model / "config.pbtxt"
         cfg = configs.parse(path.read_text())
@@ -330,7 +332,7 @@ def test_device_path_in_a_real_tritonserver_is_token_exact(tmp_path_factory, spe
         path.write_text(configs.render(cfg))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the python backend stubs
 
-    ref = Reference(ckpt)
+    ref = bf16_ref
     long_wave = signal(70 * SR, seed=3)
     clips = {"speech": speech_bytes, "70 s": flac(long_wave)}
     want = {k: ref.generate("What is said?", mono16k(v), max_new_tokens=16) for k, v in clips.items()}

@@ -59,15 +59,13 @@ def test_onnx_io_contract(exported):
     assert enc.checkpoint_dtype == "float32" and enc.quantization is None
 
 
-def test_matches_transformers_get_audio_features(exported, tiny_ckpt):
-    from transformers import AudioFlamingo3ForConditionalGeneration
-
+def test_matches_transformers_get_audio_features(exported, ref):
     frames = [700, 3000, 3]  # partial, full, a 3-frame tail (1 row)
     features, mask = make_inputs(128, 3000, frames, seed=7)
     got = OnnxEncoder(exported[0]).run(features, mask)  # [3, 750, 64]
     got = np.concatenate([got[w, :embeds_valid_per_window(n)] for w, n in enumerate(frames)])
 
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+    model = ref.model  # transformers' AF3, loaded once per session (conftest)
     with torch.no_grad():
         want = model.get_audio_features(torch.from_numpy(features), torch.from_numpy(mask)).pooler_output.numpy()
     assert got.shape == want.shape == (175 + 750 + 1, 64)
@@ -100,6 +98,7 @@ def test_run_rejects_bad_inputs(exported, features, mask, match):
         OnnxEncoder(exported[0]).run(features, mask)
 
 
+@pytest.mark.slow
 def test_validation_raises_on_perturbed_weights(exported, tiny_ckpt):
     model, _ = load_audio_embedder(tiny_ckpt)
     spec = onnx_export.encoder_spec(model.config)
@@ -110,6 +109,7 @@ def test_validation_raises_on_perturbed_weights(exported, tiny_ckpt):
     assert err.value.figures["max_abs_diff"] > 0.04
 
 
+@pytest.mark.slow
 def test_export_raises_on_tiny_tolerance(tiny_ckpt, tmp_path, monkeypatch):
     strict = onnx_export.encoder_spec
     monkeypatch.setattr(onnx_export, "encoder_spec",
@@ -129,6 +129,7 @@ def test_check_io_rejects_undeclared_dynamic_axis(exported, tiny_ckpt, tmp_path)
         onnx_export.check_io(tmp_path / "loose.onnx", spec)
 
 
+@pytest.mark.slow
 def test_sharded_bf16_checkpoint_with_external_data(exported, tiny_ckpt, tmp_path):
     """The real checkpoint's shape of things: bf16, sharded with an index, and here the `model.`-prefixed layout."""
     ckpt = tmp_path / "sharded"
@@ -151,6 +152,7 @@ def test_sharded_bf16_checkpoint_with_external_data(exported, tiny_ckpt, tmp_pat
     assert enc.checkpoint_dtype == "bfloat16" and enc.hidden_size == 64
 
 
+@pytest.mark.slow
 def test_int8_dynamic_quantization(exported, tmp_path):
     out = tmp_path / "encoder.int8.onnx"
     fig = quantize_encoder_dynamic(exported[0], out)
@@ -173,6 +175,7 @@ def _kept_lengths() -> list[int]:
     return sorted({1, 3, 4, 501, 985, 1000, 2999, 3000, *edges} - {0})
 
 
+@pytest.mark.slow
 def test_cropped_windows_keep_the_full_window_embeddings(exported):
     enc = OnnxEncoder(exported[0], intra_op_threads=1)
     valid = _kept_lengths()

@@ -8,7 +8,7 @@ import base64
 import numpy as np
 import pytest
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 from af3trt.runtime.audio import prepare_clips
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.openai_server import APIError, ChatRequest, EnsembleInfo, StopScanner, build_job

@@ -305,6 +305,7 @@ def test_headline_ratios_targets_and_scaling():
     assert h["stage_split_ms"]["decoder"]["generation_ms (derived)"] == 2000.0
 
 
+@pytest.mark.slow
 def test_render_markdown_and_plots(tmp_path):
     results = fake_results()
     results["repository"] = {"precisions": {"encoder": "fp32"}}
@@ -400,6 +401,7 @@ def fake_compare() -> dict:
                             "encoder_curve": [{"seconds": s, "encoder_ms": 60.0} for s in (1, 5, 10, 30)]}}
 
 
+@pytest.mark.slow
 def test_compare_medians_ratios_and_targets(tmp_path):
     cmp = fake_compare()
     med = cmp["rounds"]["medians"]

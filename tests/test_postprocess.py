@@ -11,7 +11,7 @@ from af3trt.runtime.context import RequestContext
 from af3trt.runtime.detok import Detokenizer, StreamState, split_utf8, strip_transcription_prefix
 from af3trt.triton_repo import configs
 
-import fake_pb
+from fakes import pb_utils as fake_pb
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ def checkpoints(lm_dir, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,kv_cache", list(CASES), ids=[f"{p}-{k}" for p, k in CASES])
 def test_checkpoint_passes_validator(checkpoints, lm_dir, precision, kv_cache):
     summary = checkpoints(precision, kv_cache)
@@ -69,6 +70,7 @@ def test_checkpoint_passes_validator(checkpoints, lm_dir, precision, kv_cache):
     assert provenance["precision"] == precision and provenance["modelopt_version"]
 
 
+@pytest.mark.slow
 def test_tensor_dtypes_per_precision(checkpoints):
     def tensors(precision, kv="auto"):
         return read_safetensors_header(f"{checkpoints(precision, kv)['checkpoint_dir']}/rank0.safetensors")
@@ -91,12 +93,64 @@ def test_tensor_dtypes_per_precision(checkpoints):
     assert awq[f"{qkv}.weights_scaling_factor"][1] == (128, 1)  # [out, in / group 64]
 
 
+# The linear layers of a TensorRT-LLM Qwen2 checkpoint and the HF weights they hold (TensorRT-LLM names, see
+# test_bf16_checkpoint_holds_the_hf_weights): qkv = cat(q, k, v), fc = gate_proj, proj = down_proj, dense = o_proj.
+LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "mlp.fc": ("mlp.gate_proj",),
+           "mlp.proj": ("mlp.down_proj",), "attention.dense": ("self_attn.o_proj",)}
+
+
+@pytest.mark.slow
+def test_quantized_weights_are_the_hf_weights_rounded(checkpoints, lm_dir):
+    """The dtype checks above would pass a quantizer that only casts: here every quantized linear weight must be the
+    HF weight (in the checkpoint's bf16) really rounded, at the scale its own range gives.
+
+    FP8 (per tensor; TensorRT-LLM's FP8 layout weight float8_e4m3fn + weights_scaling_factor [1]): scale =
+    amax(W) / 448 (448: e4m3's largest finite value), so W_fp8 * scale = W within e4m3 rounding (half a step: 2^-4 of
+    |W| for normal values, 2^-10 * scale in the subnormal range); most values are not representable exactly.
+    INT8 SmoothQuant (per channel; layout int8 [out, in] + weights_scaling_factor [out] + prequant_scaling_factor
+    [in] that multiplies the activations): the stored weight is W / s rounded per output row at scale
+    amax_row(W / s) / 127, so each row's largest |q| is exactly 127 and |q * scale - W / s| <= scale / 2 plus the
+    bf16 rounding of the smoothing (2^-7 of |W / s|); s is not all ones. Checked here: W / s fits, W * s does not.
+    Both use more than half of their format's levels (a random-weight tiny model: measured 157-178 fp8 codes of 253,
+    245-255 int8 levels of 255)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(lm_dir).state_dict()
+    fp8 = load_file(f"{checkpoints('fp8', 'fp8')['checkpoint_dir']}/rank0.safetensors")
+    sq = load_file(f"{checkpoints('int8_sq')['checkpoint_dir']}/rank0.safetensors")
+    for layer in (0, 1):
+        for trt_name, hf_names in LINEARS.items():
+            where = f"layer {layer} {trt_name}"
+            w = torch.cat([hf[f"model.layers.{layer}.{n}.weight"] for n in hf_names]).bfloat16().float()
+            name = f"transformer.layers.{layer}.{trt_name}"
+
+            q, scale = fp8[f"{name}.weight"].float(), fp8[f"{name}.weights_scaling_factor"].float()
+            assert scale.item() == pytest.approx(w.abs().max().item() / 448, rel=1e-3), where
+            err = (q * scale - w).abs()
+            assert (err <= 2 ** -4 * w.abs() + 2 ** -10 * scale).all(), (where, err.max())
+            assert (q * scale != w).float().mean() > 0.5, where  # really rounded, not stored as is
+            assert torch.unique(q).numel() > 253 // 2, where
+
+            q, scale = sq[f"{name}.weight"].float(), sq[f"{name}.weights_scaling_factor"].float()  # [out, in], [out]
+            smooth = sq[f"{name}.prequant_scaling_factor"].float()  # [in]
+            assert (smooth != 1).any(), where
+            ws = w / smooth[None, :]
+            assert (q.abs().amax(1) == 127).all(), where
+            assert torch.allclose(scale, ws.abs().amax(1) / 127, rtol=1e-2), where
+            err = (q * scale[:, None] - ws).abs()
+            assert (err <= scale[:, None] / 2 + 2 ** -7 * ws.abs()).all(), (where, (err / scale[:, None]).max())
+            assert torch.unique(q).numel() > 255 // 2, where
+
+
+@pytest.mark.slow
 def test_int8_wo_config_leaves_default_exclusions(checkpoints):
     written = json.loads(open(f"{checkpoints('int8_wo')['checkpoint_dir']}/config.json").read())
     # exclude_modules absent = TensorRT-LLM's defaults (lm_head, vocab_embedding stay bf16)
     assert "exclude_modules" not in written["quantization"]
 
 
+@pytest.mark.slow
 def test_bf16_checkpoint_holds_the_hf_weights(checkpoints, lm_dir):
     """TensorRT-LLM names: qkv = cat(q, k, v), fc = gate_proj (activated), gate = up_proj, proj = down_proj."""
     from safetensors.torch import load_file
@@ -122,6 +176,7 @@ def test_bf16_checkpoint_holds_the_hf_weights(checkpoints, lm_dir):
     same("lm_head.weight", hf["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_tensor_parallel_checkpoint(checkpoints):
     summary = checkpoints("bf16", "auto", 2)
     report = summary["validation"]

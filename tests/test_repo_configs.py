@@ -6,7 +6,6 @@ parameters its model_instance_state.cc reads)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -14,19 +13,19 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from af3trt.build.plan import BuildOptions, inspect_checkpoint, serving_limits
 from af3trt.build.gpu_repo import (EXECUTOR_WORKER_PATH, GpuRepoError, TrtllmOptions, decoder_parameters,
                                    gpu_repo_spec, read_decoder_engine, render_gpu_repository)
 from af3trt.build.repository import render_repository
-from af3trt.build.trt_encoder import encoder_engine_plan, encoder_max_windows
+from af3trt.build.trt_encoder import encoder_engine_plan
 from af3trt.runtime import lengths
 from af3trt.runtime.prompt import table_extra_ids
 from af3trt.triton_repo import configs
 
-import fake_pb
+from fakes import pb_utils as fake_pb
+from helpers import engine_config, gpu_spec, rendered, write_engine
 
 T = mc.DataType
-MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "af3", "cancel")
+
 
 # TensorRT-LLM 1.2 tensorrt_llm/config.pbtxt: name → (dtype, dims, reshape (None: none), optional, allow_ragged_batch).
 # "ENGINE" stands for ${prompt_embedding_table_data_type}, the engine's dtype.
@@ -66,35 +65,6 @@ TRTLLM_REQUIRED_PARAMS = ("gpt_model_type", "tokenizer_dir", "xgrammar_tokenizer
 BACKEND_BOOLS = ("True", "true", "TRUE", "1", "False", "false", "FALSE", "0")  # ModelState::GetParameter<bool>
 
 
-def engine_config(dtype: str, *, vocab: int, hidden: int, mbs: int = 4, max_input_len: int = 16000,
-                  max_seq_len: int = 16600, table: int | None = None, paged_context_fmha: bool = True) -> dict:
-    """The parts of a trtllm-build config.json the repository reads."""
-    return {"version": "1.2.1",
-            "pretrained_config": {"architecture": "Qwen2ForCausalLM", "dtype": dtype, "vocab_size": vocab,
-                                  "hidden_size": hidden, "num_hidden_layers": 2},
-            "build_config": {"max_batch_size": mbs, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
-                             "max_prompt_embedding_table_size": mbs * 15000 if table is None else table,
-                             "plugin_config": {"use_paged_context_fmha": paged_context_fmha}}}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_ckpt):
-    return inspect_checkpoint(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def limits(tiny_ckpt, tmp_path_factory):
-    return serving_limits(BuildOptions(hf_model=tiny_ckpt, out=tmp_path_factory.mktemp("o"), max_batch_size=4,
-                                       max_text_len=512, max_output_len=64, default_max_tokens=16))
-
-
-def write_engine(root: Path, cfg: dict) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(cfg))
-    (root / "rank0.engine").write_bytes(b"engine")
-    return root
-
-
 def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.build_cpu renders
     return configs.RepoSpec(
         target="cpu", hidden_size=checkpoint.text_hidden_size, decoder_dtype="float32",
@@ -106,25 +76,6 @@ def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.buil
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits.max_batch_size),
                         "threads": "0"},
         fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"})
-
-
-def gpu_spec(checkpoint, limits, tmp_path, dtype="bfloat16", options=TrtllmOptions(), **engine_kw):
-    engine_dir = write_engine(tmp_path / f"engine-{dtype}",
-                              engine_config(dtype, vocab=checkpoint.vocab_size + 8,
-                                            hidden=checkpoint.text_hidden_size, **engine_kw))
-    return gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="artifacts/lm",
-                         encoder_max_windows=encoder_max_windows(limits.max_batch_size, limits.max_audio_windows),
-                         options=options), engine_dir
-
-
-def rendered(root: Path) -> dict[str, mc.ModelConfig]:
-    """Every config.pbtxt of a rendered repository, parsed back through model_config_pb2."""
-    out = {}
-    for name in MODELS:
-        out[name] = configs.parse((root / name / "config.pbtxt").read_text())
-        assert out[name].name == name
-    assert sorted(p.name for p in root.iterdir()) == sorted(MODELS)
-    return out
 
 
 def full_shape(cfg: mc.ModelConfig, t) -> list[int]:

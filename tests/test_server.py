@@ -41,6 +41,7 @@ def test_binds_loopback_by_default(tmp_path):
         assert f"{flag}=127.0.0.1" in cmd
 
 
+@pytest.mark.integration
 def test_a_broken_repository_fails_fast_with_the_log(tmp_path):
     (tmp_path / "repo" / "bad").mkdir(parents=True)
     (tmp_path / "repo" / "bad" / "config.pbtxt").write_text('backend: "python"\nthis is not a config')

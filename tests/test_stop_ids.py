@@ -37,18 +37,17 @@ def _chat_ids(processor, text):
 
 
 @pytest.fixture(scope="module")
-def two_end_ids_ckpt(tiny_ckpt, tmp_path_factory):
+def two_end_ids_ckpt(tiny_ckpt, ref, tmp_path_factory):
     """The tiny checkpoint with a generation_config naming two end ids, the second one a token its greedy answer
-    reaches (found by generating with the first end id only): everything else is the tiny checkpoint."""
-    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
-
+    reaches (found by generating with the first end id only): everything else is the tiny checkpoint, so the
+    session's transformers model (conftest `ref`) is its model."""
     ckpt = tmp_path_factory.mktemp("two-eos") / "af3-tiny"
     shutil.copytree(tiny_ckpt, ckpt)
     gen_path = ckpt / "generation_config.json"
     gen = json.loads(gen_path.read_text())
     first = gen["eos_token_id"][0] if isinstance(gen["eos_token_id"], list) else gen["eos_token_id"]
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
-    inputs = _chat_ids(AutoProcessor.from_pretrained(ckpt), PROMPT)
+    model = ref.model
+    inputs = _chat_ids(ref.processor, PROMPT)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=first,
                              pad_token_id=first)
@@ -61,16 +60,18 @@ def two_end_ids_ckpt(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def generate_ref(two_end_ids_ckpt):
-    """transformers' greedy answer with the checkpoint's own generation_config (stops on either end id)."""
-    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+def generate_ref(two_end_ids_ckpt, ref):
+    """transformers' greedy answer with the checkpoint's own generation_config (stops on either end id): the
+    session's model (same weights) generating with the generation_config read from the new checkpoint."""
+    from transformers import AutoProcessor, GenerationConfig
 
     ckpt, first, second = two_end_ids_ckpt
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
+    generation_config = GenerationConfig.from_pretrained(ckpt)
     inputs = _chat_ids(AutoProcessor.from_pretrained(ckpt), PROMPT)
-    assert model.generation_config.eos_token_id == [first, second]
+    assert generation_config.eos_token_id == [first, second]
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+        out = ref.model.generate(**inputs, generation_config=generation_config, max_new_tokens=MAX_NEW,
+                                 do_sample=False)
     answer = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert answer[-1] == second and len(answer) < MAX_NEW  # it did stop on the second end id
     return inputs, answer

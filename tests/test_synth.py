@@ -9,12 +9,8 @@ import torch
 from af3trt.export import synth
 
 
-def test_tiny_loads_offline_and_has_af3_tokens(tiny_ckpt, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_ckpt)
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_ckpt)
+def test_tiny_loads_offline_and_has_af3_tokens(tiny_ckpt, ref):
+    processor, model = ref.processor, ref.model  # loaded by transformers with HF_HUB_OFFLINE=1 (conftest `ref`)
     tok = processor.tokenizer
     for t in synth.SPECIAL_TOKENS:
         assert len(tok.encode(t, add_special_tokens=False)) == 1

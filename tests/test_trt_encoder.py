@@ -7,9 +7,8 @@ that failures come back as clear errors.
 
 from __future__ import annotations
 
-import enum
+import json
 import sys
-import types
 
 import pytest
 
@@ -20,149 +19,23 @@ from af3trt.build.trt_encoder import (EncoderEngineError, build_encoder_engine,
                                       encoder_engine_plan, encoder_max_windows)
 from af3trt.runtime import lengths
 
+from fakes import tensorrt as fake_tensorrt
+
 H = 64
 
 
-class FakeTensor:
-    def __init__(self, name, dtype, shape):
-        self.name, self.dtype, self.shape = name, dtype, tuple(shape)
-
-
-def encoder_io(trt, features_dtype=None, drop_mask=False, frames=-1):
-    inputs = [FakeTensor("input_features", features_dtype or trt.float32, (-1, 128, frames))]
+def encoder_io(features_dtype="FLOAT", drop_mask=False, frames=-1):
+    """The I/O the fake parser presents: the encoder's, or one with a wrong dtype, no mask or a fixed T."""
+    inputs = [("input_features", features_dtype, (-1, 128, frames))]
     if not drop_mask:
-        inputs.append(FakeTensor("input_features_mask", trt.int32, (-1, frames)))
-    return inputs, [FakeTensor("audio_embeds", trt.float32, (-1, -1, H))]
+        inputs.append(("input_features_mask", "INT32", (-1, frames)))
+    return inputs, [("audio_embeds", "FLOAT", (-1, -1, H))]
 
 
-def make_fake_trt(*, parse_ok=True, build_ok=True, accept_cache=True, io=None):
-    """A `tensorrt` stand-in; `trt.calls` lists (api, args) in call order."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.14.1.48"
-    calls = trt.calls = []
-    trt.float32, trt.float16, trt.int32 = "DataType.FLOAT", "DataType.HALF", "DataType.INT32"
-
-    def record(name, *args):
-        calls.append((name, args))
-
-    class Logger:
-        WARNING, VERBOSE = "WARNING", "VERBOSE"
-
-        def __init__(self, severity):
-            record("Logger", severity)
-
-    class NetworkDefinitionCreationFlag(enum.IntEnum):
-        EXPLICIT_BATCH = 0
-        STRONGLY_TYPED = 1
-
-    class MemoryPoolType(enum.Enum):
-        WORKSPACE = 0
-
-    class Network:
-        def __init__(self):
-            self.inputs, self.outputs = [], []
-
-        num_inputs = property(lambda self: len(self.inputs))
-        num_outputs = property(lambda self: len(self.outputs))
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_output(self, i):
-            return self.outputs[i]
-
-    class ParserError:
-        def desc(self):
-            return "Unsupported operator Foo"
-
-        def node(self):
-            return 7
-
-        def node_name(self):
-            return "/audio_tower/Foo"
-
-        def node_operator(self):
-            return "Foo"
-
-        def code(self):
-            return "ErrorCode.UNSUPPORTED_NODE"
-
-        def file(self):
-            return "onnxOpImporters.cpp"
-
-        def line(self):
-            return 123
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            record("OnnxParser", network, logger)
-            self.network, self.num_errors = network, 0
-
-        def parse_from_file(self, path):
-            record("parse_from_file", path)
-            if not parse_ok:
-                self.num_errors = 2
-                return False
-            self.network.inputs, self.network.outputs = io or encoder_io(trt)
-            return True
-
-        def get_error(self, i):
-            return ParserError()
-
-    class Profile:
-        def set_shape(self, name, mn, opt, mx):
-            record("set_shape", name, tuple(mn), tuple(opt), tuple(mx))
-
-    class TimingCache:
-        def __init__(self, blob):
-            self.blob = bytes(blob)
-
-        def serialize(self):
-            record("serialize_cache")
-            return self.blob + b"+timings"
-
-    class Config:
-        def set_memory_pool_limit(self, pool, size):
-            record("set_memory_pool_limit", pool, size)
-
-        def set_flag(self, flag):  # weakly typed precision flags must never be set
-            record("set_flag", flag)
-
-        def add_optimization_profile(self, profile):
-            record("add_optimization_profile", profile)
-            return 0
-
-        def create_timing_cache(self, blob):
-            record("create_timing_cache", bytes(blob))
-            return TimingCache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            record("set_timing_cache", cache, ignore_mismatch)
-            return accept_cache
-
-    class Builder:
-        def __init__(self, logger):
-            record("Builder", logger)
-
-        def create_network(self, flags):
-            record("create_network", flags)
-            return Network()
-
-        def create_builder_config(self):
-            record("create_builder_config")
-            return Config()
-
-        def create_optimization_profile(self):
-            record("create_optimization_profile")
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            record("build_serialized_network", network, config)
-            return b"PLAN-BYTES" if build_ok else None
-
-    for cls in (Logger, NetworkDefinitionCreationFlag, MemoryPoolType, OnnxParser, Builder):
-        setattr(trt, cls.__name__, cls)
-    return trt
+def make_fake_trt(*, io=None, **outcome):
+    """The one fake TensorRT (tests/fakes/tensorrt), a private copy whose parser presents `io` (default: the
+    encoder's); `trt.calls` lists (api, args) in call order."""
+    return fake_tensorrt.fresh(io=io or encoder_io(), **outcome)
 
 
 @pytest.fixture
@@ -237,7 +110,7 @@ def test_build_calls_the_tensorrt_api(monkeypatch, onnx_file, tmp_path, mbs, win
         "Logger", "Builder", "create_network", "OnnxParser", "parse_from_file", "create_builder_config",
         "set_memory_pool_limit", "create_optimization_profile", "set_shape", "set_shape", "add_optimization_profile",
         "create_timing_cache", "set_timing_cache", "build_serialized_network"]
-    assert only(trt, "Logger") == [("WARNING",)]
+    assert only(trt, "Logger") == [(trt.Logger.WARNING,)]
     assert only(trt, "create_network") == [(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED),)] == [(2,)]
     assert only(trt, "parse_from_file") == [(str(onnx_file),)]  # from the file: external weights resolve beside it
     assert only(trt, "set_memory_pool_limit") == [(trt.MemoryPoolType.WORKSPACE, 4 << 30)]
@@ -251,10 +124,12 @@ def test_build_calls_the_tensorrt_api(monkeypatch, onnx_file, tmp_path, mbs, win
     network = only(trt, "OnnxParser")[0][0]
     assert only(trt, "build_serialized_network")[0][0] is network
 
-    assert plan_path.read_bytes() == b"PLAN-BYTES" and report["plan_bytes"] == 10
+    (plan,) = trt.built_plans
+    assert plan_path.read_bytes() == plan and report["plan_bytes"] == len(plan)
+    assert json.loads(plan)["onnx"] == str(onnx_file)  # the engine of the parsed network
     assert report["tensorrt_version"] == "10.14.1.48"
     assert report["engine_plan"]["max_windows"] == want_max and report["engine_plan"]["opt_windows"] == want_opt
-    assert report["network"]["inputs"]["input_features"] == {"dtype": trt.float32, "shape": [-1, 128, -1]}
+    assert report["network"]["inputs"]["input_features"] == {"dtype": str(trt.float32), "shape": [-1, 128, -1]}
     assert report["timing_cache"] == {"path": None, "loaded_bytes": 0, "saved_bytes": 0}
     assert not list(plan_path.parent.glob(".*tmp*"))  # written atomically
 
@@ -295,14 +170,12 @@ def test_parser_errors_are_reported(monkeypatch, onnx_file, tmp_path):
 
 
 @pytest.mark.parametrize("io_kw, match", [
-    (dict(features_dtype="DataType.HALF"), "input_features is DataType.HALF, expected float32"),
+    (dict(features_dtype="HALF"), "input_features is DataType.HALF, expected float32"),
     (dict(drop_mask=True), "inputs are"),
     (dict(frames=3000), r"dims \[-1, 128, 3000\], expected \[-1, 128, -1\]"),  # an ONNX with a fixed T
 ])
 def test_network_that_is_not_the_encoder_is_refused(monkeypatch, onnx_file, tmp_path, io_kw, match):
-    trt = make_fake_trt()
-    trt_io = encoder_io(trt, **io_kw)
-    trt = make_fake_trt(io=trt_io)
+    trt = make_fake_trt(io=encoder_io(**io_kw))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     with pytest.raises(EncoderEngineError, match=match):
         build_encoder_engine(onnx_file, tmp_path / "a.plan", max_windows=8)

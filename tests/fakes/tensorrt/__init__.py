@@ -17,17 +17,25 @@ and pyFoundationalTypes.cpp (DataType):
                create_optimization_profile().set_shape(name, min, opt, max), create_timing_cache(bytes),
                set_timing_cache(cache, ignore_mismatch) -> bool, build_serialized_network(network, config)
 
+  OnnxParser.get_error(i) -> IParserError: desc(), node(), node_name(), node_operator(), code(), file(), line()
+               (python/src/parsers/pyOnnx.cpp)
+
 What is faked: the plan is JSON naming the ONNX file the engine was built from, its I/O and its profile; the
 parser presents the encoder's I/O (runtime/encoder_io.py) with the ONNX's output width when onnxruntime can read
 it. Executing reads the inputs from the bound addresses and writes the output at its bound address (host memory:
 torch CPU tensors stand in for CUDA ones) after running the ONNX with ONNX Runtime, so a GPU-encoder test can
 compare with the CPU encoder. Where onnxruntime is absent (the container env) engines build but do not execute.
+
+`calls` records every builder and runtime call as (api, args), in order. For tests that need their own copy with a
+scripted outcome (the parser fails, the builder returns None, the timing cache is refused, the parser presents
+other I/O), `fresh(...)` loads a private copy of this module: its `calls` and knobs are its own.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.util
 import json
 
 import numpy as np
@@ -35,6 +43,23 @@ import numpy as np
 __version__ = "10.14.1.48"
 PLAN_MAGIC = "af3trt-fake-tensorrt-plan"
 calls: list[tuple] = []  # (api, args) in call order, for tests that want to see the sequence
+built_plans: list[bytes] = []  # what build_serialized_network returned, in order
+
+# Scripted outcomes (set by fresh() on a private copy): the parser's verdict, the builder's, the timing cache's,
+# and the I/O the parser presents ([(name, DataType name, dims)] for inputs and outputs; None: read the ONNX).
+PARSE_OK, BUILD_OK, ACCEPT_CACHE, IO = True, True, True, None
+
+
+def fresh(*, parse_ok: bool = True, build_ok: bool = True, accept_cache: bool = True,
+          io: tuple[list, list] | None = None):
+    """A private copy of this module (its own `calls`), scripted: parse_ok=False makes the parser fail with two
+    errors, build_ok=False makes build_serialized_network return None, accept_cache=False makes set_timing_cache
+    refuse, io=(inputs, outputs) of (name, "FLOAT"|"HALF"|"INT32"|..., dims) is what the parser presents."""
+    spec = importlib.util.spec_from_file_location("tensorrt", __file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.PARSE_OK, mod.BUILD_OK, mod.ACCEPT_CACHE, mod.IO = parse_ok, build_ok, accept_cache, io
+    return mod
 
 
 class DataType(enum.Enum):
@@ -76,6 +101,7 @@ class Logger:
     INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
     def __init__(self, min_severity=2):
+        calls.append(("Logger", (min_severity,)))
         self.min_severity = min_severity
 
 
@@ -119,22 +145,58 @@ def _onnx_io(path: str):
             [_Tensor("audio_embeds", DataType.FLOAT, (-1, -1, width))])
 
 
+class _ParserError:
+    """What the parser reports for an operator it cannot import (IParserError)."""
+
+    def desc(self):
+        return "Unsupported operator Foo"
+
+    def node(self):
+        return 7
+
+    def node_name(self):
+        return "/audio_tower/Foo"
+
+    def node_operator(self):
+        return "Foo"
+
+    def code(self):
+        return "ErrorCode.UNSUPPORTED_NODE"
+
+    def file(self):
+        return "onnxOpImporters.cpp"
+
+    def line(self):
+        return 123
+
+
 class OnnxParser:
     def __init__(self, network, logger):
+        calls.append(("OnnxParser", (network, logger)))
         self.network, self.num_errors = network, 0
 
     def parse_from_file(self, path):
         calls.append(("parse_from_file", (path,)))
-        self.network.inputs, self.network.outputs = _onnx_io(path)
+        if not PARSE_OK:
+            self.num_errors = 2
+            return False
+        if IO is not None:
+            self.network.inputs, self.network.outputs = ([_Tensor(n, DataType[dt], dims) for n, dt, dims in side]
+                                                         for side in IO)
+        else:
+            self.network.inputs, self.network.outputs = _onnx_io(path)
         self.network.onnx = str(path)
         return True
 
     def get_error(self, i):
-        raise IndexError(i)
+        if not 0 <= i < self.num_errors:
+            raise IndexError(i)
+        return _ParserError()
 
 
 class _Profile:
     def __init__(self):
+        calls.append(("create_optimization_profile", ()))
         self.shapes = {}
 
     def set_shape(self, name, mn, opt, mx):
@@ -147,25 +209,31 @@ class _TimingCache:
         self.blob = bytes(blob)
 
     def serialize(self):
+        calls.append(("serialize_cache", ()))
         return self.blob + b"+timings"
 
 
 class _BuilderConfig:
     def __init__(self):
+        calls.append(("create_builder_config", ()))
         self.profiles, self.pools = [], {}
 
     def set_memory_pool_limit(self, pool, size):
+        calls.append(("set_memory_pool_limit", (pool, size)))
         self.pools[pool.name] = size
 
     def add_optimization_profile(self, profile):
+        calls.append(("add_optimization_profile", (profile,)))
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
     def create_timing_cache(self, blob):
+        calls.append(("create_timing_cache", (bytes(blob),)))
         return _TimingCache(blob)
 
     def set_timing_cache(self, cache, ignore_mismatch):
-        return True
+        calls.append(("set_timing_cache", (cache, ignore_mismatch)))
+        return ACCEPT_CACHE
 
     def set_flag(self, flag):
         calls.append(("set_flag", (flag,)))
@@ -173,6 +241,7 @@ class _BuilderConfig:
 
 class Builder:
     def __init__(self, logger):
+        calls.append(("Builder", (logger,)))
         self.logger = logger
 
     def create_network(self, flags=0):
@@ -186,12 +255,15 @@ class Builder:
         return _Profile()
 
     def build_serialized_network(self, network, config):
-        calls.append(("build_serialized_network", ()))
+        calls.append(("build_serialized_network", (network, config)))
+        if not BUILD_OK:
+            return None  # TensorRT logs why and returns nullptr
         plan = {"magic": PLAN_MAGIC, "version": __version__, "onnx": network.onnx,
                 "io": [[t.name, "INPUT", t.dtype.name, list(t.shape)] for t in network.inputs]
                 + [[t.name, "OUTPUT", t.dtype.name, list(t.shape)] for t in network.outputs],
                 "profile": config.profiles[0].shapes if config.profiles else {}}
-        return json.dumps(plan).encode()
+        built_plans.append(json.dumps(plan).encode())
+        return built_plans[-1]
 
 
 # ---- runtime side -----------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ pinned to the v1.2.1 tag; re-read before relying on a detail):
 - tensorrt_llm/plugin/plugin.py PluginConfig: field names as serialized (use_paged_context_fmha,
   use_fp8_context_fmha, context_fmha, paged_kv_cache, tokens_per_block, remove_input_padding, gemm_plugin, ...);
   "enable"/"disable" map to True/False, a plugin "disable" to None, "auto" resolves to the model dtype.
-The SM of the build GPU comes from $FAKE_TRTLLM_SM (default 90, an H100).
+The SM of the build GPU comes from $FAKE_TRTLLM_SM (default 90, an H100). `install(bin_dir, python)` writes it as
+an executable `trtllm-build` that `python` runs (the GPU-build tests put bin_dir first on PATH).
 """
 
 from __future__ import annotations
@@ -63,6 +64,22 @@ def plugin_config(opt: dict, quant: dict, dtype: str, sm: int) -> dict:
             "tokens_per_block": int(opt.get("tokens_per_block", 32)),
             "remove_input_padding": _flag(opt.get("remove_input_padding"), True),
             "multiple_profiles": _flag(opt.get("multiple_profiles"), False)}
+
+
+EXECUTABLE = """#!{python}
+import sys
+sys.path.insert(0, {tests!r})
+from fakes import trtllm_build
+sys.exit(trtllm_build.main(sys.argv[1:]))
+"""
+
+
+def install(bin_dir: Path, python: str) -> Path:
+    """`bin_dir`/trtllm-build, run by `python` (which must be able to import this package's numpy-free modules)."""
+    exe = Path(bin_dir) / "trtllm-build"
+    exe.write_text(EXECUTABLE.format(python=python, tests=str(Path(__file__).resolve().parent.parent)))
+    exe.chmod(0o755)
+    return exe
 
 
 def main(args: list[str]) -> int:

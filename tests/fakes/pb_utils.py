@@ -1,4 +1,12 @@
-"""A stand-in for Triton's `triton_python_backend_utils`, enough to run our model.py adapters without a server."""
+"""A stand-in for Triton's `triton_python_backend_utils`, enough to run our model.py adapters without a server.
+
+The names and conventions are those of triton-inference-server/python_backend (src/resources/
+triton_python_backend_utils.py and src/pb_stub.cc bindings; version in the search index, commit 28aaeb7b, not
+pinned to the r24.08 that tritonserver 2.51 ships): Tensor(name, array) / from_dlpack / as_numpy /
+to_dlpack, InferenceResponse(output_tensors, error), TritonError(msg).message(), get_input_tensor_by_name,
+request.request_id(), request.get_response_sender().send(response, flags) with TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+sender.is_cancelled(), Logger.log_info.
+"""
 
 from __future__ import annotations
 

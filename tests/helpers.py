@@ -1,0 +1,70 @@
+"""Helpers that several test modules use (fixtures shared the same way live in conftest.py): test modules never
+import one another.
+
+- fading_noise: a test signal whose loudness falls over time, with a silent second (audio and kernel tests).
+- Rendered-repository helpers (test_repo_configs, test_gpu_encoder): the parts of a trtllm-build config.json the
+  repository reads, a fake engine directory, the GPU RepoSpec of the tiny checkpoint, and every config.pbtxt of a
+  rendered repository parsed back through model_config_pb2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from af3trt.build.gpu_repo import TrtllmOptions, gpu_repo_spec
+from af3trt.build.trt_encoder import encoder_max_windows
+from af3trt.runtime import lengths
+from af3trt.triton_repo import configs
+
+SR = lengths.SAMPLE_RATE
+MODELS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "af3", "cancel")
+
+
+def fading_noise(n: int, seed: int = 0) -> np.ndarray:
+    """Noise whose loudness falls over time (each window gets its own peak) with a silent stretch."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / SR
+    wave = rng.standard_normal(n) * 0.3 * np.exp(-t / 40.0)
+    wave[(t > 2.0) & (t < 3.0)] = 0.0
+    return wave.astype(np.float32)
+
+
+def engine_config(dtype: str, *, vocab: int, hidden: int, mbs: int = 4, max_input_len: int = 16000,
+                  max_seq_len: int = 16600, table: int | None = None, paged_context_fmha: bool = True) -> dict:
+    """The parts of a trtllm-build config.json the repository reads."""
+    return {"version": "1.2.1",
+            "pretrained_config": {"architecture": "Qwen2ForCausalLM", "dtype": dtype, "vocab_size": vocab,
+                                  "hidden_size": hidden, "num_hidden_layers": 2},
+            "build_config": {"max_batch_size": mbs, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
+                             "max_prompt_embedding_table_size": mbs * 15000 if table is None else table,
+                             "plugin_config": {"use_paged_context_fmha": paged_context_fmha}}}
+
+
+def write_engine(root: Path, cfg: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "rank0.engine").write_bytes(b"engine")
+    return root
+
+
+def gpu_spec(checkpoint, limits, tmp_path, dtype="bfloat16", options=TrtllmOptions(), **engine_kw):
+    engine_dir = write_engine(tmp_path / f"engine-{dtype}",
+                              engine_config(dtype, vocab=checkpoint.vocab_size + 8,
+                                            hidden=checkpoint.text_hidden_size, **engine_kw))
+    return gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="artifacts/lm",
+                         encoder_max_windows=encoder_max_windows(limits.max_batch_size, limits.max_audio_windows),
+                         options=options), engine_dir
+
+
+def rendered(root: Path) -> dict[str, mc.ModelConfig]:
+    """Every config.pbtxt of a rendered repository, parsed back through model_config_pb2."""
+    out = {}
+    for name in MODELS:
+        out[name] = configs.parse((root / name / "config.pbtxt").read_text())
+        assert out[name].name == name
+    assert sorted(p.name for p in root.iterdir()) == sorted(MODELS)
+    return out
