@@ -16,13 +16,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from af3trt.registry import DECODER_PRECISIONS, KV_CACHES, read_config, text_config
+from af3trt.registry import DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, read_config, text_config
 from af3trt.runtime.lengths import SAMPLE_RATE, audio_tokens_for_samples
 
 DTYPE_BYTES = 2  # bf16 / fp16 engines
 KV_FREE_FRACTION = 0.9  # tensorrt_llm backend's kv_cache_free_gpu_mem_fraction default
 DEFAULT_RESERVE_BYTES = 4 * 1024**3  # CUDA context, TensorRT activations and workspaces: measure on the GPU
-DEFAULT_GPU_BYTES = 81559 * 1024**2  # H100 80GB HBM3 as nvidia-smi reports it
+DEFAULT_GPU = KNOWN_GPUS["h100"]  # what the tables assume unless told otherwise
 TOKENS_PER_BLOCK = 32
 
 
@@ -155,7 +155,7 @@ def request_tokens(audio_seconds: float, text_tokens: int, output_tokens: int) -
 
 
 def max_concurrent(d: DecoderDims, e: EncoderDims | None, precision: str, kv_cache: str, audio_seconds: float, *,
-                   gpu_bytes: int = DEFAULT_GPU_BYTES, text_tokens: int = 1024, output_tokens: int = 1024,
+                   gpu_bytes: int = DEFAULT_GPU.memory_bytes, text_tokens: int = 1024, output_tokens: int = 1024,
                    reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> int:
     """Requests of `audio_seconds` that fit at once: 0.9 x (GPU - weights - reserve) / (KV + prompt table)."""
     weights = decoder_weight_bytes(d, precision) + (encoder_weight_bytes(e) if e else 0)
@@ -169,7 +169,7 @@ def max_concurrent(d: DecoderDims, e: EncoderDims | None, precision: str, kv_cac
 
 # ---------------------------------------------------------------------------------------------- table
 
-def sizing_table(config: dict | Path, *, gpu_bytes: int = DEFAULT_GPU_BYTES, gpu_name: str = "H100 80GB",
+def sizing_table(config: dict | Path, *, gpu_bytes: int = DEFAULT_GPU.memory_bytes, gpu_name: str = DEFAULT_GPU.name,
                  text_tokens: int = 1024, output_tokens: int = 1024,
                  reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> dict:
     """Every number of the sizing report, as a dict (rendered by `render_markdown`)."""

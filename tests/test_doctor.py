@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 
 from af3trt.runtime import doctor
-from af3trt.registry import GpuInfo
+from af3trt.registry import KNOWN_GPUS
 from af3trt.runtime.doctor import Check, check_backends, check_python_stub, diagnose, repository_models
 from af3trt.triton_repo import configs
 
 GIB = 1024**3
 HERE_PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 VERSIONS = {"torch": "2.9.1", "tensorrt": "10.14.1.48", "tensorrt_llm": "1.2.1", "modelopt": "0.37.0"}
-H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 81559)
-A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), 81920)
+H100, A100 = KNOWN_GPUS["h100"], KNOWN_GPUS["a100"]
 
 
 def fake_container_backends(root: Path, python: str = "3.12") -> Path:
