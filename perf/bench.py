@@ -186,7 +186,8 @@ def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = Non
     """The build output to serve: --repo, or a CPU build cached under --work keyed by its options."""
     if args.repo and precision is None and crop_frames:
         return args.repo.resolve()
-    from af3trt.build.build_engines import build, checkpoint_digest
+    from af3trt.build.build_engines import build
+    from af3trt.build.plan import checkpoint_digest
 
     precision = precision or args.encoder_precision
     name = f"repo-{args.preset}-{precision}" + ("-batched" if args.encoder_batching else "") \
