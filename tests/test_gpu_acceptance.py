@@ -24,6 +24,7 @@ import pytest
 
 from af3trt.build import gpu_check
 from af3trt.build.build_engines import main as build_main
+from af3trt.registry import supports_fp8
 from af3trt.runtime.gpus import detect_gpu
 
 GPU = detect_gpu()
@@ -52,7 +53,7 @@ def checkpoints(root: Path):
         yield "real", Path(real)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8" if GPU and GPU.sm >= 89 else "int8_wo"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8" if GPU and supports_fp8(GPU.sm) else "int8_wo"])
 def test_gpu_check_passes(tmp_path_factory, precision):
     root = tmp_path_factory.mktemp(f"gpu-{precision}")
     for name, ckpt in checkpoints(root):
