@@ -21,7 +21,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from af3trt.build.common import BuildError, Progress, versions
@@ -110,10 +110,7 @@ class EnginePlans:
 
     encoder_onnx: str  # relative to the root
     encoder: EncoderEnginePlan
-    trtllm: TrtllmBuildPlan  # its paths: under the root given to engine_plans (see at())
-
-    def trtllm_at(self, plan: BuildPlan, root: Path) -> TrtllmBuildPlan:
-        return _trtllm_plan(plan, root)
+    trtllm: TrtllmBuildPlan  # with the paths of the final location (plan.out)
 
     def public(self, root: Path) -> dict:
         """artifacts/gpu_build_plan.json: what will run, with the paths where the output will be (root)."""
@@ -149,7 +146,7 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
             root / engines.encoder_onnx, art / "encoder.plan", max_windows=enc.max_windows,
             opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
     with prog.step("building the TensorRT-LLM decoder engine (trtllm-build)"):
-        report.sections["decoder_engine"] = run_trtllm_build(engines.trtllm_at(plan, root).args,
+        report.sections["decoder_engine"] = run_trtllm_build(_trtllm_plan(plan, root).args,
                                                              root / "logs" / "trtllm-build.log")
     with prog.step("rendering the Triton model repository (TensorRT encoder in python + tensorrtllm)"):
         engine = read_decoder_engine(art / "engine")  # what trtllm-build actually built (its plugin_config)
@@ -252,8 +249,8 @@ def build_from_prepared(out: Path) -> Path:
     plan, prepared = load_plan(out)
     if plan.target != "gpu" or "encoder_onnx" not in prepared:
         raise BuildError(f"{out} is not a prepared GPU build")
-    plan.gpu.prepare_only = False
-    plan.gpu_target, notes = check_target(plan.gpu)  # the GPU here: engines are built for its architecture
+    gpu_target, notes = check_target(plan.gpu)  # the GPU here: engines are built for its architecture
+    plan = replace(plan, gpu=replace(plan.gpu, prepare_only=False), gpu_target=gpu_target)
     doctor_build_tools(False)
     memory = preflight(plan)
     prog, report = Progress(total=3), BuildReport()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -70,7 +71,7 @@ class ServingLimits:
 
     @property
     def max_audio_windows(self) -> int:
-        return -(-int(self.max_audio_seconds) // lengths.WINDOW_SECONDS)
+        return math.ceil(self.max_audio_seconds / lengths.WINDOW_SECONDS)
 
     @property
     def window_tokens_per_request(self) -> int:
