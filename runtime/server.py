@@ -42,10 +42,20 @@ def _die_with(parent: int):
     return preexec
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port has returned in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now and that this process has not been handed before: the kernel may offer a port
+    again once the probing socket is closed, and two ports chosen before either is bound (a replica's metrics port,
+    HAProxy's frontend) must differ."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass

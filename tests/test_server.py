@@ -49,3 +49,12 @@ def test_a_broken_repository_fails_fast_with_the_log(tmp_path):
     with pytest.raises(server.ServerError, match="exited with code"):
         srv.start(timeout=120)
     assert srv.proc.poll() is not None
+
+
+def test_free_ports_are_never_handed_out_twice():
+    """Ports picked one after another before any is bound (a replica set: each replica's three, HAProxy's three)
+    must all differ, although the kernel may offer a just-closed probe port again."""
+    from af3trt.runtime.server import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
