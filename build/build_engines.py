@@ -21,10 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from af3trt.build import gpu_build
-from af3trt.build.common import BuildError, Progress
-from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, check_options, make_plan
-from af3trt.build.repository import render_repository, spec_fields
-from af3trt.triton_repo.configs import RepoSpec
+from af3trt.build.common import BuildError, Progress, add_flags, from_flags
+from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
+from af3trt.build.repository import render_repository, repo_spec
 
 log = logging.getLogger("af3trt.build")
 
@@ -52,23 +51,15 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     def threads_of(override):
         return threads if override is None else str(override)
 
-    spec = RepoSpec(
-        target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"], **spec_fields(plan.checkpoint, plan.limits),
-        encoder_max_batch=o.encoder_max_batch,
+    spec = repo_spec(
+        plan.checkpoint, plan.serving, target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"],
+        tokenizer_dir="artifacts/lm", encoder_max_batch=o.encoder_max_batch,
         encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads),
                         **({"max_windows_per_run": str(o.encoder_windows_per_run)}
                            if o.encoder_windows_per_run else {})},
-        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.limits.max_batch_size),
+        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
                         "threads": threads_of(o.decoder_threads)},
-        fusion_params={"tokenizer_dir": "artifacts/lm"},
-        postprocess_params={"tokenizer_dir": "artifacts/lm"},
-        preprocess_params={"threads": threads_of(o.preprocess_threads),
-                           **({} if o.crop_frames else {"crop_frames": "false"})},
-        preprocess_instances=o.preprocess_instances, encoder_instances=o.encoder_instances,
-        decoder_instances=o.decoder_instances,
-        encoder_queue_delay_us=o.encoder_queue_delay_us, encoder_batching=o.encoder_batching,
-        max_queue_size=o.max_queue_size, queue_timeout_ms=o.queue_timeout_ms,
-    )
+        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
     report.sections["repository"] = {"spec": asdict(spec),
@@ -127,11 +118,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="output directory (repository, artifacts, manifest)")
     ap.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
-    ap.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in the decoder")
-    ap.add_argument("--max-audio-seconds", type=int, default=600, help="audio per request (AF3 reads at most 600)")
-    ap.add_argument("--max-text-len", type=int, default=1024, help="text tokens per request besides audio tokens")
-    ap.add_argument("--max-output-len", type=int, default=512)
-    ap.add_argument("--default-max-tokens", type=int, default=128)
+    add_flags(ap.add_argument_group("serving (both targets)"), ServingConfig)
     ap.add_argument("--encoder-precision", default=None,
                     help="cpu: fp32 (default) | int8 (ORT dynamic); gpu: fp16 (default) | bf16 | fp32 | int8 | fp8")
     ap.add_argument("--cpu-threads", type=int, default=0,
@@ -145,22 +132,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-windows-per-run", type=int, default=2,
                     help="CPU encoder: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's "
                          "attention buffers in cache: measured 1.3-2x faster per window than 10 at once)")
-    ap.add_argument("--no-encoder-batching", dest="encoder_batching", action="store_false",
-                    help="one request per encoder execution (faster on CPU: requests pipeline into the decoder)")
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
-    ap.add_argument("--encoder-queue-delay-us", type=int, default=2000,
-                    help="how long the encoder's dynamic batcher waits to gather windows")
-    ap.add_argument("--preprocess-instances", type=int, default=1, help="instances of the preprocess model")
-    ap.add_argument("--encoder-instances", type=int, default=1, help="instances of the encoder model")
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")
-    ap.add_argument("--no-crop-frames", dest="crop_frames", action="store_false",
-                    help="send full 30-s windows to the encoder instead of each request's frame bucket (slower; "
-                         "the kept audio tokens are the same)")
-    ap.add_argument("--max-queue-size", type=int, default=32,
-                    help="requests that may wait in each stage's queue; more are rejected at once as busy (0: no bound)")
-    ap.add_argument("--queue-timeout-ms", type=int, default=120000,
-                    help="a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
     gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")
@@ -180,28 +154,38 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    """The BuildOptions of parsed `af3trt build` flags (ValueError for a serving value out of range)."""
+    v = {k: val for k, val in vars(args).items() if k != "from_prepared"}
+    serving = from_flags(ServingConfig, args)
+    for f in ServingConfig.flags():
+        v.pop(f.name)
+    gpu_keys = ("precision", "kv_cache", "tp_size", "gpu", "calib_audio", "prepare_only", "engine_dir_at_serve")
+    gpu_kw = {k: v.pop(k) for k in gpu_keys}
+    gpu_kw.update(accuracy_report=not v.pop("no_accuracy_report"), goldens=not v.pop("no_goldens"))
+    opts = BuildOptions(**v, serving=serving)
+    if opts.target == "gpu":
+        opts.gpu = GpuOptions(**gpu_kw)
+    return opts
+
+
 def main(argv=None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    v = vars(args)
-    prepared = v.pop("from_prepared")
-    if prepared is not None:
+    if args.from_prepared is not None:
         try:
-            gpu_build.build_from_prepared(prepared)
+            gpu_build.build_from_prepared(args.from_prepared)
         except BuildError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
         return
     if args.hf_model is None or args.out is None:
         ap.error("--hf-model and --out are required (or --from-prepared OUT)")
-    gpu_keys = ("precision", "kv_cache", "tp_size", "gpu", "calib_audio", "prepare_only", "engine_dir_at_serve")
-    gpu_kw = {k: v.pop(k) for k in gpu_keys}
-    accuracy = not v.pop("no_accuracy_report")
-    goldens = not v.pop("no_goldens")
-    opts = BuildOptions(**v)
-    if opts.target == "gpu":
-        opts.gpu = GpuOptions(**gpu_kw, accuracy_report=accuracy, goldens=goldens)
+    try:
+        opts = options_from_args(args)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         build(opts)
     except BuildError as e:

@@ -1,11 +1,13 @@
-"""What both build targets share: the error a user sees as a clean message, step progress, and the versions
-recorded in a manifest. Imported by build_engines.py (the CPU target and the entry point) and gpu_build.py (the
+"""What both build targets share: the error a user sees as a clean message, step progress, the versions recorded in
+a manifest, and command-line flags generated from a dataclass's fields (add_flags / from_flags). Imported by build_engines.py (the CPU target and the entry point) and gpu_build.py (the
 GPU target); it imports nothing of af3trt's, so neither target has to import the other for it."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import time
+from dataclasses import MISSING, fields
 from importlib import metadata
 
 
@@ -50,3 +52,28 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, defaults=None) -> None:
+    """One flag per field of the dataclass `cls` that has a `help` in its metadata: `--field-name` of the default's
+    type (metadata `type` and `choices` override), a True boolean as `--no-field-name`, a False one as
+    `--field-name`. `defaults` (an instance) replaces the fields' own defaults."""
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        if default is MISSING:
+            default = f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            ap.add_argument(flag.replace("--", "--no-") if default else flag, dest=f.name,
+                            action="store_false" if default else "store_true", help=f.metadata["help"])
+        else:
+            choices = f.metadata.get("choices")
+            ap.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"],
+                            type=f.metadata.get("type", type(default)), choices=choices() if callable(choices) else choices)
+
+
+def from_flags(cls: type, args: argparse.Namespace, **extra):
+    """The `cls` of parsed flags (those add_flags made), with `extra` fields."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}, **extra)

@@ -122,8 +122,8 @@ class EnginePlans:
 
 def _trtllm_plan(plan: BuildPlan, root: Path) -> TrtllmBuildPlan:
     art = plan.artifacts(root)
-    return plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.limits, plan.gpu.precision,
-                             plan.gpu.kv_cache, plan.limits.window_tokens_per_request,
+    return plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.serving, plan.gpu.precision,
+                             plan.gpu.kv_cache, plan.serving.window_tokens_per_request,
                              timing_cache=art / "trtllm.timing.cache", gpu=plan.gpu_target)
 
 
@@ -131,7 +131,7 @@ def engine_plans(plan: BuildPlan, encoder_onnx: str) -> EnginePlans:
     """The engine builds of a prepared plan, with the paths of its final location (plan.out)."""
     trtllm = _trtllm_plan(plan, plan.out)
     # the encoder takes per execution what the decoder can take per iteration (build/memory_plan.py)
-    max_windows = encoder_profile_windows(plan.limits.max_batch_size, plan.limits.max_audio_windows,
+    max_windows = encoder_profile_windows(plan.serving.max_batch_size, plan.serving.max_audio_windows,
                                           trtllm.derived["max_num_tokens"])
     return EnginePlans(encoder_onnx, encoder_engine_plan(max_windows=max_windows), trtllm)
 
@@ -151,7 +151,7 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
     with prog.step("rendering the Triton model repository (TensorRT encoder in python + tensorrtllm)"):
         engine = read_decoder_engine(art / "engine")  # what trtllm-build actually built (its plugin_config)
         options = backend_options(engine, TrtllmOptions(max_tokens_in_paged_kv_cache=kv_cache_tokens))
-        spec = gpu_repo_spec(plan.checkpoint, plan.limits, engine_dir=art / "engine", tokenizer_dir="artifacts/lm",
+        spec = gpu_repo_spec(plan.checkpoint, plan.serving, engine_dir=art / "engine", tokenizer_dir="artifacts/lm",
                              encoder_max_windows=enc.max_windows, engine=engine, options=options,
                              engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"))
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
@@ -229,7 +229,7 @@ def preflight(plan: BuildPlan) -> MemoryPlan:
                          + "; ".join(problems))
     memory = plan_for_config(plan.checkpoint.config, precision=g.precision, kv_cache=g.kv_cache,
                              encoder_precision=g.encoder_precision, tp_size=g.tp_size,
-                             max_batch_size=plan.limits.max_batch_size, max_audio_windows=plan.limits.max_audio_windows,
+                             max_batch_size=plan.serving.max_batch_size, max_audio_windows=plan.serving.max_audio_windows,
                              derived=trtllm.derived, gpu=plan.gpu_target)
     try:
         check_fits(memory)

@@ -2,11 +2,11 @@
 decoder backend, and the placement of the encoder plan.
 
     info = read_decoder_engine("artifacts/engine")          # dtype, vocab, hidden, build limits of the engine
-    spec = gpu_repo_spec(checkpoint, limits, engine_dir="artifacts/engine", tokenizer_dir="artifacts/lm",
+    spec = gpu_repo_spec(checkpoint, serving, engine_dir="artifacts/engine", tokenizer_dir="artifacts/lm",
                          encoder_max_windows=160, engine=info, options=TrtllmOptions())
     render_gpu_repository(work / "model_repository", spec, encoder_plan=work / "artifacts/encoder.plan")
 
-`checkpoint` and `limits` are the build plan's CheckpointFacts and ServingLimits (build/plan.py).
+`checkpoint` and `serving` are the build plan's CheckpointFacts and ServingConfig (build/plan.py).
 
 Models (configs from triton_repo/configs.py):
   encoder   python backend running the TensorRT plan (triton_repo/encoder_trt, runtime/trt_runner.py: the container has no
@@ -38,8 +38,8 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from af3trt.build.plan import CheckpointFacts, ServingLimits
-from af3trt.build.repository import render_repository, spec_fields
+from af3trt.build.plan import CheckpointFacts, ServingConfig
+from af3trt.build.repository import render_repository, repo_spec
 from af3trt.triton_repo.configs import DTYPES, RepoSpec
 
 EXECUTOR_WORKER_PATH = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
@@ -176,7 +176,7 @@ def decoder_parameters(gpt_model_path: str, options: TrtllmOptions) -> dict[str,
     return params
 
 
-def check_engine_fits(engine: TrtllmEngineInfo, checkpoint: CheckpointFacts, limits: ServingLimits,
+def check_engine_fits(engine: TrtllmEngineInfo, checkpoint: CheckpointFacts, limits: ServingConfig,
                       options: TrtllmOptions) -> None:
     """GpuRepoError when the engine cannot serve the limits (sizes read from its build_config, when present)."""
     problems = []
@@ -199,11 +199,11 @@ def check_engine_fits(engine: TrtllmEngineInfo, checkpoint: CheckpointFacts, lim
         raise GpuRepoError(f"{engine.source}: " + "; ".join(problems))
 
 
-def gpu_repo_spec(checkpoint: CheckpointFacts, limits: ServingLimits, *, engine_dir: Path, tokenizer_dir: str, encoder_max_windows: int,
-                  engine: TrtllmEngineInfo | None = None, options: TrtllmOptions = TrtllmOptions(),
-                  engine_dir_at_serve: str | None = None, encoder_instances: int = 1,
-                  encoder_queue_delay_us: int = 2000, gpu_kernels: bool = True) -> RepoSpec:
-    """The RepoSpec of target "gpu".
+def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine_dir: Path, tokenizer_dir: str,
+                  encoder_max_windows: int, engine: TrtllmEngineInfo | None = None,
+                  options: TrtllmOptions = TrtllmOptions(), engine_dir_at_serve: str | None = None,
+                  gpu_kernels: bool = True) -> RepoSpec:
+    """The RepoSpec of target "gpu": build/repository.repo_spec with the TensorRT encoder and the tensorrtllm decoder.
 
     engine_dir: the TensorRT-LLM engine directory (config.json read here unless `engine` is given).
     engine_dir_at_serve: its absolute path inside the serving container when that differs from engine_dir's.
@@ -212,19 +212,15 @@ def gpu_repo_spec(checkpoint: CheckpointFacts, limits: ServingLimits, *, engine_
     gpu_kernels: log-mel and prompt table on the GPU (af3trt.kernels; RepoSpec.gpu_kernels), else the CPU path.
     """
     engine = engine or read_decoder_engine(engine_dir)
-    check_engine_fits(engine, checkpoint, limits, options)
-    if encoder_max_windows < limits.max_audio_windows:
+    check_engine_fits(engine, checkpoint, serving, options)
+    if encoder_max_windows < serving.max_audio_windows:
         raise GpuRepoError(f"the encoder engine takes at most {encoder_max_windows} windows at once, but one request "
-                           f"may bring {limits.max_audio_windows}")
+                           f"may bring {serving.max_audio_windows}")
     gpt_model_path = engine_dir_at_serve or str(Path(engine_dir).resolve())
-    return RepoSpec(
-        target="gpu", decoder_dtype=engine.dtype, vocab_size=engine.vocab_size, **spec_fields(checkpoint, limits),
-        encoder_max_batch=encoder_max_windows,
-        encoder_queue_delay_us=encoder_queue_delay_us, encoder_instances=encoder_instances,
-        prompt_table_extra_ids=options.enable_kv_cache_reuse,
-        decoder_params=decoder_parameters(gpt_model_path, options),
-        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir},
-        gpu_kernels=gpu_kernels)
+    return repo_spec(checkpoint, serving, target="gpu", decoder_dtype=engine.dtype, vocab_size=engine.vocab_size,
+                     tokenizer_dir=tokenizer_dir, encoder_max_batch=encoder_max_windows, encoder_params={},
+                     decoder_params=decoder_parameters(gpt_model_path, options),
+                     prompt_table_extra_ids=options.enable_kv_cache_reuse, gpu_kernels=gpu_kernels)
 
 
 def place_encoder_plan(repo_root: Path, plan: Path, *, copy: bool = False) -> Path:

@@ -44,7 +44,7 @@ from pathlib import Path
 from af3trt.build import sizing
 from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, EncoderDims, decoder_weight_bytes,
                                  dims_from_config, encoder_weight_bytes, kv_bytes_per_token)
-from af3trt.build.plan import BuildOptions, serving_limits
+from af3trt.build.plan import ServingConfig
 from af3trt.build.trtllm_engine import plan_trtllm_build
 from af3trt.registry import KNOWN_GPUS
 from af3trt.runtime import lengths
@@ -203,8 +203,7 @@ def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_prec
 
 def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv_cache: str = "auto") -> str:
     """docs/sizing.md's memory plan: `af3trt build --target gpu` with its default serving limits, per GPU."""
-    opts = BuildOptions(hf_model="-", out="-")
-    limits = serving_limits(opts)
+    limits = ServingConfig()
     derived = plan_trtllm_build("checkpoint", "engine", limits, precision, kv_cache,
                                 limits.window_tokens_per_request).derived
     plans = {key: plan_for_config(config, precision=precision, kv_cache=kv_cache, encoder_precision="fp16",
@@ -213,7 +212,7 @@ def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv
              for key, gpu in gpus.items()}
     first = next(iter(plans.values()))
     title = (f"Memory plan of the default GPU build ({precision}, KV cache {kv_cache}, fp16 encoder, tp 1, "
-             f"{limits.max_batch_size} requests of {limits.max_audio_seconds} s audio + {limits.max_text_input_len} text "
+             f"{limits.max_batch_size} requests of {limits.max_audio_seconds:g} s audio + {limits.max_text_len} text "
              f"+ {limits.max_output_len} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
     lines = [render_markdown(first, title).rsplit("\n| **total", 1)[0],
              f"| **total on GPU 0** | {first.total / GIB:.2f} | |", "",

@@ -4,9 +4,9 @@
                                                     │                                        │
                                                     └────────────── manifest.json ◀──────────┘
 
-BuildPlan holds the checkpoint's facts (CheckpointFacts), the one ServingLimits every stage derives its sizes from
-(repository configs, trtllm-build flags, the memory plan, the encoder profile), the precisions, the paths and the
-target GPU. Stages read the plan and return what they produced; build_engines.build() collects that in a
+BuildPlan holds the checkpoint's facts (CheckpointFacts), the one ServingConfig every stage derives its sizes and
+queues from (the repository configs of both targets, trtllm-build's flags, the memory plan, the encoder profile),
+the precisions, the paths and the target GPU. Stages read the plan and return what they produced; build_engines.build() collects that in a
 BuildReport and writes manifest.json from plan + report once, at the end. Nothing reads the manifest back to
 learn what to build: a `--prepare-only` GPU build saves its plan as artifacts/build_plan.json, and
 `--from-prepared` continues from that file.
@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from af3trt.build.common import BuildError, versions
@@ -34,18 +34,51 @@ PLAN_FILE = "artifacts/build_plan.json"
 ROOT_FILES = ("config.json",)
 
 
-# ---------------------------------------------------------------------------------------------- serving limits
+# ---------------------------------------------------------------------------------------------- serving config
+
+def _spell(name: str) -> str:
+    """A field as an error names it: with its flag, so that both a library caller and a CLI user know it."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _flag(help: str, **kw) -> dict:
+    """Field metadata of a ServingConfig knob that `af3trt build` offers as a flag (build/common.add_flags)."""
+    return {"help": help, **kw}
+
 
 @dataclass(frozen=True)
-class ServingLimits:
-    """What the served model must take: one object, from which the repository configs, trtllm-build's flags, the
-    memory plan and the encoder profile are all derived."""
+class ServingConfig:
+    """What the served model must take and how its stages queue: one frozen record, the same for both targets.
 
-    max_batch_size: int = 8  # concurrent sequences in the decoder
-    max_audio_seconds: float = float(lengths.MAX_AUDIO_SECONDS)  # AF3's processor takes at most 10 min
-    max_text_input_len: int = 1024  # prompt tokens besides the audio tokens (chat markup + question)
-    max_output_len: int = 1024
-    default_max_tokens: int = 128  # a request without max_tokens (capped at max_output_len)
+    Every field with flag metadata is an `af3trt build` flag (generated: build/common.add_flags), reaches the
+    repository of both targets through build/repository.repo_spec, and is checked by tests/test_serving_config.py.
+    The others are the decoder engine's (trtllm-build) and not flags. The repository configs, trtllm-build's flags,
+    the memory plan and the encoder profile are all derived from this one object."""
+
+    max_batch_size: int = field(default=8, metadata=_flag("concurrent sequences in the decoder"))
+    max_audio_seconds: float = field(default=float(lengths.MAX_AUDIO_SECONDS), metadata=_flag(
+        f"audio per request (AF3 reads at most {lengths.MAX_AUDIO_SECONDS})"))
+    max_text_len: int = field(default=1024, metadata=_flag(
+        "text tokens per request besides the audio tokens (chat markup + question)"))
+    max_output_len: int = field(default=512, metadata=_flag("generated tokens per request at most"))
+    default_max_tokens: int = field(default=128, metadata=_flag(
+        "generated tokens of a request that names no max_tokens (capped at --max-output-len)"))
+    max_queue_size: int = field(default=32, metadata=_flag(
+        "requests that may wait in each stage's queue; more are rejected at once as busy (0: no bound)"))
+    queue_timeout_ms: int = field(default=120000, metadata=_flag(
+        "a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)"))
+    preprocess_instances: int = field(default=1, metadata=_flag("instances of the preprocess model"))
+    encoder_instances: int = field(default=1, metadata=_flag("instances of the encoder model"))
+    encoder_queue_delay_us: int = field(default=2000, metadata=_flag(
+        "how long the encoder's dynamic batcher waits to gather windows"))
+    encoder_batching: bool = field(default=True, metadata=_flag(
+        "one request per encoder execution (faster on CPU with full windows: requests pipeline into the decoder)"))
+    # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
+    # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
+    crop_frames: bool = field(default=True, metadata=_flag(
+        "send full 30-s windows to the encoder instead of each request's frame bucket (slower; the kept audio "
+        "tokens are the same)"))
+    # the decoder engine's (build/trtllm_engine.py); tp_size comes from --tp-size (GpuOptions)
     tp_size: int = 1
     max_num_tokens: int | None = None  # per-iteration token budget; None: derived (build/trtllm_engine.py)
     tokens_per_block: int = 32
@@ -53,16 +86,25 @@ class ServingLimits:
     multiple_profiles: bool = True
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_text_input_len", "max_output_len", "tp_size", "tokens_per_block",
-                     "max_beam_width", "default_max_tokens"):
+        for name in ("max_batch_size", "max_text_len", "max_output_len", "tp_size", "tokens_per_block",
+                     "max_beam_width", "default_max_tokens", "preprocess_instances", "encoder_instances"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ServingLimits.{name} must be a positive integer, got {v!r}")
-        if not 0 < self.max_audio_seconds <= lengths.MAX_AUDIO_SECONDS:
-            raise ValueError(f"max_audio_seconds must be in (0, {lengths.MAX_AUDIO_SECONDS}] (AF3's cap), "
+                raise ValueError(f"{_spell(name)} must be a positive integer, got {v!r}")
+        for name in ("max_queue_size", "queue_timeout_ms", "encoder_queue_delay_us"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{_spell(name)} must be an integer >= 0, got {v!r}")
+        if not 1 <= self.max_audio_seconds <= lengths.MAX_AUDIO_SECONDS:
+            raise ValueError(f"{_spell('max_audio_seconds')} must be in [1, {lengths.MAX_AUDIO_SECONDS}] (AF3's cap), "
                              f"got {self.max_audio_seconds}")
         if self.max_num_tokens is not None and self.max_num_tokens < self.tokens_per_block:
             raise ValueError("max_num_tokens must be at least tokens_per_block")
+
+    @classmethod
+    def flags(cls) -> list:
+        """The fields `af3trt build` offers as flags."""
+        return [f for f in fields(cls) if "help" in f.metadata]
 
     @property
     def audio_tokens_per_request(self) -> int:
@@ -81,7 +123,7 @@ class ServingLimits:
     @property
     def max_input_len(self) -> int:
         """Text + audio tokens of one request, as the repository and the decoder engine take them."""
-        return self.max_text_input_len + self.window_tokens_per_request
+        return self.max_text_len + self.window_tokens_per_request
 
     @property
     def served_default_max_tokens(self) -> int:
@@ -129,46 +171,23 @@ class BuildOptions:
     out: Path
     target: str = "cpu"
     force: bool = False
-    # serving limits
-    max_batch_size: int = 8
-    max_audio_seconds: int = 600
-    max_text_len: int = 1024  # text tokens per request besides the audio tokens
-    max_output_len: int = 512
-    default_max_tokens: int = 128
+    serving: ServingConfig = field(default_factory=ServingConfig)  # both targets
     # CPU backends
     encoder_precision: str | None = None  # cpu: fp32 | int8 (ORT dynamic); gpu: fp16 | bf16 | fp32 | int8 | fp8
     cpu_threads: int = 0  # 0 = the runtimes' defaults
     encoder_threads: int | None = None  # per-model overrides of cpu_threads (None: cpu_threads)
     decoder_threads: int | None = None
     preprocess_threads: int | None = 1  # the log-mel of one request is small: more threads only contend
-    encoder_max_batch: int = 64
-    encoder_queue_delay_us: int = 2000  # the encoder's dynamic batcher waits this long for more windows
-    encoder_batching: bool = True  # False: one request per encoder execution (see RepoSpec.encoder_batching)
+    encoder_max_batch: int = 64  # the GPU encoder's is its engine profile's (build/memory_plan.py)
     encoder_windows_per_run: int = 2  # CPU encoder: windows per ONNX Runtime run (0: all of an execution at once)
-    preprocess_instances: int = 1
-    encoder_instances: int = 1
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
-    # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
-    # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
-    crop_frames: bool = True
-    max_queue_size: int = 32  # per queued stage; beyond it requests are rejected at once (see RepoSpec)
-    queue_timeout_ms: int = 120000  # a request waiting longer in a stage's queue is rejected
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 
 
-def serving_limits(opts: BuildOptions) -> ServingLimits:
-    """The ServingLimits of build options (BuildError for values out of range)."""
-    if not 1 <= opts.max_audio_seconds <= lengths.MAX_AUDIO_SECONDS:
-        raise BuildError(f"--max-audio-seconds must be in [1, {lengths.MAX_AUDIO_SECONDS}], "
-                         f"got {opts.max_audio_seconds}")
-    try:
-        return ServingLimits(max_batch_size=opts.max_batch_size, max_audio_seconds=opts.max_audio_seconds,
-                             max_text_input_len=opts.max_text_len, max_output_len=opts.max_output_len,
-                             default_max_tokens=opts.default_max_tokens,
-                             tp_size=opts.gpu.tp_size if opts.gpu is not None else 1)
-    except ValueError as e:
-        raise BuildError(str(e)) from None
+def serving_config(opts: BuildOptions) -> ServingConfig:
+    """The plan's ServingConfig: the options' own, with the GPU target's tensor-parallel size."""
+    return replace(opts.serving, tp_size=opts.gpu.tp_size if opts.gpu is not None else 1)
 
 
 # ---------------------------------------------------------------------------------------------- the checkpoint
@@ -262,7 +281,7 @@ class BuildPlan:
     out: Path  # where the build output lives once it is moved into place
     options: BuildOptions
     checkpoint: CheckpointFacts
-    limits: ServingLimits
+    serving: ServingConfig  # its tp_size is the GPU options'
     encoder_precision: str
     gpu: GpuOptions | None = None
     gpu_target: GpuInfo | None = None  # the declared or detected GPU (None: not known; nothing GPU-specific checked)
@@ -282,8 +301,10 @@ class BuildPlan:
     def manifest(self, report: "BuildReport") -> dict:
         m = {"af3trt_manifest": MANIFEST_FORMAT, "target": self.target, "created_unix": self.created_unix,
              "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
-             "versions": versions(), "options": {k: str(v) for k, v in asdict(self.options).items()},
-             "checkpoint": self.checkpoint.as_manifest(), "limits": self.limits.as_manifest()}
+             "versions": versions(),
+             "options": {k: str(v) for k, v in asdict(self.options).items() if k not in ("serving", "gpu")},
+             "serving": asdict(self.serving), "checkpoint": self.checkpoint.as_manifest(),
+             "limits": self.serving.as_manifest()}
         if self.gpu is not None:
             m["gpu"] = {"target": None if self.gpu_target is None else asdict(self.gpu_target), "notes": self.notes,
                         "options": self.gpu.as_dict()}
@@ -292,12 +313,12 @@ class BuildPlan:
     # the saved plan of a --prepare-only build --------------------------------------------------------------
 
     def to_json(self) -> dict:
-        opts = {k: v for k, v in asdict(self.options).items() if k != "gpu"}
+        opts = {k: v for k, v in asdict(self.options).items() if k not in ("serving", "gpu")}
         return {"af3trt_build_plan": MANIFEST_FORMAT, "target": self.target, "out": str(self.out),
                 "created_unix": self.created_unix,
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()},
                 "checkpoint": {**self.checkpoint.as_manifest(), "hf_config": self.checkpoint.config},
-                "limits": asdict(self.limits), "encoder_precision": self.encoder_precision,
+                "serving": asdict(self.serving), "encoder_precision": self.encoder_precision,
                 "gpu": None if self.gpu is None else self.gpu.as_dict(),
                 "gpu_target": None if self.gpu_target is None else asdict(self.gpu_target), "notes": self.notes}
 
@@ -314,10 +335,12 @@ class BuildPlan:
         t = doc.get("gpu_target")
         target = None if t is None else GpuInfo(**{**t, "compute_capability": tuple(t["compute_capability"])})
         known = {f.name for f in fields(BuildOptions)}
-        options = BuildOptions(**{k: v for k, v in doc["options"].items() if k in known and k != "gpu"}, gpu=gpu)
+        serving = ServingConfig(**doc["serving"])
+        options = BuildOptions(**{k: v for k, v in doc["options"].items() if k in known - {"serving", "gpu"}},
+                               serving=serving, gpu=gpu)
         options.hf_model, options.out = Path(options.hf_model), Path(out)
         return cls(target=doc["target"], out=Path(out), options=options, checkpoint=checkpoint,
-                   limits=ServingLimits(**doc["limits"]), encoder_precision=doc["encoder_precision"], gpu=gpu,
+                   serving=serving, encoder_precision=doc["encoder_precision"], gpu=gpu,
                    gpu_target=target, notes=list(doc.get("notes") or []), created_unix=doc["created_unix"])
 
     def save(self, root: Path, **prepared) -> Path:
@@ -382,11 +405,10 @@ def check_options(opts: BuildOptions) -> None:
 def make_plan(opts: BuildOptions, *, gpu_target: GpuInfo | None = None, notes: list[str] | None = None) -> BuildPlan:
     """Check the options against each other and the checkpoint; the plan every stage reads."""
     check_options(opts)
-    limits = serving_limits(opts)
     if not opts.hf_model.is_dir():
         raise BuildError(f"--hf-model {opts.hf_model} is not a directory")
     checkpoint = inspect_checkpoint(opts.hf_model, digest=True)
-    return BuildPlan(target=opts.target, out=opts.out, options=opts, checkpoint=checkpoint, limits=limits,
-                     encoder_precision=opts.encoder_precision, gpu=opts.gpu, gpu_target=gpu_target,
+    return BuildPlan(target=opts.target, out=opts.out, options=opts, checkpoint=checkpoint,
+                     serving=serving_config(opts), encoder_precision=opts.encoder_precision, gpu=opts.gpu, gpu_target=gpu_target,
                      notes=list(notes or []))
 

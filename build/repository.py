@@ -1,5 +1,6 @@
 """Render the Triton model repository: configs from the typed RepoSpec (model_config protobuf), model.py files
-copied from triton_repo/ (never edited by hand in the output).
+copied from triton_repo/ (never edited by hand in the output). repo_spec() makes the RepoSpec of both targets from
+the checkpoint and the plan's ServingConfig; each target adds its encoder and decoder backends.
 
     out/
       model_repository/<af3|preprocess|encoder|fusion|decoder|postprocess|cancel>/config.pbtxt, 1/model.py
@@ -11,20 +12,35 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from af3trt.build.plan import CheckpointFacts, ServingLimits
+from af3trt.build.plan import CheckpointFacts, ServingConfig
 from af3trt.triton_repo import configs
+from af3trt.triton_repo.configs import RepoSpec
 
 SOURCES = Path(configs.__file__).parent
 # model.py sources that differ by target: the GPU encoder runs the TensorRT plan (triton_repo/encoder_trt)
 MODEL_SOURCES = {("gpu", "encoder"): "encoder_trt"}
 
 
-def spec_fields(checkpoint: CheckpointFacts, limits: ServingLimits) -> dict:
-    """The RepoSpec fields both targets take from the checkpoint and the serving limits."""
-    return {"hidden_size": checkpoint.text_hidden_size, "end_id": checkpoint.end_id, "pad_id": checkpoint.pad_id,
-            "stop_ids": checkpoint.stop_ids, "max_batch_size": limits.max_batch_size,
-            "max_audio_windows": limits.max_audio_windows, "max_input_len": limits.max_input_len,
-            "max_output_len": limits.max_output_len, "default_max_tokens": limits.served_default_max_tokens}
+def repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, target: str, decoder_dtype: str,
+              vocab_size: int, tokenizer_dir: str, encoder_max_batch: int, encoder_params: dict[str, str],
+              decoder_params: dict[str, str], **backend) -> RepoSpec:
+    """The RepoSpec of either target: everything from the checkpoint and the serving configuration is set here, once;
+    the target adds its encoder and decoder backends (their parameters, the decoder's dtype and vocabulary, the
+    encoder's batch) and, in `backend`, any other RepoSpec field of its own (e.g. the CPU decoder's instances, the
+    threads of the CPU preprocess, the GPU's prompt_table_extra_ids)."""
+    s = serving
+    preprocess_params = {**backend.pop("preprocess_params", {}), **({} if s.crop_frames else {"crop_frames": "false"})}
+    return RepoSpec(
+        target=target, decoder_dtype=decoder_dtype, vocab_size=vocab_size, hidden_size=checkpoint.text_hidden_size,
+        end_id=checkpoint.end_id, pad_id=checkpoint.pad_id, stop_ids=checkpoint.stop_ids,
+        max_batch_size=s.max_batch_size, max_audio_windows=s.max_audio_windows, max_input_len=s.max_input_len,
+        max_output_len=s.max_output_len, default_max_tokens=s.served_default_max_tokens,
+        max_queue_size=s.max_queue_size, queue_timeout_ms=s.queue_timeout_ms,
+        preprocess_instances=s.preprocess_instances, encoder_instances=s.encoder_instances,
+        encoder_queue_delay_us=s.encoder_queue_delay_us, encoder_batching=s.encoder_batching,
+        preprocess_params=preprocess_params,
+        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir},
+        encoder_max_batch=encoder_max_batch, encoder_params=encoder_params, decoder_params=decoder_params, **backend)
 
 
 def render_repository(root: Path, spec: configs.RepoSpec) -> dict[str, str]:

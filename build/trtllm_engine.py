@@ -37,7 +37,7 @@ from pathlib import Path
 
 from af3trt.registry import (KV_CACHE_QUANT_ALGO, PRECISION_DTYPES, QUANT_ALGO, check_precision, check_precision_names,
                              text_config)
-from af3trt.build.plan import ServingLimits
+from af3trt.build.plan import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _check_against_checkpoint(ckpt_dir: Path, precision: str, kv_cache: str, tp_
     return config
 
 
-def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, precision: str,
+def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingConfig, precision: str,
                       kv_cache: str = "auto", audio_tokens_per_request: int | None = None, *,
                       timing_cache: Path | None = None, gpu=None, log_level: str = "info") -> TrtllmBuildPlan:
     """The trtllm-build command line for these limits, with the numbers behind it and the builder's caveats.
@@ -92,7 +92,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, p
     if audio < 1:
         raise ValueError(f"audio_tokens_per_request must be positive, got {audio}")
 
-    max_input_len = limits.max_text_input_len + audio
+    max_input_len = limits.max_text_len + audio
     max_seq_len = max_input_len + limits.max_output_len
     if config and config.get("max_position_embeddings") and max_seq_len > config["max_position_embeddings"]:
         raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
@@ -116,7 +116,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, p
     if chunked_context and not paged_context_fmha:
         raise ValueError(f"max_num_tokens {max_num_tokens} < max_input_len {max_input_len} needs chunked context, "
                          f"which needs paged context FMHA; TensorRT-LLM 1.2 disables that with a {kv_cache} KV cache "
-                         f"under {precision} weights. Lower max_audio_seconds / max_text_input_len or change the "
+                         f"under {precision} weights. Lower max_audio_seconds / max_text_len or change the "
                          f"KV cache.")
     if not paged_context_fmha:
         notes.append(f"paged context FMHA is off for {precision} weights with a {kv_cache} KV cache (TensorRT-LLM "
@@ -166,7 +166,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, p
     return TrtllmBuildPlan(args=args, derived=derived, notes=notes)
 
 
-def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, limits: ServingLimits, precision: str,
+def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, limits: ServingConfig, precision: str,
                       kv_cache: str = "auto", audio_tokens_per_request: int | None = None, **kwargs) -> list[str]:
     """The trtllm-build arguments (without the executable) for these limits; see plan_trtllm_build."""
     return plan_trtllm_build(ckpt_dir, engine_dir, limits, precision, kv_cache, audio_tokens_per_request,

@@ -169,17 +169,19 @@ def prepare_checkpoint(args, work: Path) -> Path:
 
 
 def build_options(args, ckpt: Path, out: Path, precision: str, crop_frames: bool = True):
-    from af3trt.build.build_engines import BuildOptions
+    from af3trt.build.build_engines import BuildOptions, ServingConfig
 
-    return BuildOptions(crop_frames=crop_frames, hf_model=ckpt, out=out, force=True, max_batch_size=args.max_batch_size,
-                        max_text_len=args.max_text_len, max_output_len=args.max_output_len,
-                        default_max_tokens=args.max_tokens, encoder_precision=precision,
+    return BuildOptions(hf_model=ckpt, out=out, force=True, encoder_precision=precision,
                         encoder_threads=args.encoder_threads or os.cpu_count(),
                         decoder_threads=args.decoder_threads or os.cpu_count(),
-                        preprocess_threads=args.preprocess_threads, encoder_batching=args.encoder_batching,
+                        preprocess_threads=args.preprocess_threads,
                         encoder_windows_per_run=args.encoder_windows_per_run,
-                        encoder_queue_delay_us=args.encoder_queue_delay_us,
-                        encoder_instances=args.encoder_instances)
+                        serving=ServingConfig(crop_frames=crop_frames, max_batch_size=args.max_batch_size,
+                                              max_text_len=args.max_text_len, max_output_len=args.max_output_len,
+                                              default_max_tokens=args.max_tokens,
+                                              encoder_batching=args.encoder_batching,
+                                              encoder_queue_delay_us=args.encoder_queue_delay_us,
+                                              encoder_instances=args.encoder_instances))
 
 
 def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = None, crop_frames: bool = True) -> Path:

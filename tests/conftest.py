@@ -41,11 +41,12 @@ def lm_dir(tiny_ckpt, tmp_path_factory) -> Path:
 def tiny_repo(tiny_ckpt, tmp_path_factory) -> Path:
     """The tiny checkpoint built once per session for the CPU target (OUT with OUT/model_repository), shared by
     the integration, deployment and multi-replica tests."""
-    from af3trt.build.build_engines import BuildOptions, build
+    from af3trt.build.build_engines import BuildOptions, ServingConfig, build
 
     out = tmp_path_factory.mktemp("build") / "af3-tiny"
     # max_output_len 512: room for a long answer that a cancellation must cut short (tests/test_cancel.py)
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=512, default_max_tokens=16))
+    build(BuildOptions(hf_model=tiny_ckpt, out=out,
+                       serving=ServingConfig(max_text_len=512, max_output_len=512, default_max_tokens=16)))
     return out
 
 
@@ -61,10 +62,9 @@ def checkpoint(tiny_ckpt) -> dict:
 def limits(tiny_ckpt, tmp_path_factory) -> dict:
     """Serving limits of a 4-request, 512-text-token build of the tiny checkpoint (test_repo_configs,
     test_gpu_encoder)."""
-    from af3trt.build.plan import BuildOptions, serving_limits
+    from af3trt.build.plan import ServingConfig
 
-    return serving_limits(BuildOptions(hf_model=tiny_ckpt, out=tmp_path_factory.mktemp("o"), max_batch_size=4,
-                                       max_text_len=512, max_output_len=64, default_max_tokens=16))
+    return ServingConfig(max_batch_size=4, max_text_len=512, max_output_len=64, default_max_tokens=16)
 
 
 @pytest.fixture(scope="session")
@@ -172,10 +172,11 @@ def bf16_ckpt(tmp_path_factory) -> Path:
 def bf16_repo(bf16_ckpt, tmp_path_factory) -> Path:
     """The bf16 checkpoint built once for the CPU target (OUT with OUT/model_repository; 90-s audio, so a 70-s clip
     fits). Tests that change its configs work on a copy."""
-    from af3trt.build.build_engines import BuildOptions, build
+    from af3trt.build.build_engines import BuildOptions, ServingConfig, build
 
     out = tmp_path_factory.mktemp("build-bf16") / "out"
-    build(BuildOptions(hf_model=bf16_ckpt, out=out, max_audio_seconds=90, max_text_len=512, max_output_len=32))
+    build(BuildOptions(hf_model=bf16_ckpt, out=out,
+                       serving=ServingConfig(max_audio_seconds=90, max_text_len=512, max_output_len=32)))
     return out
 
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from af3trt.build.build_engines import BuildError, BuildOptions, build, main
+from af3trt.build.build_engines import BuildError, BuildOptions, ServingConfig, build, main
 from af3trt.triton_repo import configs
 
 
 @pytest.fixture(scope="module")
 def built(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "af3"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_audio_seconds=60, max_text_len=256))
+    build(BuildOptions(hf_model=tiny_ckpt, out=out, serving=ServingConfig(max_audio_seconds=60, max_text_len=256)))
     return out
 
 
@@ -69,7 +69,8 @@ def test_existing_output_is_refused_then_replaced_atomically(built, tiny_ckpt, m
     assert [p.name for p in built.parent.iterdir()] == ["af3"]
     monkeypatch.undo()
 
-    build(BuildOptions(hf_model=tiny_ckpt, out=built, force=True, max_audio_seconds=60, max_text_len=256))
+    build(BuildOptions(hf_model=tiny_ckpt, out=built, force=True,
+                       serving=ServingConfig(max_audio_seconds=60, max_text_len=256)))
     assert (built / "model_repository" / "af3" / "config.pbtxt").exists()
     assert [p.name for p in built.parent.iterdir()] == ["af3"]
 
@@ -80,8 +81,10 @@ def test_bad_inputs_are_clear(tmp_path, tiny_ckpt, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BuildError, match="no config.json"):
         build(BuildOptions(hf_model=tmp_path / "empty", out=tmp_path / "o"))
-    with pytest.raises(BuildError, match="max-audio-seconds"):
-        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "o", max_audio_seconds=601))
+    with pytest.raises(ValueError, match="max-audio-seconds"):
+        ServingConfig(max_audio_seconds=601)
+    with pytest.raises(SystemExit):  # the same check, as a usage error
+        main(["--hf-model", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--max-audio-seconds", "601"])
     with pytest.raises(SystemExit):
         main(["--hf-model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert "error:" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def test_serve_runs_doctor_before_starting(tmp_path, monkeypatch, capsys):
 
 def test_gpu_build_runs_doctor_before_any_long_step(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Building the engines here without trtllm-build is refused before the ONNX export, saying what to do."""
-    from af3trt.build.build_engines import BuildError, BuildOptions, build
+    from af3trt.build.build_engines import BuildError, BuildOptions, ServingConfig, build
     from af3trt.build.plan import GpuOptions
 
     from fakes import tensorrt as fake_tensorrt
@@ -151,6 +151,7 @@ def test_gpu_build_runs_doctor_before_any_long_step(tiny_ckpt, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(BuildError, match="trtllm-build.*prepare-only"):
-        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,
-                           gpu=GpuOptions(precision="bf16", gpu="h100", accuracy_report=False)))
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu",
+                           gpu=GpuOptions(precision="bf16", gpu="h100", accuracy_report=False),
+                           serving=ServingConfig(max_audio_seconds=30)))
     assert "exporting" not in capsys.readouterr().out

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from af3trt.build.build_engines import BuildError, BuildOptions, build, main
-from af3trt.build.plan import CheckpointFacts, GpuOptions, ServingLimits
+from af3trt.build.plan import CheckpointFacts, GpuOptions, ServingConfig
 from af3trt.triton_repo import configs
 
 from fakes import tensorrt as fake_tensorrt
@@ -36,9 +36,10 @@ def fake_gpu_tools(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_tools):
     out = tmp_path / "gpu"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu", max_batch_size=4, max_audio_seconds=60,
-                       max_text_len=256, max_output_len=64,
-                       gpu=GpuOptions(precision="fp8", kv_cache="fp8", gpu="h100", encoder_precision="fp16")))
+    build(BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu",
+                       gpu=GpuOptions(precision="fp8", kv_cache="fp8", gpu="h100", encoder_precision="fp16"),
+                       serving=ServingConfig(max_batch_size=4, max_audio_seconds=60, max_text_len=256,
+                                             max_output_len=64)))
     repo = out / "model_repository"
     enc = configs.parse((repo / "encoder" / "config.pbtxt").read_text())
     dec = configs.parse((repo / "decoder" / "config.pbtxt").read_text())
@@ -125,8 +126,9 @@ def test_missing_trtllm_build_is_a_clear_error(tiny_ckpt, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(Exception, match="trtllm-build"):
-        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=30,
-                           gpu=GpuOptions(precision="bf16", gpu="h100", accuracy_report=False)))
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu",
+                           gpu=GpuOptions(precision="bf16", gpu="h100", accuracy_report=False),
+                           serving=ServingConfig(max_audio_seconds=30)))
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -194,10 +196,11 @@ def test_gpu_build_every_combination(precision, kv, tp, tiny_ckpt, tmp_path, fak
     # rank's widths): the tiny preset's 64-wide layers cannot be split over 2 ranks
     refused = precision in ("int8_wo", "int4_awq") and text["hidden_size"] % (64 * tp) != 0
     out = tmp_path / "gpu"
-    opts = BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu", max_batch_size=2, max_audio_seconds=30,
-                        max_text_len=64, max_output_len=16,
+    opts = BuildOptions(hf_model=tiny_ckpt, out=out, target="gpu",
                         gpu=GpuOptions(precision=precision, kv_cache=kv, tp_size=tp, gpu="h100",
-                                       encoder_precision="fp32", accuracy_report=False))
+                                       encoder_precision="fp32", accuracy_report=False),
+                        serving=ServingConfig(max_batch_size=2, max_audio_seconds=30, max_text_len=64,
+                                              max_output_len=16))
     if refused:
         with pytest.raises(BuildError, match=f"cannot work: {precision}.*(padded to multiples of|AWQ group size)"):
             build(opts)
@@ -226,8 +229,9 @@ def test_chunked_context_without_paged_fmha_is_refused_before_any_work(tiny_ckpt
     """10-min audio + 2,000 text tokens need chunked context (max_num_tokens is capped at 16,384), which an INT8 KV
     cache rules out (no paged context FMHA): refused with the reason, nothing written."""
     with pytest.raises(BuildError, match="chunked context.*paged context FMHA"):
-        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_audio_seconds=600,
-                           max_text_len=2000, gpu=GpuOptions(precision="int8_wo", kv_cache="int8", gpu="h100")))
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu",
+                           gpu=GpuOptions(precision="int8_wo", kv_cache="int8", gpu="h100"),
+                           serving=ServingConfig(max_audio_seconds=600, max_text_len=2000)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -250,7 +254,7 @@ def test_backend_options_follow_the_engine(tmp_path):
     checkpoint = CheckpointFacts(path=ckpt, config={}, text_hidden_size=64, text_layers=1, vocab_size=1000,
                                  audio_hidden_size=32, audio_layers=1, audio_token_id=None, dtype="bfloat16", end_id=1,
                                  eos_ids=[1], pad_id=1)
-    limits = ServingLimits(max_batch_size=2, max_audio_seconds=30, max_text_input_len=50, max_output_len=100,
+    limits = ServingConfig(max_batch_size=2, max_audio_seconds=30, max_text_len=50, max_output_len=100,
                            default_max_tokens=50)
     assert (limits.max_input_len, limits.window_tokens_per_request) == (800, 750)
     kw = dict(engine_dir=tmp_path / "engine", tokenizer_dir="lm", encoder_max_windows=2, engine=engine)

@@ -259,11 +259,12 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 @pytest.fixture(scope="module")
 def rel_repo(tiny_ckpt, tmp_path_factory) -> Path:
-    from af3trt.build.build_engines import BuildOptions, build
+    from af3trt.build.build_engines import BuildOptions, ServingConfig, build
 
     out = tmp_path_factory.mktemp("reliability") / "af3-tiny"
-    build(BuildOptions(hf_model=tiny_ckpt, out=out, max_text_len=512, max_output_len=2048, default_max_tokens=16,
-                       max_batch_size=4, max_queue_size=4, queue_timeout_ms=600_000))  # waits: hour-long clips
+    build(BuildOptions(hf_model=tiny_ckpt, out=out,
+                       serving=ServingConfig(max_text_len=512, max_output_len=2048, default_max_tokens=16, max_batch_size=4,
+                                             max_queue_size=4, queue_timeout_ms=600_000)))  # waits: hour-long clips
     return out / "model_repository"
 
 

@@ -184,11 +184,11 @@ def test_memory_plan_kv_must_fit_whatever_loads_first():
 
 def test_build_refuses_a_plan_that_does_not_fit_before_any_work(tiny_ckpt, tmp_path):
     """A configuration whose KV cache cannot fit the declared GPU is refused before the first step."""
-    from af3trt.build.build_engines import BuildError, BuildOptions, build
+    from af3trt.build.build_engines import BuildError, BuildOptions, ServingConfig, build
     from af3trt.build.plan import GpuOptions
 
     with pytest.raises(BuildError, match="memory plan does not fit"):
-        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu", max_batch_size=16384,
-                           max_audio_seconds=600, max_text_len=1024,
-                           gpu=GpuOptions(precision="bf16", gpu="a100-40gb", accuracy_report=False)))
+        build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "x", target="gpu",
+                           gpu=GpuOptions(precision="bf16", gpu="a100-40gb", accuracy_report=False),
+                           serving=ServingConfig(max_batch_size=16384, max_audio_seconds=600, max_text_len=1024)))
     assert list(tmp_path.iterdir()) == []

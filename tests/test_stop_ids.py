@@ -109,15 +109,15 @@ def test_cpu_decoder_stops_on_every_end_id(two_end_ids_ckpt, generate_ref, tmp_p
 def test_ensemble_stops_on_the_second_end_id(two_end_ids_ckpt, generate_ref, tmp_path):
     """Through the real ensemble on tritonserver (CPU backends): the answer's token ids equal generate's minus the
     end token, streamed and not."""
-    from af3trt.build.build_engines import BuildOptions, build
+    from af3trt.build.build_engines import BuildOptions, ServingConfig, build
     from af3trt.runtime.client import AF3Client
     from af3trt.runtime.server import TritonServer
     from af3trt.triton_repo import configs
 
     ckpt, first, second = two_end_ids_ckpt
     _, want = generate_ref
-    out = build(BuildOptions(hf_model=ckpt, out=tmp_path / "out", max_audio_seconds=30, max_text_len=256,
-                             max_output_len=64))
+    out = build(BuildOptions(hf_model=ckpt, out=tmp_path / "out",
+                             serving=ServingConfig(max_audio_seconds=30, max_text_len=256, max_output_len=64)))
     fusion = configs.parse((out / "model_repository" / "fusion" / "config.pbtxt").read_text())
     assert fusion.parameters["stop_ids"].string_value == str(second)
     with TritonServer(out / "model_repository", log_path=out / "tritonserver.log") as srv:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from af3trt.build.plan import ServingLimits
+from af3trt.build.plan import ServingConfig
 from af3trt.build.trtllm_engine import (TrtllmBuildError, decoder_accuracy_report, plan_trtllm_build, run_trtllm_build,
                                         trtllm_build_args)
 from af3trt.export.trtllm_checkpoint import CheckpointError, validate_checkpoint
@@ -185,7 +185,7 @@ def as_dict(args):
 @pytest.mark.parametrize("batch,seconds,audio,table", [(1, 30, 750, 750), (8, 30, 750, 6000),
                                                        (1, 600, 15000, 15000), (8, 600, 15000, 120000)])
 def test_bf16_args_follow_limits(tmp_path, batch, seconds, audio, table):
-    limits = ServingLimits(max_batch_size=batch, max_audio_seconds=seconds, max_text_input_len=1024,
+    limits = ServingConfig(max_batch_size=batch, max_audio_seconds=seconds, max_text_len=1024,
                            max_output_len=512)
     a = as_dict(trtllm_build_args(tmp_path / "ckpt", tmp_path / "engine", limits, "bf16"))
     assert a["--max_batch_size"] == str(batch)
@@ -204,7 +204,7 @@ def test_bf16_args_follow_limits(tmp_path, batch, seconds, audio, table):
 
 @pytest.mark.parametrize("batch,gemm", [(1, "fp8"), (4, "fp8"), (8, "disable")])
 def test_fp8_args(tmp_path, batch, gemm):
-    limits = ServingLimits(max_batch_size=batch, max_audio_seconds=30, tp_size=2)
+    limits = ServingConfig(max_batch_size=batch, max_audio_seconds=30, tp_size=2)
     plan = plan_trtllm_build(tmp_path / "ckpt", tmp_path / "engine", limits, "fp8", "fp8",
                              gpu=KNOWN_GPUS["h100"])
     a = as_dict(plan.args)
@@ -215,7 +215,7 @@ def test_fp8_args(tmp_path, batch, gemm):
 
 
 def test_kv_cache_variants_follow_the_builder(tmp_path):
-    limits = ServingLimits(max_batch_size=4, max_audio_seconds=30)
+    limits = ServingConfig(max_batch_size=4, max_audio_seconds=30)
     fp8_only_weights = plan_trtllm_build(tmp_path / "c", tmp_path / "e", limits, "fp8", "auto")
     assert as_dict(fp8_only_weights.args)["--use_fp8_context_fmha"] == "disable"  # needs an FP8 KV cache too
     for precision, kv in (("int8_sq", "int8"), ("bf16", "fp8"), ("int8_wo", "int8")):
@@ -225,7 +225,7 @@ def test_kv_cache_variants_follow_the_builder(tmp_path):
 
 
 def test_chunked_context_when_the_prompt_exceeds_max_num_tokens(tmp_path):
-    limits = ServingLimits(max_batch_size=2, max_audio_seconds=600, max_text_input_len=4096)
+    limits = ServingConfig(max_batch_size=2, max_audio_seconds=600, max_text_len=4096)
     plan = plan_trtllm_build(tmp_path / "c", tmp_path / "e", limits, "bf16")
     assert plan.derived["max_num_tokens"] == 16384 < plan.derived["max_input_len"] == 19096
     assert plan.derived["enable_chunked_context"]
@@ -234,21 +234,21 @@ def test_chunked_context_when_the_prompt_exceeds_max_num_tokens(tmp_path):
 
 
 def test_args_are_checked_against_the_checkpoint(good, tmp_path):
-    limits = ServingLimits(max_batch_size=2, max_audio_seconds=30)
+    limits = ServingConfig(max_batch_size=2, max_audio_seconds=30)
     assert as_dict(trtllm_build_args(good["fp8"], tmp_path / "e", limits, "fp8", "fp8"))
     with pytest.raises(ValueError, match="quant_algo"):
         trtllm_build_args(good["fp8"], tmp_path / "e", limits, "bf16")
     with pytest.raises(ValueError):
-        trtllm_build_args(good["bf16"], tmp_path / "e", ServingLimits(tp_size=2, max_audio_seconds=30), "bf16")
+        trtllm_build_args(good["bf16"], tmp_path / "e", ServingConfig(tp_size=2, max_audio_seconds=30), "bf16")
 
 
 def test_limits_are_validated():
     with pytest.raises(ValueError):
-        ServingLimits(max_audio_seconds=601)
+        ServingConfig(max_audio_seconds=601)
     with pytest.raises(ValueError):
-        ServingLimits(max_batch_size=0)
-    assert ServingLimits(max_audio_seconds=600).audio_tokens_per_request == 15000
-    assert ServingLimits(max_audio_seconds=5).audio_tokens_per_request == 125
+        ServingConfig(max_batch_size=0)
+    assert ServingConfig(max_audio_seconds=600).audio_tokens_per_request == 15000
+    assert ServingConfig(max_audio_seconds=5).audio_tokens_per_request == 125
 
 
 # ---------------------------------------------------------------------------------------------- running trtllm-build
@@ -305,7 +305,7 @@ def test_fp8_refused_below_sm89():
         check_precision("bf16", "auto", KNOWN_GPUS["t4"])
     assert check_precision("fp8", "fp8", None)  # nothing to check against: a note, not an error
     with pytest.raises(PrecisionError):
-        plan_trtllm_build("c", "e", ServingLimits(max_audio_seconds=30), "fp8", gpu=KNOWN_GPUS["a100"])
+        plan_trtllm_build("c", "e", ServingConfig(max_audio_seconds=30), "fp8", gpu=KNOWN_GPUS["a100"])
     assert GpuInfo("x", (8, 9), 1).sm == 89
 
 
