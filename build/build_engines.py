@@ -24,8 +24,29 @@ from af3trt.build import gpu_build
 from af3trt.build.common import BuildError, Progress, add_flags, from_flags
 from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
 from af3trt.build.repository import render_repository, repo_spec
+from af3trt.triton_repo.configs import RepoSpec
 
 log = logging.getLogger("af3trt.build")
+
+
+def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str) -> RepoSpec:
+    """The RepoSpec of target "cpu": build/repository.repo_spec with the ONNX Runtime encoder and the torch decoder.
+    lm: what extract_language_model reported (dtype, vocab_size); onnx_rel: the encoder ONNX under the output."""
+    o = plan.options
+    threads = str(o.cpu_threads) if o.cpu_threads else "0"
+
+    def threads_of(override):
+        return threads if override is None else str(override)
+
+    return repo_spec(
+        plan.checkpoint, plan.serving, target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"],
+        tokenizer_dir="artifacts/lm", encoder_max_batch=o.encoder_max_batch,
+        encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads),
+                        **({"max_windows_per_run": str(o.encoder_windows_per_run)}
+                           if o.encoder_windows_per_run else {})},
+        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
+                        "threads": threads_of(o.decoder_threads)},
+        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
 
 
 def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) -> None:
@@ -34,7 +55,7 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     from af3trt.export.extract_lm import extract_language_model
     from af3trt.export.onnx_export import export_encoder, quantize_encoder_dynamic
 
-    o, art = plan.options, plan.artifacts(work)
+    art = plan.artifacts(work)
     with prog.step("exporting + validating the encoder ONNX"):
         report.validation["encoder_onnx"] = export_encoder(plan.hf_model, art / "encoder.onnx")
     onnx_rel = "artifacts/encoder.onnx"
@@ -46,20 +67,7 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     with prog.step("extracting the Qwen2 language model"):
         lm = extract_language_model(plan.hf_model, art / "lm")
         report.sections["language_model"] = {k: v for k, v in lm.items() if k != "shapes"}
-    threads = str(o.cpu_threads) if o.cpu_threads else "0"
-
-    def threads_of(override):
-        return threads if override is None else str(override)
-
-    spec = repo_spec(
-        plan.checkpoint, plan.serving, target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"],
-        tokenizer_dir="artifacts/lm", encoder_max_batch=o.encoder_max_batch,
-        encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads),
-                        **({"max_windows_per_run": str(o.encoder_windows_per_run)}
-                           if o.encoder_windows_per_run else {})},
-        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
-                        "threads": threads_of(o.decoder_threads)},
-        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
+    spec = cpu_repo_spec(plan, lm, onnx_rel)
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
     report.sections["repository"] = {"spec": asdict(spec),

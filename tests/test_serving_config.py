@@ -1,0 +1,122 @@
+"""One serving configuration for both targets (build/plan.ServingConfig): every `af3trt build` flag generated from
+its fields reaches the rendered repository of the CPU target and of the GPU target.
+
+The GPU repository is made by the GPU build's own engine half (build/gpu_build.build_engines_and_repository) from
+a `--prepare-only` output, against the fake TensorRT module and the fake trtllm-build of tests/fakes (as in
+test_gpu_build.py): each flag's plan builds its engines anew, so the repository is the one that flag would get.
+Before ServingConfig, --max-queue-size, --queue-timeout-ms, --encoder-instances, --encoder-queue-delay-us and
+--no-crop-frames changed the CPU repository only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from af3trt.build import build_engines, gpu_build, gpu_repo
+from af3trt.build.build_engines import options_from_args, parser
+from af3trt.build.common import Progress
+from af3trt.build.plan import BuildReport, ServingConfig, make_plan
+from af3trt.build.repository import render_repository
+from af3trt.registry import KNOWN_GPUS
+
+from fakes import tensorrt as fake_tensorrt
+from fakes import trtllm_build
+from helpers import MODELS
+
+# The serving flags `af3trt build` has had (a field removed from ServingConfig would silently drop its flag)
+SERVING_FLAGS = ("--max-batch-size", "--max-audio-seconds", "--max-text-len", "--max-output-len",
+                 "--default-max-tokens", "--max-queue-size", "--queue-timeout-ms", "--preprocess-instances",
+                 "--encoder-instances", "--encoder-queue-delay-us", "--no-encoder-batching", "--no-crop-frames")
+
+
+def flag_argv() -> dict[str, list[str]]:
+    """Each generated serving flag with a value other than its default (halved, or 1 -> 2; booleans flip)."""
+    out = {}
+    for f in ServingConfig.flags():
+        if isinstance(f.default, bool):
+            out[f"--no-{f.name.replace('_', '-')}" if f.default else f"--{f.name.replace('_', '-')}"] = []
+        else:
+            value = f.default // 2 if f.default > 1 else f.default + 1
+            out[f"--{f.name.replace('_', '-')}"] = [str(value)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_ckpt, tmp_path_factory):
+    """A prepared GPU build (encoder ONNX in fp16, bf16 TensorRT-LLM checkpoint) that every flag's plan reuses."""
+    out = tmp_path_factory.mktemp("serving") / "prep"
+    build_engines.main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--target", "gpu", "--precision", "bf16",
+                        "--gpu", "h100", "--prepare-only", "--no-accuracy-report", "--no-goldens"])
+    return out
+
+
+@pytest.fixture
+def fake_gpu_tools(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.fresh())
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    trtllm_build.install(bindir, sys.executable)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def render_both(tiny_ckpt, prepared, root, name: str, flags: list[str]) -> dict[str, dict[str, str]]:
+    """{target: {model: config.pbtxt}} of the plan `af3trt build ... <flags>` makes, per target."""
+    out = {}
+    for target in ("cpu", "gpu"):
+        argv = ["--hf-model", str(tiny_ckpt), "--out", str(prepared), "--target", target, *flags]
+        if target == "gpu":
+            argv += ["--precision", "bf16", "--gpu", "h100"]
+        plan = make_plan(options_from_args(parser().parse_args(argv)), gpu_target=KNOWN_GPUS["h100"])
+        repo = root / f"{name}-{target}"
+        if target == "cpu":
+            lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
+            render_repository(repo, build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx"))
+        else:
+            memory = gpu_build.preflight(plan)
+            engines = gpu_build.engine_plans(plan, "artifacts/encoder.fp16.onnx")
+            gpu_build.build_engines_and_repository(plan, engines, prepared, repo, Progress(3), BuildReport(),
+                                                   kv_cache_tokens=memory.kv_cache_tokens)
+        out[target] = {m: (repo / m / "config.pbtxt").read_text() for m in MODELS}
+    return out
+
+
+def unchanged(tiny_ckpt, prepared, root, flags: dict[str, list[str]]) -> list[str]:
+    """'<flag> on <target>' for each flag whose repository equals the default one on that target."""
+    base = render_both(tiny_ckpt, prepared, root, "defaults", [])
+    missed = []
+    for i, (flag, value) in enumerate(flags.items()):
+        got = render_both(tiny_ckpt, prepared, root, f"flag{i}", [flag, *value])
+        missed += [f"{flag} on {t}" for t in ("cpu", "gpu") if got[t] == base[t]]
+    return missed
+
+
+def test_the_serving_flags_are_generated_from_the_config():
+    flags = flag_argv()
+    assert sorted(flags) == sorted(SERVING_FLAGS)
+    help_text = parser().format_help()
+    assert all(f in help_text for f in SERVING_FLAGS)
+    # the defaults are the config's: one record, no second set of defaults on the CLI
+    args = parser().parse_args(["--hf-model", "m", "--out", "o"])
+    assert options_from_args(args).serving == ServingConfig()
+    assert ServingConfig().max_output_len == 512 and isinstance(ServingConfig().max_audio_seconds, float)
+    with pytest.raises(SystemExit):  # out of range: a usage error naming the flag
+        build_engines.main(["--hf-model", "m", "--out", "o", "--max-queue-size", "-1"])
+
+
+def test_every_serving_flag_changes_both_repositories(tiny_ckpt, prepared, tmp_path, fake_gpu_tools):
+    assert unchanged(tiny_ckpt, prepared, tmp_path, flag_argv()) == []
+
+
+@pytest.mark.slow
+def test_a_dropped_flag_is_caught(tiny_ckpt, prepared, tmp_path, fake_gpu_tools, monkeypatch):
+    """The check above fails when a target stops passing a knob on: here the GPU repository's spec forgets
+    encoder_instances, as gpu_repo_spec did before ServingConfig."""
+    from dataclasses import replace
+
+    real = gpu_repo.repo_spec
+    monkeypatch.setattr(gpu_repo, "repo_spec",
+                        lambda *a, **kw: replace(real(*a, **kw), encoder_instances=1))
+    assert unchanged(tiny_ckpt, prepared, tmp_path, {"--encoder-instances": ["2"]}) == ["--encoder-instances on gpu"]
