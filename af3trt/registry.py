@@ -1,5 +1,6 @@
-"""The facts af3trt relies on, once: what can be built (precisions, KV caches and the TensorRT-LLM strings they
-map to), which GPU runs what, how checkpoints spell dtypes and rope, and the published AF3 sizes.
+"""The facts af3trt relies on, once: what can be built (one record per decoder and encoder precision: the
+TensorRT-LLM strings and modelopt recipes it maps to, the GPUs it runs on, its size and accuracy bounds; the KV
+caches), which GPU runs what, how checkpoints spell dtypes and rope, and the published AF3 sizes.
 
 Every other module imports these; none repeats them. This module imports nothing of af3trt, so any layer may use
 it (tests/test_architecture.py). Each fact names where it was read.
@@ -8,6 +9,7 @@ it (tests/test_architecture.py). Each fact names where it was read.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,33 +21,124 @@ TRTLLM_LINE = "1.2"
 TENSORRT_LINE = "10.14"
 SERVING_CONTAINER = "nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3"
 
-# ---------------------------------------------------------------------------------------------- precisions
-
-# Decoder weights/activations of the GPU target (TensorRT-LLM 1.2 checkpoints written by export/quantize.py).
-DECODER_PRECISIONS = ("bf16", "fp16", "fp8", "int8_sq", "int8_wo", "int4_awq")
-KV_CACHES = ("auto", "fp8", "int8")  # auto: the engine dtype
-WEIGHT_ONLY_PRECISIONS = ("int8_wo", "int4_awq")
-INTEGER_PRECISIONS = ("int8_sq", "int8_wo", "int4_awq")  # INT8/INT4 weights
-# The TensorRT encoder engine (build/trt_encoder.py) and the CPU encoder (ONNX Runtime; int8 = dynamic quantization).
-GPU_ENCODER_PRECISIONS = ("fp16", "bf16", "fp32", "int8", "fp8")
-CPU_ENCODER_PRECISIONS = ("fp32", "int8")
-
-# config.json `quantization` of a TensorRT-LLM 1.2 checkpoint per precision (tensorrt_llm/quantization/mode.py
-# QuantAlgo; written by modelopt's export_tensorrt_llm_checkpoint for the matching modelopt config).
-QUANT_ALGO = {"bf16": None, "fp16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int8_wo": "W8A16",
-              "int4_awq": "W4A16_AWQ"}
-KV_CACHE_QUANT_ALGO = {"auto": None, "fp8": "FP8", "int8": "INT8"}
-# The engine dtype of the unquantized precisions (checkpoint config.json `dtype`).
-PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-
 # ---------------------------------------------------------------------------------------------- GPUs
 
 # TensorRT-LLM 1.2 builder.py / the TensorRT 10.14 support matrix:
 FP8_MIN_SM = 89  # FP8 weights or KV cache: Ada (8.9), Hopper (9.0), Blackwell; not A100 (8.0) or A10 (8.6)
 BF16_MIN_SM = 80  # bf16 tensor cores: Ampere and newer
 NO_INT8_SMS = range(100, 120)  # builder.py: "INT8/INT4 quantization is not supported on SM>=100" (and < 120)
-# Lowest SM whose tensor cores TensorRT uses for each encoder engine precision (TensorRT support matrix).
-ENCODER_MIN_SM = {"fp32": 75, "fp16": 75, "int8": 75, "bf16": 80, "fp8": 89}
+TURING_SM = 75  # the oldest GPU of the TensorRT 10.14 support matrix: fp32, fp16, int8
+
+# ---------------------------------------------------------------------------------------------- precisions
+
+# Bytes of one [out, in] linear layer and its scales in a TensorRT-LLM checkpoint / engine of a precision:
+# (out, in, engine dtype bytes, AWQ group) -> bytes (the tensors export/trtllm_checkpoint.py validates).
+def _half_bytes(o: int, i: int, d: int, g: int) -> int:  # bf16/fp16 weights
+    return o * i * d
+
+
+def _fp8_bytes(o: int, i: int, d: int, g: int) -> int:  # fp8 weights, f32 weight and activation scales
+    return o * i + 8
+
+
+def _int8_sq_bytes(o: int, i: int, d: int, g: int) -> int:  # int8, f32 per-channel scales, smoothing, act. scale
+    return o * i + 4 * o + d * i + 4
+
+
+def _int8_wo_bytes(o: int, i: int, d: int, g: int) -> int:  # int8 weights, per-channel scales in the engine dtype
+    return o * i + d * o
+
+
+def _int4_awq_bytes(o: int, i: int, d: int, g: int) -> int:  # packed int4, per-group scales, smoothing factors
+    return o * i // 2 + d * o * -(-i // g) + d * i
+
+
+@dataclass(frozen=True)
+class DecoderPrecision:
+    """Everything af3trt decides by a decoder precision of the GPU target, in one record: the build, sizing,
+    quantization, accuracy checks and the `--precision` choices look it up in DECODER_PRECISIONS and branch on
+    nothing else. Adding a precision is adding a record (and, for a quant_algo new to af3trt, its tensors in
+    export/trtllm_checkpoint.py's validator)."""
+
+    name: str
+    # config.json `quantization.quant_algo` of its TensorRT-LLM 1.2 checkpoint (tensorrt_llm/quantization/mode.py
+    # QuantAlgo, as modelopt's export_tensorrt_llm_checkpoint writes it for `modelopt_cfg`)
+    quant_algo: str | None
+    # the nvidia-modelopt 0.47 preset (modelopt.torch.quantization) calibrated before export; None: the weights are
+    # exported unquantized, in the engine dtype (trtllm-build quantizes them when quant_algo names a scheme)
+    modelopt_cfg: str | None
+    simulate_cfg: str | None  # the preset the CPU accuracy report fakes the precision with (build/trtllm_engine.py)
+    linear_bytes: Callable[[int, int, int, int], int]  # see above; build/sizing.py reads it
+    min_sm: int  # the oldest GPU (SM) that runs it
+    # `af3trt gpu-check` (build/gpu_check.py): the share of golden token positions a GPU answer must agree on, and
+    # how many leading tokens must match exactly
+    min_agreement: float
+    exact_prefix: int = 1
+    dtype: str | None = None  # the engine dtype it fixes; None: the checkpoint's half dtype, else bfloat16
+    weight_only: bool = False  # activations stay in the engine dtype; trtllm-build pads the layers (gpu_build.py)
+    integer: bool = False  # INT8/INT4 weights: TensorRT-LLM 1.2 refuses them on NO_INT8_SMS
+    # FP8 weights take TensorRT-LLM 1.2's FP8 workflow (builder.py): FP8 context FMHA and the FP8 GEMM plugin, and
+    # paged context FMHA stays on with an FP8 KV cache (under other weights an FP8 KV cache turns it off)
+    fp8_workflow: bool = False
+    # AWQ: per-group int4 scales, the group size picked from the layer widths (export/quantize.awq_block_size_for);
+    # calibration capped at max_calib_size samples, as TensorRT-LLM's quantize.py does (AWQ's search is slow)
+    awq: bool = False
+    max_calib_size: int | None = None
+
+    @property
+    def builder_quantizes(self) -> bool:
+        """Exported unquantized and quantized by trtllm-build (TensorRT-LLM 1.2 quantize.py's int8_wo)."""
+        return self.quant_algo is not None and self.modelopt_cfg is None
+
+
+# The decoder precisions of the GPU target (TensorRT-LLM 1.2 checkpoints written by export/quantize.py). Presets and
+# quant_algo strings: platform.md (modelopt 0.47, seen on CPU) and trtllm-1.2-contracts.md; int8_wo follows
+# TensorRT-LLM 1.2's quantize.py, unquantized weights with quant_algo W8A16 (export/quantize.py's docstring says why).
+# gpu-check: bf16/fp16 differ from the reference by rounding only; quantization moves greedy tokens.
+DECODER_PRECISIONS: dict[str, DecoderPrecision] = {p.name: p for p in (
+    DecoderPrecision("bf16", None, None, None, _half_bytes, BF16_MIN_SM, 0.75, exact_prefix=4, dtype="bfloat16"),
+    DecoderPrecision("fp16", None, None, None, _half_bytes, TURING_SM, 0.75, exact_prefix=4, dtype="float16"),
+    DecoderPrecision("fp8", "FP8", "FP8_DEFAULT_CFG", "FP8_DEFAULT_CFG", _fp8_bytes, FP8_MIN_SM, 0.5,
+                     fp8_workflow=True),
+    DecoderPrecision("int8_sq", "W8A8_SQ_PER_CHANNEL", "INT8_SMOOTHQUANT_CFG", "INT8_SMOOTHQUANT_CFG", _int8_sq_bytes,
+                     BF16_MIN_SM, 0.5, integer=True),
+    DecoderPrecision("int8_wo", "W8A16", None, "INT8_WEIGHT_ONLY_CFG", _int8_wo_bytes, BF16_MIN_SM, 0.5,
+                     weight_only=True, integer=True),
+    DecoderPrecision("int4_awq", "W4A16_AWQ", "INT4_AWQ_CFG", "INT4_AWQ_CFG", _int4_awq_bytes, BF16_MIN_SM, 0.25,
+                     weight_only=True, integer=True, awq=True, max_calib_size=32),
+)}
+KV_CACHES = ("auto", "fp8", "int8")  # auto: the engine dtype
+KV_CACHE_QUANT_ALGO = {"auto": None, "fp8": "FP8", "int8": "INT8"}
+
+
+def decoder_precision(name: str, error: type[Exception] = ValueError) -> DecoderPrecision:
+    """The record of a decoder precision (`error` naming the known ones when there is none)."""
+    if name not in DECODER_PRECISIONS:
+        raise error(f"precision must be one of {', '.join(DECODER_PRECISIONS)}, got {name!r}")
+    return DECODER_PRECISIONS[name]
+
+
+@dataclass(frozen=True)
+class EncoderPrecision:
+    """A precision of the TensorRT encoder engine (build/trt_encoder.py), prepared by export/onnx_quant.py."""
+
+    name: str
+    min_sm: int  # lowest SM whose tensor cores TensorRT uses for it (TensorRT 10.14 support matrix)
+    qdq: bool = False  # explicit Q/DQ from modelopt ONNX PTQ, calibrated on real audio features
+    # acceptance on held-out real-audio windows: cosine vs fp32 (None: fp32 is the reference). fp16/bf16 lose only
+    # rounding; Q/DQ loses more, and FP8 (3 mantissa bits, attention BMMs quantized too) more than per-channel INT8
+    min_cosine: float | None = None
+
+
+GPU_ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
+    EncoderPrecision("fp16", TURING_SM, min_cosine=0.999),
+    EncoderPrecision("bf16", BF16_MIN_SM, min_cosine=0.995),
+    EncoderPrecision("fp32", TURING_SM),
+    EncoderPrecision("int8", TURING_SM, qdq=True, min_cosine=0.99),
+    EncoderPrecision("fp8", FP8_MIN_SM, qdq=True, min_cosine=0.97),
+)}
+CPU_ENCODER_PRECISIONS = ("fp32", "int8")  # ONNX Runtime; int8 = dynamic quantization
+
 
 
 @dataclass(frozen=True)
@@ -94,31 +187,33 @@ def supports_fp8(sm: int) -> bool:
     return sm >= FP8_MIN_SM
 
 
-def check_precision_names(precision: str, kv_cache: str, error: type[Exception] = ValueError) -> None:
-    """`error` unless both name a decoder precision and a KV cache af3trt builds."""
-    if precision not in DECODER_PRECISIONS:
-        raise error(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
+def check_precision_names(precision: str, kv_cache: str, error: type[Exception] = ValueError) -> DecoderPrecision:
+    """The precision's record; `error` unless both name a decoder precision and a KV cache af3trt builds."""
+    p = decoder_precision(precision, error)
     if kv_cache not in KV_CACHES:
         raise error(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    return p
 
 
 def check_precision(precision: str, kv_cache: str = "auto", gpu: GpuInfo | None = None) -> list[str]:
     """Raise PrecisionError when `gpu` cannot run this decoder precision / KV cache; return notes (e.g. when nothing
     could be checked)."""
-    check_precision_names(precision, kv_cache)
+    p = check_precision_names(precision, kv_cache)
     if gpu is None:
         return ["no GPU detected and none declared (--gpu): precision support was not checked"]
     problems = []
-    fp8_parts = [what for what, on in (("FP8 weights", precision == "fp8"), ("an FP8 KV cache", kv_cache == "fp8"))
-                 if on]
+    fp8_parts = [what for what, on in (("FP8 weights", p.fp8_workflow), ("an FP8 KV cache", kv_cache == "fp8")) if on]
     if fp8_parts and not supports_fp8(gpu.sm):
+        instead = [q.name for q in DECODER_PRECISIONS.values() if q.integer and q.min_sm <= max(gpu.sm, BF16_MIN_SM)]
         problems.append(f"{' and '.join(fp8_parts)} need an SM 8.9+ GPU (Ada L4/L40S, Hopper H100/H200, Blackwell); "
                         f"{gpu.name} is SM {gpu.compute_capability[0]}.{gpu.compute_capability[1]}. "
-                        f"Use int8_wo, int8_sq or int4_awq weights and an int8 or auto KV cache there.")
-    if gpu.sm < BF16_MIN_SM and precision != "fp16":
+                        f"Use {', '.join(instead[:-1])} or {instead[-1]} weights and an int8 or auto KV cache there.")
+    if gpu.sm < BF16_MIN_SM <= p.min_sm:
         problems.append(f"{gpu.name} (SM {gpu.sm}) has no bf16 tensor cores; build with --precision fp16")
-    int8_parts = [what for what, on in (("INT8/INT4 weights", precision in INTEGER_PRECISIONS),
-                                        ("an INT8 KV cache", kv_cache == "int8")) if on]
+    elif gpu.sm < p.min_sm and not p.fp8_workflow:
+        problems.append(f"{precision} weights need an SM {p.min_sm / 10:.1f}+ GPU; {gpu.name} is SM {gpu.sm / 10:.1f}")
+    int8_parts = [what for what, on in (("INT8/INT4 weights", p.integer), ("an INT8 KV cache", kv_cache == "int8"))
+                  if on]
     if int8_parts and gpu.sm in NO_INT8_SMS:
         problems.append(f"{' and '.join(int8_parts)}: TensorRT-LLM 1.2 refuses INT8/INT4 quantization on SM "
                         f"{gpu.sm} ({gpu.name}); use fp8 (or bf16) with an fp8 KV cache")
@@ -127,14 +222,17 @@ def check_precision(precision: str, kv_cache: str = "auto", gpu: GpuInfo | None 
     return []
 
 
-def check_encoder_precision(precision: str, sm: int | None) -> None:
-    """ValueError when a GPU of compute capability `sm` (e.g. 80 for A100) cannot run the encoder in `precision`;
-    None (GPU unknown) checks nothing."""
-    if precision not in ENCODER_MIN_SM:
-        raise ValueError(f"encoder precision must be one of {sorted(ENCODER_MIN_SM)}, got {precision!r}")
-    if sm is not None and sm < ENCODER_MIN_SM[precision]:
-        raise ValueError(f"a {precision} encoder needs an SM {ENCODER_MIN_SM[precision] / 10:.1f}+ GPU, this one is SM "
-                         f"{sm / 10:.1f}" + (": use int8 or fp16" if precision == "fp8" else ""))
+def check_encoder_precision(precision: str, sm: int | None) -> EncoderPrecision:
+    """The encoder precision's record; ValueError when a GPU of compute capability `sm` (e.g. 80 for A100) cannot run
+    the encoder in `precision`. None (GPU unknown) checks nothing."""
+    if precision not in GPU_ENCODER_PRECISIONS:
+        raise ValueError(f"encoder precision must be one of {sorted(GPU_ENCODER_PRECISIONS)}, got {precision!r}")
+    p = GPU_ENCODER_PRECISIONS[precision]
+    if sm is not None and sm < p.min_sm:
+        fallback = [q.name for q in GPU_ENCODER_PRECISIONS.values() if q.qdq and q.min_sm <= sm]
+        raise ValueError(f"a {precision} encoder needs an SM {p.min_sm / 10:.1f}+ GPU, this one is SM {sm / 10:.1f}"
+                         + (f": use {' or '.join(fallback)} or fp16" if p.qdq and fallback else ""))
+    return p
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -24,6 +24,7 @@ from af3trt.build import gpu_build
 from af3trt.build.common import BuildError, Progress, add_flags, from_flags
 from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
 from af3trt.build.repository import render_repository, repo_spec
+from af3trt.registry import CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES
 from af3trt.triton_repo.configs import RepoSpec
 
 log = logging.getLogger("af3trt.build")
@@ -128,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
     add_flags(ap.add_argument_group("serving (both targets)"), ServingConfig)
     ap.add_argument("--encoder-precision", default=None,
-                    help="cpu: fp32 (default) | int8 (ORT dynamic); gpu: fp16 (default) | bf16 | fp32 | int8 | fp8")
+                    help=f"cpu: {' | '.join(CPU_ENCODER_PRECISIONS)} (default fp32; int8: ORT dynamic); "
+                         f"gpu: {' | '.join(GPU_ENCODER_PRECISIONS)} (default fp16)")
     ap.add_argument("--cpu-threads", type=int, default=0,
                     help="threads per ONNX Runtime / torch model: encoder, decoder, preprocess (0: their defaults)")
     ap.add_argument("--encoder-threads", type=int, default=None,
@@ -144,8 +146,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
-    gpu.add_argument("--precision", default="bf16", help="decoder: bf16 | fp16 | fp8 | int8_sq | int8_wo | int4_awq")
-    gpu.add_argument("--kv-cache", default="auto", help="auto | fp8 | int8")
+    gpu.add_argument("--precision", default="bf16", choices=DECODER_PRECISIONS, help="decoder weights/activations")
+    gpu.add_argument("--kv-cache", default="auto", choices=KV_CACHES)
     gpu.add_argument("--tp-size", type=int, default=1)
     gpu.add_argument("--gpu", default=None, help="declare the target GPU (h100, a100, l40s, …) when building elsewhere")
     gpu.add_argument("--calib-audio", action="append", default=[], type=Path,

@@ -31,7 +31,8 @@ from af3trt.build.memory_plan import MemoryPlan, MemoryPlanError, check_fits, en
 from af3trt.build.plan import BuildPlan, BuildReport, GpuOptions, load_plan
 from af3trt.build.trt_encoder import EncoderEnginePlan, build_encoder_engine, encoder_engine_plan
 from af3trt.build.trtllm_engine import TrtllmBuildPlan, plan_trtllm_build, run_trtllm_build
-from af3trt.registry import GpuInfo, PrecisionError, check_encoder_precision, check_precision
+from af3trt.registry import (GPU_ENCODER_PRECISIONS, GpuInfo, PrecisionError, check_encoder_precision, check_precision,
+                             decoder_precision)
 from af3trt.runtime.gpus import target_gpu
 
 
@@ -67,7 +68,7 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
         report.validation["encoder_onnx"] = export_encoder(plan.hf_model, art / "encoder.onnx")
     with prog.step(f"preparing the encoder ONNX for a {g.encoder_precision} engine"):
         calib = calibration_set([Path(p).read_bytes() for p in g.calib_audio] or None) \
-            if g.encoder_precision in ("int8", "fp8") else None
+            if GPU_ENCODER_PRECISIONS[g.encoder_precision].qdq else None
         enc_onnx, figures = prepare_encoder(art / "encoder.onnx", art, g.encoder_precision, calib=calib,
                                             hf_dir=plan.hf_model)
         report.validation["encoder_engine_onnx"] = figures
@@ -173,7 +174,7 @@ def doctor_build_tools(prepare_only: bool) -> None:
 
 
 def weight_only_shape_problems(text: dict, precision: str, tp_size: int) -> list[str]:
-    """Why int8_wo / int4_awq cannot be built at this tp size for these layer shapes ([] when they can).
+    """Why a weight-only precision (int8_wo, int4_awq) cannot be built at this tp size for these layer shapes ([] when they can).
 
     The rules are the checkpoint validator's (export/trtllm_checkpoint.py, from TensorRT-LLM 1.2's weight-only and
     AWQ linear layers): trtllm-build pads weight-only layers to multiples of 64 x tp, AWQ layers to multiples of
@@ -186,11 +187,11 @@ def weight_only_shape_problems(text: dict, precision: str, tp_size: int) -> list
     heads, kv_heads, hidden = text["num_attention_heads"], text.get("num_key_value_heads"), text["hidden_size"]
     hd = text.get("head_dim") or hidden // heads
     inter = text["intermediate_size"]
-    if precision == "int4_awq":
+    if decoder_precision(precision).awq:
         try:
             multiple = max(64, awq_block_size_for(text, tp_size)) * tp_size
         except QuantizeError as e:
-            return [f"int4_awq with --tp-size {tp_size}: {e}"]
+            return [f"{precision} with --tp-size {tp_size}: {e}"]
     else:
         multiple = 64 * tp_size
     shapes = {"qkv": ((heads + 2 * (kv_heads or heads)) * hd, hidden), "dense": (hidden, heads * hd),
@@ -217,7 +218,7 @@ def preflight(plan: BuildPlan) -> MemoryPlan:
     for what, n in (("attention heads", text["num_attention_heads"]), ("intermediate size", text["intermediate_size"])):
         if n % g.tp_size:
             problems.append(f"--tp-size {g.tp_size} does not divide the {what} ({n})")
-    if g.precision in ("int8_wo", "int4_awq") and not problems:
+    if decoder_precision(g.precision).weight_only and not problems:
         problems += weight_only_shape_problems(text, g.precision, g.tp_size)
     try:
         trtllm = _trtllm_plan(plan, Path("not-written-yet"))  # nothing is read or written: limits are derived

@@ -10,8 +10,9 @@ case and a PASS/FAIL line per output with its agreement figures. Nothing is buil
 passes, 1 when one fails, 2 when one cannot be checked.
 
 Pass rules (ours, judged: transformers' reference is not the engine's numerics): an unquantized decoder (bf16, fp16)
-must reproduce the first PREFIX tokens of every answer exactly and agree on at least MIN_AGREEMENT of all positions;
-quantized decoders must agree on their first token and on at least MIN_AGREEMENT of positions; CPU-side predictions
+must reproduce the first few tokens of every answer exactly and agree on at least a share of all positions;
+quantized decoders must agree on their first token and on at least a smaller share of positions (both per precision:
+af3trt/registry.py DecoderPrecision exact_prefix, min_agreement); CPU-side predictions
 (manifest validation.decoder_accuracy, fake quantization) are printed beside the measured figures when present.
 
 Imports only what the container's Python has (tests/test_container_half.py runs this module there).
@@ -25,15 +26,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3trt.registry import DECODER_PRECISIONS
+
 # TensorRT-LLM's generation attention (masked multi-head attention) kernels are instantiated for these head sizes
 # only: NVIDIA/TensorRT-LLM cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention/instantiation/
 # decoderMaskedMultiheadAttention{32,48,64,80,96,104,112,128,144,160,192,224,256}_{float,half,bf16}.cu.
 # An engine with another head size builds, and fails at its first generated token.
 TRTLLM_HEAD_SIZES = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
 
-PREFIX = {"bf16": 4, "fp16": 4}
-DEFAULT_PREFIX = 1
-MIN_AGREEMENT = {"bf16": 0.75, "fp16": 0.75, "fp8": 0.5, "int8_sq": 0.5, "int8_wo": 0.5, "int4_awq": 0.25}
+# A precision's thresholds are its registry record's (exact_prefix, min_agreement); these are for a manifest naming
+# one this af3trt does not know.
+DEFAULT_PREFIX, DEFAULT_MIN_AGREEMENT = 1, 0.75
 
 
 class GpuCheckError(RuntimeError):
@@ -90,10 +93,16 @@ class Verdict:
         return 1.0 if total == 0 else same / total
 
     @property
+    def thresholds(self) -> tuple[int, float]:
+        """(leading tokens that must match exactly, share of positions that must agree) for this precision."""
+        p = DECODER_PRECISIONS.get(self.precision)
+        return (p.exact_prefix, p.min_agreement) if p else (DEFAULT_PREFIX, DEFAULT_MIN_AGREEMENT)
+
+    @property
     def passed(self) -> bool:
-        need = PREFIX.get(self.precision, DEFAULT_PREFIX)
+        need, min_agreement = self.thresholds
         prefix_ok = all(c.prefix >= min(need, len(c.want)) for c in self.cases)
-        return bool(self.cases) and prefix_ok and self.agreement >= MIN_AGREEMENT.get(self.precision, 0.75)
+        return bool(self.cases) and prefix_ok and self.agreement >= min_agreement
 
 
 def head_size(engine_config: dict) -> int:
@@ -169,9 +178,8 @@ def report(out: Path, verdict: Verdict, predicted: float | None = None) -> str:
              f"\n    gpu       {c.got}\n    reference {c.want}" for c in verdict.cases]
     pred = "" if predicted is None else f" (CPU fake-quant prediction {predicted:.0%})"
     lines.append(f"{'PASS' if verdict.passed else 'FAIL'} {verdict.precision} {out}: {verdict.agreement:.1%} token "
-                 f"agreement over {len(verdict.cases)} prompts{pred}; needs prefix "
-                 f"{PREFIX.get(verdict.precision, DEFAULT_PREFIX)} and >= "
-                 f"{MIN_AGREEMENT.get(verdict.precision, 0.75):.0%}")
+                 f"agreement over {len(verdict.cases)} prompts{pred}; needs prefix {verdict.thresholds[0]} and >= "
+                 f"{verdict.thresholds[1]:.0%}")
     return "\n".join(lines)
 
 

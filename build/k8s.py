@@ -79,7 +79,7 @@ class DeployOptions:
         if self.gpu not in KNOWN_GPUS:
             raise DeployError(f"unknown GPU {self.gpu!r}; known: {', '.join(sorted(KNOWN_GPUS))}")
         if self.precision not in DECODER_PRECISIONS or self.kv_cache not in KV_CACHES:
-            raise DeployError(f"precision must be one of {DECODER_PRECISIONS} and kv_cache one of {KV_CACHES}")
+            raise DeployError(f"precision must be one of {tuple(DECODER_PRECISIONS)} and kv_cache one of {KV_CACHES}")
         if self.tp_size < 1 or self.max_batch_size < 1:
             raise DeployError("tp_size and max_batch_size must be >= 1")
         if not 1 <= self.min_replicas <= self.max_replicas:

@@ -12,11 +12,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from af3trt.registry import DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, read_config, text_config
+from af3trt.registry import DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, decoder_precision, read_config, text_config
 from af3trt.runtime.lengths import SAMPLE_RATE, audio_tokens_for_samples
 
 DTYPE_BYTES = 2  # bf16 / fp16 engines
@@ -96,23 +95,10 @@ def decoder_params(d: DecoderDims) -> dict:
 
 def decoder_weight_bytes(d: DecoderDims, precision: str, awq_group: int = 128) -> int:
     """Bytes of the decoder's weights (and scales) in a TensorRT-LLM checkpoint / engine of this precision."""
-    if precision not in DECODER_PRECISIONS:
-        raise ValueError(f"precision must be one of {DECODER_PRECISIONS}")
+    linear_bytes = decoder_precision(precision).linear_bytes  # per [out, in] linear, with its scales (registry)
     p = decoder_params(d)
     fixed = (p["embedding"] + p["lm_head"] + p["other"]) * DTYPE_BYTES
-    linears = decoder_linears(d)
-    if precision in ("bf16", "fp16"):
-        per_layer = sum(o * i * DTYPE_BYTES for o, i in linears)
-    elif precision == "fp8":  # fp8 weights, f32 weight and activation scales
-        per_layer = sum(o * i + 8 for o, i in linears)
-    elif precision == "int8_sq":  # int8 weights, f32 per-channel scales, smoothing factors, f32 activation scale
-        per_layer = sum(o * i + 4 * o + DTYPE_BYTES * i + 4 for o, i in linears)
-    elif precision == "int8_wo":  # int8 weights, per-channel scales in the engine dtype
-        per_layer = sum(o * i + DTYPE_BYTES * o for o, i in linears)
-    else:  # int4_awq: packed int4, per-group scales and smoothing factors in the engine dtype
-        per_layer = sum(o * i // 2 + DTYPE_BYTES * o * math.ceil(i / awq_group) + DTYPE_BYTES * i
-                        for o, i in linears)
-    return fixed + d.layers * per_layer
+    return fixed + d.layers * sum(linear_bytes(o, i, DTYPE_BYTES, awq_group) for o, i in decoder_linears(d))
 
 
 def encoder_params(e: EncoderDims) -> dict:

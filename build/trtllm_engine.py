@@ -35,8 +35,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from af3trt.registry import (KV_CACHE_QUANT_ALGO, PRECISION_DTYPES, QUANT_ALGO, check_precision, check_precision_names,
-                             text_config)
+from af3trt.registry import KV_CACHE_QUANT_ALGO, check_precision, check_precision_names, text_config
 from af3trt.build.plan import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -67,12 +66,12 @@ def _check_against_checkpoint(ckpt_dir: Path, precision: str, kv_cache: str, tp_
     config = json.loads(path.read_text())
     quant = config.get("quantization") or {}
     found = (quant.get("quant_algo"), quant.get("kv_cache_quant_algo"), (config.get("mapping") or {}).get("tp_size"))
-    wanted = (QUANT_ALGO[precision], KV_CACHE_QUANT_ALGO[kv_cache], tp_size)
+    p = check_precision_names(precision, kv_cache)
+    wanted = (p.quant_algo, KV_CACHE_QUANT_ALGO[kv_cache], tp_size)
     if found != wanted:
         raise ValueError(f"{ckpt_dir} holds quant_algo/kv_cache_quant_algo/tp {found}, but the build asks for "
                          f"{precision}/{kv_cache}/tp {tp_size} = {wanted}")
-    dtype = PRECISION_DTYPES.get(precision)
-    if dtype and config.get("dtype") != dtype:
+    if p.dtype and config.get("dtype") != p.dtype:
         raise ValueError(f"{ckpt_dir} is {config.get('dtype')}, but the build asks for {precision}")
     return config
 
@@ -85,7 +84,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingConfig, p
     gpu: the target (af3trt.runtime.gpus.target_gpu); precisions it cannot run raise PrecisionError.
     When ckpt_dir already holds a checkpoint, its quantization, dtype and tp size must be the ones asked for.
     """
-    check_precision_names(precision, kv_cache)
+    p = check_precision_names(precision, kv_cache)
     notes = check_precision(precision, kv_cache, gpu)  # raises when the GPU cannot run it; a note when no GPU
     config = _check_against_checkpoint(ckpt_dir, precision, kv_cache, limits.tp_size)
     audio = audio_tokens_per_request if audio_tokens_per_request is not None else limits.audio_tokens_per_request
@@ -104,7 +103,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingConfig, p
     max_num_tokens = min(max_num_tokens, limits.max_batch_size * max_seq_len)
     chunked_context = max_num_tokens < max_input_len
 
-    fp8_weights, fp8_kv, int8_kv = precision == "fp8", kv_cache == "fp8", kv_cache == "int8"
+    fp8_weights, fp8_kv, int8_kv = p.fp8_workflow, kv_cache == "fp8", kv_cache == "int8"
     # builder.py (1.2): paged context FMHA is switched off with an INT8 KV cache, and with an FP8 KV cache unless
     # the weights are FP8 too; FP8 context FMHA needs FP8 weights and, with paged context FMHA, an FP8 KV cache.
     paged_context_fmha = not int8_kv and not (fp8_kv and not fp8_weights)
@@ -259,7 +258,7 @@ def decoder_accuracy_report(lm_dir: Path, precision: str, kv_cache: str = "auto"
     from af3trt.export.quantize import (awq_block_size_for, calibrate, calibration_batches, default_dtype, load_lm,
                                         load_tokenizer, modelopt_quant_config, pick_device, seed_everything)
 
-    check_precision_names(precision, kv_cache)
+    p = check_precision_names(precision, kv_cache)
     lm_dir = Path(lm_dir)
     device = pick_device(device)
     seed_everything(seed)
@@ -285,10 +284,10 @@ def decoder_accuracy_report(lm_dir: Path, precision: str, kv_cache: str = "auto"
     engine_dtype = default_dtype(precision, text_cfg)
     model = model.to(getattr(torch, engine_dtype))
     method = f"{engine_dtype}"
-    cfg = modelopt_quant_config(precision, kv_cache, simulate_weight_only=True,
-                                awq_block_size=awq_block_size_for(text_cfg) if precision == "int4_awq" else 128)
+    cfg = modelopt_quant_config(precision, kv_cache, simulate=True,
+                                awq_block_size=awq_block_size_for(text_cfg) if p.awq else 128)
     if cfg is not None:
-        size = min(calib_size, 32) if precision == "int4_awq" else calib_size
+        size = min(calib_size, p.max_calib_size or calib_size)
         model = calibrate(model, cfg, calibration_batches(tok, calib_texts, calib_size=size), device)
         method += " + modelopt fake quantization"
     t_quant = time.perf_counter() - t1

@@ -58,19 +58,17 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from af3trt.export.onnx_export import compare, onnx_bytes, save_onnx, set_metadata
+from af3trt.registry import GPU_ENCODER_PRECISIONS
 from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_EXPORT_DTYPE, META_QUANTIZATION,
                                     OUTPUT_EMBEDS, pad_frames)
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# The precisions, which of them are Q/DQ and their acceptance bounds: af3trt/registry.py GPU_ENCODER_PRECISIONS.
+# How each cast type is written: (ONNX type, numpy name, largest finite value).
 LOW_TYPES = {"fp16": (onnx.TensorProto.FLOAT16, "float16", 65504.0),
              "bf16": (onnx.TensorProto.BFLOAT16, "bfloat16", (2 - 2 ** -7) * 2.0 ** 127)}
 FP8_OPSET = 21  # first opset whose Transpose/Reshape take float8 (TensorRT 10.14 parses it)
-
-# Acceptance on held-out real-audio windows (cosine over all valid rows). fp16/bf16 lose only rounding; Q/DQ loses
-# more, and FP8 (3 mantissa bits, attention BMMs quantized too) more than per-channel INT8.
-MIN_COSINE = {"fp16": 0.999, "bf16": 0.995, "int8": 0.99, "fp8": 0.97}
 
 
 class OnnxQuantError(RuntimeError):
@@ -297,8 +295,9 @@ def quantize_encoder(onnx_path: Path, out_path: Path, mode: str, calib: Calibrat
     """
     from modelopt.onnx.quantization import quantize
 
-    if mode not in ("int8", "fp8"):
-        raise OnnxQuantError(f"quantize mode must be int8 or fp8, got {mode!r}")
+    qdq_modes = [n for n, p in GPU_ENCODER_PRECISIONS.items() if p.qdq]
+    if mode not in qdq_modes:
+        raise OnnxQuantError(f"quantize mode must be {' or '.join(qdq_modes)}, got {mode!r}")
     if high_precision not in ("fp16", "fp32"):
         raise OnnxQuantError("high_precision must be fp16 or fp32: a bf16 remainder cannot be validated on CPU "
                              "(ONNX Runtime has no bf16 kernels for it)")
@@ -358,7 +357,7 @@ def _qdq_types(model: onnx.ModelProto) -> dict[str, int]:
 def validate_variant(variant: Path, reference: Path, precision: str, calib: CalibrationSet, *,
                      hf_dir: Path | None = None) -> dict:
     """Figures of `variant` against the float32 `reference` on calib's held-out windows (see the module docstring
-    for how each precision is measured). Raises OnnxQuantError below MIN_COSINE[precision]."""
+    for how each precision is measured). Raises OnnxQuantError below the precision's min_cosine (registry)."""
     feats, mask = calib.held_features, calib.held_mask
     want = run_onnx(reference, feats, mask)
     if precision in ("fp16", "int8"):
@@ -372,12 +371,13 @@ def validate_variant(variant: Path, reference: Path, precision: str, calib: Cali
         figures = estimate_bf16_torch(hf_dir, feats, mask)
     else:
         raise OnnxQuantError(f"nothing to validate for precision {precision!r}")
-    figures.update(min_cosine=MIN_COSINE[precision], held_out_windows=len(feats), calibration_source=calib.source)
+    min_cosine = GPU_ENCODER_PRECISIONS[precision].min_cosine
+    figures.update(min_cosine=min_cosine, held_out_windows=len(feats), calibration_source=calib.source)
     log.info("%s vs fp32 (%s, %d held-out windows): cosine %.6f, worst row %.6f, max abs %.4g", precision,
              figures["method"], len(feats), figures["cosine"], figures["min_row_cosine"], figures["max_abs_diff"])
-    if not figures["all_finite"] or figures["cosine"] < MIN_COSINE[precision]:
+    if not figures["all_finite"] or figures["cosine"] < min_cosine:
         raise OnnxQuantError(f"{precision} encoder vs fp32: cosine {figures['cosine']:.6f} < "
-                             f"{MIN_COSINE[precision]} on held-out audio ({figures['method']})", figures)
+                             f"{min_cosine} on held-out audio ({figures['method']})", figures)
     return figures
 
 
@@ -386,10 +386,10 @@ def prepare_encoder(onnx_path: Path, out_dir: Path, precision: str, *, calib: Ca
     """The ONNX file to build the TensorRT engine from, for `precision` (fp32 | fp16 | bf16 | int8 | fp8), produced
     in out_dir and validated. Returns (path, figures)."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    if precision not in PRECISIONS:
-        raise OnnxQuantError(f"encoder precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return onnx_path, {"precision": "fp32", "onnx_path": str(onnx_path)}
+    if precision not in GPU_ENCODER_PRECISIONS:
+        raise OnnxQuantError(f"encoder precision must be one of {tuple(GPU_ENCODER_PRECISIONS)}, got {precision!r}")
+    if GPU_ENCODER_PRECISIONS[precision].min_cosine is None:  # the reference itself: the float32 export
+        return onnx_path, {"precision": precision, "onnx_path": str(onnx_path)}
     calib = calib or calibration_set()
     out = out_dir / f"encoder.{precision}.onnx"
     if precision in LOW_TYPES:
@@ -403,7 +403,8 @@ def prepare_encoder(onnx_path: Path, out_dir: Path, precision: str, *, calib: Ca
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", type=Path, required=True, help="the validated float32 encoder (onnx_export)")
-    ap.add_argument("--precision", choices=PRECISIONS[1:], required=True)
+    ap.add_argument("--precision", required=True,
+                    choices=[n for n, p in GPU_ENCODER_PRECISIONS.items() if p.min_cosine is not None])
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--calib-audio", type=Path, nargs="*", help="audio files (the last quarter is held out); "
                                                                  "default: the bundled clip")

@@ -34,13 +34,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from af3trt.registry import (DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, QUANT_ALGO, check_precision_names,
-                             rope_theta, text_config)
+from af3trt.registry import (DECODER_PRECISIONS, KV_CACHE_QUANT_ALGO, KV_CACHES, DecoderPrecision,
+                             check_precision_names, decoder_precision, rope_theta, text_config)
 
 log = logging.getLogger(__name__)
 
-_MODELOPT_CFG = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG",
-                 "int8_wo": "INT8_WEIGHT_ONLY_CFG"}  # int8_wo: accuracy simulation only (see module docstring)
 AWQ_BLOCK_SIZES = (128, 64)  # the group sizes TensorRT-LLM's groupwise kernels take, preferred first
 PROVENANCE_FILE = "af3trt_quant.json"
 
@@ -112,11 +110,10 @@ def hf_rope_scaling(text_cfg: dict) -> dict | None:
 
 
 def default_dtype(precision: str, text_cfg: dict) -> str:
-    """Engine dtype: fp16 for precision fp16, else the checkpoint's half dtype, else bfloat16 (AF3's)."""
-    if precision == "fp16":
-        return "float16"
-    if precision == "bf16":
-        return "bfloat16"
+    """Engine dtype: the one the precision fixes (bf16, fp16), else the checkpoint's half dtype, else bfloat16 (AF3's)."""
+    fixed = decoder_precision(precision).dtype
+    if fixed:
+        return fixed
     declared = text_cfg.get("torch_dtype") or text_cfg.get("dtype")
     return declared if declared in ("float16", "bfloat16") else "bfloat16"
 
@@ -124,25 +121,24 @@ def default_dtype(precision: str, text_cfg: dict) -> str:
 # ---------------------------------------------------------------------------------------------- modelopt configs
 
 def modelopt_quant_config(precision: str, kv_cache: str = "auto", *, awq_block_size: int = 128,
-                          simulate_weight_only: bool = False) -> dict | None:
+                          simulate: bool = False) -> dict | None:
     """The mtq config for a precision (+ KV cache), or None when nothing is calibrated.
 
-    modelopt 0.47 configs are ordered lists of {quantizer_name, cfg|enable}; later entries win. int8_wo returns a
-    config only with `simulate_weight_only` (for fake quantization): its checkpoint carries unquantized weights.
+    modelopt 0.47 configs are ordered lists of {quantizer_name, cfg|enable}; later entries win. With `simulate` it is
+    the precision's fake-quantization preset (registry DecoderPrecision.simulate_cfg: int8_wo has one, although its
+    checkpoint carries unquantized weights), else the one calibrated for the checkpoint.
     """
     import modelopt.torch.quantization as mtq
 
-    _check_args(precision, kv_cache)
-    name = _MODELOPT_CFG.get(precision)
-    if precision == "int8_wo" and not simulate_weight_only:
-        name = None
+    p = _check_args(precision, kv_cache)
+    name = p.simulate_cfg if simulate else p.modelopt_cfg
     if name is None and kv_cache == "auto":
         return None
     if name is None:  # KV cache only: everything off, then the KV quantizers on
         cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
     else:
         cfg = copy.deepcopy(getattr(mtq, name))
-    if precision == "int4_awq":
+    if p.awq:
         for entry in cfg["quant_cfg"]:
             if entry.get("quantizer_name") == "*weight_quantizer":
                 entry["cfg"]["block_sizes"][-1] = awq_block_size
@@ -155,8 +151,8 @@ def modelopt_quant_config(precision: str, kv_cache: str = "auto", *, awq_block_s
     return cfg
 
 
-def _check_args(precision: str, kv_cache: str) -> None:
-    check_precision_names(precision, kv_cache, QuantizeError)
+def _check_args(precision: str, kv_cache: str) -> DecoderPrecision:
+    return check_precision_names(precision, kv_cache, QuantizeError)
 
 
 def awq_block_size_for(text_cfg: dict, tp_size: int = 1, preferred: int = 128) -> int:
@@ -264,9 +260,10 @@ def patch_trtllm_config(config: dict, text_cfg: dict, precision: str, kv_cache: 
     }
     config.update(patch)
     quant = dict(config.get("quantization") or {})
-    quant["quant_algo"] = QUANT_ALGO[precision]
+    p = decoder_precision(precision, QuantizeError)
+    quant["quant_algo"] = p.quant_algo
     quant["kv_cache_quant_algo"] = KV_CACHE_QUANT_ALGO[kv_cache]
-    if QUANT_ALGO[precision] in (None, "W8A16"):
+    if p.modelopt_cfg is None:
         # No weight quantizer ran. exclude_modules None means TensorRT-LLM's default exclusions (lm_head,
         # vocab_embedding, ...): W8A16 needs them, since the builder quantizes only qkv/dense/fc/gate/proj.
         quant.pop("exclude_modules", None)
@@ -296,7 +293,7 @@ def write_trtllm_checkpoint(lm_dir: Path, out_dir: Path, *, precision: str, kv_c
 
     from af3trt.export.trtllm_checkpoint import validate_checkpoint
 
-    _check_args(precision, kv_cache)
+    p = _check_args(precision, kv_cache)
     lm_dir, out_dir = Path(lm_dir), Path(out_dir)
     text_cfg = text_config(lm_dir)
     if text_cfg.get("model_type", "qwen2") != "qwen2":
@@ -304,8 +301,8 @@ def write_trtllm_checkpoint(lm_dir: Path, out_dir: Path, *, precision: str, kv_c
     dtype = dtype or default_dtype(precision, text_cfg)
     if dtype not in ("bfloat16", "float16"):
         raise QuantizeError(f"TensorRT-LLM engine dtype must be bfloat16 or float16, got {dtype!r}")
-    if precision in ("bf16", "fp16") and dtype != default_dtype(precision, text_cfg):
-        raise QuantizeError(f"precision {precision} means dtype {default_dtype(precision, text_cfg)}, not {dtype}")
+    if p.dtype and dtype != p.dtype:
+        raise QuantizeError(f"precision {precision} means dtype {p.dtype}, not {dtype}")
     if text_cfg["num_attention_heads"] % tp_size or text_cfg["intermediate_size"] % tp_size:
         raise QuantizeError(f"tp_size {tp_size} does not divide the heads / intermediate size")
     device = pick_device(device)
@@ -318,15 +315,16 @@ def write_trtllm_checkpoint(lm_dir: Path, out_dir: Path, *, precision: str, kv_c
     timings["load_s"] = round(time.perf_counter() - t, 3)
 
     block = None
-    if precision == "int4_awq":
+    if p.awq:
         block = awq_block_size or awq_block_size_for(text_cfg, tp_size)
     quant_cfg = modelopt_quant_config(precision, kv_cache, awq_block_size=block or 128)
     n_calib = 0
     t = time.perf_counter()
     if quant_cfg is not None:
-        if precision == "int4_awq" and calib_size > 32:
-            log.info("AWQ calibration is slow; using calib_size=32 instead of %d (as TensorRT-LLM does)", calib_size)
-            calib_size = 32
+        if p.max_calib_size and calib_size > p.max_calib_size:
+            log.info("%s calibration is slow; using calib_size=%d instead of %d (as TensorRT-LLM does)", precision,
+                     p.max_calib_size, calib_size)
+            calib_size = p.max_calib_size
         batches = calibration_batches(load_tokenizer(lm_dir), calib_texts, calib_size=calib_size,
                                       max_seq_len=calib_max_seq_len) + list(calib_batches or [])
         n_calib = len(batches)
@@ -335,7 +333,7 @@ def write_trtllm_checkpoint(lm_dir: Path, out_dir: Path, *, precision: str, kv_c
         model = calibrate(model, quant_cfg, batches, device)
     else:
         log.info("%s: no calibration (weights exported in %s%s)", precision, dtype,
-                 ", trtllm-build quantizes them to int8" if precision == "int8_wo" else "")
+                 f", trtllm-build quantizes them ({p.quant_algo})" if p.builder_quantizes else "")
     timings["calibrate_s"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
@@ -359,7 +357,7 @@ def write_trtllm_checkpoint(lm_dir: Path, out_dir: Path, *, precision: str, kv_c
 
     summary = {
         "checkpoint_dir": str(out_dir), "lm_dir": str(lm_dir), "precision": precision, "kv_cache": kv_cache,
-        "dtype": dtype, "quant_algo": QUANT_ALGO[precision], "kv_cache_quant_algo": KV_CACHE_QUANT_ALGO[kv_cache],
+        "dtype": dtype, "quant_algo": p.quant_algo, "kv_cache_quant_algo": KV_CACHE_QUANT_ALGO[kv_cache],
         "tp_size": tp_size, "calib_samples": n_calib, "awq_block_size": block, "seed": seed, "device": device,
         "modelopt_version": modelopt.__version__, "timings": timings, "patched": patched,
         "validation": report.as_dict(),

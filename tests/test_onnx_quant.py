@@ -3,7 +3,7 @@ fp16/bf16 casts with float32 I/O, INT8/FP8 Q/DQ from nvidia-modelopt calibrated 
 held-out real-audio windows against the float32 graph.
 
 Thresholds. The tiny encoder has random weights, so its figures say that each path is wired right, not how AF3 will
-fare; the bounds are the module's acceptance bounds (MIN_COSINE), which the tiny model passes with margin:
+fare; the bounds are the registry's acceptance bounds (min_cosine), which the tiny model passes with margin:
   fp16  0.999  (seen 0.9999997: fp16 storage error only)
   bf16  0.995  (torch estimate, seen 0.99996)
   int8  0.99   (seen 0.9990; the same bound as the CPU target's INT8 dynamic quantization)
@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 
 from af3trt.export import onnx_quant as oq
 from af3trt.export.onnx_export import export_encoder
+from af3trt.registry import GPU_ENCODER_PRECISIONS
 from af3trt.runtime import assets
 from af3trt.runtime.audio import decode_audio, prepare_clips
 from af3trt.runtime.encoder import OnnxEncoder
@@ -95,7 +96,7 @@ def test_bf16_cast_and_torch_estimate(fp32, calib, tiny_ckpt, tmp_path):
     assert fig["initializer_types"].get("BFLOAT16", 0) > 0 and fig["opset"] >= 22
     v = fig["validation"]
     assert v["method"] == "torch-bf16" and v["estimate"]  # labelled: the bf16 graph itself cannot run on ORT CPU
-    assert v["cosine"] > oq.MIN_COSINE["bf16"] and v["all_finite"]
+    assert v["cosine"] > GPU_ENCODER_PRECISIONS["bf16"].min_cosine and v["all_finite"]
     with pytest.raises(oq.OnnxQuantError, match="hf_dir"):
         oq.validate_variant(path, fp32, "bf16", calib)
 
@@ -129,7 +130,7 @@ def test_int8_qdq_runs_in_ort(fp32, calib, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     v = fig["validation"]
     assert v["method"] == "ort-cpu" and not v["estimate"] and v["held_out_windows"] == 3
-    assert v["cosine"] > oq.MIN_COSINE["int8"] and v["all_finite"]
+    assert v["cosine"] > GPU_ENCODER_PRECISIONS["int8"].min_cosine and v["all_finite"]
     assert v["max_abs_diff"] > 0  # really quantized
     assert OnnxEncoder(path).quantization == "int8-qdq"
     # every quantized weight at the scale its own range gives: per channel amax / 127 (symmetric INT8), so the
@@ -154,7 +155,7 @@ def test_fp8_qdq_runs_at_opset_21(fp32, calib, tmp_path):
     onnx.checker.check_model(str(path), full_check=True)
     v = fig["validation"]
     assert v["method"] == "ort-cpu-fp8-qdq" and not v["estimate"]
-    assert v["cosine"] > oq.MIN_COSINE["fp8"] and v["all_finite"]
+    assert v["cosine"] > GPU_ENCODER_PRECISIONS["fp8"].min_cosine and v["all_finite"]
     assert v["max_abs_diff"] > 0  # really quantized
     # every quantized weight in e4m3 at a per-channel scale of its own: no weight saturates (|w| / scale <= 448), the
     # rounded weights are not the float ones and use many e4m3 codes (measured on the 16 weights: 144-189 codes).

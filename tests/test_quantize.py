@@ -193,7 +193,7 @@ def test_modelopt_configs():
     assert kv8["quant_cfg"][0] == {"quantizer_name": "*", "enable": False}
     assert kv8["quant_cfg"][-1] == {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}
     assert modelopt_quant_config("int8_wo", "auto") is None  # nothing to calibrate: bf16 export + W8A16
-    assert modelopt_quant_config("int8_wo", "auto", simulate_weight_only=True) is not None
+    assert modelopt_quant_config("int8_wo", "auto", simulate=True) is not None
     assert modelopt_quant_config("bf16") is None
     fp8kv = modelopt_quant_config("fp8", "fp8")
     assert fp8kv["quant_cfg"][-1]["quantizer_name"] == "*[kv]_bmm_quantizer"
