@@ -128,12 +128,13 @@ class EncoderPrecision:
     # acceptance on held-out real-audio windows: cosine vs fp32 (None: fp32 is the reference). fp16/bf16 lose only
     # rounding; Q/DQ loses more, and FP8 (3 mantissa bits, attention BMMs quantized too) more than per-channel INT8
     min_cosine: float | None = None
+    activation_bytes: int = 2  # per activation element in the engine (Q/DQ graphs keep their activations 16-bit)
 
 
 GPU_ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
     EncoderPrecision("fp16", TURING_SM, min_cosine=0.999),
     EncoderPrecision("bf16", BF16_MIN_SM, min_cosine=0.995),
-    EncoderPrecision("fp32", TURING_SM),
+    EncoderPrecision("fp32", TURING_SM, activation_bytes=4),
     EncoderPrecision("int8", TURING_SM, qdq=True, min_cosine=0.99),
     EncoderPrecision("fp8", FP8_MIN_SM, qdq=True, min_cosine=0.97),
 )}

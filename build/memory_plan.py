@@ -46,13 +46,12 @@ from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, Enc
                                  dims_from_config, encoder_weight_bytes, kv_bytes_per_token)
 from af3trt.build.plan import ServingConfig
 from af3trt.build.trtllm_engine import plan_trtllm_build
-from af3trt.registry import KNOWN_GPUS
+from af3trt.registry import GPU_ENCODER_PRECISIONS, KNOWN_GPUS
 from af3trt.runtime import lengths
 
 GIB = 1024**3
 RUNTIME_RESERVE_BYTES = 2 * GIB  # CUDA contexts (server + encoder stub) and library workspaces: an estimate
 KV_FREE_FRACTION = 0.9  # the tensorrtllm backend's kv_cache_free_gpu_mem_fraction we still send (min() with tokens)
-ENCODER_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "fp8": 2}  # activations stay 16-bit with Q/DQ
 
 
 class MemoryPlanError(ValueError):
@@ -131,7 +130,7 @@ def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str
                 reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> MemoryPlan:
     kv_tokens = kv_cache_tokens(max_batch_size, max_seq_len)
     kv_rank = kv_tokens * kv_bytes_per_token(d, kv_cache) // tp_size
-    enc_bytes = ENCODER_DTYPE_BYTES[encoder_precision]
+    enc_bytes = GPU_ENCODER_PRECISIONS[encoder_precision].activation_bytes
     parts = {
         "encoder_weights": encoder_weight_bytes(e, enc_bytes if encoder_precision != "int8" else 1),
         "encoder_activations": encoder_activation_bytes(e, encoder_windows, encoder_frames, enc_bytes),
