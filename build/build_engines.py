@@ -21,10 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from af3trt.build import gpu_build
-from af3trt.build.common import BuildError, Progress, add_flags, from_flags
+from af3trt.build.common import BuildError, Progress, add_flags, flag_fields, from_flags
 from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
 from af3trt.build.repository import render_repository, repo_spec
-from af3trt.registry import CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES
+from af3trt.registry import CPU_ENCODER_PRECISIONS, GPU_ENCODER_PRECISIONS
 from af3trt.triton_repo.configs import RepoSpec
 
 log = logging.getLogger("af3trt.build")
@@ -146,19 +146,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
-    gpu.add_argument("--precision", default="bf16", choices=DECODER_PRECISIONS, help="decoder weights/activations")
-    gpu.add_argument("--kv-cache", default="auto", choices=KV_CACHES)
-    gpu.add_argument("--tp-size", type=int, default=1)
-    gpu.add_argument("--gpu", default=None, help="declare the target GPU (h100, a100, l40s, …) when building elsewhere")
-    gpu.add_argument("--calib-audio", action="append", default=[], type=Path,
-                     help="audio file for the encoder's INT8/FP8 calibration (repeatable; default: bundled clip)")
-    gpu.add_argument("--prepare-only", action="store_true",
-                     help="stop before the engine builds; write artifacts/gpu_build_plan.json")
-    gpu.add_argument("--engine-dir-at-serve", default=None,
-                     help="absolute path of the decoder engine inside the serving container")
-    gpu.add_argument("--no-accuracy-report", action="store_true")
-    gpu.add_argument("--no-goldens", action="store_true",
-                     help="skip the reference answers for `af3trt gpu-check` (artifacts/goldens.json)")
+    add_flags(gpu, GpuOptions)
     gpu.add_argument("--from-prepared", type=Path, default=None, metavar="OUT",
                      help="build the engines and the repository of a --prepare-only output (on the GPU host)")
     return ap
@@ -168,15 +156,10 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     """The BuildOptions of parsed `af3trt build` flags (ValueError for a serving value out of range)."""
     v = {k: val for k, val in vars(args).items() if k != "from_prepared"}
     serving = from_flags(ServingConfig, args)
-    for f in ServingConfig.flags():
+    gpu = from_flags(GpuOptions, args)
+    for f in flag_fields(ServingConfig) + flag_fields(GpuOptions):
         v.pop(f.name)
-    gpu_keys = ("precision", "kv_cache", "tp_size", "gpu", "calib_audio", "prepare_only", "engine_dir_at_serve")
-    gpu_kw = {k: v.pop(k) for k in gpu_keys}
-    gpu_kw.update(accuracy_report=not v.pop("no_accuracy_report"), goldens=not v.pop("no_goldens"))
-    opts = BuildOptions(**v, serving=serving)
-    if opts.target == "gpu":
-        opts.gpu = GpuOptions(**gpu_kw)
-    return opts
+    return BuildOptions(**v, serving=serving, gpu=gpu if v["target"] == "gpu" else None)
 
 
 def main(argv=None) -> None:

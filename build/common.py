@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from importlib import metadata
 
 
@@ -54,13 +54,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def flag_fields(cls: type) -> list[Field]:
+    """The fields of the dataclass `cls` that are command-line flags (a `help` in their metadata)."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
 def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, defaults=None) -> None:
     """One flag per field of the dataclass `cls` that has a `help` in its metadata: `--field-name` of the default's
     type (metadata `type` and `choices` override), a True boolean as `--no-field-name`, a False one as
-    `--field-name`. `defaults` (an instance) replaces the fields' own defaults."""
-    for f in fields(cls):
-        if "help" not in f.metadata:
-            continue
+    `--field-name`, a list as a repeatable `--field-name`. `defaults` (an instance) replaces the fields' own
+    defaults."""
+    for f in flag_fields(cls):
         default = getattr(defaults, f.name) if defaults is not None else f.default
         if default is MISSING:
             default = f.default_factory()
@@ -69,11 +73,12 @@ def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, 
             ap.add_argument(flag.replace("--", "--no-") if default else flag, dest=f.name,
                             action="store_false" if default else "store_true", help=f.metadata["help"])
         else:
-            choices = f.metadata.get("choices")
-            ap.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"],
-                            type=f.metadata.get("type", type(default)), choices=choices() if callable(choices) else choices)
+            shown = "" if default in (None, []) else " (default: %(default)s)"
+            ap.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"] + shown,
+                            type=f.metadata.get("type", type(default)), choices=f.metadata.get("choices"),
+                            **({"action": "append"} if isinstance(default, list) else {}))
 
 
 def from_flags(cls: type, args: argparse.Namespace, **extra):
     """The `cls` of parsed flags (those add_flags made), with `extra` fields."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}, **extra)
+    return cls(**{f.name: getattr(args, f.name) for f in flag_fields(cls)}, **extra)

@@ -42,7 +42,8 @@ def _spell(name: str) -> str:
 
 
 def _flag(help: str, **kw) -> dict:
-    """Field metadata of a ServingConfig knob that `af3trt build` offers as a flag (build/common.add_flags)."""
+    """Field metadata of an option `af3trt build` offers as a flag (build/common.add_flags): its help, and `type`
+    or `choices` where the default does not say them."""
     return {"help": help, **kw}
 
 
@@ -101,11 +102,6 @@ class ServingConfig:
         if self.max_num_tokens is not None and self.max_num_tokens < self.tokens_per_block:
             raise ValueError("max_num_tokens must be at least tokens_per_block")
 
-    @classmethod
-    def flags(cls) -> list:
-        """The fields `af3trt build` offers as flags."""
-        return [f for f in fields(cls) if "help" in f.metadata]
-
     @property
     def audio_tokens_per_request(self) -> int:
         """Audio tokens of a clip of exactly max_audio_seconds (AF3's arithmetic: 750 per full 30-s window)."""
@@ -141,16 +137,25 @@ class ServingConfig:
 
 @dataclass
 class GpuOptions:
-    precision: str = "bf16"  # decoder weights / activations
-    kv_cache: str = "auto"
-    encoder_precision: str = "fp16"
-    tp_size: int = 1
-    gpu: str | None = None  # declared target (h100, a100, l40s, …) when building without that GPU present
-    calib_audio: list[Path] = field(default_factory=list)  # audio files for the encoder's INT8/FP8 calibration
-    prepare_only: bool = False
-    engine_dir_at_serve: str | None = None  # where the decoder engine will be inside the serving container
-    accuracy_report: bool = True
-    goldens: bool = True  # reference answers for `af3trt gpu-check` (export/goldens.py), written where transformers is
+    """The GPU target's options; the fields with flag metadata are `af3trt build`'s GPU flags (generated)."""
+
+    precision: str = field(default="bf16", metadata=_flag("decoder weights/activations (af3trt/registry.py)",
+                                                          choices=DECODER_PRECISIONS))
+    kv_cache: str = field(default="auto", metadata=_flag("KV cache (auto: the engine dtype)", choices=KV_CACHES))
+    encoder_precision: str = "fp16"  # from the --encoder-precision both targets take
+    tp_size: int = field(default=1, metadata=_flag("tensor-parallel size: GPUs per decoder engine"))
+    gpu: str | None = field(default=None, metadata=_flag(
+        "declare the target GPU (h100, a100, l40s, …) when building elsewhere", type=str))
+    calib_audio: list[Path] = field(default_factory=list, metadata=_flag(
+        "audio file for the encoder's INT8/FP8 calibration (repeatable; default: bundled clip)", type=Path))
+    prepare_only: bool = field(default=False, metadata=_flag(
+        "stop before the engine builds; write artifacts/gpu_build_plan.json"))
+    engine_dir_at_serve: str | None = field(default=None, metadata=_flag(
+        "absolute path of the decoder engine inside the serving container", type=str))
+    accuracy_report: bool = field(default=True, metadata=_flag(
+        "skip the decoder's CPU accuracy report (fake quantization vs the unquantized LM)"))
+    goldens: bool = field(default=True, metadata=_flag(
+        "skip the reference answers for `af3trt gpu-check` (artifacts/goldens.json; written where transformers is)"))
 
     def check(self) -> None:
         for name, value, allowed in (("precision", self.precision, DECODER_PRECISIONS),

@@ -17,7 +17,7 @@ import pytest
 
 from af3trt.build import build_engines, gpu_build, gpu_repo
 from af3trt.build.build_engines import options_from_args, parser
-from af3trt.build.common import Progress
+from af3trt.build.common import Progress, flag_fields
 from af3trt.build.plan import BuildReport, ServingConfig, make_plan
 from af3trt.build.repository import render_repository
 from af3trt.registry import KNOWN_GPUS
@@ -35,7 +35,7 @@ SERVING_FLAGS = ("--max-batch-size", "--max-audio-seconds", "--max-text-len", "-
 def flag_argv() -> dict[str, list[str]]:
     """Each generated serving flag with a value other than its default (halved, or 1 -> 2; booleans flip)."""
     out = {}
-    for f in ServingConfig.flags():
+    for f in flag_fields(ServingConfig):
         if isinstance(f.default, bool):
             out[f"--no-{f.name.replace('_', '-')}" if f.default else f"--{f.name.replace('_', '-')}"] = []
         else:
