@@ -54,28 +54,35 @@ def versions() -> dict[str, str]:
     return out
 
 
+def flag(help: str, **kw) -> dict:
+    """Field metadata that makes a dataclass field a command-line flag (add_flags): its help, and `type` or
+    `choices` where the default does not say them."""
+    return {"help": help, **kw}
+
+
 def flag_fields(cls: type) -> list[Field]:
     """The fields of the dataclass `cls` that are command-line flags (a `help` in their metadata)."""
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, defaults=None) -> None:
+def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
     """One flag per field of the dataclass `cls` that has a `help` in its metadata: `--field-name` of the default's
     type (metadata `type` and `choices` override), a True boolean as `--no-field-name`, a False one as
-    `--field-name`, a list as a repeatable `--field-name`. `defaults` (an instance) replaces the fields' own
-    defaults."""
+    `--field-name` (the help says what the flag does), a list as a repeatable `--field-name`, a field without a
+    default as a required one."""
     for f in flag_fields(cls):
-        default = getattr(defaults, f.name) if defaults is not None else f.default
-        if default is MISSING:
-            default = f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        name, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(default, bool):
-            ap.add_argument(flag.replace("--", "--no-") if default else flag, dest=f.name,
-                            action="store_false" if default else "store_true", help=f.metadata["help"])
+            ap.add_argument(name.replace("--", "--no-") if default else name, dest=f.name,
+                            action="store_false" if default else "store_true", help=meta["help"])
+        elif default is MISSING:
+            ap.add_argument(name, dest=f.name, required=True, help=meta["help"], type=meta.get("type", str),
+                            choices=meta.get("choices"))
         else:
             shown = "" if default in (None, []) else " (default: %(default)s)"
-            ap.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"] + shown,
-                            type=f.metadata.get("type", type(default)), choices=f.metadata.get("choices"),
+            ap.add_argument(name, dest=f.name, default=default, help=meta["help"] + shown,
+                            type=meta.get("type", type(default)), choices=meta.get("choices"),
                             **({"action": "append"} if isinstance(default, list) else {}))
 
 

@@ -28,12 +28,13 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from af3trt.build import sizing
+from af3trt.build.common import add_flags, flag, from_flags
 from af3trt.registry import AF3_REFERENCE_DIR, DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, GpuInfo, check_precision
 from af3trt.runtime.lengths import MAX_WINDOWS, N_MELS, WINDOW_FRAMES, WINDOW_SECONDS
 
@@ -58,22 +59,24 @@ class DeployError(ValueError):
 class DeployOptions:
     """What an overlay is for (the 'values' of the deployment)."""
 
-    name: str
-    gpu: str = "h100"
-    precision: str = "bf16"
-    kv_cache: str = "auto"
-    tp_size: int = 1
-    max_batch_size: int = 8  # the engine's --max_batch_size (requests in flight per replica)
-    max_audio_seconds: int = 600
+    name: str = field(metadata=flag("the overlay's name (deploy/overlays/<name>)"))
+    gpu: str = field(default="h100", metadata=flag("the GPU it runs on", choices=sorted(KNOWN_GPUS)))
+    precision: str = field(default="bf16", metadata=flag("decoder precision", choices=DECODER_PRECISIONS))
+    kv_cache: str = field(default="auto", metadata=flag("KV cache", choices=KV_CACHES))
+    tp_size: int = field(default=1, metadata=flag("GPUs per replica (TensorRT-LLM's world size)"))
+    max_batch_size: int = field(default=8, metadata=flag("the engine's --max_batch_size (requests in flight per "
+                                                         "replica)"))
+    max_audio_seconds: int = field(default=600, metadata=flag("audio per request"))
     python_instances: int = 4  # preprocess, encoder, fusion, postprocess (one instance each by default)
     cpus_per_gpu: int = 4
-    min_replicas: int = 1
-    max_replicas: int = 4
-    queue_compute_target: str = "1000m"  # HPA averageValue of af3trt_queue_compute_ratio (1000m = 1.0)
-    openai: bool = False
-    build_on_start: bool = True
-    build_dir: str = "af3"  # /models/<build_dir> on the PVC
-    storage: str = "200Gi"
+    min_replicas: int = field(default=1, metadata=flag("HPA minReplicas"))
+    max_replicas: int = field(default=4, metadata=flag("HPA maxReplicas"))
+    queue_compute_target: str = field(default="1000m", metadata=flag(
+        "HPA averageValue of af3trt_queue_compute_ratio (1000m = 1.0)"))
+    openai: bool = field(default=False, metadata=flag("add the OpenAI-compatible sidecar (port 9000)"))
+    build_on_start: bool = field(default=True, metadata=flag("no init container: the engines are built beforehand"))
+    build_dir: str = field(default="af3", metadata=flag("/models/<build_dir> on the PVC"))
+    storage: str = field(default="200Gi", metadata=flag("the model volume's size"))
 
     def check(self) -> GpuInfo:
         if self.gpu not in KNOWN_GPUS:
@@ -251,25 +254,6 @@ def init_engines(build_dir: Path, precision: str, kv_cache: str, tp_size: int) -
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _options_parser(ap: argparse.ArgumentParser) -> None:
-    d = DeployOptions(name="x")
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--gpu", default=d.gpu, choices=sorted(KNOWN_GPUS))
-    ap.add_argument("--precision", default=d.precision, choices=DECODER_PRECISIONS)
-    ap.add_argument("--kv-cache", default=d.kv_cache, choices=KV_CACHES)
-    ap.add_argument("--tp-size", type=int, default=d.tp_size)
-    ap.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    ap.add_argument("--max-audio-seconds", type=int, default=d.max_audio_seconds)
-    ap.add_argument("--min-replicas", type=int, default=d.min_replicas)
-    ap.add_argument("--max-replicas", type=int, default=d.max_replicas)
-    ap.add_argument("--queue-compute-target", default=d.queue_compute_target)
-    ap.add_argument("--openai", action="store_true", help="add the OpenAI-compatible sidecar (port 9000)")
-    ap.add_argument("--no-build-on-start", dest="build_on_start", action="store_false",
-                    help="no init container: the engines are built beforehand")
-    ap.add_argument("--build-dir", default=d.build_dir)
-    ap.add_argument("--storage", default=d.storage)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="af3trt k8s", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +261,7 @@ def main(argv=None) -> int:
     ov = sub.add_parser("overlay", help="write one Kustomize overlay sized for a GPU, precision and TP size")
     ov.add_argument("--hf-model", type=Path, default=REFERENCE_CONFIG, help="checkpoint (config.json) to size from")
     ov.add_argument("--out", type=Path, required=True)
-    _options_parser(ov)
+    add_flags(ov, DeployOptions)
     al = sub.add_parser("overlays", help="regenerate the committed overlays under deploy/overlays")
     al.add_argument("--out", type=Path, default=DEPLOY / "overlays")
     it = sub.add_parser("init", help="in the pod: check the prepared build and build the engines if absent")
@@ -288,10 +272,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "overlay":
-            v = vars(args)
-            config, out = v.pop("hf_model"), v.pop("out")
-            v.pop("cmd")
-            res = write_overlay(config, DeployOptions(**v), out)
+            config, out = args.hf_model, args.out
+            res = write_overlay(config, from_flags(DeployOptions, args), out)
             print(f"wrote {out}: {json.dumps(asdict(res))}")
         elif args.cmd == "overlays":
             for opts in STANDARD_OVERLAYS:

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from af3trt.build.common import BuildError, versions
+from af3trt.build.common import BuildError, flag, versions
 from af3trt.registry import (CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES,
                              GpuInfo, read_config, text_config)
 from af3trt.runtime import lengths
@@ -41,12 +41,6 @@ def _spell(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 
 
-def _flag(help: str, **kw) -> dict:
-    """Field metadata of an option `af3trt build` offers as a flag (build/common.add_flags): its help, and `type`
-    or `choices` where the default does not say them."""
-    return {"help": help, **kw}
-
-
 @dataclass(frozen=True)
 class ServingConfig:
     """What the served model must take and how its stages queue: one frozen record, the same for both targets.
@@ -56,27 +50,27 @@ class ServingConfig:
     The others are the decoder engine's (trtllm-build) and not flags. The repository configs, trtllm-build's flags,
     the memory plan and the encoder profile are all derived from this one object."""
 
-    max_batch_size: int = field(default=8, metadata=_flag("concurrent sequences in the decoder"))
-    max_audio_seconds: float = field(default=float(lengths.MAX_AUDIO_SECONDS), metadata=_flag(
+    max_batch_size: int = field(default=8, metadata=flag("concurrent sequences in the decoder"))
+    max_audio_seconds: float = field(default=float(lengths.MAX_AUDIO_SECONDS), metadata=flag(
         f"audio per request (AF3 reads at most {lengths.MAX_AUDIO_SECONDS})"))
-    max_text_len: int = field(default=1024, metadata=_flag(
+    max_text_len: int = field(default=1024, metadata=flag(
         "text tokens per request besides the audio tokens (chat markup + question)"))
-    max_output_len: int = field(default=512, metadata=_flag("generated tokens per request at most"))
-    default_max_tokens: int = field(default=128, metadata=_flag(
+    max_output_len: int = field(default=512, metadata=flag("generated tokens per request at most"))
+    default_max_tokens: int = field(default=128, metadata=flag(
         "generated tokens of a request that names no max_tokens (capped at --max-output-len)"))
-    max_queue_size: int = field(default=32, metadata=_flag(
+    max_queue_size: int = field(default=32, metadata=flag(
         "requests that may wait in each stage's queue; more are rejected at once as busy (0: no bound)"))
-    queue_timeout_ms: int = field(default=120000, metadata=_flag(
+    queue_timeout_ms: int = field(default=120000, metadata=flag(
         "a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)"))
-    preprocess_instances: int = field(default=1, metadata=_flag("instances of the preprocess model"))
-    encoder_instances: int = field(default=1, metadata=_flag("instances of the encoder model"))
-    encoder_queue_delay_us: int = field(default=2000, metadata=_flag(
+    preprocess_instances: int = field(default=1, metadata=flag("instances of the preprocess model"))
+    encoder_instances: int = field(default=1, metadata=flag("instances of the encoder model"))
+    encoder_queue_delay_us: int = field(default=2000, metadata=flag(
         "how long the encoder's dynamic batcher waits to gather windows"))
-    encoder_batching: bool = field(default=True, metadata=_flag(
+    encoder_batching: bool = field(default=True, metadata=flag(
         "one request per encoder execution (faster on CPU with full windows: requests pipeline into the decoder)"))
     # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
     # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
-    crop_frames: bool = field(default=True, metadata=_flag(
+    crop_frames: bool = field(default=True, metadata=flag(
         "send full 30-s windows to the encoder instead of each request's frame bucket (slower; the kept audio "
         "tokens are the same)"))
     # the decoder engine's (build/trtllm_engine.py); tp_size comes from --tp-size (GpuOptions)
@@ -139,22 +133,22 @@ class ServingConfig:
 class GpuOptions:
     """The GPU target's options; the fields with flag metadata are `af3trt build`'s GPU flags (generated)."""
 
-    precision: str = field(default="bf16", metadata=_flag("decoder weights/activations (af3trt/registry.py)",
+    precision: str = field(default="bf16", metadata=flag("decoder weights/activations (af3trt/registry.py)",
                                                           choices=DECODER_PRECISIONS))
-    kv_cache: str = field(default="auto", metadata=_flag("KV cache (auto: the engine dtype)", choices=KV_CACHES))
+    kv_cache: str = field(default="auto", metadata=flag("KV cache (auto: the engine dtype)", choices=KV_CACHES))
     encoder_precision: str = "fp16"  # from the --encoder-precision both targets take
-    tp_size: int = field(default=1, metadata=_flag("tensor-parallel size: GPUs per decoder engine"))
-    gpu: str | None = field(default=None, metadata=_flag(
+    tp_size: int = field(default=1, metadata=flag("tensor-parallel size: GPUs per decoder engine"))
+    gpu: str | None = field(default=None, metadata=flag(
         "declare the target GPU (h100, a100, l40s, …) when building elsewhere", type=str))
-    calib_audio: list[Path] = field(default_factory=list, metadata=_flag(
+    calib_audio: list[Path] = field(default_factory=list, metadata=flag(
         "audio file for the encoder's INT8/FP8 calibration (repeatable; default: bundled clip)", type=Path))
-    prepare_only: bool = field(default=False, metadata=_flag(
+    prepare_only: bool = field(default=False, metadata=flag(
         "stop before the engine builds; write artifacts/gpu_build_plan.json"))
-    engine_dir_at_serve: str | None = field(default=None, metadata=_flag(
+    engine_dir_at_serve: str | None = field(default=None, metadata=flag(
         "absolute path of the decoder engine inside the serving container", type=str))
-    accuracy_report: bool = field(default=True, metadata=_flag(
+    accuracy_report: bool = field(default=True, metadata=flag(
         "skip the decoder's CPU accuracy report (fake quantization vs the unquantized LM)"))
-    goldens: bool = field(default=True, metadata=_flag(
+    goldens: bool = field(default=True, metadata=flag(
         "skip the reference answers for `af3trt gpu-check` (artifacts/goldens.json; written where transformers is)"))
 
     def check(self) -> None:

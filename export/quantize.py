@@ -2,7 +2,8 @@
 
 This is the step TensorRT-LLM 1.2's `examples/quantization/quantize.py` performs, written against the same contracts
 (calibrate with modelopt, export with `export_tensorrt_llm_checkpoint`, then patch `config.json` for qwen2) and
-validated before anything reaches a GPU:
+validated before anything reaches a GPU. What each precision means is its record in af3trt/registry.py
+(DecoderPrecision: quant_algo, modelopt_cfg, simulate_cfg, awq, max_calib_size); this module branches on none:
 
     precision   modelopt config            checkpoint quant_algo     weights in rank{r}.safetensors
     bf16/fp16   none                       null                      bf16/fp16

@@ -120,3 +120,26 @@ def test_a_dropped_flag_is_caught(tiny_ckpt, prepared, tmp_path, fake_gpu_tools,
     monkeypatch.setattr(gpu_repo, "repo_spec",
                         lambda *a, **kw: replace(real(*a, **kw), encoder_instances=1))
     assert unchanged(tiny_ckpt, prepared, tmp_path, {"--encoder-instances": ["2"]}) == ["--encoder-instances on gpu"]
+
+
+def test_k8s_overlay_flags_come_from_its_options_too():
+    """The same helper makes `af3trt k8s overlay`'s flags from DeployOptions: every flagged field round-trips."""
+    import argparse
+
+    from af3trt.build import k8s
+    from af3trt.build.common import add_flags, from_flags
+
+    ap = argparse.ArgumentParser()
+    add_flags(ap, k8s.DeployOptions)
+    opts = k8s.STANDARD_OVERLAYS[2]  # a100-int8wo: non-default precision, KV cache, no init container
+    argv = []
+    for f in flag_fields(k8s.DeployOptions):
+        value = getattr(opts, f.name)
+        if isinstance(value, bool):
+            argv += [] if value == f.default else [f"--no-{f.name.replace('_', '-')}" if f.default
+                                                    else f"--{f.name.replace('_', '-')}"]
+        else:
+            argv += [f"--{f.name.replace('_', '-')}", str(value)]
+    assert from_flags(k8s.DeployOptions, ap.parse_args(argv)) == opts
+    with pytest.raises(SystemExit):  # --name has no default: required
+        ap.parse_args([])
