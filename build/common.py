@@ -1,6 +1,8 @@
 """What both build targets share: the error a user sees as a clean message, step progress, the versions recorded in
-a manifest, and command-line flags generated from a dataclass's fields (add_flags / from_flags). Imported by build_engines.py (the CPU target and the entry point) and gpu_build.py (the
-GPU target); it imports nothing of af3trt's, so neither target has to import the other for it."""
+a manifest, and command-line flags generated from a dataclass's fields (add_flags / from_flags: `af3trt build`'s
+serving and GPU flags, `af3trt k8s overlay`'s). Imported by build_engines.py (the CPU target and the entry point),
+gpu_build.py (the GPU target) and k8s.py; it imports nothing of af3trt's, so neither target has to import the other
+for it."""
 
 from __future__ import annotations
 

@@ -174,7 +174,8 @@ def doctor_build_tools(prepare_only: bool) -> None:
 
 
 def weight_only_shape_problems(text: dict, precision: str, tp_size: int) -> list[str]:
-    """Why a weight-only precision (int8_wo, int4_awq) cannot be built at this tp size for these layer shapes ([] when they can).
+    """Why a weight-only precision (int8_wo, int4_awq) cannot be built at this tp size for these layer shapes ([] when
+    they can).
 
     The rules are the checkpoint validator's (export/trtllm_checkpoint.py, from TensorRT-LLM 1.2's weight-only and
     AWQ linear layers): trtllm-build pads weight-only layers to multiples of 64 x tp, AWQ layers to multiples of
@@ -230,7 +231,8 @@ def preflight(plan: BuildPlan) -> MemoryPlan:
                          + "; ".join(problems))
     memory = plan_for_config(plan.checkpoint.config, precision=g.precision, kv_cache=g.kv_cache,
                              encoder_precision=g.encoder_precision, tp_size=g.tp_size,
-                             max_batch_size=plan.serving.max_batch_size, max_audio_windows=plan.serving.max_audio_windows,
+                             max_batch_size=plan.serving.max_batch_size,
+                             max_audio_windows=plan.serving.max_audio_windows,
                              derived=trtllm.derived, gpu=plan.gpu_target)
     try:
         check_fits(memory)

@@ -6,10 +6,10 @@
 
 BuildPlan holds the checkpoint's facts (CheckpointFacts), the one ServingConfig every stage derives its sizes and
 queues from (the repository configs of both targets, trtllm-build's flags, the memory plan, the encoder profile),
-the precisions, the paths and the target GPU. Stages read the plan and return what they produced; build_engines.build() collects that in a
-BuildReport and writes manifest.json from plan + report once, at the end. Nothing reads the manifest back to
-learn what to build: a `--prepare-only` GPU build saves its plan as artifacts/build_plan.json, and
-`--from-prepared` continues from that file.
+the precisions, the paths and the target GPU. Stages read the plan and return what they produced;
+build_engines.build() collects that in a BuildReport and writes manifest.json from plan + report once, at the end.
+Nothing reads the manifest back to learn what to build: a `--prepare-only` GPU build saves its plan as
+artifacts/build_plan.json, and `--from-prepared` continues from that file.
 """
 
 from __future__ import annotations
@@ -408,6 +408,6 @@ def make_plan(opts: BuildOptions, *, gpu_target: GpuInfo | None = None, notes: l
         raise BuildError(f"--hf-model {opts.hf_model} is not a directory")
     checkpoint = inspect_checkpoint(opts.hf_model, digest=True)
     return BuildPlan(target=opts.target, out=opts.out, options=opts, checkpoint=checkpoint,
-                     serving=serving_config(opts), encoder_precision=opts.encoder_precision, gpu=opts.gpu, gpu_target=gpu_target,
-                     notes=list(notes or []))
+                     serving=serving_config(opts), encoder_precision=opts.encoder_precision, gpu=opts.gpu,
+                     gpu_target=gpu_target, notes=list(notes or []))
 

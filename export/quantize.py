@@ -111,7 +111,7 @@ def hf_rope_scaling(text_cfg: dict) -> dict | None:
 
 
 def default_dtype(precision: str, text_cfg: dict) -> str:
-    """Engine dtype: the one the precision fixes (bf16, fp16), else the checkpoint's half dtype, else bfloat16 (AF3's)."""
+    """Engine dtype: the one the precision fixes (bf16, fp16), else the checkpoint's half dtype, else bfloat16."""
     fixed = decoder_precision(precision).dtype
     if fixed:
         return fixed

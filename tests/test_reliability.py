@@ -263,8 +263,9 @@ def rel_repo(tiny_ckpt, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("reliability") / "af3-tiny"
     build(BuildOptions(hf_model=tiny_ckpt, out=out,
-                       serving=ServingConfig(max_text_len=512, max_output_len=2048, default_max_tokens=16, max_batch_size=4,
-                                             max_queue_size=4, queue_timeout_ms=600_000)))  # waits: hour-long clips
+                       serving=ServingConfig(max_text_len=512, max_output_len=2048, default_max_tokens=16,
+                                             max_batch_size=4, max_queue_size=4,
+                                             queue_timeout_ms=600_000)))  # waits: hour-long clips
     return out / "model_repository"
 
 
