@@ -143,3 +143,16 @@ def test_k8s_overlay_flags_come_from_its_options_too():
     assert from_flags(k8s.DeployOptions, ap.parse_args(argv)) == opts
     with pytest.raises(SystemExit):  # --name has no default: required
         ap.parse_args([])
+
+
+def test_the_rendering_record_keeps_the_config_defaults():
+    """RepoSpec (triton_repo/configs.py) is filled by repo_spec from ServingConfig; its own defaults serve the tests
+    that build one by hand and must not drift from the config's (max_output_len was 1024 in one record, 512 in
+    the others)."""
+    from dataclasses import fields
+
+    from af3trt.triton_repo.configs import RepoSpec
+
+    serving = {f.name: f.default for f in flag_fields(ServingConfig)}
+    shared = {f.name: f.default for f in fields(RepoSpec) if f.name in serving}
+    assert len(shared) >= 9 and shared == {k: serving[k] for k in shared}
