@@ -30,6 +30,7 @@ from af3trt.runtime import lengths
 from af3trt.runtime.stop_words import end_and_stop_ids
 
 MANIFEST_FORMAT = 1
+PLAN_FORMAT = 2  # artifacts/build_plan.json; 2: the serving configuration under "serving" (1: "limits")
 PLAN_FILE = "artifacts/build_plan.json"
 ROOT_FILES = ("config.json",)
 
@@ -313,7 +314,7 @@ class BuildPlan:
 
     def to_json(self) -> dict:
         opts = {k: v for k, v in asdict(self.options).items() if k not in ("serving", "gpu")}
-        return {"af3trt_build_plan": MANIFEST_FORMAT, "target": self.target, "out": str(self.out),
+        return {"af3trt_build_plan": PLAN_FORMAT, "target": self.target, "out": str(self.out),
                 "created_unix": self.created_unix,
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()},
                 "checkpoint": {**self.checkpoint.as_manifest(), "hf_config": self.checkpoint.config},
@@ -324,8 +325,9 @@ class BuildPlan:
     @classmethod
     def from_json(cls, doc: dict, out: Path) -> "BuildPlan":
         """The plan saved by a --prepare-only build, for the output now at `out` (it may have been moved)."""
-        if doc.get("af3trt_build_plan") != MANIFEST_FORMAT:
-            raise BuildError(f"{out / PLAN_FILE} is not an af3trt build plan (format {MANIFEST_FORMAT})")
+        if doc.get("af3trt_build_plan") != PLAN_FORMAT:
+            raise BuildError(f"{out / PLAN_FILE} is not an af3trt build plan of format {PLAN_FORMAT} (found "
+                             f"{doc.get('af3trt_build_plan')!r}): prepare it again with this af3trt")
         c = doc["checkpoint"]
         checkpoint = CheckpointFacts(path=Path(c["path"]), config=c["hf_config"], sha256=c["sha256"], files=c["files"],
                                      bytes=c["bytes"], **c["config"])

@@ -145,6 +145,24 @@ def test_k8s_overlay_flags_come_from_its_options_too():
         ap.parse_args([])
 
 
+def test_a_prepared_plan_carries_the_serving_config(prepared):
+    """--from-prepared builds with the serving configuration the prepare half was given; a plan saved before
+    ServingConfig (format 1, "limits") is refused with what to do, not a KeyError."""
+    import json
+
+    from af3trt.build.common import BuildError
+    from af3trt.build.plan import PLAN_FILE, load_plan
+
+    plan, _ = load_plan(prepared)
+    assert plan.serving == ServingConfig() and plan.options.serving == plan.serving
+    doc = json.loads((prepared / PLAN_FILE).read_text())
+    old = prepared.parent / "old"
+    (old / PLAN_FILE).parent.mkdir(parents=True)
+    (old / PLAN_FILE).write_text(json.dumps({**doc, "af3trt_build_plan": 1}))
+    with pytest.raises(BuildError, match="prepare it again"):
+        load_plan(old)
+
+
 def test_the_rendering_record_keeps_the_config_defaults():
     """RepoSpec (triton_repo/configs.py) is filled by repo_spec from ServingConfig; its own defaults serve the tests
     that build one by hand and must not drift from the config's (max_output_len was 1024 in one record, 512 in
