@@ -349,10 +349,13 @@ def test_decoder_stops_a_request_triton_cancels(server):
         return n
 
     assert asyncio.run(run()) == 2
+    # this request's line (by its id): an earlier test's cancelled request logs the same words
+    mine = "(request id 'cancel-me')"
     deadline = time.monotonic() + 60
-    while "request cancelled by the client" not in server.log_tail(200) and time.monotonic() < deadline:
+    while mine not in server.log_tail(400) and time.monotonic() < deadline:
         time.sleep(0.2)
-    line = next(x for x in server.log_tail(200).splitlines() if "request cancelled by the client" in x)
+    line = next(x for x in server.log_tail(400).splitlines() if mine in x)
+    assert "request cancelled by the client" in line, line
     assert int(line.split(" after ")[1].split()[0]) < 64, line
 
 
