@@ -97,13 +97,13 @@ def triton_type(datatype: str) -> int:
     return T.TYPE_STRING if datatype == "BYTES" else T.Value(f"TYPE_{datatype}")
 
 
-def _typed(t: contract.TensorSpec, spec: RepoSpec | None) -> dict:
+def _typed(t: contract.TensorSpec, spec: RepoSpec) -> dict:
     """A contract tensor's data_type and dims for this repository (TABLE: the decoder dtype, H: the hidden size)."""
     dtype = DTYPES[spec.decoder_dtype] if t.datatype == contract.TABLE else triton_type(t.datatype)
     return dict(name=t.name, data_type=dtype, dims=[spec.hidden_size if d == contract.H else d for d in t.dims])
 
 
-def _input(t: contract.TensorSpec, spec: RepoSpec | None = None) -> mc.ModelInput:
+def _input(t: contract.TensorSpec, spec: RepoSpec) -> mc.ModelInput:
     i = mc.ModelInput(**_typed(t, spec), optional=t.optional, allow_ragged_batch=t.ragged)
     if t.reshape is not None:
         i.reshape.SetInParent()
@@ -111,7 +111,7 @@ def _input(t: contract.TensorSpec, spec: RepoSpec | None = None) -> mc.ModelInpu
     return i
 
 
-def _output(t: contract.TensorSpec, spec: RepoSpec | None = None) -> mc.ModelOutput:
+def _output(t: contract.TensorSpec, spec: RepoSpec) -> mc.ModelOutput:
     return mc.ModelOutput(**_typed(t, spec))
 
 
