@@ -36,13 +36,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from af3trt.runtime.contract import ENSEMBLE
-from af3trt.runtime.openai import chat, models, transcriptions
+from af3trt.runtime.openai import chat, health, models, transcriptions
 from af3trt.runtime.openai.common import APIError, Settings
 from af3trt.runtime.openai.triton import Triton
 
 log = logging.getLogger("af3trt.openai")
 
-ROUTERS = (models.router, chat.router, transcriptions.router)  # one per endpoint (runtime/openai/)
+ROUTERS = (health.router, models.router, chat.router, transcriptions.router)  # one per endpoint (runtime/openai/)
 
 
 class BodyLimit:

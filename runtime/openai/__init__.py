@@ -6,7 +6,8 @@ endpoint over shared helpers.
     triton.py          the af3 ensemble over Triton's gRPC streaming API: readiness, limits, generation
     chat.py            POST /v1/chat/completions
     transcriptions.py  POST /v1/audio/transcriptions
-    models.py          GET /v1/models, GET /health
+    models.py          GET /v1/models
+    health.py          GET /health
 
 Adding an endpoint: a module with its router here, and its line in openai_server.ROUTERS.
 """
