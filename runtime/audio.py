@@ -21,6 +21,7 @@ import soundfile as sf
 import torch
 
 from af3trt.runtime import lengths
+from af3trt.runtime.errors import InvalidRequest
 from af3trt.runtime.resample import StreamResampler
 from af3trt.runtime.lengths import HOP, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES
 
@@ -37,7 +38,7 @@ _BLOCK_SECONDS = 30
 DECODE_BLOCK_VALUES = 1 << 22
 
 
-class AudioError(ValueError):
+class AudioError(InvalidRequest):
     """The client sent audio we cannot use; the message says why (and which clip)."""
 
 

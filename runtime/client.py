@@ -30,7 +30,8 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
-from af3trt.runtime import contract
+from af3trt.runtime import contract, errors
+from af3trt.runtime.errors import ErrorCode
 
 MODEL = contract.ENSEMBLE
 # The ensemble's cancellation side channel (triton_repo/cancel): Triton 2.51 does not pass the cancellation of an af3
@@ -42,12 +43,22 @@ log = logging.getLogger("af3trt.client")
 
 
 class AF3Error(RuntimeError):
-    """The server answered this request with an error."""
+    """The server answered this request with an error: `code` (runtime/errors.py) is what kind, the message is the
+    stage's own (without Triton's prefixes)."""
+
+    code = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class AF3ConnectionError(AF3Error):
     """The request never reached a ready af3 model: nothing listens at the address, no answer in time, or the model
     is not loaded/ready. `cause` is one of "connection refused", "timeout", "model not ready", "unavailable"."""
+
+    code = ErrorCode.UNAVAILABLE
 
     def __init__(self, url: str, cause: str, detail: str = ""):
         self.url, self.cause, self.detail = url, cause, detail
@@ -57,14 +68,21 @@ class AF3ConnectionError(AF3Error):
 class AF3Busy(AF3Error):
     """The server is past capacity (UNAVAILABLE): a queue was full or the request waited too long. Retry later."""
 
+    code = ErrorCode.UNAVAILABLE
 
-# How "past capacity" reads in the error text: Triton's queue policy ("Exceeds maximum queue size", "Request
-# timeout expired"), our CPU decoder's "server busy" (a gRPC stream carries the message, not the status code).
-BUSY_MARKERS = ("Exceeds maximum queue size", "Request timeout expired", "server busy")
+
+# How "past capacity" reads in an error Triton raised itself (its queue policy), which carries no code of ours (a
+# gRPC stream carries the message, not the status code); our stages tag theirs (runtime/errors.py).
+BUSY_MARKERS = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def as_error(message: str) -> AF3Error:
-    return AF3Busy(f"server busy: {message}") if any(m in message for m in BUSY_MARKERS) else AF3Error(message)
+    """The AF3Error of a Triton error message: the code a stage tagged it with, else busy by Triton's words, else
+    internal."""
+    code, text = errors.parse(message)
+    if code is None and any(m in text for m in BUSY_MARKERS):
+        return AF3Busy(f"server busy: {text}")
+    return AF3Busy(text) if code is ErrorCode.UNAVAILABLE else AF3Error(text, code)
 
 
 @dataclass
@@ -172,7 +190,8 @@ def connection_error(url: str, model: str, error) -> AF3ConnectionError | None:
 def _error(url: str, model: str, error) -> AF3Error:
     """The AF3Error for an error from tritonclient: busy first (Triton's queue policy answers UNAVAILABLE too, like an
     unreachable server), then a connection problem, else the server's own message."""
-    err = as_error(str(error))
+    message = error.message() if hasattr(error, "message") else None
+    err = as_error(str(error) if message is None else str(message))
     return err if isinstance(err, AF3Busy) else connection_error(url, model, error) or err
 
 

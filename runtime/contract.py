@@ -1,70 +1,193 @@
-"""The af3 ensemble's tensor contract with its clients, as plain data: the one list both sides derive from.
+"""The tensors of the af3 ensemble, as plain data: the one place each tensor name is written.
 
-triton_repo/configs.py builds the Triton model configs (protobuf) from it; runtime/client.py builds its request
-inputs from it; perf reads the stage names. Nothing here imports Triton or numpy.
+Every model's interface is declared here once: the ensemble's request inputs and response outputs (its contract with
+clients), and each step's inputs and outputs. triton_repo/configs.py builds the Triton model configs (protobuf) and
+the ensemble's input/output maps from these records; the Triton adapters (triton_repo/*/model.py) read and write
+tensors by the names below; runtime/client.py builds its request inputs from REQUEST_INPUTS; perf reads the stage
+names. Nothing here imports Triton or numpy (the GPU encoder's engine build and the serving container import it too).
+It plays the part of vLLM's TensorSchema records and tensorrtllm_backend's BLS request/response records.
 
-    client ─ REQUEST_INPUTS ─▶ ENSEMBLE (STAGES: preprocess → encoder → fusion → decoder → postprocess)
+    client ─ REQUEST_INPUTS ─▶ ENSEMBLE (STEPS: preprocess → encoder → fusion → decoder → postprocess)
            ◀ RESPONSE_OUTPUTS ─ (one response per streamed token, or one with the whole answer)
     client ─ CANCEL_INPUT ─▶ CANCEL ─▶ CANCEL_OUTPUT (not a step: stops a running af3 request by its id)
 
+A tensor a step reads comes from the latest earlier step that writes a tensor of that name, else from the request
+input of that name (configs.ensemble_config wires them so; tests/test_contract.py checks that every step input the
+ensemble must feed has a producer).
+
 Datatypes are Triton's wire names (the `datatype` of a KServe v2 tensor, what tritonclient's InferInput takes):
-BYTES, BOOL, INT32, UINT64, FP32. A config.pbtxt spells them TYPE_STRING for BYTES and TYPE_<name> otherwise
-(triton-inference-server/common protobuf/model_config.proto, DataType; tritonclient utils triton_to_np_dtype).
+BYTES, BOOL, INT32, UINT64, FP32; TABLE stands for the decoder's dtype (FP32, FP16 or BF16: the prompt table crosses
+in it). A config.pbtxt spells them TYPE_STRING for BYTES and TYPE_<name> otherwise (triton-inference-server/common
+protobuf/model_config.proto, DataType; tritonclient utils triton_to_np_dtype). Dims exclude the batch dimension of
+a model with max_batch_size > 0 (encoder, decoder); H stands for the text hidden size (from the checkpoint).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from af3trt.runtime.lengths import N_MELS
+
 ENSEMBLE = "af3"
-STAGES = ("preprocess", "encoder", "fusion", "decoder", "postprocess")
 CANCEL = "cancel"  # not a step: the side channel that cancels a running af3 request (triton_repo/cancel)
-DECODER = "decoder"  # the stage TensorRT-LLM's `tensorrtllm` backend runs on the GPU target
+PREPROCESS, ENCODER, FUSION, DECODER, POSTPROCESS = "preprocess", "encoder", "fusion", "decoder", "postprocess"
+STAGES = (PREPROCESS, ENCODER, FUSION, DECODER, POSTPROCESS)  # the ensemble's steps, in order
+# DECODER is the stage TensorRT-LLM's `tensorrtllm` backend runs on the GPU target.
+
+H = "H"  # a dim: the text hidden size
+TABLE = "TABLE"  # a datatype: the decoder's dtype
+
+# ---------------------------------------------------------------------------------------------- tensor names
+# request inputs
+TEXT_INPUT, MESSAGES, SYSTEM_PROMPT, AUDIO = "text_input", "messages", "system_prompt", "audio"
+MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P = "max_tokens", "temperature", "top_k", "top_p"
+REPETITION_PENALTY, SEED, STREAM, STRIP_PREFIX = "repetition_penalty", "seed", "stream", "strip_prefix"
+# response outputs (OUTPUT_IDS is also the decoder's output)
+TEXT_OUTPUT, OUTPUT_IDS, NOTICE, PROMPT_TOKENS = "text_output", "output_ids", "notice", "prompt_tokens"
+# preprocess → encoder → fusion
+INPUT_FEATURES, INPUT_FEATURES_MASK, AUDIO_WINDOWS = "input_features", "input_features_mask", "audio_windows"
+AUDIO_EMBEDS = "audio_embeds"
+# fusion → decoder: TensorRT-LLM's `tensorrtllm` backend names (TEMPERATURE, REPETITION_PENALTY, SEED as requested)
+INPUT_IDS, INPUT_LENGTHS, REQUEST_OUTPUT_LEN = "input_ids", "input_lengths", "request_output_len"
+END_ID, PAD_ID, STREAMING, RUNTIME_TOP_K, RUNTIME_TOP_P = "end_id", "pad_id", "streaming", "runtime_top_k", "runtime_top_p"
+PROMPT_EMBEDDING_TABLE, PROMPT_TABLE_EXTRA_IDS = "prompt_embedding_table", "prompt_table_extra_ids"
+PROMPT_VOCAB_SIZE, STOP_WORDS_LIST = "prompt_vocab_size", "stop_words_list"
+# decoder → postprocess (with OUTPUT_IDS)
+SEQUENCE_LENGTH = "sequence_length"
+# the cancel model
+REQUEST_ID, CANCELLED = "request_id", "cancelled"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a model's interface; dims exclude a batch dimension (the ensemble's max_batch_size is 0)."""
+    """One tensor of a model's interface (the one record for every tensor: request, step, decoder, response)."""
 
     name: str
-    datatype: str  # Triton wire datatype: BYTES | BOOL | INT32 | UINT64 | FP32
-    dims: tuple[int, ...]
+    datatype: str  # Triton wire datatype: BYTES | BOOL | INT32 | UINT64 | FP32 | TABLE (the decoder's dtype)
+    dims: tuple[int | str, ...]  # -1: variable; H: the text hidden size
     optional: bool = False
+    reshape: tuple[int, ...] | None = None  # TensorRT-LLM's [1] → [] scalars
+    ragged: bool = False  # allow_ragged_batch
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A model's inputs and outputs."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _find(self.inputs, name, f"an input of {self.name}")
+
+    def output(self, name: str) -> TensorSpec:
+        return _find(self.outputs, name, f"an output of {self.name}")
+
+
+def _find(specs: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{name!r} is not {what} ({', '.join(s.name for s in specs)})")
 
 
 # The ensemble's request inputs. text_input (+ system_prompt) or messages: one of the two is required (fusion says so).
 REQUEST_INPUTS = (
-    TensorSpec("text_input", "BYTES", (1,), optional=True),
-    TensorSpec("messages", "BYTES", (1,), optional=True),  # a conversation, UTF-8 JSON (runtime/conversation.py)
-    TensorSpec("system_prompt", "BYTES", (1,), optional=True),
-    TensorSpec("audio", "BYTES", (-1,), optional=True),  # encoded audio files, one element each
-    TensorSpec("max_tokens", "INT32", (1,), optional=True),
-    TensorSpec("temperature", "FP32", (1,), optional=True),
-    TensorSpec("top_k", "INT32", (1,), optional=True),
-    TensorSpec("top_p", "FP32", (1,), optional=True),
-    TensorSpec("repetition_penalty", "FP32", (1,), optional=True),
-    TensorSpec("seed", "UINT64", (1,), optional=True),
-    TensorSpec("stream", "BOOL", (1,), optional=True),
-    TensorSpec("strip_prefix", "BOOL", (1,), optional=True),
+    TensorSpec(TEXT_INPUT, "BYTES", (1,), optional=True),
+    TensorSpec(MESSAGES, "BYTES", (1,), optional=True),  # a conversation, UTF-8 JSON (runtime/conversation.py)
+    TensorSpec(SYSTEM_PROMPT, "BYTES", (1,), optional=True),
+    TensorSpec(AUDIO, "BYTES", (-1,), optional=True),  # encoded audio files, one element each
+    TensorSpec(MAX_TOKENS, "INT32", (1,), optional=True),
+    TensorSpec(TEMPERATURE, "FP32", (1,), optional=True),
+    TensorSpec(TOP_K, "INT32", (1,), optional=True),
+    TensorSpec(TOP_P, "FP32", (1,), optional=True),
+    TensorSpec(REPETITION_PENALTY, "FP32", (1,), optional=True),
+    TensorSpec(SEED, "UINT64", (1,), optional=True),
+    TensorSpec(STREAM, "BOOL", (1,), optional=True),
+    TensorSpec(STRIP_PREFIX, "BOOL", (1,), optional=True),
 )
 # The request inputs fusion resolves into the decoder's sampling and length inputs (runtime/sampling.py).
-SAMPLING_INPUTS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stream")
+SAMPLING_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, SEED, STREAM)
 # What each response carries: this chunk's text (complete UTF-8 characters) and token ids, on a request's first
 # response a JSON list of notices (e.g. audio truncated to 10 min), else "", and the prompt's length in tokens as
 # fusion built it (text + audio rows; -1 when unknown, e.g. a request without an id).
 RESPONSE_OUTPUTS = (
-    TensorSpec("text_output", "BYTES", (1,)),
-    TensorSpec("output_ids", "INT32", (-1,)),
-    TensorSpec("notice", "BYTES", (1,)),
-    TensorSpec("prompt_tokens", "INT32", (1,)),
+    TensorSpec(TEXT_OUTPUT, "BYTES", (1,)),
+    TensorSpec(OUTPUT_IDS, "INT32", (-1,)),
+    TensorSpec(NOTICE, "BYTES", (1,)),
+    TensorSpec(PROMPT_TOKENS, "INT32", (1,)),
 )
-CANCEL_INPUT = TensorSpec("request_id", "BYTES", (1,))  # the af3 request id to stop
-CANCEL_OUTPUT = TensorSpec("cancelled", "BOOL", (1,))  # an acknowledgement
+CANCEL_INPUT = TensorSpec(REQUEST_ID, "BYTES", (1,))  # the af3 request id to stop
+CANCEL_OUTPUT = TensorSpec(CANCELLED, "BOOL", (1,))  # an acknowledgement
 
 
 def request_input(name: str) -> TensorSpec:
     """The spec of one request input (KeyError naming the known ones for a name not in the contract)."""
-    for spec in REQUEST_INPUTS:
-        if spec.name == name:
-            return spec
-    raise KeyError(f"{name!r} is not a request input of {ENSEMBLE} ({', '.join(s.name for s in REQUEST_INPUTS)})")
+    return _find(REQUEST_INPUTS, name, f"a request input of {ENSEMBLE}")
+
+
+def _requested(*names: str) -> tuple[TensorSpec, ...]:
+    """Request inputs a step reads as the client sent them (same type, dims, optional)."""
+    return tuple(request_input(n) for n in names)
+
+
+def _scalar(name: str, datatype: str) -> TensorSpec:
+    """A [1] input of the tensorrtllm backend, reshaped to [] (optional unless the backend requires it)."""
+    return TensorSpec(name, datatype, (1,), optional=name not in (INPUT_LENGTHS, REQUEST_OUTPUT_LEN), reshape=())
+
+
+# encoded clips → log-mel windows, cropped to the request's frame bucket T (runtime/lengths.py: 100…3000 frames)
+PREPROCESS_STAGE = StageSpec(PREPROCESS, inputs=_requested(AUDIO, STRIP_PREFIX, STREAM), outputs=(
+    TensorSpec(INPUT_FEATURES, "FP32", (-1, N_MELS, -1)),  # [W, 128, T]
+    TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1, -1)),  # [W, T], 1 for valid frames
+    TensorSpec(AUDIO_WINDOWS, "INT32", (-1,)),  # [clips]: windows per clip
+))
+# windows → projector output, batched over windows (the exported ONNX graph and the TensorRT plan have these names)
+ENCODER_STAGE = StageSpec(ENCODER, inputs=(
+    TensorSpec(INPUT_FEATURES, "FP32", (N_MELS, -1)),  # [128, T] per window
+    TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1,)),  # [T]
+), outputs=(TensorSpec(AUDIO_EMBEDS, "FP32", (-1, H)),))  # [T/4, H]
+# prompt + audio rows → the decoder's inputs. Outputs are [1, 1] but for the ragged ones; prompt_table_extra_ids is
+# sent only when the decoder reuses KV blocks, stop_words_list only when the checkpoint names several end ids.
+FUSION_STAGE = StageSpec(FUSION, inputs=(
+    *_requested(TEXT_INPUT, SYSTEM_PROMPT, MESSAGES),
+    TensorSpec(AUDIO_EMBEDS, "FP32", (-1, -1, H)),  # [W, T/4, H]
+    TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1, -1)),  # [W, T]
+    TensorSpec(AUDIO_WINDOWS, "INT32", (-1,)),
+    *_requested(*SAMPLING_INPUTS),
+), outputs=(
+    TensorSpec(INPUT_IDS, "INT32", (1, -1)),  # [1, L]
+    *(TensorSpec(n, t, (1, 1)) for n, t in (
+        (INPUT_LENGTHS, "INT32"), (REQUEST_OUTPUT_LEN, "INT32"), (END_ID, "INT32"), (PAD_ID, "INT32"),
+        (STREAMING, "BOOL"), (RUNTIME_TOP_K, "INT32"), (RUNTIME_TOP_P, "FP32"), (TEMPERATURE, "FP32"),
+        (REPETITION_PENALTY, "FP32"), (SEED, "UINT64"), (PROMPT_VOCAB_SIZE, "INT32"))),
+    TensorSpec(PROMPT_EMBEDDING_TABLE, TABLE, (1, -1, H)),  # [1, N, H]
+    TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (1, -1)),  # [1, L]
+    TensorSpec(STOP_WORDS_LIST, "INT32", (1, 2, -1)),  # [1, 2, L]
+))
+# TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt`: the subset the ensemble feeds, plus the optional
+# inputs a direct client may use, with the same dims, reshape, optional and allow_ragged_batch flags as there.
+DECODER_STAGE = StageSpec(DECODER, inputs=(
+    TensorSpec(INPUT_IDS, "INT32", (-1,), optional=True, ragged=True),
+    *(_scalar(n, t) for n, t in (
+        (INPUT_LENGTHS, "INT32"), (REQUEST_OUTPUT_LEN, "INT32"), (END_ID, "INT32"), (PAD_ID, "INT32"),
+        (STREAMING, "BOOL"), (RUNTIME_TOP_K, "INT32"), (RUNTIME_TOP_P, "FP32"), (TEMPERATURE, "FP32"),
+        (REPETITION_PENALTY, "FP32"), (SEED, "UINT64"))),
+    TensorSpec(PROMPT_EMBEDDING_TABLE, TABLE, (-1, -1), optional=True, ragged=True),
+    TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (-1,), optional=True, ragged=True),
+    _scalar(PROMPT_VOCAB_SIZE, "INT32"),
+    TensorSpec(STOP_WORDS_LIST, "INT32", (2, -1), optional=True, ragged=True),
+), outputs=(
+    TensorSpec(OUTPUT_IDS, "INT32", (-1, -1)),  # [beam, T]
+    TensorSpec(SEQUENCE_LENGTH, "INT32", (-1,)),  # [beam]
+))
+# token ids → text, incremental for streams
+POSTPROCESS_STAGE = StageSpec(POSTPROCESS, inputs=(
+    TensorSpec(OUTPUT_IDS, "INT32", (-1, -1, -1)),  # [1, beam, T]
+    TensorSpec(SEQUENCE_LENGTH, "INT32", (-1, -1)),  # [1, beam]
+), outputs=RESPONSE_OUTPUTS)
+STEPS = (PREPROCESS_STAGE, ENCODER_STAGE, FUSION_STAGE, DECODER_STAGE, POSTPROCESS_STAGE)
+CANCEL_STAGE = StageSpec(CANCEL, inputs=(CANCEL_INPUT,), outputs=(CANCEL_OUTPUT,))
+ENSEMBLE_STAGE = StageSpec(ENSEMBLE, inputs=REQUEST_INPUTS, outputs=RESPONSE_OUTPUTS)
+MODELS = {s.name: s for s in (*STEPS, ENSEMBLE_STAGE, CANCEL_STAGE)}

@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from af3trt.runtime.errors import InvalidRequest
+
 AUDIO_TOKEN = "<sound>"
 ROLES = ("system", "user", "assistant")
 
 
-class PromptError(ValueError):
+class PromptError(InvalidRequest):
     """A request that cannot become a decoder prompt (over-long, bad parameters, a malformed conversation, …)."""
 
 

@@ -38,6 +38,7 @@ import torch
 
 from af3trt.runtime import sampling
 from af3trt.runtime.sampling import DEFAULT_SEED, SamplingError, SamplingParams
+from af3trt.runtime.errors import Cancelled, InvalidRequest, Unavailable
 from af3trt.runtime.stop_words import ends_with_stop_word
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,15 @@ Emit = Callable[[list, bool], None]  # emit(new_token_ids, final)
 OnError = Callable[[BaseException], None]
 
 
-class DecodeError(ValueError):
+class DecodeError(InvalidRequest):
     """A request the decoder cannot run (bad inputs or parameters), or the engine is stopped."""
 
 
-class ServerBusy(RuntimeError):
+class ServerBusy(Unavailable, RuntimeError):
     """Past capacity: the waiting list is full, or the request waited too long for a batch slot (UNAVAILABLE)."""
 
 
-class RequestCancelled(RuntimeError):
+class RequestCancelled(Cancelled, RuntimeError):
     """The client cancelled the request (closed its stream, or its deadline passed); generation stopped and the
     request's batch row was freed. Raised to that request's on_error."""
 

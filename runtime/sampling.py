@@ -23,13 +23,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from af3trt.runtime.errors import InvalidRequest
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_SEED = 0  # TensorRT-LLM's DefaultDecodingParams::getSeed()
 
 
-class SamplingError(ValueError):
+class SamplingError(InvalidRequest):
     """A sampling parameter outside its range; the message names the parameter, its range and the value."""
 
 

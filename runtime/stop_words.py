@@ -24,8 +24,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from af3trt.runtime.errors import InvalidRequest
 
-class StopWordsError(ValueError):
+
+class StopWordsError(InvalidRequest):
     pass
 
 

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.runtime import errors
+from af3trt.runtime.errors import InvalidRequest
+
 log = logging.getLogger("af3trt")
 
 
-class RequestError(ValueError):
+class RequestError(InvalidRequest):
     """A bad request: answered with an error for that request only."""
 
 
@@ -57,21 +60,14 @@ def text(pb, request, name: str) -> str | None:
     return str(v)
 
 
-# Exceptions answered with Triton's UNAVAILABLE code (past capacity: retry later) and CANCELLED, by class name so
-# that this module needs nothing from the decoder.
-_CODES = {"ServerBusy": "UNAVAILABLE", "RequestCancelled": "CANCELLED"}
-
-
 def error_response(pb, exc: BaseException):
-    """A per-request error; unexpected exceptions are logged with their traceback."""
-    code = _CODES.get(type(exc).__name__)
-    if not isinstance(exc, ValueError) and code is None:
+    """A per-request error: Triton's status for the exception's code, and the code tagged in the message
+    (runtime/errors.py). Unexpected exceptions are logged with their traceback."""
+    code = errors.code_of(exc)
+    if code is errors.ErrorCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
-    message = f"{type(exc).__name__}: {exc}"
-    if code is not None and hasattr(pb.TritonError, code):  # python backend >= 23.12 takes a status code
-        error = pb.TritonError(message, getattr(pb.TritonError, code))
-    else:
-        error = pb.TritonError(message)
+    status = getattr(pb.TritonError, code.value.triton, None)  # python backend >= 23.12 takes a status code
+    error = pb.TritonError(errors.tagged(exc)) if status is None else pb.TritonError(errors.tagged(exc), status)
     return pb.InferenceResponse(output_tensors=[], error=error)
 
 

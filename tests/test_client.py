@@ -12,6 +12,7 @@ import pytest
 from af3trt.runtime import client as client_mod
 from af3trt.runtime.client import AF3Client, AF3ConnectionError, Request
 from af3trt.runtime.detok import strip_transcription_prefix
+from af3trt.runtime.errors import ErrorCode
 from reference import MAX_TOKENS
 
 
@@ -148,8 +149,10 @@ def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
         it = aclient.responses(Request("What is said?", [speech_bytes], max_tokens=MAX_TOKENS))
         first = await it.__anext__()
         await it.aclose()
-        with pytest.raises(AF3Error, match="never referenced"):
+        with pytest.raises(AF3Error, match="never referenced") as bad:
             await aclient.complete(Request(messages=[{"role": "user", "content": "x"}], audio=[speech_bytes]))
+        # the code fusion raised it with, and its message as written there (no Triton or class-name prefix)
+        assert bad.value.code is ErrorCode.INVALID_ARGUMENT and str(bad.value).startswith("audio clip 0 "), bad.value
         return whole, streamed, first
 
     whole, streamed, first = asyncio.run(run())

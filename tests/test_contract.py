@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +49,84 @@ def test_the_ensemble_config_is_the_contract():
                 spec = contract.request_input(i.name)
                 assert (configs.triton_type(spec.datatype), list(i.dims), i.optional) == \
                     (i.data_type, list(spec.dims), spec.optional), (cfg.name, i.name)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_SPEC = configs.RepoSpec(target="gpu", hidden_size=8, decoder_dtype="bfloat16", vocab_size=100, end_id=1, pad_id=0,
+                            prompt_table_extra_ids=True, stop_ids=[2, 3])
+
+
+def _literals(path: Path, names: set[str]) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(r"[\"']([a-z_]+)[\"']", text)
+            if m.group(1) in names]
+
+
+def test_tensor_names_are_written_only_in_the_contract():
+    """Each tensor name is written once, in runtime/contract.py. The Triton adapters write no tensor name at all
+    (they read and write tensors by the contract's names). The names of tensors between steps appear nowhere else
+    in the package; the request and response names are the public API, which the client and the OpenAI front
+    also spell (as JSON keys and keyword arguments)."""
+    every = {t.name for m in contract.MODELS.values() for t in (*m.inputs, *m.outputs)}
+    public = {t.name for t in (*contract.REQUEST_INPUTS, *contract.RESPONSE_OUTPUTS, contract.CANCEL_INPUT,
+                               contract.CANCEL_OUTPUT)}
+    # names that are also something else: a checkpoint fact and the fusion parameter carrying it (end_id, pad_id),
+    # fusion's switch parameter (prompt_table_extra_ids), the keyword of a transformers model call (input_ids), a
+    # section of perf's report (streaming)
+    elsewhere = {contract.END_ID, contract.PAD_ID, contract.PROMPT_TABLE_EXTRA_IDS, contract.INPUT_IDS,
+                 contract.STREAMING}
+    adapters = sorted((ROOT / "triton_repo").glob("*/model.py"))
+    assert len(adapters) >= 7
+    found = [hit for p in adapters for hit in _literals(p, every)]
+    assert not found, found
+    package = [p for d in ("runtime", "triton_repo", "kernels", "build", "export", "perf", "af3trt")
+               for p in sorted((ROOT / d).rglob("*.py")) if p != ROOT / "runtime" / "contract.py"]
+    found = [hit for p in package for hit in _literals(p, every - public - elsewhere)]
+    assert not found, found
+    # the check sees a literal where there is one
+    assert _literals(ROOT / "runtime" / "contract.py", {contract.INPUT_FEATURES_MASK})
+
+
+@pytest.mark.parametrize("spec", [SPEC, GPU_SPEC], ids=["cpu", "gpu"])
+def test_the_ensemble_connects_every_consumed_tensor_to_a_producer(spec):
+    """Every tensor a step reads is a request input or an earlier step's output; every input a model requires is
+    fed; every response output is produced; and what each step writes is its model's output, typed as the reader
+    declares it."""
+    cfgs = configs.all_configs(spec)
+    ens = cfgs[contract.ENSEMBLE]
+    produced = {i.name: ("request", i) for i in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        model = cfgs[step.model_name]
+        declared = {i.name: i for i in model.input}
+        for name, tensor in step.input_map.items():
+            assert name in declared, (step.model_name, name)
+            assert tensor in produced, f"{step.model_name}.{name} reads {tensor}, which nothing writes before it"
+            src = produced[tensor][1]
+            assert src.data_type == declared[name].data_type, (step.model_name, name)
+        missing = [i.name for i in model.input if not i.optional and i.name not in step.input_map]
+        assert not missing, (step.model_name, missing)
+        outputs = {o.name: o for o in model.output}
+        assert set(step.output_map) == set(outputs), step.model_name
+        for name, tensor in step.output_map.items():
+            produced[tensor] = (step.model_name, outputs[name])
+    for o in ens.output:
+        assert produced[o.name][0] == contract.POSTPROCESS, o.name
+    # the GPU repository feeds the decoder its extra ids and stop words; the CPU one (SPEC) leaves both out
+    decoder_feed = set(ens.ensemble_scheduling.step[3].input_map)
+    extra = {contract.PROMPT_TABLE_EXTRA_IDS, contract.STOP_WORDS_LIST}
+    assert extra <= decoder_feed if spec is GPU_SPEC else not extra & decoder_feed
+
+
+def test_a_step_input_without_a_producer_is_caught(monkeypatch):
+    """The wiring is derived: a step reading a tensor that no earlier step writes is left unfed, and the test above
+    fails on it when the model requires it."""
+    stage = contract.DECODER_STAGE
+    renamed = contract.StageSpec(stage.name, (contract.TensorSpec("input_lengthz", "INT32", (1,)), *stage.inputs[1:]),
+                                 stage.outputs)
+    monkeypatch.setattr(contract, "STEPS", tuple(renamed if s is stage else s for s in contract.STEPS))
+    monkeypatch.setitem(contract.MODELS, stage.name, renamed)
+    with pytest.raises(AssertionError, match="input_lengthz"):
+        test_the_ensemble_connects_every_consumed_tensor_to_a_producer(SPEC)
 
 
 def test_the_client_sends_every_input_as_the_contract_types_it():

@@ -1,8 +1,8 @@
 """Fuzzing (hypothesis) of what a client controls: the audio decoder, and every input of the `af3` ensemble as the
 preprocess and fusion adapters parse it (with the fake Triton utils module).
 
-The property: any input is either served or refused with a client error (AudioError / RequestError / PromptError:
-a clear message for that request only); nothing else escapes, nothing crashes, and decoded audio is finite,
+The property: any input is either served or refused with a client error (an InvalidRequest of runtime/errors.py:
+code INVALID_ARGUMENT, a clear message for that request only); nothing else escapes, nothing crashes, and decoded audio is finite,
 mono, 16 kHz and never longer than what AF3 reads.
 
 Bounded here (about 30-40 s on 2 cores). The longer run (AF3TRT_FUZZ_EXAMPLES scales every test's examples):
@@ -22,11 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import pb_utils as fake_pb
-from af3trt.runtime import audio, lengths
+from af3trt.runtime import audio, errors, lengths
 from af3trt.triton_repo import configs
 
 SCALE = int(os.environ.get("AF3TRT_FUZZ_EXAMPLES", "1"))
-CLIENT_ERRORS = ("AudioError", "RequestError", "PromptError")
 pytestmark = pytest.mark.slow  # hypothesis over the decoder and the ensemble's inputs
 
 
@@ -120,8 +119,9 @@ REQUEST = st.fixed_dictionaries({
 
 
 def _client_error(resp) -> str:
-    message = resp.error.message()
-    assert message.split(":", 1)[0] in CLIENT_ERRORS, f"not a client error: {message}"
+    code, message = errors.parse(resp.error.message())
+    assert code is errors.ErrorCode.INVALID_ARGUMENT, f"not a client error: {resp.error.message()}"
+    assert resp.error.code() == fake_pb.TritonError.INVALID_ARG and message
     return message
 
 

@@ -9,7 +9,9 @@ usage's prompt_tokens is compared with the processor's own input ids.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ import pytest
 from reference import MAX_TOKENS, mono16k, wav_bytes
 
 from af3trt.runtime.detok import strip_transcription_prefix
-from af3trt.runtime.openai_server import TRANSCRIPTION_PROMPT
+from af3trt.runtime.openai.transcriptions import TRANSCRIPTION_PROMPT
 from af3trt.runtime.server import free_port
 
 openai = pytest.importorskip("openai")  # a declared test dependency (pyproject [test]); CI installs it
@@ -252,6 +254,30 @@ def test_client_mistakes_get_4xx_with_openai_errors(oai, http, speech_bytes):
     assert oai.chat.completions.create(model="af3", messages=ask_messages(speech_bytes), max_tokens=4).choices
 
 
+def _post(http, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(http.url + "/v1/chat/completions", data=body,
+                                 headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_errors_read_as_the_products(http):
+    """An error fusion raises reaches the HTTP client with its code's status and its own words: no Triton prefix
+    ("in ensemble 'af3', "), no exception class name; whole or streamed. A body that is not JSON names no field."""
+    for stream in (False, True):
+        status, body = _post(http, json.dumps({"model": "af3", "max_tokens": 0, "stream": stream,
+                                               "messages": [{"role": "user", "content": "hi"}]}).encode())
+        error = body["error"]
+        assert status == 400 and error["type"] == "invalid_request_error", body
+        assert re.fullmatch(r"max_tokens must be in \[1, \d+\], got 0", error["message"]), body
+    status, body = _post(http, b"{not json")
+    assert status == 400 and body["error"]["param"] is None, body
+    assert body["error"]["message"].startswith("the request body is not valid JSON"), body
+
+
 def test_triton_down_is_503(server, tmp_path):
     """An HTTP server whose Triton address has nothing listening: health and requests answer 503."""
     down = HTTPServer(f"127.0.0.1:{free_port()}", tmp_path / "openai-down.log", api_key=None)
@@ -323,10 +349,13 @@ def test_decoder_stops_a_request_triton_cancels(server):
         return n
 
     assert asyncio.run(run()) == 2
+    # this request's line (by its id): an earlier test's cancelled request logs the same words
+    mine = "(request id 'cancel-me')"
     deadline = time.monotonic() + 60
-    while "request cancelled by the client" not in server.log_tail(200) and time.monotonic() < deadline:
+    while mine not in server.log_tail(400) and time.monotonic() < deadline:
         time.sleep(0.2)
-    line = next(x for x in server.log_tail(200).splitlines() if "request cancelled by the client" in x)
+    line = next(x for x in server.log_tail(400).splitlines() if mine in x)
+    assert "request cancelled by the client" in line, line
     assert int(line.split(" after ")[1].split()[0]) < 64, line
 
 

@@ -11,7 +11,9 @@ import pytest
 from fakes import pb_utils as fake_pb
 from af3trt.runtime.audio import prepare_clips
 from af3trt.runtime.context import RequestContext
-from af3trt.runtime.openai_server import APIError, ChatRequest, EnsembleInfo, StopScanner, build_job
+from af3trt.runtime.openai.chat import ChatRequest, build_job
+from af3trt.runtime.openai.common import APIError, StopScanner
+from af3trt.runtime.openai.triton import EnsembleInfo
 from af3trt.triton_repo import configs
 
 INFO = EnsembleInfo(inputs=frozenset({"text_input", "messages", "audio"}), models=("af3",), default_max_tokens=16,
@@ -106,3 +108,105 @@ def test_prompt_tokens_travel_from_fusion_to_postprocess(tiny_ckpt, speech_bytes
 
     assert [out([5], "r1"), out([6], "r1"), out([], "r1")] == [n_prompt] * 3
     assert out([5], "") == -1  # no request id (perf_analyzer): unknown, said so
+
+
+# ------------------------------------------------------------------ a stage's error code, carried to the HTTP client
+
+
+def _through_triton(exc: BaseException):
+    """What the front gets from Triton when a step answers with exc: the adapters' error response (fake Triton
+    utils), its message as Triton relays an ensemble step's ("in ensemble 'af3', " + the step's message), read by
+    the client's ResponseReader and turned into the front's APIError as Triton.generate does."""
+    from tritonclient.utils import InferenceServerException
+
+    from af3trt.runtime import triton_io
+    from af3trt.runtime.client import AF3Error, ResponseReader
+    from af3trt.runtime.openai import triton
+
+    resp = triton_io.error_response(fake_pb, exc)
+    relayed = InferenceServerException(msg=f"in ensemble 'af3', {resp.error.message()}")
+    try:
+        ResponseReader("127.0.0.1:1", "af3", running=True).read(None, relayed)
+    except AF3Error as e:
+        return resp.error, triton._api_error(e)
+    raise AssertionError("the error was not raised")
+
+
+class FakeTriton:
+    """Triton for the HTTP app: the ensemble's info, and a generation that fails with `error` at once."""
+
+    def __init__(self, url, model, error=None):
+        self.error = error
+
+    async def info(self):
+        return INFO
+
+    async def generate(self, job, request_id):
+        raise self.error
+        yield  # an async generator, like Triton.generate
+
+    async def close(self):
+        pass
+
+
+def _app(monkeypatch, error=None):
+    from fastapi.testclient import TestClient
+
+    from af3trt.runtime import openai_server
+
+    monkeypatch.setattr(openai_server, "Triton", lambda url, model: FakeTriton(url, model, error))
+    return TestClient(openai_server.create_app(openai_server.Settings()))
+
+
+@pytest.mark.parametrize("stage_error,status,kind,triton_code", [
+    ("prompt", 400, "invalid_request_error", "INVALID_ARG"),
+    ("audio", 400, "invalid_request_error", "INVALID_ARG"),
+    ("busy", 503, "service_unavailable", "UNAVAILABLE"),
+    ("bug", 500, "server_error", "INTERNAL"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_error, status, kind, triton_code,
+                                                           stream):
+    """The code a stage raises with travels in Triton's message (tagged, runtime/errors.py), not the exception's class
+    name: the HTTP status and OpenAI type are the code's, the message the stage's own words."""
+    from af3trt.runtime.audio import AudioError
+    from af3trt.runtime.decoder import ServerBusy
+    from af3trt.runtime.prompt import PromptError
+
+    exc, words = {
+        "prompt": (PromptError, "max_tokens must be in [1, 512], got 0"),
+        "audio": (AudioError, "audio clip 0: cannot decode it"),
+        "busy": (ServerBusy, "server busy: 4 requests already wait for the decoder"),
+        "bug": (RuntimeError, "boom"),
+    }[stage_error]
+    triton_error, api_error = _through_triton(exc(words))
+    assert triton_error.code() == getattr(fake_pb.TritonError, triton_code)
+    with _app(monkeypatch, api_error) as http:
+        r = http.post("/v1/chat/completions", json={"model": "af3", "stream": stream,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (error["message"], error["type"]) == (words, kind)
+
+
+def test_a_body_that_is_not_json_is_one_clear_error(monkeypatch):
+    with _app(monkeypatch) as http:
+        bad = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        field = http.post("/v1/chat/completions", json={"model": "af3", "messages": [{"role": "robot",
+                                                                                      "content": "hi"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] is None, bad.text
+    assert bad.json()["error"]["message"].startswith("the request body is not valid JSON")
+    assert field.status_code == 400 and field.json()["error"]["param"] == "messages.0.role", field.text
+
+
+def test_error_codes_round_trip_through_the_message():
+    from af3trt.runtime import errors
+    from af3trt.runtime.prompt import PromptError
+
+    for exc, code in [(PromptError("x: 1"), errors.ErrorCode.INVALID_ARGUMENT),
+                      (ValueError("bad"), errors.ErrorCode.INVALID_ARGUMENT),
+                      (KeyError("k"), errors.ErrorCode.INTERNAL)]:
+        assert errors.parse("in ensemble 'af3', " + errors.tagged(exc)) == (code, str(exc))
+    # an error Triton raised itself carries no code of ours: shown without the ensemble prefix
+    assert errors.parse("in ensemble 'af3', unexpected shape for input 'audio'") == \
+        (None, "unexpected shape for input 'audio'")

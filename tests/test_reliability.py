@@ -34,6 +34,7 @@ import soundfile as sf
 
 from af3trt.runtime import audio, supervisor
 from af3trt.runtime.client import AF3Busy, AF3Client, AF3Error, as_error
+from af3trt.runtime.errors import ErrorCode
 from af3trt.runtime.resample import StreamResampler
 from af3trt.runtime.server import TritonServer, free_port
 from af3trt.triton_repo import configs
@@ -121,11 +122,13 @@ def test_queue_policy_bounds_every_stage_but_postprocess():
 
 
 def test_busy_errors_are_recognised_by_the_client():
+    """Triton's queue policy by its words (it carries no code of ours), the CPU decoder's by the code it raised."""
     assert isinstance(as_error("in ensemble 'af3', [request id: x] Exceeds maximum queue size"), AF3Busy)
     assert isinstance(as_error("Request timeout expired"), AF3Busy)
-    assert isinstance(as_error("ServerBusy: server busy: 4 requests already wait"), AF3Busy)
-    err = as_error("ValueError: audio clip 0: empty (0 bytes)")
-    assert type(err) is AF3Error
+    busy = as_error("in ensemble 'af3', [af3:unavailable] server busy: 4 requests already wait")
+    assert isinstance(busy, AF3Busy) and str(busy) == "server busy: 4 requests already wait"
+    err = as_error("[af3:invalid_argument] audio clip 0: empty (0 bytes); server busy elsewhere")
+    assert type(err) is AF3Error and err.code is ErrorCode.INVALID_ARGUMENT
 
 
 def test_launch_command_restricts_the_repository_api_and_redacts_the_key(tmp_path):

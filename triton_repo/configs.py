@@ -2,19 +2,12 @@
 
 One function per model; each takes the typed `RepoSpec` that build_engines.py derives from the checkpoint and
 the serving limits. Nothing here is text substitution: `render()` prints the protobuf, and `parse()` reads a
-config.pbtxt back (both in runtime/model_config.py, which the serving side uses too). The ensemble's interface with
-its clients (request inputs, response outputs, the cancel model's) is runtime/contract.py: built from, not copied.
+config.pbtxt back (both in runtime/model_config.py, which the serving side uses too). Every model's inputs and
+outputs, and so the ensemble's input/output maps, come from runtime/contract.py (built from, not copied); what this
+module adds is per repository: the hidden size and decoder dtype, the tensors a repository leaves out, scheduling,
+instances and parameters.
 
-Tensor flow (names are the contract; the decoder's are TensorRT-LLM's `tensorrtllm` backend names):
-
-    client ─ text_input | messages, audio[], system_prompt, max_tokens, sampling, stream, strip_prefix ─▶ af3 (ensemble)
-    preprocess : audio[] ─▶ input_features [W,128,T] f32, input_features_mask [W,T] i32, audio_windows [C] i32
-                 (T = the request's frame bucket, runtime/lengths.py: 100…3000 frames)
-    encoder    : input_features, input_features_mask (batched over windows) ─▶ audio_embeds [W,T/4,H] f32
-    fusion     : text + audio_embeds ─▶ input_ids, input_lengths, request_output_len, end_id, pad_id, streaming,
-                 sampling, prompt_embedding_table [1,N,H] (decoder dtype), prompt_vocab_size
-    decoder    : TensorRT-LLM contract (decoupled) ─▶ output_ids [B,beam,T], sequence_length [B,beam]
-    postprocess: output_ids, sequence_length ─▶ text_output (UTF-8), output_ids (this chunk's ids)
+    client ─▶ af3 (ensemble): preprocess → encoder → fusion → decoder (TensorRT-LLM's tensor contract) → postprocess
 
 Triton allows the steps after a decoupled model to read only that model's outputs, so everything postprocess
 needs about the request travels in the request context (runtime/context.py), keyed by the request id.
@@ -99,35 +92,40 @@ def kernel_params(spec: RepoSpec, model: str) -> dict[str, str]:
     return {"gpu_kernels": "true", **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if model == "fusion" else {})}
 
 
-def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False, reshape: list[int] | None = None,
-        ragged: bool = False):
-    t = mc.ModelInput(name=name, data_type=dtype, dims=dims, optional=optional, allow_ragged_batch=ragged)
-    if reshape is not None:
-        t.reshape.SetInParent()
-        t.reshape.shape.extend(reshape)
-    return t
-
-
-def _out(name: str, dtype: int, dims: list[int]):
-    return mc.ModelOutput(name=name, data_type=dtype, dims=dims)
-
-
 def triton_type(datatype: str) -> int:
     """A contract datatype (Triton's wire name) as config.pbtxt's DataType: BYTES is TYPE_STRING."""
     return T.TYPE_STRING if datatype == "BYTES" else T.Value(f"TYPE_{datatype}")
 
 
-def _contract_input(spec: contract.TensorSpec) -> mc.ModelInput:
-    return _io(spec.name, triton_type(spec.datatype), list(spec.dims), optional=spec.optional)
+def _typed(t: contract.TensorSpec, spec: RepoSpec) -> dict:
+    """A contract tensor's data_type and dims for this repository (TABLE: the decoder dtype, H: the hidden size)."""
+    dtype = DTYPES[spec.decoder_dtype] if t.datatype == contract.TABLE else triton_type(t.datatype)
+    return dict(name=t.name, data_type=dtype, dims=[spec.hidden_size if d == contract.H else d for d in t.dims])
 
 
-def _contract_output(spec: contract.TensorSpec) -> mc.ModelOutput:
-    return _out(spec.name, triton_type(spec.datatype), list(spec.dims))
+def _input(t: contract.TensorSpec, spec: RepoSpec) -> mc.ModelInput:
+    i = mc.ModelInput(**_typed(t, spec), optional=t.optional, allow_ragged_batch=t.ragged)
+    if t.reshape is not None:
+        i.reshape.SetInParent()
+        i.reshape.shape.extend(t.reshape)
+    return i
 
 
-def _request_inputs(*names: str) -> list[mc.ModelInput]:
-    """Request inputs a step reads as the client sent them (same type, dims, optional)."""
-    return [_contract_input(contract.request_input(n)) for n in names]
+def _output(t: contract.TensorSpec, spec: RepoSpec) -> mc.ModelOutput:
+    return mc.ModelOutput(**_typed(t, spec))
+
+
+def omitted(spec: RepoSpec) -> set[str]:
+    """Tensors this repository leaves out of fusion's outputs (and so of the decoder's feed)."""
+    return {n for n, on in ((contract.PROMPT_TABLE_EXTRA_IDS, spec.prompt_table_extra_ids),
+                            (contract.STOP_WORDS_LIST, bool(spec.stop_ids))) if not on}
+
+
+def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
+    """A model's inputs and outputs, as the contract declares them."""
+    stage = contract.MODELS[cfg.name]
+    cfg.input.extend(_input(t, spec) for t in stage.inputs)
+    cfg.output.extend(_output(t, spec) for t in stage.outputs if t.name not in omitted(spec))
 
 
 def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
@@ -154,13 +152,8 @@ def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
 
 
 def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
-    cfg = _python("preprocess", 0, spec.preprocess_instances)
-    cfg.input.extend(_request_inputs("audio", "strip_prefix", "stream"))
-    cfg.output.extend([
-        _out("input_features", T.TYPE_FP32, [-1, lengths.N_MELS, -1]),  # [W, 128, T]
-        _out("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
-        _out("audio_windows", T.TYPE_INT32, [-1]),
-    ])
+    cfg = _python(contract.PREPROCESS, 0, spec.preprocess_instances)
+    _interface(cfg, spec)
     _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
                   **spec.preprocess_params})
     _bound_queue(cfg, spec)
@@ -172,22 +165,18 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
     # dynamic batcher merges only requests of the same [128, T] (triton-inference-server/core src/backend_model.cc:
     # variable-size inputs without allow_ragged_batch go into enforce_equal_shape_tensors): batching is per frame
     # bucket, and a 1-s window is never padded to 30 s by a neighbour.
-    ins = [_io("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]),  # [128, T] per window
-           _io("input_features_mask", T.TYPE_INT32, [-1])]  # [T]
-    outs = [_out("audio_embeds", T.TYPE_FP32, [-1, spec.hidden_size])]  # [T/4, H]
     if spec.target == "gpu":
         # The TensorRT engine (build/trt_encoder.py) is encoder/1/model.plan, run by a python-backend model
         # (triton_repo/encoder_trt/model.py): the serving container has no Triton TensorRT backend (tensorrtllm_backend
         # r26.04 docs/build.md; server issue #7346). Its profile's max windows must equal encoder_max_batch
         # (build/gpu_repo.py sets both from one number). Inputs are taken wherever Triton holds them (python_backend
         # r26.04 README, FORCE_CPU_ONLY_INPUT_TENSORS).
-        cfg = mc.ModelConfig(name="encoder", backend="python", max_batch_size=spec.encoder_max_batch)
+        cfg = mc.ModelConfig(name=contract.ENCODER, backend="python", max_batch_size=spec.encoder_max_batch)
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances)
         _params(cfg, {"plan_file": "model.plan", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
     else:
-        cfg = _python("encoder", spec.encoder_max_batch, spec.encoder_instances)
-    cfg.input.extend(ins)
-    cfg.output.extend(outs)
+        cfg = _python(contract.ENCODER, spec.encoder_max_batch, spec.encoder_instances)
+    _interface(cfg, spec)
     if spec.encoder_batching:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
         _bound_queue(cfg, spec)
@@ -195,30 +184,9 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
     return cfg
 
 
-FUSION_OUTPUTS = [  # (name, dtype); all [1, 1] except the two ragged ones
-    ("input_lengths", T.TYPE_INT32), ("request_output_len", T.TYPE_INT32), ("end_id", T.TYPE_INT32),
-    ("pad_id", T.TYPE_INT32), ("streaming", T.TYPE_BOOL), ("runtime_top_k", T.TYPE_INT32),
-    ("runtime_top_p", T.TYPE_FP32), ("temperature", T.TYPE_FP32), ("repetition_penalty", T.TYPE_FP32),
-    ("seed", T.TYPE_UINT64), ("prompt_vocab_size", T.TYPE_INT32),
-]
-
-
 def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
-    cfg = _python("fusion", 0, spec.fusion_instances)
-    cfg.input.extend(_request_inputs("text_input", "system_prompt", "messages"))
-    cfg.input.extend([
-        _io("audio_embeds", T.TYPE_FP32, [-1, -1, spec.hidden_size]),  # [W, T/4, H]
-        _io("input_features_mask", T.TYPE_INT32, [-1, -1]),  # [W, T]
-        _io("audio_windows", T.TYPE_INT32, [-1]),
-    ])
-    cfg.input.extend(_request_inputs(*contract.SAMPLING_INPUTS))
-    cfg.output.append(_out("input_ids", T.TYPE_INT32, [1, -1]))
-    cfg.output.extend(_out(n, d, [1, 1]) for n, d in FUSION_OUTPUTS)
-    cfg.output.append(_out("prompt_embedding_table", DTYPES[spec.decoder_dtype], [1, -1, spec.hidden_size]))
-    if spec.prompt_table_extra_ids:
-        cfg.output.append(_out("prompt_table_extra_ids", T.TYPE_UINT64, [1, -1]))
-    if spec.stop_ids:
-        cfg.output.append(_out("stop_words_list", T.TYPE_INT32, [1, 2, -1]))
+    cfg = _python(contract.FUSION, 0, spec.fusion_instances)
+    _interface(cfg, spec)
     _params(cfg, {
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "dtype": spec.decoder_dtype,
         "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
@@ -230,30 +198,6 @@ def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     })
     _bound_queue(cfg, spec)
     return cfg
-
-
-# The decoder's tensor contract: TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt` (the subset
-# the ensemble feeds, plus the optional inputs a direct client may use), with the same dims, reshape, optional and
-# allow_ragged_batch flags as there. `[1]` scalars are reshaped to [].
-def decoder_inputs(dtype: str) -> list[mc.ModelInput]:
-    scalar = dict(dims=[1], reshape=[])
-    return [
-        _io("input_ids", T.TYPE_INT32, [-1], optional=True, ragged=True),
-        _io("input_lengths", T.TYPE_INT32, **scalar),
-        _io("request_output_len", T.TYPE_INT32, **scalar),
-        _io("end_id", T.TYPE_INT32, optional=True, **scalar),
-        _io("pad_id", T.TYPE_INT32, optional=True, **scalar),
-        _io("streaming", T.TYPE_BOOL, optional=True, **scalar),
-        _io("runtime_top_k", T.TYPE_INT32, optional=True, **scalar),
-        _io("runtime_top_p", T.TYPE_FP32, optional=True, **scalar),
-        _io("temperature", T.TYPE_FP32, optional=True, **scalar),
-        _io("repetition_penalty", T.TYPE_FP32, optional=True, **scalar),
-        _io("seed", T.TYPE_UINT64, optional=True, **scalar),
-        _io("prompt_embedding_table", DTYPES[dtype], [-1, -1], optional=True, ragged=True),
-        _io("prompt_table_extra_ids", T.TYPE_UINT64, [-1], optional=True, ragged=True),
-        _io("prompt_vocab_size", T.TYPE_INT32, optional=True, **scalar),
-        _io("stop_words_list", T.TYPE_INT32, [2, -1], optional=True, ragged=True),
-    ]
 
 
 def _true(value: str | None, default: bool) -> bool:
@@ -269,15 +213,14 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
         raise ValueError("enable_kv_cache_reuse is on for the tensorrtllm decoder (also its default when unset): "
                          "set RepoSpec.prompt_table_extra_ids so that fusion sends prompt_table_extra_ids")
     if spec.target == "gpu":
-        cfg = mc.ModelConfig(name="decoder", backend="tensorrtllm", max_batch_size=spec.max_batch_size)
+        cfg = mc.ModelConfig(name=contract.DECODER, backend="tensorrtllm", max_batch_size=spec.max_batch_size)
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)  # the backend places work on GPUs
     else:
-        cfg = _python("decoder", spec.max_batch_size, spec.decoder_instances)
+        cfg = _python(contract.DECODER, spec.max_batch_size, spec.decoder_instances)
     cfg.model_transaction_policy.decoupled = True
     cfg.dynamic_batching.SetInParent()
     _bound_queue(cfg, spec)
-    cfg.input.extend(decoder_inputs(spec.decoder_dtype))
-    cfg.output.extend([_out("output_ids", T.TYPE_INT32, [-1, -1]), _out("sequence_length", T.TYPE_INT32, [-1])])
+    _interface(cfg, spec)  # all the inputs the backend takes that fusion sends, a direct client may send
     _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
                   "exclude_input_in_output": "true", **spec.decoder_params})
     if spec.target == "cpu":  # the CPU engine's own waiting list (the tensorrtllm backend has its own scheduler)
@@ -287,45 +230,40 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
 
 def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     # One instance: it keeps the incomplete UTF-8 tail of each streamed request between responses.
-    cfg = _python("postprocess", 0, 1)
-    cfg.input.extend([_io("output_ids", T.TYPE_INT32, [-1, -1, -1]), _io("sequence_length", T.TYPE_INT32, [-1, -1])])
-    cfg.output.extend(_contract_output(o) for o in contract.RESPONSE_OUTPUTS)
+    cfg = _python(contract.POSTPROCESS, 0, 1)
+    _interface(cfg, spec)
     _params(cfg, {**({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
                   **spec.postprocess_params})
     return cfg
 
 
+def ensemble_maps(spec: RepoSpec) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    """Each step's (model, input_map, output_map), derived from the contract: a step reads a tensor from the latest
+    earlier step that writes it (the ensemble's internal tensor `_<name>`), else from the request input of that name;
+    an input neither provides is left unfed (the decoder's optional inputs for direct clients). A step's output is a
+    response output when no later step writes that name, else internal."""
+    request = {t.name for t in contract.REQUEST_INPUTS}
+    response = {t.name for t in contract.RESPONSE_OUTPUTS}
+    written: set[str] = set()
+    steps = []
+    for i, stage in enumerate(contract.STEPS):
+        inputs = {t.name: f"_{t.name}" if t.name in written else t.name for t in stage.inputs
+                  if t.name in written or t.name in request}
+        later = {t.name for s in contract.STEPS[i + 1:] for t in s.outputs}
+        outs = [t.name for t in stage.outputs if t.name not in omitted(spec)]
+        outputs = {n: n if n in response and n not in later else f"_{n}" for n in outs}
+        written.update(outs)
+        steps.append((stage.name, inputs, outputs))
+    return steps
+
+
 def ensemble_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
-    cfg.input.extend(_contract_input(i) for i in contract.REQUEST_INPUTS)
-    cfg.output.extend(_contract_output(o) for o in contract.RESPONSE_OUTPUTS)
-
-    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]):
+    _interface(cfg, spec)
+    for model, inputs, outputs in ensemble_maps(spec):
         s = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
-        for k, v in inputs.items():
-            s.input_map[k] = v
-        for k, v in outputs.items():
-            s.output_map[k] = v
-
-    step("preprocess", {"audio": "audio", "strip_prefix": "strip_prefix", "stream": "stream"},
-         {k: f"_{k}" for k in ("input_features", "input_features_mask", "audio_windows")})
-    step("encoder", {"input_features": "_input_features", "input_features_mask": "_input_features_mask"},
-         {"audio_embeds": "_audio_embeds"})
-    fusion_in = {"text_input": "text_input", "system_prompt": "system_prompt", "messages": "messages",
-                 "audio_embeds": "_audio_embeds",
-                 "input_features_mask": "_input_features_mask", "audio_windows": "_audio_windows"}
-    fusion_in.update({n: n for n in contract.SAMPLING_INPUTS})
-    fusion_out = {n: f"_{n}" for n, _ in FUSION_OUTPUTS}
-    fusion_out.update(input_ids="_input_ids", prompt_embedding_table="_prompt_embedding_table")
-    if spec.prompt_table_extra_ids:
-        fusion_out["prompt_table_extra_ids"] = "_prompt_table_extra_ids"
-    if spec.stop_ids:
-        fusion_out["stop_words_list"] = "_stop_words_list"
-    step("fusion", fusion_in, fusion_out)
-    step("decoder", {v[1:]: v for v in fusion_out.values()},
-         {"output_ids": "_output_ids", "sequence_length": "_sequence_length"})
-    step("postprocess", {"output_ids": "_output_ids", "sequence_length": "_sequence_length"},
-         {o.name: o.name for o in contract.RESPONSE_OUTPUTS})
+        s.input_map.update(inputs)
+        s.output_map.update(outputs)
     return cfg
 
 
@@ -333,8 +271,7 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     """request_id (the af3 request to stop) → cancelled (an acknowledgement). Same model on both targets; no queue
     policy, so that a cancellation is never rejected as overload."""
     cfg = _python(CANCEL, 0, 1)
-    cfg.input.append(_contract_input(contract.CANCEL_INPUT))
-    cfg.output.append(_contract_output(contract.CANCEL_OUTPUT))
+    _interface(cfg, spec)
     return cfg
 
 

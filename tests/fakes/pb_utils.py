@@ -3,7 +3,7 @@
 The names and conventions are those of triton-inference-server/python_backend (src/resources/
 triton_python_backend_utils.py and src/pb_stub.cc bindings; version in the search index, commit 28aaeb7b, not
 pinned to the r24.08 that tritonserver 2.51 ships): Tensor(name, array) / from_dlpack / as_numpy /
-to_dlpack, InferenceResponse(output_tensors, error), TritonError(msg).message(), get_input_tensor_by_name,
+to_dlpack, InferenceResponse(output_tensors, error), TritonError(msg, code).message() / .code(), get_input_tensor_by_name,
 request.request_id(), request.get_response_sender().send(response, flags) with TRITONSERVER_RESPONSE_COMPLETE_FINAL,
 sender.is_cancelled(), Logger.log_info.
 """
@@ -21,12 +21,20 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 
 class TritonError(Exception):
-    def __init__(self, msg):
+    # the status codes the 2.51 stub binds (strings of pytriton 0.7.0's triton_python_backend_stub: NOT_FOUND,
+    # INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED; python_backend README "Error Handling");
+    # TritonError(message, code=INTERNAL)
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, msg, code=INTERNAL):
         super().__init__(msg)
-        self._msg = msg
+        self._msg, self._code = msg, code
 
     def message(self):
         return self._msg
+
+    def code(self):
+        return self._code
 
 
 class Tensor:

@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
+from af3trt.runtime.contract import CANCELLED, REQUEST_ID
 
 MAX_ID_BYTES = 256  # a request id is a short token (the clients send uuid4 hex); longer is a client error
 
@@ -31,10 +32,10 @@ class TritonPythonModel:
         return io.per_request(pb, requests, self.run)
 
     def run(self, r):
-        rid = io.text(pb, r, "request_id")
+        rid = io.text(pb, r, REQUEST_ID)
         if not rid:
-            raise io.RequestError("request_id is required: the id of the af3 request to cancel")
+            raise io.RequestError(f"{REQUEST_ID} is required: the id of the af3 request to cancel")
         if len(rid.encode()) > MAX_ID_BYTES:
-            raise io.RequestError(f"request_id is longer than {MAX_ID_BYTES} bytes")
+            raise io.RequestError(f"{REQUEST_ID} is longer than {MAX_ID_BYTES} bytes")
         self.ctx.cancel(rid)
-        return pb.InferenceResponse([pb.Tensor("cancelled", np.array([True]))])
+        return pb.InferenceResponse([pb.Tensor(CANCELLED, np.array([True]))])

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
@@ -14,8 +15,8 @@ from af3trt.runtime.stop_words import parse_stop_words_list
 
 def _response(tokens):
     ids = np.asarray(tokens, np.int32).reshape(1, 1, -1)  # [batch, beam, new tokens]
-    return pb.InferenceResponse([pb.Tensor("output_ids", ids),
-                                 pb.Tensor("sequence_length", np.array([[ids.shape[-1]]], np.int32))])
+    return pb.InferenceResponse([pb.Tensor(c.OUTPUT_IDS, ids),
+                                 pb.Tensor(c.SEQUENCE_LENGTH, np.array([[ids.shape[-1]]], np.int32))])
 
 
 class TritonPythonModel:
@@ -41,12 +42,12 @@ class TritonPythonModel:
         return None
 
     def request(self, r) -> GenerationRequest:
-        ids = io.tensor(pb, r, "input_ids")
+        ids = io.tensor(pb, r, c.INPUT_IDS)
         if ids is None or ids.ndim != 2 or ids.shape[0] != 1:
             raise io.RequestError(f"input_ids must be [1, L] (one sequence per request), got "
                                   f"{None if ids is None else list(ids.shape)}")
-        n = io.scalar(pb, r, "input_lengths", int)
-        table = pb.get_input_tensor_by_name(r, "prompt_embedding_table")
+        n = io.scalar(pb, r, c.INPUT_LENGTHS, int)
+        table = pb.get_input_tensor_by_name(r, c.PROMPT_EMBEDDING_TABLE)
         if table is not None:
             import torch
 
@@ -58,16 +59,16 @@ class TritonPythonModel:
             return default if v is None else v
 
         return GenerationRequest(
-            input_ids=ids[0, :n], prompt_table=table, prompt_vocab_size=get("prompt_vocab_size", int, 0),
-            max_new_tokens=io.scalar(pb, r, "request_output_len", int), end_id=get("end_id", int, None),
-            pad_id=get("pad_id", int, None), streaming=get("streaming", bool, False),
-            top_k=get("runtime_top_k", int, 0), top_p=get("runtime_top_p", float, 0.0),
-            temperature=get("temperature", float, 1.0), repetition_penalty=get("repetition_penalty", float, 1.0),
-            seed=get("seed", int, None), stop_words=self.stop_words(r))
+            input_ids=ids[0, :n], prompt_table=table, prompt_vocab_size=get(c.PROMPT_VOCAB_SIZE, int, 0),
+            max_new_tokens=io.scalar(pb, r, c.REQUEST_OUTPUT_LEN, int), end_id=get(c.END_ID, int, None),
+            pad_id=get(c.PAD_ID, int, None), streaming=get(c.STREAMING, bool, False),
+            top_k=get(c.RUNTIME_TOP_K, int, 0), top_p=get(c.RUNTIME_TOP_P, float, 0.0),
+            temperature=get(c.TEMPERATURE, float, 1.0), repetition_penalty=get(c.REPETITION_PENALTY, float, 1.0),
+            seed=get(c.SEED, int, None), stop_words=self.stop_words(r))
 
     @staticmethod
     def stop_words(r) -> tuple:
-        arr = io.tensor(pb, r, "stop_words_list")  # [1, 2, L] (TensorRT-LLM's format) or absent
+        arr = io.tensor(pb, r, c.STOP_WORDS_LIST)  # [1, 2, L] (TensorRT-LLM's format) or absent
         return () if arr is None else parse_stop_words_list(arr)
 
     @staticmethod

@@ -9,6 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
 from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
 
@@ -20,8 +21,8 @@ class TritonPythonModel:
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
 
     def execute(self, requests):
-        feats = [io.tensor(pb, r, "input_features") for r in requests]  # each [w_i, 128, T_i]
-        masks = [io.tensor(pb, r, "input_features_mask") for r in requests]  # each [w_i, T_i]
+        feats = [io.tensor(pb, r, INPUT_FEATURES) for r in requests]  # each [w_i, 128, T_i]
+        masks = [io.tensor(pb, r, INPUT_FEATURES_MASK) for r in requests]  # each [w_i, T_i]
         try:
             f, m = pad_frames(feats, masks)  # [W, 128, T], [W, T] with T = max T_i
             embeds = np.zeros((len(f), self.encoder.rows(f.shape[2]), self.encoder.hidden_size), np.float32)
@@ -35,6 +36,6 @@ class TritonPythonModel:
         out, start = [], 0
         for x in feats:
             rows = self.encoder.rows(x.shape[2])
-            out.append(pb.InferenceResponse([pb.Tensor("audio_embeds", np.ascontiguousarray(embeds[start: start + len(x), :rows]))]))
+            out.append(pb.InferenceResponse([pb.Tensor(AUDIO_EMBEDS, np.ascontiguousarray(embeds[start: start + len(x), :rows]))]))
             start += len(x)
         return out

@@ -15,7 +15,7 @@ import torch
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
+from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
 from af3trt.runtime.trt_runner import TrtRunner, encode_windows
 
 
@@ -34,13 +34,13 @@ class TritonPythonModel:
         try:
             device = self.runner.place.device
             feats = [_torch(r, INPUT_FEATURES, device) for r in requests]  # each [w_i, 128, T]
-            masks = [_torch(r, INPUT_MASK, device) for r in requests]  # each [w_i, T]
+            masks = [_torch(r, INPUT_FEATURES_MASK, device) for r in requests]  # each [w_i, T]
             embeds = encode_windows(self.runner, torch.cat(feats), torch.cat(masks))  # [W, T/4, H] on the GPU
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0
         for x in feats:
             part = embeds[start: start + len(x)]
-            out.append(pb.InferenceResponse([pb.Tensor.from_dlpack(OUTPUT_EMBEDS, part)]))
+            out.append(pb.InferenceResponse([pb.Tensor.from_dlpack(AUDIO_EMBEDS, part)]))
             start += len(x)
         return out

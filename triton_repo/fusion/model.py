@@ -6,6 +6,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import conversation
 from af3trt.kernels import device_from_params as kernels_device
+from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
@@ -16,14 +17,14 @@ def _table_tensor(table, dtype: str):
     """[1, N, H] in the decoder's dtype; bf16 has no numpy type, so it crosses as a torch tensor via DLPack.
     table: [N, H] f32 numpy, or a torch tensor already in the decoder dtype (GPU path)."""
     if not isinstance(table, np.ndarray):
-        return io.output_tensor(pb, "prompt_embedding_table", table[None])
+        return io.output_tensor(pb, c.PROMPT_EMBEDDING_TABLE, table[None])
     if dtype == "float32":
-        return pb.Tensor("prompt_embedding_table", table[None])
+        return pb.Tensor(c.PROMPT_EMBEDDING_TABLE, table[None])
     import torch
     from torch.utils.dlpack import to_dlpack
 
     t = torch.from_numpy(table[None]).to(getattr(torch, dtype)).contiguous()
-    return pb.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(t))
+    return pb.Tensor.from_dlpack(c.PROMPT_EMBEDDING_TABLE, to_dlpack(t))
 
 
 class TritonPythonModel:
@@ -44,18 +45,18 @@ class TritonPythonModel:
 
     def run(self, r):
         sampling = check_sampling(
-            self.limits, max_tokens=io.scalar(pb, r, "max_tokens"), temperature=io.scalar(pb, r, "temperature"),
-            top_k=io.scalar(pb, r, "top_k"), top_p=io.scalar(pb, r, "top_p"),
-            repetition_penalty=io.scalar(pb, r, "repetition_penalty"), seed=io.scalar(pb, r, "seed"),
-            stream=io.scalar(pb, r, "stream"))
+            self.limits, max_tokens=io.scalar(pb, r, c.MAX_TOKENS), temperature=io.scalar(pb, r, c.TEMPERATURE),
+            top_k=io.scalar(pb, r, c.TOP_K), top_p=io.scalar(pb, r, c.TOP_P),
+            repetition_penalty=io.scalar(pb, r, c.REPETITION_PENALTY), seed=io.scalar(pb, r, c.SEED),
+            stream=io.scalar(pb, r, c.STREAM))
         if self.device is None:
-            windows = [int(w) for w in io.tensor(pb, r, "audio_windows").reshape(-1)]
+            windows = [int(w) for w in io.tensor(pb, r, c.AUDIO_WINDOWS).reshape(-1)]
             conv = self.conversation(r, len(windows))
-            ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, "audio_embeds"),
-                                                         io.tensor(pb, r, "input_features_mask"), windows)
+            ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, c.AUDIO_EMBEDS),
+                                                         io.tensor(pb, r, c.INPUT_FEATURES_MASK), windows)
         else:  # inputs may sit on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no"); the table is made and stays there
             embeds, mask, windows_t = (io.device_tensor(pb, r, n)
-                                       for n in ("audio_embeds", "input_features_mask", "audio_windows"))
+                                       for n in (c.AUDIO_EMBEDS, c.INPUT_FEATURES_MASK, c.AUDIO_WINDOWS))
             conv = self.conversation(r, int(windows_t.numel()))
             ids, table = self.device_table.build(self.builder, conv, self.device, embeds, mask, windows_t)
         if sampling.stream:  # postprocess knows a stream's last response by its token count (or an empty one)
@@ -71,30 +72,30 @@ class TritonPythonModel:
             return pb.Tensor(name, np.array([[value]], dtype=dtype))
 
         outputs = [
-            pb.Tensor("input_ids", ids[None]),  # [1, L]
-            one("input_lengths", len(ids), np.int32),
-            one("request_output_len", sampling.max_tokens, np.int32),
-            one("end_id", self.limits.end_id, np.int32),
-            one("pad_id", self.limits.pad_id, np.int32),
-            one("streaming", sampling.stream, np.bool_),
-            one("runtime_top_k", sampling.top_k, np.int32),
-            one("runtime_top_p", sampling.top_p, np.float32),
-            one("temperature", sampling.temperature, np.float32),
-            one("repetition_penalty", sampling.repetition_penalty, np.float32),
-            one("seed", sampling.seed, np.uint64),
-            one("prompt_vocab_size", max(n_rows, 1), np.int32),
+            pb.Tensor(c.INPUT_IDS, ids[None]),  # [1, L]
+            one(c.INPUT_LENGTHS, len(ids), np.int32),
+            one(c.REQUEST_OUTPUT_LEN, sampling.max_tokens, np.int32),
+            one(c.END_ID, self.limits.end_id, np.int32),
+            one(c.PAD_ID, self.limits.pad_id, np.int32),
+            one(c.STREAMING, sampling.stream, np.bool_),
+            one(c.RUNTIME_TOP_K, sampling.top_k, np.int32),
+            one(c.RUNTIME_TOP_P, sampling.top_p, np.float32),
+            one(c.TEMPERATURE, sampling.temperature, np.float32),
+            one(c.REPETITION_PENALTY, sampling.repetition_penalty, np.float32),
+            one(c.SEED, sampling.seed, np.uint64),
+            one(c.PROMPT_VOCAB_SIZE, max(n_rows, 1), np.int32),
             _table_tensor(table, self.limits.dtype),  # [1, N, H]
         ]
         if self.limits.stop_ids:  # [1, 2, L]: the other end ids, one single-token stop word each
-            outputs.append(pb.Tensor("stop_words_list", stop_words_list([i] for i in self.limits.stop_ids)[None]))
+            outputs.append(pb.Tensor(c.STOP_WORDS_LIST, stop_words_list([i] for i in self.limits.stop_ids)[None]))
         if extra is not None:
-            outputs.append(pb.Tensor("prompt_table_extra_ids", extra[None]))  # [1, L]
+            outputs.append(pb.Tensor(c.PROMPT_TABLE_EXTRA_IDS, extra[None]))  # [1, L]
         return pb.InferenceResponse(outputs)
 
     @staticmethod
     def conversation(r, n_clips: int) -> conversation.Conversation:
         """`messages` (a conversation), or the one-turn shorthand text_input + system_prompt."""
-        prompt, system, messages = (io.text(pb, r, n) for n in ("text_input", "system_prompt", "messages"))
+        prompt, system, messages = (io.text(pb, r, n) for n in (c.TEXT_INPUT, c.SYSTEM_PROMPT, c.MESSAGES))
         if messages is not None:
             if prompt is not None or system is not None:
                 raise PromptError("send either messages or text_input (+ system_prompt), not both")

@@ -18,6 +18,8 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import STALE_SECONDS, RequestContext
+from af3trt.runtime.contract import (MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM, STRIP_PREFIX,
+                                     TEXT_OUTPUT)
 from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
 from af3trt.runtime.stop_words import trim_stop_token
 
@@ -36,8 +38,8 @@ class TritonPythonModel:
         return out
 
     def run(self, r):
-        ids = io.tensor(pb, r, "output_ids")  # [1, beam, T]
-        n = int(io.tensor(pb, r, "sequence_length").reshape(-1)[0])
+        ids = io.tensor(pb, r, OUTPUT_IDS)  # [1, beam, T]
+        n = int(io.tensor(pb, r, SEQUENCE_LENGTH).reshape(-1)[0])
         tokens = ids[0, 0, : min(n, ids.shape[-1])]
         tokens = trim_stop_token(tokens, self.stop_ids)  # the decoder keeps stop words, as TensorRT-LLM does
         rid = r.request_id()
@@ -46,12 +48,12 @@ class TritonPythonModel:
         if first:
             ctx = self.ctx.get(rid)
             self.ctx.drop(rid)
-            entry = (time.monotonic(), StreamState(strip_prefix=bool(ctx.get("strip_prefix"))), ctx)
+            entry = (time.monotonic(), StreamState(strip_prefix=bool(ctx.get(STRIP_PREFIX))), ctx)
         _, state, ctx = entry
         data = self.detok.to_bytes(tokens)
-        if ctx.get("stream"):
+        if ctx.get(STREAM):
             state.tokens += len(tokens)
-            final = len(tokens) == 0 or state.tokens >= ctx.get("max_tokens", float("inf"))
+            final = len(tokens) == 0 or state.tokens >= ctx.get(MAX_TOKENS, float("inf"))
             text = state.feed(data, final=final)
             if final:
                 self.states.pop(rid, None)
@@ -59,15 +61,15 @@ class TritonPythonModel:
                 self.states[rid] = (time.monotonic(), state, ctx)
         else:  # the whole answer in one response
             text = data.decode("utf-8", errors="replace")
-            if ctx.get("strip_prefix"):
+            if ctx.get(STRIP_PREFIX):
                 text = strip_transcription_prefix(text)
             self.states.pop(rid, None)
         notice = json.dumps(ctx.get("notices")) if first and ctx.get("notices") else ""
         return pb.InferenceResponse([
-            io.bytes_tensor(pb, "text_output", [text.encode()]),
-            pb.Tensor("output_ids", np.ascontiguousarray(tokens, np.int32)),
-            io.bytes_tensor(pb, "notice", [notice.encode()]),
-            pb.Tensor("prompt_tokens", np.array([ctx.get("prompt_tokens", -1)], np.int32)),
+            io.bytes_tensor(pb, TEXT_OUTPUT, [text.encode()]),
+            pb.Tensor(OUTPUT_IDS, np.ascontiguousarray(tokens, np.int32)),
+            io.bytes_tensor(pb, NOTICE, [notice.encode()]),
+            pb.Tensor(PROMPT_TOKENS, np.array([ctx.get(PROMPT_TOKENS, -1)], np.int32)),
         ])
 
     def _purge(self):

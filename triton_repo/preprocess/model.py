@@ -10,6 +10,7 @@ from af3trt.kernels import logmel
 from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import RequestContext
+from af3trt.runtime.contract import AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX
 
 
 class TritonPythonModel:
@@ -31,7 +32,7 @@ class TritonPythonModel:
         return io.per_request(pb, requests, self.run)
 
     def run(self, r):
-        clips = io.tensor(pb, r, "audio")
+        clips = io.tensor(pb, r, AUDIO)
         clips = [] if clips is None else [bytes(c) for c in clips.reshape(-1)]
         batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop, log_mel_fn=self.log_mel)
         if sum(batch.windows_per_clip) > self.max_windows:
@@ -41,8 +42,8 @@ class TritonPythonModel:
         notices = [f"audio clip {i}: {s:.1f} s is longer than the {limit} s AF3 reads; only the first {limit} s "
                    f"were used" for i, (s, cut) in enumerate(zip(batch.seconds_per_clip, batch.truncated)) if cut]
         self.ctx.put(r.request_id(), {"notices": notices,
-                                      "strip_prefix": bool(io.scalar(pb, r, "strip_prefix") or False),
-                                      "stream": bool(io.scalar(pb, r, "stream") or False)})
+                                      STRIP_PREFIX: bool(io.scalar(pb, r, STRIP_PREFIX) or False),
+                                      STREAM: bool(io.scalar(pb, r, STREAM) or False)})
         features, mask = batch.features, batch.mask
         if features.shape[0] == 0:
             # Text-only request: Triton cannot batch zero windows, so send one empty-mask placeholder window
@@ -50,7 +51,7 @@ class TritonPythonModel:
             features = np.zeros((1, lengths.N_MELS, lengths.FRAME_BUCKETS[0]), np.float32)
             mask = np.zeros((1, lengths.FRAME_BUCKETS[0]), np.int32)
         return pb.InferenceResponse([
-            io.output_tensor(pb, "input_features", features),  # [W, 128, T]: cropped to the request's frame bucket
-            pb.Tensor("input_features_mask", mask),  # [W, T]
-            pb.Tensor("audio_windows", np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
+            io.output_tensor(pb, INPUT_FEATURES, features),  # [W, 128, T]: cropped to the request's frame bucket
+            pb.Tensor(INPUT_FEATURES_MASK, mask),  # [W, T]
+            pb.Tensor(AUDIO_WINDOWS, np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
         ])

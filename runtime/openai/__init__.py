@@ -1,0 +1,13 @@
+"""The OpenAI-compatible HTTP front (runtime/openai_server.py builds the app and runs it): one FastAPI router per
+endpoint over shared helpers.
+
+    common.py          errors (OpenAI's body, from runtime/errors.py codes), settings, the answer loop: whole
+                       (collect) or streamed as server-sent events (stream)
+    triton.py          the af3 ensemble over Triton's gRPC streaming API: readiness, limits, generation
+    chat.py            POST /v1/chat/completions
+    transcriptions.py  POST /v1/audio/transcriptions
+    models.py          GET /v1/models
+    health.py          GET /health
+
+Adding an endpoint: a module with its router here, and its line in openai_server.ROUTERS.
+"""
