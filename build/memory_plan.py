@@ -20,6 +20,8 @@ What one GPU holds (rank 0 also runs the encoder model):
                build time: docs/source/reference/memory.md "Activation size") + the prompt-table buffer
     KV cache   max_batch_size x max_seq_len tokens in whole blocks (guaranteed_no_evict reserves a request's whole
                sequence), / tp per rank
+    pool       Triton's CUDA memory pool on the ensemble's GPU (cuda_pool_bytes): taken at server start, before the
+               decoder sizes its KV cache
     reserve    CUDA contexts of the server and the encoder's python stub, cuBLAS/NCCL workspaces: an estimate
 
 The encoder's window profile is sized from what the decoder can take per iteration: without chunked context a
@@ -52,6 +54,10 @@ from af3trt.runtime import lengths
 GIB = 1024**3
 RUNTIME_RESERVE_BYTES = 2 * GIB  # CUDA contexts (server + encoder stub) and library workspaces: an estimate
 KV_FREE_FRACTION = 0.9  # the tensorrtllm backend's kv_cache_free_gpu_mem_fraction we still send (min() with tokens)
+# Triton's CUDA memory pool per GPU when --cuda-memory-pool-byte-size does not set it: 64 MiB (triton-inference-server/
+# core r26.04 src/server.cc: `cuda_memory_pool_size_[gpu] = 1 << 26` for every supported GPU not set explicitly;
+# server r26.04 src/command_line_parser.cc: "Default is 64 MB").
+TRITON_DEFAULT_POOL_BYTES = 1 << 26
 ENCODER_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "fp8": 2}  # activations stay 16-bit with Q/DQ
 
 
@@ -73,6 +79,7 @@ class MemoryPlan:
     prompt_table: int
     kv_cache_tokens: int  # max_tokens_in_paged_kv_cache
     kv_cache: int  # bytes per rank
+    cuda_memory_pool: int  # Triton's CUDA memory pool on GPU 0 (--cuda-memory-pool-byte-size=0:<this>)
     reserve: int
     total: int  # on rank 0 (encoder + decoder rank 0 + reserve)
     fits: bool | None  # None: no GPU known
@@ -119,6 +126,26 @@ def encoder_profile_windows(max_batch_size: int, max_audio_windows: int, max_num
     return max(max_audio_windows, min(max_batch_size * max_audio_windows, per_iteration))
 
 
+def cuda_pool_bytes(d: DecoderDims, prompt_table_rows: int) -> int:
+    """Triton's CUDA memory pool on the GPU that runs the ensemble, for every request in flight at once.
+
+    Ensemble intermediates and python-backend GPU outputs are allocated from that pool; past it Triton falls back to
+    pinned host memory (core r26.04 src/memory.cc, AllocatedMemory: "CUDA memory -> pinned system memory -> non-pinned
+    system memory") and the python backend copies GPU outputs through shared memory or CUDA IPC instead of the pool
+    (python_backend r26.04 src/infer_response.cc, "Failed to allocate memory from CUDA memory pool"), so features
+    leave the GPU. Per audio row of the batch-wide prompt table (max_batch_size x windows x 750 rows): the
+    encoder's float32 audio_embeds row and the fusion's prompt-table row (engine dtype); per 750 rows one window of
+    float32 log-mel [128, 3000] from preprocess; plus Triton's default 64 MiB for the rest. TensorRT-LLM's own
+    launcher sizes it the same way for multimodal models (NVIDIA/TensorRT-LLM triton_backend/scripts/
+    launch_triton_server.py --multimodal_gpu0_cuda_mem_pool_bytes; its docs/multimodal.md: "since the
+    prompt_embedding_table is in GPU memory, we need to set the CUDA pool memory for inter-step communication",
+    2 bytes x 576 x 4096 x max_batch_size).
+    """
+    windows = math.ceil(prompt_table_rows / lengths.EMBEDS_PER_WINDOW)
+    mel = windows * lengths.N_MELS * lengths.WINDOW_FRAMES * 4
+    return prompt_table_rows * d.hidden * (4 + DTYPE_BYTES) + mel + TRITON_DEFAULT_POOL_BYTES
+
+
 def kv_cache_tokens(max_batch_size: int, max_seq_len: int, tokens_per_block: int = TOKENS_PER_BLOCK) -> int:
     """max_tokens_in_paged_kv_cache: every sequence at its longest, in whole KV blocks."""
     return max_batch_size * math.ceil(max_seq_len / tokens_per_block) * tokens_per_block
@@ -138,7 +165,7 @@ def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str
         "decoder_weights": decoder_weight_bytes(d, precision) // tp_size,
         "decoder_activations": decoder_activation_bytes(d, max_num_tokens, max_batch_size, tp_size),
         "prompt_table": prompt_table_rows * d.hidden * DTYPE_BYTES,
-        "kv_cache": kv_rank, "reserve": reserve_bytes,
+        "kv_cache": kv_rank, "cuda_memory_pool": cuda_pool_bytes(d, prompt_table_rows), "reserve": reserve_bytes,
     }
     total = sum(parts.values())
     fits = kv_ok = None
@@ -167,7 +194,7 @@ def check_fits(plan: MemoryPlan) -> None:
 def render_line(plan: MemoryPlan) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {getattr(plan, k) / GIB:.2f} GiB" for k in
                      ("encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations",
-                      "prompt_table", "kv_cache", "reserve"))
+                      "prompt_table", "kv_cache", "cuda_memory_pool", "reserve"))
 
 
 def render_markdown(plan: MemoryPlan, title: str) -> str:
@@ -178,6 +205,8 @@ def render_markdown(plan: MemoryPlan, title: str) -> str:
             ("decoder activations", plan.decoder_activations, "estimate for max_num_tokens + float32 logits"),
             ("prompt-table buffer", plan.prompt_table, "max_prompt_embedding_table_size x hidden"),
             ("KV cache", plan.kv_cache, f"max_tokens_in_paged_kv_cache = {plan.kv_cache_tokens:,}"),
+            ("Triton CUDA memory pool", plan.cuda_memory_pool,
+             "ensemble intermediates of every request in flight (--cuda-memory-pool-byte-size)"),
             ("reserve", plan.reserve, "CUDA contexts and workspaces (estimate)"),
             ("**total on GPU 0**", plan.total, "" if plan.gpu_bytes is None else
              f"of {plan.gpu_bytes / GIB:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from af3trt.runtime import server
+from af3trt.runtime.server import TritonServer
 
 
 def test_finds_the_wheel_binary_and_prepares_the_stub():
@@ -58,3 +60,20 @@ def test_free_ports_are_never_handed_out_twice():
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+def test_the_cuda_memory_pool_of_the_memory_plan_goes_to_rank_0_only(tmp_path):
+    """A GPU build's manifest carries the plan's pool (build/memory_plan.py cuda_pool_bytes); the server passes it as
+    `--cuda-memory-pool-byte-size=0:<bytes>` (server r26.04 src/command_line_parser.cc: "<GPU device ID>:<pool byte
+    size>", default 64 MB), on the rank that runs the ensemble only (the TP worker ranks load only the decoder)."""
+    repo = tmp_path / "model_repository"
+    repo.mkdir()
+    srv = TritonServer(repo, grpc_port=1, http_port=2, metrics_port=3)
+    assert not any("cuda-memory-pool" in a for a in srv.rank_command(Path("ts"), Path("b")))  # CPU build: no manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"target": "gpu", "gpu": {"memory_plan": {
+        "cuda_memory_pool": 3_000_000_000}}}))
+    assert "--cuda-memory-pool-byte-size=0:3000000000" in srv.rank_command(Path("ts"), Path("b"))
+    srv.world_size = 2
+    blocks = " ".join(srv.command(Path("ts"), Path("b"))).split(" : ")
+    assert "--cuda-memory-pool-byte-size=0:3000000000" in blocks[0]
+    assert "cuda-memory-pool" not in blocks[1]

@@ -155,7 +155,8 @@ def test_memory_plan_of_the_default_build():
     assert plan.kv_cache_tokens == 8 * 16544  # max_seq_len 16,536 in whole 32-token blocks
     assert plan.kv_cache == 8 * 16544 * 57344
     assert plan.total == sum(getattr(plan, k) for k in ("encoder_weights", "encoder_activations", "decoder_weights",
-                                                         "decoder_activations", "prompt_table", "kv_cache", "reserve"))
+                                                         "decoder_activations", "prompt_table", "kv_cache",
+                                                         "cuda_memory_pool", "reserve"))
     for key in ("a100-40gb", "a100", "h100", "h200"):
         gpu = KNOWN_GPUS[key]
         check_fits(_af3_plan(gpu_name=gpu.name, gpu_bytes=gpu.memory_bytes))  # the default fits every declared GPU
@@ -192,3 +193,20 @@ def test_build_refuses_a_plan_that_does_not_fit_before_any_work(tiny_ckpt, tmp_p
                            max_audio_seconds=600, max_text_len=1024,
                            gpu=GpuOptions(precision="bf16", gpu="a100-40gb", accuracy_report=False)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_plan_sizes_and_counts_tritons_cuda_memory_pool():
+    """Triton's CUDA memory pool is 64 MiB per GPU unless set (core r26.04 src/server.cc `1 << 26`); past it ensemble
+    intermediates fall back to pinned host memory (core r26.04 src/memory.cc). The plan sizes it for a full batch of
+    10-minute requests (float32 audio_embeds + the engine-dtype prompt table + float32 log-mel) and counts it."""
+    plan = _af3_plan()
+    rows, hidden = 8 * 15000, AF3_CONFIG["text_config"]["hidden_size"]
+    embeds, table = rows * hidden * 4, rows * hidden * 2  # 215 MB and 107 MB per 10-minute request
+    assert embeds // 8 == 215_040_000 and table // 8 == 107_520_000
+    mel = 160 * 128 * 3000 * 4
+    assert plan.cuda_memory_pool == embeds + table + mel + 64 * 1024**2
+    assert plan.cuda_memory_pool > 64 * 1024**2 * 40  # far past Triton's default
+    no_pool = _af3_plan()
+    assert plan.total - plan.cuda_memory_pool == sum(getattr(no_pool, k) for k in (
+        "encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations", "prompt_table",
+        "kv_cache", "reserve"))
