@@ -50,6 +50,7 @@ TRTLLM_INPUTS = {
     "return_num_output_tokens": (T.TYPE_BOOL, [1], [], True, False),
     "exclude_input_in_output": (T.TYPE_BOOL, [1], [], True, False),
     "streaming": (T.TYPE_BOOL, [1], [], True, False),
+    "stop": (T.TYPE_BOOL, [1], [], True, False),  # the cancel path's stop request (runtime/trtllm_stop.py)
     "prompt_embedding_table": ("ENGINE", [-1, -1], None, True, True),
     "prompt_table_extra_ids": (T.TYPE_UINT64, [-1], None, True, True),
     "prompt_vocab_size": (T.TYPE_INT32, [1], [], True, False),

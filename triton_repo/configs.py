@@ -253,6 +253,7 @@ def decoder_inputs(dtype: str) -> list[mc.ModelInput]:
         _io("prompt_table_extra_ids", T.TYPE_UINT64, [-1], optional=True, ragged=True),
         _io("prompt_vocab_size", T.TYPE_INT32, optional=True, **scalar),
         _io("stop_words_list", T.TYPE_INT32, [2, -1], optional=True, ragged=True),
+        _io("stop", T.TYPE_BOOL, optional=True, **scalar),  # true: stop the running request of this id (cancel)
     ]
 
 
@@ -335,6 +336,8 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python(CANCEL, 0, 1)
     cfg.input.append(_contract_input(contract.CANCEL_INPUT))
     cfg.output.append(_contract_output(contract.CANCEL_OUTPUT))
+    if spec.target == "gpu":  # the tensorrtllm decoder reads no mark: send it a stop request (runtime/trtllm_stop.py)
+        _params(cfg, {"stop_model": contract.DECODER})
     return cfg
 
 

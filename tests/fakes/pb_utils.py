@@ -103,6 +103,40 @@ class Request:
         return self.sender
 
 
+class BlsResponse:
+    """What InferenceRequest.exec() yields (python_backend: InferenceResponse with has_error() and error())."""
+
+    def __init__(self, outputs=(), error: str | None = None):
+        self.outputs = {t.name(): t for t in outputs}
+        self._error = None if error is None else TritonError(error)
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+
+# BLS (python_backend README "Business Logic Scripting"; src/pb_stub.cc InferRequest binding: request_id,
+# correlation_id, inputs, requested_output_names, model_name, model_version, flags, timeout, preferred_memory, trace,
+# parameters): a test routes a model name to a callable(request_id, {input name: array}) → list[BlsResponse].
+BLS_MODELS: dict = {}
+
+
+class InferenceRequest:
+    def __init__(self, *, inputs, requested_output_names, model_name, request_id="", correlation_id=0,
+                 model_version=-1, flags=0, timeout=0, preferred_memory=None, trace=None, parameters=None):
+        self.model_name, self.request_id = model_name, request_id
+        self.inputs, self.requested_output_names = list(inputs), list(requested_output_names)
+
+    def exec(self, decoupled=False):
+        if self.model_name not in BLS_MODELS:
+            responses = [BlsResponse(error=f"Request for unknown model: '{self.model_name}' is not found")]
+        else:
+            responses = BLS_MODELS[self.model_name](self.request_id, {t.name(): t.as_numpy() for t in self.inputs})
+        return iter(responses) if decoupled else responses[0]
+
+
 def get_input_tensor_by_name(request, name):
     return request.inputs.get(name)
 
