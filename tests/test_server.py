@@ -36,6 +36,23 @@ def test_stub_environment_uses_this_interpreter():
     assert env["PYTHONUTF8"] == "1"
 
 
+def test_a_full_triton_install_gets_no_interpreter_libdir(tmp_path, monkeypatch):
+    """In the NGC image the interpreter's LIBDIR is /usr/lib/x86_64-linux-gnu, where the host driver's libcuda is;
+    on LD_LIBRARY_PATH it would shadow the CUDA forward-compatibility libcuda the image wires through ld.so.conf
+    (server r26.04 build.py, /etc/ld.so.conf.d/00-cuda-compat.conf). Only the pip wheel's tritonserver, whose stub
+    links this interpreter's libpython, gets it."""
+    full = tmp_path / "opt" / "tritonserver"
+    (full / "bin").mkdir(parents=True)
+    (full / "backends" / "python").mkdir(parents=True)
+    (full / "bin" / "tritonserver").write_text("")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/local/cuda/lib64")
+    wheel = server.find_tritonserver()
+    assert server.server_env(wheel)["LD_LIBRARY_PATH"].split(":")[0] == sysconfig.get_config_var("LIBDIR")
+    assert server.server_env(full / "bin" / "tritonserver")["LD_LIBRARY_PATH"] == "/usr/local/cuda/lib64"
+    monkeypatch.delenv("LD_LIBRARY_PATH")
+    assert "LD_LIBRARY_PATH" not in server.server_env(full / "bin" / "tritonserver")
+
+
 def test_binds_loopback_by_default(tmp_path):
     srv = server.TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3)
     cmd = srv.command(Path("tritonserver"), Path("backends"))
