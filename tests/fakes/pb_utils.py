@@ -51,12 +51,27 @@ class Tensor:
             return self._array.numpy()
         return self._array
 
+    def is_cpu(self):
+        return True
+
     def to_dlpack(self):
         import torch
         from torch.utils.dlpack import to_dlpack
 
         t = self._array if isinstance(self._array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(self._array))
         return to_dlpack(t)
+
+
+class GpuTensor(Tensor):
+    """An input Triton hands over in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no"): is_cpu() is False and
+    as_numpy() raises as python_backend r26.04 src/pb_tensor.cc PbTensor::AsNumpy does; to_dlpack() works (here
+    on a CPU torch tensor standing in for the device memory)."""
+
+    def is_cpu(self):
+        return False
+
+    def as_numpy(self):
+        raise TritonError("Tensor is stored in GPU and cannot be converted to NumPy.")
 
 
 class Logger:

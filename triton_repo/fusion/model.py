@@ -48,11 +48,11 @@ class TritonPythonModel:
             top_k=io.scalar(pb, r, "top_k"), top_p=io.scalar(pb, r, "top_p"),
             repetition_penalty=io.scalar(pb, r, "repetition_penalty"), seed=io.scalar(pb, r, "seed"),
             stream=io.scalar(pb, r, "stream"))
-        if self.device is None:
-            windows = [int(w) for w in io.tensor(pb, r, "audio_windows").reshape(-1)]
+        if self.device is None:  # also the GPU target's fallback, whose inputs may still arrive on the GPU
+            windows = [int(w) for w in io.host_array(pb, r, "audio_windows").reshape(-1)]
             conv = self.conversation(r, len(windows))
-            ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, "audio_embeds"),
-                                                         io.tensor(pb, r, "input_features_mask"), windows)
+            ids, table = self.builder.build_conversation(conv, io.host_array(pb, r, "audio_embeds"),
+                                                         io.host_array(pb, r, "input_features_mask"), windows)
         else:  # inputs may sit on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no"); the table is made and stays there
             embeds, mask, windows_t = (io.device_tensor(pb, r, n)
                                        for n in ("audio_embeds", "input_features_mask", "audio_windows"))
