@@ -58,10 +58,18 @@ def triton_kernels():
     return _triton
 
 
+_TRITON_OFF: list[str] = []  # why the kernels were switched off in this process (kernels/check.py warm), if they were
+
+
+def disable_triton(reason: str) -> None:
+    """Use the torch composition from now on in this process (the same results, without the fused kernels)."""
+    _TRITON_OFF.append(reason)
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on this tensor's device in this process."""
     k = triton_kernels()
-    return k is not None and (t.is_cuda or k.interpreted())
+    return not _TRITON_OFF and k is not None and (t.is_cuda or k.interpreted())
 
 
 @lru_cache(maxsize=8)

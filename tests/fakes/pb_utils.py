@@ -83,6 +83,10 @@ class Logger:
     def log_info(cls, msg):
         cls.messages.append(msg)
 
+    @classmethod
+    def log_warn(cls, msg):
+        cls.messages.append(msg)
+
 
 class InferenceResponse:
     def __init__(self, output_tensors=(), error=None):

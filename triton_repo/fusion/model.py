@@ -35,6 +35,11 @@ class TritonPythonModel:
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
         if self.device is not None:  # torch (+ triton) only on the GPU path
             from af3trt.kernels import table
+            from af3trt.kernels.check import warm
+
+            off = warm(self.device)  # compiled and checked now, not on the first request; torch path if they fail
+            if off:
+                pb.Logger.log_warn(f"fusion: {off}; using the torch table")
 
             self.device_table = table
             pb.Logger.log_info(f"fusion: prompt table on {self.device} (af3trt.kernels)")

@@ -25,6 +25,11 @@ class TritonPythonModel:
         device = kernels_device(p, "preprocess")  # None: the CPU log-mel
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
         if device is not None:
+            from af3trt.kernels.check import warm
+
+            off = warm(device)  # compiled and checked now, not on the first request; torch path if they fail
+            if off:
+                pb.Logger.log_warn(f"preprocess: {off}; using the torch log-mel")
             pb.Logger.log_info(f"preprocess: log-mel on {device} (af3trt.kernels)")
 
     def execute(self, requests):
