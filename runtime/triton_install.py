@@ -104,8 +104,15 @@ def is_wheel_install(binary: Path) -> bool:
     return (Path(binary).parent.parent / "python_backend_stubs").is_dir()
 
 
+# Environment the python stubs must not inherit. TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "forces TF32 enablement,
+# overrides set_float32_matmul_precision setting" (PyTorch docs, cuda_environment_variables.rst); NGC images may set
+# it, and the preprocess log-mel's mel matmul must stay full fp32 (kernels/logmel.py: TF32 moves the features by
+# ~1e-4). tritonserver's own backends (TensorRT-LLM's C++ runtime) do not read it.
+STUB_ENV_DROP = ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",)
+
+
 def server_env(binary: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in STUB_ENV_DROP}
     libs = []
     # Only for the wheel's tritonserver: its stub links libpython3.X.so.1.0, which must be the running
     # interpreter's, and its own libraries sit in the wheel. A full install (the NGC image) resolves its libraries

@@ -53,6 +53,15 @@ def test_a_full_triton_install_gets_no_interpreter_libdir(tmp_path, monkeypatch)
     assert "LD_LIBRARY_PATH" not in server.server_env(full / "bin" / "tritonserver")
 
 
+def test_stubs_do_not_inherit_a_tf32_override(monkeypatch):
+    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 forces TF32 in every fp32 cuBLAS matmul of a torch process, overriding
+    set_float32_matmul_precision (PyTorch docs, cuda_environment_variables.rst); the mel matmul must stay fp32."""
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    monkeypatch.setenv("AF3TRT_SOMETHING_ELSE", "kept")
+    env = server.server_env(server.find_tritonserver())
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" not in env and env["AF3TRT_SOMETHING_ELSE"] == "kept"
+
+
 def test_binds_loopback_by_default(tmp_path):
     srv = server.TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3)
     cmd = srv.command(Path("tritonserver"), Path("backends"))
