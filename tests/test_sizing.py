@@ -156,7 +156,8 @@ def test_memory_plan_of_the_default_build():
     assert plan.kv_cache == 8 * 16544 * 57344
     assert plan.total == sum(getattr(plan, k) for k in ("encoder_weights", "encoder_activations", "decoder_weights",
                                                          "decoder_activations", "prompt_table", "kv_cache",
-                                                         "cuda_memory_pool", "reserve"))
+                                                         "cuda_memory_pool", "cuda_contexts", "stub_memory",
+                                                         "reserve"))
     for key in ("a100-40gb", "a100", "h100", "h200"):
         gpu = KNOWN_GPUS[key]
         check_fits(_af3_plan(gpu_name=gpu.name, gpu_bytes=gpu.memory_bytes))  # the default fits every declared GPU
@@ -209,4 +210,22 @@ def test_memory_plan_sizes_and_counts_tritons_cuda_memory_pool():
     no_pool = _af3_plan()
     assert plan.total - plan.cuda_memory_pool == sum(getattr(no_pool, k) for k in (
         "encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations", "prompt_table",
-        "kv_cache", "reserve"))
+        "kv_cache", "cuda_contexts", "stub_memory", "reserve"))
+
+
+def test_memory_plan_counts_every_cuda_process_and_caps_the_stubs():
+    """GPU 0 holds four CUDA processes (tritonserver with the tensorrtllm backend, and the preprocess, encoder and
+    fusion stubs: every python-backend instance is its own process) with torch caching allocators; the plan counts a
+    context for each and a cap for each stub's allocator (applied in the stub, runtime/gpus.py cap_cuda_memory)."""
+    from af3trt.build.memory_plan import CUDA_CONTEXT_BYTES, CUDA_PROCESSES
+
+    plan = _af3_plan()
+    assert CUDA_PROCESSES == ("tritonserver", "preprocess", "encoder", "fusion")
+    assert plan.cuda_contexts == 4 * CUDA_CONTEXT_BYTES
+    caps, hidden = plan.stub_caps, AF3_CONFIG["text_config"]["hidden_size"]
+    assert set(caps) == {"preprocess", "encoder", "fusion"} and plan.stub_memory == sum(caps.values())
+    assert caps["encoder"] == 2 * 22 * 750 * hidden * 4  # its output for the profile's 22 windows, f32
+    assert caps["fusion"] == 2 * 15000 * hidden * (2 + 4)  # one 10-min request's bf16 table + f32 temporary
+    assert caps["preprocess"] > 2 * 20 * 201 * 3001 * 8  # at least the STFT of 20 windows (complex64)
+    longer = _af3_plan(max_batch_size=8, prompt_table_rows=8 * 30000)  # 20-min requests: larger caps
+    assert longer.stub_caps["fusion"] == 2 * caps["fusion"] and longer.stub_caps["preprocess"] > caps["preprocess"]

@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb
 from af3trt.runtime import conversation
 from af3trt.kernels import device_from_params as kernels_device
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
@@ -33,6 +34,7 @@ class TritonPythonModel:
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
         self.ctx = RequestContext()
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
+        cap_cuda_memory(p, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
         if self.device is not None:  # torch (+ triton) only on the GPU path
             from af3trt.kernels import table
             from af3trt.kernels.check import warm
