@@ -26,7 +26,7 @@ from pathlib import Path
 
 from af3trt.build.common import BuildError, Progress, versions
 from af3trt.build.gpu_repo import (TrtllmOptions, backend_options, gpu_repo_spec, read_decoder_engine,
-                                   render_gpu_repository)
+                                   render_gpu_repository, with_stub_caps)
 from af3trt.build.memory_plan import MemoryPlan, MemoryPlanError, check_fits, encoder_profile_windows, plan_for_config
 from af3trt.build.plan import BuildPlan, BuildReport, GpuOptions, load_plan
 from af3trt.build.trt_encoder import EncoderEnginePlan, build_encoder_engine, encoder_engine_plan
@@ -101,7 +101,7 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
               flush=True)
         return
     build_engines_and_repository(plan, engines, work, work / "model_repository", prog, report,
-                                 kv_cache_tokens=memory.kv_cache_tokens)
+                                 kv_cache_tokens=memory.kv_cache_tokens, stub_caps=memory.stub_caps)
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,8 @@ def engine_plans(plan: BuildPlan, encoder_onnx: str) -> EnginePlans:
 
 
 def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Path, repo_dir: Path,
-                                 prog: Progress, report: BuildReport, *, kv_cache_tokens: int | None) -> None:
+                                 prog: Progress, report: BuildReport, *, kv_cache_tokens: int | None,
+                                 stub_caps: dict[str, int] | None = None) -> None:
     """TensorRT encoder engine, trtllm-build, then the python-encoder + tensorrtllm repository at repo_dir; `root`
     is where the output is now (a scratch directory during a build, plan.out for --from-prepared)."""
     art, enc = plan.artifacts(root), engines.encoder
@@ -155,6 +156,7 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
         spec = gpu_repo_spec(plan.checkpoint, plan.serving, engine_dir=art / "engine", tokenizer_dir="artifacts/lm",
                              encoder_max_windows=enc.max_windows, engine=engine, options=options,
                              engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"))
+        spec = with_stub_caps(spec, stub_caps)  # build/memory_plan.py stub_caps → cuda_memory_cap_bytes
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
     report.gpu["backend_options"] = asdict(options)
     report.sections["repository"] = {"spec": asdict(spec)}
@@ -260,7 +262,7 @@ def build_from_prepared(out: Path) -> Path:
     scratch = out / f".model_repository.building-{os.getpid()}"
     try:
         build_engines_and_repository(plan, engine_plans(plan, prepared["encoder_onnx"]), out, scratch, prog, report,
-                                     kv_cache_tokens=memory.kv_cache_tokens)
+                                     kv_cache_tokens=memory.kv_cache_tokens, stub_caps=memory.stub_caps)
         report.sections["engines_built"] = {"unix": int(time.time()), "versions": versions(), "notes": notes}
         scratch.rename(out / "model_repository")
     except BaseException:

@@ -6,7 +6,8 @@ For each build output (one precision each; engines built by `af3trt build --from
 cannot run (no GPU, engines not built, no golden answers, a decoder head size TensorRT-LLM has no kernels for),
 start tritonserver on OUT/model_repository (127.0.0.1, free ports), send the golden prompts written at prepare time
 (artifacts/goldens.json, export/goldens.py: transformers' greedy answers), compare token ids, and print one line per
-case and a PASS/FAIL line per output with its agreement figures. Nothing is built. Exit status 0 when every output
+case and a PASS/FAIL line per output with its agreement figures; first, one PASS/FAIL line for the GPU log-mel
+features against the CPU reference (check_features). Nothing is built. Exit status 0 when every output
 passes, 1 when one fails, 2 when one cannot be checked.
 
 Pass rules (ours, judged: transformers' reference is not the engine's numerics): an unquantized decoder (bf16, fp16)
@@ -173,6 +174,18 @@ def check_repository(repo: Path, goldens: Goldens, precision: str, *, log_path: 
     return verdict
 
 
+def check_features(device: str = "cuda") -> tuple[bool, str]:
+    """The preprocess model's device path (OpenAI Triton kernels, warmed first; torch if they fail) against the CPU
+    reference on the bundled clip (kernels/check.py features_vs_cpu): (passed, report line)."""
+    from af3trt.kernels.check import GPU_VS_CPU_TOL, features_vs_cpu
+    from af3trt.runtime import assets
+
+    r = features_vs_cpu(assets.speech_path().read_bytes(), device)
+    path = "Triton kernels" if r["triton"] else f"torch path ({r['note'] or 'Triton cannot run there'})"
+    return r["passed"], (f"{'PASS' if r['passed'] else 'FAIL'} features: log-mel on {device} with the {path} vs the "
+                         f"CPU reference: max |diff| {r['max_abs']:.1e} (needs <= {GPU_VS_CPU_TOL:.0e})")
+
+
 def report(out: Path, verdict: Verdict, predicted: float | None = None) -> str:
     lines = [f"  {c.name}: {c.positional:.0%} of positions agree, common prefix {c.prefix}/{len(c.want)}"
              f"\n    gpu       {c.got}\n    reference {c.want}" for c in verdict.cases]
@@ -205,7 +218,9 @@ def main(argv=None) -> int:
         for r in refusals:
             print(f"cannot check: {r}", file=sys.stderr)
         return 2
-    failed = False
+    ok, line = check_features()
+    print(line, flush=True)
+    failed = not ok
     for out, pre in checks:
         print(f"checking {out} ({pre['precision']}) on {gpu.name}: {len(pre['goldens'].cases)} golden prompts, "
               f"reference {pre['goldens'].reference}", flush=True)

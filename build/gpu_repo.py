@@ -223,6 +223,16 @@ def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine
                      prompt_table_extra_ids=options.enable_kv_cache_reuse, gpu_kernels=gpu_kernels)
 
 
+def with_stub_caps(spec: RepoSpec, caps: dict[str, int] | None) -> RepoSpec:
+    """The memory plan's caps of the python stubs on GPU 0 (build/memory_plan.py stub_caps) as each model's
+    `cuda_memory_cap_bytes` parameter (applied in the stub by runtime/gpus.py cap_cuda_memory)."""
+    if not caps:
+        return spec
+    field = {"preprocess": "preprocess_params", "encoder": "encoder_params", "fusion": "fusion_params"}
+    return replace(spec, **{field[m]: {**getattr(spec, field[m]), "cuda_memory_cap_bytes": str(int(b))}
+                            for m, b in caps.items()})
+
+
 def place_encoder_plan(repo_root: Path, plan: Path, *, copy: bool = False) -> Path:
     """Put the encoder engine at <repo>/encoder/1/model.plan: moved (a rename within one file system) unless
     `copy`. Returns the destination."""

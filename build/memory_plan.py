@@ -20,7 +20,13 @@ What one GPU holds (rank 0 also runs the encoder model):
                build time: docs/source/reference/memory.md "Activation size") + the prompt-table buffer
     KV cache   max_batch_size x max_seq_len tokens in whole blocks (guaranteed_no_evict reserves a request's whole
                sequence), / tp per rank
-    reserve    CUDA contexts of the server and the encoder's python stub, cuBLAS/NCCL workspaces: an estimate
+    pool       Triton's CUDA memory pool on the ensemble's GPU (cuda_pool_bytes): taken at server start, before the
+               decoder sizes its KV cache
+    contexts   one CUDA context per process on GPU 0: tritonserver (the tensorrtllm backend runs in it) and the
+               python stubs of preprocess, encoder and fusion (CUDA_PROCESSES; an estimate per context)
+    stubs      what each stub's torch caching allocator may hold (stub_caps), capped in the stub with
+               torch.cuda.set_per_process_memory_fraction so a request cannot take the decoder's KV memory
+    reserve    cuBLAS/NCCL workspaces: an estimate
 
 The encoder's window profile is sized from what the decoder can take per iteration: without chunked context a
 context phase holds at most max_num_tokens tokens (trtGptModelInflightBatching.cpp: "the max context length ...
@@ -50,8 +56,19 @@ from af3trt.registry import GPU_ENCODER_PRECISIONS, KNOWN_GPUS
 from af3trt.runtime import lengths
 
 GIB = 1024**3
-RUNTIME_RESERVE_BYTES = 2 * GIB  # CUDA contexts (server + encoder stub) and library workspaces: an estimate
+RUNTIME_RESERVE_BYTES = 1 * GIB  # library workspaces (cuBLAS, NCCL): an estimate
+# Processes with a CUDA context on GPU 0: tritonserver (tensorrtllm backend) + the preprocess, encoder, fusion stubs
+# (every python-backend model instance is its own stub process: python_backend README, "each model instance ... in a
+# separate process"). 512 MiB per context is an estimate (CUDA 12's lazy module loading keeps it well below the
+# eager figure); measure with nvidia-smi on the GPU.
+CUDA_PROCESSES = ("tritonserver", "preprocess", "encoder", "fusion")
+CUDA_CONTEXT_BYTES = 512 * 1024**2
+STUB_FLOOR_BYTES = 256 * 1024**2  # no stub is capped below this (kernels, cuFFT plans, small tensors)
 KV_FREE_FRACTION = 0.9  # the tensorrtllm backend's kv_cache_free_gpu_mem_fraction we still send (min() with tokens)
+# Triton's CUDA memory pool per GPU when --cuda-memory-pool-byte-size does not set it: 64 MiB (triton-inference-server/
+# core r26.04 src/server.cc: `cuda_memory_pool_size_[gpu] = 1 << 26` for every supported GPU not set explicitly;
+# server r26.04 src/command_line_parser.cc: "Default is 64 MB").
+TRITON_DEFAULT_POOL_BYTES = 1 << 26
 
 
 class MemoryPlanError(ValueError):
@@ -72,6 +89,10 @@ class MemoryPlan:
     prompt_table: int
     kv_cache_tokens: int  # max_tokens_in_paged_kv_cache
     kv_cache: int  # bytes per rank
+    cuda_memory_pool: int  # Triton's CUDA memory pool on GPU 0 (--cuda-memory-pool-byte-size=0:<this>)
+    cuda_contexts: int  # one per process in CUDA_PROCESSES
+    stub_memory: int  # sum of stub_caps
+    stub_caps: dict  # {python model: bytes its torch allocator may hold on GPU 0}
     reserve: int
     total: int  # on rank 0 (encoder + decoder rank 0 + reserve)
     fits: bool | None  # None: no GPU known
@@ -118,6 +139,44 @@ def encoder_profile_windows(max_batch_size: int, max_audio_windows: int, max_num
     return max(max_audio_windows, min(max_batch_size * max_audio_windows, per_iteration))
 
 
+def cuda_pool_bytes(d: DecoderDims, prompt_table_rows: int) -> int:
+    """Triton's CUDA memory pool on the GPU that runs the ensemble, for every request in flight at once.
+
+    Ensemble intermediates and python-backend GPU outputs are allocated from that pool; past it Triton falls back to
+    pinned host memory (core r26.04 src/memory.cc, AllocatedMemory: "CUDA memory -> pinned system memory -> non-pinned
+    system memory") and the python backend copies GPU outputs through shared memory or CUDA IPC instead of the pool
+    (python_backend r26.04 src/infer_response.cc, "Failed to allocate memory from CUDA memory pool"), so features
+    leave the GPU. Per audio row of the batch-wide prompt table (max_batch_size x windows x 750 rows): the
+    encoder's float32 audio_embeds row and the fusion's prompt-table row (engine dtype); per 750 rows one window of
+    float32 log-mel [128, 3000] from preprocess; plus Triton's default 64 MiB for the rest. TensorRT-LLM's own
+    launcher sizes it the same way for multimodal models (NVIDIA/TensorRT-LLM triton_backend/scripts/
+    launch_triton_server.py --multimodal_gpu0_cuda_mem_pool_bytes; its docs/multimodal.md: "since the
+    prompt_embedding_table is in GPU memory, we need to set the CUDA pool memory for inter-step communication",
+    2 bytes x 576 x 4096 x max_batch_size).
+    """
+    windows = math.ceil(prompt_table_rows / lengths.EMBEDS_PER_WINDOW)
+    mel = windows * lengths.N_MELS * lengths.WINDOW_FRAMES * 4
+    return prompt_table_rows * d.hidden * (4 + DTYPE_BYTES) + mel + TRITON_DEFAULT_POOL_BYTES
+
+
+def stub_caps(d: DecoderDims, max_audio_windows: int, encoder_windows: int) -> dict[str, int]:
+    """What each python stub's torch caching allocator may hold on GPU 0, for one execution at a time (one instance
+    each), doubled for the allocator's rounding and fragmentation, at least STUB_FLOOR_BYTES:
+      preprocess  per window of a request: the padded wave [480000] f32, the STFT [201, 3001] complex64, |X|^2
+                  [201, 3000] f32, mel and features [128, 3000] f32 each (kernels/logmel.py)
+      encoder     its output [windows, 750, H] f32 for the engine profile's windows (TensorRT's own activation
+                  memory is the engine's allocation, counted in encoder_activations)
+      fusion      one request's table [rows, H] in the engine dtype and the torch path's f32 temporary
+    """
+    window = (lengths.WINDOW_SAMPLES + 201 * (lengths.WINDOW_FRAMES + 1) * 2 + 201 * lengths.WINDOW_FRAMES
+              + 2 * lengths.N_MELS * lengths.WINDOW_FRAMES) * 4
+    rows = max_audio_windows * lengths.EMBEDS_PER_WINDOW
+    need = {"preprocess": max_audio_windows * window,
+            "encoder": encoder_windows * lengths.EMBEDS_PER_WINDOW * d.hidden * 4,
+            "fusion": rows * d.hidden * (DTYPE_BYTES + 4)}
+    return {k: max(STUB_FLOOR_BYTES, 2 * v) for k, v in need.items()}
+
+
 def kv_cache_tokens(max_batch_size: int, max_seq_len: int, tokens_per_block: int = TOKENS_PER_BLOCK) -> int:
     """max_tokens_in_paged_kv_cache: every sequence at its longest, in whole KV blocks."""
     return max_batch_size * math.ceil(max_seq_len / tokens_per_block) * tokens_per_block
@@ -126,9 +185,13 @@ def kv_cache_tokens(max_batch_size: int, max_seq_len: int, tokens_per_block: int
 def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str, encoder_precision: str,
                 tp_size: int, max_batch_size: int, max_seq_len: int, max_num_tokens: int,
                 prompt_table_rows: int, encoder_windows: int, encoder_frames: int = lengths.WINDOW_FRAMES,
+                max_audio_windows: int | None = None,
                 gpu_name: str | None = None, gpu_bytes: int | None = None,
                 reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> MemoryPlan:
     kv_tokens = kv_cache_tokens(max_batch_size, max_seq_len)
+    if max_audio_windows is None:  # one request's windows: the batch-wide table's share
+        max_audio_windows = math.ceil(prompt_table_rows / max_batch_size / lengths.EMBEDS_PER_WINDOW)
+    caps = stub_caps(d, max_audio_windows, encoder_windows)
     kv_rank = kv_tokens * kv_bytes_per_token(d, kv_cache) // tp_size
     enc_bytes = GPU_ENCODER_PRECISIONS[encoder_precision].activation_bytes
     parts = {
@@ -137,7 +200,9 @@ def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str
         "decoder_weights": decoder_weight_bytes(d, precision) // tp_size,
         "decoder_activations": decoder_activation_bytes(d, max_num_tokens, max_batch_size, tp_size),
         "prompt_table": prompt_table_rows * d.hidden * DTYPE_BYTES,
-        "kv_cache": kv_rank, "reserve": reserve_bytes,
+        "kv_cache": kv_rank, "cuda_memory_pool": cuda_pool_bytes(d, prompt_table_rows),
+        "cuda_contexts": len(CUDA_PROCESSES) * CUDA_CONTEXT_BYTES, "stub_memory": sum(caps.values()),
+        "reserve": reserve_bytes,
     }
     total = sum(parts.values())
     fits = kv_ok = None
@@ -146,7 +211,7 @@ def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str
         kv_ok = kv_rank <= KV_FREE_FRACTION * (gpu_bytes - (total - kv_rank))
     return MemoryPlan(gpu=gpu_name, gpu_bytes=gpu_bytes, tp_size=tp_size, encoder_windows=encoder_windows,
                       encoder_frames=encoder_frames, kv_cache_tokens=kv_tokens, total=total, fits=fits,
-                      kv_within_free_fraction=kv_ok, **parts)
+                      kv_within_free_fraction=kv_ok, stub_caps=caps, **parts)
 
 
 def check_fits(plan: MemoryPlan) -> None:
@@ -166,7 +231,7 @@ def check_fits(plan: MemoryPlan) -> None:
 def render_line(plan: MemoryPlan) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {getattr(plan, k) / GIB:.2f} GiB" for k in
                      ("encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations",
-                      "prompt_table", "kv_cache", "reserve"))
+                      "prompt_table", "kv_cache", "cuda_memory_pool", "cuda_contexts", "stub_memory", "reserve"))
 
 
 def render_markdown(plan: MemoryPlan, title: str) -> str:
@@ -177,7 +242,13 @@ def render_markdown(plan: MemoryPlan, title: str) -> str:
             ("decoder activations", plan.decoder_activations, "estimate for max_num_tokens + float32 logits"),
             ("prompt-table buffer", plan.prompt_table, "max_prompt_embedding_table_size x hidden"),
             ("KV cache", plan.kv_cache, f"max_tokens_in_paged_kv_cache = {plan.kv_cache_tokens:,}"),
-            ("reserve", plan.reserve, "CUDA contexts and workspaces (estimate)"),
+            ("Triton CUDA memory pool", plan.cuda_memory_pool,
+             "ensemble intermediates of every request in flight (--cuda-memory-pool-byte-size)"),
+            ("CUDA contexts", plan.cuda_contexts,
+             f"{len(CUDA_PROCESSES)} processes on GPU 0 ({', '.join(CUDA_PROCESSES)}), estimate"),
+            ("python stubs' torch memory", plan.stub_memory,
+             "capped per stub: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.stub_caps.items())),
+            ("reserve", plan.reserve, "library workspaces (estimate)"),
             ("**total on GPU 0**", plan.total, "" if plan.gpu_bytes is None else
              f"of {plan.gpu_bytes / GIB:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}")]
     lines = [f"### {title}", "", "| | GiB | |", "|---|---:|---|"]
@@ -194,6 +265,7 @@ def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_prec
                        tp_size=tp_size, max_batch_size=max_batch_size, max_seq_len=derived["max_seq_len"],
                        max_num_tokens=derived["max_num_tokens"],
                        prompt_table_rows=derived["max_prompt_embedding_table_size"],
+                       max_audio_windows=max_audio_windows,
                        encoder_windows=encoder_profile_windows(max_batch_size, max_audio_windows,
                                                                derived["max_num_tokens"]),
                        gpu_name=None if gpu is None else gpu.name,

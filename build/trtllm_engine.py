@@ -178,6 +178,39 @@ _MILESTONES = re.compile(r"(Total time|Build phase|Engine generation completed|S
                          r"Loading|\[E\]|error|Error|Traceback|Set dtype|max_seq_len|max_num_tokens)")
 
 
+def help_options(help_text: str) -> dict[str, set[str] | None]:
+    """The options an argparse `--help` text offers: {"--name": its choices, or None when it takes any value}.
+    argparse prints an option with choices as `--name {a,b,c}` (usage and option list alike); trtllm-build's
+    parser is argparse (TensorRT-LLM tensorrt_llm/commands/build.py parse_arguments; plugin options from
+    tensorrt_llm/plugin/plugin.py add_plugin_argument)."""
+    out: dict[str, set[str] | None] = {}
+    for m in re.finditer(r"(?<![\w-])(--[A-Za-z0-9][A-Za-z0-9_-]*)(?:[ =]\{([^}]*)\})?", help_text):
+        name, choices = m.group(1), m.group(2)
+        if choices is not None:
+            out[name] = {c.strip() for c in choices.split(",")}
+        else:
+            out.setdefault(name, None)
+    return out
+
+
+def check_args_against_help(args: list[str], help_text: str) -> list[str]:
+    """What in our trtllm-build command line the installed trtllm-build would refuse: an option it does not have, or
+    a value outside its choices. The choices moved between TensorRT-LLM versions (plugin.py's plugin_options was
+    ["float16", "float32", "bfloat16", "disable"] in the 0.x line as indexed, commit 035b99e0; later versions map
+    gemm_plugin to "auto", …, "fp8", "nvfp4", None), so the installed one is asked rather than assumed."""
+    offered = help_options(help_text)
+    problems = []
+    for i, a in enumerate(args):
+        if not a.startswith("--"):
+            continue
+        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+        if a not in offered:
+            problems.append(f"{a} is not an option of this trtllm-build")
+        elif offered[a] is not None and value not in offered[a]:
+            problems.append(f"{a} {value}: this trtllm-build takes {{{','.join(sorted(offered[a]))}}}")
+    return problems
+
+
 def run_trtllm_build(args: list[str], log_path: Path, *, executable: str = "trtllm-build",
                      env: dict | None = None, heartbeat_s: float = 30.0) -> dict:
     """Run trtllm-build with `args`, streaming its output into `log_path` and milestones into the log.
@@ -191,6 +224,12 @@ def run_trtllm_build(args: list[str], log_path: Path, *, executable: str = "trtl
             f"`{executable}` is not on PATH. It comes with TensorRT-LLM 1.2 (pip install tensorrt-llm==1.2.1 on a "
             f"CUDA machine, or run inside nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3); it cannot be "
             f"installed on a machine without an NVIDIA GPU stack.")
+    helped = subprocess.run([exe, "--help"], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    problems = check_args_against_help(args, helped.stdout) if helped.returncode == 0 else [
+        f"`{executable} --help` failed ({helped.returncode}): {helped.stderr.strip()[-500:]}"]
+    if problems:
+        raise TrtllmBuildError("the installed trtllm-build does not take our command line (checked against its "
+                               "--help before building): " + "; ".join(problems))
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [exe, *args]

@@ -24,8 +24,9 @@ result "with 1e-5 tolerance" (same function's docstring) — cuFFT vs pocketfft 
 
 Precision on the GPU: the mel matmul must run in full fp32. torch's default for fp32 matmuls on CUDA is full precision
 (torch.backends.cuda.matmul.allow_tf32 is False by default since torch 1.12; torch.set_float32_matmul_precision
-"highest" is the default); nothing in the preprocess process changes it. TF32 (10-bit mantissa) would move the
-features by ~1e-4.
+"highest" is the default); nothing in the preprocess process changes it, and the server launcher drops
+TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, which would force TF32 (runtime/triton_install.py STUB_ENV_DROP). TF32 (10-bit
+mantissa) would move the features by ~1e-4.
 
 Without Triton (not installed, or CPU tensors without TRITON_INTERPRET=1) the epilogue is the torch composition.
 """
@@ -58,10 +59,18 @@ def triton_kernels():
     return _triton
 
 
+_TRITON_OFF: list[str] = []  # why the kernels were switched off in this process (kernels/check.py warm), if they were
+
+
+def disable_triton(reason: str) -> None:
+    """Use the torch composition from now on in this process (the same results, without the fused kernels)."""
+    _TRITON_OFF.append(reason)
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on this tensor's device in this process."""
     k = triton_kernels()
-    return k is not None and (t.is_cuda or k.interpreted())
+    return not _TRITON_OFF and k is not None and (t.is_cuda or k.interpreted())
 
 
 @lru_cache(maxsize=8)

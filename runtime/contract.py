@@ -52,6 +52,10 @@ INPUT_IDS, INPUT_LENGTHS, REQUEST_OUTPUT_LEN = "input_ids", "input_lengths", "re
 END_ID, PAD_ID, STREAMING, RUNTIME_TOP_K, RUNTIME_TOP_P = "end_id", "pad_id", "streaming", "runtime_top_k", "runtime_top_p"
 PROMPT_EMBEDDING_TABLE, PROMPT_TABLE_EXTRA_IDS = "prompt_embedding_table", "prompt_table_extra_ids"
 PROMPT_VOCAB_SIZE, STOP_WORDS_LIST = "prompt_vocab_size", "stop_words_list"
+# a direct client of the tensorrtllm backend (our cancel model): true stops the running request of the same id
+# (TensorRT-LLM triton_backend inflight_batcher_llm/tensorrt_llm/config.pbtxt: `stop` TYPE_BOOL dims [1] reshape []
+# optional; runtime/trtllm_stop.py)
+STOP = "stop"
 # decoder → postprocess (with OUTPUT_IDS)
 SEQUENCE_LENGTH = "sequence_length"
 # the cancel model
@@ -178,6 +182,7 @@ DECODER_STAGE = StageSpec(DECODER, inputs=(
     TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (-1,), optional=True, ragged=True),
     _scalar(PROMPT_VOCAB_SIZE, "INT32"),
     TensorSpec(STOP_WORDS_LIST, "INT32", (2, -1), optional=True, ragged=True),
+    _scalar(STOP, "BOOL"),  # true: stop the running request of this id (cancel; never sent by the ensemble)
 ), outputs=(
     TensorSpec(OUTPUT_IDS, "INT32", (-1, -1)),  # [beam, T]
     TensorSpec(SEQUENCE_LENGTH, "INT32", (-1,)),  # [beam]

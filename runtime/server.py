@@ -10,6 +10,7 @@ the server. Only the process we started is ever stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -58,6 +59,20 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+def memory_pool_args(model_repository: Path) -> list[str]:
+    """Triton's CUDA memory pool on GPU 0 (where the ensemble and the encoder run) as the build's memory plan sized
+    it (manifest.json `gpu.memory_plan.cuda_memory_pool`, build/memory_plan.py cuda_pool_bytes); none for a CPU build.
+    Flag: `--cuda-memory-pool-byte-size=<GPU device ID>:<pool byte size>` (triton-inference-server/server r26.04
+    src/command_line_parser.cc); the pool is allocated when the server starts (core r26.04 src/server.cc,
+    CudaMemoryManager::Create), before the decoder's executor measures free memory for its KV cache."""
+    manifest = Path(model_repository).parent / "manifest.json"
+    if not manifest.is_file():
+        return []
+    plan = (json.loads(manifest.read_text(encoding="utf-8")).get("gpu") or {}).get("memory_plan") or {}
+    pool = plan.get("cuda_memory_pool")
+    return [f"--cuda-memory-pool-byte-size=0:{int(pool)}"] if pool else []
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process: `with TritonServer(repo) as srv: srv.grpc_url`."""
@@ -101,6 +116,7 @@ class TritonServer:
             # Triton 2.51 keeps a decoupled ensemble "live" after streamed requests for the whole exit timeout
             f"--exit-timeout-secs={self.exit_timeout}",
             *self.control_args(),
+            *memory_pool_args(Path(self.model_repository)),
             *self.extra_args,
         ]
 

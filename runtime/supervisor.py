@@ -5,7 +5,7 @@ What Triton 2.51 does on its own, and why this module exists (each seen on this 
   answers every later request "Stub process '<model>_0_0' is not healthy" for ever; /v2/health/ready stays 200.
   Triton never restarts the stub. With explicit model control, unloading a composing model makes the ensemble
   UNAVAILABLE and /v2/health/ready 400 (with --strict-readiness); loading it again reloads the ensemble too.
-  So the watchdog polls the stubs (children of tritonserver whose argv[1] is <repo>/<model>/<version>/model.py)
+  So the watchdog polls the stubs (processes below tritonserver whose argv[1] is <repo>/<model>/<version>/model.py)
   and, when one is gone, unloads that model (readiness false at once) and loads it again (readiness true when
   the ensemble can answer).
 - On SIGTERM, Triton's own shutdown refuses new requests to every model at once, including the per-token requests
@@ -101,9 +101,9 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def children(parent: int) -> list[int]:
-    """Live child processes of `parent`."""
-    out = []
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every live process."""
+    out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -112,15 +112,34 @@ def children(parent: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
-            out.append(int(d.name))
+        if fields[0] not in ("Z", "X"):
+            out[int(d.name)] = int(fields[1])
     return out
 
 
-def stub_pids(parent: int) -> dict[str, set[int]]:
-    """{model: pids of its live python stubs} among the children of tritonserver."""
+def children(parent: int) -> list[int]:
+    """Live child processes of `parent`."""
+    return [pid for pid, ppid in _parents().items() if ppid == parent]
+
+
+def descendants(root: int) -> list[int]:
+    """Live processes below `root`, at any depth."""
+    kids: dict[int, list[int]] = {}
+    for pid, ppid in _parents().items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], list(kids.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += kids.get(pid, ())
+    return out
+
+
+def stub_pids(root: int) -> dict[str, set[int]]:
+    """{model: pids of its live python stubs} anywhere below the server process: under TP > 1 that process is
+    mpirun (runtime/tp_launch.py), the stubs being children of its rank-0 tritonserver, not its own."""
     out: dict[str, set[int]] = {}
-    for pid in children(parent):
+    for pid in descendants(root):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:

@@ -40,8 +40,9 @@ def leader_mode_command(rank_args: list[str], world_size: int, *, decoder_model:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     if not rank_args:
         raise ValueError("rank_args must start with the tritonserver binary")
-    control = ("--model-control-mode", "--load-model")
-    workers = [a for a in rank_args if not a.startswith(control)]  # ranks >= 1 choose their own models
+    # ranks >= 1 choose their own models, and take no CUDA memory pool on GPU 0: only rank 0 runs the ensemble
+    rank0_only = ("--model-control-mode", "--load-model", "--cuda-memory-pool-byte-size")
+    workers = [a for a in rank_args if not a.startswith(rank0_only)]
 
     def rank(i: int) -> list[str]:
         args = rank_args if i == 0 else [*workers, "--model-control-mode=explicit", f"--load-model={decoder_model}"]

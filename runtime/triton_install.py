@@ -99,21 +99,39 @@ def _stub_pythonpath() -> Path:
     return d
 
 
+def is_wheel_install(binary: Path) -> bool:
+    """The nvidia-pytriton wheel's tritonserver (per-Python stubs beside its backends), not a full Triton install."""
+    return (Path(binary).parent.parent / "python_backend_stubs").is_dir()
+
+
+# Environment the python stubs must not inherit. TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "forces TF32 enablement,
+# overrides set_float32_matmul_precision setting" (PyTorch docs, cuda_environment_variables.rst); NGC images may set
+# it, and the preprocess log-mel's mel matmul must stay full fp32 (kernels/logmel.py: TF32 moves the features by
+# ~1e-4). tritonserver's own backends (TensorRT-LLM's C++ runtime) do not read it.
+STUB_ENV_DROP = ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",)
+
+
 def server_env(binary: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in STUB_ENV_DROP}
     libs = []
-    # The stub links libpython3.X.so.1.0: make it the running interpreter's, not another Python's of the same
-    # minor version (whose stdlib extension modules would not match).
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if libdir and soname and (Path(libdir) / soname).exists():
-        libs.append(libdir)
-    root = _pytriton_root()
-    if root is not None:
-        sp = root.parent.parent
-        libs += [str(sp / "nvidia_pytriton.libs"), str(sp / "nvidia" / "cuda_runtime" / "lib")]
+    # Only for the wheel's tritonserver: its stub links libpython3.X.so.1.0, which must be the running
+    # interpreter's, and its own libraries sit in the wheel. A full install (the NGC image) resolves its libraries
+    # itself, and there the interpreter's LIBDIR is /usr/lib/x86_64-linux-gnu, which holds the host driver's
+    # libcuda: first on LD_LIBRARY_PATH it would shadow the image's CUDA forward-compatibility libcuda, which the
+    # image wires through ld.so.conf (server r26.04 build.py: `echo ${_CUDA_COMPAT_PATH}/lib >
+    # /etc/ld.so.conf.d/00-cuda-compat.conf`; LD_LIBRARY_PATH is searched before ld.so.conf).
+    if is_wheel_install(binary):
+        libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+        if libdir and soname and (Path(libdir) / soname).exists():
+            libs.append(libdir)
+        root = _pytriton_root()
+        if root is not None:
+            sp = root.parent.parent
+            libs += [str(sp / "nvidia_pytriton.libs"), str(sp / "nvidia" / "cuda_runtime" / "lib")]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = ":".join(libs)
+    if libs:
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
     env["PYTHONPATH"] = os.pathsep.join([str(_stub_pythonpath())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUTF8"] = "1"  # the stubs would otherwise decode files with the C locale's ASCII

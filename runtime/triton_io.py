@@ -100,6 +100,21 @@ def device_tensor(pb, request, name: str):
     return None if t is None else torch.from_dlpack(t.to_dlpack())
 
 
+def host_array(pb, request, name: str) -> np.ndarray | None:
+    """An input as a numpy array wherever Triton placed it; None when absent. `as_numpy()` on a GPU tensor raises
+    "Tensor is stored in GPU and cannot be converted to NumPy." (python_backend r26.04 src/pb_tensor.cc,
+    PbTensor::AsNumpy), which a model with FORCE_CPU_ONLY_INPUT_TENSORS "no" can be handed: a GPU tensor is
+    copied to the host through DLPack instead."""
+    t = pb.get_input_tensor_by_name(request, name)
+    if t is None:
+        return None
+    if t.is_cpu():
+        return t.as_numpy()
+    import torch
+
+    return torch.from_dlpack(t.to_dlpack()).cpu().numpy()
+
+
 def output_tensor(pb, name: str, value):
     """A numpy array, or a torch tensor on any device (passed through DLPack without a copy), as an output."""
     if isinstance(value, np.ndarray):

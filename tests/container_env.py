@@ -42,29 +42,37 @@ IMAGE_PACKAGES = ["torch", "numpy"]
 EXPORT_ONLY = ("onnxruntime", "onnx", "transformers", "modelopt")
 
 
-def dockerfile_container_requirements(text: str | None = None) -> list[str]:
-    """The requirements the Dockerfile's container-Python `pip install … -c <pins>` lines name (not the -e one)."""
+def dockerfile_container_installs(text: str | None = None) -> list[list[str]]:
+    """The arguments after `install` of each container-Python `pip install` in the `RUN … container-pins` step."""
     text = DOCKERFILE.read_text() if text is None else text
     joined = re.sub(r"\\\n", " ", text)
-    reqs = []
+    installs = []
     for line in joined.splitlines():
         if not line.startswith("RUN") or "container-pins" not in line:
             continue
         for cmd in line.split("&&"):
             tokens = cmd.replace('"', " ").split()
-            if "install" not in tokens or "-e" in tokens or "pip" not in " ".join(tokens[:3]):
-                continue
-            args, skip = [], False
-            for tok in tokens[tokens.index("install") + 1:]:
-                if skip:
-                    skip = False
-                elif tok in ("-c", "--constraint", "-r"):
-                    skip = True
-                elif not tok.startswith("-"):
-                    args.append(tok)
-            reqs += args
-    if not reqs:
+            if "install" in tokens and "pip" in " ".join(tokens[:3]):
+                installs.append(tokens[tokens.index("install") + 1:])
+    if not installs:
         raise AssertionError("docker/Dockerfile: no container `pip install -c <pins> …` line found")
+    return installs
+
+
+def dockerfile_container_requirements(text: str | None = None) -> list[str]:
+    """The requirements the Dockerfile's container-Python `pip install … -c <pins>` lines name (not the -e one)."""
+    reqs = []
+    for args in dockerfile_container_installs(text):
+        if "-e" in args:
+            continue
+        skip = False
+        for tok in args:
+            if skip:
+                skip = False
+            elif tok in ("-c", "--constraint", "-r"):
+                skip = True
+            elif not tok.startswith("-"):
+                reqs.append(tok)
     return reqs
 
 

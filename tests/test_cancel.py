@@ -150,3 +150,64 @@ def test_leaving_the_async_client_early_stops_the_decoder(server, speech_bytes):
     first = asyncio.run(run())
     n, most = _tokens(_cancel_line(server, rid))
     assert len(first.token_ids) == 1 and most == LONG and n < LONG
+
+
+# ------------------------------------------------------------------ GPU target: the stop request to tensorrtllm
+
+GPU_SPEC = configs.RepoSpec(**{**SPEC.__dict__, "target": "gpu", "prompt_table_extra_ids": True})
+
+
+@pytest.fixture
+def trtllm(monkeypatch):
+    """The GPU decoder as the tensorrtllm backend behind Triton's validation (tests/fakes/trtllm_backend.py),
+    reachable by BLS under its model name."""
+    from fakes.trtllm_backend import FakeTrtllmDecoder
+
+    decoder = FakeTrtllmDecoder(configs.decoder_config(GPU_SPEC))
+    monkeypatch.setitem(fake_pb.BLS_MODELS, "decoder", decoder)
+    return decoder
+
+
+def _generate(decoder, request_id):
+    """A request the ensemble's decoder step enqueues (same id as the af3 request)."""
+    ids = np.array([[5, 6, 7]], np.int32)
+    assert decoder(request_id, {"input_ids": ids, "input_lengths": np.array([[3]], np.int32),
+                                "request_output_len": np.array([[LONG]], np.int32)}) == []
+    assert decoder.generating(request_id)
+
+
+def test_gpu_cancel_stops_the_running_request_in_the_tensorrtllm_decoder(ctx_root, trtllm):
+    """On the GPU target the cancel model sends the decoder `stop` = true with the af3 request id; the backend
+    cancels the executor requests of that id only (handleStopRequest), and the request is marked as on CPU."""
+    model = fake_pb.load_model(configs.CANCEL, configs.cancel_config(GPU_SPEC))
+    _generate(trtllm, "req-a")
+    _generate(trtllm, "req-b")
+    out = model.execute([_req(b"req-a")])
+    assert not out[0].has_error() and out[0].outputs["cancelled"].as_numpy().tolist() == [True]
+    assert trtllm.stop_requests == 1
+    assert not trtllm.generating("req-a") and trtllm.generating("req-b")
+    assert RequestContext().is_cancelled("req-a")
+    # an id the decoder does not know (finished already, or not there yet) is no error for the backend
+    assert not model.execute([_req(b"req-gone")])[0].has_error() and trtllm.generating("req-b")
+
+
+def test_gpu_cancel_needs_the_decoder_to_declare_stop(ctx_root, trtllm):
+    """Triton refuses an input the decoder's config does not declare: without `stop` in the GPU decoder config the
+    stop request could never reach the backend, and the cancel answers that error for its request only."""
+    assert any(i.name == "stop" and i.optional for i in trtllm.config.input)
+    model = fake_pb.load_model(configs.CANCEL, configs.cancel_config(GPU_SPEC))
+    _generate(trtllm, "req-a")
+    del trtllm.config.input[[i.name for i in trtllm.config.input].index("stop")]
+    out = model.execute([_req(b"req-a")])
+    assert out[0].has_error() and "unexpected inference input 'stop'" in out[0].error.message()
+    assert trtllm.generating("req-a")
+
+
+def test_cpu_cancel_sends_no_stop_request(ctx_root, trtllm):
+    """The CPU decoder reads the mark; only the GPU target's cancel model names a stop model."""
+    assert "stop_model" not in configs.cancel_config(SPEC).parameters
+    assert configs.cancel_config(GPU_SPEC).parameters["stop_model"].string_value == "decoder"
+    model = fake_pb.load_model(configs.CANCEL, configs.cancel_config(SPEC))
+    _generate(trtllm, "req-a")
+    assert not model.execute([_req(b"req-a")])[0].has_error()
+    assert trtllm.stop_requests == 0 and trtllm.generating("req-a")

@@ -84,3 +84,15 @@ def test_from_prepared_and_the_repository_run_in_the_container_python(prepared, 
     assert r.returncode == 0, r.stderr
     # (the GPU decoder is the C++ tensorrtllm backend: no model.py)
     assert r.stdout.split()[1::2] == ["cancel", "encoder", "fusion", "postprocess", "preprocess"]
+
+
+def test_the_readme_gpu_acceptance_command_collects_in_the_container_python(container):
+    """README's GPU acceptance command, `pytest tests/test_gpu_acceptance.py -m gpu -s`, runs in the container's
+    Python: pytest must be installed there (the base image has none; docker/Dockerfile installs it) and the test
+    module with conftest.py must import with only the container's packages."""
+    readme = (TESTS.parent / "README.md").read_text()
+    command = next(line.split("#")[0].split() for line in readme.splitlines()
+                   if line.startswith("pytest tests/test_gpu_acceptance.py"))
+    r = run_in(container, "-m", *command, "--collect-only", "-q", "-p", "no:cacheprovider", cwd=TESTS.parent)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "test_gpu_acceptance.py::test_gpu_check_passes" in r.stdout

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from container_env import DOCKERFILE, ROOT, dockerfile_container_requirements
+from container_env import DOCKERFILE, ROOT, dockerfile_container_installs, dockerfile_container_requirements
 
 PINS_SCRIPT = ROOT / "docker" / "container-pins.sh"
 CONTAINER_TAG, TRITON_RELEASE = "26.04", "2.68.0"
@@ -109,5 +110,88 @@ def test_dockerfile_uses_the_pins_script_and_pins_tritonclient_to_the_server():
     assert "pip freeze" not in text.split("# Export side.")[0].replace("`pip freeze` cannot", "")
     assert "docker/container-pins.sh /opt/af3trt/container-pins.txt" in text
     reqs = dockerfile_container_requirements(text)
-    assert f"tritonclient[grpc]=={TRITON_RELEASE}" in reqs
+    assert f"tritonclient=={TRITON_RELEASE}" in reqs
     assert not any(r.split("[")[0].split("=")[0] in ("onnxruntime", "transformers", "nvidia-modelopt") for r in reqs)
+
+
+# tritonclient 2.68.0's wheel metadata (registry: tritonclient-2.68.0-py3-none-manylinux1_x86_64.whl, METADATA),
+# the extras the Dockerfile could ask for: base, grpc.
+TRITONCLIENT_268_REQUIRES = [
+    "numpy>=1.19.1", "python-rapidjson>=0.9.1", "urllib3>=2.0.7",
+    'grpcio<1.68,>=1.63.0; extra == "grpc"', 'numpy>=1.19.1; extra == "grpc"', 'packaging>=14.1; extra == "grpc"',
+    'protobuf<7.0,>=6.30.0; extra == "grpc"', 'python-rapidjson>=0.9.1; extra == "grpc"',
+]
+IMAGE_PINS = ROOT / "tests" / "data" / "trtllm-1.2.1-image-pins.txt"
+
+
+def _stub_wheel(index: Path, name: str, version: str, requires: list[str]) -> None:
+    """A wheel holding only METADATA: what pip's resolver reads."""
+    extras = sorted({m for r in requires for m in re.findall(r'extra == "([^"]+)"', r)})
+    meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+                    *(f"Provides-Extra: {e}\n" for e in extras), *(f"Requires-Dist: {r}\n" for r in requires)])
+    dist = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}"
+    with zipfile.ZipFile(index / f"{dist}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{dist}.dist-info/METADATA", meta)
+        z.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+def image_index(index: Path, roots: list[str], pins: dict[str, str]) -> None:
+    """A local package index for `roots`: pinned packages at the image's version (their own requirements are
+    already met in the image), tritonclient 2.68.0 with its published requirements, the rest at our venv's
+    versions with their declared requirements."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    written, seen, todo = set(), set(), [Requirement(r) for r in roots]
+    while todo:
+        req = todo.pop()
+        key = canonicalize_name(req.name)
+        if (key, frozenset(req.extras)) in seen:
+            continue
+        seen.add((key, frozenset(req.extras)))
+        if key in pins:
+            version, requires = pins[key], []
+        elif key == "tritonclient":
+            version, requires = "2.68.0", TRITONCLIENT_268_REQUIRES
+        else:
+            dist = metadata.distribution(req.name)
+            version, requires = dist.version, dist.requires or []
+        if key not in written:
+            _stub_wheel(index, key, version, requires)
+            written.add(key)
+        for dep in map(Requirement, requires):
+            envs = [{"extra": e} for e in req.extras] or [{"extra": ""}]
+            if dep.marker is None or any(dep.marker.evaluate(env) for env in envs):
+                todo.append(dep)
+
+
+def _resolve(args: list[str], index: Path, pins: Path, report: Path) -> subprocess.CompletedProcess:
+    args = [str(pins) if a == "/opt/af3trt/container-pins.txt" else a for a in args]
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index",
+                           "--find-links", str(index), "--disable-pip-version-check", "--report", str(report), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_container_installs_resolve_against_a_trtllm_121_image(tmp_path):
+    pins = dict(line.split("==") for line in IMAGE_PINS.read_text().split("\n") if line and not line.startswith("#"))
+    installs = [a for a in dockerfile_container_installs() if "-e" not in a]
+    index = tmp_path / "index"
+    index.mkdir()
+    image_index(index, [*dockerfile_container_requirements(), "tritonclient[grpc]==2.68.0"], pins)
+    for n, args in enumerate(installs):
+        assert "-c" in args, args  # every container install keeps the image's versions
+        run = _resolve(args, index, IMAGE_PINS, tmp_path / f"report{n}.json")
+        assert run.returncode == 0, f"{args}\n{run.stderr}"
+        got = {i["metadata"]["name"]: i["metadata"]["version"]
+               for i in json.loads((tmp_path / f"report{n}.json").read_text())["install"]}
+        assert all(got.get(k, v) == v for k, v in pins.items()), got  # nothing moved off the image's version
+    assert any("tritonclient==2.68.0" in a for a in installs)
+    # the Dockerfile's old install, `tritonclient[grpc]==2.68.0` under the same pins: grpcio 1.85 is outside the
+    # wheel's grpcio<1.68, so pip cannot resolve it
+    old = _resolve(["-c", "/opt/af3trt/container-pins.txt", "tritonclient[grpc]==2.68.0"], index, IMAGE_PINS,
+                   tmp_path / "old.json")
+    assert old.returncode != 0 and "ResolutionImpossible" in old.stderr, old.stderr

@@ -164,3 +164,27 @@ def test_fusion_adapter_errors_are_per_request(hf, tiny_ckpt):
     assert r_good.outputs["prompt_vocab_size"].as_numpy().tolist() == [[1]]  # text-only: one unused row
     assert "top_p" in r_bad.error.message()
     assert "UTF-8" in r_utf.error.message()
+
+
+def test_fusion_cpu_path_reads_inputs_that_arrive_on_the_gpu(hf, tiny_ckpt, speech_bytes):
+    """On the GPU target fusion takes inputs where Triton holds them (FORCE_CPU_ONLY_INPUT_TENSORS "no"), so its CPU
+    path (the fallback when its process has no CUDA) can be handed the encoder's audio_embeds in GPU memory, where
+    as_numpy() raises (python_backend r26.04 src/pb_tensor.cc); it reads them through DLPack instead."""
+    from af3trt.runtime.audio import prepare_clips
+
+    spec = _spec(hf, "float32", tiny_ckpt)
+    model = fake_pb.load_model("fusion", configs.fusion_config(spec))
+    batch = prepare_clips([speech_bytes])
+    embeds = np.random.default_rng(1).standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
+    inputs = {"text_input": np.array([b"What is said?"], object), "audio_embeds": embeds,
+              "input_features_mask": batch.mask, "audio_windows": np.array([1], np.int32)}
+    on_host = fake_pb.Request(inputs)
+    on_gpu = fake_pb.Request(inputs)
+    for name in ("audio_embeds", "input_features_mask", "audio_windows"):
+        on_gpu.inputs[name] = fake_pb.GpuTensor(name, inputs[name])
+    want, got = model.execute([on_host, on_gpu])
+    assert not got.has_error(), got.error.message()
+    for name in ("input_ids", "prompt_vocab_size"):
+        assert np.array_equal(got.outputs[name].as_numpy(), want.outputs[name].as_numpy())
+    assert np.array_equal(np.asarray(got.outputs["prompt_embedding_table"]._array),
+                          np.asarray(want.outputs["prompt_embedding_table"]._array))

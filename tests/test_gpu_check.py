@@ -107,3 +107,12 @@ def test_goldens_hold_on_the_cpu_ensemble(tiny_repo, prepared, tmp_path):
     print(gpu_check.report(out, verdict))
     assert [c.got for c in verdict.cases] == [c.token_ids for c in goldens.cases]
     assert verdict.passed and verdict.agreement == 1.0
+
+
+def test_gpu_check_compares_gpu_features_with_the_cpu_reference():
+    """gpu-check's first line: the preprocess device path against the CPU log-mel on the bundled clip (on CUDA on
+    the GPU host; the same function on CPU here)."""
+    from af3trt.build.gpu_check import check_features
+
+    ok, line = check_features("cpu")
+    assert ok and line.startswith("PASS features: log-mel on cpu") and "max |diff|" in line

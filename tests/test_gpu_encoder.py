@@ -187,3 +187,27 @@ def test_bad_requests_and_bad_plans_are_clear_errors(encoder_onnx, tmp_path, mon
         TrtRunner.load(bad)
     with pytest.raises(TrtRunnerError, match="no TensorRT plan"):
         TrtRunner.load(tmp_path / "absent.plan")
+
+
+def test_stub_memory_caps_reach_the_stubs(monkeypatch):
+    """The plan's caps become each python model's `cuda_memory_cap_bytes` (build/gpu_repo.py with_stub_caps) and the
+    stub sets torch.cuda.set_per_process_memory_fraction(cap / total) on its device (runtime/gpus.py)."""
+    import torch
+
+    from af3trt.build.gpu_repo import with_stub_caps
+    from af3trt.runtime import gpus
+
+    spec = with_stub_caps(configs.RepoSpec(target="gpu", hidden_size=8, decoder_dtype="bfloat16", vocab_size=100,
+                                           end_id=1, pad_id=0, prompt_table_extra_ids=True),
+                          {"preprocess": 1 << 30, "encoder": 2 << 30, "fusion": 3 << 30})
+    cfgs = configs.all_configs(spec)
+    assert {m: cfgs[m].parameters["cuda_memory_cap_bytes"].string_value for m in ("preprocess", "encoder", "fusion")} \
+        == {"preprocess": str(1 << 30), "encoder": str(2 << 30), "fusion": str(3 << 30)}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 << 30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    params = {k: v.string_value for k, v in cfgs["fusion"].parameters.items()}
+    assert gpus.cap_cuda_memory(params, torch.device("cuda", 0), "fusion") == 3 / 80
+    assert calls == [(3 / 80, torch.device("cuda", 0))]
+    assert gpus.cap_cuda_memory(params, torch.device("cpu"), "fusion") is None  # the CPU path: nothing to cap
+    assert gpus.cap_cuda_memory({}, torch.device("cuda", 0), "fusion") is None and len(calls) == 1

@@ -342,3 +342,56 @@ def test_device_path_in_a_real_tritonserver_is_token_exact(bf16_ckpt, bf16_repo,
         log = srv.log_path.read_text(errors="replace")
     assert "preprocess: log-mel on cpu (af3trt.kernels)" in log and "fusion: prompt table on cpu" in log
     assert got == want
+
+
+# ---------------------------------------------------------------------------------------------- warm-up and fallback
+
+
+def test_kernels_are_warmed_and_checked_at_initialize(monkeypatch):
+    """A healthy Triton: warm() compiles and compares both kernels on the device and leaves them on."""
+    from af3trt.kernels import check
+
+    monkeypatch.setattr(logmel, "_TRITON_OFF", [])
+    got = check.compare(torch.device(DEVICE))
+    assert got["logmel_max_abs"] <= check.FEATURE_TOL and got["table_equal"]
+    assert check.warm(torch.device(DEVICE)) is None and logmel.triton_runs_on(torch.zeros(1, device=DEVICE))
+
+
+class _BrokenTriton:
+    """What a Triton whose compiler fails for our kernels looks like to the launchers (e.g. another triton in the
+    image): every launch raises."""
+
+    @staticmethod
+    def interpreted():
+        return True
+
+    @staticmethod
+    def logmel_epilogue(*a, **k):
+        raise RuntimeError("CompilationError: at 12:4: unsupported")
+
+    compact_rows = logmel_epilogue
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_at_initialize(monkeypatch, tiny_ckpt, limits, speech_bytes):
+    """The models stay correct: the failure is found in initialize() (not by the first request), logged, and the
+    process serves with the torch path; old behaviour: every audio request failed."""
+    monkeypatch.setattr(logmel, "_TRITON_OFF", [])
+    monkeypatch.setattr(logmel, "triton_kernels", lambda: _BrokenTriton)
+    monkeypatch.setattr(table, "triton_kernels", lambda: _BrokenTriton)
+    on = spec_for("gpu", tiny_ckpt, limits, preprocess_params={"kernels_device": DEVICE})
+    model = fake_pb.load_model("preprocess", configs.preprocess_config(on))
+    assert any("CompilationError" in m and "using the torch log-mel" in m for m in fake_pb.Logger.messages)
+    assert not logmel.triton_runs_on(torch.zeros(1, device=DEVICE))
+    (d,) = model.execute([fake_pb.Request({"audio": np.array([speech_bytes], dtype=object)})])
+    assert not d.has_error(), d.error
+    ref = audio.prepare_clips([speech_bytes]).features
+    assert float(np.abs(d.outputs["input_features"]._array.cpu().numpy() - ref).max()) <= FEATURE_TOL
+
+
+def test_gpu_check_features_vs_cpu(monkeypatch, speech_bytes):
+    """gpu-check's features check (on CUDA on the GPU host; here the same code on CPU through the interpreter)."""
+    from af3trt.kernels import check
+
+    monkeypatch.setattr(logmel, "_TRITON_OFF", [])
+    got = check.features_vs_cpu(speech_bytes, DEVICE)
+    assert got["passed"] and got["triton"] and got["max_abs"] <= check.GPU_VS_CPU_TOL

@@ -50,6 +50,7 @@ TRTLLM_INPUTS = {
     "return_num_output_tokens": (T.TYPE_BOOL, [1], [], True, False),
     "exclude_input_in_output": (T.TYPE_BOOL, [1], [], True, False),
     "streaming": (T.TYPE_BOOL, [1], [], True, False),
+    "stop": (T.TYPE_BOOL, [1], [], True, False),  # the cancel path's stop request (runtime/trtllm_stop.py)
     "prompt_embedding_table": ("ENGINE", [-1, -1], None, True, True),
     "prompt_table_extra_ids": (T.TYPE_UINT64, [-1], None, True, True),
     "prompt_vocab_size": (T.TYPE_INT32, [1], [], True, False),
@@ -185,7 +186,10 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     # a python model runs the plan: the 26.04 trtllm container has no TensorRT backend (test_gpu_encoder.py)
     assert enc.backend == "python" and not enc.platform and enc.parameters["plan_file"].string_value == "model.plan"
     assert enc.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
-    assert [g.kind for g in enc.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    # pinned to GPU 0, the ensemble's: without `gpus` Triton puts an instance on every visible GPU (server r26.04
+    # docs/user_guide/model_configuration.md, Instance Groups), outside the memory plan under TP 2 / --gpus all
+    assert [(g.kind, list(g.gpus)) for g in enc.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, [0])]
+    assert "gpus: 0" in configs.render(enc)
     assert enc.max_batch_size == encoder_engine_plan(max_windows=spec.encoder_max_batch).max_windows \
         == limits.max_batch_size * limits.max_audio_windows  # Triton batches what the engine profile takes
     assert (tmp_path / "repo" / "encoder" / "1" / "model.plan").read_bytes() == b"PLAN" and not plan.exists()

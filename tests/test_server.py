@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from af3trt.runtime import server
+from af3trt.runtime.server import TritonServer
 
 
 def test_finds_the_wheel_binary_and_prepares_the_stub():
@@ -32,6 +34,32 @@ def test_stub_environment_uses_this_interpreter():
     site_dir = Path(env["PYTHONPATH"].split(os.pathsep)[0])
     assert "site.addsitedir" in (site_dir / "sitecustomize.py").read_text()
     assert env["PYTHONUTF8"] == "1"
+
+
+def test_a_full_triton_install_gets_no_interpreter_libdir(tmp_path, monkeypatch):
+    """In the NGC image the interpreter's LIBDIR is /usr/lib/x86_64-linux-gnu, where the host driver's libcuda is;
+    on LD_LIBRARY_PATH it would shadow the CUDA forward-compatibility libcuda the image wires through ld.so.conf
+    (server r26.04 build.py, /etc/ld.so.conf.d/00-cuda-compat.conf). Only the pip wheel's tritonserver, whose stub
+    links this interpreter's libpython, gets it."""
+    full = tmp_path / "opt" / "tritonserver"
+    (full / "bin").mkdir(parents=True)
+    (full / "backends" / "python").mkdir(parents=True)
+    (full / "bin" / "tritonserver").write_text("")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/local/cuda/lib64")
+    wheel = server.find_tritonserver()
+    assert server.server_env(wheel)["LD_LIBRARY_PATH"].split(":")[0] == sysconfig.get_config_var("LIBDIR")
+    assert server.server_env(full / "bin" / "tritonserver")["LD_LIBRARY_PATH"] == "/usr/local/cuda/lib64"
+    monkeypatch.delenv("LD_LIBRARY_PATH")
+    assert "LD_LIBRARY_PATH" not in server.server_env(full / "bin" / "tritonserver")
+
+
+def test_stubs_do_not_inherit_a_tf32_override(monkeypatch):
+    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 forces TF32 in every fp32 cuBLAS matmul of a torch process, overriding
+    set_float32_matmul_precision (PyTorch docs, cuda_environment_variables.rst); the mel matmul must stay fp32."""
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    monkeypatch.setenv("AF3TRT_SOMETHING_ELSE", "kept")
+    env = server.server_env(server.find_tritonserver())
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" not in env and env["AF3TRT_SOMETHING_ELSE"] == "kept"
 
 
 def test_binds_loopback_by_default(tmp_path):
@@ -58,3 +86,20 @@ def test_free_ports_are_never_handed_out_twice():
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+def test_the_cuda_memory_pool_of_the_memory_plan_goes_to_rank_0_only(tmp_path):
+    """A GPU build's manifest carries the plan's pool (build/memory_plan.py cuda_pool_bytes); the server passes it as
+    `--cuda-memory-pool-byte-size=0:<bytes>` (server r26.04 src/command_line_parser.cc: "<GPU device ID>:<pool byte
+    size>", default 64 MB), on the rank that runs the ensemble only (the TP worker ranks load only the decoder)."""
+    repo = tmp_path / "model_repository"
+    repo.mkdir()
+    srv = TritonServer(repo, grpc_port=1, http_port=2, metrics_port=3)
+    assert not any("cuda-memory-pool" in a for a in srv.rank_command(Path("ts"), Path("b")))  # CPU build: no manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"target": "gpu", "gpu": {"memory_plan": {
+        "cuda_memory_pool": 3_000_000_000}}}))
+    assert "--cuda-memory-pool-byte-size=0:3000000000" in srv.rank_command(Path("ts"), Path("b"))
+    srv.world_size = 2
+    blocks = " ".join(srv.command(Path("ts"), Path("b"))).split(" : ")
+    assert "--cuda-memory-pool-byte-size=0:3000000000" in blocks[0]
+    assert "cuda-memory-pool" not in blocks[1]

@@ -155,7 +155,9 @@ def test_memory_plan_of_the_default_build():
     assert plan.kv_cache_tokens == 8 * 16544  # max_seq_len 16,536 in whole 32-token blocks
     assert plan.kv_cache == 8 * 16544 * 57344
     assert plan.total == sum(getattr(plan, k) for k in ("encoder_weights", "encoder_activations", "decoder_weights",
-                                                         "decoder_activations", "prompt_table", "kv_cache", "reserve"))
+                                                         "decoder_activations", "prompt_table", "kv_cache",
+                                                         "cuda_memory_pool", "cuda_contexts", "stub_memory",
+                                                         "reserve"))
     for key in ("a100-40gb", "a100", "h100", "h200"):
         gpu = KNOWN_GPUS[key]
         check_fits(_af3_plan(gpu_name=gpu.name, gpu_bytes=gpu.memory_bytes))  # the default fits every declared GPU
@@ -192,3 +194,38 @@ def test_build_refuses_a_plan_that_does_not_fit_before_any_work(tiny_ckpt, tmp_p
                            gpu=GpuOptions(precision="bf16", gpu="a100-40gb", accuracy_report=False),
                            serving=ServingConfig(max_batch_size=16384, max_audio_seconds=600, max_text_len=1024)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_plan_sizes_and_counts_tritons_cuda_memory_pool():
+    """Triton's CUDA memory pool is 64 MiB per GPU unless set (core r26.04 src/server.cc `1 << 26`); past it ensemble
+    intermediates fall back to pinned host memory (core r26.04 src/memory.cc). The plan sizes it for a full batch of
+    10-minute requests (float32 audio_embeds + the engine-dtype prompt table + float32 log-mel) and counts it."""
+    plan = _af3_plan()
+    rows, hidden = 8 * 15000, AF3_CONFIG["text_config"]["hidden_size"]
+    embeds, table = rows * hidden * 4, rows * hidden * 2  # 215 MB and 107 MB per 10-minute request
+    assert embeds // 8 == 215_040_000 and table // 8 == 107_520_000
+    mel = 160 * 128 * 3000 * 4
+    assert plan.cuda_memory_pool == embeds + table + mel + 64 * 1024**2
+    assert plan.cuda_memory_pool > 64 * 1024**2 * 40  # far past Triton's default
+    no_pool = _af3_plan()
+    assert plan.total - plan.cuda_memory_pool == sum(getattr(no_pool, k) for k in (
+        "encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations", "prompt_table",
+        "kv_cache", "cuda_contexts", "stub_memory", "reserve"))
+
+
+def test_memory_plan_counts_every_cuda_process_and_caps_the_stubs():
+    """GPU 0 holds four CUDA processes (tritonserver with the tensorrtllm backend, and the preprocess, encoder and
+    fusion stubs: every python-backend instance is its own process) with torch caching allocators; the plan counts a
+    context for each and a cap for each stub's allocator (applied in the stub, runtime/gpus.py cap_cuda_memory)."""
+    from af3trt.build.memory_plan import CUDA_CONTEXT_BYTES, CUDA_PROCESSES
+
+    plan = _af3_plan()
+    assert CUDA_PROCESSES == ("tritonserver", "preprocess", "encoder", "fusion")
+    assert plan.cuda_contexts == 4 * CUDA_CONTEXT_BYTES
+    caps, hidden = plan.stub_caps, AF3_CONFIG["text_config"]["hidden_size"]
+    assert set(caps) == {"preprocess", "encoder", "fusion"} and plan.stub_memory == sum(caps.values())
+    assert caps["encoder"] == 2 * 22 * 750 * hidden * 4  # its output for the profile's 22 windows, f32
+    assert caps["fusion"] == 2 * 15000 * hidden * (2 + 4)  # one 10-min request's bf16 table + f32 temporary
+    assert caps["preprocess"] > 2 * 20 * 201 * 3001 * 8  # at least the STFT of 20 windows (complex64)
+    longer = _af3_plan(max_batch_size=8, prompt_table_rows=8 * 30000)  # 20-min requests: larger caps
+    assert longer.stub_caps["fusion"] == 2 * caps["fusion"] and longer.stub_caps["preprocess"] > caps["preprocess"]

@@ -5,6 +5,7 @@ rules, and the CPU accuracy report."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import sys
@@ -263,12 +264,13 @@ def fake_executable(tmp_path, name, body):
 def test_run_trtllm_build_streams_and_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(TrtllmBuildError, match="not on PATH"):
         run_trtllm_build(["--checkpoint_dir", "x"], tmp_path / "log", executable="no-such-trtllm-build")
-    ok = fake_executable(tmp_path, "trtllm-build", "print('[TRT-LLM] [I] Total time of building all engines: "
-                                                   "00:00:01'); print(' '.join(sys.argv[1:]))")
+    helps = "if sys.argv[1:] == ['--help']: print('usage: trtllm-build [--max_batch_size N]'); sys.exit(0)\n"
+    ok = fake_executable(tmp_path, "trtllm-build", helps + "print('[TRT-LLM] [I] Total time of building all engines: "
+                                                           "00:00:01'); print(' '.join(sys.argv[1:]))")
     result = run_trtllm_build(["--max_batch_size", "8"], tmp_path / "logs" / "build.log", executable=str(ok))
     text = (tmp_path / "logs" / "build.log").read_text()
     assert result["returncode"] == 0 and "--max_batch_size 8" in text and "Total time" in text
-    bad = fake_executable(tmp_path, "bad-build", "print('[TRT-LLM] [E] out of memory'); sys.exit(3)")
+    bad = fake_executable(tmp_path, "bad-build", helps + "print('[TRT-LLM] [E] out of memory'); sys.exit(3)")
     with pytest.raises(TrtllmBuildError, match="exited with 3") as e:
         run_trtllm_build([], tmp_path / "bad.log", executable=str(bad))
     assert "out of memory" in str(e.value)
@@ -342,3 +344,30 @@ def test_accuracy_report(lm_dir, cast_only, precision, kv_cache):
     assert r["reference_dtype"] == "float32" and r["engine_dtype"] == "bfloat16"
     assert "fake quantization" in r["method"]
     json.dumps(r)  # goes into the build output and manifest
+
+
+def test_our_command_line_is_checked_against_the_installed_trtllm_build_help(tmp_path, monkeypatch):
+    """The flags and choices of trtllm-build moved between versions (plugin.py's plugin_options had no fp8 in the
+    0.x line; later gemm_plugin offers auto…fp8, nvfp4, disable): before building, run_trtllm_build asks the installed
+    trtllm-build's --help and refuses a command line it would not take, naming the flag and what it takes."""
+    from af3trt.build.trtllm_engine import check_args_against_help, help_options
+    from fakes import trtllm_build as fake
+
+    opts = help_options(fake.help_text())
+    assert opts["--gemm_plugin"] == {"auto", "float16", "float32", "bfloat16", "int32", "fp8", "nvfp4", "disable"}
+    assert opts["--max_batch_size"] is None and "--help" in opts
+    args = ["--gemm_plugin", "disable", "--use_fp8_context_fmha", "enable", "--max_batch_size", "8"]
+    assert check_args_against_help(args, fake.help_text()) == []
+    assert check_args_against_help(["--enable_xqa", "enable"], fake.help_text()) == [
+        "--enable_xqa is not an option of this trtllm-build"]
+    monkeypatch.setenv("FAKE_TRTLLM_GEMM_CHOICES", "float16,float32,bfloat16,disable")  # a 0.x-era builder
+    old = check_args_against_help(["--gemm_plugin", "fp8"], fake.help_text())
+    assert old == ["--gemm_plugin fp8: this trtllm-build takes {bfloat16,disable,float16,float32}"]
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake.install(bindir, sys.executable)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    with pytest.raises(TrtllmBuildError, match="--gemm_plugin fp8: this trtllm-build takes"):
+        run_trtllm_build(["--checkpoint_dir", str(tmp_path / "none"), "--gemm_plugin", "fp8"], tmp_path / "log")
+    assert not (tmp_path / "log").exists()  # refused before anything ran

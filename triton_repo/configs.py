@@ -172,7 +172,11 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
         # (build/gpu_repo.py sets both from one number). Inputs are taken wherever Triton holds them (python_backend
         # r26.04 README, FORCE_CPU_ONLY_INPUT_TENSORS).
         cfg = mc.ModelConfig(name=contract.ENCODER, backend="python", max_batch_size=spec.encoder_max_batch)
-        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances)
+        # gpus [0]: without it Triton places `count` instances on every visible GPU ("By default, a single
+        # execution instance of the model is created for each GPU available in the system": server r26.04
+        # docs/user_guide/model_configuration.md, Instance Groups), memory the plan does not count under TP 2 or
+        # `--gpus all`. GPU 0 is the ensemble's: preprocess/fusion kernels use cuda:0, the plan's pool is on 0.
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances, gpus=[0])
         _params(cfg, {"plan_file": "model.plan", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
     else:
         cfg = _python(contract.ENCODER, spec.encoder_max_batch, spec.encoder_instances)
@@ -272,6 +276,8 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     policy, so that a cancellation is never rejected as overload."""
     cfg = _python(CANCEL, 0, 1)
     _interface(cfg, spec)
+    if spec.target == "gpu":  # the tensorrtllm decoder reads no mark: send it a stop request (runtime/trtllm_stop.py)
+        _params(cfg, {"stop_model": contract.DECODER})
     return cfg
 
 

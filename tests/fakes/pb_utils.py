@@ -59,12 +59,27 @@ class Tensor:
             return self._array.numpy()
         return self._array
 
+    def is_cpu(self):
+        return True
+
     def to_dlpack(self):
         import torch
         from torch.utils.dlpack import to_dlpack
 
         t = self._array if isinstance(self._array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(self._array))
         return to_dlpack(t)
+
+
+class GpuTensor(Tensor):
+    """An input Triton hands over in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no"): is_cpu() is False and
+    as_numpy() raises as python_backend r26.04 src/pb_tensor.cc PbTensor::AsNumpy does; to_dlpack() works (here
+    on a CPU torch tensor standing in for the device memory)."""
+
+    def is_cpu(self):
+        return False
+
+    def as_numpy(self):
+        raise TritonError("Tensor is stored in GPU and cannot be converted to NumPy.")
 
 
 class Logger:
@@ -74,6 +89,10 @@ class Logger:
 
     @classmethod
     def log_info(cls, msg):
+        cls.messages.append(msg)
+
+    @classmethod
+    def log_warn(cls, msg):
         cls.messages.append(msg)
 
 
@@ -109,6 +128,40 @@ class Request:
 
     def get_response_sender(self):
         return self.sender
+
+
+class BlsResponse:
+    """What InferenceRequest.exec() yields (python_backend: InferenceResponse with has_error() and error())."""
+
+    def __init__(self, outputs=(), error: str | None = None):
+        self.outputs = {t.name(): t for t in outputs}
+        self._error = None if error is None else TritonError(error)
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+
+# BLS (python_backend README "Business Logic Scripting"; src/pb_stub.cc InferRequest binding: request_id,
+# correlation_id, inputs, requested_output_names, model_name, model_version, flags, timeout, preferred_memory, trace,
+# parameters): a test routes a model name to a callable(request_id, {input name: array}) → list[BlsResponse].
+BLS_MODELS: dict = {}
+
+
+class InferenceRequest:
+    def __init__(self, *, inputs, requested_output_names, model_name, request_id="", correlation_id=0,
+                 model_version=-1, flags=0, timeout=0, preferred_memory=None, trace=None, parameters=None):
+        self.model_name, self.request_id = model_name, request_id
+        self.inputs, self.requested_output_names = list(inputs), list(requested_output_names)
+
+    def exec(self, decoupled=False):
+        if self.model_name not in BLS_MODELS:
+            responses = [BlsResponse(error=f"Request for unknown model: '{self.model_name}' is not found")]
+        else:
+            responses = BLS_MODELS[self.model_name](self.request_id, {t.name(): t.as_numpy() for t in self.inputs})
+        return iter(responses) if decoupled else responses[0]
 
 
 def get_input_tensor_by_name(request, name):

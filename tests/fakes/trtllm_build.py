@@ -19,6 +19,12 @@ pinned to the v1.2.1 tag; re-read before relying on a detail):
 - tensorrt_llm/plugin/plugin.py PluginConfig: field names as serialized (use_paged_context_fmha,
   use_fp8_context_fmha, context_fmha, paged_kv_cache, tokens_per_block, remove_input_padding, gemm_plugin, ...);
   "enable"/"disable" map to True/False, a plugin "disable" to None, "auto" resolves to the model dtype.
+- `trtllm-build --help`: argparse's help (tensorrt_llm/commands/build.py parse_arguments is argparse) for the options
+  our command line uses, with the choices of the version as indexed: plugin dtypes from plugin.py
+  PLUGIN_DTYPE_OPTIONS_MAP / DEFAULT_PLUGIN_DTYPE_OPTIONS (gemm_plugin "auto", "float16", "float32", "bfloat16",
+  "int32", "fp8", "nvfp4", None offered as "disable"; other plugins without fp8/nvfp4), features enable/disable,
+  kv_cache_type continuous/paged/disabled, logits_dtype float16/float32. $FAKE_TRTLLM_GEMM_CHOICES (comma list)
+  replaces gemm_plugin's choices, to play another version (0.x plugin.py: float16, float32, bfloat16, disable).
 The SM of the build GPU comes from $FAKE_TRTLLM_SM (default 90, an H100). `install(bin_dir, python)` writes it as
 an executable `trtllm-build` that `python` runs (the GPU-build tests put bin_dir first on PATH).
 """
@@ -82,7 +88,32 @@ def install(bin_dir: Path, python: str) -> Path:
     return exe
 
 
+def help_text() -> str:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="trtllm-build")
+    for name in ("checkpoint_dir", "output_dir", "input_timing_cache", "output_timing_cache"):
+        ap.add_argument(f"--{name}", type=str)
+    for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
+                 "max_prompt_embedding_table_size", "tokens_per_block", "workers"):
+        ap.add_argument(f"--{name}", type=int)
+    ap.add_argument("--kv_cache_type", choices=["continuous", "paged", "disabled"])
+    ap.add_argument("--logits_dtype", choices=["float16", "float32"])
+    ap.add_argument("--log_level", choices=["internal_error", "error", "warning", "info", "verbose", "debug", "trace"])
+    gemm = os.environ.get("FAKE_TRTLLM_GEMM_CHOICES")
+    ap.add_argument("--gemm_plugin", choices=gemm.split(",") if gemm else
+                    ["auto", "float16", "float32", "bfloat16", "int32", "fp8", "nvfp4", "disable"])
+    ap.add_argument("--gpt_attention_plugin", choices=["auto", "float16", "float32", "bfloat16", "int32", "disable"])
+    for name in ("remove_input_padding", "context_fmha", "use_paged_context_fmha", "use_fp8_context_fmha",
+                 "multiple_profiles"):
+        ap.add_argument(f"--{name}", choices=["enable", "disable"])
+    return ap.format_help()
+
+
 def main(args: list[str]) -> int:
+    if args == ["--help"]:
+        print(help_text())
+        return 0
     opt = {args[i][2:]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
     ckpt = json.loads((Path(opt["checkpoint_dir"]) / "config.json").read_text())
     out = Path(opt["output_dir"])

@@ -6,18 +6,20 @@ triton_repo/decoder/model.py `_cancelled`). AF3Client and the OpenAI front there
 closing a stream early; this model marks it in the request context (runtime/context.py, a file named by a hash of
 the id) and the CPU decoder, which polls the mark at most every CANCEL_CHECK_S, stops that request.
 
-GPU decoder (TensorRT-LLM's `tensorrtllm` backend): the mark is not read there. That backend has its own way to
-stop a request: a request to the tensorrtllm model with the optional BOOL input `stop` set true and the Triton
-request id of the running request cancels it in the executor (tensorrtllm_backend
-inflight_batcher_llm/src/model_instance_state.cc, ModelInstanceState::handleStopRequest → Executor::cancelRequest;
-input `stop` in all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt). Our decoder config does not declare
-`stop`, and this model does not forward to it: on GPU a cancelled request still ends at its deadline or max_tokens.
+GPU decoder (TensorRT-LLM's `tensorrtllm` backend): the mark is not read there, so on the GPU target (parameter
+`stop_model`, set by triton_repo/configs.py cancel_config) this model also sends that model a request with `stop`
+= true and the same request id, which the backend turns into Executor::cancelRequest for the running request
+(runtime/trtllm_stop.py has the upstream facts). A request the client cancelled before its decoder step was
+dispatched reaches the decoder already cancelled (core r26.04 ensemble_scheduler.cc propagates the ensemble's
+cancellation to the next step), and the backend drops cancelled requests every cancellation_check_period_ms
+(tensorrtllm_backend r26.04 docs/model_config.md).
 """
 
 import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
+from af3trt.runtime import trtllm_stop
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.contract import CANCELLED, REQUEST_ID
 
@@ -27,6 +29,7 @@ MAX_ID_BYTES = 256  # a request id is a short token (the clients send uuid4 hex)
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = RequestContext()
+        self.stop_model = io.params(args).get("stop_model")  # the tensorrtllm decoder (GPU target), else None
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)
@@ -38,4 +41,9 @@ class TritonPythonModel:
         if len(rid.encode()) > MAX_ID_BYTES:
             raise io.RequestError(f"{REQUEST_ID} is longer than {MAX_ID_BYTES} bytes")
         self.ctx.cancel(rid)
+        if self.stop_model:
+            try:
+                trtllm_stop.send_stop(pb, rid, self.stop_model)
+            except trtllm_stop.StopError as e:
+                raise io.RequestError(str(e)) from None
         return pb.InferenceResponse([pb.Tensor(CANCELLED, np.array([True]))])

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
+from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.trt_runner import TrtRunner, encode_windows
 
 
@@ -29,6 +30,7 @@ class TritonPythonModel:
         p = io.params(args)
         plan = Path(args["model_repository"]) / args["model_version"] / p.get("plan_file", "model.plan")
         self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
+        cap_cuda_memory(p, self.runner.place.device, "encoder")  # build/memory_plan.py stub_caps
 
     def execute(self, requests):
         try:

@@ -8,6 +8,7 @@ from af3trt.runtime import conversation
 from af3trt.kernels import device_from_params as kernels_device
 from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
@@ -34,8 +35,14 @@ class TritonPythonModel:
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
         self.ctx = RequestContext()
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
+        cap_cuda_memory(p, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
         if self.device is not None:  # torch (+ triton) only on the GPU path
             from af3trt.kernels import table
+            from af3trt.kernels.check import warm
+
+            off = warm(self.device)  # compiled and checked now, not on the first request; torch path if they fail
+            if off:
+                pb.Logger.log_warn(f"fusion: {off}; using the torch table")
 
             self.device_table = table
             pb.Logger.log_info(f"fusion: prompt table on {self.device} (af3trt.kernels)")
@@ -49,11 +56,11 @@ class TritonPythonModel:
             top_k=io.scalar(pb, r, c.TOP_K), top_p=io.scalar(pb, r, c.TOP_P),
             repetition_penalty=io.scalar(pb, r, c.REPETITION_PENALTY), seed=io.scalar(pb, r, c.SEED),
             stream=io.scalar(pb, r, c.STREAM))
-        if self.device is None:
-            windows = [int(w) for w in io.tensor(pb, r, c.AUDIO_WINDOWS).reshape(-1)]
+        if self.device is None:  # also the GPU target's fallback, whose inputs may still arrive on the GPU
+            windows = [int(w) for w in io.host_array(pb, r, c.AUDIO_WINDOWS).reshape(-1)]
             conv = self.conversation(r, len(windows))
-            ids, table = self.builder.build_conversation(conv, io.tensor(pb, r, c.AUDIO_EMBEDS),
-                                                         io.tensor(pb, r, c.INPUT_FEATURES_MASK), windows)
+            ids, table = self.builder.build_conversation(conv, io.host_array(pb, r, c.AUDIO_EMBEDS),
+                                                         io.host_array(pb, r, c.INPUT_FEATURES_MASK), windows)
         else:  # inputs may sit on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no"); the table is made and stays there
             embeds, mask, windows_t = (io.device_tensor(pb, r, n)
                                        for n in (c.AUDIO_EMBEDS, c.INPUT_FEATURES_MASK, c.AUDIO_WINDOWS))

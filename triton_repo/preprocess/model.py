@@ -9,6 +9,7 @@ from af3trt.kernels import device_from_params as kernels_device
 from af3trt.kernels import logmel
 from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.contract import AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX
 
@@ -24,8 +25,14 @@ class TritonPythonModel:
             torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
         device = kernels_device(p, "preprocess")  # None: the CPU log-mel
+        cap_cuda_memory(p, device, "preprocess")  # build/memory_plan.py stub_caps (GPU target)
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
         if device is not None:
+            from af3trt.kernels.check import warm
+
+            off = warm(device)  # compiled and checked now, not on the first request; torch path if they fail
+            if off:
+                pb.Logger.log_warn(f"preprocess: {off}; using the torch log-mel")
             pb.Logger.log_info(f"preprocess: log-mel on {device} (af3trt.kernels)")
 
     def execute(self, requests):
