@@ -72,9 +72,9 @@ def test_tensor_names_are_written_only_in_the_contract():
                                contract.CANCEL_OUTPUT)}
     # names that are also something else: a checkpoint fact and the fusion parameter carrying it (end_id, pad_id),
     # fusion's switch parameter (prompt_table_extra_ids), the keyword of a transformers model call (input_ids), a
-    # section of perf's report (streaming)
+    # section of perf's report (streaming), OpenAI's `stop` parameter and finish reason (stop)
     elsewhere = {contract.END_ID, contract.PAD_ID, contract.PROMPT_TABLE_EXTRA_IDS, contract.INPUT_IDS,
-                 contract.STREAMING}
+                 contract.STREAMING, contract.STOP}
     adapters = sorted((ROOT / "triton_repo").glob("*/model.py"))
     assert len(adapters) >= 7
     found = [hit for p in adapters for hit in _literals(p, every)]
