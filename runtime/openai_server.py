@@ -81,6 +81,25 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, as every error of this API is answered (documented in the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+# The statuses an endpoint may answer besides 200, in the OpenAPI schema (/openapi.json): the only 5xx is 503.
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": kind} for status, kind in (
+    (400, "a request the client can fix"), (401, "missing or wrong API key"), (404, "unknown model"),
+    (413, "body over --max-upload-bytes"), (503, "Triton unreachable or the ensemble not ready"))}
+
+
 # ------------------------------------------------------------------------------------------------ Triton side
 
 
@@ -445,7 +464,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await app.state.triton.close()
 
-    app = FastAPI(title="af3trt OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(title="af3trt OpenAI-compatible API", lifespan=lifespan, responses=ERROR_RESPONSES)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):

@@ -9,17 +9,23 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.running = RunningRequests(args["model_name"])
         p = io.params(args)
         threads = int(p.get("intra_op_threads", "0")) or None
         self.encoder = OnnxEncoder(io.resolve(args, p["onnx_path"]), intra_op_threads=threads)
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
 
     def execute(self, requests):
+        with self.running.of(len(requests)):  # the supervisor's drain reads it
+            return self.encode(requests)
+
+    def encode(self, requests):
         feats = [io.tensor(pb, r, "input_features") for r in requests]  # each [w_i, 128, T_i]
         masks = [io.tensor(pb, r, "input_features_mask") for r in requests]  # each [w_i, T_i]
         try:

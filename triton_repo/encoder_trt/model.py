@@ -15,6 +15,7 @@ import torch
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
 from af3trt.runtime.trt_runner import TrtRunner, encode_windows
 
@@ -26,11 +27,16 @@ def _torch(request, name: str, device) -> torch.Tensor:
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.running = RunningRequests(args["model_name"])
         p = io.params(args)
         plan = Path(args["model_repository"]) / args["model_version"] / p.get("plan_file", "model.plan")
         self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
 
     def execute(self, requests):
+        with self.running.of(len(requests)):  # the supervisor's drain reads it
+            return self.encode(requests)
+
+    def encode(self, requests):
         try:
             device = self.runner.place.device
             feats = [_torch(r, INPUT_FEATURES, device) for r in requests]  # each [w_i, 128, T]

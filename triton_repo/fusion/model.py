@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb
 from af3trt.runtime import conversation
 from af3trt.kernels import device_from_params as kernels_device
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import RequestContext, RunningRequests
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
 
@@ -32,6 +32,7 @@ class TritonPythonModel:
         self.limits = FusionLimits.from_params(p)
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
         self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
         if self.device is not None:  # torch (+ triton) only on the GPU path
             from af3trt.kernels import table
@@ -40,7 +41,8 @@ class TritonPythonModel:
             pb.Logger.log_info(f"fusion: prompt table on {self.device} (af3trt.kernels)")
 
     def execute(self, requests):
-        return io.per_request(pb, requests, self.run)
+        with self.running.of(len(requests)):
+            return io.per_request(pb, requests, self.run)
 
     def run(self, r):
         sampling = check_sampling(

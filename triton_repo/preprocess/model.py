@@ -9,7 +9,7 @@ from af3trt.kernels import device_from_params as kernels_device
 from af3trt.kernels import logmel
 from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import RequestContext, RunningRequests
 
 
 class TritonPythonModel:
@@ -22,13 +22,15 @@ class TritonPythonModel:
 
             torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         device = kernels_device(p, "preprocess")  # None: the CPU log-mel
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
         if device is not None:
             pb.Logger.log_info(f"preprocess: log-mel on {device} (af3trt.kernels)")
 
     def execute(self, requests):
-        return io.per_request(pb, requests, self.run)
+        with self.running.of(len(requests)):
+            return io.per_request(pb, requests, self.run)
 
     def run(self, r):
         clips = io.tensor(pb, r, "audio")
