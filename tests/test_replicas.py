@@ -68,8 +68,8 @@ def test_config_checks_every_replica_on_the_ready_endpoint():
 
 def test_clients_that_connect_per_request_share_the_balancers_server_connections(replicas, speech_bytes):
     """Issue 19: tritonserver 2.51 keeps memory per client connection, so the balancer multiplexes a client that
-    connects once per request onto its long-lived server connections (`http-reuse always`): 8 such requests, one
-    after another, open at most one connection per replica (HAProxy's default would open one per request)."""
+    connects once per request onto its long-lived server connections: 8 such requests, one after another, use at
+    most one connection per replica (a proxy in TCP mode, or none, would be 8)."""
     from af3trt.runtime.client import AF3Client
     from helpers import peer_ports
 
