@@ -21,7 +21,10 @@ What Triton 2.51 does on its own, and why this module exists (each seen on this 
   python stub is working on (runtime/context.py RunningRequests: an execute in progress, a CPU decoder request until
   its last response; the files of dead stubs do not count), and TensorRT-LLM's active and waiting requests
   (nv_trt_llm_request_metrics). It ends when that count is 0 on two polls in a row (a request handed from one step
-  to the next is in neither count for the instant between them) or the ensembles are UNAVAILABLE.
+  to the next is in neither count for the instant between them) or the ensembles are UNAVAILABLE. Known limit:
+  requests queued at a model whose stub was killed under streaming load stay pending in Triton 2.51 (seen: ~1,670
+  per-token postprocess requests after a postprocess stub was SIGKILLed, going at ~11 a minute, their clients
+  waiting for their own timeout); they count as in flight, so such a drain can still take the grace period.
 - Explicit model control opens Triton's model-repository API (load/unload) to every client. It is restricted with
   --http-restricted-api / --grpc-restricted-protocol "model-repository:<header>=<key>": a request without the
   header gets 403 (HTTP) / PERMISSION_DENIED (gRPC). The key is $AF3TRT_REPOSITORY_KEY or random per launch; it
