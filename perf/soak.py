@@ -1,13 +1,21 @@
-"""`af3trt soak`: hold the server under steady load for minutes and watch for errors and memory creep.
+"""`af3trt soak`: hold the server under steady load and measure errors and memory per request, per process.
 
-    af3trt soak --model-repository out/af3-tiny/model_repository --minutes 10 --concurrency 16 --out perf/results/soak
-    af3trt soak --url 127.0.0.1:8001 --server-pid PID --minutes 10     # a server you started (PID of tritonserver)
+    af3trt soak --model-repository out/af3-tiny/model_repository --requests 100000 --client per-connection
+    af3trt soak --model-repository … --minutes 10 --concurrency 16 --client reused --out perf/results/soak
+    af3trt soak --url 127.0.0.1:8001 --server-pid PID --watch haproxy=PID2 …   # a server (and proxy) you started
+
+Client modes (--client): `reused` — one AF3Client for all workers, every request a stream of one connection (what
+af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it (what
+a user's connect-per-request client does); `legacy` — AF3Client before issue 19: a tritonclient client and stream per
+request, stopped with stop_stream(cancel_requests=True) after the last response (docs/memory.md compares the three).
 
 Closed loop: `concurrency` clients send requests back to back, each with one speech clip of 1–8 s (drawn with a fixed
 seed) and a short prompt, alternately streaming and not. Every `--sample-s` seconds the RSS of every server process
 (tritonserver and each python stub, named by its model) is recorded. The report gives requests, errors (by message),
-latency percentiles, throughput, the RSS series, and the growth of the total RSS from minute `--settle-min` (after
-warm-up: allocator pools, torch and ONNX Runtime caches) to the end.
+latency percentiles, throughput, the RSS series, and **bytes per request per process**: the slope of a least-squares
+line through (requests done, RSS) over the samples after warm-up (the first --warmup-share of the requests: allocator
+pools, torch and ONNX Runtime caches, gRPC state pools fill there). A leak is a slope that stays; warm-up is a step
+before the fitted window. The run ends after --requests requests or --minutes minutes, whichever comes first.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from af3trt.perf import clips
-from af3trt.perf.loadgen import one_request
+from af3trt.perf.loadgen import one_request, record
 from af3trt.perf.metrics import RequestRecord, summarize
-from af3trt.runtime.client import AF3Client
+from af3trt.runtime.client import AF3Client, AF3Stream, Request
 from af3trt.runtime.supervisor import stub_pids
 
 PROMPTS = ("What is said?", "Transcribe the audio.", "Describe the sound.", "Who is speaking, and about what?")
@@ -56,11 +64,19 @@ def make_clips(n: int = 8, seed: int = 0) -> list[bytes]:
             for k in range(n)]
 
 
+CLIENT_MODES = ("reused", "per-connection", "legacy")
+
+
 def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tokens: int = 32,
-         sample_s: float = 10.0, settle_min: float = 2.0, seed: int = 0, log=print) -> dict:
+         sample_s: float = 10.0, settle_min: float = 2.0, seed: int = 0, requests: int | None = None,
+         client_mode: str = "reused", warmup_share: float = 0.2, watch: dict[str, int] | None = None,
+         log=print) -> dict:
+    if client_mode not in CLIENT_MODES:
+        raise ValueError(f"client_mode must be one of {CLIENT_MODES}")
     audio = make_clips(seed=seed)
-    client = AF3Client(url, timeout=600)
+    shared = AF3Client(url, timeout=600)
     records: list[tuple[float, RequestRecord]] = []
+    issued = iter(range(requests)) if requests else None
     lock = threading.Lock()
     t0 = time.monotonic()
     end = t0 + minutes * 60
@@ -69,27 +85,41 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
     def worker(k: int) -> None:
         rng = np.random.default_rng(seed * 1000 + k)
         n = 0
-        while time.monotonic() < end:
+        while time.monotonic() < end and (issued is None or next(issued, None) is not None):
             clip = audio[int(rng.integers(len(audio)))]
             prompt = PROMPTS[int(rng.integers(len(PROMPTS)))]
-            rec, _ = one_request(client, prompt, clip, max_tokens=max_tokens, stream=(k + n) % 2 == 0)
+            if client_mode == "reused":
+                rec, _ = one_request(shared, prompt, clip, max_tokens=max_tokens, stream=(k + n) % 2 == 0)
+            elif client_mode == "per-connection":  # a connection of its own, opened for this request, closed after
+                with AF3Client(url, timeout=600, private_connection=True) as own:
+                    rec, _ = one_request(own, prompt, clip, max_tokens=max_tokens, stream=(k + n) % 2 == 0)
+            else:  # legacy: AF3Client before issue 19: a tritonclient stream per request, stopped with cancel_requests
+                with AF3Stream(url, timeout=600) as own:
+                    rec, _ = record(own.responses(Request(prompt, [clip], max_tokens=max_tokens,
+                                                          stream=(k + n) % 2 == 0)))
             n += 1
             with lock:
                 records.append((time.monotonic() - t0, rec))
 
+    def tree_rss() -> dict[str, float]:
+        rss = process_tree_rss(server_pid)
+        rss.update({name: _rss_mb(pid) for name, pid in (watch or {}).items()})
+        return rss
+
+    stopped = threading.Event()
+
     def sampler() -> None:
         while True:
             t = time.monotonic() - t0
-            rss = process_tree_rss(server_pid)
+            rss = tree_rss()
             with lock:
                 done = len(records)
                 errors = sum(1 for _, r in records if not r.ok)
             series.append({"t_s": round(t, 1), "requests": done, "errors": errors,
-                           "total_mb": round(sum(rss.values()), 1), "processes_mb": {k: round(v, 1) for k, v in rss.items()}})
+                           "total_mb": round(sum(rss.values()), 3), "processes_mb": {k: round(v, 3) for k, v in rss.items()}})
             log(f"[soak] {t:6.0f} s  requests {done:6d}  errors {errors:3d}  server RSS {sum(rss.values()):8.1f} MB")
-            if time.monotonic() >= end:
+            if stopped.wait(min(sample_s, max(0.0, end - time.monotonic()))) or time.monotonic() >= end:
                 return
-            time.sleep(min(sample_s, max(0.0, end - time.monotonic())))
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
     for t in threads:
@@ -98,19 +128,44 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
     sample_thread.start()
     for t in threads:
         t.join()
+    stopped.set()
     sample_thread.join()
+    shared.close()
+    rss = tree_rss()
     series.append({"t_s": round(time.monotonic() - t0, 1), "requests": len(records),
                    "errors": sum(1 for _, r in records if not r.ok),
-                   "total_mb": round(sum(process_tree_rss(server_pid).values()), 1),
-                   "processes_mb": {k: round(v, 1) for k, v in process_tree_rss(server_pid).items()}})
+                   "total_mb": round(sum(rss.values()), 3), "processes_mb": {k: round(v, 3) for k, v in rss.items()}})
     recs = [r for _, r in records]
     summary = summarize(recs)
     return {
-        "minutes": minutes, "concurrency": concurrency, "max_tokens": max_tokens, "clip_seconds": "1-8",
-        "streaming_share": 0.5, "summary": summary,
+        "url": url, "minutes": minutes, "requests_asked": requests, "client_mode": client_mode, "concurrency": concurrency,
+        "max_tokens": max_tokens, "clip_seconds": "1-8", "streaming_share": 0.5, "summary": summary,
         "errors_by_message": dict(Counter(r.error.split("]")[-1].strip()[:160] for r in recs if not r.ok)),
+        "bytes_per_request": bytes_per_request(series, warmup_requests=int(warmup_share * len(recs))),
         "rss_growth": rss_growth(series, settle_min * 60), "rss_series": series,
     }
+
+
+def bytes_per_request(series: list[dict], warmup_requests: int) -> dict:
+    """Per process (and in total): the slope in bytes per request of a least-squares line through (requests done,
+    RSS) over the samples after `warmup_requests`, with the RSS at the start and end of that window. Needs 3 samples
+    there spanning some requests."""
+    after = [s for s in series if s["requests"] >= warmup_requests]
+    if len(after) < 3 or after[-1]["requests"] - after[0]["requests"] < 1:
+        return {"note": f"fewer than 3 samples after {warmup_requests} requests"}
+    x = np.array([s["requests"] for s in after], float)
+
+    def fit(mb: list[float]) -> dict:
+        y = np.array(mb, float) * 2**20
+        slope, icept = np.polyfit(x, y, 1)
+        resid = y - (slope * x + icept)
+        return {"bytes_per_request": round(float(slope), 1), "from_mb": round(mb[0], 1), "to_mb": round(mb[-1], 1),
+                "residual_rms_kb": round(float(np.sqrt(np.mean(resid**2))) / 1024, 1)}
+
+    names = sorted({k for s in after for k in s["processes_mb"]})
+    return {"warmup_requests": warmup_requests, "from_requests": int(x[0]), "to_requests": int(x[-1]),
+            "samples": len(after), "total": fit([s["total_mb"] for s in after]),
+            "per_process": {k: fit([s["processes_mb"].get(k, 0.0) for s in after]) for k in names}}
 
 
 def rss_growth(series: list[dict], settle_s: float) -> dict:
@@ -127,10 +182,10 @@ def rss_growth(series: list[dict], settle_s: float) -> dict:
 
 
 def report_md(res: dict) -> str:
-    s, g = res["summary"], res["rss_growth"]
+    s, g, b = res["summary"], res["rss_growth"], res["bytes_per_request"]
     lat = s.get("latency_ms", {})
     lines = [
-        f"# Soak: {res['minutes']:g} min at concurrency {res['concurrency']}",
+        f"# Soak: {s['requests']} requests, client mode `{res['client_mode']}`, concurrency {res['concurrency']}",
         "",
         f"1–8 s speech clips, half streaming, {res['max_tokens']} output tokens, greedy.",
         "",
@@ -139,14 +194,22 @@ def report_md(res: dict) -> str:
         f"p90 {lat.get('p90', 0) / 1e3:.2f} s, p99 {lat.get('p99', 0) / 1e3:.2f} s",
         f"- server RSS (tritonserver + stubs) {g.get('from_mb')} MB at {g.get('from_s')} s → {g.get('to_mb')} MB at "
         f"{g.get('to_s')} s: **{g.get('growth_pct')} %**",
-        "",
-        "| process | RSS from (MB) | RSS to (MB) | growth % |",
-        "|---|---|---|---|",
     ]
-    for k, v in g.get("per_process", {}).items():
-        lines.append(f"| {k} | {v['from_mb']} | {v['to_mb']} | {v['growth_pct']} |")
+    if "per_process" in b:
+        lines += [
+            f"- **bytes per request** (least-squares slope of RSS over requests {b['from_requests']}–{b['to_requests']}, "
+            f"after {b['warmup_requests']} warm-up requests, {b['samples']} samples): total "
+            f"**{b['total']['bytes_per_request']:.0f} B**",
+            "",
+            "| process | bytes / request | RSS from (MB) | RSS to (MB) | residual RMS (KB) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {k} | {v['bytes_per_request']:.0f} | {v['from_mb']} | {v['to_mb']} | {v['residual_rms_kb']} |"
+                  for k, v in b["per_process"].items()]
+    else:
+        lines.append(f"- bytes per request: {b.get('note')}")
     lines += ["", "| t (s) | requests | errors | total RSS (MB) |", "|---|---|---|---|"]
-    lines += [f"| {p['t_s']} | {p['requests']} | {p['errors']} | {p['total_mb']} |" for p in res["rss_series"]]
+    lines += [f"| {p['t_s']} | {p['requests']} | {p['errors']} | {p['total_mb']:.1f} |" for p in res["rss_series"]]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +220,18 @@ def main(argv=None) -> int:
     where.add_argument("--model-repository", type=Path, help="start tritonserver on this repository (loopback)")
     where.add_argument("--url", help="gRPC address of a running server (with --server-pid)")
     ap.add_argument("--server-pid", type=int, help="PID of that tritonserver (for the RSS series)")
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--minutes", type=float, default=10.0, help="stop after this long (or --requests)")
+    ap.add_argument("--requests", type=int, default=None, help="stop after this many requests (or --minutes)")
+    ap.add_argument("--client", choices=CLIENT_MODES, default="reused",
+                    help="reused: one connection for every request; per-connection: a new one per request; legacy: "
+                         "a tritonclient stream per request, cancelled at its end (AF3Client before issue 19)")
+    ap.add_argument("--warmup-share", type=float, default=0.2,
+                    help="bytes per request are fitted after this share of the requests")
+    ap.add_argument("--proxy", action="store_true",
+                    help="with --model-repository: serve it as `af3trt replicas --replicas 1` (HAProxy in front) and "
+                         "soak through the proxy; HAProxy's RSS is recorded too")
+    ap.add_argument("--watch", action="append", default=[], metavar="NAME=PID",
+                    help="also record this process's RSS (e.g. a proxy in front of tritonserver)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS samples")
@@ -168,21 +242,30 @@ def main(argv=None) -> int:
         ap.error("--url needs --server-pid (the RSS series is read from /proc)")
     args.out.mkdir(parents=True, exist_ok=True)
     server = None
-    if args.model_repository:
+    watch = {name: int(pid) for name, pid in (w.split("=", 1) for w in args.watch)}
+    if args.model_repository and args.proxy:
+        from af3trt.runtime.replicas import ReplicaSet
+
+        server = ReplicaSet(args.model_repository.resolve(), 1, args.out / "replicas").start()
+        url, pid = server.grpc_url, server.servers[0].proc.pid
+        watch["haproxy"] = server.haproxy.pid
+    elif args.model_repository:
         from af3trt.runtime.server import TritonServer
 
         server = TritonServer(args.model_repository.resolve(), log_path=args.out / "tritonserver.log").start()
+        url, pid = server.grpc_url, server.proc.pid
+    else:
+        url, pid = args.url, args.server_pid
     try:
-        url = args.url or server.grpc_url
-        pid = args.server_pid or server.proc.pid
         res = soak(url, pid, minutes=args.minutes, concurrency=args.concurrency, max_tokens=args.max_tokens,
-                   sample_s=args.sample_s, settle_min=args.settle_min)
+                   sample_s=args.sample_s, settle_min=args.settle_min, requests=args.requests,
+                   client_mode=args.client, warmup_share=args.warmup_share, watch=watch)
     finally:
         if server:
-            server.stop()
+            server.stop()  # TritonServer or ReplicaSet
     (args.out / "soak.json").write_text(json.dumps(res, indent=1))
     (args.out / "soak.md").write_text(report_md(res))
-    print(report_md(res).split("\n| process")[0])
+    print(report_md(res).split("\n| t (s)")[0])
     print(f"written: {args.out / 'soak.json'}, {args.out / 'soak.md'}")
     return 0 if res["summary"]["errors"] == 0 else 1
 

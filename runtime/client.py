@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -262,6 +263,22 @@ def send_cancel(url: str, request_id: str, model: str = CANCEL_MODEL) -> bool:
         client.close()
 
 
+def send_cancel_over(stub, url: str, request_id: str, model: str = CANCEL_MODEL) -> bool:
+    """send_cancel over an open channel's GRPCInferenceServiceStub (AF3Client's connection)."""
+    from tritonclient.grpc._utils import _get_inference_request
+
+    request = _get_inference_request(
+        model_name=model, inputs=[make_input(contract.CANCEL_INPUT, [request_id.encode()])], model_version="",
+        request_id="", outputs=None, sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
+        timeout=None, parameters=None)
+    try:
+        stub.ModelInfer(request, timeout=CANCEL_TIMEOUT_S)
+        return True
+    except Exception as e:  # noqa: BLE001 - best effort: the stream is already closed
+        _cancel_failed(request_id, model, getattr(e, "details", lambda: e)())
+        return False
+
+
 async def send_cancel_async(client, request_id: str, model: str = CANCEL_MODEL) -> bool:
     """send_cancel over an open `tritonclient.grpc.aio.InferenceServerClient`."""
     try:
@@ -275,8 +292,8 @@ async def send_cancel_async(client, request_id: str, model: str = CANCEL_MODEL) 
 
 class AF3Stream:
     """One gRPC connection with one open stream, requests sent on it one at a time: no connection set-up per
-    request (what the serving stack costs alone, e.g. perf's per-request overhead probe). AF3Client opens one per
-    request.
+    request (what the serving stack costs alone, e.g. perf's per-request overhead probe). AF3Client instead
+    runs concurrent requests as streams of one connection.
 
         with AF3Stream(url) as s:
             for chunk in s.responses(Request("What is said?", [clip])): ...
@@ -357,8 +374,51 @@ class AF3Stream:
 
 
 class AF3Client:
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):
+    """Requests to the af3 ensemble from any number of threads over ONE gRPC channel (one HTTP/2 connection, shared
+    with the process's other AF3Clients of the same url), opened at the first request and kept until close(): each
+    request is a stream of its own on it. A connection per request
+    costs the server: tritonserver 2.51 keeps tens of KB for every client connection it ever accepted (docs/memory.md).
+
+        with AF3Client("127.0.0.1:8001") as client:
+            client.ask("What is said?", [clip])
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0,
+                 private_connection: bool = False):
         self.url, self.model, self.timeout = url, model, timeout
+        # gRPC shares one connection between the channels of a process with the same target and options (its
+        # global subchannel pool), so AF3Client objects of one process share theirs; private_connection=True gives
+        # this client one of its own (`af3trt soak --client per-connection` opens one per request with it).
+        self.private_connection = private_connection
+        self._stub = None  # GRPCInferenceServiceStub over self._channel, made at the first request
+        self._channel = None
+        self._lock = threading.Lock()
+
+    def _service(self):
+        with self._lock:
+            if self._stub is None:
+                import grpc
+                from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, service_pb2_grpc
+
+                self._channel = grpc.insecure_channel(self.url, options=[
+                    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                    ("grpc.use_local_subchannel_pool", int(self.private_connection))])
+                self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+            return self._stub
+
+    def close(self) -> None:
+        """Close the connection (requests still running fail); the next request opens a new one."""
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._stub = None
+
+    def __enter__(self) -> "AF3Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def stream(self, prompt: str | None = None, audio: Sequence[bytes] = (), **kw) -> Iterator[Chunk]:
         """Yield the answer's chunks as the server sends them (one chunk when stream=False). Keywords: the fields
@@ -367,13 +427,59 @@ class AF3Client:
         return self.responses(Request(prompt, audio, **kw))
 
     def responses(self, req: Request) -> Iterator[Chunk]:
-        """Yield the chunks of one request as they arrive, on a connection of its own (AF3Stream). Closing the
-        iterator early (break, .close(), garbage collection) closes the gRPC stream with cancel_requests=True and
-        sends the request id to the server's cancel model (send_cancel): the decoder stops generating for it. Raises
+        """Yield the chunks of one request as they arrive, on a stream of its own over the client's connection.
+        Closing the iterator early (break, .close(), garbage collection) cancels that stream only and sends the
+        request id to the server's cancel model (send_cancel): the decoder stops generating for it. Raises
         AF3ConnectionError when the server cannot be reached or the model is not ready, AF3Error for a request the
         server refused (the server's message)."""
-        with AF3Stream(self.url, self.model, self.timeout, stream_timeout=req.deadline_s) as conn:
-            yield from conn.responses(req)
+        import grpc
+        from tritonclient.grpc import InferResult
+        from tritonclient.grpc._utils import _get_inference_request  # what tritonclient's own streams send
+        from tritonclient.utils import InferenceServerException
+
+        request_id = req.request_id or uuid.uuid4().hex
+        request = _get_inference_request(
+            model_name=self.model, inputs=req.inputs(), model_version="", request_id=request_id, outputs=None,
+            sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
+            timeout=None if req.deadline_s is None else int(req.deadline_s * 1e6),
+            parameters={"triton_enable_empty_final_response": True})
+        done = threading.Event()
+
+        def requests():
+            yield request
+            done.wait()  # our half of the stream stays open until the last response, as the OpenAI front's does
+
+        stub = self._service()
+        call = stub.ModelStreamInfer(requests(), timeout=req.deadline_s)
+        results: queue.Queue = queue.Queue()
+
+        def receive():  # the call's responses as (result, error), in a thread: `timeout` bounds each wait below
+            try:
+                for r in call:
+                    results.put((None, InferenceServerException(msg=r.error_message)) if r.error_message
+                                else (InferResult(r.infer_response), None))
+            except grpc.RpcError as e:
+                results.put((None, InferenceServerException(msg=e.details(), status=str(e.code()))))
+            results.put(None)
+
+        threading.Thread(target=receive, name=f"af3-{request_id[:8]}", daemon=True).start()
+        reader = ResponseReader(self.url, self.model, running=True)
+        try:
+            while not reader.final:
+                try:
+                    item = results.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
+                if item is None:
+                    raise AF3ConnectionError(self.url, "unavailable", "the stream ended before the last response")
+                chunk = reader.read(*item)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            done.set()
+            if reader.running:  # closed early: the af3 ensemble does not pass the stream's cancellation on
+                call.cancel()
+                send_cancel_over(stub, self.url, request_id)
 
     def ask(self, prompt: str | None = None, audio: Sequence[bytes] = (), **kw) -> Answer:
         """The whole answer, with its first-chunk time and latency (keywords as for stream)."""
@@ -399,10 +505,28 @@ class AsyncAF3Client:
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = MODEL, timeout: float = 600.0):
         self.url, self.model, self.timeout = url, model, timeout
+        self._clients: dict = {}  # {event loop: tritonclient.grpc.aio.InferenceServerClient}: one channel per loop
+
+    def _client(self):
+        """This event loop's client (an aio channel is bound to the loop that made it): one connection, a stream
+        per request."""
+        import tritonclient.grpc.aio as aioclient
+
+        loop = asyncio.get_running_loop()
+        for other in [lp for lp in self._clients if lp.is_closed()]:
+            del self._clients[other]  # its loop is gone, and its channel with it
+        if loop not in self._clients:
+            self._clients[loop] = aioclient.InferenceServerClient(self.url)
+        return self._clients[loop]
+
+    async def close(self) -> None:
+        """Close this event loop's connection."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
 
     async def responses(self, req: Request) -> AsyncIterator[Chunk]:
         import grpc
-        import tritonclient.grpc.aio as aioclient
         from tritonclient.utils import InferenceServerException
 
         request_id = req.request_id or uuid.uuid4().hex
@@ -412,7 +536,7 @@ class AsyncAF3Client:
         async def one_request():
             yield request
 
-        client = aioclient.InferenceServerClient(self.url)
+        client = self._client()
         reader = ResponseReader(self.url, self.model, running=True)  # sent as the stream starts
         stream = client.stream_infer(one_request())
         try:
@@ -430,12 +554,9 @@ class AsyncAF3Client:
                 if chunk is not None:
                     yield chunk
         finally:
-            stream.cancel()
-            try:
-                if reader.running:  # left early: the af3 ensemble does not pass the call's cancellation on
-                    await send_cancel_async(client, request_id)
-            finally:
-                await client.close()
+            stream.cancel()  # this request's stream only; the connection stays for the next
+            if reader.running:  # left early: the af3 ensemble does not pass the call's cancellation on
+                await send_cancel_async(client, request_id)
 
     async def complete(self, req: Request) -> Answer:
         """The whole answer of one request, with its first-chunk time and latency."""

@@ -10,6 +10,9 @@ Cancellation marks live beside the entries (`<hash>.cancelled`, separate from th
 the request's first response): Triton 2.51 does not pass a client's cancellation of the af3 ensemble to the decoder
 inside it, so the `cancel` model (triton_repo/cancel) marks the request here and the CPU decoder polls the mark.
 File names are hashes of the request id: nothing a client sends names a path.
+
+`running/<model>.<pid>` files count the requests each python stub is working on (RunningRequests): the supervisor's
+drain sums those of live stubs (running_requests), so a stub that died takes its count with it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,3 +99,65 @@ class RequestContext:
                     p.unlink()
             except OSError:
                 pass
+
+
+class RunningRequests:
+    """How many requests this python stub is working on (an execute in progress, or a decoder request still
+    generating), kept in <root>/running/<model>.<pid> for the supervisor's drain.
+
+        running = RunningRequests("encoder")
+        with running.of(len(requests)): ...      # or running.add(+1) / running.add(-1) around async work
+    """
+
+    def __init__(self, model: str, root: Path | None = None):
+        self.path = (Path(root) if root else default_root()) / "running" / f"{model}.{os.getpid()}"
+        self.n, self._lock = 0, threading.Lock()
+        self.add(0)
+
+    def add(self, k: int) -> None:
+        with self._lock:
+            self.n += k
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(str(self.n))
+            tmp.replace(self.path)
+
+    def of(self, k: int):
+        """Context manager: k more requests while the block runs."""
+        running = self
+
+        class _Of:
+            def __enter__(self):
+                running.add(k)
+
+            def __exit__(self, *exc):
+                running.add(-k)
+
+        return _Of()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int]:
+    """{model: requests its live stubs are working on} from the RunningRequests files of tritonserver `server_pid`'s
+    stubs (their context root is keyed by their parent's pid); files of stubs that are gone are ignored and removed."""
+    base = (Path(root) if root else default_root().with_name(f"af3trt-context-{server_pid}")) / "running"
+    out: dict[str, int] = {}
+    for f in base.glob("*.*") if base.is_dir() else []:
+        model, _, pid = f.name.rpartition(".")
+        if not pid.isdigit():
+            continue
+        if not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+            continue
+        try:
+            out[model] = out.get(model, 0) + int(f.read_text() or 0)
+        except (OSError, ValueError):
+            pass
+    return out

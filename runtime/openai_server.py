@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 
 from af3trt.runtime.contract import ENSEMBLE
 from af3trt.runtime.openai import chat, health, models, transcriptions
-from af3trt.runtime.openai.common import APIError, Settings
+from af3trt.runtime.openai.common import ERROR_RESPONSES, APIError, Settings
 from af3trt.runtime.openai.triton import Triton
 
 log = logging.getLogger("af3trt.openai")
@@ -114,7 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await app.state.triton.close()
 
-    app = FastAPI(title="af3trt OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(title="af3trt OpenAI-compatible API", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
     for router in ROUTERS:
         app.include_router(router)

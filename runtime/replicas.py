@@ -98,6 +98,11 @@ frontend http
 
 backend {GRPC_BACKEND}
     balance roundrobin
+    # Every client's gRPC calls share a few long-lived h2 connections per replica: tritonserver 2.51 keeps memory for
+    # every connection it accepts (docs/memory.md), so a client that connects once per request must not become a
+    # connection per request at the replica. Seen: 8 such clients in a row used one server connection per replica
+    # with HAProxy 2.6's default reuse mode too; "always" also lets a client connection's first request share one.
+    http-reuse always
     option httpchk GET {READY_PATH}
     http-check expect status 200
 {servers("grpc")}

@@ -12,8 +12,19 @@ What Triton 2.51 does on its own, and why this module exists (each seen on this 
   a decoupled ensemble sends to its postprocess step: streams in flight stop mid-answer and hang until the exit
   timeout. Unloading only the ensemble instead refuses new requests ("Request for unknown model"), makes
   readiness false, lets requests in flight finish (state UNLOADING until they have), and then it is UNAVAILABLE.
-  So a drain is: unload the ensembles, wait for them to be UNAVAILABLE (at most the grace period), then SIGTERM
+  So a drain is: unload the ensembles, wait until no request is in flight (at most the grace period), then SIGTERM
   tritonserver (nothing in flight; it exits in seconds), and SIGKILL its process group if it does not.
+- "No request in flight" is not "the ensemble is UNAVAILABLE": Triton 2.51 keeps a decoupled ensemble referenced by
+  every gRPC stream that sent it a request until the client closes that stream, even when it is idle (seen: one
+  idle AF3Stream kept af3 UNLOADING for the whole 30-s grace; closing it made af3 UNAVAILABLE at once). So the drain
+  counts requests itself: those queued at a composing model (Triton's nv_inference_pending_request_count), those a
+  python stub is working on (runtime/context.py RunningRequests: an execute in progress, a CPU decoder request until
+  its last response; the files of dead stubs do not count), and TensorRT-LLM's active and waiting requests
+  (nv_trt_llm_request_metrics). It ends when that count is 0 on two polls in a row (a request handed from one step
+  to the next is in neither count for the instant between them) or the ensembles are UNAVAILABLE. Known limit:
+  requests queued at a model whose stub was killed under streaming load stay pending in Triton 2.51 (seen: ~1,670
+  per-token postprocess requests after a postprocess stub was SIGKILLed, going at ~11 a minute, their clients
+  waiting for their own timeout); they count as in flight, so such a drain can still take the grace period.
 - Explicit model control opens Triton's model-repository API (load/unload) to every client. It is restricted with
   --http-restricted-api / --grpc-restricted-protocol "model-repository:<header>=<key>": a request without the
   header gets 403 (HTTP) / PERMISSION_DENIED (gRPC). The key is $AF3TRT_REPOSITORY_KEY or random per launch; it
@@ -26,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import threading
@@ -34,6 +46,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from af3trt.runtime.context import running_requests
 from af3trt.runtime.model_config import repository_configs
 
 log = logging.getLogger(__name__)
@@ -223,26 +236,61 @@ class Watchdog(threading.Thread):
         self.idle.wait(600)
 
 
-def drain(server, api: RepositoryAPI, grace_s: float, hurry: threading.Event | None = None) -> None:
-    """Refuse new requests, let those in flight finish within grace_s, then stop tritonserver and its stubs."""
+# Gauges of requests in flight in Triton's /metrics: queued at a model's scheduler (Triton core), and TensorRT-LLM's
+# executor (tensorrtllm backend, triton_backend/inflight_batcher_llm/src/custom_metrics_reporter/
+# custom_metrics_reporter.cc: family nv_trt_llm_request_metrics, request_type active|max|scheduled|context|waiting).
+IN_FLIGHT_GAUGES = (re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)".*\} (\S+)$'),
+                    re.compile(r'^nv_trt_llm_request_metrics\{model="([^"]+)",request_type="(?:active|waiting)".*\} (\S+)$'))
+
+
+def requests_in_flight(server, ensemble_names: list[str]) -> dict[str, int]:
+    """{model: requests in flight there} over the composing models: queued (Triton's metrics), being worked on by a
+    python stub (RunningRequests files of live stubs), and in TensorRT-LLM's executor. Empty when nothing is."""
+    out: dict[str, int] = {}
+    for pid in [server.proc.pid, *children(server.proc.pid)]:  # tritonserver, or mpirun and its ranks (TP > 1)
+        for m, n in running_requests(pid).items():
+            if n:
+                out[m] = out.get(m, 0) + n
+    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            for gauge in IN_FLIGHT_GAUGES:
+                m = gauge.match(line)
+                if m and m.group(1) not in ensemble_names and float(m.group(2)) > 0:
+                    out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
+    return out
+
+
+def drain(server, api: RepositoryAPI, grace_s: float, hurry: threading.Event | None = None,
+          poll_s: float = 0.2) -> float:
+    """Refuse new requests, let those in flight finish within grace_s, then stop tritonserver and its stubs.
+    Returns the seconds the drain waited for requests in flight."""
     names = ensembles(server.model_repository)
     t0 = time.monotonic()
     log.warning("draining: refusing new requests; waiting up to %.0f s for requests in flight", grace_s)
     try:
         for e in names:
             api.unload(e)
+        idle_polls = 0
         while time.monotonic() - t0 < grace_s and not (hurry and hurry.is_set()):
             states = api.states()
             if all(states.get(e) in ("UNAVAILABLE", None) for e in names):
-                log.warning("drained in %.1f s", time.monotonic() - t0)
                 break
-            time.sleep(0.2)
+            busy = requests_in_flight(server, names)
+            idle_polls = 0 if busy else idle_polls + 1
+            if idle_polls >= 2:  # see the module docstring: the ensemble may stay referenced by idle streams
+                break
+            time.sleep(poll_s)
         else:
             log.warning("grace period over after %.1f s with requests still in flight: stopping anyway",
                         time.monotonic() - t0)
+            server.stop(timeout=server.exit_timeout + 15)
+            return time.monotonic() - t0
+        log.warning("drained in %.1f s", time.monotonic() - t0)
     except (OSError, RuntimeError) as e:
         log.warning("drain: %s; stopping tritonserver", e)
+    waited = time.monotonic() - t0
     server.stop(timeout=server.exit_timeout + 15)
+    return waited
 
 
 def supervise(server, *, grace_s: float = DEFAULT_GRACE_SECONDS, watchdog: bool = True) -> int:

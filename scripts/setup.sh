@@ -38,6 +38,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # modelopt's ONNX side (PTQ, fp16/bf16 casts), without their dependency pins
   .venv/bin/pip install -q --no-deps onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 polygraphy==0.53.6 \
       onnxconverter-common==1.16.0 lief==1.0.0 onnxscript==0.7.2 onnx-ir==1.1.0 colorama==0.4.6
+  # checkov (the `scan` extra: tests/test_deploy.py scans deploy/ and docker/Dockerfile) in a venv of its own: its pins
+  # (packaging<24, networkx 2.x) would downgrade the project's
+  [ -x .venv/checkov/bin/python ] || "$PY" -m venv .venv/checkov
+  .venv/checkov/bin/pip install -q $(.venv/bin/python -c \
+      "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['scan'])")
   echo "$want" > "$stamp"
 fi
 # `scripts/test.sh --fast` skips the import check below (13 s here): the stamp says the packages are installed, and the

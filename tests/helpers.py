@@ -5,6 +5,7 @@ import one another.
 - Rendered-repository helpers (test_repo_configs, test_gpu_encoder): the parts of a trtllm-build config.json the
   repository reads, a fake engine directory, the GPU RepoSpec of the tiny checkpoint, and every config.pbtxt of a
   rendered repository parsed back through model_config_pb2.
+- peer_ports: the client ports of the TCP connections a local server port has open (connection-reuse tests).
 """
 
 from __future__ import annotations
@@ -67,4 +68,16 @@ def rendered(root: Path) -> dict[str, mc.ModelConfig]:
         out[name] = configs.parse((root / name / "config.pbtxt").read_text())
         assert out[name].name == name
     assert sorted(p.name for p in root.iterdir()) == sorted(MODELS)
+    return out
+
+
+def peer_ports(port: int) -> set[int]:
+    """Client-side ports of the ESTABLISHED TCP connections to local `port` (IPv4 and IPv6), from /proc/net/tcp*:
+    what a server listening on `port` holds open right now."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # 01: TCP_ESTABLISHED
+                out.add(int(remote.rsplit(":", 1)[1], 16))
     return out

@@ -14,7 +14,7 @@ import pytest
 from fakes import pb_utils as fake_pb
 from af3trt.runtime import context as context_mod
 from af3trt.runtime.client import AF3Error, Request, send_cancel
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import RequestContext, RunningRequests, running_requests
 from af3trt.triton_repo import configs
 from reference import MAX_TOKENS
 
@@ -71,11 +71,15 @@ def test_decoder_probe_reads_the_mark_and_the_end_clears_it(ctx_root):
     assert probe() and not other_probe()
     anonymous = fake_pb.Request({})
     assert not decoder._cancelled(anonymous, anonymous.sender, ctx)()  # no id (perf_analyzer): no mark to read
-    decoder._emitter(mine.sender, ctx, "mine")([5, 6], True)  # the request's last response
-    assert not probe() and not ctx.is_cancelled("mine")
+    running = RunningRequests("decoder")
+    running.add(2)  # what execute counts for the two requests
+    decoder._emitter(mine.sender, ctx, "mine", running)([4], False)  # a token: still generating
+    assert running.n == 1 + 1
+    decoder._emitter(mine.sender, ctx, "mine", running)([5, 6], True)  # the request's last response
+    assert not probe() and not ctx.is_cancelled("mine") and running.n == 1
     ctx.cancel("other")
-    decoder._on_error(other.sender, ctx, "other")(RuntimeError("stopped"))
-    assert not ctx.is_cancelled("other")
+    decoder._on_error(other.sender, ctx, "other", running)(RuntimeError("stopped"))
+    assert not ctx.is_cancelled("other") and running_requests(0, ctx.root) == {"decoder": 0}
     other.sender.cancelled = True  # a direct-stream cancellation still counts
     assert other_probe()
 

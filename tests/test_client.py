@@ -1,5 +1,6 @@
 """The client (runtime/client.py) and `af3trt ask`: errors people can act on (no server, a server that never
-answers, a model that is not ready), and strip_prefix giving the same answer streamed and whole over gRPC."""
+answers, a model that is not ready), strip_prefix giving the same answer streamed and whole over gRPC, and one
+connection per client object however many requests it sends (tritonserver 2.51 keeps memory per connection)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from af3trt.runtime import client as client_mod
 from af3trt.runtime.client import AF3Client, AF3ConnectionError, Request
 from af3trt.runtime.detok import strip_transcription_prefix
 from af3trt.runtime.errors import ErrorCode
+from helpers import peer_ports
 from reference import MAX_TOKENS
 
 
@@ -160,6 +162,44 @@ def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
     assert whole.token_ids == streamed.token_ids == want.token_ids and whole.text == streamed.text == want.text
     assert whole.chunks == 1 and streamed.chunks >= MAX_TOKENS and len(first.token_ids) == 1
     assert client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("private", [False, True])
+def test_one_client_object_is_one_connection_for_every_request(server, speech_bytes, private):
+    """Sequential, concurrent and cancelled requests of one AF3Client run as streams of one connection: the server
+    holds at most one connection more while they are in flight (a connection per request was 6 more here). Without
+    private_connection, the client shares the connection of the session's `client` (same url, gRPC's subchannel
+    pool); with it, it has exactly one of its own."""
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    others = peer_ports(port)  # other clients of the session's server (the `client` fixture keeps its connection)
+    seen: set[int] = set()
+    with AF3Client(server.grpc_url, timeout=120, private_connection=private) as c:
+        for k in range(2):  # one after another, streamed and whole
+            for chunk in c.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=k == 0):
+                seen |= peer_ports(port)  # the request is in flight here: its connection is open
+        its = [c.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS) for _ in range(4)]
+        firsts = [next(it) for it in its]  # four requests in flight at once
+        seen |= peer_ports(port)
+        during = peer_ports(port) - others
+        its[0].close()  # cancels that request's stream only
+        rest = [sum(len(ch.token_ids) for ch in it) for it in its[1:]]
+        assert [len(f.token_ids) for f in firsts] == [1] * 4 and rest == [MAX_TOKENS - 1] * 3
+        seen |= peer_ports(port)
+    seen -= others
+    assert len(during) == len(seen) == (1 if private else len(seen)) <= 1, f"new client ports: {sorted(seen)}"
+
+
+@pytest.mark.integration
+def test_per_connection_clients_open_one_connection_each(server, speech_bytes):
+    """What `af3trt soak --client per-connection` relies on: a private AF3Client per request is a new connection."""
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    others, seen = peer_ports(port), set()
+    for _ in range(3):
+        with AF3Client(server.grpc_url, timeout=120, private_connection=True) as c:
+            for chunk in c.stream("What is said?", [speech_bytes], max_tokens=2):
+                seen |= peer_ports(port) - others
+    assert len(seen) == 3, sorted(seen)
 
 
 @pytest.mark.parametrize("args", [[], ["hi", "--messages", "conv.json"]])

@@ -432,3 +432,23 @@ def test_compare_medians_ratios_and_targets(tmp_path):
     results["compare"] = cmp
     results["machine"]["cpu"]["isa"] = "avx2"
     assert "CPU ISA: **avx2**" in report.render_markdown(results)
+
+
+def test_soak_bytes_per_request_fits_after_warm_up():
+    """`af3trt soak` tells a leak from warm-up: a 50-MB step in the first 1000 requests, then 3 KB per request for
+    the leaking process and nothing for the flat one; the slope is fitted after the warm-up only."""
+    from af3trt.perf.soak import bytes_per_request
+
+    series = []
+    for n in range(0, 10001, 500):
+        warm = 50.0 * min(n, 1000) / 1000  # MB
+        leak = warm + max(0, n - 1000) * 3000 / 2**20
+        series.append({"requests": n, "total_mb": 100 + leak + 40 + warm,
+                       "processes_mb": {"tritonserver": 100 + leak, "decoder": 40 + warm}})
+    fit = bytes_per_request(series, warmup_requests=2000)
+    assert fit["from_requests"] == 2000 and fit["to_requests"] == 10000 and fit["samples"] == 17
+    assert fit["per_process"]["tritonserver"]["bytes_per_request"] == pytest.approx(3000, abs=1)
+    assert fit["per_process"]["decoder"]["bytes_per_request"] == pytest.approx(0, abs=1)
+    assert bytes_per_request(series, warmup_requests=0)["per_process"]["decoder"]["bytes_per_request"] > 1000
+    assert "note" in bytes_per_request(series[:2], warmup_requests=0)
+

@@ -33,7 +33,7 @@ import pytest
 import soundfile as sf
 
 from af3trt.runtime import audio, supervisor
-from af3trt.runtime.client import AF3Busy, AF3Client, AF3Error, as_error
+from af3trt.runtime.client import AF3Busy, AF3Client, AF3Error, AF3Stream, Request, as_error
 from af3trt.runtime.errors import ErrorCode
 from af3trt.runtime.resample import StreamResampler
 from af3trt.runtime.server import TritonServer, free_port
@@ -205,6 +205,20 @@ def test_decoder_rejects_past_its_queue_and_stops_cancelled_requests(lm_dir):
         assert engine.stats["cancelled"] == 1 and engine.stats["busy"] == 1
 
 
+def test_running_requests_count_only_live_stubs(tmp_path):
+    """The drain's count of requests python stubs work on: a dead stub's file is ignored (its requests died with
+    it), a live one's counts."""
+    from af3trt.runtime.context import RunningRequests, running_requests
+
+    mine = RunningRequests("encoder", root=tmp_path)
+    with mine.of(3):
+        assert running_requests(0, tmp_path) == {"encoder": 3}
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "running" / f"decoder.{int(gone.stdout)}").write_text("5")  # a stub that died mid-request
+    assert running_requests(0, tmp_path) == {"encoder": 0}
+    assert not (tmp_path / "running" / f"decoder.{int(gone.stdout)}").exists() and mine.n == 0
+
+
 # ------------------------------------------------------------------------------------------------ integration
 
 KEY = "af3trt-test-" + secrets.token_hex(8)
@@ -226,6 +240,7 @@ class Served:
     """`af3trt serve` in a subprocess, as an operator runs it."""
 
     def __init__(self, repo: Path, logs: Path, grace: float = 60.0):
+        self.grace = grace
         self.grpc, self.http, self.metrics = free_port(), free_port(), free_port()
         self.triton_log, self.launcher_log = logs / "tritonserver.log", logs / "serve.log"
         env = dict(os.environ, AF3TRT_REPOSITORY_KEY=KEY)
@@ -521,8 +536,34 @@ def test_sigkill_of_a_stub_under_load_heals(served, speech_bytes, model):
 
 @pytest.mark.integration
 def test_sigterm_drains_streams_then_the_process_tree_exits(served, speech_bytes):
-    """Last test of the module: it stops the shared server."""
+    """Last test of the module: it stops the shared server. Issue 19's recipe: a killed stub made requests fail, a
+    client holds an idle stream open (as tritonclient's start_stream users and perf_analyzer do: it keeps Triton 2.51's
+    ensemble referenced, so waiting for the ensemble to unload waited the whole grace), then SIGTERM during four
+    streams: the drain ends when they end, well before the grace period."""
     client = AF3Client(served.url, timeout=120)
+    assert client.ask("What is said?", [speech_bytes], max_tokens=2).token_ids  # served (and watched) before the kill
+    victim = min(supervisor.stub_pids(served.triton_pid)["preprocess"])
+    failed = []
+
+    def doomed():
+        try:
+            client.ask("What is said?", [speech_bytes], max_tokens=4)
+        except AF3Error as e:
+            failed.append(str(e))
+
+    healed = served.launcher_log.read_text().count("is back after")
+    t = threading.Thread(target=doomed)
+    t.start()
+    os.kill(victim, signal.SIGKILL)
+    t.join(120)
+    deadline = time.monotonic() + 120
+    while served.launcher_log.read_text().count("is back after") == healed:  # the watchdog brings it back
+        assert time.monotonic() < deadline, served.logs()
+        time.sleep(0.1)
+    served.wait_ready(120)
+    idle = AF3Stream(served.url, timeout=120)
+    assert list(idle.responses(Request("What is said?", [speech_bytes], max_tokens=2)))  # its stream stays open
+
     first = [threading.Event() for _ in range(4)]
     results: dict[int, str] = {}
 
@@ -547,16 +588,20 @@ def test_sigterm_drains_streams_then_the_process_tree_exits(served, speech_bytes
     served.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(240)
+    streams_s = time.monotonic() - t0
     rc = served.proc.wait(180)
-    print(f"\nSIGTERM during 4 streams: {results}; launcher exited {rc} after {time.monotonic() - t0:.1f} s")
+    idle.close()
+    launcher = served.launcher_log.read_text()
+    drained = re.search(r"drained in ([\d.]+) s", launcher)
+    print(f"\nSIGTERM during 4 streams after a killed stub ({len(failed)} request failed) with an idle stream open: "
+          f"{results}; streams ended {streams_s:.1f} s after it, drain {drained and drained.group(1)} s, launcher "
+          f"exited {rc} after {time.monotonic() - t0:.1f} s")
     assert rc == 0, served.logs()
-    assert len(results) == 4 and all(r == "done 200" or "error" in r for r in results.values()), results
+    assert len(results) == 4 and all(r == "done 200" for r in results.values()), results
     assert not _wait_gone(tree, 60), "processes outlived the launcher"
     assert all(_port_free(p) for p in (served.grpc, served.http, served.metrics))
-    # The drain ends when the ensemble has no request in flight, or at the grace period: a request caught in a stub
-    # that an earlier test SIGKILLed can stay in flight in Triton 2.51 for ever, and then the grace period ends it.
-    launcher = served.launcher_log.read_text()
-    assert "drained in" in launcher or "grace period over" in launcher, launcher
+    assert "grace period over" not in launcher and drained, launcher  # before: the idle stream held it to the end
+    assert float(drained.group(1)) < streams_s + 10, launcher  # it ended with the streams (two polls after)
 
 
 @pytest.mark.integration

@@ -62,6 +62,24 @@ def test_config_checks_every_replica_on_the_ready_endpoint():
     assert "server r1 127.0.0.1:9101 proto h2 check-proto h1 check port 9100" in cfg
     assert cfg.count("option httpchk GET /v2/health/ready") == 2
     assert "0.0.0.0" not in cfg
+    grpc_backend = cfg.split(f"\nbackend {GRPC_BACKEND}\n")[1].split("\nbackend ")[0]
+    assert "http-reuse always" in grpc_backend  # clients' calls multiplexed onto long-lived server connections
+
+
+def test_clients_that_connect_per_request_share_the_balancers_server_connections(replicas, speech_bytes):
+    """Issue 19: tritonserver 2.51 keeps memory per client connection, so the balancer multiplexes a client that
+    connects once per request onto its long-lived server connections: 8 such requests, one after another, use at
+    most one connection per replica (a proxy in TCP mode, or none, would be 8)."""
+    from af3trt.runtime.client import AF3Client
+    from helpers import peer_ports
+
+    ports = [p.grpc for p in replicas.ports]
+    seen: set[tuple[int, int]] = set()
+    for _ in range(8):
+        with AF3Client(replicas.grpc_url, timeout=120, private_connection=True) as c:  # a connection per request
+            for _chunk in c.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS):
+                seen |= {(port, peer) for port in ports for peer in peer_ports(port)}
+    assert 1 <= len(seen) <= len(ports), sorted(seen)
 
 
 def test_32_concurrent_requests_through_the_balancer(replicas, speech_bytes):

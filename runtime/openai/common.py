@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 import soundfile as sf
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from af3trt.runtime.contract import ENSEMBLE
 from af3trt.runtime.errors import ErrorCode
@@ -40,6 +41,25 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, as every error of this API is answered (documented in the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+# The statuses an endpoint may answer besides 200, in the OpenAPI schema (/openapi.json): the only 5xx is 503.
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": kind} for status, kind in (
+    (400, "a request the client can fix"), (401, "missing or wrong API key"), (404, "unknown model"),
+    (413, "body over --max-upload-bytes"), (503, "Triton unreachable or the ensemble not ready"))}
 
 
 @dataclass

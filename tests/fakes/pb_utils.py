@@ -187,6 +187,6 @@ def load_model(name: str, config, args_extra: dict | None = None):
 
     model = import_model(name).TritonPythonModel()
     args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
-            **(args_extra or {})}
+            "model_name": config.name or name, **(args_extra or {})}  # Triton passes the model's name
     model.initialize(args)
     return model

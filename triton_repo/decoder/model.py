@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import RequestContext, RunningRequests
 from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
 from af3trt.runtime.stop_words import parse_stop_words_list
 
@@ -29,15 +29,19 @@ class TritonPythonModel:
                                     max_queue_size=int(p.get("max_queue_size", "0")),
                                     queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000)
         self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
 
     def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
+            self.running.add(1)  # until its final response or error
             try:
                 rid = r.request_id()
-                self.engine.submit(self.request(r), self._emitter(sender, self.ctx, rid),
-                                   self._on_error(sender, self.ctx, rid), self._cancelled(r, sender, self.ctx))
+                self.engine.submit(self.request(r), self._emitter(sender, self.ctx, rid, self.running),
+                                   self._on_error(sender, self.ctx, rid, self.running),
+                                   self._cancelled(r, sender, self.ctx))
             except Exception as e:  # noqa: BLE001
+                self.running.add(-1)
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
@@ -87,20 +91,27 @@ class TritonPythonModel:
                         or (deadline is not None and time.monotonic() > deadline))
 
     @staticmethod
-    def _emitter(sender, ctx: RequestContext, rid: str):
+    def _emitter(sender, ctx: RequestContext, rid: str, running: RunningRequests):
         def emit(tokens, final):
             if final:
                 ctx.clear_cancel(rid)  # a cancellation that came too late
-            sender.send(_response(tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+            try:
+                sender.send(_response(tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+            finally:
+                if final:
+                    running.add(-1)
         return emit
 
     @staticmethod
-    def _on_error(sender, ctx: RequestContext, rid: str):
+    def _on_error(sender, ctx: RequestContext, rid: str, running: RunningRequests):
         def on_error(exc):
             ctx.clear_cancel(rid)
             if isinstance(exc, RequestCancelled):
                 pb.Logger.log_info(f"decoder: {exc} (request id {rid[:64]!r})")
-            sender.send(io.error_response(pb, exc), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            try:
+                sender.send(io.error_response(pb, exc), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            finally:
+                running.add(-1)
         return on_error
 
     def finalize(self):

@@ -10,17 +10,23 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
+from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.running = RunningRequests(args["model_name"])
         p = io.params(args)
         threads = int(p.get("intra_op_threads", "0")) or None
         self.encoder = OnnxEncoder(io.resolve(args, p["onnx_path"]), intra_op_threads=threads)
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
 
     def execute(self, requests):
+        with self.running.of(len(requests)):  # the supervisor's drain reads it
+            return self.encode(requests)
+
+    def encode(self, requests):
         feats = [io.tensor(pb, r, INPUT_FEATURES) for r in requests]  # each [w_i, 128, T_i]
         masks = [io.tensor(pb, r, INPUT_FEATURES_MASK) for r in requests]  # each [w_i, T_i]
         try:

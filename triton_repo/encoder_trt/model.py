@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
 from af3trt.runtime.gpus import cap_cuda_memory
+from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.trt_runner import TrtRunner, encode_windows
 
 
@@ -27,12 +28,17 @@ def _torch(request, name: str, device) -> torch.Tensor:
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.running = RunningRequests(args["model_name"])
         p = io.params(args)
         plan = Path(args["model_repository"]) / args["model_version"] / p.get("plan_file", "model.plan")
         self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
         cap_cuda_memory(p, self.runner.place.device, "encoder")  # build/memory_plan.py stub_caps
 
     def execute(self, requests):
+        with self.running.of(len(requests)):  # the supervisor's drain reads it
+            return self.encode(requests)
+
+    def encode(self, requests):
         try:
             device = self.runner.place.device
             feats = [_torch(r, INPUT_FEATURES, device) for r in requests]  # each [w_i, 128, T]

@@ -9,7 +9,7 @@ from af3trt.kernels import device_from_params as kernels_device
 from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.gpus import cap_cuda_memory
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import RequestContext, RunningRequests
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
 
@@ -34,6 +34,7 @@ class TritonPythonModel:
         self.limits = FusionLimits.from_params(p)
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
         self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
         cap_cuda_memory(p, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
         if self.device is not None:  # torch (+ triton) only on the GPU path
@@ -48,7 +49,8 @@ class TritonPythonModel:
             pb.Logger.log_info(f"fusion: prompt table on {self.device} (af3trt.kernels)")
 
     def execute(self, requests):
-        return io.per_request(pb, requests, self.run)
+        with self.running.of(len(requests)):
+            return io.per_request(pb, requests, self.run)
 
     def run(self, r):
         sampling = check_sampling(

@@ -17,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.context import STALE_SECONDS, RequestContext
+from af3trt.runtime.context import STALE_SECONDS, RequestContext, RunningRequests
 from af3trt.runtime.contract import (MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM, STRIP_PREFIX,
                                      TEXT_OUTPUT)
 from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
@@ -29,11 +29,13 @@ class TritonPythonModel:
         p = io.params(args)
         self.detok = Detokenizer(io.resolve(args, p["tokenizer_dir"]) / "tokenizer.json")
         self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         self.states: dict[str, tuple[float, StreamState, dict]] = {}
         self.stop_ids = [int(i) for i in p.get("stop_ids", "").split(",") if i.strip()]
 
     def execute(self, requests):
-        out = io.per_request(pb, requests, self.run)
+        with self.running.of(len(requests)):
+            out = io.per_request(pb, requests, self.run)
         self._purge()
         return out
 

@@ -10,7 +10,7 @@ from af3trt.kernels import logmel
 from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.gpus import cap_cuda_memory
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.context import RequestContext, RunningRequests
 from af3trt.runtime.contract import AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX
 
 
@@ -24,6 +24,7 @@ class TritonPythonModel:
 
             torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         device = kernels_device(p, "preprocess")  # None: the CPU log-mel
         cap_cuda_memory(p, device, "preprocess")  # build/memory_plan.py stub_caps (GPU target)
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
@@ -36,7 +37,8 @@ class TritonPythonModel:
             pb.Logger.log_info(f"preprocess: log-mel on {device} (af3trt.kernels)")
 
     def execute(self, requests):
-        return io.per_request(pb, requests, self.run)
+        with self.running.of(len(requests)):
+            return io.per_request(pb, requests, self.run)
 
     def run(self, r):
         clips = io.tensor(pb, r, AUDIO)
