@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -109,7 +110,9 @@ def test_a_change_of_the_lock_reruns_setups_pip_step_under_the_new_lock(tmp_path
 
 def test_the_venv_the_suite_runs_in_holds_the_locked_versions():
     assert Path(sys.prefix).resolve() == (ROOT / ".venv").resolve(), "the suite runs in the venv setup.sh made"
-    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # what pip installed into the venv's site-packages (not the copies setuptools vendors, which may be on sys.path)
+    site = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions(path=sorted(site))}
     drift = {name: (version, installed.get(name)) for name, (version, _) in _lock().items()
              if name not in installed or Version(installed[name]).public != Version(version).public}
     assert drift == {}
