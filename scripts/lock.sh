@@ -14,7 +14,7 @@ lock=constraints.txt
 
 held=$(mktemp)
 trap 'rm -f "$held"' EXIT
-grep -E '#[[:space:]]*held' "$lock" > "$held" || true
+grep -E '^[^#].*#[[:space:]]*held' "$lock" > "$held" || true  # pin lines marked held (not the header)
 
 if [ "${1:-}" = "--from" ]; then
   venv=${2:?usage: scripts/lock.sh --from VENV}
@@ -46,4 +46,5 @@ print("\n".join(held_lines))
 print("\n".join(sorted(frozen, key=str.lower)))
 ' "$held" > "$lock.new"
 mv "$lock.new" "$lock"
-echo "== wrote $lock: $(grep -c '==' "$lock") pins from $venv"
+echo "== wrote $lock: $(grep -c '^[^#]' "$lock") pins from $venv"
+if [ "${1:-}" != "--from" ]; then rm -rf "$venv"; fi  # the scratch venv (several GB) has served
