@@ -40,8 +40,9 @@ for line in sys.stdin:
     if norm(name) in held_names:
         continue
     frozen.append(name + "==" + version.split("+")[0])  # 2.13.0+cpu: == without the local label matches it
-print("# The lock: the versions the test suite last passed with. scripts/setup.sh installs with `pip install -c` this file;")
-print("# scripts/lock.sh writes it (docs/install.md: regenerate, run the suite, commit). Lines marked `# held` move by hand.")
+print("# The lock: the versions the test suite last passed with. scripts/setup.sh installs with `pip install -c`"
+      " this file;\n# scripts/lock.sh writes it (docs/install.md: regenerate, run the suite, commit). Lines marked"
+      " `# held` move by hand.")
 print("\n".join(held_lines))
 print("\n".join(sorted(frozen, key=str.lower)))
 ' "$held" > "$lock.new"

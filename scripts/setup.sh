@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything af3trt needs on a fresh Debian 12 machine of this project's kind (2 cores, no GPU):
 # Debian packages, a venv in .venv with Python 3.11, torch 2.13 CPU, the tritonserver 2.51 binary (nvidia-pytriton
-# wheel), tritonclient[all]==2.51.0 (perf_analyzer), nvidia-modelopt, and af3trt itself (editable).
+# wheel), tritonclient[all]==2.51.0 (perf_analyzer), nvidia-modelopt, MkDocs (docs/), and af3trt itself (editable).
 # Every pip install is constrained by the lock, constraints.txt (the versions the suite last passed with; moved
 # forward by scripts/lock.sh, see docs/install.md), so a fresh machine next month gets the same packages.
 # Safe to re-run: each step is skipped when already done; a change of pyproject.toml, this script or the lock
@@ -38,10 +38,10 @@ fi
 stamp=$venv/.af3trt-setup
 want=$(cat pyproject.toml scripts/setup.sh "$lock" | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "== pip install -c $lock (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51 wheel, tritonclient 2.51, af3trt)"
+  echo "== pip install -c $lock (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51, tritonclient, af3trt)"
   # torch first and alone: the lock's CPU build, before any package can ask for a (CUDA) torch of its own
   "$venv/bin/pip" install -q -c "$lock" torch
-  "$venv/bin/pip" install -q -c "$lock" -e ".[export,server,perf,test,quant,deploy,gpu-kernels]"
+  "$venv/bin/pip" install -q -c "$lock" -e ".[export,server,perf,test,quant,deploy,gpu-kernels,docs]"
   # modelopt's ONNX side (PTQ, fp16/bf16 casts), without their dependency pins; versions: the lock's held lines
   "$venv/bin/pip" install -q -c "$lock" --no-deps onnx-graphsurgeon onnxslim polygraphy onnxconverter-common lief \
       onnxscript onnx-ir colorama
