@@ -66,10 +66,17 @@ def _text_request(af3, text, **kw) -> GenerationRequest:
 
 
 def _collect(engine, requests):
-    """Submit all requests at once; return (tokens per request, emit calls per request, errors per request)."""
+    """Submit all requests at once; return (tokens per request, emit calls per request, errors per request).
+
+    The worker is held at the first request's admission until all are queued (its cancellation poll runs on the
+    worker thread before the prefill), so they start together however fast the worker runs beside this thread."""
     n = len(requests)
     tokens, calls, errors = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
-    pending = threading.Semaphore(0)
+    pending, queued = threading.Semaphore(0), threading.Event()
+
+    def hold_until_queued() -> bool:
+        assert queued.wait(60)
+        return False  # never cancelled
 
     def callbacks(i):
         def emit(new, final):
@@ -84,7 +91,8 @@ def _collect(engine, requests):
         return emit, on_error
 
     for i, r in enumerate(requests):
-        engine.submit(r, *callbacks(i))
+        engine.submit(r, *callbacks(i), cancelled=hold_until_queued if i == 0 else None)
+    queued.set()
     for _ in range(n):
         assert pending.acquire(timeout=60)
     return tokens, calls, errors
