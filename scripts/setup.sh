@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Sets up everything af3trt needs on a fresh Debian 12 machine of this project's kind (2 cores, no GPU):
 # Debian packages, a venv in .venv with Python 3.11, torch 2.13 CPU, the tritonserver 2.51 binary (nvidia-pytriton
-# wheel), tritonclient[all]==2.51.0 (perf_analyzer), nvidia-modelopt, and af3trt itself (editable).
-# Safe to re-run: each step is skipped when already done.
+# wheel), tritonclient[all]==2.51.0 (perf_analyzer), nvidia-modelopt, MkDocs (docs/), and af3trt itself (editable).
+# Every pip install is constrained by the lock, constraints.txt (the versions the suite last passed with; moved
+# forward by scripts/lock.sh, see docs/install.md), so a fresh machine next month gets the same packages.
+# Safe to re-run: each step is skipped when already done; a change of pyproject.toml, this script or the lock
+# re-runs the pip step.
+#   AF3TRT_VENV (default .venv) and AF3TRT_LOCK (default constraints.txt): scripts/lock.sh sets both
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,34 +25,37 @@ fi
 command -v kustomize >/dev/null || command -v kubectl >/dev/null \
   || echo "== warning: neither kustomize nor kubectl on PATH: tests/test_deploy.py cannot render deploy/" >&2
 
+venv=${AF3TRT_VENV:-.venv}
+lock=${AF3TRT_LOCK:-constraints.txt}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-if [ ! -x .venv/bin/python ]; then
-  echo "== creating .venv with $($PY --version)"
-  "$PY" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
+if [ ! -x "$venv/bin/python" ]; then
+  echo "== creating $venv with $($PY --version)"
+  "$PY" -m venv "$venv"
+  "$venv/bin/pip" install -q -c "$lock" --upgrade pip
 fi
 
-stamp=.venv/.af3trt-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp=$venv/.af3trt-setup
+want=$(cat pyproject.toml scripts/setup.sh "$lock" constraints-scan.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "== pip install (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51 wheel, tritonclient 2.51, af3trt)"
-  .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[export,server,perf,test,quant,deploy,gpu-kernels]"
-  # modelopt's ONNX side (PTQ, fp16/bf16 casts), without their dependency pins
-  .venv/bin/pip install -q --no-deps onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 polygraphy==0.53.6 \
-      onnxconverter-common==1.16.0 lief==1.0.0 onnxscript==0.7.2 onnx-ir==1.1.0 colorama==0.4.6
+  echo "== pip install -c $lock (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51, tritonclient, af3trt)"
+  # torch first and alone: the lock's CPU build, before any package can ask for a (CUDA) torch of its own
+  "$venv/bin/pip" install -q -c "$lock" torch
+  "$venv/bin/pip" install -q -c "$lock" -e ".[export,server,perf,test,quant,deploy,gpu-kernels,docs]"
+  # modelopt's ONNX side (PTQ, fp16/bf16 casts), without their dependency pins; versions: the lock's held lines
+  "$venv/bin/pip" install -q -c "$lock" --no-deps onnx-graphsurgeon onnxslim polygraphy onnxconverter-common lief \
+      onnxscript onnx-ir colorama
   # checkov (the `scan` extra: tests/test_deploy.py scans deploy/ and docker/Dockerfile) in a venv of its own: its pins
-  # (packaging<24, networkx 2.x) would downgrade the project's
-  [ -x .venv/checkov/bin/python ] || "$PY" -m venv .venv/checkov
-  .venv/checkov/bin/pip install -q $(.venv/bin/python -c \
+  # (packaging<24, networkx 2.x) would downgrade the project's; its own lock is constraints-scan.txt
+  [ -x "$venv/checkov/bin/python" ] || "$PY" -m venv "$venv/checkov"
+  "$venv/checkov/bin/pip" install -q -c constraints-scan.txt $("$venv/bin/python" -c \
       "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['scan'])")
   echo "$want" > "$stamp"
 fi
 # `scripts/test.sh --fast` skips the import check below (13 s here): the stamp says the packages are installed, and the
 # tests import them anyway.
 [ "${AF3TRT_SETUP_SKIP_CHECK:-0}" = 1 ] && exit 0
-.venv/bin/python - <<'PY'
+"$venv/bin/python" - <<'PY'
 import numpy, torch, transformers, onnxruntime, modelopt.onnx.quantization, modelopt.torch.quantization, triton
 from af3trt.runtime.server import find_tritonserver
 from af3trt.perf.analyzer import find_perf_analyzer

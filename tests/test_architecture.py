@@ -1,4 +1,4 @@
-"""The import graph of af3trt: no cycles, and every import in the written direction (README "Layout").
+"""The import graph of af3trt: no cycles, and every import in the written direction (docs/development.md, "Layout").
 
     af3trt.registry   facts; imports nothing of af3trt
     runtime           ← registry

@@ -86,12 +86,12 @@ def test_from_prepared_and_the_repository_run_in_the_container_python(prepared, 
     assert r.stdout.split()[1::2] == ["cancel", "encoder", "fusion", "postprocess", "preprocess"]
 
 
-def test_the_readme_gpu_acceptance_command_collects_in_the_container_python(container):
-    """README's GPU acceptance command, `pytest tests/test_gpu_acceptance.py -m gpu -s`, runs in the container's
+def test_the_documented_gpu_acceptance_command_collects_in_the_container_python(container):
+    """The GPU acceptance command of docs/gpu.md, `pytest tests/test_gpu_acceptance.py -m gpu -s`, runs in the container's
     Python: pytest must be installed there (the base image has none; docker/Dockerfile installs it) and the test
     module with conftest.py must import with only the container's packages."""
-    readme = (TESTS.parent / "README.md").read_text()
-    command = next(line.split("#")[0].split() for line in readme.splitlines()
+    page = (TESTS.parent / "docs" / "gpu.md").read_text()
+    command = next(line.split("#")[0].split() for line in page.splitlines()
                    if line.startswith("pytest tests/test_gpu_acceptance.py"))
     r = run_in(container, "-m", *command, "--collect-only", "-q", "-p", "no:cacheprovider", cwd=TESTS.parent)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

@@ -66,10 +66,17 @@ def _text_request(af3, text, **kw) -> GenerationRequest:
 
 
 def _collect(engine, requests):
-    """Submit all requests at once; return (tokens per request, emit calls per request, errors per request)."""
+    """Submit all requests at once; return (tokens per request, emit calls per request, errors per request).
+
+    The worker is held at the first request's admission until all are queued (its cancellation poll runs on the
+    worker thread before the prefill), so they start together however fast the worker runs beside this thread."""
     n = len(requests)
     tokens, calls, errors = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
-    pending = threading.Semaphore(0)
+    pending, queued = threading.Semaphore(0), threading.Event()
+
+    def hold_until_queued() -> bool:
+        assert queued.wait(60)
+        return False  # never cancelled
 
     def callbacks(i):
         def emit(new, final):
@@ -84,7 +91,8 @@ def _collect(engine, requests):
         return emit, on_error
 
     for i, r in enumerate(requests):
-        engine.submit(r, *callbacks(i))
+        engine.submit(r, *callbacks(i), cancelled=hold_until_queued if i == 0 else None)
+    queued.set()
     for _ in range(n):
         assert pending.acquire(timeout=60)
     return tokens, calls, errors
@@ -319,20 +327,32 @@ def test_max_batch_size_caps_the_batch(lm_dir, af3):
 def test_stop_fails_queued_and_running_requests(lm_dir, af3):
     eng = DecoderEngine(lm_dir, max_batch_size=1)
     first, second = [], []
-    # the first request stops the engine from its first streamed token (on the worker thread, so without waiting)
-    eng.submit(_text_request(af3, "first", max_new_tokens=8, streaming=True),
-               lambda new, final: eng.stop(), first.append)
+    queued = threading.Event()
+
+    def stop_on_first_token(new, final):
+        # on the worker thread, with the first request running: wait until the second is queued (else a fast worker
+        # stops before the test submits it, and that submit is refused), then stop without waiting
+        assert queued.wait(60)
+        eng.stop()
+
+    eng.submit(_text_request(af3, "first", max_new_tokens=8, streaming=True), stop_on_first_token, first.append)
     eng.submit(_text_request(af3, "second", max_new_tokens=3), lambda new, final: None, second.append)
+    queued.set()
     eng.stop()
     assert isinstance(first[0], DecodeError) and isinstance(second[0], DecodeError)
     with pytest.raises(DecodeError, match="stopped"):
         eng.submit(_text_request(af3, "late", max_new_tokens=3), lambda new, final: None)
 
 
-def test_cancelled_request_leaves_the_batch(engine, af3):
+def test_cancelled_request_leaves_the_batch(engine, af3, monkeypatch):
     """A request whose client went away (Triton's is_cancelled) stops generating and gets RequestCancelled; a
     request decoding beside it is untouched."""
+    from af3trt.runtime import decoder
     from af3trt.runtime.decoder import RequestCancelled
+
+    # `cancelled` is polled before every decode step instead of at most every 50 ms, so the request ends at the step
+    # after its second token however fast the machine decodes (a fast CPU finished all 40 tokens within 50 ms)
+    monkeypatch.setattr(decoder, "CANCEL_CHECK_S", 0.0)
 
     keep = _text_request(af3, "Hello world", max_new_tokens=12)
     alone = engine.generate(keep)
@@ -364,5 +384,5 @@ def test_cancelled_request_leaves_the_batch(engine, af3):
     for _ in range(2):
         assert done.acquire(timeout=60)
     assert isinstance(errors.get("c"), RequestCancelled) and "k" not in errors
-    assert 2 <= len(tokens) < 40
+    assert len(tokens) == 2
     assert results["k"] == alone
