@@ -14,11 +14,14 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints.txt"
+SCAN_LOCK = ROOT / "constraints-scan.txt"  # the `scan` extra (checkov) lives in a venv of its own, with its own lock
+OWN_VENV_EXTRAS = {"scan": SCAN_LOCK}
 SETUP = ROOT / "scripts" / "setup.sh"
 
 
@@ -41,18 +44,24 @@ def _lock(path: Path = LOCK) -> dict[str, tuple[str, bool]]:
     return pins
 
 
-def _declared() -> list[Requirement]:
+def _declared(lock: Path = LOCK) -> list[Requirement]:
+    """What pyproject asks for that `lock` must pin: the project's venv, or an extra with a venv of its own."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    own = [e for e, path in OWN_VENV_EXTRAS.items() if path == lock]
+    if own:
+        return [Requirement(r) for e in own for r in project["optional-dependencies"][e]]
     reqs = list(project["dependencies"])
-    for extra in project["optional-dependencies"].values():
-        reqs += extra
+    for extra, items in project["optional-dependencies"].items():
+        if extra not in OWN_VENV_EXTRAS:
+            reqs += items
     return [Requirement(r) for r in reqs]
 
 
-def test_every_dependency_pyproject_declares_is_pinned_in_the_lock_within_its_range():
-    pins = _lock()
-    declared = _declared()
-    assert len(declared) >= 20
+@pytest.mark.parametrize("lock", [LOCK, SCAN_LOCK], ids=lambda p: p.name)
+def test_every_dependency_pyproject_declares_is_pinned_in_the_lock_within_its_range(lock):
+    pins = _lock(lock)
+    declared = _declared(lock)
+    assert len(declared) >= (20 if lock == LOCK else 1)
     unpinned = sorted(r.name for r in declared if _norm(r.name) not in pins)
     assert unpinned == []
     outside = sorted(f"{r.name}=={pins[_norm(r.name)][0]} not in {r.specifier}" for r in declared
@@ -71,21 +80,25 @@ def test_setup_installs_everything_under_the_lock():
     assert re.search(r'^lock=\$\{AF3TRT_LOCK:-constraints\.txt\}$', text, re.M)
     commands = [c.strip() for c in re.sub(r"\\\n\s*", " ", text).splitlines()]
     installs = [c for c in commands if re.search(r'pip"? install', c) and not c.startswith(("#", "echo"))]
-    assert len(installs) == 4
-    assert [c for c in installs if '-c "$lock"' not in c] == []
+    assert len(installs) == 5
+    # four into the project's venv under the lock, one into checkov's venv under its own lock
+    assert [c for c in installs if '-c "$lock"' not in c] == [
+        next(c for c in installs if f"-c {SCAN_LOCK.name}" in c and "/checkov/" in c)]
     # what setup installs --no-deps bypasses the resolver: the lock holds each by hand
     no_deps = next(c for c in installs if "--no-deps" in c).split("--no-deps", 1)[1].split()
     pins = _lock()
     assert no_deps and all(pins[_norm(n)][1] for n in no_deps), no_deps
 
 
-def _fake_venv(root: Path, log: Path) -> Path:
-    """A venv whose pip and python only write down how they were called."""
+def _fake_venv(root: Path, log: Path, label: str = "") -> Path:
+    """A venv whose pip and python only write down how they were called (and checkov's venv inside it)."""
     (root / "bin").mkdir(parents=True)
     for tool in ("pip", "python"):
         exe = root / "bin" / tool
-        exe.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
+        exe.write_text(f'#!/bin/sh\necho "{label}{tool} $*" >> "{log}"\n')
         exe.chmod(0o755)
+    if not label:
+        _fake_venv(root / "checkov", log, "checkov-")
     return root
 
 
@@ -102,7 +115,9 @@ def test_a_change_of_the_lock_reruns_setups_pip_step_under_the_new_lock(tmp_path
         return log.read_text().splitlines()
 
     first = setup()
-    assert len(first) >= 3 and all(f"-c {lock}" in c for c in first), first
+    pips = [c for c in first if c.startswith("pip ")]
+    assert len(pips) >= 3 and all(f"-c {lock}" in c for c in pips), first
+    assert [c for c in first if c.startswith("checkov-pip ")] == [f"checkov-pip install -q -c {SCAN_LOCK.name}"], first
     assert setup() == []                       # stamp current: nothing to do
     lock.write_text(lock.read_text().replace("numpy==1.26.4", "numpy==1.26.3"))
     assert setup() == first                    # the lock moved: the pip step runs again, under it
