@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from af3trt.build import think
 from af3trt.build.common import BuildError, Progress, versions
 from af3trt.build.gpu_repo import (TrtllmOptions, backend_options, gpu_repo_spec, read_decoder_engine,
                                    render_gpu_repository)
@@ -78,6 +79,11 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     with prog.step(f"writing the TensorRT-LLM checkpoint ({g.precision}, kv {g.kv_cache}, tp {g.tp_size})"):
         report.sections["trtllm_checkpoint"] = write_trtllm_checkpoint(
             art / "lm", art / "trtllm_checkpoint", precision=g.precision, kv_cache=g.kv_cache, tp_size=g.tp_size)
+    found = think.load(plan.hf_model, plan.options.think)
+    if found is not None:
+        with prog.step("think/ for TensorRT-LLM (LoRA prefetch, plugin flags; think encoder ONNX)"):
+            report.gpu["think"] = think.prepare_gpu(found, plan, art, calib=calib)
+            report.gpu["memory_plan"]["think"] = think.memory(report.gpu["memory_plan"], report.gpu["think"])
     if g.goldens:
         from af3trt.export.goldens import write_goldens
 
@@ -123,9 +129,11 @@ class EnginePlans:
 
 def _trtllm_plan(plan: BuildPlan, root: Path) -> TrtllmBuildPlan:
     art = plan.artifacts(root)
-    return plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.serving, plan.gpu.precision,
-                             plan.gpu.kv_cache, plan.serving.window_tokens_per_request,
-                             timing_cache=art / "trtllm.timing.cache", gpu=plan.gpu_target)
+    built = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.serving, plan.gpu.precision,
+                              plan.gpu.kv_cache, plan.serving.window_tokens_per_request,
+                              timing_cache=art / "trtllm.timing.cache", gpu=plan.gpu_target)
+    prepared = think.read_gpu(art)  # think/'s LoRA plugin flags, when the prepare step wrote them
+    return built if prepared is None else replace(built, args=[*built.args, *prepared["trtllm_build_flags"]])
 
 
 def engine_plans(plan: BuildPlan, encoder_onnx: str) -> EnginePlans:
@@ -146,6 +154,12 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
         report.sections["encoder_engine"] = build_encoder_engine(
             root / engines.encoder_onnx, art / "encoder.plan", max_windows=enc.max_windows,
             opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
+    prepared = think.read_gpu(art)
+    if prepared is not None and prepared["encoder_onnx"]:
+        with prog.step("building the think/ encoder variant's TensorRT engine"):
+            report.sections["think_encoder_engine"] = build_encoder_engine(
+                root / prepared["encoder_onnx"], art / "think_encoder.plan", max_windows=enc.max_windows,
+                opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
     with prog.step("building the TensorRT-LLM decoder engine (trtllm-build)"):
         report.sections["decoder_engine"] = run_trtllm_build(_trtllm_plan(plan, root).args,
                                                              root / "logs" / "trtllm-build.log")
@@ -155,7 +169,11 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
         spec = gpu_repo_spec(plan.checkpoint, plan.serving, engine_dir=art / "engine", tokenizer_dir="artifacts/lm",
                              encoder_max_windows=enc.max_windows, engine=engine, options=options,
                              engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"))
+        if prepared is not None:
+            spec = think.gpu_spec(spec, prepared, plan.artifacts())
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
+        if prepared is not None and prepared["encoder_onnx"]:
+            shutil.move(str(art / "think_encoder.plan"), repo_dir / "encoder" / "1" / think.THINK_PLAN)
     report.gpu["backend_options"] = asdict(options)
     report.sections["repository"] = {"spec": asdict(spec)}
     report.sections["precisions"] = {"encoder": plan.gpu.encoder_precision, "encoder_io": "float32",
