@@ -97,7 +97,7 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
 
     encoder_onnx = f"artifacts/{enc_onnx.name}"
     report.gpu["encoder_onnx"] = encoder_onnx
-    engines = engine_plans(plan, encoder_onnx)
+    engines = engine_plans(plan, encoder_onnx, work)
     (art / "gpu_build_plan.json").write_text(json.dumps(engines.public(plan.out), indent=2, default=str))
     plan.save(work, encoder_onnx=encoder_onnx)
     report.gpu["build_plan"] = "artifacts/gpu_build_plan.json"
@@ -127,18 +127,21 @@ class EnginePlans:
                 "trtllm_build_command": "trtllm-build " + " ".join(shlex.quote(a) for a in self.trtllm.args)}
 
 
-def _trtllm_plan(plan: BuildPlan, root: Path) -> TrtllmBuildPlan:
+def _trtllm_plan(plan: BuildPlan, root: Path, now: Path | None = None) -> TrtllmBuildPlan:
+    """trtllm-build's plan with the paths under `root`; `now`: where the artifacts are at this moment (default
+    root; a build's scratch directory while it runs)."""
     art = plan.artifacts(root)
     built = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.serving, plan.gpu.precision,
                               plan.gpu.kv_cache, plan.serving.window_tokens_per_request,
                               timing_cache=art / "trtllm.timing.cache", gpu=plan.gpu_target)
-    prepared = think.read_gpu(art)  # think/'s LoRA plugin flags, when the prepare step wrote them
+    prepared = think.read_gpu(plan.artifacts(now or root))  # think/'s LoRA plugin flags, if prepared
     return built if prepared is None else replace(built, args=[*built.args, *prepared["trtllm_build_flags"]])
 
 
-def engine_plans(plan: BuildPlan, encoder_onnx: str) -> EnginePlans:
-    """The engine builds of a prepared plan, with the paths of its final location (plan.out)."""
-    trtllm = _trtllm_plan(plan, plan.out)
+def engine_plans(plan: BuildPlan, encoder_onnx: str, now: Path | None = None) -> EnginePlans:
+    """The engine builds of a prepared plan, with the paths of its final location (plan.out); `now`: where the
+    output is while it is built."""
+    trtllm = _trtllm_plan(plan, plan.out, now)
     # the encoder takes per execution what the decoder can take per iteration (build/memory_plan.py)
     max_windows = encoder_profile_windows(plan.serving.max_batch_size, plan.serving.max_audio_windows,
                                           trtllm.derived["max_num_tokens"])
