@@ -88,7 +88,7 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
         from af3trt.export.goldens import write_goldens
 
         with prog.step("golden answers for `af3trt gpu-check` (transformers, greedy)"):
-            report.sections["goldens"] = write_goldens(plan.hf_model, art)
+            report.sections["goldens"] = write_goldens(plan.hf_model, art, think=found is not None)
     if g.accuracy_report:
         from af3trt.build.trtllm_engine import decoder_accuracy_report
 

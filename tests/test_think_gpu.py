@@ -94,3 +94,17 @@ def test_the_repository_wires_both_modes(prepared_think):
     q, kv, mlp = 4 * 64 + 64 * 4, 4 * 64 + 32 * 4, 4 * 64 + 128 * 4
     assert mem["lora_adapter_bytes"] == 2 * 2 * (2 * q + 2 * kv + 3 * mlp)
     assert mem["total_with_think"] > manifest["gpu"]["memory_plan"]["total"]
+
+
+def test_gpu_check_goldens_cover_thinking(prepared_think):
+    """The prepared goldens hold each case in both modes; gpu-check sends the thinking ones with thinking=True."""
+    from af3trt.build.gpu_check import read_goldens
+
+    _, out = prepared_think
+    goldens = read_goldens(out / "artifacts")
+    base = {c.name: c for c in goldens.cases if not c.thinking}
+    think = {c.name: c for c in goldens.cases if c.thinking}
+    assert set(think) == {f"think-{n}" for n in base} and base
+    assert all(think[f"think-{n}"].prompt == c.prompt for n, c in base.items())  # the server adds the suffix
+    assert any(think[f"think-{n}"].token_ids != c.token_ids for n, c in base.items())
+    assert "PeftModel" in goldens.reference
