@@ -151,3 +151,15 @@ def threading_run(engine, requests):
     for k, r in enumerate(requests):
         engine.submit(r, emitter(k))
     return all(e.wait(120) for e in events), results
+
+
+def test_bench_report_shows_both_modes():
+    from af3trt.perf import report
+
+    row = {"requests": 4, "errors": 0, "tokens": 40.0, "latency_ms": 900.0, "ttft_ms": 50.0, "encoder_ms": 10.0,
+           "decoder_ms": 800.0}
+    lines = report._thinking_lines({"thinking": {"tool": "t", "max_tokens": 128, "base": row,
+                                                 "thinking": {**row, "tokens": 120.0}}})
+    assert any(line.startswith("| base | 4 | 0 | 40 |") for line in lines)
+    assert any(line.startswith("| thinking | 4 | 0 | 120 |") for line in lines)
+    assert "Skipped" in "".join(report._thinking_lines({"thinking": {"skipped": "no think/"}}))
