@@ -9,7 +9,8 @@ The Hugging Face checkpoint ships thinking as `think/` beside the base weights (
     think/adapter_model.safetensors subfolder="think")
 
 `read_think` sorts every key into what the build can place and refuses, naming the keys, what it cannot:
-  audio_tower.* / multi_modal_projector.* overrides → a second encoder variant (export/onnx_export.py)
+  model.audio_tower.* / model.multi_modal_projector.* overrides → a second encoder variant (export/onnx_export.py)
+  keys that name no tensor of the model → ignored, as load_state_dict(strict=False) ignores them (listed)
   LoRA on the language model's linear projections  → the same decoder with the adapter applied per request
   anything else (language-model overrides, LoRA elsewhere, DoRA, biases, modules_to_save) → ThinkError
 
@@ -31,8 +32,10 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The synthetic adapter: all of them, on the language model only (the audio tower has q/k/v_proj too).
 SYNTH_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-_AUDIO = re.compile(r"^(?:model\.)?audio_tower\.(.+)$")
-_PROJECTOR = re.compile(r"^(?:model\.)?multi_modal_projector\.(.+)$")
+# AudioFlamingo3ForConditionalGeneration's own names (transformers 5.x): load_state_dict(strict=False) applies these
+# and silently ignores any key that names no tensor of the model, so af3trt ignores those too (listed in the manifest)
+_ENCODER_SIDE = re.compile(r"^model\.(?:audio_tower|multi_modal_projector)\.")
+_LANGUAGE_MODEL = re.compile(r"^(?:model\.language_model\.|lm_head\.)")
 # PEFT's saved names: base_model.model.<module path>.lora_{A,B}.weight (the adapter name is removed on save)
 _LORA = re.compile(r"^base_model\.model\.(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\."
                    r"(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -47,7 +50,8 @@ class Think:
     """What think/ holds, sorted by where it goes."""
 
     path: Path
-    encoder_overrides: dict = field(default_factory=dict)  # AF3 key (model.audio_tower.* / model.multi_modal_projector.*) → tensor
+    encoder_overrides: dict = field(default_factory=dict)  # model.audio_tower.* / model.multi_modal_projector.* → tensor
+    ignored: list = field(default_factory=list)  # keys strict=False ignores (no tensor of the model has the name)
     rank: int = 0
     alpha: float = 0.0
     scaling: float = 0.0  # alpha / rank (PEFT LoraLayer.update_layer; alpha / sqrt(rank) with use_rslora)
@@ -60,7 +64,7 @@ class Think:
         return [k for k in LM_PROJECTIONS if k in kinds]
 
     def summary(self) -> dict:
-        return {"path": str(self.path), "encoder_overrides": sorted(self.encoder_overrides),
+        return {"path": str(self.path), "encoder_overrides": sorted(self.encoder_overrides), "ignored": self.ignored,
                 "lora": {"rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, "modules": self.modules,
                          "layers": len({n.split(".")[2] for n in self.lora})}}
 
@@ -81,10 +85,12 @@ def read_think(think_dir: Path) -> Think:
     if (think_dir / NON_LORA).exists():
         state = torch.load(think_dir / NON_LORA, map_location="cpu", weights_only=True)
         for key, t in state.items():
-            if _AUDIO.match(key) or _PROJECTOR.match(key):
-                out.encoder_overrides["model." + key.removeprefix("model.")] = t
-            else:
+            if _ENCODER_SIDE.match(key):
+                out.encoder_overrides[key] = t
+            elif _LANGUAGE_MODEL.match(key):
                 refused.append(key)
+            else:
+                out.ignored.append(key)
         if refused:
             raise ThinkError(f"{think_dir / NON_LORA} overrides tensors outside the audio encoder and projector, "
                              f"which af3trt cannot serve beside the base language model: {', '.join(refused)}")

@@ -67,6 +67,11 @@ def test_think_keys_that_cannot_be_placed_are_refused_by_name(think_dir, tmp_pat
     torch.save(state, bad / "non_lora_trainables.bin")
     with pytest.raises(ThinkError, match=r"model\.language_model\.norm\.weight"):
         read_think(bad)
+    # a name no tensor of the model has: strict=False ignores it, and so does the build (listed, not applied)
+    state.pop("model.language_model.norm.weight")
+    state["sound_mm_projector.weight"] = torch.ones(4)
+    torch.save(state, bad / "non_lora_trainables.bin")
+    assert read_think(bad).ignored == ["sound_mm_projector.weight"]
 
     shutil.copy(think_dir / "non_lora_trainables.bin", bad / "non_lora_trainables.bin")
     weights = load_file(bad / "adapter_model.safetensors")
