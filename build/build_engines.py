@@ -17,37 +17,41 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from af3trt.build import gpu_build
+from af3trt.build import gpu_build, think
 from af3trt.build.common import BuildError, Progress, add_flags, flag_fields, from_flags
 from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
 from af3trt.build.repository import render_repository, repo_spec
+from af3trt.export.think import find_think
 from af3trt.registry import CPU_ENCODER_PRECISIONS, GPU_ENCODER_PRECISIONS
 from af3trt.triton_repo.configs import RepoSpec
 
 log = logging.getLogger("af3trt.build")
 
 
-def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str) -> RepoSpec:
+def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None = None) -> RepoSpec:
     """The RepoSpec of target "cpu": build/repository.repo_spec with the ONNX Runtime encoder and the torch decoder.
-    lm: what extract_language_model reported (dtype, vocab_size); onnx_rel: the encoder ONNX under the output."""
+    lm: what extract_language_model reported (dtype, vocab_size); onnx_rel: the encoder ONNX under the output;
+    extra: more parameters per model (encoder, decoder, fusion), e.g. think/'s (build/think.py)."""
     o = plan.options
     threads = str(o.cpu_threads) if o.cpu_threads else "0"
 
     def threads_of(override):
         return threads if override is None else str(override)
 
-    return repo_spec(
+    extra = extra or {}
+    spec = repo_spec(
         plan.checkpoint, plan.serving, target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"],
         tokenizer_dir="artifacts/lm", encoder_max_batch=o.encoder_max_batch,
         encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads),
                         **({"max_windows_per_run": str(o.encoder_windows_per_run)}
-                           if o.encoder_windows_per_run else {})},
+                           if o.encoder_windows_per_run else {}), **extra.get("encoder", {})},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
-                        "threads": threads_of(o.decoder_threads)},
+                        "threads": threads_of(o.decoder_threads), **extra.get("decoder", {})},
         preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
+    return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
 
 def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) -> None:
@@ -68,7 +72,12 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     with prog.step("extracting the Qwen2 language model"):
         lm = extract_language_model(plan.hf_model, art / "lm")
         report.sections["language_model"] = {k: v for k, v in lm.items() if k != "shapes"}
-    spec = cpu_repo_spec(plan, lm, onnx_rel)
+    extra = None
+    found = think.load(plan.hf_model, plan.options.think)
+    if found is not None:
+        with prog.step("building think/ (AF3's thinking mode: encoder variant, LoRA)"):
+            extra = think.build_cpu(found, plan.hf_model, art, report)
+    spec = cpu_repo_spec(plan, lm, onnx_rel, extra)
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
     report.sections["repository"] = {"spec": asdict(spec),
@@ -82,7 +91,7 @@ def build(opts: BuildOptions) -> Path:
     check_options(opts)
     gpu_target, notes = gpu_build.check_target(opts.gpu) if opts.target == "gpu" else (None, [])
     if opts.target == "cpu":
-        total = 5 if opts.encoder_precision == "int8" else 4
+        total = (5 if opts.encoder_precision == "int8" else 4) + bool(opts.think and find_think(opts.hf_model))
     else:
         g = opts.gpu
         total = 5 + g.accuracy_report + g.goldens + (0 if g.prepare_only else 3)
@@ -145,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")
+    ap.add_argument("--no-think", dest="think", action="store_false",
+                    help="leave out the checkpoint's think/ (AF3's thinking mode); thinking requests are then refused")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
     add_flags(gpu, GpuOptions)
     gpu.add_argument("--from-prepared", type=Path, default=None, metavar="OUT",

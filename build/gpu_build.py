@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from af3trt.build import think
 from af3trt.build.common import BuildError, Progress, versions
 from af3trt.build.gpu_repo import (TrtllmOptions, backend_options, gpu_repo_spec, read_decoder_engine,
                                    render_gpu_repository, with_stub_caps)
@@ -78,11 +79,16 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     with prog.step(f"writing the TensorRT-LLM checkpoint ({g.precision}, kv {g.kv_cache}, tp {g.tp_size})"):
         report.sections["trtllm_checkpoint"] = write_trtllm_checkpoint(
             art / "lm", art / "trtllm_checkpoint", precision=g.precision, kv_cache=g.kv_cache, tp_size=g.tp_size)
+    found = think.load(plan.hf_model, plan.options.think)
+    if found is not None:
+        with prog.step("think/ for TensorRT-LLM (LoRA prefetch, plugin flags; think encoder ONNX)"):
+            report.gpu["think"] = think.prepare_gpu(found, plan, art, calib=calib)
+            report.gpu["memory_plan"]["think"] = think.memory(report.gpu["memory_plan"], report.gpu["think"])
     if g.goldens:
         from af3trt.export.goldens import write_goldens
 
         with prog.step("golden answers for `af3trt gpu-check` (transformers, greedy)"):
-            report.sections["goldens"] = write_goldens(plan.hf_model, art)
+            report.sections["goldens"] = write_goldens(plan.hf_model, art, think=found is not None)
     if g.accuracy_report:
         from af3trt.build.trtllm_engine import decoder_accuracy_report
 
@@ -91,7 +97,7 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
 
     encoder_onnx = f"artifacts/{enc_onnx.name}"
     report.gpu["encoder_onnx"] = encoder_onnx
-    engines = engine_plans(plan, encoder_onnx)
+    engines = engine_plans(plan, encoder_onnx, work)
     (art / "gpu_build_plan.json").write_text(json.dumps(engines.public(plan.out), indent=2, default=str))
     plan.save(work, encoder_onnx=encoder_onnx)
     report.gpu["build_plan"] = "artifacts/gpu_build_plan.json"
@@ -121,16 +127,21 @@ class EnginePlans:
                 "trtllm_build_command": "trtllm-build " + " ".join(shlex.quote(a) for a in self.trtllm.args)}
 
 
-def _trtllm_plan(plan: BuildPlan, root: Path) -> TrtllmBuildPlan:
+def _trtllm_plan(plan: BuildPlan, root: Path, now: Path | None = None) -> TrtllmBuildPlan:
+    """trtllm-build's plan with the paths under `root`; `now`: where the artifacts are at this moment (default
+    root; a build's scratch directory while it runs)."""
     art = plan.artifacts(root)
-    return plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.serving, plan.gpu.precision,
-                             plan.gpu.kv_cache, plan.serving.window_tokens_per_request,
-                             timing_cache=art / "trtllm.timing.cache", gpu=plan.gpu_target)
+    built = plan_trtllm_build(art / "trtllm_checkpoint", art / "engine", plan.serving, plan.gpu.precision,
+                              plan.gpu.kv_cache, plan.serving.window_tokens_per_request,
+                              timing_cache=art / "trtllm.timing.cache", gpu=plan.gpu_target)
+    prepared = think.read_gpu(plan.artifacts(now or root))  # think/'s LoRA plugin flags, if prepared
+    return built if prepared is None else replace(built, args=[*built.args, *prepared["trtllm_build_flags"]])
 
 
-def engine_plans(plan: BuildPlan, encoder_onnx: str) -> EnginePlans:
-    """The engine builds of a prepared plan, with the paths of its final location (plan.out)."""
-    trtllm = _trtllm_plan(plan, plan.out)
+def engine_plans(plan: BuildPlan, encoder_onnx: str, now: Path | None = None) -> EnginePlans:
+    """The engine builds of a prepared plan, with the paths of its final location (plan.out); `now`: where the
+    output is while it is built."""
+    trtllm = _trtllm_plan(plan, plan.out, now)
     # the encoder takes per execution what the decoder can take per iteration (build/memory_plan.py)
     max_windows = encoder_profile_windows(plan.serving.max_batch_size, plan.serving.max_audio_windows,
                                           trtllm.derived["max_num_tokens"])
@@ -147,6 +158,12 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
         report.sections["encoder_engine"] = build_encoder_engine(
             root / engines.encoder_onnx, art / "encoder.plan", max_windows=enc.max_windows,
             opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
+    prepared = think.read_gpu(art)
+    if prepared is not None and prepared["encoder_onnx"]:
+        with prog.step("building the think/ encoder variant's TensorRT engine"):
+            report.sections["think_encoder_engine"] = build_encoder_engine(
+                root / prepared["encoder_onnx"], art / "think_encoder.plan", max_windows=enc.max_windows,
+                opt_windows=enc.opt_windows, timing_cache=art / "encoder.timing.cache")
     with prog.step("building the TensorRT-LLM decoder engine (trtllm-build)"):
         report.sections["decoder_engine"] = run_trtllm_build(_trtllm_plan(plan, root).args,
                                                              root / "logs" / "trtllm-build.log")
@@ -157,7 +174,11 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
                              encoder_max_windows=enc.max_windows, engine=engine, options=options,
                              engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"))
         spec = with_stub_caps(spec, stub_caps)  # build/memory_plan.py stub_caps → cuda_memory_cap_bytes
+        if prepared is not None:
+            spec = think.gpu_spec(spec, prepared, plan.artifacts())
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
+        if prepared is not None and prepared["encoder_onnx"]:
+            shutil.move(str(art / "think_encoder.plan"), repo_dir / "encoder" / "1" / think.THINK_PLAN)
     report.gpu["backend_options"] = asdict(options)
     report.sections["repository"] = {"spec": asdict(spec)}
     report.sections["precisions"] = {"encoder": plan.gpu.encoder_precision, "encoder_io": "float32",

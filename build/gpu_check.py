@@ -50,6 +50,7 @@ class Golden:
     prompt: str
     audio: Path
     token_ids: list[int]
+    thinking: bool = False  # sent with thinking=True (the server adds the suffix; docs/thinking.md)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def read_goldens(artifacts: Path) -> Goldens:
     doc = json.loads(path.read_text(encoding="utf-8"))
     if doc.get("af3trt_goldens") != 1 or not doc.get("cases"):
         raise GpuCheckError(f"{path} is not an af3trt goldens file (format 1 with cases)")
-    cases = [Golden(c["name"], c["prompt"], Path(artifacts) / c["audio"], [int(t) for t in c["token_ids"]])
-             for c in doc["cases"]]
+    cases = [Golden(c["name"], c["prompt"], Path(artifacts) / c["audio"], [int(t) for t in c["token_ids"]],
+                    bool(c.get("thinking", False))) for c in doc["cases"]]
     for c in cases:
         if not c.audio.is_file():
             raise GpuCheckError(f"{path}: audio {c.audio} of case {c.name} is missing")
@@ -169,7 +170,8 @@ def check_repository(repo: Path, goldens: Goldens, precision: str, *, log_path: 
     with TritonServer(Path(repo), log_path=log_path) as srv:
         client = AF3Client(srv.grpc_url, timeout=timeout)
         for c in goldens.cases:
-            got = client.ask(c.prompt, [c.audio.read_bytes()], max_tokens=goldens.max_tokens).token_ids
+            got = client.ask(c.prompt, [c.audio.read_bytes()], max_tokens=goldens.max_tokens,
+                             thinking=c.thinking or None).token_ids
             verdict.cases.append(Agreement(c.name, got, c.token_ids))
     return verdict
 

@@ -181,6 +181,7 @@ class BuildOptions:
     encoder_max_batch: int = 64  # the GPU encoder's is its engine profile's (build/memory_plan.py)
     encoder_windows_per_run: int = 2  # CPU encoder: windows per ONNX Runtime run (0: all of an execution at once)
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
+    think: bool = True  # build think/ (AF3's thinking mode) when the checkpoint has it (build/think.py)
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 

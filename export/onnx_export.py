@@ -168,8 +168,10 @@ class AudioEmbedder(nn.Module):
         return self.multi_modal_projector(hidden)
 
 
-def load_audio_embedder(hf_dir: Path) -> tuple[AudioEmbedder, str]:
-    """The float32 encoder + projector of a checkpoint, and the dtype the checkpoint stores them in."""
+def load_audio_embedder(hf_dir: Path, overrides: dict | None = None) -> tuple[AudioEmbedder, str]:
+    """The float32 encoder + projector of a checkpoint, and the dtype the checkpoint stores them in. overrides:
+    tensors by AF3 name (model.audio_tower.* / model.multi_modal_projector.*) replacing the checkpoint's, e.g.
+    think/'s non_lora_trainables.bin (export/think.py); a name the modules lack is a ValueError."""
     cfg = read_config(hf_dir)
     if cfg.get("model_type") != "audioflamingo3":
         raise ValueError(f"{hf_dir}: model_type {cfg.get('model_type')!r}, expected 'audioflamingo3'")
@@ -183,6 +185,10 @@ def load_audio_embedder(hf_dir: Path) -> tuple[AudioEmbedder, str]:
         stored.update(weights.stored_dtypes(hf_dir, prefix).values())
         tensors = weights.load_tensors(hf_dir, prefix, dtype=torch.float32)
         state.update({f"{name}.{key}": t for key, t in tensors.items()})
+    for key, t in (overrides or {}).items():
+        if key.removeprefix("model.") not in state:
+            raise ValueError(f"override {key!r} names no tensor of the audio tower or projector")
+        state[key.removeprefix("model.")] = t.to(torch.float32)
     model.load_state_dict(state, strict=True, assign=True)
     model.audio_tower.set_attn_implementation("sdpa")  # what from_pretrained picks on CPU: the reference
     checkpoint_dtype = "+".join(sorted(stored))
@@ -239,14 +245,14 @@ def pin_output_dims(proto: onnx.ModelProto, spec: ExportSpec) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def export_encoder(hf_dir: Path, out_path: Path, *, opset: int = 18, validate: bool = True,
-                   external_data: bool | None = None) -> dict:
+                   external_data: bool | None = None, overrides: dict | None = None) -> dict:
     """Export the encoder + projector of `hf_dir` to `out_path` and validate it; return the figures.
 
     external_data: None = a single file unless the weights pass ~1.8 GB (then `<out>.data` beside it).
     """
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     t0 = time.perf_counter()
-    model, checkpoint_dtype = load_audio_embedder(hf_dir)
+    model, checkpoint_dtype = load_audio_embedder(hf_dir, overrides)
     spec = encoder_spec(model.config, opset=opset)
     n_mels = spec.inputs[0].dims[1]
     dummy_frames = [TRACE_FRAMES - 2, PARTIAL_FRAMES]  # traced at W=2, T=1200; validation runs other W and T

@@ -197,9 +197,15 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--think", action="store_true",
+                    help="also write think/: AF3's thinking mode (PEFT LoRA + non_lora_trainables.bin, export/think.py)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_checkpoint(args.out, args.preset, args.seed, args.dtype)
+    out = write_checkpoint(args.out, args.preset, args.seed, args.dtype)
+    if args.think:
+        from af3trt.export.think import write_think
+
+        log.info("wrote %s", write_think(out, args.seed))
 
 
 if __name__ == "__main__":

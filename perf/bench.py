@@ -103,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--scaling-extra", default=DEFAULT_SCALING_EXTRA, help="more clips for the window scaling")
     s.add_argument("--length-repeats", type=int, default=2, help="requests per clip up to 2 min (1 above)")
     s.add_argument("--output-lengths", default="1,8,32,128", help="max_tokens of the output-length study")
+    s.add_argument("--thinking-requests", type=int, default=4,
+                   help="base and thinking requests each of the thinking study (c=1; 0 to skip; docs/thinking.md)")
+    s.add_argument("--thinking-max-tokens", type=int, default=128, help="max_tokens of the thinking study "
+                                                                         "(thinking answers run longer)")
     c = ap.add_argument_group("headline comparison (perf/compare.py)")
     c.add_argument("--compare-rounds", type=int, default=3, help="interleaved rounds (0 to skip the comparison)")
     c.add_argument("--burst-clips", type=int, default=8, help="distinct spoken clips of 7-10 s (espeak-ng)")
@@ -165,6 +169,10 @@ def prepare_checkpoint(args, work: Path) -> Path:
     if not (marker.exists() and json.loads(marker.read_text()).get("preset") == args.preset):
         shutil.rmtree(ckpt, ignore_errors=True)
         write_checkpoint(ckpt, args.preset, seed=0)
+    if args.thinking_requests and not (ckpt / "think").exists():  # both modes served from the one build
+        from af3trt.export.think import write_think
+
+        write_think(ckpt, seed=0)
     return ckpt
 
 
@@ -287,6 +295,26 @@ def _probe_medians(probes: list[dict]) -> dict:
             "fusion_ms": med(stage("fusion", "critical_ms")),
             "decoder_ms": med(lambda p: p["split"].get("decoder_generation_ms")),
             "overhead_ms": med(lambda p: p["overhead"].get("total_ms"))}
+
+
+def thinking_study(args, url: str, inputs, repo_manifest: dict | None) -> dict:
+    """The same inputs as base and as thinking requests, one at a time (streaming): tokens, latency, TTFT, stage
+    split per mode. Thinking answers run longer: max_tokens is --thinking-max-tokens for both."""
+    if repo_manifest is not None and "think" not in repo_manifest:
+        return {"skipped": "the repository was built without think/ (docs/thinking.md)"}
+    items = [inputs[i % len(inputs)] for i in range(args.thinking_requests)]
+    out = {"tool": "af3trt client + Triton statistics (c=1, streaming)", "max_tokens": args.thinking_max_tokens}
+    probes = {"base": [], "thinking": []}
+    for item in items:  # interleaved, so that machine noise falls on both modes alike
+        for mode, thinking in (("base", None), ("thinking", True)):
+            probes[mode] += probe_requests(url, [item], max_tokens=args.thinking_max_tokens, stream=True,
+                                           thinking=thinking)
+    for mode, runs in probes.items():
+        ok = [p for p in runs if p["latency_ms"] is not None]
+        out[mode] = {"requests": len(runs), "errors": len(runs) - len(ok), **(_probe_medians(ok) if ok else {})}
+    log.info("thinking: %s tokens in %s ms vs base %s tokens in %s ms", out["thinking"].get("tokens"),
+             out["thinking"].get("latency_ms"), out["base"].get("tokens"), out["base"].get("latency_ms"))
+    return out
 
 
 def output_length_study(args, url: str, inputs) -> list[dict]:
@@ -424,6 +452,11 @@ def main(argv=None) -> int:
         if args.output_lengths:
             with phases("output-length study"):
                 results["output_lengths"] = output_length_study(args, url, inputs)
+        if args.thinking_requests:
+            with phases("thinking study (base and thinking requests, c=1)"):
+                manifest = json.loads((repo / "manifest.json").read_text()) \
+                    if repo is not None and (repo / "manifest.json").exists() else None
+                results["thinking"] = thinking_study(args, url, inputs, manifest)
 
         if server is not None:
             with phases("server stop (main)"):

@@ -89,9 +89,10 @@ class PersistentStream:
         self.conn = AF3Stream(url, model, timeout)
         self.n = 0
 
-    def request(self, prompt: str, clip: bytes | None, *, max_tokens: int, stream: bool):
+    def request(self, prompt: str, clip: bytes | None, *, max_tokens: int, stream: bool,
+                thinking: bool | None = None):
         self.n += 1
-        req = Request(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream,
+        req = Request(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream, thinking=thinking,
                       request_id=f"bench-{id(self)}-{self.n}")
         return record(self.conn.responses(req))
 

@@ -18,14 +18,15 @@ from af3trt.runtime.contract import ENSEMBLE, STAGES
 log = logging.getLogger("af3trt.bench")
 
 
-def probe_requests(url: str, items: list[tuple[str, bytes]], *, max_tokens: int, stream: bool) -> list[dict]:
+def probe_requests(url: str, items: list[tuple[str, bytes]], *, max_tokens: int, stream: bool,
+                   thinking: bool | None = None) -> list[dict]:
     """Requests one at a time on one open gRPC stream (PersistentStream), Triton statistics snapshotted around
-    each: per-request stage split and overhead."""
+    each: per-request stage split and overhead. thinking: AF3's thinking mode for every request (docs/thinking.md)."""
     out = []
     with PersistentStream(url) as conn:
         for prompt, clip in items:
             before = stats.snapshot(url)
-            rec, ids = conn.request(prompt, clip, max_tokens=max_tokens, stream=stream)
+            rec, ids = conn.request(prompt, clip, max_tokens=max_tokens, stream=stream, thinking=thinking)
             after = stats.snapshot(url)
             split = stats.stage_split(stats.diff(before, after), ensemble=ENSEMBLE, stages=STAGES)
             lat = 1e3 * rec.latency_s if rec.ok else None

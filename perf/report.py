@@ -220,6 +220,7 @@ def render_markdown(results: dict, plots: list[str] = ()) -> str:
                          f"{_f((p.get('itl_ms') or {}).get('p50'))} | {_f((p.get('itl_ms') or {}).get('p99'))} | "
                          f"{p.get('requests')} |")
 
+    lines += _thinking_lines(results)
     lines += ["", "## Per-stage split", "",
               "Tool: Triton statistics API (gRPC `get_inference_statistics`), diffed before/after each point; ms per "
               "ensemble request. queue / compute: the stage's share of a request's latency (a batch's compute is "
@@ -579,3 +580,22 @@ def write_report(results: dict, out: Path) -> Path:
     path = out / "report.md"
     path.write_text(render_markdown(results, plots))
     return path
+
+
+def _thinking_lines(results: dict) -> list[str]:
+    """Base and thinking requests to the same server (perf/bench.py thinking_study; docs/thinking.md)."""
+    t = results.get("thinking")
+    if not t:
+        return []
+    if "skipped" in t:
+        return ["", "### Thinking mode", "", f"Skipped: {t['skipped']}."]
+    lines = ["", "### Thinking mode (AF-Think) and base, one deployment", "",
+             f"Tool: {t['tool']}; the same inputs in both modes, max_tokens {t['max_tokens']}.", "",
+             "| mode | n | errors | tokens p50 | latency p50 | TTFT p50 | encoder | decoder |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in ("base", "thinking"):
+        r = t.get(mode, {})
+        lines.append(f"| {mode} | {r.get('requests')} | {r.get('errors')} | {_f(r.get('tokens'), '{:.0f}')} | "
+                     f"{_f(r.get('latency_ms'))} | {_f(r.get('ttft_ms'))} | {_f(r.get('encoder_ms'))} | "
+                     f"{_f(r.get('decoder_ms'))} |")
+    return lines

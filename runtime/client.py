@@ -132,6 +132,7 @@ class Request:
     seed: int | None = None
     stream: bool = True
     strip_prefix: bool | None = None
+    thinking: bool | None = None  # AF3's thinking mode (docs/thinking.md); None: the server's default (off)
     request_id: str | None = None
     deadline_s: float | None = None  # a deadline on the whole answer: past it, the server cancels the request
 
@@ -585,6 +586,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repetition-penalty", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--strip-prefix", action="store_true", help="drop AF3's 'The spoken content of the audio is'")
+    ap.add_argument("--think", action="store_true", help="AF3's thinking mode: think/'s adapter, the prompt "
+                                                        "suffix on the last user turn (docs/thinking.md)")
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.messages is None):
         ap.error("give a prompt or --messages (not both)")
@@ -596,7 +599,7 @@ def main(argv=None) -> None:
     client = AF3Client(args.url, args.model)
     kw = dict(messages=messages, system_prompt=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-              stream=args.stream, strip_prefix=args.strip_prefix or None)
+              stream=args.stream, strip_prefix=args.strip_prefix or None, thinking=args.think or None)
     try:
         ans = Answer()
         for c in client.stream(args.prompt, audio, **kw):

@@ -42,11 +42,13 @@ TABLE = "TABLE"  # a datatype: the decoder's dtype
 TEXT_INPUT, MESSAGES, SYSTEM_PROMPT, AUDIO = "text_input", "messages", "system_prompt", "audio"
 MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P = "max_tokens", "temperature", "top_k", "top_p"
 REPETITION_PENALTY, SEED, STREAM, STRIP_PREFIX = "repetition_penalty", "seed", "stream", "strip_prefix"
+THINKING = "thinking"  # AF3's thinking mode for this request (docs/thinking.md)
 # response outputs (OUTPUT_IDS is also the decoder's output)
 TEXT_OUTPUT, OUTPUT_IDS, NOTICE, PROMPT_TOKENS = "text_output", "output_ids", "notice", "prompt_tokens"
 # preprocess → encoder → fusion
 INPUT_FEATURES, INPUT_FEATURES_MASK, AUDIO_WINDOWS = "input_features", "input_features_mask", "audio_windows"
 AUDIO_EMBEDS = "audio_embeds"
+WINDOW_THINKING = "window_thinking"  # preprocess → encoder: per window, run the think encoder variant
 # fusion → decoder: TensorRT-LLM's `tensorrtllm` backend names (TEMPERATURE, REPETITION_PENALTY, SEED as requested)
 INPUT_IDS, INPUT_LENGTHS, REQUEST_OUTPUT_LEN = "input_ids", "input_lengths", "request_output_len"
 END_ID, PAD_ID, STREAMING, RUNTIME_TOP_K, RUNTIME_TOP_P = "end_id", "pad_id", "streaming", "runtime_top_k", "runtime_top_p"
@@ -56,6 +58,7 @@ PROMPT_VOCAB_SIZE, STOP_WORDS_LIST = "prompt_vocab_size", "stop_words_list"
 # (TensorRT-LLM triton_backend inflight_batcher_llm/tensorrt_llm/config.pbtxt: `stop` TYPE_BOOL dims [1] reshape []
 # optional; runtime/trtllm_stop.py)
 STOP = "stop"
+LORA_TASK_ID = "lora_task_id"  # set only for thinking requests: the decoder applies the think/ adapter
 # decoder → postprocess (with OUTPUT_IDS)
 SEQUENCE_LENGTH = "sequence_length"
 # the cancel model
@@ -110,6 +113,7 @@ REQUEST_INPUTS = (
     TensorSpec(SEED, "UINT64", (1,), optional=True),
     TensorSpec(STREAM, "BOOL", (1,), optional=True),
     TensorSpec(STRIP_PREFIX, "BOOL", (1,), optional=True),
+    TensorSpec(THINKING, "BOOL", (1,), optional=True),
 )
 # The request inputs fusion resolves into the decoder's sampling and length inputs (runtime/sampling.py).
 SAMPLING_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, SEED, STREAM)
@@ -142,15 +146,17 @@ def _scalar(name: str, datatype: str) -> TensorSpec:
 
 
 # encoded clips → log-mel windows, cropped to the request's frame bucket T (runtime/lengths.py: 100…3000 frames)
-PREPROCESS_STAGE = StageSpec(PREPROCESS, inputs=_requested(AUDIO, STRIP_PREFIX, STREAM), outputs=(
+PREPROCESS_STAGE = StageSpec(PREPROCESS, inputs=_requested(AUDIO, STRIP_PREFIX, STREAM, THINKING), outputs=(
     TensorSpec(INPUT_FEATURES, "FP32", (-1, N_MELS, -1)),  # [W, 128, T]
     TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1, -1)),  # [W, T], 1 for valid frames
     TensorSpec(AUDIO_WINDOWS, "INT32", (-1,)),  # [clips]: windows per clip
+    TensorSpec(WINDOW_THINKING, "BOOL", (-1, 1)),  # [W, 1]: the request's thinking, per window
 ))
 # windows → projector output, batched over windows (the exported ONNX graph and the TensorRT plan have these names)
 ENCODER_STAGE = StageSpec(ENCODER, inputs=(
     TensorSpec(INPUT_FEATURES, "FP32", (N_MELS, -1)),  # [128, T] per window
     TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1,)),  # [T]
+    TensorSpec(WINDOW_THINKING, "BOOL", (1,), optional=True),  # think/'s encoder variant for this window
 ), outputs=(TensorSpec(AUDIO_EMBEDS, "FP32", (-1, H)),))  # [T/4, H]
 # prompt + audio rows → the decoder's inputs. Outputs are [1, 1] but for the ragged ones; prompt_table_extra_ids is
 # sent only when the decoder reuses KV blocks, stop_words_list only when the checkpoint names several end ids.
@@ -160,6 +166,7 @@ FUSION_STAGE = StageSpec(FUSION, inputs=(
     TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1, -1)),  # [W, T]
     TensorSpec(AUDIO_WINDOWS, "INT32", (-1,)),
     *_requested(*SAMPLING_INPUTS),
+    *_requested(THINKING),
 ), outputs=(
     TensorSpec(INPUT_IDS, "INT32", (1, -1)),  # [1, L]
     *(TensorSpec(n, t, (1, 1)) for n, t in (
@@ -169,6 +176,7 @@ FUSION_STAGE = StageSpec(FUSION, inputs=(
     TensorSpec(PROMPT_EMBEDDING_TABLE, TABLE, (1, -1, H)),  # [1, N, H]
     TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (1, -1)),  # [1, L]
     TensorSpec(STOP_WORDS_LIST, "INT32", (1, 2, -1)),  # [1, 2, L]
+    TensorSpec(LORA_TASK_ID, "UINT64", (1, 1)),  # thinking requests only (absent: the base model)
 ))
 # TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt`: the subset the ensemble feeds, plus the optional
 # inputs a direct client may use, with the same dims, reshape, optional and allow_ragged_batch flags as there.
@@ -183,6 +191,7 @@ DECODER_STAGE = StageSpec(DECODER, inputs=(
     _scalar(PROMPT_VOCAB_SIZE, "INT32"),
     TensorSpec(STOP_WORDS_LIST, "INT32", (2, -1), optional=True, ragged=True),
     _scalar(STOP, "BOOL"),  # true: stop the running request of this id (cancel; never sent by the ensemble)
+    _scalar(LORA_TASK_ID, "UINT64"),  # inflight_batcher_llm/tensorrt_llm/config.pbtxt: UINT64 [1] reshape [] optional
 ), outputs=(
     TensorSpec(OUTPUT_IDS, "INT32", (-1, -1)),  # [beam, T]
     TensorSpec(SEQUENCE_LENGTH, "INT32", (-1,)),  # [beam]

@@ -167,3 +167,36 @@ def _check_order(messages: tuple[Message, ...]) -> None:
 def _no_placeholder(text: str, where: str) -> None:
     if AUDIO_TOKEN in text:
         raise PromptError(f"{where} may not contain {AUDIO_TOKEN}: send audio as clips and audio parts")
+
+
+# NVIDIA audio-flamingo README, stage 3.5 (--think-mode): a prompt asks AF3 to think by ending with this sentence,
+# after a space ("What are the two people doing in the audio? Please think and reason about the input audio before
+# you respond.").
+THINK_SUFFIX = "Please think and reason about the input audio before you respond."
+
+
+def with_think_suffix(conv: Conversation) -> Conversation:
+    """The conversation of a thinking request: THINK_SUFFIX ends the text of the LAST user message (the turn being
+    answered), after a space when that text does not already end in whitespace; earlier turns are unchanged. In a
+    part list the suffix joins the last text part (AF3's template concatenates a message's text parts), or is added
+    as a text part after the audio when the message has none."""
+    last = max((i for i, m in enumerate(conv.messages) if m.role == "user"), default=None)
+    if last is None:
+        raise PromptError("a thinking request needs a user message")
+    m = conv.messages[last]
+
+    def sep(text: str) -> str:
+        return " " if text and not text[-1].isspace() else ""
+
+    if isinstance(m.content, str):
+        content: str | tuple[Part, ...] = m.content + sep(m.content) + THINK_SUFFIX
+    else:
+        parts = list(m.content)
+        texts = [i for i, p in enumerate(parts) if isinstance(p, str)]
+        if texts:
+            full = "".join(parts[i] for i in texts)  # what the template renders for this message
+            parts[texts[-1]] += sep(full) + THINK_SUFFIX
+        else:
+            parts.append(THINK_SUFFIX)
+        content = tuple(parts)
+    return Conversation(conv.messages[:last] + (Message(m.role, content),) + conv.messages[last + 1:])

@@ -36,9 +36,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from af3trt.runtime import sampling
+from af3trt.runtime import lora, sampling
 from af3trt.runtime.sampling import DEFAULT_SEED, SamplingError, SamplingParams
-from af3trt.runtime.errors import Cancelled, InvalidRequest, Unavailable
+from af3trt.runtime.errors import Cancelled, InvalidRequest, Unavailable, Unsupported
 from af3trt.runtime.stop_words import ends_with_stop_word
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ OnError = Callable[[BaseException], None]
 
 class DecodeError(InvalidRequest):
     """A request the decoder cannot run (bad inputs or parameters), or the engine is stopped."""
+
+
+class NoAdapter(Unsupported):
+    """A request names a LoRA task (thinking) but the decoder was built without that adapter."""
 
 
 class ServerBusy(Unavailable, RuntimeError):
@@ -78,6 +82,7 @@ class GenerationRequest:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    lora_task_id: int | None = None  # TensorRT-LLM's lora_task_id: the adapter (thinking) for this row; None: base
     # Polled between decode steps (at most every CANCEL_CHECK_S): True when the client has gone (Triton's
     # response_sender.is_cancelled); the request then ends with RequestCancelled and frees its batch row.
     cancelled: Callable[[], bool] | None = None
@@ -124,7 +129,7 @@ class DecoderEngine:
 
     def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
                  max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
-                 queue_timeout_s: float = 0.0):
+                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None):
         from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
 
         if threads:
@@ -149,6 +154,8 @@ class DecoderEngine:
             raise DecodeError(f"max_input_len + max_new_tokens_limit exceeds max_position_embeddings "
                               f"{cfg.max_position_embeddings}")
         self._embed_tokens = self.model.get_input_embeddings()
+        # the think/ adapter, applied per batch row (runtime/lora.py); its task id is the build's (lora.json)
+        self.lora = lora.attach(self.model, lora_dir) if lora_dir else None
 
         # Batch state, owned by the worker thread.
         self._rows: list[_Seq] = []
@@ -203,6 +210,13 @@ class DecoderEngine:
             raise DecodeError(f"max_new_tokens {r.max_new_tokens} outside 1..{self.max_new_tokens_limit}")
         if r.end_id is not None and not 0 <= r.end_id < self.vocab_size:
             raise DecodeError(f"end_id {r.end_id} outside 0..{self.vocab_size - 1}")
+        if r.lora_task_id is not None:
+            if self.lora is None:
+                raise NoAdapter(f"lora_task_id {r.lora_task_id}: this decoder was built without a LoRA adapter "
+                                f"(thinking needs a build from a checkpoint with think/)")
+            if r.lora_task_id != self.lora.config["task_id"]:
+                raise DecodeError(f"unknown lora_task_id {r.lora_task_id} (this decoder serves "
+                                  f"{self.lora.config['task_id']})")
         for word in r.stop_words:
             if not word or not all(0 <= t < self.vocab_size for t in word):
                 raise DecodeError(f"stop word {list(word)} must be non-empty with ids in 0..{self.vocab_size - 1}")
@@ -333,6 +347,7 @@ class DecoderEngine:
         cache = DynamicCache(config=self.model.config)
         cache.layers[:] = [_append_layer() for _ in cache.layers]  # full attention only (checked at load)
         embeds = self._embed(seq.ids, r.prompt_table)  # [L, H]
+        self._select_adapter([seq])
         out = self.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq.pos = seq.ids.shape[0]
         self.stats["prefills"] += 1
@@ -370,6 +385,7 @@ class DecoderEngine:
         input_ids = torch.tensor([[s.last] for s in rows], dtype=torch.long)  # [B, 1]
         position_ids = torch.tensor([[s.pos] for s in rows], dtype=torch.long)  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)  # [B, T+1]
+        self._select_adapter(rows)
         try:
             out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
                              past_key_values=self._cache, use_cache=True)
@@ -395,6 +411,11 @@ class DecoderEngine:
         self.stats["decode_seconds"] += time.perf_counter() - t0
         if len(keep) < batch:
             self._select(keep)
+
+    def _select_adapter(self, rows: list[_Seq]) -> None:
+        """The next forward applies the LoRA to the rows of thinking requests only (one batch for both modes)."""
+        if self.lora is not None:
+            self.lora.rows([s.req.lora_task_id is not None for s in rows])
 
     def _next_token(self, seq: _Seq, logits: torch.Tensor) -> int:
         """One token from logits [V] with the request's sampling (runtime/sampling.py)."""

@@ -35,6 +35,8 @@ class ErrorCode(Enum):
     UNAVAILABLE = Code("unavailable", 503, "UNAVAILABLE", "UNAVAILABLE", "service_unavailable")  # busy: retry later
     CANCELLED = Code("cancelled", 499, "CANCELLED", "CANCELLED", "request_cancelled")  # the client's, or its deadline
     INTERNAL = Code("internal", 500, "INTERNAL", "INTERNAL", "server_error")
+    # a valid request this deployment was built without (e.g. thinking without think/): not retryable here
+    UNSUPPORTED = Code("unsupported", 501, "UNIMPLEMENTED", "UNSUPPORTED", "invalid_request_error")
 
 
 class AF3StageError(Exception):
@@ -53,6 +55,12 @@ class Unavailable(AF3StageError):
     """Past capacity: a queue is full or the request waited too long. Retry later."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class Unsupported(AF3StageError):
+    """The request asks for something this deployment was built without (thinking on a build without think/)."""
+
+    code = ErrorCode.UNSUPPORTED
 
 
 class Cancelled(AF3StageError):

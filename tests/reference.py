@@ -54,17 +54,30 @@ def hf_conversation(messages: list[dict], waves: list[np.ndarray]) -> list[dict]
 
 
 class Reference:
-    def __init__(self, ckpt):
+    def __init__(self, ckpt, think: bool = False):
+        """think: AF3's thinking mode as users load it (AF3 README, stage 3.5; docs/thinking.md): think/'s
+        non_lora_trainables.bin into the model with strict=False, then PeftModel.from_pretrained(model, ckpt,
+        subfolder="think"). Prompts are not changed here: a test writes the think suffix into its own prompt."""
         import torch
         from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
 
         self.torch = torch
         self.processor = AutoProcessor.from_pretrained(ckpt)
         self.model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
+        if think:
+            from pathlib import Path
+
+            from peft import PeftModel
+
+            state = torch.load(Path(ckpt) / "think" / "non_lora_trainables.bin", weights_only=True)
+            missing_or_unexpected = self.model.load_state_dict(state, strict=False)
+            assert not missing_or_unexpected.unexpected_keys, missing_or_unexpected.unexpected_keys
+            self.model = PeftModel.from_pretrained(self.model, str(ckpt), subfolder="think").eval()
         # Our CPU encoder backend computes in float32 whatever the checkpoint dtype (the exported ONNX graph);
         # the embeddings enter the language model in its own dtype. The reference does the same.
-        self.model.model.audio_tower.float()
-        self.model.model.multi_modal_projector.float()
+        af3 = self.model.get_base_model() if think else self.model
+        af3.model.audio_tower.float()
+        af3.model.multi_modal_projector.float()
         self.end_id = self.model.generation_config.eos_token_id[0]
         self.eos_ids = list(self.model.generation_config.eos_token_id)  # generate stops on any (and so do we)
         self.lock = threading.Lock()

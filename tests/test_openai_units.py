@@ -53,6 +53,31 @@ def test_build_job_maps_parts_and_roles(speech_bytes):
     assert default.max_tokens == INFO.default_max_tokens  # known, so finish_reason "length" can be told apart
 
 
+@pytest.mark.parametrize("extra,thinking", [
+    ({}, None), ({"reasoning_effort": "none"}, None), ({"reasoning_effort": "minimal"}, None),
+    ({"reasoning_effort": "low"}, True), ({"reasoning_effort": "high"}, True),
+    ({"chat_template_kwargs": {"enable_thinking": True}}, True),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, None),
+    ({"reasoning_effort": "medium", "chat_template_kwargs": {"enable_thinking": True}}, True),
+])
+def test_reasoning_effort_turns_thinking_on(extra, thinking):
+    info = EnsembleInfo(**{**INFO.__dict__, "inputs": INFO.inputs | {"thinking"}})
+    job = build_job(ChatRequest(model="af3", messages=[{"role": "user", "content": "hi"}], **extra), info)
+    assert job.thinking is thinking
+    assert ("thinking" in job.values()) is bool(thinking)
+
+
+def test_reasoning_effort_refusals():
+    ask = [{"role": "user", "content": "hi"}]
+    with pytest.raises(APIError, match="disagree"):
+        build_job(ChatRequest(model="af3", messages=ask, reasoning_effort="high",
+                              chat_template_kwargs={"enable_thinking": False}), INFO)
+    with pytest.raises(APIError, match="no thinking input"):  # INFO: a repository from before thinking existed
+        build_job(ChatRequest(model="af3", messages=ask, reasoning_effort="high"), INFO)
+    with pytest.raises(ValueError):
+        ChatRequest(model="af3", messages=ask, reasoning_effort="extreme")
+
+
 def test_build_job_without_messages_input_takes_one_turn():
     old = EnsembleInfo(**{**INFO.__dict__, "inputs": frozenset({"text_input", "system_prompt", "audio"})})
     job = build_job(ChatRequest(model="af3", messages=[{"role": "system", "content": "S"},
@@ -163,6 +188,7 @@ def _app(monkeypatch, error=None):
     ("audio", 400, "invalid_request_error", "INVALID_ARG"),
     ("busy", 503, "service_unavailable", "UNAVAILABLE"),
     ("bug", 500, "server_error", "INTERNAL"),
+    ("nothink", 501, "invalid_request_error", "UNSUPPORTED"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_error, status, kind, triton_code,
@@ -170,7 +196,7 @@ def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_er
     """The code a stage raises with travels in Triton's message (tagged, runtime/errors.py), not the exception's class
     name: the HTTP status and OpenAI type are the code's, the message the stage's own words."""
     from af3trt.runtime.audio import AudioError
-    from af3trt.runtime.decoder import ServerBusy
+    from af3trt.runtime.decoder import NoAdapter, ServerBusy
     from af3trt.runtime.prompt import PromptError
 
     exc, words = {
@@ -178,6 +204,7 @@ def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_er
         "audio": (AudioError, "audio clip 0: cannot decode it"),
         "busy": (ServerBusy, "server busy: 4 requests already wait for the decoder"),
         "bug": (RuntimeError, "boom"),
+        "nothink": (NoAdapter, "lora_task_id 1: this decoder was built without a LoRA adapter"),
     }[stage_error]
     triton_error, api_error = _through_triton(exc(words))
     assert triton_error.code() == getattr(fake_pb.TritonError, triton_code)

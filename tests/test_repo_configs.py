@@ -54,6 +54,9 @@ TRTLLM_INPUTS = {
     "prompt_embedding_table": ("ENGINE", [-1, -1], None, True, True),
     "prompt_table_extra_ids": (T.TYPE_UINT64, [-1], None, True, True),
     "prompt_vocab_size": (T.TYPE_INT32, [1], [], True, False),
+    # the LoRA task (thinking): "lora_task_id" TYPE_UINT64 dims [1] reshape [] optional (same file, NVIDIA/TensorRT-LLM
+    # triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt at 0c8de69a)
+    "lora_task_id": (T.TYPE_UINT64, [1], [], True, False),
 }
 TRTLLM_OUTPUTS = {
     "output_ids": (T.TYPE_INT32, [-1, -1]), "sequence_length": (T.TYPE_INT32, [-1]),
@@ -198,7 +201,8 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert out["encoder_plan"] == str(tmp_path / "repo" / "encoder" / "1" / "model.plan")
     # [W, 128, T] with T dynamic (the request's frame bucket), as the engine profile ranges over T
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
-        ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1])]
+        ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1]),
+        ("window_thinking", T.TYPE_BOOL, [1])]  # per window: think/'s encoder variant
     assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
         ("audio_embeds", T.TYPE_FP32, [-1, checkpoint.text_hidden_size])]
     assert not any(i.allow_ragged_batch for i in enc.input)  # Triton batches equal T only: per-bucket batching

@@ -118,7 +118,10 @@ def _output(t: contract.TensorSpec, spec: RepoSpec) -> mc.ModelOutput:
 def omitted(spec: RepoSpec) -> set[str]:
     """Tensors this repository leaves out of fusion's outputs (and so of the decoder's feed)."""
     return {n for n, on in ((contract.PROMPT_TABLE_EXTRA_IDS, spec.prompt_table_extra_ids),
-                            (contract.STOP_WORDS_LIST, bool(spec.stop_ids))) if not on}
+                            (contract.STOP_WORDS_LIST, bool(spec.stop_ids)),
+                            # think/'s LoRA task id: only a repository built with the adapter has it (build/think.py);
+                            # fusion then sends it with thinking requests only
+                            (contract.LORA_TASK_ID, "think_lora_task_id" in spec.fusion_params)) if not on}
 
 
 def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:

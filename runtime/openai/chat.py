@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from af3trt.runtime.client import Request as Job
-from af3trt.runtime.contract import MESSAGES
+from af3trt.runtime.contract import MESSAGES, THINKING
 from af3trt.runtime.openai.common import (APIError, Answer, Piece, check_audio, check_model, collect, deltas, settings,
                                           stream)
 from af3trt.runtime.openai.triton import EnsembleInfo
@@ -52,6 +52,16 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class ChatTemplateKwargs(_Model):
+    enable_thinking: bool | None = None  # vLLM / SGLang's spelling for hybrid-thinking models (Qwen3)
+
+
+# OpenAI's reasoning_effort values; AF3's thinking is on or off (docs/thinking.md): low/medium/high turn it on,
+# none/minimal leave it off.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+THINKING_EFFORTS = ("low", "medium", "high")
+
+
 class ChatRequest(_Model):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -65,6 +75,19 @@ class ChatRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+
+
+def thinking_of(req: ChatRequest) -> bool:
+    """AF3's thinking mode for a request: reasoning_effort (OpenAI's parameter) or chat_template_kwargs.
+    enable_thinking (vLLM's); 400 when both are given and disagree."""
+    by_effort = None if req.reasoning_effort is None else req.reasoning_effort in THINKING_EFFORTS
+    by_kwargs = req.chat_template_kwargs.enable_thinking if req.chat_template_kwargs else None
+    if by_effort is not None and by_kwargs is not None and by_effort != by_kwargs:
+        raise APIError(400, f"reasoning_effort={req.reasoning_effort!r} and chat_template_kwargs.enable_thinking="
+                            f"{str(by_kwargs).lower()} disagree; give one", param="reasoning_effort")
+    return bool(by_effort or by_kwargs)
 
 
 def decode_audio_part(part: AudioPart, index: int, max_seconds: float) -> bytes:
@@ -115,6 +138,11 @@ def build_job(req: ChatRequest, info: EnsembleInfo) -> Job:
         turns.append({"role": role, "content": parts})
     job = Job(audio=clips, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
               stream=req.stream)
+    if thinking_of(req):
+        if THINKING not in info.inputs:
+            raise APIError(400, "this model repository has no thinking input (rebuild it with this version of "
+                                "af3trt, from a checkpoint with think/)", param="reasoning_effort")
+        job.thinking = True
     if MESSAGES in info.inputs:
         job.messages = turns
         return job

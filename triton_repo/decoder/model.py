@@ -27,7 +27,8 @@ class TritonPythonModel:
                                     max_input_len=int(p["max_input_len"]),
                                     max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
                                     max_queue_size=int(p.get("max_queue_size", "0")),
-                                    queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000)
+                                    queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000,
+                                    lora_dir=io.resolve(args, p["lora_dir"]) if p.get("lora_dir") else None)
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
 
@@ -68,7 +69,7 @@ class TritonPythonModel:
             pad_id=get(c.PAD_ID, int, None), streaming=get(c.STREAMING, bool, False),
             top_k=get(c.RUNTIME_TOP_K, int, 0), top_p=get(c.RUNTIME_TOP_P, float, 0.0),
             temperature=get(c.TEMPERATURE, float, 1.0), repetition_penalty=get(c.REPETITION_PENALTY, float, 1.0),
-            seed=get(c.SEED, int, None), stop_words=self.stop_words(r))
+            seed=get(c.SEED, int, None), stop_words=self.stop_words(r), lora_task_id=get(c.LORA_TASK_ID, int, None))
 
     @staticmethod
     def stop_words(r) -> tuple:

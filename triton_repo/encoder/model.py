@@ -3,13 +3,15 @@
 Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch. Each
 request's windows are cropped to its frame bucket T_i (preprocess); requests of different T are padded to the
 longest with an empty mask, which changes no kept row (runtime/lengths.py), and each gets back its own T_i / 4 rows.
+A build with think/ overriding the audio side has a second graph (think_onnx_path): the windows of thinking requests
+(window_thinking) run on it, the others on the base graph, both in the same execution.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
+from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
 from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
@@ -20,6 +22,10 @@ class TritonPythonModel:
         p = io.params(args)
         threads = int(p.get("intra_op_threads", "0")) or None
         self.encoder = OnnxEncoder(io.resolve(args, p["onnx_path"]), intra_op_threads=threads)
+        # think/'s encoder variant; without one a thinking request's windows use the base graph (the adapter
+        # then overrides nothing on the audio side)
+        self.think = (OnnxEncoder(io.resolve(args, p["think_onnx_path"]), intra_op_threads=threads)
+                      if p.get("think_onnx_path") else self.encoder)
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
 
     def execute(self, requests):
@@ -29,14 +35,18 @@ class TritonPythonModel:
     def encode(self, requests):
         feats = [io.tensor(pb, r, INPUT_FEATURES) for r in requests]  # each [w_i, 128, T_i]
         masks = [io.tensor(pb, r, INPUT_FEATURES_MASK) for r in requests]  # each [w_i, T_i]
+        think = [io.tensor(pb, r, WINDOW_THINKING) for r in requests]  # each [w_i, 1] or absent
+        think = np.concatenate([np.zeros(len(x), bool) if t is None else t.reshape(-1).astype(bool)
+                                for x, t in zip(feats, think)])  # [W]
         try:
             f, m = pad_frames(feats, masks)  # [W, 128, T], [W, T] with T = max T_i
             embeds = np.zeros((len(f), self.encoder.rows(f.shape[2]), self.encoder.hidden_size), np.float32)
-            live = np.flatnonzero(m.sum(1) > 0)  # placeholder windows (empty mask) are not computed
-            step = self.max_run or max(len(live), 1)
-            for s in range(0, len(live), step):
-                idx = live[s: s + step]
-                embeds[idx] = self.encoder.run(f[idx], m[idx])  # [w, T/4, H]
+            for variant, rows in ((self.encoder, ~think), (self.think, think)):
+                live = np.flatnonzero((m.sum(1) > 0) & rows)  # placeholder windows (empty mask) are not computed
+                step = self.max_run or max(len(live), 1)
+                for s in range(0, len(live), step):
+                    idx = live[s: s + step]
+                    embeds[idx] = variant.run(f[idx], m[idx])  # [w, T/4, H]
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0

@@ -15,7 +15,7 @@ import torch
 import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
+from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
 from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.trt_runner import TrtRunner, encode_windows
@@ -33,6 +33,9 @@ class TritonPythonModel:
         plan = Path(args["model_repository"]) / args["model_version"] / p.get("plan_file", "model.plan")
         self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
         cap_cuda_memory(p, self.runner.place.device, "encoder")  # build/memory_plan.py stub_caps
+        # think/'s encoder variant (build/think.py): thinking requests' windows run on it
+        self.think = (TrtRunner.load(plan.with_name(p["think_plan_file"]), int(args.get("model_instance_device_id", "0")))
+                      if p.get("think_plan_file") else self.runner)
 
     def execute(self, requests):
         with self.running.of(len(requests)):  # the supervisor's drain reads it
@@ -43,7 +46,20 @@ class TritonPythonModel:
             device = self.runner.place.device
             feats = [_torch(r, INPUT_FEATURES, device) for r in requests]  # each [w_i, 128, T]
             masks = [_torch(r, INPUT_FEATURES_MASK, device) for r in requests]  # each [w_i, T]
-            embeds = encode_windows(self.runner, torch.cat(feats), torch.cat(masks))  # [W, T/4, H] on the GPU
+            f, m = torch.cat(feats), torch.cat(masks)
+            think = torch.cat([torch.zeros(len(x), dtype=torch.bool) if t is None else
+                               torch.from_numpy(t.as_numpy().reshape(-1).astype(bool))
+                               for x, t in zip(feats, (pb.get_input_tensor_by_name(r, WINDOW_THINKING)
+                                                       for r in requests))]).to(device)  # [W]
+            if self.think is self.runner or not bool(think.any()):
+                embeds = encode_windows(self.runner, f, m)  # [W, T/4, H] on the GPU
+            elif bool(think.all()):
+                embeds = encode_windows(self.think, f, m)
+            else:  # base and thinking windows in one execution: each variant runs its own
+                base = encode_windows(self.runner, f[~think], m[~think])
+                embeds = base.new_empty((len(f), *base.shape[1:]))
+                embeds[~think] = base
+                embeds[think] = encode_windows(self.think, f[think], m[think])
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0

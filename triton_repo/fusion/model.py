@@ -10,8 +10,13 @@ from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RequestContext, RunningRequests
+from af3trt.runtime.errors import Unsupported
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stop_words import stop_words_list
+
+
+class NoThinking(Unsupported):
+    """A thinking request to a deployment built without think/."""
 
 
 def _table_tensor(table, dtype: str):
@@ -35,6 +40,9 @@ class TritonPythonModel:
         self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
+        # thinking (build/think.py): built with think/, and the decoder's LoRA task id of its adapter if it has one
+        self.think = p.get("think") == "true"
+        self.think_task_id = int(p["think_lora_task_id"]) if p.get("think_lora_task_id") else None
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
         cap_cuda_memory(p, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
         if self.device is not None:  # torch (+ triton) only on the GPU path
@@ -58,15 +66,19 @@ class TritonPythonModel:
             top_k=io.scalar(pb, r, c.TOP_K), top_p=io.scalar(pb, r, c.TOP_P),
             repetition_penalty=io.scalar(pb, r, c.REPETITION_PENALTY), seed=io.scalar(pb, r, c.SEED),
             stream=io.scalar(pb, r, c.STREAM))
+        thinking = bool(io.scalar(pb, r, c.THINKING) or False)
+        if thinking and not self.think:
+            raise NoThinking("thinking was requested, but this deployment was built without AF3's think/ adapter "
+                             "(build from a checkpoint that has think/, without --no-think)")
         if self.device is None:  # also the GPU target's fallback, whose inputs may still arrive on the GPU
             windows = [int(w) for w in io.host_array(pb, r, c.AUDIO_WINDOWS).reshape(-1)]
-            conv = self.conversation(r, len(windows))
+            conv = self.conversation(r, len(windows), thinking)
             ids, table = self.builder.build_conversation(conv, io.host_array(pb, r, c.AUDIO_EMBEDS),
                                                          io.host_array(pb, r, c.INPUT_FEATURES_MASK), windows)
         else:  # inputs may sit on the GPU (FORCE_CPU_ONLY_INPUT_TENSORS "no"); the table is made and stays there
             embeds, mask, windows_t = (io.device_tensor(pb, r, n)
                                        for n in (c.AUDIO_EMBEDS, c.INPUT_FEATURES_MASK, c.AUDIO_WINDOWS))
-            conv = self.conversation(r, int(windows_t.numel()))
+            conv = self.conversation(r, int(windows_t.numel()), thinking)
             ids, table = self.device_table.build(self.builder, conv, self.device, embeds, mask, windows_t)
         if sampling.stream:  # postprocess knows a stream's last response by its token count (or an empty one)
             self.ctx.update(r.request_id(), max_tokens=sampling.max_tokens)
@@ -99,16 +111,20 @@ class TritonPythonModel:
             outputs.append(pb.Tensor(c.STOP_WORDS_LIST, stop_words_list([i] for i in self.limits.stop_ids)[None]))
         if extra is not None:
             outputs.append(pb.Tensor(c.PROMPT_TABLE_EXTRA_IDS, extra[None]))  # [1, L]
+        if thinking and self.think_task_id is not None:  # absent for base requests: the decoder then runs without the adapter
+            outputs.append(one(c.LORA_TASK_ID, self.think_task_id, np.uint64))
         return pb.InferenceResponse(outputs)
 
     @staticmethod
-    def conversation(r, n_clips: int) -> conversation.Conversation:
-        """`messages` (a conversation), or the one-turn shorthand text_input + system_prompt."""
+    def conversation(r, n_clips: int, thinking: bool = False) -> conversation.Conversation:
         prompt, system, messages = (io.text(pb, r, n) for n in (c.TEXT_INPUT, c.SYSTEM_PROMPT, c.MESSAGES))
         if messages is not None:
             if prompt is not None or system is not None:
                 raise PromptError("send either messages or text_input (+ system_prompt), not both")
-            return conversation.parse(messages, n_clips)
-        if prompt is None:
+            conv = conversation.parse(messages, n_clips)
+        elif prompt is None:
             raise PromptError("text_input or messages is required")
-        return conversation.shorthand(prompt, system, n_clips)
+        else:
+            conv = conversation.shorthand(prompt, system, n_clips)
+        # a thinking request's last user turn ends with AF3's think suffix (conversation.with_think_suffix)
+        return conversation.with_think_suffix(conv) if thinking else conv

@@ -11,7 +11,8 @@ from af3trt.runtime import audio, lengths
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RequestContext, RunningRequests
-from af3trt.runtime.contract import AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX
+from af3trt.runtime.contract import (AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX,
+                                    THINKING, WINDOW_THINKING)
 
 
 class TritonPythonModel:
@@ -63,4 +64,6 @@ class TritonPythonModel:
             io.output_tensor(pb, INPUT_FEATURES, features),  # [W, 128, T]: cropped to the request's frame bucket
             pb.Tensor(INPUT_FEATURES_MASK, mask),  # [W, T]
             pb.Tensor(AUDIO_WINDOWS, np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
+            # [W, 1]: the encoder runs think/'s variant on a thinking request's windows
+            pb.Tensor(WINDOW_THINKING, np.full((len(mask), 1), bool(io.scalar(pb, r, THINKING) or False))),
         ])

@@ -1,0 +1,133 @@
+"""Build AF3's thinking mode beside the base model (docs/thinking.md): the think/ folder of the checkpoint
+(export/think.py reads and sorts it) becomes
+
+    artifacts/think/encoder.onnx        the encoder + projector with think/'s audio-side overrides (when it has any):
+                                        the encoder stage runs thinking requests' windows on it
+    artifacts/think/lora/lora.json      the LoRA in Qwen2 module names for the decoder (runtime/lora.py), applied
+    artifacts/think/lora/lora.safetensors   per batch row to requests that carry lora_task_id
+
+and the repository parameters that wire them: encoder think_onnx_path, decoder lora_dir, fusion think (+ its task
+id). A checkpoint without think/, or --no-think, builds the base model only; its fusion refuses thinking requests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from af3trt.build.common import BuildError
+
+THINK_TASK_ID = 1  # the decoder's LoRA task id of think/ (TensorRT-LLM lora_task_id: any uint64, one adapter here)
+
+
+def load(hf_model: Path, enabled: bool):
+    """think/ of the checkpoint, read and sorted; None without one or when disabled (BuildError naming the keys
+    af3trt cannot place)."""
+    from af3trt.export.think import ThinkError, find_think, read_think
+
+    found = find_think(hf_model) if enabled else None
+    if found is None:
+        return None
+    try:
+        return read_think(found)
+    except ThinkError as e:
+        raise BuildError(f"{e} (build with --no-think to serve the base model only)") from None
+
+
+def write_lora(think, out: Path) -> Path:
+    """lora.json + lora.safetensors for runtime/lora.py (A [r, in], B [out, r] as stored)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in think.lora.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a.contiguous(), b.contiguous()
+    save_file(tensors, out / "lora.safetensors")
+    (out / "lora.json").write_text(json.dumps({
+        "task_id": THINK_TASK_ID, "rank": think.rank, "alpha": think.alpha, "scaling": think.scaling,
+        "modules": sorted(think.lora)}, indent=2))
+    return out
+
+
+def build_cpu(think, hf_model: Path, art: Path, report) -> dict[str, dict[str, str]]:
+    """Write the CPU artifacts of think/; return the extra parameters per model (encoder, decoder, fusion)."""
+    from af3trt.export.onnx_export import export_encoder
+
+    params: dict[str, dict[str, str]] = {"encoder": {}, "decoder": {}, "fusion": {"think": "true"}}
+    if think.encoder_overrides:
+        report.validation["think_encoder_onnx"] = export_encoder(hf_model, art / "think" / "encoder.onnx",
+                                                                 overrides=think.encoder_overrides)
+        params["encoder"]["think_onnx_path"] = "artifacts/think/encoder.onnx"
+    if think.lora:
+        write_lora(think, art / "think" / "lora")
+        params["decoder"]["lora_dir"] = "artifacts/think/lora"
+        params["fusion"]["think_lora_task_id"] = str(THINK_TASK_ID)
+    report.sections["think"] = {**think.summary(), "task_id": THINK_TASK_ID if think.lora else None,
+                                "encoder_variant": bool(think.encoder_overrides)}
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- GPU target
+# artifacts/think/gpu.json records what the prepare step made, so the engine half (`--from-prepared`, in the serving
+# container without export/'s dependencies) builds and wires it without reading think/ again.
+GPU_RECORD = "think/gpu.json"
+THINK_PLAN = "think.plan"  # the think encoder's TensorRT engine, beside model.plan in encoder/1/
+
+
+def prepare_gpu(think, plan, art: Path, calib=None) -> dict:
+    """The GPU half's artifacts of think/: the LoRA converted for the tensorrtllm backend (lora_prefetch_dir layout),
+    the trtllm-build LoRA flags, and the think encoder ONNX (prepared for the plan's encoder precision) when think/
+    overrides the audio side. One engine serves both modes (build/trtllm_lora.py says why)."""
+    from af3trt.build import trtllm_lora
+    from af3trt.export.onnx_export import export_encoder
+    from af3trt.export.onnx_quant import prepare_encoder
+
+    record = {"task_id": THINK_TASK_ID, "encoder_onnx": None, "trtllm_build_flags": [], "decoder_parameters": {},
+              "summary": think.summary()}
+    if think.encoder_overrides:
+        export_encoder(plan.hf_model, art / "think" / "encoder.onnx", overrides=think.encoder_overrides)
+        onnx, _ = prepare_encoder(art / "think" / "encoder.onnx", art / "think", plan.gpu.encoder_precision,
+                                  calib=calib, hf_dir=plan.hf_model)
+        record["encoder_onnx"] = f"artifacts/{onnx.relative_to(art)}"
+    if think.lora:
+        trtllm_lora.write_prefetch(think, art / "think" / "lora_prefetch", THINK_TASK_ID)
+        record["trtllm_build_flags"] = trtllm_lora.build_flags(think, _trtllm_dtype(plan.checkpoint.dtype))
+        record["decoder_parameters"] = trtllm_lora.decoder_parameters("think/lora_prefetch", think)
+        record["lora_adapter_bytes"] = trtllm_lora.adapter_bytes(think)
+    (art / GPU_RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _trtllm_dtype(checkpoint_dtype: str | None) -> str:
+    return {"bfloat16": "bfloat16", "float16": "float16"}.get(checkpoint_dtype or "", "float16")
+
+
+def read_gpu(art: Path) -> dict | None:
+    path = Path(art) / GPU_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def gpu_spec(spec, record: dict, art_at_serve: Path):
+    """The GPU RepoSpec with think/ wired: the decoder's LoRA prefetch dir and cache, the encoder's think plan, the
+    fusion's thinking switch and task id."""
+    from dataclasses import replace
+
+    decoder = dict(record["decoder_parameters"])
+    if "lora_prefetch_dir" in decoder:
+        decoder["lora_prefetch_dir"] = str(Path(art_at_serve) / decoder["lora_prefetch_dir"])
+    fusion = {"think": "true", **({"think_lora_task_id": str(record["task_id"])} if decoder else {})}
+    encoder = {"think_plan_file": THINK_PLAN} if record["encoder_onnx"] else {}
+    return replace(spec, decoder_params={**spec.decoder_params, **decoder},
+                   encoder_params={**spec.encoder_params, **encoder},
+                   fusion_params={**spec.fusion_params, **fusion})
+
+
+def memory(memory_plan: dict, record: dict) -> dict:
+    """What thinking adds to the GPU memory plan: a second encoder engine (its weights again) and the LoRA cache
+    (the backend's lora_cache_gpu_memory_fraction of the memory left after the engine and the KV cache, at least the
+    converted adapter)."""
+    extra = (memory_plan["encoder_weights"] if record["encoder_onnx"] else 0) + record.get("lora_adapter_bytes", 0)
+    return {"think_encoder_weights": memory_plan["encoder_weights"] if record["encoder_onnx"] else 0,
+            "lora_adapter_bytes": record.get("lora_adapter_bytes", 0),
+            "lora_cache_gpu_memory_fraction": record["decoder_parameters"].get("lora_cache_gpu_memory_fraction"),
+            "total_with_think": memory_plan["total"] + extra}
