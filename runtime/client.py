@@ -464,7 +464,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repetition-penalty", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--strip-prefix", action="store_true", help="drop AF3's 'The spoken content of the audio is'")
+    ap.add_argument("--transcribe", type=Path, default=None, metavar="FILE",
+                    help="transcribe a local audio file of any length: cut at pauses into pieces of at most 30 s "
+                         "(--chunking), sent concurrently, printed in order with their times")
+    ap.add_argument("--chunking", default="auto",
+                    help="with --transcribe: 'auto' or a chunking_strategy object as JSON (runtime/longform.py)")
+    ap.add_argument("--concurrency", type=int, default=4, help="with --transcribe: pieces in flight")
     args = ap.parse_args(argv)
+    if args.transcribe is not None:
+        raise SystemExit(_transcribe(args))
     if (args.prompt is None) == (args.messages is None):
         ap.error("give a prompt or --messages (not both)")
     try:
@@ -491,6 +499,32 @@ def main(argv=None) -> None:
     except AF3Error as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def _transcribe(args) -> int:
+    from af3trt.runtime import longform
+    from af3trt.runtime.errors import InvalidRequest
+    from af3trt.runtime.lengths import SAMPLE_RATE
+
+    try:
+        chunking = longform.parse_chunking(args.chunking)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    client = AsyncAF3Client(args.url, args.model)
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+
+    async def run() -> None:
+        async for span, text in longform.transcribe_file(args.transcribe, client, chunking, args.concurrency, **kw):
+            print(f"[{longform.clock(span.start / SAMPLE_RATE)} → {longform.clock(span.end / SAMPLE_RATE)}] {text}",
+                  flush=True)
+
+    try:
+        asyncio.run(run())
+    except (AF3Error, InvalidRequest, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
