@@ -282,17 +282,29 @@ def _line(custom_id: str | None, response: dict | None = None, error: dict | Non
 
 
 async def send(http, job: Job, base: Path, window: Window, tally: Tally, max_retries: int) -> dict:
-    """One line's output (never raises for the server's answers)."""
-    import httpx
-
+    """One line's output (never raises)."""
     try:
         if job.url == ENDPOINTS[0]:
             kw = {"json": resolve_chat(job, base)}
         else:
             fields, (name, data) = resolve_transcription(job, base)
-            kw = {"data": fields, "files": {"file": (name, data)}}
+            form: dict[str, list[str]] = {}
+            for k, v in fields:
+                form.setdefault(k, []).append(v)
+            kw = {"data": form, "files": {"file": (name, data)}}
     except BadLine as e:
         return _line(job.custom_id, error={"code": e.code, "message": str(e), "line": job.number})
+    try:
+        return await _post(http, job, kw, window, tally, max_retries)
+    except Exception as e:  # noqa: BLE001 - whatever goes wrong here is this line's error, not the run's end
+        return _line(job.custom_id, error={"code": "client_error", "message": f"{type(e).__name__}: {e}",
+                                           "line": job.number})
+
+
+async def _post(http, job: Job, kw: dict, window: Window, tally: Tally, max_retries: int) -> dict:
+    import httpx
+
+    r = transport = None
     for attempt in range(max_retries + 1):
         async with window:
             try:

@@ -92,3 +92,30 @@ def test_accuracy_overall_and_per_category():
             "error": None}
     assert score.prediction(line) == "x"
     assert score.prediction({**line, "response": {"status_code": 400, "body": {"error": {}}}}) is None
+
+
+def test_send_retries_busy_answers_and_posts_transcriptions_as_forms(tmp_path):
+    import httpx
+
+    sf.write(tmp_path / "a.wav", np.zeros(8000, np.float32), 16000)
+    answers = [503, 503, 200]
+    seen = []
+
+    def handler(req):
+        body = req.read()
+        seen.append(body)
+        status = answers.pop(0)
+        return httpx.Response(status, json={"text": "ok"} if status == 200 else {"error": {"code": "server_busy"}})
+
+    async def main():
+        http = httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(handler))
+        job = batch.parse_line(json.dumps({"custom_id": "t", "url": "/v1/audio/transcriptions", "body": {
+            "file": "a.wav", "timestamp_granularities": ["segment"], "chunking_strategy": "auto"}}), 1)
+        tally, window = batch.Tally(total=1), batch.Window(4)
+        out = await batch.send(http, job, tmp_path, window, tally, max_retries=3)
+        return out, tally, window
+
+    out, tally, window = asyncio.run(main())
+    assert out["response"] == {"status_code": 200, "request_id": out["response"]["request_id"], "body": {"text": "ok"}}
+    assert tally.retries == 2 and window.limit < 4 and tally.audio_s == pytest.approx(0.5)
+    assert b'name="timestamp_granularities[]"' in seen[-1] and b'name="chunking_strategy"' in seen[-1]
