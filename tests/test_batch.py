@@ -29,6 +29,9 @@ from af3trt.runtime import batch, longform
 from af3trt.runtime.audio import decode_audio
 
 openai = pytest.importorskip("openai")  # a declared test dependency (pyproject [test])
+from openai.types import BatchError  # noqa: E402
+from openai.types.audio import Transcription  # noqa: E402
+from openai.types.chat import ChatCompletion  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -114,14 +117,14 @@ def test_batch_killed_and_resumed_answers_each_line_once(served, tmp_path, speec
     for g in got:
         assert g["id"].startswith("batch_req_")
         if g["custom_id"] is None:
-            err = openai.types.BatchError.model_validate(g["error"])
+            err = BatchError.model_validate(g["error"])
             assert err.code in ("invalid_json", "duplicate_custom_id")
             continue
         assert g["error"] is None and g["response"]["status_code"] == 200, g
         if g["custom_id"] == "t99":
-            openai.types.audio.Transcription.model_validate(g["response"]["body"])
+            Transcription.model_validate(g["response"]["body"])
         else:
-            c = openai.types.chat.ChatCompletion.model_validate(g["response"]["body"])
+            c = ChatCompletion.model_validate(g["response"]["body"])
             n = int(g["custom_id"][1:])
             assert c.usage.completion_tokens <= 2 + n % 3
 
@@ -136,7 +139,7 @@ def test_score_a_spoken_multiple_choice_set(served, tmp_path):
                     "difficulty": "easy" if i < 3 else "hard"})
         q = f"Which word is spoken? Choices: {', '.join(choices)}."
         lines.append(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
-            "max_tokens": 4, "messages": [{"role": "user", "content": [
+            "model": "af3", "max_tokens": 4, "messages": [{"role": "user", "content": [
                 {"type": "input_audio", "input_audio": {"file": f"q{i}.wav"}}, {"type": "text", "text": q}]}]}}))
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "key.json").write_text(json.dumps(key))
