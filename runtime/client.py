@@ -512,7 +512,16 @@ def _transcribe(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     client = AsyncAF3Client(args.url, args.model)
-    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    max_tokens = args.max_tokens
+    if max_tokens is None:  # as the HTTP front transcribes: up to the repository's max_output_len
+        import tritonclient.grpc as grpcclient
+
+        try:
+            cfg = grpcclient.InferenceServerClient(args.url).get_model_config(contract.FUSION).config
+            max_tokens = int(cfg.parameters["max_output_len"].string_value) or None
+        except Exception:  # noqa: BLE001 - the server's default then
+            max_tokens = None
+    kw = dict(max_tokens=max_tokens, temperature=args.temperature, seed=args.seed)
 
     async def run() -> None:
         async for span, text in longform.transcribe_file(args.transcribe, client, chunking, args.concurrency, **kw):

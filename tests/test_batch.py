@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,8 +199,8 @@ def test_ask_transcribe_prints_the_same_segments(oai, served, talk_flac, tmp_pat
     with pytest.raises(SystemExit) as e:
         client.main(["--transcribe", str(path), "--url", f"127.0.0.1:{served.grpc_port}"])
     assert e.value.code == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert [p.split("] ", 1)[1] if "] " in p else "" for p in printed] == [s.text for s in r.segments]
+    printed = re.split(r"^\[\d+:\d\d:\d\d\.\d\d → \d+:\d\d:\d\d\.\d\d\] ", capsys.readouterr().out, flags=re.M)
+    assert printed[0] == "" and [p[:-1] for p in printed[1:]] == [s.text for s in r.segments]
 
 
 def test_long_form_past_the_limit_is_a_clear_error(oai, talk_flac):
