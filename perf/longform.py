@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     wave, sentences = clips.talk(args.seconds, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="af3trt-longform-"))
     path = tmp / "talk.ogg"
-    sf.write(path, wave, clips.SR, format="OGG", subtype="VORBIS")
+    with sf.SoundFile(path, "w", clips.SR, 1, format="OGG", subtype="VORBIS") as f:  # libsndfile 1.2 crashed on
+        for i in range(0, len(wave), 10 * clips.SR):  # one hour written at once (seen): 10-s blocks
+            f.write(wave[i:i + 10 * clips.SR])
     del wave
     made_s = time.monotonic() - t0
     size = path.stat().st_size
