@@ -229,14 +229,16 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     t0: float = field(default_factory=time.monotonic)
+    t_end: float | None = None  # when the run stopped (the summary's wall time leaves out stopping a server)
     shown: float = 0.0
+    last: str = ""
 
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.t0, 1e-9)
 
     def bar(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self.shown < 0.25:
+        if not force and now - self.shown < (0.25 if sys.stderr.isatty() else 10.0):  # a log gets a line per 10 s
             return
         self.shown = now
         wall = max(now - self.t0, 1e-9)
@@ -246,11 +248,14 @@ class Tally:
         filled = int(frac * 30)
         text = (f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {frac:4.0%} | {rate:.2f} req/s"
                 f" | RTFx {self.audio_s / wall:.1f} | ETA {_clock(eta)} | errors {self.errors}")
+        if text == self.last:
+            return
+        self.last = text
         sys.stderr.write(text if sys.stderr.isatty() else text[1:] + "\n")
         sys.stderr.flush()
 
     def summary(self, interrupted: bool) -> str:
-        wall = max(time.monotonic() - self.t0, 1e-9)
+        wall = max((self.t_end or time.monotonic()) - self.t0, 1e-9)
         head = "interrupted: rerun the same command to resume" if interrupted else "done"
         return (f"{head}: {self.done} lines answered in {wall:.1f} s ({self.errors} errors; {self.skipped} already "
                 f"in the output), {self.done / wall:.2f} req/s, {self.audio_s:.0f} s of audio (RTFx "
@@ -347,6 +352,7 @@ async def run(input_path: Path, output: Path, url: str, concurrency: int, max_re
     window = Window(concurrency)
     pending: set[asyncio.Task] = set()
     seen: set[str] = set()
+    tally.t0 = time.monotonic()
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout, limits=limits)
@@ -360,7 +366,7 @@ async def run(input_path: Path, output: Path, url: str, concurrency: int, max_re
         writer.write(out)
         tally.done += 1
         tally.errors += out["error"] is not None or (out["response"] or {}).get("status_code") != 200
-        tally.bar(force=tally.done == tally.total)
+        tally.bar()
 
     try:
         with open(input_path, encoding="utf-8") as f:
@@ -396,6 +402,7 @@ async def run(input_path: Path, output: Path, url: str, concurrency: int, max_re
             await asyncio.wait(pending)
         tally.bar(force=True)
     finally:
+        tally.t_end = time.monotonic()
         for t in list(pending):
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
