@@ -501,6 +501,25 @@ def main(argv=None) -> None:
         raise SystemExit(1)
 
 
+async def transcribe_file(path, client: AsyncAF3Client, chunking, concurrency: int = 4,
+                          max_seconds: float = 4 * 3600.0, **kw) -> AsyncIterator[tuple]:
+    """`af3trt ask --transcribe FILE`: (span, its text) per piece of a local file (runtime/longform.py), in order,
+    `concurrency` pieces at a time; kw: the Request's sampling fields."""
+    from af3trt.runtime import longform
+    from af3trt.runtime.audio import iter_mono_16k, open_audio
+
+    async def run(span) -> AsyncIterator[str]:
+        req = Request(prompt=longform.TRANSCRIPTION_PROMPT, audio=[longform.wav_bytes(span.wave)], strip_prefix=True,
+                      **kw)
+        yield (await client.complete(req)).text.strip()
+
+    with open(path, "rb") as f, open_audio(f, max_seconds) as audio:
+        spans = longform.aiter_thread(longform.split(iter_mono_16k(audio, max_seconds), chunking))
+        async for span, text in longform.ordered(spans, run, concurrency):
+            if text is not None:
+                yield span, text
+
+
 def _transcribe(args) -> int:
     from af3trt.runtime import longform
     from af3trt.runtime.errors import InvalidRequest
@@ -524,7 +543,7 @@ def _transcribe(args) -> int:
     kw = dict(max_tokens=max_tokens, temperature=args.temperature, seed=args.seed)
 
     async def run() -> None:
-        async for span, text in longform.transcribe_file(args.transcribe, client, chunking, args.concurrency, **kw):
+        async for span, text in transcribe_file(args.transcribe, client, chunking, args.concurrency, **kw):
             print(f"[{longform.clock(span.start / SAMPLE_RATE)} → {longform.clock(span.end / SAMPLE_RATE)}] {text}",
                   flush=True)
 

@@ -21,7 +21,7 @@ import asyncio
 import io
 import json
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
+from typing import AsyncIterator, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -280,21 +280,3 @@ def clock(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, sec = divmod(rest, 60)
     return f"{int(h)}:{int(m):02d}:{sec:05.2f}"
-
-
-async def transcribe_file(path, client, chunking: Chunking, concurrency: int = 4, max_seconds: float = 4 * 3600.0,
-                          **kw) -> AsyncIterator[tuple[Span, str]]:
-    """`af3trt ask --transcribe FILE`: (span, its text) per piece of a local file, in order, over the gRPC client
-    (an AsyncAF3Client); kw: the Request's sampling fields."""
-    from af3trt.runtime.audio import iter_mono_16k, open_audio
-    from af3trt.runtime.client import Request
-
-    async def run(span: Span) -> AsyncIterator[str]:
-        req = Request(prompt=TRANSCRIPTION_PROMPT, audio=[wav_bytes(span.wave)], strip_prefix=True, **kw)
-        yield (await client.complete(req)).text.strip()
-
-    with open(path, "rb") as f, open_audio(f, max_seconds) as audio:
-        spans = aiter_thread(split(iter_mono_16k(audio, max_seconds), chunking))
-        async for span, text in ordered(spans, run, concurrency):
-            if text is not None:
-                yield span, text
