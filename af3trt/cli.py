@@ -13,6 +13,8 @@
     af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
     af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
     af3trt soak   --minutes 10 --concurrency 16 …  steady load: errors, latency, RSS of every server process
+    af3trt batch  IN.jsonl OUT.jsonl --url …|--model-repository …   OpenAI batch file, progress bar, resumable
+    af3trt score  OUT.jsonl --key KEY.json          MMAU/MMAR-style multiple-choice accuracy, overall and per category
 
   single steps of the build:
     af3trt export-encoder   encoder + projector → validated ONNX (optionally INT8 dynamic)
@@ -41,6 +43,8 @@ COMMANDS = {
     "replicas": "af3trt.runtime.replicas",
     "k8s": "af3trt.build.k8s",
     "soak": "af3trt.perf.soak",
+    "batch": "af3trt.runtime.batch",
+    "score": "af3trt.perf.score",
     "export-encoder": "af3trt.export.onnx_export",
     "encoder-variant": "af3trt.export.onnx_quant",
     "extract-lm": "af3trt.export.extract_lm",

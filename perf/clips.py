@@ -168,3 +168,22 @@ def spoken_clips(count: int = 8, min_seconds: float = 7.0, max_seconds: float = 
         raise ValueError(f"count must be in 1..{len(SENTENCES)}, got {count}")
     secs = np.linspace(min_seconds, max_seconds, count) if count > 1 else np.array([min_seconds])
     return [(float(s), flac_bytes(spoken(SENTENCES[i], float(s)))) for i, s in enumerate(secs)]
+
+
+def talk(seconds: float, seed: int = 0, pauses: tuple[float, float] = (0.4, 1.6)) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """A long talk for long-form transcription: SENTENCES spoken by espeak-ng (each synthesized once, at two
+    speeds), in a seeded random order, separated by pauses drawn from `pauses` seconds, until `seconds`.
+    Returns (wave float32 [n] at 16 kHz, [(start, end)) of each spoken sentence in samples)."""
+    rng = np.random.default_rng(seed)
+    voices = [espeak(s, words_per_minute=w) for s in SENTENCES for w in (165, 200)]
+    n = int(seconds * SR)
+    wave = np.zeros(n, np.float32)
+    spans, at = [], int(rng.uniform(*pauses) * SR)
+    while True:
+        v = voices[int(rng.integers(len(voices)))]
+        if at + len(v) > n:
+            break
+        wave[at:at + len(v)] = v
+        spans.append((at, at + len(v)))
+        at += len(v) + int(rng.uniform(*pauses) * SR)
+    return wave, spans

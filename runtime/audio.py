@@ -15,6 +15,7 @@ import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -69,25 +70,11 @@ def decode_clip(data: bytes, keep_samples: int | None, *, max_seconds: float = M
         raise TypeError(f"decode_audio takes the encoded bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise AudioError("empty (0 bytes)")
-    try:
-        stream = sf.SoundFile(io.BytesIO(data))
-    except (sf.SoundFileError, RuntimeError) as e:
-        raise AudioError(f"could not decode: not a WAV/FLAC/OGG/MP3 stream ({_reason(e)})") from e
+    stream = open_audio(io.BytesIO(data), max_seconds)
     with stream:
-        rate, channels = stream.samplerate, stream.channels
-        if stream.format not in ACCEPTED_FORMATS:
-            raise AudioError(
-                f"could not decode: unsupported container {stream.format} (send WAV, FLAC, OGG or MP3)"
-            )
-        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-            raise AudioError(f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
-        if not 1 <= channels <= MAX_CHANNELS:
-            raise AudioError(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
-        max_frames = int(max_seconds * rate)
-        if stream.frames > max_frames:
-            raise AudioError(f"audio is {stream.frames / rate:.1f} s long; the limit is {max_seconds:g} s")
-        block = max(1, min(int(rate * _BLOCK_SECONDS), DECODE_BLOCK_VALUES // channels))
-        wave, read, stopped = _read_mono_16k(stream, block, max_frames, max_seconds, keep_samples)
+        rate = stream.samplerate
+        wave, read, stopped = _read_mono_16k(stream, _block(stream), int(max_seconds * rate), max_seconds,
+                                             keep_samples)
         claimed = stream.frames if 0 < stream.frames < 2**62 else read
     if read == 0:
         raise AudioError("audio has no samples")
@@ -104,26 +91,14 @@ def _read_mono_16k(stream: sf.SoundFile, block: int, max_frames: int, max_second
     # Source frames that fix the first `keep` outputs (the filter reaches a little past them).
     need = None if keep is None else (keep if resampler is None else resampler.inputs_needed(keep))
     parts: list[np.ndarray] = []
-    held = 0  # output samples in parts
     total = 0
     while need is None or total < need:
-        n = block if need is None else min(block, need - total)
-        try:
-            frames = stream.read(n, dtype="float32", always_2d=True)  # [t, C]
-        except (sf.SoundFileError, RuntimeError) as e:
-            raise AudioError(f"could not decode: corrupt stream ({_reason(e)})") from e
-        if len(frames) == 0:
+        mono = _read_mono(stream, block if need is None else min(block, need - total), total, max_frames,
+                          max_seconds)
+        if mono is None:
             break
-        total += len(frames)
-        if total > max_frames:  # the header undercounted
-            raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
-        if not np.isfinite(frames).all():
-            raise AudioError("audio has non-finite samples (NaN or Inf)")
-        mono = frames[:, 0].copy() if frames.shape[1] == 1 else frames.mean(axis=1)  # [t]
-        del frames
-        out = mono if resampler is None else resampler.feed(mono)
-        parts.append(out)
-        held += len(out)
+        total += len(mono)
+        parts.append(mono if resampler is None else resampler.feed(mono))
     stopped = need is not None and total >= need and len(stream.read(1, dtype="float32")) > 0
     if resampler is not None and not stopped:
         parts.append(resampler.finish())
@@ -132,6 +107,68 @@ def _read_mono_16k(stream: sf.SoundFile, block: int, max_frames: int, max_second
         wave = wave[:keep]
         stopped = True
     return wave, total, stopped
+
+
+def open_audio(source, max_seconds: float = MAX_CLIP_SECONDS) -> sf.SoundFile:
+    """Open an encoded stream (bytes in a BytesIO, or a file object such as an upload spooled to disk) and check its
+    header: container, sample rate, channels, and the claimed length against max_seconds."""
+    try:
+        stream = sf.SoundFile(source)
+    except (sf.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"could not decode: not a WAV/FLAC/OGG/MP3 stream ({_reason(e)})") from e
+    rate, channels = stream.samplerate, stream.channels
+    problem = None
+    if stream.format not in ACCEPTED_FORMATS:
+        problem = f"could not decode: unsupported container {stream.format} (send WAV, FLAC, OGG or MP3)"
+    elif not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        problem = f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+    elif not 1 <= channels <= MAX_CHANNELS:
+        problem = f"{channels} channels; at most {MAX_CHANNELS} are accepted"
+    elif stream.frames > int(max_seconds * rate):
+        problem = f"audio is {stream.frames / rate:.1f} s long; the limit is {max_seconds:g} s"
+    if problem:
+        stream.close()
+        raise AudioError(problem)
+    return stream
+
+
+def _block(stream: sf.SoundFile) -> int:
+    return max(1, min(int(stream.samplerate * _BLOCK_SECONDS), DECODE_BLOCK_VALUES // stream.channels))
+
+
+def _read_mono(stream: sf.SoundFile, n: int, total: int, max_frames: int, max_seconds: float) -> np.ndarray | None:
+    """The next at most n source frames, channels averaged: [t] float32; None at the end of the stream."""
+    try:
+        frames = stream.read(n, dtype="float32", always_2d=True)  # [t, C]
+    except (sf.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"could not decode: corrupt stream ({_reason(e)})") from e
+    if len(frames) == 0:
+        return None
+    if total + len(frames) > max_frames:  # the header undercounted
+        raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
+    if not np.isfinite(frames).all():
+        raise AudioError("audio has non-finite samples (NaN or Inf)")
+    return frames[:, 0].copy() if frames.shape[1] == 1 else frames.mean(axis=1)
+
+
+def iter_mono_16k(stream: sf.SoundFile, max_seconds: float = MAX_CLIP_SECONDS) -> Iterator[np.ndarray]:
+    """The whole of an opened stream (open_audio) as mono 16-kHz float32 blocks, one decode block at a time: memory
+    holds one block whatever the file's length (long-form transcription reads a 3-hour upload this way). The
+    blocks' concatenation equals decode_audio of the same bytes."""
+    rate = stream.samplerate
+    resampler = StreamResampler(rate, SAMPLE_RATE) if rate != SAMPLE_RATE else None
+    block, max_frames, total = _block(stream), int(max_seconds * rate), 0
+    while (mono := _read_mono(stream, block, total, max_frames, max_seconds)) is not None:
+        total += len(mono)
+        out = mono if resampler is None else resampler.feed(mono)
+        if len(out):
+            yield out
+    if total == 0:
+        raise AudioError("audio has no samples")
+    if resampler is not None:
+        tail = resampler.finish()
+        if len(tail):
+            yield tail
 
 
 def _reason(e: Exception) -> str:

@@ -588,7 +588,15 @@ def main(argv=None) -> None:
     ap.add_argument("--strip-prefix", action="store_true", help="drop AF3's 'The spoken content of the audio is'")
     ap.add_argument("--think", action="store_true", help="AF3's thinking mode: think/'s adapter, the prompt "
                                                         "suffix on the last user turn (docs/thinking.md)")
+    ap.add_argument("--transcribe", type=Path, default=None, metavar="FILE",
+                    help="transcribe a local audio file of any length: cut at pauses into pieces of at most 30 s "
+                         "(--chunking), sent concurrently, printed in order with their times")
+    ap.add_argument("--chunking", default="auto",
+                    help="with --transcribe: 'auto' or a chunking_strategy object as JSON (runtime/longform.py)")
+    ap.add_argument("--concurrency", type=int, default=4, help="with --transcribe: pieces in flight")
     args = ap.parse_args(argv)
+    if args.transcribe is not None:
+        raise SystemExit(_transcribe(args))
     if (args.prompt is None) == (args.messages is None):
         ap.error("give a prompt or --messages (not both)")
     try:
@@ -615,6 +623,60 @@ def main(argv=None) -> None:
     except AF3Error as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+
+
+async def transcribe_file(path, client: AsyncAF3Client, chunking, concurrency: int = 4,
+                          max_seconds: float = 4 * 3600.0, **kw) -> AsyncIterator[tuple]:
+    """`af3trt ask --transcribe FILE`: (span, its text) per piece of a local file (runtime/longform.py), in order,
+    `concurrency` pieces at a time; kw: the Request's sampling fields."""
+    from af3trt.runtime import longform
+    from af3trt.runtime.audio import iter_mono_16k, open_audio
+
+    async def run(span) -> AsyncIterator[str]:
+        req = Request(prompt=longform.TRANSCRIPTION_PROMPT, audio=[longform.wav_bytes(span.wave)], strip_prefix=True,
+                      **kw)
+        yield (await client.complete(req)).text.strip()
+
+    with open(path, "rb") as f, open_audio(f, max_seconds) as audio:
+        spans = longform.aiter_thread(longform.split(iter_mono_16k(audio, max_seconds), chunking))
+        async for span, text in longform.ordered(spans, run, concurrency):
+            if text is not None:
+                yield span, text
+
+
+def _transcribe(args) -> int:
+    from af3trt.runtime import longform
+    from af3trt.runtime.errors import InvalidRequest
+    from af3trt.runtime.lengths import SAMPLE_RATE
+
+    try:
+        chunking = longform.parse_chunking(args.chunking)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    client = AsyncAF3Client(args.url, args.model)
+    max_tokens = args.max_tokens
+    if max_tokens is None:  # as the HTTP front transcribes: up to the repository's max_output_len
+        import tritonclient.grpc as grpcclient
+
+        try:
+            cfg = grpcclient.InferenceServerClient(args.url).get_model_config(contract.FUSION).config
+            max_tokens = int(cfg.parameters["max_output_len"].string_value) or None
+        except Exception:  # noqa: BLE001 - the server's default then
+            max_tokens = None
+    kw = dict(max_tokens=max_tokens, temperature=args.temperature, seed=args.seed)
+
+    async def run() -> None:
+        async for span, text in transcribe_file(args.transcribe, client, chunking, args.concurrency, **kw):
+            print(f"[{longform.clock(span.start / SAMPLE_RATE)} → {longform.clock(span.end / SAMPLE_RATE)}] {text}",
+                  flush=True)
+
+    try:
+        asyncio.run(run())
+    except (AF3Error, InvalidRequest, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -151,6 +151,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--api-key-env", default=None, metavar="VAR",
                     help="require `Authorization: Bearer <key>` with the key read from this environment variable")
     ap.add_argument("--served-model-name", default=None, help="model id clients use (default: the ensemble name)")
+    ap.add_argument("--max-transcription-seconds", type=float, default=Settings.max_transcription_seconds,
+                    help="longest audio /v1/audio/transcriptions accepts with chunking_strategy (longer gets 400)")
+    ap.add_argument("--transcription-concurrency", type=int, default=Settings.transcription_concurrency,
+                    help="pieces of one long-form transcription sent to the ensemble at once")
 
 
 def settings_from(args, triton_url: str) -> Settings:
@@ -160,14 +164,18 @@ def settings_from(args, triton_url: str) -> Settings:
         if not key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     return Settings(triton_url=triton_url, model=getattr(args, "model", ENSEMBLE), api_key=key,
-                    served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_bytes)
+                    served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_bytes,
+                    max_transcription_seconds=args.max_transcription_seconds,
+                    transcription_concurrency=args.transcription_concurrency)
 
 
 def command(args, triton_url: str, host: str, port: int) -> list[str]:
     """`af3trt openai` as a command line with the options add_arguments() parsed into args (for `af3trt serve
     --openai-port`). The API key stays in the environment the child inherits, never on its command line."""
     cmd = [sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", triton_url, "--host", host,
-           "--port", str(port), "--max-upload-bytes", str(args.max_upload_bytes)]
+           "--port", str(port), "--max-upload-bytes", str(args.max_upload_bytes),
+           "--max-transcription-seconds", str(args.max_transcription_seconds),
+           "--transcription-concurrency", str(args.transcription_concurrency)]
     if args.api_key_env:
         cmd += ["--api-key-env", args.api_key_env]
     if args.served_model_name:

@@ -69,6 +69,9 @@ class Settings:
     served_model_name: str | None = None  # the id clients see (default: the ensemble's name)
     api_key: str | None = None
     max_upload_bytes: int = 64 * 2**20
+    # long-form transcription (chunking_strategy): the longest audio accepted, and pieces in flight per request
+    max_transcription_seconds: float = 4 * 3600.0
+    transcription_concurrency: int = 4
 
     @property
     def model_id(self) -> str:
@@ -168,7 +171,7 @@ async def deltas(pieces: AsyncIterator[Piece], answer: Answer, stops: list[str] 
         await pieces.aclose()
 
 
-async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
+async def watch_disconnect(request: Request, task: asyncio.Task) -> None:
     while not task.done():
         if await request.is_disconnected():
             task.cancel()
@@ -186,7 +189,7 @@ async def collect(request: Request, pieces: AsyncIterator[Piece], stops: list[st
         return answer
 
     task = asyncio.ensure_future(run())
-    watcher = asyncio.ensure_future(_watch_disconnect(request, task))
+    watcher = asyncio.ensure_future(watch_disconnect(request, task))
     try:
         return await task
     finally:
