@@ -197,6 +197,15 @@ def _error(url: str, model: str, error) -> AF3Error:
     return err if isinstance(err, AF3Busy) else connection_error(url, model, error) or err
 
 
+def _never_connected(error) -> bool:
+    """Whether a stream's first error says no connection was made (gRPC UNAVAILABLE, "failed to connect"): the
+    request never left the client."""
+    if error is None:
+        return False
+    status, message = str(getattr(error, "status", lambda: "")() or ""), str(getattr(error, "message", lambda: error)())
+    return "UNAVAILABLE" in status and "failed to connect" in message.lower()
+
+
 def _chunk(result, t0: float) -> Chunk | None:
     """The chunk a response carries (None for the empty final response)."""
     text = result.as_numpy("text_output")
@@ -393,27 +402,47 @@ class AF3Client:
         self.private_connection = private_connection
         self._stub = None  # GRPCInferenceServiceStub over self._channel, made at the first request
         self._channel = None
+        self._state = None  # the channel's last connectivity state (grpc.ChannelConnectivity), from its callback
+        self._fresh = False  # after a failed connection: channels of our own (not gRPC's shared subchannel)
         self._lock = threading.Lock()
 
     def _service(self):
+        import grpc
+
         with self._lock:
+            if self._stub is not None and self._state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                # the connection failed (the server restarted or went away) and gRPC is waiting out its reconnect
+                # backoff, during which every call fails at once with "connection refused" even after the server
+                # is back: start over with a connection of our own instead of waiting for the shared one's backoff
+                self._drop_channel()
+                self._fresh = True
             if self._stub is None:
-                import grpc
                 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, service_pb2_grpc
 
-                self._channel = grpc.insecure_channel(self.url, options=[
+                channel = grpc.insecure_channel(self.url, options=[
                     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
                     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-                    ("grpc.use_local_subchannel_pool", int(self.private_connection))])
-                self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+                    ("grpc.use_local_subchannel_pool", int(self.private_connection or self._fresh))])
+                self._state = None
+                channel.subscribe(lambda state, c=channel: self._track(c, state))
+                self._channel = channel
+                self._stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             return self._stub
+
+    def _track(self, channel, state) -> None:
+        """gRPC's connectivity callback: the state of the channel in use (a closed one's calls are ignored)."""
+        if channel is self._channel:
+            self._state = state
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._stub = self._state = None
 
     def close(self) -> None:
         """Close the connection (requests still running fail); the next request opens a new one."""
         with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel = self._stub = None
+            self._drop_channel()
 
     def __enter__(self) -> "AF3Client":
         return self
@@ -450,20 +479,25 @@ class AF3Client:
             yield request
             done.wait()  # our half of the stream stays open until the last response, as the OpenAI front's does
 
+        def open_call(stub):
+            call = stub.ModelStreamInfer(requests(), timeout=req.deadline_s)
+            results: queue.Queue = queue.Queue()
+
+            def receive():  # the call's responses as (result, error), in a thread: `timeout` bounds each wait below
+                try:
+                    for r in call:
+                        results.put((None, InferenceServerException(msg=r.error_message)) if r.error_message
+                                    else (InferResult(r.infer_response), None))
+                except grpc.RpcError as e:
+                    results.put((None, InferenceServerException(msg=e.details(), status=str(e.code()))))
+                results.put(None)
+
+            threading.Thread(target=receive, name=f"af3-{request_id[:8]}", daemon=True).start()
+            return call, results
+
         stub = self._service()
-        call = stub.ModelStreamInfer(requests(), timeout=req.deadline_s)
-        results: queue.Queue = queue.Queue()
-
-        def receive():  # the call's responses as (result, error), in a thread: `timeout` bounds each wait below
-            try:
-                for r in call:
-                    results.put((None, InferenceServerException(msg=r.error_message)) if r.error_message
-                                else (InferResult(r.infer_response), None))
-            except grpc.RpcError as e:
-                results.put((None, InferenceServerException(msg=e.details(), status=str(e.code()))))
-            results.put(None)
-
-        threading.Thread(target=receive, name=f"af3-{request_id[:8]}", daemon=True).start()
+        call, results = open_call(stub)
+        resent = got = False  # got: a response arrived on this request's stream
         reader = ResponseReader(self.url, self.model, running=True)
         try:
             while not reader.final:
@@ -473,7 +507,20 @@ class AF3Client:
                     raise AF3ConnectionError(self.url, "timeout", f"no response within {self.timeout:g} s") from None
                 if item is None:
                     raise AF3ConnectionError(self.url, "unavailable", "the stream ended before the last response")
+                if not resent and not got and _never_connected(item[1]):
+                    # a connection made before (shared, or ours) that the server dropped, still in gRPC's reconnect
+                    # backoff: the request never reached the server, so it goes once more on a new connection of
+                    # our own (a server that is really down refuses that one too, and the error is raised)
+                    resent = True
+                    with self._lock:
+                        if self._stub is stub:  # not a new one another thread already made
+                            self._drop_channel()
+                        self._fresh = True
+                    stub = self._service()
+                    call, results = open_call(stub)
+                    continue
                 chunk = reader.read(*item)
+                got = True
                 if chunk is not None:
                     yield chunk
         finally:

@@ -213,3 +213,29 @@ def test_ask_names_an_unreadable_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         client_mod.main(["hi", "--audio", str(tmp_path / "missing.wav")])
     assert e.value.code == 2 and f"cannot read {tmp_path / 'missing.wav'}: No such file" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_client_answers_after_the_server_restarted_on_its_ports(repo, speech_bytes):
+    """One AF3Client keeps its connection; when tritonserver goes away and comes back on the same ports (the
+    watchdog's restart, a rolling pod), gRPC waits out a reconnect backoff on the dropped connection and fails every
+    call at once with "connection refused" meanwhile. The next request after the server is ready must be answered:
+    it goes on a new connection (the request never reached the server, so sending it there is exact). A client
+    with nothing to reach still gets the connection error."""
+    from af3trt.runtime.client import AF3ConnectionError
+    from af3trt.runtime.server import TritonServer
+
+    first = TritonServer(repo / "model_repository", log_path=repo / "restart-1.log").start(timeout=300)
+    ports = dict(grpc_port=first.grpc_port, http_port=first.http_port, metrics_port=first.metrics_port)
+    with AF3Client(first.grpc_url, timeout=120) as c:
+        try:
+            want = c.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
+        finally:
+            first.stop()
+        with pytest.raises(AF3ConnectionError):  # nothing listens: the error is still raised
+            c.ask("What is said?", [speech_bytes], max_tokens=4)
+        second = TritonServer(repo / "model_repository", log_path=repo / "restart-2.log", **ports).start(timeout=300)
+        try:
+            assert c.ask("What is said?", [speech_bytes], max_tokens=4).token_ids == want
+        finally:
+            second.stop()
