@@ -50,7 +50,8 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str) -> RepoSpec:
                         **({"max_windows_per_run": str(o.encoder_windows_per_run)}
                            if o.encoder_windows_per_run else {})},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
-                        "threads": threads_of(o.decoder_threads), **stand_in_decoder},
+                        "threads": threads_of(o.decoder_threads), "stream_interval_ms": str(o.stream_interval_ms),
+                        **stand_in_decoder},
         preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
 
 
@@ -146,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-windows-per-run", type=int, default=2,
                     help="CPU encoder: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's "
                          "attention buffers in cache: measured 1.3-2x faster per window than 10 at once)")
+    ap.add_argument("--stream-interval-ms", type=int, default=20,
+                    help="CPU decoder: streamed tokens that come faster than one per this many ms share a response "
+                         "(the first token always goes alone; 0: one response per token)")
     ap.add_argument("--stand-in-tokens-per-s", type=float, default=0.0,
                     help="measure the serving path alone: encoder and decoder are stand-ins without weights or "
                          "compute (runtime/stand_in.py) making deterministic tokens, never an end id, at this many "

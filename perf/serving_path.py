@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", default="tiny", help="synthetic checkpoint preset (af3trt.export.synth)")
     ap.add_argument("--tokens-per-s", type=float, default=200.0,
                     help="stand-in decoder steps per second (tokens per second per request)")
+    ap.add_argument("--stream-interval-ms", type=int, default=20,
+                    help="the build's: streamed tokens faster than one per this many ms share a response (0: off)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32, help="requests per load")
     ap.add_argument("--max-tokens", type=int, default=128, help="T: tokens per request of the long loads")
@@ -210,8 +212,8 @@ def summarize(rounds: list[dict[str, dict]], front: bool) -> dict:
             row[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "runs": vals}
         table[name] = row
     sp = table["serving_path"]
-    table["per_core"] = {"tokens_per_s": 1000 / max(sp["ms_per_token"]["median"], 1e-6),
-                         "requests_per_s": 1000 / max(sp["ms_per_request"]["median"], 1e-6)}
+    table["per_core"] = {k: 1000 / ms if ms > 0 else None for k, ms in (
+        ("tokens_per_s", sp["ms_per_token"]["median"]), ("requests_per_s", sp["ms_per_request"]["median"]))}
     return table
 
 
@@ -221,8 +223,9 @@ def build_stand_in(ckpt: Path, work: Path, args) -> Path:
     from af3trt.build.build_engines import BuildOptions, ServingConfig, build
     from af3trt.perf.bench import source_digest
 
-    out = work / f"repo-{args.preset}-stand-in-{args.tokens_per_s:g}"
+    out = work / f"repo-{args.preset}-stand-in-{args.tokens_per_s:g}-interval-{args.stream_interval_ms}"
     opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=args.tokens_per_s,
+                        stream_interval_ms=args.stream_interval_ms,
                         serving=ServingConfig(max_batch_size=max(args.concurrency, 1),
                                               max_output_len=max(args.max_tokens, 8),
                                               max_queue_size=0, queue_timeout_ms=0))
@@ -306,7 +309,7 @@ def write_report(results: dict, out: Path) -> None:
     (out / "serving_path.json").write_text(json.dumps(results, indent=1))
     a = results["args"]
     lines = [f"# Serving path: CPU per request and per streamed token (stand-ins at {a['tokens_per_s']} tokens/s per "
-             f"request)", "",
+             f"request, stream interval {a['stream_interval_ms']} ms)", "",
              f"`af3trt bench --serving-path`, {results['started_utc']}, {results['machine'].get('cpu', '')}; "
              f"{a['rounds']} interleaved rounds of {a['requests']} requests at concurrency {a['concurrency']}, "
              f"{a['clip_seconds']}-s clip, max_tokens 1 and {a['max_tokens']}; load average at start "
@@ -319,12 +322,25 @@ def write_report(results: dict, out: Path) -> None:
                 lines.append(f"| {label} | {fmt(row['ms_per_request'])} | {fmt(row['ms_per_token'])} |")
         pc = table["per_core"]
         thr = results["throughput"][mode]
-        lines += ["", f"One core of serving path: {pc['tokens_per_s']:.0f} tokens/s, {pc['requests_per_s']:.0f} "
+        rate = "unbounded by this measure" if pc["tokens_per_s"] is None else f"{pc['tokens_per_s']:.0f}"
+        lines += ["", f"One core of serving path: {rate} tokens/s, {pc['requests_per_s'] or 0:.0f} "
                       f"requests/s. Wall throughput of the {a['max_tokens']}-token loads: "
                       f"{statistics.median(thr):.0f} tokens/s (runs {', '.join(f'{t:.0f}' for t in thr)}).", ""]
     if "aiperf" in results:
-        m = results["aiperf"].get("metrics", results["aiperf"])
-        lines += ["## AIPerf against the OpenAI front", "", "```", json.dumps(m, indent=1)[:3000], "```", ""]
+        lines += ["## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
+        m = results["aiperf"].get("metrics")
+        if m is None:
+            lines += [f"failed: {results['aiperf'].get('error')}", ""]
+        else:
+            def stat(key, field="avg"):
+                v = m.get(key, {}).get(field)
+                return "n/a" if v is None else f"{v:.1f} {m[key].get('unit', '')}"
+
+            lines += [f"`aiperf {results['aiperf']['command']}`", "",
+                      f"requests {stat('request_count')}, request throughput {stat('request_throughput')}, output "
+                      f"tokens {stat('output_token_throughput')}, TTFT p50 {stat('time_to_first_token', 'p50')}, "
+                      f"inter-token latency p50 {stat('inter_token_latency', 'p50')}, output length (AIPerf's own "
+                      f"tokenizer count of the text) {stat('output_sequence_length')}.", ""]
     (out / "serving_path.md").write_text("\n".join(lines))
 
 

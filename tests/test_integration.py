@@ -56,7 +56,10 @@ def test_stream_equals_non_stream(client, speech_bytes):
     chunks = list(client.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=True))
     assert whole.chunks == 1
     assert len(whole.token_ids) >= 5
-    assert all(len(c.token_ids) == 1 for c in chunks[:-1])  # one response per token (TRT-LLM: + an empty final)
+    # the first token alone (time to first token); later tokens that come faster than the build's stream interval
+    # (20 ms) share a response (runtime/coalesce.py), so a response carries one token or more, and joined they are
+    # the whole answer; the last response is the decoder's own final one (empty on the end id, as TRT-LLM's)
+    assert len(chunks[0].token_ids) == 1 and all(len(c.token_ids) >= 1 for c in chunks[:-1])
     assert [t for c in chunks for t in c.token_ids] == whole.token_ids
     assert "".join(c.text for c in chunks) == whole.text
     assert [c.t for c in chunks] == sorted(c.t for c in chunks)

@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.coalesce import Coalescer
 from af3trt.runtime.context import RequestContext
 from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
 from af3trt.runtime.stand_in import StandInDecoder
@@ -24,6 +25,7 @@ class TritonPythonModel:
     def initialize(self, args):
         p = io.params(args)
         threads = int(p.get("threads", "0")) or None
+        self.stream_interval_s = int(p.get("stream_interval_ms", "0")) / 1000  # runtime/coalesce.py (0: off)
         rate = float(p.get("stand_in_tokens_per_s", "0"))
         if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.stand_in): no weights, no compute
             self.engine = StandInDecoder(io.resolve(args, p["gpt_model_path"]), tokens_per_s=rate,
@@ -44,8 +46,12 @@ class TritonPythonModel:
             sender = r.get_response_sender()
             try:
                 rid = r.request_id()
-                self.engine.submit(self.request(r), self._emitter(sender, self.ctx, rid),
-                                   self._on_error(sender, self.ctx, rid), self._cancelled(r, sender, self.ctx))
+                req = self.request(r)
+                emit = self._emitter(sender, self.ctx, rid)
+                if req.streaming and self.stream_interval_s:  # at most one response per interval after the first
+                    emit = Coalescer(self.stream_interval_s, emit)
+                self.engine.submit(req, emit, self._on_error(sender, self.ctx, rid),
+                                   self._cancelled(r, sender, self.ctx))
             except Exception as e:  # noqa: BLE001
                 sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
