@@ -147,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-windows-per-run", type=int, default=2,
                     help="CPU encoder: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's "
                          "attention buffers in cache: measured 1.3-2x faster per window than 10 at once)")
-    ap.add_argument("--stream-interval-ms", type=int, default=20,
+    ap.add_argument("--stream-interval-ms", type=int, default=50,
                     help="CPU decoder: streamed tokens that come faster than one per this many ms share a response "
                          "(the first token always goes alone; 0: one response per token)")
     ap.add_argument("--stand-in-tokens-per-s", type=float, default=0.0,

@@ -186,7 +186,7 @@ class BuildOptions:
     stand_in_tokens_per_s: float = 0.0
     # CPU decoder: a stream's tokens that come faster than one per this many ms share a response (runtime/coalesce.py;
     # the first token always goes alone); 0: one response per token
-    stream_interval_ms: int = 20
+    stream_interval_ms: int = 50
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 

@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", default="tiny", help="synthetic checkpoint preset (af3trt.export.synth)")
     ap.add_argument("--tokens-per-s", type=float, default=200.0,
                     help="stand-in decoder steps per second (tokens per second per request)")
-    ap.add_argument("--stream-interval-ms", type=int, default=20,
+    ap.add_argument("--stream-interval-ms", type=int, default=50,
                     help="the build's: streamed tokens faster than one per this many ms share a response (0: off)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32, help="requests per load")
@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians and min-max over them)")
     ap.add_argument("--modes", default="grpc-stream,grpc,openai-stream", help="loads: grpc-stream, grpc, "
                                                                              "openai-stream, openai")
+    ap.add_argument("--tiny-rounds", type=int, default=3,
+                    help="rounds of the real-model check: streamed against non-streamed throughput on the real "
+                         "checkpoint (no stand-ins), --tiny-requests of --tiny-tokens at --concurrency (0: skip)")
+    ap.add_argument("--tiny-requests", type=int, default=16)
+    ap.add_argument("--tiny-tokens", type=int, default=400)
     ap.add_argument("--aiperf-requests", type=int, default=32, help="AIPerf's streamed requests (0: skip AIPerf)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -219,15 +224,16 @@ def summarize(rounds: list[dict[str, dict]], front: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def build_stand_in(ckpt: Path, work: Path, args) -> Path:
+def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float) -> Path:
+    """The CPU build the loads run on: stand-ins at tokens_per_s (0: the checkpoint's real models)."""
     from af3trt.build.build_engines import BuildOptions, ServingConfig, build
     from af3trt.perf.bench import source_digest
 
-    out = work / f"repo-{args.preset}-stand-in-{args.tokens_per_s:g}-interval-{args.stream_interval_ms}"
-    opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=args.tokens_per_s,
+    out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{args.stream_interval_ms}"
+    opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=tokens_per_s,
                         stream_interval_ms=args.stream_interval_ms,
                         serving=ServingConfig(max_batch_size=max(args.concurrency, 1),
-                                              max_output_len=max(args.max_tokens, 8),
+                                              max_output_len=max(args.max_tokens, args.tiny_tokens, 8),
                                               max_queue_size=0, queue_timeout_ms=0))
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}
     key["sources"] = source_digest()
@@ -274,7 +280,7 @@ class OpenAIFront:
 
 
 def run_aiperf(http_url: str, tokenizer: Path, out: Path, *, concurrency: int, requests: int, max_tokens: int,
-               clip_seconds: float, timeout: float = 900) -> dict:
+               clip_seconds: float, api_key: str | None = None, timeout: float = 900) -> dict:
     """`aiperf profile` against the OpenAI front: streamed chat, one synthetic WAV clip per request, fixed output
     length through `--extra-inputs ignore_eos:true` (its advice for fixed-length runs). Returns its summary."""
     exe = shutil.which("aiperf") or str(Path(sys.executable).parent / "aiperf")
@@ -283,7 +289,8 @@ def run_aiperf(http_url: str, tokenizer: Path, out: Path, *, concurrency: int, r
            "--concurrency", str(concurrency), "--request-count", str(requests), "--tokenizer", str(tokenizer),
            "--audio-batch-size", "1", "--audio-length-mean", f"{clip_seconds:g}", "--audio-format", "wav",
            "--synthetic-input-tokens-mean", "16", "--output-tokens-mean", str(max_tokens),
-           "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(artifacts), "--ui-type", "none"]
+           "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(artifacts), "--ui-type", "none",
+           *(["--api-key", api_key] if api_key else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     (out / "aiperf.log").write_text(proc.stdout + proc.stderr)
@@ -293,10 +300,33 @@ def run_aiperf(http_url: str, tokenizer: Path, out: Path, *, concurrency: int, r
     if not exports:
         raise RuntimeError(f"aiperf wrote no profile_export_aiperf.json under {artifacts}")
     doc = json.loads(exports[-1].read_text())
-    return {"command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - t0, "export": str(exports[-1]),
+    shown = [("<api key>" if api_key and c == api_key else c) for c in cmd[1:]]
+    return {"command": " ".join(shown), "wall_s": time.perf_counter() - t0, "export": str(exports[-1]),
             "metrics": {k: doc[k] for k in ("request_throughput", "output_token_throughput", "time_to_first_token",
                                             "inter_token_latency", "request_count", "output_sequence_length",
                                             "error_request_count") if k in doc}}
+
+
+def stream_against_whole(repo: Path, clip: bytes, args, out: Path) -> dict:
+    """The real checkpoint (no stand-ins): tokens/s of --tiny-requests streamed and not, interleaved rounds."""
+    from af3trt.runtime.server import TritonServer
+
+    runs = {"stream": [], "whole": []}
+    with TritonServer(repo / "model_repository", log_path=out / "tritonserver-real-model.log",
+                      exit_timeout=3).start(timeout=600) as server:
+        run_load(server.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency, requests=2, max_tokens=4,
+                 stream=True)  # warm-up
+        for _ in range(args.tiny_rounds):
+            for mode in runs:
+                records, wall = run_load(server.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency,
+                                         requests=args.tiny_requests, max_tokens=args.tiny_tokens,
+                                         stream=mode == "stream")
+                bad = [r.error for r in records if not r.ok]
+                if bad:
+                    raise RuntimeError(f"real model, {mode}: {len(bad)} requests failed, e.g. {bad[0]}")
+                runs[mode].append(sum(r.tokens for r in records) / wall)
+    ratio = [s / w for s, w in zip(runs["stream"], runs["whole"])]
+    return {"tokens_per_s": runs, "stream_over_whole": ratio, "median_ratio": statistics.median(ratio)}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -326,6 +356,14 @@ def write_report(results: dict, out: Path) -> None:
         lines += ["", f"One core of serving path: {rate} tokens/s, {pc['requests_per_s'] or 0:.0f} "
                       f"requests/s. Wall throughput of the {a['max_tokens']}-token loads: "
                       f"{statistics.median(thr):.0f} tokens/s (runs {', '.join(f'{t:.0f}' for t in thr)}).", ""]
+    if "real_model" in results:
+        rm = results["real_model"]
+        lines += [f"## Real {a['preset']} checkpoint: streamed against non-streamed", "",
+                  f"{a['tiny_requests']} requests of {a['tiny_tokens']} tokens at concurrency {a['concurrency']}, "
+                  f"{a['tiny_rounds']} interleaved rounds, our gRPC client. Tokens/s streamed "
+                  f"{', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['stream'])}; not streamed "
+                  f"{', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['whole'])}; streamed / not: median "
+                  f"{rm['median_ratio']:.2f} (runs {', '.join(f'{r:.2f}' for r in rm['stream_over_whole'])}).", ""]
     if "aiperf" in results:
         lines += ["## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
         m = results["aiperf"].get("metrics")
@@ -348,6 +386,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     from af3trt.perf.bench import prepare_checkpoint
     from af3trt.runtime.server import TritonServer
     from af3trt.runtime.triton_install import CACHE
@@ -359,7 +398,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.hf_model, args.repo = None, None  # prepare_checkpoint's: the synthetic preset
     ckpt = prepare_checkpoint(args, work)
-    repo = build_stand_in(ckpt, work, args)
+    repo = build_stand_in(ckpt, work, args, args.tokens_per_s)
     clip = clipgen.make_clip(clipgen.ClipSpec("speech", args.clip_seconds))
     audio_b64 = wav_b64(clip)
     modes = [m for m in args.modes.split(",") if m]
@@ -403,6 +442,8 @@ def main(argv=None) -> int:
                     results["aiperf"] = {"error": str(e)}
         finally:
             front.stop()
+    if args.tiny_rounds:
+        results["real_model"] = stream_against_whole(build_stand_in(ckpt, work, args, 0.0), clip, args, out)
     write_report(results, out)
     print((out / "serving_path.md").read_text())
     return 0
