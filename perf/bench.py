@@ -14,7 +14,7 @@ generate on the same checkpoint and clips (sequential and batched) → the full-
 sends whole 30-s windows, as before the frame axis was dynamic: TTFT and encoder curve) → GPU projection →
 results.json, report.md, PNG plots. Every figure in the report names the tool that measured it.
 
-    python -m af3trt.perf.bench --serving-path [--out DIR]   # perf/serving_path.py: CPU per request and per token
+    af3trt bench --serving-path [--out DIR]   # perf/serving_path.py: CPU per request and per streamed token
 """
 
 from __future__ import annotations
@@ -359,11 +359,6 @@ def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, 
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--serving-path" in argv:  # the serving path alone, with stand-ins for the encoder and decoder
-        from af3trt.perf import serving_path
-
-        return serving_path.main(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
