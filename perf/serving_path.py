@@ -65,8 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokens-per-s", type=float, default=300.0,
                     help="stand-in decoder steps per second (tokens per second per request; default: about an "
                          "H100's per request at batch 64, docs/gpu_projection.md)")
-    ap.add_argument("--stream-interval-ms", type=int, default=50,
-                    help="the build's: streamed tokens faster than one per this many ms share a response (0: off)")
+    ap.add_argument("--stream-interval-ms", default="0,50",
+                    help="builds measured side by side, by their stream interval (streamed tokens faster than one "
+                         "per this many ms share a response; 0: one response per token, as before coalescing)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32, help="requests per load")
     ap.add_argument("--max-tokens", type=int, default=128, help="T: tokens per request of the long loads")
@@ -226,14 +227,14 @@ def summarize(rounds: list[dict[str, dict]], front: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float) -> Path:
+def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float, stream_interval_ms: int) -> Path:
     """The CPU build the loads run on: stand-ins at tokens_per_s (0: the checkpoint's real models)."""
     from af3trt.build.build_engines import BuildOptions, ServingConfig, build
     from af3trt.perf.bench import source_digest
 
-    out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{args.stream_interval_ms}"
+    out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{stream_interval_ms}"
     opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=tokens_per_s,
-                        stream_interval_ms=args.stream_interval_ms,
+                        stream_interval_ms=stream_interval_ms,
                         serving=ServingConfig(max_batch_size=max(args.concurrency, 1),
                                               max_output_len=max(args.max_tokens, args.tiny_tokens, 8),
                                               max_queue_size=0, queue_timeout_ms=0))
@@ -309,26 +310,50 @@ def run_aiperf(http_url: str, tokenizer: Path, out: Path, *, concurrency: int, r
                                             "error_request_count") if k in doc}}
 
 
-def stream_against_whole(repo: Path, clip: bytes, args, out: Path) -> dict:
-    """The real checkpoint (no stand-ins): tokens/s of --tiny-requests streamed and not, interleaved rounds."""
-    from af3trt.runtime.server import TritonServer
+def log_mel_cpu_ms(clip: bytes, runs: int = 20) -> float:
+    """CPU ms of the clip's log-mel alone (one torch thread, as the preprocess stub runs it): part of preprocess's
+    per-request cost on the CPU target, done on the device on the GPU target (af3trt.kernels.logmel)."""
+    import torch
 
-    runs = {"stream": [], "whole": []}
-    with TritonServer(repo / "model_repository", log_path=out / "tritonserver-real-model.log",
-                      exit_timeout=3).start(timeout=600) as server:
-        run_load(server.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency, requests=2, max_tokens=4,
-                 stream=True)  # warm-up
-        for _ in range(args.tiny_rounds):
-            for mode in runs:
-                records, wall = run_load(server.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency,
+    from af3trt.runtime import audio
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chunks, _ = audio.split_windows(audio.decode_clip(clip, None).wave)
+        frames = audio.request_frames(chunks)
+        audio.log_mel(chunks, frames)
+        times = []
+        for _ in range(runs):
+            t0 = time.process_time()
+            audio.log_mel(chunks, frames)
+            times.append(1000 * (time.process_time() - t0))
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stream_against_whole(servers: dict, clip: bytes, args) -> dict:
+    """The real checkpoint (no stand-ins), per build (by stream interval): tokens/s of --tiny-requests fixed-length
+    requests streamed and not, in interleaved rounds. servers: {interval: TritonServer}."""
+    runs = {iv: {"stream": [], "whole": []} for iv in servers}
+    for srv in servers.values():  # warm-up
+        run_load(srv.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency, requests=2, max_tokens=4, stream=True)
+    for _ in range(args.tiny_rounds):
+        for mode in ("stream", "whole"):
+            for iv, srv in servers.items():
+                records, wall = run_load(srv.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency,
                                          requests=args.tiny_requests, max_tokens=args.tiny_tokens,
                                          stream=mode == "stream", ignore_eos=True)
                 bad = [r.error for r in records if not r.ok]
                 if bad:
                     raise RuntimeError(f"real model, {mode}: {len(bad)} requests failed, e.g. {bad[0]}")
-                runs[mode].append(sum(r.tokens for r in records) / wall)
-    ratio = [s / w for s, w in zip(runs["stream"], runs["whole"])]
-    return {"tokens_per_s": runs, "stream_over_whole": ratio, "median_ratio": statistics.median(ratio)}
+                runs[iv][mode].append(sum(r.tokens for r in records) / wall)
+    out = {}
+    for iv, r in runs.items():
+        ratio = [s / w for s, w in zip(r["stream"], r["whole"])]
+        out[iv] = {"tokens_per_s": r, "stream_over_whole": ratio, "median_ratio": statistics.median(ratio)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -338,50 +363,94 @@ def fmt(cell: dict) -> str:
 
 
 def write_report(results: dict, out: Path) -> None:
-    (out / "serving_path.json").write_text(json.dumps(results, indent=1))
+    (out / "serving_path.json").write_text(json.dumps(results, indent=1, default=str))
     a = results["args"]
-    lines = [f"# Serving path: CPU per request and per streamed token (stand-ins at {a['tokens_per_s']} tokens/s per "
-             f"request, stream interval {a['stream_interval_ms']} ms)", "",
-             f"`af3trt bench --serving-path`, {results['started_utc']}, {results['machine'].get('cpu', '')}; "
-             f"{a['rounds']} interleaved rounds of {a['requests']} requests at concurrency {a['concurrency']}, "
-             f"{a['clip_seconds']}-s clip, max_tokens 1 and {a['max_tokens']}; load average at start "
-             f"{results['load_average_start']}. Medians [min–max] over the rounds, CPU ms from /proc/<pid>/stat.", ""]
-    for mode, table in results["modes"].items():
-        lines += [f"## {mode}", "", "| process | ms CPU / request | ms CPU / token |", "|---|---|---|"]
-        for name, row in table.items():
-            if name != "per_core":
-                label = f"**{name}**" if name == "serving_path" else name
-                lines.append(f"| {label} | {fmt(row['ms_per_request'])} | {fmt(row['ms_per_token'])} |")
-        pc = table["per_core"]
-        thr = results["throughput"][mode]
-        rate = "unbounded by this measure" if pc["tokens_per_s"] is None else f"{pc['tokens_per_s']:.0f}"
-        lines += ["", f"One core of serving path: {rate} tokens/s, {pc['requests_per_s'] or 0:.0f} "
-                      f"requests/s. Wall throughput of the {a['max_tokens']}-token loads: "
-                      f"{statistics.median(thr):.0f} tokens/s (runs {', '.join(f'{t:.0f}' for t in thr)}).", ""]
+    runs = results["runs"]
+    lm = results.get("log_mel_cpu_ms")
+    lines = [f"# Serving path: CPU per request and per streamed token (stand-ins at {a['tokens_per_s']:g} tokens/s per "
+             f"request)", "",
+             f"`af3trt bench --serving-path`, {results['started_utc']}; {a['rounds']} rounds of {a['requests']} "
+             f"requests at concurrency {a['concurrency']}, {a['clip_seconds']:g}-s clip, max_tokens 1 and "
+             f"{a['max_tokens']} (ignore_eos), the builds (by stream interval) interleaved round by round; load "
+             f"average at start {results['load_average_start']}. CPU ms from /proc/<pid>/stat: medians [min–max] over "
+             f"the rounds. Serving path = {' + '.join(SERVING_PATH)} (+ the OpenAI front for HTTP).", "",
+             "| stream interval | load | serving path ms / token | serving path ms / request | tokens/s of one core "
+             "| T-token loads, tokens/s |", "|---|---|---|---|---|---|"]
+    for iv, run in runs.items():
+        for mode, table in run["modes"].items():
+            sp, pc = table["serving_path"], table["per_core"]
+            rate = "—" if pc["tokens_per_s"] is None else f"{pc['tokens_per_s']:.0f}"
+            thr = run["throughput"][mode]
+            lines.append(f"| {iv} ms | {mode} | {fmt(sp['ms_per_token'])} | {fmt(sp['ms_per_request'])} | {rate} | "
+                         f"{statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)}) |")
+    if lm is not None:
+        lines += ["", f"Of preprocess's per-request CPU, the clip's log-mel alone takes {lm:.2f} ms (measured apart, "
+                      f"one thread); on the GPU target it runs on the device (af3trt.kernels)."]
     if "real_model" in results:
-        rm = results["real_model"]
-        lines += [f"## Real {a['preset']} checkpoint: streamed against non-streamed", "",
-                  f"{a['tiny_requests']} requests of {a['tiny_tokens']} tokens at concurrency {a['concurrency']}, "
-                  f"{a['tiny_rounds']} interleaved rounds, our gRPC client, ignore_eos. Tokens/s streamed "
-                  f"{', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['stream'])}; not streamed "
-                  f"{', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['whole'])}; streamed / not: median "
-                  f"{rm['median_ratio']:.2f} (runs {', '.join(f'{r:.2f}' for r in rm['stream_over_whole'])}).", ""]
+        lines += ["", f"## Real {a['preset']} checkpoint: streamed against non-streamed", "",
+                  f"{a['tiny_requests']} requests of {a['tiny_tokens']} tokens at concurrency {a['concurrency']} "
+                  f"(ignore_eos), {a['tiny_rounds']} rounds interleaved over the builds, our gRPC client.", "",
+                  "| stream interval | streamed tokens/s | non-streamed tokens/s | streamed / non-streamed (median) |",
+                  "|---|---|---|---|"]
+        for iv, rm in results["real_model"].items():
+            lines.append(f"| {iv} ms | {', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['stream'])} | "
+                         f"{', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['whole'])} | {rm['median_ratio']:.2f} "
+                         f"({', '.join(f'{r:.2f}' for r in rm['stream_over_whole'])}) |")
+    for iv, run in runs.items():
+        for mode, table in run["modes"].items():
+            lines += ["", f"## Per process: {mode}, stream interval {iv} ms", "",
+                      "| process | ms CPU / request | ms CPU / token |", "|---|---|---|"]
+            for name, row in table.items():
+                if name != "per_core":
+                    label = f"**{name}**" if name == "serving_path" else name
+                    lines.append(f"| {label} | {fmt(row['ms_per_request'])} | {fmt(row['ms_per_token'])} |")
     if "aiperf" in results:
-        lines += ["## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
+        lines += ["", "## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
         m = results["aiperf"].get("metrics")
         if m is None:
-            lines += [f"failed: {results['aiperf'].get('error')}", ""]
+            lines += [f"failed: {results['aiperf'].get('error')}"]
         else:
             def stat(key, field="avg"):
                 v = m.get(key, {}).get(field)
                 return "n/a" if v is None else f"{v:.1f} {m[key].get('unit', '')}"
 
-            lines += [f"`aiperf {results['aiperf']['command']}`", "",
+            lines += [f"`aiperf {results['aiperf']['command']}` (the stream interval {list(runs)[-1]} ms build)", "",
                       f"requests {stat('request_count')}, request throughput {stat('request_throughput')}, output "
                       f"tokens {stat('output_token_throughput')}, TTFT p50 {stat('time_to_first_token', 'p50')}, "
                       f"inter-token latency p50 {stat('inter_token_latency', 'p50')}, output length (AIPerf's own "
-                      f"tokenizer count of the text) {stat('output_sequence_length')}.", ""]
-    (out / "serving_path.md").write_text("\n".join(lines))
+                      f"tokenizer count of the text) {stat('output_sequence_length')}."]
+    (out / "serving_path.md").write_text("\n".join(lines) + "\n")
+
+
+def measure(servers: dict[int, tuple], clip: bytes, audio_b64: str, args) -> dict[int, dict]:
+    """Interleaved rounds over the builds (by stream interval) and the loads: per build, each load's per-process
+    table and its T-token loads' wall throughput. servers: {interval: (TritonServer, OpenAIFront)}."""
+    modes = [m for m in args.modes.split(",") if m]
+    procs = {iv: serving_processes(srv.proc.pid, front.proc.pid) for iv, (srv, front) in servers.items()}
+    for iv, (srv, front) in servers.items():
+        log.info("interval %d ms: processes %s", iv, procs[iv])
+        for mode in modes:  # warm-up: first requests load lazily imported code
+            run_one(mode, srv.grpc_url, front.url, clip, audio_b64, args, 4)
+    per_round = {iv: {m: [] for m in modes} for iv in servers}
+    throughput = {iv: {m: [] for m in modes} for iv in servers}
+    for k in range(args.rounds):
+        for mode in modes:
+            for iv, (srv, front) in servers.items():
+                cpu = {}
+                for t in (1, args.max_tokens):
+                    before = snapshot(procs[iv])
+                    n, tokens, wall = run_one(mode, srv.grpc_url, front.url, clip, audio_b64, args, t)
+                    after = snapshot(procs[iv])
+                    cpu[t] = ({p: after[p] - before[p] for p in procs[iv]}, n, tokens)
+                    if t == args.max_tokens:
+                        throughput[iv][mode].append(tokens / wall)
+                (short, n, _), (long_, _, tokens) = cpu[1], cpu[args.max_tokens]
+                per_round[iv][mode].append(per_process(short, long_, n, tokens))
+                log.info("round %d %s, interval %d ms: serving path %.3f ms/token", k + 1, mode, iv,
+                         sum(per_round[iv][mode][-1][p]["ms_per_token"] for p in SERVING_PATH))
+    return {iv: {"processes": procs[iv], "throughput": throughput[iv],
+                 "modes": {m: summarize(per_round[iv][m], m.startswith("openai")) for m in modes}}
+            for iv in servers}
 
 
 def main(argv=None) -> int:
@@ -389,6 +458,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    from contextlib import ExitStack
+
     from af3trt.perf.bench import prepare_checkpoint
     from af3trt.runtime.server import TritonServer
     from af3trt.runtime.triton_install import CACHE
@@ -400,52 +471,42 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.hf_model, args.repo = None, None  # prepare_checkpoint's: the synthetic preset
     ckpt = prepare_checkpoint(args, work)
-    repo = build_stand_in(ckpt, work, args, args.tokens_per_s)
+    intervals = [int(x) for x in str(args.stream_interval_ms).split(",") if x.strip()]
     clip = clipgen.make_clip(clipgen.ClipSpec("speech", args.clip_seconds))
     audio_b64 = wav_b64(clip)
-    modes = [m for m in args.modes.split(",") if m]
     results = {"af3trt_bench_serving_path": 1, "started_utc": stamp, "machine": machine.describe(REPO_ROOT),
                "load_average_start": machine.load_average(),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    with TritonServer(repo / "model_repository", log_path=out / "tritonserver-serving-path.log",
-                      exit_timeout=3).start(timeout=600) as server:
-        front = OpenAIFront(server.grpc_url, out / "openai-serving-path.log")
-        try:
-            procs = serving_processes(server.proc.pid, front.proc.pid)
-            log.info("processes: %s", procs)
-            for mode in modes:  # warm-up: first requests load lazily imported code
-                run_one(mode, server.grpc_url, front.url, clip, audio_b64, args, 4)
-            per_round = {m: [] for m in modes}
-            throughput = {m: [] for m in modes}
-            for k in range(args.rounds):
-                for mode in modes:
-                    cpu = {}
-                    for t in (1, args.max_tokens):
-                        before = snapshot(procs)
-                        n, tokens, wall = run_one(mode, server.grpc_url, front.url, clip, audio_b64, args, t)
-                        after = snapshot(procs)
-                        cpu[t] = ({p: after[p] - before[p] for p in procs}, n, tokens)
-                        if t == args.max_tokens:
-                            throughput[mode].append(tokens / wall)
-                    (short, n, _), (long_, _, tokens) = cpu[1], cpu[args.max_tokens]
-                    per_round[mode].append(per_process(short, long_, n, tokens))
-                    log.info("round %d %s: serving path %.3f ms/token", k + 1, mode,
-                             sum(per_round[mode][-1][p]["ms_per_token"] for p in SERVING_PATH))
-            results["processes"] = procs
-            results["modes"] = {m: summarize(per_round[m], m.startswith("openai")) for m in modes}
-            results["throughput"] = throughput
-            if args.aiperf_requests:
-                try:
-                    results["aiperf"] = run_aiperf(front.url, repo / "artifacts" / "lm", out,
-                                                   concurrency=min(args.concurrency, args.aiperf_requests),
-                                                   requests=args.aiperf_requests, max_tokens=args.max_tokens,
-                                                   clip_seconds=args.clip_seconds)
-                except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-                    results["aiperf"] = {"error": str(e)}
-        finally:
-            front.stop()
+
+    def serve(stack: ExitStack, tokens_per_s: float, iv: int, front: bool):
+        repo = build_stand_in(ckpt, work, args, tokens_per_s, iv)
+        name = f"{'stand-in' if tokens_per_s else 'real'}-{iv}ms"
+        srv = stack.enter_context(TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
+                                               exit_timeout=3).start(timeout=600))
+        if not front:
+            return repo, srv, None
+        http = OpenAIFront(srv.grpc_url, out / f"openai-{name}.log")
+        stack.callback(http.stop)
+        return repo, srv, http
+
+    with ExitStack() as stack:
+        started = {iv: serve(stack, args.tokens_per_s, iv, True) for iv in intervals}
+        results["runs"] = measure({iv: (srv, http) for iv, (_, srv, http) in started.items()}, clip, audio_b64,
+                                  args)
+        if args.aiperf_requests:  # against the last build (the default interval)
+            repo, _, http = started[intervals[-1]]
+            try:
+                results["aiperf"] = run_aiperf(http.url, repo / "artifacts" / "lm", out,
+                                               concurrency=min(args.concurrency, args.aiperf_requests),
+                                               requests=args.aiperf_requests, max_tokens=args.max_tokens,
+                                               clip_seconds=args.clip_seconds)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                results["aiperf"] = {"error": str(e)}
+    results["log_mel_cpu_ms"] = log_mel_cpu_ms(clip)
     if args.tiny_rounds:
-        results["real_model"] = stream_against_whole(build_stand_in(ckpt, work, args, 0.0), clip, args, out)
+        with ExitStack() as stack:
+            real = {iv: serve(stack, 0.0, iv, False)[1] for iv in intervals}
+            results["real_model"] = stream_against_whole(real, clip, args)
     write_report(results, out)
     print((out / "serving_path.md").read_text())
     return 0
