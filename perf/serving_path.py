@@ -356,6 +356,20 @@ def stream_against_whole(servers: dict, clip: bytes, args) -> dict:
     return out
 
 
+def run_perf_analyzer_beside(grpc_url: str, clip: bytes, out: Path, *, concurrency: int, requests: int,
+                             max_tokens: int) -> dict:
+    """perf_analyzer against gRPC with the same shape as the AIPerf run (streamed, fixed length: ignore_eos)."""
+    from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
+    from af3trt.perf.metrics import summarize as point
+
+    data = write_input_data(out / "perf_analyzer_input.json", [(PROMPT, clip)], max_tokens=max_tokens, stream=True,
+                            ignore_eos=True)
+    (row,) = run_perf_analyzer(find_perf_analyzer(), grpc_url, data, concurrency=[concurrency], streaming=True,
+                               requests_per_level=requests, rounds_per_level=1, out_dir=out / "perf_analyzer",
+                               profile_export=True)
+    return point(row["records"], row.get("window_s"))
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def fmt(cell: dict) -> str:
@@ -419,6 +433,13 @@ def write_report(results: dict, out: Path) -> None:
                       f"tokens {stat('output_token_throughput')}, TTFT p50 {stat('time_to_first_token', 'p50')}, "
                       f"inter-token latency p50 {stat('inter_token_latency', 'p50')}, output length (AIPerf's own "
                       f"tokenizer count of the text) {stat('output_sequence_length')}."]
+    if "perf_analyzer" in results:
+        pa = results["perf_analyzer"]
+        lines += ["", "## perf_analyzer against gRPC, beside it (same build, streamed, ignore_eos)", "",
+                  f"requests {pa.get('requests')} ({pa.get('errors')} failed), request throughput "
+                  f"{pa.get('throughput_rps', 0):.1f} requests/sec, output tokens {pa.get('output_tokens_per_s', 0):.1f} "
+                  f"tokens/sec, TTFT p50 {(pa.get('ttft_ms') or {}).get('p50') or 0:.1f} ms, tokens per request "
+                  f"{pa.get('tokens_per_request', 0):.1f}."]
     (out / "serving_path.md").write_text("\n".join(lines) + "\n")
 
 
@@ -502,6 +523,9 @@ def main(argv=None) -> int:
                                                clip_seconds=args.clip_seconds)
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
                 results["aiperf"] = {"error": str(e)}
+            results["perf_analyzer"] = run_perf_analyzer_beside(
+                started[intervals[-1]][1].grpc_url, clip, out, concurrency=min(args.concurrency, args.aiperf_requests),
+                requests=args.aiperf_requests, max_tokens=args.max_tokens)
     results["log_mel_cpu_ms"] = log_mel_cpu_ms(clip)
     if args.tiny_rounds:
         with ExitStack() as stack:
