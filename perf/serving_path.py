@@ -52,6 +52,7 @@ log = logging.getLogger("af3trt.bench.serving_path")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVING_PATH = ("tritonserver", "preprocess", "fusion", "postprocess")  # on CPUs on the GPU target too
 PROMPT = "What is said in the audio?"
+LOAD_TIMEOUT_S = 300.0  # a request's gRPC deadline: a server that died fails the load instead of hanging it
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,7 +161,7 @@ def openai_load(url: str, model: str, audio_b64: str, *, concurrency: int, reque
     lock, counts = threading.Lock(), [0, 0]
 
     def one(_):
-        with httpx.Client(timeout=600) as c:
+        with httpx.Client(timeout=LOAD_TIMEOUT_S) as c:
             tokens = 0
             if stream:
                 with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -189,7 +190,7 @@ def run_one(mode: str, grpc_url: str, http_url: str, clip: bytes, audio_b64: str
     api, _, streamed = mode.partition("-")
     if api == "grpc":
         records, wall = run_load(grpc_url, [(PROMPT, clip)], concurrency=args.concurrency, requests=args.requests,
-                                 max_tokens=max_tokens, stream=bool(streamed), ignore_eos=True)
+                                 max_tokens=max_tokens, stream=bool(streamed), ignore_eos=True, timeout=LOAD_TIMEOUT_S)
         errors = [r.error for r in records if not r.ok]
         if errors:
             raise RuntimeError(f"{mode}: {len(errors)} requests failed, e.g. {errors[0]}")
@@ -344,7 +345,7 @@ def stream_against_whole(servers: dict, clip: bytes, args) -> dict:
             for iv, srv in servers.items():
                 records, wall = run_load(srv.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency,
                                          requests=args.tiny_requests, max_tokens=args.tiny_tokens,
-                                         stream=mode == "stream", ignore_eos=True)
+                                         stream=mode == "stream", ignore_eos=True, timeout=LOAD_TIMEOUT_S)
                 bad = [r.error for r in records if not r.ok]
                 if bad:
                     raise RuntimeError(f"real model, {mode}: {len(bad)} requests failed, e.g. {bad[0]}")
