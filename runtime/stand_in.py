@@ -138,10 +138,12 @@ class StandInDecoder:
     def _run(self) -> None:
         next_step = time.monotonic()
         while not self._stopped.is_set():
-            self._admit()
+            idle = not self._rows
+            self._admit()  # blocks while idle
             if not self._rows:
-                next_step = time.monotonic()
                 continue
+            if idle:  # the clock starts again with the first request after an idle spell
+                next_step = time.monotonic()
             self._step()
             next_step += self.interval
             wait = next_step - time.monotonic()
