@@ -66,9 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokens-per-s", type=float, default=300.0,
                     help="stand-in decoder steps per second (tokens per second per request; default: about an "
                          "H100's per request at batch 64, docs/gpu_projection.md)")
-    ap.add_argument("--stream-interval-ms", default="0,50",
-                    help="builds measured side by side, by their stream interval (streamed tokens faster than one "
-                         "per this many ms share a response; 0: one response per token, as before coalescing)")
+    ap.add_argument("--stream-interval-ms", default="50",
+                    help="builds measured side by side, by their stream interval, e.g. 0,50 (streamed tokens faster "
+                         "than one per this many ms share a response; 0: one response per token, as before "
+                         "coalescing: at 300 tokens/s its tritonserver 2.51 aborted twice here, docs/performance.md)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32, help="requests per load")
     ap.add_argument("--max-tokens", type=int, default=128, help="T: tokens per request of the long loads")
