@@ -10,6 +10,7 @@
     af3trt gpu-check OUT [OUT …]                    GPU acceptance in the container: serve, compare with goldens
     af3trt doctor [--repository DIR]                can this machine serve it? (GPU, backends, stub, versions)
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
+    af3trt bench --serving-path                     CPU per request and per streamed token, model cost taken out
     af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
     af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
     af3trt soak   --minutes 10 --concurrency 16 …  steady load: errors, latency, RSS of every server process
@@ -58,7 +59,10 @@ def main(argv=None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    module = importlib.import_module(COMMANDS[argv[0]])
+    name = COMMANDS[argv[0]]
+    if argv[0] == "bench" and "--serving-path" in argv:  # the serving path alone (stand-ins for encoder, decoder)
+        name = "af3trt.perf.serving_path"
+    module = importlib.import_module(name)
     raise SystemExit(module.main(argv[1:]) or 0)
 
 

@@ -41,15 +41,20 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
     def threads_of(override):
         return threads if override is None else str(override)
 
+    # the serving-path benchmark: runtime/stand_in.py in place of both models (triton_repo/encoder, decoder read these)
+    stand_in_encoder = {"stand_in_hidden_size": str(plan.checkpoint.text_hidden_size)} if o.stand_in_tokens_per_s \
+        else {}
+    stand_in_decoder = {"stand_in_tokens_per_s": f"{o.stand_in_tokens_per_s:g}"} if o.stand_in_tokens_per_s else {}
     extra = extra or {}
     spec = repo_spec(
         plan.checkpoint, plan.serving, target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"],
         tokenizer_dir="artifacts/lm", encoder_max_batch=o.encoder_max_batch,
-        encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads),
+        encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads), **stand_in_encoder,
                         **({"max_windows_per_run": str(o.encoder_windows_per_run)}
                            if o.encoder_windows_per_run else {}), **extra.get("encoder", {})},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
-                        "threads": threads_of(o.decoder_threads), **extra.get("decoder", {})},
+                        "threads": threads_of(o.decoder_threads), "stream_interval_ms": str(o.stream_interval_ms),
+                        **stand_in_decoder, **extra.get("decoder", {})},
         preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
     return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
@@ -151,6 +156,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-windows-per-run", type=int, default=2,
                     help="CPU encoder: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's "
                          "attention buffers in cache: measured 1.3-2x faster per window than 10 at once)")
+    ap.add_argument("--stream-interval-ms", type=int, default=50,
+                    help="CPU decoder: streamed tokens that come faster than one per this many ms share a response "
+                         "(the first token always goes alone; 0: one response per token)")
+    ap.add_argument("--stand-in-tokens-per-s", type=float, default=0.0,
+                    help="measure the serving path alone: encoder and decoder are stand-ins without weights or "
+                         "compute (runtime/stand_in.py) making deterministic tokens, never an end id, at this many "
+                         "per second per request (0: the real models; `af3trt bench --serving-path` builds one)")
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")

@@ -182,6 +182,12 @@ class BuildOptions:
     encoder_windows_per_run: int = 2  # CPU encoder: windows per ONNX Runtime run (0: all of an execution at once)
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
     think: bool = True  # build think/ (AF3's thinking mode) when the checkpoint has it (build/think.py)
+    # the serving-path benchmark (runtime/stand_in.py, perf/serving_path.py): > 0 renders stand-ins for the encoder and
+    # decoder that cost nothing and make tokens at this many per second per request
+    stand_in_tokens_per_s: float = 0.0
+    # CPU decoder: a stream's tokens that come faster than one per this many ms share a response (runtime/coalesce.py;
+    # the first token always goes alone); 0: one response per token
+    stream_interval_ms: int = 50
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 
@@ -391,6 +397,12 @@ def check_options(opts: BuildOptions) -> None:
     opts.hf_model, opts.out = Path(opts.hf_model).resolve(), Path(opts.out).resolve()
     if opts.target not in ("cpu", "gpu"):
         raise BuildError(f"--target must be cpu or gpu, got {opts.target!r}")
+    if not (opts.stand_in_tokens_per_s >= 0) or math.isinf(opts.stand_in_tokens_per_s):
+        raise BuildError(f"--stand-in-tokens-per-s must be a finite number >= 0, got {opts.stand_in_tokens_per_s}")
+    if opts.stream_interval_ms < 0:
+        raise BuildError(f"--stream-interval-ms must be >= 0, got {opts.stream_interval_ms}")
+    if opts.stand_in_tokens_per_s and opts.target != "cpu":
+        raise BuildError("--stand-in-tokens-per-s is for the CPU target (the GPU target's models are TensorRT's)")
     if opts.target == "cpu":
         opts.encoder_precision = opts.encoder_precision or "fp32"
         if opts.encoder_precision not in CPU_ENCODER_PRECISIONS:

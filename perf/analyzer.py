@@ -57,12 +57,15 @@ def _bytes_b64(items: list[bytes]) -> str:
     return base64.b64encode(b"".join(struct.pack("<I", len(b)) + b for b in items)).decode()
 
 
-def write_input_data(path: Path, requests: list[tuple[str, bytes | None]], *, max_tokens: int, stream: bool) -> Path:
+def write_input_data(path: Path, requests: list[tuple[str, bytes | None]], *, max_tokens: int, stream: bool,
+                     **fields) -> Path:
     """perf_analyzer's --input-data JSON: one data entry per (prompt, clip); clip None = text-only. The inputs are
-    the client's (runtime/client.py Request.values): BYTES as length-prefixed base64, the others as content."""
+    the client's (runtime/client.py Request.values): BYTES as length-prefixed base64, the others as content.
+    fields: more Request fields of every entry (e.g. ignore_eos=True)."""
     entries = []
     for prompt, clip in requests:
-        req = Request(prompt, [clip] if clip is not None else [], max_tokens=max_tokens, stream=bool(stream))
+        req = Request(prompt, [clip] if clip is not None else [], max_tokens=max_tokens, stream=bool(stream),
+                      **fields)
         entry = {}
         for name, elements in req.values().items():
             data = {"b64": _bytes_b64(elements)} if request_input(name).datatype == "BYTES" else {"content": elements}

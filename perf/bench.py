@@ -13,6 +13,8 @@ for a 5-s clip; encoder ms against clip seconds) → perf_analyzer concurrency s
 generate on the same checkpoint and clips (sequential and batched) → the full-window ablation (a build that
 sends whole 30-s windows, as before the frame axis was dynamic: TTFT and encoder curve) → GPU projection →
 results.json, report.md, PNG plots. Every figure in the report names the tool that measured it.
+
+    af3trt bench --serving-path [--out DIR]   # perf/serving_path.py: CPU per request and per streamed token
 """
 
 from __future__ import annotations

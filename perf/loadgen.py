@@ -19,11 +19,12 @@ from af3trt.runtime.contract import ENSEMBLE
 
 def run_load(url: str, inputs: list[tuple[str, bytes | None]], *, concurrency: int, requests: int,
              max_tokens: int, stream: bool, timeout: float = 1800.0,
-             on_request: Callable[[RequestRecord, list[int]], None] | None = None
+             on_request: Callable[[RequestRecord, list[int]], None] | None = None, **fields
              ) -> tuple[list[RequestRecord], float]:
     """Send `requests` requests (cycling over `inputs`) with `concurrency` in flight; return (records, window s).
 
-    on_request(record, answer_ids): called after each request (from its worker thread)."""
+    on_request(record, answer_ids): called after each request (from its worker thread). fields: more Request fields
+    of every request (e.g. ignore_eos=True)."""
     client = AF3Client(url, timeout=timeout)
     order = itertools.count()
     lock = threading.Lock()
@@ -36,7 +37,7 @@ def run_load(url: str, inputs: list[tuple[str, bytes | None]], *, concurrency: i
             if i >= requests:
                 return
             prompt, clip = inputs[i % len(inputs)]
-            rec, ids = one_request(client, prompt, clip, max_tokens=max_tokens, stream=stream)
+            rec, ids = one_request(client, prompt, clip, max_tokens=max_tokens, stream=stream, **fields)
             with lock:
                 records.append(rec)
             if on_request:
@@ -52,8 +53,8 @@ def run_load(url: str, inputs: list[tuple[str, bytes | None]], *, concurrency: i
 
 
 def one_request(client: AF3Client, prompt: str, clip: bytes | None, *, max_tokens: int,
-                stream: bool) -> tuple[RequestRecord, list[int]]:
-    return record(client.stream(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream))
+                stream: bool, **fields) -> tuple[RequestRecord, list[int]]:
+    return record(client.stream(prompt, [clip] if clip else [], max_tokens=max_tokens, stream=stream, **fields))
 
 
 def record(chunks: Iterator[Chunk]) -> tuple[RequestRecord, list[int]]:

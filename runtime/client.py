@@ -133,6 +133,8 @@ class Request:
     stream: bool = True
     strip_prefix: bool | None = None
     thinking: bool | None = None  # AF3's thinking mode (docs/thinking.md); None: the server's default (off)
+    min_tokens: int | None = None  # the end id is not chosen before this many tokens
+    ignore_eos: bool | None = None  # True: exactly max_tokens tokens (end and stop ids do not end the answer)
     request_id: str | None = None
     deadline_s: float | None = None  # a deadline on the whole answer: past it, the server cancels the request
 

@@ -43,6 +43,11 @@ TEXT_INPUT, MESSAGES, SYSTEM_PROMPT, AUDIO = "text_input", "messages", "system_p
 MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P = "max_tokens", "temperature", "top_k", "top_p"
 REPETITION_PENALTY, SEED, STREAM, STRIP_PREFIX = "repetition_penalty", "seed", "stream", "strip_prefix"
 THINKING = "thinking"  # AF3's thinking mode for this request (docs/thinking.md)
+# fixed-length generation (what benchmark clients ask for: AIPerf's --extra-inputs ignore_eos:true / min_tokens:N).
+# min_tokens is also the tensorrtllm backend's input of that name (tensorrtllm_backend r26.04 docs/model_config.md:
+# "min_tokens [1] int32_t Sampling Config param: minTokens"); ignore_eos is resolved by fusion into end_id -1 (same
+# table: "end_id ... If not specified, defaults to -1", an id no token has) and no stop_words_list.
+MIN_TOKENS, IGNORE_EOS = "min_tokens", "ignore_eos"
 # response outputs (OUTPUT_IDS is also the decoder's output)
 TEXT_OUTPUT, OUTPUT_IDS, NOTICE, PROMPT_TOKENS = "text_output", "output_ids", "notice", "prompt_tokens"
 # preprocess → encoder → fusion
@@ -114,9 +119,11 @@ REQUEST_INPUTS = (
     TensorSpec(STREAM, "BOOL", (1,), optional=True),
     TensorSpec(STRIP_PREFIX, "BOOL", (1,), optional=True),
     TensorSpec(THINKING, "BOOL", (1,), optional=True),
+    TensorSpec(MIN_TOKENS, "INT32", (1,), optional=True),  # the end id is not chosen before this many tokens
+    TensorSpec(IGNORE_EOS, "BOOL", (1,), optional=True),  # generate max_tokens: end ids and stop ids do not end it
 )
 # The request inputs fusion resolves into the decoder's sampling and length inputs (runtime/sampling.py).
-SAMPLING_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, SEED, STREAM)
+SAMPLING_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, SEED, STREAM, MIN_TOKENS, IGNORE_EOS)
 # What each response carries: this chunk's text (complete UTF-8 characters) and token ids, on a request's first
 # response a JSON list of notices (e.g. audio truncated to 10 min), else "", and the prompt's length in tokens as
 # fusion built it (text + audio rows; -1 when unknown, e.g. a request without an id).
@@ -159,7 +166,9 @@ ENCODER_STAGE = StageSpec(ENCODER, inputs=(
     TensorSpec(WINDOW_THINKING, "BOOL", (1,), optional=True),  # think/'s encoder variant for this window
 ), outputs=(TensorSpec(AUDIO_EMBEDS, "FP32", (-1, H)),))  # [T/4, H]
 # prompt + audio rows → the decoder's inputs. Outputs are [1, 1] but for the ragged ones; prompt_table_extra_ids is
-# sent only when the decoder reuses KV blocks, stop_words_list only when the checkpoint names several end ids.
+# sent only when the decoder reuses KV blocks, stop_words_list only when the checkpoint names several end ids (and the
+# request does not ignore them: Triton's ensemble takes a step output not sent as an optional input left unfed,
+# triton-inference-server/core r24.10 src/ensemble_scheduler/ensemble_scheduler.cc, "not-provided output").
 FUSION_STAGE = StageSpec(FUSION, inputs=(
     *_requested(TEXT_INPUT, SYSTEM_PROMPT, MESSAGES),
     TensorSpec(AUDIO_EMBEDS, "FP32", (-1, -1, H)),  # [W, T/4, H]
@@ -172,7 +181,7 @@ FUSION_STAGE = StageSpec(FUSION, inputs=(
     *(TensorSpec(n, t, (1, 1)) for n, t in (
         (INPUT_LENGTHS, "INT32"), (REQUEST_OUTPUT_LEN, "INT32"), (END_ID, "INT32"), (PAD_ID, "INT32"),
         (STREAMING, "BOOL"), (RUNTIME_TOP_K, "INT32"), (RUNTIME_TOP_P, "FP32"), (TEMPERATURE, "FP32"),
-        (REPETITION_PENALTY, "FP32"), (SEED, "UINT64"), (PROMPT_VOCAB_SIZE, "INT32"))),
+        (REPETITION_PENALTY, "FP32"), (SEED, "UINT64"), (PROMPT_VOCAB_SIZE, "INT32"), (MIN_TOKENS, "INT32"))),
     TensorSpec(PROMPT_EMBEDDING_TABLE, TABLE, (1, -1, H)),  # [1, N, H]
     TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (1, -1)),  # [1, L]
     TensorSpec(STOP_WORDS_LIST, "INT32", (1, 2, -1)),  # [1, 2, L]
@@ -185,7 +194,7 @@ DECODER_STAGE = StageSpec(DECODER, inputs=(
     *(_scalar(n, t) for n, t in (
         (INPUT_LENGTHS, "INT32"), (REQUEST_OUTPUT_LEN, "INT32"), (END_ID, "INT32"), (PAD_ID, "INT32"),
         (STREAMING, "BOOL"), (RUNTIME_TOP_K, "INT32"), (RUNTIME_TOP_P, "FP32"), (TEMPERATURE, "FP32"),
-        (REPETITION_PENALTY, "FP32"), (SEED, "UINT64"))),
+        (REPETITION_PENALTY, "FP32"), (SEED, "UINT64"), (MIN_TOKENS, "INT32"))),
     TensorSpec(PROMPT_EMBEDDING_TABLE, TABLE, (-1, -1), optional=True, ragged=True),
     TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (-1,), optional=True, ragged=True),
     _scalar(PROMPT_VOCAB_SIZE, "INT32"),

@@ -73,7 +73,8 @@ class GenerationRequest:
     prompt_table: torch.Tensor | None = None  # [N, H] in the engine dtype
     prompt_vocab_size: int = 0  # rows of the table addressable by fake ids (0 = all rows of a given table)
     max_new_tokens: int  # request_output_len
-    end_id: int | None = None  # None: never stop early
+    end_id: int | None = None  # None: never stop early (the tensorrtllm backend's end_id -1)
+    min_tokens: int = 0  # the end id cannot be chosen before this many tokens (TensorRT-LLM's minTokens)
     stop_words: tuple = ()  # token-id sequences that end the request (kept in the output, like TensorRT-LLM)
     pad_id: int | None = None  # accepted for the contract; nothing is padded in the output
     streaming: bool = False
@@ -217,6 +218,8 @@ class DecoderEngine:
             if r.lora_task_id != self.lora.config["task_id"]:
                 raise DecodeError(f"unknown lora_task_id {r.lora_task_id} (this decoder serves "
                                   f"{self.lora.config['task_id']})")
+        if not 0 <= r.min_tokens <= r.max_new_tokens:
+            raise DecodeError(f"min_tokens {r.min_tokens} outside 0..{r.max_new_tokens} (max_new_tokens)")
         for word in r.stop_words:
             if not word or not all(0 <= t < self.vocab_size for t in word):
                 raise DecodeError(f"stop word {list(word)} must be non-empty with ids in 0..{self.vocab_size - 1}")
@@ -418,7 +421,12 @@ class DecoderEngine:
             self.lora.rows([s.req.lora_task_id is not None for s in rows])
 
     def _next_token(self, seq: _Seq, logits: torch.Tensor) -> int:
-        """One token from logits [V] with the request's sampling (runtime/sampling.py)."""
+        """One token from logits [V] with the request's sampling (runtime/sampling.py); before min_tokens the end id
+        is masked out, as TensorRT-LLM's minTokens does (stop words still end the request there too)."""
+        r = seq.req
+        if r.end_id is not None and len(seq.generated) < r.min_tokens:
+            logits = logits.clone()
+            logits[r.end_id] = -float("inf")
         return sampling.next_token(logits, seq.params, seen=seq.seen, rng=seq.generator)
 
     def _advance(self, seq: _Seq, token: int) -> bool:

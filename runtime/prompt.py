@@ -182,10 +182,12 @@ class Sampling:
     repetition_penalty: float
     seed: int
     stream: bool
+    min_tokens: int = 0  # the end id is not chosen before this many tokens (TensorRT-LLM's minTokens)
+    ignore_eos: bool = False  # no end id (end_id -1) and no stop words: exactly max_tokens tokens
 
 
 def check_sampling(limits: FusionLimits, max_tokens=None, temperature=None, top_k=None, top_p=None,
-                   repetition_penalty=None, seed=None, stream=None) -> Sampling:
+                   repetition_penalty=None, seed=None, stream=None, min_tokens=None, ignore_eos=None) -> Sampling:
     """Validate a request's generation parameters and map them to the decoder's (TensorRT-LLM's) semantics
     (runtime/sampling.py): greedy unless asked otherwise; temperature 0 means greedy (runtime_top_k = 1)."""
     mt = limits.default_max_tokens if max_tokens is None else int(max_tokens)
@@ -195,4 +197,8 @@ def check_sampling(limits: FusionLimits, max_tokens=None, temperature=None, top_
         p = sampling.from_request(temperature, top_k, top_p, repetition_penalty, seed)
     except sampling.SamplingError as e:
         raise PromptError(str(e)) from None
-    return Sampling(mt, p.top_k, p.top_p, p.temperature, p.repetition_penalty, p.seed, bool(stream))
+    least = 0 if min_tokens is None else int(min_tokens)
+    if not 0 <= least <= mt:
+        raise PromptError(f"min_tokens must be in [0, max_tokens = {mt}], got {least}")
+    return Sampling(mt, p.top_k, p.top_p, p.temperature, p.repetition_penalty, p.seed, bool(stream), least,
+                    bool(ignore_eos))

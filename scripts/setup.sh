@@ -36,7 +36,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 stamp=$venv/.af3trt-setup
-want=$(cat pyproject.toml scripts/setup.sh "$lock" constraints-scan.txt | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh "$lock" constraints-scan.txt constraints-aiperf.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== pip install -c $lock (torch 2.13 CPU, transformers, onnxruntime, tritonserver 2.51, tritonclient, af3trt)"
   # torch first and alone: the lock's CPU build, before any package can ask for a (CUDA) torch of its own
@@ -50,6 +50,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$venv/checkov/bin/python" ] || "$PY" -m venv "$venv/checkov"
   "$venv/checkov/bin/pip" install -q -c constraints-scan.txt $("$venv/bin/python" -c \
       "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['scan'])")
+  # aiperf (the `aiperf` extra: af3trt bench --serving-path, tests/test_openai_server.py) in a venv of its own: its pins
+  # (huggingface-hub<2, datasets, dash) would downgrade the project's; its own lock is constraints-aiperf.txt
+  [ -x "$venv/aiperf/bin/python" ] || "$PY" -m venv "$venv/aiperf"
+  "$venv/aiperf/bin/pip" install -q -c constraints-aiperf.txt $("$venv/bin/python" -c \
+      "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['aiperf'])")
   echo "$want" > "$stamp"
 fi
 # `scripts/test.sh --fast` skips the import check below (13 s here): the stamp says the packages are installed, and the

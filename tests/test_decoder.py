@@ -386,3 +386,19 @@ def test_cancelled_request_leaves_the_batch(engine, af3, monkeypatch):
     assert isinstance(errors.get("c"), RequestCancelled) and "k" not in errors
     assert len(tokens) == 2
     assert results["k"] == alone
+
+
+def test_min_tokens_masks_the_end_id_and_no_end_id_runs_to_max(engine, af3):
+    """TensorRT-LLM's minTokens: the end id cannot be chosen before min_tokens tokens; end_id None (the backend's
+    -1, what fusion sends for ignore_eos) never ends a request: exactly max_new_tokens tokens."""
+    prompt = "Tell me the mood of the song"
+    free = engine.generate(_text_request(af3, prompt, max_new_tokens=N_NEW))
+    assert len(free) == N_NEW
+    k = next(i for i in range(3, N_NEW - 4) if free[i] not in free[:i])
+    end_id = free[k]
+    assert engine.generate(_text_request(af3, prompt, end_id=end_id)) == free[:k]  # ends at k without min_tokens
+    longer = engine.generate(_text_request(af3, prompt, end_id=end_id, min_tokens=k + 2))
+    assert longer[:k] == free[:k] and len(longer) >= k + 2 and end_id not in longer[:k + 2]
+    assert engine.generate(_text_request(af3, prompt, end_id=None, max_new_tokens=N_NEW)) == free
+    with pytest.raises(DecodeError, match="min_tokens"):
+        engine.submit(_text_request(af3, prompt, min_tokens=N_NEW + 1), lambda *a: None)

@@ -188,3 +188,30 @@ def test_fusion_cpu_path_reads_inputs_that_arrive_on_the_gpu(hf, tiny_ckpt, spee
         assert np.array_equal(got.outputs[name].as_numpy(), want.outputs[name].as_numpy())
     assert np.array_equal(np.asarray(got.outputs["prompt_embedding_table"]._array),
                           np.asarray(want.outputs["prompt_embedding_table"]._array))
+
+
+def test_fusion_adapter_ignore_eos_and_min_tokens(hf, tiny_ckpt):
+    """ignore_eos: end_id -1 (the tensorrtllm backend's "no end id") and no stop_words_list; min_tokens passes through
+    as the backend's min_tokens input; a min_tokens above max_tokens is that request's error."""
+    import dataclasses
+
+    spec = dataclasses.replace(_spec(hf, "float32", tiny_ckpt), stop_ids=(3,))
+    model = fake_pb.load_model("fusion", configs.fusion_config(spec))
+    placeholder = dict(audio_embeds=np.zeros((1, 750, spec.hidden_size), np.float32),
+                       input_features_mask=np.zeros((1, 3000), np.int32), audio_windows=np.zeros((0,), np.int32))
+
+    def ask(**values):
+        inputs = {"text_input": np.array([b"Hello"], object), "max_tokens": np.array([8], np.int32), **placeholder}
+        inputs.update({k: np.array([v], np.bool_ if isinstance(v, bool) else np.int32) for k, v in values.items()})
+        (resp,) = model.execute([fake_pb.Request(inputs)])
+        return resp
+
+    plain = ask()
+    assert plain.outputs["end_id"].as_numpy().tolist() == [[spec.end_id]] and "stop_words_list" in plain.outputs
+    assert plain.outputs["min_tokens"].as_numpy().tolist() == [[0]]
+    ignoring = ask(ignore_eos=True, min_tokens=5)
+    assert not ignoring.has_error(), ignoring.error
+    assert ignoring.outputs["end_id"].as_numpy().tolist() == [[-1]] and "stop_words_list" not in ignoring.outputs
+    assert ignoring.outputs["min_tokens"].as_numpy().tolist() == [[5]]
+    bad = ask(min_tokens=9)
+    assert bad.has_error() and "min_tokens" in str(bad.error)

@@ -21,7 +21,9 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints.txt"
 SCAN_LOCK = ROOT / "constraints-scan.txt"  # the `scan` extra (checkov) lives in a venv of its own, with its own lock
-OWN_VENV_EXTRAS = {"scan": SCAN_LOCK}
+AIPERF_LOCK = ROOT / "constraints-aiperf.txt"  # so does the `aiperf` extra
+OWN_VENV_EXTRAS = {"scan": SCAN_LOCK, "aiperf": AIPERF_LOCK}
+OWN_VENVS = {"scan": "checkov", "aiperf": "aiperf"}  # extra → the folder of its venv under .venv
 SETUP = ROOT / "scripts" / "setup.sh"
 
 
@@ -57,7 +59,7 @@ def _declared(lock: Path = LOCK) -> list[Requirement]:
     return [Requirement(r) for r in reqs]
 
 
-@pytest.mark.parametrize("lock", [LOCK, SCAN_LOCK], ids=lambda p: p.name)
+@pytest.mark.parametrize("lock", [LOCK, SCAN_LOCK, AIPERF_LOCK], ids=lambda p: p.name)
 def test_every_dependency_pyproject_declares_is_pinned_in_the_lock_within_its_range(lock):
     pins = _lock(lock)
     declared = _declared(lock)
@@ -80,10 +82,11 @@ def test_setup_installs_everything_under_the_lock():
     assert re.search(r'^lock=\$\{AF3TRT_LOCK:-constraints\.txt\}$', text, re.M)
     commands = [c.strip() for c in re.sub(r"\\\n\s*", " ", text).splitlines()]
     installs = [c for c in commands if re.search(r'pip"? install', c) and not c.startswith(("#", "echo"))]
-    assert len(installs) == 5
-    # four into the project's venv under the lock, one into checkov's venv under its own lock
-    assert [c for c in installs if '-c "$lock"' not in c] == [
-        next(c for c in installs if f"-c {SCAN_LOCK.name}" in c and "/checkov/" in c)]
+    assert len(installs) == 4 + len(OWN_VENV_EXTRAS)
+    # four into the project's venv under the lock, one into each extra's own venv under its own lock
+    assert sorted(c for c in installs if '-c "$lock"' not in c) == sorted(
+        next(c for c in installs if f"-c {OWN_VENV_EXTRAS[e].name}" in c and f"/{OWN_VENVS[e]}/" in c)
+        for e in OWN_VENV_EXTRAS)
     # what setup installs --no-deps bypasses the resolver: the lock holds each by hand
     no_deps = next(c for c in installs if "--no-deps" in c).split("--no-deps", 1)[1].split()
     pins = _lock()
@@ -98,7 +101,8 @@ def _fake_venv(root: Path, log: Path, label: str = "") -> Path:
         exe.write_text(f'#!/bin/sh\necho "{label}{tool} $*" >> "{log}"\n')
         exe.chmod(0o755)
     if not label:
-        _fake_venv(root / "checkov", log, "checkov-")
+        for own in OWN_VENVS.values():
+            _fake_venv(root / own, log, f"{own}-")
     return root
 
 
@@ -117,7 +121,9 @@ def test_a_change_of_the_lock_reruns_setups_pip_step_under_the_new_lock(tmp_path
     first = setup()
     pips = [c for c in first if c.startswith("pip ")]
     assert len(pips) >= 3 and all(f"-c {lock}" in c for c in pips), first
-    assert [c for c in first if c.startswith("checkov-pip ")] == [f"checkov-pip install -q -c {SCAN_LOCK.name}"], first
+    for extra, own in OWN_VENVS.items():
+        assert [c for c in first if c.startswith(f"{own}-pip ")] == [
+            f"{own}-pip install -q -c {OWN_VENV_EXTRAS[extra].name}"], first
     assert setup() == []                       # stamp current: nothing to do
     lock.write_text(lock.read_text().replace("numpy==1.26.4", "numpy==1.26.3"))
     assert setup() == first                    # the lock moved: the pip step runs again, under it

@@ -394,6 +394,19 @@ def test_serve_with_openai_port_starts_both(repo, tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/health/live", timeout=5)
 
 
+def test_aiperf_runs_fixed_length_against_the_front(http, repo, tmp_path):
+    """NVIDIA's AIPerf (the perf extra) with synthetic audio and its fixed-length advice, --extra-inputs ignore_eos:true
+    (refused with 400 "Extra inputs are not permitted" before): every request answered, none failed."""
+    from af3trt.perf.serving_path import run_aiperf
+
+    result = run_aiperf(http.url, repo / "artifacts" / "lm", tmp_path, concurrency=2, requests=4, max_tokens=8,
+                        clip_seconds=2.0, api_key=API_KEY)
+    m = result["metrics"]
+    assert m["request_count"]["avg"] == 4
+    assert m.get("error_request_count", {}).get("avg", 0) == 0
+    assert m["output_token_throughput"]["avg"] > 0
+
+
 # ------------------------------------------------------------------------------------------------ fuzzing (issue 19)
 # Cases generated from the front's own OpenAPI schema (/openapi.json) by schemathesis, against the running front:
 # no 5xx but the documented 503, every error in OpenAI's error body, every status and JSON body as the schema says,

@@ -14,6 +14,7 @@ from af3trt.runtime.context import RequestContext
 from af3trt.runtime.openai.chat import ChatRequest, build_job
 from af3trt.runtime.openai.common import APIError, StopScanner
 from af3trt.runtime.openai.triton import EnsembleInfo
+from pydantic import ValidationError
 from af3trt.triton_repo import configs
 
 INFO = EnsembleInfo(inputs=frozenset({"text_input", "messages", "audio"}), models=("af3",), default_max_tokens=16,
@@ -237,3 +238,19 @@ def test_error_codes_round_trip_through_the_message():
     # an error Triton raised itself carries no code of ours: shown without the ensemble prefix
     assert errors.parse("in ensemble 'af3', unexpected shape for input 'audio'") == \
         (None, "unexpected shape for input 'audio'")
+
+
+def test_build_job_takes_ignore_eos_and_min_tokens():
+    """AIPerf's fixed-length advice (--extra-inputs ignore_eos:true / min_tokens:N) reaches the ensemble's inputs; a
+    repository without them refuses it with a 400 naming the field, not a 500 from Triton."""
+    body = {"model": "af3", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True, "min_tokens": 4,
+            "max_tokens": 8}
+    info = EnsembleInfo(**{**INFO.__dict__, "inputs": INFO.inputs | {"ignore_eos", "min_tokens"}})
+    job = build_job(ChatRequest(**body), info)
+    assert job.ignore_eos is True and job.min_tokens == 4
+    assert job.values()["ignore_eos"] == [True] and job.values()["min_tokens"] == [4]
+    with pytest.raises(APIError, match="ignore_eos") as e:
+        build_job(ChatRequest(**body), INFO)
+    assert e.value.status == 400
+    with pytest.raises(ValidationError):
+        ChatRequest(**{**body, "min_tokens": -1})

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from af3trt.runtime.client import Request as Job
-from af3trt.runtime.contract import MESSAGES, THINKING
+from af3trt.runtime.contract import IGNORE_EOS, MESSAGES, MIN_TOKENS, THINKING
 from af3trt.runtime.openai.common import (APIError, Answer, Piece, check_audio, check_model, collect, deltas, settings,
                                           stream)
 from af3trt.runtime.openai.triton import EnsembleInfo
@@ -75,6 +75,10 @@ class ChatRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # not OpenAI's, but what vLLM and TensorRT-LLM's servers take and AIPerf sends for fixed-length runs
+    # (`--extra-inputs ignore_eos:true`, `min_tokens:N`): the ensemble's inputs of those names
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
 
@@ -118,6 +122,10 @@ def build_job(req: ChatRequest, info: EnsembleInfo) -> Job:
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
             req.max_tokens != req.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens")
+    for name in (IGNORE_EOS, MIN_TOKENS):
+        if getattr(req, name) is not None and name not in info.inputs:
+            raise APIError(400, f"{name}: this model repository predates it (rebuild it with this version of af3trt)",
+                           param=name)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
         max_tokens = info.default_max_tokens or None
@@ -137,7 +145,7 @@ def build_job(req: ChatRequest, info: EnsembleInfo) -> Job:
                 clips.append(decode_audio_part(p, len(clips), info.max_audio_seconds))
         turns.append({"role": role, "content": parts})
     job = Job(audio=clips, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-              stream=req.stream)
+              stream=req.stream, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
     if thinking_of(req):
         if THINKING not in info.inputs:
             raise APIError(400, "this model repository has no thinking input (rebuild it with this version of "

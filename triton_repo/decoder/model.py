@@ -8,8 +8,10 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
+from af3trt.runtime.coalesce import Coalescer
 from af3trt.runtime.context import RequestContext, RunningRequests
 from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
+from af3trt.runtime.stand_in import StandInDecoder
 from af3trt.runtime.stop_words import parse_stop_words_list
 
 
@@ -23,6 +25,15 @@ class TritonPythonModel:
     def initialize(self, args):
         p = io.params(args)
         threads = int(p.get("threads", "0")) or None
+        self.stream_interval_s = int(p.get("stream_interval_ms", "0")) / 1000  # runtime/coalesce.py (0: off)
+        rate = float(p.get("stand_in_tokens_per_s", "0"))
+        if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.stand_in): no weights, no compute
+            self.engine = StandInDecoder(io.resolve(args, p["gpt_model_path"]), tokens_per_s=rate,
+                                         max_batch_size=int(p["max_batch_size"]), max_input_len=int(p["max_input_len"]),
+                                         max_new_tokens_limit=int(p["max_output_len"]),
+                                         max_queue_size=int(p.get("max_queue_size", "0")))
+            self.ctx = RequestContext()
+            return
         self.engine = DecoderEngine(io.resolve(args, p["gpt_model_path"]), max_batch_size=int(p["max_batch_size"]),
                                     max_input_len=int(p["max_input_len"]),
                                     max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
@@ -38,8 +49,11 @@ class TritonPythonModel:
             self.running.add(1)  # until its final response or error
             try:
                 rid = r.request_id()
-                self.engine.submit(self.request(r), self._emitter(sender, self.ctx, rid, self.running),
-                                   self._on_error(sender, self.ctx, rid, self.running),
+                req = self.request(r)
+                emit = self._emitter(sender, self.ctx, rid, self.running)
+                if req.streaming and self.stream_interval_s:  # at most one response per interval after the first
+                    emit = Coalescer(self.stream_interval_s, emit)
+                self.engine.submit(req, emit, self._on_error(sender, self.ctx, rid, self.running),
                                    self._cancelled(r, sender, self.ctx))
             except Exception as e:  # noqa: BLE001
                 self.running.add(-1)
@@ -65,11 +79,19 @@ class TritonPythonModel:
 
         return GenerationRequest(
             input_ids=ids[0, :n], prompt_table=table, prompt_vocab_size=get(c.PROMPT_VOCAB_SIZE, int, 0),
-            max_new_tokens=io.scalar(pb, r, c.REQUEST_OUTPUT_LEN, int), end_id=get(c.END_ID, int, None),
+            max_new_tokens=io.scalar(pb, r, c.REQUEST_OUTPUT_LEN, int), end_id=self.end_id(r),
+            min_tokens=get(c.MIN_TOKENS, int, 0),
             pad_id=get(c.PAD_ID, int, None), streaming=get(c.STREAMING, bool, False),
             top_k=get(c.RUNTIME_TOP_K, int, 0), top_p=get(c.RUNTIME_TOP_P, float, 0.0),
             temperature=get(c.TEMPERATURE, float, 1.0), repetition_penalty=get(c.REPETITION_PENALTY, float, 1.0),
             seed=get(c.SEED, int, None), stop_words=self.stop_words(r), lora_task_id=get(c.LORA_TASK_ID, int, None))
+
+    @staticmethod
+    def end_id(r) -> int | None:
+        """The end id, None when absent or negative: the tensorrtllm backend's default end_id is -1, an id no token
+        has (tensorrtllm_backend r26.04 docs/model_config.md), so -1 (fusion's ignore_eos) never ends a request."""
+        v = io.scalar(pb, r, c.END_ID, int)
+        return None if v is None or v < 0 else v
 
     @staticmethod
     def stop_words(r) -> tuple:

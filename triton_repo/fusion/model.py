@@ -65,7 +65,8 @@ class TritonPythonModel:
             self.limits, max_tokens=io.scalar(pb, r, c.MAX_TOKENS), temperature=io.scalar(pb, r, c.TEMPERATURE),
             top_k=io.scalar(pb, r, c.TOP_K), top_p=io.scalar(pb, r, c.TOP_P),
             repetition_penalty=io.scalar(pb, r, c.REPETITION_PENALTY), seed=io.scalar(pb, r, c.SEED),
-            stream=io.scalar(pb, r, c.STREAM))
+            stream=io.scalar(pb, r, c.STREAM), min_tokens=io.scalar(pb, r, c.MIN_TOKENS),
+            ignore_eos=io.scalar(pb, r, c.IGNORE_EOS))
         thinking = bool(io.scalar(pb, r, c.THINKING) or False)
         if thinking and not self.think:
             raise NoThinking("thinking was requested, but this deployment was built without AF3's think/ adapter "
@@ -80,10 +81,12 @@ class TritonPythonModel:
                                        for n in (c.AUDIO_EMBEDS, c.INPUT_FEATURES_MASK, c.AUDIO_WINDOWS))
             conv = self.conversation(r, int(windows_t.numel()), thinking)
             ids, table = self.device_table.build(self.builder, conv, self.device, embeds, mask, windows_t)
-        if sampling.stream:  # postprocess knows a stream's last response by its token count (or an empty one)
-            self.ctx.update(r.request_id(), max_tokens=sampling.max_tokens)
         n_rows = len(table)
-        self.ctx.update(r.request_id(), prompt_tokens=len(ids))  # postprocess reports it (usage)
+        # for postprocess, in one write: the prompt length (usage); a stream's max_tokens (its last response is known
+        # by its token count, or is empty); ignore_eos (an end id then stays in the text, as the decoder kept it)
+        self.ctx.update(r.request_id(), prompt_tokens=len(ids),
+                        **({c.MAX_TOKENS: sampling.max_tokens} if sampling.stream else {}),
+                        **({c.IGNORE_EOS: True} if sampling.ignore_eos else {}))
         extra = table_extra_ids(ids, self.device_table.host_f32(table) if self.device is not None else table,
                                 self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
@@ -96,7 +99,7 @@ class TritonPythonModel:
             pb.Tensor(c.INPUT_IDS, ids[None]),  # [1, L]
             one(c.INPUT_LENGTHS, len(ids), np.int32),
             one(c.REQUEST_OUTPUT_LEN, sampling.max_tokens, np.int32),
-            one(c.END_ID, self.limits.end_id, np.int32),
+            one(c.END_ID, -1 if sampling.ignore_eos else self.limits.end_id, np.int32),  # -1: no end id
             one(c.PAD_ID, self.limits.pad_id, np.int32),
             one(c.STREAMING, sampling.stream, np.bool_),
             one(c.RUNTIME_TOP_K, sampling.top_k, np.int32),
@@ -105,9 +108,10 @@ class TritonPythonModel:
             one(c.REPETITION_PENALTY, sampling.repetition_penalty, np.float32),
             one(c.SEED, sampling.seed, np.uint64),
             one(c.PROMPT_VOCAB_SIZE, max(n_rows, 1), np.int32),
+            one(c.MIN_TOKENS, sampling.min_tokens, np.int32),
             _table_tensor(table, self.limits.dtype),  # [1, N, H]
         ]
-        if self.limits.stop_ids:  # [1, 2, L]: the other end ids, one single-token stop word each
+        if self.limits.stop_ids and not sampling.ignore_eos:  # [1, 2, L]: the other end ids, one stop word each
             outputs.append(pb.Tensor(c.STOP_WORDS_LIST, stop_words_list([i] for i in self.limits.stop_ids)[None]))
         if extra is not None:
             outputs.append(pb.Tensor(c.PROMPT_TABLE_EXTRA_IDS, extra[None]))  # [1, L]

@@ -18,8 +18,8 @@ import triton_python_backend_utils as pb
 
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.context import STALE_SECONDS, RequestContext, RunningRequests
-from af3trt.runtime.contract import (MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM, STRIP_PREFIX,
-                                     TEXT_OUTPUT)
+from af3trt.runtime.contract import (IGNORE_EOS, MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM,
+                                     STRIP_PREFIX, TEXT_OUTPUT)
 from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
 from af3trt.runtime.stop_words import trim_stop_token
 
@@ -43,7 +43,6 @@ class TritonPythonModel:
         ids = io.tensor(pb, r, OUTPUT_IDS)  # [1, beam, T]
         n = int(io.tensor(pb, r, SEQUENCE_LENGTH).reshape(-1)[0])
         tokens = ids[0, 0, : min(n, ids.shape[-1])]
-        tokens = trim_stop_token(tokens, self.stop_ids)  # the decoder keeps stop words, as TensorRT-LLM does
         rid = r.request_id()
         entry = self.states.get(rid) if rid else None
         first = entry is None
@@ -52,6 +51,8 @@ class TritonPythonModel:
             self.ctx.drop(rid)
             entry = (time.monotonic(), StreamState(strip_prefix=bool(ctx.get(STRIP_PREFIX))), ctx)
         _, state, ctx = entry
+        if not ctx.get(IGNORE_EOS):  # the decoder keeps stop words, as TensorRT-LLM does
+            tokens = trim_stop_token(tokens, self.stop_ids)
         data = self.detok.to_bytes(tokens)
         if ctx.get(STREAM):
             state.tokens += len(tokens)

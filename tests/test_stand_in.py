@@ -1,0 +1,68 @@
+"""The serving-path benchmark's stand-ins (runtime/stand_in.py): the decoder's request pattern at no model cost, and a
+repository built with --stand-in-tokens-per-s that runs them in place of ONNX Runtime and the CPU decoder."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from af3trt.runtime.decoder import DecodeError, GenerationRequest
+from af3trt.runtime.stand_in import StandInDecoder, StandInEncoder
+
+
+def _lm(tmp_path, eos=(40, 41)):
+    (tmp_path / "config.json").write_text(f'{{"vocab_size": 500, "hidden_size": 8, "eos_token_id": {list(eos)}}}')
+    return tmp_path
+
+
+def test_stand_in_decoder_streams_deterministic_tokens_to_max(tmp_path):
+    with StandInDecoder(_lm(tmp_path), tokens_per_s=2000.0, max_batch_size=2) as eng:
+        ids = np.arange(5, 12, dtype=np.int32)
+        whole = eng.generate(GenerationRequest(input_ids=ids, max_new_tokens=70, end_id=40))
+        assert len(whole) == 70 and not {40, 41} & set(whole)  # never an end id: runs to max_new_tokens
+        assert eng.generate(GenerationRequest(input_ids=ids, max_new_tokens=70)) == whole  # deterministic
+        other = eng.generate(GenerationRequest(input_ids=ids + 1, max_new_tokens=70))
+        assert other != whole and sorted(set(other)) == sorted(set(whole))
+        calls, done = [], threading.Event()
+        eng.submit(GenerationRequest(input_ids=ids, max_new_tokens=4, streaming=True),
+                   lambda new, final: (calls.append((new, final)), final and done.set()))
+        assert done.wait(10)
+        assert calls == [([t], i == 3) for i, t in enumerate(whole[:4])]  # one token per response, last final
+        with pytest.raises(DecodeError, match="max_new_tokens"):
+            eng.submit(GenerationRequest(input_ids=ids, max_new_tokens=0), lambda *a: None)
+
+
+def test_stand_in_decoder_paces_its_steps(tmp_path):
+    """R steps per second: 20 tokens at 200/s take about 0.1 s, never less than 19 intervals."""
+    import time
+
+    with StandInDecoder(_lm(tmp_path), tokens_per_s=200.0) as eng:
+        t0 = time.monotonic()
+        eng.generate(GenerationRequest(input_ids=np.array([1], np.int32), max_new_tokens=20))
+        assert time.monotonic() - t0 >= 19 / 200.0
+
+
+def test_stand_in_encoder_shapes():
+    out = StandInEncoder(16).run(np.zeros((3, 128, 400), np.float32), np.ones((3, 400), np.int32))
+    assert out.shape == (3, 100, 16) and out.dtype == np.float32
+
+
+def test_the_build_flag_renders_the_stand_ins(tiny_ckpt, tmp_path):
+    from af3trt.build import build_engines
+    from af3trt.build.common import BuildError
+    from af3trt.build.plan import make_plan
+
+    argv = ["--hf-model", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--stand-in-tokens-per-s", "250"]
+    plan = make_plan(build_engines.options_from_args(build_engines.parser().parse_args(argv)))
+    lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
+    spec = build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx")
+    assert spec.decoder_params["stand_in_tokens_per_s"] == "250"
+    assert spec.encoder_params["stand_in_hidden_size"] == str(plan.checkpoint.text_hidden_size)
+    real = build_engines.cpu_repo_spec(make_plan(build_engines.options_from_args(
+        build_engines.parser().parse_args(argv[:4]))), lm, "artifacts/encoder.onnx")
+    assert "stand_in_tokens_per_s" not in real.decoder_params and "stand_in_hidden_size" not in real.encoder_params
+    with pytest.raises(BuildError, match="CPU target"):
+        make_plan(build_engines.options_from_args(build_engines.parser().parse_args(
+            argv + ["--target", "gpu", "--gpu", "h100"])))
