@@ -3,13 +3,16 @@
 Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch. Each
 request's windows are cropped to its frame bucket T_i (preprocess); requests of different T are padded to the
 longest with an empty mask, which changes no kept row (runtime/lengths.py), and each gets back its own T_i / 4 rows.
+A window whose key (audio_digest, from preprocess) is in the cache is not run: its rows are the cached ones
+(runtime/audio_cache.py; byte-bounded LRU, parameter cache_bytes).
 """
 
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.runtime import audio_cache
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
+from af3trt.runtime.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK
 from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
 
@@ -19,23 +22,37 @@ class TritonPythonModel:
         threads = int(p.get("intra_op_threads", "0")) or None
         self.encoder = OnnxEncoder(io.resolve(args, p["onnx_path"]), intra_op_threads=threads)
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
+        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_ENCODER_BYTES)))
 
     def execute(self, requests):
         feats = [io.tensor(pb, r, INPUT_FEATURES) for r in requests]  # each [w_i, 128, T_i]
         masks = [io.tensor(pb, r, INPUT_FEATURES_MASK) for r in requests]  # each [w_i, T_i]
+        keys = [io.tensor(pb, r, AUDIO_DIGEST) for r in requests]  # each [w_i, 2] or None
         try:
             f, m = pad_frames(feats, masks)  # [W, 128, T], [W, T] with T = max T_i
+            rows = [self.encoder.rows(x.shape[2]) for x in feats for _ in range(len(x))]  # [W]: T_i / 4 per window
+            key = [None if k is None else audio_cache.key_bytes(k[w]) for k, x in zip(keys, feats)
+                   for w in range(len(x))]  # [W]
             embeds = np.zeros((len(f), self.encoder.rows(f.shape[2]), self.encoder.hidden_size), np.float32)
-            live = np.flatnonzero(m.sum(1) > 0)  # placeholder windows (empty mask) are not computed
+            live = m.sum(1) > 0  # placeholder windows (empty mask) are not computed
+            for w in np.flatnonzero(live):
+                hit = None if key[w] is None else self.cache.get(key[w])
+                if hit is not None:
+                    embeds[w, :rows[w]] = hit
+                    live[w] = False
+            live = np.flatnonzero(live)
             step = self.max_run or max(len(live), 1)
             for s in range(0, len(live), step):
                 idx = live[s: s + step]
                 embeds[idx] = self.encoder.run(f[idx], m[idx])  # [w, T/4, H]
+            for w in live:
+                if key[w] is not None:
+                    self.cache.put(key[w], embeds[w, :rows[w]].copy())  # [T_i/4, H]
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0
         for x in feats:
-            rows = self.encoder.rows(x.shape[2])
-            out.append(pb.InferenceResponse([pb.Tensor(AUDIO_EMBEDS, np.ascontiguousarray(embeds[start: start + len(x), :rows]))]))
+            n = self.encoder.rows(x.shape[2])
+            out.append(pb.InferenceResponse([pb.Tensor(AUDIO_EMBEDS, np.ascontiguousarray(embeds[start: start + len(x), :n]))]))
             start += len(x)
         return out
