@@ -39,7 +39,6 @@ from af3trt.perf import clips as clipgen
 from af3trt.perf.loadgen import run_load
 
 log = logging.getLogger("af3trt.bench")
-MEASURES = ("burst", "sustained", "sequential", "batched")
 
 
 @lru_cache(maxsize=None)
@@ -62,33 +61,43 @@ def spread(values: list[float]) -> float:
     return float((max(values) - min(values)) / np.median(values)) if values else float("nan")
 
 
-def run_rounds(url: str, ref, args) -> dict:
-    runs: dict[str, list[dict]] = {k: [] for k in MEASURES}
-    variant = 1000  # variants below 1000 are the warm-up's
+def af3trt_round(url: str, args, variant: int) -> tuple[dict, dict]:
+    """One burst and one sustained closed loop on fresh clips (variants variant … variant + args.sustained)."""
+    burst = compare.burst(url, fresh_clips(args.burst_clips, variant), args.max_tokens)
+    loop = [c for k in range(args.sustained) for c in fresh_clips(args.burst_clips, variant + 1 + k)]
+    records, window = run_load(url, compare.items_of(loop), concurrency=args.burst_clips, requests=len(loop),
+                               max_tokens=args.max_tokens, stream=False)
+    bad = [r for r in records if not r.ok]
+    if bad:
+        raise RuntimeError(f"sustained: {len(bad)} requests failed: {bad[0].error}")
+    return burst, {"name": "sustained", "seconds": window, "requests": len(records),
+                   "tokens": sum(r.tokens for r in records), "throughput_rps": len(records) / window,
+                   "tool": f"af3trt client (gRPC), closed loop at concurrency {args.burst_clips}"}
+
+
+def run_rounds(urls: dict[str, str], ref, args) -> dict:
+    """Rounds of: every af3trt variant's burst and sustained loop, then transformers on the round's burst clips."""
+    runs: dict[str, list[dict]] = {f"{v} {m}": [] for v in urls for m in ("burst", "sustained")}
+    runs.update(sequential=[], batched=[])
     compare.baseline_round(ref, fresh_clips(args.burst_clips, 0), args.max_tokens)  # warm-up, not counted
+    variant = 1000  # variants below 1000 are the warm-ups'
     for i in range(args.rounds):
-        spoken = fresh_clips(args.burst_clips, variant)
-        variant += 1
-        runs["burst"].append(compare.burst(url, spoken, args.max_tokens))
-        loop = [c for k in range(args.sustained) for c in fresh_clips(args.burst_clips, variant + k)]
-        variant += args.sustained
-        records, window = run_load(url, compare.items_of(loop), concurrency=args.burst_clips, requests=len(loop),
-                                   max_tokens=args.max_tokens, stream=False)
-        bad = [r for r in records if not r.ok]
-        if bad:
-            raise RuntimeError(f"sustained: {len(bad)} requests failed: {bad[0].error}")
-        runs["sustained"].append(compare._point("sustained", window, len(records), sum(r.tokens for r in records),
-                                                sum(s for s, _ in loop), f"af3trt client, closed loop c={args.burst_clips}"))
-        base = compare.baseline_round(ref, spoken, args.max_tokens)
+        for name, url in urls.items():
+            burst, sustained = af3trt_round(url, args, variant)
+            runs[f"{name} burst"].append(burst)
+            runs[f"{name} sustained"].append(sustained)
+            variant += 1 + args.sustained
+        base = compare.baseline_round(ref, fresh_clips(args.burst_clips, variant - 1 - args.sustained),
+                                      args.max_tokens)
         runs["sequential"].append(base["sequential"])
         runs["batched"].append(base["batched"])
-        log.info("round %d: burst %.2f, sustained %.2f req/s; transformers one-at-a-time %.2f, batched %.2f", i + 1,
-                 *(runs[k][-1]["throughput_rps"] for k in MEASURES))
+        log.info("round %d: %s", i + 1, ", ".join(f"{k} {v[-1]['throughput_rps']:.2f}" for k, v in runs.items()))
     rps = {k: [r["throughput_rps"] for r in v] for k, v in runs.items()}
     med = {k: float(np.median(v)) for k, v in rps.items()}
     out = {"rounds": args.rounds, "req_s": rps, "median_req_s": med, "spread": {k: spread(v) for k, v in rps.items()}}
-    out["ratios"] = {f"{a}_vs_{b}": med[a] / med[b] for a in ("burst", "sustained") for b in ("sequential", "batched")}
-    out["splits"] = [r.get("split") for r in runs["burst"]]
+    out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in ("sequential", "batched")
+                     for b in ("sequential", "batched")}
+    out["splits"] = {k: [r.get("split") for r in v] for k, v in runs.items() if k.endswith("burst")}
     return out
 
 
@@ -197,22 +206,31 @@ def cache_figures(url: str, args, out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ main
 
+def _plain(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
 def render(r: dict) -> str:
     c = r["compare"]
     med, sp = c["median_req_s"], c["spread"]
-    names = {"burst": "af3trt burst of 8", "sustained": f"af3trt sustained (c=8, {r['args']['sustained'] * 8} requests)",
-             "sequential": "transformers one-at-a-time", "batched": "transformers batched generate (8)"}
     lines = [f"# CPU engine: af3trt against transformers ({r['started_utc']})", "",
              f"Checkpoint: synthetic `af3` preset (decoder head_dim 128). {c['rounds']} interleaved rounds, fresh clips "
-             f"every round; load average {r['load_average_start']} at start, {r['load_average_end']} at end.", "",
+             f"every round, {r['args']['max_tokens']} tokens; sustained = closed loop at concurrency 8 over "
+             f"{8 * r['args']['sustained']} requests. Load average {r['load_average_start']} at start, "
+             f"{r['load_average_end']} at end. Variants: "
+             + "; ".join(f"`{k}` = {v or 'defaults'}" for k, v in r["variants"].items()) + ".", "",
              "| measure | median req/s | spread (max-min)/median | per-round req/s |", "|---|---|---|---|"]
-    for k in MEASURES:
-        lines.append(f"| {names[k]} | {med[k]:.2f} | {100 * sp[k]:.0f} % | "
+    for k in c["req_s"]:
+        name = {"sequential": "transformers one-at-a-time", "batched": "transformers batched generate (8)"}.get(
+            k, f"af3trt {k}")
+        lines.append(f"| {name} | {med[k]:.2f} | {100 * sp[k]:.0f} % | "
                      f"{' / '.join(f'{v:.2f}' for v in c['req_s'][k])} |")
     lines += ["", "| ratio (medians) | value | target |", "|---|---|---|"]
     for key, v in c["ratios"].items():
         target = compare.TARGET_VS_SEQUENTIAL if key.endswith("sequential") else compare.TARGET_VS_BATCHED
-        lines.append(f"| {key.replace('_', ' ')} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
+        lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
     if "cache" in r:
         ca = r["cache"]
         lines += ["", "## Audio cache (OpenAI front, 8 streamed chat completions at once)", "",
@@ -237,8 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-threads", type=int, default=0, help="transformers' torch threads (0: all)")
     ap.add_argument("--cache-rounds", type=int, default=3, help="0: skip the audio-cache figures")
     ap.add_argument("--long-seconds", type=float, default=600.0)
-    ap.add_argument("--build", nargs="*", default=[], help="more `af3trt bench` build options, e.g. "
-                                                           "--no-encoder-batching")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="another af3trt build served beside the default one, with `af3trt bench` build flags, "
+                         "e.g. 'batched=--encoder-batching' (repeatable)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from af3trt.perf.baseline import TransformersBaseline
@@ -248,27 +267,34 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = (args.work or CACHE / "bench").resolve()
-    bargs = bench.parse_args(["--work", str(work), "--max-tokens", str(args.max_tokens), *args.build])
+    variants = {"default": ""} | dict(v.split("=", 1) for v in args.variant)
     result = {"started_utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "args": vars(args) | {"out": str(out)},
-              "machine": machine.describe(bench.REPO_ROOT), "load_average_start": machine.load_average()}
-    ckpt = bench.prepare_checkpoint(bargs, work)
-    repo = bench.prepare_repository(bargs, ckpt, work)
-    result["repository"] = bench._repo_info(repo)
-    server = TritonServer(repo / "model_repository", log_path=out / "tritonserver-engine.log", exit_timeout=3).start(
-        timeout=600)
+              "variants": variants, "machine": machine.describe(bench.REPO_ROOT),
+              "load_average_start": machine.load_average()}
+    servers: dict[str, TritonServer] = {}
     try:
-        url = server.grpc_url
-        run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,
-                 requests=args.burst_clips, max_tokens=args.max_tokens, stream=False)  # warm every stage
+        for name, flags in variants.items():
+            bargs = bench.parse_args(["--work", str(work), "--max-tokens", str(args.max_tokens), *flags.split()])
+            ckpt = bench.prepare_checkpoint(bargs, work)
+            repo = bench.prepare_repository(bargs, ckpt, work)
+            spec = json.loads((repo / "manifest.json").read_text()).get("repository", {}).get("spec", {})
+            result.setdefault("repositories", {})[name] = {"path": str(repo), "spec": spec}
+            servers[name] = TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
+                                         exit_timeout=3).start(timeout=600)
+        urls = {name: s.grpc_url for name, s in servers.items()}
+        for url in urls.values():  # warm every stage
+            run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,
+                     requests=args.burst_clips, max_tokens=args.max_tokens, stream=False)
         ref = TransformersBaseline(ckpt, threads=args.baseline_threads or None)
-        result["compare"] = run_rounds(url, ref, args)
+        result["compare"] = run_rounds(urls, ref, args)
         del ref
         if args.cache_rounds:
-            result["cache"] = cache_figures(url, args, out)
+            result["cache"] = cache_figures(urls["default"], args, out)
     finally:
-        server.stop()
+        for s in servers.values():
+            s.stop()
     result["load_average_end"] = machine.load_average()
-    (out / "engine.json").write_text(json.dumps(result, indent=1, default=bench._json_default))
+    (out / "engine.json").write_text(json.dumps(result, indent=1, default=_plain))
     (out / "engine.md").write_text(render(result))
     print(render(result))
     return 0
