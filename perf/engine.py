@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -79,7 +80,15 @@ def run_rounds(urls: dict[str, str], ref, args) -> dict:
     """Rounds of: every af3trt variant's burst and sustained loop, then transformers on the round's burst clips."""
     runs: dict[str, list[dict]] = {f"{v} {m}": [] for v in urls for m in ("burst", "sustained")}
     runs.update(sequential=[], batched=[])
-    compare.baseline_round(ref, fresh_clips(args.burst_clips, 0), args.max_tokens)  # warm-up, not counted
+    warm = fresh_clips(args.burst_clips, 0)
+    compare.baseline_round(ref, warm, args.max_tokens)  # warm-up, not counted
+    if not args.baseline_threads:  # the faster of 1 and all cores for transformers, on the warm-up's batch
+        timed = {}
+        for n in sorted({1, os.cpu_count() or 1}):
+            ref.set_threads(n)
+            timed[n] = ref.batched(compare.items_of(warm), len(warm), args.max_tokens)["seconds"]
+        ref.set_threads(min(timed, key=timed.get))
+        log.info("transformers threads: %d (batched warm-up seconds by threads: %s)", ref.threads, timed)
     variant = 1000  # variants below 1000 are the warm-ups'
     for i in range(args.rounds):
         for name, url in urls.items():
@@ -94,7 +103,7 @@ def run_rounds(urls: dict[str, str], ref, args) -> dict:
         log.info("round %d: %s", i + 1, ", ".join(f"{k} {v[-1]['throughput_rps']:.2f}" for k, v in runs.items()))
     rps = {k: [r["throughput_rps"] for r in v] for k, v in runs.items()}
     med = {k: float(np.median(v)) for k, v in rps.items()}
-    out = {"rounds": args.rounds, "req_s": rps, "median_req_s": med, "spread": {k: spread(v) for k, v in rps.items()}}
+    out = {"rounds": args.rounds, "baseline_threads": ref.threads, "req_s": rps, "median_req_s": med, "spread": {k: spread(v) for k, v in rps.items()}}
     out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in ("sequential", "batched")
                      for b in ("sequential", "batched")}
     out["splits"] = {k: [r.get("split") for r in v] for k, v in runs.items() if k.endswith("burst")}
@@ -252,7 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--burst-clips", type=int, default=8)
     ap.add_argument("--sustained", type=int, default=3, help="bursts' worth of requests in the closed loop")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--baseline-threads", type=int, default=0, help="transformers' torch threads (0: all)")
+    ap.add_argument("--baseline-threads", type=int, default=0,
+                    help="transformers' torch threads (0: the faster of 1 and all cores, timed at warm-up)")
     ap.add_argument("--cache-rounds", type=int, default=3, help="0: skip the audio-cache figures")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
