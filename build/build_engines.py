@@ -47,7 +47,8 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str) -> RepoSpec:
                            if o.encoder_windows_per_run else {})},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
                         "threads": threads_of(o.decoder_threads)},
-        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
+        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances,
+        prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/decoder.py)
 
 
 def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) -> None:

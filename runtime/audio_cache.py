@@ -31,6 +31,9 @@ DIGEST_BYTES = 16  # 128-bit keys: two uint64 words per window
 # windows: 31 MB of log-mel features, and 20 x 750 x H x 4 bytes of encoder rows (215 MB at AF3's H = 3584).
 DEFAULT_PREPROCESS_BYTES = 256 << 20
 DEFAULT_ENCODER_BYTES = 1 << 30
+# The CPU decoder's prompt KV (runtime/decoder.py, prefix reuse): K and V of every layer, 2 x layers x kv_heads x
+# head_dim x dtype bytes per token (57 KB for AF3's Qwen2.5-7B in bf16: 15,000 tokens of a 10-min clip are 860 MB).
+DEFAULT_PREFIX_BYTES = 1 << 30
 
 
 def audio_digest(clips: list[bytes], *settings) -> bytes:
@@ -60,8 +63,8 @@ def key_bytes(key: np.ndarray) -> bytes:
 
 def nbytes(value) -> int:
     """Bytes an entry holds: an array's, or the sum over a dataclass's / tuple's arrays."""
-    if isinstance(value, np.ndarray):
-        return value.nbytes
+    if isinstance(value, np.ndarray) or isinstance(getattr(value, "nbytes", None), int):  # numpy, torch
+        return int(value.nbytes)
     if isinstance(value, (list, tuple)):
         return sum(nbytes(v) for v in value)
     if hasattr(value, "__dict__"):

@@ -75,7 +75,8 @@ def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.buil
         encoder_params={"onnx_path": "artifacts/encoder.onnx", "intra_op_threads": "0"},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits.max_batch_size),
                         "threads": "0"},
-        fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"})
+        fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"},
+        prompt_table_extra_ids=True)
 
 
 def full_shape(cfg: mc.ModelConfig, t) -> list[int]:
@@ -156,8 +157,9 @@ def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
     check_decoder_contract(cfgs["decoder"], T.TYPE_FP32)
     assert cfgs["encoder"].backend == "python" and cfgs["decoder"].backend == "python"
     assert (tmp_path / "repo" / "encoder" / "1" / "model.py").is_file()
-    assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}  # CPU fusion is unchanged
-    assert "prompt_table_extra_ids" not in cfgs["fusion"].parameters
+    # fusion sends prompt_table_extra_ids on the CPU target too: the CPU decoder's KV reuse is keyed by them
+    assert "prompt_table_extra_ids" in {o.name for o in cfgs["fusion"].output}
+    assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
     assert "gpu_kernels" not in cfgs["preprocess"].parameters and "gpu_kernels" not in cfgs["fusion"].parameters
 
 
