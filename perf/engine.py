@@ -232,8 +232,9 @@ def render(r: dict) -> str:
              + "; ".join(f"`{k}` = {v or 'defaults'}" for k, v in r["variants"].items()) + ".", "",
              "| measure | median req/s | spread (max-min)/median | per-round req/s |", "|---|---|---|---|"]
     for k in c["req_s"]:
-        name = {"sequential": "transformers one-at-a-time", "batched": "transformers batched generate (8)"}.get(
-            k, f"af3trt {k}")
+        peers = {"sequential": "transformers one-at-a-time",
+                 "batched": f"transformers batched generate ({r['args']['burst_clips']})"}
+        name = peers.get(k, f"af3trt {k}")
         lines.append(f"| {name} | {med[k]:.2f} | {100 * sp[k]:.0f} % | "
                      f"{' / '.join(f'{v:.2f}' for v in c['req_s'][k])} |")
     lines += ["", "| ratio (medians) | value | target |", "|---|---|---|"]
@@ -266,8 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-rounds", type=int, default=3, help="0: skip the audio-cache figures")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                    help="another af3trt build served beside the default one, with `af3trt bench` build flags, "
-                         "e.g. 'batched=--encoder-batching' (repeatable)")
+                    help="another af3trt build served beside the default one, with `af3trt bench` build flags and "
+                         "server environment, e.g. 'unbatched=--no-encoder-batching', "
+                         "'spinning=OMP_WAIT_POLICY=ACTIVE' (repeatable)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from af3trt.perf.baseline import TransformersBaseline
@@ -284,13 +286,24 @@ def main(argv=None) -> int:
     servers: dict[str, TritonServer] = {}
     try:
         for name, flags in variants.items():
-            bargs = bench.parse_args(["--work", str(work), "--max-tokens", str(args.max_tokens), *flags.split()])
+            env = dict(f.split("=", 1) for f in flags.split() if "=" in f and f.split("=")[0].isupper())
+            build_flags = [f for f in flags.split() if f.split("=")[0] not in env]
+            bargs = bench.parse_args(["--work", str(work), "--max-tokens", str(args.max_tokens), *build_flags])
             ckpt = bench.prepare_checkpoint(bargs, work)
             repo = bench.prepare_repository(bargs, ckpt, work)
             spec = json.loads((repo / "manifest.json").read_text()).get("repository", {}).get("spec", {})
             result.setdefault("repositories", {})[name] = {"path": str(repo), "spec": spec}
-            servers[name] = TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
-                                         exit_timeout=3).start(timeout=600)
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)  # the server's environment (e.g. OMP_WAIT_POLICY=ACTIVE: the stubs spin)
+            try:
+                servers[name] = TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
+                                             exit_timeout=3).start(timeout=600)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         urls = {name: s.grpc_url for name, s in servers.items()}
         for url in urls.values():  # warm every stage
             run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,

@@ -26,7 +26,7 @@ def test_spread_and_report():
     runs = {"default burst": [4.0, 5.0, 6.0], "default sustained": [5.0, 5.0, 5.0], "sequential": [2.0, 2.0, 2.0],
             "batched": [4.0, 4.0, 4.0]}
     med = {k: float(np.median(v)) for k, v in runs.items()}
-    result = {"started_utc": "T", "args": {"max_tokens": 32, "sustained": 3}, "variants": {"default": ""},
+    result = {"started_utc": "T", "args": {"max_tokens": 32, "sustained": 3, "burst_clips": 8}, "variants": {"default": ""},
               "load_average_start": [1, 1, 1], "load_average_end": [1, 1, 1],
               "compare": {"rounds": 3, "req_s": runs, "median_req_s": med,
                           "spread": {k: engine.spread(v) for k, v in runs.items()},
