@@ -329,10 +329,14 @@ def test_stop_fails_queued_and_running_requests(lm_dir, af3):
         eng.submit(_text_request(af3, "late", max_new_tokens=3), lambda new, final: None)
 
 
-def test_cancelled_request_leaves_the_batch(engine, af3):
+def test_cancelled_request_leaves_the_batch(engine, af3, monkeypatch):
     """A request whose client went away (Triton's is_cancelled) stops generating and gets RequestCancelled; a
     request decoding beside it is untouched."""
+    from af3trt.runtime import decoder
     from af3trt.runtime.decoder import RequestCancelled
+
+    # polled at every step: else a fast machine finishes the 40 tokens inside one CANCEL_CHECK_S and never looks
+    monkeypatch.setattr(decoder, "CANCEL_CHECK_S", 0.0)
 
     keep = _text_request(af3, "Hello world", max_new_tokens=12)
     alone = engine.generate(keep)
