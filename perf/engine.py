@@ -268,8 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="another af3trt build served beside the default one, with `af3trt bench` build flags and "
-                         "server environment, e.g. 'unbatched=--no-encoder-batching', "
-                         "'spinning=OMP_WAIT_POLICY=ACTIVE' (repeatable)")
+                         "server environment, e.g. 'unbatched=--no-encoder-batching', 'omp1=OMP_NUM_THREADS=1' (repeatable; "
+                         "not OMP_WAIT_POLICY=ACTIVE: its idle threads spin for good and slow every other measure)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from af3trt.perf.baseline import TransformersBaseline
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
             spec = json.loads((repo / "manifest.json").read_text()).get("repository", {}).get("spec", {})
             result.setdefault("repositories", {})[name] = {"path": str(repo), "spec": spec}
             saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)  # the server's environment (e.g. OMP_WAIT_POLICY=ACTIVE: the stubs spin)
+            os.environ.update(env)  # the server's environment, which its stubs inherit
             try:
                 servers[name] = TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
                                              exit_timeout=3).start(timeout=600)
