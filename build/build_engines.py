@@ -55,7 +55,8 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
                         "threads": threads_of(o.decoder_threads), "stream_interval_ms": str(o.stream_interval_ms),
                         **stand_in_decoder, **extra.get("decoder", {})},
-        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances)
+        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances,
+        prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/decoder.py)
     return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
 

@@ -68,9 +68,3 @@ def build(builder: PromptBuilder, conv: Conversation, device: torch.device, embe
     rows = window_rows(mask.cpu().numpy(), windows)
     ids = builder.build_ids(conv, rows, windows)
     return ids, prompt_table(embeds.to(device), rows, torch_dtype(builder.limits.dtype))[0]
-
-
-def host_f32(table: torch.Tensor) -> np.ndarray:
-    """A device table [N, H] as host f32 numpy, to hash it for prompt_table_extra_ids (runtime/prompt.py): one
-    device-to-host copy of the table (the hash then covers the decoder-dtype values, deterministic per audio)."""
-    return table.float().cpu().numpy()

@@ -14,7 +14,12 @@ meaning. What the GPU backend does and we reproduce (TensorRT-LLM 1.2, executor 
 - stop words (`stop_words_list`, e.g. the checkpoint's other end ids) end the request too, but **stay in the
   output**, as TensorRT-LLM's executor leaves them (runtime/stop_words.py has the source); postprocess trims them;
 - streaming: one response per generated token; non-streaming: one response with all tokens;
-- a request without a seed samples with seed 0 (TensorRT-LLM's default), so it is reproducible too.
+- a request without a seed samples with seed 0 (TensorRT-LLM's default), so it is reproducible too;
+- KV-cache reuse (prefix_cache_bytes > 0): a prompt that starts with the same blocks of PREFIX_BLOCK tokens as an
+  earlier one (same ids and, for audio rows, the same prompt_table_extra_ids, which identify the audio) prefills
+  only the rest, from the stored K/V of those blocks, as TensorRT-LLM reuses cached blocks keyed by
+  (token, extra id) (tensorrtllm_backend inflight_batcher_llm/src/utils.h: `prompt_table_extra_ids` feeds the
+  executor's PromptTuningConfig input-token extra ids). A prompt with audio rows and no extra ids is never reused.
 
 The decoder is a standard Qwen2ForCausalLM (written by af3trt.export.extract_lm) run by transformers on CPU.
 
@@ -24,6 +29,7 @@ The decoder is a standard Qwen2ForCausalLM (written by af3trt.export.extract_lm)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 
 from af3trt.runtime import lora, sampling
+from af3trt.runtime.audio_cache import LruBytes
 from af3trt.runtime.sampling import DEFAULT_SEED, SamplingError, SamplingParams
 from af3trt.runtime.errors import Cancelled, InvalidRequest, Unavailable, Unsupported
 from af3trt.runtime.stop_words import ends_with_stop_word
@@ -65,6 +72,7 @@ class RequestCancelled(Cancelled, RuntimeError):
 
 
 CANCEL_CHECK_S = 0.05  # how often a running request's `cancelled` is polled (an IPC call in the python backend)
+PREFIX_BLOCK = 64  # tokens per block of the prompt KV that KV-cache reuse stores and finds
 
 
 @dataclass(kw_only=True)
@@ -72,6 +80,7 @@ class GenerationRequest:
     input_ids: np.ndarray  # int32 [L]; ids >= vocab_size address the prompt table
     prompt_table: torch.Tensor | None = None  # [N, H] in the engine dtype
     prompt_vocab_size: int = 0  # rows of the table addressable by fake ids (0 = all rows of a given table)
+    extra_ids: np.ndarray | None = None  # uint64 [L] prompt_table_extra_ids: what the audio rows are (KV reuse)
     max_new_tokens: int  # request_output_len
     end_id: int | None = None  # None: never stop early (the tensorrtllm backend's end_id -1)
     min_tokens: int = 0  # the end id cannot be chosen before this many tokens (TensorRT-LLM's minTokens)
@@ -130,7 +139,7 @@ class DecoderEngine:
 
     def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
                  max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
-                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None):
+                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None, prefix_cache_bytes: int = 0):
         from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
 
         if threads:
@@ -163,10 +172,14 @@ class DecoderEngine:
         self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
         self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
-                      "decode_seconds": 0.0, "prefill_seconds": 0.0, "busy": 0, "cancelled": 0}
+                      "decode_seconds": 0.0, "prefill_seconds": 0.0, "busy": 0, "cancelled": 0,
+                      "reused_tokens": 0}
         # Overload: at most max_queue_size requests wait for a batch slot (0: no bound); one that waited longer
         # than queue_timeout_s is answered busy instead of being started (0: no limit).
         self.max_queue_size, self.queue_timeout_s = int(max_queue_size), float(queue_timeout_s)
+        # KV-cache reuse: prompt K/V per layer, [1, kv_heads, b, head_dim] for the first b = k * PREFIX_BLOCK tokens,
+        # keyed by the chained digest of those blocks; LRU within prefix_cache_bytes (0: off)
+        self.prefixes = LruBytes(prefix_cache_bytes)
 
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
@@ -207,6 +220,9 @@ class DecoderEngine:
         if top >= self.vocab_size + n_rows:
             what = "without a prompt table" if n_rows == 0 else f"with a {n_rows}-row prompt table"
             raise DecodeError(f"token id {top} >= vocab_size {self.vocab_size} {what}")
+        if r.extra_ids is not None and np.shape(r.extra_ids) != ids.shape:
+            raise DecodeError(f"prompt_table_extra_ids must have one id per input token ({ids.size}), got shape "
+                              f"{np.shape(r.extra_ids)}")
         if not 1 <= r.max_new_tokens <= self.max_new_tokens_limit:
             raise DecodeError(f"max_new_tokens {r.max_new_tokens} outside 1..{self.max_new_tokens_limit}")
         if r.end_id is not None and not 0 <= r.end_id < self.vocab_size:
@@ -349,14 +365,52 @@ class DecoderEngine:
             seq.seen[seq.ids[seq.ids < self.vocab_size]] = True
         cache = DynamicCache(config=self.model.config)
         cache.layers[:] = [_append_layer() for _ in cache.layers]  # full attention only (checked at load)
-        embeds = self._embed(seq.ids, r.prompt_table)  # [L, H]
+        keys = self._block_keys(seq)  # [k]: the digest of the first (i + 1) blocks
+        start = self._reuse_prefix(cache, keys)  # prompt tokens whose K/V came from an earlier prompt
+        embeds = self._embed(seq.ids[start:], r.prompt_table)  # [L - start, H]
         self._select_adapter([seq])
         out = self.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq.pos = seq.ids.shape[0]
+        if keys and start < len(keys) * PREFIX_BLOCK:
+            self._store_prefix(cache, keys)
         self.stats["prefills"] += 1
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         if not self._advance(seq, self._next_token(seq, out.logits[0, -1])):
             self._join(seq, out.past_key_values)
+
+    # ---------------------------------------------------------------- KV-cache reuse (prompt prefixes)
+
+    def _block_keys(self, seq: _Seq) -> list[bytes]:
+        """Chained digests of the prompt's full blocks of PREFIX_BLOCK (token id, extra id) pairs, short of its last
+        token (whose logits a prefill must compute); [] when reuse is off or audio rows cannot be identified."""
+        ids, extra = seq.ids.numpy(), seq.req.extra_ids
+        if not self.prefixes.max_bytes or (extra is None and bool((ids >= self.vocab_size).any())):
+            return []
+        extra = np.zeros(len(ids), np.uint64) if extra is None else np.asarray(extra, np.uint64)
+        # the chain starts from the adapter: a LoRA (thinking) changes every layer's K/V of the same tokens
+        keys, h = [], b"" if seq.req.lora_task_id is None else f"lora {seq.req.lora_task_id}".encode()
+        for end in range(PREFIX_BLOCK, len(ids), PREFIX_BLOCK):
+            h = hashlib.blake2b(h + ids[end - PREFIX_BLOCK: end].tobytes() + extra[end - PREFIX_BLOCK: end].tobytes(),
+                                digest_size=16).digest()
+            keys.append(h)
+        return keys
+
+    def _reuse_prefix(self, cache, keys: list[bytes]) -> int:
+        """Load the longest stored prefix of these blocks into `cache`; return its length in tokens (0: none)."""
+        for k in range(len(keys), 0, -1):
+            stored = self.prefixes.get(keys[k - 1])
+            if stored is not None:
+                for layer, (key, value) in zip(cache.layers, stored, strict=True):
+                    layer.lazy_initialization(key, value)
+                    layer.keys, layer.values = key, value  # copied into the layer's own buffer on its first update
+                self.stats["reused_tokens"] += k * PREFIX_BLOCK
+                return k * PREFIX_BLOCK
+        return 0
+
+    def _store_prefix(self, cache, keys: list[bytes]) -> None:
+        n = len(keys) * PREFIX_BLOCK
+        self.prefixes.put(keys[-1], [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
+                                     for layer in cache.layers])
 
     def _gone(self, seq: _Seq) -> bool:
         """True (and the request is finished with RequestCancelled) if its client cancelled it."""
@@ -389,8 +443,11 @@ class DecoderEngine:
         position_ids = torch.tensor([[s.pos] for s in rows], dtype=torch.long)  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)  # [B, T+1]
         self._select_adapter(rows)
+        # The mask as transformers would build it for SDPA (bool [B, 1, 1, T+1], True = attend): a 4-D mask is used
+        # as given, which skips its per-step mask construction (a tenth of a step at batch 8); same logits, bit for bit.
+        mask = self._mask.bool()[:, None, None, :]
         try:
-            out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              past_key_values=self._cache, use_cache=True)
         except Exception as exc:  # noqa: BLE001 — the batch state is unusable: fail its requests, keep serving
             log.exception("batched decode step failed; failing %d requests", batch)
@@ -399,11 +456,20 @@ class DecoderEngine:
             self._reset_batch()
             return
         logits = out.logits[:, -1]  # [B, V]
+        try:
+            tokens = sampling.next_tokens(logits, [s.params for s in rows], seen=[s.seen for s in rows],
+                                          rngs=[s.generator for s in rows])
+        except Exception:  # noqa: BLE001 — one row's sampling failed: find it row by row below
+            tokens = [None] * batch
+        for i, seq in enumerate(rows):  # rows whose end id is still masked (min_tokens) take the per-row path
+            if seq.req.min_tokens and len(seq.generated) < seq.req.min_tokens:
+                tokens[i] = None
         keep = []
         for i, seq in enumerate(rows):
             seq.pos += 1
             try:
-                finished = self._advance(seq, self._next_token(seq, logits[i]))
+                token = tokens[i] if tokens[i] is not None else self._next_token(seq, logits[i])
+                finished = self._advance(seq, token)
             except Exception as exc:  # noqa: BLE001 — delivered to that request only
                 self._fail(seq, exc)
                 finished = True

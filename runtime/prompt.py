@@ -153,23 +153,22 @@ def window_rows(mask: np.ndarray, audio_windows: list[int]) -> list[int]:
     return [lengths.embeds_valid_per_window(int(mask[w].sum())) for w in range(sum(audio_windows))]
 
 
-def table_extra_ids(ids: np.ndarray, table: np.ndarray, vocab_size: int) -> np.ndarray:
+def table_extra_ids(ids: np.ndarray, keys: np.ndarray, vocab_size: int) -> np.ndarray:
     """TensorRT-LLM's prompt_table_extra_ids for one request: uint64 [L], 0 for text tokens and, for every fake id
-    (>= vocab_size), one id >= 1 that identifies the table's contents.
+    (>= vocab_size), one id >= 1 that identifies the audio the table was made from.
 
     With KV-cache reuse, TensorRT-LLM keys each cached block by its (token id, extra id) pairs (generated tokens get
     0). Fake ids are the same in every request (vocab_size + k), so the extra id is what tells two tables apart:
-    the same audio (same table) gets the same id and shares cached blocks, different audio never does. The id is 64
-    bits of SHA-256 over the table's shape and float32 bytes (about 0.25 s for a 10-min table, 13 ms for 30 s).
-    ids: [L] int32 prompt; table: [N, H] float32, the rows the fake ids address.
+    the same audio gets the same id and shares cached blocks, different audio never does. The id is 64 bits of
+    BLAKE2b over the request's window keys (audio_digest, computed once from the clip bytes in preprocess,
+    runtime/audio_cache.py): the table itself (215 MB for 10 min of AF3 audio) is neither copied nor hashed.
+    ids: [L] int32 prompt; keys: uint64 [W, 2], the request's window keys.
     """
     fake = ids >= vocab_size
     out = np.zeros(len(ids), np.uint64)
     if fake.any():
-        table = np.ascontiguousarray(table, np.float32)
-        h = hashlib.sha256(np.asarray(table.shape, np.int64).tobytes())
-        h.update(memoryview(table).cast("B"))
-        out[fake] = int.from_bytes(h.digest()[:8], "little") or 1
+        h = hashlib.blake2b(np.ascontiguousarray(keys, np.uint64).tobytes(), digest_size=8)
+        out[fake] = int.from_bytes(h.digest(), "little") or 1
     return out
 
 

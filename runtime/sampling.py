@@ -130,3 +130,17 @@ def next_token(logits: "torch.Tensor", params: SamplingParams, *, seen: "torch.T
         return int(torch.argmax(logits))
     probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def next_tokens(logits: "torch.Tensor", params: list[SamplingParams], *, seen: list, rngs: list) -> list[int]:
+    """One token id per row of logits [B, V]: the rows that pick the arg-max without a penalty share one batched
+    argmax (one call for the whole batch instead of one per row, the common greedy case); the others go through
+    next_token with their own `seen` and generator. Each row's id equals next_token's for that row."""
+    import torch
+
+    plain = [p.greedy and (seen[i] is None or p.repetition_penalty == 1.0) for i, p in enumerate(params)]
+    out = torch.argmax(logits, dim=-1).tolist() if any(plain) else [0] * len(params)  # [B]
+    for i, p in enumerate(params):
+        if not plain[i]:
+            out[i] = next_token(logits[i], p, seen=seen[i], rng=rngs[i])
+    return out

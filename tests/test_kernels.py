@@ -30,7 +30,7 @@ from fakes import pb_utils as fake_pb  # noqa: E402
 from helpers import fading_noise as signal  # noqa: E402  (falling loudness, a silent second)
 from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
-from af3trt.runtime import audio, lengths  # noqa: E402
+from af3trt.runtime import audio, audio_cache, lengths  # noqa: E402
 from af3trt.runtime.prompt import FusionLimits, PromptBuilder, window_rows  # noqa: E402
 from af3trt.runtime.conversation import shorthand  # noqa: E402
 from af3trt.triton_repo import configs  # noqa: E402
@@ -275,7 +275,8 @@ def test_fusion_adapter_device_path_gives_the_cpu_table(tiny_ckpt, limits, speec
     embeds = np.random.default_rng(2).standard_normal((3, 750, limits.hidden_size)).astype(np.float32)
     inputs = {"text_input": np.array([b"What is said?"], object), "audio_embeds": embeds,
               "input_features_mask": batch.mask, "audio_windows": np.asarray(batch.windows_per_clip, np.int32),
-              "max_tokens": np.array([8], np.int32)}
+              "max_tokens": np.array([8], np.int32),
+              "audio_digest": audio_cache.window_keys(audio_cache.audio_digest([b"a", b"b"]), 3)}
     (d,), (c,) = (m.execute([fake_pb.Request(dict(inputs))]) for m in (dev_model, cpu_model))
     assert not d.has_error() and not c.has_error(), (d.error, c.error)
     assert set(d.outputs) == set(c.outputs) == {o.name for o in configs.fusion_config(on).output}

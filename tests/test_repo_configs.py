@@ -17,7 +17,7 @@ from af3trt.build.gpu_repo import (EXECUTOR_WORKER_PATH, GpuRepoError, TrtllmOpt
                                    gpu_repo_spec, read_decoder_engine, render_gpu_repository)
 from af3trt.build.repository import render_repository
 from af3trt.build.trt_encoder import encoder_engine_plan
-from af3trt.runtime import lengths
+from af3trt.runtime import audio_cache, lengths
 from af3trt.runtime.prompt import table_extra_ids
 from af3trt.triton_repo import configs
 
@@ -79,7 +79,8 @@ def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.buil
         encoder_params={"onnx_path": "artifacts/encoder.onnx", "intra_op_threads": "0"},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits.max_batch_size),
                         "threads": "0"},
-        fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"})
+        fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"},
+        prompt_table_extra_ids=True)
 
 
 def full_shape(cfg: mc.ModelConfig, t) -> list[int]:
@@ -160,8 +161,9 @@ def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
     check_decoder_contract(cfgs["decoder"], T.TYPE_FP32)
     assert cfgs["encoder"].backend == "python" and cfgs["decoder"].backend == "python"
     assert (tmp_path / "repo" / "encoder" / "1" / "model.py").is_file()
-    assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}  # CPU fusion is unchanged
-    assert "prompt_table_extra_ids" not in cfgs["fusion"].parameters
+    # fusion sends prompt_table_extra_ids on the CPU target too: the CPU decoder's KV reuse is keyed by them
+    assert "prompt_table_extra_ids" in {o.name for o in cfgs["fusion"].output}
+    assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
     assert "gpu_kernels" not in cfgs["preprocess"].parameters and "gpu_kernels" not in cfgs["fusion"].parameters
 
 
@@ -202,7 +204,8 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     # [W, 128, T] with T dynamic (the request's frame bucket), as the engine profile ranges over T
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
         ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1]),
-        ("window_thinking", T.TYPE_BOOL, [1])]  # per window: think/'s encoder variant
+        ("window_thinking", T.TYPE_BOOL, [1]),  # per window: think/'s encoder variant
+        ("audio_digest", T.TYPE_UINT64, [2])]  # each window's key (runtime/audio_cache.py), optional
     assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
         ("audio_embeds", T.TYPE_FP32, [-1, checkpoint.text_hidden_size])]
     assert not any(i.allow_ragged_batch for i in enc.input)  # Triton batches equal T only: per-bucket batching
@@ -307,17 +310,16 @@ def test_engine_info_and_parameter_errors(checkpoint, limits, tmp_path):
 # prompt_table_extra_ids: what fusion sends when KV-cache reuse is on
 
 def test_table_extra_ids_semantics():
-    rng = np.random.default_rng(0)
     vocab = 100
-    a = rng.standard_normal((5, 8)).astype(np.float32)
+    a = audio_cache.window_keys(audio_cache.audio_digest([b"clip a"]), 2)  # [2, 2] u64
     ids = np.array([1, 2, 100, 101, 102, 103, 104, 7, 8], np.int32)
     x = table_extra_ids(ids, a, vocab)
     assert x.dtype == np.uint64 and x.shape == ids.shape
     assert (x[ids < vocab] == 0).all()  # text tokens
     assert len(set(x[ids >= vocab].tolist())) == 1 and x[2] >= 1  # one id for the whole table
-    assert (table_extra_ids(ids, a.copy(), vocab) == x).all()  # same audio → same id: the KV cache is shared
-    b = a.copy()
-    b[3, 4] += 1e-3
+    again = audio_cache.window_keys(audio_cache.audio_digest([b"clip a"]), 2)
+    assert (table_extra_ids(ids, again, vocab) == x).all()  # same audio → same id: the KV cache is shared
+    b = audio_cache.window_keys(audio_cache.audio_digest([b"clip b"]), 2)
     assert table_extra_ids(ids, b, vocab)[2] != x[2]  # different audio → different id: never shared
     assert table_extra_ids(np.array([1, 2], np.int32), a, vocab).tolist() == [0, 0]  # text-only
 
@@ -331,9 +333,10 @@ def fusion_models(tiny_ckpt, checkpoint, limits, tmp_path_factory):
     return [(s, fake_pb.load_model("fusion", configs.fusion_config(s))) for s in (spec, off)]
 
 
-def _fusion_request(embeds, batch, windows):
+def _fusion_request(embeds, batch, windows, clip=b"clip"):
     return fake_pb.Request({"text_input": np.array([b"What is said?"], object), "audio_embeds": embeds,
-                            "input_features_mask": batch.mask, "audio_windows": np.array(windows, np.int32)})
+                            "input_features_mask": batch.mask, "audio_windows": np.array(windows, np.int32),
+                            "audio_digest": audio_cache.window_keys(audio_cache.audio_digest([clip]), sum(windows))})
 
 
 def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
@@ -345,7 +348,7 @@ def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
     e1 = rng.standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
     e2 = rng.standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
     r1, r1_again, r2 = model.execute([_fusion_request(e1, batch, [1]), _fusion_request(e1, batch, [1]),
-                                      _fusion_request(e2, batch, [1])])
+                                      _fusion_request(e2, batch, [1], clip=b"another clip")])
     declared = {o.name for o in configs.fusion_config(spec).output}
     for r in (r1, r1_again, r2):
         assert not r.has_error(), r.error
@@ -362,7 +365,8 @@ def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
     text_only = fake_pb.Request({"text_input": np.array([b"Hello"], object),
                                  "audio_embeds": np.zeros((1, 750, spec.hidden_size), np.float32),
                                  "input_features_mask": np.zeros((1, 3000), np.int32),
-                                 "audio_windows": np.zeros((0,), np.int32)})
+                                 "audio_windows": np.zeros((0,), np.int32),
+                                 "audio_digest": audio_cache.window_keys(audio_cache.audio_digest([]), 1)})
     (rt,) = model.execute([text_only])
     assert not rt.has_error() and (rt.outputs["prompt_table_extra_ids"].as_numpy() == 0).all()
 

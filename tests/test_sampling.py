@@ -158,3 +158,20 @@ def test_fusion_refuses_in_the_same_words():
             check_sampling(limits, **kw)
         assert str(e.value) == message
     assert check_sampling(limits, temperature=0.0, top_k=40).top_k == 1
+
+
+def test_next_tokens_batched_equals_row_by_row():
+    import torch
+
+    from af3trt.runtime.sampling import SamplingParams, generator, next_token, next_tokens
+
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3))
+    seen = torch.zeros(50, dtype=torch.bool)
+    seen[logits[2].argmax()] = True  # the penalised row's best token was seen: its answer moves
+    params = [SamplingParams(), SamplingParams(top_k=1), SamplingParams(repetition_penalty=5.0),
+              SamplingParams(top_k=5, seed=7), SamplingParams(temperature=0.0)]
+    seens = [None, None, seen, None, None]
+    want = [next_token(logits[i], p, seen=seens[i], rng=generator(p.seed) if not p.greedy else None)
+            for i, p in enumerate(params)]
+    got = next_tokens(logits, params, seen=seens, rngs=[generator(p.seed) if not p.greedy else None for p in params])
+    assert got == want and got[2] != int(logits[2].argmax())

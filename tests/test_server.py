@@ -62,6 +62,13 @@ def test_stubs_do_not_inherit_a_tf32_override(monkeypatch):
     assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" not in env and env["AF3TRT_SOMETHING_ELSE"] == "kept"
 
 
+def test_stub_openmp_threads_sleep_unless_the_user_says(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert server.server_env(server.find_tritonserver())["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert server.server_env(server.find_tritonserver())["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_binds_loopback_by_default(tmp_path):
     srv = server.TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3)
     cmd = srv.command(Path("tritonserver"), Path("backends"))

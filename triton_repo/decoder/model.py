@@ -6,6 +6,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.runtime import audio_cache
 from af3trt.runtime import contract as c
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.coalesce import Coalescer
@@ -39,7 +40,9 @@ class TritonPythonModel:
                                     max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
                                     max_queue_size=int(p.get("max_queue_size", "0")),
                                     queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000,
-                                    lora_dir=io.resolve(args, p["lora_dir"]) if p.get("lora_dir") else None)
+                                    lora_dir=io.resolve(args, p["lora_dir"]) if p.get("lora_dir") else None,
+                                    prefix_cache_bytes=int(p.get("prefix_cache_bytes",
+                                                                 audio_cache.DEFAULT_PREFIX_BYTES)))
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
 
@@ -77,8 +80,10 @@ class TritonPythonModel:
             v = io.scalar(pb, r, name, kind)
             return default if v is None else v
 
+        extra = io.tensor(pb, r, c.PROMPT_TABLE_EXTRA_IDS)  # [1, L] u64 (fusion sends it): keys KV reuse
         return GenerationRequest(
             input_ids=ids[0, :n], prompt_table=table, prompt_vocab_size=get(c.PROMPT_VOCAB_SIZE, int, 0),
+            extra_ids=None if extra is None else extra.reshape(-1)[:n],
             max_new_tokens=io.scalar(pb, r, c.REQUEST_OUTPUT_LEN, int), end_id=self.end_id(r),
             min_tokens=get(c.MIN_TOKENS, int, 0),
             pad_id=get(c.PAD_ID, int, None), streaming=get(c.STREAMING, bool, False),

@@ -5,13 +5,17 @@ request's windows are cropped to its frame bucket T_i (preprocess); requests of 
 longest with an empty mask, which changes no kept row (runtime/lengths.py), and each gets back its own T_i / 4 rows.
 A build with think/ overriding the audio side has a second graph (think_onnx_path): the windows of thinking requests
 (window_thinking) run on it, the others on the base graph, both in the same execution.
+
+A window whose key (audio_digest, from preprocess) is in the cache is not run: its rows are the cached ones
+(runtime/audio_cache.py; byte-bounded LRU, parameter cache_bytes).
 """
 
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.runtime import audio_cache
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
+from af3trt.runtime.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
 from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.encoder import OnnxEncoder, pad_frames
 
@@ -32,6 +36,7 @@ class TritonPythonModel:
         self.think = (OnnxEncoder(io.resolve(args, p["think_onnx_path"]), intra_op_threads=threads)
                       if p.get("think_onnx_path") else self.encoder)
         self.max_run = int(p.get("max_windows_per_run", "0")) or None
+        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_ENCODER_BYTES)))
 
     def execute(self, requests):
         with self.running.of(len(requests)):  # the supervisor's drain reads it
@@ -43,20 +48,35 @@ class TritonPythonModel:
         think = [io.tensor(pb, r, WINDOW_THINKING) for r in requests]  # each [w_i, 1] or absent
         think = np.concatenate([np.zeros(len(x), bool) if t is None else t.reshape(-1).astype(bool)
                                 for x, t in zip(feats, think)])  # [W]
+        keys = [io.tensor(pb, r, AUDIO_DIGEST) for r in requests]  # each [w_i, 2] or None
         try:
             f, m = pad_frames(feats, masks)  # [W, 128, T], [W, T] with T = max T_i
+            rows = [self.encoder.rows(x.shape[2]) for x in feats for _ in range(len(x))]  # [W]: T_i / 4 per window
+            key = [None if k is None else audio_cache.key_bytes(k[w]) for k, x in zip(keys, feats)
+                   for w in range(len(x))]  # [W]
             embeds = np.zeros((len(f), self.encoder.rows(f.shape[2]), self.encoder.hidden_size), np.float32)
-            for variant, rows in ((self.encoder, ~think), (self.think, think)):
-                live = np.flatnonzero((m.sum(1) > 0) & rows)  # placeholder windows (empty mask) are not computed
-                step = self.max_run or max(len(live), 1)
-                for s in range(0, len(live), step):
-                    idx = live[s: s + step]
+            live = m.sum(1) > 0  # placeholder windows (empty mask) are not computed
+            # the cache key: the window's digest and the encoder variant that makes its rows (base or think/'s)
+            cache_key = [None if key[w] is None else (bool(think[w]), key[w]) for w in range(len(f))]
+            for w in np.flatnonzero(live):
+                hit = None if cache_key[w] is None else self.cache.get(cache_key[w])
+                if hit is not None:
+                    embeds[w, :rows[w]] = hit
+                    live[w] = False
+            for variant, chosen in ((self.encoder, ~think), (self.think, think)):
+                run = np.flatnonzero(live & chosen)
+                step = self.max_run or max(len(run), 1)
+                for s in range(0, len(run), step):
+                    idx = run[s: s + step]
                     embeds[idx] = variant.run(f[idx], m[idx])  # [w, T/4, H]
+            for w in np.flatnonzero(live):
+                if cache_key[w] is not None:
+                    self.cache.put(cache_key[w], embeds[w, :rows[w]].copy())  # [T_i/4, H]
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0
         for x in feats:
-            rows = self.encoder.rows(x.shape[2])
-            out.append(pb.InferenceResponse([pb.Tensor(AUDIO_EMBEDS, np.ascontiguousarray(embeds[start: start + len(x), :rows]))]))
+            n = self.encoder.rows(x.shape[2])
+            out.append(pb.InferenceResponse([pb.Tensor(AUDIO_EMBEDS, np.ascontiguousarray(embeds[start: start + len(x), :n]))]))
             start += len(x)
         return out

@@ -87,8 +87,12 @@ class TritonPythonModel:
         self.ctx.update(r.request_id(), prompt_tokens=len(ids),
                         **({c.MAX_TOKENS: sampling.max_tokens} if sampling.stream else {}),
                         **({c.IGNORE_EOS: True} if sampling.ignore_eos else {}))
-        extra = table_extra_ids(ids, self.device_table.host_f32(table) if self.device is not None else table,
-                                self.limits.vocab_size) if self.limits.extra_ids else None  # [L] u64
+        extra = None
+        if self.limits.extra_ids:  # [L] u64, from the window keys preprocess computed (not from the table)
+            keys = io.tensor(pb, r, c.AUDIO_DIGEST)
+            if keys is None:
+                raise PromptError(f"{c.AUDIO_DIGEST} is required with prompt_table_extra_ids (preprocess sends it)")
+            extra = table_extra_ids(ids, keys, self.limits.vocab_size)
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
             table = np.zeros((1, self.limits.hidden_size), np.float32)
 

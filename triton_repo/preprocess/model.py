@@ -1,4 +1,8 @@
-"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio; af3trt.kernels.logmel on the GPU)."""
+"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio; af3trt.kernels.logmel on the GPU).
+
+The request's audio is digested once here (runtime/audio_cache.py): a clip seen again skips decoding and the
+log-mel (a byte-bounded LRU of prepared batches, parameter cache_bytes), and each window's key travels on as
+audio_digest to the encoder's cache and fusion's prompt_table_extra_ids."""
 
 from functools import partial
 
@@ -7,12 +11,12 @@ import triton_python_backend_utils as pb
 
 from af3trt.kernels import device_from_params as kernels_device
 from af3trt.kernels import logmel
-from af3trt.runtime import audio, lengths
+from af3trt.runtime import audio, audio_cache, lengths
 from af3trt.runtime import triton_io as io
 from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RequestContext, RunningRequests
 from af3trt.runtime.contract import (AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX,
-                                    THINKING, WINDOW_THINKING)
+                                    THINKING, WINDOW_THINKING, AUDIO_DIGEST)
 
 
 class TritonPythonModel:
@@ -26,7 +30,8 @@ class TritonPythonModel:
             torch.set_num_threads(int(p["threads"]))
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
-        device = kernels_device(p, "preprocess")  # None: the CPU log-mel
+        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_PREPROCESS_BYTES)))
+        device = self.device = kernels_device(p, "preprocess")  # None: the CPU log-mel
         cap_cuda_memory(p, device, "preprocess")  # build/memory_plan.py stub_caps (GPU target)
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
         if device is not None:
@@ -44,7 +49,12 @@ class TritonPythonModel:
     def run(self, r):
         clips = io.tensor(pb, r, AUDIO)
         clips = [] if clips is None else [bytes(c) for c in clips.reshape(-1)]
-        batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop, log_mel_fn=self.log_mel)
+        digest = audio_cache.audio_digest(clips, self.max_windows, self.crop)
+        batch = self.cache.get(digest) if clips else None
+        if batch is None:
+            batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop, log_mel_fn=self.log_mel)
+            if clips and self.device is None:  # device features stay on the GPU: not kept here
+                self.cache.put(digest, batch)
         if sum(batch.windows_per_clip) > self.max_windows:
             raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
                                   f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
@@ -60,10 +70,12 @@ class TritonPythonModel:
             # (the CPU encoder skips it; fusion ignores windows past the clips').
             features = np.zeros((1, lengths.N_MELS, lengths.FRAME_BUCKETS[0]), np.float32)
             mask = np.zeros((1, lengths.FRAME_BUCKETS[0]), np.int32)
+        keys = audio_cache.window_keys(digest, features.shape[0])  # [W, 2]
         return pb.InferenceResponse([
             io.output_tensor(pb, INPUT_FEATURES, features),  # [W, 128, T]: cropped to the request's frame bucket
             pb.Tensor(INPUT_FEATURES_MASK, mask),  # [W, T]
             pb.Tensor(AUDIO_WINDOWS, np.asarray(batch.windows_per_clip, np.int32)),  # [clips]
             # [W, 1]: the encoder runs think/'s variant on a thinking request's windows
             pb.Tensor(WINDOW_THINKING, np.full((len(mask), 1), bool(io.scalar(pb, r, THINKING) or False))),
+            pb.Tensor(AUDIO_DIGEST, keys),  # [W, 2]
         ])
