@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +42,19 @@ def _die_with(parent: int):
             os._exit(1)
 
     return preexec
+
+
+def die_with_this_process(cmd: list[str]) -> tuple[list[str], object]:
+    """(command, preexec_fn) for a child that gets SIGKILL when the thread starting it exits. With util-linux's
+    setpriv on PATH the parent-death signal is set by setpriv, which then execs the command (same PID): no Python
+    runs between fork and exec. A preexec_fn does, and in a process with other threads (gRPC's, a client's
+    persistent channel) it can crash the child before exec ("Fatal Python error: Segmentation fault" in
+    _execute_child, seen in the suite; the subprocess docs warn that preexec_fn is not safe with threads).
+    Without setpriv: the preexec_fn."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
+    return cmd, _die_with(os.getpid())
 
 
 _HANDED_OUT: set[int] = set()  # ports free_port has returned in this process
@@ -144,9 +158,9 @@ class TritonServer:
         cmd = self.command(binary, backends)
         log.info("starting %s", self.redacted(cmd))
         with open(self.log_path, "ab" if self.proc is not None else "wb") as logf:  # a restart appends
+            cmd, preexec = die_with_this_process(cmd) if self.die_with_parent else (cmd, None)
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=server_env(binary),
-                                         start_new_session=True,
-                                         preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None)
+                                         start_new_session=True, preexec_fn=preexec)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -230,8 +244,8 @@ def main(argv=None) -> int:
     front = None
     if args.openai_port is not None:  # the OpenAI-compatible API in a child process, stopped after the drain
         triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else srv.grpc_url
-        front = subprocess.Popen(openai_server.command(args, triton, args.host, args.openai_port),
-                                 preexec_fn=_die_with(os.getpid()))
+        cmd, preexec = die_with_this_process(openai_server.command(args, triton, args.host, args.openai_port))
+        front = subprocess.Popen(cmd, preexec_fn=preexec)
     try:
         return supervisor.supervise(srv, grace_s=args.grace_seconds, watchdog=args.watchdog)
     finally:

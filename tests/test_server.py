@@ -110,3 +110,45 @@ def test_the_cuda_memory_pool_of_the_memory_plan_goes_to_rank_0_only(tmp_path):
     blocks = " ".join(srv.command(Path("ts"), Path("b"))).split(" : ")
     assert "--cuda-memory-pool-byte-size=0:3000000000" in blocks[0]
     assert "cuda-memory-pool" not in blocks[1]
+
+
+def test_children_die_with_the_launcher_without_python_between_fork_and_exec(tmp_path):
+    """die_with_this_process: setpriv sets the parent-death signal and execs the command, so no Python runs in the
+    forked child (a preexec_fn crashed children in a process with gRPC threads); a child started so is killed when
+    the process that started it exits."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from af3trt.runtime.server import die_with_this_process
+
+    assert shutil.which("setpriv"), "util-linux's setpriv is on Debian and Ubuntu base images"
+    cmd, preexec = die_with_this_process(["sleep", "600"])
+    assert preexec is None and cmd[-3:] == ["--", "sleep", "600"]
+    launcher = ("import subprocess, sys\n"
+                "from af3trt.runtime.server import die_with_this_process\n"
+                "cmd, pre = die_with_this_process(['sleep', '600'])\n"
+                "p = subprocess.Popen(cmd, preexec_fn=pre)\n"
+                "print(p.pid, flush=True)\n"
+                "sys.stdin.readline()\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 60
+    while open(f"/proc/{child}/cmdline").read().split("\0")[0] != "sleep":  # until setpriv exec'd it (same PID)
+        assert time.monotonic() < deadline, "setpriv never exec'd the command"
+        time.sleep(0.01)
+    parent.stdin.close()  # the launcher exits
+    parent.wait(60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{child}/stat").read().split(")")[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # killed, waiting for init to reap it
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"sleep {child} outlived its launcher")
