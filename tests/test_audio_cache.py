@@ -115,5 +115,6 @@ def test_encoder_cache_is_exact_skips_the_encoder_and_evicts_by_bytes(encoder_on
     small.execute(_window_requests([5.0], digests[:1]))  # window 0 becomes the most recently used
     small.execute(_window_requests([5.0], digests[2:]))  # window 1 is evicted, not 0
     assert small.cache.bytes <= entry * 2 and small.cache.stats["evictions"] == 1
-    assert audio_cache.key_bytes(audio_cache.window_keys(digests[0], 1)[0]) in small.cache
-    assert audio_cache.key_bytes(audio_cache.window_keys(digests[1], 1)[0]) not in small.cache
+    # the encoder's key: (think/'s variant?, the window's digest); these are base windows
+    assert (False, audio_cache.key_bytes(audio_cache.window_keys(digests[0], 1)[0])) in small.cache
+    assert (False, audio_cache.key_bytes(audio_cache.window_keys(digests[1], 1)[0])) not in small.cache
