@@ -160,7 +160,9 @@ def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
     whole, streamed, first = asyncio.run(run())
     want = client.ask(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS, stream=False)
     assert whole.token_ids == streamed.token_ids == want.token_ids and whole.text == streamed.text == want.text
-    assert whole.chunks == 1 and streamed.chunks >= MAX_TOKENS and len(first.token_ids) == 1
+    # a stream's first token comes alone; later ones may share a response (the CPU decoder coalesces tokens that come
+    # faster than one per --stream-interval-ms: runtime/coalesce.py)
+    assert whole.chunks == 1 and streamed.chunks >= 2 and len(first.token_ids) == 1
     assert client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
 
 
