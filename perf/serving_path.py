@@ -35,8 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -253,35 +251,24 @@ class OpenAIFront:
     """`af3trt openai` on a free loopback port, stopped by its PID."""
 
     def __init__(self, grpc_url: str, log_path: Path):
-        from af3trt.runtime.server import free_port
+        from af3trt.runtime.server import free_port, wait_healthy
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         with open(log_path, "wb") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", grpc_url,
                                           "--port", str(self.port)], stdout=f, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"af3trt openai exited: see {log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError("af3trt openai not ready after 120 s")
+        why = wait_healthy(self.url + "/health", self.proc, 120)
+        if why == "exited":
+            raise RuntimeError(f"af3trt openai exited: see {log_path}")
+        if why:
+            self.stop()
+            raise TimeoutError("af3trt openai not ready after 120 s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        from af3trt.runtime.server import stop_process
+
+        stop_process(self.proc)
 
 
 def run_aiperf(http_url: str, tokenizer: Path, out: Path, *, concurrency: int, requests: int, max_tokens: int,

@@ -431,23 +431,15 @@ class Served:
         self.wait(start_timeout + 60)
 
     def wait(self, timeout: float) -> None:
-        import urllib.error
-        import urllib.request
+        from af3trt.runtime.server import wait_healthy
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"af3trt serve exited ({self.proc.returncode}); log {self.log}:\n"
-                                 f"{self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise SystemExit(f"af3trt serve not ready after {timeout:.0f} s; log {self.log}")
+        why = wait_healthy(self.url + "/health", self.proc, timeout, interval=0.5)
+        if why == "exited":
+            raise SystemExit(f"af3trt serve exited ({self.proc.returncode}); log {self.log}:\n"
+                             f"{self.log.read_text(errors='replace')[-3000:]}")
+        if why:
+            self.stop()
+            raise SystemExit(f"af3trt serve not ready after {timeout:.0f} s; log {self.log}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3trt.runtime.contract import ENSEMBLE
-from af3trt.runtime.server import ServerError, TritonServer, free_port
+from af3trt.runtime.server import ServerError, TritonServer, free_port, stop_process
 from af3trt.runtime.tp_launch import shm_prefix_arg
 
 log = logging.getLogger(__name__)
@@ -240,13 +240,8 @@ class ReplicaSet:
         self.servers[i] = self._server(i).start(self.start_timeout)
 
     def stop(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.terminate()
-            try:
-                self.haproxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
-                self.haproxy.wait(10)
+        if self.haproxy is not None:
+            stop_process(self.haproxy, grace_s=10)
         for srv in self.servers:
             srv.stop()
 

@@ -57,6 +57,36 @@ def die_with_this_process(cmd: list[str]) -> tuple[list[str], object]:
     return cmd, _die_with(os.getpid())
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, interval: float = 0.3) -> str | None:
+    """Poll GET `url` until it answers 200 while `proc` (the process serving it) lives: None once it did, else why
+    not ("exited" or "timeout")."""
+    import urllib.error
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return None
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(interval)
+    return "timeout"
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM a process we started, SIGKILL it if it is still there after grace_s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 _HANDED_OUT: set[int] = set()  # ports free_port has returned in this process
 
 
