@@ -69,13 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "than one per this many ms share a response; 0: one response per token, as before "
                          "coalescing: at 300 tokens/s its tritonserver 2.51 aborted twice here, docs/performance.md)")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=32, help="requests per load")
+    ap.add_argument("--requests", type=int, default=64,
+                    help="requests per load (CPU time is read in 10-ms clock ticks: 64 requests resolve 0.16 ms per "
+                         "request per process)")
     ap.add_argument("--max-tokens", type=int, default=128, help="T: tokens per request of the long loads")
     ap.add_argument("--clip-seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians and min-max over them)")
+    ap.add_argument("--clips", choices=("new", "repeated"), default="new",
+                    help="new: every request sends a clip never sent before (the clip with one sample changed), so "
+                         "preprocess decodes it and computes its log-mel, as for new audio; repeated: one clip for "
+                         "all, answered from preprocess's audio cache after its first request")
     ap.add_argument("--modes", default="grpc-stream,grpc,openai-stream", help="loads: grpc-stream, grpc, "
                                                                              "openai-stream, openai")
-    ap.add_argument("--tiny-rounds", type=int, default=3,
+    ap.add_argument("--tiny-rounds", type=int, default=5,
                     help="rounds of the real-model check: streamed against non-streamed throughput on the real "
                          "checkpoint (no stand-ins), --tiny-requests of --tiny-tokens at --concurrency (0: skip)")
     ap.add_argument("--tiny-requests", type=int, default=16)
@@ -146,20 +152,46 @@ def wav_b64(clip: bytes) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def openai_load(url: str, model: str, audio_b64: str, *, concurrency: int, requests: int, max_tokens: int,
+class ClipSource:
+    """The clips of each load: with `new`, every request gets one never sent before (the same speech with one sample
+    changed, so decoding and log-mel cost the same and no cache recognises it); with `repeated`, the one clip."""
+
+    def __init__(self, clip: bytes, new: bool):
+        import soundfile as sf
+
+        self.clip, self.new, self.sent = clip, new, 0
+        self.wave, _ = sf.read(io.BytesIO(clip), dtype="float32")
+        self.b64 = wav_b64(clip)
+
+    def take(self, n: int, wav: bool) -> list:
+        """n clips (FLAC bytes) or, with wav, n base64 WAV strings (what the OpenAI loads send)."""
+        if not self.new:
+            return [self.b64 if wav else self.clip]
+        out = []
+        for _ in range(n):
+            self.sent += 1
+            wave = self.wave.copy()
+            k = self.sent % len(wave)
+            wave[k] = 0.5 if wave[k] < 0 else -0.5  # one sample: a new digest, the same decoding and log-mel work
+            data = clipgen.flac_bytes(wave)
+            out.append(wav_b64(data) if wav else data)
+        return out
+
+
+def openai_load(url: str, model: str, audio_b64: str | list[str], *, concurrency: int, requests: int, max_tokens: int,
                 stream: bool) -> tuple[int, int, float]:
-    """`requests` chat completions (`concurrency` at once) with one WAV clip: (answered, completion tokens, wall s)."""
+    """`requests` chat completions (`concurrency` at once), cycling over WAV clips: (answered, completion tokens,
+    wall s)."""
     import httpx
 
-    body = {"model": model, "max_tokens": max_tokens, "stream": stream, "ignore_eos": True,
-            "stream_options": {"include_usage": True} if stream else None,
-            "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-                "data": audio_b64, "format": "wav"}}, {"type": "text", "text": PROMPT}]}]}
-    if not stream:
-        body.pop("stream_options")
+    clips = [audio_b64] if isinstance(audio_b64, str) else audio_b64
     lock, counts = threading.Lock(), [0, 0]
 
-    def one(_):
+    def one(i):
+        body = {"model": model, "max_tokens": max_tokens, "stream": stream, "ignore_eos": True,
+                **({"stream_options": {"include_usage": True}} if stream else {}),
+                "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                    "data": clips[i % len(clips)], "format": "wav"}}, {"type": "text", "text": PROMPT}]}]}
         with httpx.Client(timeout=LOAD_TIMEOUT_S) as c:
             tokens = 0
             if stream:
@@ -183,19 +215,21 @@ def openai_load(url: str, model: str, audio_b64: str, *, concurrency: int, reque
     return counts[0], counts[1], time.perf_counter() - t0
 
 
-def run_one(mode: str, grpc_url: str, http_url: str, clip: bytes, audio_b64: str, args, max_tokens: int
+def run_one(mode: str, grpc_url: str, http_url: str, clips: ClipSource, args, max_tokens: int, requests: int | None = None
             ) -> tuple[int, int, float]:
     """One load: (answered requests, generated tokens, wall seconds)."""
     api, _, streamed = mode.partition("-")
+    requests = requests or args.requests
     if api == "grpc":
-        records, wall = run_load(grpc_url, [(PROMPT, clip)], concurrency=args.concurrency, requests=args.requests,
+        inputs = [(PROMPT, c) for c in clips.take(requests, wav=False)]
+        records, wall = run_load(grpc_url, inputs, concurrency=args.concurrency, requests=requests,
                                  max_tokens=max_tokens, stream=bool(streamed), ignore_eos=True, timeout=LOAD_TIMEOUT_S)
         errors = [r.error for r in records if not r.ok]
         if errors:
             raise RuntimeError(f"{mode}: {len(errors)} requests failed, e.g. {errors[0]}")
         return len(records), sum(r.tokens for r in records), wall
-    return openai_load(http_url, "af3", audio_b64, concurrency=args.concurrency, requests=args.requests,
-                       max_tokens=max_tokens, stream=bool(streamed))
+    return openai_load(http_url, "af3", clips.take(requests, wav=True), concurrency=args.concurrency,
+                       requests=requests, max_tokens=max_tokens, stream=bool(streamed))
 
 
 def per_process(short: dict[str, float], long: dict[str, float], n: int, tokens: int) -> dict[str, dict]:
@@ -330,8 +364,8 @@ def stream_against_whole(servers: dict, clip: bytes, args) -> dict:
     runs = {iv: {"stream": [], "whole": []} for iv in servers}
     for srv in servers.values():  # warm-up
         run_load(srv.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency, requests=2, max_tokens=4, stream=True)
-    for _ in range(args.tiny_rounds):
-        for mode in ("stream", "whole"):
+    for k in range(args.tiny_rounds):
+        for mode in ("stream", "whole") if k % 2 == 0 else ("whole", "stream"):  # neither always goes first
             for iv, srv in servers.items():
                 records, wall = run_load(srv.grpc_url, [(PROMPT, clip)], concurrency=args.concurrency,
                                          requests=args.tiny_requests, max_tokens=args.tiny_tokens,
@@ -379,28 +413,39 @@ def write_report(results: dict, out: Path) -> None:
              f"{a['max_tokens']} (ignore_eos), the builds (by stream interval) interleaved round by round; load "
              f"average at start {results['load_average_start']}. CPU ms from /proc/<pid>/stat: medians [min–max] over "
              f"the rounds. Serving path = {' + '.join(SERVING_PATH)} (+ the OpenAI front for HTTP).", "",
-             "| stream interval | load | serving path ms / token | serving path ms / request | tokens/s of one core "
-             "| T-token loads, tokens/s |", "|---|---|---|---|---|---|"]
+             f"Clips: {a.get('clips', 'repeated')} ({'each request sends a clip never sent before: preprocess decodes it and computes its log-mel' if a.get('clips') == 'new' else 'one clip for all: after the first request preprocess answers from its audio cache'}). "
+             f"Per request without log-mel: the serving path less the clip's log-mel measured apart (below), what "
+             f"stays on CPUs on the GPU target, where the log-mel runs on the device.", "",
+             "| stream interval | load | serving path ms / token | serving path ms / request | ms / request without "
+             "log-mel (GPU target) | tokens/s of one core | T-token loads, tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for iv, run in runs.items():
         for mode, table in run["modes"].items():
             sp, pc = table["serving_path"], table["per_core"]
             rate = "—" if pc["tokens_per_s"] is None else f"{pc['tokens_per_s']:.0f}"
             thr = run["throughput"][mode]
-            lines.append(f"| {iv} ms | {mode} | {fmt(sp['ms_per_token'])} | {fmt(sp['ms_per_request'])} | {rate} | "
-                         f"{statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)}) |")
+            gpu = "—" if lm is None or a.get("clips") != "new" else \
+                fmt({k: v - lm for k, v in sp["ms_per_request"].items() if k != "runs"})
+            lines.append(f"| {iv} ms | {mode} | {fmt(sp['ms_per_token'])} | {fmt(sp['ms_per_request'])} | {gpu} | "
+                         f"{rate} | {statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)}) |")
     if lm is not None:
         lines += ["", f"Of preprocess's per-request CPU, the clip's log-mel alone takes {lm:.2f} ms (measured apart, "
                       f"one thread); on the GPU target it runs on the device (af3trt.kernels)."]
     if "real_model" in results:
         lines += ["", f"## Real {a['preset']} checkpoint: streamed against non-streamed", "",
                   f"{a['tiny_requests']} requests of {a['tiny_tokens']} tokens at concurrency {a['concurrency']} "
-                  f"(ignore_eos), {a['tiny_rounds']} rounds interleaved over the builds, our gRPC client.", "",
-                  "| stream interval | streamed tokens/s | non-streamed tokens/s | streamed / non-streamed (median) |",
+                  f"(ignore_eos), {a['tiny_rounds']} rounds, streamed and non-streamed loads and the builds "
+                  f"interleaved within each round, our gRPC client; medians [min–max].", "",
+                  "| stream interval | streamed tokens/s | non-streamed tokens/s | streamed / non-streamed, per round |",
                   "|---|---|---|---|"]
+
+        def spread(vals):
+            return f"{statistics.median(vals):.0f} [{min(vals):.0f}–{max(vals):.0f}]"
+
         for iv, rm in results["real_model"].items():
-            lines.append(f"| {iv} ms | {', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['stream'])} | "
-                         f"{', '.join(f'{t:.0f}' for t in rm['tokens_per_s']['whole'])} | {rm['median_ratio']:.2f} "
-                         f"({', '.join(f'{r:.2f}' for r in rm['stream_over_whole'])}) |")
+            r = rm["stream_over_whole"]
+            lines.append(f"| {iv} ms | {spread(rm['tokens_per_s']['stream'])} | {spread(rm['tokens_per_s']['whole'])} "
+                         f"| {rm['median_ratio']:.2f} [{min(r):.2f}–{max(r):.2f}] |")
     for iv, run in runs.items():
         for mode, table in run["modes"].items():
             lines += ["", f"## Per process: {mode}, stream interval {iv} ms", "",
@@ -434,7 +479,7 @@ def write_report(results: dict, out: Path) -> None:
     (out / "serving_path.md").write_text("\n".join(lines) + "\n")
 
 
-def measure(servers: dict[int, tuple], clip: bytes, audio_b64: str, args) -> dict[int, dict]:
+def measure(servers: dict[int, tuple], clips: ClipSource, args) -> dict[int, dict]:
     """Interleaved rounds over the builds (by stream interval) and the loads: per build, each load's per-process
     table and its T-token loads' wall throughput. servers: {interval: (TritonServer, OpenAIFront)}."""
     modes = [m for m in args.modes.split(",") if m]
@@ -442,7 +487,7 @@ def measure(servers: dict[int, tuple], clip: bytes, audio_b64: str, args) -> dic
     for iv, (srv, front) in servers.items():
         log.info("interval %d ms: processes %s", iv, procs[iv])
         for mode in modes:  # warm-up: first requests load lazily imported code
-            run_one(mode, srv.grpc_url, front.url, clip, audio_b64, args, 4)
+            run_one(mode, srv.grpc_url, front.url, clips, args, 4, requests=4)
     per_round = {iv: {m: [] for m in modes} for iv in servers}
     throughput = {iv: {m: [] for m in modes} for iv in servers}
     for k in range(args.rounds):
@@ -451,7 +496,7 @@ def measure(servers: dict[int, tuple], clip: bytes, audio_b64: str, args) -> dic
                 cpu = {}
                 for t in (1, args.max_tokens):
                     before = snapshot(procs[iv])
-                    n, tokens, wall = run_one(mode, srv.grpc_url, front.url, clip, audio_b64, args, t)
+                    n, tokens, wall = run_one(mode, srv.grpc_url, front.url, clips, args, t)
                     after = snapshot(procs[iv])
                     cpu[t] = ({p: after[p] - before[p] for p in procs[iv]}, n, tokens)
                     if t == args.max_tokens:
@@ -481,11 +526,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = (args.work or CACHE / "bench").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    args.hf_model, args.repo = None, None  # prepare_checkpoint's: the synthetic preset
+    args.hf_model, args.repo, args.thinking_requests = None, None, 0  # prepare_checkpoint's: the synthetic preset
     ckpt = prepare_checkpoint(args, work)
     intervals = [int(x) for x in str(args.stream_interval_ms).split(",") if x.strip()]
     clip = clipgen.make_clip(clipgen.ClipSpec("speech", args.clip_seconds))
-    audio_b64 = wav_b64(clip)
     results = {"af3trt_bench_serving_path": 1, "started_utc": stamp, "machine": machine.describe(REPO_ROOT),
                "load_average_start": machine.load_average(),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
@@ -503,8 +547,8 @@ def main(argv=None) -> int:
 
     with ExitStack() as stack:
         started = {iv: serve(stack, args.tokens_per_s, iv, True) for iv in intervals}
-        results["runs"] = measure({iv: (srv, http) for iv, (_, srv, http) in started.items()}, clip, audio_b64,
-                                  args)
+        results["runs"] = measure({iv: (srv, http) for iv, (_, srv, http) in started.items()},
+                                  ClipSource(clip, args.clips == "new"), args)
         if args.aiperf_requests:  # against the last build (the default interval)
             repo, _, http = started[intervals[-1]]
             try:

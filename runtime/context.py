@@ -36,21 +36,43 @@ def default_root() -> Path:
 
 
 class RequestContext:
+    """Per-request entries as files under root. Every request crosses three of these calls (preprocess put, fusion
+    update, postprocess get and drop), so they use os calls on precomputed paths: the root is made once, not per put."""
+
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else default_root()
+        self._dir = str(self.root)
+        self._made = False
         self._last_purge = 0.0
 
     def _path(self, request_id: str) -> Path:
         return self.root / hashlib.sha1(request_id.encode()).hexdigest()
 
+    def _file(self, request_id: str) -> str:
+        return f"{self._dir}/{hashlib.sha1(request_id.encode()).hexdigest()}"
+
+    def _mkdir(self) -> None:
+        if not self._made:
+            os.makedirs(self._dir, exist_ok=True)
+            self._made = True
+
     def put(self, request_id: str, data: dict) -> None:
         if not request_id:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self._path(request_id)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        self._mkdir()
+        path = self._file(request_id)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:  # the root was removed since (a test's tmp dir, a purge by hand): make it again
+            self._made = False
+            self._mkdir()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(data).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # a reader sees the old entry or the new one, never half of one
         self.purge()
 
     def update(self, request_id: str, **values) -> None:
@@ -62,13 +84,17 @@ class RequestContext:
         if not request_id:
             return {}
         try:
-            return json.loads(self._path(request_id).read_text(encoding="utf-8"))
+            with open(self._file(request_id), "rb") as f:
+                return json.loads(f.read())
         except (OSError, ValueError):
             return {}
 
     def drop(self, request_id: str) -> None:
         if request_id:
-            self._path(request_id).unlink(missing_ok=True)
+            try:
+                os.unlink(self._file(request_id))
+            except FileNotFoundError:
+                pass
 
     def _cancel_path(self, request_id: str) -> Path:
         return self._path(request_id).with_suffix(".cancelled")
@@ -107,33 +133,48 @@ class RunningRequests:
 
         running = RunningRequests("encoder")
         with running.of(len(requests)): ...      # or running.add(+1) / running.add(-1) around async work
+
+    The file is COUNT_WIDTH bytes, mapped into memory: add() stores the count as decimal text padded with spaces
+    (a memory write, no system call: postprocess does it twice per streamed response), and a reader's int() of the
+    file's text skips the padding. A store is not atomic: running_requests reads a count until two reads agree.
     """
 
+    COUNT_WIDTH = 20
+
     def __init__(self, model: str, root: Path | None = None):
+        import mmap
+
         self.path = (Path(root) if root else default_root()) / "running" / f"{model}.{os.getpid()}"
         self.n, self._lock = 0, threading.Lock()
-        self.add(0)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"0".ljust(self.COUNT_WIDTH))
+            self._map = mmap.mmap(fd, self.COUNT_WIDTH)
+        finally:
+            os.close(fd)
 
     def add(self, k: int) -> None:
         with self._lock:
             self.n += k
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(str(self.n))
-            tmp.replace(self.path)
+            self._map[:] = str(self.n).encode().ljust(self.COUNT_WIDTH)
 
-    def of(self, k: int):
+    def of(self, k: int) -> "_Of":
         """Context manager: k more requests while the block runs."""
-        running = self
+        return _Of(self, k)
 
-        class _Of:
-            def __enter__(self):
-                running.add(k)
 
-            def __exit__(self, *exc):
-                running.add(-k)
+class _Of:
+    __slots__ = ("running", "k")
 
-        return _Of()
+    def __init__(self, running: RunningRequests, k: int):
+        self.running, self.k = running, k
+
+    def __enter__(self):
+        self.running.add(self.k)
+
+    def __exit__(self, *exc):
+        self.running.add(-self.k)
 
 
 def _alive(pid: int) -> bool:
@@ -157,7 +198,12 @@ def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int
             f.unlink(missing_ok=True)
             continue
         try:
-            out[model] = out.get(model, 0) + int(f.read_text() or 0)
+            text, again = f.read_bytes(), None
+            for _ in range(100):  # a store racing the read can mix two counts' digits (RunningRequests.add)
+                if (again := f.read_bytes()) == text:
+                    break
+                text = again
+            out[model] = out.get(model, 0) + int(text or 0)
         except (OSError, ValueError):
             pass
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,15 @@ def load_chat_template(tokenizer_dir: Path) -> str:
 
 
 class PromptBuilder:
+    """Chat template + tokenizer for fusion. The token ids of a rendered conversation are kept in a small LRU keyed
+    by the Conversation itself (hashable; audio parts are clip references, not audio): requests that share their
+    text (a fixed instruction with new audio each time, a retry) skip rendering and tokenizing. Exact: the template
+    is rendered with nothing but (messages, add_generation_prompt) — no globals such as the date — and the tokenizer
+    is deterministic, so a hit returns what a miss computes."""
+
+    TEXT_CACHE_ENTRIES = 1024
+    TEXT_CACHE_MAX_CHARS = 8192  # longer conversations (long multi-turn histories) are tokenized every time
+
     def __init__(self, tokenizer_dir: Path, limits: FusionLimits):
         import jinja2
         from tokenizers import Tokenizer
@@ -73,6 +83,8 @@ class PromptBuilder:
             raise ValueError(f"{AUDIO_TOKEN} is not a token of {tokenizer_dir}/tokenizer.json")
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
         self.template = env.from_string(load_chat_template(tokenizer_dir))
+        self._text_ids: OrderedDict[Conversation, np.ndarray] = OrderedDict()
+        self.text_cache_stats = {"hits": 0, "misses": 0}
 
     def render(self, prompt: str, system_prompt: str | None, n_audio: int) -> str:
         """The chat text of the one-turn shorthand: one user turn, its clips before the prompt."""
@@ -103,31 +115,49 @@ class PromptBuilder:
         table = np.concatenate(parts, 0) if parts else np.zeros((0, self.limits.hidden_size), np.float32)
         return ids, table
 
+    def text_ids(self, conv: Conversation) -> np.ndarray:
+        """The rendered conversation's token ids, <sound> placeholders included: int32 [L'], read-only (shared by
+        the requests of one conversation through the LRU)."""
+        ids = self._text_ids.get(conv)
+        if ids is not None:
+            self._text_ids.move_to_end(conv)
+            self.text_cache_stats["hits"] += 1
+            return ids
+        self.text_cache_stats["misses"] += 1
+        text = self.render_conversation(conv)
+        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+        ids.flags.writeable = False
+        if len(text) <= self.TEXT_CACHE_MAX_CHARS:
+            self._text_ids[conv] = ids
+            if len(self._text_ids) > self.TEXT_CACHE_ENTRIES:
+                self._text_ids.popitem(last=False)
+        return ids
+
     def build_ids(self, conv: Conversation, rows: list[int], audio_windows: list[int]) -> np.ndarray:
         """input_ids int32 [L] for a request whose windows keep rows[w] table rows each (window_rows)."""
-        ids = self.tokenizer.encode(self.render_conversation(conv), add_special_tokens=False).ids
+        ids = self.text_ids(conv)  # [L'] with <sound> placeholders
         per_clip, w = [], 0
         for n_win in audio_windows:
             per_clip.append(sum(rows[w: w + n_win]))
             w += n_win
         first_row = np.concatenate([[0], np.cumsum(per_clip)]).astype(int)  # [clips + 1]
 
-        runs = self._placeholder_runs(conv, sum(1 for t in ids if t == self.audio_token_id))
+        at = np.flatnonzero(ids == self.audio_token_id)  # the placeholders' positions
+        runs = self._placeholder_runs(conv, len(at))
         # Expand the k-th <sound> into the fake ids of its clips: vocab_size + (row of that clip's table rows).
-        out, k = [], 0
-        for t in ids:
-            if t == self.audio_token_id:
-                for clip in runs[k]:
-                    out.extend(range(self.limits.vocab_size + first_row[clip],
-                                     self.limits.vocab_size + first_row[clip] + per_clip[clip]))
-                k += 1
-            else:
-                out.append(t)
+        parts, start = [], 0
+        for k, pos in enumerate(at):
+            parts.append(ids[start:pos])
+            parts += [np.arange(self.limits.vocab_size + first_row[clip],
+                                self.limits.vocab_size + first_row[clip] + per_clip[clip]) for clip in runs[k]]
+            start = pos + 1
+        parts.append(ids[start:])
+        out = np.concatenate(parts).astype(np.int32)
         n_audio = sum(per_clip[c] for run in runs for c in run)
         if len(out) > self.limits.max_input_len:
             raise PromptError(f"prompt too long: {len(out)} tokens ({len(out) - n_audio} text + {n_audio} audio) "
                               f"> max_input_len {self.limits.max_input_len}")
-        return np.asarray(out, np.int32)
+        return out
 
     @staticmethod
     def _placeholder_runs(conv: Conversation, n_placeholders: int) -> list[list[int]]:

@@ -215,3 +215,64 @@ def test_fusion_adapter_ignore_eos_and_min_tokens(hf, tiny_ckpt):
     assert ignoring.outputs["min_tokens"].as_numpy().tolist() == [[5]]
     bad = ask(min_tokens=9)
     assert bad.has_error() and "min_tokens" in str(bad.error)
+
+
+def _uncached_ids(builder, conv, rows, windows):
+    """build_ids as it was before the text cache: render, tokenize, expand each <sound> token by token."""
+    ids = builder.tokenizer.encode(builder.render_conversation(conv), add_special_tokens=False).ids
+    per_clip, w = [], 0
+    for n in windows:
+        per_clip.append(sum(rows[w:w + n]))
+        w += n
+    first = np.concatenate([[0], np.cumsum(per_clip)]).astype(int)
+    runs = builder._placeholder_runs(conv, ids.count(builder.audio_token_id))
+    out, k = [], 0
+    for t in ids:
+        if t == builder.audio_token_id:
+            for clip in runs[k]:
+                out.extend(range(builder.limits.vocab_size + first[clip],
+                                 builder.limits.vocab_size + first[clip] + per_clip[clip]))
+            k += 1
+        else:
+            out.append(t)
+    return np.asarray(out, np.int32)
+
+
+def test_cached_text_ids_equal_the_uncached_path(tiny_ckpt):
+    """Many prompts and conversations, each built twice (a miss, then a hit of the text cache), with audio of
+    different lengths between the two: every id equals rendering and tokenizing anew; the cache is bounded."""
+    import json as _json
+
+    from af3trt.runtime import conversation
+
+    cfg = _json.loads((tiny_ckpt / "config.json").read_text())["text_config"]
+    limits = FusionLimits(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], dtype="float32",
+                          end_id=cfg["eos_token_id"], pad_id=cfg["bos_token_id"], max_input_len=8000,
+                          max_output_len=64, default_max_tokens=16)
+    builder = PromptBuilder(tiny_ckpt, limits)
+    builder.TEXT_CACHE_ENTRIES = 8
+    rng = np.random.default_rng(5)
+    words = ["What", "is", "said", "in", "the", "audio", "?", "Transcribe", "ça", "音声", "\n", "  ", "😀", "it."]
+    convs = []
+    for i in range(40):
+        prompt = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
+        n_clips = int(rng.integers(0, 3))
+        system = None if i % 3 else f"You are assistant {i}."
+        convs.append(conversation.shorthand(prompt, system, n_clips))
+    convs.append(conversation.parse(_json.dumps([
+        {"role": "user", "content": [{"type": "audio", "audio_index": 0}, {"type": "text", "text": "First?"}]},
+        {"role": "assistant", "content": "A dog."},
+        {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "audio", "audio_index": 1},
+                                     {"type": "text", "text": " this one?"}]}]), 2))
+    convs.append(conversation.with_think_suffix(convs[-1]))
+    convs += convs[:5]  # seen again after others: hits where the LRU kept them, misses where it evicted them
+    for conv in convs:
+        n = len(conv.audio_order())
+        windows = [int(rng.integers(1, 3)) for _ in range(n)]
+        for _ in range(2):
+            rows = [int(rng.integers(1, lengths.EMBEDS_PER_WINDOW + 1)) for _ in range(sum(windows))]
+            got = builder.build_ids(conv, rows, windows)
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(got, _uncached_ids(builder, conv, rows, windows))
+    assert builder.text_cache_stats["hits"] >= len(convs)  # every second build of a conversation at least
+    assert len(builder._text_ids) == 8  # bounded: least recently used conversations evicted

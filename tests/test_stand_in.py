@@ -66,3 +66,40 @@ def test_the_build_flag_renders_the_stand_ins(tiny_ckpt, tmp_path):
     with pytest.raises(BuildError, match="CPU target"):
         make_plan(build_engines.options_from_args(build_engines.parser().parse_args(
             argv + ["--target", "gpu", "--gpu", "h100"])))
+
+
+def test_the_stand_in_decoder_model_answers_and_counts_its_requests(tiny_ckpt, tmp_path, monkeypatch):
+    """The decoder adapter with the stand-in engine answers a streamed request through the response sender, and
+    keeps the running-requests count the supervisor's drain reads (once missing on this path: every request failed
+    with AttributeError 'running')."""
+    import time
+
+    from af3trt.build import build_engines
+    from af3trt.build.plan import make_plan
+    from af3trt.runtime import context
+    from af3trt.triton_repo import configs
+
+    from fakes import pb_utils as fake_pb
+
+    monkeypatch.setattr(context, "default_root", lambda: tmp_path / "ctx")
+    argv = ["--hf-model", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--stand-in-tokens-per-s", "2000"]
+    plan = make_plan(build_engines.options_from_args(build_engines.parser().parse_args(argv)))
+    lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
+    spec = build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx")
+    spec.decoder_params["gpt_model_path"] = str(tiny_ckpt)  # the stand-in reads only config.json from it
+    model = fake_pb.load_model("decoder", configs.decoder_config(spec), {"model_repository": str(tmp_path / "r")})
+    req = fake_pb.Request({"input_ids": np.array([[5, 6, 7]], np.int32), "input_lengths": np.array([[3]], np.int32),
+                           "request_output_len": np.array([[3]], np.int32), "streaming": np.array([[True]])},
+                          request_id="r1")
+    try:
+        model.execute([req])
+        deadline = time.monotonic() + 30
+        while not any(flags for _, flags in req.sender.sent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        errors = [r.error for r, _ in req.sender.sent if r is not None and r.error is not None]
+        assert not errors, errors
+        tokens = [int(t) for r, _ in req.sender.sent if r is not None for t in r.outputs["output_ids"].as_numpy().reshape(-1)]
+        assert len(tokens) == 3
+        assert context.running_requests(0, tmp_path / "ctx") == {"decoder": 0}  # counted up, and down at the end
+    finally:
+        model.finalize() if hasattr(model, "finalize") else model.engine.stop()

@@ -28,12 +28,13 @@ class TritonPythonModel:
         threads = int(p.get("threads", "0")) or None
         self.stream_interval_s = int(p.get("stream_interval_ms", "0")) / 1000  # runtime/coalesce.py (0: off)
         rate = float(p.get("stand_in_tokens_per_s", "0"))
+        self.ctx = RequestContext()
+        self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
         if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.stand_in): no weights, no compute
             self.engine = StandInDecoder(io.resolve(args, p["gpt_model_path"]), tokens_per_s=rate,
                                          max_batch_size=int(p["max_batch_size"]), max_input_len=int(p["max_input_len"]),
                                          max_new_tokens_limit=int(p["max_output_len"]),
                                          max_queue_size=int(p.get("max_queue_size", "0")))
-            self.ctx = RequestContext()
             return
         self.engine = DecoderEngine(io.resolve(args, p["gpt_model_path"]), max_batch_size=int(p["max_batch_size"]),
                                     max_input_len=int(p["max_input_len"]),
@@ -43,8 +44,6 @@ class TritonPythonModel:
                                     lora_dir=io.resolve(args, p["lora_dir"]) if p.get("lora_dir") else None,
                                     prefix_cache_bytes=int(p.get("prefix_cache_bytes",
                                                                  audio_cache.DEFAULT_PREFIX_BYTES)))
-        self.ctx = RequestContext()
-        self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
 
     def execute(self, requests):
         for r in requests:

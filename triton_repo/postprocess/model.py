@@ -23,6 +23,8 @@ from af3trt.runtime.contract import (IGNORE_EOS, MAX_TOKENS, NOTICE, OUTPUT_IDS,
 from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
 from af3trt.runtime.stop_words import trim_stop_token
 
+PURGE_EVERY_S = 10.0
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -32,6 +34,7 @@ class TritonPythonModel:
         self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         self.states: dict[str, tuple[float, StreamState, dict]] = {}
         self.stop_ids = [int(i) for i in p.get("stop_ids", "").split(",") if i.strip()]
+        self._next_purge = 0.0
 
     def execute(self, requests):
         with self.running.of(len(requests)):
@@ -76,6 +79,11 @@ class TritonPythonModel:
         ])
 
     def _purge(self):
+        """Drop the held text of streams that stopped coming (STALE_SECONDS); a scan of all of them, so at most once
+        every PURGE_EVERY_S, not on each response."""
         now = time.monotonic()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_EVERY_S
         for rid in [k for k, (t, _, _) in self.states.items() if now - t > STALE_SECONDS]:
             del self.states[rid]
