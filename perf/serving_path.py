@@ -428,6 +428,9 @@ def write_report(results: dict, out: Path) -> None:
                 fmt({k: v - lm for k, v in sp["ms_per_request"].items() if k != "runs"})
             lines.append(f"| {iv} ms | {mode} | {fmt(sp['ms_per_token'])} | {fmt(sp['ms_per_request'])} | {gpu} | "
                          f"{rate} | {statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)}) |")
+    for iv, run in runs.items():
+        if "failed" in run:
+            lines.append(f"| {iv} ms | failed | {run['failed'][:300]} | | | | |")
     if lm is not None:
         lines += ["", f"Of preprocess's per-request CPU, the clip's log-mel alone takes {lm:.2f} ms (measured apart, "
                       f"one thread); on the GPU target it runs on the device (af3trt.kernels)."]
@@ -490,23 +493,32 @@ def measure(servers: dict[int, tuple], clips: ClipSource, args) -> dict[int, dic
             run_one(mode, srv.grpc_url, front.url, clips, args, 4, requests=4)
     per_round = {iv: {m: [] for m in modes} for iv in servers}
     throughput = {iv: {m: [] for m in modes} for iv in servers}
+    failed: dict[int, str] = {}  # a build whose load failed (its server died or wedged) leaves the later rounds
     for k in range(args.rounds):
         for mode in modes:
             for iv, (srv, front) in servers.items():
+                if iv in failed:
+                    continue
                 cpu = {}
-                for t in (1, args.max_tokens):
-                    before = snapshot(procs[iv])
-                    n, tokens, wall = run_one(mode, srv.grpc_url, front.url, clips, args, t)
-                    after = snapshot(procs[iv])
-                    cpu[t] = ({p: after[p] - before[p] for p in procs[iv]}, n, tokens)
-                    if t == args.max_tokens:
-                        throughput[iv][mode].append(tokens / wall)
+                try:
+                    for t in (1, args.max_tokens):
+                        before = snapshot(procs[iv])
+                        n, tokens, wall = run_one(mode, srv.grpc_url, front.url, clips, args, t)
+                        after = snapshot(procs[iv])
+                        cpu[t] = ({p: after[p] - before[p] for p in procs[iv]}, n, tokens)
+                        if t == args.max_tokens:
+                            throughput[iv][mode].append(tokens / wall)
+                except (RuntimeError, OSError) as e:  # OSError: /proc of a process that exited
+                    failed[iv] = f"round {k + 1}, {mode}: {e}"
+                    log.warning("interval %d ms failed: %s", iv, failed[iv])
+                    continue
                 (short, n, _), (long_, _, tokens) = cpu[1], cpu[args.max_tokens]
                 per_round[iv][mode].append(per_process(short, long_, n, tokens))
                 log.info("round %d %s, interval %d ms: serving path %.3f ms/token", k + 1, mode, iv,
                          sum(per_round[iv][mode][-1][p]["ms_per_token"] for p in SERVING_PATH))
     return {iv: {"processes": procs[iv], "throughput": throughput[iv],
-                 "modes": {m: summarize(per_round[iv][m], m.startswith("openai")) for m in modes}}
+                 "modes": {m: summarize(per_round[iv][m], m.startswith("openai")) for m in modes if per_round[iv][m]},
+                 **({"failed": failed[iv]} if iv in failed else {})}
             for iv in servers}
 
 

@@ -78,6 +78,20 @@ def test_context_roundtrip(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_context_survives_its_root_being_removed(tmp_path):
+    """The root is made once, not per put: a put after it was removed makes it again; no temporary file is left."""
+    import shutil
+
+    root = tmp_path / "ctx"
+    ctx = RequestContext(root)
+    ctx.put("a", {"k": 1})
+    shutil.rmtree(root)
+    ctx.put("b", {"k": 2})
+    ctx.update("b", extra=3)
+    assert ctx.get("b") == {"k": 2, "extra": 3} and ctx.get("a") == {}
+    assert [p.name for p in root.iterdir()] == [ctx._path("b").name]
+
+
 def _postprocess(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("af3trt.runtime.context.default_root", lambda: tmp_path)
     spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=642,
@@ -129,3 +143,24 @@ def test_postprocess_adapter_streams_stripped_answers(tiny_ckpt, tok, tmp_path, 
     text = "".join(bytes(o.outputs["text_output"].as_numpy()[0]).decode() for o in outs)
     assert text == strip_transcription_prefix(answer) == "hello world, café"
     assert model.states == {}  # the stream's state is gone with its last response
+
+
+def test_postprocess_drops_stale_streams_at_most_every_purge_interval(tiny_ckpt, tok, tmp_path, monkeypatch):
+    """A stream whose responses stopped coming is dropped once stale; the scan over held streams runs at most once
+    per PURGE_EVERY_S, not on every response."""
+    import time
+
+    from af3trt.runtime.context import STALE_SECONDS
+
+    _, model = _postprocess(tiny_ckpt, tmp_path, monkeypatch)
+    for rid in ("old", "live"):
+        RequestContext(tmp_path).put(rid, {"stream": True, "max_tokens": 100})
+        model.execute([fake_pb.Request(_resp(tok.encode("a").ids), rid)])
+    t, state, ctx = model.states["old"]
+    model.states["old"] = (t - STALE_SECONDS - 1, state, ctx)  # its last response long ago
+    model.execute([fake_pb.Request(_resp(tok.encode("b").ids), "live")])
+    assert "old" in model.states  # purged at most every PURGE_EVERY_S: the first execute just scanned
+    model._next_purge = time.monotonic() - 1  # the interval has passed
+    model.execute([fake_pb.Request(_resp(tok.encode("c").ids), "live")])
+    assert "old" not in model.states and "live" in model.states
+    assert fake_pb.import_model("postprocess").PURGE_EVERY_S <= 60  # stale streams still go within a minute
