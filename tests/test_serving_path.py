@@ -35,3 +35,31 @@ def test_stubs_are_named_by_the_model_their_command_line_names(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_build_whose_load_fails_leaves_the_later_rounds_and_the_others_go_on(monkeypatch):
+    """Side by side, one build's server dies (as tritonserver 2.51 did with one response per token at 300 tokens/s):
+    its failure is recorded with the rounds it finished, and the other build is measured in every round."""
+    import argparse
+    from types import SimpleNamespace
+
+    from af3trt.perf import serving_path as sp
+
+    monkeypatch.setattr(sp, "serving_processes", lambda server, front: {p: os.getpid() for p in sp.SERVING_PATH})
+    calls = {0: 0}
+
+    def run_one(mode, grpc_url, http_url, clips, args, max_tokens, requests=None):
+        if grpc_url == "dies":
+            calls[0] += 1
+            if calls[0] > 1 + 2 * 2:  # the warm-up and two rounds of 1- and T-token loads answer, then it is gone
+                raise RuntimeError("grpc-stream: 8 requests failed, e.g. Deadline Exceeded")
+        return 8, 8 * max_tokens, 0.5
+
+    monkeypatch.setattr(sp, "run_one", run_one)
+    server = lambda url: (SimpleNamespace(grpc_url=url, proc=SimpleNamespace(pid=os.getpid())),  # noqa: E731
+                          SimpleNamespace(url="", proc=SimpleNamespace(pid=None)))
+    args = argparse.Namespace(modes="grpc-stream", rounds=4, max_tokens=16, requests=8)
+    runs = sp.measure({0: server("dies"), 50: server("lives")}, clips=None, args=args)
+    assert runs[0]["failed"].startswith("round 3, grpc-stream: ")
+    assert len(runs[0]["modes"]["grpc-stream"]["serving_path"]["ms_per_token"]["runs"]) == 2
+    assert "failed" not in runs[50] and len(runs[50]["modes"]["grpc-stream"]["serving_path"]["ms_per_token"]["runs"]) == 4
