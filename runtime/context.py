@@ -103,7 +103,8 @@ class RequestContext:
 
 class RunningRequests:
     """How many requests this python stub is working on (an execute in progress, or a decoder request still
-    generating), kept in <root>/running/<model>.<pid> for the supervisor's drain.
+    generating) and how many it has finished, kept as "<running> <finished>" in <root>/running/<model>.<pid> for the
+    supervisor's drain (which tells a queue a live stub works through from one nobody serves by the second number).
 
         running = RunningRequests("encoder")
         with running.of(len(requests)): ...      # or running.add(+1) / running.add(-1) around async work
@@ -111,15 +112,16 @@ class RunningRequests:
 
     def __init__(self, model: str, root: Path | None = None):
         self.path = (Path(root) if root else default_root()) / "running" / f"{model}.{os.getpid()}"
-        self.n, self._lock = 0, threading.Lock()
+        self.n, self.finished, self._lock = 0, 0, threading.Lock()
         self.add(0)
 
     def add(self, k: int) -> None:
         with self._lock:
             self.n += k
+            self.finished += max(0, -k)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(str(self.n))
+            tmp = self.path.with_name(self.path.name + ".tmp")  # per stub: two instances of a model write apart
+            tmp.write_text(f"{self.n} {self.finished}")
             tmp.replace(self.path)
 
     def of(self, k: int):
@@ -144,11 +146,12 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int]:
-    """{model: requests its live stubs are working on} from the RunningRequests files of tritonserver `server_pid`'s
-    stubs (their context root is keyed by their parent's pid); files of stubs that are gone are ignored and removed."""
+def stub_work(server_pid: int, root: Path | None = None) -> dict[str, tuple[int, int]]:
+    """{model: (requests its live stubs are working on, requests they have finished)} from the RunningRequests files
+    of tritonserver `server_pid`'s stubs (their context root is keyed by their parent's pid); files of stubs that are
+    gone are ignored and removed."""
     base = (Path(root) if root else default_root().with_name(f"af3trt-context-{server_pid}")) / "running"
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for f in base.glob("*.*") if base.is_dir() else []:
         model, _, pid = f.name.rpartition(".")
         if not pid.isdigit():
@@ -157,7 +160,14 @@ def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int
             f.unlink(missing_ok=True)
             continue
         try:
-            out[model] = out.get(model, 0) + int(f.read_text() or 0)
+            n, finished = (int(x) for x in f.read_text().split())
         except (OSError, ValueError):
-            pass
+            continue
+        running, done = out.get(model, (0, 0))
+        out[model] = (running + n, done + finished)
     return out
+
+
+def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int]:
+    """{model: requests its live stubs are working on} (stub_work without the finished counts)."""
+    return {model: n for model, (n, _) in stub_work(server_pid, root).items()}
