@@ -189,7 +189,7 @@ def _app(monkeypatch, error=None):
     ("audio", 400, "invalid_request_error", "INVALID_ARG"),
     ("busy", 503, "service_unavailable", "UNAVAILABLE"),
     ("bug", 500, "server_error", "INTERNAL"),
-    ("nothink", 501, "invalid_request_error", "UNSUPPORTED"),
+    ("nothink", 400, "invalid_request_error", "UNSUPPORTED"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_error, status, kind, triton_code,
