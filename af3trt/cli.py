@@ -14,6 +14,7 @@
     af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
     af3trt k8s overlay|overlays|init                Kubernetes overlays sized by our sizing code (deploy/)
     af3trt soak   --minutes 10 --concurrency 16 …  steady load: errors, latency, RSS of every server process
+    af3trt fuzz   --model-repository DIR --minutes 10   the OpenAI front fuzzed from its OpenAPI schema
     af3trt batch  IN.jsonl OUT.jsonl --url …|--model-repository …   OpenAI batch file, progress bar, resumable
     af3trt score  OUT.jsonl --key KEY.json          MMAU/MMAR-style multiple-choice accuracy, overall and per category
 
@@ -44,6 +45,7 @@ COMMANDS = {
     "replicas": "af3trt.runtime.replicas",
     "k8s": "af3trt.build.k8s",
     "soak": "af3trt.perf.soak",
+    "fuzz": "af3trt.perf.fuzz",
     "batch": "af3trt.runtime.batch",
     "score": "af3trt.perf.score",
     "export-encoder": "af3trt.export.onnx_export",

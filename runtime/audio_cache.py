@@ -115,3 +115,33 @@ class LruBytes:
                 self.bytes -= dropped
                 self.stats["evictions"] += 1
         return True
+
+
+# --- the encoder stage's use of the cache, one source for the CPU encoder (numpy rows) and the GPU one (torch rows
+# on the device): triton_repo/encoder/model.py and triton_repo/encoder_trt/model.py
+
+def encoder_keys(digests: list, windows: list[int], think) -> list:
+    """[W] each window's key in the encoder cache: (think/'s variant?, the window's digest), the encoder variant that
+    makes its rows and the window; None for a window of a request sent without digests (never cached).
+    digests: per request uint64 [w_i, 2] or None; windows: w_i; think: bool [W]."""
+    keys = [None if d is None else key_bytes(d[w]) for d, n in zip(digests, windows) for w in range(n)]
+    return [None if k is None else (bool(t), k) for k, t in zip(keys, think)]
+
+
+def take_cached(cache: LruBytes, keys: list, live: np.ndarray) -> tuple[dict, np.ndarray]:
+    """({window: its cached rows} for the live windows found in `cache`, bool [W]: the live windows still to run)."""
+    hits, todo = {}, np.array(live, bool)
+    for w in np.flatnonzero(todo):
+        hit = None if keys[w] is None else cache.get(keys[w])
+        if hit is not None:
+            hits[int(w)], todo[w] = hit, False
+    return hits, todo
+
+
+def keep_computed(cache: LruBytes, keys: list, rows: dict) -> None:
+    """Put a copy of each computed window's rows ({window: [T/4, H] numpy array or torch tensor, a view into the
+    execution's output}) under its key; the copy stays where the rows are (host or device) and is all the entry
+    holds, not the execution's whole output."""
+    for w, value in rows.items():
+        if keys[w] is not None:
+            cache.put(keys[w], value.clone() if hasattr(value, "clone") else value.copy())

@@ -129,27 +129,28 @@ class RequestContext:
 
 class RunningRequests:
     """How many requests this python stub is working on (an execute in progress, or a decoder request still
-    generating), kept in <root>/running/<model>.<pid> for the supervisor's drain.
+    generating) and how many it has finished, kept as "<running> <finished>" in <root>/running/<model>.<pid> for the
+    supervisor's drain (which tells a queue a live stub works through from one nobody serves by the second number).
 
         running = RunningRequests("encoder")
         with running.of(len(requests)): ...      # or running.add(+1) / running.add(-1) around async work
 
-    The file is COUNT_WIDTH bytes, mapped into memory: add() stores the count as decimal text padded with spaces
-    (a memory write, no system call: postprocess does it twice per streamed response), and a reader's int() of the
-    file's text skips the padding. A store is not atomic: running_requests reads a count until two reads agree.
+    The file is COUNT_WIDTH bytes, mapped into memory: add() stores the two counts as decimal text padded with spaces
+    (a memory write, no system call: postprocess does it twice per streamed response), and a reader splits the file's
+    text. A store is not atomic: stub_work reads the text until two reads agree.
     """
 
-    COUNT_WIDTH = 20
+    COUNT_WIDTH = 40  # two 64-bit counts in decimal and a space
 
     def __init__(self, model: str, root: Path | None = None):
         import mmap
 
         self.path = (Path(root) if root else default_root()) / "running" / f"{model}.{os.getpid()}"
-        self.n, self._lock = 0, threading.Lock()
+        self.n, self.finished, self._lock = 0, 0, threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # per stub: <model>.<pid>
         try:
-            os.write(fd, b"0".ljust(self.COUNT_WIDTH))
+            os.write(fd, b"0 0".ljust(self.COUNT_WIDTH))
             self._map = mmap.mmap(fd, self.COUNT_WIDTH)
         finally:
             os.close(fd)
@@ -157,7 +158,8 @@ class RunningRequests:
     def add(self, k: int) -> None:
         with self._lock:
             self.n += k
-            self._map[:] = str(self.n).encode().ljust(self.COUNT_WIDTH)
+            self.finished += max(0, -k)
+            self._map[:] = f"{self.n} {self.finished}".encode().ljust(self.COUNT_WIDTH)
 
     def of(self, k: int) -> "_Of":
         """Context manager: k more requests while the block runs."""
@@ -185,11 +187,12 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int]:
-    """{model: requests its live stubs are working on} from the RunningRequests files of tritonserver `server_pid`'s
-    stubs (their context root is keyed by their parent's pid); files of stubs that are gone are ignored and removed."""
+def stub_work(server_pid: int, root: Path | None = None) -> dict[str, tuple[int, int]]:
+    """{model: (requests its live stubs are working on, requests they have finished)} from the RunningRequests files
+    of tritonserver `server_pid`'s stubs (their context root is keyed by their parent's pid); files of stubs that are
+    gone are ignored and removed."""
     base = (Path(root) if root else default_root().with_name(f"af3trt-context-{server_pid}")) / "running"
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for f in base.glob("*.*") if base.is_dir() else []:
         model, _, pid = f.name.rpartition(".")
         if not pid.isdigit():
@@ -203,7 +206,14 @@ def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int
                 if (again := f.read_bytes()) == text:
                     break
                 text = again
-            out[model] = out.get(model, 0) + int(text or 0)
+            n, finished = (int(x) for x in text.split())
         except (OSError, ValueError):
-            pass
+            continue
+        running, done = out.get(model, (0, 0))
+        out[model] = (running + n, done + finished)
     return out
+
+
+def running_requests(server_pid: int, root: Path | None = None) -> dict[str, int]:
+    """{model: requests its live stubs are working on} (stub_work without the finished counts)."""
+    return {model: n for model, (n, _) in stub_work(server_pid, root).items()}

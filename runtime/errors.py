@@ -35,8 +35,10 @@ class ErrorCode(Enum):
     UNAVAILABLE = Code("unavailable", 503, "UNAVAILABLE", "UNAVAILABLE", "service_unavailable")  # busy: retry later
     CANCELLED = Code("cancelled", 499, "CANCELLED", "CANCELLED", "request_cancelled")  # the client's, or its deadline
     INTERNAL = Code("internal", 500, "INTERNAL", "INTERNAL", "server_error")
-    # a valid request this deployment was built without (e.g. thinking without think/): not retryable here
-    UNSUPPORTED = Code("unsupported", 501, "UNIMPLEMENTED", "UNSUPPORTED", "invalid_request_error")
+    # a valid request this deployment was built without (e.g. thinking without think/): not retryable here. HTTP 400,
+    # not grpc-gateway's 501 for UNIMPLEMENTED: the client must change the request (OpenAI answers parameters a model
+    # does not support with 400 invalid_request_error), and the front answers no 5xx but 503 (issue 19.3, perf/fuzz.py)
+    UNSUPPORTED = Code("unsupported", 400, "UNIMPLEMENTED", "UNSUPPORTED", "invalid_request_error")
 
 
 class AF3StageError(Exception):

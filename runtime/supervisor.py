@@ -21,10 +21,11 @@ What Triton 2.51 does on its own, and why this module exists (each seen on this 
   python stub is working on (runtime/context.py RunningRequests: an execute in progress, a CPU decoder request until
   its last response; the files of dead stubs do not count), and TensorRT-LLM's active and waiting requests
   (nv_trt_llm_request_metrics). It ends when that count is 0 on two polls in a row (a request handed from one step
-  to the next is in neither count for the instant between them) or the ensembles are UNAVAILABLE. Known limit:
-  requests queued at a model whose stub was killed under streaming load stay pending in Triton 2.51 (seen: ~1,670
-  per-token postprocess requests after a postprocess stub was SIGKILLed, going at ~11 a minute, their clients
-  waiting for their own timeout); they count as in flight, so such a drain can still take the grace period.
+  to the next is in neither count for the instant between them) or the ensembles are UNAVAILABLE. After the watchdog
+  reloaded a model, the queue gauge of that model also counts the requests left queued at its unloaded instance, whose
+  stub is dead (seen: hundreds of per-token postprocess requests after a postprocess stub was SIGKILLed under
+  streaming load, failing one a second or slower, their streams already failed): such a model's queue counts only
+  while a live stub of it works through it (requests_in_flight), so the drain ends with the last live request.
 - Explicit model control opens Triton's model-repository API (load/unload) to every client. It is restricted with
   --http-restricted-api / --grpc-restricted-protocol "model-repository:<header>=<key>": a request without the
   header gets 403 (HTTP) / PERMISSION_DENIED (gRPC). The key is $AF3TRT_REPOSITORY_KEY or random per launch; it
@@ -46,7 +47,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from af3trt.runtime.context import running_requests
+from af3trt.runtime.context import stub_work
 from af3trt.runtime.model_config import repository_configs
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,15 @@ def decoupled_python_models(repo: Path) -> set[str]:
             if cfg.backend == "python" and cfg.model_transaction_policy.decoupled}
 
 
+def healed_since_restart(reloads: list[dict]) -> frozenset[str]:
+    """Models the watchdog unloaded and loaded since it last restarted tritonserver (Watchdog.reloads): their unloaded
+    instance may still hold requests queued for its dead stub (see requests_in_flight)."""
+    out: set[str] = set()
+    for r in reloads:
+        out = set() if r["action"] == "restart" else out | {r["model"]}
+    return frozenset(out)
+
+
 class Watchdog(threading.Thread):
     """Bring a model back whose python stub died; readiness is false from the moment it acts until the ensemble
     can answer again.
@@ -231,6 +241,9 @@ class Watchdog(threading.Thread):
                              "seconds": round(seconds, 2)})
         log.warning("watchdog: model '%s' is back after %.1f s; ready=%s", model, seconds, self.api.ready())
 
+    def healed(self) -> frozenset[str]:
+        return healed_since_restart(self.reloads)
+
     def stop(self) -> None:
         self.stopping.set()
         self.idle.wait(600)
@@ -243,39 +256,59 @@ IN_FLIGHT_GAUGES = (re.compile(r'^nv_inference_pending_request_count\{model="([^
                     re.compile(r'^nv_trt_llm_request_metrics\{model="([^"]+)",request_type="(?:active|waiting)".*\} (\S+)$'))
 
 
-def requests_in_flight(server, ensemble_names: list[str]) -> dict[str, int]:
-    """{model: requests in flight there} over the composing models: queued (Triton's metrics), being worked on by a
-    python stub (RunningRequests files of live stubs), and in TensorRT-LLM's executor. Empty when nothing is."""
-    out: dict[str, int] = {}
+def requests_in_flight(server, ensemble_names: list[str], healed: frozenset[str] = frozenset(),
+                       finished: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """({model: requests in flight there}, {model: requests left queued for a dead stub}) over the composing models.
+    In flight: queued (Triton's metrics), being worked on by a python stub (RunningRequests files of live stubs), and
+    in TensorRT-LLM's executor; empty when nothing is.
+
+    `healed`: python models the watchdog unloaded and loaded since tritonserver started. Triton's queue gauge of
+    such a model also counts requests still queued at the unloaded instance, whose stub is dead: Triton 2.51 keeps
+    that instance until its queue is empty, and its python backend fails each of those requests only after a 1-s
+    timed wait on the dead stub's health mutex (triton-inference-server/python_backend r24.10, src/python_be.cc
+    ModelInstanceState::IsStubProcessAlive), one at a time. Under streaming load they are hundreds of per-token
+    postprocess requests of streams that already failed ("Stub process '<model>_0_0' is not healthy."), and the
+    decoder adds more while it finishes those streams. So a healed model's queue counts only while its live stubs
+    work through it: they are running a request now, or finished one since the previous call (`finished`, kept by
+    the caller between calls; a live instance with a queue is never idle across two polls); else it is left over."""
+    work: dict[str, tuple[int, int]] = {}
     for pid in [server.proc.pid, *children(server.proc.pid)]:  # tritonserver, or mpirun and its ranks (TP > 1)
-        for m, n in running_requests(pid).items():
-            if n:
-                out[m] = out.get(m, 0) + n
+        for m, (n, done) in stub_work(pid).items():
+            running, total = work.get(m, (0, 0))
+            work[m] = (running + n, total + done)
+    out, left = {m: n for m, (n, _) in work.items() if n}, {}
+    finished = {} if finished is None else finished
+    served = {m for m in healed if m in work and (work[m][0] or work[m][1] != finished.get(m))}
+    finished.update({m: done for m, (_, done) in work.items()})
     with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():
             for gauge in IN_FLIGHT_GAUGES:
                 m = gauge.match(line)
-                if m and m.group(1) not in ensemble_names and float(m.group(2)) > 0:
-                    out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
-    return out
+                if not m or m.group(1) in ensemble_names or float(m.group(2)) <= 0:
+                    continue
+                into = left if m.group(1) in healed and m.group(1) not in served else out  # left: nobody waits
+                into[m.group(1)] = into.get(m.group(1), 0) + int(float(m.group(2)))
+    return out, left
 
 
 def drain(server, api: RepositoryAPI, grace_s: float, hurry: threading.Event | None = None,
-          poll_s: float = 0.2) -> float:
+          poll_s: float = 0.2, healed: frozenset[str] = frozenset()) -> float:
     """Refuse new requests, let those in flight finish within grace_s, then stop tritonserver and its stubs.
-    Returns the seconds the drain waited for requests in flight."""
+    `healed`: the models the watchdog reloaded (Watchdog.healed). Returns the seconds the drain waited for requests
+    in flight."""
     names = ensembles(server.model_repository)
     t0 = time.monotonic()
     log.warning("draining: refusing new requests; waiting up to %.0f s for requests in flight", grace_s)
+    stop_s, left = server.exit_timeout + 15, {}
     try:
         for e in names:
             api.unload(e)
-        idle_polls = 0
+        idle_polls, finished = 0, {}
         while time.monotonic() - t0 < grace_s and not (hurry and hurry.is_set()):
             states = api.states()
             if all(states.get(e) in ("UNAVAILABLE", None) for e in names):
                 break
-            busy = requests_in_flight(server, names)
+            busy, left = requests_in_flight(server, names, healed, finished)
             idle_polls = 0 if busy else idle_polls + 1
             if idle_polls >= 2:  # see the module docstring: the ensemble may stay referenced by idle streams
                 break
@@ -283,13 +316,22 @@ def drain(server, api: RepositoryAPI, grace_s: float, hurry: threading.Event | N
         else:
             log.warning("grace period over after %.1f s with requests still in flight: stopping anyway",
                         time.monotonic() - t0)
-            server.stop(timeout=server.exit_timeout + 15)
+            server.stop(timeout=stop_s)
             return time.monotonic() - t0
         log.warning("drained in %.1f s", time.monotonic() - t0)
+        if healed:
+            # Nothing live is in flight. Triton waits --exit-timeout-secs for what is and then logs "Exit timeout
+            # expired. Exiting immediately.", but an unloaded instance still failing requests queued for its dead
+            # stub, one a second, holds the process up (seen: 20 s, then our SIGKILL): nobody waits for those.
+            log.warning("models reloaded after a stub died (%s; left queued for a dead stub: %s): stopping "
+                        "tritonserver at its exit timeout", ", ".join(sorted(healed)), left or "none seen")
+            stop_s = server.exit_timeout + 2
     except (OSError, RuntimeError) as e:
         log.warning("drain: %s; stopping tritonserver", e)
     waited = time.monotonic() - t0
-    server.stop(timeout=server.exit_timeout + 15)
+    server.stop(timeout=stop_s)
+    log.warning("tritonserver stopped %.1f s after the drain (exit code %s)", time.monotonic() - t0 - waited,
+                server.proc.returncode)
     return waited
 
 
@@ -322,7 +364,7 @@ def supervise(server, *, grace_s: float = DEFAULT_GRACE_SECONDS, watchdog: bool 
             return server.proc.returncode or 1
         if dog:
             dog.stop()
-        drain(server, api, grace_s, hurry)
+        drain(server, api, grace_s, hurry, healed=dog.healed() if dog else frozenset())
         return 0
     finally:
         if dog:

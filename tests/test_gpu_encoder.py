@@ -152,6 +152,65 @@ def test_gpu_encoder_model_matches_the_cpu_encoder(encoder_onnx, tmp_path, monke
 
 
 @pytest.mark.slow
+def test_gpu_encoder_cache_is_exact_skips_the_engine_and_keeps_rows_on_the_device(encoder_onnx, tmp_path,
+                                                                                 monkeypatch, fake_trt):
+    """Issue 20.3 on the GPU target: a window whose key (audio_digest) was seen is not run by the engine; its rows
+    come from runtime/audio_cache.py's LRU, kept as torch tensors on the runner's device, bounded in bytes."""
+    from af3trt.runtime import audio_cache
+
+    gpu = _gpu_model(encoder_onnx, tmp_path, monkeypatch)
+    plain = _gpu_model(encoder_onnx, tmp_path / "plain", monkeypatch)
+    plain.cache = audio_cache.LruBytes(0)  # cache off: what every request computes
+    digests = [bytes([i]) * 16 for i in range(3)]
+
+    def keyed(windows, which, seed=0):
+        reqs, _ = _requests(windows, seed=seed)
+        for r, d, w in zip(reqs, which, windows):
+            keys = audio_cache.window_keys(digests[d], w)
+            # the second request's keys in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no"): fakes/pb_utils.GpuTensor
+            r.inputs["audio_digest"] = (fake_pb.GpuTensor if d == 1 else fake_pb.Tensor)("audio_digest", keys)
+        return reqs
+
+    def executions():
+        return [c[1] for c in fake_trt.calls if c[0] == "set_input_shape" and c[1][0] == "input_features"]
+
+    want = [r.outputs["audio_embeds"]._array for r in plain.execute(keyed([1, 3], [0, 1]))]
+    fake_trt.calls.clear()
+    first = gpu.execute(keyed([1, 3], [0, 1]))
+    assert executions() == [("input_features", (3, 128, 3000))]  # 3 live windows (1 placeholder), as uncached
+    fake_trt.calls.clear()
+    again = gpu.execute(keyed([1, 3], [0, 1]))
+    assert executions() == [] and "execute_async_v3" not in [c[0] for c in fake_trt.calls]  # the engine did not run
+    for w, a, b in zip(want, first, again):
+        assert torch.equal(a.outputs["audio_embeds"]._array, w)  # bit for bit
+        assert torch.equal(b.outputs["audio_embeds"]._array, w)
+    assert len(gpu.cache) == 3  # live windows only: the placeholder is not kept
+    entry = next(iter(gpu.cache._items.values()))[0]
+    assert isinstance(entry, torch.Tensor) and entry.device == gpu.runner.place.device and entry.shape == (750, 64)
+    assert gpu.cache.bytes == 3 * entry.nbytes  # each entry its own rows, not the execution's whole output
+
+    # a batch with one request seen and one not: only the new request's windows run, the seen one's come back
+    fake_trt.calls.clear()
+    mixed = gpu.execute(keyed([1, 2], [0, 2], seed=1))
+    # request 1's live window only: request 0's is cached and request 1's last one a placeholder (_requests)
+    assert executions() == [("input_features", (1, 128, 3000))]
+    fresh = plain.execute(keyed([1, 2], [0, 2], seed=1))
+    assert torch.equal(mixed[0].outputs["audio_embeds"]._array, want[0])  # the cached rows, not seed 1's features
+    assert torch.equal(mixed[1].outputs["audio_embeds"]._array, fresh[1].outputs["audio_embeds"]._array)
+
+    # bounded in bytes, least recently used out first
+    small = _gpu_model(encoder_onnx, tmp_path / "small", monkeypatch)
+    small.cache = audio_cache.LruBytes(2 * entry.nbytes)
+    small.execute(keyed([1], [0]))
+    small.execute(keyed([1], [1]))
+    small.execute(keyed([1], [0]))  # digest 0's window becomes the most recently used
+    small.execute(keyed([1], [2]))  # so digest 1's is evicted
+    assert small.cache.bytes <= 2 * entry.nbytes and small.cache.stats["evictions"] == 1
+    key = lambda d: (False, audio_cache.key_bytes(audio_cache.window_keys(digests[d], 1)[0]))  # noqa: E731
+    assert key(0) in small.cache and key(1) not in small.cache and key(2) in small.cache
+
+
+@pytest.mark.slow
 def test_gpu_encoder_takes_the_frame_axis_from_the_request(encoder_onnx, tmp_path, monkeypatch, fake_trt):
     """The runner sets shapes from the tensors it gets: an engine whose profile leaves T dynamic runs [W,128,T]."""
     monkeypatch.setattr(trt_runner, "CudaPlace", HostPlace)

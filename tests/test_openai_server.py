@@ -408,15 +408,11 @@ def test_aiperf_runs_fixed_length_against_the_front(http, repo, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing (issue 19)
-# Cases generated from the front's own OpenAPI schema (/openapi.json) by schemathesis, against the running front:
-# no 5xx but the documented 503, every error in OpenAI's error body, every status and JSON body as the schema says,
-# and the front healthy and exact afterwards. Bounded here (FUZZ_EXAMPLES per operation, derandomized);
-# `AF3TRT_FUZZ_EXAMPLES=2000 pytest tests/test_openai_server.py -k fuzz` runs a longer one.
-import json as _json  # noqa: E402
-
-import schemathesis  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis.checks import response_schema_conformance, status_code_conformance  # noqa: E402
+# Cases generated from the front's own OpenAPI schema (/openapi.json) by schemathesis, against the running front, with
+# the rules of perf/fuzz.py (check_response): no 5xx but the documented 503, every error in OpenAI's error body, every
+# status and JSON body as the schema says, and the front healthy and exact afterwards. Bounded here (FUZZ_EXAMPLES per
+# operation, derandomized); `af3trt fuzz --minutes N` runs a longer one over a build.
+from af3trt.perf.fuzz import fuzz  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("AF3TRT_FUZZ_EXAMPLES", "40"))
 
@@ -428,27 +424,11 @@ def before_fuzzing(oai, speech_bytes) -> str:
                                        max_tokens=MAX_TOKENS).choices[0].message.content
 
 
-def check_fuzzed(case) -> None:
-    response = case.call(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-    where = f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
-    assert response.status_code < 500 or response.status_code == 503, where
-    case.validate_response(response, checks=[status_code_conformance])
-    if response.status_code >= 400 and case.path != "/health":  # /health answers its own status body
-        body = _json.loads(response.text)
-        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, where
-        assert isinstance(body["error"]["message"], str) and body["error"]["message"], where
-    if "json" in str(response.headers.get("content-type", "")):
-        case.validate_response(response, checks=[response_schema_conformance])
-
-
 def test_fuzz_from_the_openapi_schema(http, before_fuzzing):
-    schema = schemathesis.openapi.from_url(http.url + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
-    operations = [r.ok() for r in schema.get_all_operations()]
-    assert {(op.method, op.path) for op in operations} >= {("post", "/v1/chat/completions"), ("get", "/v1/models")}
-    for op in operations:
-        run = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                       suppress_health_check=list(HealthCheck))(given(case=op.as_strategy())(check_fuzzed))
-        run()
+    result = fuzz(http.url, api_key=API_KEY, examples=FUZZ_EXAMPLES, derandomize=True)
+    assert set(result["operations"]) >= {"POST /v1/chat/completions", "GET /v1/models"}
+    assert all(s["cases"] for s in result["operations"].values()), result["operations"]
+    assert result["failures"] == [], "\n".join(result["failures"])
 
 
 def test_front_is_healthy_and_exact_after_fuzzing(oai, http, speech_bytes, before_fuzzing):

@@ -189,7 +189,7 @@ def _app(monkeypatch, error=None):
     ("audio", 400, "invalid_request_error", "INVALID_ARG"),
     ("busy", 503, "service_unavailable", "UNAVAILABLE"),
     ("bug", 500, "server_error", "INTERNAL"),
-    ("nothink", 501, "invalid_request_error", "UNSUPPORTED"),
+    ("nothink", 400, "invalid_request_error", "UNSUPPORTED"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_error, status, kind, triton_code,
@@ -225,6 +225,17 @@ def test_a_body_that_is_not_json_is_one_clear_error(monkeypatch):
     assert bad.status_code == 400 and bad.json()["error"]["param"] is None, bad.text
     assert bad.json()["error"]["message"].startswith("the request body is not valid JSON")
     assert field.status_code == 400 and field.json()["error"]["param"] == "messages.0.role", field.text
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "min_tokens"])
+@pytest.mark.parametrize("value", [-2654772151029637002420253481762816, 2**31, -1])
+def test_token_counts_beyond_int32_are_400(monkeypatch, field, value):
+    """af3trt fuzz (perf/fuzz.py) sent max_completion_tokens -2.6e33: it overflowed the ensemble's INT32 input and the
+    front answered 500. Token counts outside [0, 2**31) are the client's mistake: 400 naming the field."""
+    with _app(monkeypatch) as http:
+        r = http.post("/v1/chat/completions", json={"model": "af3", "messages": [{"role": "user", "content": "hi"}],
+                                                    field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_error_codes_round_trip_through_the_message():

@@ -18,6 +18,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -223,6 +224,59 @@ def test_running_requests_count_only_live_stubs(tmp_path):
     (tmp_path / "running" / f"decoder.{int(gone.stdout)}").write_text("5")  # a stub that died mid-request
     assert running_requests(0, tmp_path) == {"encoder": 0}
     assert not (tmp_path / "running" / f"decoder.{int(gone.stdout)}").exists() and mine.n == 0
+
+
+def test_drain_ignores_requests_left_queued_for_a_dead_stub(tmp_path):
+    """Issue 19.2: after a postprocess stub was SIGKILLed under streaming load, Triton's queue gauge of postprocess
+    kept counting the per-token requests queued at the unloaded instance (its stub dead; they fail one a second),
+    and the drain waited the whole grace. A healed model's queue counts only while a live stub works through it."""
+    import http.server
+    from types import SimpleNamespace
+
+    from af3trt.runtime.context import RunningRequests
+
+    gauges = {"postprocess": 150, "encoder": 2}
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = "".join(f'nv_inference_pending_request_count{{model="{m}",version="1"}} {n}\n'
+                           for m, n in [*gauges.items(), ("af3", 4)]).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    metrics = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Metrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    triton = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for tritonserver
+    root = Path(f"/dev/shm/af3trt-context-{triton.pid}")  # where its stubs' RunningRequests files are read
+    try:
+        server = SimpleNamespace(proc=triton, host="127.0.0.1", metrics_port=metrics.server_address[1])
+        post, enc = RunningRequests("postprocess", root=root), RunningRequests("encoder", root=root)
+        healed, finished = supervisor.healed_since_restart(
+            [{"model": "postprocess", "action": "reload"}, {"model": "decoder", "action": "restart"},
+             {"model": "postprocess", "action": "reload"}]), {}
+
+        def poll():
+            return supervisor.requests_in_flight(server, ["af3"], healed, finished)
+
+        assert healed == {"postprocess"}
+        assert poll() == ({"postprocess": 150, "encoder": 2}, {})  # first look: no progress known yet
+        assert poll() == ({"encoder": 2}, {"postprocess": 150})  # idle live stub: queued at the dead one's instance
+        gauges["encoder"] = 0
+        with post.of(1):  # the live stub at work: its queue is live
+            assert poll() == ({"postprocess": 151}, {})
+        assert poll() == ({"postprocess": 150}, {})  # it finished one since the last poll
+        assert poll() == ({}, {"postprocess": 150})  # and nothing since: the drain may end
+        gauges["encoder"] = 3  # a model never healed: its queue always counts, its stub idle or not
+        assert poll() == ({"encoder": 3}, {"postprocess": 150}) and enc.n == 0
+    finally:
+        triton.kill()
+        triton.wait()
+        metrics.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ integration
@@ -542,41 +596,21 @@ def test_sigkill_of_a_stub_under_load_heals(served, speech_bytes, model):
 
 @pytest.mark.integration
 def test_sigterm_drains_streams_then_the_process_tree_exits(served, speech_bytes):
-    """Last test of the module: it stops the shared server. Issue 19's recipe: a killed stub made requests fail, a
-    client holds an idle stream open (as tritonclient's start_stream users and perf_analyzer do: it keeps Triton 2.51's
-    ensemble referenced, so waiting for the ensemble to unload waited the whole grace), then SIGTERM during four
-    streams: the drain ends when they end, well before the grace period."""
+    """Last test of the module: it stops the shared server. Issue 19's recipe: the postprocess stub SIGKILLed during
+    four streams (their later tokens stay queued at the unloaded postprocess instance, failing one a second: Triton's
+    queue gauge counted them for minutes and the drain waited the whole grace), a client holds an idle stream open
+    (as tritonclient's start_stream users and perf_analyzer do: it keeps Triton 2.51's ensemble referenced, so
+    waiting for the ensemble to unload waited the whole grace), then SIGTERM during four new streams: the drain ends
+    when they end, and the launcher exits soon after."""
     client = AF3Client(served.url, timeout=120)
     assert client.ask("What is said?", [speech_bytes], max_tokens=2).token_ids  # served (and watched) before the kill
-    victim = min(supervisor.stub_pids(served.triton_pid)["preprocess"])
-    failed = []
-
-    def doomed():
-        try:
-            client.ask("What is said?", [speech_bytes], max_tokens=4)
-        except AF3Error as e:
-            failed.append(str(e))
-
-    healed = served.launcher_log.read_text().count("is back after")
-    t = threading.Thread(target=doomed)
-    t.start()
-    os.kill(victim, signal.SIGKILL)
-    t.join(120)
-    deadline = time.monotonic() + 120
-    while served.launcher_log.read_text().count("is back after") == healed:  # the watchdog brings it back
-        assert time.monotonic() < deadline, served.logs()
-        time.sleep(0.1)
-    served.wait_ready(120)
-    idle = AF3Stream(served.url, timeout=120)
-    assert list(idle.responses(Request("What is said?", [speech_bytes], max_tokens=2)))  # its stream stays open
-
-    first = [threading.Event() for _ in range(4)]
+    first = [threading.Event() for _ in range(8)]
     results: dict[int, str] = {}
 
-    def stream(k):
+    def stream(k, max_tokens):
         n = 0
         try:
-            for chunk in client.stream("Say a lot.", [speech_bytes], max_tokens=200, stream=True):
+            for chunk in client.stream("Say a lot.", [speech_bytes], max_tokens=max_tokens, stream=True):
                 n += len(chunk.token_ids)
                 first[k].set()
             results[k] = f"done {n}"
@@ -584,10 +618,28 @@ def test_sigterm_drains_streams_then_the_process_tree_exits(served, speech_bytes
             results[k] = f"error after {n}: {e}"
             first[k].set()
 
-    threads = [threading.Thread(target=stream, args=(k,)) for k in range(4)]
+    healed = served.launcher_log.read_text().count("is back after")
+    doomed = [threading.Thread(target=stream, args=(k, 1000)) for k in range(4)]
+    for t in doomed:
+        t.start()
+    for e in first[:4]:
+        assert e.wait(240)
+    os.kill(min(supervisor.stub_pids(served.triton_pid)["postprocess"]), signal.SIGKILL)
+    for t in doomed:
+        t.join(240)
+    deadline = time.monotonic() + 120
+    while served.launcher_log.read_text().count("is back after") == healed:  # the watchdog brings it back
+        assert time.monotonic() < deadline, served.logs()
+        time.sleep(0.1)
+    served.wait_ready(120)
+    failed = [results[k] for k in range(4) if not results[k].startswith("done")]
+    idle = AF3Stream(served.url, timeout=120)
+    assert list(idle.responses(Request("What is said?", [speech_bytes], max_tokens=2)))  # its stream stays open
+
+    threads = [threading.Thread(target=stream, args=(k, 200)) for k in range(4, 8)]
     for t in threads:
         t.start()
-    for e in first:
+    for e in first[4:]:
         assert e.wait(240)
     tree = served.tree()
     t0 = time.monotonic()
@@ -596,18 +648,25 @@ def test_sigterm_drains_streams_then_the_process_tree_exits(served, speech_bytes
         t.join(240)
     streams_s = time.monotonic() - t0
     rc = served.proc.wait(180)
+    exited_s = time.monotonic() - t0
     idle.close()
     launcher = served.launcher_log.read_text()
     drained = re.search(r"drained in ([\d.]+) s", launcher)
-    print(f"\nSIGTERM during 4 streams after a killed stub ({len(failed)} request failed) with an idle stream open: "
-          f"{results}; streams ended {streams_s:.1f} s after it, drain {drained and drained.group(1)} s, launcher "
-          f"exited {rc} after {time.monotonic() - t0:.1f} s")
+    print(f"\nSIGTERM during 4 streams after the postprocess stub was killed under 4 streams ({len(failed)} failed) "
+          f"with an idle stream open: {[results[k] for k in range(4, 8)]}; streams ended {streams_s:.1f} s after it, "
+          f"drain {drained and drained.group(1)} s, launcher exited {rc} after {exited_s:.1f} s; "
+          f"{re.findall(r'tritonserver stopped .*', launcher)}")
+    assert failed, results  # the kill hit the streams in flight
     assert rc == 0, served.logs()
-    assert len(results) == 4 and all(r == "done 200" for r in results.values()), results
+    assert all(results[k] == "done 200" for k in range(4, 8)), results
     assert not _wait_gone(tree, 60), "processes outlived the launcher"
     assert all(_port_free(p) for p in (served.grpc, served.http, served.metrics))
-    assert "grace period over" not in launcher and drained, launcher  # before: the idle stream held it to the end
+    assert "grace period over" not in launcher and drained, launcher  # before: the grace, for the idle stream
     assert float(drained.group(1)) < streams_s + 10, launcher  # it ended with the streams (two polls after)
+    # then tritonserver is stopped at its own exit timeout (5 s) + 2 s, SIGKILLed if the dead stub's queue holds it up
+    # (before: 20 s after the drain)
+    stopped = re.search(r"tritonserver stopped ([\d.]+) s after the drain", launcher)
+    assert stopped and float(stopped.group(1)) < 5 + 2 + 3, launcher
 
 
 @pytest.mark.integration

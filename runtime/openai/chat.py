@@ -65,8 +65,10 @@ THINKING_EFFORTS = ("low", "medium", "high")
 class ChatRequest(_Model):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    # token counts travel to the ensemble as INT32 tensors: a larger one overflowed in the cast and answered 500
+    # (found by af3trt fuzz, perf/fuzz.py); a negative one is refused downstream, here before any work
+    max_tokens: int | None = Field(default=None, ge=0, lt=2**31)
+    max_completion_tokens: int | None = Field(default=None, ge=0, lt=2**31)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**64)
@@ -78,7 +80,7 @@ class ChatRequest(_Model):
     # not OpenAI's, but what vLLM and TensorRT-LLM's servers take and AIPerf sends for fixed-length runs
     # (`--extra-inputs ignore_eos:true`, `min_tokens:N`): the ensemble's inputs of those names
     ignore_eos: bool | None = None
-    min_tokens: int | None = Field(default=None, ge=0)
+    min_tokens: int | None = Field(default=None, ge=0, lt=2**31)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
 

@@ -52,26 +52,19 @@ class TritonPythonModel:
         try:
             f, m = pad_frames(feats, masks)  # [W, 128, T], [W, T] with T = max T_i
             rows = [self.encoder.rows(x.shape[2]) for x in feats for _ in range(len(x))]  # [W]: T_i / 4 per window
-            key = [None if k is None else audio_cache.key_bytes(k[w]) for k, x in zip(keys, feats)
-                   for w in range(len(x))]  # [W]
             embeds = np.zeros((len(f), self.encoder.rows(f.shape[2]), self.encoder.hidden_size), np.float32)
-            live = m.sum(1) > 0  # placeholder windows (empty mask) are not computed
-            # the cache key: the window's digest and the encoder variant that makes its rows (base or think/'s)
-            cache_key = [None if key[w] is None else (bool(think[w]), key[w]) for w in range(len(f))]
-            for w in np.flatnonzero(live):
-                hit = None if cache_key[w] is None else self.cache.get(cache_key[w])
-                if hit is not None:
-                    embeds[w, :rows[w]] = hit
-                    live[w] = False
+            # placeholder windows (empty mask) are not computed; cached ones are not either
+            cache_key = audio_cache.encoder_keys(keys, [len(x) for x in feats], think)
+            hits, live = audio_cache.take_cached(self.cache, cache_key, m.sum(1) > 0)
+            for w, hit in hits.items():
+                embeds[w, :rows[w]] = hit
             for variant, chosen in ((self.encoder, ~think), (self.think, think)):
                 run = np.flatnonzero(live & chosen)
                 step = self.max_run or max(len(run), 1)
                 for s in range(0, len(run), step):
                     idx = run[s: s + step]
                     embeds[idx] = variant.run(f[idx], m[idx])  # [w, T/4, H]
-            for w in np.flatnonzero(live):
-                if cache_key[w] is not None:
-                    self.cache.put(cache_key[w], embeds[w, :rows[w]].copy())  # [T_i/4, H]
+            audio_cache.keep_computed(self.cache, cache_key, {w: embeds[w, :rows[w]] for w in np.flatnonzero(live)})
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0

@@ -7,15 +7,22 @@ GPU tensor through DLPack (python_backend r26.04 README: pb_utils.Tensor.from_dl
 implementing __dlpack__; a row slice of the contiguous output is one). Triton hands initialize() the model's
 directory, version and the instance's GPU as args "model_repository", "model_version", "model_instance_device_id"
 (python_backend r26.04 src/stub_launcher.cc).
+
+A window whose key (audio_digest, from preprocess) is in the cache is not run: its rows are the cached ones, kept on
+the GPU as torch tensors (runtime/audio_cache.py: the CPU encoder's byte-bounded LRU and keys, parameter
+cache_bytes). A cached window's mask is emptied before the engine runs, so it is a placeholder there (not computed,
+encode_windows), and its cached rows are put in its place after.
 """
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton_python_backend_utils as pb
 
+from af3trt.runtime import audio_cache
 from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
+from af3trt.runtime.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
 from af3trt.runtime.gpus import cap_cuda_memory
 from af3trt.runtime.context import RunningRequests
 from af3trt.runtime.trt_runner import TrtRunner, encode_windows
@@ -36,6 +43,7 @@ class TritonPythonModel:
         # think/'s encoder variant (build/think.py): thinking requests' windows run on it
         self.think = (TrtRunner.load(plan.with_name(p["think_plan_file"]), int(args.get("model_instance_device_id", "0")))
                       if p.get("think_plan_file") else self.runner)
+        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_ENCODER_BYTES)))
 
     def execute(self, requests):
         with self.running.of(len(requests)):  # the supervisor's drain reads it
@@ -51,7 +59,18 @@ class TritonPythonModel:
                                torch.from_numpy(t.as_numpy().reshape(-1).astype(bool))
                                for x, t in zip(feats, (pb.get_input_tensor_by_name(r, WINDOW_THINKING)
                                                        for r in requests))]).to(device)  # [W]
-            if self.think is self.runner or not bool(think.any()):
+            # Triton batches only requests of the same [128, T] here (configs.encoder_config), so every window has
+            # T/4 rows; keys come in host or GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no": triton_io.host_array)
+            keys = audio_cache.encoder_keys([io.host_array(pb, r, AUDIO_DIGEST) for r in requests],
+                                            [len(x) for x in feats], think.cpu().numpy())
+            hits, todo = audio_cache.take_cached(self.cache, keys, (m.sum(1) > 0).cpu().numpy())
+            if hits:
+                m = m.clone()
+                m[torch.tensor(sorted(hits), device=device)] = 0  # [W, T]: cached windows become placeholders
+            if hits and not todo.any():  # nothing to run
+                first = next(iter(hits.values()))  # [T/4, H]
+                embeds = first.new_zeros((len(f), *first.shape))
+            elif self.think is self.runner or not bool(think.any()):
                 embeds = encode_windows(self.runner, f, m)  # [W, T/4, H] on the GPU
             elif bool(think.all()):
                 embeds = encode_windows(self.think, f, m)
@@ -60,6 +79,9 @@ class TritonPythonModel:
                 embeds = base.new_empty((len(f), *base.shape[1:]))
                 embeds[~think] = base
                 embeds[think] = encode_windows(self.think, f[think], m[think])
+            for w, hit in hits.items():
+                embeds[w] = hit
+            audio_cache.keep_computed(self.cache, keys, {int(w): embeds[w] for w in np.flatnonzero(todo)})
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0
