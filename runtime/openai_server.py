@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import importlib
 import logging
 import os
 import sys
@@ -36,13 +37,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from af3trt.runtime.contract import ENSEMBLE
-from af3trt.runtime.openai import chat, health, models, transcriptions
 from af3trt.runtime.openai.common import ERROR_RESPONSES, APIError, Settings
 from af3trt.runtime.openai.triton import Triton
 
 log = logging.getLogger("af3trt.openai")
 
-ROUTERS = (health.router, models.router, chat.router, transcriptions.router)  # one per endpoint (runtime/openai/)
+# One router per endpoint (runtime/openai/<name>.py), imported when an app is made: the launcher (runtime/server.py)
+# imports this module for its flags only, and the transcription router's audio stack takes seconds to import.
+ROUTERS = ("health", "models", "chat", "transcriptions")
 
 
 class BodyLimit:
@@ -116,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="af3trt OpenAI-compatible API", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
-    for router in ROUTERS:
+    for router in (importlib.import_module(f"af3trt.runtime.openai.{name}").router for name in ROUTERS):
         app.include_router(router)
 
     @app.exception_handler(APIError)

@@ -9,5 +9,5 @@ endpoint over shared helpers.
     models.py          GET /v1/models
     health.py          GET /health
 
-Adding an endpoint: a module with its router here, and its line in openai_server.ROUTERS.
+Adding an endpoint: a module with its router here, and its name in openai_server.ROUTERS.
 """
