@@ -5,17 +5,19 @@
     af3trt soak --url 127.0.0.1:8001 --server-pid PID --watch haproxy=PID2 …   # a server (and proxy) you started
 
 Client modes (--client): `reused` — one AF3Client for all workers, every request a stream of one connection (what
-af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it (what
-a user's connect-per-request client does); `legacy` — AF3Client before issue 19: a tritonclient client and stream per
-request, stopped with stop_stream(cancel_requests=True) after the last response (docs/memory.md compares the three).
+af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it once
+the request's stream has ended with the server's status (a connect-per-request client written as docs/memory.md says);
+`legacy` — AF3Client before issue 19: a tritonclient client and stream per request, stopped with
+stop_stream(cancel_requests=True) after the last response, which cancels the finished stream (a client that hangs up
+early: tritonserver 2.51 keeps 13-22 KB for each such stream; docs/memory.md compares them).
 
-Closed loop: `concurrency` clients send requests back to back, each with one speech clip of 1–8 s (drawn with a fixed
-seed) and a short prompt, alternately streaming and not. Every `--sample-s` seconds the RSS of every server process
-(tritonserver and each python stub, named by its model) is recorded. The report gives requests, errors (by message),
-latency percentiles, throughput, the RSS series, and **bytes per request per process**: the slope of a least-squares
-line through (requests done, RSS) over the samples after warm-up (the first --warmup-share of the requests: allocator
-pools, torch and ONNX Runtime caches, gRPC state pools fill there). A leak is a slope that stays; warm-up is a step
-before the fitted window. The run ends after --requests requests or --minutes minutes, whichever comes first.
+Closed loop: `concurrency` clients send requests back to back, each with one speech clip of 1–8 s (--clip-seconds;
+drawn with a fixed seed) and a short prompt, alternately streaming and not. Every `--sample-s` seconds the RSS of
+every server process (tritonserver and each python stub, named by its model) is recorded. The report gives requests,
+errors (by message), latency percentiles, throughput, the RSS series, and **bytes per request per process**: the slope
+of a least-squares line through (requests done, RSS) over the samples after warm-up (the first --warmup-share of the
+requests: allocator pools, torch and ONNX Runtime caches, gRPC state pools fill there), and the same over the second
+half alone. A leak is a slope that stays; warm-up is a step before the fitted window. The run ends after --requests requests or --minutes minutes, whichever comes first.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
     return {
         "url": url, "minutes": minutes, "requests_asked": requests, "client_mode": client_mode, "concurrency": concurrency,
         "max_tokens": max_tokens, "clip_seconds": "%g-%g" % clip_seconds, "streaming_share": 0.5, "summary": summary,
-        "workers_stuck": len(stuck), "errors_by_message": dict(Counter(r.error.split("]")[-1].strip()[:160] for r in recs if not r.ok)),
+        "workers_stuck": len(stuck),
+        "errors_by_message": dict(Counter(r.error.split("]")[-1].strip()[:160] for r in recs if not r.ok)),
         "bytes_per_request": bytes_per_request(series, warmup_requests=int(warmup_share * len(recs))),
         # the same fit over the second half only: a leak keeps its slope there, warm-up that lasts flattens out
         "bytes_per_request_second_half": bytes_per_request(series, warmup_requests=len(recs) // 2),

@@ -247,7 +247,8 @@ def test_a_client_answers_after_the_server_restarted_on_its_ports(repo, speech_b
 def test_a_finished_request_ends_its_stream_with_the_status_not_a_cancellation(repo, speech_bytes):
     """tritonserver 2.51 keeps memory for every decoupled stream cancelled after its last response: 4-22 KB when the
     client closes its connection right after the last response, before the stream's status (docs/memory.md). So
-    AF3Client, AsyncAF3Client and the OpenAI front's Triton wait for that status once a request is done and cancel only a request left early.
+    AF3Client, AsyncAF3Client and the OpenAI front's Triton wait for that status once a request is done and cancel
+    only a request left early.
     The server's verbose log names every stream cancellation ("Cancellation notification received", grpc frontend of
     server r24.10, src/grpc/infer_handler.h HandleCancellation): none for finished requests, whether each has a
     connection of its own closed right after it or they share one; a request left early is still cancelled."""
