@@ -17,7 +17,8 @@ every server process (tritonserver and each python stub, named by its model) is 
 errors (by message), latency percentiles, throughput, the RSS series, and **bytes per request per process**: the slope
 of a least-squares line through (requests done, RSS) over the samples after warm-up (the first --warmup-share of the
 requests: allocator pools, torch and ONNX Runtime caches, gRPC state pools fill there), and the same over the second
-half alone. A leak is a slope that stays; warm-up is a step before the fitted window. The run ends after --requests requests or --minutes minutes, whichever comes first.
+half alone. A leak is a slope that stays; warm-up is a step before the fitted window. The run ends after --requests
+requests or --minutes minutes, whichever comes first.
 """
 
 from __future__ import annotations
