@@ -5,17 +5,20 @@
     af3trt soak --url 127.0.0.1:8001 --server-pid PID --watch haproxy=PID2 …   # a server (and proxy) you started
 
 Client modes (--client): `reused` — one AF3Client for all workers, every request a stream of one connection (what
-af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it (what
-a user's connect-per-request client does); `legacy` — AF3Client before issue 19: a tritonclient client and stream per
-request, stopped with stop_stream(cancel_requests=True) after the last response (docs/memory.md compares the three).
+af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it once
+the request's stream has ended with the server's status (a connect-per-request client written as docs/memory.md says);
+`legacy` — AF3Client before issue 19: a tritonclient client and stream per request, stopped with
+stop_stream(cancel_requests=True) after the last response, which cancels the finished stream (a client that hangs up
+early: tritonserver 2.51 keeps 13-22 KB for each such stream; docs/memory.md compares them).
 
-Closed loop: `concurrency` clients send requests back to back, each with one speech clip of 1–8 s (drawn with a fixed
-seed) and a short prompt, alternately streaming and not. Every `--sample-s` seconds the RSS of every server process
-(tritonserver and each python stub, named by its model) is recorded. The report gives requests, errors (by message),
-latency percentiles, throughput, the RSS series, and **bytes per request per process**: the slope of a least-squares
-line through (requests done, RSS) over the samples after warm-up (the first --warmup-share of the requests: allocator
-pools, torch and ONNX Runtime caches, gRPC state pools fill there). A leak is a slope that stays; warm-up is a step
-before the fitted window. The run ends after --requests requests or --minutes minutes, whichever comes first.
+Closed loop: `concurrency` clients send requests back to back, each with one speech clip of 1–8 s (--clip-seconds;
+drawn with a fixed seed) and a short prompt, alternately streaming and not. Every `--sample-s` seconds the RSS of
+every server process (tritonserver and each python stub, named by its model) is recorded. The report gives requests,
+errors (by message), latency percentiles, throughput, the RSS series, and **bytes per request per process**: the slope
+of a least-squares line through (requests done, RSS) over the samples after warm-up (the first --warmup-share of the
+requests: allocator pools, torch and ONNX Runtime caches, gRPC state pools fill there), and the same over the second
+half alone. A leak is a slope that stays; warm-up is a step before the fitted window. The run ends after --requests
+requests or --minutes minutes, whichever comes first.
 """
 
 from __future__ import annotations
@@ -57,11 +60,20 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def make_clips(n: int = 8, seed: int = 0) -> list[bytes]:
-    """n speech clips of 1..8 s (FLAC bytes)."""
+def make_clips(n: int = 8, seed: int = 0, seconds: tuple[float, float] = (1.0, 8.0)) -> list[bytes]:
+    """n speech clips of seconds[0]..seconds[1] s (FLAC bytes)."""
     rng = np.random.default_rng(seed)
-    return [clips.flac_bytes(clips.make_wave(clips.ClipSpec("speech", float(rng.uniform(1, 8))), seed=k))
+    return [clips.flac_bytes(clips.make_wave(clips.ClipSpec("speech", float(rng.uniform(*seconds))), seed=k))
             for k in range(n)]
+
+
+def parse_seconds(text: str) -> tuple[float, float]:
+    """'1-8' → (1.0, 8.0); '0.5' → (0.5, 0.5)."""
+    lo, _, hi = text.partition("-")
+    lo_s, hi_s = float(lo), float(hi or lo)
+    if not 0 < lo_s <= hi_s:
+        raise ValueError(f"clip seconds must be LO-HI with 0 < LO <= HI, got {text!r}")
+    return lo_s, hi_s
 
 
 CLIENT_MODES = ("reused", "per-connection", "legacy")
@@ -70,10 +82,10 @@ CLIENT_MODES = ("reused", "per-connection", "legacy")
 def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tokens: int = 32,
          sample_s: float = 10.0, settle_min: float = 2.0, seed: int = 0, requests: int | None = None,
          client_mode: str = "reused", warmup_share: float = 0.2, watch: dict[str, int] | None = None,
-         log=print) -> dict:
+         clip_seconds: tuple[float, float] = (1.0, 8.0), stuck_s: float = 120.0, log=print) -> dict:
     if client_mode not in CLIENT_MODES:
         raise ValueError(f"client_mode must be one of {CLIENT_MODES}")
-    audio = make_clips(seed=seed)
+    audio = make_clips(seed=seed, seconds=clip_seconds)
     shared = AF3Client(url, timeout=600)
     records: list[tuple[float, RequestRecord]] = []
     issued = iter(range(requests)) if requests else None
@@ -81,11 +93,17 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
     t0 = time.monotonic()
     end = t0 + minutes * 60
     series: list[dict] = []
+    busy: dict[int, float | None] = {}  # worker → when its request in progress began (None between requests)
+    exhausted = threading.Event()  # every one of `requests` was issued
 
     def worker(k: int) -> None:
         rng = np.random.default_rng(seed * 1000 + k)
         n = 0
-        while time.monotonic() < end and (issued is None or next(issued, None) is not None):
+        while time.monotonic() < end:
+            if issued is not None and next(issued, None) is None:
+                exhausted.set()
+                break
+            busy[k] = time.monotonic()
             clip = audio[int(rng.integers(len(audio)))]
             prompt = PROMPTS[int(rng.integers(len(PROMPTS)))]
             if client_mode == "reused":
@@ -100,6 +118,7 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
             n += 1
             with lock:
                 records.append((time.monotonic() - t0, rec))
+            busy[k] = None
 
     def tree_rss() -> dict[str, float]:
         rss = process_tree_rss(server_pid)
@@ -126,8 +145,9 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
         t.start()
     sample_thread = threading.Thread(target=sampler, daemon=True)
     sample_thread.start()
-    for t in threads:
-        t.join()
+    stuck = wait_workers(threads, busy, lambda: exhausted.is_set() or time.monotonic() >= end, stuck_s)
+    if stuck:
+        log(f"[soak] {len(stuck)} worker(s) stuck for over {stuck_s:.0f} s in one request (left behind): {stuck}")
     stopped.set()
     sample_thread.join()
     shared.close()
@@ -139,11 +159,30 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
     summary = summarize(recs)
     return {
         "url": url, "minutes": minutes, "requests_asked": requests, "client_mode": client_mode, "concurrency": concurrency,
-        "max_tokens": max_tokens, "clip_seconds": "1-8", "streaming_share": 0.5, "summary": summary,
+        "max_tokens": max_tokens, "clip_seconds": "%g-%g" % clip_seconds, "streaming_share": 0.5, "summary": summary,
+        "workers_stuck": len(stuck),
         "errors_by_message": dict(Counter(r.error.split("]")[-1].strip()[:160] for r in recs if not r.ok)),
         "bytes_per_request": bytes_per_request(series, warmup_requests=int(warmup_share * len(recs))),
+        # the same fit over the second half only: a leak keeps its slope there, warm-up that lasts flattens out
+        "bytes_per_request_second_half": bytes_per_request(series, warmup_requests=len(recs) // 2),
         "rss_growth": rss_growth(series, settle_min * 60), "rss_series": series,
     }
+
+
+def wait_workers(threads: list[threading.Thread], busy: dict, done_issuing, stuck_s: float) -> list[int]:
+    """Join the workers. Once no more requests are to be issued (done_issuing()), a worker that has been in one
+    request for over stuck_s is left behind (a client call that never returns, e.g. grpc/grpc#20026: a Python
+    channel's close() can deadlock with its connectivity watcher) so that the run still ends and reports. Returns
+    the workers left behind."""
+    while True:
+        alive = [k for k, t in enumerate(threads) if t.is_alive()]
+        if not alive:
+            return []
+        now = time.monotonic()
+        stuck = [k for k in alive if busy.get(k) is not None and now - busy[k] > stuck_s]
+        if done_issuing() and len(stuck) == len(alive):
+            return stuck
+        threads[alive[0]].join(1.0)
 
 
 def bytes_per_request(series: list[dict], warmup_requests: int) -> dict:
@@ -181,13 +220,13 @@ def rss_growth(series: list[dict], settle_s: float) -> dict:
             "growth_pct": round(100 * (b["total_mb"] / a["total_mb"] - 1), 2), "per_process": per}
 
 
-def report_md(res: dict) -> str:
+def report_md(res: dict, max_rows: int = 25) -> str:
     s, g, b = res["summary"], res["rss_growth"], res["bytes_per_request"]
     lat = s.get("latency_ms", {})
     lines = [
         f"# Soak: {s['requests']} requests, client mode `{res['client_mode']}`, concurrency {res['concurrency']}",
         "",
-        f"1–8 s speech clips, half streaming, {res['max_tokens']} output tokens, greedy.",
+        f"{res['clip_seconds']} s speech clips, half streaming, {res['max_tokens']} output tokens, greedy.",
         "",
         f"- requests {s['requests']}, errors {s['errors']}" + (f" ({res['errors_by_message']})" if s["errors"] else ""),
         f"- throughput {s.get('throughput_rps', 0):.2f} req/s; latency p50 {lat.get('p50', 0) / 1e3:.2f} s, "
@@ -204,13 +243,29 @@ def report_md(res: dict) -> str:
             "| process | bytes / request | RSS from (MB) | RSS to (MB) | residual RMS (KB) |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {k} | {v['bytes_per_request']:.0f} | {v['from_mb']} | {v['to_mb']} | {v['residual_rms_kb']} |"
-                  for k, v in b["per_process"].items()]
+        h = res.get("bytes_per_request_second_half", {}).get("per_process", {})
+        lines[-2:] = ["| process | bytes / request | second half: bytes / request | RSS from (MB) | RSS to (MB) | "
+                      "residual RMS (KB) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['bytes_per_request']:.0f} | "
+                  + (f"{h[k]['bytes_per_request']:.0f}" if k in h else "—")
+                  + f" | {v['from_mb']} | {v['to_mb']} | {v['residual_rms_kb']} |" for k, v in b["per_process"].items()]
     else:
         lines.append(f"- bytes per request: {b.get('note')}")
-    lines += ["", "| t (s) | requests | errors | total RSS (MB) |", "|---|---|---|---|"]
-    lines += [f"| {p['t_s']} | {p['requests']} | {p['errors']} | {p['total_mb']:.1f} |" for p in res["rss_series"]]
+    series = res["rss_series"]
+    shown = thin(series, max_rows)
+    lines += ["", f"RSS samples ({len(shown)} of {len(series)}, evenly spaced; all in soak.json):", "",
+              "| t (s) | requests | errors | total RSS (MB) | tritonserver (MB) |", "|---|---|---|---|---|"]
+    lines += [f"| {p['t_s']} | {p['requests']} | {p['errors']} | {p['total_mb']:.1f} | "
+              f"{p['processes_mb'].get('tritonserver', 0.0):.1f} |" for p in shown]
     return "\n".join(lines) + "\n"
+
+
+def thin(series: list, max_rows: int) -> list:
+    """At most max_rows items of series, evenly spaced, always the first and the last."""
+    if len(series) <= max_rows:
+        return list(series)
+    picks = np.linspace(0, len(series) - 1, max_rows).round().astype(int)
+    return [series[i] for i in sorted(set(picks.tolist()))]
 
 
 def main(argv=None) -> int:
@@ -234,6 +289,9 @@ def main(argv=None) -> int:
                     help="also record this process's RSS (e.g. a proxy in front of tritonserver)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--clip-seconds", type=parse_seconds, default=(1.0, 8.0), metavar="LO-HI",
+                    help="speech clips of LO..HI seconds (default 1-8); e.g. 0.5-1 with --max-tokens 2 for a light, "
+                         "fast mix that reaches 100,000 requests sooner")
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS samples")
     ap.add_argument("--settle-min", type=float, default=2.0, help="RSS growth is measured from this minute on")
     ap.add_argument("--out", type=Path, default=Path("perf/results/soak"))
@@ -259,13 +317,14 @@ def main(argv=None) -> int:
     try:
         res = soak(url, pid, minutes=args.minutes, concurrency=args.concurrency, max_tokens=args.max_tokens,
                    sample_s=args.sample_s, settle_min=args.settle_min, requests=args.requests,
-                   client_mode=args.client, warmup_share=args.warmup_share, watch=watch)
+                   client_mode=args.client, warmup_share=args.warmup_share, watch=watch,
+                   clip_seconds=args.clip_seconds)
     finally:
         if server:
             server.stop()  # TritonServer or ReplicaSet
     (args.out / "soak.json").write_text(json.dumps(res, indent=1))
     (args.out / "soak.md").write_text(report_md(res))
-    print(report_md(res).split("\n| t (s)")[0])
+    print(report_md(res).split("\nRSS samples")[0])
     print(f"written: {args.out / 'soak.json'}, {args.out / 'soak.md'}")
     return 0 if res["summary"]["errors"] == 0 else 1
 

@@ -38,6 +38,9 @@ MODEL = contract.ENSEMBLE
 # The ensemble's cancellation side channel (triton_repo/cancel): Triton 2.51 does not pass the cancellation of an af3
 # stream on to the decoder already generating for it, so a stream closed early is also cancelled here by its id.
 CANCEL_MODEL = contract.CANCEL
+# After a request's last response the client waits this long at most for its stream's status (it comes within a
+# round trip) instead of cancelling the stream: see AF3Client.responses
+STATUS_WAIT_S = 5.0
 CANCEL_TIMEOUT_S = 5.0
 
 log = logging.getLogger("af3trt.client")
@@ -526,10 +529,19 @@ class AF3Client:
                 if chunk is not None:
                     yield chunk
         finally:
-            done.set()
+            done.set()  # half-closes our side: the server answers with the stream's status
             if reader.running:  # closed early: the af3 ensemble does not pass the stream's cancellation on
                 call.cancel()
                 send_cancel_over(stub, self.url, request_id)
+            else:
+                # Wait for that status (a loopback round trip) before the request is over, so that closing the
+                # connection right after it never cancels a finished stream: tritonserver 2.51 keeps memory for
+                # every decoupled stream cancelled after its last response (4-22 KB with the connection, docs/memory.md)
+                try:
+                    while results.get(timeout=min(self.timeout, STATUS_WAIT_S)) is not None:
+                        pass
+                except queue.Empty:
+                    pass
 
     def ask(self, prompt: str | None = None, audio: Sequence[bytes] = (), **kw) -> Answer:
         """The whole answer, with its first-chunk time and latency (keywords as for stream)."""
@@ -543,6 +555,12 @@ class AF3Client:
             ans.add(c)
         ans.latency_s = time.perf_counter() - t0
         return ans
+
+
+async def drain(stream) -> None:
+    """Read an async stream to its end (the server's status)."""
+    async for _ in stream:
+        pass
 
 
 class AsyncAF3Client:
@@ -604,9 +622,14 @@ class AsyncAF3Client:
                 if chunk is not None:
                     yield chunk
         finally:
-            stream.cancel()  # this request's stream only; the connection stays for the next
-            if reader.running:  # left early: the af3 ensemble does not pass the call's cancellation on
+            if reader.running:  # left early: cancel this request's stream only (the connection stays for the next);
+                stream.cancel()  # the af3 ensemble does not pass the call's cancellation on
                 await send_cancel_async(client, request_id)
+            else:  # done: let the stream end with the server's status rather than cancel it (see AF3Client.responses)
+                try:
+                    await asyncio.wait_for(drain(stream), min(self.timeout, STATUS_WAIT_S))
+                except (asyncio.TimeoutError, grpc.RpcError):
+                    stream.cancel()
 
     async def complete(self, req: Request) -> Answer:
         """The whole answer of one request, with its first-chunk time and latency."""

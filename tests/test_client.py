@@ -241,3 +241,53 @@ def test_a_client_answers_after_the_server_restarted_on_its_ports(repo, speech_b
             assert c.ask("What is said?", [speech_bytes], max_tokens=4).token_ids == want
         finally:
             second.stop()
+
+
+@pytest.mark.integration
+def test_a_finished_request_ends_its_stream_with_the_status_not_a_cancellation(repo, speech_bytes):
+    """tritonserver 2.51 keeps memory for every decoupled stream cancelled after its last response: 4-22 KB when the
+    client closes its connection right after the last response, before the stream's status (docs/memory.md). So
+    AF3Client, AsyncAF3Client and the OpenAI front's Triton wait for that status once a request is done and cancel
+    only a request left early.
+    The server's verbose log names every stream cancellation ("Cancellation notification received", grpc frontend of
+    server r24.10, src/grpc/infer_handler.h HandleCancellation): none for finished requests, whether each has a
+    connection of its own closed right after it or they share one; a request left early is still cancelled."""
+    from af3trt.runtime.client import AsyncAF3Client
+    from af3trt.runtime.openai.triton import Triton
+    from af3trt.runtime.server import TritonServer
+
+    log = repo / "status-not-cancel.log"
+    srv = TritonServer(repo / "model_repository", log_path=log, log_verbose=1).start(timeout=300)
+
+    def cancelled() -> int:
+        return log.read_text(errors="replace").count("Cancellation notification received")
+
+    async def async_requests() -> None:
+        a = AsyncAF3Client(srv.grpc_url, timeout=120)
+        for k in range(4):
+            await a.complete(Request("What is said?", [speech_bytes], max_tokens=2, stream=k % 2 == 0))
+        await a.close()
+        front = Triton(srv.grpc_url)  # the OpenAI front's side of Triton
+        for k in range(4):
+            pieces = [p async for p in front.generate(Request("What is said?", [speech_bytes], max_tokens=2,
+                                                              stream=k % 2 == 0), f"front-{k}")]
+            assert sum(len(p.ids) for p in pieces) == 2
+        await front.close()
+
+    try:
+        for k in range(6):  # a connection per request, closed as soon as the request is over
+            with AF3Client(srv.grpc_url, timeout=120, private_connection=True) as c:
+                assert c.ask("What is said?", [speech_bytes], max_tokens=2, stream=k % 2 == 0).token_ids
+        with AF3Client(srv.grpc_url, timeout=120, private_connection=True) as c:
+            for k in range(4):
+                assert c.ask("What is said?", [speech_bytes], max_tokens=2, stream=k % 2 == 0).token_ids
+        asyncio.run(async_requests())
+        assert cancelled() == 0
+        with AF3Client(srv.grpc_url, timeout=120, private_connection=True) as c:
+            it = c.stream("What is said?", [speech_bytes], max_tokens=MAX_TOKENS)
+            next(it)
+            it.close()  # left early: this one is cancelled
+            assert c.ask("What is said?", [speech_bytes], max_tokens=2).token_ids
+    finally:
+        srv.stop()
+    assert cancelled() > 0  # read once the server has stopped: its log holds every notification by then

@@ -452,3 +452,76 @@ def test_soak_bytes_per_request_fits_after_warm_up():
     assert bytes_per_request(series, warmup_requests=0)["per_process"]["decoder"]["bytes_per_request"] > 1000
     assert "note" in bytes_per_request(series[:2], warmup_requests=0)
 
+
+
+def test_soak_clip_seconds_and_second_half_fit():
+    """`--clip-seconds LO-HI` draws clips in that range (the light mix that gets 100,000 requests done sooner);
+    a bad range is refused; the report's second-half fit tells a leak (slope stays) from warm-up that lasts."""
+    from af3trt.perf import clips
+    from af3trt.perf.soak import bytes_per_request, make_clips, parse_seconds
+
+    assert parse_seconds("0.5-1") == (0.5, 1.0) and parse_seconds("2") == (2.0, 2.0)
+    for bad in ("1-0.5", "0-1", "-1"):
+        with pytest.raises(ValueError):
+            parse_seconds(bad)
+    import io
+
+    import soundfile as sf
+
+    lengths = [sf.info(io.BytesIO(b)).frames / clips.SR for b in make_clips(4, seconds=(0.5, 1.0))]
+    assert all(0.5 <= s <= 1.0 for s in lengths), lengths
+    # warm-up that lasts: 2 KB per request over the first half, flat after it
+    series = [{"requests": n, "total_mb": 0.0,
+               "processes_mb": {"tritonserver": 50 + min(n, 5000) * 2000 / 2**20}} for n in range(0, 10001, 500)]
+    whole = bytes_per_request(series, warmup_requests=2000)["per_process"]["tritonserver"]["bytes_per_request"]
+    half = bytes_per_request(series, warmup_requests=5000)["per_process"]["tritonserver"]["bytes_per_request"]
+    assert whole > 500 and half == pytest.approx(0, abs=1)
+
+
+def test_soak_report_thins_the_sample_table():
+    """soak.md lists at most max_rows evenly spaced samples (first and last included) of a long run, all of them
+    stay in soak.json; the per-process table has the second-half column."""
+    from af3trt.perf.soak import bytes_per_request, report_md, thin
+
+    series = [{"t_s": 10.0 * k, "requests": 30 * k, "errors": 0, "total_mb": 100.0 + k * 1e-3,
+               "processes_mb": {"tritonserver": 40.0 + k * 1e-3}} for k in range(1000)]
+    rows = thin(series, 25)
+    assert len(rows) == 25 and rows[0] is series[0] and rows[-1] is series[-1]
+    assert thin(series[:5], 25) == series[:5]
+    res = {"summary": {"requests": 29970, "errors": 0, "latency_ms": {}}, "rss_growth": {}, "client_mode": "reused",
+           "concurrency": 8, "max_tokens": 1, "clip_seconds": "0.5-1", "rss_series": series,
+           "bytes_per_request": bytes_per_request(series, 6000),
+           "bytes_per_request_second_half": bytes_per_request(series, 15000)}
+    md = report_md(res, max_rows=25)
+    assert "RSS samples (25 of 1000" in md
+    assert sum(1 for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()) == 25
+    assert "| tritonserver | 35 | 35 |" in md  # 1e-3 MB per 30 requests = 35 B, in both fits
+
+
+def test_soak_leaves_a_stuck_worker_behind():
+    """A client call that never returns (grpc/grpc#20026: a Python channel's close() can deadlock) must not hold
+    the soak forever once every request was issued; a worker still busy but not stuck is waited for."""
+    import threading
+    import time as _time
+
+    from af3trt.perf.soak import wait_workers
+
+    hang, slow_done = threading.Event(), threading.Event()
+    busy = {0: _time.monotonic() - 1000, 1: _time.monotonic()}  # worker 0 stuck for 1000 s, worker 1 just began
+    threads = [threading.Thread(target=hang.wait, daemon=True),
+               threading.Thread(target=lambda: slow_done.wait(0.5), daemon=True)]
+    for t in threads:
+        t.start()
+    t0 = _time.monotonic()
+    assert wait_workers(threads, busy, lambda: True, stuck_s=120) == [0]
+    assert not threads[1].is_alive() and _time.monotonic() - t0 < 60  # waited for the slow one, not the stuck one
+    hang.set()
+    threads[0].join()
+    assert wait_workers(threads, busy, lambda: True, stuck_s=120) == []
+    # while requests are still to be issued, a busy worker is never left behind
+    again = threading.Event()
+    threads = [threading.Thread(target=again.wait, daemon=True)]
+    threads[0].start()
+    issuing = iter([False, False, True])
+    assert wait_workers(threads, {0: _time.monotonic() - 1000}, lambda: next(issuing), stuck_s=120) == [0]
+    again.set()

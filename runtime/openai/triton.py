@@ -14,7 +14,8 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from af3trt.runtime import contract, lengths
-from af3trt.runtime.client import AF3Busy, AF3ConnectionError, AF3Error, ResponseReader, send_cancel_async
+from af3trt.runtime.client import (STATUS_WAIT_S, AF3Busy, AF3ConnectionError, AF3Error, ResponseReader, drain,
+                                   send_cancel_async)
 from af3trt.runtime.client import Request as Job
 from af3trt.runtime.errors import ErrorCode
 from af3trt.runtime.openai.common import APIError, Piece
@@ -120,8 +121,13 @@ class Triton:
                 raise _unavailable(self.url, e.details()) from None
             raise APIError.of(ErrorCode.INTERNAL, f"gRPC error from Triton: {e.code().name}: {e.details()}") from None
         finally:
-            done.set()
-            if not finished:  # the client went away, a stop string matched, or an error: end it in Triton
+            done.set()  # half-closes our side: Triton ends the stream with its status
+            if finished:  # wait for that status rather than drop (and so cancel) a finished stream: AF3Client.responses
+                try:
+                    await asyncio.wait_for(drain(call), STATUS_WAIT_S)
+                except (asyncio.TimeoutError, grpc.RpcError, InferenceServerException):
+                    call.cancel()
+            else:  # the client went away, a stop string matched, or an error: end it in Triton
                 log.info("request %s: cancelling it in Triton", request_id)
                 call.cancel()
                 if not errored:
