@@ -141,6 +141,45 @@ GPU_ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
 CPU_ENCODER_PRECISIONS = ("fp32", "int8")  # ONNX Runtime; int8 = dynamic quantization
 
 
+@dataclass(frozen=True)
+class CpuDecoderPrecision:
+    """A precision of the CPU target's decoder (transformers' Qwen2ForCausalLM on torch, runtime/decoder.py): the
+    dtype its weights are written in at build time (export/extract_lm.py) and run in, and the accuracy gate it must
+    pass against transformers' fp32 AF3 on the same prompts (tests/test_cpu_precision.py). The build, the
+    repository (the prompt table's dtype) and `--cpu-decoder-precision` look it up here and branch on nothing else.
+
+    The gate, teacher-forced on the fp32 reference's greedy answer (so one early divergence does not decide every
+    later position): at least `min_agreement` of the answer positions pick the same token, the first `exact_prefix`
+    tokens of a free-running answer equal the reference's, and every logit is within `max_logit_error` x the spread
+    (standard deviation) of the reference's logits at that position. `exact_same_dtype`: greedy answers equal, token
+    for token, transformers' AF3 with its language model in this dtype (the encoder fp32, as af3trt's ONNX encoder)."""
+
+    name: str
+    dtype: str | None  # torch dtype name of the weights; None: the checkpoint's own (no cast)
+    min_agreement: float = 1.0
+    exact_prefix: int = 24
+    max_logit_error: float = 1e-4
+    exact_same_dtype: bool = True
+
+
+# auto keeps the checkpoint's dtype: fp32 for the synthetic presets (so the token-exact parity tests compare fp32
+# with fp32), bf16 for the real AF3 (its 7.6 B parameters are 15 GB in bf16, 30 GB in fp32). bf16 rounds the weights
+# and every activation to 8 mantissa bits: answers drift from fp32's after some tokens (bounds measured on the tiny and
+# af3 presets: tests/test_cpu_precision.py, docs/performance-engine.md).
+CPU_DECODER_PRECISIONS: dict[str, CpuDecoderPrecision] = {p.name: p for p in (
+    CpuDecoderPrecision("auto", None),
+    CpuDecoderPrecision("fp32", "float32"),
+    CpuDecoderPrecision("bf16", "bfloat16", min_agreement=0.9, exact_prefix=0, max_logit_error=0.35),
+)}
+
+
+def cpu_decoder_precision(name: str, error: type[Exception] = ValueError) -> CpuDecoderPrecision:
+    """The record of a CPU decoder precision (`error` naming the known ones when there is none)."""
+    if name not in CPU_DECODER_PRECISIONS:
+        raise error(f"CPU decoder precision must be one of {', '.join(CPU_DECODER_PRECISIONS)}, got {name!r}")
+    return CPU_DECODER_PRECISIONS[name]
+
+
 
 @dataclass(frozen=True)
 class GpuInfo:
