@@ -76,36 +76,61 @@ def af3trt_round(url: str, args, variant: int) -> tuple[dict, dict]:
                    "tool": f"af3trt client (gRPC), closed loop at concurrency {args.burst_clips}"}
 
 
-def run_rounds(urls: dict[str, str], ref, args) -> dict:
-    """Rounds of: every af3trt variant's burst and sustained loop, then transformers on the round's burst clips."""
+PEERS = ("sequential", "batched")  # transformers one clip at a time, one batched generate over the round's clips
+
+
+def peer_names(dtypes: list[str]) -> list[str]:
+    """The peers' measure names: `sequential` / `batched` for the first dtype (transformers' default load), suffixed
+    by the dtype for the others (e.g. `sequential bfloat16`)."""
+    return [p if i == 0 else f"{p} {d}" for i, d in enumerate(dtypes) for p in PEERS]
+
+
+def pick_threads(ref, warm, max_tokens: int) -> dict:
+    """The faster of 1 and all cores for a transformers peer, timed on the warm-up's batched generate."""
+    timed = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        ref.set_threads(n)
+        timed[n] = ref.batched(compare.items_of(warm), len(warm), max_tokens)["seconds"]
+    ref.set_threads(min(timed, key=timed.get))
+    return timed
+
+
+def run_rounds(urls: dict[str, str], refs: dict, args) -> dict:
+    """Rounds of: every af3trt variant's burst and sustained loop, then each transformers peer (`refs`: dtype →
+    TransformersBaseline) one at a time and batched on the round's burst clips."""
     runs: dict[str, list[dict]] = {f"{v} {m}": [] for v in urls for m in ("burst", "sustained")}
-    runs.update(sequential=[], batched=[])
+    names = peer_names(list(refs))
+    runs.update({k: [] for k in names})
     warm = fresh_clips(args.burst_clips, 0)
-    compare.baseline_round(ref, warm, args.max_tokens)  # warm-up, not counted
-    if not args.baseline_threads:  # the faster of 1 and all cores for transformers, on the warm-up's batch
-        timed = {}
-        for n in sorted({1, os.cpu_count() or 1}):
-            ref.set_threads(n)
-            timed[n] = ref.batched(compare.items_of(warm), len(warm), args.max_tokens)["seconds"]
-        ref.set_threads(min(timed, key=timed.get))
-        log.info("transformers threads: %d (batched warm-up seconds by threads: %s)", ref.threads, timed)
+    threads = {}
+    for dtype, ref in refs.items():
+        compare.baseline_round(ref, warm, args.max_tokens)  # warm-up, not counted
+        if not args.baseline_threads:
+            threads[dtype] = pick_threads(ref, warm, args.max_tokens)
+            log.info("transformers %s threads: %d (batched warm-up seconds by threads: %s)", dtype, ref.threads,
+                     threads[dtype])
     variant = 1000  # variants below 1000 are the warm-ups'
+    load = []
     for i in range(args.rounds):
+        load.append(machine.load_average())
         for name, url in urls.items():
             burst, sustained = af3trt_round(url, args, variant)
             runs[f"{name} burst"].append(burst)
             runs[f"{name} sustained"].append(sustained)
             variant += 1 + args.sustained
-        base = compare.baseline_round(ref, fresh_clips(args.burst_clips, variant - 1 - args.sustained),
-                                      args.max_tokens)
-        runs["sequential"].append(base["sequential"])
-        runs["batched"].append(base["batched"])
+        clips = fresh_clips(args.burst_clips, variant - 1 - args.sustained)
+        for k, ref in enumerate(refs.values()):
+            base = compare.baseline_round(ref, clips, args.max_tokens)
+            for peer, name in zip(PEERS, names[2 * k:2 * k + 2]):
+                runs[name].append(base[peer])
         log.info("round %d: %s", i + 1, ", ".join(f"{k} {v[-1]['throughput_rps']:.2f}" for k, v in runs.items()))
     rps = {k: [r["throughput_rps"] for r in v] for k, v in runs.items()}
     med = {k: float(np.median(v)) for k, v in rps.items()}
-    out = {"rounds": args.rounds, "baseline_threads": ref.threads, "req_s": rps, "median_req_s": med, "spread": {k: spread(v) for k, v in rps.items()}}
-    out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in ("sequential", "batched")
-                     for b in ("sequential", "batched")}
+    out = {"rounds": args.rounds, "peers": {d: {"threads": r.threads, "dtype": r.dtype, "threads_timed": threads.get(d)}
+                                            for d, r in refs.items()},
+           "load_average_by_round": load, "req_s": rps, "median_req_s": med,
+           "spread": {k: spread(v) for k, v in rps.items()}}
+    out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in names for b in names}
     out["splits"] = {k: [r.get("split") for r in v] for k, v in runs.items() if k.endswith("burst")}
     return out
 
@@ -231,16 +256,23 @@ def render(r: dict) -> str:
              f"{r['load_average_end']} at end. Variants: "
              + "; ".join(f"`{k}` = {v or 'defaults'}" for k, v in r["variants"].items()) + ".", "",
              "| measure | median req/s | spread (max-min)/median | per-round req/s |", "|---|---|---|---|"]
+    dtypes = list(c.get("peers") or {"float32": {}})
+    peers = {}
+    for name, (peer, dtype) in zip(peer_names(dtypes), [(p, d) for d in dtypes for p in PEERS]):
+        what = "one-at-a-time" if peer == "sequential" else f"batched generate ({r['args']['burst_clips']})"
+        peers[name] = f"transformers {dtype} {what}"
     for k in c["req_s"]:
-        peers = {"sequential": "transformers one-at-a-time",
-                 "batched": f"transformers batched generate ({r['args']['burst_clips']})"}
         name = peers.get(k, f"af3trt {k}")
         lines.append(f"| {name} | {med[k]:.2f} | {100 * sp[k]:.0f} % | "
                      f"{' / '.join(f'{v:.2f}' for v in c['req_s'][k])} |")
     lines += ["", "| ratio (medians) | value | target |", "|---|---|---|"]
     for key, v in c["ratios"].items():
-        target = compare.TARGET_VS_SEQUENTIAL if key.endswith("sequential") else compare.TARGET_VS_BATCHED
+        target = compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") \
+            else compare.TARGET_VS_BATCHED
         lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
+    if c.get("load_average_by_round"):
+        lines += ["", "Load average (1, 5, 15 min) at the start of each round: "
+                  + "; ".join(", ".join(f"{x:.1f}" for x in la) for la in c["load_average_by_round"]) + "."]
     if "cache" in r:
         ca = r["cache"]
         lines += ["", "## Audio cache (OpenAI front, 8 streamed chat completions at once)", "",
@@ -264,6 +296,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--baseline-threads", type=int, default=0,
                     help="transformers' torch threads (0: the faster of 1 and all cores, timed at warm-up)")
+    ap.add_argument("--peer-dtypes", default="auto,bfloat16",
+                    help="transformers peers, by the dtype the whole model is loaded in (auto: transformers' default, "
+                         "the checkpoint's dtype; comma-separated)")
     ap.add_argument("--cache-rounds", type=int, default=3, help="0: skip the audio-cache figures")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
@@ -308,9 +343,12 @@ def main(argv=None) -> int:
         for url in urls.values():  # warm every stage
             run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,
                      requests=args.burst_clips, max_tokens=args.max_tokens, stream=False)
-        ref = TransformersBaseline(ckpt, threads=args.baseline_threads or None)
-        result["compare"] = run_rounds(urls, ref, args)
-        del ref
+        loaded = [TransformersBaseline(ckpt, threads=args.baseline_threads or None, dtype=None if d == "auto" else d)
+                  for d in args.peer_dtypes.split(",")]
+        refs = {ref.dtype: ref for ref in loaded}  # by the dtype it loaded in (auto: the checkpoint's)
+        del loaded
+        result["compare"] = run_rounds(urls, refs, args)
+        del refs
         if args.cache_rounds:
             result["cache"] = cache_figures(urls["default"], args, out)
     finally:

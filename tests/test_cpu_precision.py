@@ -156,6 +156,7 @@ def test_gate_on_the_tiny_preset(ref, tmp_path, name):
     _check_gate(ref, tmp_path, name)
 
 
+@pytest.mark.slow  # a 37 M-parameter checkpoint written, extracted and run in fp32 and the precision
 @pytest.mark.parametrize("name", ["fp32", "bf16"])
 def test_gate_on_the_af3_preset(af3_ref, tmp_path, name):
     _check_gate(af3_ref, tmp_path, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from af3trt.perf import engine
@@ -34,4 +35,61 @@ def test_spread_and_report():
     text = engine.render(result)
     assert "| af3trt default burst | 5.00 | 40 % |" in text
     assert "| default burst vs sequential | 2.50 | ≥ 3.0 (missed) |" in text
-    assert "| transformers batched generate (8) | 4.00 | 0 % |" in text
+    assert "| transformers float32 batched generate (8) | 4.00 | 0 % |" in text
+
+
+class _Peer:
+    def __init__(self, dtype, rps):
+        self.dtype, self.rps, self.threads = dtype, rps, 2
+
+    def set_threads(self, n):
+        self.threads = n
+
+    def batched(self, items, n, max_tokens):
+        return {"seconds": 1.0 / self.threads}  # 2 threads time faster: chosen
+
+
+def test_rounds_pair_every_af3trt_measure_with_every_peer(monkeypatch):
+    """Two af3trt builds and transformers in two dtypes: each af3trt measure gets a ratio to each peer's, and the
+    report names the peers by dtype with the target of their kind."""
+    import argparse
+
+    from af3trt.perf import compare
+
+    speed = {"u1": 6.0, "u2": 12.0}
+    monkeypatch.setattr(engine, "af3trt_round", lambda url, args, variant: (
+        {"throughput_rps": speed[url]}, {"throughput_rps": speed[url] + 1}))
+    monkeypatch.setattr(compare, "baseline_round", lambda ref, clips, max_tokens: {
+        "sequential": {"throughput_rps": ref.rps}, "batched": {"throughput_rps": 2 * ref.rps}})
+    monkeypatch.setattr(engine, "fresh_clips", lambda count, variant: [(7.0, b"x")] * count)
+    args = argparse.Namespace(burst_clips=2, max_tokens=4, sustained=1, rounds=3, baseline_threads=0)
+    refs = {"float32": _Peer("float32", 2.0), "bfloat16": _Peer("bfloat16", 4.0)}
+    out = engine.run_rounds({"default": "u1", "bf16": "u2"}, refs, args)
+    assert set(out["req_s"]) == {"default burst", "default sustained", "bf16 burst", "bf16 sustained", "sequential",
+                                 "batched", "sequential bfloat16", "batched bfloat16"}
+    assert out["ratios"]["bf16 burst vs sequential"] == 6.0
+    assert out["ratios"]["bf16 burst vs batched bfloat16"] == 1.5
+    assert len(out["ratios"]) == 4 * 4 and out["peers"]["bfloat16"]["threads"] == 2
+    result = {"started_utc": "T", "args": {"max_tokens": 4, "sustained": 1, "burst_clips": 2},
+              "variants": {"default": "", "bf16": "--cpu-decoder-precision bf16"}, "load_average_start": [1, 1, 1],
+              "load_average_end": [1, 1, 1], "compare": out}
+    text = engine.render(result)
+    assert "| transformers bfloat16 one-at-a-time | 4.00 | 0 % |" in text
+    assert "| bf16 burst vs sequential bfloat16 | 3.00 | ≥ 3.0 (met) |" in text
+    assert "| default burst vs batched bfloat16 | 0.75 | ≥ 1.5 (missed) |" in text
+
+
+@pytest.mark.slow  # a fresh python with torch and transformers per point
+def test_decode_step_runs_the_engine_under_the_isa_cap(lm_dir):
+    """perf/decode_step.py: a fresh process per point, torch's kernels capped to AVX2 when asked (the emulation)."""
+    import argparse
+
+    from af3trt.perf import decode_step
+
+    args = argparse.Namespace(prompt=8, steps=3, repeats=1)
+    capped = decode_step.run_one(lm_dir, "avx2", 1, 2, args)
+    assert capped["torch_capability"] == "AVX2" and capped["ms_median"] > 0
+    row = {"isa": "avx2", "precision": "bf16", "threads": 1, "batch": 2, **capped}
+    text = decode_step.render({"started_utc": "T", "preset": "tiny", "prompt": 8, "steps": 3, "repeats": 1,
+                               "load_average_start": [1], "load_average_end": [1], "rows": [row]})
+    assert "| avx2 (emulated) | bf16 | 1 | 2 |" in text
