@@ -84,6 +84,8 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     if found is not None:
         with prog.step("building think/ (AF3's thinking mode: encoder variant, LoRA)"):
             extra = think.build_cpu(found, plan.hf_model, art, report)
+    if precision.int8_linear:  # quantized as the decoder loads (runtime/decoder.load_model)
+        extra = {**(extra or {}), "decoder": {**(extra or {}).get("decoder", {}), "int8_linear": "true"}}
     spec = cpu_repo_spec(plan, lm, onnx_rel, extra)
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)

@@ -412,7 +412,7 @@ def check_options(opts: BuildOptions) -> None:
             raise BuildError(f"--encoder-precision must be fp32 or int8 on the CPU target, "
                              f"got {opts.encoder_precision!r}")
         cpu_decoder_precision(opts.cpu_decoder_precision, BuildError)
-    elif opts.cpu_decoder_precision != "auto":
+    elif opts.cpu_decoder_precision != BuildOptions.cpu_decoder_precision:  # not the default
         raise BuildError("--cpu-decoder-precision is for the CPU target (the GPU target's is --precision)")
     else:
         opts.gpu = opts.gpu or GpuOptions()

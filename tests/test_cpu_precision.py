@@ -21,7 +21,7 @@ import torch
 
 from af3trt.export.extract_lm import extract_language_model
 from af3trt.registry import CPU_DECODER_PRECISIONS, cpu_decoder_precision
-from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
+from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, load_model
 
 N_NEW = 24
 PROMPTS = [("Describe the sound.", 3.0), ("Transcribe the input speech.", 7.0), ("What is the weather tomorrow?", None),
@@ -72,12 +72,10 @@ def _teacher_forced_logits(lm, ids: np.ndarray, table, answer: list[int]) -> tor
     return logits[len(ids) - 1:len(ids) - 1 + len(answer)]
 
 
-def gate_figures(ref, lm_dir, dtype: torch.dtype) -> dict:
+def gate_figures(ref, lm_dir, dtype: torch.dtype, int8_linear: bool = False) -> dict:
     """The gate's figures of the language model in `lm_dir` against `ref` (transformers' AF3, fp32), over PROMPTS."""
-    from transformers import Qwen2ForCausalLM
-
     model, processor, end_id = ref.model, ref.processor, ref.end_id
-    ours = Qwen2ForCausalLM.from_pretrained(lm_dir, dtype="auto").eval()
+    ours = load_model(lm_dir, int8_linear)
     assert ours.dtype == dtype
     ref_lm = copy.deepcopy(model.model.language_model)  # transformers' own decoder, fp32, with AF3's lm_head
     figures = {"agree": 0, "positions": 0, "max_logit_error": 0.0, "prefixes": [], "requests": []}
@@ -113,10 +111,10 @@ def _reference_logits(model, ref_lm, ids, table, answer) -> torch.Tensor:
     return _teacher_forced_logits(_Lm(), ids, table, answer)
 
 
-def free_running_prefixes(lm_dir, figures: dict, end_id: int) -> list[int]:
+def free_running_prefixes(lm_dir, figures: dict, end_id: int, int8_linear: bool = False) -> list[int]:
     """How many leading tokens of the engine's own greedy answer equal the reference's, per prompt."""
     out = []
-    with DecoderEngine(lm_dir, max_batch_size=4) as eng:
+    with DecoderEngine(lm_dir, max_batch_size=4, int8_linear=int8_linear) as eng:
         for ids, table, answer in figures["requests"]:
             got = eng.generate(GenerationRequest(input_ids=ids, prompt_table=table, max_new_tokens=N_NEW,
                                                  prompt_vocab_size=0 if table is None else table.shape[0],
@@ -130,8 +128,8 @@ def _check_gate(ref, tmp_path, name: str) -> dict:
     ckpt = ref.model.name_or_path
     lm = extract_language_model(ckpt, tmp_path / f"lm-{name}", dtype=p.dtype)
     dtype = getattr(torch, lm["dtype"])
-    figures = gate_figures(ref, tmp_path / f"lm-{name}", dtype)
-    prefixes = free_running_prefixes(tmp_path / f"lm-{name}", figures, ref.end_id)
+    figures = gate_figures(ref, tmp_path / f"lm-{name}", dtype, p.int8_linear)
+    prefixes = free_running_prefixes(tmp_path / f"lm-{name}", figures, ref.end_id, p.int8_linear)
     answers = [len(a) for *_, a in figures["requests"]]
     print(f"{name}: agreement {figures['agreement']:.3f} over {figures['positions']} positions, max logit error "
           f"{figures['max_logit_error']:.4f} x std, free-running prefixes {prefixes} of {answers}")
@@ -151,13 +149,13 @@ def af3_ref(tmp_path_factory):
     return Reference(write_checkpoint(tmp_path_factory.mktemp("ckpt-af3") / "af3", "af3", seed=0))
 
 
-@pytest.mark.parametrize("name", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8_dyn"])
 def test_gate_on_the_tiny_preset(ref, tmp_path, name):
     _check_gate(ref, tmp_path, name)
 
 
 @pytest.mark.slow  # a 37 M-parameter checkpoint written, extracted and run in fp32 and the precision
-@pytest.mark.parametrize("name", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8_dyn"])
 def test_gate_on_the_af3_preset(af3_ref, tmp_path, name):
     _check_gate(af3_ref, tmp_path, name)
 
@@ -220,20 +218,25 @@ def _together(eng, requests) -> list[list[int]]:
     return tokens
 
 
-def test_a_build_writes_and_records_the_decoder_precision(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("name", ["bf16", "int8_dyn"])
+def test_a_build_writes_and_records_the_decoder_precision(tiny_ckpt, tmp_path, name):
     from af3trt.build.build_engines import BuildOptions, ServingConfig, build
     from af3trt.triton_repo import configs
 
-    out = build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "out", cpu_decoder_precision="bf16", think=False,
+    p = CPU_DECODER_PRECISIONS[name]
+    out = build(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "out", cpu_decoder_precision=name, think=False,
                              serving=ServingConfig(max_audio_seconds=30, max_text_len=256, max_output_len=16)))
     lm = json.loads((out / "artifacts" / "lm" / "config.json").read_text())
-    assert lm["dtype"] == "bfloat16"
+    assert lm["dtype"] == p.dtype
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precisions"]["decoder_precision"] == "bf16"
-    assert manifest["options"]["cpu_decoder_precision"] == "bf16"
+    assert manifest["precisions"]["decoder_precision"] == name
+    assert manifest["options"]["cpu_decoder_precision"] == name
     decoder = configs.parse((out / "model_repository" / "decoder" / "config.pbtxt").read_text())
     table = next(i for i in decoder.input if i.name == "prompt_embedding_table")
-    assert configs.mc.DataType.Name(table.data_type) == "TYPE_BF16"  # fusion casts the fp32 encoder's rows to it
+    # fusion casts the fp32 encoder's rows to the decoder's dtype
+    assert configs.mc.DataType.Name(table.data_type) == {"bfloat16": "TYPE_BF16", "float32": "TYPE_FP32"}[p.dtype]
+    params = {k: v.string_value for k, v in decoder.parameters.items()}
+    assert (params.get("int8_linear") == "true") == p.int8_linear
 
 
 def test_the_choice_is_checked_against_the_records(tiny_ckpt, tmp_path):
@@ -245,3 +248,10 @@ def test_the_choice_is_checked_against_the_records(tiny_ckpt, tmp_path):
         check_options(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "b", cpu_decoder_precision="int3"))
     with pytest.raises(BuildError, match="for the CPU target"):
         check_options(BuildOptions(hf_model=tiny_ckpt, out=tmp_path / "c", target="gpu", cpu_decoder_precision="bf16"))
+
+
+def test_int8_linear_and_a_lora_adapter_are_refused_together(lm_dir, tmp_path):
+    from af3trt.runtime.decoder import DecodeError
+
+    with pytest.raises(DecodeError, match="LoRA"):
+        DecoderEngine(lm_dir, int8_linear=True, lora_dir=tmp_path)
