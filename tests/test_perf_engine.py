@@ -46,7 +46,12 @@ class _Peer:
         self.threads = n
 
     def batched(self, items, n, max_tokens):
-        return {"seconds": 1.0 / self.threads}  # 2 threads time faster: chosen
+        if self.threads == 1:  # the warm-up's thread timing: 2 threads time faster, and are chosen
+            return {"seconds": 1.0}
+        return {"seconds": n / (2 * self.rps) if self.threads == 2 else 0.0}
+
+    def sequential(self, items, n, max_tokens):
+        return {"seconds": [1.0 / self.rps] * n}
 
 
 def test_rounds_pair_every_af3trt_measure_with_every_peer(monkeypatch):
@@ -54,13 +59,9 @@ def test_rounds_pair_every_af3trt_measure_with_every_peer(monkeypatch):
     report names the peers by dtype with the target of their kind."""
     import argparse
 
-    from af3trt.perf import compare
-
     speed = {"u1": 6.0, "u2": 12.0}
-    monkeypatch.setattr(engine, "af3trt_round", lambda url, args, variant: (
-        {"throughput_rps": speed[url]}, {"throughput_rps": speed[url] + 1}))
-    monkeypatch.setattr(compare, "baseline_round", lambda ref, clips, max_tokens: {
-        "sequential": {"throughput_rps": ref.rps}, "batched": {"throughput_rps": 2 * ref.rps}})
+    monkeypatch.setattr(engine, "af3trt_round", lambda url, args, variant, pid: (
+        {"throughput_rps": speed[url], "cpu_s_per_request": 1.0}, {"throughput_rps": speed[url] + 1}))
     monkeypatch.setattr(engine, "fresh_clips", lambda count, variant: [(7.0, b"x")] * count)
     args = argparse.Namespace(burst_clips=2, max_tokens=4, sustained=1, rounds=3, baseline_threads=0)
     refs = {"float32": _Peer("float32", 2.0), "bfloat16": _Peer("bfloat16", 4.0)}
@@ -70,11 +71,15 @@ def test_rounds_pair_every_af3trt_measure_with_every_peer(monkeypatch):
     assert out["ratios"]["bf16 burst vs sequential"] == 6.0
     assert out["ratios"]["bf16 burst vs batched bfloat16"] == 1.5
     assert len(out["ratios"]) == 4 * 4 and out["peers"]["bfloat16"]["threads"] == 2
+    assert set(out["cpu_ratios"]) >= {"bf16 burst vs sequential", "default burst vs batched bfloat16"}
+    assert "bf16 sustained vs sequential" not in out["cpu_ratios"]  # no CPU figure, no ratio
     result = {"started_utc": "T", "args": {"max_tokens": 4, "sustained": 1, "burst_clips": 2},
               "variants": {"default": "", "bf16": "--cpu-decoder-precision bf16"}, "load_average_start": [1, 1, 1],
               "load_average_end": [1, 1, 1], "compare": out}
     text = engine.render(result)
-    assert "| transformers bfloat16 one-at-a-time | 4.00 | 0 % |" in text
+    assert "| transformers bfloat16 one-at-a-time | 4.00 | 0 % | 4.00 / 4.00 / 4.00 |" in text
+    assert "| af3trt bf16 burst | 12.00 | 0 % | 12.00 / 12.00 / 12.00 | 1.00 |" in text
+    assert "ratio of CPU seconds per request" in text
     assert "| bf16 burst vs sequential bfloat16 | 3.00 | ≥ 3.0 (met) |" in text
     assert "| default burst vs batched bfloat16 | 0.75 | ≥ 1.5 (missed) |" in text
 
@@ -93,3 +98,21 @@ def test_decode_step_runs_the_engine_under_the_isa_cap(lm_dir):
     text = decode_step.render({"started_utc": "T", "preset": "tiny", "prompt": 8, "steps": 3, "repeats": 1,
                                "load_average_start": [1], "load_average_end": [1], "rows": [row]})
     assert "| avx2 (emulated) | bf16 | 1 | 2 |" in text
+
+
+def test_tree_cpu_seconds_counts_children():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint('done', flush=True)\n" \
+        "time.sleep(60)"
+    before = engine.tree_cpu_seconds(os.getpid()) - time.process_time()
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"  # it has spent 0.3 s of CPU and is still alive
+        assert engine.tree_cpu_seconds(os.getpid()) - time.process_time() - before >= 0.25  # the child's, not ours
+    finally:
+        child.kill()
+        child.wait()
