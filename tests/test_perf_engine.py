@@ -84,20 +84,21 @@ def test_rounds_pair_every_af3trt_measure_with_every_peer(monkeypatch):
     assert "| default burst vs batched bfloat16 | 0.75 | ≥ 1.5 (missed) |" in text
 
 
-@pytest.mark.slow  # a fresh python with torch and transformers per point
+@pytest.mark.slow  # a fresh python with torch and transformers
 def test_decode_step_runs_the_engine_under_the_isa_cap(lm_dir):
-    """perf/decode_step.py: a fresh process per point, torch's kernels capped to AVX2 when asked (the emulation)."""
+    """perf/decode_step.py: a fresh process per ISA and thread count, torch's kernels capped to AVX2 when asked (the
+    emulation); every precision at every batch."""
     import argparse
 
     from af3trt.perf import decode_step
 
-    args = argparse.Namespace(prompt=8, steps=3, repeats=1)
-    capped = decode_step.run_one(lm_dir, "avx2", 1, 2, args)
-    assert capped["torch_capability"] == "AVX2" and capped["ms_median"] > 0
-    row = {"isa": "avx2", "precision": "bf16", "threads": 1, "batch": 2, **capped}
+    args = argparse.Namespace(prompt=8, steps=3, repeats=1, batches=[1, 2])
+    rows = decode_step.run_one({"fp32": (str(lm_dir), False), "int8_dyn": (str(lm_dir), True)}, "avx2", 1, args)
+    assert {(r["precision"], r["batch"]) for r in rows} == {(p, b) for p in ("fp32", "int8_dyn") for b in (1, 2)}
+    assert all(r["torch_capability"] == "AVX2" and r["ms_median"] > 0 for r in rows)
     text = decode_step.render({"started_utc": "T", "preset": "tiny", "prompt": 8, "steps": 3, "repeats": 1,
-                               "load_average_start": [1], "load_average_end": [1], "rows": [row]})
-    assert "| avx2 (emulated) | bf16 | 1 | 2 |" in text
+                               "load_average_start": [1], "load_average_end": [1], "rows": rows})
+    assert "| avx2 (emulated) | int8_dyn | 1 | 2 |" in text
 
 
 def test_tree_cpu_seconds_counts_children():
