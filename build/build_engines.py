@@ -81,6 +81,9 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
         report.sections["language_model"] = {k: v for k, v in lm.items() if k != "shapes"}
     extra = None
     found = think.load(plan.hf_model, plan.options.think)
+    if found is not None and precision.int8_linear:  # runtime/decoder.py cannot put its LoRA rows on int8 layers
+        raise BuildError(f"--cpu-decoder-precision {precision.name} cannot serve the checkpoint's think/ adapter: "
+                         f"build with --no-think, or another precision")
     if found is not None:
         with prog.step("building think/ (AF3's thinking mode: encoder variant, LoRA)"):
             extra = think.build_cpu(found, plan.hf_model, art, report)

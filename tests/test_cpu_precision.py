@@ -255,3 +255,21 @@ def test_int8_linear_and_a_lora_adapter_are_refused_together(lm_dir, tmp_path):
 
     with pytest.raises(DecodeError, match="LoRA"):
         DecoderEngine(lm_dir, int8_linear=True, lora_dir=tmp_path)
+
+
+def test_a_build_refuses_int8_linear_with_a_think_adapter(tiny_ckpt, tmp_path):
+    """The decoder cannot put the thinking adapter's LoRA rows on int8 layers: refused at build time, not when the
+    server loads the decoder."""
+    import shutil
+
+    from af3trt.build.build_engines import BuildOptions, ServingConfig, build
+    from af3trt.build.common import BuildError
+    from af3trt.export.think import write_think
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    write_think(ckpt, seed=0)
+    with pytest.raises(BuildError, match="--no-think"):
+        build(BuildOptions(hf_model=ckpt, out=tmp_path / "out", cpu_decoder_precision="int8_dyn",
+                           serving=ServingConfig(max_audio_seconds=30, max_text_len=256, max_output_len=16)))
+    assert not (tmp_path / "out").exists()
