@@ -326,6 +326,21 @@ def render(r: dict) -> str:
         target = compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") \
             else compare.TARGET_VS_BATCHED
         lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
+    splits = {k: [x for x in v if x] for k, v in (c.get("splits") or {}).items()}
+    if any(splits.values()):
+        lines += ["", "Where a burst request's time goes (mean over the rounds, ms: each stage's queue + compute from "
+                  "Triton's statistics; decoder generation = admission to last token):", "",
+                  "| burst | preprocess | encoder | fusion | decoder generation | ensemble |", "|---|---|---|---|---|---|"]
+        for k, v in splits.items():
+            if not v:
+                continue
+
+            def stage(name):
+                return float(np.mean([x["stages"][name]["queue_ms"] + x["stages"][name]["compute_ms"] for x in v]))
+
+            lines.append(f"| {k} | {stage('preprocess'):.0f} | {stage('encoder'):.0f} | {stage('fusion'):.0f} | "
+                         f"{np.mean([x['decoder_generation_ms'] for x in v]):.0f} | "
+                         f"{np.mean([x['ensemble_ms'] for x in v]):.0f} |")
     if c.get("cpu_ratios"):
         lines += ["", "| ratio of CPU seconds per request (peer / af3trt, medians) | value | target |", "|---|---|---|"]
         for key, v in c["cpu_ratios"].items():

@@ -117,3 +117,15 @@ def test_tree_cpu_seconds_counts_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_report_breaks_a_burst_down_by_stage():
+    stage = {"queue_ms": 10.0, "compute_ms": 5.0}
+    split = {"ensemble_ms": 900.0, "decoder_generation_ms": 800.0,
+             "stages": {"preprocess": stage, "encoder": {"queue_ms": 40.0, "compute_ms": 20.0}, "fusion": stage}}
+    runs = {"default burst": [1.0], "sequential": [1.0], "batched": [1.0]}
+    result = {"started_utc": "T", "args": {"max_tokens": 4, "sustained": 1, "burst_clips": 2},
+              "variants": {"default": ""}, "load_average_start": [1], "load_average_end": [1],
+              "compare": {"rounds": 1, "req_s": runs, "median_req_s": {k: 1.0 for k in runs},
+                          "spread": {k: 0.0 for k in runs}, "ratios": {}, "splits": {"default burst": [split, None]}}}
+    assert "| default burst | 15 | 60 | 15 | 800 | 900 |" in engine.render(result)
