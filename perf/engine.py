@@ -113,6 +113,7 @@ def peer_round(ref, clips: list[tuple[float, bytes]], max_tokens: int) -> dict:
     """transformers one clip at a time, then one batched generate over all: req/s and CPU seconds per request (this
     process's CPU time, which is transformers' alone while it runs)."""
     items = compare.items_of(clips)
+    ref.set_threads(ref.threads)  # torch's thread count is process-wide: every peer sets its own
     out = {}
     for peer in PEERS:
         cpu0 = time.process_time()

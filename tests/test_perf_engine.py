@@ -42,15 +42,21 @@ class _Peer:
     def __init__(self, dtype, rps):
         self.dtype, self.rps, self.threads = dtype, rps, 2
 
+    process_threads = 0  # torch.set_num_threads is process-wide
+
     def set_threads(self, n):
-        self.threads = n
+        self.threads = _Peer.process_threads = n
 
     def batched(self, items, n, max_tokens):
-        if self.threads == 1:  # the warm-up's thread timing: 2 threads time faster, and are chosen
+        if self.threads == 1:  # the warm-up's thread timing: float32 is faster with 2 threads, bfloat16 with 1
             return {"seconds": 1.0}
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.dtype == "bfloat16" and self.calls == 3:  # after the warm-up and the 1-thread timing
+            return {"seconds": 2.0}
         return {"seconds": n / (2 * self.rps) if self.threads == 2 else 0.0}
 
     def sequential(self, items, n, max_tokens):
+        assert _Peer.process_threads == self.threads  # its own count, whatever the other peer set last
         return {"seconds": [1.0 / self.rps] * n}
 
 
@@ -70,7 +76,8 @@ def test_rounds_pair_every_af3trt_measure_with_every_peer(monkeypatch):
                                  "batched", "sequential bfloat16", "batched bfloat16"}
     assert out["ratios"]["bf16 burst vs sequential"] == 6.0
     assert out["ratios"]["bf16 burst vs batched bfloat16"] == 1.5
-    assert len(out["ratios"]) == 4 * 4 and out["peers"]["bfloat16"]["threads"] == 2
+    assert len(out["ratios"]) == 4 * 4 and out["peers"]["bfloat16"]["threads"] == 1
+    assert out["peers"]["float32"]["threads"] == 2
     assert set(out["cpu_ratios"]) >= {"bf16 burst vs sequential", "default burst vs batched bfloat16"}
     assert "bf16 sustained vs sequential" not in out["cpu_ratios"]  # no CPU figure, no ratio
     result = {"started_utc": "T", "args": {"max_tokens": 4, "sustained": 1, "burst_clips": 2},
