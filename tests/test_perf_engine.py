@@ -48,12 +48,11 @@ class _Peer:
         self.threads = _Peer.process_threads = n
 
     def batched(self, items, n, max_tokens):
-        if self.threads == 1:  # the warm-up's thread timing: float32 is faster with 2 threads, bfloat16 with 1
-            return {"seconds": 1.0}
         self.calls = getattr(self, "calls", 0) + 1
-        if self.dtype == "bfloat16" and self.calls == 3:  # after the warm-up and the 1-thread timing
-            return {"seconds": 2.0}
-        return {"seconds": n / (2 * self.rps) if self.threads == 2 else 0.0}
+        if self.calls in (2, 3):  # pick_threads' timing of 1 then 2 threads: float32 faster with 2, bfloat16 with 1
+            faster = 2 if self.dtype == "float32" else 1
+            return {"seconds": 1.0 if self.threads == faster else 2.0}
+        return {"seconds": n / (2 * self.rps)}
 
     def sequential(self, items, n, max_tokens):
         assert _Peer.process_threads == self.threads  # its own count, whatever the other peer set last
