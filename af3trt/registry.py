@@ -141,6 +141,52 @@ GPU_ENCODER_PRECISIONS: dict[str, EncoderPrecision] = {p.name: p for p in (
 CPU_ENCODER_PRECISIONS = ("fp32", "int8")  # ONNX Runtime; int8 = dynamic quantization
 
 
+@dataclass(frozen=True)
+class CpuDecoderPrecision:
+    """A precision of the CPU target's decoder (transformers' Qwen2ForCausalLM on torch, runtime/decoder.py): the
+    dtype its weights are written in at build time (export/extract_lm.py) and run in, and the accuracy gate it must
+    pass against transformers' fp32 AF3 on the same prompts (tests/test_cpu_precision.py). The build, the
+    repository (the prompt table's dtype) and `--cpu-decoder-precision` look it up here and branch on nothing else.
+
+    The gate, teacher-forced on the fp32 reference's greedy answer (so one early divergence does not decide every
+    later position): at least `min_agreement` of the answer positions pick the same token, the first `exact_prefix`
+    tokens of a free-running answer equal the reference's, and every logit is within `max_logit_error` x the spread
+    (standard deviation) of the reference's logits at that position. A precision that only changes the dtype answers,
+    token for token, as transformers' AF3 with its language model in that dtype (the encoder fp32, as af3trt's ONNX
+    encoder): tested for bf16."""
+
+    name: str
+    dtype: str | None  # torch dtype name of the weights; None: the checkpoint's own (no cast)
+    # linear layers' weights int8 per output channel, quantized when the decoder loads, activations quantized per
+    # step (torch dynamic quantization, fbgemm: AVX-512 VNNI / AVX2); the artifact stays in `dtype`
+    int8_linear: bool = False
+    min_agreement: float = 1.0
+    exact_prefix: int = 24
+    max_logit_error: float = 1e-4
+
+
+# auto keeps the checkpoint's dtype: fp32 for the synthetic presets (so the token-exact parity tests compare fp32
+# with fp32), bf16 for the real AF3 (its 7.6 B parameters are 15 GB in bf16, 30 GB in fp32). bf16 rounds the weights
+# and every activation to 8 mantissa bits: answers drift from fp32's after some tokens; int8_dyn (8-bit weights per
+# channel, 8-bit activations per tensor) moves many more greedy tokens on the synthetic presets' random weights.
+# Bounds measured on the tiny and af3 presets (teacher-forced agreement bf16 0.98 / 0.94, int8_dyn 0.75 / 0.64; logit
+# error bf16 0.27 / 0.20, int8_dyn 1.14 / 1.48 x std): tests/test_cpu_precision.py, docs/performance-engine.md.
+CPU_DECODER_PRECISIONS: dict[str, CpuDecoderPrecision] = {p.name: p for p in (
+    CpuDecoderPrecision("auto", None),
+    CpuDecoderPrecision("fp32", "float32"),
+    CpuDecoderPrecision("bf16", "bfloat16", min_agreement=0.9, exact_prefix=0, max_logit_error=0.35),
+    CpuDecoderPrecision("int8_dyn", "float32", int8_linear=True, min_agreement=0.6, exact_prefix=0,
+                        max_logit_error=1.6),
+)}
+
+
+def cpu_decoder_precision(name: str, error: type[Exception] = ValueError) -> CpuDecoderPrecision:
+    """The record of a CPU decoder precision (`error` naming the known ones when there is none)."""
+    if name not in CPU_DECODER_PRECISIONS:
+        raise error(f"CPU decoder precision must be one of {', '.join(CPU_DECODER_PRECISIONS)}, got {name!r}")
+    return CPU_DECODER_PRECISIONS[name]
+
+
 
 @dataclass(frozen=True)
 class GpuInfo:

@@ -25,7 +25,7 @@ from af3trt.build.common import BuildError, Progress, add_flags, flag_fields, fr
 from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
 from af3trt.build.repository import render_repository, repo_spec
 from af3trt.export.think import find_think
-from af3trt.registry import CPU_ENCODER_PRECISIONS, GPU_ENCODER_PRECISIONS
+from af3trt.registry import CPU_DECODER_PRECISIONS, CPU_ENCODER_PRECISIONS, GPU_ENCODER_PRECISIONS
 from af3trt.triton_repo.configs import RepoSpec
 
 log = logging.getLogger("af3trt.build")
@@ -75,21 +75,28 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
             report.validation["encoder_int8"] = quantize_encoder_dynamic(art / "encoder.onnx",
                                                                          art / "encoder.int8.onnx")
         onnx_rel = "artifacts/encoder.int8.onnx"
-    with prog.step("extracting the Qwen2 language model"):
-        lm = extract_language_model(plan.hf_model, art / "lm")
+    precision = CPU_DECODER_PRECISIONS[plan.options.cpu_decoder_precision]
+    with prog.step(f"extracting the Qwen2 language model ({precision.name})"):
+        lm = extract_language_model(plan.hf_model, art / "lm", dtype=precision.dtype)
         report.sections["language_model"] = {k: v for k, v in lm.items() if k != "shapes"}
     extra = None
     found = think.load(plan.hf_model, plan.options.think)
+    if found is not None and precision.int8_linear:  # runtime/decoder.py cannot put its LoRA rows on int8 layers
+        raise BuildError(f"--cpu-decoder-precision {precision.name} cannot serve the checkpoint's think/ adapter: "
+                         f"build with --no-think, or another precision")
     if found is not None:
         with prog.step("building think/ (AF3's thinking mode: encoder variant, LoRA)"):
             extra = think.build_cpu(found, plan.hf_model, art, report)
+    if precision.int8_linear:  # quantized as the decoder loads (runtime/decoder.load_model)
+        extra = {**(extra or {}), "decoder": {**(extra or {}).get("decoder", {}), "int8_linear": "true"}}
     spec = cpu_repo_spec(plan, lm, onnx_rel, extra)
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
     report.sections["repository"] = {"spec": asdict(spec),
                                      "models": sorted(p.name for p in (work / "model_repository").iterdir())}
     report.sections["precisions"] = {"encoder": plan.encoder_precision, "encoder_io": "float32",
-                                     "decoder": lm["dtype"], "prompt_table": lm["dtype"]}
+                                     "decoder": lm["dtype"], "decoder_precision": precision.name,
+                                     "prompt_table": lm["dtype"]}
 
 
 def build(opts: BuildOptions) -> Path:
@@ -146,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-precision", default=None,
                     help=f"cpu: {' | '.join(CPU_ENCODER_PRECISIONS)} (default fp32; int8: ORT dynamic); "
                          f"gpu: {' | '.join(GPU_ENCODER_PRECISIONS)} (default fp16)")
+    ap.add_argument("--cpu-decoder-precision", choices=list(CPU_DECODER_PRECISIONS), default="auto",
+                    help="cpu: the decoder's weights and arithmetic (auto: the checkpoint's dtype; bf16 halves the "
+                         "bytes a memory-bound decode step reads, within the accuracy bounds of af3trt/registry.py)")
     ap.add_argument("--cpu-threads", type=int, default=0,
                     help="threads per ONNX Runtime / torch model: encoder, decoder, preprocess (0: their defaults)")
     ap.add_argument("--encoder-threads", type=int, default=None,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from af3trt.build.common import BuildError, flag, versions
 from af3trt.registry import (CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES,
-                             GpuInfo, read_config, text_config)
+                             GpuInfo, cpu_decoder_precision, read_config, text_config)
 from af3trt.runtime import lengths
 from af3trt.runtime.stop_words import end_and_stop_ids
 
@@ -174,6 +174,9 @@ class BuildOptions:
     serving: ServingConfig = field(default_factory=ServingConfig)  # both targets
     # CPU backends
     encoder_precision: str | None = None  # cpu: fp32 | int8 (ORT dynamic); gpu: fp16 | bf16 | fp32 | int8 | fp8
+    # the CPU decoder's weights and arithmetic (af3trt/registry.py CPU_DECODER_PRECISIONS; auto: the checkpoint's
+    # dtype); the GPU target's decoder precision is GpuOptions.precision
+    cpu_decoder_precision: str = "auto"
     cpu_threads: int = 0  # 0 = the runtimes' defaults
     encoder_threads: int | None = None  # per-model overrides of cpu_threads (None: cpu_threads)
     decoder_threads: int | None = None
@@ -408,6 +411,9 @@ def check_options(opts: BuildOptions) -> None:
         if opts.encoder_precision not in CPU_ENCODER_PRECISIONS:
             raise BuildError(f"--encoder-precision must be fp32 or int8 on the CPU target, "
                              f"got {opts.encoder_precision!r}")
+        cpu_decoder_precision(opts.cpu_decoder_precision, BuildError)
+    elif opts.cpu_decoder_precision != BuildOptions.cpu_decoder_precision:  # not the default
+        raise BuildError("--cpu-decoder-precision is for the CPU target (the GPU target's is --precision)")
     else:
         opts.gpu = opts.gpu or GpuOptions()
         if opts.encoder_precision:

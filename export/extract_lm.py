@@ -198,8 +198,11 @@ def _nbytes(st_dtype: str, shape: list[int]) -> int:
     return n * SAFETENSORS_DTYPES.get(st_dtype, ("", 4))[1]
 
 
-def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Write AF3's language model under `out_dir` as a Qwen2ForCausalLM directory; return a summary.
+def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                           dtype: str | None = None) -> dict:
+    """Write AF3's language model under `out_dir` as a Qwen2ForCausalLM directory; return a summary. dtype: the
+    torch dtype name to write the weights in (the CPU decoder's precision, af3trt/registry.py); None: the
+    checkpoint's own.
 
     Summary keys: out_dir, dtype, n_params, n_tensors, shapes {name: shape}, sha256 (over names, dtypes, shapes and
     bytes in name order: equal for any sharding), shards [file names], vocab_size, hidden_size, rope_theta.
@@ -220,10 +223,14 @@ def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int 
     dtypes = {dtype for *_, dtype, _ in plan}
     if len(dtypes) != 1 or SAFETENSORS_DTYPES.get(next(iter(dtypes)), ("",))[0] not in FLOAT_DTYPES:
         raise ExtractError(f"expected one floating dtype for the language model, found {sorted(dtypes)}")
-    dtype = safetensors_dtype(dtypes.pop())
+    stored = safetensors_dtype(dtypes.pop())
     declared = (af3_config.get("text_config") or {}).get("dtype") or af3_config.get("dtype")
-    if declared and declared != dtype:
-        log.warning("config declares dtype %s but the tensors are %s: writing %s", declared, dtype, dtype)
+    if declared and declared != stored:
+        log.warning("config declares dtype %s but the tensors are %s: writing %s", declared, stored, dtype or stored)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ExtractError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    dtype = dtype or stored
+    cast = getattr(torch, dtype)
 
     cfg = qwen2_config(af3_config, dtype)
     _check_against_model(plan, cfg)
@@ -235,9 +242,9 @@ def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int 
     shards = _shards(plan, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    total = sum(_nbytes(d, s) for *_, d, s in plan)
-    log.info("extracting %d language-model tensors (%s, %.2f GB) into %d shard(s) under %s",
-             len(plan), dtype, total / 1e9, len(shards), out_dir)
+    total = sum(_nbytes(d, s) // SAFETENSORS_DTYPES[d][1] for *_, d, s in plan) * cast.itemsize  # as written
+    log.info("extracting %d language-model tensors (%s, written as %s, %.2f GB) into %d shard(s) under %s",
+             len(plan), stored, dtype, total / 1e9, len(shards), out_dir)
 
     digest = hashlib.sha256()
     weight_map, n_params, handles = {}, 0, {}
@@ -246,7 +253,7 @@ def extract_language_model(hf_dir: Path, out_dir: Path, *, max_shard_bytes: int 
         for target, key, path, _, shape in shard:
             if path not in handles:
                 handles[path] = safe_open(str(path), framework="pt")
-            t = handles[path].get_tensor(key).contiguous()
+            t = handles[path].get_tensor(key).to(cast).contiguous()
             digest.update(f"{target}|{dtype}|{list(shape)}|".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
             tensors[target] = t

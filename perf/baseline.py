@@ -35,7 +35,9 @@ def decode(data: bytes) -> np.ndarray:
 
 
 class TransformersBaseline:
-    def __init__(self, ckpt: Path, threads: int | None = None):
+    def __init__(self, ckpt: Path, threads: int | None = None, dtype: str | None = None):
+        """dtype: the torch dtype to load the whole model in (`from_pretrained(dtype=...)`); None: transformers'
+        default, which in 5.x is "auto": the checkpoint's own dtype (fp32 for the synthetic presets, bf16 for AF3)."""
         import torch
         from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
 
@@ -44,7 +46,9 @@ class TransformersBaseline:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self.processor = AutoProcessor.from_pretrained(ckpt)
-        self.model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt).eval()
+        kw = {} if dtype is None else {"dtype": getattr(torch, dtype)}
+        self.model = AudioFlamingo3ForConditionalGeneration.from_pretrained(ckpt, **kw).eval()
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self.end_id = self.eos_ids[0]  # like the server: stop on the first end id, which is not output
@@ -64,6 +68,7 @@ class TransformersBaseline:
         with torch.inference_mode():
             inputs = self.processor.apply_chat_template(convs, tokenize=True, return_dict=True,
                                                         add_generation_prompt=True)
+            inputs = inputs.to(self.model.dtype)  # BatchFeature.to: the float tensors (the features) only
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=self.end_id, pad_token_id=self.end_id)
         seconds = time.perf_counter() - t0

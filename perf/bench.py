@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     b = ap.add_argument_group("CPU build (ignored with --repo/--url)")
     b.add_argument("--encoder-precision", default="fp32", choices=["fp32", "int8"],
                    help="encoder of the main build; fp32 answers exactly as transformers does")
+    b.add_argument("--cpu-decoder-precision", default="auto", help="the decoder's weights and arithmetic: auto "
+                   "(the checkpoint's dtype), fp32, bf16 (af3trt/registry.py CPU_DECODER_PRECISIONS)")
     b.add_argument("--ablation-levels", default="",
                    help="non-streaming levels run again on a build with the other encoder precision ('' to skip)")
     b.add_argument("--no-full-window-ablation", dest="full_window_ablation", action="store_false",
@@ -182,6 +184,7 @@ def build_options(args, ckpt: Path, out: Path, precision: str, crop_frames: bool
     from af3trt.build.build_engines import BuildOptions, ServingConfig
 
     return BuildOptions(hf_model=ckpt, out=out, force=True, encoder_precision=precision,
+                        cpu_decoder_precision=args.cpu_decoder_precision,
                         encoder_threads=args.encoder_threads or os.cpu_count(),
                         decoder_threads=args.decoder_threads or os.cpu_count(),
                         preprocess_threads=args.preprocess_threads,
@@ -202,7 +205,7 @@ def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = Non
     from af3trt.build.plan import checkpoint_digest
 
     precision = precision or args.encoder_precision
-    name = f"repo-{args.preset}-{precision}" + ("-batched" if args.encoder_batching else "") \
+    name = f"repo-{args.preset}-{precision}-{args.cpu_decoder_precision}" + ("-batched" if args.encoder_batching else "") \
         + ("" if crop_frames else "-full-windows")
     opts = build_options(args, ckpt, work / name, precision, crop_frames)
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}

@@ -62,50 +62,130 @@ def spread(values: list[float]) -> float:
     return float((max(values) - min(values)) / np.median(values)) if values else float("nan")
 
 
-def af3trt_round(url: str, args, variant: int) -> tuple[dict, dict]:
-    """One burst and one sustained closed loop on fresh clips (variants variant … variant + args.sustained)."""
+def _stat(path: Path) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of /proc/<pid>/stat (proc(5): fields 4, 14 and 15, after the name)."""
+    try:
+        fields = path.read_text().rpartition(")")[2].split()
+    except OSError:  # gone meanwhile
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (tritonserver and its python stubs), from
+    /proc (Linux)."""
+    stats = {int(p.parent.name): st for p in Path("/proc").glob("[0-9]*/stat") if (st := _stat(p)) is not None}
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += children.get(p, [])
+    return total
+
+
+def af3trt_round(url: str, args, variant: int, pid: int | None = None) -> tuple[dict, dict]:
+    """One burst and one sustained closed loop on fresh clips (variants variant … variant + args.sustained); with the
+    server's `pid`, the CPU seconds its process tree spent on each (a measure a neighbour's load changes less than
+    wall time: on a shared machine the wall-time ratio is partly a ratio of CPU shares)."""
+    cpu0 = tree_cpu_seconds(pid) if pid else None
     burst = compare.burst(url, fresh_clips(args.burst_clips, variant), args.max_tokens)
+    cpu1 = tree_cpu_seconds(pid) if pid else None
     loop = [c for k in range(args.sustained) for c in fresh_clips(args.burst_clips, variant + 1 + k)]
     records, window = run_load(url, compare.items_of(loop), concurrency=args.burst_clips, requests=len(loop),
                                max_tokens=args.max_tokens, stream=False)
+    cpu2 = tree_cpu_seconds(pid) if pid else None
     bad = [r for r in records if not r.ok]
     if bad:
         raise RuntimeError(f"sustained: {len(bad)} requests failed: {bad[0].error}")
-    return burst, {"name": "sustained", "seconds": window, "requests": len(records),
-                   "tokens": sum(r.tokens for r in records), "throughput_rps": len(records) / window,
-                   "tool": f"af3trt client (gRPC), closed loop at concurrency {args.burst_clips}"}
+    sustained = {"name": "sustained", "seconds": window, "requests": len(records),
+                 "tokens": sum(r.tokens for r in records), "throughput_rps": len(records) / window,
+                 "tool": f"af3trt client (gRPC), closed loop at concurrency {args.burst_clips}"}
+    if pid:
+        burst["cpu_s_per_request"] = (cpu1 - cpu0) / args.burst_clips
+        sustained["cpu_s_per_request"] = (cpu2 - cpu1) / len(records)
+    return burst, sustained
 
 
-def run_rounds(urls: dict[str, str], ref, args) -> dict:
-    """Rounds of: every af3trt variant's burst and sustained loop, then transformers on the round's burst clips."""
+def peer_round(ref, clips: list[tuple[float, bytes]], max_tokens: int) -> dict:
+    """transformers one clip at a time, then one batched generate over all: req/s and CPU seconds per request (this
+    process's CPU time, which is transformers' alone while it runs)."""
+    items = compare.items_of(clips)
+    ref.set_threads(ref.threads)  # torch's thread count is process-wide: every peer sets its own
+    out = {}
+    for peer in PEERS:
+        cpu0 = time.process_time()
+        run = ref.sequential(items, len(items), max_tokens) if peer == "sequential" else \
+            ref.batched(items, len(items), max_tokens)
+        seconds = float(np.sum(run["seconds"]))
+        out[peer] = {"seconds": seconds, "requests": len(items), "throughput_rps": len(items) / seconds,
+                     "cpu_s_per_request": (time.process_time() - cpu0) / len(items),
+                     "tool": f"transformers {ref.dtype} generate in the bench process ({ref.threads} torch threads)"}
+    return out
+
+
+PEERS = ("sequential", "batched")  # transformers one clip at a time, one batched generate over the round's clips
+
+
+def peer_names(dtypes: list[str]) -> list[str]:
+    """The peers' measure names: `sequential` / `batched` for the first dtype (transformers' default load), suffixed
+    by the dtype for the others (e.g. `sequential bfloat16`)."""
+    return [p if i == 0 else f"{p} {d}" for i, d in enumerate(dtypes) for p in PEERS]
+
+
+def pick_threads(ref, warm, max_tokens: int) -> dict:
+    """The faster of 1 and all cores for a transformers peer, timed on the warm-up's batched generate."""
+    timed = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        ref.set_threads(n)
+        timed[n] = ref.batched(compare.items_of(warm), len(warm), max_tokens)["seconds"]
+    ref.set_threads(min(timed, key=timed.get))
+    return timed
+
+
+def run_rounds(urls: dict[str, str], refs: dict, args, pids: dict[str, int] | None = None) -> dict:
+    """Rounds of: every af3trt variant's burst and sustained loop, then each transformers peer (`refs`: dtype →
+    TransformersBaseline) one at a time and batched on the round's burst clips."""
     runs: dict[str, list[dict]] = {f"{v} {m}": [] for v in urls for m in ("burst", "sustained")}
-    runs.update(sequential=[], batched=[])
+    names = peer_names(list(refs))
+    runs.update({k: [] for k in names})
     warm = fresh_clips(args.burst_clips, 0)
-    compare.baseline_round(ref, warm, args.max_tokens)  # warm-up, not counted
-    if not args.baseline_threads:  # the faster of 1 and all cores for transformers, on the warm-up's batch
-        timed = {}
-        for n in sorted({1, os.cpu_count() or 1}):
-            ref.set_threads(n)
-            timed[n] = ref.batched(compare.items_of(warm), len(warm), args.max_tokens)["seconds"]
-        ref.set_threads(min(timed, key=timed.get))
-        log.info("transformers threads: %d (batched warm-up seconds by threads: %s)", ref.threads, timed)
+    threads = {}
+    for dtype, ref in refs.items():
+        peer_round(ref, warm, args.max_tokens)  # warm-up, not counted
+        if not args.baseline_threads:
+            threads[dtype] = pick_threads(ref, warm, args.max_tokens)
+            log.info("transformers %s threads: %d (batched warm-up seconds by threads: %s)", dtype, ref.threads,
+                     threads[dtype])
     variant = 1000  # variants below 1000 are the warm-ups'
+    load = []
     for i in range(args.rounds):
+        load.append(machine.load_average())
         for name, url in urls.items():
-            burst, sustained = af3trt_round(url, args, variant)
+            burst, sustained = af3trt_round(url, args, variant, (pids or {}).get(name))
             runs[f"{name} burst"].append(burst)
             runs[f"{name} sustained"].append(sustained)
             variant += 1 + args.sustained
-        base = compare.baseline_round(ref, fresh_clips(args.burst_clips, variant - 1 - args.sustained),
-                                      args.max_tokens)
-        runs["sequential"].append(base["sequential"])
-        runs["batched"].append(base["batched"])
+        clips = fresh_clips(args.burst_clips, variant - 1 - args.sustained)
+        for k, ref in enumerate(refs.values()):
+            base = peer_round(ref, clips, args.max_tokens)
+            for peer, name in zip(PEERS, names[2 * k:2 * k + 2]):
+                runs[name].append(base[peer])
         log.info("round %d: %s", i + 1, ", ".join(f"{k} {v[-1]['throughput_rps']:.2f}" for k, v in runs.items()))
     rps = {k: [r["throughput_rps"] for r in v] for k, v in runs.items()}
     med = {k: float(np.median(v)) for k, v in rps.items()}
-    out = {"rounds": args.rounds, "baseline_threads": ref.threads, "req_s": rps, "median_req_s": med, "spread": {k: spread(v) for k, v in rps.items()}}
-    out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in ("sequential", "batched")
-                     for b in ("sequential", "batched")}
+    out = {"rounds": args.rounds, "peers": {d: {"threads": r.threads, "dtype": r.dtype, "threads_timed": threads.get(d)}
+                                            for d, r in refs.items()},
+           "load_average_by_round": load, "req_s": rps, "median_req_s": med,
+           "spread": {k: spread(v) for k, v in rps.items()}}
+    out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in names for b in names}
+    cpu = {k: [r["cpu_s_per_request"] for r in v if "cpu_s_per_request" in r] for k, v in runs.items()}
+    out["cpu_s_per_request"] = {k: float(np.median(v)) for k, v in cpu.items() if v}
+    c = out["cpu_s_per_request"]
+    out["cpu_ratios"] = {f"{a} vs {b}": c[b] / c[a] for a in runs if a not in names and a in c
+                         for b in names if b in c}
     out["splits"] = {k: [r.get("split") for r in v] for k, v in runs.items() if k.endswith("burst")}
     return out
 
@@ -230,17 +310,47 @@ def render(r: dict) -> str:
              f"{8 * r['args']['sustained']} requests. Load average {r['load_average_start']} at start, "
              f"{r['load_average_end']} at end. Variants: "
              + "; ".join(f"`{k}` = {v or 'defaults'}" for k, v in r["variants"].items()) + ".", "",
-             "| measure | median req/s | spread (max-min)/median | per-round req/s |", "|---|---|---|---|"]
+             "| measure | median req/s | spread (max-min)/median | per-round req/s | CPU s per request (median) |",
+             "|---|---|---|---|---|"]
+    dtypes = list(c.get("peers") or {"float32": {}})
+    peers = {}
+    for name, (peer, dtype) in zip(peer_names(dtypes), [(p, d) for d in dtypes for p in PEERS]):
+        what = "one-at-a-time" if peer == "sequential" else f"batched generate ({r['args']['burst_clips']})"
+        peers[name] = f"transformers {dtype} {what}"
     for k in c["req_s"]:
-        peers = {"sequential": "transformers one-at-a-time",
-                 "batched": f"transformers batched generate ({r['args']['burst_clips']})"}
         name = peers.get(k, f"af3trt {k}")
+        cpu = (c.get("cpu_s_per_request") or {}).get(k)
         lines.append(f"| {name} | {med[k]:.2f} | {100 * sp[k]:.0f} % | "
-                     f"{' / '.join(f'{v:.2f}' for v in c['req_s'][k])} |")
+                     f"{' / '.join(f'{v:.2f}' for v in c['req_s'][k])} | {'-' if cpu is None else f'{cpu:.2f}'} |")
     lines += ["", "| ratio (medians) | value | target |", "|---|---|---|"]
     for key, v in c["ratios"].items():
-        target = compare.TARGET_VS_SEQUENTIAL if key.endswith("sequential") else compare.TARGET_VS_BATCHED
+        target = compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") \
+            else compare.TARGET_VS_BATCHED
         lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
+    splits = {k: [x for x in v if x] for k, v in (c.get("splits") or {}).items()}
+    if any(splits.values()):
+        lines += ["", "Where a burst request's time goes (mean over the rounds, ms: each stage's queue + compute from "
+                  "Triton's statistics; decoder generation = admission to last token):", "",
+                  "| burst | preprocess | encoder | fusion | decoder generation | ensemble |", "|---|---|---|---|---|---|"]
+        for k, v in splits.items():
+            if not v:
+                continue
+
+            def stage(name):
+                return float(np.mean([x["stages"][name]["queue_ms"] + x["stages"][name]["compute_ms"] for x in v]))
+
+            lines.append(f"| {k} | {stage('preprocess'):.0f} | {stage('encoder'):.0f} | {stage('fusion'):.0f} | "
+                         f"{np.mean([x['decoder_generation_ms'] for x in v]):.0f} | "
+                         f"{np.mean([x['ensemble_ms'] for x in v]):.0f} |")
+    if c.get("cpu_ratios"):
+        lines += ["", "| ratio of CPU seconds per request (peer / af3trt, medians) | value | target |", "|---|---|---|"]
+        for key, v in c["cpu_ratios"].items():
+            target = compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") \
+                else compare.TARGET_VS_BATCHED
+            lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
+    if c.get("load_average_by_round"):
+        lines += ["", "Load average (1, 5, 15 min) at the start of each round: "
+                  + "; ".join(", ".join(f"{x:.1f}" for x in la) for la in c["load_average_by_round"]) + "."]
     if "cache" in r:
         ca = r["cache"]
         lines += ["", "## Audio cache (OpenAI front, 8 streamed chat completions at once)", "",
@@ -264,6 +374,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--baseline-threads", type=int, default=0,
                     help="transformers' torch threads (0: the faster of 1 and all cores, timed at warm-up)")
+    ap.add_argument("--peer-dtypes", default="auto,bfloat16",
+                    help="transformers peers, by the dtype the whole model is loaded in (auto: transformers' default, "
+                         "the checkpoint's dtype; comma-separated)")
     ap.add_argument("--cache-rounds", type=int, default=3, help="0: skip the audio-cache figures")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
@@ -308,9 +421,12 @@ def main(argv=None) -> int:
         for url in urls.values():  # warm every stage
             run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,
                      requests=args.burst_clips, max_tokens=args.max_tokens, stream=False)
-        ref = TransformersBaseline(ckpt, threads=args.baseline_threads or None)
-        result["compare"] = run_rounds(urls, ref, args)
-        del ref
+        loaded = [TransformersBaseline(ckpt, threads=args.baseline_threads or None, dtype=None if d == "auto" else d)
+                  for d in args.peer_dtypes.split(",")]
+        refs = {ref.dtype: ref for ref in loaded}  # by the dtype it loaded in (auto: the checkpoint's)
+        del loaded
+        result["compare"] = run_rounds(urls, refs, args, {name: s.proc.pid for name, s in servers.items()})
+        del refs
         if args.cache_rounds:
             result["cache"] = cache_figures(urls["default"], args, out)
     finally:

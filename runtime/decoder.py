@@ -139,14 +139,15 @@ class DecoderEngine:
 
     def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
                  max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
-                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None, prefix_cache_bytes: int = 0):
-        from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
-
+                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None, prefix_cache_bytes: int = 0,
+                 int8_linear: bool = False):
         if threads:
             torch.set_num_threads(threads)  # process-wide in torch
         lm_dir = Path(lm_dir)
         t0 = time.perf_counter()
-        self.model = Qwen2ForCausalLM.from_pretrained(lm_dir, dtype="auto").eval()
+        if int8_linear and lora_dir:
+            raise DecodeError("int8 linear layers and a LoRA adapter together are not supported by the CPU decoder")
+        self.model = load_model(lm_dir, int8_linear)
         cfg = self.model.config
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (cfg.layer_types or [])):
             raise DecodeError("sliding-window attention is not supported by the CPU decoder")
@@ -560,6 +561,21 @@ class DecoderEngine:
 
 
 _GROW_TOKENS = 64  # spare positions allocated with a layer's buffer (and at least a quarter of its length)
+
+
+def load_model(lm_dir: Path, int8_linear: bool = False):
+    """The language model as the engine runs it: Qwen2ForCausalLM in its stored dtype; int8_linear: every linear
+    layer's weights quantized to int8 per output channel at load, activations per batch at run time (torch's dynamic
+    quantization, fbgemm's int8 GEMM: VNNI where the CPU has it) — a CPU decoder precision's `int8_linear`
+    (af3trt/registry.py)."""
+    from transformers import Qwen2ForCausalLM  # lazily: only the engine needs transformers
+
+    model = Qwen2ForCausalLM.from_pretrained(Path(lm_dir), dtype="auto").eval()
+    if int8_linear:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    return model
 
 
 def _append_layer():

@@ -43,7 +43,8 @@ class TritonPythonModel:
                                     queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000,
                                     lora_dir=io.resolve(args, p["lora_dir"]) if p.get("lora_dir") else None,
                                     prefix_cache_bytes=int(p.get("prefix_cache_bytes",
-                                                                 audio_cache.DEFAULT_PREFIX_BYTES)))
+                                                                 audio_cache.DEFAULT_PREFIX_BYTES)),
+                                    int8_linear=p.get("int8_linear") == "true")  # the build's CPU precision
 
     def execute(self, requests):
         for r in requests:
