@@ -500,8 +500,18 @@ class AF3Client:
             threading.Thread(target=receive, name=f"af3-{request_id[:8]}", daemon=True).start()
             return call, results
 
-        stub = self._service()
-        call, results = open_call(stub)
+        def open_on_a_live_channel():
+            # another thread may close the channel between our _service() and the call (it replaced a failed
+            # connection): the call then raises ValueError before anything is sent, so it goes on the new channel
+            for _ in range(3):
+                stub = self._service()
+                try:
+                    return (stub, *open_call(stub))
+                except ValueError as e:  # grpcio: "Cannot invoke RPC: Channel closed!"
+                    error = e
+            raise AF3ConnectionError(self.url, "unavailable", f"the connection kept closing: {error}")
+
+        stub, call, results = open_on_a_live_channel()
         resent = got = False  # got: a response arrived on this request's stream
         reader = ResponseReader(self.url, self.model, running=True)
         try:
@@ -521,8 +531,7 @@ class AF3Client:
                         if self._stub is stub:  # not a new one another thread already made
                             self._drop_channel()
                         self._fresh = True
-                    stub = self._service()
-                    call, results = open_call(stub)
+                    stub, call, results = open_on_a_live_channel()
                     continue
                 chunk = reader.read(*item)
                 got = True

@@ -204,6 +204,27 @@ def test_per_connection_clients_open_one_connection_each(server, speech_bytes):
     assert len(seen) == 3, sorted(seen)
 
 
+@pytest.mark.integration
+def test_a_request_whose_channel_another_thread_closed_goes_on_the_new_one(server, speech_bytes):
+    """One AF3Client shared by threads: a thread that replaces a failed connection closes the channel another thread
+    has just taken for its call; grpcio then refuses the call (ValueError "Channel closed!", nothing sent). That
+    request goes on the new channel; before, the ValueError escaped (seen in test_reliability's load threads)."""
+    c = AF3Client(server.grpc_url, timeout=120)
+    service, handed = c._service, []
+
+    def closed_under_us():  # what the other thread does between our _service() and the call, made deterministic
+        stub = service()
+        if not handed:
+            handed.append(stub)
+            c.close()
+        return stub
+
+    c._service = closed_under_us
+    answer = c.ask("What is said?", [speech_bytes], max_tokens=2)
+    assert answer.token_ids and len(handed) == 1
+    c.close()
+
+
 @pytest.mark.parametrize("args", [[], ["hi", "--messages", "conv.json"]])
 def test_ask_wants_a_prompt_or_messages(args, capsys):
     with pytest.raises(SystemExit) as e:
