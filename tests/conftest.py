@@ -6,11 +6,19 @@ modules share are in tests/helpers.py, the fakes in tests/fakes/: test modules n
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from af3trt.runtime import assets
+
+# Tests press Ctrl-C on the processes they start (af3trt batch, serve): a runner that starts the suite with SIGINT
+# ignored (a background job of a non-interactive shell: `bash .ci/run &`) passes SIG_IGN on to every child through
+# exec, and Python then never installs its KeyboardInterrupt handler there, so the child runs on. A handler of our
+# own here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
