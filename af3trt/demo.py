@@ -22,8 +22,8 @@ def main(argv=None) -> None:
 
     from af3trt.build.build_engines import BuildOptions, build
     from af3trt.export.synth import write_checkpoint
-    from af3trt.runtime.client import AF3Client
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.client.library import AF3Client
+    from af3trt.runtime.serve.server import TritonServer
 
     out = args.out.resolve()
     ckpt = out / f"af3-{args.preset}-hf"

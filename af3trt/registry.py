@@ -143,7 +143,7 @@ CPU_ENCODER_PRECISIONS = ("fp32", "int8")  # ONNX Runtime; int8 = dynamic quanti
 
 @dataclass(frozen=True)
 class CpuDecoderPrecision:
-    """A precision of the CPU target's decoder (transformers' Qwen2ForCausalLM on torch, runtime/decoder.py): the
+    """A precision of the CPU target's decoder (transformers' Qwen2ForCausalLM on torch, runtime/engines/decoder.py): the
     dtype its weights are written in at build time (export/extract_lm.py) and run in, and the accuracy gate it must
     pass against transformers' fp32 AF3 on the same prompts (tests/test_cpu_precision.py). The build, the
     repository (the prompt table's dtype) and `--cpu-decoder-precision` look it up here and branch on nothing else.

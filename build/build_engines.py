@@ -41,7 +41,7 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
     def threads_of(override):
         return threads if override is None else str(override)
 
-    # the serving-path benchmark: runtime/stand_in.py in place of both models (triton_repo/encoder, decoder read these)
+    # the serving-path benchmark: runtime/engines/stand_in.py in place of both models (triton_repo/encoder, decoder read these)
     stand_in_encoder = {"stand_in_hidden_size": str(plan.checkpoint.text_hidden_size)} if o.stand_in_tokens_per_s \
         else {}
     stand_in_decoder = {"stand_in_tokens_per_s": f"{o.stand_in_tokens_per_s:g}"} if o.stand_in_tokens_per_s else {}
@@ -56,7 +56,7 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
                         "threads": threads_of(o.decoder_threads), "stream_interval_ms": str(o.stream_interval_ms),
                         **stand_in_decoder, **extra.get("decoder", {})},
         preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances,
-        prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/decoder.py)
+        prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/engines/decoder.py)
     return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
 
@@ -81,13 +81,13 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
         report.sections["language_model"] = {k: v for k, v in lm.items() if k != "shapes"}
     extra = None
     found = think.load(plan.hf_model, plan.options.think)
-    if found is not None and precision.int8_linear:  # runtime/decoder.py cannot put its LoRA rows on int8 layers
+    if found is not None and precision.int8_linear:  # runtime/engines/decoder.py cannot put its LoRA rows on int8 layers
         raise BuildError(f"--cpu-decoder-precision {precision.name} cannot serve the checkpoint's think/ adapter: "
                          f"build with --no-think, or another precision")
     if found is not None:
         with prog.step("building think/ (AF3's thinking mode: encoder variant, LoRA)"):
             extra = think.build_cpu(found, plan.hf_model, art, report)
-    if precision.int8_linear:  # quantized as the decoder loads (runtime/decoder.load_model)
+    if precision.int8_linear:  # quantized as the decoder loads (runtime/engines/decoder.py load_model)
         extra = {**(extra or {}), "decoder": {**(extra or {}).get("decoder", {}), "int8_linear": "true"}}
     spec = cpu_repo_spec(plan, lm, onnx_rel, extra)
     with prog.step("rendering the Triton model repository"):
@@ -172,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
                          "(the first token always goes alone; 0: one response per token)")
     ap.add_argument("--stand-in-tokens-per-s", type=float, default=0.0,
                     help="measure the serving path alone: encoder and decoder are stand-ins without weights or "
-                         "compute (runtime/stand_in.py) making deterministic tokens, never an end id, at this many "
+                         "compute (runtime/engines/stand_in.py) making deterministic tokens, never an end id, at this many "
                          "per second per request (0: the real models; `af3trt bench --serving-path` builds one)")
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
     ap.add_argument("--decoder-instances", type=int, default=1,

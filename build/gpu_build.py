@@ -34,7 +34,7 @@ from af3trt.build.trt_encoder import EncoderEnginePlan, build_encoder_engine, en
 from af3trt.build.trtllm_engine import TrtllmBuildPlan, plan_trtllm_build, run_trtllm_build
 from af3trt.registry import (GPU_ENCODER_PRECISIONS, GpuInfo, PrecisionError, check_encoder_precision, check_precision,
                              decoder_precision)
-from af3trt.runtime.gpus import target_gpu
+from af3trt.runtime.engines.gpus import target_gpu
 
 
 def check_target(g: GpuOptions) -> tuple[GpuInfo | None, list[str]]:
@@ -187,8 +187,8 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
 
 
 def doctor_build_tools(prepare_only: bool) -> None:
-    """af3trt doctor's build checks (runtime/doctor.py), as a BuildError."""
-    from af3trt.runtime.doctor import DoctorError, build_checks
+    """af3trt doctor's build checks (runtime/serve/doctor.py), as a BuildError."""
+    from af3trt.runtime.serve.doctor import DoctorError, build_checks
 
     try:
         build_checks(prepare_only)

@@ -163,8 +163,8 @@ def preflight(out: Path) -> dict:
 def check_repository(repo: Path, goldens: Goldens, precision: str, *, log_path: Path | None = None,
                      timeout: float = 600.0) -> Verdict:
     """Serve `repo` on loopback, send every golden prompt (greedy, the goldens' max_tokens), compare."""
-    from af3trt.runtime.client import AF3Client
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.client.library import AF3Client
+    from af3trt.runtime.serve.server import TritonServer
 
     verdict = Verdict(precision)
     with TritonServer(Path(repo), log_path=log_path) as srv:
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("outputs", nargs="+", type=Path, help="build outputs (engines built), one precision each")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
     args = ap.parse_args(argv)
-    from af3trt.runtime.gpus import detect_gpu
+    from af3trt.runtime.engines.gpus import detect_gpu
 
     refusals, checks = [], []
     for out in args.outputs:

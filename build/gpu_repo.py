@@ -9,14 +9,14 @@ decoder backend, and the placement of the encoder plan.
 `checkpoint` and `serving` are the build plan's CheckpointFacts and ServingConfig (build/plan.py).
 
 Models (configs from triton_repo/configs.py):
-  encoder   python backend running the TensorRT plan (triton_repo/encoder_trt, runtime/trt_runner.py: the container has no
+  encoder   python backend running the TensorRT plan (triton_repo/encoder_trt, runtime/engines/trt_runner.py: the container has no
             TensorRT backend), KIND_GPU, max_batch_size = the engine profile's max windows; the plan is moved to
             encoder/1/model.plan (parameter plan_file, resolved against the model's version directory).
-            Inputs [W, 128, T] with T each request's frame bucket (runtime/lengths.py); dynamic batching on (queue
+            Inputs [W, 128, T] with T each request's frame bucket (runtime/stages/lengths.py); dynamic batching on (queue
             delay encoder_queue_delay_us): Triton merges requests of equal T only, so the GPU batches per bucket.
   decoder   backend tensorrtllm with the 1.2 backend's parameters (decoder_parameters); the prompt table is declared
             in the engine's dtype (read from the engine's config.json, never assumed), e.g. TYPE_BF16 for AF3.
-  fusion    sends prompt_table_extra_ids when KV-cache reuse is on (runtime/prompt.py: table_extra_ids).
+  fusion    sends prompt_table_extra_ids when KV-cache reuse is on (runtime/stages/prompt.py: table_extra_ids).
   preprocess, postprocess: the python models of the CPU target, unchanged.
 
 What the 1.2 backend (triton_backend/inflight_batcher_llm/src/model_instance_state.cc) requires of the parameters:
@@ -225,7 +225,7 @@ def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine
 
 def with_stub_caps(spec: RepoSpec, caps: dict[str, int] | None) -> RepoSpec:
     """The memory plan's caps of the python stubs on GPU 0 (build/memory_plan.py stub_caps) as each model's
-    `cuda_memory_cap_bytes` parameter (applied in the stub by runtime/gpus.py cap_cuda_memory)."""
+    `cuda_memory_cap_bytes` parameter (applied in the stub by runtime/engines/gpus.py cap_cuda_memory)."""
     if not caps:
         return spec
     field = {"preprocess": "preprocess_params", "encoder": "encoder_params", "fusion": "fusion_params"}

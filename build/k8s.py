@@ -36,7 +36,7 @@ import yaml
 from af3trt.build import sizing
 from af3trt.build.common import add_flags, flag, from_flags
 from af3trt.registry import AF3_REFERENCE_DIR, DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, GpuInfo, check_precision
-from af3trt.runtime.lengths import MAX_WINDOWS, N_MELS, WINDOW_FRAMES, WINDOW_SECONDS
+from af3trt.runtime.stages.lengths import MAX_WINDOWS, N_MELS, WINDOW_FRAMES, WINDOW_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

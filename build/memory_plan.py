@@ -53,7 +53,7 @@ from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, Enc
 from af3trt.build.plan import ServingConfig
 from af3trt.build.trtllm_engine import plan_trtllm_build
 from af3trt.registry import GPU_ENCODER_PRECISIONS, KNOWN_GPUS
-from af3trt.runtime import lengths
+from af3trt.runtime.stages import lengths
 
 GIB = 1024**3
 RUNTIME_RESERVE_BYTES = 1 * GIB  # library workspaces (cuBLAS, NCCL): an estimate

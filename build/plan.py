@@ -26,8 +26,8 @@ from pathlib import Path
 from af3trt.build.common import BuildError, flag, versions
 from af3trt.registry import (CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES,
                              GpuInfo, cpu_decoder_precision, read_config, text_config)
-from af3trt.runtime import lengths
-from af3trt.runtime.stop_words import end_and_stop_ids
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages.stop_words import end_and_stop_ids
 
 MANIFEST_FORMAT = 1
 PLAN_FORMAT = 2  # artifacts/build_plan.json; 2: the serving configuration under "serving" (1: "limits")
@@ -69,7 +69,7 @@ class ServingConfig:
         "how long the encoder's dynamic batcher waits to gather windows"))
     encoder_batching: bool = field(default=True, metadata=flag(
         "one request per encoder execution (faster on CPU with full windows: requests pipeline into the decoder)"))
-    # preprocess crops each request's windows to its frame bucket (runtime/lengths.py); False sends full 30-s windows
+    # preprocess crops each request's windows to its frame bucket (runtime/stages/lengths.py); False sends full 30-s windows
     # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
     crop_frames: bool = field(default=True, metadata=flag(
         "send full 30-s windows to the encoder instead of each request's frame bucket (slower; the kept audio "
@@ -185,10 +185,10 @@ class BuildOptions:
     encoder_windows_per_run: int = 2  # CPU encoder: windows per ONNX Runtime run (0: all of an execution at once)
     decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
     think: bool = True  # build think/ (AF3's thinking mode) when the checkpoint has it (build/think.py)
-    # the serving-path benchmark (runtime/stand_in.py, perf/serving_path.py): > 0 renders stand-ins for the encoder and
+    # the serving-path benchmark (runtime/engines/stand_in.py, perf/serving_path.py): > 0 renders stand-ins for the encoder and
     # decoder that cost nothing and make tokens at this many per second per request
     stand_in_tokens_per_s: float = 0.0
-    # CPU decoder: a stream's tokens that come faster than one per this many ms share a response (runtime/coalesce.py;
+    # CPU decoder: a stream's tokens that come faster than one per this many ms share a response (runtime/stages/coalesce.py;
     # the first token always goes alone); 0: one response per token
     stream_interval_ms: int = 50
     # GPU target (build/gpu_build.py)
@@ -228,7 +228,7 @@ class CheckpointFacts:
 
     @property
     def stop_ids(self) -> list[int]:
-        """The end ids after end_id (runtime/stop_words.py): generation stops on any of them."""
+        """The end ids after end_id (runtime/stages/stop_words.py): generation stops on any of them."""
         return end_and_stop_ids(self.eos_ids or [self.end_id])[1]
 
     def summary(self) -> dict:

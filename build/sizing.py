@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from af3trt.registry import DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, decoder_precision, read_config, text_config
-from af3trt.runtime.lengths import SAMPLE_RATE, audio_tokens_for_samples
+from af3trt.runtime.stages.lengths import SAMPLE_RATE, audio_tokens_for_samples
 
 DTYPE_BYTES = 2  # bf16 / fp16 engines
 KV_FREE_FRACTION = 0.9  # tensorrt_llm backend's kv_cache_free_gpu_mem_fraction default

@@ -3,7 +3,7 @@
 
     artifacts/think/encoder.onnx        the encoder + projector with think/'s audio-side overrides (when it has any):
                                         the encoder stage runs thinking requests' windows on it
-    artifacts/think/lora/lora.json      the LoRA in Qwen2 module names for the decoder (runtime/lora.py), applied
+    artifacts/think/lora/lora.json      the LoRA in Qwen2 module names for the decoder (runtime/engines/lora.py), applied
     artifacts/think/lora/lora.safetensors   per batch row to requests that carry lora_task_id
 
 and the repository parameters that wire them: encoder think_onnx_path, decoder lora_dir, fusion think (+ its task
@@ -35,7 +35,7 @@ def load(hf_model: Path, enabled: bool):
 
 
 def write_lora(think, out: Path) -> Path:
-    """lora.json + lora.safetensors for runtime/lora.py (A [r, in], B [out, r] as stored)."""
+    """lora.json + lora.safetensors for runtime/engines/lora.py (A [r, in], B [out, r] as stored)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 The precision is in the ONNX (export/onnx_quant.py: fp16/bf16 cast, or INT8/FP8 explicit Q/DQ); the network is
 created STRONGLY_TYPED, so TensorRT keeps every tensor's ONNX type and no precision flag is set (BuilderFlag.FP16/
 BF16/INT8/FP8 are deprecated since 10.12 and gone in TensorRT 11). Two axes are dynamic: the windows W and the
-frames T (each request's windows are cropped to a frame bucket, runtime/lengths.py); one optimization profile
+frames T (each request's windows are cropped to a frame bucket, runtime/stages/lengths.py); one optimization profile
 covers both:
 
     input_features       float32 [W, 128, T]   W: min 1, opt, max;  T: min/opt/max from lengths.FRAME_BUCKETS
@@ -32,9 +32,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from af3trt.runtime import lengths
-from af3trt.runtime.trt_runner import import_tensorrt
-from af3trt.runtime.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.engines.trt_runner import import_tensorrt
+from af3trt.runtime.engines.encoder_io import INPUT_FEATURES, INPUT_MASK, OUTPUT_EMBEDS
 
 log = logging.getLogger(__name__)
 

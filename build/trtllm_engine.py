@@ -2,7 +2,7 @@
 
 Every trtllm-build flag is derived from the serving limits, the precision and AF3's audio arithmetic:
 
-    audio tokens / request     af3trt.runtime.lengths for max_audio_seconds (750 per 30-s window, 15,000 for 10 min)
+    audio tokens / request     af3trt.runtime.stages.lengths for max_audio_seconds (750 per 30-s window, 15,000 for 10 min)
     --max_input_len            text budget + audio tokens
     --max_seq_len              max_input_len + max_output_len
     --max_num_tokens           one full prompt + one decode token per other request (capped at 16,384, above which
@@ -81,7 +81,7 @@ def plan_trtllm_build(ckpt_dir: Path, engine_dir: Path, limits: ServingConfig, p
                       timing_cache: Path | None = None, gpu=None, log_level: str = "info") -> TrtllmBuildPlan:
     """The trtllm-build command line for these limits, with the numbers behind it and the builder's caveats.
 
-    gpu: the target (af3trt.runtime.gpus.target_gpu); precisions it cannot run raise PrecisionError.
+    gpu: the target (af3trt.runtime.engines.gpus.target_gpu); precisions it cannot run raise PrecisionError.
     When ckpt_dir already holds a checkpoint, its quantization, dtype and tp size must be the ones asked for.
     """
     p = check_precision_names(precision, kv_cache)

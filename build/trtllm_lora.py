@@ -1,6 +1,6 @@
 """think/'s LoRA for TensorRT-LLM 1.2 (GPU target): the engine's LoRA plugin flags, the adapter in the layout the
 `tensorrtllm` backend takes, and the backend's LoRA cache parameters. The CPU decoder applies the same adapter per
-batch row (runtime/lora.py); the GPU engine does the same in its LoRA plugin.
+batch row (runtime/engines/lora.py); the GPU engine does the same in its LoRA plugin.
 
 Facts, and where they were read:
 - LoRA and the prompt-embedding table in ONE engine: TensorRT-LLM's QWenModel.forward (tensorrt_llm/models/qwen/

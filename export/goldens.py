@@ -51,7 +51,7 @@ def default_cases() -> list[tuple[str, str, Path]]:
 
 
 def mono16k(data: bytes):
-    """float32 mono 16 kHz, decoded with soundfile and resampled with scipy (independent of runtime/audio.py)."""
+    """float32 mono 16 kHz, decoded with soundfile and resampled with scipy (independent of runtime/stages/audio.py)."""
     from math import gcd
 
     import numpy as np
@@ -88,7 +88,7 @@ def write_goldens(hf_dir: Path, artifacts: Path, *, max_tokens: int = DEFAULT_MA
     if think:
         from peft import PeftModel
 
-        from af3trt.runtime.conversation import THINK_SUFFIX
+        from af3trt.runtime.stages.conversation import THINK_SUFFIX
 
         state = torch.load(Path(hf_dir) / "think" / "non_lora_trainables.bin", weights_only=True)
         model.load_state_dict(state, strict=False)

@@ -9,7 +9,7 @@ The graph maps a batch of W mel windows to the decoder's embedding space:
                                                   keeps the first lengths.embeds_valid_per_window(mask sum)
 
 Both W and T are dynamic. The kept rows of a window with L valid frames depend only on its frames [0, L+2)
-(runtime/lengths.py), so serving crops each window to a frame bucket >= L+2 and the encoder's cost follows the
+(runtime/stages/lengths.py), so serving crops each window to a frame bucket >= L+2 and the encoder's cost follows the
 valid audio; windows of different lengths share a batch padded to the longest (masked, so exact). The graph is
 AF3's encoder with one change, in AudioEmbedder.forward: the positional embedding is sliced to the T/2 conv
 positions instead of being added whole (which only fits T = 3000).
@@ -49,8 +49,8 @@ from transformers.models.audioflamingo3.modeling_audioflamingo3 import (AudioFla
 
 from af3trt.export import weights
 from af3trt.registry import read_config
-from af3trt.runtime import lengths
-from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_CHECKPOINT_DTYPE, META_EXPORT_DTYPE,
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.engines.encoder import (INPUT_FEATURES, INPUT_MASK, META_CHECKPOINT_DTYPE, META_EXPORT_DTYPE,
                                     META_HIDDEN_SIZE, META_MAX_FRAMES, META_QUANTIZATION, OUTPUT_EMBEDS)
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def encoder_spec(config: AudioFlamingo3Config, *, opset: int = 18) -> ExportSpec
     rows = audio.max_source_positions // 2  # avg-pool stride 2 → 750 embeddings per window
     if (audio.num_mel_bins, frames, rows) != (lengths.N_MELS, lengths.WINDOW_FRAMES, lengths.EMBEDS_PER_WINDOW):
         raise ValueError(f"audio config gives [{audio.num_mel_bins}, {frames}] → {rows} rows per window; the serving "
-                         f"arithmetic (runtime/lengths.py) assumes [{lengths.N_MELS}, {lengths.WINDOW_FRAMES}] → "
+                         f"arithmetic (runtime/stages/lengths.py) assumes [{lengths.N_MELS}, {lengths.WINDOW_FRAMES}] → "
                          f"{lengths.EMBEDS_PER_WINDOW}")
     return ExportSpec(
         inputs=(TensorSpec(INPUT_FEATURES, "float32", ("W", audio.num_mel_bins, "T")),

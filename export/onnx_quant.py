@@ -59,7 +59,7 @@ from onnx import numpy_helper
 
 from af3trt.export.onnx_export import compare, onnx_bytes, save_onnx, set_metadata
 from af3trt.registry import GPU_ENCODER_PRECISIONS
-from af3trt.runtime.encoder import (INPUT_FEATURES, INPUT_MASK, META_EXPORT_DTYPE, META_QUANTIZATION,
+from af3trt.runtime.engines.encoder import (INPUT_FEATURES, INPUT_MASK, META_EXPORT_DTYPE, META_QUANTIZATION,
                                     OUTPUT_EMBEDS, pad_frames)
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def bundled_clips() -> tuple[list[bytes], list[bytes]]:
     (the half repeated with alternating gains), covering both the padded and the unpadded case of the encoder.
     """
     from af3trt.runtime import assets
-    from af3trt.runtime.audio import decode_audio
+    from af3trt.runtime.stages.audio import decode_audio
 
     wave = decode_audio(assets.speech_path().read_bytes())  # [80026] mono 16 kHz
     first, second = wave[: len(wave) // 2], wave[len(wave) // 2:]
@@ -131,7 +131,7 @@ def bundled_clips() -> tuple[list[bytes], list[bytes]]:
 
 
 def _windows(clips: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    from af3trt.runtime.audio import prepare_clips
+    from af3trt.runtime.stages.audio import prepare_clips
 
     batches = [prepare_clips([c]) for c in clips]  # one clip at a time: a bad file names itself
     # each clip comes cropped to its frame bucket: pad to the longest, as the encoder does with a mixed batch
@@ -139,7 +139,7 @@ def _windows(clips: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibration_set(clips: Sequence[bytes] | None = None, *, held_out_fraction: float = 0.25) -> CalibrationSet:
-    """Calibration and held-out windows from real audio, featurised by af3trt.runtime.audio.prepare_clips.
+    """Calibration and held-out windows from real audio, featurised by af3trt.runtime.stages.audio.prepare_clips.
 
     clips: encoded audio files (WAV/FLAC/OGG/MP3 bytes). The last `held_out_fraction` of them (at least one) are held
     out whole, so held-out windows come from audio calibration never saw. None: the bundled clip (bundled_clips).

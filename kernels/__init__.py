@@ -6,7 +6,7 @@
 
 The preprocess and fusion models take this path when their config says `gpu_kernels: "true"` (rendered on for the
 GPU target, off for CPU: triton_repo/configs.py RepoSpec.gpu_kernels) and CUDA is there; otherwise they keep the CPU
-path (runtime/audio.py, runtime/prompt.py), which is also the reference the kernels are tested against
+path (runtime/stages/audio.py, runtime/stages/prompt.py), which is also the reference the kernels are tested against
 (tests/test_kernels.py, on CPU through Triton's interpreter). `kernels_device` ("cuda" by default) names the device;
 "cpu" runs the same code path on CPU tensors (tests, with TRITON_INTERPRET=1).
 """

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from af3trt.kernels import logmel, table
-from af3trt.runtime import audio, lengths
+from af3trt.runtime.stages import audio, lengths
 
 FEATURE_TOL = 1e-5  # log-mel, kernel vs torch composition on one device (tests/test_kernels.py measures 1.2e-7)
 # GPU (cuFFT) vs the CPU reference (pocketfft): transformers documents its GPU Whisper features as matching its CPU

@@ -1,6 +1,6 @@
 """A batch of 30-s windows → Whisper log-mel features in one pass on the device (the GPU preprocessing hot path).
 
-Same numbers as af3trt.runtime.audio.log_mel (the CPU reference, itself checked against transformers'
+Same numbers as af3trt.runtime.stages.audio.log_mel (the CPU reference, itself checked against transformers'
 WhisperFeatureExtractor / AudioFlamingo3Processor in tests/test_audio.py), for all windows of a request at once:
 
     waves [W, 480000] f32 (each window zero-padded to 30 s)
@@ -25,7 +25,7 @@ result "with 1e-5 tolerance" (same function's docstring) — cuFFT vs pocketfft 
 Precision on the GPU: the mel matmul must run in full fp32. torch's default for fp32 matmuls on CUDA is full precision
 (torch.backends.cuda.matmul.allow_tf32 is False by default since torch 1.12; torch.set_float32_matmul_precision
 "highest" is the default); nothing in the preprocess process changes it, and the server launcher drops
-TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, which would force TF32 (runtime/triton_install.py STUB_ENV_DROP). TF32 (10-bit
+TORCH_ALLOW_TF32_CUBLAS_OVERRIDE, which would force TF32 (runtime/serve/triton_install.py STUB_ENV_DROP). TF32 (10-bit
 mantissa) would move the features by ~1e-4.
 
 Without Triton (not installed, or CPU tensors without TRITON_INTERPRET=1) the epilogue is the torch composition.
@@ -38,8 +38,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from af3trt.runtime import audio, lengths
-from af3trt.runtime.lengths import HOP, N_FFT, N_MELS, WINDOW_FRAMES, WINDOW_SAMPLES
+from af3trt.runtime.stages import audio, lengths
+from af3trt.runtime.stages.lengths import HOP, N_FFT, N_MELS, WINDOW_FRAMES, WINDOW_SAMPLES
 
 
 NO_TRITON = "use_triton=True needs the optional dependency triton (pip install 'af3trt[gpu-kernels]')"
@@ -102,7 +102,7 @@ def log_mel_windows(waves: torch.Tensor, frames: int = WINDOW_FRAMES, *, use_tri
     spec = torch.stft(waves, N_FFT, HOP, window=_hann(dev), center=True, pad_mode="reflect",
                       return_complex=True)  # [W, 201, 3001]
     spec = spec[..., :WINDOW_FRAMES]  # [W, 201, 3000]
-    power = spec.real.square() + spec.imag.square()  # |X|^2 as runtime/audio.py computes it (no sqrt); contiguous
+    power = spec.real.square() + spec.imag.square()  # |X|^2 as runtime/stages/audio.py computes it (no sqrt); contiguous
     mel = torch.matmul(_filters(dev), power)  # [W, 128, 3000]
     peak = mel.amax(dim=(1, 2)) if len(mel) else mel.new_zeros(0)  # [W]
     if use_triton is None:
@@ -140,10 +140,10 @@ def pad_windows(chunks: list[np.ndarray], device: torch.device) -> torch.Tensor:
 
 def log_mel(chunks: list[np.ndarray], frames: int = WINDOW_FRAMES, device: torch.device | str = "cuda"
             ) -> tuple[torch.Tensor, np.ndarray]:
-    """Drop-in for af3trt.runtime.audio.log_mel with the features left on `device`.
+    """Drop-in for af3trt.runtime.stages.audio.log_mel with the features left on `device`.
 
     Returns features [W, 128, frames] f32 (torch, on device) and mask [W, frames] int32 (numpy; 1 on frames holding
-    samples — host arithmetic from runtime/lengths.py, nothing to compute on the device).
+    samples — host arithmetic from runtime/stages/lengths.py, nothing to compute on the device).
     """
     device = torch.device(device)
     if not 1 <= frames <= WINDOW_FRAMES:

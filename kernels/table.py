@@ -1,7 +1,7 @@
 """The prompt table on the device: the encoder's [W, R, H] output → the decoder's [1, N, H] table in its dtype.
 
 Row k of the table is the k-th valid audio embedding of the request, window by window in order: window w keeps its
-first rows[w] rows (lengths.embeds_valid_per_window of its mask sum, exactly what runtime/prompt.py's CPU path
+first rows[w] rows (lengths.embeds_valid_per_window of its mask sum, exactly what runtime/stages/prompt.py's CPU path
 takes). One Triton kernel gathers and casts in a single pass; without Triton the same result comes from
 index_select + cast (an f32 [N, H] temporary in between).
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from af3trt.kernels.logmel import NO_TRITON, triton_kernels, triton_runs_on
-from af3trt.runtime.conversation import Conversation
-from af3trt.runtime.prompt import PromptBuilder, window_rows
+from af3trt.runtime.stages.conversation import Conversation
+from af3trt.runtime.stages.prompt import PromptBuilder, window_rows
 
 
 def prompt_table(embeds: torch.Tensor, rows: Sequence[int], dtype: torch.dtype, *,

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from af3trt.perf.metrics import RequestRecord
-from af3trt.runtime.client import MODEL, Request
-from af3trt.runtime.contract import request_input
+from af3trt.runtime.client.library import MODEL, Request
+from af3trt.runtime.stages.contract import request_input
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -60,7 +60,7 @@ def _bytes_b64(items: list[bytes]) -> str:
 def write_input_data(path: Path, requests: list[tuple[str, bytes | None]], *, max_tokens: int, stream: bool,
                      **fields) -> Path:
     """perf_analyzer's --input-data JSON: one data entry per (prompt, clip); clip None = text-only. The inputs are
-    the client's (runtime/client.py Request.values): BYTES as length-prefixed base64, the others as content.
+    the client's (runtime/client/library.py Request.values): BYTES as length-prefixed base64, the others as content.
     fields: more Request fields of every entry (e.g. ignore_eos=True)."""
     entries = []
     for prompt, clip in requests:

@@ -38,8 +38,8 @@ from af3trt.perf import clips as clipgen
 from af3trt.perf import compare, machine, metrics, stats
 from af3trt.perf.loadgen import run_load
 from af3trt.perf.measure import probe_requests, sweep_perf_analyzer
-from af3trt.runtime import lengths
-from af3trt.runtime.contract import ENSEMBLE, STAGES
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages.contract import ENSEMBLE, STAGES
 
 log = logging.getLogger("af3trt.bench")
 
@@ -393,8 +393,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from af3trt.runtime.server import TritonServer
-    from af3trt.runtime.triton_install import CACHE
+    from af3trt.runtime.serve.server import TritonServer
+    from af3trt.runtime.serve.triton_install import CACHE
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (args.out or REPO_ROOT / "perf" / "results" / stamp).resolve()
@@ -541,7 +541,7 @@ def main(argv=None) -> int:
 def run_variant(build_repo, log_path: Path, measure) -> dict:
     """Build (cached) and serve another repository, measure(url, server pid) on it, stop it. A failure is recorded
     in the result ({"error": …}) and the benchmark goes on: the main figures are already measured."""
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     server = None
     try:

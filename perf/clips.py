@@ -49,7 +49,7 @@ class ClipSpec:
 @lru_cache(maxsize=1)
 def bundled_speech() -> np.ndarray:
     from af3trt.runtime import assets
-    from af3trt.runtime.audio import decode_audio
+    from af3trt.runtime.stages.audio import decode_audio
 
     return decode_audio(assets.speech_path().read_bytes())  # float32 [n] at 16 kHz
 

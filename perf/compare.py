@@ -28,8 +28,8 @@ from af3trt.perf import clips as clipgen
 from af3trt.perf import metrics, stats
 from af3trt.perf.loadgen import run_load
 from af3trt.perf.measure import probe_requests, sweep_perf_analyzer
-from af3trt.runtime import lengths
-from af3trt.runtime.contract import ENSEMBLE, STAGES
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages.contract import ENSEMBLE, STAGES
 
 log = logging.getLogger("af3trt.bench")
 

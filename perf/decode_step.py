@@ -3,7 +3,7 @@ build's defaults are chosen from.
 
     python -m af3trt.perf.decode_step --out perf/results/latest      # writes decode_step.json and decode_step.md
 
-For each instruction set and thread count a fresh process runs runtime/decoder.py's DecoderEngine on the `af3`
+For each instruction set and thread count a fresh process runs runtime/engines/decoder.py's DecoderEngine on the `af3`
 preset, one engine per CPU decoder precision (af3trt/registry.py CPU_DECODER_PRECISIONS, the language model written
 as a build writes it): `batch` requests of a `prompt`-token prompt submitted together (one continuous batch), `steps`
 tokens each; precisions and batches interleaved repeat by repeat. Reported: the engine's own decode time per step
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
+from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest
 
 ISAS = {"avx512": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 

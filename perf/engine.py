@@ -196,11 +196,11 @@ class OpenAIFront:
     """`af3trt openai` as a subprocess on a free loopback port, stopped by its PID."""
 
     def __init__(self, triton_url: str, log_path: Path):
-        from af3trt.runtime.server import free_port
+        from af3trt.runtime.serve.server import free_port
 
         self.port = free_port()
         self.logf = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", triton_url,
+        self.proc = subprocess.Popen([sys.executable, "-m", "af3trt.runtime.openai.app", "--triton", triton_url,
                                       "--port", str(self.port)], stdout=self.logf, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.monotonic() + 120
@@ -386,8 +386,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from af3trt.perf.baseline import TransformersBaseline
-    from af3trt.runtime.server import TritonServer
-    from af3trt.runtime.triton_install import CACHE
+    from af3trt.runtime.serve.server import TritonServer
+    from af3trt.runtime.serve.triton_install import CACHE
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         sys.exit("af3trt fuzz needs schemathesis: pip install 'af3trt[test]'")
     from af3trt.perf.serving_path import OpenAIFront
     from af3trt.runtime import assets
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     clip = assets.speech_path().read_bytes()
     logs = Path(tempfile.mkdtemp(prefix="af3trt-fuzz-"))

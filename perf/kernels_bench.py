@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from af3trt.kernels import logmel, table
-from af3trt.runtime import audio, lengths
+from af3trt.runtime.stages import audio, lengths
 
 
 def median_ms(fn, repeats: int, cuda: bool) -> float:

@@ -13,8 +13,8 @@ import time
 from typing import Callable, Iterator
 
 from af3trt.perf.metrics import RequestRecord
-from af3trt.runtime.client import AF3Client, AF3Stream, Chunk, Request
-from af3trt.runtime.contract import ENSEMBLE
+from af3trt.runtime.client.library import AF3Client, AF3Stream, Chunk, Request
+from af3trt.runtime.stages.contract import ENSEMBLE
 
 
 def run_load(url: str, inputs: list[tuple[str, bytes | None]], *, concurrency: int, requests: int,

@@ -22,7 +22,7 @@ import soundfile as sf
 
 from af3trt.perf import clips
 from af3trt.runtime.batch import Served
-from af3trt.runtime.supervisor import children, stub_pids
+from af3trt.runtime.serve.supervisor import children, stub_pids
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 from af3trt.perf import machine, metrics, stats
 from af3trt.perf.analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
 from af3trt.perf.loadgen import PersistentStream
-from af3trt.runtime.contract import ENSEMBLE, STAGES
+from af3trt.runtime.stages.contract import ENSEMBLE, STAGES
 
 log = logging.getLogger("af3trt.bench")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from af3trt.build import sizing
 from af3trt.registry import KNOWN_GPUS, GpuInfo, af3_reference_config, supports_fp8
-from af3trt.runtime import lengths
+from af3trt.runtime.stages import lengths
 
 
 # The GPUs of the registry's catalogue with datasheet peaks (H100, A100), keyed H100 / A100.

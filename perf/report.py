@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from af3trt.perf import compare, metrics
-from af3trt.runtime.contract import STAGES
+from af3trt.runtime.stages.contract import STAGES
 
 TARGET_RATIO = 3.0  # throughput at c=8 over transformers one request at a time
 TARGET_OVERHEAD_MS = 5.0  # p50 per request of everything but encoder and decoder compute

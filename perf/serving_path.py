@@ -3,7 +3,7 @@ cost taken out.
 
     af3trt bench --serving-path --out perf/results/latest          # tiny checkpoint, stand-ins at 300 tokens/s
 
-A CPU repository is built with `--stand-in-tokens-per-s R` (runtime/stand_in.py: the encoder returns zeros, the
+A CPU repository is built with `--stand-in-tokens-per-s R` (runtime/engines/stand_in.py: the encoder returns zeros, the
 decoder makes deterministic tokens at R per second per request, in-flight batched, never an end id), served by the
 real tritonserver with the real preprocess, fusion and postprocess, and the real OpenAI front in front of it. Loads:
 gRPC streamed, gRPC not streamed (our client, perf/loadgen.py) and OpenAI streamed chat completions (httpx), each at
@@ -285,12 +285,12 @@ class OpenAIFront:
     """`af3trt openai` on a free loopback port, stopped by its PID."""
 
     def __init__(self, grpc_url: str, log_path: Path):
-        from af3trt.runtime.server import free_port, wait_healthy
+        from af3trt.runtime.serve.server import free_port, wait_healthy
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         with open(log_path, "wb") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", grpc_url,
+            self.proc = subprocess.Popen([sys.executable, "-m", "af3trt.runtime.openai.app", "--triton", grpc_url,
                                           "--port", str(self.port)], stdout=f, stderr=subprocess.STDOUT)
         why = wait_healthy(self.url + "/health", self.proc, 120)
         if why == "exited":
@@ -300,7 +300,7 @@ class OpenAIFront:
             raise TimeoutError("af3trt openai not ready after 120 s")
 
     def stop(self) -> None:
-        from af3trt.runtime.server import stop_process
+        from af3trt.runtime.serve.server import stop_process
 
         stop_process(self.proc)
 
@@ -340,7 +340,7 @@ def log_mel_cpu_ms(clip: bytes, runs: int = 20) -> float:
     per-request cost on the CPU target, done on the device on the GPU target (af3trt.kernels.logmel)."""
     import torch
 
-    from af3trt.runtime import audio
+    from af3trt.runtime.stages import audio
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -530,8 +530,8 @@ def main(argv=None) -> int:
     from contextlib import ExitStack
 
     from af3trt.perf.bench import prepare_checkpoint
-    from af3trt.runtime.server import TritonServer
-    from af3trt.runtime.triton_install import CACHE
+    from af3trt.runtime.serve.server import TritonServer
+    from af3trt.runtime.serve.triton_install import CACHE
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (args.out or REPO_ROOT / "perf" / "results" / stamp).resolve()

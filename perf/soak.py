@@ -35,8 +35,8 @@ import numpy as np
 from af3trt.perf import clips
 from af3trt.perf.loadgen import one_request, record
 from af3trt.perf.metrics import RequestRecord, summarize
-from af3trt.runtime.client import AF3Client, AF3Stream, Request
-from af3trt.runtime.supervisor import stub_pids
+from af3trt.runtime.client.library import AF3Client, AF3Stream, Request
+from af3trt.runtime.serve.supervisor import stub_pids
 
 PROMPTS = ("What is said?", "Transcribe the audio.", "Describe the sound.", "Who is speaking, and about what?")
 
@@ -302,13 +302,13 @@ def main(argv=None) -> int:
     server = None
     watch = {name: int(pid) for name, pid in (w.split("=", 1) for w in args.watch)}
     if args.model_repository and args.proxy:
-        from af3trt.runtime.replicas import ReplicaSet
+        from af3trt.runtime.serve.replicas import ReplicaSet
 
         server = ReplicaSet(args.model_repository.resolve(), 1, args.out / "replicas").start()
         url, pid = server.grpc_url, server.servers[0].proc.pid
         watch["haproxy"] = server.haproxy.pid
     elif args.model_repository:
-        from af3trt.runtime.server import TritonServer
+        from af3trt.runtime.serve.server import TritonServer
 
         server = TritonServer(args.model_repository.resolve(), log_path=args.out / "tritonserver.log").start()
         url, pid = server.grpc_url, server.proc.pid

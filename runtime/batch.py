@@ -418,11 +418,11 @@ class Served:
     """`af3trt serve --openai-port` for the length of a run, on free loopback ports; stopped by its PID."""
 
     def __init__(self, repository: Path, start_timeout: float, extra: list[str] = ()):
-        from af3trt.runtime.server import free_port
+        from af3trt.runtime.serve.server import free_port
 
         self.port, self.grpc_port = free_port(), free_port()
         self.log = Path(tempfile.mkdtemp(prefix="af3trt-batch-")) / "serve.log"
-        cmd = [sys.executable, "-m", "af3trt.runtime.server", "--model-repository", str(repository),
+        cmd = [sys.executable, "-m", "af3trt.runtime.serve.server", "--model-repository", str(repository),
                "--grpc-port", str(self.grpc_port), "--http-port", str(free_port()), "--metrics-port",
                str(free_port()), "--openai-port", str(self.port), "--start-timeout", str(start_timeout), *extra]
         with open(self.log, "wb") as logf:
@@ -431,7 +431,7 @@ class Served:
         self.wait(start_timeout + 60)
 
     def wait(self, timeout: float) -> None:
-        from af3trt.runtime.server import wait_healthy
+        from af3trt.runtime.serve.server import wait_healthy
 
         why = wait_healthy(self.url + "/health", self.proc, timeout, interval=0.5)
         if why == "exited":

@@ -62,7 +62,7 @@ fi
 [ "${AF3TRT_SETUP_SKIP_CHECK:-0}" = 1 ] && exit 0
 "$venv/bin/python" - <<'PY'
 import numpy, torch, transformers, onnxruntime, modelopt.onnx.quantization, modelopt.torch.quantization, triton
-from af3trt.runtime.server import find_tritonserver
+from af3trt.runtime.serve.server import find_tritonserver
 from af3trt.perf.analyzer import find_perf_analyzer
 assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: the Triton 2.51 python backend needs numpy<2"
 print(f"== ready: torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime "

@@ -112,7 +112,7 @@ def _fast_tier_starts_no_server(monkeypatch):
     import os
 
     if os.environ.get("AF3TRT_TESTS_FAST") == "1":
-        from af3trt.runtime.server import TritonServer
+        from af3trt.runtime.serve.server import TritonServer
 
         def refuse(self, *a, **k):
             pytest.fail("this test starts tritonserver: mark it `integration` (the fast tier runs none)")
@@ -136,7 +136,7 @@ def repo(tiny_repo):
 
 @pytest.fixture(scope="session")
 def server(repo):
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     srv = TritonServer(repo / "model_repository", log_path=repo / "tritonserver.log")
     srv.start(timeout=300)
@@ -150,7 +150,7 @@ def server(repo):
 
 @pytest.fixture(scope="session")
 def client(server):
-    from af3trt.runtime.client import AF3Client
+    from af3trt.runtime.client.library import AF3Client
 
     return AF3Client(server.grpc_url, timeout=120)
 

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from af3trt.build.gpu_repo import TrtllmOptions, gpu_repo_spec
 from af3trt.build.trt_encoder import encoder_max_windows
-from af3trt.runtime import lengths
+from af3trt.runtime.stages import lengths
 from af3trt.triton_repo import configs
 
 SR = lengths.SAMPLE_RATE

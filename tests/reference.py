@@ -127,7 +127,7 @@ class Reference:
 def run_alongside(good: Callable[[], list[int]], bad: dict[str, Callable[[], object]], n_good: int = 2):
     """Run `good` n_good times and every call of `bad` at once, each in its own thread. Returns the good calls'
     results by index and, by name, the message of the AF3Error each bad call raised ("no error" if none)."""
-    from af3trt.runtime.client import AF3Error
+    from af3trt.runtime.client.library import AF3Error
 
     results: dict[int, list[int]] = {}
     errors: dict[str, str] = {}

@@ -1,16 +1,25 @@
 """The import graph of af3trt: no cycles, and every import in the written direction (docs/development.md, "Layout").
 
-    af3trt.registry   facts; imports nothing of af3trt
-    runtime           ← registry
-    kernels           ← runtime
-    triton_repo       ← runtime, kernels             (the Triton models are thin adapters over runtime/)
-    export            ← runtime
-    build             ← export, triton_repo, kernels, runtime
-    perf              ← anything above, through public names only
-    af3trt.cli/demo   the entry points, on top
+    af3trt.registry     facts; imports nothing of af3trt
+    runtime.assets      the embedded demo clip; imports nothing of af3trt
+    runtime.stages      the tensor contract and the pure processing of each stage (audio, prompt, sampling, detok…)
+    runtime.engines     ← stages                 the CPU/GPU backends a stage runs (decoder, encoder, stand-ins)
+    runtime.triton      ← stages                 what every python-backend stub shares (I/O, request context, configs)
+    runtime.client      ← stages                 the gRPC client library and `af3trt ask`
+    runtime.openai      ← client, stages         the OpenAI-compatible front
+    runtime.serve       ← openai, triton, engines, client, stages   launcher, supervisor, replicas, doctor
+    runtime.batch       ← serve, client, stages  `af3trt batch`, on top of runtime
+    kernels             ← runtime.stages
+    triton_repo         ← runtime.{stages, engines, triton}, kernels   (the Triton models: thin adapters)
+    export              ← runtime.{stages, engines}
+    build               ← export, triton_repo, kernels, runtime
+    perf                ← anything above, through public names only
+    af3trt.cli/demo     the entry points, on top
 
-Every import counts, the ones inside functions too (they hide the graph, they do not remove an edge). The
-packages and their source folders come from pyproject.toml, so a new package cannot slip past the test.
+Every import counts: the ones inside functions (they hide the graph, they do not remove an edge), and a module named
+by a string that importlib loads (af3trt.cli.COMMANDS, the OpenAI front's ROUTERS): any string constant that is the
+full name of one of our modules is an edge. The packages and their source folders come from pyproject.toml, so a new
+package cannot slip past the test.
 """
 
 from __future__ import annotations
@@ -26,16 +35,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# layer → the layers it may import (besides itself and the registry)
+RUNTIME = {"runtime.stages", "runtime.engines", "runtime.triton", "runtime.client", "runtime.openai", "runtime.serve",
+           "runtime.batch"}
+FOUNDATION = {"registry", "runtime", "runtime.assets"}  # facts and data: anyone may import them; they import nothing of af3trt
+# layer → the layers it may import (besides itself and the foundation)
 ALLOWED = {
     "registry": set(),
     "runtime": set(),
-    "kernels": {"runtime"},
-    "triton_repo": {"runtime", "kernels"},
-    "export": {"runtime"},
-    "build": {"export", "triton_repo", "kernels", "runtime"},
-    "perf": {"build", "export", "triton_repo", "kernels", "runtime"},
-    "entry": {"build", "export", "triton_repo", "kernels", "runtime", "perf"},
+    "runtime.assets": set(),
+    "runtime.stages": set(),
+    "runtime.engines": {"runtime.stages"},
+    "runtime.triton": {"runtime.stages"},
+    "runtime.client": {"runtime.stages"},
+    "runtime.openai": {"runtime.client", "runtime.stages"},
+    "runtime.serve": {"runtime.openai", "runtime.triton", "runtime.engines", "runtime.client", "runtime.stages"},
+    "runtime.batch": {"runtime.serve", "runtime.client", "runtime.stages"},
+    "kernels": {"runtime.stages"},
+    "triton_repo": {"runtime.stages", "runtime.engines", "runtime.triton", "kernels"},
+    "export": {"runtime.stages", "runtime.engines"},
+    "build": {"export", "triton_repo", "kernels"} | RUNTIME,
+    "perf": {"build", "export", "triton_repo", "kernels"} | RUNTIME,
+    "entry": {"build", "export", "triton_repo", "kernels", "perf"} | RUNTIME,
 }
 
 
@@ -43,6 +63,11 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if parts[:2] == ["af3trt", "registry"]:
         return "registry"
+    if parts[:2] == ["af3trt", "runtime"]:
+        sub = f"runtime.{parts[2]}" if len(parts) > 2 else "runtime"
+        if sub not in ALLOWED:
+            raise AssertionError(f"{module}: runtime/ holds only its sub-layers {sorted(RUNTIME)}; place it in one")
+        return sub
     if len(parts) >= 2 and parts[1] in ALLOWED:
         return parts[1]
     return "entry"  # af3trt, af3trt.cli, af3trt.demo
@@ -61,12 +86,15 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, list[str], int]]:
-    """(imported af3trt module, names taken from it, line) for every import statement in the file, at any depth."""
+    """(imported af3trt module, names taken from it, line) for every import statement in the file, at any depth, and
+    every string constant that names one of our modules (importlib)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value and node.value in known:
+            found.append((node.value, [], node.lineno))  # loaded by importlib: cli.COMMANDS, the OpenAI ROUTERS
+        elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("af3trt"):
                     found.append((alias.name, [], node.lineno))
@@ -129,10 +157,13 @@ def cycles(nodes, edges) -> list[list[str]]:
 def test_the_graph_is_read_whole():
     known, edges = graph()
     # every installed package has modules, and the graph sees function-level imports
-    for package in ("af3trt.registry", "af3trt.runtime.client", "af3trt.build.build_engines", "af3trt.perf.bench",
+    for package in ("af3trt.registry", "af3trt.runtime.client.library", "af3trt.runtime.stages.contract", "af3trt.build.build_engines", "af3trt.perf.bench",
                     "af3trt.triton_repo.fusion.model", "af3trt.kernels.table", "af3trt.export.quantize"):
         assert package in known
     assert "af3trt.build.gpu_build" in edges["af3trt.build.build_engines"]
+    # imports made through importlib are seen: the CLI's commands and the OpenAI front's routers
+    assert {"af3trt.runtime.serve.server", "af3trt.runtime.client.ask", "af3trt.perf.bench"} <= set(edges["af3trt.cli"])
+    assert "af3trt.runtime.openai.chat" in edges["af3trt.runtime.openai.app"]
     assert sum(len(v) for v in edges.values()) > 100
 
 
@@ -147,7 +178,7 @@ def test_imports_follow_the_layers():
     for src, targets in edges.items():
         for dst, where in targets.items():
             a, b = layer(src), layer(dst)
-            if a != b and b != "registry" and b not in ALLOWED[a]:
+            if a != b and b not in FOUNDATION and b not in ALLOWED[a]:
                 wrong.append(f"{src} imports {dst} (line {where[0][0]}): {a} may not import {b}")
     assert wrong == []
 
@@ -185,13 +216,19 @@ def test_the_check_catches_what_it_claims(tmp_path):
     """The cycle finder and the layer rule on a made-up graph: a test that cannot fail proves nothing."""
     assert cycles(["a", "b", "c"], {"a": {"b": []}, "b": {"c": []}, "c": {"a": []}}) == [["a", "b", "c"]]
     assert cycles(["a", "b"], {"a": {"b": []}}) == []
-    assert "triton_repo" not in ALLOWED["runtime"] and "build" not in ALLOWED["export"]
-    assert layer("af3trt.runtime.client") == "runtime" and layer("af3trt.cli") == "entry"
+    assert "triton_repo" not in ALLOWED["runtime.stages"] and "build" not in ALLOWED["export"]
+    assert layer("af3trt.runtime.client.library") == "runtime.client" and layer("af3trt.cli") == "entry"
+    assert "runtime.serve" not in ALLOWED["runtime.engines"] and "runtime.openai" not in ALLOWED["runtime.client"]
+    with pytest.raises(AssertionError, match="sub-layers"):
+        layer("af3trt.runtime.flat_module")
     # an import inside a function is an edge
     src = tmp_path / "m.py"
     src.write_text("def f():\n    from af3trt.build.plan import BuildPlan\n")
     known = {"af3trt.runtime.m": src, "af3trt.build.plan": src}
     assert imports("af3trt.runtime.m", src, known) == [("af3trt.build.plan", ["BuildPlan"], 2)]
+    # a module named by a string (importlib) is an edge
+    src.write_text('COMMANDS = {"x": "af3trt.build.plan"}\nOTHER = "af3trt.build"\n')
+    assert imports("af3trt.runtime.m", src, known) == [("af3trt.build.plan", [], 1)]
 
 
 @pytest.mark.parametrize("argv", [["--from-prepared", "/nonexistent/af3trt-build"], ["--hf-model", "/nonexistent",

@@ -1,4 +1,4 @@
-"""The audio front end (runtime/lengths.py, runtime/audio.py) against AudioFlamingo3Processor."""
+"""The audio front end (runtime/stages/lengths.py, runtime/stages/audio.py) against AudioFlamingo3Processor."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from af3trt.runtime import audio, lengths
-from af3trt.runtime.audio import AudioError, decode_audio, log_mel, prepare_clips, split_windows
+from af3trt.runtime.stages import audio, lengths
+from af3trt.runtime.stages.audio import AudioError, decode_audio, log_mel, prepare_clips, split_windows
 
 from helpers import fading_noise
 

@@ -1,4 +1,4 @@
-"""The audio cache (runtime/audio_cache.py): a clip seen again skips decoding (preprocess) and the encoder, keyed by
+"""The audio cache (runtime/stages/audio_cache.py): a clip seen again skips decoding (preprocess) and the encoder, keyed by
 the digest preprocess computes once; bounded in bytes, least recently used out first, exact."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from af3trt.export.onnx_export import export_encoder
-from af3trt.runtime import audio, audio_cache
+from af3trt.runtime.stages import audio, audio_cache
 from af3trt.triton_repo import configs
 
 from fakes import pb_utils as fake_pb

@@ -3,7 +3,7 @@
 
 - batch: 200 lines killed halfway (SIGINT, then SIGKILL) and resumed end with each custom_id exactly once, every
   line valid and read by the `openai` package's types; an espeak-ng multiple-choice set scored by `af3trt score`.
-- long-form: chunking_strategy "auto" over a 70-s talk: segments on the cut points runtime/longform.py computes,
+- long-form: chunking_strategy "auto" over a 70-s talk: segments on the cut points runtime/stages/longform.py computes,
   within the audio, each segment's text equal to its piece transcribed alone; the stream's deltas add up to the
   text; `af3trt ask --transcribe` gives the same segments; past the server's length limit, a clear 400.
 """
@@ -24,8 +24,9 @@ import pytest
 import soundfile as sf
 
 from af3trt.perf import clips, score
-from af3trt.runtime import batch, longform
-from af3trt.runtime.audio import decode_audio
+from af3trt.runtime import batch
+from af3trt.runtime.stages import longform
+from af3trt.runtime.stages.audio import decode_audio
 
 openai = pytest.importorskip("openai")  # a declared test dependency (pyproject [test])
 from openai.types import BatchError  # noqa: E402
@@ -188,14 +189,14 @@ def test_long_form_stream_and_fixed_windows(oai, served, talk_flac):
 
 
 def test_ask_transcribe_prints_the_same_segments(oai, served, talk_flac, tmp_path, capsys):
-    from af3trt.runtime import client
+    from af3trt.runtime.client import ask
 
     path = tmp_path / "talk.flac"
     path.write_bytes(talk_flac)
     r = oai.audio.transcriptions.create(model="af3", file=("t.flac", talk_flac), chunking_strategy="auto",
                                         response_format="verbose_json")
     with pytest.raises(SystemExit) as e:
-        client.main(["--transcribe", str(path), "--url", f"127.0.0.1:{served.grpc_port}"])
+        ask.main(["--transcribe", str(path), "--url", f"127.0.0.1:{served.grpc_port}"])
     assert e.value.code == 0
     printed = re.split(r"^\[\d+:\d\d:\d\d\.\d\d → \d+:\d\d:\d\d\.\d\d\] ", capsys.readouterr().out, flags=re.M)
     assert printed[0] == "" and [p[:-1] for p in printed[1:]] == [s.text for s in r.segments]

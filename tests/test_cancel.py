@@ -1,4 +1,4 @@
-"""The cancellation side channel (triton_repo/cancel, runtime/context.py, the CPU decoder's probe, the clients):
+"""The cancellation side channel (triton_repo/cancel, runtime/triton/context.py, the CPU decoder's probe, the clients):
 Triton 2.51 does not pass a client's cancellation of the af3 ensemble on to the decoder inside it, so the clients
 send the request id to the `cancel` model and the decoder polls the mark it leaves."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from fakes import pb_utils as fake_pb
-from af3trt.runtime import context as context_mod
-from af3trt.runtime.client import AF3Error, Request, send_cancel
-from af3trt.runtime.context import RequestContext, RunningRequests, running_requests
+from af3trt.runtime.triton import context as context_mod
+from af3trt.runtime.client.library import AF3Error, Request, send_cancel
+from af3trt.runtime.triton.context import RequestContext, RunningRequests, running_requests
 from af3trt.triton_repo import configs
 from reference import MAX_TOKENS
 
@@ -140,7 +140,7 @@ def test_closing_the_stream_stops_the_decoder_and_the_other_request_completes(se
 def test_leaving_the_async_client_early_stops_the_decoder(server, speech_bytes):
     import asyncio
 
-    from af3trt.runtime.client import AsyncAF3Client
+    from af3trt.runtime.client.library import AsyncAF3Client
 
     rid = f"async-closed-early-{uuid.uuid4().hex}"
 

@@ -1,4 +1,4 @@
-"""The client (runtime/client.py) and `af3trt ask`: errors people can act on (no server, a server that never
+"""The client (runtime/client/library.py) and `af3trt ask`: errors people can act on (no server, a server that never
 answers, a model that is not ready), strip_prefix giving the same answer streamed and whole over gRPC, and one
 connection per client object however many requests it sends (tritonserver 2.51 keeps memory per connection)."""
 
@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from af3trt.runtime import client as client_mod
-from af3trt.runtime.client import AF3Client, AF3ConnectionError, Request
-from af3trt.runtime.detok import strip_transcription_prefix
-from af3trt.runtime.errors import ErrorCode
+from af3trt.runtime.client import ask
+from af3trt.runtime.client.library import AF3Client, AF3ConnectionError, Request
+from af3trt.runtime.stages.detok import strip_transcription_prefix
+from af3trt.runtime.stages.errors import ErrorCode
 from helpers import peer_ports
 from reference import MAX_TOKENS
 
@@ -64,7 +64,7 @@ def test_no_server_is_one_clear_error(closed_port):
 
 def test_ask_without_server_prints_one_line_and_fails(closed_port, capsys):
     with pytest.raises(SystemExit) as e:
-        client_mod.main(["hi", "--url", f"127.0.0.1:{closed_port}"])
+        ask.main(["hi", "--url", f"127.0.0.1:{closed_port}"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith(f"error: tritonserver at 127.0.0.1:{closed_port}: connection refused")
@@ -110,9 +110,9 @@ def test_ask_stream_strip_prefix_prints_the_whole_answer(server, tmp_path, speec
     clip.write_bytes(speech_bytes)
     args = ["Transcribe the input speech.", "--audio", str(clip), "--url", server.grpc_url, "--strip-prefix",
             "--max-tokens", str(MAX_TOKENS)]
-    client_mod.main(args)
+    ask.main(args)
     whole = capsys.readouterr().out
-    client_mod.main(args + ["--stream"])
+    ask.main(args + ["--stream"])
     streamed = capsys.readouterr().out
     assert streamed == whole and len(whole.strip()) > 5
 
@@ -128,7 +128,7 @@ def test_closing_the_iterator_cancels_and_the_server_goes_on(client, speech_byte
 
 
 def test_async_client_no_server(closed_port):
-    from af3trt.runtime.client import AsyncAF3Client
+    from af3trt.runtime.client.library import AsyncAF3Client
 
     with pytest.raises(AF3ConnectionError) as e:
         asyncio.run(AsyncAF3Client(f"127.0.0.1:{closed_port}", timeout=30).complete(Request("hi")))
@@ -139,7 +139,7 @@ def test_async_client_no_server(closed_port):
 def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
     """AsyncAF3Client (for asyncio front ends): the same answers as AF3Client, server errors as AF3Error, and a
     stream left early is cancelled without disturbing the next request."""
-    from af3trt.runtime.client import AF3Error, AsyncAF3Client
+    from af3trt.runtime.client.library import AF3Error, AsyncAF3Client
 
     aclient = AsyncAF3Client(server.grpc_url, timeout=120)
     messages = [{"role": "user", "content": [{"type": "audio", "audio_index": 0}, {"type": "text", "text": "What?"}]}]
@@ -161,7 +161,7 @@ def test_async_client_equals_sync_and_cancels(server, client, speech_bytes):
     want = client.ask(messages=messages, audio=[speech_bytes], max_tokens=MAX_TOKENS, stream=False)
     assert whole.token_ids == streamed.token_ids == want.token_ids and whole.text == streamed.text == want.text
     # a stream's first token comes alone; later ones may share a response (the CPU decoder coalesces tokens that come
-    # faster than one per --stream-interval-ms: runtime/coalesce.py)
+    # faster than one per --stream-interval-ms: runtime/stages/coalesce.py)
     assert whole.chunks == 1 and streamed.chunks >= 2 and len(first.token_ids) == 1
     assert client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids
 
@@ -228,13 +228,13 @@ def test_a_request_whose_channel_another_thread_closed_goes_on_the_new_one(serve
 @pytest.mark.parametrize("args", [[], ["hi", "--messages", "conv.json"]])
 def test_ask_wants_a_prompt_or_messages(args, capsys):
     with pytest.raises(SystemExit) as e:
-        client_mod.main(args)
+        ask.main(args)
     assert e.value.code == 2 and "give a prompt or --messages" in capsys.readouterr().err
 
 
 def test_ask_names_an_unreadable_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        client_mod.main(["hi", "--audio", str(tmp_path / "missing.wav")])
+        ask.main(["hi", "--audio", str(tmp_path / "missing.wav")])
     assert e.value.code == 2 and f"cannot read {tmp_path / 'missing.wav'}: No such file" in capsys.readouterr().err
 
 
@@ -245,8 +245,8 @@ def test_a_client_answers_after_the_server_restarted_on_its_ports(repo, speech_b
     call at once with "connection refused" meanwhile. The next request after the server is ready must be answered:
     it goes on a new connection (the request never reached the server, so sending it there is exact). A client
     with nothing to reach still gets the connection error."""
-    from af3trt.runtime.client import AF3ConnectionError
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.client.library import AF3ConnectionError
+    from af3trt.runtime.serve.server import TritonServer
 
     first = TritonServer(repo / "model_repository", log_path=repo / "restart-1.log").start(timeout=300)
     ports = dict(grpc_port=first.grpc_port, http_port=first.http_port, metrics_port=first.metrics_port)
@@ -273,9 +273,9 @@ def test_a_finished_request_ends_its_stream_with_the_status_not_a_cancellation(r
     The server's verbose log names every stream cancellation ("Cancellation notification received", grpc frontend of
     server r24.10, src/grpc/infer_handler.h HandleCancellation): none for finished requests, whether each has a
     connection of its own closed right after it or they share one; a request left early is still cancelled."""
-    from af3trt.runtime.client import AsyncAF3Client
+    from af3trt.runtime.client.library import AsyncAF3Client
     from af3trt.runtime.openai.triton import Triton
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     log = repo / "status-not-cancel.log"
     srv = TritonServer(repo / "model_repository", log_path=log, log_verbose=1).start(timeout=300)

@@ -1,9 +1,9 @@
-"""Streamed tokens coalesced into fewer responses (runtime/coalesce.py): first token alone and at once, the same
+"""Streamed tokens coalesced into fewer responses (runtime/stages/coalesce.py): first token alone and at once, the same
 tokens in the same order, the decoder's final response kept as postprocess recognises it."""
 
 from __future__ import annotations
 
-from af3trt.runtime.coalesce import Coalescer
+from af3trt.runtime.stages.coalesce import Coalescer
 
 
 def _run(interval, calls):

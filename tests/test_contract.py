@@ -1,4 +1,4 @@
-"""runtime/contract.py is the one list of the ensemble's interface: the Triton configs and the client are built from
+"""runtime/stages/contract.py is the one list of the ensemble's interface: the Triton configs and the client are built from
 it (so they agree by construction, and a change shows up in both); and the pieces the refactor moved keep their
 promises: a persistent client stream, perf's input data from the client, a stub site directory that is the same
 in every process."""
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from af3trt.perf import analyzer
-from af3trt.runtime import contract
-from af3trt.runtime.client import AF3Stream, Request
+from af3trt.runtime.stages import contract
+from af3trt.runtime.client.library import AF3Stream, Request
 from af3trt.triton_repo import configs
 from reference import MAX_TOKENS
 
@@ -63,7 +63,7 @@ def _literals(path: Path, names: set[str]) -> list[str]:
 
 
 def test_tensor_names_are_written_only_in_the_contract():
-    """Each tensor name is written once, in runtime/contract.py. The Triton adapters write no tensor name at all
+    """Each tensor name is written once, in runtime/stages/contract.py. The Triton adapters write no tensor name at all
     (they read and write tensors by the contract's names). The names of tensors between steps appear nowhere else
     in the package; the request and response names are the public API, which the client and the OpenAI front
     also spell (as JSON keys and keyword arguments)."""
@@ -80,11 +80,11 @@ def test_tensor_names_are_written_only_in_the_contract():
     found = [hit for p in adapters for hit in _literals(p, every)]
     assert not found, found
     package = [p for d in ("runtime", "triton_repo", "kernels", "build", "export", "perf", "af3trt")
-               for p in sorted((ROOT / d).rglob("*.py")) if p != ROOT / "runtime" / "contract.py"]
+               for p in sorted((ROOT / d).rglob("*.py")) if p != ROOT / "runtime" / "stages" / "contract.py"]
     found = [hit for p in package for hit in _literals(p, every - public - elsewhere)]
     assert not found, found
     # the check sees a literal where there is one
-    assert _literals(ROOT / "runtime" / "contract.py", {contract.INPUT_FEATURES_MASK})
+    assert _literals(ROOT / "runtime" / "stages" / "contract.py", {contract.INPUT_FEATURES_MASK})
 
 
 @pytest.mark.parametrize("spec", [SPEC, GPU_SPEC], ids=["cpu", "gpu"])
@@ -156,7 +156,7 @@ def test_perf_analyzer_input_data_is_the_clients(tmp_path):
 def test_the_stub_site_directory_is_the_same_in_every_process(tmp_path):
     """Python's hash() of a str changes per process; the directory name must not (one directory per interpreter,
     not one per run)."""
-    code = "from af3trt.runtime.triton_install import _stub_pythonpath; print(_stub_pythonpath())"
+    code = "from af3trt.runtime.serve.triton_install import _stub_pythonpath; print(_stub_pythonpath())"
     env = {**os.environ, "AF3TRT_CACHE": str(tmp_path), "PYTHONHASHSEED": "random"}
     runs = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                            timeout=120).stdout.strip() for _ in range(3)}

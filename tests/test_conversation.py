@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.runtime import conversation
-from af3trt.runtime.conversation import Audio, PromptError
-from af3trt.runtime.prompt import FusionLimits, PromptBuilder
+from af3trt.runtime.stages import conversation
+from af3trt.runtime.stages.conversation import Audio, PromptError
+from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder
 from af3trt.triton_repo import configs
 from reference import MAX_TOKENS, mono16k, run_alongside, wav_bytes
 

@@ -6,7 +6,7 @@ language model in bf16 (the encoder fp32, as af3trt's ONNX encoder).
 The gate (the record's fields): the reference's fp32 greedy answer is fed back (teacher forcing) through the
 extracted language model of the precision; at least min_agreement of the answer positions pick the reference's
 token, every logit is within max_logit_error x the standard deviation of the reference's logits at its position, and
-a free-running answer of the engine (runtime/decoder.py) keeps the reference's first exact_prefix tokens.
+a free-running answer of the engine (runtime/engines/decoder.py) keeps the reference's first exact_prefix tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from af3trt.export.extract_lm import extract_language_model
 from af3trt.registry import CPU_DECODER_PRECISIONS, cpu_decoder_precision
-from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, load_model
+from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest, load_model
 
 N_NEW = 24
 PROMPTS = [("Describe the sound.", 3.0), ("Transcribe the input speech.", 7.0), ("What is the weather tomorrow?", None),
@@ -251,7 +251,7 @@ def test_the_choice_is_checked_against_the_records(tiny_ckpt, tmp_path):
 
 
 def test_int8_linear_and_a_lora_adapter_are_refused_together(lm_dir, tmp_path):
-    from af3trt.runtime.decoder import DecodeError
+    from af3trt.runtime.engines.decoder import DecodeError
 
     with pytest.raises(DecodeError, match="LoRA"):
         DecoderEngine(lm_dir, int8_linear=True, lora_dir=tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from af3trt.export.extract_lm import extract_language_model
-from af3trt.runtime.decoder import DecodeError, DecoderEngine, GenerationRequest
+from af3trt.runtime.engines.decoder import DecodeError, DecoderEngine, GenerationRequest
 
 N_NEW = 24
 
@@ -347,8 +347,8 @@ def test_stop_fails_queued_and_running_requests(lm_dir, af3):
 def test_cancelled_request_leaves_the_batch(engine, af3, monkeypatch):
     """A request whose client went away (Triton's is_cancelled) stops generating and gets RequestCancelled; a
     request decoding beside it is untouched."""
-    from af3trt.runtime import decoder
-    from af3trt.runtime.decoder import RequestCancelled
+    from af3trt.runtime.engines import decoder
+    from af3trt.runtime.engines.decoder import RequestCancelled
 
     # `cancelled` is polled before every decode step instead of at most every 50 ms, so the request ends at the step
     # after its second token however fast the machine decodes (a fast CPU finished all 40 tokens within 50 ms)

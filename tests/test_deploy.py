@@ -23,8 +23,8 @@ from cloudcoil.models.prometheus_operator import v1 as prom
 
 from af3trt.build import k8s, sizing
 from af3trt.registry import KNOWN_GPUS, PrecisionError
-from af3trt.runtime.lengths import N_MELS, WINDOW_FRAMES
-from af3trt.runtime.tp_launch import leader_mode_command
+from af3trt.runtime.stages.lengths import N_MELS, WINDOW_FRAMES
+from af3trt.runtime.serve.tp_launch import leader_mode_command
 
 DEPLOY = k8s.DEPLOY
 ROOT = DEPLOY.parent
@@ -333,7 +333,7 @@ def test_tp_size_launches_one_rank_per_gpu_in_leader_mode(rendered):
     blocks = " ".join(leader_mode_command(base + ["--model-control-mode=explicit", "--load-model=*"], 2)[2:]).split(" : ")
     assert "--load-model=*" in blocks[0] and "--load-model=decoder" not in blocks[0]
     assert "--load-model=*" not in blocks[1] and blocks[1].count("--model-control-mode") == 1
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     srv = TritonServer(Path("/models/af3/model_repository"), "0.0.0.0", 8001, 8000, 8002, world_size=2)
     cmd = srv.command(Path("/opt/tritonserver/bin/tritonserver"), Path("/opt/tritonserver/backends"))
@@ -370,7 +370,7 @@ def test_init_skips_the_build_when_the_engines_exist(tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_repo, tmp_path_factory):
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     srv = TritonServer(tiny_repo / "model_repository", log_path=tmp_path_factory.mktemp("deploy") / "triton.log")
     srv.start(timeout=300)
@@ -404,7 +404,7 @@ def test_probes_point_at_endpoints_the_server_serves(rendered, server):
 
 @pytest.mark.integration
 def test_autoscaling_metrics_exist_on_a_real_server(rendered, server, speech_bytes):
-    from af3trt.runtime.client import AF3Client
+    from af3trt.runtime.client.library import AF3Client
 
     values = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())
     rule = values["rules"]["custom"][0]

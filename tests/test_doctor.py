@@ -1,4 +1,4 @@
-"""`af3trt doctor`: each check against fakes that reproduce the facts it relies on (runtime/doctor.py has the
+"""`af3trt doctor`: each check against fakes that reproduce the facts it relies on (runtime/serve/doctor.py has the
 sources), the CPU repository passing here for real, and the hooks in `af3trt serve` and the GPU build."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from af3trt.runtime import doctor
+from af3trt.runtime.serve import doctor
 from af3trt.registry import KNOWN_GPUS
-from af3trt.runtime.doctor import Check, check_backends, check_python_stub, diagnose, repository_models
+from af3trt.runtime.serve.doctor import Check, check_backends, check_python_stub, diagnose, repository_models
 from af3trt.triton_repo import configs
 
 GIB = 1024**3
@@ -130,7 +130,7 @@ def test_cpu_repository_passes_here_without_gpu(cpu_repo, capsys):
 def test_serve_runs_doctor_before_starting(tmp_path, monkeypatch, capsys):
     """`af3trt serve` on a repository this machine cannot serve exits with the doctor's advice; tritonserver is
     never started."""
-    from af3trt.runtime import server
+    from af3trt.runtime.serve import server
 
     repo = write_repo(tmp_path, "plan", gpu_manifest())
     monkeypatch.setattr(server.TritonServer, "start", lambda self, *a, **k: pytest.fail("server started"))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.runtime import lengths
-from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling
 from af3trt.triton_repo import configs
 
 from fakes import pb_utils as fake_pb
@@ -114,7 +114,7 @@ def _spec(hf, dtype, tiny_ckpt):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fusion_adapter_emits_the_tensorrtllm_inputs(hf, tiny_ckpt, dtype, speech_bytes):
-    from af3trt.runtime.audio import prepare_clips
+    from af3trt.runtime.stages.audio import prepare_clips
 
     spec = _spec(hf, dtype, tiny_ckpt)
     cfg = configs.fusion_config(spec)
@@ -170,7 +170,7 @@ def test_fusion_cpu_path_reads_inputs_that_arrive_on_the_gpu(hf, tiny_ckpt, spee
     """On the GPU target fusion takes inputs where Triton holds them (FORCE_CPU_ONLY_INPUT_TENSORS "no"), so its CPU
     path (the fallback when its process has no CUDA) can be handed the encoder's audio_embeds in GPU memory, where
     as_numpy() raises (python_backend r26.04 src/pb_tensor.cc); it reads them through DLPack instead."""
-    from af3trt.runtime.audio import prepare_clips
+    from af3trt.runtime.stages.audio import prepare_clips
 
     spec = _spec(hf, "float32", tiny_ckpt)
     model = fake_pb.load_model("fusion", configs.fusion_config(spec))
@@ -243,7 +243,7 @@ def test_cached_text_ids_equal_the_uncached_path(tiny_ckpt):
     different lengths between the two: every id equals rendering and tokenizing anew; the cache is bounded."""
     import json as _json
 
-    from af3trt.runtime import conversation
+    from af3trt.runtime.stages import conversation
 
     cfg = _json.loads((tiny_ckpt / "config.json").read_text())["text_config"]
     limits = FusionLimits(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], dtype="float32",

@@ -1,7 +1,7 @@
 """Fuzzing (hypothesis) of what a client controls: the audio decoder, and every input of the `af3` ensemble as the
 preprocess and fusion adapters parse it (with the fake Triton utils module).
 
-The property: any input is either served or refused with a client error (an InvalidRequest of runtime/errors.py:
+The property: any input is either served or refused with a client error (an InvalidRequest of runtime/stages/errors.py:
 code INVALID_ARGUMENT, a clear message for that request only); nothing else escapes, nothing crashes, and decoded audio is finite,
 mono, 16 kHz and never longer than what AF3 reads.
 
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import pb_utils as fake_pb
-from af3trt.runtime import audio, errors, lengths
+from af3trt.runtime.stages import audio, errors, lengths
 from af3trt.triton_repo import configs
 
 SCALE = int(os.environ.get("AF3TRT_FUZZ_EXAMPLES", "1"))

@@ -25,7 +25,7 @@ import pytest
 from af3trt.build import gpu_check
 from af3trt.build.build_engines import main as build_main
 from af3trt.registry import supports_fp8
-from af3trt.runtime.gpus import detect_gpu
+from af3trt.runtime.engines.gpus import detect_gpu
 
 GPU = detect_gpu()
 pytestmark = [

@@ -56,7 +56,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     fusion = configs.parse((repo / "fusion" / "config.pbtxt").read_text())
     assert fusion.parameters["vocab_size"].string_value == str(ckpt_cfg["vocab_size"])  # the engine's vocab
     assert ckpt_cfg["rotary_base"] == 1e6 and ckpt_cfg["quantization"]["quant_algo"] == "FP8"
-    # the memory plan's stub caps reach the stubs (build/memory_plan.py stub_caps, runtime/gpus.py cap_cuda_memory)
+    # the memory plan's stub caps reach the stubs (build/memory_plan.py stub_caps, runtime/engines/gpus.py cap_cuda_memory)
     caps = json.loads((out / "manifest.json").read_text())["gpu"]["memory_plan"]["stub_caps"]
     for model, cfg in (("encoder", enc), ("fusion", fusion),
                        ("preprocess", configs.parse((repo / "preprocess" / "config.pbtxt").read_text()))):

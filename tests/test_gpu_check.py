@@ -15,7 +15,7 @@ import json
 import pytest
 
 from af3trt.build import gpu_check
-from af3trt.runtime.gpus import detect_gpu
+from af3trt.runtime.engines.gpus import detect_gpu
 from af3trt.build.gpu_check import Agreement, GpuCheckError, Verdict, preflight, read_goldens
 from af3trt.export import synth
 from af3trt.runtime import assets

@@ -25,8 +25,8 @@ import torch
 from af3trt.build.gpu_repo import render_gpu_repository
 from af3trt.build.trt_encoder import build_encoder_engine
 from af3trt.export.onnx_export import export_encoder
-from af3trt.runtime import trt_runner
-from af3trt.runtime.trt_runner import TrtRunner, TrtRunnerError
+from af3trt.runtime.engines import trt_runner
+from af3trt.runtime.engines.trt_runner import TrtRunner, TrtRunnerError
 from af3trt.triton_repo import configs
 
 from fakes import pb_utils as fake_pb
@@ -155,8 +155,8 @@ def test_gpu_encoder_model_matches_the_cpu_encoder(encoder_onnx, tmp_path, monke
 def test_gpu_encoder_cache_is_exact_skips_the_engine_and_keeps_rows_on_the_device(encoder_onnx, tmp_path,
                                                                                  monkeypatch, fake_trt):
     """Issue 20.3 on the GPU target: a window whose key (audio_digest) was seen is not run by the engine; its rows
-    come from runtime/audio_cache.py's LRU, kept as torch tensors on the runner's device, bounded in bytes."""
-    from af3trt.runtime import audio_cache
+    come from runtime/stages/audio_cache.py's LRU, kept as torch tensors on the runner's device, bounded in bytes."""
+    from af3trt.runtime.stages import audio_cache
 
     gpu = _gpu_model(encoder_onnx, tmp_path, monkeypatch)
     plain = _gpu_model(encoder_onnx, tmp_path / "plain", monkeypatch)
@@ -250,11 +250,11 @@ def test_bad_requests_and_bad_plans_are_clear_errors(encoder_onnx, tmp_path, mon
 
 def test_stub_memory_caps_reach_the_stubs(monkeypatch):
     """The plan's caps become each python model's `cuda_memory_cap_bytes` (build/gpu_repo.py with_stub_caps) and the
-    stub sets torch.cuda.set_per_process_memory_fraction(cap / total) on its device (runtime/gpus.py)."""
+    stub sets torch.cuda.set_per_process_memory_fraction(cap / total) on its device (runtime/engines/gpus.py)."""
     import torch
 
     from af3trt.build.gpu_repo import with_stub_caps
-    from af3trt.runtime import gpus
+    from af3trt.runtime.engines import gpus
 
     spec = with_stub_caps(configs.RepoSpec(target="gpu", hidden_size=8, decoder_dtype="bfloat16", vocab_size=100,
                                            end_id=1, pad_id=0, prompt_table_extra_ids=True),

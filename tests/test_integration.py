@@ -4,7 +4,7 @@ The reference is `AudioFlamingo3ForConditionalGeneration.generate` (greedy) on t
 `AudioFlamingo3Processor.apply_chat_template` with the same audio decoded independently (soundfile, and scipy for
 resampling): tests/reference.py. The build, the server, the client and the reference are session fixtures in
 tests/conftest.py, shared with the other integration modules. Generation stops on any of the
-checkpoint's end ids (TensorRT-LLM: end_id + stop_words_list, runtime/stop_words.py); the reference's trailing end
+checkpoint's end ids (TensorRT-LLM: end_id + stop_words_list, runtime/stages/stop_words.py); the reference's trailing end
 token is dropped before comparing.
 """
 
@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from af3trt.runtime.client import AF3Client
+from af3trt.runtime.client.library import AF3Client
 from reference import MAX_TOKENS, mono16k, run_alongside, wav_bytes
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def test_stream_equals_non_stream(client, speech_bytes):
     assert whole.chunks == 1
     assert len(whole.token_ids) >= 5
     # the first token alone (time to first token); later tokens that come faster than the build's stream interval
-    # (50 ms) share a response (runtime/coalesce.py), so a response carries one token or more, and joined they are
+    # (50 ms) share a response (runtime/stages/coalesce.py), so a response carries one token or more, and joined they are
     # the whole answer; the last response is the decoder's own final one (empty on the end id, as TRT-LLM's)
     assert len(chunks[0].token_ids) == 1 and all(len(c.token_ids) >= 1 for c in chunks[:-1])
     assert [t for c in chunks for t in c.token_ids] == whole.token_ids
@@ -131,7 +131,7 @@ def test_strip_prefix_flag_reaches_postprocess(client, speech_bytes):
     plain = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False)
     stripped = client.ask("What is said?", [speech_bytes], max_tokens=MAX_TOKENS, stream=False, strip_prefix=True)
     assert stripped.token_ids == plain.token_ids
-    from af3trt.runtime.detok import strip_transcription_prefix
+    from af3trt.runtime.stages.detok import strip_transcription_prefix
 
     assert stripped.text == strip_transcription_prefix(plain.text)
 
@@ -150,7 +150,7 @@ def test_perf_analyzer_measures_the_ensemble(server, tmp_path, speech_bytes):
 def test_bf16_checkpoint_carries_bf16_end_to_end(bf16_repo, bf16_ref, speech_bytes):
     """A bf16 checkpoint (like the real AF3): the prompt table crosses fusion → decoder as bf16 (DLPack), and the
     answer equals transformers' bf16 generate."""
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
     from af3trt.triton_repo import configs
 
     out = bf16_repo

@@ -30,9 +30,9 @@ from fakes import pb_utils as fake_pb  # noqa: E402
 from helpers import fading_noise as signal  # noqa: E402  (falling loudness, a silent second)
 from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
-from af3trt.runtime import audio, audio_cache, lengths  # noqa: E402
-from af3trt.runtime.prompt import FusionLimits, PromptBuilder, window_rows  # noqa: E402
-from af3trt.runtime.conversation import shorthand  # noqa: E402
+from af3trt.runtime.stages import audio, audio_cache, lengths  # noqa: E402
+from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder, window_rows  # noqa: E402
+from af3trt.runtime.stages.conversation import shorthand  # noqa: E402
 from af3trt.triton_repo import configs  # noqa: E402
 
 SR = lengths.SAMPLE_RATE
@@ -315,8 +315,8 @@ def test_device_path_in_a_real_tritonserver_is_token_exact(bf16_ckpt, bf16_repo,
     FORCE_CPU_ONLY_INPUT_TENSORS "no"; a 5-s clip and a 70-s clip (3 windows) answer as transformers' generate."""
     import shutil
 
-    from af3trt.runtime.client import AF3Client
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.client.library import AF3Client
+    from af3trt.runtime.serve.server import TritonServer
     from reference import mono16k
 
     ckpt = bf16_ckpt

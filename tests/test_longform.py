@@ -1,4 +1,4 @@
-"""Long-form transcription's cutting and ordering (runtime/longform.py): pieces of at most one window, cut in
+"""Long-form transcription's cutting and ordering (runtime/stages/longform.py): pieces of at most one window, cut in
 pauses, covering the audio in order; the concurrent runner's order; the chunking_strategy parser."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 
 from af3trt.perf.clips import talk
-from af3trt.runtime import longform
-from af3trt.runtime.audio import decode_audio, iter_mono_16k, open_audio
-from af3trt.runtime.lengths import SAMPLE_RATE, WINDOW_SAMPLES
+from af3trt.runtime.stages import longform
+from af3trt.runtime.stages.audio import decode_audio, iter_mono_16k, open_audio
+from af3trt.runtime.stages.lengths import SAMPLE_RATE, WINDOW_SAMPLES
 
 SR = SAMPLE_RATE
 

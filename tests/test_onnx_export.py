@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from af3trt.export import onnx_export
 from af3trt.export.onnx_export import (ExportValidationError, export_encoder, load_audio_embedder, make_inputs,
                                        quantize_encoder_dynamic, validate_encoder)
-from af3trt.runtime.encoder import OnnxEncoder
-from af3trt.runtime import lengths
-from af3trt.runtime.lengths import embeds_valid_per_window
+from af3trt.runtime.engines.encoder import OnnxEncoder
+from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages.lengths import embeds_valid_per_window
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_crop_margin_is_two_frames(exported, L):
 def test_windows_of_different_lengths_padded_to_the_longest(exported):
     """One batch at the longest window's bucket (shorter windows padded with an empty mask, as the encoder model
     pads requests of different buckets) gives each window its own bucket's rows."""
-    from af3trt.runtime.encoder import pad_frames
+    from af3trt.runtime.engines.encoder import pad_frames
 
     enc = OnnxEncoder(exported[0], intra_op_threads=1)
     valid = [1, 98, 501, 1499]

@@ -22,8 +22,8 @@ from af3trt.export import onnx_quant as oq
 from af3trt.export.onnx_export import export_encoder
 from af3trt.registry import GPU_ENCODER_PRECISIONS
 from af3trt.runtime import assets
-from af3trt.runtime.audio import decode_audio, prepare_clips
-from af3trt.runtime.encoder import OnnxEncoder
+from af3trt.runtime.stages.audio import decode_audio, prepare_clips
+from af3trt.runtime.engines.encoder import OnnxEncoder
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (runtime/openai_server.py), driven by the official `openai` package.
+"""The OpenAI-compatible HTTP server (runtime/openai/app.py), driven by the official `openai` package.
 
 `af3trt openai` runs as a real process on 127.0.0.1 (free port) in front of the session's real tritonserver
 (conftest: the tiny ensemble). Answers are compared with the same requests sent straight to the ensemble over
@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from reference import MAX_TOKENS, mono16k, wav_bytes
 
-from af3trt.runtime.detok import strip_transcription_prefix
+from af3trt.runtime.stages.detok import strip_transcription_prefix
 from af3trt.runtime.openai.transcriptions import TRANSCRIPTION_PROMPT
-from af3trt.runtime.server import free_port
+from af3trt.runtime.serve.server import free_port
 
 openai = pytest.importorskip("openai")  # a declared test dependency (pyproject [test]); CI installs it
 
@@ -41,7 +41,7 @@ class HTTPServer:
     def __init__(self, triton_url: str, log_path, api_key: str | None = API_KEY):
         self.port = free_port()
         env = dict(os.environ, AF3TRT_TEST_API_KEY=api_key or "")
-        cmd = [sys.executable, "-m", "af3trt.runtime.openai_server", "--triton", triton_url, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "af3trt.runtime.openai.app", "--triton", triton_url, "--port", str(self.port),
                "--max-upload-bytes", str(UPLOAD_LIMIT)] + (["--api-key-env", "AF3TRT_TEST_API_KEY"] if api_key else [])
         self.log_path = log_path
         with open(log_path, "wb") as logf:
@@ -366,7 +366,7 @@ def test_decoder_stops_a_request_triton_cancels(server):
 def test_serve_with_openai_port_starts_both(repo, tmp_path):
     """`af3trt serve --openai-port P`: tritonserver and the HTTP API from one command; SIGTERM stops both."""
     ports = {name: free_port() for name in ("grpc", "http", "metrics", "openai")}
-    cmd = [sys.executable, "-m", "af3trt.runtime.server", "--model-repository", str(repo / "model_repository"),
+    cmd = [sys.executable, "-m", "af3trt.runtime.serve.server", "--model-repository", str(repo / "model_repository"),
            "--grpc-port", str(ports["grpc"]), "--http-port", str(ports["http"]), "--metrics-port",
            str(ports["metrics"]), "--log", str(tmp_path / "triton.log"), "--openai-port", str(ports["openai"])]
     log = tmp_path / "serve.log"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fakes import pb_utils as fake_pb
-from af3trt.runtime.audio import prepare_clips
-from af3trt.runtime.context import RequestContext
+from af3trt.runtime.stages.audio import prepare_clips
+from af3trt.runtime.triton.context import RequestContext
 from af3trt.runtime.openai.chat import ChatRequest, build_job
 from af3trt.runtime.openai.common import APIError, StopScanner
 from af3trt.runtime.openai.triton import EnsembleInfo
@@ -109,7 +109,7 @@ def test_n_above_one_is_refused():
 
 
 def test_prompt_tokens_travel_from_fusion_to_postprocess(tiny_ckpt, speech_bytes, tmp_path, monkeypatch):
-    monkeypatch.setattr("af3trt.runtime.context.default_root", lambda: tmp_path)
+    monkeypatch.setattr("af3trt.runtime.triton.context.default_root", lambda: tmp_path)
     spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=642,
                             pad_id=640, max_input_len=2048, max_output_len=64, default_max_tokens=16,
                             fusion_params={"tokenizer_dir": str(tiny_ckpt)},
@@ -145,8 +145,8 @@ def _through_triton(exc: BaseException):
     the client's ResponseReader and turned into the front's APIError as Triton.generate does."""
     from tritonclient.utils import InferenceServerException
 
-    from af3trt.runtime import triton_io
-    from af3trt.runtime.client import AF3Error, ResponseReader
+    from af3trt.runtime.triton import triton_io
+    from af3trt.runtime.client.library import AF3Error, ResponseReader
     from af3trt.runtime.openai import triton
 
     resp = triton_io.error_response(fake_pb, exc)
@@ -178,7 +178,7 @@ class FakeTriton:
 def _app(monkeypatch, error=None):
     from fastapi.testclient import TestClient
 
-    from af3trt.runtime import openai_server
+    from af3trt.runtime.openai import app as openai_server
 
     monkeypatch.setattr(openai_server, "Triton", lambda url, model: FakeTriton(url, model, error))
     return TestClient(openai_server.create_app(openai_server.Settings()))
@@ -194,11 +194,11 @@ def _app(monkeypatch, error=None):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stage_error_reaches_the_http_client_as_its_code(monkeypatch, stage_error, status, kind, triton_code,
                                                            stream):
-    """The code a stage raises with travels in Triton's message (tagged, runtime/errors.py), not the exception's class
+    """The code a stage raises with travels in Triton's message (tagged, runtime/stages/errors.py), not the exception's class
     name: the HTTP status and OpenAI type are the code's, the message the stage's own words."""
-    from af3trt.runtime.audio import AudioError
-    from af3trt.runtime.decoder import NoAdapter, ServerBusy
-    from af3trt.runtime.prompt import PromptError
+    from af3trt.runtime.stages.audio import AudioError
+    from af3trt.runtime.engines.decoder import NoAdapter, ServerBusy
+    from af3trt.runtime.stages.prompt import PromptError
 
     exc, words = {
         "prompt": (PromptError, "max_tokens must be in [1, 512], got 0"),
@@ -239,8 +239,8 @@ def test_token_counts_beyond_int32_are_400(monkeypatch, field, value):
 
 
 def test_error_codes_round_trip_through_the_message():
-    from af3trt.runtime import errors
-    from af3trt.runtime.prompt import PromptError
+    from af3trt.runtime.stages import errors
+    from af3trt.runtime.stages.prompt import PromptError
 
     for exc, code in [(PromptError("x: 1"), errors.ErrorCode.INVALID_ARGUMENT),
                       (ValueError("bad"), errors.ErrorCode.INVALID_ARGUMENT),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from af3trt.perf import analyzer, baseline, clips, compare, machine, metrics, projection, report, stats
-from af3trt.runtime import lengths
+from af3trt.runtime.stages import lengths
 from af3trt.perf.metrics import RequestRecord
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -176,7 +176,7 @@ def test_clip_specs_and_waves():
         w = clips.make_wave(clips.ClipSpec(kind, 3.0), seed=1)
         assert w.dtype == np.float32 and len(w) == 48000 and np.isfinite(w).all() and np.abs(w).max() > 0.01
         assert np.array_equal(w, clips.make_wave(clips.ClipSpec(kind, 3.0), seed=1))
-    from af3trt.runtime.audio import decode_audio
+    from af3trt.runtime.stages.audio import decode_audio
 
     wave = decode_audio(clips.make_clip(clips.ClipSpec("speech", 2.0)))
     assert len(wave) == 32000
@@ -225,7 +225,7 @@ def test_encoder_flops_follow_the_valid_audio():
     count preprocess crops them to (runtime/audio.request_frames): a 5-s clip (500 valid frames) runs on 600 frames,
     a 70-s clip on 3 x 3000 (its 10-s window is padded to its full neighbours)."""
     from af3trt.build import sizing
-    from af3trt.runtime import audio, lengths
+    from af3trt.runtime.stages import audio, lengths
 
     _, e = sizing.dims_from_config(SMALL)
     h, f = 64, 128
@@ -373,7 +373,7 @@ def test_committed_gpu_projection_doc_is_what_the_code_computes():
 
 
 def test_spoken_clips_are_distinct_and_in_range():
-    from af3trt.runtime.audio import decode_audio
+    from af3trt.runtime.stages.audio import decode_audio
 
     spoken = clips.spoken_clips(8)
     assert [round(sec, 2) for sec, _ in spoken] == [7.0, 7.43, 7.86, 8.29, 8.71, 9.14, 9.57, 10.0]

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from af3trt.perf import engine
-from af3trt.runtime import audio_cache
+from af3trt.runtime.stages import audio_cache
 
 
 def test_fresh_clips_never_repeat_and_stay_the_same_speech():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from af3trt.runtime.context import RequestContext
-from af3trt.runtime.detok import Detokenizer, StreamState, split_utf8, strip_transcription_prefix
+from af3trt.runtime.triton.context import RequestContext
+from af3trt.runtime.stages.detok import Detokenizer, StreamState, split_utf8, strip_transcription_prefix
 from af3trt.triton_repo import configs
 
 from fakes import pb_utils as fake_pb
@@ -93,7 +93,7 @@ def test_context_survives_its_root_being_removed(tmp_path):
 
 
 def _postprocess(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr("af3trt.runtime.context.default_root", lambda: tmp_path)
+    monkeypatch.setattr("af3trt.runtime.triton.context.default_root", lambda: tmp_path)
     spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=642,
                             pad_id=640, postprocess_params={"tokenizer_dir": str(tiny_ckpt)})
     return configs.postprocess_config(spec), fake_pb.load_model("postprocess", configs.postprocess_config(spec))
@@ -150,7 +150,7 @@ def test_postprocess_drops_stale_streams_at_most_every_purge_interval(tiny_ckpt,
     per PURGE_EVERY_S, not on every response."""
     import time
 
-    from af3trt.runtime.context import STALE_SECONDS
+    from af3trt.runtime.triton.context import STALE_SECONDS
 
     _, model = _postprocess(tiny_ckpt, tmp_path, monkeypatch)
     for rid in ("old", "live"):

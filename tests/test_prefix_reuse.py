@@ -1,4 +1,4 @@
-"""KV-cache reuse in the CPU decoder (runtime/decoder.py): a prompt that starts with blocks an earlier prompt had
+"""KV-cache reuse in the CPU decoder (runtime/engines/decoder.py): a prompt that starts with blocks an earlier prompt had
 prefills only the rest, with the same tokens as without reuse; audio rows count as the same only with the same
 prompt_table_extra_ids."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.runtime.decoder import PREFIX_BLOCK, DecodeError, DecoderEngine, GenerationRequest
+from af3trt.runtime.engines.decoder import PREFIX_BLOCK, DecodeError, DecoderEngine, GenerationRequest
 
 N = 12
 

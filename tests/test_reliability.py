@@ -33,11 +33,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from af3trt.runtime import audio, supervisor
-from af3trt.runtime.client import AF3Busy, AF3Client, AF3Error, AF3Stream, Request, as_error
-from af3trt.runtime.errors import ErrorCode
-from af3trt.runtime.resample import StreamResampler
-from af3trt.runtime.server import TritonServer, free_port
+from af3trt.runtime.stages import audio
+from af3trt.runtime.serve import supervisor
+from af3trt.runtime.client.library import AF3Busy, AF3Client, AF3Error, AF3Stream, Request, as_error
+from af3trt.runtime.stages.errors import ErrorCode
+from af3trt.runtime.stages.resample import StreamResampler
+from af3trt.runtime.serve.server import TritonServer, free_port
 from af3trt.triton_repo import configs
 
 SR = 16000
@@ -133,7 +134,7 @@ def test_busy_errors_are_recognised_by_the_client():
 
 
 def test_watchdog_finds_stubs_below_mpirun(tmp_path):
-    """Under TP > 1 the server process is mpirun (runtime/tp_launch.py) and the python stubs are children of its
+    """Under TP > 1 the server process is mpirun (runtime/serve/tp_launch.py) and the python stubs are children of its
     rank-0 tritonserver: a process tree root → rank → stub, the stub found by its argv as Triton starts it
     (<...>/triton_python_backend_stub <repo>/<model>/<version>/model.py …). Not found among direct children."""
     import shlex
@@ -179,8 +180,8 @@ def test_launch_command_restricts_the_repository_api_and_redacts_the_key(tmp_pat
 
 
 def test_decoder_rejects_past_its_queue_and_stops_cancelled_requests(lm_dir, monkeypatch):
-    from af3trt.runtime import decoder
-    from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled, ServerBusy
+    from af3trt.runtime.engines import decoder
+    from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest, RequestCancelled, ServerBusy
 
     # cancellation polled before every step, not at most every 50 ms: the first request ends at the step after the
     # client went away, however fast the machine decodes its 500 tokens
@@ -215,7 +216,7 @@ def test_decoder_rejects_past_its_queue_and_stops_cancelled_requests(lm_dir, mon
 def test_running_requests_count_only_live_stubs(tmp_path):
     """The drain's count of requests python stubs work on: a dead stub's file is ignored (its requests died with
     it), a live one's counts."""
-    from af3trt.runtime.context import RunningRequests, running_requests
+    from af3trt.runtime.triton.context import RunningRequests, running_requests
 
     mine = RunningRequests("encoder", root=tmp_path)
     with mine.of(3):
@@ -233,7 +234,7 @@ def test_drain_ignores_requests_left_queued_for_a_dead_stub(tmp_path):
     import http.server
     from types import SimpleNamespace
 
-    from af3trt.runtime.context import RunningRequests
+    from af3trt.runtime.triton.context import RunningRequests
 
     gauges = {"postprocess": 150, "encoder": 2}
 

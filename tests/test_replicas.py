@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from af3trt.runtime.client import AF3Client
-from af3trt.runtime.replicas import GRPC_BACKEND, ReplicaSet, haproxy_config, ReplicaPorts
+from af3trt.runtime.client.library import AF3Client
+from af3trt.runtime.serve.replicas import GRPC_BACKEND, ReplicaSet, haproxy_config, ReplicaPorts
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def test_clients_that_connect_per_request_share_the_balancers_server_connections
     """Issue 19: tritonserver 2.51 keeps memory per client connection, so the balancer multiplexes a client that
     connects once per request onto its long-lived server connections: 8 such requests, one after another, use at
     most one connection per replica (a proxy in TCP mode, or none, would be 8)."""
-    from af3trt.runtime.client import AF3Client
+    from af3trt.runtime.client.library import AF3Client
     from helpers import peer_ports
 
     ports = [p.grpc for p in replicas.ports]
@@ -138,7 +138,7 @@ def test_replicas_command_starts_the_layout_and_stops_what_it_started(tiny_repo,
     import subprocess
     import sys
 
-    from af3trt.runtime.server import free_port
+    from af3trt.runtime.serve.server import free_port
 
     grpc, http, stats = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "af3trt.cli", "replicas", "--model-repository", str(tiny_repo / "model_repository"),

@@ -17,8 +17,8 @@ from af3trt.build.gpu_repo import (EXECUTOR_WORKER_PATH, GpuRepoError, TrtllmOpt
                                    gpu_repo_spec, read_decoder_engine, render_gpu_repository)
 from af3trt.build.repository import render_repository
 from af3trt.build.trt_encoder import encoder_engine_plan
-from af3trt.runtime import audio_cache, lengths
-from af3trt.runtime.prompt import table_extra_ids
+from af3trt.runtime.stages import audio_cache, lengths
+from af3trt.runtime.stages.prompt import table_extra_ids
 from af3trt.triton_repo import configs
 
 from fakes import pb_utils as fake_pb
@@ -50,7 +50,7 @@ TRTLLM_INPUTS = {
     "return_num_output_tokens": (T.TYPE_BOOL, [1], [], True, False),
     "exclude_input_in_output": (T.TYPE_BOOL, [1], [], True, False),
     "streaming": (T.TYPE_BOOL, [1], [], True, False),
-    "stop": (T.TYPE_BOOL, [1], [], True, False),  # the cancel path's stop request (runtime/trtllm_stop.py)
+    "stop": (T.TYPE_BOOL, [1], [], True, False),  # the cancel path's stop request (runtime/triton/trtllm_stop.py)
     "prompt_embedding_table": ("ENGINE", [-1, -1], None, True, True),
     "prompt_table_extra_ids": (T.TYPE_UINT64, [-1], None, True, True),
     "prompt_vocab_size": (T.TYPE_INT32, [1], [], True, False),
@@ -205,7 +205,7 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     assert [(i.name, i.data_type, list(i.dims)) for i in enc.input] == [
         ("input_features", T.TYPE_FP32, [lengths.N_MELS, -1]), ("input_features_mask", T.TYPE_INT32, [-1]),
         ("window_thinking", T.TYPE_BOOL, [1]),  # per window: think/'s encoder variant
-        ("audio_digest", T.TYPE_UINT64, [2])]  # each window's key (runtime/audio_cache.py), optional
+        ("audio_digest", T.TYPE_UINT64, [2])]  # each window's key (runtime/stages/audio_cache.py), optional
     assert [(o.name, o.data_type, list(o.dims)) for o in enc.output] == [
         ("audio_embeds", T.TYPE_FP32, [-1, checkpoint.text_hidden_size])]
     assert not any(i.allow_ragged_batch for i in enc.input)  # Triton batches equal T only: per-bucket batching
@@ -340,7 +340,7 @@ def _fusion_request(embeds, batch, windows, clip=b"clip"):
 
 
 def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
-    from af3trt.runtime.audio import prepare_clips
+    from af3trt.runtime.stages.audio import prepare_clips
 
     (spec, model), (_, model_off) = fusion_models
     batch = prepare_clips([speech_bytes])

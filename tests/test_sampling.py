@@ -1,4 +1,4 @@
-"""runtime/sampling.py: the one validation fusion and the CPU decoder share, and next-token selection, checked
+"""runtime/stages/sampling.py: the one validation fusion and the CPU decoder share, and next-token selection, checked
 against transformers' logits processors on random logits."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from af3trt.runtime import sampling
-from af3trt.runtime.sampling import SamplingError, SamplingParams
+from af3trt.runtime.stages import sampling
+from af3trt.runtime.stages.sampling import SamplingError, SamplingParams
 
 V = 1000
 GOOD = dict(temperature=1.0, top_k=0, top_p=0.0, repetition_penalty=1.0)
@@ -141,14 +141,14 @@ def test_seeded_sampling_is_reproducible():
 
 def test_fusion_does_not_load_torch():
     """Fusion validates with this module; on the CPU target its process never needs torch."""
-    code = "import sys, af3trt.runtime.prompt; print('torch' in sys.modules)"
+    code = "import sys, af3trt.runtime.stages.prompt; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
 
 
 def test_fusion_refuses_in_the_same_words():
     """Fusion's check_sampling goes through the same validation (its PromptError carries the message)."""
-    from af3trt.runtime.prompt import FusionLimits, PromptError, check_sampling
+    from af3trt.runtime.stages.prompt import FusionLimits, PromptError, check_sampling
 
     limits = FusionLimits(vocab_size=10, hidden_size=4, dtype="float32", end_id=1, pad_id=0, max_input_len=8,
                           max_output_len=8, default_max_tokens=4)
@@ -163,7 +163,7 @@ def test_fusion_refuses_in_the_same_words():
 def test_next_tokens_batched_equals_row_by_row():
     import torch
 
-    from af3trt.runtime.sampling import SamplingParams, generator, next_token, next_tokens
+    from af3trt.runtime.stages.sampling import SamplingParams, generator, next_token, next_tokens
 
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3))
     seen = torch.zeros(50, dtype=torch.bool)

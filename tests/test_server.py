@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from af3trt.runtime import server
-from af3trt.runtime.server import TritonServer
+from af3trt.runtime.serve import server
+from af3trt.runtime.serve.server import TritonServer
 
 
 def test_finds_the_wheel_binary_and_prepares_the_stub():
@@ -89,7 +89,7 @@ def test_a_broken_repository_fails_fast_with_the_log(tmp_path):
 def test_free_ports_are_never_handed_out_twice():
     """Ports picked one after another before any is bound (a replica set: each replica's three, HAProxy's three)
     must all differ, although the kernel may offer a just-closed probe port again."""
-    from af3trt.runtime.server import free_port
+    from af3trt.runtime.serve.server import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
@@ -121,13 +121,13 @@ def test_children_die_with_the_launcher_without_python_between_fork_and_exec(tmp
     import sys
     import time
 
-    from af3trt.runtime.server import die_with_this_process
+    from af3trt.runtime.serve.server import die_with_this_process
 
     assert shutil.which("setpriv"), "util-linux's setpriv is on Debian and Ubuntu base images"
     cmd, preexec = die_with_this_process(["sleep", "600"])
     assert preexec is None and cmd[-3:] == ["--", "sleep", "600"]
     launcher = ("import subprocess, sys\n"
-                "from af3trt.runtime.server import die_with_this_process\n"
+                "from af3trt.runtime.serve.server import die_with_this_process\n"
                 "cmd, pre = die_with_this_process(['sleep', '600'])\n"
                 "p = subprocess.Popen(cmd, preexec_fn=pre)\n"
                 "print(p.pid, flush=True)\n"

@@ -216,7 +216,7 @@ def test_memory_plan_sizes_and_counts_tritons_cuda_memory_pool():
 def test_memory_plan_counts_every_cuda_process_and_caps_the_stubs():
     """GPU 0 holds four CUDA processes (tritonserver with the tensorrtllm backend, and the preprocess, encoder and
     fusion stubs: every python-backend instance is its own process) with torch caching allocators; the plan counts a
-    context for each and a cap for each stub's allocator (applied in the stub, runtime/gpus.py cap_cuda_memory)."""
+    context for each and a cap for each stub's allocator (applied in the stub, runtime/engines/gpus.py cap_cuda_memory)."""
     from af3trt.build.memory_plan import CUDA_CONTEXT_BYTES, CUDA_PROCESSES
 
     plan = _af3_plan()

@@ -1,4 +1,4 @@
-"""The serving-path benchmark's stand-ins (runtime/stand_in.py): the decoder's request pattern at no model cost, and a
+"""The serving-path benchmark's stand-ins (runtime/engines/stand_in.py): the decoder's request pattern at no model cost, and a
 repository built with --stand-in-tokens-per-s that runs them in place of ONNX Runtime and the CPU decoder."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from af3trt.runtime.decoder import DecodeError, GenerationRequest
-from af3trt.runtime.stand_in import StandInDecoder, StandInEncoder
+from af3trt.runtime.engines.decoder import DecodeError, GenerationRequest
+from af3trt.runtime.engines.stand_in import StandInDecoder, StandInEncoder
 
 
 def _lm(tmp_path, eos=(40, 41)):
@@ -76,7 +76,7 @@ def test_the_stand_in_decoder_model_answers_and_counts_its_requests(tiny_ckpt, t
 
     from af3trt.build import build_engines
     from af3trt.build.plan import make_plan
-    from af3trt.runtime import context
+    from af3trt.runtime.triton import context
     from af3trt.triton_repo import configs
 
     from fakes import pb_utils as fake_pb

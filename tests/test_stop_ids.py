@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.runtime.stop_words import (StopWordsError, end_and_stop_ids, ends_with_stop_word, parse_stop_words_list,
+from af3trt.runtime.stages.stop_words import (StopWordsError, end_and_stop_ids, ends_with_stop_word, parse_stop_words_list,
                                        stop_words_list, trim_stop_token)
 
 PROMPT = "Describe the sound."
@@ -82,7 +82,7 @@ def test_cpu_decoder_stops_on_every_end_id(two_end_ids_ckpt, generate_ref, tmp_p
     kept (as TensorRT-LLM's executor keeps stop words); trimming it gives generate's answer minus its end token."""
     from af3trt.build.plan import inspect_checkpoint
     from af3trt.export.extract_lm import extract_language_model
-    from af3trt.runtime.decoder import DecoderEngine, GenerationRequest
+    from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest
 
     ckpt, first, second = two_end_ids_ckpt
     inputs, want = generate_ref
@@ -110,8 +110,8 @@ def test_ensemble_stops_on_the_second_end_id(two_end_ids_ckpt, generate_ref, tmp
     """Through the real ensemble on tritonserver (CPU backends): the answer's token ids equal generate's minus the
     end token, streamed and not."""
     from af3trt.build.build_engines import BuildOptions, ServingConfig, build
-    from af3trt.runtime.client import AF3Client
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.client.library import AF3Client
+    from af3trt.runtime.serve.server import TritonServer
     from af3trt.triton_repo import configs
 
     ckpt, first, second = two_end_ids_ckpt

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from af3trt.runtime.client import AF3Client, AF3Error
-from af3trt.runtime.errors import ErrorCode
+from af3trt.runtime.client.library import AF3Client, AF3Error
+from af3trt.runtime.stages.errors import ErrorCode
 from reference import MAX_TOKENS, Reference, mono16k
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def think_build(think_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def think_client(think_build):
-    from af3trt.runtime.server import TritonServer
+    from af3trt.runtime.serve.server import TritonServer
 
     srv = TritonServer(think_build / "model_repository", log_path=think_build / "tritonserver.log")
     srv.start(timeout=300)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from af3trt.runtime.conversation import THINK_SUFFIX, Audio, Conversation, Message, PromptError, with_think_suffix
+from af3trt.runtime.stages.conversation import THINK_SUFFIX, Audio, Conversation, Message, PromptError, with_think_suffix
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_think_keys_that_cannot_be_placed_are_refused_by_name(think_dir, tmp_pat
 def test_row_lora_is_peft_lora_on_adapted_rows_and_the_base_elsewhere(dtype):
     from peft import LoraConfig, get_peft_model
 
-    from af3trt.runtime.lora import LoraRows, RowLoRA
+    from af3trt.runtime.engines.lora import LoraRows, RowLoRA
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 24)).to(dtype)
@@ -119,7 +119,7 @@ def test_one_decoder_batch_holds_base_and_thinking_rows(think_dir, lm_dir, tmp_p
     one it gets alone: the adapter is applied per row, not to the batch."""
     from af3trt.build.think import write_lora
     from af3trt.export.think import read_think
-    from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, NoAdapter
+    from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest, NoAdapter
 
     lora = write_lora(read_think(think_dir), tmp_path / "lora")
     ids = [np.array([5, 17, 42, 9, 3, 100 + k], np.int32) for k in range(4)]

@@ -14,10 +14,10 @@ import pytest
 
 from af3trt import registry
 from af3trt.build import trt_encoder
-from af3trt.runtime.trt_runner import TensorRTUnavailable
+from af3trt.runtime.engines.trt_runner import TensorRTUnavailable
 from af3trt.build.trt_encoder import (EncoderEngineError, build_encoder_engine,
                                       encoder_engine_plan, encoder_max_windows)
-from af3trt.runtime import lengths
+from af3trt.runtime.stages import lengths
 
 from fakes import tensorrt as fake_tensorrt
 

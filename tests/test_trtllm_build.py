@@ -19,7 +19,7 @@ from af3trt.build.trtllm_engine import (TrtllmBuildError, decoder_accuracy_repor
                                         trtllm_build_args)
 from af3trt.export.trtllm_checkpoint import CheckpointError, validate_checkpoint
 from af3trt.registry import KNOWN_GPUS, GpuInfo, PrecisionError, check_precision
-from af3trt.runtime.gpus import detect_gpu, detect_gpus, parse_nvidia_smi, target_gpu
+from af3trt.runtime.engines.gpus import detect_gpu, detect_gpus, parse_nvidia_smi, target_gpu
 
 pytest.importorskip("modelopt.torch.quantization")
 

@@ -2,15 +2,15 @@
 
 One function per model; each takes the typed `RepoSpec` that build_engines.py derives from the checkpoint and
 the serving limits. Nothing here is text substitution: `render()` prints the protobuf, and `parse()` reads a
-config.pbtxt back (both in runtime/model_config.py, which the serving side uses too). Every model's inputs and
-outputs, and so the ensemble's input/output maps, come from runtime/contract.py (built from, not copied); what this
+config.pbtxt back (both in runtime/triton/model_config.py, which the serving side uses too). Every model's inputs and
+outputs, and so the ensemble's input/output maps, come from runtime/stages/contract.py (built from, not copied); what this
 module adds is per repository: the hidden size and decoder dtype, the tensors a repository leaves out, scheduling,
 instances and parameters.
 
     client ─▶ af3 (ensemble): preprocess → encoder → fusion → decoder (TensorRT-LLM's tensor contract) → postprocess
 
 Triton allows the steps after a decoupled model to read only that model's outputs, so everything postprocess
-needs about the request travels in the request context (runtime/context.py), keyed by the request id.
+needs about the request travels in the request context (runtime/triton/context.py), keyed by the request id.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from af3trt.runtime import contract, lengths
-from af3trt.runtime.contract import CANCEL, ENSEMBLE, STAGES  # noqa: F401 - the model names, also read from here
-from af3trt.runtime.model_config import parse, render  # noqa: F401 - config.pbtxt text, read from here by the build
+from af3trt.runtime.stages import contract, lengths
+from af3trt.runtime.stages.contract import CANCEL, ENSEMBLE, STAGES  # noqa: F401 - the model names, also read from here
+from af3trt.runtime.triton.model_config import parse, render  # noqa: F401 - config.pbtxt text, read from here by the build
 
 T = mc.DataType
 DTYPES = {"float32": T.TYPE_FP32, "float16": T.TYPE_FP16, "bfloat16": T.TYPE_BF16}
@@ -71,7 +71,7 @@ class RepoSpec:
     postprocess_params: dict[str, str] = field(default_factory=dict)
     preprocess_params: dict[str, str] = field(default_factory=dict)
     # the checkpoint's end ids after end_id: fusion sends them as stop_words_list, postprocess trims them
-    # (runtime/stop_words.py); empty when the checkpoint names one end id
+    # (runtime/stages/stop_words.py); empty when the checkpoint names one end id
     stop_ids: list[int] = field(default_factory=list)
     # GPU preprocessing kernels (af3trt.kernels): preprocess computes the log-mel on the device and fusion builds the
     # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
@@ -279,7 +279,7 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     policy, so that a cancellation is never rejected as overload."""
     cfg = _python(CANCEL, 0, 1)
     _interface(cfg, spec)
-    if spec.target == "gpu":  # the tensorrtllm decoder reads no mark: send it a stop request (runtime/trtllm_stop.py)
+    if spec.target == "gpu":  # the tensorrtllm decoder reads no mark: send it a stop request (runtime/triton/trtllm_stop.py)
         _params(cfg, {"stop_model": contract.DECODER})
     return cfg
 

@@ -1,7 +1,7 @@
-"""The OpenAI-compatible HTTP front (runtime/openai_server.py builds the app and runs it): one FastAPI router per
+"""The OpenAI-compatible HTTP front (app.py builds the app and runs it): one FastAPI router per
 endpoint over shared helpers.
 
-    common.py          errors (OpenAI's body, from runtime/errors.py codes), settings, the answer loop: whole
+    common.py          errors (OpenAI's body, from runtime/stages/errors.py codes), settings, the answer loop: whole
                        (collect) or streamed as server-sent events (stream)
     triton.py          the af3 ensemble over Triton's gRPC streaming API: readiness, limits, generation
     chat.py            POST /v1/chat/completions
@@ -9,5 +9,5 @@ endpoint over shared helpers.
     models.py          GET /v1/models
     health.py          GET /health
 
-Adding an endpoint: a module with its router here, and its name in openai_server.ROUTERS.
+Adding an endpoint: a module with its router here, and its name in app.ROUTERS.
 """

@@ -12,8 +12,8 @@ from typing import AsyncIterator, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from af3trt.runtime.client import Request as Job
-from af3trt.runtime.contract import IGNORE_EOS, MESSAGES, MIN_TOKENS, THINKING
+from af3trt.runtime.client.library import Request as Job
+from af3trt.runtime.stages.contract import IGNORE_EOS, MESSAGES, MIN_TOKENS, THINKING
 from af3trt.runtime.openai.common import (APIError, Answer, Piece, check_audio, check_model, collect, deltas, settings,
                                           stream)
 from af3trt.runtime.openai.triton import EnsembleInfo

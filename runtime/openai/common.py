@@ -19,8 +19,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from af3trt.runtime.contract import ENSEMBLE
-from af3trt.runtime.errors import ErrorCode
+from af3trt.runtime.stages.contract import ENSEMBLE
+from af3trt.runtime.stages.errors import ErrorCode
 
 
 class APIError(Exception):
@@ -35,7 +35,7 @@ class APIError(Exception):
 
     @classmethod
     def of(cls, error: ErrorCode, message: str, **kw) -> "APIError":
-        """The error for a typed code (runtime/errors.py): its HTTP status and OpenAI type."""
+        """The error for a typed code (runtime/stages/errors.py): its HTTP status and OpenAI type."""
         return cls(error.value.http, message, **kw)
 
     def body(self) -> dict:

@@ -3,7 +3,7 @@ the ensemble; the text (json, text or verbose_json), or transcript.text.delta ev
 
 With `chunking_strategy` ("auto", {"type": "server_vad", …} or this server's {"type": "fixed", "window_seconds"})
 the upload may be far longer than AF3's window: it is read from the spooled upload a block at a time, cut into
-pieces of at most one 30-s window (runtime/longform.py), the pieces sent to the ensemble as separate requests,
+pieces of at most one 30-s window (runtime/stages/longform.py), the pieces sent to the ensemble as separate requests,
 `--transcription-concurrency` at a time, and joined in order; verbose_json gives one segment per piece with its
 start and end. Past `--max-transcription-seconds` it is refused (400, audio_too_long). Without it: one request,
 as before."""
@@ -21,11 +21,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from starlette.datastructures import UploadFile
 
-from af3trt.runtime import longform
-from af3trt.runtime.audio import AudioError, iter_mono_16k, open_audio
-from af3trt.runtime.client import Request as Job
-from af3trt.runtime.lengths import SAMPLE_RATE
-from af3trt.runtime.longform import TRANSCRIPTION_PROMPT
+from af3trt.runtime.stages import longform
+from af3trt.runtime.stages.audio import AudioError, iter_mono_16k, open_audio
+from af3trt.runtime.client.library import Request as Job
+from af3trt.runtime.stages.lengths import SAMPLE_RATE
+from af3trt.runtime.stages.longform import TRANSCRIPTION_PROMPT
 from af3trt.runtime.openai.common import (APIError, Answer, Piece, check_audio, check_model, collect, deltas,
                                           settings, stream, watch_disconnect)
 

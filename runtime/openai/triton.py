@@ -1,6 +1,6 @@
 """The af3 ensemble over Triton's gRPC streaming API (asyncio), as the HTTP endpoints use it: readiness, the
 repository's limits, and streamed generation with cancellation. Errors come out as APIError with the HTTP status
-of the code the stage that refused the request set (runtime/errors.py)."""
+of the code the stage that refused the request set (runtime/stages/errors.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import grpc
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from af3trt.runtime import contract, lengths
-from af3trt.runtime.client import (STATUS_WAIT_S, AF3Busy, AF3ConnectionError, AF3Error, ResponseReader, drain,
+from af3trt.runtime.stages import contract, lengths
+from af3trt.runtime.client.library import (STATUS_WAIT_S, AF3Busy, AF3ConnectionError, AF3Error, ResponseReader, drain,
                                    send_cancel_async)
-from af3trt.runtime.client import Request as Job
-from af3trt.runtime.errors import ErrorCode
+from af3trt.runtime.client.library import Request as Job
+from af3trt.runtime.stages.errors import ErrorCode
 from af3trt.runtime.openai.common import APIError, Piece
 
 log = logging.getLogger("af3trt.openai")

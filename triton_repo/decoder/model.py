@@ -1,19 +1,19 @@
 """Triton adapter: the CPU backend of the decoder stage, with the tensor contract of TensorRT-LLM's C++
-`tensorrtllm` backend (decoupled; in-flight batching inside af3trt.runtime.decoder.DecoderEngine)."""
+`tensorrtllm` backend (decoupled; in-flight batching inside af3trt.runtime.engines.decoder.DecoderEngine)."""
 
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.runtime import audio_cache
-from af3trt.runtime import contract as c
-from af3trt.runtime import triton_io as io
-from af3trt.runtime.coalesce import Coalescer
-from af3trt.runtime.context import RequestContext, RunningRequests
-from af3trt.runtime.decoder import DecoderEngine, GenerationRequest, RequestCancelled
-from af3trt.runtime.stand_in import StandInDecoder
-from af3trt.runtime.stop_words import parse_stop_words_list
+from af3trt.runtime.stages import audio_cache
+from af3trt.runtime.stages import contract as c
+from af3trt.runtime.triton import triton_io as io
+from af3trt.runtime.stages.coalesce import Coalescer
+from af3trt.runtime.triton.context import RequestContext, RunningRequests
+from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest, RequestCancelled
+from af3trt.runtime.engines.stand_in import StandInDecoder
+from af3trt.runtime.stages.stop_words import parse_stop_words_list
 
 
 def _response(tokens):
@@ -26,11 +26,11 @@ class TritonPythonModel:
     def initialize(self, args):
         p = io.params(args)
         threads = int(p.get("threads", "0")) or None
-        self.stream_interval_s = int(p.get("stream_interval_ms", "0")) / 1000  # runtime/coalesce.py (0: off)
+        self.stream_interval_s = int(p.get("stream_interval_ms", "0")) / 1000  # runtime/stages/coalesce.py (0: off)
         rate = float(p.get("stand_in_tokens_per_s", "0"))
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
-        if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.stand_in): no weights, no compute
+        if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.engines.stand_in): no weights, no compute
             self.engine = StandInDecoder(io.resolve(args, p["gpt_model_path"]), tokens_per_s=rate,
                                          max_batch_size=int(p["max_batch_size"]), max_input_len=int(p["max_input_len"]),
                                          max_new_tokens_limit=int(p["max_output_len"]),

@@ -2,22 +2,22 @@
 
 Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch. Each
 request's windows are cropped to its frame bucket T_i (preprocess); requests of different T are padded to the
-longest with an empty mask, which changes no kept row (runtime/lengths.py), and each gets back its own T_i / 4 rows.
+longest with an empty mask, which changes no kept row (runtime/stages/lengths.py), and each gets back its own T_i / 4 rows.
 A build with think/ overriding the audio side has a second graph (think_onnx_path): the windows of thinking requests
 (window_thinking) run on it, the others on the base graph, both in the same execution.
 
 A window whose key (audio_digest, from preprocess) is in the cache is not run: its rows are the cached ones
-(runtime/audio_cache.py; byte-bounded LRU, parameter cache_bytes).
+(runtime/stages/audio_cache.py; byte-bounded LRU, parameter cache_bytes).
 """
 
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.runtime import audio_cache
-from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
-from af3trt.runtime.context import RunningRequests
-from af3trt.runtime.encoder import OnnxEncoder, pad_frames
+from af3trt.runtime.stages import audio_cache
+from af3trt.runtime.triton import triton_io as io
+from af3trt.runtime.stages.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
+from af3trt.runtime.triton.context import RunningRequests
+from af3trt.runtime.engines.encoder import OnnxEncoder, pad_frames
 
 
 class TritonPythonModel:
@@ -26,7 +26,7 @@ class TritonPythonModel:
         p = io.params(args)
         threads = int(p.get("intra_op_threads", "0")) or None
         if "stand_in_hidden_size" in p:  # the serving-path benchmark's stand-in: zeros of the right shape
-            from af3trt.runtime.stand_in import StandInEncoder  # here: it imports the decoder's module (torch)
+            from af3trt.runtime.engines.stand_in import StandInEncoder  # here: it imports the decoder's module (torch)
 
             self.encoder = StandInEncoder(int(p["stand_in_hidden_size"]))
         else:

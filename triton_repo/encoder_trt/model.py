@@ -1,6 +1,6 @@
 """Triton adapter: the encoder's TensorRT plan run by TensorRT's Python runtime (GPU backend of the encoder stage).
 
-The serving container has no Triton TensorRT backend (runtime/trt_runner.py says where that is written), so the
+The serving container has no Triton TensorRT backend (runtime/engines/trt_runner.py says where that is written), so the
 plan runs inside this python-backend model, one engine and CUDA stream per GPU instance. Triton's dynamic batcher
 still merges the windows of several requests into one execution; each request gets its slice of the output as a
 GPU tensor through DLPack (python_backend r26.04 README: pb_utils.Tensor.from_dlpack takes C-contiguous tensors
@@ -9,7 +9,7 @@ directory, version and the instance's GPU as args "model_repository", "model_ver
 (python_backend r26.04 src/stub_launcher.cc).
 
 A window whose key (audio_digest, from preprocess) is in the cache is not run: its rows are the cached ones, kept on
-the GPU as torch tensors (runtime/audio_cache.py: the CPU encoder's byte-bounded LRU and keys, parameter
+the GPU as torch tensors (runtime/stages/audio_cache.py: the CPU encoder's byte-bounded LRU and keys, parameter
 cache_bytes). A cached window's mask is emptied before the engine runs, so it is a placeholder there (not computed,
 encode_windows), and its cached rows are put in its place after.
 """
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb
 
-from af3trt.runtime import audio_cache
-from af3trt.runtime import triton_io as io
-from af3trt.runtime.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
-from af3trt.runtime.gpus import cap_cuda_memory
-from af3trt.runtime.context import RunningRequests
-from af3trt.runtime.trt_runner import TrtRunner, encode_windows
+from af3trt.runtime.stages import audio_cache
+from af3trt.runtime.triton import triton_io as io
+from af3trt.runtime.stages.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
+from af3trt.runtime.engines.gpus import cap_cuda_memory
+from af3trt.runtime.triton.context import RunningRequests
+from af3trt.runtime.engines.trt_runner import TrtRunner, encode_windows
 
 
 def _torch(request, name: str, device) -> torch.Tensor:

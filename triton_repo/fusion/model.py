@@ -1,18 +1,18 @@
-"""Triton adapter: prompt + audio embeddings → the tensorrtllm backend's inputs (af3trt.runtime.prompt; the table by
+"""Triton adapter: prompt + audio embeddings → the tensorrtllm backend's inputs (af3trt.runtime.stages.prompt; the table by
 af3trt.kernels.table on the GPU)."""
 
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.runtime import conversation
+from af3trt.runtime.stages import conversation
 from af3trt.kernels import device_from_params as kernels_device
-from af3trt.runtime import contract as c
-from af3trt.runtime import triton_io as io
-from af3trt.runtime.gpus import cap_cuda_memory
-from af3trt.runtime.context import RequestContext, RunningRequests
-from af3trt.runtime.errors import Unsupported
-from af3trt.runtime.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
-from af3trt.runtime.stop_words import stop_words_list
+from af3trt.runtime.stages import contract as c
+from af3trt.runtime.triton import triton_io as io
+from af3trt.runtime.engines.gpus import cap_cuda_memory
+from af3trt.runtime.triton.context import RequestContext, RunningRequests
+from af3trt.runtime.stages.errors import Unsupported
+from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
+from af3trt.runtime.stages.stop_words import stop_words_list
 
 
 class NoThinking(Unsupported):

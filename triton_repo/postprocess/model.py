@@ -1,10 +1,10 @@
-"""Triton adapter: token ids → text (af3trt.runtime.detok), incremental for streams.
+"""Triton adapter: token ids → text (af3trt.runtime.stages.detok), incremental for streams.
 
 Called once per decoder response. Streamed answers are released as complete UTF-8 characters: the incomplete
 tail of each request is kept here between its responses (hence a single instance), keyed by request id.
 
 A stream's last response is not flagged to the steps after the decoder, so it is recognised here: it is empty (the
-request ended on its end id, which the tensorrtllm backend leaves out of output_ids: see runtime/decoder.py), or it
+request ended on its end id, which the tensorrtllm backend leaves out of output_ids: see runtime/engines/decoder.py), or it
 brings the answer to max_tokens (resolved by fusion, read from the request context). There the held-back text of
 strip_prefix (a possible prefix, the closing quote and full stop) is settled, so a streamed answer joins to exactly
 the non-streamed one.
@@ -16,12 +16,12 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.runtime import triton_io as io
-from af3trt.runtime.context import STALE_SECONDS, RequestContext, RunningRequests
-from af3trt.runtime.contract import (IGNORE_EOS, MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM,
+from af3trt.runtime.triton import triton_io as io
+from af3trt.runtime.triton.context import STALE_SECONDS, RequestContext, RunningRequests
+from af3trt.runtime.stages.contract import (IGNORE_EOS, MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM,
                                      STRIP_PREFIX, TEXT_OUTPUT)
-from af3trt.runtime.detok import Detokenizer, StreamState, strip_transcription_prefix
-from af3trt.runtime.stop_words import trim_stop_token
+from af3trt.runtime.stages.detok import Detokenizer, StreamState, strip_transcription_prefix
+from af3trt.runtime.stages.stop_words import trim_stop_token
 
 PURGE_EVERY_S = 10.0
 

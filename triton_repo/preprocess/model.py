@@ -1,6 +1,6 @@
-"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.audio; af3trt.kernels.logmel on the GPU).
+"""Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.stages.audio; af3trt.kernels.logmel on the GPU).
 
-The request's audio is digested once here (runtime/audio_cache.py): a clip seen again skips decoding and the
+The request's audio is digested once here (runtime/stages/audio_cache.py): a clip seen again skips decoding and the
 log-mel (a byte-bounded LRU of prepared batches, parameter cache_bytes), and each window's key travels on as
 audio_digest to the encoder's cache and fusion's prompt_table_extra_ids."""
 
@@ -11,11 +11,11 @@ import triton_python_backend_utils as pb
 
 from af3trt.kernels import device_from_params as kernels_device
 from af3trt.kernels import logmel
-from af3trt.runtime import audio, audio_cache, lengths
-from af3trt.runtime import triton_io as io
-from af3trt.runtime.gpus import cap_cuda_memory
-from af3trt.runtime.context import RequestContext, RunningRequests
-from af3trt.runtime.contract import (AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX,
+from af3trt.runtime.stages import audio, audio_cache, lengths
+from af3trt.runtime.triton import triton_io as io
+from af3trt.runtime.engines.gpus import cap_cuda_memory
+from af3trt.runtime.triton.context import RequestContext, RunningRequests
+from af3trt.runtime.stages.contract import (AUDIO, AUDIO_WINDOWS, INPUT_FEATURES, INPUT_FEATURES_MASK, STREAM, STRIP_PREFIX,
                                     THINKING, WINDOW_THINKING, AUDIO_DIGEST)
 
 

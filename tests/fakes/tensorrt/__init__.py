@@ -21,7 +21,7 @@ and pyFoundationalTypes.cpp (DataType):
                (python/src/parsers/pyOnnx.cpp)
 
 What is faked: the plan is JSON naming the ONNX file the engine was built from, its I/O and its profile; the
-parser presents the encoder's I/O (runtime/encoder_io.py) with the ONNX's output width when onnxruntime can read
+parser presents the encoder's I/O (runtime/engines/encoder_io.py) with the ONNX's output width when onnxruntime can read
 it. Executing reads the inputs from the bound addresses and writes the output at its bound address (host memory:
 torch CPU tensors stand in for CUDA ones) after running the ONNX with ONNX Runtime, so a GPU-encoder test can
 compare with the CPU encoder. Where onnxruntime is absent (the container env) engines build but do not execute.

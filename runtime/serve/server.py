@@ -1,0 +1,292 @@
+"""Start and stop a real `tritonserver` for a model repository, bound to loopback unless told otherwise.
+
+The binary, its backends and the python stub's environment come from runtime/serve/triton_install.py ($AF3TRT_TRITONSERVER,
+PATH, or the `nvidia-pytriton` wheel); `af3trt doctor` (runtime/serve/doctor.py) checks them before `af3trt serve` starts
+the server. Only the process we started is ever stopped.
+
+    af3trt serve --model-repository out/af3-tiny/model_repository [--openai-port 9000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from af3trt.runtime.serve.tp_launch import leader_mode_command
+from af3trt.runtime.serve.doctor import preflight_or_exit
+from af3trt.runtime.openai import app as openai_server
+from af3trt.runtime.serve.triton_install import ServerError, find_tritonserver, prepare_backends, server_env
+
+log = logging.getLogger(__name__)
+
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGKILL when its parent thread exits (Linux PR_SET_PDEATHSIG), and exits at
+    once if the parent is already gone (the race between fork and prctl)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def die_with_this_process(cmd: list[str]) -> tuple[list[str], object]:
+    """(command, preexec_fn) for a child that gets SIGKILL when the thread starting it exits. With util-linux's
+    setpriv on PATH the parent-death signal is set by setpriv, which then execs the command (same PID): no Python
+    runs between fork and exec. A preexec_fn does, and in a process with other threads (gRPC's, a client's
+    persistent channel) it can crash the child before exec ("Fatal Python error: Segmentation fault" in
+    _execute_child, seen in the suite; the subprocess docs warn that preexec_fn is not safe with threads).
+    Without setpriv: the preexec_fn."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *cmd], None
+    return cmd, _die_with(os.getpid())
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, interval: float = 0.3) -> str | None:
+    """Poll GET `url` until it answers 200 while `proc` (the process serving it) lives: None once it did, else why
+    not ("exited" or "timeout")."""
+    import urllib.error
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return None
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(interval)
+    return "timeout"
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM a process we started, SIGKILL it if it is still there after grace_s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+_HANDED_OUT: set[int] = set()  # ports free_port has returned in this process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now and that this process has not been handed before: the kernel may offer a port
+    again once the probing socket is closed, and two ports chosen before either is bound (a replica's metrics port,
+    HAProxy's frontend) must differ."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+def memory_pool_args(model_repository: Path) -> list[str]:
+    """Triton's CUDA memory pool on GPU 0 (where the ensemble and the encoder run) as the build's memory plan sized
+    it (manifest.json `gpu.memory_plan.cuda_memory_pool`, build/memory_plan.py cuda_pool_bytes); none for a CPU build.
+    Flag: `--cuda-memory-pool-byte-size=<GPU device ID>:<pool byte size>` (triton-inference-server/server r26.04
+    src/command_line_parser.cc); the pool is allocated when the server starts (core r26.04 src/server.cc,
+    CudaMemoryManager::Create), before the decoder's executor measures free memory for its KV cache."""
+    manifest = Path(model_repository).parent / "manifest.json"
+    if not manifest.is_file():
+        return []
+    plan = (json.loads(manifest.read_text(encoding="utf-8")).get("gpu") or {}).get("memory_plan") or {}
+    pool = plan.get("cuda_memory_pool")
+    return [f"--cuda-memory-pool-byte-size=0:{int(pool)}"] if pool else []
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process: `with TritonServer(repo) as srv: srv.grpc_url`."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int | None = None
+    http_port: int | None = None
+    metrics_port: int | None = None
+    log_path: Path | None = None
+    log_verbose: int = 0
+    exit_timeout: int = 5
+    extra_args: list[str] = field(default_factory=list)
+    world_size: int = 1  # TensorRT-LLM ranks (= TP size of the engine): >1 launches leader mode under mpirun
+    proc: subprocess.Popen | None = None
+    # Explicit model control (what the supervisor's watchdog and drain need), with Triton's model-repository API
+    # restricted to clients that send header `api_key_header: api_key`. None: every model loads at start, no API.
+    api_key: str | None = field(default=None, repr=False)
+    api_key_header: str = "af3trt-repository-key"
+    # tritonserver gets SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG): never an orphan.
+    die_with_parent: bool = True
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def command(self, binary: Path, backends: Path) -> list[str]:
+        return leader_mode_command(self.rank_command(binary, backends), self.world_size)
+
+    def rank_command(self, binary: Path, backends: Path) -> list[str]:
+        return [
+            str(binary), f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
+            # Triton 2.51 keeps a decoupled ensemble "live" after streamed requests for the whole exit timeout
+            f"--exit-timeout-secs={self.exit_timeout}",
+            *self.control_args(),
+            *memory_pool_args(Path(self.model_repository)),
+            *self.extra_args,
+        ]
+
+    def control_args(self) -> list[str]:
+        if self.api_key is None:
+            return []
+        restricted = f"model-repository:{self.api_key_header}={self.api_key}"
+        return ["--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+
+    def redacted(self, cmd: list[str]) -> str:
+        """The command line as it may be logged: the repository key never is."""
+        text = " ".join(cmd)
+        return text.replace(self.api_key, "<redacted>") if self.api_key else text
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        binary = find_tritonserver()
+        backends = prepare_backends(binary)
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.http_port = self.http_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        if self.log_path is None:
+            self.log_path = Path(self.model_repository).parent / "tritonserver.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(binary, backends)
+        log.info("starting %s", self.redacted(cmd))
+        with open(self.log_path, "ab" if self.proc is not None else "wb") as logf:  # a restart appends
+            cmd, preexec = die_with_this_process(cmd) if self.die_with_parent else (cmd, None)
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=server_env(binary),
+                                         start_new_session=True, preexec_fn=preexec)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.proc.returncode} before it was ready; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        log.info("tritonserver ready: grpc %s, http %s (pid %d)", self.grpc_url, self.http_url,
+                                 self.proc.pid)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the process we started (by PID; its process group holds only the python stubs it spawned)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> int:
+    from af3trt.runtime.serve import supervisor
+
+    ap = argparse.ArgumentParser(prog="af3trt serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-repository", required=True, type=Path)
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="TensorRT-LLM ranks = the engine's TP size; >1 runs one tritonserver per GPU under mpirun")
+    ap.add_argument("--start-timeout", type=float, default=180.0,
+                    help="seconds to wait for readiness (engine loading on a GPU can take many minutes)")
+    ap.add_argument("--openai-port", type=int, default=None,
+                    help="also serve the OpenAI-compatible API (af3trt openai) on this port, same --host")
+    openai_server.add_arguments(ap)
+    ap.add_argument("--grace-seconds", type=float, default=supervisor.DEFAULT_GRACE_SECONDS,
+                    help="on SIGTERM/SIGINT: how long requests in flight may take to finish (a second signal "
+                         "stops at once)")
+    ap.add_argument("--no-watchdog", dest="watchdog", action="store_false",
+                    help="do not reload a model whose python stub died")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
+    srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
+                       args.metrics_port, args.log, world_size=args.world_size, api_key=supervisor.repository_key())
+    srv.start(timeout=args.start_timeout)
+    print(f"serving {args.model_repository} on grpc {srv.grpc_url}, http {srv.http_url} (log {srv.log_path}); "
+          f"SIGTERM or Ctrl-C drains and stops it", flush=True)
+    front = None
+    if args.openai_port is not None:  # the OpenAI-compatible API in a child process, stopped after the drain
+        triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else srv.grpc_url
+        cmd, preexec = die_with_this_process(openai_server.command(args, triton, args.host, args.openai_port))
+        front = subprocess.Popen(cmd, preexec_fn=preexec)
+    try:
+        return supervisor.supervise(srv, grace_s=args.grace_seconds, watchdog=args.watchdog)
+    finally:
+        if front is not None:
+            front.terminate()
+            try:
+                front.wait(10)
+            except subprocess.TimeoutExpired:
+                front.kill()
+                front.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

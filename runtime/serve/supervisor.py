@@ -1,0 +1,376 @@
+"""Keep a running tritonserver truthful and serving: a stub watchdog, a draining shutdown, a restricted API.
+
+What Triton 2.51 does on its own, and why this module exists (each seen on this repository's CPU ensemble):
+- When a python model's stub process dies (the kernel's OOM killer, a segfault), Triton keeps the model READY and
+  answers every later request "Stub process '<model>_0_0' is not healthy" for ever; /v2/health/ready stays 200.
+  Triton never restarts the stub. With explicit model control, unloading a composing model makes the ensemble
+  UNAVAILABLE and /v2/health/ready 400 (with --strict-readiness); loading it again reloads the ensemble too.
+  So the watchdog polls the stubs (processes below tritonserver whose argv[1] is <repo>/<model>/<version>/model.py)
+  and, when one is gone, unloads that model (readiness false at once) and loads it again (readiness true when
+  the ensemble can answer).
+- On SIGTERM, Triton's own shutdown refuses new requests to every model at once, including the per-token requests
+  a decoupled ensemble sends to its postprocess step: streams in flight stop mid-answer and hang until the exit
+  timeout. Unloading only the ensemble instead refuses new requests ("Request for unknown model"), makes
+  readiness false, lets requests in flight finish (state UNLOADING until they have), and then it is UNAVAILABLE.
+  So a drain is: unload the ensembles, wait until no request is in flight (at most the grace period), then SIGTERM
+  tritonserver (nothing in flight; it exits in seconds), and SIGKILL its process group if it does not.
+- "No request in flight" is not "the ensemble is UNAVAILABLE": Triton 2.51 keeps a decoupled ensemble referenced by
+  every gRPC stream that sent it a request until the client closes that stream, even when it is idle (seen: one
+  idle AF3Stream kept af3 UNLOADING for the whole 30-s grace; closing it made af3 UNAVAILABLE at once). So the drain
+  counts requests itself: those queued at a composing model (Triton's nv_inference_pending_request_count), those a
+  python stub is working on (runtime/triton/context.py RunningRequests: an execute in progress, a CPU decoder request until
+  its last response; the files of dead stubs do not count), and TensorRT-LLM's active and waiting requests
+  (nv_trt_llm_request_metrics). It ends when that count is 0 on two polls in a row (a request handed from one step
+  to the next is in neither count for the instant between them) or the ensembles are UNAVAILABLE. After the watchdog
+  reloaded a model, the queue gauge of that model also counts the requests left queued at its unloaded instance, whose
+  stub is dead (seen: hundreds of per-token postprocess requests after a postprocess stub was SIGKILLed under
+  streaming load, failing one a second or slower, their streams already failed): such a model's queue counts only
+  while a live stub of it works through it (requests_in_flight), so the drain ends with the last live request.
+- Explicit model control opens Triton's model-repository API (load/unload) to every client. It is restricted with
+  --http-restricted-api / --grpc-restricted-protocol "model-repository:<header>=<key>": a request without the
+  header gets 403 (HTTP) / PERMISSION_DENIED (gRPC). The key is $AF3TRT_REPOSITORY_KEY or random per launch; it
+  is passed to tritonserver on its command line (readable by local users with access to /proc of that process,
+  not to network clients) and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from af3trt.runtime.triton.context import stub_work
+from af3trt.runtime.triton.model_config import repository_configs
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "AF3TRT_REPOSITORY_KEY"
+DEFAULT_GRACE_SECONDS = 60.0  # a 512-token answer at 100 ms/token, with margin
+
+
+def repository_key() -> str:
+    """The model-repository API key: $AF3TRT_REPOSITORY_KEY (to use the API yourself), else a random one."""
+    return os.environ.get(KEY_ENV) or secrets.token_urlsafe(24)
+
+
+class RepositoryAPI:
+    """Triton's HTTP health and model-repository endpoints, with the restricted header."""
+
+    def __init__(self, http_url: str, header: str, key: str, timeout: float = 600.0):
+        self.base, self.header, self.key, self.timeout = f"http://{http_url}", header, key, timeout
+
+    def _call(self, path: str, *, post: bool = False, keyed: bool = True) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.base + path, method="POST" if post else "GET",
+                                     data=b"" if post else None)
+        if keyed:
+            req.add_header(self.header, self.key)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def ready(self) -> bool:
+        try:
+            return self._call("/v2/health/ready", keyed=False)[0] == 200
+        except OSError:
+            return False
+
+    def states(self) -> dict[str, str]:
+        """{model: READY | UNLOADING | UNAVAILABLE | LOADING}."""
+        status, body = self._call("/v2/repository/index", post=True)
+        if status != 200:
+            raise RuntimeError(f"repository index: HTTP {status} {body[:200]!r}")
+        return {m["name"]: m.get("state", "") for m in json.loads(body)}
+
+    def load(self, model: str) -> None:
+        status, body = self._call(f"/v2/repository/models/{model}/load", post=True)
+        if status != 200:
+            raise RuntimeError(f"load {model}: HTTP {status} {body[:300]!r}")
+
+    def unload(self, model: str) -> None:
+        status, body = self._call(f"/v2/repository/models/{model}/unload", post=True)
+        if status != 200:
+            raise RuntimeError(f"unload {model}: HTTP {status} {body[:300]!r}")
+
+
+def ensembles(repo: Path) -> list[str]:
+    """The ensemble models of a repository (read from their config.pbtxt)."""
+    return [name for name, cfg in repository_configs(repo).items() if cfg.platform == "ensemble"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every live process."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] not in ("Z", "X"):
+            out[int(d.name)] = int(fields[1])
+    return out
+
+
+def children(parent: int) -> list[int]:
+    """Live child processes of `parent`."""
+    return [pid for pid, ppid in _parents().items() if ppid == parent]
+
+
+def descendants(root: int) -> list[int]:
+    """Live processes below `root`, at any depth."""
+    kids: dict[int, list[int]] = {}
+    for pid, ppid in _parents().items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], list(kids.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += kids.get(pid, ())
+    return out
+
+
+def stub_pids(root: int) -> dict[str, set[int]]:
+    """{model: pids of its live python stubs} anywhere below the server process: under TP > 1 that process is
+    mpirun (runtime/serve/tp_launch.py), the stubs being children of its rank-0 tritonserver, not its own."""
+    out: dict[str, set[int]] = {}
+    for pid in descendants(root):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub") and argv[1].endswith(b"model.py"):
+            out.setdefault(Path(argv[1].decode()).parent.parent.name, set()).add(pid)
+    return out
+
+
+def decoupled_python_models(repo: Path) -> set[str]:
+    """Python-backend models with a decoupled transaction policy (the CPU decoder)."""
+    return {name for name, cfg in repository_configs(repo).items()
+            if cfg.backend == "python" and cfg.model_transaction_policy.decoupled}
+
+
+def healed_since_restart(reloads: list[dict]) -> frozenset[str]:
+    """Models the watchdog unloaded and loaded since it last restarted tritonserver (Watchdog.reloads): their unloaded
+    instance may still hold requests queued for its dead stub (see requests_in_flight)."""
+    out: set[str] = set()
+    for r in reloads:
+        out = set() if r["action"] == "restart" else out | {r["model"]}
+    return frozenset(out)
+
+
+class Watchdog(threading.Thread):
+    """Bring a model back whose python stub died; readiness is false from the moment it acts until the ensemble
+    can answer again.
+
+    A non-decoupled model is unloaded and loaded: its requests in flight already got an error from Triton
+    ("Stub process ... is not healthy"), those elsewhere in the ensemble finish. A decoupled python model (the
+    CPU decoder) is different: its requests in flight were released to the dead stub, nothing in Triton 2.51 ever
+    completes them, and they hang through an unload and a reload (seen). So then tritonserver itself is restarted
+    on the same ports: those requests fail with a broken connection instead of hanging."""
+
+    def __init__(self, server, api: RepositoryAPI, poll_s: float = 0.5):
+        super().__init__(name="af3trt-stub-watchdog", daemon=True)
+        self.server, self.api, self.poll_s = server, api, poll_s
+        self.ensembles = ensembles(server.model_repository)
+        self.decoupled = decoupled_python_models(server.model_repository)
+        self.stopping = threading.Event()
+        self.idle = threading.Event()  # set while not healing
+        self.idle.set()
+        self.reloads: list[dict] = []  # {model, dead_pids, action, seconds}
+        # A restarted tritonserver was started by this thread, and PR_SET_PDEATHSIG fires when the *thread* that
+        # started a process ends: so this thread lives until the supervisor has stopped tritonserver.
+        self.released = threading.Event()
+
+    def run(self) -> None:
+        known = stub_pids(self.server.proc.pid)
+        while not self.stopping.wait(self.poll_s):
+            for model, pids in list(known.items()):
+                dead = sorted(p for p in pids if not _alive(p))
+                if dead and not self.stopping.is_set():
+                    self.idle.clear()
+                    try:
+                        self.heal(model, dead)
+                    except Exception as e:  # noqa: BLE001 - keep watching; the next poll retries
+                        log.error("watchdog: bringing back %s failed: %s", model, e)
+                    finally:
+                        self.idle.set()
+                    known = stub_pids(self.server.proc.pid)
+                    break
+            else:
+                for model, pids in stub_pids(self.server.proc.pid).items():  # stubs started since
+                    known[model] = known.get(model, set()) | pids
+        self.released.wait()
+
+    def heal(self, model: str, dead: list[int]) -> None:
+        t0 = time.monotonic()
+        restart = model in self.decoupled
+        log.warning("watchdog: the python stub of model '%s' died (pid %s); %s", model,
+                    ", ".join(map(str, dead)), "restarting tritonserver" if restart else "unloading and reloading it")
+        if restart:
+            self.server.stop(timeout=self.server.exit_timeout + 15)
+            self.server.start()
+        else:
+            self.api.unload(model)  # readiness false from here (the ensemble goes with it)
+            self.api.load(model)  # blocks until loaded; Triton reloads the ensembles that use it
+            states = self.api.states()
+            for e in self.ensembles:
+                if states.get(e) != "READY":
+                    self.api.load(e)
+        seconds = time.monotonic() - t0
+        self.reloads.append({"model": model, "dead_pids": dead, "action": "restart" if restart else "reload",
+                             "seconds": round(seconds, 2)})
+        log.warning("watchdog: model '%s' is back after %.1f s; ready=%s", model, seconds, self.api.ready())
+
+    def healed(self) -> frozenset[str]:
+        return healed_since_restart(self.reloads)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.idle.wait(600)
+
+
+# Gauges of requests in flight in Triton's /metrics: queued at a model's scheduler (Triton core), and TensorRT-LLM's
+# executor (tensorrtllm backend, triton_backend/inflight_batcher_llm/src/custom_metrics_reporter/
+# custom_metrics_reporter.cc: family nv_trt_llm_request_metrics, request_type active|max|scheduled|context|waiting).
+IN_FLIGHT_GAUGES = (re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)".*\} (\S+)$'),
+                    re.compile(r'^nv_trt_llm_request_metrics\{model="([^"]+)",request_type="(?:active|waiting)".*\} (\S+)$'))
+
+
+def requests_in_flight(server, ensemble_names: list[str], healed: frozenset[str] = frozenset(),
+                       finished: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """({model: requests in flight there}, {model: requests left queued for a dead stub}) over the composing models.
+    In flight: queued (Triton's metrics), being worked on by a python stub (RunningRequests files of live stubs), and
+    in TensorRT-LLM's executor; empty when nothing is.
+
+    `healed`: python models the watchdog unloaded and loaded since tritonserver started. Triton's queue gauge of
+    such a model also counts requests still queued at the unloaded instance, whose stub is dead: Triton 2.51 keeps
+    that instance until its queue is empty, and its python backend fails each of those requests only after a 1-s
+    timed wait on the dead stub's health mutex (triton-inference-server/python_backend r24.10, src/python_be.cc
+    ModelInstanceState::IsStubProcessAlive), one at a time. Under streaming load they are hundreds of per-token
+    postprocess requests of streams that already failed ("Stub process '<model>_0_0' is not healthy."), and the
+    decoder adds more while it finishes those streams. So a healed model's queue counts only while its live stubs
+    work through it: they are running a request now, or finished one since the previous call (`finished`, kept by
+    the caller between calls; a live instance with a queue is never idle across two polls); else it is left over."""
+    work: dict[str, tuple[int, int]] = {}
+    for pid in [server.proc.pid, *children(server.proc.pid)]:  # tritonserver, or mpirun and its ranks (TP > 1)
+        for m, (n, done) in stub_work(pid).items():
+            running, total = work.get(m, (0, 0))
+            work[m] = (running + n, total + done)
+    out, left = {m: n for m, (n, _) in work.items() if n}, {}
+    finished = {} if finished is None else finished
+    served = {m for m in healed if m in work and (work[m][0] or work[m][1] != finished.get(m))}
+    finished.update({m: done for m, (_, done) in work.items()})
+    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            for gauge in IN_FLIGHT_GAUGES:
+                m = gauge.match(line)
+                if not m or m.group(1) in ensemble_names or float(m.group(2)) <= 0:
+                    continue
+                into = left if m.group(1) in healed and m.group(1) not in served else out  # left: nobody waits
+                into[m.group(1)] = into.get(m.group(1), 0) + int(float(m.group(2)))
+    return out, left
+
+
+def drain(server, api: RepositoryAPI, grace_s: float, hurry: threading.Event | None = None,
+          poll_s: float = 0.2, healed: frozenset[str] = frozenset()) -> float:
+    """Refuse new requests, let those in flight finish within grace_s, then stop tritonserver and its stubs.
+    `healed`: the models the watchdog reloaded (Watchdog.healed). Returns the seconds the drain waited for requests
+    in flight."""
+    names = ensembles(server.model_repository)
+    t0 = time.monotonic()
+    log.warning("draining: refusing new requests; waiting up to %.0f s for requests in flight", grace_s)
+    stop_s, left = server.exit_timeout + 15, {}
+    try:
+        for e in names:
+            api.unload(e)
+        idle_polls, finished = 0, {}
+        while time.monotonic() - t0 < grace_s and not (hurry and hurry.is_set()):
+            states = api.states()
+            if all(states.get(e) in ("UNAVAILABLE", None) for e in names):
+                break
+            busy, left = requests_in_flight(server, names, healed, finished)
+            idle_polls = 0 if busy else idle_polls + 1
+            if idle_polls >= 2:  # see the module docstring: the ensemble may stay referenced by idle streams
+                break
+            time.sleep(poll_s)
+        else:
+            log.warning("grace period over after %.1f s with requests still in flight: stopping anyway",
+                        time.monotonic() - t0)
+            server.stop(timeout=stop_s)
+            return time.monotonic() - t0
+        log.warning("drained in %.1f s", time.monotonic() - t0)
+        if healed:
+            # Nothing live is in flight. Triton waits --exit-timeout-secs for what is and then logs "Exit timeout
+            # expired. Exiting immediately.", but an unloaded instance still failing requests queued for its dead
+            # stub, one a second, holds the process up (seen: 20 s, then our SIGKILL): nobody waits for those.
+            log.warning("models reloaded after a stub died (%s; left queued for a dead stub: %s): stopping "
+                        "tritonserver at its exit timeout", ", ".join(sorted(healed)), left or "none seen")
+            stop_s = server.exit_timeout + 2
+    except (OSError, RuntimeError) as e:
+        log.warning("drain: %s; stopping tritonserver", e)
+    waited = time.monotonic() - t0
+    server.stop(timeout=stop_s)
+    log.warning("tritonserver stopped %.1f s after the drain (exit code %s)", time.monotonic() - t0 - waited,
+                server.proc.returncode)
+    return waited
+
+
+def supervise(server, *, grace_s: float = DEFAULT_GRACE_SECONDS, watchdog: bool = True) -> int:
+    """Run until tritonserver exits or SIGTERM/SIGINT arrives (then drain); a second signal cuts the grace short.
+
+    Returns the exit status for the launcher: 0 after a drain, tritonserver's own status if it died."""
+    api = RepositoryAPI(server.http_url, server.api_key_header, server.api_key)
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        log.warning("received %s", signal.Signals(signum).name)
+        (hurry if stop.is_set() else stop).set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    dog = Watchdog(server, api) if watchdog and server.api_key else None
+    if dog:
+        dog.start()
+
+    def died() -> bool:  # tritonserver exited, and not because the watchdog is restarting it
+        proc = server.proc
+        return proc.poll() is not None and (dog is None or dog.idle.is_set()) and server.proc is proc
+
+    try:
+        while not died() and not stop.wait(0.5):
+            pass
+        if died():
+            log.error("tritonserver exited with code %s; log %s:\n%s", server.proc.returncode, server.log_path,
+                      server.log_tail(30))
+            return server.proc.returncode or 1
+        if dog:
+            dog.stop()
+        drain(server, api, grace_s, hurry, healed=dog.healed() if dog else frozenset())
+        return 0
+    finally:
+        if dog:
+            dog.stopping.set()
+        server.stop()
+        if dog:
+            dog.released.set()
+        for s, h in previous.items():
+            signal.signal(s, h)
