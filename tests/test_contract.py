@@ -28,7 +28,8 @@ SPEC = configs.RepoSpec(target="cpu", hidden_size=8, decoder_dtype="float32", vo
 def _every_input_set() -> Request:
     return Request(prompt="p", audio=[b"a", b"b"], system_prompt="s", messages=[{"role": "user", "content": "m"}],
                    max_tokens=3, temperature=0.5, top_k=4, top_p=0.9, repetition_penalty=1.1, seed=7, stream=False,
-                   strip_prefix=True, thinking=True, min_tokens=2, ignore_eos=False, request_id="r")
+                   strip_prefix=True, thinking=True, min_tokens=2, ignore_eos=False, guide_type="regex", guide="a+",
+                   request_id="r")
 
 
 def test_the_ensemble_config_is_the_contract():

@@ -57,6 +57,9 @@ TRTLLM_INPUTS = {
     # the LoRA task (thinking): "lora_task_id" TYPE_UINT64 dims [1] reshape [] optional (same file, NVIDIA/TensorRT-LLM
     # triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt at 0c8de69a)
     "lora_task_id": (T.TYPE_UINT64, [1], [], True, False),
+    # guided decoding: TYPE_STRING dims [1] optional allow_ragged_batch, no reshape (same file at 0c8de69a)
+    "guided_decoding_guide_type": (T.TYPE_STRING, [1], None, True, True),
+    "guided_decoding_guide": (T.TYPE_STRING, [1], None, True, True),
 }
 TRTLLM_OUTPUTS = {
     "output_ids": (T.TYPE_INT32, [-1, -1]), "sequence_length": (T.TYPE_INT32, [-1]),
@@ -349,7 +352,9 @@ def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
     e2 = rng.standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
     r1, r1_again, r2 = model.execute([_fusion_request(e1, batch, [1]), _fusion_request(e1, batch, [1]),
                                       _fusion_request(e2, batch, [1], clip=b"another clip")])
-    declared = {o.name for o in configs.fusion_config(spec).output}
+    # the guided-decoding outputs are sent with a guide only (tests/test_structured_output.py)
+    declared = {o.name for o in configs.fusion_config(spec).output} - {"guided_decoding_guide_type",
+                                                                      "guided_decoding_guide"}
     for r in (r1, r1_again, r2):
         assert not r.has_error(), r.error
         assert set(r.outputs) == declared

@@ -131,6 +131,9 @@ class Request:
     thinking: bool | None = None  # AF3's thinking mode (docs/thinking.md); None: the server's default (off)
     min_tokens: int | None = None  # the end id is not chosen before this many tokens
     ignore_eos: bool | None = None  # True: exactly max_tokens tokens (end and stop ids do not end the answer)
+    # structured output (docs/structured-output.md): json | json_schema | regex | choice | grammar, and its text
+    guide_type: str | None = None
+    guide: str | None = None
     request_id: str | None = None
     deadline_s: float | None = None  # a deadline on the whole answer: past it, the server cancels the request
 

@@ -42,11 +42,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from af3trt.runtime.engines import lora
+from af3trt.runtime.engines import grammar, lora
 from af3trt.runtime.stages import sampling
 from af3trt.runtime.stages.audio_cache import LruBytes
 from af3trt.runtime.stages.sampling import DEFAULT_SEED, SamplingError, SamplingParams
 from af3trt.runtime.stages.errors import Cancelled, InvalidRequest, Unavailable, Unsupported
+from af3trt.runtime.stages.guided import Guide
 from af3trt.runtime.stages.stop_words import ends_with_stop_word
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     seed: int | None = None
     lora_task_id: int | None = None  # TensorRT-LLM's lora_task_id: the adapter (thinking) for this row; None: base
+    guide: Guide | None = None  # guided decoding (TensorRT-LLM's GuidedDecodingParams): runtime/engines/grammar.py
     # Polled between decode steps (at most every CANCEL_CHECK_S): True when the client has gone (Triton's
     # response_sender.is_cancelled); the request then ends with RequestCancelled and frees its batch row.
     cancelled: Callable[[], bool] | None = None
@@ -125,6 +127,7 @@ class _Seq:
     last: int = -1  # last sampled token: the next decode input
     pos: int = 0  # position of the next decode input = real tokens in this row's KV cache
     next_cancel_check: float = 0.0  # time.monotonic() of the next `cancelled` poll
+    matcher: grammar.Matcher | None = None  # the request's guide: masks its logits, follows its tokens
 
 
 _STOP = object()
@@ -168,6 +171,8 @@ class DecoderEngine:
         self._embed_tokens = self.model.get_input_embeddings()
         # the think/ adapter, applied per batch row (runtime/engines/lora.py); its task id is the build's (lora.json)
         self.lora = lora.attach(self.model, lora_dir) if lora_dir else None
+        # guided decoding: guides compiled on first use with the tokenizer beside the model (nothing loaded before)
+        self.grammars = grammar.Grammars(lm_dir, self.vocab_size, self.eos_ids)
 
         # Batch state, owned by the worker thread.
         self._rows: list[_Seq] = []
@@ -175,7 +180,7 @@ class DecoderEngine:
         self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
         self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
                       "decode_seconds": 0.0, "prefill_seconds": 0.0, "busy": 0, "cancelled": 0,
-                      "reused_tokens": 0}
+                      "reused_tokens": 0, "guided_rows": 0, "guide_seconds": 0.0}
         # Overload: at most max_queue_size requests wait for a batch slot (0: no bound); one that waited longer
         # than queue_timeout_s is answered busy instead of being started (0: no limit).
         self.max_queue_size, self.queue_timeout_s = int(max_queue_size), float(queue_timeout_s)
@@ -246,6 +251,9 @@ class DecoderEngine:
                               repetition_penalty=r.repetition_penalty)
         except SamplingError as e:
             raise DecodeError(str(e)) from None
+        if r.guide is not None and (r.end_id is None or r.min_tokens):
+            raise DecodeError("a guide needs an end id and no min_tokens: it ends the answer where its grammar is "
+                              "complete (runtime/stages/guided.py)")
         return torch.from_numpy(ids.astype(np.int64))
 
     def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None,
@@ -256,13 +264,14 @@ class DecoderEngine:
         if self._stopped.is_set():
             raise DecodeError("decoder engine is stopped")
         ids = self.validate(request)
+        matcher = self.grammars.matcher(request.guide) if request.guide is not None else None  # compiled once per guide
         if self.max_queue_size and self._queue.qsize() >= self.max_queue_size:
             self.stats["busy"] += 1
             raise ServerBusy(f"server busy: {self._queue.qsize()} requests already wait for the decoder "
                              f"(max_queue_size {self.max_queue_size}); retry later")
         self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error,
                              cancelled=cancelled if cancelled is not None else request.cancelled,
-                             queued_at=time.monotonic()))
+                             queued_at=time.monotonic(), matcher=matcher))
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> list[int]:
         """Run one request to completion through the worker; return the generated ids (end id excluded)."""
@@ -458,6 +467,11 @@ class DecoderEngine:
             self._reset_batch()
             return
         logits = out.logits[:, -1]  # [B, V]
+        if any(s.matcher is not None for s in rows):  # guided rows masked in place; the others are not touched
+            t_mask = time.perf_counter()
+            grammar.mask_rows(logits, [s.matcher for s in rows])
+            self.stats["guided_rows"] += sum(s.matcher is not None for s in rows)
+            self.stats["guide_seconds"] += time.perf_counter() - t_mask
         try:
             tokens = sampling.next_tokens(logits, [s.params for s in rows], seen=[s.seen for s in rows],
                                           rngs=[s.generator for s in rows])
@@ -495,18 +509,22 @@ class DecoderEngine:
         if r.end_id is not None and len(seq.generated) < r.min_tokens:
             logits = logits.clone()
             logits[r.end_id] = -float("inf")
+        if seq.matcher is not None:  # the prefill's token (a decode step's rows are masked already: idempotent)
+            logits = grammar.mask_rows(logits[None].clone(), [seq.matcher])[0]
         return sampling.next_token(logits, seq.params, seen=seq.seen, rng=seq.generator)
 
     def _advance(self, seq: _Seq, token: int) -> bool:
         """Record a sampled token and emit it; True when the request is finished."""
         r = seq.req
+        # the guide follows the token (GuideError if it refuses it); a completed grammar ends the answer on its stop id
+        complete = seq.matcher is not None and seq.matcher.advance(token)
         if r.end_id is not None and token == r.end_id:  # the end id is not part of the output
             seq.emit([] if r.streaming else list(seq.generated), True)
             return True
         seq.generated.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
-        final = len(seq.generated) >= r.max_new_tokens or ends_with_stop_word(seq.generated, r.stop_words)
+        final = complete or len(seq.generated) >= r.max_new_tokens or ends_with_stop_word(seq.generated, r.stop_words)
         if r.streaming:
             seq.emit([token], final)
         elif final:

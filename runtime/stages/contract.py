@@ -48,6 +48,8 @@ THINKING = "thinking"  # AF3's thinking mode for this request (docs/thinking.md)
 # "min_tokens [1] int32_t Sampling Config param: minTokens"); ignore_eos is resolved by fusion into end_id -1 (same
 # table: "end_id ... If not specified, defaults to -1", an id no token has) and no stop_words_list.
 MIN_TOKENS, IGNORE_EOS = "min_tokens", "ignore_eos"
+# structured output (runtime/stages/guided.py): a guide's type (json, json_schema, regex, choice, grammar) and text
+GUIDE_TYPE, GUIDE = "guide_type", "guide"
 # response outputs (OUTPUT_IDS is also the decoder's output)
 TEXT_OUTPUT, OUTPUT_IDS, NOTICE, PROMPT_TOKENS = "text_output", "output_ids", "notice", "prompt_tokens"
 # preprocess → encoder → fusion
@@ -65,6 +67,11 @@ PROMPT_VOCAB_SIZE, STOP_WORDS_LIST = "prompt_vocab_size", "stop_words_list"
 # optional; runtime/triton/trtllm_stop.py)
 STOP = "stop"
 LORA_TASK_ID = "lora_task_id"  # set only for thinking requests: the decoder applies the think/ adapter
+# the tensorrtllm backend's guided decoding (sent only with a guide): TYPE_STRING dims [1] optional allow_ragged_batch
+# (NVIDIA/TensorRT-LLM triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt at 0c8de69a); the
+# backend reads each as one string (utils.cc getGuidedDecodingParamsFromTensors drops the 4-byte length prefix of
+# its only element), the type one of runtime/stages/guided.py BACKEND_TYPES
+GUIDED_DECODING_GUIDE_TYPE, GUIDED_DECODING_GUIDE = "guided_decoding_guide_type", "guided_decoding_guide"
 # decoder → postprocess (with OUTPUT_IDS)
 SEQUENCE_LENGTH = "sequence_length"
 # the cancel model
@@ -122,7 +129,10 @@ REQUEST_INPUTS = (
     TensorSpec(THINKING, "BOOL", (1,), optional=True),
     TensorSpec(MIN_TOKENS, "INT32", (1,), optional=True),  # the end id is not chosen before this many tokens
     TensorSpec(IGNORE_EOS, "BOOL", (1,), optional=True),  # generate max_tokens: end ids and stop ids do not end it
+    TensorSpec(GUIDE_TYPE, "BYTES", (1,), optional=True),  # json | json_schema | regex | choice | grammar
+    TensorSpec(GUIDE, "BYTES", (1,), optional=True),  # the schema, regex, JSON list of choices or EBNF grammar
 )
+GUIDE_INPUTS = (GUIDE_TYPE, GUIDE)
 # The request inputs fusion resolves into the decoder's sampling and length inputs (runtime/stages/sampling.py).
 SAMPLING_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, SEED, STREAM, MIN_TOKENS, IGNORE_EOS)
 # What each response carries: this chunk's text (complete UTF-8 characters) and token ids, on a request's first
@@ -180,6 +190,7 @@ FUSION_STAGE = StageSpec(FUSION, inputs=(
     TensorSpec(AUDIO_DIGEST, "UINT64", (-1, 2), optional=True),  # [W, 2]: keys prompt_table_extra_ids
     *_requested(*SAMPLING_INPUTS),
     *_requested(THINKING),
+    *_requested(*GUIDE_INPUTS),
 ), outputs=(
     TensorSpec(INPUT_IDS, "INT32", (1, -1)),  # [1, L]
     *(TensorSpec(n, t, (1, 1)) for n, t in (
@@ -190,6 +201,8 @@ FUSION_STAGE = StageSpec(FUSION, inputs=(
     TensorSpec(PROMPT_TABLE_EXTRA_IDS, "UINT64", (1, -1)),  # [1, L]
     TensorSpec(STOP_WORDS_LIST, "INT32", (1, 2, -1)),  # [1, 2, L]
     TensorSpec(LORA_TASK_ID, "UINT64", (1, 1)),  # thinking requests only (absent: the base model)
+    TensorSpec(GUIDED_DECODING_GUIDE_TYPE, "BYTES", (1, 1)),  # guided requests only
+    TensorSpec(GUIDED_DECODING_GUIDE, "BYTES", (1, 1)),
 ))
 # TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt`: the subset the ensemble feeds, plus the optional
 # inputs a direct client may use, with the same dims, reshape, optional and allow_ragged_batch flags as there.
@@ -205,6 +218,8 @@ DECODER_STAGE = StageSpec(DECODER, inputs=(
     TensorSpec(STOP_WORDS_LIST, "INT32", (2, -1), optional=True, ragged=True),
     _scalar(STOP, "BOOL"),  # true: stop the running request of this id (cancel; never sent by the ensemble)
     _scalar(LORA_TASK_ID, "UINT64"),  # inflight_batcher_llm/tensorrt_llm/config.pbtxt: UINT64 [1] reshape [] optional
+    TensorSpec(GUIDED_DECODING_GUIDE_TYPE, "BYTES", (1,), optional=True, ragged=True),
+    TensorSpec(GUIDED_DECODING_GUIDE, "BYTES", (1,), optional=True, ragged=True),
 ), outputs=(
     TensorSpec(OUTPUT_IDS, "INT32", (-1, -1)),  # [beam, T]
     TensorSpec(SEQUENCE_LENGTH, "INT32", (-1,)),  # [beam]

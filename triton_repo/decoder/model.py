@@ -13,6 +13,7 @@ from af3trt.runtime.stages.coalesce import Coalescer
 from af3trt.runtime.triton.context import RequestContext, RunningRequests
 from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest, RequestCancelled
 from af3trt.runtime.engines.stand_in import StandInDecoder
+from af3trt.runtime.stages.guided import Guide
 from af3trt.runtime.stages.stop_words import parse_stop_words_list
 
 
@@ -89,7 +90,8 @@ class TritonPythonModel:
             pad_id=get(c.PAD_ID, int, None), streaming=get(c.STREAMING, bool, False),
             top_k=get(c.RUNTIME_TOP_K, int, 0), top_p=get(c.RUNTIME_TOP_P, float, 0.0),
             temperature=get(c.TEMPERATURE, float, 1.0), repetition_penalty=get(c.REPETITION_PENALTY, float, 1.0),
-            seed=get(c.SEED, int, None), stop_words=self.stop_words(r), lora_task_id=get(c.LORA_TASK_ID, int, None))
+            seed=get(c.SEED, int, None), stop_words=self.stop_words(r), lora_task_id=get(c.LORA_TASK_ID, int, None),
+            guide=self.guide(r))
 
     @staticmethod
     def end_id(r) -> int | None:
@@ -97,6 +99,13 @@ class TritonPythonModel:
         has (tensorrtllm_backend r26.04 docs/model_config.md), so -1 (fusion's ignore_eos) never ends a request."""
         v = io.scalar(pb, r, c.END_ID, int)
         return None if v is None or v < 0 else v
+
+    @staticmethod
+    def guide(r) -> Guide | None:
+        """TensorRT-LLM's guided decoding inputs (runtime/stages/guided.py); a guide type the backend does not know is
+        an error here, where the tensorrtllm backend would generate without a guide."""
+        kind = io.text(pb, r, c.GUIDED_DECODING_GUIDE_TYPE)
+        return None if kind is None else Guide(kind, io.text(pb, r, c.GUIDED_DECODING_GUIDE) or "")
 
     @staticmethod
     def stop_words(r) -> tuple:

@@ -4,7 +4,7 @@ af3trt.kernels.table on the GPU)."""
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.runtime.stages import conversation
+from af3trt.runtime.stages import conversation, guided
 from af3trt.kernels import device_from_params as kernels_device
 from af3trt.runtime.stages import contract as c
 from af3trt.runtime.triton import triton_io as io
@@ -43,6 +43,15 @@ class TritonPythonModel:
         # thinking (build/think.py): built with think/, and the decoder's LoRA task id of its adapter if it has one
         self.think = p.get("think") == "true"
         self.think_task_id = int(p["think_lora_task_id"]) if p.get("think_lora_task_id") else None
+        # guides: checked here by compiling them (GPU target: the tensorrtllm backend fails every request of the batch
+        # when a guide does not compile, build/trtllm_guided.py); on the CPU target the decoder compiles and refuses
+        self.guides = None
+        if p.get("guide_check") == "compile":
+            from af3trt.runtime.engines.grammar import Grammars
+
+            self.guides = Grammars(io.resolve(args, p["tokenizer_dir"]), self.limits.vocab_size,
+                                   (self.limits.end_id, *self.limits.stop_ids))
+            self.guides.compiler()  # xgrammar and the vocabulary loaded now, not on the first guided request
         self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
         cap_cuda_memory(p, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
         if self.device is not None:  # torch (+ triton) only on the GPU path
@@ -68,6 +77,11 @@ class TritonPythonModel:
             stream=io.scalar(pb, r, c.STREAM), min_tokens=io.scalar(pb, r, c.MIN_TOKENS),
             ignore_eos=io.scalar(pb, r, c.IGNORE_EOS))
         thinking = bool(io.scalar(pb, r, c.THINKING) or False)
+        guide = guided.from_request(io.text(pb, r, c.GUIDE_TYPE), io.text(pb, r, c.GUIDE))
+        guided.check_combination(guide, thinking=thinking, ignore_eos=sampling.ignore_eos,
+                                 min_tokens=sampling.min_tokens)
+        if guide is not None and self.guides is not None:
+            self.guides.matcher(guide)  # GuideError: cannot compile, or admits no answer
         if thinking and not self.think:
             raise NoThinking("thinking was requested, but this deployment was built without AF3's think/ adapter "
                              "(build from a checkpoint that has think/, without --no-think)")
@@ -121,6 +135,9 @@ class TritonPythonModel:
             outputs.append(pb.Tensor(c.PROMPT_TABLE_EXTRA_IDS, extra[None]))  # [1, L]
         if thinking and self.think_task_id is not None:  # absent for base requests: the decoder then runs without the adapter
             outputs.append(one(c.LORA_TASK_ID, self.think_task_id, np.uint64))
+        if guide is not None:  # [1, 1] each: one string per tensor, as the backend reads them
+            outputs += [one(c.GUIDED_DECODING_GUIDE_TYPE, guide.kind.encode(), np.object_),
+                        one(c.GUIDED_DECODING_GUIDE, guide.text.encode(), np.object_)]
         return pb.InferenceResponse(outputs)
 
     @staticmethod

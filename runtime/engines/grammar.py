@@ -1,0 +1,164 @@
+"""Guided decoding on the CPU: each request's guide (runtime/stages/guided.py) compiled once per distinct guide by
+xgrammar, and a per-row matcher that masks the row's logits before sampling and follows the tokens it accepts.
+
+xgrammar is the grammar engine of both targets: TensorRT-LLM 1.2's C++ runtime runs it for the `tensorrtllm`
+backend's guided decoding and refuses llguidance there (NVIDIA/TensorRT-LLM cpp/tensorrt_llm/batch_manager/
+guidedDecoder.cpp, GuidedDecoder::GuidedDecoder: "LLGuidance is not supported for guided decoding in C++ runtime."),
+so the CPU decoder compiles each guide as that GuidedDecoder does (GuidedDecoder::build, indexed commits 000a01de and
+2a9abd95) but for JSON's whitespace (below): json → an object or an array, json_schema → compile_json_schema (strict
+mode: no property or item the schema does not name), regex → compile_regex, ebnf_grammar → compile_grammar; one
+matcher per request, fed each generated token, the mask filled before every token the request samples. The stop
+tokens a completed grammar allows are the decoder's end ids (the checkpoint's generation_config). Why xgrammar and not
+llguidance, as measured on this project's CPU: docs/structured-output.md ("Choosing the grammar engine").
+
+    grammars = Grammars(lm_dir, vocab_size=704, stop_ids=(642, 640))   # nothing imported until the first guide
+    matcher = grammars.matcher(Guide("json_schema", schema))          # GuideError: cannot compile / admits nothing
+    mask_rows(logits, [matcher, None, ...])                           # logits [B, V], in place, guided rows only
+    ended = matcher.advance(token)                                    # GuideError if the grammar rejects it
+
+The tokenizer comes from the decoder's own directory (tokenizer.json, written beside the language model by the build)
+through transformers' PreTrainedTokenizerFast and xgrammar's TokenizerInfo.from_huggingface, the engine's own
+reading of a Hugging Face tokenizer, with the model's vocab_size (the logits' width, padded past the tokenizer).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from af3trt.runtime.stages.guided import EBNF, JSON, JSON_SCHEMA, REGEX, Guide, GuideError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class Grammars:
+    """The compiled guides of one tokenizer, at most `max_entries` of them (least recently used dropped)."""
+
+    def __init__(self, tokenizer_dir: Path, vocab_size: int, stop_ids: tuple[int, ...], max_entries: int = 256):
+        self.tokenizer_dir, self.vocab_size, self.stop_ids = Path(tokenizer_dir), int(vocab_size), tuple(stop_ids)
+        self.max_entries = max_entries
+        self._compiler = None
+        self._compiled: OrderedDict[Guide, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"compiled": 0, "hits": 0, "compile_seconds": 0.0}
+
+    def compiler(self):
+        """xgrammar's GrammarCompiler for this tokenizer (built on first use: it imports xgrammar and reads the
+        vocabulary, about 0.2 s at AF3's 151,672 ids)."""
+        if self._compiler is None:
+            import xgrammar as xgr
+            from transformers import PreTrainedTokenizerFast
+
+            path = self.tokenizer_dir / "tokenizer.json"
+            if not path.is_file():
+                raise GuideError(f"guided decoding needs the tokenizer ({path} is missing)")
+            if not self.stop_ids:
+                raise GuideError("guided decoding needs the model's end ids (generation_config eos_token_id)")
+            info = xgr.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_file=str(path)),
+                                                      vocab_size=self.vocab_size, stop_token_ids=list(self.stop_ids))
+            # our own LRU holds the compiled guides: xgrammar's cache off, one thread (the decoder's step is the
+            # parallel work on these cores)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        return self._compiler
+
+    def compile(self, guide: Guide):
+        """The guide's xgrammar CompiledGrammar, compiled on its first request and then reused."""
+        with self._lock:
+            hit = self._compiled.get(guide)
+            if hit is not None:
+                self._compiled.move_to_end(guide)
+                self.stats["hits"] += 1
+                return hit
+            compiler = self.compiler()
+            t0 = time.perf_counter()
+            try:
+                compiled = _compile(compiler, guide)
+            except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
+                raise GuideError(f"the {guide.kind} guide cannot be compiled: {_first_line(e)}") from None
+            self.stats["compile_seconds"] += time.perf_counter() - t0
+            self.stats["compiled"] += 1
+            self._compiled[guide] = compiled
+            if len(self._compiled) > self.max_entries:
+                self._compiled.popitem(last=False)
+            return compiled
+
+    def matcher(self, guide: Guide) -> "Matcher":
+        """A new matcher for one request; GuideError when the guide cannot compile or admits no answer at all."""
+        m = Matcher(self.compile(guide), self.vocab_size)
+        if not m.fill().any():
+            raise GuideError(f"the {guide.kind} guide admits no answer (no token can start it, and it is not complete "
+                             f"when empty)")
+        return m
+
+
+# JSON guides are compiled compact (any_whitespace=False: ", " and ": " separators, no other whitespace). xgrammar's
+# default allows any whitespace between tokens, and a model may then emit whitespace until max_tokens: seen with the
+# test checkpoint, 150 of 200 tokens of "\n\r\t" inside a 6-field object. TensorRT-LLM 1.2's GuidedDecoder compiles
+# with the defaults and its backend takes no option for it (docs/structured-output.md, "The two targets").
+# json (TensorRT-LLM's kJSON: xgrammar's builtin JSON grammar, an object or an array) is the same language here.
+ANY_JSON_SCHEMA = '{"type": ["object", "array"]}'
+
+
+def _compile(compiler, guide: Guide):
+    import xgrammar as xgr
+
+    if guide.kind == JSON:
+        return compiler.compile_json_schema(ANY_JSON_SCHEMA, any_whitespace=False, strict_mode=False)
+    if guide.kind == JSON_SCHEMA:
+        return compiler.compile_json_schema(guide.text, any_whitespace=False)
+    if guide.kind == REGEX:
+        return compiler.compile_regex(guide.text)
+    if guide.kind == EBNF:
+        return compiler.compile_grammar(xgr.Grammar.from_ebnf(guide.text))
+    raise GuideError(f"unknown guide kind {guide.kind!r}")  # Guide refuses it first
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:500]
+
+
+class Matcher:
+    """One request's grammar state: the tokens it allows next (`fill`), and each token it is given (`advance`)."""
+
+    def __init__(self, compiled, vocab_size: int):
+        import xgrammar as xgr
+
+        self._m = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # int32 [1, ceil(V / 32)]
+        self.tokens = 0
+
+    def fill(self) -> "torch.Tensor":
+        """This row's bitmask of the allowed next tokens (int32 [1, ceil(V / 32)], bit set = allowed)."""
+        self._m.fill_next_token_bitmask(self.bitmask)
+        return self.bitmask
+
+    def advance(self, token: int) -> bool:
+        """Accept a generated token; True when the grammar is complete and has taken its stop token (the answer ends
+        there). GuideError if the grammar does not allow the token (the row's mask allowed none: it admits no
+        continuation)."""
+        if not self._m.accept_token(int(token)):
+            raise GuideError(f"the guide admits no continuation after {self.tokens} tokens (token {token} refused)")
+        self.tokens += 1
+        return self._m.is_terminated()
+
+
+def mask_rows(logits: "torch.Tensor", matchers: list[Matcher | None]) -> "torch.Tensor":
+    """logits [B, V]: the rows that have a matcher get -inf where their grammar allows no token (in place, in the
+    logits' own dtype); rows without one are not touched. Returns logits."""
+    import torch
+    import xgrammar as xgr
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    bitmask = torch.cat([matchers[i].fill() for i in rows])  # [G, ceil(V / 32)]
+    # the kernel indexes bitmask rows by the same indices as logits rows: scatter into a [B, …] mask
+    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=bitmask.dtype)
+    full[rows] = bitmask
+    xgr.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[-1], indices=rows)
+    return logits
