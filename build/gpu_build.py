@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from af3trt.build import think
+from af3trt.build import think, trtllm_guided
 from af3trt.build.common import BuildError, Progress, versions
 from af3trt.build.gpu_repo import (TrtllmOptions, backend_options, gpu_repo_spec, read_decoder_engine,
                                    render_gpu_repository, with_stub_caps)
@@ -170,9 +170,11 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
     with prog.step("rendering the Triton model repository (TensorRT encoder in python + tensorrtllm)"):
         engine = read_decoder_engine(art / "engine")  # what trtllm-build actually built (its plugin_config)
         options = backend_options(engine, TrtllmOptions(max_tokens_in_paged_kv_cache=kv_cache_tokens))
+        report.gpu["guided_decoding"] = write_guided_decoding(plan, art, engine.vocab_size)
         spec = gpu_repo_spec(plan.checkpoint, plan.serving, engine_dir=art / "engine", tokenizer_dir="artifacts/lm",
                              encoder_max_windows=enc.max_windows, engine=engine, options=options,
-                             engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"))
+                             engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"),
+                             guided_decoding=True)
         spec = with_stub_caps(spec, stub_caps)  # build/memory_plan.py stub_caps → cuda_memory_cap_bytes
         if prepared is not None:
             spec = think.gpu_spec(spec, prepared, plan.artifacts())
@@ -184,6 +186,20 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
     report.sections["precisions"] = {"encoder": plan.gpu.encoder_precision, "encoder_io": "float32",
                                      "decoder": plan.gpu.precision, "kv_cache": plan.gpu.kv_cache,
                                      "prompt_table": spec.decoder_dtype}
+
+
+def write_guided_decoding(plan: BuildPlan, art: Path, vocab_size: int) -> dict:
+    """The backend's guided-decoding configuration (build/trtllm_guided.py): the xgrammar tokenizer info file in the
+    engine directory, written from the checkpoint's tokenizer (artifacts/lm) and checked against the engine built."""
+    engine_config = art / "engine" / "config.json"
+    try:
+        trtllm_guided.check_logits_dtype(json.loads(engine_config.read_text(encoding="utf-8")), str(engine_config))
+        summary = trtllm_guided.write_tokenizer_info(art / "lm", art / "engine" / trtllm_guided.TOKENIZER_INFO,
+                                                     stop_ids=(plan.checkpoint.end_id, *plan.checkpoint.stop_ids),
+                                                     vocab_size=vocab_size)
+    except trtllm_guided.GuidedDecodingError as e:
+        raise BuildError(f"guided decoding: {e}") from None
+    return {**summary, "tokenizer_info": f"artifacts/engine/{trtllm_guided.TOKENIZER_INFO}"}
 
 
 def doctor_build_tools(prepare_only: bool) -> None:

@@ -22,7 +22,7 @@ Models (configs from triton_repo/configs.py):
 What the 1.2 backend (triton_backend/inflight_batcher_llm/src/model_instance_state.cc) requires of the parameters:
   - gpt_model_type is read without a default (v1 | inflight_batching | inflight_fused_batching);
   - tokenizer_dir, xgrammar_tokenizer_info_path and guided_decoding_backend are read without a default: missing,
-    the model fails to load. Empty values turn guided decoding off;
+    the model fails to load. Empty values turn guided decoding off; a build turns it on (build/trtllm_guided.py);
   - enable_kv_cache_reuse defaults to TRUE when absent; with reuse on, a request with a prompt table and without
     prompt_table_extra_ids of the prompt's length is rejected;
   - gpt_model_path is opened as given (relative paths resolve against tritonserver's working directory): it is
@@ -38,6 +38,7 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from af3trt.build import trtllm_guided
 from af3trt.build.plan import CheckpointFacts, ServingConfig
 from af3trt.build.repository import render_repository, repo_spec
 from af3trt.triton_repo.configs import DTYPES, RepoSpec
@@ -202,7 +203,7 @@ def check_engine_fits(engine: TrtllmEngineInfo, checkpoint: CheckpointFacts, lim
 def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine_dir: Path, tokenizer_dir: str,
                   encoder_max_windows: int, engine: TrtllmEngineInfo | None = None,
                   options: TrtllmOptions = TrtllmOptions(), engine_dir_at_serve: str | None = None,
-                  gpu_kernels: bool = True) -> RepoSpec:
+                  gpu_kernels: bool = True, guided_decoding: bool = False) -> RepoSpec:
     """The RepoSpec of target "gpu": build/repository.repo_spec with the TensorRT encoder and the tensorrtllm decoder.
 
     engine_dir: the TensorRT-LLM engine directory (config.json read here unless `engine` is given).
@@ -210,6 +211,8 @@ def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine
     tokenizer_dir: for fusion/postprocess, absolute or relative to the build output (as on the CPU target).
     encoder_max_windows: the encoder engine profile's max (build/trt_encoder.encoder_max_windows).
     gpu_kernels: log-mel and prompt table on the GPU (af3trt.kernels; RepoSpec.gpu_kernels), else the CPU path.
+    guided_decoding: the engine directory holds the xgrammar tokenizer info file (build/trtllm_guided.py): the backend's
+    guided decoding on, and fusion compiling each guide before it reaches the decoder.
     """
     engine = engine or read_decoder_engine(engine_dir)
     check_engine_fits(engine, checkpoint, serving, options)
@@ -217,10 +220,14 @@ def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine
         raise GpuRepoError(f"the encoder engine takes at most {encoder_max_windows} windows at once, but one request "
                            f"may bring {serving.max_audio_windows}")
     gpt_model_path = engine_dir_at_serve or str(Path(engine_dir).resolve())
-    return repo_spec(checkpoint, serving, target="gpu", decoder_dtype=engine.dtype, vocab_size=engine.vocab_size,
+    decoder_params = decoder_parameters(gpt_model_path, options)
+    if guided_decoding:
+        decoder_params.update(trtllm_guided.decoder_parameters(str(Path(gpt_model_path) / trtllm_guided.TOKENIZER_INFO)))
+    spec = repo_spec(checkpoint, serving, target="gpu", decoder_dtype=engine.dtype, vocab_size=engine.vocab_size,
                      tokenizer_dir=tokenizer_dir, encoder_max_batch=encoder_max_windows, encoder_params={},
-                     decoder_params=decoder_parameters(gpt_model_path, options),
+                     decoder_params=decoder_params,
                      prompt_table_extra_ids=options.enable_kv_cache_reuse, gpu_kernels=gpu_kernels)
+    return replace(spec, fusion_params={**spec.fusion_params, "guide_check": "compile"}) if guided_decoding else spec
 
 
 def with_stub_caps(spec: RepoSpec, caps: dict[str, int] | None) -> RepoSpec:

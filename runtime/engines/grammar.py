@@ -16,9 +16,10 @@ llguidance, as measured on this project's CPU: docs/structured-output.md ("Choos
     mask_rows(logits, [matcher, None, ...])                           # logits [B, V], in place, guided rows only
     ended = matcher.advance(token)                                    # GuideError if the grammar rejects it
 
-The tokenizer comes from the decoder's own directory (tokenizer.json, written beside the language model by the build)
-through transformers' PreTrainedTokenizerFast and xgrammar's TokenizerInfo.from_huggingface, the engine's own
-reading of a Hugging Face tokenizer, with the model's vocab_size (the logits' width, padded past the tokenizer).
+The tokenizer comes from the decoder's own directory (tokenizer.json, written beside the language model by the build),
+read as the GPU target's executor reads its tokenizer info file (`tokenizer_info`), with the model's vocab_size (the
+logits' width, padded past the tokenizer). The same code runs with xgrammar 0.1.25, the version TensorRT-LLM 1.2.1's
+image holds (its requirements.txt), where fusion compiles guides on the GPU target.
 """
 
 from __future__ import annotations
@@ -51,15 +52,13 @@ class Grammars:
         vocabulary, about 0.2 s at AF3's 151,672 ids)."""
         if self._compiler is None:
             import xgrammar as xgr
-            from transformers import PreTrainedTokenizerFast
 
             path = self.tokenizer_dir / "tokenizer.json"
             if not path.is_file():
                 raise GuideError(f"guided decoding needs the tokenizer ({path} is missing)")
             if not self.stop_ids:
                 raise GuideError("guided decoding needs the model's end ids (generation_config eos_token_id)")
-            info = xgr.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_file=str(path)),
-                                                      vocab_size=self.vocab_size, stop_token_ids=list(self.stop_ids))
+            info = tokenizer_info(path, self.vocab_size, self.stop_ids)
             # our own LRU holds the compiled guides: xgrammar's cache off, one thread (the decoder's step is the
             # parallel work on these cores)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -101,6 +100,24 @@ class Grammars:
 # with the defaults and its backend takes no option for it (docs/structured-output.md, "The two targets").
 # json (TensorRT-LLM's kJSON: xgrammar's builtin JSON grammar, an object or an array) is the same language here.
 ANY_JSON_SCHEMA = '{"type": ["object", "array"]}'
+
+
+def tokenizer_info(tokenizer_json: Path, vocab_size: int, stop_ids: tuple[int, ...]):
+    """xgrammar's TokenizerInfo of a tokenizer.json, read as TensorRT-LLM's executor reads the backend's tokenizer
+    info file (build/trtllm_guided.py): each token at its id, the vocab type and prefix-space flag detected from the
+    tokenizer's JSON, `vocab_size` (the model's logits) as the mask's width, `stop_ids` as what a completed grammar
+    allows. The same vocabulary as xgrammar's TokenizerInfo.from_huggingface (tests/test_structured_output.py)."""
+    import xgrammar as xgr
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    encoded = [""] * vocab_size
+    for token, tid in tok.get_vocab(with_added_tokens=True).items():
+        if tid < vocab_size:
+            encoded[tid] = token
+    meta = xgr.TokenizerInfo._detect_metadata_from_hf(tok.to_str())  # what the C++ FromHuggingFace detects
+    return xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size, stop_token_ids=list(stop_ids),
+                             add_prefix_space=meta["add_prefix_space"])
 
 
 def _compile(compiler, guide: Guide):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import uuid
 from typing import AsyncIterator, Literal
@@ -13,7 +14,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from af3trt.runtime.client.library import Request as Job
-from af3trt.runtime.stages.contract import IGNORE_EOS, MESSAGES, MIN_TOKENS, THINKING
+from af3trt.runtime.stages import guided
+from af3trt.runtime.stages.contract import GUIDE_TYPE, IGNORE_EOS, MESSAGES, MIN_TOKENS, THINKING
 from af3trt.runtime.openai.common import (APIError, Answer, Piece, check_audio, check_model, collect, deltas, settings,
                                           stream)
 from af3trt.runtime.openai.triton import EnsembleInfo
@@ -56,6 +58,31 @@ class ChatTemplateKwargs(_Model):
     enable_thinking: bool | None = None  # vLLM / SGLang's spelling for hybrid-thinking models (Qwen3)
 
 
+class JsonSchemaFormat(_Model):
+    """OpenAI's response_format.json_schema: the schema (a JSON schema object) under a name."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    # OpenAI's strict: true makes the answer follow the schema exactly; here every schema is enforced (a grammar
+    # over the whole answer: docs/structured-output.md), so strict false asks for no less
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Model):
+    """vLLM's `structured_outputs` (one of json, regex, choice, grammar)."""
+
+    json_: dict | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 # OpenAI's reasoning_effort values; AF3's thinking is on or off (docs/thinking.md): low/medium/high turn it on,
 # none/minimal leave it off.
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -83,6 +110,13 @@ class ChatRequest(_Model):
     min_tokens: int | None = Field(default=None, ge=0, lt=2**31)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs, or vLLM's earlier guided_* extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 def thinking_of(req: ChatRequest) -> bool:
@@ -94,6 +128,43 @@ def thinking_of(req: ChatRequest) -> bool:
         raise APIError(400, f"reasoning_effort={req.reasoning_effort!r} and chat_template_kwargs.enable_thinking="
                             f"{str(by_kwargs).lower()} disagree; give one", param="reasoning_effort")
     return bool(by_effort or by_kwargs)
+
+
+JSON_OBJECT = '{"type": "object"}'
+
+
+def guide_of(req: ChatRequest) -> tuple[str, str, str] | None:
+    """The request's guide as the ensemble's (guide_type, guide), and the parameter it came from; None without one.
+    400 when more than one is given, or one is malformed (the schema, regex or grammar itself is checked by the
+    grammar engine, in fusion or the decoder)."""
+    given = []  # (guide_type, guide, parameter)
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":  # OpenAI's "a valid JSON object": the schema of any object
+        given.append(("json_schema", JSON_OBJECT, "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        given.append(("json_schema", json.dumps(rf.json_schema.schema_), "response_format"))
+    so = req.structured_outputs or StructuredOutputs()
+    for kind, name, new, old in (("json_schema", "json", so.json_, req.guided_json),
+                                 ("regex", "regex", so.regex, req.guided_regex),
+                                 ("choice", "choice", so.choice, req.guided_choice),
+                                 ("grammar", "grammar", so.grammar, req.guided_grammar)):
+        for param, value in ((f"structured_outputs.{name}", new), (f"guided_{name}", old)):
+            if value is not None:
+                text = value if isinstance(value, str) and kind != "choice" else json.dumps(value)
+                given.append((kind, text, param))
+    if len(given) > 1:
+        raise APIError(400, f"give one guide, not {len(given)} ({', '.join(g[2] for g in given)})",
+                       param=given[1][2])
+    if not given:
+        return None
+    kind, text, param = given[0]
+    try:
+        guided.from_request(kind, text)
+    except guided.GuideError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    return given[0]
 
 
 def decode_audio_part(part: AudioPart, index: int, max_seconds: float) -> bytes:
@@ -148,6 +219,17 @@ def build_job(req: ChatRequest, info: EnsembleInfo) -> Job:
         turns.append({"role": role, "content": parts})
     job = Job(audio=clips, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
               stream=req.stream, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
+    guide = guide_of(req)
+    if guide is not None:
+        job.guide_type, job.guide, param = guide
+        if GUIDE_TYPE not in info.inputs:
+            raise APIError(400, f"{param}: this model repository predates structured output (rebuild it with this "
+                                f"version of af3trt)", param=param)
+        try:
+            guided.check_combination(guided.from_request(job.guide_type, job.guide), thinking=thinking_of(req),
+                                     ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0)
+        except guided.GuideError as e:
+            raise APIError(400, str(e), param=param) from None
     if thinking_of(req):
         if THINKING not in info.inputs:
             raise APIError(400, "this model repository has no thinking input (rebuild it with this version of "
