@@ -83,11 +83,47 @@ class Reference:
         self.lock = threading.Lock()
 
     def generate(self, prompt: str, wave: np.ndarray | None = None, system: str | None = None,
-                 max_new_tokens: int = MAX_TOKENS) -> list[int]:
+                 max_new_tokens: int = MAX_TOKENS, guide: tuple[str, str] | None = None) -> list[int]:
+        """guide: (kind, text) in TensorRT-LLM's guide types: generate with xgrammar's own transformers logits
+        processor for it (grammar_processor)."""
         content = ([{"type": "audio", "audio": wave}] if wave is not None else []) + [{"type": "text", "text": prompt}]
         conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         return self._generate(self.processor.apply_chat_template(conv, tokenize=True, return_dict=True,
-                                                                 add_generation_prompt=True), max_new_tokens)
+                                                                 add_generation_prompt=True), max_new_tokens,
+                              self.grammar_processors(*guide) if guide else None)
+
+    def grammar_processors(self, kind: str, text: str) -> list:
+        """xgrammar's transformers integration (xgrammar.contrib.hf.LogitsProcessor) for a guide, over xgrammar's own
+        reading of the processor's tokenizer (TokenizerInfo.from_huggingface, the model's vocab size, its end ids as
+        stop tokens), compiled as docs/structured-output.md says the server compiles it: JSON compact, strict; for
+        JSON guides also a processor that forbids the tokens holding a raw control byte (the server's workaround for
+        xgrammar issue #800, written here from its documented rule, not from the server's code)."""
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if not hasattr(self, "_compiler"):
+            self._grammar_vocab = xgr.TokenizerInfo.from_huggingface(
+                self.processor.tokenizer, vocab_size=self.model.config.text_config.vocab_size,
+                stop_token_ids=self.eos_ids)
+            self._compiler = xgr.GrammarCompiler(self._grammar_vocab)
+        compile_ = {"json": lambda: self._compiler.compile_json_schema('{"type": ["object", "array"]}',
+                                                                       any_whitespace=False, strict_mode=False),
+                    "json_schema": lambda: self._compiler.compile_json_schema(text, any_whitespace=False),
+                    "regex": lambda: self._compiler.compile_regex(text),
+                    "ebnf_grammar": lambda: self._compiler.compile_grammar(text)}[kind]
+        processors = [LogitsProcessor(compile_())]
+        if kind in ("json", "json_schema"):
+            from transformers import LogitsProcessor as Base
+
+            banned = self.torch.tensor([i for i, t in enumerate(self._grammar_vocab.decoded_vocab)
+                                        if t and min(t) < 0x20 and i not in self.eos_ids], dtype=self.torch.long)
+
+            class NoControlBytes(Base):
+                def __call__(self, input_ids, scores):
+                    return scores.index_fill(1, banned, -float("inf"))
+
+            processors.append(NoControlBytes())
+        return processors
 
     def generate_conversation(self, messages: list[dict], waves: list[np.ndarray],
                               max_new_tokens: int = MAX_TOKENS) -> list[int]:
@@ -116,10 +152,11 @@ class Reference:
         inputs["input_features_mask"] = self.torch.cat([per_clip[k]["input_features_mask"] for k in order])
         return inputs
 
-    def _generate(self, inputs, max_new_tokens: int) -> list[int]:
+    def _generate(self, inputs, max_new_tokens: int, logits_processor=None) -> list[int]:
         with self.lock, self.torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=self.eos_ids, pad_token_id=self.end_id)
+                                      eos_token_id=self.eos_ids, pad_token_id=self.end_id,
+                                      **({"logits_processor": logits_processor} if logits_processor else {}))
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
         return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
 

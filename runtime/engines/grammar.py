@@ -43,6 +43,7 @@ class Grammars:
         self.tokenizer_dir, self.vocab_size, self.stop_ids = Path(tokenizer_dir), int(vocab_size), tuple(stop_ids)
         self.max_entries = max_entries
         self._compiler = None
+        self._json_tokens = None  # int32 bitmask [1, ceil(V / 32)]: the tokens compact JSON may contain
         self._compiled: OrderedDict[Guide, object] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"compiled": 0, "hits": 0, "compile_seconds": 0.0}
@@ -59,6 +60,7 @@ class Grammars:
             if not self.stop_ids:
                 raise GuideError("guided decoding needs the model's end ids (generation_config eos_token_id)")
             info = tokenizer_info(path, self.vocab_size, self.stop_ids)
+            self._json_tokens = json_token_mask(info.decoded_vocab, self.vocab_size, self.stop_ids)
             # our own LRU holds the compiled guides: xgrammar's cache off, one thread (the decoder's step is the
             # parallel work on these cores)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -87,7 +89,8 @@ class Grammars:
 
     def matcher(self, guide: Guide) -> "Matcher":
         """A new matcher for one request; GuideError when the guide cannot compile or admits no answer at all."""
-        m = Matcher(self.compile(guide), self.vocab_size)
+        compiled = self.compile(guide)
+        m = Matcher(compiled, self.vocab_size, self._json_tokens if guide.kind in (JSON, JSON_SCHEMA) else None)
         if not m.fill().any():
             raise GuideError(f"the {guide.kind} guide admits no answer (no token can start it, and it is not complete "
                              f"when empty)")
@@ -120,6 +123,30 @@ def tokenizer_info(tokenizer_json: Path, vocab_size: int, stop_ids: tuple[int, .
                              add_prefix_space=meta["add_prefix_space"])
 
 
+def json_token_mask(decoded_vocab: list[bytes], vocab_size: int, stop_ids: tuple[int, ...]) -> "torch.Tensor":
+    """The tokens that may appear in compact JSON: those without a raw byte 0x00-0x1F (RFC 8259 section 7: a string
+    must escape U+0000-U+001F, and compact JSON has no whitespace but the separators' spaces), and the stop ids.
+
+    xgrammar 0.2.9 lowers a string with minLength / maxLength to a repetition of [^"\\\r\n], which lets a raw tab or
+    any other control character into the string: invalid JSON (mlc-ai/xgrammar issue #800, open; fixes proposed in
+    PRs #822 and #880). Seen here: hypothesis-generated schemas answered with a raw control character inside a bounded
+    string (tests/test_structured_output.py). Masking these tokens as well never removes a valid continuation of
+    compact JSON, and closes the hole on the CPU target (TensorRT-LLM's xgrammar on the GPU target keeps it:
+    docs/structured-output.md)."""
+    import torch
+    import xgrammar as xgr
+
+    allowed = torch.zeros(vocab_size + 31, dtype=torch.bool)
+    for tid, text in enumerate(decoded_vocab[:vocab_size]):
+        allowed[tid] = bool(text) and min(text) >= 0x20
+    allowed[list(stop_ids)] = True
+    bits = allowed[: -(-vocab_size // 32) * 32].view(-1, 32).to(torch.int64)  # [W, 32]
+    words = (bits << torch.arange(32)).sum(dim=1)  # bit j of word w = token 32 w + j
+    mask = xgr.allocate_token_bitmask(1, vocab_size)
+    mask[0] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return mask
+
+
 def _compile(compiler, guide: Guide):
     import xgrammar as xgr
 
@@ -142,16 +169,20 @@ def _first_line(e: BaseException) -> str:
 class Matcher:
     """One request's grammar state: the tokens it allows next (`fill`), and each token it is given (`advance`)."""
 
-    def __init__(self, compiled, vocab_size: int):
+    def __init__(self, compiled, vocab_size: int, also: "torch.Tensor | None" = None):
+        """also: a bitmask the allowed tokens are intersected with (json_token_mask for JSON guides)."""
         import xgrammar as xgr
 
         self._m = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # int32 [1, ceil(V / 32)]
+        self.also = also
         self.tokens = 0
 
     def fill(self) -> "torch.Tensor":
         """This row's bitmask of the allowed next tokens (int32 [1, ceil(V / 32)], bit set = allowed)."""
         self._m.fill_next_token_bitmask(self.bitmask)
+        if self.also is not None:
+            self.bitmask &= self.also
         return self.bitmask
 
     def advance(self, token: int) -> bool:
