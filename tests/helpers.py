@@ -6,11 +6,19 @@ import one another.
   repository reads, a fake engine directory, the GPU RepoSpec of the tiny checkpoint, and every config.pbtxt of a
   rendered repository parsed back through model_config_pb2.
 - peer_ports: the client ports of the TCP connections a local server port has open (connection-reuse tests).
+- HTTPServer: `af3trt openai` as a subprocess in front of a running tritonserver (test_openai_server,
+  test_structured_output_server).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +89,48 @@ def peer_ports(port: int) -> set[int]:
             if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # 01: TCP_ESTABLISHED
                 out.add(int(remote.rsplit(":", 1)[1], 16))
     return out
+
+
+UPLOAD_LIMIT = 2 * 2**20  # HTTPServer's --max-upload-bytes
+
+
+class HTTPServer:
+    """`af3trt openai` as a subprocess on a free loopback port; stopped by its PID. api_key: required by the server
+    (read from an environment variable), None for an open server."""
+
+    def __init__(self, triton_url: str, log_path, api_key: str | None = None):
+        from af3trt.runtime.serve.server import free_port
+
+        self.port = free_port()
+        env = dict(os.environ, AF3TRT_TEST_API_KEY=api_key or "")
+        cmd = [sys.executable, "-m", "af3trt.runtime.openai.app", "--triton", triton_url, "--port", str(self.port),
+               "--max-upload-bytes", str(UPLOAD_LIMIT)] + (["--api-key-env", "AF3TRT_TEST_API_KEY"] if api_key else [])
+        self.log_path = log_path
+        with open(log_path, "wb") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"af3trt openai exited:\n{self.log()}"
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=5)
+                return
+            except urllib.error.HTTPError:  # listening (503 while Triton is not ready)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"af3trt openai not listening after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

@@ -21,6 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from helpers import UPLOAD_LIMIT, HTTPServer
 from reference import MAX_TOKENS, mono16k, wav_bytes
 
 from af3trt.runtime.stages.detok import strip_transcription_prefix
@@ -32,51 +33,11 @@ openai = pytest.importorskip("openai")  # a declared test dependency (pyproject 
 pytestmark = pytest.mark.integration
 
 API_KEY = "af3trt-test-key"
-UPLOAD_LIMIT = 2 * 2**20
-
-
-class HTTPServer:
-    """`af3trt openai` as a subprocess on a free loopback port; stopped by its PID."""
-
-    def __init__(self, triton_url: str, log_path, api_key: str | None = API_KEY):
-        self.port = free_port()
-        env = dict(os.environ, AF3TRT_TEST_API_KEY=api_key or "")
-        cmd = [sys.executable, "-m", "af3trt.runtime.openai.app", "--triton", triton_url, "--port", str(self.port),
-               "--max-upload-bytes", str(UPLOAD_LIMIT)] + (["--api-key-env", "AF3TRT_TEST_API_KEY"] if api_key else [])
-        self.log_path = log_path
-        with open(log_path, "wb") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_listening(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"af3trt openai exited:\n{self.log()}"
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=5)
-                return
-            except urllib.error.HTTPError:  # listening (503 while Triton is not ready)
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"af3trt openai not listening after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def http(server, tmp_path_factory):
-    srv = HTTPServer(server.grpc_url, tmp_path_factory.mktemp("openai") / "openai.log")
+    srv = HTTPServer(server.grpc_url, tmp_path_factory.mktemp("openai") / "openai.log", api_key=API_KEY)
     try:
         srv.wait_listening()
         yield srv
