@@ -93,8 +93,10 @@ def measure_engines(tok, tok_path: Path) -> dict:
     from af3trt.runtime.engines.grammar import tokenizer_info
 
     eos = tok.token_to_id("<|im_end|>")
-    out = {"xgrammar": {"version": xgr.__version__, "schemas": {}},
-           "llguidance": {"version": getattr(llguidance, "__version__", "1.9.1"), "schemas": {}}}
+    from importlib.metadata import version
+
+    out = {"xgrammar": {"version": version("xgrammar"), "schemas": {}},
+           "llguidance": {"version": version("llguidance"), "schemas": {}}}
     t0 = time.perf_counter()
     info = tokenizer_info(tok_path, AF3_VOCAB, (eos,))
     out["xgrammar"]["tokenizer_s"] = time.perf_counter() - t0
