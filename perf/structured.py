@@ -11,11 +11,11 @@ Two parts, one run each:
    caches it), and the time to compute one token's mask while following a fixed answer token by token (median, mean
    and max over its tokens), both engines compiled for compact JSON (", " and ": "). Plus the cost of applying a mask
    to [B, 151672] float32 logits (xgrammar's CPU kernel).
-2. The CPU decoder (runtime/engines/decoder.py) on the `af3` preset (perf/decode_step.py's LM, about 37M parameters,
-   a 4,224-token vocabulary), fp32, one continuous batch of B requests of a 300-token prompt decoding `steps` tokens:
+2. The CPU decoder (runtime/engines/decoder.py) on the `af3` preset (perf/decode_step.py's LM, about 37M parameters;
+   its vocabulary is the synthetic tokenizer's, a few hundred tokens, recorded by the run), fp32, one continuous batch of B requests of a 300-token prompt decoding `steps` tokens:
    tokens per second of decode without a guide and with a JSON schema (one string field of up to 2,000 characters,
-   so that no guided row ends before `steps`), and the share of the decode time spent on masks (the engine's
-   guide_seconds / decode_seconds).
+   so that no guided row ends before `steps`), unguided and guided batches interleaved `repeats` times (median and
+   range), and the share of the decode time spent on masks (the engine's guide_seconds / decode_seconds).
 """
 
 from __future__ import annotations
@@ -146,38 +146,49 @@ def measure_engines(tok, tok_path: Path) -> dict:
     return out
 
 
-def measure_decoder(lm_dir: str, batches: list[int], prompt: int, steps: int, threads: int) -> list[dict]:
-    """Decode tokens/s without and with a guide (module docstring, part 2)."""
+def measure_decoder(lm_dir: str, batches: list[int], prompt: int, steps: int, threads: int,
+                    repeats: int) -> list[dict]:
+    """Decode tokens/s without and with a guide (module docstring, part 2): per batch size a warm-up pair, then
+    `repeats` pairs, unguided and guided interleaved (a neighbour's load falls on both alike); the median and range."""
     from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest
     from af3trt.runtime.stages.guided import Guide
 
     guide = Guide("json_schema", json.dumps(LONG_STRING))
-    rows = []
     rng = np.random.default_rng(0)
+    rows = []
     with DecoderEngine(Path(lm_dir), max_batch_size=max(batches), threads=threads) as eng:
         end_id = eng.eos_ids[0]
+        vocab = eng.vocab_size
+
+        def one_batch(batch: int, guided: bool) -> dict:
+            before = dict(eng.stats)
+            done, queued = threading.Semaphore(0), threading.Event()
+            for i in range(batch):
+                ids = rng.integers(0, eng.vocab_size - 64, prompt).astype(np.int32)
+                req = GenerationRequest(input_ids=ids, max_new_tokens=steps, end_id=end_id if guided else None,
+                                        guide=guide if guided else None)
+                eng.submit(req, lambda new, final: final and done.release(),
+                           cancelled=(lambda: not queued.wait(60)) if i == 0 else None)
+            queued.set()
+            for _ in range(batch):
+                assert done.acquire(timeout=1200)
+            return {k: eng.stats[k] - before[k] for k in ("decode_seconds", "decode_rows", "guide_seconds")}
+
         for batch in batches:
-            for guided in (False, True, False, True):  # interleaved; the first pair warms up
-                before = dict(eng.stats)
-                done, queued = threading.Semaphore(0), threading.Event()
-                lengths = []
-                for i in range(batch):
-                    ids = rng.integers(0, eng.vocab_size - 64, prompt).astype(np.int32)
-                    req = GenerationRequest(input_ids=ids, max_new_tokens=steps, end_id=end_id if guided else None,
-                                            guide=guide if guided else None)
-                    out: list = []
-                    lengths.append(out)
-                    eng.submit(req, lambda new, final, out=out: (out.extend(new), final and done.release()),
-                               cancelled=(lambda: not queued.wait(60)) if i == 0 else None)
-                queued.set()
-                for _ in range(batch):
-                    assert done.acquire(timeout=1200)
-                d = {k: eng.stats[k] - before[k] for k in ("decode_seconds", "decode_rows", "guide_seconds")}
-                rows.append({"batch": batch, "guided": guided, "tokens": sum(map(len, lengths)),
-                             "decode_tokens_per_s": d["decode_rows"] / d["decode_seconds"],
-                             "guide_share": d["guide_seconds"] / d["decode_seconds"],
-                             "guide_us_per_row": 1e6 * d["guide_seconds"] / max(d["decode_rows"], 1)})
-    return [r for i, r in enumerate(rows) if (i // 2) % 2 == 1]  # the second pair of each batch size
+            one_batch(batch, False), one_batch(batch, True)  # warm-up
+            runs = {False: [], True: []}
+            for _ in range(repeats):
+                for guided in (False, True):
+                    runs[guided].append(one_batch(batch, guided))
+            for guided, rs in runs.items():
+                tps = [d["decode_rows"] / d["decode_seconds"] for d in rs]
+                rows.append({"batch": batch, "guided": guided, "vocab_size": vocab,
+                             "decode_tokens_per_s": statistics.median(tps),
+                             "min": min(tps), "max": max(tps),
+                             "guide_share": sum(d["guide_seconds"] for d in rs) / sum(d["decode_seconds"] for d in rs),
+                             "guide_us_per_row": 1e6 * sum(d["guide_seconds"] for d in rs)
+                             / max(sum(d["decode_rows"] for d in rs), 1)})
+    return rows
 
 
 def render(r: dict) -> str:
@@ -197,14 +208,14 @@ def render(r: dict) -> str:
                   f"{r['engines']['llguidance']['tokenizer_s']:.2f} s (once per process). Applying a mask to "
                   f"float32 logits [B, {AF3_VOCAB:,}] (xgrammar's CPU kernel): "
                   + ", ".join(f"B={b}: {us:.0f} µs" for b, us in r["engines"]["apply_mask_us"].items()) + ".",
-              "", f"## CPU decoder, `{r['preset']}` preset, fp32, {r['threads']} threads, {r['prompt']}-token "
-                  f"prompts, {r['steps']} tokens each", "",
-              "| batch | guide | decode tokens/s | share of decode time in masks | mask µs per row per step |",
-              "|---|---|---|---|---|"]
+              "", f"## CPU decoder, `{r['preset']}` preset ({r['decoder'][0]['vocab_size']}-token vocabulary), fp32, "
+                  f"{r['threads']} threads, {r['prompt']}-token prompts, {r['steps']} tokens each", "",
+              f"| batch | guide | decode tokens/s (median of {r['repeats']}) | min-max | share of decode time in masks "
+              f"| mask µs per row per step |", "|---|---|---|---|---|---|"]
     for row in r["decoder"]:
         lines.append(f"| {row['batch']} | {'JSON schema' if row['guided'] else 'none'} | "
-                     f"{row['decode_tokens_per_s']:.1f} | {100 * row['guide_share']:.1f} % | "
-                     f"{row['guide_us_per_row']:.0f} |")
+                     f"{row['decode_tokens_per_s']:.1f} | {row['min']:.1f}-{row['max']:.1f} | "
+                     f"{100 * row['guide_share']:.1f} % | {row['guide_us_per_row']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="af3")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     from af3trt.perf import machine
@@ -224,7 +236,7 @@ def main(argv=None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"started_utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "preset": args.preset,
-              "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
+              "prompt": args.prompt, "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
               "machine": machine.describe(Path(__file__).resolve().parent.parent),
               "load_average_start": machine.load_average()}
     tok = synthetic_tokenizer()
@@ -233,7 +245,7 @@ def main(argv=None) -> int:
     result["engines"] = measure_engines(tok, tok_path)
     lm_dir, _ = prepare(args.work, args.preset, ["fp32"])["fp32"]
     result["decoder"] = measure_decoder(lm_dir, [int(b) for b in args.batches.split(",")], args.prompt, args.steps,
-                                        args.threads)
+                                        args.threads, args.repeats)
     result["load_average_end"] = machine.load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "structured.json").write_text(json.dumps(result, indent=1))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from pathlib import Path
+
 import pytest
 from helpers import HTTPServer
 from reference import mono16k
@@ -170,3 +172,16 @@ def test_a_batch_scores_multiple_choice_lines_constrained_to_their_choices(http,
     score = subprocess.run([sys.executable, "-m", "af3trt.cli", "score", str(tmp_path / "out.jsonl"), "--key",
                             str(tmp_path / "key.json")], capture_output=True, text=True, timeout=120)
     assert score.returncode == 0 and "no prediction 0" in score.stdout, score.stdout + score.stderr
+
+
+def test_the_documented_openai_example_runs(http, monkeypatch, capsys):
+    """docs/structured-output.md's first python block, as written but for the server's address."""
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "structured-output.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    assert "http://127.0.0.1:9000/v1" in code
+    monkeypatch.chdir(root)  # the example opens runtime/assets/speech.flac
+    exec(compile(code.replace("http://127.0.0.1:9000/v1", http.url + "/v1"), "structured-output.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and printed[2] in ("speech", "music", "noise")
+    assert re.fullmatch(r"[0-9]{1,2}\.[0-9] s", printed[3])
