@@ -82,6 +82,13 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     assert dec.parameters["max_tokens_in_paged_kv_cache"].string_value == str(plan["kv_cache_tokens"])
     names = [c[0] for c in fake_gpu_tools.calls]
     assert "build_serialized_network" in names and "set_flag" not in names
+    # guided decoding (build/trtllm_guided.py): the tokenizer info file beside the engine, the backend turned on,
+    # fusion compiling guides first
+    info = out / "artifacts" / "engine" / "xgrammar_tokenizer_info.json"
+    assert dec.parameters["guided_decoding_backend"].string_value == "xgrammar"
+    assert dec.parameters["xgrammar_tokenizer_info_path"].string_value == str(info) and info.is_file()
+    assert fusion.parameters["guide_check"].string_value == "compile"
+    assert m["gpu"]["guided_decoding"]["stop_token_ids"] == json.loads(info.read_text())["stop_token_ids"]
 
 
 @pytest.mark.slow

@@ -280,6 +280,7 @@ SCHEMAS = st.dictionaries(_KEY, _VALUES, min_size=1, max_size=4).map(
     lambda props: {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False})
 
 
+@pytest.mark.slow  # hypothesis: 30 schemas, each compiled and answered by the decoder
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                                       HealthCheck.too_slow])
 @given(schema=SCHEMAS, prompt=st.sampled_from(["Answer in JSON.", "Describe the audio.", "List the sounds."]))
@@ -397,6 +398,26 @@ def test_the_tokenizer_info_checks(tiny_ckpt, tmp_path):
         trtllm_guided.decoder_parameters("engine/" + trtllm_guided.TOKENIZER_INFO)
 
 
+def test_the_gpu_build_refuses_an_engine_whose_logits_the_backend_cannot_mask(tiny_ckpt, tmp_path):
+    from types import SimpleNamespace
+
+    from af3trt.build.common import BuildError
+    from af3trt.build.gpu_build import write_guided_decoding
+
+    art = tmp_path / "artifacts"
+    (art / "lm").mkdir(parents=True)
+    (art / "lm" / "tokenizer.json").write_bytes((tiny_ckpt / "tokenizer.json").read_bytes())
+    cfg = engine_config("bfloat16", vocab=712, hidden=64)
+    cfg["pretrained_config"]["logits_dtype"] = "bfloat16"  # trtllm-build --logits_dtype bfloat16
+    write_engine(art / "engine", cfg)
+    plan = SimpleNamespace(checkpoint=SimpleNamespace(end_id=642, stop_ids=[640]))
+    with pytest.raises(BuildError, match="guided decoding: .*logits_dtype 'bfloat16'"):
+        write_guided_decoding(plan, art, 712)
+    write_engine(art / "engine", engine_config("bfloat16", vocab=712, hidden=64))  # float32 logits: written
+    assert write_guided_decoding(plan, art, 712)["stop_token_ids"] == [642, 640]
+    assert (art / "engine" / trtllm_guided.TOKENIZER_INFO).is_file()
+
+
 @pytest.fixture(scope="module")
 def gpu_guided(tiny_ckpt, checkpoint, limits, tmp_path_factory):
     """A GPU repository spec with guided decoding on (the info file in the engine directory), and its fusion model."""
@@ -493,3 +514,27 @@ def test_a_repository_before_structured_output_is_400():
     with pytest.raises(APIError, match="predates structured output") as e:
         build_job(ChatRequest(**BODY, response_format={"type": "json_object"}), old)
     assert e.value.status == 400
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def test_the_committed_figures_are_rendered_from_their_record():
+    from pathlib import Path
+
+    from af3trt.perf import structured
+
+    results = Path(__file__).resolve().parent.parent / "perf" / "results" / "latest"
+    record = json.loads((results / "structured.json").read_text())
+    page = (results / "structured.md").read_text()
+    assert page == structured.render(record)
+    assert "2 cores shared with other sessions" in page and record["machine"]["cpu"]["Model name"] in page
+    assert {row["guided"] for row in record["decoder"]} == {False, True}
+    assert set(record["engines"]) >= {"xgrammar", "llguidance", "apply_mask_us"}
+
+
+def test_the_synthetic_vocabulary_has_the_size_asked():
+    from af3trt.perf import structured
+
+    tok = structured.synthetic_tokenizer(3000)
+    assert tok.get_vocab_size() == 3000 and tok.token_to_id("<|im_end|>") is not None

@@ -124,6 +124,10 @@ def main(args: list[str]) -> int:
     build["kv_cache_type"] = opt.get("kv_cache_type", "paged").upper()
     build["plugin_config"] = plugin_config(opt, ckpt.get("quantization") or {}, ckpt["dtype"],
                                            int(os.environ.get("FAKE_TRTLLM_SM", "90")))
+    # tensorrt_llm/commands/build.py build_model: `model_config.logits_dtype = logits_dtype`, the config the engine's
+    # config.json saves as pretrained_config
+    if "logits_dtype" in opt:
+        ckpt = {**ckpt, "logits_dtype": opt["logits_dtype"]}
     (out / "config.json").write_text(json.dumps({"version": "1.2.1", "pretrained_config": ckpt,
                                                  "build_config": build}))
     for rank in range((ckpt.get("mapping") or {}).get("world_size", 1)):
