@@ -158,7 +158,9 @@ def test_leaving_the_async_client_early_stops_the_decoder(server, speech_bytes):
 
 # ------------------------------------------------------------------ GPU target: the stop request to tensorrtllm
 
-GPU_SPEC = configs.RepoSpec(**{**SPEC.__dict__, "target": "gpu", "prompt_table_extra_ids": True})
+# the parameters the 1.2 backend reads without a default (guided decoding off), as build/gpu_repo.py writes them
+GPU_SPEC = configs.RepoSpec(**{**SPEC.__dict__, "target": "gpu", "prompt_table_extra_ids": True, "decoder_params": {
+    **SPEC.decoder_params, "tokenizer_dir": "", "xgrammar_tokenizer_info_path": "", "guided_decoding_backend": ""}})
 
 
 @pytest.fixture

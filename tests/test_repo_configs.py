@@ -17,7 +17,7 @@ from af3trt.build.gpu_repo import (EXECUTOR_WORKER_PATH, GpuRepoError, TrtllmOpt
                                    gpu_repo_spec, read_decoder_engine, render_gpu_repository)
 from af3trt.build.repository import render_repository
 from af3trt.build.trt_encoder import encoder_engine_plan
-from af3trt.runtime.stages import audio_cache, lengths
+from af3trt.runtime.stages import audio_cache, contract, lengths
 from af3trt.runtime.stages.prompt import table_extra_ids
 from af3trt.triton_repo import configs
 
@@ -352,9 +352,7 @@ def test_fusion_sends_extra_ids_with_kv_reuse(fusion_models, speech_bytes):
     e2 = rng.standard_normal((1, 750, spec.hidden_size)).astype(np.float32)
     r1, r1_again, r2 = model.execute([_fusion_request(e1, batch, [1]), _fusion_request(e1, batch, [1]),
                                       _fusion_request(e2, batch, [1], clip=b"another clip")])
-    # the guided-decoding outputs are sent with a guide only (tests/test_structured_output.py)
-    declared = {o.name for o in configs.fusion_config(spec).output} - {"guided_decoding_guide_type",
-                                                                      "guided_decoding_guide"}
+    declared = {o.name for o in configs.fusion_config(spec).output} - set(contract.FUSION_PER_REQUEST)
     for r in (r1, r1_again, r2):
         assert not r.has_error(), r.error
         assert set(r.outputs) == declared

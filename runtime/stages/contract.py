@@ -204,6 +204,9 @@ FUSION_STAGE = StageSpec(FUSION, inputs=(
     TensorSpec(GUIDED_DECODING_GUIDE_TYPE, "BYTES", (1, 1)),  # guided requests only
     TensorSpec(GUIDED_DECODING_GUIDE, "BYTES", (1, 1)),
 ))
+# fusion outputs sent only with the requests that need them (thinking; a guide): the decoder's optional input is then
+# left unfed, as for an omitted output (ensemble_scheduler.cc, above)
+FUSION_PER_REQUEST = (LORA_TASK_ID, GUIDED_DECODING_GUIDE_TYPE, GUIDED_DECODING_GUIDE)
 # TensorRT-LLM 1.2 `inflight_batcher_llm/tensorrt_llm/config.pbtxt`: the subset the ensemble feeds, plus the optional
 # inputs a direct client may use, with the same dims, reshape, optional and allow_ragged_batch flags as there.
 DECODER_STAGE = StageSpec(DECODER, inputs=(
