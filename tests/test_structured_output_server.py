@@ -178,7 +178,7 @@ def test_the_documented_openai_example_runs(http, monkeypatch, capsys):
     """docs/structured-output.md's first python block, as written but for the server's address."""
     root = Path(__file__).resolve().parent.parent
     page = (root / "docs" / "structured-output.md").read_text()
-    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", page, re.DOTALL).group(1)
     assert "http://127.0.0.1:9000/v1" in code
     monkeypatch.chdir(root)  # the example opens runtime/assets/speech.flac
     exec(compile(code.replace("http://127.0.0.1:9000/v1", http.url + "/v1"), "structured-output.md", "exec"), {})

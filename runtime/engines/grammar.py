@@ -87,7 +87,7 @@ class Grammars:
                 self._compiled.popitem(last=False)
             return compiled
 
-    def matcher(self, guide: Guide) -> "Matcher":
+    def matcher(self, guide: Guide) -> Matcher:
         """A new matcher for one request; GuideError when the guide cannot compile or admits no answer at all."""
         compiled = self.compile(guide)
         m = Matcher(compiled, self.vocab_size, self._json_tokens if guide.kind in (JSON, JSON_SCHEMA) else None)
@@ -123,7 +123,7 @@ def tokenizer_info(tokenizer_json: Path, vocab_size: int, stop_ids: tuple[int, .
                              add_prefix_space=meta["add_prefix_space"])
 
 
-def json_token_mask(decoded_vocab: list[bytes], vocab_size: int, stop_ids: tuple[int, ...]) -> "torch.Tensor":
+def json_token_mask(decoded_vocab: list[bytes], vocab_size: int, stop_ids: tuple[int, ...]) -> torch.Tensor:
     """The tokens that may appear in compact JSON: those without a raw byte 0x00-0x1F (RFC 8259 section 7: a string
     must escape U+0000-U+001F, and compact JSON has no whitespace but the separators' spaces), and the stop ids.
 
@@ -169,7 +169,7 @@ def _first_line(e: BaseException) -> str:
 class Matcher:
     """One request's grammar state: the tokens it allows next (`fill`), and each token it is given (`advance`)."""
 
-    def __init__(self, compiled, vocab_size: int, also: "torch.Tensor | None" = None):
+    def __init__(self, compiled, vocab_size: int, also: torch.Tensor | None = None):
         """also: a bitmask the allowed tokens are intersected with (json_token_mask for JSON guides)."""
         import xgrammar as xgr
 
@@ -178,7 +178,7 @@ class Matcher:
         self.also = also
         self.tokens = 0
 
-    def fill(self) -> "torch.Tensor":
+    def fill(self) -> torch.Tensor:
         """This row's bitmask of the allowed next tokens (int32 [1, ceil(V / 32)], bit set = allowed)."""
         self._m.fill_next_token_bitmask(self.bitmask)
         if self.also is not None:
@@ -195,7 +195,7 @@ class Matcher:
         return self._m.is_terminated()
 
 
-def mask_rows(logits: "torch.Tensor", matchers: list[Matcher | None]) -> "torch.Tensor":
+def mask_rows(logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.Tensor:
     """logits [B, V]: the rows that have a matcher get -inf where their grammar allows no token (in place, in the
     logits' own dtype); rows without one are not touched. Returns logits."""
     import torch
