@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 
 import numpy as np
@@ -129,10 +130,12 @@ def test_a_guide_is_compiled_once(lm_dir):
     (Guide("regex", "(unclosed"), "cannot be compiled"),
     (Guide("ebnf_grammar", "root ::= missing_rule"), "cannot be compiled"),
     (Guide("regex", "[^\\x00-\\U0010ffff]"), ""),  # no character at all: refused, by the compiler or as unanswerable
+    (Guide("ebnf_grammar", "root ::= root"), "admits no answer"),
 ])
 def test_a_guide_the_engine_cannot_use_is_refused(grammars, guide, needle):
-    with pytest.raises(GuideError, match=needle):
+    with pytest.raises(GuideError, match=needle) as e:
         grammars.matcher(guide)
+    assert "/project/cpp" not in str(e.value)  # xgrammar's log prefix is not the client's business
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -348,6 +351,62 @@ def test_the_cpu_decoder_model_reads_the_guide_tensors(lm_dir):
     assert model.guide(fake_pb.Request({})) is None
     with pytest.raises(GuideError):
         model.guide(fake_pb.Request({contract.GUIDED_DECODING_GUIDE_TYPE: np.array([[b"choice"]], object)}))
+
+
+def _sent_final(req) -> bool:
+    return any(flags for _, flags in req.sender.sent)
+
+
+def test_a_new_guide_compiles_off_tritons_thread_and_holds_up_no_one(lm_dir, monkeypatch, tmp_path):
+    """The decoder model hands a request whose guide is not compiled yet to its compile thread: execute returns at
+    once and the requests after it are served while the guide compiles."""
+    import time
+
+    from af3trt.runtime.triton import context
+
+    monkeypatch.setattr(context, "default_root", lambda: tmp_path / "ctx")
+    spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=642,
+                            pad_id=640, max_batch_size=4, max_audio_windows=2, max_input_len=2000, max_output_len=64,
+                            default_max_tokens=16, decoder_params={"gpt_model_path": str(lm_dir), "max_batch_size": "4",
+                                                                   "threads": "0"})
+    model = fake_pb.load_model("decoder", configs.decoder_config(spec), {"model_repository": str(tmp_path)})
+    release, real = threading.Event(), grammar.Grammars.compile
+
+    def slow_compile(self, guide):
+        if guide.text == "[0-9]+":
+            assert release.wait(120)
+        return real(self, guide)
+
+    monkeypatch.setattr(grammar.Grammars, "compile", slow_compile)
+
+    def request(rid, **guide):
+        inputs = {"input_ids": np.array([[5, 6, 7]], np.int32), "input_lengths": np.array([[3]], np.int32),
+                  "request_output_len": np.array([[6]], np.int32), "end_id": np.array([[642]], np.int32)}
+        inputs.update({k: np.array([[v.encode()]], object) for k, v in guide.items()})
+        return fake_pb.Request(inputs, request_id=rid)
+
+    guided = request("g", guided_decoding_guide_type="regex", guided_decoding_guide="[0-9]+")
+    plain = request("p")
+    try:
+        t0 = time.monotonic()
+        model.execute([guided, plain])
+        assert time.monotonic() - t0 < 10  # not waiting for the compilation
+        deadline = time.monotonic() + 60
+        while not _sent_final(plain) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _sent_final(plain) and not _sent_final(guided)  # served while the guide still compiles
+        release.set()
+        while not _sent_final(guided) and time.monotonic() < deadline + 60:
+            time.sleep(0.01)
+        responses = [r for r, _ in guided.sender.sent if r is not None]
+        assert responses and all(r.error is None for r in responses)
+        ids = [int(t) for r in responses for t in r.outputs["output_ids"].as_numpy().reshape(-1)]
+        from tokenizers import Tokenizer
+
+        assert re.fullmatch("[0-9]+", Tokenizer.from_file(str(lm_dir / "tokenizer.json")).decode(ids))
+    finally:
+        release.set()
+        model.finalize()
 
 
 # ------------------------------------------------------------------------------------------ GPU target

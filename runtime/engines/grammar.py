@@ -24,6 +24,7 @@ image holds (its requirements.txt), where fusion compiles guides on the GPU targ
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -50,7 +51,11 @@ class Grammars:
 
     def compiler(self):
         """xgrammar's GrammarCompiler for this tokenizer (built on first use: it imports xgrammar and reads the
-        vocabulary, about 0.2 s at AF3's 151,672 ids)."""
+        vocabulary, 0.2-5.5 s at AF3's 151,672 ids on this project's shared CPU: perf/results/latest/structured.md)."""
+        with self._lock:
+            return self._compiler or self._load()
+
+    def _load(self):
         if self._compiler is None:
             import xgrammar as xgr
 
@@ -66,6 +71,11 @@ class Grammars:
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
 
+    def ready(self, guide: Guide) -> bool:
+        """True when the guide is compiled already (its next request costs no compilation). Takes no lock: it must
+        answer while another guide compiles."""
+        return self._compiler is not None and guide in self._compiled
+
     def compile(self, guide: Guide):
         """The guide's xgrammar CompiledGrammar, compiled on its first request and then reused."""
         with self._lock:
@@ -74,18 +84,19 @@ class Grammars:
                 self._compiled.move_to_end(guide)
                 self.stats["hits"] += 1
                 return hit
-            compiler = self.compiler()
-            t0 = time.perf_counter()
-            try:
-                compiled = _compile(compiler, guide)
-            except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
-                raise GuideError(f"the {guide.kind} guide cannot be compiled: {_first_line(e)}") from None
+        compiler = self.compiler()
+        t0 = time.perf_counter()
+        try:  # outside the lock: xgrammar releases the GIL while it compiles, and other guides' hits go on
+            compiled = _compile(compiler, guide)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and conversion errors
+            raise GuideError(f"the {guide.kind} guide cannot be compiled: {_first_line(e)}") from None
+        with self._lock:
             self.stats["compile_seconds"] += time.perf_counter() - t0
             self.stats["compiled"] += 1
             self._compiled[guide] = compiled
             if len(self._compiled) > self.max_entries:
                 self._compiled.popitem(last=False)
-            return compiled
+        return compiled
 
     def matcher(self, guide: Guide) -> Matcher:
         """A new matcher for one request; GuideError when the guide cannot compile or admits no answer at all."""
@@ -162,8 +173,9 @@ def _compile(compiler, guide: Guide):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:500]
+    """xgrammar's message without its log prefix ("[21:18:50] /project/cpp/json_schema_converter.cc:5082: ")."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return re.sub(r"^\[[0-9:]+\] \S+:[0-9]+: ", "", text)[:500]
 
 
 class Matcher:

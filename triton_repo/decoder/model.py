@@ -2,6 +2,7 @@
 `tensorrtllm` backend (decoupled; in-flight batching inside af3trt.runtime.engines.decoder.DecoderEngine)."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb
@@ -31,6 +32,8 @@ class TritonPythonModel:
         rate = float(p.get("stand_in_tokens_per_s", "0"))
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
+        # guides compiled off Triton's thread (execute); the grammar engine loaded at start, in the background
+        self._compiling = ThreadPoolExecutor(1, thread_name_prefix="af3trt-guides")
         if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.engines.stand_in): no weights, no compute
             self.engine = StandInDecoder(io.resolve(args, p["gpt_model_path"]), tokens_per_s=rate,
                                          max_batch_size=int(p["max_batch_size"]), max_input_len=int(p["max_input_len"]),
@@ -46,23 +49,46 @@ class TritonPythonModel:
                                     prefix_cache_bytes=int(p.get("prefix_cache_bytes",
                                                                  audio_cache.DEFAULT_PREFIX_BYTES)),
                                     int8_linear=p.get("int8_linear") == "true")  # the build's CPU precision
+        self._compiling.submit(self._load_grammars)
+
+    def _load_grammars(self) -> None:
+        try:
+            self.engine.grammars.compiler()
+        except Exception as e:  # noqa: BLE001 - guided requests then get this error; the others are served
+            pb.Logger.log_warn(f"decoder: guided decoding unavailable: {e}")
 
     def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
             self.running.add(1)  # until its final response or error
             try:
-                rid = r.request_id()
                 req = self.request(r)
-                emit = self._emitter(sender, self.ctx, rid, self.running)
-                if req.streaming and self.stream_interval_s:  # at most one response per interval after the first
-                    emit = Coalescer(self.stream_interval_s, emit)
-                self.engine.submit(req, emit, self._on_error(sender, self.ctx, rid, self.running),
-                                   self._cancelled(r, sender, self.ctx))
             except Exception as e:  # noqa: BLE001
-                self.running.add(-1)
-                sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._refuse(sender, e)
+                continue
+            grammars = getattr(self.engine, "grammars", None)  # the stand-in has none
+            if req.guide is not None and grammars is not None and not grammars.ready(req.guide):
+                # a guide not compiled yet is compiled on the decoder's own thread for it, not on Triton's: a guide
+                # that takes seconds to compile does not hold up the requests that come after it
+                self._compiling.submit(self._start, r, req, sender)
+            else:
+                self._start(r, req, sender)
         return None
+
+    def _start(self, r, req: GenerationRequest, sender) -> None:
+        try:
+            rid = r.request_id()
+            emit = self._emitter(sender, self.ctx, rid, self.running)
+            if req.streaming and self.stream_interval_s:  # at most one response per interval after the first
+                emit = Coalescer(self.stream_interval_s, emit)
+            self.engine.submit(req, emit, self._on_error(sender, self.ctx, rid, self.running),
+                               self._cancelled(r, sender, self.ctx))
+        except Exception as e:  # noqa: BLE001
+            self._refuse(sender, e)
+
+    def _refuse(self, sender, e: BaseException) -> None:
+        self.running.add(-1)
+        sender.send(io.error_response(pb, e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def request(self, r) -> GenerationRequest:
         ids = io.tensor(pb, r, c.INPUT_IDS)
@@ -152,4 +178,5 @@ class TritonPythonModel:
         return on_error
 
     def finalize(self):
+        self._compiling.shutdown(wait=True)
         self.engine.stop()
