@@ -320,7 +320,6 @@ def test_device_path_in_a_real_tritonserver_is_token_exact(bf16_ckpt, bf16_repo,
     from af3trt.runtime.serve.server import TritonServer
     from reference import mono16k
 
-    ckpt = bf16_ckpt
     out = tmp_path_factory.mktemp("kernels-e2e") / "out"
     shutil.copytree(bf16_repo, out, symlinks=True)  # the session's bf16 build, copied: its configs change below
     for model in ("preprocess", "fusion"):

@@ -185,7 +185,8 @@ def test_no_think_builds_the_base_model_only(think_dir, tmp_path):
     from af3trt.runtime.stages.params import DecoderParams, FusionParams
     from af3trt.triton_repo.configs import parse
 
-    fusion, decoder = (parse((out / "model_repository" / m / "config.pbtxt").read_text()) for m in ("fusion", "decoder"))
+    repo = out / "model_repository"
+    fusion, decoder = (parse((repo / m / "config.pbtxt").read_text()) for m in ("fusion", "decoder"))
     fusion_params = FusionParams.parse({k: v.string_value for k, v in fusion.parameters.items()})
     assert not fusion_params.think and fusion_params.think_lora_task_id is None
     assert "lora_task_id" not in {o.name for o in fusion.output}
