@@ -54,8 +54,8 @@ class ServingConfig:
     Every field with flag metadata is an `af3trt build` flag (generated: add_serving_flags), reaches the repository
     of each target it is for (metadata `targets`, both by default) through build/repository.repo_spec, and is checked
     by tests/test_serving_config.py; a CPU-only setting other than its default is refused on the GPU target. A stage's
-    own setting (the stage's record names it, runtime/stages/params.py) takes its default from that record. The
-    fields without flag metadata are the decoder engine's (trtllm-build). The repository configs, trtllm-build's flags,
+    own setting is named by that stage's record (runtime/stages/params.py `serving`), which has the same default
+    (tests/test_stage_params.py). The fields without flag metadata are the decoder engine's (trtllm-build). The repository configs, trtllm-build's flags,
     the memory plan and the encoder profile are all derived from this one object."""
 
     max_batch_size: int = field(default=8, metadata=flag("concurrent sequences in the decoder"))
@@ -100,6 +100,7 @@ class ServingConfig:
         targets=CPU))
     decoder_threads: int | None = field(default=None, metadata=flag(
         "CPU: torch threads of the decoder (default: --cpu-threads)", type=int, targets=CPU))
+    # (the GPU target's preprocess keeps torch's own: PreprocessParams.threads 0)
     preprocess_threads: int | None = field(default=1, metadata=flag(
         "CPU: torch threads of the log-mel (one request's features are small)", type=int, targets=CPU))
     # the decoder engine's (build/trtllm_engine.py); tp_size comes from --tp-size (GpuOptions)

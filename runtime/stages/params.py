@@ -22,8 +22,9 @@ naming the model, the parameter and the value.
 
 A field with `serving` metadata is an `af3trt build` setting of ServingConfig (its flag generated there): the build
 copies the setting into the record (build/repository.serving_params; the first of the named settings that is set, e.g.
---decoder-threads, else --cpu-threads). The stage's default is the setting's default (tests/test_stage_params.py), so
-a serving limit that a stage enforces is a field here, its setting in ServingConfig, and the code that uses it.
+--decoder-threads, else --cpu-threads). The stage's default is the setting's where the setting is for every target the
+record serves (tests/test_stage_params.py), so a serving limit that a stage enforces is a field here, its setting in
+ServingConfig, and the code that uses it.
 """
 
 from __future__ import annotations
