@@ -229,7 +229,7 @@ def with_stub_caps(spec: RepoSpec, caps: dict[str, int] | None) -> RepoSpec:
     if not caps:
         return spec
     field = {"preprocess": "preprocess_params", "encoder": "encoder_params", "fusion": "fusion_params"}
-    return replace(spec, **{field[m]: {**getattr(spec, field[m]), "cuda_memory_cap_bytes": str(int(b))}
+    return replace(spec, **{field[m]: {**getattr(spec, field[m]), "cuda_memory_cap_bytes": int(b)}
                             for m, b in caps.items()})
 
 

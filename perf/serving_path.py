@@ -268,8 +268,8 @@ def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float, stream_int
 
     out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{stream_interval_ms}"
     opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=tokens_per_s,
-                        stream_interval_ms=stream_interval_ms,
-                        serving=ServingConfig(max_batch_size=max(args.concurrency, 1),
+                        serving=ServingConfig(stream_interval_ms=stream_interval_ms,
+                                              max_batch_size=max(args.concurrency, 1),
                                               max_output_len=max(args.max_tokens, args.tiny_tokens, 8),
                                               max_queue_size=0, queue_timeout_ms=0))
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}

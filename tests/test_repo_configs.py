@@ -76,9 +76,7 @@ def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.buil
         max_batch_size=limits.max_batch_size, max_audio_windows=limits.max_audio_windows,
         max_input_len=limits.max_input_len, max_output_len=limits.max_output_len,
         default_max_tokens=limits.served_default_max_tokens,
-        encoder_params={"onnx_path": "artifacts/encoder.onnx", "intra_op_threads": "0"},
-        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits.max_batch_size),
-                        "threads": "0"},
+        encoder_params={"onnx_path": "artifacts/encoder.onnx"}, decoder_params={"gpt_model_path": "artifacts/lm"},
         fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"},
         prompt_table_extra_ids=True)
 
@@ -164,7 +162,8 @@ def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
     # fusion sends prompt_table_extra_ids on the CPU target too: the CPU decoder's KV reuse is keyed by them
     assert "prompt_table_extra_ids" in {o.name for o in cfgs["fusion"].output}
     assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
-    assert "gpu_kernels" not in cfgs["preprocess"].parameters and "gpu_kernels" not in cfgs["fusion"].parameters
+    assert cfgs["preprocess"].parameters["gpu_kernels"].string_value == "false"
+    assert cfgs["fusion"].parameters["gpu_kernels"].string_value == "false"
 
 
 @pytest.mark.parametrize("dtype, triton_dtype", [("bfloat16", T.TYPE_BF16), ("float16", T.TYPE_FP16),

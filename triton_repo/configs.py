@@ -5,7 +5,8 @@ the serving limits. Nothing here is text substitution: `render()` prints the pro
 config.pbtxt back (both in runtime/triton/model_config.py, which the serving side uses too). Every model's inputs and
 outputs, and so the ensemble's input/output maps, come from runtime/stages/contract.py (built from, not copied); what this
 module adds is per repository: the hidden size and decoder dtype, the tensors a repository leaves out, scheduling,
-instances and parameters.
+instances, and each python stage's parameters as its typed record (runtime/stages/params.py), which the stage parses
+back when it loads.
 
     client ─▶ af3 (ensemble): preprocess → encoder → fusion → decoder (TensorRT-LLM's tensor contract) → postprocess
 
@@ -21,6 +22,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from af3trt.runtime.stages import contract, lengths
 from af3trt.runtime.stages.contract import CANCEL, ENSEMBLE, STAGES  # noqa: F401 - the model names, also read from here
+from af3trt.runtime.stages.params import (CancelParams, DecoderParams, FusionParams, PostprocessParams, StageParams,
+                                          record_of)
 from af3trt.runtime.triton.model_config import parse, render  # noqa: F401 - config.pbtxt text, read from here by the build
 
 T = mc.DataType
@@ -64,12 +67,14 @@ class RepoSpec:
     # request to it.
     max_queue_size: int = 32
     queue_timeout_ms: int = 120000  # a backstop: max_queue_size is what fails fast; CPU requests take seconds
-    # decoder parameters (the tensorrtllm backend reads these as strings; the CPU decoder reads the same keys)
-    decoder_params: dict[str, str] = field(default_factory=dict)
-    encoder_params: dict[str, str] = field(default_factory=dict)
-    fusion_params: dict[str, str] = field(default_factory=dict)
-    postprocess_params: dict[str, str] = field(default_factory=dict)
-    preprocess_params: dict[str, str] = field(default_factory=dict)
+    # Each python stage's own parameters, by field of its record (runtime/stages/params.py: typed values, checked
+    # when the record is made), besides those derived from the fields above: e.g. encoder_params={"onnx_path": ...}.
+    # On the GPU target decoder_params are the tensorrtllm backend's, by upstream's names, as strings.
+    decoder_params: dict[str, object] = field(default_factory=dict)
+    encoder_params: dict[str, object] = field(default_factory=dict)
+    fusion_params: dict[str, object] = field(default_factory=dict)
+    postprocess_params: dict[str, object] = field(default_factory=dict)
+    preprocess_params: dict[str, object] = field(default_factory=dict)
     # the checkpoint's end ids after end_id: fusion sends them as stop_words_list, postprocess trims them
     # (runtime/stages/stop_words.py); empty when the checkpoint names one end id
     stop_ids: list[int] = field(default_factory=list)
@@ -78,18 +83,16 @@ class RepoSpec:
     gpu_kernels: bool | None = None
 
 
-def kernel_params(spec: RepoSpec, model: str) -> dict[str, str]:
-    """The parameters that switch preprocess/fusion to the device path (read by af3trt.kernels.device_from_params).
+def gpu_kernels(spec: RepoSpec) -> bool:
+    """Whether preprocess and fusion take the device path (their records' gpu_kernels, af3trt.kernels.device_of)."""
+    return spec.target == "gpu" if spec.gpu_kernels is None else spec.gpu_kernels
 
-    fusion also gets FORCE_CPU_ONLY_INPUT_TENSORS "no": by default the python backend copies every input to the CPU
-    before execute(); with "no" it hands over tensors where they were last used, e.g. the TensorRT encoder's output
-    on the GPU (triton-inference-server/python_backend README, "Input Tensor Device Placement"; src/python_be.cc
-    defaults force_cpu_only_input_tensors_ to true).
-    """
-    on = spec.target == "gpu" if spec.gpu_kernels is None else spec.gpu_kernels
-    if not on:
-        return {}
-    return {"gpu_kernels": "true", **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if model == "fusion" else {})}
+
+# The python backend copies every input to the CPU before execute() unless FORCE_CPU_ONLY_INPUT_TENSORS is "no"; with
+# "no" it hands over tensors where they were last used, e.g. the TensorRT encoder's output on the GPU
+# (triton-inference-server/python_backend README, "Input Tensor Device Placement"; src/python_be.cc defaults
+# force_cpu_only_input_tensors_ to true). A backend parameter, not a stage's: set beside the record.
+INPUTS_WHERE_THEY_ARE = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 
 
 def triton_type(datatype: str) -> int:
@@ -121,7 +124,8 @@ def omitted(spec: RepoSpec) -> set[str]:
                             (contract.STOP_WORDS_LIST, bool(spec.stop_ids)),
                             # think/'s LoRA task id: only a repository built with the adapter has it (build/think.py);
                             # fusion then sends it with thinking requests only
-                            (contract.LORA_TASK_ID, "think_lora_task_id" in spec.fusion_params)) if not on}
+                            (contract.LORA_TASK_ID, spec.fusion_params.get("think_lora_task_id") is not None))
+            if not on}
 
 
 def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
@@ -134,6 +138,16 @@ def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
 def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
     for k, v in sorted(params.items()):
         cfg.parameters[k].string_value = str(v)
+
+
+def stage_params(spec: RepoSpec, model: str, own: dict[str, object], **derived) -> StageParams:
+    """The model's parameter record on this target: `derived` from the spec, then the stage's `own` (RepoSpec
+    <model>_params). A name the record does not have, or a value of the wrong type, is an error here, at build time."""
+    record = record_of(model, spec.target)
+    try:
+        return record(**derived, **own)
+    except TypeError as e:
+        raise ValueError(f"{model} ({record.__name__}, runtime/stages/params.py): {e}") from None
 
 
 def _bound_queue(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
@@ -157,8 +171,8 @@ def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
 def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python(contract.PREPROCESS, 0, spec.preprocess_instances)
     _interface(cfg, spec)
-    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
-                  **spec.preprocess_params})
+    _params(cfg, stage_params(spec, contract.PREPROCESS, spec.preprocess_params,
+                              max_audio_windows=spec.max_audio_windows, gpu_kernels=gpu_kernels(spec)).render())
     _bound_queue(cfg, spec)
     return cfg
 
@@ -180,29 +194,27 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
         # docs/user_guide/model_configuration.md, Instance Groups), memory the plan does not count under TP 2 or
         # `--gpus all`. GPU 0 is the ensemble's: preprocess/fusion kernels use cuda:0, the plan's pool is on 0.
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances, gpus=[0])
-        _params(cfg, {"plan_file": "model.plan", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
+        _params(cfg, INPUTS_WHERE_THEY_ARE)
     else:
         cfg = _python(contract.ENCODER, spec.encoder_max_batch, spec.encoder_instances)
     _interface(cfg, spec)
     if spec.encoder_batching:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
         _bound_queue(cfg, spec)
-    _params(cfg, spec.encoder_params)
+    _params(cfg, stage_params(spec, contract.ENCODER, spec.encoder_params).render())
     return cfg
 
 
 def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python(contract.FUSION, 0, spec.fusion_instances)
     _interface(cfg, spec)
-    _params(cfg, {
-        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "dtype": spec.decoder_dtype,
-        "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
-        "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
-        **({"prompt_table_extra_ids": "true"} if spec.prompt_table_extra_ids else {}),
-        **({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
-        **kernel_params(spec, "fusion"),
-        **spec.fusion_params,
-    })
+    params: FusionParams = stage_params(
+        spec, contract.FUSION, spec.fusion_params, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+        dtype=spec.decoder_dtype, end_id=spec.end_id, pad_id=spec.pad_id, max_input_len=spec.max_input_len,
+        max_output_len=spec.max_output_len, default_max_tokens=spec.default_max_tokens,
+        prompt_table_extra_ids=spec.prompt_table_extra_ids, stop_ids=tuple(spec.stop_ids),
+        gpu_kernels=gpu_kernels(spec))
+    _params(cfg, {**params.render(), **(INPUTS_WHERE_THEY_ARE if params.gpu_kernels else {})})
     _bound_queue(cfg, spec)
     return cfg
 
@@ -228,10 +240,15 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.dynamic_batching.SetInParent()
     _bound_queue(cfg, spec)
     _interface(cfg, spec)  # all the inputs the backend takes that fusion sends, a direct client may send
-    _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
-                  "exclude_input_in_output": "true", **spec.decoder_params})
-    if spec.target == "cpu":  # the CPU engine's own waiting list (the tensorrtllm backend has its own scheduler)
-        _params(cfg, {"max_queue_size": spec.max_queue_size, "queue_timeout_ms": spec.queue_timeout_ms})
+    if spec.target == "gpu":  # the tensorrtllm backend's parameters, by upstream's names
+        _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
+                      "exclude_input_in_output": "true", **spec.decoder_params})
+    else:  # the CPU engine bounds its own waiting list (the tensorrtllm backend has its own scheduler)
+        params: DecoderParams = stage_params(
+            spec, contract.DECODER, spec.decoder_params, max_batch_size=spec.max_batch_size,
+            max_input_len=spec.max_input_len, max_output_len=spec.max_output_len, max_queue_size=spec.max_queue_size,
+            queue_timeout_ms=spec.queue_timeout_ms)
+        _params(cfg, params.render())
     return cfg
 
 
@@ -239,8 +256,9 @@ def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     # One instance: it keeps the incomplete UTF-8 tail of each streamed request between responses.
     cfg = _python(contract.POSTPROCESS, 0, 1)
     _interface(cfg, spec)
-    _params(cfg, {**({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
-                  **spec.postprocess_params})
+    params: PostprocessParams = stage_params(spec, contract.POSTPROCESS, spec.postprocess_params,
+                                             stop_ids=tuple(spec.stop_ids))
+    _params(cfg, params.render())
     return cfg
 
 
@@ -279,8 +297,9 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     policy, so that a cancellation is never rejected as overload."""
     cfg = _python(CANCEL, 0, 1)
     _interface(cfg, spec)
-    if spec.target == "gpu":  # the tensorrtllm decoder reads no mark: send it a stop request (runtime/triton/trtllm_stop.py)
-        _params(cfg, {"stop_model": contract.DECODER})
+    # the tensorrtllm decoder reads no mark: send it a stop request (runtime/triton/trtllm_stop.py)
+    params: CancelParams = stage_params(spec, CANCEL, {}, stop_model=contract.DECODER if spec.target == "gpu" else None)
+    _params(cfg, params.render())
     return cfg
 
 
