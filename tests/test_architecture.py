@@ -2,6 +2,7 @@
 
     af3trt.registry     facts; imports nothing of af3trt
     runtime.assets      the embedded demo clip; imports nothing of af3trt
+    runtime.host        what /proc says about processes (proc.py); imports nothing of af3trt
     runtime.stages      the tensor contract and the pure processing of each stage (audio, prompt, sampling, detok…)
     runtime.engines     ← stages                 the CPU/GPU backends a stage runs (decoder, encoder, stand-ins)
     runtime.triton      ← stages                 what every python-backend stub shares (I/O, request context, configs)
@@ -37,12 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RUNTIME = {"runtime.stages", "runtime.engines", "runtime.triton", "runtime.client", "runtime.openai", "runtime.serve",
            "runtime.batch"}
-FOUNDATION = {"registry", "runtime", "runtime.assets"}  # facts and data: anyone may import them; they import nothing of af3trt
+FOUNDATION = {"registry", "runtime", "runtime.assets", "runtime.host"}  # facts and data: anyone may import them; they import nothing of af3trt
 # layer → the layers it may import (besides itself and the foundation)
 ALLOWED = {
     "registry": set(),
     "runtime": set(),
     "runtime.assets": set(),
+    "runtime.host": set(),
     "runtime.stages": set(),
     "runtime.engines": {"runtime.stages"},
     "runtime.triton": {"runtime.stages"},
