@@ -29,14 +29,22 @@ from helpers import MODELS
 # The serving flags `af3trt build` has had (a field removed from ServingConfig would silently drop its flag)
 SERVING_FLAGS = ("--max-batch-size", "--max-audio-seconds", "--max-text-len", "--max-output-len",
                  "--default-max-tokens", "--max-queue-size", "--queue-timeout-ms", "--preprocess-instances",
-                 "--encoder-instances", "--encoder-queue-delay-us", "--no-encoder-batching", "--no-crop-frames")
+                 "--encoder-instances", "--encoder-queue-delay-us", "--encoder-batching", "--no-encoder-batching",
+                 "--no-crop-frames")
+# A setting whose default is its target's (None): each of its two flags changes the target whose default differs
+PER_TARGET = {"--encoder-batching": "cpu", "--no-encoder-batching": "gpu"}
+# A setting that shows only beside another: the encoder's queue delay is its dynamic batcher's (off on CPU by default)
+CONTEXT = {"--encoder-queue-delay-us": ["--encoder-batching"]}
 
 
 def flag_argv() -> dict[str, list[str]]:
-    """Each generated serving flag with a value other than its default (halved, or 1 -> 2; booleans flip)."""
+    """Each generated serving flag with a value other than its default (halved, or 1 -> 2; booleans flip; a
+    per-target boolean both ways)."""
     out = {}
     for f in flag_fields(ServingConfig):
-        if isinstance(f.default, bool):
+        if f.default is None and f.metadata.get("type") is bool:
+            out[f"--{f.name.replace('_', '-')}"] = out[f"--no-{f.name.replace('_', '-')}"] = []
+        elif isinstance(f.default, bool):
             out[f"--no-{f.name.replace('_', '-')}" if f.default else f"--{f.name.replace('_', '-')}"] = []
         else:
             value = f.default // 2 if f.default > 1 else f.default + 1
@@ -84,12 +92,16 @@ def render_both(tiny_ckpt, prepared, root, name: str, flags: list[str]) -> dict[
 
 
 def unchanged(tiny_ckpt, prepared, root, flags: dict[str, list[str]]) -> list[str]:
-    """'<flag> on <target>' for each flag whose repository equals the default one on that target."""
-    base = render_both(tiny_ckpt, prepared, root, "defaults", [])
+    """'<flag> on <target>' for each flag whose repository equals the one without it on that target (with the
+    flags it needs to show, CONTEXT, in both)."""
+    bases: dict[tuple, dict] = {}
     missed = []
     for i, (flag, value) in enumerate(flags.items()):
-        got = render_both(tiny_ckpt, prepared, root, f"flag{i}", [flag, *value])
-        missed += [f"{flag} on {t}" for t in ("cpu", "gpu") if got[t] == base[t]]
+        context = CONTEXT.get(flag, [])
+        if tuple(context) not in bases:
+            bases[tuple(context)] = render_both(tiny_ckpt, prepared, root, f"base{len(bases)}", context)
+        got = render_both(tiny_ckpt, prepared, root, f"flag{i}", [*context, flag, *value])
+        missed += [f"{flag} on {t}" for t in ("cpu", "gpu") if got[t] == bases[tuple(context)][t]]
     return missed
 
 
@@ -107,7 +119,10 @@ def test_the_serving_flags_are_generated_from_the_config():
 
 
 def test_every_serving_flag_changes_both_repositories(tiny_ckpt, prepared, tmp_path, fake_gpu_tools):
-    assert unchanged(tiny_ckpt, prepared, tmp_path, flag_argv()) == []
+    """Every flag changes both targets' repositories; a per-target setting's flag the one whose default it is not
+    (encoder batching: off on CPU, on on GPU by default)."""
+    expected = sorted(f"{flag} on {t}" for flag, changed in PER_TARGET.items() for t in ("cpu", "gpu") if t != changed)
+    assert sorted(unchanged(tiny_ckpt, prepared, tmp_path, flag_argv())) == expected
 
 
 @pytest.mark.slow
