@@ -242,3 +242,29 @@ def test_script_form_reports_a_clean_error(argv):
                        text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_every_shipped_folder_is_a_declared_package():
+    """setuptools ships the files of a folder below a package only as a package of its own: package data reached
+    through a subfolder (`"af3trt.triton_repo" = ["*/model.py"]`, `"af3trt" = ["reference/*.json"]`) made `pip
+    install` print a screen of "Package would be ignored" warnings per folder. So package data names files of its own
+    package, and every tracked folder of Python modules below a package is a declared package (else its modules
+    would not ship)."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages, dirs = set(tool["packages"]), tool["package-dir"]
+    data = tool["package-data"]
+    assert set(data) <= packages and [p for patterns in data.values() for p in patterns if "/" in p] == []
+
+    def folder(package: str) -> str:
+        base = max((p for p in dirs if package == p or package.startswith(p + ".")), key=len)
+        return (Path(dirs[base]) / Path(*package[len(base):].split(".")[1:])).as_posix()
+
+    owner = {folder(p): p for p in packages}
+    tracked = subprocess.run(["git", "ls-files", "-z", "*.py"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split("\0")
+    undeclared = set()
+    for parent in {Path(f).parent for f in tracked if f}:
+        above = next((p for p in parent.parents if p.as_posix() in owner), None)
+        if parent.as_posix() not in owner and above is not None and above != Path("."):
+            undeclared.add(f"{owner[above.as_posix()]}.{parent.relative_to(above).parts[0]}")
+    assert sorted(undeclared) == []
