@@ -77,8 +77,10 @@ class ServingConfig:
         "CPU: instances of the decoder model (each batches its own requests)", targets=CPU))
     encoder_queue_delay_us: int = field(default=2000, metadata=flag(
         "how long the encoder's dynamic batcher waits to gather windows"))
-    encoder_batching: bool = field(default=True, metadata=flag(
-        "one request per encoder execution (faster on CPU with full windows: requests pipeline into the decoder)"))
+    encoder_batching: bool | None = field(default=None, metadata=flag(
+        "Triton batches the windows of concurrent requests of one frame bucket into one encoder execution, or not "
+        "(--no-...: one request per execution). Default: the target's, off on CPU (measured slower there), on on GPU "
+        "(triton_repo/configs.py ENCODER_BATCHING, with the measurements)", type=bool))
     # preprocess crops each request's windows to its frame bucket (runtime/stages/lengths.py); False sends full 30-s windows
     # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
     crop_frames: bool = field(default=True, metadata=flag(

@@ -38,6 +38,7 @@ import numpy as np
 from af3trt.perf import bench, compare, machine
 from af3trt.perf import clips as clipgen
 from af3trt.perf.loadgen import run_load
+from af3trt.runtime.host.proc import tree_cpu_seconds
 
 log = logging.getLogger("af3trt.bench")
 
@@ -60,30 +61,6 @@ def fresh_clips(count: int, variant: int) -> list[tuple[float, bytes]]:
 
 def spread(values: list[float]) -> float:
     return float((max(values) - min(values)) / np.median(values)) if values else float("nan")
-
-
-def _stat(path: Path) -> tuple[int, float] | None:
-    """(parent pid, user + system CPU seconds) of /proc/<pid>/stat (proc(5): fields 4, 14 and 15, after the name)."""
-    try:
-        fields = path.read_text().rpartition(")")[2].split()
-    except OSError:  # gone meanwhile
-        return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (tritonserver and its python stubs), from
-    /proc (Linux)."""
-    stats = {int(p.parent.name): st for p in Path("/proc").glob("[0-9]*/stat") if (st := _stat(p)) is not None}
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in stats.items():
-        children.setdefault(parent, []).append(child)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats.get(p, (0, 0.0))[1]
-        todo += children.get(p, [])
-    return total
 
 
 def af3trt_round(url: str, args, variant: int, pid: int | None = None) -> tuple[dict, dict]:

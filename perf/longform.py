@@ -22,32 +22,19 @@ import soundfile as sf
 
 from af3trt.perf import clips
 from af3trt.runtime.batch import Served
-from af3trt.runtime.serve.supervisor import children, stub_pids
-
-
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of a process in MB; 0 when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+from af3trt.runtime.host.proc import children, cmdline, peak_rss_mb, stub_names
 
 
 def server_peaks(serve_pid: int) -> dict[str, float]:
     """{process: peak RSS MB} under `af3trt serve`: the OpenAI front, tritonserver, each python stub."""
     out = {}
     for pid in children(serve_pid):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cmd = " ".join(cmdline(pid))
         if "openai_server" in cmd:
             out["openai front"] = peak_rss_mb(pid)
         elif "tritonserver" in cmd:
             out["tritonserver"] = peak_rss_mb(pid)
-            for model, pids in stub_pids(pid).items():
-                for k, p in enumerate(sorted(pids)):
-                    out[f"stub {model}" + (f"#{k}" if k else "")] = peak_rss_mb(p)
+            out.update({f"stub {name}": peak_rss_mb(p) for name, p in stub_names(pid).items()})
     return out
 
 

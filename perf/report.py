@@ -156,7 +156,8 @@ def render_markdown(results: dict, plots: list[str] = ()) -> str:
         lines += ["", "### Sweep figures"]
     lines += _headline_lines(h)
     lines += ["", "## Setup", "",
-              f"- Repository: `{repo.get('path')}` (target {repo.get('target')}); precisions "
+              f"- Repository: `{Path(repo['path']).name if repo.get('path') else None}` (target {repo.get('target')}); "
+              f"precisions "
               f"`{json.dumps(repo.get('precisions'))}`; serving settings `{json.dumps(repo.get('spec'))}`.",
               f"- Sweep inputs: {len(results.get('inputs') or [])} (clip, prompt) pairs "
               f"({', '.join(sorted({i['clip'] for i in results.get('inputs') or []}))}), "

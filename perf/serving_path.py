@@ -27,8 +27,6 @@ import base64
 import io
 import json
 import logging
-import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -44,6 +42,7 @@ from pathlib import Path
 from af3trt.perf import clips as clipgen
 from af3trt.perf import machine
 from af3trt.perf.loadgen import run_load
+from af3trt.runtime.host.proc import cpu_seconds, stub_names
 
 log = logging.getLogger("af3trt.bench.serving_path")
 
@@ -93,51 +92,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ processes
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (proc(5): fields 14 and 15 of /proc/<pid>/stat, in clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
-_MODEL_OF_STUB = re.compile(r"/([^/\x00]+)/\d+/model\.py")
-
-
 def serving_processes(server_pid: int, front_pid: int | None) -> dict[str, int]:
-    """{name: pid}: tritonserver, its python-backend stubs by the model their command line names (a second instance
-    of a model gets '#2'), and the OpenAI front."""
-    procs = {"tritonserver": server_pid}
-    for pid in sorted(children(server_pid)):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        m = _MODEL_OF_STUB.search(cmd)
-        if m:
-            name, k = m.group(1), 2
-            while name in procs:
-                name, k = f"{m.group(1)}#{k}", k + 1
-            procs[name] = pid
+    """{name: pid}: tritonserver, its python-backend stubs by model (runtime/host/proc.py stub_names: a second
+    instance of a model is 'model#2'), and the OpenAI front."""
+    procs = {"tritonserver": server_pid, **stub_names(server_pid)}
     if front_pid:
         procs["openai"] = front_pid
     return procs
 
 
 def snapshot(procs: dict[str, int]) -> dict[str, float]:
+    """{name: CPU seconds}; ProcessLookupError (an OSError) when one of them is gone."""
     return {name: cpu_seconds(pid) for name, pid in procs.items()}
 
 

@@ -36,28 +36,14 @@ from af3trt.perf import clips
 from af3trt.perf.loadgen import one_request, record
 from af3trt.perf.metrics import RequestRecord, summarize
 from af3trt.runtime.client.library import AF3Client, AF3Stream, Request
-from af3trt.runtime.serve.supervisor import stub_pids
+from af3trt.runtime.host.proc import rss_mb, stub_names
 
 PROMPTS = ("What is said?", "Transcribe the audio.", "Describe the sound.", "Who is speaking, and about what?")
 
 
 def process_tree_rss(server_pid: int) -> dict[str, float]:
-    """{name: RSS MB} of tritonserver and its python stubs (named by model; repeated models get #k)."""
-    out = {"tritonserver": _rss_mb(server_pid)}
-    for model, pids in sorted(stub_pids(server_pid).items()):
-        for k, pid in enumerate(sorted(pids)):
-            out[model if k == 0 else f"{model}#{k}"] = _rss_mb(pid)
-    return out
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """{name: RSS MB} of tritonserver and its python stubs (named by model: runtime/host/proc.py stub_names)."""
+    return {"tritonserver": rss_mb(server_pid), **{name: rss_mb(pid) for name, pid in stub_names(server_pid).items()}}
 
 
 def make_clips(n: int = 8, seed: int = 0, seconds: tuple[float, float] = (1.0, 8.0)) -> list[bytes]:
@@ -122,7 +108,7 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
 
     def tree_rss() -> dict[str, float]:
         rss = process_tree_rss(server_pid)
-        rss.update({name: _rss_mb(pid) for name, pid in (watch or {}).items()})
+        rss.update({name: rss_mb(pid) for name, pid in (watch or {}).items()})
         return rss
 
     stopped = threading.Event()

@@ -339,7 +339,8 @@ def test_bench_cli_defaults():
     args = bench.parse_args([])
     assert args.preset == "af3" and args.main_clips == "spoken"  # AF3's compute split, the burst's spoken clips
     assert (args.compare_rounds, args.burst_clips, args.steady_concurrency) == (3, 8, 8) and args.full_window_ablation
-    assert args.encoder_batching and args.encoder_queue_delay_us == 2000 and args.batching_ablation
+    assert not args.encoder_batching and args.encoder_queue_delay_us == 2000 and args.batching_ablation  # CPU's default
+    assert bench.parse_args(["--encoder-batching"]).encoder_batching
     assert not bench.parse_args(["--no-encoder-batching"]).encoder_batching
     assert bench.ints(args.concurrency) == [1, 4, 8, 16, 32]
     assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.encoder_precision == "fp32" and args.ablation_levels == ""
@@ -432,6 +433,13 @@ def test_compare_medians_ratios_and_targets(tmp_path):
     results["compare"] = cmp
     results["machine"]["cpu"]["isa"] = "avx2"
     assert "CPU ISA: **avx2**" in report.render_markdown(results)
+
+
+def test_the_report_names_the_repository_by_its_folder_not_a_machine_path():
+    results = fake_results()
+    results["repository"] = {"path": "/tmp/w10/work/repo-af3-fp32", "target": "cpu"}
+    md = report.render_markdown(results)
+    assert "- Repository: `repo-af3-fp32` (target cpu)" in md and "/tmp/w10" not in md
 
 
 def test_soak_bytes_per_request_fits_after_warm_up():

@@ -31,18 +31,24 @@ from helpers import MODELS
 # The serving flags `af3trt build` has had (a field removed from ServingConfig would silently drop its flag)
 SERVING_FLAGS = ("--max-batch-size", "--max-audio-seconds", "--max-text-len", "--max-output-len",
                  "--default-max-tokens", "--max-queue-size", "--queue-timeout-ms", "--preprocess-instances",
-                 "--encoder-instances", "--encoder-queue-delay-us", "--no-encoder-batching", "--no-crop-frames",
-                 "--fusion-instances", "--decoder-instances", "--encoder-max-batch", "--encoder-windows-per-run",
+                 "--encoder-instances", "--encoder-queue-delay-us", "--encoder-batching", "--no-encoder-batching",
+                 "--no-crop-frames", "--fusion-instances", "--decoder-instances", "--encoder-max-batch", "--encoder-windows-per-run",
                  "--stream-interval-ms", "--cpu-threads", "--encoder-threads", "--decoder-threads",
                  "--preprocess-threads")
+# A setting whose default is its target's (None): each of its two flags changes the target whose default differs
+PER_TARGET = {"--encoder-batching": "cpu", "--no-encoder-batching": "gpu"}
+# A setting that shows only beside another: the encoder's queue delay is its dynamic batcher's (off on CPU by default)
+CONTEXT = {"--encoder-queue-delay-us": ["--encoder-batching"]}
 
 
 def flag_argv() -> dict[str, list[str]]:
     """Each generated serving flag with a value other than its default (halved, or 1 -> 2, None -> 3; booleans
-    flip)."""
+    flip; a per-target boolean both ways)."""
     out = {}
     for f in flag_fields(ServingConfig):
-        if isinstance(f.default, bool):
+        if f.default is None and f.metadata.get("type") is bool:
+            out[f"--{f.name.replace('_', '-')}"] = out[f"--no-{f.name.replace('_', '-')}"] = []
+        elif isinstance(f.default, bool):
             out[f"--no-{f.name.replace('_', '-')}" if f.default else f"--{f.name.replace('_', '-')}"] = []
         elif f.default is None:
             out[f"--{f.name.replace('_', '-')}"] = ["3"]
@@ -89,15 +95,20 @@ def render(tiny_ckpt, prepared, root, name: str, flags: list[str], target: str) 
 
 
 def unchanged(tiny_ckpt, prepared, root, flags: dict[str, list[str]]) -> list[str]:
-    """'<flag> on <target>' for each flag whose repository equals the default one on a target it is for, and
-    '<flag> not refused on <target>' for each flag a build for another target takes."""
-    base = {t: render(tiny_ckpt, prepared, root, "defaults", [], t) for t in ("cpu", "gpu")}
+    """'<flag> on <target>' for each flag whose repository equals the one without it on a target it is for (with
+    the flags it needs to show, CONTEXT, in both), and '<flag> not refused on <target>' for each flag a build for
+    another target takes."""
+    bases: dict[tuple, dict] = {}
     missed = []
     for i, (flag, value) in enumerate(flags.items()):
+        context = CONTEXT.get(flag, [])
         name = flag.removeprefix("--").removeprefix("no-").replace("-", "_")
         for t in ("cpu", "gpu"):
             if t in ServingConfig.targets(name):
-                if render(tiny_ckpt, prepared, root, f"flag{i}", [flag, *value], t) == base[t]:
+                if (tuple(context), t) not in bases:
+                    bases[tuple(context), t] = render(tiny_ckpt, prepared, root, f"base{len(bases)}", context, t)
+                got = render(tiny_ckpt, prepared, root, f"flag{i}", [*context, flag, *value], t)
+                if got == bases[tuple(context), t]:
                     missed.append(f"{flag} on {t}")
                 continue
             try:
@@ -123,8 +134,10 @@ def test_the_serving_flags_are_generated_from_the_config():
 
 def test_every_serving_flag_changes_the_repository_of_each_target_it_is_for(tiny_ckpt, prepared, tmp_path,
                                                                             fake_gpu_tools):
-    flags = flag_argv()
-    assert unchanged(tiny_ckpt, prepared, tmp_path, flags) == []
+    """Every flag changes the repository of each target it is for; a per-target setting's flag the one whose default
+    it is not (encoder batching: off on CPU, on on GPU by default)."""
+    expected = sorted(f"{flag} on {t}" for flag, changed in PER_TARGET.items() for t in ("cpu", "gpu") if t != changed)
+    assert sorted(unchanged(tiny_ckpt, prepared, tmp_path, flag_argv())) == expected
     # the settings of the CPU target's models are refused on the GPU target, not ignored
     cpu_only = {f.name for f in flag_fields(ServingConfig) if ServingConfig.targets(f.name) == ("cpu",)}
     assert cpu_only == {"decoder_instances", "encoder_max_batch", "encoder_windows_per_run", "stream_interval_ms",

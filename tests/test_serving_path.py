@@ -26,8 +26,13 @@ def test_the_linear_model_separates_request_and_token_cost():
 
 
 def test_stubs_are_named_by_the_model_their_command_line_names(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(60)",
-                              str(tmp_path / "model_repository" / "fusion" / "1" / "model.py")])
+    model = tmp_path / "model_repository" / "fusion" / "1" / "model.py"  # argv as Triton starts a python stub
+    model.parent.mkdir(parents=True)
+    model.write_text("import time\ntime.sleep(60)\n")
+    stub = tmp_path / "bin" / "triton_python_backend_stub"
+    stub.parent.mkdir()
+    stub.symlink_to(getattr(sys, "_base_executable", sys.executable))
+    child = subprocess.Popen([str(stub), str(model)])
     try:
         procs = serving_processes(os.getpid(), None)
         assert procs["tritonserver"] == os.getpid() and procs["fusion"] == child.pid

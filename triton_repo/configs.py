@@ -29,6 +29,18 @@ from af3trt.runtime.triton.model_config import parse, render  # noqa: F401 - con
 T = mc.DataType
 DTYPES = {"float32": T.TYPE_FP32, "float16": T.TYPE_FP16, "bfloat16": T.TYPE_BF16}
 
+# Whether Triton's dynamic batcher gives the encoder the windows of several requests (of one frame bucket) in one
+# execution, per target, when the build does not say (`af3trt build --encoder-batching / --no-encoder-batching`).
+# CPU: off. Every CPU run since windows were cropped to their frame bucket measured it slower on (2 shared cores):
+#   perf/results/latest/report.md (run 20261129T072252Z, fp32, docs/benchmarks.md): burst of 8 1.33 req/s on
+#   against 2.23 off, steady c=8 1.23 against 2.17;
+#   perf/results/latest/engine.md (run 20261202T001534Z, bf16, docs/performance-engine.md): burst 3.35 against
+#   4.15 req/s, sustained 4.49 against 4.97, CPU 0.26/0.22 against 0.23/0.20 s per request, encoder 214 against
+#   64 ms per request: with two cores a batch only makes requests wait for each other's windows.
+# GPU: on. A TensorRT plan runs a batch of windows in one execution (its profile's max windows is encoder_max_batch,
+# build/gpu_repo.py), the point of batching on a device; not measured here (no GPU on these machines).
+ENCODER_BATCHING = {"cpu": False, "gpu": True}
+
 
 @dataclass
 class RepoSpec:
@@ -47,11 +59,8 @@ class RepoSpec:
     default_max_tokens: int = 128
     encoder_max_batch: int = 64  # windows per encoder execution
     encoder_queue_delay_us: int = 2000
-    # False: the encoder runs one request per execution (no dynamic batcher). Measured on 2 cores: with full 30-s
-    # windows batching saved no compute (+15-30 % throughput without it at c=8-16); with windows cropped to their
-    # frame bucket, batching the requests of one bucket won in 3 of 4 bench runs (burst of 8: 1.25-2.9x; 0.6x in the
-    # fourth) on a shared, noisy 2-core machine: on by default; `af3trt bench` re-measures it as an ablation.
-    encoder_batching: bool = True
+    # False: the encoder runs one request per execution (Triton batches none); None: the target's ENCODER_BATCHING
+    encoder_batching: bool | None = None
     preprocess_instances: int = 1
     encoder_instances: int = 1
     fusion_instances: int = 1
@@ -60,11 +69,11 @@ class RepoSpec:
     # prompt table for its audio rows). TensorRT-LLM 1.2 rejects a request with a prompt table and no extra ids when
     # enable_kv_cache_reuse is on, and without them would reuse KV blocks across different audio (same fake ids).
     prompt_table_extra_ids: bool = False
-    # Overload: preprocess, encoder (when batching), fusion and decoder each hold at most max_queue_size requests
-    # waiting and reject more at once (Triton: "Exceeds maximum queue size", UNAVAILABLE); a request that waited
-    # queue_timeout_ms is rejected ("Request timeout expired"). The CPU decoder bounds its own waiting list the same
-    # way ("server busy: ..."). 0 = unbounded / no timeout. Postprocess is never bounded: every streamed token is a
-    # request to it.
+    # Overload: preprocess, encoder (but a GPU one built unbatched), fusion and decoder each hold at most
+    # max_queue_size requests waiting and reject more at once (Triton: "Exceeds maximum queue size", UNAVAILABLE); a
+    # request that waited queue_timeout_ms is rejected ("Request timeout expired"). The CPU decoder bounds its own
+    # waiting list the same way ("server busy: ..."). 0 = unbounded / no timeout. Postprocess is never bounded: every
+    # streamed token is a request to it.
     max_queue_size: int = 32
     queue_timeout_ms: int = 120000  # a backstop: max_queue_size is what fails fast; CPU requests take seconds
     # Each python stage's own parameters, by field of its record (runtime/stages/params.py: typed values, checked
@@ -81,6 +90,11 @@ class RepoSpec:
     # GPU preprocessing kernels (af3trt.kernels): preprocess computes the log-mel on the device and fusion builds the
     # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
     gpu_kernels: bool | None = None
+
+    @property
+    def batches_encoder(self) -> bool:
+        """The encoder gets a dynamic batcher: the build's choice, else its target's default (ENCODER_BATCHING)."""
+        return ENCODER_BATCHING[self.target] if self.encoder_batching is None else self.encoder_batching
 
 
 def gpu_kernels(spec: RepoSpec) -> bool:
@@ -128,11 +142,16 @@ def omitted(spec: RepoSpec) -> set[str]:
             if not on}
 
 
-def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
-    """A model's inputs and outputs, as the contract declares them."""
+def _interface(cfg: mc.ModelConfig, spec: RepoSpec, window_axis: bool = False) -> None:
+    """A model's inputs and outputs, as the contract declares them. window_axis: the contract declares them per
+    window (a batching model's batch axis) but this model takes whole requests (max_batch_size 0): the window axis
+    comes first in each."""
     stage = contract.MODELS[cfg.name]
     cfg.input.extend(_input(t, spec) for t in stage.inputs)
     cfg.output.extend(_output(t, spec) for t in stage.outputs if t.name not in omitted(spec))
+    if window_axis:
+        for t in (*cfg.input, *cfg.output):
+            t.dims.insert(0, -1)
 
 
 def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
@@ -196,10 +215,15 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances, gpus=[0])
         _params(cfg, INPUTS_WHERE_THEY_ARE)
     else:
-        cfg = _python(contract.ENCODER, spec.encoder_max_batch, spec.encoder_instances)
-    _interface(cfg, spec)
-    if spec.encoder_batching:
+        # Without batching a request (all its windows) is one execution: max_batch_size 0, so that the dynamic
+        # batcher holding the queue policy (_bound_queue, as for preprocess) has nothing to batch along and the
+        # encoder's queue stays bounded (Triton's queue policy exists only on the dynamic batcher:
+        # model_config.proto, ModelDynamicBatching.default_queue_policy).
+        cfg = _python(contract.ENCODER, spec.encoder_max_batch if spec.batches_encoder else 0, spec.encoder_instances)
+    _interface(cfg, spec, window_axis=cfg.max_batch_size == 0)
+    if spec.batches_encoder:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
+    if spec.batches_encoder or cfg.max_batch_size == 0:
         _bound_queue(cfg, spec)
     _params(cfg, stage_params(spec, contract.ENCODER, spec.encoder_params).render())
     return cfg

@@ -1,6 +1,7 @@
 """Triton adapter: the exported encoder+projector ONNX graph on ONNX Runtime (CPU backend of the encoder stage).
 
-Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch. Each
+With encoder batching (off on CPU by default: triton_repo/configs.py ENCODER_BATCHING) Triton's dynamic batcher hands
+over the windows of several requests at once; they run as one ORT batch; without it, one request's windows. Each
 request's windows are cropped to its frame bucket T_i (preprocess); requests of different T are padded to the
 longest with an empty mask, which changes no kept row (runtime/stages/lengths.py), and each gets back its own T_i / 4 rows.
 A build with think/ overriding the audio side has a second graph (think_onnx_path): the windows of thinking requests
