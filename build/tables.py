@@ -8,8 +8,8 @@ alignment) over records (dicts or dataclasses with named fields, as the results 
              Column("latency p50", ("latency_ms", "p50"), "{:.0f}", right=True)]
     lines += markdown_table(SWEEP, points)      # → ["| c | req/s | latency p50 |", "|---:|---:|---:|", "| 1 | …"]
 
-A value that is None (a field not measured) is shown as MISSING; a str is shown as it is (already text); any other
-value through the column's format (a str.format pattern or a function)."""
+A value that is None (a field not measured) is shown as MISSING, a `Text` as it is (a cell already written: a blank,
+a failure's message), any other value through the column's format (a str.format pattern or a function)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 MISSING = "—"
+
+
+class Text(str):
+    """A cell already written, shown as it is whatever the column's format: Text("") is a blank cell."""
+
+
+BLANK = Text("")
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,10 @@ class Column:
 
 
 def cell(value: Any, fmt: str | Callable[[Any], str] = "{}") -> str:
-    """A value as a table shows it: None as MISSING, a str as it is, anything else through `fmt`."""
+    """A value as a table shows it: None as MISSING, a Text as it is, anything else through `fmt`."""
     if value is None:
         return MISSING
-    if isinstance(value, str):
+    if isinstance(value, Text):
         return value
     return fmt(value) if callable(fmt) else fmt.format(value)
 
