@@ -46,8 +46,8 @@ class Column:
             return self.value(record)
         path = (self.header,) if self.value is None else (self.value,) if isinstance(self.value, str) else self.value
         for name in path:
-            if record is None:
-                return None
+            if record is None or isinstance(record, Text):  # a Text on the way is the cell: ("ttft_ms": BLANK)
+                return record
             record = record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
         return record
 
