@@ -503,106 +503,137 @@ def _headline_lines(h: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------ plots
 
 def write_plots(results: dict, out: Path) -> list[str]:
+    """The PNGs of PLOTS that the results have data for, in `out`; their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    sweeps = results.get("sweeps") or {}
-    base = results.get("baseline") or {}
-    seq = (base.get("sequential") or {}).get("points") or []
-    bat = base.get("batched") or []
-    cs = results.get("client_sweep") or []
-
-    def save(fig, name):
+    for name, draw in PLOTS:
+        fig = draw(results, plt)
+        if fig is None:
+            continue
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
+    return written
 
-    if sweeps:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for key, label in (("throughput_rps", "requests/s"), ("output_tokens_per_s", "output tokens/s")):
-            ax = axes[0 if key == "throughput_rps" else 1]
-            for mode, pts in sweeps.items():
-                ax.plot([p["concurrency"] for p in pts], [p.get(key) for p in pts], "o-", label=f"af3trt {mode} (PA)")
-            if cs:
-                ax.plot([p["concurrency"] for p in cs], [p.get(key) for p in cs], "x--", label="af3trt stream (client)")
-            if seq:
-                ax.plot([p["concurrency"] for p in seq], [p[key] for p in seq], "k:", label="transformers sequential")
-            if bat:
-                ax.plot([p["concurrency"] for p in bat], [p[key] for p in bat], "s-.", label="transformers batched")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("concurrency")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        save(fig, "throughput_vs_concurrency.png")
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+def _baselines(results: dict) -> tuple[list[dict], list[dict]]:
+    """transformers' sequential and batched points."""
+    base = results.get("baseline") or {}
+    return (base.get("sequential") or {}).get("points") or [], base.get("batched") or []
+
+
+def _plot_throughput(results: dict, plt):
+    """Requests/s and output tokens/s against concurrency: af3trt's sweeps, our client's, transformers'."""
+    sweeps, cs = results.get("sweeps") or {}, results.get("client_sweep") or []
+    if not sweeps:
+        return None
+    seq, bat = _baselines(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, label) in zip(axes, (("throughput_rps", "requests/s"), ("output_tokens_per_s", "output tokens/s"))):
         for mode, pts in sweeps.items():
-            c = [p["concurrency"] for p in pts]
-            what = "ttft_ms" if mode == "stream" else "latency_ms"
-            for q, style in (("p50", "o-"), ("p90", "^--"), ("p99", "v:")):
-                ax.plot(c, [(p.get(what) or {}).get(q) for p in pts], style,
-                        label=f"{mode} {'TTFT' if what == 'ttft_ms' else 'latency'} {q}")
+            ax.plot([p["concurrency"] for p in pts], [p.get(key) for p in pts], "o-", label=f"af3trt {mode} (PA)")
+        if cs:
+            ax.plot([p["concurrency"] for p in cs], [p.get(key) for p in cs], "x--", label="af3trt stream (client)")
         if seq:
-            ax.plot([p["concurrency"] for p in seq], [p["latency_ms"]["p50"] for p in seq], "k:",
-                    label="transformers sequential p50 (derived)")
+            ax.plot([p["concurrency"] for p in seq], [p[key] for p in seq], "k:", label="transformers sequential")
         if bat:
-            ax.plot([p["concurrency"] for p in bat], [p["latency_ms"]["p50"] for p in bat], "s-.",
-                    label="transformers batched")
+            ax.plot([p["concurrency"] for p in bat], [p[key] for p in bat], "s-.", label="transformers batched")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xlabel("concurrency")
-        ax.set_ylabel("ms")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def _plot_latency(results: dict, plt):
+    """Latency (TTFT when streaming) percentiles against concurrency, transformers' p50 beside them."""
+    sweeps = results.get("sweeps") or {}
+    if not sweeps:
+        return None
+    seq, bat = _baselines(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, pts in sweeps.items():
+        c = [p["concurrency"] for p in pts]
+        what = "ttft_ms" if mode == "stream" else "latency_ms"
+        for q, style in (("p50", "o-"), ("p90", "^--"), ("p99", "v:")):
+            ax.plot(c, [(p.get(what) or {}).get(q) for p in pts], style,
+                    label=f"{mode} {'TTFT' if what == 'ttft_ms' else 'latency'} {q}")
+    if seq:
+        ax.plot([p["concurrency"] for p in seq], [p["latency_ms"]["p50"] for p in seq], "k:",
+                label="transformers sequential p50 (derived)")
+    if bat:
+        ax.plot([p["concurrency"] for p in bat], [p["latency_ms"]["p50"] for p in bat], "s-.",
+                label="transformers batched")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("ms")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_stages(results: dict, plt):
+    """The stage split of the non-streaming sweep (else the first), stacked per concurrency level."""
+    sweeps = results.get("sweeps") or {}
+    if not sweeps:
+        return None
+    pts = [p for p in sweeps.get("nonstream") or next(iter(sweeps.values())) if (p.get("split") or {}).get("stages")]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(pts)
+    x = [str(p["concurrency"]) for p in pts]
+    for name, vals in stage_series(pts).items():
+        ax.bar(x, vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("ms per request (latency share)")
+    ax.set_title("stage split (Triton statistics; decoder derived)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_audio_length(results: dict, plt):
+    """End-to-end latency and TTFT against audio seconds; encoder and decoder time against 30-s windows."""
+    rows = results.get("lengths") or []
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, style in (("speech", "o-"), ("nonspeech", "s--")):
+        r = sorted((x for x in rows if x["kind"] == kind and x.get("latency_ms")), key=lambda x: x["seconds"])
+        if not r:
+            continue
+        s = [x["seconds"] for x in r]
+        axes[0].plot(s, [x["latency_ms"] for x in r], style, label=f"{kind} e2e")
+        axes[0].plot(s, [x.get("ttft_ms") for x in r], style, alpha=0.5, label=f"{kind} TTFT")
+        axes[1].plot([x["windows"] for x in r], [x.get("encoder_ms") for x in r], style, label=f"{kind} encoder")
+        axes[1].plot([x["windows"] for x in r], [x.get("decoder_ms") for x in r], style, alpha=0.5,
+                     label=f"{kind} decoder (derived)")
+    bl = sorted((results.get("baseline") or {}).get("lengths") or [], key=lambda x: x["seconds"])
+    if bl:
+        axes[0].plot([x["seconds"] for x in bl], [x["latency_ms"] for x in bl], "k:", label="transformers e2e")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("audio seconds")
+    axes[0].set_ylabel("ms")
+    axes[1].set_xlabel("30-s windows")
+    axes[1].set_ylabel("ms")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        save(fig, "latency_vs_concurrency.png")
+    return fig
 
-        pts = [p for p in sweeps.get("nonstream") or next(iter(sweeps.values())) if (p.get("split") or {}).get("stages")]
-        if pts:
-            fig, ax = plt.subplots(figsize=(8, 4.5))
-            parts = stage_series(pts)
-            bottom = [0.0] * len(pts)
-            x = [str(p["concurrency"]) for p in pts]
-            for name, vals in parts.items():
-                ax.bar(x, vals, bottom=bottom, label=name)
-                bottom = [b + v for b, v in zip(bottom, vals)]
-            ax.set_xlabel("concurrency")
-            ax.set_ylabel("ms per request (latency share)")
-            ax.set_title("stage split (Triton statistics; decoder derived)")
-            ax.legend(fontsize=7)
-            save(fig, "stage_breakdown.png")
 
-    rows = results.get("lengths") or []
-    if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for kind, style in (("speech", "o-"), ("nonspeech", "s--")):
-            r = sorted((x for x in rows if x["kind"] == kind and x.get("latency_ms")), key=lambda x: x["seconds"])
-            if not r:
-                continue
-            s = [x["seconds"] for x in r]
-            axes[0].plot(s, [x["latency_ms"] for x in r], style, label=f"{kind} e2e")
-            axes[0].plot(s, [x.get("ttft_ms") for x in r], style, alpha=0.5, label=f"{kind} TTFT")
-            axes[1].plot([x["windows"] for x in r], [x.get("encoder_ms") for x in r], style, label=f"{kind} encoder")
-            axes[1].plot([x["windows"] for x in r], [x.get("decoder_ms") for x in r], style, alpha=0.5,
-                         label=f"{kind} decoder (derived)")
-        bl = sorted(base.get("lengths") or [], key=lambda x: x["seconds"])
-        if bl:
-            axes[0].plot([x["seconds"] for x in bl], [x["latency_ms"] for x in bl], "k:", label="transformers e2e")
-        axes[0].set_xscale("log")
-        axes[0].set_yscale("log")
-        axes[0].set_xlabel("audio seconds")
-        axes[0].set_ylabel("ms")
-        axes[1].set_xlabel("30-s windows")
-        axes[1].set_ylabel("ms")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        save(fig, "latency_vs_audio_length.png")
-    return written
+# report.md's plots, in its order: file name → drawing function (the results → a Figure, or None without data)
+PLOTS = (("throughput_vs_concurrency.png", _plot_throughput), ("latency_vs_concurrency.png", _plot_latency),
+         ("stage_breakdown.png", _plot_stages), ("latency_vs_audio_length.png", _plot_audio_length))
 
 
 def stage_series(points: list[dict]) -> dict[str, list[float]]:
