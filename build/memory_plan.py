@@ -303,7 +303,8 @@ def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv
              f"+ {limits.max_output_len} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
     rows = plan_rows(first)
     rows[-1]["note"] = ""  # whether it fits: per GPU, below
-    lines = [render_markdown(first, title, rows), *markdown_table(FITS, [{"key": k, "plan": p} for k, p in plans.items()]),
+    fits = [{"key": k, "plan": p} for k, p in plans.items()]
+    lines = [render_markdown(first, title, rows), *markdown_table(FITS, fits),
              "", "`af3trt build --target gpu` computes this plan for its own options, refuses one that does not fit "
               "the target GPU before any long step, writes it into manifest.json (`gpu.memory_plan`) and sets "
               "`max_tokens_in_paged_kv_cache` to its KV tokens. Computed, not measured."]

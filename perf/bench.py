@@ -547,7 +547,8 @@ def run_ablations(run: Run) -> None:
         with run.phases("ablation: full 30-s windows"):
             results["compare"]["full_window"] = run_variant(
                 lambda: prepare_repository(args, run.ckpt, run.work, crop_frames=False),
-                run.out / "tritonserver-full-windows.log", lambda url, pid: run_full_window(args, url, run.inputs, run.spoken))
+                run.out / "tritonserver-full-windows.log",
+                lambda url, pid: run_full_window(args, url, run.inputs, run.spoken))
     if args.batching_ablation and results.get("compare"):
         batching = not args.build.encoder_batching
         with run.phases(f"ablation: encoder batching {'on' if batching else 'off'}"):

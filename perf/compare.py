@@ -186,7 +186,8 @@ def _f(v, fmt="{:.2f}") -> str:
 
 
 HEADLINE = [Column("", "label"), Column("req/s", "throughput_rps", "{:.2f}", right=True),
-            Column("tokens/s", "output_tokens_per_s", "{:.1f}", right=True), Column("RTFx", "rtfx", "{:.1f}", right=True),
+            Column("tokens/s", "output_tokens_per_s", "{:.1f}", right=True),
+            Column("RTFx", "rtfx", "{:.1f}", right=True),
             Column("vs transformers one-at-a-time", "vs_sequential", "**{:.2f}x**", right=True),
             Column("vs transformers batched", "vs_batched", "**{:.2f}x**", right=True),
             Column("runs (req/s)", lambda m: ", ".join(f"{x['throughput_rps']:.2f}" for x in m["runs"]))]
@@ -228,7 +229,8 @@ def render(compare: dict, isa: str | None) -> list[str]:
 
 
 def _labels(rounds: dict) -> dict[str, str]:
-    return {"burst": "(a) af3trt, burst of 8", "steady": f"(b) af3trt, steady c={rounds.get('concurrency')} (perf_analyzer)",
+    return {"burst": "(a) af3trt, burst of 8",
+            "steady": f"(b) af3trt, steady c={rounds.get('concurrency')} (perf_analyzer)",
             "sequential": "transformers one-at-a-time", "batched": "transformers batched generate (8)"}
 
 
@@ -239,7 +241,8 @@ def _encoder_curve_table(curve: list[dict], full: list[dict]) -> list[str]:
     if full:
         rows.append({"what": "encoder ms, full windows", "cells": [c.get("encoder_ms") for c in full]})
     return markdown_table([Column("clip s", "what")] + [
-        Column(f"{c['seconds']:g}", lambda r, i=i: r["cells"][i] if i < len(r["cells"]) else BLANK, "{:.1f}", right=True)
+        Column(f"{c['seconds']:g}", lambda r, i=i: r["cells"][i] if i < len(r["cells"]) else BLANK, "{:.1f}",
+               right=True)
         for i, c in enumerate(curve)], rows)
 
 

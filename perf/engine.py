@@ -168,8 +168,8 @@ def run_rounds(urls: dict[str, str], refs: dict, args, pids: dict[str, int] | No
             for peer, name in zip(PEERS, names[2 * k:2 * k + 2]):
                 runs[name].append(base[peer])
         log.info("round %d: %s", i + 1, ", ".join(f"{k} {v[-1]['throughput_rps']:.2f}" for k, v in runs.items()))
-    return {"rounds": args.rounds, "peers": {d: {"threads": r.threads, "dtype": r.dtype, "threads_timed": threads.get(d)}
-                                             for d, r in refs.items()},
+    peers = {d: {"threads": r.threads, "dtype": r.dtype, "threads_timed": threads.get(d)} for d, r in refs.items()}
+    return {"rounds": args.rounds, "peers": peers,
             "load_average_by_round": load, **summarize_rounds(runs, names)}
 
 
@@ -323,10 +323,12 @@ MEASURES = [Column("measure", "name"), Column("median req/s", "median", "{:.2f}"
             Column("per-round req/s", "req_s", lambda v: " / ".join(f"{x:.2f}" for x in v)),
             Column("CPU s per request (median)", "cpu", "{:.2f}")]
 RATIOS = [Column("ratio (medians)", "key"), Column("value", "value", "{:.2f}"),
-          Column("target", lambda r: f"≥ {_target(r['key'])} ({'met' if r['value'] >= _target(r['key']) else 'missed'})")]
+          Column("target", lambda r: f"≥ {_target(r['key'])} "
+                                     f"({'met' if r['value'] >= _target(r['key']) else 'missed'})")]
 CPU_RATIOS = [Column("ratio of CPU seconds per request (peer / af3trt, medians)", "key"), *RATIOS[1:]]
 BURST_SPLIT = [Column("burst", "name"), *(Column(s, s, "{:.0f}") for s in ("preprocess", "encoder", "fusion")),
-               Column("decoder generation", "decoder_generation_ms", "{:.0f}"), Column("ensemble", "ensemble_ms", "{:.0f}")]
+               Column("decoder generation", "decoder_generation_ms", "{:.0f}"),
+               Column("ensemble", "ensemble_ms", "{:.0f}")]
 CACHE = [Column("clips", "clips"), Column("req/s", "req_s", "{:.2f}"), Column("TTFT p50 ms", "ttft_ms_p50", "{:.0f}")]
 
 
@@ -382,7 +384,8 @@ def _burst_split_lines(splits: dict) -> list[str]:
              "decoder_generation_ms": np.mean([x["decoder_generation_ms"] for x in v]),
              "ensemble_ms": np.mean([x["ensemble_ms"] for x in v])} for k, v in splits.items() if v]
     return ["", "Where a burst request's time goes (mean over the rounds, ms: each stage's queue + compute from "
-            "Triton's statistics; decoder generation = admission to last token):", "", *markdown_table(BURST_SPLIT, rows)]
+            "Triton's statistics; decoder generation = admission to last token):", "",
+            *markdown_table(BURST_SPLIT, rows)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -58,7 +58,8 @@ PEAKS = [Column("process"), Column("peak RSS at start (MB)", "start", "{:.0f}"),
 
 def render(r: dict) -> str:
     """longform.md of a longform.json record."""
-    peaks = [{"process": k, "start": r["peak_rss_mb_at_start"].get(k, 0), "after": v} for k, v in r["peak_rss_mb"].items()]
+    peaks = [{"process": k, "start": r["peak_rss_mb_at_start"].get(k, 0), "after": v}
+             for k, v in r["peak_rss_mb"].items()]
     return "\n".join([
         f"# Long-form transcription: {r['audio_seconds'] / 3600:.2f} h of espeak-ng speech, one request", "",
         f"chunking_strategy auto, verbose_json; {r['segments']} segments (longest {r['longest_segment_s']} s); "

@@ -155,15 +155,18 @@ WEIGHTS = [Column("decoder precision", "precision"), Column("weights", "weights"
 PREFILL = [Column("GPU", "gpu"), Column("encoder / window", "encoder_window_s", _t, right=True),
            Column("prefill 30 s", ("prefill_s", "30s"), _t, right=True),
            Column("prefill 10 min", ("prefill_s", "600s"), _t, right=True)]
+def _cropped(full: str, cropped: str):
+    """A clip-mix row's 'full → cropped (cropped at the compute efficiency)' of two of its times."""
+    return lambda r: f"{_t(r[full])} → {_t(r[cropped])} ({_t(r[cropped] / COMPUTE_EFFICIENCY)})"
+
+
 CLIP_MIX = [Column("clip", "label"), Column("windows", right=True),
             Column("frames encoded (full → cropped)", lambda r: f"{r['frames_full']:,} → {r['frames']:,}", right=True),
             Column("encoder GFLOP (full → cropped)", lambda r: f"{r['full'] / 1e9:,.0f} → {r['cropped'] / 1e9:,.0f}",
                    right=True),
-            Column("encoder time (full → cropped)", lambda r: f"{_t(r['encoder_full_s'])} → {_t(r['encoder_s'])} "
-                                                              f"({_t(r['encoder_s'] / COMPUTE_EFFICIENCY)})", right=True),
+            Column("encoder time (full → cropped)", _cropped("encoder_full_s", "encoder_s"), right=True),
             Column("encoder gain", "encoder_speedup", "{:.2f}×", right=True),
-            Column("first token (full → cropped)", lambda r: f"{_t(r['first_token_full_s'])} → {_t(r['first_token_s'])} "
-                                                             f"({_t(r['first_token_s'] / COMPUTE_EFFICIENCY)})", right=True)]
+            Column("first token (full → cropped)", _cropped("first_token_full_s", "first_token_s"), right=True)]
 
 
 def render_markdown(projections: list[dict]) -> str:
@@ -225,7 +228,7 @@ def _clip_mix_markdown(g: dict) -> list[str]:
     return ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): windows encoded at their "
             "frame bucket (smallest multiple of 100 frames >= L+2, `runtime/lengths.frame_bucket`) instead of 3000 "
             "frames. 'First token' is encoder + prefill compute (64 text tokens), roofline at 100 % of peak "
-            f"(at {COMPUTE_EFFICIENCY:.0%}); the mix is one request of each clip. A request's windows share the largest "
-            "bucket among them (`runtime/audio.request_frames`), so only clips of one window (<= 30 s) are cropped: the "
-            "5-s clip gains, the 30-s clip is a full window, and 2-min and 10-min clips run every window at 3000 "
-            "frames.", "", *markdown_table(CLIP_MIX, rows)]
+            f"(at {COMPUTE_EFFICIENCY:.0%}); the mix is one request of each clip. A request's windows share the "
+            "largest bucket among them (`runtime/audio.request_frames`), so only clips of one window (<= 30 s) are "
+            "cropped: the 5-s clip gains, the 30-s clip is a full window, and 2-min and 10-min clips run every window "
+            "at 3000 frames.", "", *markdown_table(CLIP_MIX, rows)]

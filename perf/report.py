@@ -157,16 +157,17 @@ def _num(header: str, value, fmt: str = "{:.0f}") -> Column:
     return Column(header, value, fmt, right=True)
 
 
-SWEEP = [Column("mode"), C, RPS, TOKENS_S, _num("latency p50", ("latency_ms", "p50")), _num("p90", ("latency_ms", "p90")),
-         _num("p99", ("latency_ms", "p99")), _num("TTFT p50", ("ttft_ms", "p50")), _num("p99", ("ttft_ms", "p99")),
-         _num("ITL p50", ("itl_ms", "p50"), "{:.1f}"), _num("p99", ("itl_ms", "p99"), "{:.1f}"),
-         Column("n", "requests", right=True), Column("CPU", "cpu", _cpu)]
+SWEEP = [Column("mode"), C, RPS, TOKENS_S, _num("latency p50", ("latency_ms", "p50")),
+         _num("p90", ("latency_ms", "p90")), _num("p99", ("latency_ms", "p99")), _num("TTFT p50", ("ttft_ms", "p50")),
+         _num("p99", ("ttft_ms", "p99")), _num("ITL p50", ("itl_ms", "p50"), "{:.1f}"),
+         _num("p99", ("itl_ms", "p99"), "{:.1f}"), Column("n", "requests", right=True), Column("CPU", "cpu", _cpu)]
 CLIENT_SWEEP = [C, RPS, TOKENS_S, _num("latency p50", ("latency_ms", "p50")), _num("TTFT p50", ("ttft_ms", "p50")),
                 _num("TTFT p99", ("ttft_ms", "p99")), _num("ITL p50", ("itl_ms", "p50"), "{:.1f}"),
                 _num("ITL p99", ("itl_ms", "p99"), "{:.1f}"), Column("n", "requests", right=True)]
 
 
 def _queue_compute(name: str, busy: bool = False) -> Column:
+    """A stage's 'queue / compute' ms of a sweep point's split (and its busy ms)."""
     def qc(p):
         r = p["split"]["stages"].get(name)
         if not r:
@@ -175,28 +176,33 @@ def _queue_compute(name: str, busy: bool = False) -> Column:
     return Column(f"{name} q/c" + (" (busy)" if busy else ""), qc)
 
 
+def _per_response(p: dict) -> str:
+    post = p["split"]["stages"].get("postprocess", {})
+    return f"{_f(post.get('critical_ms'))} x {_f(post.get('inferences_per_request'), '{:.0f}')}"
+
+
 STAGE_SPLIT = [Column("mode"), C, _queue_compute("preprocess"), _queue_compute("encoder", busy=True),
                _queue_compute("fusion"), _queue_compute("decoder"),
                _num("decoder generation (derived)", ("split", "decoder_generation_ms")),
-               Column("postprocess per response", lambda p: f"{_f(p['split']['stages'].get('postprocess', {}).get('critical_ms'))} x "
-                      f"{_f(p['split']['stages'].get('postprocess', {}).get('inferences_per_request'), '{:.0f}')}"),
-               _num("ensemble", ("split", "ensemble_ms"))]
+               Column("postprocess per response", _per_response), _num("ensemble", ("split", "ensemble_ms"))]
 OVERHEAD = [Column("part"), Column("ms p50", "ms", right=True)]  # cells written by _overhead_lines (formats per row)
 LENGTHS = [Column("clip"), Column("windows", right=True), _num("e2e ms", "latency_ms"), _num("TTFT ms", "ttft_ms"),
            _num("preprocess", "preprocess_ms", "{:.1f}"), _num("encoder compute", "encoder_ms"),
            _num("decoder (derived)", "decoder_ms"), _num("tokens", "tokens"),
            _num("transformers e2e ms", "transformers_ms")]
-SCALING = [Column("cost", "name"), Column("x"), _num("intercept", "intercept", "{:.1f}"), _num("slope", "slope", "{:.2f}"),
-           _num("R²", "r2", "{:.3f}"), _num("exponent", "exponent", "{:.2f}"),
+SCALING = [Column("cost", "name"), Column("x"), _num("intercept", "intercept", "{:.1f}"),
+           _num("slope", "slope", "{:.2f}"), _num("R²", "r2", "{:.3f}"), _num("exponent", "exponent", "{:.2f}"),
            _num("quadratic share at max", "quadratic_share", "{:.0%}"), Column("verdict")]
 WINDOWS = [Column("windows", right=True), _num("encoder ms", "encoder_ms"),
-           _num("encoder ms / window", lambda r: r["encoder_ms"] / r["windows"]), _num("decoder ms (derived)", "decoder_ms"),
-           _num("e2e ms", "latency_ms")]
+           _num("encoder ms / window", lambda r: r["encoder_ms"] / r["windows"]),
+           _num("decoder ms (derived)", "decoder_ms"), _num("e2e ms", "latency_ms")]
 OUTPUT_LENGTHS = [Column("max_tokens", right=True), _num("tokens", "tokens"), _num("e2e ms", "latency_ms"),
-                  _num("TTFT ms", "ttft_ms"), _num("ITL p50 ms", "itl_ms_p50", "{:.1f}"), _num("decoder (derived)", "decoder_ms")]
+                  _num("TTFT ms", "ttft_ms"), _num("ITL p50 ms", "itl_ms_p50", "{:.1f}"),
+                  _num("decoder (derived)", "decoder_ms")]
 THINKING = [Column("mode"), Column("n", "requests", right=True), Column("errors", right=True),
-            _num("tokens p50", "tokens"), *(_num(h, k, "{:.1f}") for h, k in (
-                ("latency p50", "latency_ms"), ("TTFT p50", "ttft_ms"), ("encoder", "encoder_ms"), ("decoder", "decoder_ms")))]
+            _num("tokens p50", "tokens"), _num("latency p50", "latency_ms", "{:.1f}"),
+            _num("TTFT p50", "ttft_ms", "{:.1f}"), _num("encoder", "encoder_ms", "{:.1f}"),
+            _num("decoder", "decoder_ms", "{:.1f}")]
 RUN_TIME = [Column("phase"), _num("s", "s")]
 
 
@@ -204,9 +210,9 @@ def render_markdown(results: dict, plots: list[str] = ()) -> str:
     """report.md of a results.json record: one section after the other, as the report reads."""
     h = results.get("derived") or headline(results)
     lines = [*_title_lines(results), *_headline_section(results, h), *_setup_lines(results), *_sweep_lines(results),
-             *_ratio_lines(results), *_ablation_lines(results), *_client_sweep_lines(results), *_thinking_lines(results),
-             *_stage_split_lines(results), *_overhead_lines(results), *_audio_length_lines(results),
-             *_scaling_lines(results, h), *_output_length_lines(results)]
+             *_ratio_lines(results), *_ablation_lines(results), *_client_sweep_lines(results),
+             *_thinking_lines(results), *_stage_split_lines(results), *_overhead_lines(results),
+             *_audio_length_lines(results), *_scaling_lines(results, h), *_output_length_lines(results)]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if results.get("projection"):
@@ -229,7 +235,8 @@ def _title_lines(results: dict) -> list[str]:
             f"GPU: {m.get('gpus') or 'none'}); commit {m.get('commit')}. Model: {ck.get('label')} "
             f"({_params(ck)}). Load average at start / end: {results.get('load_average_start')} / "
             f"{results.get('load_average_end')} — other work shares this machine, so figures are medians and "
-            f"ratios measured side by side in this one run. Total run time {_f(results.get('total_seconds'), '{:.0f}')} s.",
+            f"ratios measured side by side in this one run. Total run time "
+            f"{_f(results.get('total_seconds'), '{:.0f}')} s.",
             ""]
 
 
@@ -337,8 +344,9 @@ def _overhead_lines(results: dict) -> list[str]:
     ov = (pa or {}).get("overhead_mean") or {}
     if ov:
         lines += ["", f"Cross-check with perf_analyzer at c=1 (non-streaming, means over the level): total "
-                      f"{_f(ov.get('total_ms'), '{:.2f}')} ms, of which transport {_f(ov.get('transport_ms'), '{:.2f}')} "
-                      f"ms and audio decoding + log-mel {_f(ov.get('features_ms'), '{:.2f}')} ms."]
+                      f"{_f(ov.get('total_ms'), '{:.2f}')} ms, of which transport "
+                      f"{_f(ov.get('transport_ms'), '{:.2f}')} ms and audio decoding + log-mel "
+                      f"{_f(ov.get('features_ms'), '{:.2f}')} ms."]
     return lines
 
 
@@ -350,7 +358,8 @@ def _audio_length_lines(results: dict) -> list[str]:
     return ["", "## Latency vs audio length (c=1, streaming)", "",
             f"Tool: {rows[0]['tool']}; medians of {results.get('args', {}).get('length_repeats')} requests "
             "per clip up to 2 min, 1 above. Baseline: transformers, one request.", "",
-            *markdown_table(LENGTHS, [{**r, "transformers_ms": base.get(r["clip"], {}).get("latency_ms")} for r in rows])]
+            *markdown_table(LENGTHS, [{**r, "transformers_ms": base.get(r["clip"], {}).get("latency_ms")}
+                                      for r in rows])]
 
 
 def _scaling_lines(results: dict, h: dict) -> list[str]:
@@ -399,7 +408,8 @@ def _ablation_lines(results: dict) -> list[str]:
         rows.append({**p, "main_rps": mrps, "vs_main": rps / mrps if rps and mrps else None,
                      "vs_sequential": rps / seq_rps if rps and seq_rps else None})
     columns = [C, Column(f"{prec} req/s", "throughput_rps", "{:.2f}", right=True),
-               Column("main req/s", "main_rps", "{:.2f}", right=True), Column("ratio", "vs_main", "{:.2f}x", right=True),
+               Column("main req/s", "main_rps", "{:.2f}", right=True),
+               Column("ratio", "vs_main", "{:.2f}x", right=True),
                Column(f"{prec} / transformers sequential", "vs_sequential", "{:.2f}x", right=True),
                _num("latency p50", ("latency_ms", "p50")), Column("CPU", "cpu", _cpu)]
     return ["", f"### Ablation: {prec} encoder (main build: {main_prec})", "",

@@ -250,8 +250,9 @@ def report_md(res: dict, max_rows: int = 25) -> str:
             "",
         ]
         half = res.get("bytes_per_request_second_half", {}).get("per_process", {})
-        lines += markdown_table(PER_PROCESS, [{"process": k, **v, "second_half": half.get(k, {}).get("bytes_per_request")}
-                                              for k, v in b["per_process"].items()])
+        lines += markdown_table(PER_PROCESS, [
+            {"process": k, **v, "second_half": half.get(k, {}).get("bytes_per_request")}
+            for k, v in b["per_process"].items()])
     else:
         lines.append(f"- bytes per request: {b.get('note')}")
     series = res["rss_series"]
