@@ -334,6 +334,27 @@ def test_stage_series_stacks_every_part():
     assert series["decoder (derived)"] == [2012.0, 2012.0]
 
 
+def test_markdown_table_writes_declared_columns_over_records():
+    """build/tables.py, the one table writer: a column's field (nested, or a function), its format (a pattern or a
+    function), its alignment; None as the missing mark, a Text as it is whatever the format, a blank cell as '| |'."""
+    from dataclasses import dataclass
+
+    from af3trt.build.tables import BLANK, MISSING, Column, Text, markdown_table
+
+    @dataclass
+    class Point:
+        concurrency: int
+        latency_ms: dict
+
+    columns = [Column("c", "concurrency", right=True), Column("p50", ("latency_ms", "p50"), "{:.1f}", right=True),
+               Column("x2", lambda r: 2 * r.concurrency, lambda v: f"{v} req"), Column("", lambda r: BLANK)]
+    rows = [Point(1, {"p50": 12.345}), Point(8, {}), Point(16, Text("n/a"))]
+    assert markdown_table(columns, rows) == ["| c | p50 | x2 | |", "|---:|---:|---|---|", "| 1 | 12.3 | 2 req | |",
+                                             f"| 8 | {MISSING} | 16 req | |", "| 16 | n/a | 32 req | |"]
+    assert markdown_table([Column("name")], []) == ["| name |", "|---|"]  # the header alone: no records
+    assert markdown_table([Column("op", "op", "`{}`")], [{"op": "GET /v1/models"}])[-1] == "| `GET /v1/models` |"
+
+
 def test_bench_cli_defaults(tmp_path):
     from af3trt.perf import bench
 
