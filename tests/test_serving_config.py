@@ -37,8 +37,9 @@ SERVING_FLAGS = ("--max-batch-size", "--max-audio-seconds", "--max-text-len", "-
                  "--preprocess-threads")
 # A setting whose default is its target's (None): each of its two flags changes the target whose default differs
 PER_TARGET = {"--encoder-batching": "cpu", "--no-encoder-batching": "gpu"}
-# A setting that shows only beside another: the encoder's queue delay is its dynamic batcher's (off on CPU by default)
-CONTEXT = {"--encoder-queue-delay-us": ["--encoder-batching"]}
+# A setting that shows only beside another: the encoder's queue delay and (CPU) max batch are its dynamic batcher's
+# (off on CPU by default)
+CONTEXT = {"--encoder-queue-delay-us": ["--encoder-batching"], "--encoder-max-batch": ["--encoder-batching"]}
 
 
 def flag_argv() -> dict[str, list[str]]:
