@@ -189,7 +189,7 @@ def test_cpu_encoder_batching_defaults_off_and_keeps_its_queue_bounded(checkpoin
         assert enc.max_batch_size == 0 and enc.dynamic_batching.max_queue_delay_microseconds == 0
         assert [list(i.dims) for i in enc.input][:2] == [[-1, 128, -1], [-1, -1]]
         assert [list(o.dims) for o in enc.output] == [[-1, -1, checkpoint.text_hidden_size]]
-    gpu = configs.encoder_config(replace(spec, target="gpu"))
+    gpu = configs.encoder_config(replace(spec, target="gpu", encoder_params={}))  # the CPU encoder's own are not the GPU's
     assert gpu.max_batch_size == spec.encoder_max_batch and gpu.HasField("dynamic_batching") == (batching is not False)
 
 
