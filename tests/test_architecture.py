@@ -93,8 +93,12 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, li
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
     found = []
+    # `python -m af3trt.x` in a command line runs a module in another process: not an import of this one
+    run_by_name = {id(b) for n in ast.walk(tree) if isinstance(n, (ast.List, ast.Tuple))
+                   for a, b in zip(n.elts, n.elts[1:]) if isinstance(a, ast.Constant) and a.value == "-m"}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value and node.value in known:
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value
+                and node.value in known and id(node) not in run_by_name):
             found.append((node.value, [], node.lineno))  # loaded by importlib: cli.COMMANDS, the OpenAI ROUTERS
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -229,7 +233,8 @@ def test_the_check_catches_what_it_claims(tmp_path):
     known = {"af3trt.runtime.m": src, "af3trt.build.plan": src}
     assert imports("af3trt.runtime.m", src, known) == [("af3trt.build.plan", ["BuildPlan"], 2)]
     # a module named by a string (importlib) is an edge
-    src.write_text('COMMANDS = {"x": "af3trt.build.plan"}\nOTHER = "af3trt.build"\n')
+    src.write_text('COMMANDS = {"x": "af3trt.build.plan"}\nOTHER = "af3trt.build"\n'
+                   'CMD = [sys.executable, "-m", "af3trt.build.plan"]\n')  # another process: not an import
     assert imports("af3trt.runtime.m", src, known) == [("af3trt.build.plan", [], 1)]
 
 

@@ -58,11 +58,11 @@ def test_the_build_flag_renders_the_stand_ins(tiny_ckpt, tmp_path):
     plan = make_plan(build_engines.options_from_args(build_engines.parser().parse_args(argv)))
     lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
     spec = build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx")
-    assert spec.decoder_params["stand_in_tokens_per_s"] == "250"
-    assert spec.encoder_params["stand_in_hidden_size"] == str(plan.checkpoint.text_hidden_size)
+    assert spec.decoder_params["stand_in_tokens_per_s"] == 250.0  # typed: the record renders it
+    assert spec.encoder_params["stand_in_hidden_size"] == plan.checkpoint.text_hidden_size
     real = build_engines.cpu_repo_spec(make_plan(build_engines.options_from_args(
         build_engines.parser().parse_args(argv[:4]))), lm, "artifacts/encoder.onnx")
-    assert "stand_in_tokens_per_s" not in real.decoder_params and "stand_in_hidden_size" not in real.encoder_params
+    assert not real.decoder_params.get("stand_in_tokens_per_s") and "stand_in_hidden_size" not in real.encoder_params
     with pytest.raises(BuildError, match="CPU target"):
         make_plan(build_engines.options_from_args(build_engines.parser().parse_args(
             argv + ["--target", "gpu", "--gpu", "h100"])))
