@@ -22,10 +22,12 @@ from pathlib import Path
 
 from af3trt.build import gpu_build, think
 from af3trt.build.common import BuildError, Progress, add_flags, flag_fields, from_flags
-from af3trt.build.plan import BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, check_options, make_plan
+from af3trt.build.plan import (BuildOptions, BuildPlan, BuildReport, GpuOptions, ServingConfig, add_serving_flags,
+                               check_options, make_plan, serving_from_args)
 from af3trt.build.repository import render_repository, repo_spec
 from af3trt.export.think import find_think
 from af3trt.registry import CPU_DECODER_PRECISIONS, CPU_ENCODER_PRECISIONS, GPU_ENCODER_PRECISIONS
+from af3trt.runtime.stages.params import LM_DIR
 from af3trt.triton_repo.configs import RepoSpec
 
 log = logging.getLogger("af3trt.build")
@@ -36,26 +38,15 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
     lm: what extract_language_model reported (dtype, vocab_size); onnx_rel: the encoder ONNX under the output;
     extra: more parameters per model (encoder, decoder, fusion), e.g. think/'s (build/think.py)."""
     o = plan.options
-    threads = str(o.cpu_threads) if o.cpu_threads else "0"
-
-    def threads_of(override):
-        return threads if override is None else str(override)
-
-    # the serving-path benchmark: runtime/engines/stand_in.py in place of both models (triton_repo/encoder, decoder read these)
-    stand_in_encoder = {"stand_in_hidden_size": str(plan.checkpoint.text_hidden_size)} if o.stand_in_tokens_per_s \
-        else {}
-    stand_in_decoder = {"stand_in_tokens_per_s": f"{o.stand_in_tokens_per_s:g}"} if o.stand_in_tokens_per_s else {}
+    # the serving-path benchmark: runtime/engines/stand_in.py in place of both models
+    stand_in_encoder = {"stand_in_hidden_size": plan.checkpoint.text_hidden_size} if o.stand_in_tokens_per_s else {}
     extra = extra or {}
     spec = repo_spec(
         plan.checkpoint, plan.serving, target="cpu", decoder_dtype=lm["dtype"], vocab_size=lm["vocab_size"],
-        tokenizer_dir="artifacts/lm", encoder_max_batch=o.encoder_max_batch,
-        encoder_params={"onnx_path": onnx_rel, "intra_op_threads": threads_of(o.encoder_threads), **stand_in_encoder,
-                        **({"max_windows_per_run": str(o.encoder_windows_per_run)}
-                           if o.encoder_windows_per_run else {}), **extra.get("encoder", {})},
-        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
-                        "threads": threads_of(o.decoder_threads), "stream_interval_ms": str(o.stream_interval_ms),
-                        **stand_in_decoder, **extra.get("decoder", {})},
-        preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances,
+        tokenizer_dir=LM_DIR, encoder_max_batch=plan.serving.encoder_max_batch,
+        encoder_params={"onnx_path": onnx_rel, **stand_in_encoder, **extra.get("encoder", {})},
+        decoder_params={"gpt_model_path": LM_DIR, "precision": o.cpu_decoder_precision,
+                        "stand_in_tokens_per_s": float(o.stand_in_tokens_per_s), **extra.get("decoder", {})},
         prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/engines/decoder.py)
     return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
@@ -87,9 +78,7 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
     if found is not None:
         with prog.step("building think/ (AF3's thinking mode: encoder variant, LoRA)"):
             extra = think.build_cpu(found, plan.hf_model, art, report)
-    if precision.int8_linear:  # quantized as the decoder loads (runtime/engines/decoder.py load_model)
-        extra = {**(extra or {}), "decoder": {**(extra or {}).get("decoder", {}), "int8_linear": "true"}}
-    spec = cpu_repo_spec(plan, lm, onnx_rel, extra)
+    spec = cpu_repo_spec(plan, lm, onnx_rel, extra)  # the decoder loads the weights as its precision says
     with prog.step("rendering the Triton model repository"):
         render_repository(work / "model_repository", spec)
     report.sections["repository"] = {"spec": asdict(spec),
@@ -149,34 +138,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="output directory (repository, artifacts, manifest)")
     ap.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
-    add_flags(ap.add_argument_group("serving (both targets)"), ServingConfig)
+    add_serving_flags(ap.add_argument_group("serving (both targets; CPU: the CPU target's models only)"))
     ap.add_argument("--encoder-precision", default=None,
                     help=f"cpu: {' | '.join(CPU_ENCODER_PRECISIONS)} (default fp32; int8: ORT dynamic); "
                          f"gpu: {' | '.join(GPU_ENCODER_PRECISIONS)} (default fp16)")
     ap.add_argument("--cpu-decoder-precision", choices=list(CPU_DECODER_PRECISIONS), default="auto",
                     help="cpu: the decoder's weights and arithmetic (auto: the checkpoint's dtype; bf16 halves the "
                          "bytes a memory-bound decode step reads, within the accuracy bounds of af3trt/registry.py)")
-    ap.add_argument("--cpu-threads", type=int, default=0,
-                    help="threads per ONNX Runtime / torch model: encoder, decoder, preprocess (0: their defaults)")
-    ap.add_argument("--encoder-threads", type=int, default=None,
-                    help="ONNX Runtime threads of the encoder (default: --cpu-threads; its idle threads sleep)")
-    ap.add_argument("--decoder-threads", type=int, default=None, help="torch threads of the decoder "
-                                                                         "(default: --cpu-threads)")
-    ap.add_argument("--preprocess-threads", type=int, default=1, help="torch threads of the log-mel (default 1: "
-                                                                         "one request's features are small)")
-    ap.add_argument("--encoder-windows-per-run", type=int, default=2,
-                    help="CPU encoder: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's "
-                         "attention buffers in cache: measured 1.3-2x faster per window than 10 at once)")
-    ap.add_argument("--stream-interval-ms", type=int, default=50,
-                    help="CPU decoder: streamed tokens that come faster than one per this many ms share a response "
-                         "(the first token always goes alone; 0: one response per token)")
     ap.add_argument("--stand-in-tokens-per-s", type=float, default=0.0,
                     help="measure the serving path alone: encoder and decoder are stand-ins without weights or "
                          "compute (runtime/engines/stand_in.py) making deterministic tokens, never an end id, at this many "
                          "per second per request (0: the real models; `af3trt bench --serving-path` builds one)")
-    ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
-    ap.add_argument("--decoder-instances", type=int, default=1,
-                    help="instances of the CPU decoder model (each batches its own requests)")
     ap.add_argument("--no-think", dest="think", action="store_false",
                     help="leave out the checkpoint's think/ (AF3's thinking mode); thinking requests are then refused")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")
@@ -189,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
     """The BuildOptions of parsed `af3trt build` flags (ValueError for a serving value out of range)."""
     v = {k: val for k, val in vars(args).items() if k != "from_prepared"}
-    serving = from_flags(ServingConfig, args)
+    serving = serving_from_args(args)
     gpu = from_flags(GpuOptions, args)
     for f in flag_fields(ServingConfig) + flag_fields(GpuOptions):
         v.pop(f.name)

@@ -70,7 +70,8 @@ def flag_fields(cls: type) -> list[Field]:
 def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
     """One flag per field of the dataclass `cls` that has a `help` in its metadata: `--field-name` of the default's
     type (metadata `type` and `choices` override), a True boolean as `--no-field-name`, a False one as
-    `--field-name` (the help says what the flag does), a list as a repeatable `--field-name`, a field without a
+    `--field-name` (the help says what the flag does), a boolean defaulting to None (metadata type bool) as both,
+    a list as a repeatable `--field-name`, a field without a
     default as a required one."""
     for f in flag_fields(cls):
         default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
@@ -78,6 +79,9 @@ def add_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) 
         if isinstance(default, bool):
             ap.add_argument(name.replace("--", "--no-") if default else name, dest=f.name,
                             action="store_false" if default else "store_true", help=meta["help"])
+        elif meta.get("type") is bool:  # None: decided later (e.g. per target); --field-name / --no-field-name
+            ap.add_argument(name, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+                            help=meta["help"])
         elif default is MISSING:
             ap.add_argument(name, dest=f.name, required=True, help=meta["help"], type=meta.get("type", str),
                             choices=meta.get("choices"))

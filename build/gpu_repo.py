@@ -227,7 +227,7 @@ def gpu_repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, engine
                      tokenizer_dir=tokenizer_dir, encoder_max_batch=encoder_max_windows, encoder_params={},
                      decoder_params=decoder_params,
                      prompt_table_extra_ids=options.enable_kv_cache_reuse, gpu_kernels=gpu_kernels)
-    return replace(spec, fusion_params={**spec.fusion_params, "guide_check": "compile"}) if guided_decoding else spec
+    return replace(spec, fusion_params={**spec.fusion_params, "guide_check": True}) if guided_decoding else spec
 
 
 def with_stub_caps(spec: RepoSpec, caps: dict[str, int] | None) -> RepoSpec:
@@ -236,7 +236,7 @@ def with_stub_caps(spec: RepoSpec, caps: dict[str, int] | None) -> RepoSpec:
     if not caps:
         return spec
     field = {"preprocess": "preprocess_params", "encoder": "encoder_params", "fusion": "fusion_params"}
-    return replace(spec, **{field[m]: {**getattr(spec, field[m]), "cuda_memory_cap_bytes": str(int(b))}
+    return replace(spec, **{field[m]: {**getattr(spec, field[m]), "cuda_memory_cap_bytes": int(b)}
                             for m, b in caps.items()})
 
 

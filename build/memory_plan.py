@@ -51,6 +51,7 @@ from af3trt.build import sizing
 from af3trt.build.sizing import (DTYPE_BYTES, TOKENS_PER_BLOCK, DecoderDims, EncoderDims, decoder_weight_bytes,
                                  dims_from_config, encoder_weight_bytes, kv_bytes_per_token)
 from af3trt.build.plan import ServingConfig
+from af3trt.build.tables import Column, markdown_table
 from af3trt.build.trtllm_engine import plan_trtllm_build
 from af3trt.registry import GPU_ENCODER_PRECISIONS, KNOWN_GPUS
 from af3trt.runtime.stages import lengths
@@ -234,7 +235,20 @@ def render_line(plan: MemoryPlan) -> str:
                       "prompt_table", "kv_cache", "cuda_memory_pool", "cuda_contexts", "stub_memory", "reserve"))
 
 
-def render_markdown(plan: MemoryPlan, title: str) -> str:
+def _yes(v: bool | None) -> str:
+    return "yes" if v else "no"
+
+
+# the plan's tables (build/tables.py writes them): its parts, and the GPUs it fits
+PLAN = [Column("", "part"), Column("GiB", "bytes", lambda b: f"{b / GIB:.2f}", right=True), Column("", "note")]
+FITS = [Column("GPU", lambda r: f"{r['plan'].gpu} (`--gpu {r['key']}`)"),
+        Column("memory", lambda r: r["plan"].gpu_bytes / GIB, "{:.1f} GiB", right=True),
+        Column("fits", lambda r: _yes(r["plan"].fits)),
+        Column("KV within 0.9 of what the others leave", lambda r: _yes(r["plan"].kv_within_free_fraction))]
+
+
+def plan_rows(plan: MemoryPlan) -> list[dict]:
+    """The plan's parts as records: part, bytes, note; the total last."""
     rows = [("encoder weights", plan.encoder_weights, ""),
             ("encoder activations", plan.encoder_activations,
              f"largest profile: {plan.encoder_windows} windows x {plan.encoder_frames} frames (unfused upper bound)"),
@@ -251,9 +265,11 @@ def render_markdown(plan: MemoryPlan, title: str) -> str:
             ("reserve", plan.reserve, "library workspaces (estimate)"),
             ("**total on GPU 0**", plan.total, "" if plan.gpu_bytes is None else
              f"of {plan.gpu_bytes / GIB:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}")]
-    lines = [f"### {title}", "", "| | GiB | |", "|---|---:|---|"]
-    lines += [f"| {name} | {b / GIB:.2f} | {note} |" for name, b, note in rows]
-    return "\n".join(lines) + "\n"
+    return [{"part": part, "bytes": b, "note": note} for part, b, note in rows]
+
+
+def render_markdown(plan: MemoryPlan, title: str, rows: list[dict] | None = None) -> str:
+    return "\n".join([f"### {title}", "", *markdown_table(PLAN, rows or plan_rows(plan))]) + "\n"
 
 
 def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_precision: str, tp_size: int,
@@ -285,13 +301,11 @@ def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv
     title = (f"Memory plan of the default GPU build ({precision}, KV cache {kv_cache}, fp16 encoder, tp 1, "
              f"{limits.max_batch_size} requests of {limits.max_audio_seconds:g} s audio + {limits.max_text_len} text "
              f"+ {limits.max_output_len} output tokens; max_num_tokens {derived['max_num_tokens']:,})")
-    lines = [render_markdown(first, title).rsplit("\n| **total", 1)[0],
-             f"| **total on GPU 0** | {first.total / GIB:.2f} | |", "",
-             "| GPU | memory | fits | KV within 0.9 of what the others leave |", "|---|---:|---|---|"]
-    for key, plan in plans.items():
-        lines.append(f"| {plan.gpu} (`--gpu {key}`) | {plan.gpu_bytes / GIB:.1f} GiB | "
-                     f"{'yes' if plan.fits else 'no'} | {'yes' if plan.kv_within_free_fraction else 'no'} |")
-    lines += ["", "`af3trt build --target gpu` computes this plan for its own options, refuses one that does not fit "
+    rows = plan_rows(first)
+    rows[-1]["note"] = ""  # whether it fits: per GPU, below
+    fits = [{"key": k, "plan": p} for k, p in plans.items()]
+    lines = [render_markdown(first, title, rows), *markdown_table(FITS, fits),
+             "", "`af3trt build --target gpu` computes this plan for its own options, refuses one that does not fit "
               "the target GPU before any long step, writes it into manifest.json (`gpu.memory_plan`) and sets "
               "`max_tokens_in_paged_kv_cache` to its KV tokens. Computed, not measured."]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ artifacts/build_plan.json, and `--from-prepared` continues from that file.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -23,10 +24,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from af3trt.build.common import BuildError, flag, versions
+from af3trt.build.common import BuildError, add_flags, flag, flag_fields, from_flags, versions
 from af3trt.registry import (CPU_ENCODER_PRECISIONS, DECODER_PRECISIONS, GPU_ENCODER_PRECISIONS, KV_CACHES,
                              GpuInfo, cpu_decoder_precision, read_config, text_config)
 from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages.params import DecoderParams, EncoderParams
 from af3trt.runtime.stages.stop_words import end_and_stop_ids
 
 MANIFEST_FORMAT = 1
@@ -42,13 +44,18 @@ def _spell(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 
 
+CPU = ("cpu",)  # a setting of the CPU target's models only (flag metadata `targets`; default: both targets)
+
+
 @dataclass(frozen=True)
 class ServingConfig:
-    """What the served model must take and how its stages queue: one frozen record, the same for both targets.
+    """What the served model must take, how its stages queue, and their instances and threads: one frozen record.
 
-    Every field with flag metadata is an `af3trt build` flag (generated: build/common.add_flags), reaches the
-    repository of both targets through build/repository.repo_spec, and is checked by tests/test_serving_config.py.
-    The others are the decoder engine's (trtllm-build) and not flags. The repository configs, trtllm-build's flags,
+    Every field with flag metadata is an `af3trt build` flag (generated: add_serving_flags), reaches the repository
+    of each target it is for (metadata `targets`, both by default) through build/repository.repo_spec, and is checked
+    by tests/test_serving_config.py; a CPU-only setting other than its default is refused on the GPU target. A stage's
+    own setting is named by that stage's record (runtime/stages/params.py `serving`), which has the same default
+    (tests/test_stage_params.py). The fields without flag metadata are the decoder engine's (trtllm-build). The repository configs, trtllm-build's flags,
     the memory plan and the encoder profile are all derived from this one object."""
 
     max_batch_size: int = field(default=8, metadata=flag("concurrent sequences in the decoder"))
@@ -65,15 +72,39 @@ class ServingConfig:
         "a request waiting longer than this in a stage's queue is rejected as busy (0: no timeout)"))
     preprocess_instances: int = field(default=1, metadata=flag("instances of the preprocess model"))
     encoder_instances: int = field(default=1, metadata=flag("instances of the encoder model"))
+    fusion_instances: int = field(default=1, metadata=flag("instances of the fusion model"))
+    decoder_instances: int = field(default=1, metadata=flag(
+        "CPU: instances of the decoder model (each batches its own requests)", targets=CPU))
     encoder_queue_delay_us: int = field(default=2000, metadata=flag(
         "how long the encoder's dynamic batcher waits to gather windows"))
-    encoder_batching: bool = field(default=True, metadata=flag(
-        "one request per encoder execution (faster on CPU with full windows: requests pipeline into the decoder)"))
+    encoder_batching: bool | None = field(default=None, metadata=flag(
+        "Triton batches the windows of concurrent requests of one frame bucket into one encoder execution, or not "
+        "(--no-...: one request per execution). Default: the target's, off on CPU (measured slower there), on on GPU "
+        "(triton_repo/configs.py ENCODER_BATCHING, with the measurements)", type=bool))
     # preprocess crops each request's windows to its frame bucket (runtime/stages/lengths.py); False sends full 30-s windows
     # (what af3trt did before the frame axis was dynamic: the benchmark's "full windows" ablation)
     crop_frames: bool = field(default=True, metadata=flag(
         "send full 30-s windows to the encoder instead of each request's frame bucket (slower; the kept audio "
         "tokens are the same)"))
+    # the CPU target's encoder (ONNX Runtime) and decoder; the GPU encoder's batch is its engine profile's
+    # (build/memory_plan.py), the GPU decoder the tensorrtllm backend's
+    encoder_max_batch: int = field(default=64, metadata=flag("CPU: windows per encoder execution", targets=CPU))
+    encoder_windows_per_run: int = field(default=EncoderParams.max_windows_per_run, metadata=flag(
+        "CPU: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's attention buffers in cache: "
+        "measured 1.3-2x faster per window than 10 at once)", targets=CPU))
+    stream_interval_ms: int = field(default=DecoderParams.stream_interval_ms, metadata=flag(
+        "CPU: streamed tokens that come faster than one per this many ms share a response (the first token always "
+        "goes alone; 0: one response per token)", targets=CPU))
+    cpu_threads: int = field(default=0, metadata=flag(
+        "CPU: threads per ONNX Runtime / torch model: encoder, decoder (0: their defaults)", targets=CPU))
+    encoder_threads: int | None = field(default=None, metadata=flag(
+        "CPU: ONNX Runtime threads of the encoder (default: --cpu-threads; its idle threads sleep)", type=int,
+        targets=CPU))
+    decoder_threads: int | None = field(default=None, metadata=flag(
+        "CPU: torch threads of the decoder (default: --cpu-threads)", type=int, targets=CPU))
+    # (the GPU target's preprocess keeps torch's own: PreprocessParams.threads 0)
+    preprocess_threads: int | None = field(default=1, metadata=flag(
+        "CPU: torch threads of the log-mel (one request's features are small)", type=int, targets=CPU))
     # the decoder engine's (build/trtllm_engine.py); tp_size comes from --tp-size (GpuOptions)
     tp_size: int = 1
     max_num_tokens: int | None = None  # per-iteration token budget; None: derived (build/trtllm_engine.py)
@@ -83,12 +114,16 @@ class ServingConfig:
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_text_len", "max_output_len", "tp_size", "tokens_per_block",
-                     "max_beam_width", "default_max_tokens", "preprocess_instances", "encoder_instances"):
+                     "max_beam_width", "default_max_tokens", "preprocess_instances", "encoder_instances",
+                     "fusion_instances", "decoder_instances", "encoder_max_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{_spell(name)} must be a positive integer, got {v!r}")
-        for name in ("max_queue_size", "queue_timeout_ms", "encoder_queue_delay_us"):
+        for name in ("max_queue_size", "queue_timeout_ms", "encoder_queue_delay_us", "encoder_windows_per_run",
+                     "stream_interval_ms", "cpu_threads", "encoder_threads", "decoder_threads", "preprocess_threads"):
             v = getattr(self, name)
+            if v is None and name in ("encoder_threads", "decoder_threads", "preprocess_threads"):
+                continue  # --cpu-threads
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{_spell(name)} must be an integer >= 0, got {v!r}")
         if not 1 <= self.max_audio_seconds <= lengths.MAX_AUDIO_SECONDS:
@@ -120,12 +155,41 @@ class ServingConfig:
     def served_default_max_tokens(self) -> int:
         return min(self.default_max_tokens, self.max_output_len)
 
+    def setting(self, *names: str):
+        """The first of the named settings that is set (not None): a stage record's `serving` metadata, e.g.
+        ("decoder_threads", "cpu_threads")."""
+        return next((v for v in (getattr(self, n) for n in names) if v is not None), None)
+
+    @staticmethod
+    def targets(name: str) -> tuple[str, ...]:
+        """The build targets a setting is for (its flag metadata; both when it names none)."""
+        return next(f.metadata.get("targets", ("cpu", "gpu")) for f in fields(ServingConfig) if f.name == name)
+
+    def check_target(self, target: str) -> None:
+        """ValueError naming the flags set to other than their defaults that are not for `target`."""
+        default = ServingConfig()
+        off = [f"--{f.name.replace('_', '-')}" for f in flag_fields(ServingConfig)
+               if target not in self.targets(f.name) and getattr(self, f.name) != getattr(default, f.name)]
+        if off:
+            raise ValueError(f"{', '.join(off)}: not for the {target} target (settings of the other target's models)")
+
     def as_manifest(self) -> dict:
         """manifest.json `limits` (its keys predate this class: audio_tokens_per_request is the window rows)."""
         return {"max_batch_size": self.max_batch_size, "max_audio_seconds": self.max_audio_seconds,
                 "max_audio_windows": self.max_audio_windows,
                 "audio_tokens_per_request": self.window_tokens_per_request, "max_input_len": self.max_input_len,
                 "max_output_len": self.max_output_len, "default_max_tokens": self.served_default_max_tokens}
+
+
+def add_serving_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """ServingConfig's flags (generated from its fields: build/common.add_flags), for `af3trt build` and any tool that
+    builds a repository; serving_from_args reads them back."""
+    add_flags(ap, ServingConfig)
+
+
+def serving_from_args(args: argparse.Namespace, **extra) -> ServingConfig:
+    """The ServingConfig of the flags add_serving_flags added (ValueError for a value out of range)."""
+    return from_flags(ServingConfig, args, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -177,20 +241,10 @@ class BuildOptions:
     # the CPU decoder's weights and arithmetic (af3trt/registry.py CPU_DECODER_PRECISIONS; auto: the checkpoint's
     # dtype); the GPU target's decoder precision is GpuOptions.precision
     cpu_decoder_precision: str = "auto"
-    cpu_threads: int = 0  # 0 = the runtimes' defaults
-    encoder_threads: int | None = None  # per-model overrides of cpu_threads (None: cpu_threads)
-    decoder_threads: int | None = None
-    preprocess_threads: int | None = 1  # the log-mel of one request is small: more threads only contend
-    encoder_max_batch: int = 64  # the GPU encoder's is its engine profile's (build/memory_plan.py)
-    encoder_windows_per_run: int = 2  # CPU encoder: windows per ONNX Runtime run (0: all of an execution at once)
-    decoder_instances: int = 1  # CPU decoder processes, each with its own in-flight batch
     think: bool = True  # build think/ (AF3's thinking mode) when the checkpoint has it (build/think.py)
     # the serving-path benchmark (runtime/engines/stand_in.py, perf/serving_path.py): > 0 renders stand-ins for the encoder and
     # decoder that cost nothing and make tokens at this many per second per request
     stand_in_tokens_per_s: float = 0.0
-    # CPU decoder: a stream's tokens that come faster than one per this many ms share a response (runtime/stages/coalesce.py;
-    # the first token always goes alone); 0: one response per token
-    stream_interval_ms: int = 50
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 
@@ -402,8 +456,10 @@ def check_options(opts: BuildOptions) -> None:
         raise BuildError(f"--target must be cpu or gpu, got {opts.target!r}")
     if not (opts.stand_in_tokens_per_s >= 0) or math.isinf(opts.stand_in_tokens_per_s):
         raise BuildError(f"--stand-in-tokens-per-s must be a finite number >= 0, got {opts.stand_in_tokens_per_s}")
-    if opts.stream_interval_ms < 0:
-        raise BuildError(f"--stream-interval-ms must be >= 0, got {opts.stream_interval_ms}")
+    try:
+        opts.serving.check_target(opts.target)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     if opts.stand_in_tokens_per_s and opts.target != "cpu":
         raise BuildError("--stand-in-tokens-per-s is for the CPU target (the GPU target's models are TensorRT's)")
     if opts.target == "cpu":

@@ -1,6 +1,7 @@
 """Render the Triton model repository: configs from the typed RepoSpec (model_config protobuf), model.py files
 copied from triton_repo/ (never edited by hand in the output). repo_spec() makes the RepoSpec of both targets from
-the checkpoint and the plan's ServingConfig; each target adds its encoder and decoder backends.
+the checkpoint and the plan's ServingConfig (each stage's own settings through its record's `serving` metadata,
+runtime/stages/params.py); each target adds its encoder and decoder backends.
 
     out/
       model_repository/<af3|preprocess|encoder|fusion|decoder|postprocess|cancel>/config.pbtxt, 1/model.py
@@ -13,6 +14,8 @@ import shutil
 from pathlib import Path
 
 from af3trt.build.plan import CheckpointFacts, ServingConfig
+from af3trt.runtime.stages.contract import STAGES
+from af3trt.runtime.stages.params import StageParams, record_of
 from af3trt.triton_repo import configs
 from af3trt.triton_repo.configs import RepoSpec
 
@@ -21,15 +24,24 @@ SOURCES = Path(configs.__file__).parent
 MODEL_SOURCES = {("gpu", "encoder"): "encoder_trt"}
 
 
+def serving_params(serving: ServingConfig, record: type[StageParams] | None, target: str) -> dict[str, object]:
+    """The fields of a stage's record that ServingConfig settings set on `target` (their `serving` metadata)."""
+    if record is None:
+        return {}
+    return {f.name: serving.setting(*f.metadata["serving"]) for f in record.serving_fields()
+            if target in serving.targets(f.metadata["serving"][0])}
+
+
 def repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, target: str, decoder_dtype: str,
-              vocab_size: int, tokenizer_dir: str, encoder_max_batch: int, encoder_params: dict[str, str],
-              decoder_params: dict[str, str], **backend) -> RepoSpec:
+              vocab_size: int, tokenizer_dir: str, encoder_max_batch: int, encoder_params: dict[str, object],
+              decoder_params: dict[str, object], **backend) -> RepoSpec:
     """The RepoSpec of either target: everything from the checkpoint and the serving configuration is set here, once;
     the target adds its encoder and decoder backends (their parameters, the decoder's dtype and vocabulary, the
-    encoder's batch) and, in `backend`, any other RepoSpec field of its own (e.g. the CPU decoder's instances, the
-    threads of the CPU preprocess, the GPU's prompt_table_extra_ids)."""
+    encoder's batch) and, in `backend`, any other RepoSpec field of its own (e.g. the GPU's prompt_table_extra_ids)."""
     s = serving
-    preprocess_params = {**backend.pop("preprocess_params", {}), **({} if s.crop_frames else {"crop_frames": "false"})}
+    own = {"preprocess": backend.pop("preprocess_params", {}), "encoder": encoder_params, "decoder": decoder_params,
+           "fusion": {"tokenizer_dir": tokenizer_dir}, "postprocess": {"tokenizer_dir": tokenizer_dir}}
+    params = {f"{m}_params": {**serving_params(s, record_of(m, target), target), **own[m]} for m in STAGES}
     return RepoSpec(
         target=target, decoder_dtype=decoder_dtype, vocab_size=vocab_size, hidden_size=checkpoint.text_hidden_size,
         end_id=checkpoint.end_id, pad_id=checkpoint.pad_id, stop_ids=checkpoint.stop_ids,
@@ -37,10 +49,9 @@ def repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, target: st
         max_output_len=s.max_output_len, default_max_tokens=s.served_default_max_tokens,
         max_queue_size=s.max_queue_size, queue_timeout_ms=s.queue_timeout_ms,
         preprocess_instances=s.preprocess_instances, encoder_instances=s.encoder_instances,
+        fusion_instances=s.fusion_instances, decoder_instances=s.decoder_instances,
         encoder_queue_delay_us=s.encoder_queue_delay_us, encoder_batching=s.encoder_batching,
-        preprocess_params=preprocess_params,
-        fusion_params={"tokenizer_dir": tokenizer_dir}, postprocess_params={"tokenizer_dir": tokenizer_dir},
-        encoder_max_batch=encoder_max_batch, encoder_params=encoder_params, decoder_params=decoder_params, **backend)
+        encoder_max_batch=encoder_max_batch, **params, **backend)
 
 
 def render_repository(root: Path, spec: configs.RepoSpec) -> dict[str, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from af3trt.build.tables import Column, markdown_table
 from af3trt.registry import DECODER_PRECISIONS, KNOWN_GPUS, KV_CACHES, decoder_precision, read_config, text_config
 from af3trt.runtime.stages.lengths import SAMPLE_RATE, audio_tokens_for_samples
 
@@ -205,6 +206,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
 
 
+# docs/sizing.md's tables (build/tables.py writes them)
+WEIGHTS = [Column("precision"), Column("decoder weights", "bytes", _gb, right=True),
+           Column("+ encoder (bf16)", "with_encoder", _gb, right=True)]
+KV = [Column("KV cache", "kv_cache"), Column("bytes / token", "bytes", "{:,}", right=True),
+      Column("30-s request", "30s", _mb, right=True), Column("10-min request", "600s", _gb, right=True)]
+FIT = [Column("precision"), Column("KV cache", "kv_cache"), Column("weights", "weights_bytes", _gb, right=True),
+       Column("per 10-min request", "request_600s_bytes", _gb, right=True),
+       Column("concurrent 10-min", "max_concurrent_600s", right=True),
+       Column("concurrent 30-s", "max_concurrent_30s", right=True)]
+
+
 def render_markdown(t: dict) -> str:
     d, a = t["decoder"], t["assumptions"]
     lines = [
@@ -219,31 +231,22 @@ def render_markdown(t: dict) -> str:
         "",
         "### Weights",
         "",
-        "| precision | decoder weights | + encoder (bf16) |",
-        "|---|---:|---:|",
+        *markdown_table(WEIGHTS, [{"precision": p, "bytes": b, "with_encoder": b + t["encoder_weights"]}
+                                  for p, b in t["weights"].items()]),
+        "", "Embedding and lm_head stay in bf16 in every precision (excluded from quantization).", "",
+        "### KV cache and prompt table", "",
+        *markdown_table(KV, [{"kv_cache": "bf16/fp16 (auto)" if k == "auto" else k, "bytes": b,
+                              "30s": b * t["request_tokens"]["30s"], "600s": b * t["request_tokens"]["600s"]}
+                             for k, b in t["kv_bytes_per_token"].items()]),
+        "", f"A request holds audio + {a['text_tokens']} text + {a['output_tokens']} output tokens: "
+            f"{t['request_tokens']['30s']:,} (30 s) / {t['request_tokens']['600s']:,} (10 min) KV tokens.",
+        f"Prompt table per request (bf16): {_mb(t['prompt_table_bytes']['30s'])} for 30 s "
+        f"({t['audio_tokens']['30s']} audio tokens), {_mb(t['prompt_table_bytes']['600s'])} for 10 min "
+        f"({t['audio_tokens']['600s']} audio tokens).", "",
+        f"### What fits on one {a['gpu']} ({a['gpu_bytes'] / 1024**3:.1f} GiB)", "",
+        f"{a['kv_free_fraction']} x (GPU - weights - {a['reserve_bytes'] / 1024**3:.0f} GiB reserve) / "
+        f"(KV + prompt table per request); the engine's --max_batch_size caps concurrency too. "
+        f"Estimates: measure on the GPU.", "",
+        *markdown_table(FIT, t["fit"]),
     ]
-    for p, b in t["weights"].items():
-        lines.append(f"| {p} | {_gb(b)} | {_gb(b + t['encoder_weights'])} |")
-    lines += ["", "Embedding and lm_head stay in bf16 in every precision (excluded from quantization).", "",
-              "### KV cache and prompt table", "",
-              "| KV cache | bytes / token | 30-s request | 10-min request |", "|---|---:|---:|---:|"]
-    for k, b in t["kv_bytes_per_token"].items():
-        name = "bf16/fp16 (auto)" if k == "auto" else k
-        lines.append(f"| {name} | {b:,} | {_mb(b * t['request_tokens']['30s'])} | "
-                     f"{_gb(b * t['request_tokens']['600s'])} |")
-    lines += ["", f"A request holds audio + {a['text_tokens']} text + {a['output_tokens']} output tokens: "
-                  f"{t['request_tokens']['30s']:,} (30 s) / {t['request_tokens']['600s']:,} (10 min) KV tokens.",
-              f"Prompt table per request (bf16): {_mb(t['prompt_table_bytes']['30s'])} for 30 s "
-              f"({t['audio_tokens']['30s']} audio tokens), {_mb(t['prompt_table_bytes']['600s'])} for 10 min "
-              f"({t['audio_tokens']['600s']} audio tokens).", "",
-              f"### What fits on one {a['gpu']} ({a['gpu_bytes'] / 1024**3:.1f} GiB)", "",
-              f"{a['kv_free_fraction']} x (GPU - weights - {a['reserve_bytes'] / 1024**3:.0f} GiB reserve) / "
-              f"(KV + prompt table per request); the engine's --max_batch_size caps concurrency too. "
-              f"Estimates: measure on the GPU.", "",
-              "| precision | KV cache | weights | per 10-min request | concurrent 10-min | concurrent 30-s |",
-              "|---|---|---:|---:|---:|---:|"]
-    for row in t["fit"]:
-        lines.append(f"| {row['precision']} | {row['kv_cache']} | {_gb(row['weights_bytes'])} | "
-                     f"{_gb(row['request_600s_bytes'])} | {row['max_concurrent_600s']} | "
-                     f"{row['max_concurrent_30s']} |")
     return "\n".join(lines) + "\n"

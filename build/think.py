@@ -49,11 +49,12 @@ def write_lora(think, out: Path) -> Path:
     return out
 
 
-def build_cpu(think, hf_model: Path, art: Path, report) -> dict[str, dict[str, str]]:
-    """Write the CPU artifacts of think/; return the extra parameters per model (encoder, decoder, fusion)."""
+def build_cpu(think, hf_model: Path, art: Path, report) -> dict[str, dict[str, object]]:
+    """Write the CPU artifacts of think/; return the extra parameters per model (encoder, decoder, fusion: fields of
+    their records, runtime/stages/params.py)."""
     from af3trt.export.onnx_export import export_encoder
 
-    params: dict[str, dict[str, str]] = {"encoder": {}, "decoder": {}, "fusion": {"think": "true"}}
+    params: dict[str, dict[str, object]] = {"encoder": {}, "decoder": {}, "fusion": {"think": True}}
     if think.encoder_overrides:
         report.validation["think_encoder_onnx"] = export_encoder(hf_model, art / "think" / "encoder.onnx",
                                                                  overrides=think.encoder_overrides)
@@ -61,7 +62,7 @@ def build_cpu(think, hf_model: Path, art: Path, report) -> dict[str, dict[str, s
     if think.lora:
         write_lora(think, art / "think" / "lora")
         params["decoder"]["lora_dir"] = "artifacts/think/lora"
-        params["fusion"]["think_lora_task_id"] = str(THINK_TASK_ID)
+        params["fusion"]["think_lora_task_id"] = THINK_TASK_ID
     report.sections["think"] = {**think.summary(), "task_id": THINK_TASK_ID if think.lora else None,
                                 "encoder_variant": bool(think.encoder_overrides)}
     return params
@@ -109,13 +110,13 @@ def read_gpu(art: Path) -> dict | None:
 
 def gpu_spec(spec, record: dict, art_at_serve: Path):
     """The GPU RepoSpec with think/ wired: the decoder's LoRA prefetch dir and cache, the encoder's think plan, the
-    fusion's thinking switch and task id."""
+    fusion's thinking switch and task id (the decoder's by tensorrtllm's names, the others by their records')."""
     from dataclasses import replace
 
     decoder = dict(record["decoder_parameters"])
     if "lora_prefetch_dir" in decoder:
         decoder["lora_prefetch_dir"] = str(Path(art_at_serve) / decoder["lora_prefetch_dir"])
-    fusion = {"think": "true", **({"think_lora_task_id": str(record["task_id"])} if decoder else {})}
+    fusion = {"think": True, **({"think_lora_task_id": int(record["task_id"])} if decoder else {})}
     encoder = {"think_plan_file": THINK_PLAN} if record["encoder_onnx"] else {}
     return replace(spec, decoder_params={**spec.decoder_params, **decoder},
                    encoder_params={**spec.encoder_params, **encoder},

@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,8 +52,15 @@ DEFAULT_LENGTH_CLIPS = "speech:5,speech:30,speech:120,speech:600,nonspeech:5,non
 DEFAULT_SCALING_EXTRA = "speech:60,speech:300"  # with the 30 s, 2 min and 10 min clips: 1, 2, 4, 10, 20 windows
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="af3trt-bench", description=__doc__,
+BUILD_EPILOG = """CPU build (ignored with --repo/--url): every flag of `af3trt build --target cpu` (see `af3trt build
+--help`: serving limits, --encoder-precision, --cpu-decoder-precision, threads, --no-encoder-batching, …), with these
+defaults of the benchmark: --encoder-precision fp32, --max-batch-size 16, --max-text-len 512, --max-output-len 256,
+--default-max-tokens = --max-tokens, --cpu-threads = logical CPUs."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's own flags; the CPU build's are af3trt build's (build_parser), parsed from what is left."""
+    ap = argparse.ArgumentParser(prog="af3trt-bench", description=__doc__, epilog=BUILD_EPILOG, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("what to measure")
     src.add_argument("--preset", default="af3", help="synthetic checkpoint preset (af3trt.export.synth): af3 "
@@ -64,32 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--out", type=Path, help="results directory (default perf/results/<UTC stamp>)")
     src.add_argument("--work", type=Path, help="where checkpoint and repository are cached "
                                                "(default ~/.cache/af3trt/bench)")
-    b = ap.add_argument_group("CPU build (ignored with --repo/--url)")
-    b.add_argument("--encoder-precision", default="fp32", choices=["fp32", "int8"],
-                   help="encoder of the main build; fp32 answers exactly as transformers does")
-    b.add_argument("--cpu-decoder-precision", default="auto", help="the decoder's weights and arithmetic: auto "
-                   "(the checkpoint's dtype), fp32, bf16 (af3trt/registry.py CPU_DECODER_PRECISIONS)")
-    b.add_argument("--ablation-levels", default="",
-                   help="non-streaming levels run again on a build with the other encoder precision ('' to skip)")
-    b.add_argument("--no-full-window-ablation", dest="full_window_ablation", action="store_false",
-                   help="skip the build that sends full 30-s windows (TTFT and encoder curve before cropping)")
-    b.add_argument("--no-batching-ablation", dest="batching_ablation", action="store_false",
-                   help="skip the build with the other encoder batching setting (burst and steady c=8 once)")
-    b.add_argument("--encoder-threads", type=int, default=0,
-                   help="ONNX Runtime threads of the encoder (0: one per logical CPU; idle ones sleep)")
-    b.add_argument("--decoder-threads", type=int, default=0, help="torch threads of the decoder (0: logical CPUs)")
-    b.add_argument("--preprocess-threads", type=int, default=1, help="torch threads of the log-mel")
-    b.add_argument("--encoder-windows-per-run", type=int, default=2,
-                   help="windows per ONNX Runtime run (long clips: smaller attention buffers)")
-    b.add_argument("--no-encoder-batching", dest="encoder_batching", action="store_false",
-                   help="one request per encoder execution. Default: Triton batches the windows of concurrent "
-                        "requests of the same frame bucket (on a shared 2-core machine it won in 3 of 4 runs, "
-                        "1.25-2.9x the burst throughput; the batching ablation re-measures it)")
-    b.add_argument("--max-batch-size", type=int, default=16, help="decoder in-flight batch")
-    b.add_argument("--encoder-queue-delay-us", type=int, default=2000)
-    b.add_argument("--encoder-instances", type=int, default=1)
-    b.add_argument("--max-text-len", type=int, default=512)
-    b.add_argument("--max-output-len", type=int, default=256)
+    ab = ap.add_argument_group("ablations: other CPU builds (ignored with --repo/--url)")
+    ab.add_argument("--ablation-levels", default="",
+                    help="non-streaming levels run again on a build with the other encoder precision ('' to skip)")
+    ab.add_argument("--no-full-window-ablation", dest="full_window_ablation", action="store_false",
+                    help="skip the build that sends full 30-s windows (TTFT and encoder curve before cropping)")
+    ab.add_argument("--no-batching-ablation", dest="batching_ablation", action="store_false",
+                    help="skip the build with the other encoder batching setting (burst and steady c=8 once)")
     s = ap.add_argument_group("sweep")
     s.add_argument("--concurrency", default="1,4,8,16,32")
     s.add_argument("--modes", default="nonstream,stream", help="perf_analyzer sweeps: nonstream, stream")
@@ -129,7 +117,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--projection-config", type=Path, help="config.json of the model to project on GPUs "
                                                            "(default: the published AF3 dimensions)")
     ap.add_argument("-v", "--verbose", action="store_true")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's flags, and in `.build` af3trt build's flags of the CPU build."""
+    ap = parser()
+    args, rest = ap.parse_known_args(argv)
+    args.build = build_parser().parse_args(rest)  # every other flag is af3trt build's (the error names it if not)
+    if args.build.target != "cpu":
+        ap.error("af3trt bench builds the CPU target: build a GPU repository with `af3trt build` and pass --repo")
+    return args
+
+
+# The benchmark's own defaults for af3trt build's flags (the others are the build's: `af3trt build --help`).
+# default_max_tokens None: --max-tokens; cpu_threads: one thread per logical CPU for encoder and decoder.
+BUILD_DEFAULTS = {"encoder_precision": "fp32", "max_batch_size": 16, "max_text_len": 512, "max_output_len": 256,
+                  "default_max_tokens": None, "cpu_threads": os.cpu_count() or 1}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CPU build's flags: af3trt build's own parser (build/build_engines.py: ServingConfig's generated flags, the
+    precisions' choices from the registry, threads), with the benchmark's BUILD_DEFAULTS. The one hook into the
+    build's flag definitions: whatever `af3trt build` takes, the benchmark takes the same way."""
+    from af3trt.build.build_engines import parser
+
+    ap = parser()
+    ap.prog = "af3trt-bench"
+    ap.set_defaults(**BUILD_DEFAULTS)
+    return ap
 
 
 def ints(text: str) -> list[int]:
@@ -180,21 +196,22 @@ def prepare_checkpoint(args, work: Path) -> Path:
     return ckpt
 
 
-def build_options(args, ckpt: Path, out: Path, precision: str, crop_frames: bool = True):
-    from af3trt.build.build_engines import BuildOptions, ServingConfig
+def build_options(args, ckpt: Path, out: Path, precision: str | None = None, crop_frames: bool = True):
+    """The BuildOptions of the benchmark's CPU build: af3trt build's flags as given (args.build) on `ckpt` into
+    `out`; `precision` (the encoder's) and crop_frames=False for the ablations."""
+    from af3trt.build.build_engines import options_from_args
 
-    return BuildOptions(hf_model=ckpt, out=out, force=True, encoder_precision=precision,
-                        cpu_decoder_precision=args.cpu_decoder_precision,
-                        encoder_threads=args.encoder_threads or os.cpu_count(),
-                        decoder_threads=args.decoder_threads or os.cpu_count(),
-                        preprocess_threads=args.preprocess_threads,
-                        encoder_windows_per_run=args.encoder_windows_per_run,
-                        serving=ServingConfig(crop_frames=crop_frames, max_batch_size=args.max_batch_size,
-                                              max_text_len=args.max_text_len, max_output_len=args.max_output_len,
-                                              default_max_tokens=args.max_tokens,
-                                              encoder_batching=args.encoder_batching,
-                                              encoder_queue_delay_us=args.encoder_queue_delay_us,
-                                              encoder_instances=args.encoder_instances))
+    flags = vars(args.build) | {"hf_model": ckpt, "out": out, "force": True}
+    if flags["default_max_tokens"] is None:
+        flags["default_max_tokens"] = args.max_tokens
+    opts = options_from_args(argparse.Namespace(**flags))
+    return replace(opts, encoder_precision=precision or opts.encoder_precision,
+                   serving=replace(opts.serving, crop_frames=opts.serving.crop_frames and crop_frames))
+
+
+def with_build(args, **changes) -> argparse.Namespace:
+    """A copy of the benchmark's arguments whose build flags have `changes` (an ablation's build)."""
+    return argparse.Namespace(**{**vars(args), "build": argparse.Namespace(**{**vars(args.build), **changes})})
 
 
 def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = None, crop_frames: bool = True) -> Path:
@@ -204,10 +221,10 @@ def prepare_repository(args, ckpt: Path, work: Path, precision: str | None = Non
     from af3trt.build.build_engines import build
     from af3trt.build.plan import checkpoint_digest
 
-    precision = precision or args.encoder_precision
-    name = f"repo-{args.preset}-{precision}-{args.cpu_decoder_precision}" + ("-batched" if args.encoder_batching else "") \
-        + ("" if crop_frames else "-full-windows")
-    opts = build_options(args, ckpt, work / name, precision, crop_frames)
+    opts = build_options(args, ckpt, work, precision, crop_frames)
+    name = f"repo-{args.preset}-{opts.encoder_precision}-{opts.cpu_decoder_precision}" \
+        + ("-batched" if opts.serving.encoder_batching else "") + ("" if opts.serving.crop_frames else "-full-windows")
+    opts = replace(opts, out=work / name)
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}
     key["checkpoint"] = checkpoint_digest(ckpt)["sha256"]
     key["sources"] = source_digest()
@@ -389,11 +406,62 @@ def run_baseline(args, ckpt: Path, inputs, length_clips: dict[str, tuple[float, 
 
 # ------------------------------------------------------------------------------------------------ main
 
+@dataclass
+class Run:
+    """One benchmark run: its arguments, where it writes and caches, its phases' timer, the results as they fill,
+    and what the steps hand on (the checkpoint, the main server, the inputs, the ids it answered)."""
+
+    args: argparse.Namespace
+    out: Path
+    work: Path
+    results: dict
+    phases: Phases = field(default_factory=Phases)
+    ckpt: Path | None = None
+    repo: Path | None = None
+    server: object | None = None  # the main build's TritonServer while it runs
+    url: str = ""
+    spoken: list | None = None  # the comparison's spoken clips: (seconds, bytes)
+    inputs: list = field(default_factory=list)  # the sweep's (prompt, clip) pairs
+    ours_ids: list = field(default_factory=list)  # the main build's answers to the inputs
+    ablation_ids: list | None = None  # the other encoder precision's answers
+    length_clips: dict = field(default_factory=dict)  # the length study's clips: name → (seconds, bytes)
+    loaded: tuple | None = None  # the transformers baseline, loaded once for the comparison and the baseline
+
+    @property
+    def server_pid(self) -> int | None:
+        return self.server.proc.pid if self.server is not None else None
+
+    def stop_server(self, phase: str) -> None:
+        if self.server is not None:
+            with self.phases(phase):
+                self.server.stop()
+            self.server = None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from af3trt.runtime.serve.server import TritonServer
+    run = start_run(args)
+    try:
+        serve_main_build(run)
+        measure_main_build(run)
+        run.stop_server("server stop (main)")
+        run_ablations(run)
+        if not args.no_baseline:
+            with run.phases("transformers baseline"):
+                run_transformers_baseline(run)
+    finally:
+        run.stop_server("server stop")
+        run.results["load_average_end"] = machine.load_average()
+    write_results(run)
+    print(f"report: {run.out / 'report.md'}\nresults: {run.out / 'results.json'}\ntotal: {run.phases.total():.0f} s",
+          flush=True)
+    return 0
+
+
+def start_run(args) -> Run:
+    """The results directory (--out, else perf/results/<UTC stamp>), the build cache, the results' header."""
     from af3trt.runtime.serve.triton_install import CACHE
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -401,141 +469,162 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = (args.work or CACHE / "bench").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    phases = Phases()
-    results: dict = {"af3trt_bench": 1, "started_utc": stamp, "args": {k: str(v) for k, v in vars(args).items()},
-                     "machine": machine.describe(REPO_ROOT), "load_average_start": machine.load_average()}
-    server = None
-    try:
-        with phases("checkpoint"):
-            ckpt = prepare_checkpoint(args, work) if not (args.url and args.no_baseline) else None
-        results["checkpoint"] = _checkpoint_info(ckpt, args)
-        repo = None
-        if not args.url:
-            with phases("build"):
-                repo = prepare_repository(args, ckpt, work)
-            with phases("server start"):
-                server = TritonServer(repo / "model_repository", log_path=out / "tritonserver.log",
+    flags = {**vars(args.build), **{k: v for k, v in vars(args).items() if k != "build"}}
+    results = {"af3trt_bench": 1, "started_utc": stamp, "args": {k: str(v) for k, v in flags.items()},
+               "machine": machine.describe(REPO_ROOT), "load_average_start": machine.load_average()}
+    return Run(args, out, work, results)
+
+
+def serve_main_build(run: Run) -> None:
+    """The checkpoint, the main build and its server (unless --url: the server there)."""
+    from af3trt.runtime.serve.server import TritonServer
+
+    args = run.args
+    with run.phases("checkpoint"):
+        run.ckpt = prepare_checkpoint(args, run.work) if not (args.url and args.no_baseline) else None
+    run.results["checkpoint"] = _checkpoint_info(run.ckpt, args)
+    if not args.url:
+        with run.phases("build"):
+            run.repo = prepare_repository(args, run.ckpt, run.work)
+        with run.phases("server start"):
+            run.server = TritonServer(run.repo / "model_repository", log_path=run.out / "tritonserver.log",
                                       exit_timeout=3).start(timeout=600)
-        url = args.url or server.grpc_url
-        results["repository"] = _repo_info(repo)
-        results["url"] = url
+    run.url = args.url or run.server.grpc_url
+    run.results["repository"] = _repo_info(run.repo)
+    run.results["url"] = run.url
 
-        with phases("clips"):
-            spoken = clipgen.spoken_clips(args.burst_clips) \
-                if (args.compare_rounds or args.main_clips == "spoken") else None
-            inputs, meta = make_inputs(args, spoken if args.main_clips == "spoken" else None)
-            results["inputs"] = meta
-            specs = [clipgen.ClipSpec.parse(s) for s in args.length_clips.split(",") if s.strip()]
-            extra = [clipgen.ClipSpec.parse(s) for s in args.scaling_extra.split(",") if s.strip()] if specs else []
 
-        with phases("warm-up and per-request overhead (c=1)"):
-            calib = probe_requests(url, inputs, max_tokens=args.max_tokens, stream=False)  # also warms every stage
-            ours_ids = [p["ids"] for p in calib]
-            probes = probe_requests(url, [inputs[i % len(inputs)] for i in range(args.overhead_requests)],
-                                    max_tokens=args.max_tokens, stream=False)
-            results["overhead_probe"] = summarize_probes(probes)
+def measure_main_build(run: Run) -> None:
+    """Everything measured on the main server: the c=1 overhead, the headline comparison, perf_analyzer's sweeps,
+    our client's cross-check, the audio-length, output-length and thinking studies."""
+    args, results, url = run.args, run.results, run.url
+    with run.phases("clips"):
+        run.spoken = clipgen.spoken_clips(args.burst_clips) \
+            if (args.compare_rounds or args.main_clips == "spoken") else None
+        run.inputs, results["inputs"] = make_inputs(args, run.spoken if args.main_clips == "spoken" else None)
+        specs = [clipgen.ClipSpec.parse(s) for s in args.length_clips.split(",") if s.strip()]
+        extra = [clipgen.ClipSpec.parse(s) for s in args.scaling_extra.split(",") if s.strip()] if specs else []
 
-        loaded = None
-        if args.compare_rounds and not args.no_baseline:
-            with phases("headline comparison (af3trt and transformers interleaved)"):
-                loaded = load_baseline(args, ckpt, inputs)
-                results["compare"] = run_compare(args, url, loaded[0], spoken, out,
-                                                 server.proc.pid if server else None)
+    with run.phases("warm-up and per-request overhead (c=1)"):
+        calib = probe_requests(url, run.inputs, max_tokens=args.max_tokens, stream=False)  # also warms every stage
+        run.ours_ids = [p["ids"] for p in calib]
+        probes = probe_requests(url, [run.inputs[i % len(run.inputs)] for i in range(args.overhead_requests)],
+                                max_tokens=args.max_tokens, stream=False)
+        results["overhead_probe"] = summarize_probes(probes)
 
-        results["sweeps"] = {}
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            with phases(f"perf_analyzer sweep ({mode})"):
-                results["sweeps"][mode] = sweep(args, url, inputs, out, mode, server.proc.pid if server else None)
-        if args.client_levels:
-            with phases("own-client streaming sweep"):
-                results["client_sweep"] = sweep_client(args, url, inputs)
+    if args.compare_rounds and not args.no_baseline:
+        with run.phases("headline comparison (af3trt and transformers interleaved)"):
+            run.loaded = load_baseline(args, run.ckpt, run.inputs)
+            results["compare"] = run_compare(args, url, run.loaded[0], run.spoken, run.out, run.server_pid)
 
-        length_clips: dict[str, tuple[float, bytes]] = {}
-        if specs:
-            with phases("audio-length study"):
-                results["lengths"] = length_study(args, url, specs + extra, length_clips)
-        if args.output_lengths:
-            with phases("output-length study"):
-                results["output_lengths"] = output_length_study(args, url, inputs)
-        if args.thinking_requests:
-            with phases("thinking study (base and thinking requests, c=1)"):
-                manifest = json.loads((repo / "manifest.json").read_text()) \
-                    if repo is not None and (repo / "manifest.json").exists() else None
-                results["thinking"] = thinking_study(args, url, inputs, manifest)
+    results["sweeps"] = {}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        with run.phases(f"perf_analyzer sweep ({mode})"):
+            results["sweeps"][mode] = sweep(args, url, run.inputs, run.out, mode, run.server_pid)
+    if args.client_levels:
+        with run.phases("own-client streaming sweep"):
+            results["client_sweep"] = sweep_client(args, url, run.inputs)
+    if specs:
+        with run.phases("audio-length study"):
+            results["lengths"] = length_study(args, url, specs + extra, run.length_clips)
+    if args.output_lengths:
+        with run.phases("output-length study"):
+            results["output_lengths"] = output_length_study(args, url, run.inputs)
+    if args.thinking_requests:
+        with run.phases("thinking study (base and thinking requests, c=1)"):
+            manifest = json.loads((run.repo / "manifest.json").read_text()) \
+                if run.repo is not None and (run.repo / "manifest.json").exists() else None
+            results["thinking"] = thinking_study(args, url, run.inputs, manifest)
 
-        if server is not None:
-            with phases("server stop (main)"):
-                server.stop()
-            server = None
-        if args.full_window_ablation and results.get("compare") and not (args.url or args.repo):
-            with phases("ablation: full 30-s windows"):
-                results["compare"]["full_window"] = run_variant(
-                    lambda: prepare_repository(args, ckpt, work, crop_frames=False), out / "tritonserver-full-windows.log",
-                    lambda url, pid: run_full_window(args, url, inputs, spoken))
-        if args.batching_ablation and results.get("compare") and not (args.url or args.repo):
-            other = argparse.Namespace(**{**vars(args), "encoder_batching": not args.encoder_batching,
-                                          "encoder_queue_delay_us": 0 if args.encoder_batching else 2000})
 
-            def batching(url, pid):
-                probe_requests(url, inputs, max_tokens=args.max_tokens, stream=False)  # warm-up
-                return {"burst": compare.burst(url, spoken, args.max_tokens),
-                        "steady": compare.steady(url, spoken, args.max_tokens, args.steady_concurrency,
-                                                 out / "compare" / "batching", args.steady_requests, pid)}
+def run_ablations(run: Run) -> None:
+    """Other CPU builds of the same checkpoint, one after another (not with --url or --repo): full 30-s windows and
+    the other encoder-batching setting (both beside the headline comparison), the other encoder precision."""
+    args, results = run.args, run.results
+    if args.url or args.repo:
+        return
+    if args.full_window_ablation and results.get("compare"):
+        with run.phases("ablation: full 30-s windows"):
+            results["compare"]["full_window"] = run_variant(
+                lambda: prepare_repository(args, run.ckpt, run.work, crop_frames=False),
+                run.out / "tritonserver-full-windows.log",
+                lambda url, pid: run_full_window(args, url, run.inputs, run.spoken))
+    if args.batching_ablation and results.get("compare"):
+        batching = not args.build.encoder_batching
+        with run.phases(f"ablation: encoder batching {'on' if batching else 'off'}"):
+            results["compare"]["batching"] = batching_ablation(run, with_build(
+                args, encoder_batching=batching, encoder_queue_delay_us=2000 if batching else 0))
+    if args.ablation_levels:
+        other = "int8" if args.build.encoder_precision == "fp32" else "fp32"
+        with run.phases(f"ablation: {other} encoder"):
+            results["ablation"] = precision_ablation(run, other)
 
-            with phases(f"ablation: encoder batching {'on' if other.encoder_batching else 'off'}"):
-                results["compare"]["batching"] = {
-                    "encoder_batching": other.encoder_batching, "queue_delay_us": other.encoder_queue_delay_us,
-                    **run_variant(lambda: prepare_repository(other, ckpt, work), out / "tritonserver-batching.log",
-                                  batching)}
-        if args.ablation_levels and not (args.url or args.repo):
-            other = "int8" if args.encoder_precision == "fp32" else "fp32"
-            with phases(f"ablation: {other} encoder"):
-                abl_repo = prepare_repository(args, ckpt, work, other)
-                server = TritonServer(abl_repo / "model_repository", log_path=out / f"tritonserver-{other}.log",
-                                      exit_timeout=3).start(timeout=600)
-                abl_ids = [p["ids"] for p in probe_requests(server.grpc_url, inputs, max_tokens=args.max_tokens,
-                                                             stream=False)]
-                abl_args = argparse.Namespace(**{**vars(args), "concurrency": args.ablation_levels})
-                results["ablation"] = {
-                    "encoder_precision": other, "repository": _repo_info(abl_repo),
-                    "nonstream": sweep(abl_args, server.grpc_url, inputs, out / "ablation", "nonstream",
-                                       server.proc.pid),
-                    "agreement_with_main": baseline_agreement(abl_ids, ours_ids)}
-                server.stop()
-                server = None
 
-        if not args.no_baseline:
-            with phases("transformers baseline"):
-                results["baseline"] = run_baseline(args, ckpt, inputs, length_clips, ours_ids, loaded)
-                if "ablation" in results:
-                    results["ablation"]["agreement_with_transformers"] = baseline_agreement(
-                        abl_ids, results["baseline"]["sequential_ids"][: len(abl_ids)])
-    finally:
-        if server is not None:
-            with phases("server stop"):
-                server.stop()
-        results["load_average_end"] = machine.load_average()
+def batching_ablation(run: Run, other: argparse.Namespace) -> dict:
+    """The burst and steady c=8 once on the build with the other encoder-batching setting."""
+    args = run.args
 
-    with phases("projection and report"):
-        from af3trt.perf import projection, report
+    def measure(url, pid):
+        probe_requests(url, run.inputs, max_tokens=args.max_tokens, stream=False)  # warm-up
+        return {"burst": compare.burst(url, run.spoken, args.max_tokens),
+                "steady": compare.steady(url, run.spoken, args.max_tokens, args.steady_concurrency,
+                                         run.out / "compare" / "batching", args.steady_requests, pid)}
 
+    return {"encoder_batching": other.build.encoder_batching, "queue_delay_us": other.build.encoder_queue_delay_us,
+            **run_variant(lambda: prepare_repository(other, run.ckpt, run.work), run.out / "tritonserver-batching.log",
+                          measure)}
+
+
+def precision_ablation(run: Run, precision: str) -> dict:
+    """perf_analyzer's non-streaming sweep at --ablation-levels on a build with the other encoder precision, and how
+    often its answers are the main build's."""
+    from af3trt.runtime.serve.server import TritonServer
+
+    args = run.args
+    repo = prepare_repository(args, run.ckpt, run.work, precision)
+    run.server = TritonServer(repo / "model_repository", log_path=run.out / f"tritonserver-{precision}.log",
+                              exit_timeout=3).start(timeout=600)
+    url = run.server.grpc_url
+    run.ablation_ids = [p["ids"] for p in probe_requests(url, run.inputs, max_tokens=args.max_tokens, stream=False)]
+    levels = argparse.Namespace(**{**vars(args), "concurrency": args.ablation_levels})
+    out = {"encoder_precision": precision, "repository": _repo_info(repo),
+           "nonstream": sweep(levels, url, run.inputs, run.out / "ablation", "nonstream", run.server_pid),
+           "agreement_with_main": baseline_agreement(run.ablation_ids, run.ours_ids)}
+    run.server.stop()
+    run.server = None
+    return out
+
+
+def run_transformers_baseline(run: Run) -> None:
+    results = run.results
+    results["baseline"] = run_baseline(run.args, run.ckpt, run.inputs, run.length_clips, run.ours_ids, run.loaded)
+    if "ablation" in results:
+        results["ablation"]["agreement_with_transformers"] = baseline_agreement(
+            run.ablation_ids, results["baseline"]["sequential_ids"][: len(run.ablation_ids)])
+
+
+def write_results(run: Run) -> None:
+    """The GPU projection (the published AF3 dimensions or --projection-config, and the benchmarked checkpoint's),
+    the derived figures, results.json, gpu_projection.md, report.md and the plots."""
+    from af3trt.perf import projection, report
+
+    args, results = run.args, run.results
+    with run.phases("projection and report"):
         proj_cfg = json.loads(args.projection_config.read_text()) if args.projection_config \
             else projection.AF3_REFERENCE_CONFIG
         label = f"{args.projection_config}" if args.projection_config else "AF3 (published dimensions: Qwen2.5-7B " \
                                                                             "decoder, Whisper-large-v3 encoder)"
         projs = [projection.project(proj_cfg, label=label)]
-        if ckpt is not None:
-            projs.append(projection.project(json.loads((ckpt / "config.json").read_text()),
+        if run.ckpt is not None:
+            projs.append(projection.project(json.loads((run.ckpt / "config.json").read_text()),
                                             label=f"benchmarked checkpoint ({results['checkpoint'].get('label')})"))
         results["projection"] = projs
         results["derived"] = report.headline(results)
-        results["phase_seconds"] = phases.seconds
-        results["total_seconds"] = phases.total()
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
-        (out / "gpu_projection.md").write_text(projection.render_markdown(projs))
-        report.write_report(results, out)
-    print(f"report: {out / 'report.md'}\nresults: {out / 'results.json'}\ntotal: {phases.total():.0f} s", flush=True)
-    return 0
+        results["phase_seconds"] = run.phases.seconds
+        results["total_seconds"] = run.phases.total()
+        (run.out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+        (run.out / "gpu_projection.md").write_text(projection.render_markdown(projs))
+        report.write_report(results, run.out)
 
 
 def run_variant(build_repo, log_path: Path, measure) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.build.tables import BLANK, Column, Text, markdown_table
 from af3trt.perf import clips as clipgen
 from af3trt.perf import metrics, stats
 from af3trt.perf.loadgen import run_load
@@ -184,6 +185,18 @@ def _f(v, fmt="{:.2f}") -> str:
     return "—" if v is None else fmt.format(v)
 
 
+HEADLINE = [Column("", "label"), Column("req/s", "throughput_rps", "{:.2f}", right=True),
+            Column("tokens/s", "output_tokens_per_s", "{:.1f}", right=True),
+            Column("RTFx", "rtfx", "{:.1f}", right=True),
+            Column("vs transformers one-at-a-time", "vs_sequential", "**{:.2f}x**", right=True),
+            Column("vs transformers batched", "vs_batched", "**{:.2f}x**", right=True),
+            Column("runs (req/s)", lambda m: ", ".join(f"{x['throughput_rps']:.2f}" for x in m["runs"]))]
+BATCHING = [Column("", "label"), Column("burst req/s", ("burst", "throughput_rps"), "{:.2f}", right=True),
+            Column("burst encoder", lambda r: _stage(r["burst"].get("split"), "encoder")),
+            Column("steady c=8 req/s", ("steady", "throughput_rps"), "{:.2f}", right=True),
+            Column("steady encoder", lambda r: _stage(r["steady"].get("split"), "encoder"))]
+
+
 def render(compare: dict, isa: str | None) -> list[str]:
     """Markdown lines for the top of report.md."""
     r = compare.get("rounds") or {}
@@ -195,19 +208,8 @@ def render(compare: dict, isa: str | None) -> list[str]:
              f"{len(clips)} distinct spoken clips (espeak-ng) of {min(clips):.0f}-{max(clips):.0f} s, "
              f"{r.get('max_tokens')} output tokens, greedy; CPU ISA: **{isa or 'unknown'}**. RTFx = seconds of audio "
              "processed per wall-clock second.", "",
-             "| | req/s | tokens/s | RTFx | vs transformers one-at-a-time | vs transformers batched | runs (req/s) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    names = {"burst": "(a) af3trt, burst of 8", "steady": f"(b) af3trt, steady c={r.get('concurrency')} "
-                                                           "(perf_analyzer)",
-             "sequential": "transformers one-at-a-time", "batched": "transformers batched generate (8)"}
-    for k, label in names.items():
-        m = med.get(k)
-        if not m:
-            continue
-        each = ", ".join(f"{x['throughput_rps']:.2f}" for x in runs.get(k, []))
-        lines.append(f"| {label} | {m['throughput_rps']:.2f} | {m['output_tokens_per_s']:.1f} | {m['rtfx']:.1f} | "
-                     f"{_f(m.get('vs_sequential'), '**{:.2f}x**')} | {_f(m.get('vs_batched'), '**{:.2f}x**')} | "
-                     f"{each} |")
+             *markdown_table(HEADLINE, [{**med[k], "label": label, "runs": runs.get(k, [])}
+                                        for k, label in _labels(r).items() if med.get(k)])]
     t, fw = compare.get("ttft") or {}, compare.get("full_window") or {}
     lines += ["", f"- TTFT p50 at c=1, 5-s clip, streaming: **{_f(t.get('p50_ms'), '{:.0f}')} ms** (encoder "
                   f"{_f(t.get('encoder_ms_p50'), '{:.1f}')} ms); with full 30-s windows (the ablation build, as "
@@ -222,15 +224,26 @@ def render(compare: dict, isa: str | None) -> list[str]:
     curve = compare.get("encoder_curve") or []
     if curve:
         lines += ["", "Encoder compute per request at c=1 (Triton statistics) against clip length:", "",
-                  "| clip s | " + " | ".join(f"{c['seconds']:g}" for c in curve) + " |",
-                  "|---|" + "---:|" * len(curve),
-                  "| frames encoded | " + " | ".join("+".join(map(str, c["encoded_frames"])) for c in curve) + " |",
-                  "| encoder ms | " + " | ".join(_f(c.get("encoder_ms"), "{:.1f}") for c in curve) + " |"]
-        full = fw.get("encoder_curve") or []
-        if full:
-            lines.append("| encoder ms, full windows | " + " | ".join(_f(c.get("encoder_ms"), "{:.1f}") for c in full)
-                         + " |")
+                  *_encoder_curve_table(curve, fw.get("encoder_curve") or [])]
     return lines
+
+
+def _labels(rounds: dict) -> dict[str, str]:
+    return {"burst": "(a) af3trt, burst of 8",
+            "steady": f"(b) af3trt, steady c={rounds.get('concurrency')} (perf_analyzer)",
+            "sequential": "transformers one-at-a-time", "batched": "transformers batched generate (8)"}
+
+
+def _encoder_curve_table(curve: list[dict], full: list[dict]) -> list[str]:
+    """Clip lengths across, one row per figure: frames encoded, encoder ms (and with full windows, when measured)."""
+    rows = [{"what": "frames encoded", "cells": [Text("+".join(map(str, c["encoded_frames"]))) for c in curve]},
+            {"what": "encoder ms", "cells": [c.get("encoder_ms") for c in curve]}]
+    if full:
+        rows.append({"what": "encoder ms, full windows", "cells": [c.get("encoder_ms") for c in full]})
+    return markdown_table([Column("clip s", "what")] + [
+        Column(f"{c['seconds']:g}", lambda r, i=i: r["cells"][i] if i < len(r["cells"]) else BLANK, "{:.1f}",
+               right=True)
+        for i, c in enumerate(curve)], rows)
 
 
 def _stage(split: dict, name: str) -> str:
@@ -245,22 +258,19 @@ def _batching_lines(compare: dict) -> list[str]:
     if not b or b.get("error") or not runs.get("burst"):
         return []
     main_on = not b["encoder_batching"]
-    lines = ["", f"Encoder dynamic batching across requests (Triton batches only equal [128, T], so per frame bucket): "
-                 f"main build {'on' if main_on else 'off'}, ablation build {'on' if b['encoder_batching'] else 'off'}"
-                 f" (queue delay {b['queue_delay_us']} us). Encoder ms per request (Triton statistics):", "",
-             "| | burst req/s | burst encoder | steady c=8 req/s | steady encoder |", "|---|---:|---|---:|---|"]
 
     def mid(k):
         xs = sorted(runs.get(k) or [], key=lambda r: r["throughput_rps"])
         return xs[len(xs) // 2] if xs else None
 
-    for label, bu, st in ((f"batching {'on' if main_on else 'off'} (main, median round)", mid("burst"), mid("steady")),
-                          (f"batching {'on' if b['encoder_batching'] else 'off'} (ablation, one run)", b.get("burst"),
-                           b.get("steady"))):
-        if bu and st:
-            lines.append(f"| {label} | {bu['throughput_rps']:.2f} | {_stage(bu.get('split'), 'encoder')} | "
-                         f"{st['throughput_rps']:.2f} | {_stage(st.get('split'), 'encoder')} |")
-    return lines
+    rows = [{"label": label, "burst": bu, "steady": st} for label, bu, st in (
+        (f"batching {'on' if main_on else 'off'} (main, median round)", mid("burst"), mid("steady")),
+        (f"batching {'on' if b['encoder_batching'] else 'off'} (ablation, one run)", b.get("burst"), b.get("steady")))
+        if bu and st]
+    return ["", f"Encoder dynamic batching across requests (Triton batches only equal [128, T], so per frame bucket): "
+                f"main build {'on' if main_on else 'off'}, ablation build {'on' if b['encoder_batching'] else 'off'}"
+                f" (queue delay {b['queue_delay_us']} us). Encoder ms per request (Triton statistics):", "",
+            *markdown_table(BATCHING, rows)]
 
 
 def plot_encoder_curve(compare: dict, out: Path) -> str | None:

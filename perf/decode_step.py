@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.build.tables import Column, markdown_table
 from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest
 
 ISAS = {"avx512": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -103,17 +104,18 @@ def prepare(work: Path, preset: str, precisions: list[str]) -> dict[str, tuple[s
     return out
 
 
+STEPS = [Column("ISA", lambda r: f"{r['isa']}{' (emulated)' if r['isa'] == 'avx2' else ''}"),
+         Column("precision"), Column("threads"), Column("batch"), Column("ms per step", "ms_median", "{:.1f}"),
+         Column("min-max", lambda r: f"{r['ms_min']:.1f}-{r['ms_max']:.1f}"),
+         Column("ms per token", lambda r: r["ms_median"] / r["batch"], "{:.2f}")]
+
+
 def render(r: dict) -> str:
     lines = [f"# CPU decoder: decode step by precision, threads, batch and ISA ({r['started_utc']})", "",
              f"`{r['preset']}` preset, {r['prompt']}-token prompts, {r['steps']} steps, median of {r['repeats']} "
              f"repeats (min-max). `avx2` is emulated on this AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2, "
              f"ONEDNN_MAX_CPU_ISA=AVX2). Load average {r['load_average_start']} at start, {r['load_average_end']} "
-             f"at end.", "", "| ISA | precision | threads | batch | ms per step | min-max | ms per token |",
-             "|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {row['isa']}{' (emulated)' if row['isa'] == 'avx2' else ''} | {row['precision']} | "
-                     f"{row['threads']} | {row['batch']} | {row['ms_median']:.1f} | {row['ms_min']:.1f}-"
-                     f"{row['ms_max']:.1f} | {row['ms_median'] / row['batch']:.2f} |")
+             f"at end.", "", *markdown_table(STEPS, r["rows"])]
     return "\n".join(lines) + "\n"
 
 

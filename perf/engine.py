@@ -35,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.build.tables import Column, Text, markdown_table
 from af3trt.perf import bench, compare, machine
 from af3trt.perf import clips as clipgen
 from af3trt.perf.loadgen import run_load
+from af3trt.runtime.host.proc import tree_cpu_seconds
 
 log = logging.getLogger("af3trt.bench")
 
@@ -60,30 +62,6 @@ def fresh_clips(count: int, variant: int) -> list[tuple[float, bytes]]:
 
 def spread(values: list[float]) -> float:
     return float((max(values) - min(values)) / np.median(values)) if values else float("nan")
-
-
-def _stat(path: Path) -> tuple[int, float] | None:
-    """(parent pid, user + system CPU seconds) of /proc/<pid>/stat (proc(5): fields 4, 14 and 15, after the name)."""
-    try:
-        fields = path.read_text().rpartition(")")[2].split()
-    except OSError:  # gone meanwhile
-        return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (tritonserver and its python stubs), from
-    /proc (Linux)."""
-    stats = {int(p.parent.name): st for p in Path("/proc").glob("[0-9]*/stat") if (st := _stat(p)) is not None}
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in stats.items():
-        children.setdefault(parent, []).append(child)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats.get(p, (0, 0.0))[1]
-        todo += children.get(p, [])
-    return total
 
 
 def af3trt_round(url: str, args, variant: int, pid: int | None = None) -> tuple[dict, dict]:
@@ -151,14 +129,7 @@ def run_rounds(urls: dict[str, str], refs: dict, args, pids: dict[str, int] | No
     runs: dict[str, list[dict]] = {f"{v} {m}": [] for v in urls for m in ("burst", "sustained")}
     names = peer_names(list(refs))
     runs.update({k: [] for k in names})
-    warm = fresh_clips(args.burst_clips, 0)
-    threads = {}
-    for dtype, ref in refs.items():
-        peer_round(ref, warm, args.max_tokens)  # warm-up, not counted
-        if not args.baseline_threads:
-            threads[dtype] = pick_threads(ref, warm, args.max_tokens)
-            log.info("transformers %s threads: %d (batched warm-up seconds by threads: %s)", dtype, ref.threads,
-                     threads[dtype])
+    threads = warm_peers(refs, fresh_clips(args.burst_clips, 0), args)
     variant = 1000  # variants below 1000 are the warm-ups'
     load = []
     for i in range(args.rounds):
@@ -174,18 +145,35 @@ def run_rounds(urls: dict[str, str], refs: dict, args, pids: dict[str, int] | No
             for peer, name in zip(PEERS, names[2 * k:2 * k + 2]):
                 runs[name].append(base[peer])
         log.info("round %d: %s", i + 1, ", ".join(f"{k} {v[-1]['throughput_rps']:.2f}" for k, v in runs.items()))
+    peers = {d: {"threads": r.threads, "dtype": r.dtype, "threads_timed": threads.get(d)} for d, r in refs.items()}
+    return {"rounds": args.rounds, "peers": peers,
+            "load_average_by_round": load, **summarize_rounds(runs, names)}
+
+
+def warm_peers(refs: dict, warm: list[tuple[float, bytes]], args) -> dict:
+    """One uncounted round per transformers peer; each peer's threads picked then unless --baseline-threads.
+    → {dtype: batched seconds by threads} of the peers whose threads were picked."""
+    threads = {}
+    for dtype, ref in refs.items():
+        peer_round(ref, warm, args.max_tokens)  # warm-up, not counted
+        if not args.baseline_threads:
+            threads[dtype] = pick_threads(ref, warm, args.max_tokens)
+            log.info("transformers %s threads: %d (batched warm-up seconds by threads: %s)", dtype, ref.threads,
+                     threads[dtype])
+    return threads
+
+
+def summarize_rounds(runs: dict[str, list[dict]], peers: list[str]) -> dict:
+    """Per measure: req/s of each round, median, spread; af3trt's ratios to each peer (req/s, and CPU seconds per
+    request: peer / af3trt); the burst rounds' stage splits."""
     rps = {k: [r["throughput_rps"] for r in v] for k, v in runs.items()}
     med = {k: float(np.median(v)) for k, v in rps.items()}
-    out = {"rounds": args.rounds, "peers": {d: {"threads": r.threads, "dtype": r.dtype, "threads_timed": threads.get(d)}
-                                            for d, r in refs.items()},
-           "load_average_by_round": load, "req_s": rps, "median_req_s": med,
-           "spread": {k: spread(v) for k, v in rps.items()}}
-    out["ratios"] = {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in names for b in names}
+    out = {"req_s": rps, "median_req_s": med, "spread": {k: spread(v) for k, v in rps.items()},
+           "ratios": {f"{a} vs {b}": med[a] / med[b] for a in runs if a not in peers for b in peers}}
     cpu = {k: [r["cpu_s_per_request"] for r in v if "cpu_s_per_request" in r] for k, v in runs.items()}
-    out["cpu_s_per_request"] = {k: float(np.median(v)) for k, v in cpu.items() if v}
-    c = out["cpu_s_per_request"]
-    out["cpu_ratios"] = {f"{a} vs {b}": c[b] / c[a] for a in runs if a not in names and a in c
-                         for b in names if b in c}
+    c = out["cpu_s_per_request"] = {k: float(np.median(v)) for k, v in cpu.items() if v}
+    out["cpu_ratios"] = {f"{a} vs {b}": c[b] / c[a] for a in runs if a not in peers and a in c
+                         for b in peers if b in c}
     out["splits"] = {k: [r.get("split") for r in v] for k, v in runs.items() if k.endswith("burst")}
     return out
 
@@ -301,69 +289,83 @@ def _plain(o):
     return str(o)
 
 
+def _target(key: str) -> float:
+    """The ratio's target: against transformers one-at-a-time or batched (`… vs sequential…` / `… vs batched…`)."""
+    return compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") else compare.TARGET_VS_BATCHED
+
+
+# engine.md's tables (build/tables.py writes them), over the records of engine.json's "compare" and "cache"
+MEASURES = [Column("measure", "name"), Column("median req/s", "median", "{:.2f}"),
+            Column("spread (max-min)/median", "spread", lambda v: f"{100 * v:.0f} %"),
+            Column("per-round req/s", "req_s", lambda v: " / ".join(f"{x:.2f}" for x in v)),
+            Column("CPU s per request (median)", "cpu", "{:.2f}")]
+RATIOS = [Column("ratio (medians)", "key"), Column("value", "value", "{:.2f}"),
+          Column("target", lambda r: f"≥ {_target(r['key'])} "
+                                     f"({'met' if r['value'] >= _target(r['key']) else 'missed'})")]
+CPU_RATIOS = [Column("ratio of CPU seconds per request (peer / af3trt, medians)", "key"), *RATIOS[1:]]
+BURST_SPLIT = [Column("burst", "name"), *(Column(s, s, "{:.0f}") for s in ("preprocess", "encoder", "fusion")),
+               Column("decoder generation", "decoder_generation_ms", "{:.0f}"),
+               Column("ensemble", "ensemble_ms", "{:.0f}")]
+CACHE = [Column("clips", "clips"), Column("req/s", "req_s", "{:.2f}"), Column("TTFT p50 ms", "ttft_ms_p50", "{:.0f}")]
+
+
 def render(r: dict) -> str:
+    """engine.md of an engine.json record."""
     c = r["compare"]
-    med, sp = c["median_req_s"], c["spread"]
     lines = [f"# CPU engine: af3trt against transformers ({r['started_utc']})", "",
              f"Checkpoint: synthetic `af3` preset (decoder head_dim 128). {c['rounds']} interleaved rounds, fresh clips "
              f"every round, {r['args']['max_tokens']} tokens; sustained = closed loop at concurrency 8 over "
              f"{8 * r['args']['sustained']} requests. Load average {r['load_average_start']} at start, "
              f"{r['load_average_end']} at end. Variants: "
              + "; ".join(f"`{k}` = {v or 'defaults'}" for k, v in r["variants"].items()) + ".", "",
-             "| measure | median req/s | spread (max-min)/median | per-round req/s | CPU s per request (median) |",
-             "|---|---|---|---|---|"]
-    dtypes = list(c.get("peers") or {"float32": {}})
-    peers = {}
-    for name, (peer, dtype) in zip(peer_names(dtypes), [(p, d) for d in dtypes for p in PEERS]):
-        what = "one-at-a-time" if peer == "sequential" else f"batched generate ({r['args']['burst_clips']})"
-        peers[name] = f"transformers {dtype} {what}"
-    for k in c["req_s"]:
-        name = peers.get(k, f"af3trt {k}")
-        cpu = (c.get("cpu_s_per_request") or {}).get(k)
-        lines.append(f"| {name} | {med[k]:.2f} | {100 * sp[k]:.0f} % | "
-                     f"{' / '.join(f'{v:.2f}' for v in c['req_s'][k])} | {'-' if cpu is None else f'{cpu:.2f}'} |")
-    lines += ["", "| ratio (medians) | value | target |", "|---|---|---|"]
-    for key, v in c["ratios"].items():
-        target = compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") \
-            else compare.TARGET_VS_BATCHED
-        lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
-    splits = {k: [x for x in v if x] for k, v in (c.get("splits") or {}).items()}
-    if any(splits.values()):
-        lines += ["", "Where a burst request's time goes (mean over the rounds, ms: each stage's queue + compute from "
-                  "Triton's statistics; decoder generation = admission to last token):", "",
-                  "| burst | preprocess | encoder | fusion | decoder generation | ensemble |", "|---|---|---|---|---|---|"]
-        for k, v in splits.items():
-            if not v:
-                continue
-
-            def stage(name):
-                return float(np.mean([x["stages"][name]["queue_ms"] + x["stages"][name]["compute_ms"] for x in v]))
-
-            lines.append(f"| {k} | {stage('preprocess'):.0f} | {stage('encoder'):.0f} | {stage('fusion'):.0f} | "
-                         f"{np.mean([x['decoder_generation_ms'] for x in v]):.0f} | "
-                         f"{np.mean([x['ensemble_ms'] for x in v]):.0f} |")
+             *markdown_table(MEASURES, measures(r)), "",
+             *markdown_table(RATIOS, [{"key": k, "value": v} for k, v in c["ratios"].items()])]
+    lines += _burst_split_lines(c.get("splits") or {})
     if c.get("cpu_ratios"):
-        lines += ["", "| ratio of CPU seconds per request (peer / af3trt, medians) | value | target |", "|---|---|---|"]
-        for key, v in c["cpu_ratios"].items():
-            target = compare.TARGET_VS_SEQUENTIAL if key.split(" vs ")[1].startswith("sequential") \
-                else compare.TARGET_VS_BATCHED
-            lines.append(f"| {key} | {v:.2f} | ≥ {target} ({'met' if v >= target else 'missed'}) |")
+        lines += ["", *markdown_table(CPU_RATIOS, [{"key": k, "value": v} for k, v in c["cpu_ratios"].items()])]
     if c.get("load_average_by_round"):
         lines += ["", "Load average (1, 5, 15 min) at the start of each round: "
                   + "; ".join(", ".join(f"{x:.1f}" for x in la) for la in c["load_average_by_round"]) + "."]
     if "cache" in r:
         ca = r["cache"]
         lines += ["", "## Audio cache (OpenAI front, 8 streamed chat completions at once)", "",
-                  "| clips | req/s | TTFT p50 ms |", "|---|---|---|",
-                  f"| never sent | {ca['first_time']['req_s']:.2f} | {ca['first_time']['ttft_ms_p50']:.0f} |",
-                  f"| sent before | {ca['repeated']['req_s']:.2f} | {ca['repeated']['ttft_ms_p50']:.0f} |", "",
+                  *markdown_table(CACHE, [{"clips": "never sent", **ca["first_time"]},
+                                          {"clips": "sent before", **ca["repeated"]}]), "",
                   f"{ca['long_clip_s']:g}-s clip, streamed TTFT: first turn "
                   f"{ca['long_clip_ttft_ms']['first_turn']:.0f} ms, second turn "
                   f"{ca['long_clip_ttft_ms']['second_turn']:.0f} ms."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def measures(r: dict) -> list[dict]:
+    """One record per measure (af3trt variants' burst and sustained, the transformers peers): its name as the
+    report says it, median and per-round req/s, spread, median CPU seconds per request (or "-")."""
+    c = r["compare"]
+    dtypes = list(c.get("peers") or {"float32": {}})
+    peers = {}
+    for name, (peer, dtype) in zip(peer_names(dtypes), [(p, d) for d in dtypes for p in PEERS]):
+        what = "one-at-a-time" if peer == "sequential" else f"batched generate ({r['args']['burst_clips']})"
+        peers[name] = f"transformers {dtype} {what}"
+    cpu = c.get("cpu_s_per_request") or {}
+    return [{"name": peers.get(k, f"af3trt {k}"), "median": c["median_req_s"][k], "spread": c["spread"][k],
+             "req_s": c["req_s"][k], "cpu": cpu.get(k, Text("-"))} for k in c["req_s"]]
+
+
+def _burst_split_lines(splits: dict) -> list[str]:
+    """Where a burst request's time goes: per af3trt variant, each stage's queue + compute, means over the rounds."""
+    splits = {k: [x for x in v if x] for k, v in splits.items()}
+    if not any(splits.values()):
+        return []
+    rows = [{"name": k, **{s: float(np.mean([x["stages"][s]["queue_ms"] + x["stages"][s]["compute_ms"] for x in v]))
+                           for s in ("preprocess", "encoder", "fusion")},
+             "decoder_generation_ms": np.mean([x["decoder_generation_ms"] for x in v]),
+             "ensemble_ms": np.mean([x["ensemble_ms"] for x in v])} for k, v in splits.items() if v]
+    return ["", "Where a burst request's time goes (mean over the rounds, ms: each stage's queue + compute from "
+            "Triton's statistics; decoder generation = admission to last token):", "",
+            *markdown_table(BURST_SPLIT, rows)]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m af3trt.perf.engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -383,10 +385,49 @@ def main(argv=None) -> int:
                     help="another af3trt build served beside the default one, with `af3trt bench` build flags and "
                          "server environment, e.g. 'unbatched=--no-encoder-batching', 'omp1=OMP_NUM_THREADS=1' (repeatable; "
                          "not OMP_WAIT_POLICY=ACTIVE: its idle threads spin for good and slow every other measure)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from af3trt.perf.baseline import TransformersBaseline
+    return ap.parse_args(argv)
+
+
+def serve_variant(name: str, flags: str, args, work: Path, out: Path):
+    """Build (cached, as `af3trt bench` does) and start one variant: FLAGS are bench build flags and NAME=VALUE
+    environment variables of its server. → (checkpoint, repository, TritonServer)."""
     from af3trt.runtime.serve.server import TritonServer
+
+    env = dict(f.split("=", 1) for f in flags.split() if "=" in f and f.split("=")[0].isupper())
+    build_flags = [f for f in flags.split() if f.split("=")[0] not in env]
+    bargs = bench.parse_args(["--work", str(work), "--max-tokens", str(args.max_tokens), *build_flags])
+    ckpt = bench.prepare_checkpoint(bargs, work)
+    repo = bench.prepare_repository(bargs, ckpt, work)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the server's environment, which its stubs inherit
+    try:
+        server = TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
+                              exit_timeout=3).start(timeout=600)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ckpt, repo, server
+
+
+def compare_with_peers(urls: dict[str, str], pids: dict[str, int], ckpt: Path, args) -> dict:
+    """Warm every variant's stages, load the transformers peers, run the interleaved rounds."""
+    from af3trt.perf.baseline import TransformersBaseline
+
+    for url in urls.values():
+        run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,
+                 requests=args.burst_clips, max_tokens=args.max_tokens, stream=False)
+    loaded = [TransformersBaseline(ckpt, threads=args.baseline_threads or None, dtype=None if d == "auto" else d)
+              for d in args.peer_dtypes.split(",")]
+    refs = {ref.dtype: ref for ref in loaded}  # by the dtype it loaded in (auto: the checkpoint's)
+    return run_rounds(urls, refs, args, pids)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from af3trt.runtime.serve.triton_install import CACHE
 
     out = args.out.resolve()
@@ -396,37 +437,14 @@ def main(argv=None) -> int:
     result = {"started_utc": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "args": vars(args) | {"out": str(out)},
               "variants": variants, "machine": machine.describe(bench.REPO_ROOT),
               "load_average_start": machine.load_average()}
-    servers: dict[str, TritonServer] = {}
+    servers = {}
     try:
         for name, flags in variants.items():
-            env = dict(f.split("=", 1) for f in flags.split() if "=" in f and f.split("=")[0].isupper())
-            build_flags = [f for f in flags.split() if f.split("=")[0] not in env]
-            bargs = bench.parse_args(["--work", str(work), "--max-tokens", str(args.max_tokens), *build_flags])
-            ckpt = bench.prepare_checkpoint(bargs, work)
-            repo = bench.prepare_repository(bargs, ckpt, work)
+            ckpt, repo, servers[name] = serve_variant(name, flags, args, work, out)
             spec = json.loads((repo / "manifest.json").read_text()).get("repository", {}).get("spec", {})
             result.setdefault("repositories", {})[name] = {"path": str(repo), "spec": spec}
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)  # the server's environment, which its stubs inherit
-            try:
-                servers[name] = TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
-                                             exit_timeout=3).start(timeout=600)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
         urls = {name: s.grpc_url for name, s in servers.items()}
-        for url in urls.values():  # warm every stage
-            run_load(url, compare.items_of(fresh_clips(args.burst_clips, 1)), concurrency=args.burst_clips,
-                     requests=args.burst_clips, max_tokens=args.max_tokens, stream=False)
-        loaded = [TransformersBaseline(ckpt, threads=args.baseline_threads or None, dtype=None if d == "auto" else d)
-                  for d in args.peer_dtypes.split(",")]
-        refs = {ref.dtype: ref for ref in loaded}  # by the dtype it loaded in (auto: the checkpoint's)
-        del loaded
-        result["compare"] = run_rounds(urls, refs, args, {name: s.proc.pid for name, s in servers.items()})
-        del refs
+        result["compare"] = compare_with_peers(urls, {name: s.proc.pid for name, s in servers.items()}, ckpt, args)
         if args.cache_rounds:
             result["cache"] = cache_figures(urls["default"], args, out)
     finally:

@@ -30,6 +30,8 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+from af3trt.build.tables import Column, markdown_table
+
 ERROR_FIELDS = {"message", "type", "param", "code"}
 KNOWN_ANSWER_TOKENS = 16
 
@@ -131,13 +133,15 @@ def healthy(url: str) -> bool:
         return False
 
 
+OPERATIONS = [Column("operation", "operation", "`{}`"), Column("cases"),
+              Column("statuses", lambda r: ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()))]
+
+
 def write_summary(result: dict, out: Path) -> str:
     lines = [f"# OpenAI front fuzzed from its OpenAPI schema ({result['seconds']:.0f} s, {result['rounds']} rounds)",
              "", f"Build: `{result['model_repository']}`; schemathesis {result['schemathesis']}, "
              f"{result['examples']} cases per operation per round. `af3trt fuzz` (perf/fuzz.py).", "",
-             "| operation | cases | statuses |", "|---|---|---|"]
-    for op, s in result["operations"].items():
-        lines.append(f"| `{op}` | {s['cases']} | {', '.join(f'{k}: {v}' for k, v in s['statuses'].items())} |")
+             *markdown_table(OPERATIONS, [{"operation": op, **s} for op, s in result["operations"].items()])]
     lines += ["", f"- failures: **{len(result['failures'])}**"]
     lines += [f"  - {f}" for f in result["failures"][:20]]
     lines += [f"- healthy afterwards: **{result['healthy_after']}**",

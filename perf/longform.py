@@ -20,35 +20,39 @@ from pathlib import Path
 
 import soundfile as sf
 
+from af3trt.build.tables import Column, markdown_table
 from af3trt.perf import clips
 from af3trt.runtime.batch import Served
-from af3trt.runtime.serve.supervisor import children, stub_pids
-
-
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of a process in MB; 0 when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+from af3trt.runtime.host.proc import children, cmdline, peak_rss_mb, stub_names
 
 
 def server_peaks(serve_pid: int) -> dict[str, float]:
     """{process: peak RSS MB} under `af3trt serve`: the OpenAI front, tritonserver, each python stub."""
     out = {}
     for pid in children(serve_pid):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cmd = " ".join(cmdline(pid))
         if "openai_server" in cmd:
             out["openai front"] = peak_rss_mb(pid)
         elif "tritonserver" in cmd:
             out["tritonserver"] = peak_rss_mb(pid)
-            for model, pids in stub_pids(pid).items():
-                for k, p in enumerate(sorted(pids)):
-                    out[f"stub {model}" + (f"#{k}" if k else "")] = peak_rss_mb(p)
+            out.update({f"stub {name}": peak_rss_mb(p) for name, p in stub_names(pid).items()})
     return out
+
+
+PEAKS = [Column("process"), Column("peak RSS at start (MB)", "start", "{:.0f}"),
+         Column("peak RSS after (MB)", "after", "{:.0f}")]
+
+
+def render(r: dict) -> str:
+    """longform.md of a longform.json record."""
+    peaks = [{"process": k, "start": r["peak_rss_mb_at_start"].get(k, 0), "after": v}
+             for k, v in r["peak_rss_mb"].items()]
+    return "\n".join([
+        f"# Long-form transcription: {r['audio_seconds'] / 3600:.2f} h of espeak-ng speech, one request", "",
+        f"chunking_strategy auto, verbose_json; {r['segments']} segments (longest {r['longest_segment_s']} s); "
+        f"transcription concurrency {r['concurrency']}; upload {r['upload_mb']} MB Ogg Vorbis; "
+        f"model repository {r['repository']} (CPU).", "",
+        f"- wall time: {r['wall_s']:.1f} s", f"- RTFx: {r['rtfx']}", "", *markdown_table(PEAKS, peaks)]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -103,14 +107,7 @@ def main(argv=None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "longform.json").write_text(json.dumps(result, indent=1))
-    rows = "\n".join(f"| {k} | {before.get(k, 0):.0f} | {v:.0f} |" for k, v in peaks.items())
-    (args.out / "longform.md").write_text(
-        f"# Long-form transcription: {body['duration'] / 3600:.2f} h of espeak-ng speech, one request\n\n"
-        f"chunking_strategy auto, verbose_json; {len(segs)} segments (longest {result['longest_segment_s']} s); "
-        f"transcription concurrency {args.concurrency}; upload {result['upload_mb']} MB Ogg Vorbis; "
-        f"model repository {args.model_repository} (CPU).\n\n"
-        f"- wall time: {wall:.1f} s\n- RTFx: {result['rtfx']}\n\n"
-        f"| process | peak RSS at start (MB) | peak RSS after (MB) |\n|---|---|---|\n{rows}\n")
+    (args.out / "longform.md").write_text(render(result))
     print(json.dumps(result, indent=1))
     return 0
 

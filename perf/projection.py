@@ -25,6 +25,7 @@ module adds the roofline times:
 from __future__ import annotations
 
 from af3trt.build import sizing
+from af3trt.build.tables import Column, markdown_table
 from af3trt.registry import KNOWN_GPUS, GpuInfo, af3_reference_config, supports_fp8
 from af3trt.runtime.stages import lengths
 
@@ -137,76 +138,6 @@ def project(config: dict, *, label: str, text_tokens: int = 64, batches=(1, 8, 6
     return out
 
 
-def render_markdown(projections: list[dict]) -> str:
-    lines = ["## GPU projection (PROJECTION — computed from the config, not measured)", "",
-             "Formulas and assumptions: see `af3trt/perf/projection.py` (module docstring). Times are roofline lower "
-             f"bounds at 100 % of HBM bandwidth / dense bf16 peak; the 'at eff.' column assumes "
-             f"{BANDWIDTH_EFFICIENCY:.0%} of bandwidth and {COMPUTE_EFFICIENCY:.0%} of peak.", ""]
-    for pr in projections:
-        n = pr["decoder"]["total"]
-        lines += [f"### {pr['label']}", "",
-                  f"Decoder {n / 1e6:,.1f} M parameters; {pr['decoder_flops_per_token'] / 1e9:.2f} GFLOP per token; "
-                  f"encoder {pr['encoder_window_flops'] / 1e9:,.1f} GFLOP per 30-s window; encoder weights "
-                  f"{pr['encoder_weight_bytes'] / 1e6:,.1f} MB (bf16).", "",
-                  "| decoder precision | weights | streamed per step | KV / token (bf16) | KV / token (fp8) |",
-                  "|---|---:|---:|---:|---:|"]
-        for p in PROJECTED_PRECISIONS:
-            lines.append(f"| {p} | {_bytes(pr['weights_bytes'][p])} | {_bytes(pr['streamed_weight_bytes'][p])} | "
-                         f"{pr['kv_bytes_per_token']['auto']:,} B | {pr['kv_bytes_per_token']['fp8']:,} B |")
-        lines += ["", "| GPU | encoder / window | prefill 30 s | prefill 10 min |", "|---|---:|---:|---:|"]
-        for g in pr["gpus"].values():
-            lines.append(f"| {g['gpu']} | {_t(g['encoder_window_s'])} | {_t(g['prefill_s']['30s'])} | "
-                         f"{_t(g['prefill_s']['600s'])} |")
-        lines += _clip_mix_markdown(pr["gpus"]["H100"])
-        batches = sorted({r["batch"] for g in pr["gpus"].values() for r in g["decode"]})
-        lines += ["", "Decode step, one token for each of B sequences, bf16 KV cache: roofline time (at eff.), and "
-                  "tokens/s at the largest B at 100 %:", "",
-                  "| GPU | audio | precision | " + " | ".join(f"B={b}" for b in batches) + " | tokens/s |",
-                  "|---|---|---|" + "---:|" * (len(batches) + 1)]
-        for key, g in pr["gpus"].items():
-            rows = {}
-            for r in g["decode"]:
-                if r["kv_cache"] == "auto":
-                    rows.setdefault((r["audio_s"], r["precision"]), {})[r["batch"]] = r
-            for (audio_s, prec), by_b in rows.items():
-                if prec == "fp8" and not supports_fp8(GPUS[key].sm):
-                    cells = [f"n/a: no FP8 on {key} (SM {GPUS[key].sm / 10:.1f})"] + ["—"] * (len(batches) - 1)
-                    tps = "—"
-                else:
-                    cells = [f"{_t(by_b[b]['step_s'])} ({_t(by_b[b]['step_s_at_efficiency'])})" for b in batches]
-                    tps = f"{by_b[batches[-1]]['tokens_per_s']:,.0f}"
-                label = f"{audio_s // 60} min" if audio_s >= 60 else f"{audio_s} s"
-                lines.append(f"| {key} | {label} | {prec} | " + " | ".join(cells) + f" | {tps} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _clip_mix_markdown(g: dict) -> list[str]:
-    """The variable-length encoder table (one GPU): encoder cost follows the valid audio."""
-    if not g["clip_mix"]:
-        return []
-    eff = COMPUTE_EFFICIENCY
-    lines = ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): windows encoded at their "
-             "frame bucket (smallest multiple of 100 frames >= L+2, `runtime/lengths.frame_bucket`) instead of 3000 "
-             "frames. 'First token' is encoder + prefill compute (64 text tokens), roofline at 100 % of peak "
-             f"(at {eff:.0%}); the mix is one request of each clip. A request's windows share the largest bucket among "
-             "them (`runtime/audio.request_frames`), so only clips of one window (<= 30 s) are cropped: the 5-s clip "
-             "gains, the 30-s clip is a full window, and 2-min and 10-min clips run every window at 3000 frames.", "",
-             "| clip | windows | frames encoded (full → cropped) | encoder GFLOP (full → cropped) | encoder time "
-             "(full → cropped) | encoder gain | first token (full → cropped) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in g["clip_mix"]:
-        sec = r["audio_s"]
-        label = "mix (5 s + 30 s + 2 min + 10 min)" if r.get("label") == "mix" else \
-            (f"{sec // 60} min" if sec >= 60 else f"{sec} s")
-        lines.append(f"| {label} | {r['windows']} | {r['frames_full']:,} → {r['frames']:,} | "
-                     f"{r['full'] / 1e9:,.0f} → {r['cropped'] / 1e9:,.0f} | "
-                     f"{_t(r['encoder_full_s'])} → {_t(r['encoder_s'])} ({_t(r['encoder_s'] / eff)}) | "
-                     f"{r['encoder_speedup']:.2f}× | {_t(r['first_token_full_s'])} → {_t(r['first_token_s'])} "
-                     f"({_t(r['first_token_s'] / eff)}) |")
-    return lines
-
-
 def _bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -215,3 +146,89 @@ def _t(s: float | None) -> str:
     if s is None:
         return "—"
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} µs"
+
+
+WEIGHTS = [Column("decoder precision", "precision"), Column("weights", "weights", _bytes, right=True),
+           Column("streamed per step", "streamed", _bytes, right=True),
+           Column("KV / token (bf16)", "kv_auto", "{:,} B", right=True),
+           Column("KV / token (fp8)", "kv_fp8", "{:,} B", right=True)]
+PREFILL = [Column("GPU", "gpu"), Column("encoder / window", "encoder_window_s", _t, right=True),
+           Column("prefill 30 s", ("prefill_s", "30s"), _t, right=True),
+           Column("prefill 10 min", ("prefill_s", "600s"), _t, right=True)]
+def _cropped(full: str, cropped: str):
+    """A clip-mix row's 'full → cropped (cropped at the compute efficiency)' of two of its times."""
+    return lambda r: f"{_t(r[full])} → {_t(r[cropped])} ({_t(r[cropped] / COMPUTE_EFFICIENCY)})"
+
+
+CLIP_MIX = [Column("clip", "label"), Column("windows", right=True),
+            Column("frames encoded (full → cropped)", lambda r: f"{r['frames_full']:,} → {r['frames']:,}", right=True),
+            Column("encoder GFLOP (full → cropped)", lambda r: f"{r['full'] / 1e9:,.0f} → {r['cropped'] / 1e9:,.0f}",
+                   right=True),
+            Column("encoder time (full → cropped)", _cropped("encoder_full_s", "encoder_s"), right=True),
+            Column("encoder gain", "encoder_speedup", "{:.2f}×", right=True),
+            Column("first token (full → cropped)", _cropped("first_token_full_s", "first_token_s"), right=True)]
+
+
+def render_markdown(projections: list[dict]) -> str:
+    lines = ["## GPU projection (PROJECTION — computed from the config, not measured)", "",
+             "Formulas and assumptions: see `af3trt/perf/projection.py` (module docstring). Times are roofline lower "
+             f"bounds at 100 % of HBM bandwidth / dense bf16 peak; the 'at eff.' column assumes "
+             f"{BANDWIDTH_EFFICIENCY:.0%} of bandwidth and {COMPUTE_EFFICIENCY:.0%} of peak.", ""]
+    for pr in projections:
+        n = pr["decoder"]["total"]
+        weights = [{"precision": p, "weights": pr["weights_bytes"][p], "streamed": pr["streamed_weight_bytes"][p],
+                    "kv_auto": pr["kv_bytes_per_token"]["auto"], "kv_fp8": pr["kv_bytes_per_token"]["fp8"]}
+                   for p in PROJECTED_PRECISIONS]
+        lines += [f"### {pr['label']}", "",
+                  f"Decoder {n / 1e6:,.1f} M parameters; {pr['decoder_flops_per_token'] / 1e9:.2f} GFLOP per token; "
+                  f"encoder {pr['encoder_window_flops'] / 1e9:,.1f} GFLOP per 30-s window; encoder weights "
+                  f"{pr['encoder_weight_bytes'] / 1e6:,.1f} MB (bf16).", "",
+                  *markdown_table(WEIGHTS, weights), "", *markdown_table(PREFILL, pr["gpus"].values())]
+        lines += _clip_mix_markdown(pr["gpus"]["H100"])
+        lines += ["", "Decode step, one token for each of B sequences, bf16 KV cache: roofline time (at eff.), and "
+                  "tokens/s at the largest B at 100 %:", "", *_decode_table(pr["gpus"]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _decode_table(gpus: dict) -> list[str]:
+    """One row per GPU, audio length and precision (bf16 KV cache): the step time at each batch size."""
+    batches = sorted({r["batch"] for g in gpus.values() for r in g["decode"]})
+    rows = []
+    for key, g in gpus.items():
+        by_b: dict = {}
+        for r in g["decode"]:
+            if r["kv_cache"] == "auto":
+                by_b.setdefault((r["audio_s"], r["precision"]), {})[r["batch"]] = r
+        for (audio_s, prec), steps in by_b.items():
+            no_fp8 = prec == "fp8" and not supports_fp8(GPUS[key].sm)
+            rows.append({"gpu": key, "audio": f"{audio_s // 60} min" if audio_s >= 60 else f"{audio_s} s",
+                         "precision": prec, "steps": None if no_fp8 else steps,
+                         "na": f"n/a: no FP8 on {key} (SM {GPUS[key].sm / 10:.1f})"})
+
+    def step(b, first):
+        def at(r):
+            if r["steps"] is None:
+                return r["na"] if first else None
+            return f"{_t(r['steps'][b]['step_s'])} ({_t(r['steps'][b]['step_s_at_efficiency'])})"
+        return at
+
+    columns = [Column("GPU", "gpu"), Column("audio"), Column("precision"),
+               *(Column(f"B={b}", step(b, i == 0), right=True) for i, b in enumerate(batches)),
+               Column("tokens/s", lambda r: None if r["steps"] is None else r["steps"][batches[-1]]["tokens_per_s"],
+                      "{:,.0f}", right=True)]
+    return markdown_table(columns, rows)
+
+
+def _clip_mix_markdown(g: dict) -> list[str]:
+    """The variable-length encoder table (one GPU): encoder cost follows the valid audio."""
+    if not g["clip_mix"]:
+        return []
+    rows = [{**r, "label": "mix (5 s + 30 s + 2 min + 10 min)" if r.get("label") == "mix" else
+             (f"{r['audio_s'] // 60} min" if r["audio_s"] >= 60 else f"{r['audio_s']} s")} for r in g["clip_mix"]]
+    return ["", f"Encoder cost following the valid audio on the {g['gpu']} (PROJECTION): windows encoded at their "
+            "frame bucket (smallest multiple of 100 frames >= L+2, `runtime/lengths.frame_bucket`) instead of 3000 "
+            "frames. 'First token' is encoder + prefill compute (64 text tokens), roofline at 100 % of peak "
+            f"(at {COMPUTE_EFFICIENCY:.0%}); the mix is one request of each clip. A request's windows share the "
+            "largest bucket among them (`runtime/audio.request_frames`), so only clips of one window (<= 30 s) are "
+            "cropped: the 5-s clip gains, the 30-s clip is a full window, and 2-min and 10-min clips run every window "
+            "at 3000 frames.", "", *markdown_table(CLIP_MIX, rows)]

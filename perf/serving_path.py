@@ -27,8 +27,6 @@ import base64
 import io
 import json
 import logging
-import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -41,9 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
+from af3trt.build.tables import BLANK, Column, Text, markdown_table
 from af3trt.perf import clips as clipgen
 from af3trt.perf import machine
 from af3trt.perf.loadgen import run_load
+from af3trt.runtime.host.proc import cpu_seconds, stub_names
 
 log = logging.getLogger("af3trt.bench.serving_path")
 
@@ -93,51 +93,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ processes
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (proc(5): fields 14 and 15 of /proc/<pid>/stat, in clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
-_MODEL_OF_STUB = re.compile(r"/([^/\x00]+)/\d+/model\.py")
-
-
 def serving_processes(server_pid: int, front_pid: int | None) -> dict[str, int]:
-    """{name: pid}: tritonserver, its python-backend stubs by the model their command line names (a second instance
-    of a model gets '#2'), and the OpenAI front."""
-    procs = {"tritonserver": server_pid}
-    for pid in sorted(children(server_pid)):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        m = _MODEL_OF_STUB.search(cmd)
-        if m:
-            name, k = m.group(1), 2
-            while name in procs:
-                name, k = f"{m.group(1)}#{k}", k + 1
-            procs[name] = pid
+    """{name: pid}: tritonserver, its python-backend stubs by model (runtime/host/proc.py stub_names: a second
+    instance of a model is 'model#2'), and the OpenAI front."""
+    procs = {"tritonserver": server_pid, **stub_names(server_pid)}
     if front_pid:
         procs["openai"] = front_pid
     return procs
 
 
 def snapshot(procs: dict[str, int]) -> dict[str, float]:
+    """{name: CPU seconds}; ProcessLookupError (an OSError) when one of them is gone."""
     return {name: cpu_seconds(pid) for name, pid in procs.items()}
 
 
@@ -268,8 +234,8 @@ def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float, stream_int
 
     out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{stream_interval_ms}"
     opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=tokens_per_s,
-                        stream_interval_ms=stream_interval_ms,
-                        serving=ServingConfig(max_batch_size=max(args.concurrency, 1),
+                        serving=ServingConfig(stream_interval_ms=stream_interval_ms,
+                                              max_batch_size=max(args.concurrency, 1),
                                               max_output_len=max(args.max_tokens, args.tiny_tokens, 8),
                                               max_queue_size=0, queue_timeout_ms=0))
     key = {k: str(v) for k, v in asdict(opts).items() if k not in ("out", "force")}
@@ -401,11 +367,35 @@ def fmt(cell: dict) -> str:
     return f"{cell['median']:.3f} [{cell['min']:.3f}–{cell['max']:.3f}]"
 
 
+def _spread(vals: list[float]) -> str:
+    return f"{statistics.median(vals):.0f} [{min(vals):.0f}–{max(vals):.0f}]"
+
+
+# serving_path.md's tables (build/tables.py writes them), over the records of results["runs"] and ["real_model"]
+LOADS = [Column("stream interval", "interval", "{} ms"), Column("load", "mode"),
+         Column("serving path ms / token", ("serving_path", "ms_per_token"), fmt),
+         Column("serving path ms / request", ("serving_path", "ms_per_request"), fmt),
+         Column("ms / request without log-mel (GPU target)", "without_log_mel", fmt),
+         Column("tokens/s of one core", ("per_core", "tokens_per_s"), "{:.0f}"),
+         Column("T-token loads, tokens/s", "throughput",
+                lambda thr: f"{statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)})")]
+STREAMED = [Column("stream interval", "interval", "{} ms"),
+            Column("streamed tokens/s", ("tokens_per_s", "stream"), _spread),
+            Column("non-streamed tokens/s", ("tokens_per_s", "whole"), _spread),
+            Column("streamed / non-streamed, per round", lambda r: f"{r['median_ratio']:.2f} "
+                   f"[{min(r['stream_over_whole']):.2f}–{max(r['stream_over_whole']):.2f}]")]
+PROCESSES = [Column("process", lambda r: f"**{r['name']}**" if r["name"] == "serving_path" else r["name"]),
+             Column("ms CPU / request", "ms_per_request", fmt), Column("ms CPU / token", "ms_per_token", fmt)]
+
+
 def write_report(results: dict, out: Path) -> None:
     (out / "serving_path.json").write_text(json.dumps(results, indent=1, default=str))
-    a = results["args"]
-    runs = results["runs"]
-    lm = results.get("log_mel_cpu_ms")
+    (out / "serving_path.md").write_text(render(results))
+
+
+def render(results: dict) -> str:
+    """serving_path.md of a serving_path.json record."""
+    a, runs = results["args"], results["runs"]
     lines = [f"# Serving path: CPU per request and per streamed token (stand-ins at {a['tokens_per_s']:g} tokens/s per "
              f"request)", "",
              f"`af3trt bench --serving-path`, {results['started_utc']}; {a['rounds']} rounds of {a['requests']} "
@@ -416,21 +406,8 @@ def write_report(results: dict, out: Path) -> None:
              f"Clips: {a.get('clips', 'repeated')} ({'each request sends a clip never sent before: preprocess decodes it and computes its log-mel' if a.get('clips') == 'new' else 'one clip for all: after the first request preprocess answers from its audio cache'}). "
              f"Per request without log-mel: the serving path less the clip's log-mel measured apart (below), what "
              f"stays on CPUs on the GPU target, where the log-mel runs on the device.", "",
-             "| stream interval | load | serving path ms / token | serving path ms / request | ms / request without "
-             "log-mel (GPU target) | tokens/s of one core | T-token loads, tokens/s |",
-             "|---|---|---|---|---|---|---|"]
-    for iv, run in runs.items():
-        for mode, table in run["modes"].items():
-            sp, pc = table["serving_path"], table["per_core"]
-            rate = "—" if pc["tokens_per_s"] is None else f"{pc['tokens_per_s']:.0f}"
-            thr = run["throughput"][mode]
-            gpu = "—" if lm is None or a.get("clips") != "new" else \
-                fmt({k: v - lm for k, v in sp["ms_per_request"].items() if k != "runs"})
-            lines.append(f"| {iv} ms | {mode} | {fmt(sp['ms_per_token'])} | {fmt(sp['ms_per_request'])} | {gpu} | "
-                         f"{rate} | {statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)}) |")
-    for iv, run in runs.items():
-        if "failed" in run:
-            lines.append(f"| {iv} ms | failed | {run['failed'][:300]} | | | | |")
+             *_loads_table(results)]
+    lm = results.get("log_mel_cpu_ms")
     if lm is not None:
         lines += ["", f"Of preprocess's per-request CPU, the clip's log-mel alone takes {lm:.2f} ms (measured apart, "
                       f"one thread); on the GPU target it runs on the device (af3trt.kernels)."]
@@ -439,47 +416,60 @@ def write_report(results: dict, out: Path) -> None:
                   f"{a['tiny_requests']} requests of {a['tiny_tokens']} tokens at concurrency {a['concurrency']} "
                   f"(ignore_eos), {a['tiny_rounds']} rounds, streamed and non-streamed loads and the builds "
                   f"interleaved within each round, our gRPC client; medians [min–max].", "",
-                  "| stream interval | streamed tokens/s | non-streamed tokens/s | streamed / non-streamed, per round |",
-                  "|---|---|---|---|"]
-
-        def spread(vals):
-            return f"{statistics.median(vals):.0f} [{min(vals):.0f}–{max(vals):.0f}]"
-
-        for iv, rm in results["real_model"].items():
-            r = rm["stream_over_whole"]
-            lines.append(f"| {iv} ms | {spread(rm['tokens_per_s']['stream'])} | {spread(rm['tokens_per_s']['whole'])} "
-                         f"| {rm['median_ratio']:.2f} [{min(r):.2f}–{max(r):.2f}] |")
+                  *markdown_table(STREAMED, [{"interval": iv, **rm} for iv, rm in results["real_model"].items()])]
     for iv, run in runs.items():
         for mode, table in run["modes"].items():
             lines += ["", f"## Per process: {mode}, stream interval {iv} ms", "",
-                      "| process | ms CPU / request | ms CPU / token |", "|---|---|---|"]
-            for name, row in table.items():
-                if name != "per_core":
-                    label = f"**{name}**" if name == "serving_path" else name
-                    lines.append(f"| {label} | {fmt(row['ms_per_request'])} | {fmt(row['ms_per_token'])} |")
-    if "aiperf" in results:
-        lines += ["", "## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
-        m = results["aiperf"].get("metrics")
-        if m is None:
-            lines += [f"failed: {results['aiperf'].get('error')}"]
-        else:
-            def stat(key, field="avg"):
-                v = m.get(key, {}).get(field)
-                return "n/a" if v is None else f"{v:.1f} {m[key].get('unit', '')}"
+                      *markdown_table(PROCESSES, [{"name": k, **v} for k, v in table.items() if k != "per_core"])]
+    lines += _aiperf_lines(results.get("aiperf"), list(runs)[-1] if runs else None)
+    lines += _perf_analyzer_lines(results.get("perf_analyzer"))
+    return "\n".join(lines) + "\n"
 
-            lines += [f"`aiperf {results['aiperf']['command']}` (the stream interval {list(runs)[-1]} ms build)", "",
-                      f"requests {stat('request_count')}, request throughput {stat('request_throughput')}, output "
-                      f"tokens {stat('output_token_throughput')}, TTFT p50 {stat('time_to_first_token', 'p50')}, "
-                      f"inter-token latency p50 {stat('inter_token_latency', 'p50')}, output length (AIPerf's own "
-                      f"tokenizer count of the text) {stat('output_sequence_length')}."]
-    if "perf_analyzer" in results:
-        pa = results["perf_analyzer"]
-        lines += ["", "## perf_analyzer against gRPC, beside it (same build, streamed, ignore_eos)", "",
-                  f"requests {pa.get('requests')} ({pa.get('errors')} failed), request throughput "
-                  f"{pa.get('throughput_rps', 0):.1f} requests/sec, output tokens {pa.get('output_tokens_per_s', 0):.1f} "
-                  f"tokens/sec, TTFT p50 {(pa.get('ttft_ms') or {}).get('p50') or 0:.1f} ms, tokens per request "
-                  f"{pa.get('tokens_per_request', 0):.1f}."]
-    (out / "serving_path.md").write_text("\n".join(lines) + "\n")
+
+def _loads_table(results: dict) -> list[str]:
+    """One row per build (stream interval) and load; a failed build's row says where it failed."""
+    a, lm = results["args"], results.get("log_mel_cpu_ms")
+    rows = []
+    for iv, run in results["runs"].items():
+        for mode, table in run["modes"].items():
+            without = None if lm is None or a.get("clips") != "new" else \
+                {k: v - lm for k, v in table["serving_path"]["ms_per_request"].items() if k != "runs"}
+            rows.append({"interval": iv, "mode": mode, **table, "without_log_mel": without,
+                         "throughput": run["throughput"][mode]})
+    rows += [{"interval": iv, "mode": "failed", "serving_path": {"ms_per_token": Text(run["failed"][:300]),
+                                                                 "ms_per_request": BLANK}, "without_log_mel": BLANK,
+              "per_core": {"tokens_per_s": BLANK}, "throughput": BLANK}
+             for iv, run in results["runs"].items() if "failed" in run]
+    return markdown_table(LOADS, rows)
+
+
+def _aiperf_lines(aiperf: dict | None, interval) -> list[str]:
+    if aiperf is None:
+        return []
+    lines = ["", "## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
+    m = aiperf.get("metrics")
+    if m is None:
+        return lines + [f"failed: {aiperf.get('error')}"]
+
+    def stat(key, field="avg"):
+        v = m.get(key, {}).get(field)
+        return "n/a" if v is None else f"{v:.1f} {m[key].get('unit', '')}"
+
+    return lines + [f"`aiperf {aiperf['command']}` (the stream interval {interval} ms build)", "",
+                    f"requests {stat('request_count')}, request throughput {stat('request_throughput')}, output "
+                    f"tokens {stat('output_token_throughput')}, TTFT p50 {stat('time_to_first_token', 'p50')}, "
+                    f"inter-token latency p50 {stat('inter_token_latency', 'p50')}, output length (AIPerf's own "
+                    f"tokenizer count of the text) {stat('output_sequence_length')}."]
+
+
+def _perf_analyzer_lines(pa: dict | None) -> list[str]:
+    if pa is None:
+        return []
+    return ["", "## perf_analyzer against gRPC, beside it (same build, streamed, ignore_eos)", "",
+            f"requests {pa.get('requests')} ({pa.get('errors')} failed), request throughput "
+            f"{pa.get('throughput_rps', 0):.1f} requests/sec, output tokens {pa.get('output_tokens_per_s', 0):.1f} "
+            f"tokens/sec, TTFT p50 {(pa.get('ttft_ms') or {}).get('p50') or 0:.1f} ms, tokens per request "
+            f"{pa.get('tokens_per_request', 0):.1f}."]
 
 
 def measure(servers: dict[int, tuple], clips: ClipSource, args) -> dict[int, dict]:

@@ -32,32 +32,19 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.build.tables import Column, markdown_table
 from af3trt.perf import clips
 from af3trt.perf.loadgen import one_request, record
 from af3trt.perf.metrics import RequestRecord, summarize
 from af3trt.runtime.client.library import AF3Client, AF3Stream, Request
-from af3trt.runtime.serve.supervisor import stub_pids
+from af3trt.runtime.host.proc import rss_mb, stub_names
 
 PROMPTS = ("What is said?", "Transcribe the audio.", "Describe the sound.", "Who is speaking, and about what?")
 
 
 def process_tree_rss(server_pid: int) -> dict[str, float]:
-    """{name: RSS MB} of tritonserver and its python stubs (named by model; repeated models get #k)."""
-    out = {"tritonserver": _rss_mb(server_pid)}
-    for model, pids in sorted(stub_pids(server_pid).items()):
-        for k, pid in enumerate(sorted(pids)):
-            out[model if k == 0 else f"{model}#{k}"] = _rss_mb(pid)
-    return out
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """{name: RSS MB} of tritonserver and its python stubs (named by model: runtime/host/proc.py stub_names)."""
+    return {"tritonserver": rss_mb(server_pid), **{name: rss_mb(pid) for name, pid in stub_names(server_pid).items()}}
 
 
 def make_clips(n: int = 8, seed: int = 0, seconds: tuple[float, float] = (1.0, 8.0)) -> list[bytes]:
@@ -122,7 +109,7 @@ def soak(url: str, server_pid: int, *, minutes: float, concurrency: int, max_tok
 
     def tree_rss() -> dict[str, float]:
         rss = process_tree_rss(server_pid)
-        rss.update({name: _rss_mb(pid) for name, pid in (watch or {}).items()})
+        rss.update({name: rss_mb(pid) for name, pid in (watch or {}).items()})
         return rss
 
     stopped = threading.Event()
@@ -220,6 +207,13 @@ def rss_growth(series: list[dict], settle_s: float) -> dict:
             "growth_pct": round(100 * (b["total_mb"] / a["total_mb"] - 1), 2), "per_process": per}
 
 
+PER_PROCESS = [Column("process"), Column("bytes / request", "bytes_per_request", "{:.0f}"),
+               Column("second half: bytes / request", "second_half", "{:.0f}"), Column("RSS from (MB)", "from_mb"),
+               Column("RSS to (MB)", "to_mb"), Column("residual RMS (KB)", "residual_rms_kb")]
+SAMPLES = [Column("t (s)", "t_s"), Column("requests"), Column("errors"), Column("total RSS (MB)", "total_mb", "{:.1f}"),
+           Column("tritonserver (MB)", lambda p: p["processes_mb"].get("tritonserver", 0.0), "{:.1f}")]
+
+
 def report_md(res: dict, max_rows: int = 25) -> str:
     s, g, b = res["summary"], res["rss_growth"], res["bytes_per_request"]
     lat = s.get("latency_ms", {})
@@ -240,23 +234,17 @@ def report_md(res: dict, max_rows: int = 25) -> str:
             f"after {b['warmup_requests']} warm-up requests, {b['samples']} samples): total "
             f"**{b['total']['bytes_per_request']:.0f} B**",
             "",
-            "| process | bytes / request | RSS from (MB) | RSS to (MB) | residual RMS (KB) |",
-            "|---|---|---|---|---|",
         ]
-        h = res.get("bytes_per_request_second_half", {}).get("per_process", {})
-        lines[-2:] = ["| process | bytes / request | second half: bytes / request | RSS from (MB) | RSS to (MB) | "
-                      "residual RMS (KB) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['bytes_per_request']:.0f} | "
-                  + (f"{h[k]['bytes_per_request']:.0f}" if k in h else "—")
-                  + f" | {v['from_mb']} | {v['to_mb']} | {v['residual_rms_kb']} |" for k, v in b["per_process"].items()]
+        half = res.get("bytes_per_request_second_half", {}).get("per_process", {})
+        lines += markdown_table(PER_PROCESS, [
+            {"process": k, **v, "second_half": half.get(k, {}).get("bytes_per_request")}
+            for k, v in b["per_process"].items()])
     else:
         lines.append(f"- bytes per request: {b.get('note')}")
     series = res["rss_series"]
     shown = thin(series, max_rows)
     lines += ["", f"RSS samples ({len(shown)} of {len(series)}, evenly spaced; all in soak.json):", "",
-              "| t (s) | requests | errors | total RSS (MB) | tritonserver (MB) |", "|---|---|---|---|---|"]
-    lines += [f"| {p['t_s']} | {p['requests']} | {p['errors']} | {p['total_mb']:.1f} | "
-              f"{p['processes_mb'].get('tritonserver', 0.0):.1f} |" for p in shown]
+              *markdown_table(SAMPLES, shown)]
     return "\n".join(lines) + "\n"
 
 

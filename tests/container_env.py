@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def make_container_env(dest: Path, extra_bin: Path | None = None) -> dict:
     site = next((dest / "lib").glob("python3*/site-packages"))
     roots = dockerfile_container_requirements() + IMAGE_PACKAGES
     dists = _closure(roots)
-    dists["af3trt"] = metadata.distribution("af3trt")  # installed --no-deps: its editable finder + .pth
+    # installed --no-deps: its editable finder + .pth, as this venv holds it (not a source tree's af3trt.egg-info, which
+    # `python -m pytest` from the checkout puts first on sys.path)
+    dists["af3trt"] = next(metadata.distributions(name="af3trt", path=[sysconfig.get_paths()["purelib"]]))
     for dist in dists.values():
         where = Path(dist.locate_file(""))
         for name in _top_levels(dist):

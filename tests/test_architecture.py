@@ -2,6 +2,7 @@
 
     af3trt.registry     facts; imports nothing of af3trt
     runtime.assets      the embedded demo clip; imports nothing of af3trt
+    runtime.host        what /proc says about processes (proc.py); imports nothing of af3trt
     runtime.stages      the tensor contract and the pure processing of each stage (audio, prompt, sampling, detok…)
     runtime.engines     ← stages                 the CPU/GPU backends a stage runs (decoder, encoder, stand-ins)
     runtime.triton      ← stages                 what every python-backend stub shares (I/O, request context, configs)
@@ -37,12 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RUNTIME = {"runtime.stages", "runtime.engines", "runtime.triton", "runtime.client", "runtime.openai", "runtime.serve",
            "runtime.batch"}
-FOUNDATION = {"registry", "runtime", "runtime.assets"}  # facts and data: anyone may import them; they import nothing of af3trt
+FOUNDATION = {"registry", "runtime", "runtime.assets", "runtime.host"}  # facts and data: anyone may import them; they import nothing of af3trt
 # layer → the layers it may import (besides itself and the foundation)
 ALLOWED = {
     "registry": set(),
     "runtime": set(),
     "runtime.assets": set(),
+    "runtime.host": set(),
     "runtime.stages": set(),
     "runtime.engines": {"runtime.stages"},
     "runtime.triton": {"runtime.stages"},
@@ -91,8 +93,12 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, li
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
     found = []
+    # `python -m af3trt.x` in a command line runs a module in another process: not an import of this one
+    run_by_name = {id(b) for n in ast.walk(tree) if isinstance(n, (ast.List, ast.Tuple))
+                   for a, b in zip(n.elts, n.elts[1:]) if isinstance(a, ast.Constant) and a.value == "-m"}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value and node.value in known:
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value
+                and node.value in known and id(node) not in run_by_name):
             found.append((node.value, [], node.lineno))  # loaded by importlib: cli.COMMANDS, the OpenAI ROUTERS
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -227,7 +233,8 @@ def test_the_check_catches_what_it_claims(tmp_path):
     known = {"af3trt.runtime.m": src, "af3trt.build.plan": src}
     assert imports("af3trt.runtime.m", src, known) == [("af3trt.build.plan", ["BuildPlan"], 2)]
     # a module named by a string (importlib) is an edge
-    src.write_text('COMMANDS = {"x": "af3trt.build.plan"}\nOTHER = "af3trt.build"\n')
+    src.write_text('COMMANDS = {"x": "af3trt.build.plan"}\nOTHER = "af3trt.build"\n'
+                   'CMD = [sys.executable, "-m", "af3trt.build.plan"]\n')  # another process: not an import
     assert imports("af3trt.runtime.m", src, known) == [("af3trt.build.plan", [], 1)]
 
 
@@ -240,3 +247,29 @@ def test_script_form_reports_a_clean_error(argv):
                        text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_every_shipped_folder_is_a_declared_package():
+    """setuptools ships the files of a folder below a package only as a package of its own: package data reached
+    through a subfolder (`"af3trt.triton_repo" = ["*/model.py"]`, `"af3trt" = ["reference/*.json"]`) made `pip
+    install` print a screen of "Package would be ignored" warnings per folder. So package data names files of its own
+    package, and every tracked folder of Python modules below a package is a declared package (else its modules
+    would not ship)."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages, dirs = set(tool["packages"]), tool["package-dir"]
+    data = tool["package-data"]
+    assert set(data) <= packages and [p for patterns in data.values() for p in patterns if "/" in p] == []
+
+    def folder(package: str) -> str:
+        base = max((p for p in dirs if package == p or package.startswith(p + ".")), key=len)
+        return (Path(dirs[base]) / Path(*package[len(base):].split(".")[1:])).as_posix()
+
+    owner = {folder(p): p for p in packages}
+    tracked = subprocess.run(["git", "ls-files", "-z", "*.py"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split("\0")
+    undeclared = set()
+    for parent in {Path(f).parent for f in tracked if f}:
+        above = next((p for p in parent.parents if p.as_posix() in owner), None)
+        if parent.as_posix() not in owner and above is not None and above != Path("."):
+            undeclared.add(f"{owner[above.as_posix()]}.{parent.relative_to(above).parts[0]}")
+    assert sorted(undeclared) == []

@@ -75,7 +75,7 @@ def encoder_onnx(tiny_ckpt, tmp_path_factory):
 
 
 def _encoder(onnx, cache_bytes):
-    spec = _spec(encoder_params={"onnx_path": str(onnx), "cache_bytes": str(cache_bytes)})
+    spec = _spec(encoder_params={"onnx_path": str(onnx), "cache_bytes": cache_bytes})
     return fake_pb.load_model("encoder", configs.encoder_config(spec), {"model_repository": str(onnx.parent)})
 
 

@@ -41,7 +41,7 @@ def test_repository_and_manifest(built, tiny_ckpt):
     assert (built / fusion.parameters["tokenizer_dir"].string_value / "tokenizer.json").exists()
     assert set(m["timings_s"]) and not list(built.parent.glob(".af3.*"))
     preprocess = configs.parse((repo / "preprocess" / "config.pbtxt").read_text())
-    assert "crop_frames" not in preprocess.parameters  # windows cropped to their frame bucket by default
+    assert preprocess.parameters["crop_frames"].string_value == "true"  # windows cropped to their frame bucket
     assert [list(o.dims) for o in preprocess.output][:2] == [[-1, 128, -1], [-1, -1]]  # [W, 128, T], [W, T]
 
 

@@ -87,7 +87,7 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     info = out / "artifacts" / "engine" / "xgrammar_tokenizer_info.json"
     assert dec.parameters["guided_decoding_backend"].string_value == "xgrammar"
     assert dec.parameters["xgrammar_tokenizer_info_path"].string_value == str(info) and info.is_file()
-    assert fusion.parameters["guide_check"].string_value == "compile"
+    assert fusion.parameters["guide_check"].string_value == "true"
     assert m["gpu"]["guided_decoding"]["stop_token_ids"] == json.loads(info.read_text())["stop_token_ids"]
 
 

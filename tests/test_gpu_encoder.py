@@ -256,6 +256,8 @@ def test_stub_memory_caps_reach_the_stubs(monkeypatch):
     from af3trt.build.gpu_repo import with_stub_caps
     from af3trt.runtime.engines import gpus
 
+    from af3trt.runtime.stages.params import FusionParams
+
     spec = with_stub_caps(configs.RepoSpec(target="gpu", hidden_size=8, decoder_dtype="bfloat16", vocab_size=100,
                                            end_id=1, pad_id=0, prompt_table_extra_ids=True),
                           {"preprocess": 1 << 30, "encoder": 2 << 30, "fusion": 3 << 30})
@@ -265,8 +267,8 @@ def test_stub_memory_caps_reach_the_stubs(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 << 30}))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
-    params = {k: v.string_value for k, v in cfgs["fusion"].parameters.items()}
-    assert gpus.cap_cuda_memory(params, torch.device("cuda", 0), "fusion") == 3 / 80
+    cap = FusionParams.parse({k: v.string_value for k, v in cfgs["fusion"].parameters.items()}).cuda_memory_cap_bytes
+    assert gpus.cap_cuda_memory(cap, torch.device("cuda", 0), "fusion") == 3 / 80
     assert calls == [(3 / 80, torch.device("cuda", 0))]
-    assert gpus.cap_cuda_memory(params, torch.device("cpu"), "fusion") is None  # the CPU path: nothing to cap
-    assert gpus.cap_cuda_memory({}, torch.device("cuda", 0), "fusion") is None and len(calls) == 1
+    assert gpus.cap_cuda_memory(cap, torch.device("cpu"), "fusion") is None  # the CPU path: nothing to cap
+    assert gpus.cap_cuda_memory(None, torch.device("cuda", 0), "fusion") is None and len(calls) == 1

@@ -32,6 +32,7 @@ from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
 from af3trt.runtime.stages import audio, audio_cache, lengths  # noqa: E402
 from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder, window_rows  # noqa: E402
+from af3trt.runtime.stages.params import FusionParams, PreprocessParams  # noqa: E402
 from af3trt.runtime.stages.conversation import shorthand  # noqa: E402
 from af3trt.triton_repo import configs  # noqa: E402
 
@@ -214,23 +215,23 @@ def params(cfg) -> dict[str, str]:
 
 def test_configs_switch_the_device_path_on_for_gpu_only(tiny_ckpt, limits):
     gpu, cpu = spec_for("gpu", tiny_ckpt, limits), spec_for("cpu", tiny_ckpt, limits)
-    assert params(configs.preprocess_config(gpu))["gpu_kernels"] == "true"
-    assert params(configs.fusion_config(gpu))["gpu_kernels"] == "true"
+    assert PreprocessParams.parse(params(configs.preprocess_config(gpu))).gpu_kernels
+    assert FusionParams.parse(params(configs.fusion_config(gpu))).gpu_kernels
     assert params(configs.fusion_config(gpu))["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in params(configs.preprocess_config(gpu))
     for spec in (cpu, dataclasses.replace(gpu, gpu_kernels=False)):
-        for cfg in (configs.preprocess_config(spec), configs.fusion_config(spec)):
-            assert not {"gpu_kernels", "FORCE_CPU_ONLY_INPUT_TENSORS"} & set(params(cfg))
-    assert params(configs.fusion_config(dataclasses.replace(cpu, gpu_kernels=True)))["gpu_kernels"] == "true"
+        for cfg, record in ((configs.preprocess_config(spec), PreprocessParams), (configs.fusion_config(spec),
+                                                                                   FusionParams)):
+            assert not record.parse(params(cfg)).gpu_kernels and "FORCE_CPU_ONLY_INPUT_TENSORS" not in params(cfg)
+    assert FusionParams.parse(params(configs.fusion_config(dataclasses.replace(cpu, gpu_kernels=True)))).gpu_kernels
 
 
 def test_device_choice_and_cpu_fallback(monkeypatch, caplog):
-    assert kernels.device_from_params({}, "x") is None
-    assert kernels.device_from_params({"gpu_kernels": "false"}, "x") is None
-    assert kernels.device_from_params({"gpu_kernels": "true", "kernels_device": "cpu"}, "x") == torch.device("cpu")
+    assert kernels.device_of(False, "cuda", "x") is None
+    assert kernels.device_of(True, "cpu", "x") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger="af3trt"):
-        assert kernels.device_from_params({"gpu_kernels": "true"}, "preprocess") is None
+        assert kernels.device_of(True, "cuda", "preprocess") is None
     assert "CUDA is not available" in caplog.text and "preprocess" in caplog.text
 
 
@@ -319,16 +320,14 @@ def test_device_path_in_a_real_tritonserver_is_token_exact(bf16_ckpt, bf16_repo,
     from af3trt.runtime.serve.server import TritonServer
     from reference import mono16k
 
-    ckpt = bf16_ckpt
     out = tmp_path_factory.mktemp("kernels-e2e") / "out"
     shutil.copytree(bf16_repo, out, symlinks=True)  # the session's bf16 build, copied: its configs change below
     for model in ("preprocess", "fusion"):
         path = out / "model_repository" / model / "config.pbtxt"
         cfg = configs.parse(path.read_text())
-        assert "gpu_kernels" not in cfg.parameters  # the CPU target renders the CPU path
-        spec = dataclasses.replace(spec_for("cpu", ckpt, FusionLimits(1, 1, "bfloat16", 0, 0, 1, 1, 1)),
-                                   gpu_kernels=True)
-        for k, v in {**configs.kernel_params(spec, model), "kernels_device": "cpu"}.items():
+        assert cfg.parameters["gpu_kernels"].string_value == "false"  # the CPU target renders the CPU path
+        for k, v in {"gpu_kernels": "true", "kernels_device": "cpu",
+                     **(configs.INPUTS_WHERE_THEY_ARE if model == "fusion" else {})}.items():
             cfg.parameters[k].string_value = v
         path.write_text(configs.render(cfg))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the python backend stubs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 
 import numpy as np
@@ -333,18 +334,96 @@ def test_stage_series_stacks_every_part():
     assert series["decoder (derived)"] == [2012.0, 2012.0]
 
 
-def test_bench_cli_defaults():
+def test_markdown_table_writes_declared_columns_over_records():
+    """build/tables.py, the one table writer: a column's field (nested, or a function), its format (a pattern or a
+    function), its alignment; None as the missing mark, a Text as it is whatever the format, a blank cell as '| |'."""
+    from dataclasses import dataclass
+
+    from af3trt.build.tables import BLANK, MISSING, Column, Text, markdown_table
+
+    @dataclass
+    class Point:
+        concurrency: int
+        latency_ms: dict
+
+    columns = [Column("c", "concurrency", right=True), Column("p50", ("latency_ms", "p50"), "{:.1f}", right=True),
+               Column("x2", lambda r: 2 * r.concurrency, lambda v: f"{v} req"), Column("", lambda r: BLANK)]
+    rows = [Point(1, {"p50": 12.345}), Point(8, {}), Point(16, Text("n/a"))]
+    assert markdown_table(columns, rows) == ["| c | p50 | x2 | |", "|---:|---:|---|---|", "| 1 | 12.3 | 2 req | |",
+                                             f"| 8 | {MISSING} | 16 req | |", "| 16 | n/a | 32 req | |"]
+    assert markdown_table([Column("name")], []) == ["| name |", "|---|"]  # the header alone: no records
+    assert markdown_table([Column("op", "op", "`{}`")], [{"op": "GET /v1/models"}])[-1] == "| `GET /v1/models` |"
+
+
+def test_bench_cli_defaults(tmp_path):
     from af3trt.perf import bench
 
     args = bench.parse_args([])
     assert args.preset == "af3" and args.main_clips == "spoken"  # AF3's compute split, the burst's spoken clips
     assert (args.compare_rounds, args.burst_clips, args.steady_concurrency) == (3, 8, 8) and args.full_window_ablation
-    assert args.encoder_batching and args.encoder_queue_delay_us == 2000 and args.batching_ablation
-    assert not bench.parse_args(["--no-encoder-batching"]).encoder_batching
+    # encoder batching: the CPU target's default (off), the batching ablation measures it on
+    assert not args.build.encoder_batching and args.build.encoder_queue_delay_us == 2000 and args.batching_ablation
+    assert bench.parse_args(["--encoder-batching"]).build.encoder_batching
+    assert bench.parse_args(["--no-encoder-batching"]).build.encoder_batching is False
     assert bench.ints(args.concurrency) == [1, 4, 8, 16, 32]
-    assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.encoder_precision == "fp32" and args.ablation_levels == ""
+    assert args.max_tokens == 32 and args.main_seconds == 10.0 and args.ablation_levels == ""
+    assert args.build.encoder_precision == "fp32"
     assert bench.parse_args(["--preset", "small"]).preset == "small"  # the old presets stay options
     assert [clips.ClipSpec.parse(s).seconds for s in args.length_clips.split(",")] == [5, 30, 120, 600] * 2
+    # the benchmark's build: its own defaults over the build's, the served default = --max-tokens, a thread per CPU
+    opts = bench.build_options(bench.parse_args(["--max-tokens", "24"]), tmp_path / "ckpt", tmp_path / "out")
+    s = opts.serving
+    assert (s.max_batch_size, s.max_text_len, s.max_output_len, s.default_max_tokens) == (16, 512, 256, 24)
+    assert s.cpu_threads == os.cpu_count() and opts.encoder_precision == "fp32" and s.crop_frames
+    assert not bench.build_options(args, tmp_path, tmp_path, crop_frames=False).serving.crop_frames  # the ablation's
+
+
+def _build_flags(argv: list[str], tmp_path):
+    """The BuildOptions `af3trt build` makes of argv (on the checkpoint and output bench_options gets)."""
+    from af3trt.build import build_engines
+
+    return build_engines.options_from_args(build_engines.parser().parse_args(
+        [*argv, "--hf-model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--force"]))
+
+
+def test_bench_declares_no_build_flag_of_its_own():
+    """Every flag of the benchmark's CPU build is af3trt build's own (its parser: the generated ServingConfig flags,
+    the precisions from the registry): the benchmark declares none, so none can drift (its old hand-made
+    --cpu-decoder-precision took any word and its help left int8_dyn out)."""
+    from af3trt.build import build_engines
+    from af3trt.perf import bench
+
+    ours = set(bench.parser()._option_string_actions)
+    theirs = set(build_engines.parser()._option_string_actions)
+    assert ours & theirs == {"-h", "--help", "--hf-model", "--out"}  # the checkpoint; --out: bench's results
+
+
+def test_bench_builds_what_af3trt_build_builds_from_the_same_flags(tmp_path):
+    from af3trt.perf import bench
+    from af3trt.registry import CPU_DECODER_PRECISIONS, CPU_ENCODER_PRECISIONS
+
+    pinned = ["--encoder-precision", "fp32", "--max-batch-size", "16", "--max-text-len", "512", "--max-output-len",
+              "256", "--default-max-tokens", "32", "--cpu-threads", str(os.cpu_count())]  # the bench's defaults
+    samples = [[*pinned, "--cpu-decoder-precision", p] for p in CPU_DECODER_PRECISIONS]
+    samples += [[*pinned, "--encoder-precision", p] for p in CPU_ENCODER_PRECISIONS]
+    samples.append([*pinned, "--max-queue-size", "7", "--queue-timeout-ms", "5", "--max-audio-seconds", "60",
+                    "--preprocess-instances", "2", "--encoder-instances", "3", "--encoder-queue-delay-us", "9",
+                    "--no-encoder-batching", "--no-crop-frames", "--encoder-threads", "3", "--decoder-threads", "2",
+                    "--preprocess-threads", "2", "--encoder-windows-per-run", "4", "--stream-interval-ms", "20",
+                    "--decoder-instances", "2", "--no-think"])
+    for argv in samples:
+        assert bench.build_options(bench.parse_args(argv), tmp_path / "ckpt", tmp_path / "out") \
+            == _build_flags(argv, tmp_path), argv
+    for bad in (["--cpu-decoder-precision", "int9"], ["--max-queue-size", "-1"], ["--target", "gpu"]):
+        with pytest.raises((SystemExit, ValueError)):
+            bench.build_options(bench.parse_args(bad), tmp_path / "ckpt", tmp_path / "out")
+
+
+def test_the_report_names_the_repository_by_its_folder_not_a_machine_path():
+    results = fake_results()
+    results["repository"] = {"path": "/tmp/w10/work/repo-af3-fp32", "target": "cpu"}
+    md = report.render_markdown(results)
+    assert "- Repository: `repo-af3-fp32` (target cpu)" in md and "/tmp/w10" not in md
 
 
 def test_busy_cores_from_samples(monkeypatch):

@@ -34,6 +34,7 @@ import pytest
 import soundfile as sf
 
 from af3trt.runtime.stages import audio
+from af3trt.runtime.host import proc
 from af3trt.runtime.serve import supervisor
 from af3trt.runtime.client.library import AF3Busy, AF3Client, AF3Error, AF3Stream, Request, as_error
 from af3trt.runtime.stages.errors import ErrorCode
@@ -155,7 +156,7 @@ def test_watchdog_finds_stubs_below_mpirun(tmp_path):
         with open(ready) as f:  # blocks until the stub has opened it
             stub_pid = int(f.read())
         assert supervisor.stub_pids(root.pid) == {"fusion": {stub_pid}}
-        assert stub_pid in supervisor.descendants(root.pid) and stub_pid not in supervisor.children(root.pid)
+        assert stub_pid in proc.descendants(root.pid) and stub_pid not in proc.children(root.pid)
         with open(go, "w"):
             pass
         assert root.wait(timeout=60) == 0
@@ -335,7 +336,7 @@ class Served:
 
     def tree(self) -> list[int]:
         pids = [self.triton_pid] + supervisor.children(self.triton_pid)
-        return [p for p in pids if supervisor._alive(p)]
+        return [p for p in pids if proc.alive(p)]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -361,11 +362,11 @@ def _port_free(port: int) -> bool:
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = [p for p in pids if supervisor._alive(p)]
+        left = [p for p in pids if proc.alive(p)]
         if not left:
             return []
         time.sleep(0.2)
-    return [p for p in pids if supervisor._alive(p)]
+    return [p for p in pids if proc.alive(p)]
 
 
 @pytest.fixture(scope="module")
@@ -403,16 +404,6 @@ def hour_flac(tmp_path_factory) -> bytes:
 
 
 
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _peak_extra_mb(served: "Served", run) -> tuple[dict[str, float], float]:
     """Run `run()`; return ({process: peak RSS − RSS before} from VmHWM reset through clear_refs, the whole tree's
     peak extra RSS sampled every 20 ms). Shared memory (the python backend's tensors) counts in every process
@@ -420,14 +411,14 @@ def _peak_extra_mb(served: "Served", run) -> tuple[dict[str, float], float]:
     pids = served.tree()
     names = {served.triton_pid: "tritonserver"}
     names.update({p: m for m, ps in supervisor.stub_pids(served.triton_pid).items() for p in ps})
-    base = {p: _status_kb(p, "VmRSS") for p in pids}
+    base = {p: proc.status_kb(p, "VmRSS") for p in pids}
     for p in pids:
         Path(f"/proc/{p}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     peak, done = [0], threading.Event()
 
     def sample():
         while not done.wait(0.02):
-            peak[0] = max(peak[0], sum(_status_kb(p, "VmRSS") for p in pids) - sum(base.values()))
+            peak[0] = max(peak[0], sum(proc.status_kb(p, "VmRSS") for p in pids) - sum(base.values()))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -436,7 +427,7 @@ def _peak_extra_mb(served: "Served", run) -> tuple[dict[str, float], float]:
     finally:
         done.set()
         sampler.join()
-    per = {names.get(p, str(p)): max(0, _status_kb(p, "VmHWM") - base[p]) / 1024 for p in pids}
+    per = {names.get(p, str(p)): max(0, proc.status_kb(p, "VmHWM") - base[p]) / 1024 for p in pids}
     return per, peak[0] / 1024
 
 

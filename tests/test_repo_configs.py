@@ -79,9 +79,7 @@ def cpu_spec(checkpoint, limits) -> configs.RepoSpec:  # what build_engines.buil
         max_batch_size=limits.max_batch_size, max_audio_windows=limits.max_audio_windows,
         max_input_len=limits.max_input_len, max_output_len=limits.max_output_len,
         default_max_tokens=limits.served_default_max_tokens,
-        encoder_params={"onnx_path": "artifacts/encoder.onnx", "intra_op_threads": "0"},
-        decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(limits.max_batch_size),
-                        "threads": "0"},
+        encoder_params={"onnx_path": "artifacts/encoder.onnx"}, decoder_params={"gpt_model_path": "artifacts/lm"},
         fusion_params={"tokenizer_dir": "artifacts/lm"}, postprocess_params={"tokenizer_dir": "artifacts/lm"},
         prompt_table_extra_ids=True)
 
@@ -132,8 +130,9 @@ def check_repository(cfgs: dict[str, mc.ModelConfig]) -> None:
         for i in cfg.input:
             if i.HasField("reshape"):  # [1] scalars reshaped to []
                 assert math.prod(i.dims) == math.prod(i.reshape.shape) and list(i.dims) == [1], (name, i.name)
-    # one request's windows fit in one encoder batch
-    assert cfgs["encoder"].max_batch_size >= int(cfgs["preprocess"].parameters["max_audio_windows"].string_value)
+    # one request's windows fit in one encoder execution: a batching encoder's batch, or whole requests (0)
+    enc_batch = cfgs["encoder"].max_batch_size
+    assert enc_batch == 0 or enc_batch >= int(cfgs["preprocess"].parameters["max_audio_windows"].string_value)
 
     request = {i.name: i for i in ens.input}
     assert request["messages"].data_type == mc.TYPE_STRING and list(request["messages"].dims) == [1]
@@ -167,7 +166,34 @@ def test_cpu_repository_contracts(checkpoint, limits, tmp_path):
     # fusion sends prompt_table_extra_ids on the CPU target too: the CPU decoder's KV reuse is keyed by them
     assert "prompt_table_extra_ids" in {o.name for o in cfgs["fusion"].output}
     assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
-    assert "gpu_kernels" not in cfgs["preprocess"].parameters and "gpu_kernels" not in cfgs["fusion"].parameters
+    assert cfgs["preprocess"].parameters["gpu_kernels"].string_value == "false"
+    assert cfgs["fusion"].parameters["gpu_kernels"].string_value == "false"
+
+
+@pytest.mark.parametrize("batching", [None, True, False])
+def test_cpu_encoder_batching_defaults_off_and_keeps_its_queue_bounded(checkpoint, limits, tmp_path, batching):
+    """Encoder batching is off on CPU unless the build asks (triton_repo/configs.py ENCODER_BATCHING: measured
+    slower there): then a request is one execution (max_batch_size 0, the window axis in each tensor) and the queue
+    policy still bounds the encoder's queue; on: Triton batches windows (max_batch_size, queue delay)."""
+    from dataclasses import replace
+
+    spec = replace(cpu_spec(checkpoint, limits), encoder_batching=batching)
+    render_repository(tmp_path / "repo", spec)
+    cfgs = rendered(tmp_path / "repo")
+    check_repository(cfgs)
+    enc = cfgs["encoder"]
+    policy = enc.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == spec.max_queue_size and policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    if batching:
+        assert enc.max_batch_size == spec.encoder_max_batch
+        assert enc.dynamic_batching.max_queue_delay_microseconds == spec.encoder_queue_delay_us
+        assert [list(i.dims) for i in enc.input][:2] == [[128, -1], [-1]]
+    else:
+        assert enc.max_batch_size == 0 and enc.dynamic_batching.max_queue_delay_microseconds == 0
+        assert [list(i.dims) for i in enc.input][:2] == [[-1, 128, -1], [-1, -1]]
+        assert [list(o.dims) for o in enc.output] == [[-1, -1, checkpoint.text_hidden_size]]
+    gpu = configs.encoder_config(replace(spec, target="gpu", encoder_params={}))  # the CPU encoder's own are not the GPU's
+    assert gpu.max_batch_size == spec.encoder_max_batch and gpu.HasField("dynamic_batching") == (batching is not False)
 
 
 @pytest.mark.parametrize("dtype, triton_dtype", [("bfloat16", T.TYPE_BF16), ("float16", T.TYPE_FP16),

@@ -1,11 +1,13 @@
 """One serving configuration for both targets (build/plan.ServingConfig): every `af3trt build` flag generated from
-its fields reaches the rendered repository of the CPU target and of the GPU target.
+its fields reaches the rendered repository of each target it is for (both, or the CPU target for the CPU models'
+instances, threads and streaming), and a CPU-only flag is refused on the GPU target.
 
 The GPU repository is made by the GPU build's own engine half (build/gpu_build.build_engines_and_repository) from
 a `--prepare-only` output, against the fake TensorRT module and the fake trtllm-build of tests/fakes (as in
 test_gpu_build.py): each flag's plan builds its engines anew, so the repository is the one that flag would get.
 Before ServingConfig, --max-queue-size, --queue-timeout-ms, --encoder-instances, --encoder-queue-delay-us and
---no-crop-frames changed the CPU repository only.
+--no-crop-frames changed the CPU repository only; the CPU models' thread, instance and streaming flags were written by
+hand outside it, and --cpu-threads with --target gpu was silently ignored.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from af3trt.build import build_engines, gpu_build, gpu_repo
 from af3trt.build.build_engines import options_from_args, parser
-from af3trt.build.common import Progress, flag_fields
+from af3trt.build.common import BuildError, Progress, flag_fields
 from af3trt.build.plan import BuildReport, ServingConfig, make_plan
 from af3trt.build.repository import render_repository
 from af3trt.registry import KNOWN_GPUS
@@ -29,15 +31,28 @@ from helpers import MODELS
 # The serving flags `af3trt build` has had (a field removed from ServingConfig would silently drop its flag)
 SERVING_FLAGS = ("--max-batch-size", "--max-audio-seconds", "--max-text-len", "--max-output-len",
                  "--default-max-tokens", "--max-queue-size", "--queue-timeout-ms", "--preprocess-instances",
-                 "--encoder-instances", "--encoder-queue-delay-us", "--no-encoder-batching", "--no-crop-frames")
+                 "--encoder-instances", "--encoder-queue-delay-us", "--encoder-batching", "--no-encoder-batching",
+                 "--no-crop-frames", "--fusion-instances", "--decoder-instances", "--encoder-max-batch", "--encoder-windows-per-run",
+                 "--stream-interval-ms", "--cpu-threads", "--encoder-threads", "--decoder-threads",
+                 "--preprocess-threads")
+# A setting whose default is its target's (None): each of its two flags changes the target whose default differs
+PER_TARGET = {"--encoder-batching": "cpu", "--no-encoder-batching": "gpu"}
+# A setting that shows only beside another: the encoder's queue delay and (CPU) max batch are its dynamic batcher's
+# (off on CPU by default)
+CONTEXT = {"--encoder-queue-delay-us": ["--encoder-batching"], "--encoder-max-batch": ["--encoder-batching"]}
 
 
 def flag_argv() -> dict[str, list[str]]:
-    """Each generated serving flag with a value other than its default (halved, or 1 -> 2; booleans flip)."""
+    """Each generated serving flag with a value other than its default (halved, or 1 -> 2, None -> 3; booleans
+    flip; a per-target boolean both ways)."""
     out = {}
     for f in flag_fields(ServingConfig):
-        if isinstance(f.default, bool):
+        if f.default is None and f.metadata.get("type") is bool:
+            out[f"--{f.name.replace('_', '-')}"] = out[f"--no-{f.name.replace('_', '-')}"] = []
+        elif isinstance(f.default, bool):
             out[f"--no-{f.name.replace('_', '-')}" if f.default else f"--{f.name.replace('_', '-')}"] = []
+        elif f.default is None:
+            out[f"--{f.name.replace('_', '-')}"] = ["3"]
         else:
             value = f.default // 2 if f.default > 1 else f.default + 1
             out[f"--{f.name.replace('_', '-')}"] = [str(value)]
@@ -62,34 +77,46 @@ def fake_gpu_tools(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
 
 
-def render_both(tiny_ckpt, prepared, root, name: str, flags: list[str]) -> dict[str, dict[str, str]]:
-    """{target: {model: config.pbtxt}} of the plan `af3trt build ... <flags>` makes, per target."""
-    out = {}
-    for target in ("cpu", "gpu"):
-        argv = ["--hf-model", str(tiny_ckpt), "--out", str(prepared), "--target", target, *flags]
-        if target == "gpu":
-            argv += ["--precision", "bf16", "--gpu", "h100"]
-        plan = make_plan(options_from_args(parser().parse_args(argv)), gpu_target=KNOWN_GPUS["h100"])
-        repo = root / f"{name}-{target}"
-        if target == "cpu":
-            lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
-            render_repository(repo, build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx"))
-        else:
-            memory = gpu_build.preflight(plan)
-            engines = gpu_build.engine_plans(plan, "artifacts/encoder.fp16.onnx")
-            gpu_build.build_engines_and_repository(plan, engines, prepared, repo, Progress(3), BuildReport(),
-                                                   kv_cache_tokens=memory.kv_cache_tokens)
-        out[target] = {m: (repo / m / "config.pbtxt").read_text() for m in MODELS}
-    return out
+def render(tiny_ckpt, prepared, root, name: str, flags: list[str], target: str) -> dict[str, str]:
+    """{model: config.pbtxt} of the plan `af3trt build --target <target> ... <flags>` makes."""
+    argv = ["--hf-model", str(tiny_ckpt), "--out", str(prepared), "--target", target, *flags]
+    if target == "gpu":
+        argv += ["--precision", "bf16", "--gpu", "h100"]
+    plan = make_plan(options_from_args(parser().parse_args(argv)), gpu_target=KNOWN_GPUS["h100"])
+    repo = root / f"{name}-{target}"
+    if target == "cpu":
+        lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
+        render_repository(repo, build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx"))
+    else:
+        memory = gpu_build.preflight(plan)
+        engines = gpu_build.engine_plans(plan, "artifacts/encoder.fp16.onnx")
+        gpu_build.build_engines_and_repository(plan, engines, prepared, repo, Progress(3), BuildReport(),
+                                               kv_cache_tokens=memory.kv_cache_tokens)
+    return {m: (repo / m / "config.pbtxt").read_text() for m in MODELS}
 
 
 def unchanged(tiny_ckpt, prepared, root, flags: dict[str, list[str]]) -> list[str]:
-    """'<flag> on <target>' for each flag whose repository equals the default one on that target."""
-    base = render_both(tiny_ckpt, prepared, root, "defaults", [])
+    """'<flag> on <target>' for each flag whose repository equals the one without it on a target it is for (with
+    the flags it needs to show, CONTEXT, in both), and '<flag> not refused on <target>' for each flag a build for
+    another target takes."""
+    bases: dict[tuple, dict] = {}
     missed = []
     for i, (flag, value) in enumerate(flags.items()):
-        got = render_both(tiny_ckpt, prepared, root, f"flag{i}", [flag, *value])
-        missed += [f"{flag} on {t}" for t in ("cpu", "gpu") if got[t] == base[t]]
+        context = CONTEXT.get(flag, [])
+        name = flag.removeprefix("--").removeprefix("no-").replace("-", "_")
+        for t in ("cpu", "gpu"):
+            if t in ServingConfig.targets(name):
+                if (tuple(context), t) not in bases:
+                    bases[tuple(context), t] = render(tiny_ckpt, prepared, root, f"base{len(bases)}", context, t)
+                got = render(tiny_ckpt, prepared, root, f"flag{i}", [*context, flag, *value], t)
+                if got == bases[tuple(context), t]:
+                    missed.append(f"{flag} on {t}")
+                continue
+            try:
+                render(tiny_ckpt, prepared, root, f"flag{i}", [flag, *value], t)
+                missed.append(f"{flag} not refused on {t}")
+            except BuildError as e:
+                assert flag in str(e) and f"not for the {t} target" in str(e)
     return missed
 
 
@@ -106,8 +133,16 @@ def test_the_serving_flags_are_generated_from_the_config():
         build_engines.main(["--hf-model", "m", "--out", "o", "--max-queue-size", "-1"])
 
 
-def test_every_serving_flag_changes_both_repositories(tiny_ckpt, prepared, tmp_path, fake_gpu_tools):
-    assert unchanged(tiny_ckpt, prepared, tmp_path, flag_argv()) == []
+def test_every_serving_flag_changes_the_repository_of_each_target_it_is_for(tiny_ckpt, prepared, tmp_path,
+                                                                            fake_gpu_tools):
+    """Every flag changes the repository of each target it is for; a per-target setting's flag the one whose default
+    it is not (encoder batching: off on CPU, on on GPU by default)."""
+    expected = sorted(f"{flag} on {t}" for flag, changed in PER_TARGET.items() for t in ("cpu", "gpu") if t != changed)
+    assert sorted(unchanged(tiny_ckpt, prepared, tmp_path, flag_argv())) == expected
+    # the settings of the CPU target's models are refused on the GPU target, not ignored
+    cpu_only = {f.name for f in flag_fields(ServingConfig) if ServingConfig.targets(f.name) == ("cpu",)}
+    assert cpu_only == {"decoder_instances", "encoder_max_batch", "encoder_windows_per_run", "stream_interval_ms",
+                        "cpu_threads", "encoder_threads", "decoder_threads", "preprocess_threads"}
 
 
 @pytest.mark.slow

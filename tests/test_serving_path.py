@@ -26,15 +26,36 @@ def test_the_linear_model_separates_request_and_token_cost():
 
 
 def test_stubs_are_named_by_the_model_their_command_line_names(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(60)",
-                              str(tmp_path / "model_repository" / "fusion" / "1" / "model.py")])
+    """A server process whose child runs as Triton starts a python stub (<...>/triton_python_backend_stub
+    <repo>/<model>/<version>/model.py): named by its model. The server is a process of the test's own, so the stubs of
+    a tritonserver this test session runs elsewhere are not below it."""
+    import shlex
+    import signal
+
+    model = tmp_path / "model_repository" / "fusion" / "1" / "model.py"
+    model.parent.mkdir(parents=True)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    # the stub writes its pid into one fifo, then blocks opening the other until the test is done: no sleep
+    model.write_text(f"import os\nopen({str(ready)!r}, 'w').write(str(os.getpid()))\nopen({str(go)!r}).read()\n")
+    stub = tmp_path / "bin" / "triton_python_backend_stub"
+    stub.parent.mkdir()
+    stub.symlink_to(getattr(sys, "_base_executable", sys.executable))
+    server = subprocess.Popen(["bash", "-c", f"{shlex.quote(str(stub))} {shlex.quote(str(model))} & wait"],
+                              start_new_session=True)
     try:
-        procs = serving_processes(os.getpid(), None)
-        assert procs["tritonserver"] == os.getpid() and procs["fusion"] == child.pid
+        with open(ready) as f:  # blocks until the stub has opened it
+            stub_pid = int(f.read())
+        assert serving_processes(server.pid, None) == {"tritonserver": server.pid, "fusion": stub_pid}
         assert cpu_seconds(os.getpid()) > 0
+        with open(go, "w"):
+            pass
+        assert server.wait(timeout=60) == 0
     finally:
-        child.kill()
-        child.wait()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)  # our own process group (start_new_session), nothing else
+            server.wait()
 
 
 def test_a_build_whose_load_fails_leaves_the_later_rounds_and_the_others_go_on(monkeypatch):

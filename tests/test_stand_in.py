@@ -58,11 +58,11 @@ def test_the_build_flag_renders_the_stand_ins(tiny_ckpt, tmp_path):
     plan = make_plan(build_engines.options_from_args(build_engines.parser().parse_args(argv)))
     lm = {"dtype": plan.checkpoint.dtype, "vocab_size": plan.checkpoint.vocab_size}
     spec = build_engines.cpu_repo_spec(plan, lm, "artifacts/encoder.onnx")
-    assert spec.decoder_params["stand_in_tokens_per_s"] == "250"
-    assert spec.encoder_params["stand_in_hidden_size"] == str(plan.checkpoint.text_hidden_size)
+    assert spec.decoder_params["stand_in_tokens_per_s"] == 250.0  # typed: the record renders it
+    assert spec.encoder_params["stand_in_hidden_size"] == plan.checkpoint.text_hidden_size
     real = build_engines.cpu_repo_spec(make_plan(build_engines.options_from_args(
         build_engines.parser().parse_args(argv[:4]))), lm, "artifacts/encoder.onnx")
-    assert "stand_in_tokens_per_s" not in real.decoder_params and "stand_in_hidden_size" not in real.encoder_params
+    assert not real.decoder_params.get("stand_in_tokens_per_s") and "stand_in_hidden_size" not in real.encoder_params
     with pytest.raises(BuildError, match="CPU target"):
         make_plan(build_engines.options_from_args(build_engines.parser().parse_args(
             argv + ["--target", "gpu", "--gpu", "h100"])))
@@ -103,3 +103,38 @@ def test_the_stand_in_decoder_model_answers_and_counts_its_requests(tiny_ckpt, t
         assert context.running_requests(0, tmp_path / "ctx") == {"decoder": 0}  # counted up, and down at the end
     finally:
         model.finalize() if hasattr(model, "finalize") else model.engine.stop()
+
+
+def test_stand_in_decoder_bounds_its_queue_and_answers_every_request_at_stop(tmp_path):
+    """The stand-in runs on the CPU decoder's skeleton (runtime/engines/decoder.py BatchingEngine): past
+    max_queue_size a request is refused busy, and stop answers the running request and the queued one (the stand-in's
+    own copy of the worker loop once left a queued request unanswered at stop)."""
+    from af3trt.runtime.engines.decoder import ServerBusy
+
+    eng = StandInDecoder(_lm(tmp_path), tokens_per_s=2000.0, max_batch_size=1, max_queue_size=1)
+    held, release = threading.Event(), threading.Event()
+    errors = {"a": threading.Event(), "b": threading.Event()}
+    got = {}
+
+    def hold(new, final):  # on the worker: its first token holds the worker (and so the queue) here
+        if not held.is_set():
+            held.set()
+            assert release.wait(30)
+            eng.stop()  # from the worker: does not wait
+
+    def failed(name):
+        return lambda exc: (got.setdefault(name, exc), errors[name].set())
+
+    ids = np.array([1, 2, 3], np.int32)
+    eng.submit(GenerationRequest(input_ids=ids, max_new_tokens=50, streaming=True), hold, failed("a"))
+    assert held.wait(30)
+    eng.submit(GenerationRequest(input_ids=ids, max_new_tokens=5), lambda *a: None, failed("b"))  # waits
+    with pytest.raises(ServerBusy, match="server busy"):
+        eng.submit(GenerationRequest(input_ids=ids, max_new_tokens=5), lambda *a: None)
+    assert eng.stats["busy"] == 1
+    release.set()
+    assert errors["a"].wait(30) and errors["b"].wait(30)
+    assert all(isinstance(got[k], DecodeError) and "stopped" in str(got[k]) for k in "ab")
+    eng.stop()
+    with pytest.raises(DecodeError, match="stopped"):
+        eng.submit(GenerationRequest(input_ids=ids, max_new_tokens=5), lambda *a: None)

@@ -367,8 +367,7 @@ def test_a_new_guide_compiles_off_tritons_thread_and_holds_up_no_one(lm_dir, mon
     monkeypatch.setattr(context, "default_root", lambda: tmp_path / "ctx")
     spec = configs.RepoSpec(target="cpu", hidden_size=64, decoder_dtype="float32", vocab_size=704, end_id=642,
                             pad_id=640, max_batch_size=4, max_audio_windows=2, max_input_len=2000, max_output_len=64,
-                            default_max_tokens=16, decoder_params={"gpt_model_path": str(lm_dir), "max_batch_size": "4",
-                                                                   "threads": "0"})
+                            default_max_tokens=16, decoder_params={"gpt_model_path": str(lm_dir)})
     model = fake_pb.load_model("decoder", configs.decoder_config(spec), {"model_repository": str(tmp_path)})
     release, real = threading.Event(), grammar.Grammars.compile
 
@@ -489,13 +488,13 @@ def gpu_guided(tiny_ckpt, checkpoint, limits, tmp_path_factory):
     spec = gpu_repo_spec(checkpoint, limits, engine_dir=engine_dir, tokenizer_dir="artifacts/lm",
                          encoder_max_windows=encoder_max_windows(limits.max_batch_size, limits.max_audio_windows),
                          guided_decoding=True)
-    fusion_spec = dataclasses.replace(spec, fusion_params={"tokenizer_dir": str(tiny_ckpt), "guide_check": "compile"})
+    fusion_spec = dataclasses.replace(spec, fusion_params={"tokenizer_dir": str(tiny_ckpt), "guide_check": True})
     return spec, fake_pb.load_model("fusion", configs.fusion_config(fusion_spec))
 
 
 def test_the_gpu_decoder_loads_with_guided_decoding_on(gpu_guided):
     spec, _ = gpu_guided
-    assert spec.fusion_params["guide_check"] == "compile"
+    assert spec.fusion_params["guide_check"] is True
     decoder = FakeTrtllmDecoder(configs.decoder_config(spec))
     assert decoder.guided_config is not None and decoder.guided_config["stop_token_ids"][0] == spec.end_id
     p = dict(spec.decoder_params)

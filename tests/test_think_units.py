@@ -182,6 +182,12 @@ def test_no_think_builds_the_base_model_only(think_dir, tmp_path):
     out = tmp_path / "out"
     assert not (out / "artifacts" / "think").exists()
     assert "think" not in json.loads((out / "manifest.json").read_text())
-    fusion = (out / "model_repository" / "fusion" / "config.pbtxt").read_text()
-    decoder = (out / "model_repository" / "decoder" / "config.pbtxt").read_text()
-    assert '"think"' not in fusion and "lora_task_id" not in fusion and "lora_dir" not in decoder
+    from af3trt.runtime.stages.params import DecoderParams, FusionParams
+    from af3trt.triton_repo.configs import parse
+
+    repo = out / "model_repository"
+    fusion, decoder = (parse((repo / m / "config.pbtxt").read_text()) for m in ("fusion", "decoder"))
+    fusion_params = FusionParams.parse({k: v.string_value for k, v in fusion.parameters.items()})
+    assert not fusion_params.think and fusion_params.think_lora_task_id is None
+    assert "lora_task_id" not in {o.name for o in fusion.output}
+    assert DecoderParams.parse({k: v.string_value for k, v in decoder.parameters.items()}).lora_dir is None

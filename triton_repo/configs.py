@@ -5,7 +5,8 @@ the serving limits. Nothing here is text substitution: `render()` prints the pro
 config.pbtxt back (both in runtime/triton/model_config.py, which the serving side uses too). Every model's inputs and
 outputs, and so the ensemble's input/output maps, come from runtime/stages/contract.py (built from, not copied); what this
 module adds is per repository: the hidden size and decoder dtype, the tensors a repository leaves out, scheduling,
-instances and parameters.
+instances, and each python stage's parameters as its typed record (runtime/stages/params.py), which the stage parses
+back when it loads.
 
     client ─▶ af3 (ensemble): preprocess → encoder → fusion → decoder (TensorRT-LLM's tensor contract) → postprocess
 
@@ -21,10 +22,24 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from af3trt.runtime.stages import contract, lengths
 from af3trt.runtime.stages.contract import CANCEL, ENSEMBLE, STAGES  # noqa: F401 - the model names, also read from here
+from af3trt.runtime.stages.params import (CancelParams, DecoderParams, FusionParams, PostprocessParams, StageParams,
+                                          record_of)
 from af3trt.runtime.triton.model_config import parse, render  # noqa: F401 - config.pbtxt text, read from here by the build
 
 T = mc.DataType
 DTYPES = {"float32": T.TYPE_FP32, "float16": T.TYPE_FP16, "bfloat16": T.TYPE_BF16}
+
+# Whether Triton's dynamic batcher gives the encoder the windows of several requests (of one frame bucket) in one
+# execution, per target, when the build does not say (`af3trt build --encoder-batching / --no-encoder-batching`).
+# CPU: off. Every CPU run since windows were cropped to their frame bucket measured it slower on (2 shared cores):
+#   perf/results/latest/report.md (run 20261129T072252Z, fp32, docs/benchmarks.md): burst of 8 1.33 req/s on
+#   against 2.23 off, steady c=8 1.23 against 2.17;
+#   perf/results/latest/engine.md (run 20261202T001534Z, bf16, docs/performance-engine.md): burst 3.35 against
+#   4.15 req/s, sustained 4.49 against 4.97, CPU 0.26/0.22 against 0.23/0.20 s per request, encoder 214 against
+#   64 ms per request: with two cores a batch only makes requests wait for each other's windows.
+# GPU: on. A TensorRT plan runs a batch of windows in one execution (its profile's max windows is encoder_max_batch,
+# build/gpu_repo.py), the point of batching on a device; not measured here (no GPU on these machines).
+ENCODER_BATCHING = {"cpu": False, "gpu": True}
 
 
 @dataclass
@@ -44,11 +59,8 @@ class RepoSpec:
     default_max_tokens: int = 128
     encoder_max_batch: int = 64  # windows per encoder execution
     encoder_queue_delay_us: int = 2000
-    # False: the encoder runs one request per execution (no dynamic batcher). Measured on 2 cores: with full 30-s
-    # windows batching saved no compute (+15-30 % throughput without it at c=8-16); with windows cropped to their
-    # frame bucket, batching the requests of one bucket won in 3 of 4 bench runs (burst of 8: 1.25-2.9x; 0.6x in the
-    # fourth) on a shared, noisy 2-core machine: on by default; `af3trt bench` re-measures it as an ablation.
-    encoder_batching: bool = True
+    # False: the encoder runs one request per execution (Triton batches none); None: the target's ENCODER_BATCHING
+    encoder_batching: bool | None = None
     preprocess_instances: int = 1
     encoder_instances: int = 1
     fusion_instances: int = 1
@@ -57,19 +69,21 @@ class RepoSpec:
     # prompt table for its audio rows). TensorRT-LLM 1.2 rejects a request with a prompt table and no extra ids when
     # enable_kv_cache_reuse is on, and without them would reuse KV blocks across different audio (same fake ids).
     prompt_table_extra_ids: bool = False
-    # Overload: preprocess, encoder (when batching), fusion and decoder each hold at most max_queue_size requests
-    # waiting and reject more at once (Triton: "Exceeds maximum queue size", UNAVAILABLE); a request that waited
-    # queue_timeout_ms is rejected ("Request timeout expired"). The CPU decoder bounds its own waiting list the same
-    # way ("server busy: ..."). 0 = unbounded / no timeout. Postprocess is never bounded: every streamed token is a
-    # request to it.
+    # Overload: preprocess, encoder (but a GPU one built unbatched), fusion and decoder each hold at most
+    # max_queue_size requests waiting and reject more at once (Triton: "Exceeds maximum queue size", UNAVAILABLE); a
+    # request that waited queue_timeout_ms is rejected ("Request timeout expired"). The CPU decoder bounds its own
+    # waiting list the same way ("server busy: ..."). 0 = unbounded / no timeout. Postprocess is never bounded: every
+    # streamed token is a request to it.
     max_queue_size: int = 32
     queue_timeout_ms: int = 120000  # a backstop: max_queue_size is what fails fast; CPU requests take seconds
-    # decoder parameters (the tensorrtllm backend reads these as strings; the CPU decoder reads the same keys)
-    decoder_params: dict[str, str] = field(default_factory=dict)
-    encoder_params: dict[str, str] = field(default_factory=dict)
-    fusion_params: dict[str, str] = field(default_factory=dict)
-    postprocess_params: dict[str, str] = field(default_factory=dict)
-    preprocess_params: dict[str, str] = field(default_factory=dict)
+    # Each python stage's own parameters, by field of its record (runtime/stages/params.py: typed values, checked
+    # when the record is made), besides those derived from the fields above: e.g. encoder_params={"onnx_path": ...}.
+    # On the GPU target decoder_params are the tensorrtllm backend's, by upstream's names, as strings.
+    decoder_params: dict[str, object] = field(default_factory=dict)
+    encoder_params: dict[str, object] = field(default_factory=dict)
+    fusion_params: dict[str, object] = field(default_factory=dict)
+    postprocess_params: dict[str, object] = field(default_factory=dict)
+    preprocess_params: dict[str, object] = field(default_factory=dict)
     # the checkpoint's end ids after end_id: fusion sends them as stop_words_list, postprocess trims them
     # (runtime/stages/stop_words.py); empty when the checkpoint names one end id
     stop_ids: list[int] = field(default_factory=list)
@@ -77,19 +91,22 @@ class RepoSpec:
     # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
     gpu_kernels: bool | None = None
 
+    @property
+    def batches_encoder(self) -> bool:
+        """The encoder gets a dynamic batcher: the build's choice, else its target's default (ENCODER_BATCHING)."""
+        return ENCODER_BATCHING[self.target] if self.encoder_batching is None else self.encoder_batching
 
-def kernel_params(spec: RepoSpec, model: str) -> dict[str, str]:
-    """The parameters that switch preprocess/fusion to the device path (read by af3trt.kernels.device_from_params).
 
-    fusion also gets FORCE_CPU_ONLY_INPUT_TENSORS "no": by default the python backend copies every input to the CPU
-    before execute(); with "no" it hands over tensors where they were last used, e.g. the TensorRT encoder's output
-    on the GPU (triton-inference-server/python_backend README, "Input Tensor Device Placement"; src/python_be.cc
-    defaults force_cpu_only_input_tensors_ to true).
-    """
-    on = spec.target == "gpu" if spec.gpu_kernels is None else spec.gpu_kernels
-    if not on:
-        return {}
-    return {"gpu_kernels": "true", **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if model == "fusion" else {})}
+def gpu_kernels(spec: RepoSpec) -> bool:
+    """Whether preprocess and fusion take the device path (their records' gpu_kernels, af3trt.kernels.device_of)."""
+    return spec.target == "gpu" if spec.gpu_kernels is None else spec.gpu_kernels
+
+
+# The python backend copies every input to the CPU before execute() unless FORCE_CPU_ONLY_INPUT_TENSORS is "no"; with
+# "no" it hands over tensors where they were last used, e.g. the TensorRT encoder's output on the GPU
+# (triton-inference-server/python_backend README, "Input Tensor Device Placement"; src/python_be.cc defaults
+# force_cpu_only_input_tensors_ to true). A backend parameter, not a stage's: set beside the record.
+INPUTS_WHERE_THEY_ARE = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 
 
 def triton_type(datatype: str) -> int:
@@ -121,19 +138,35 @@ def omitted(spec: RepoSpec) -> set[str]:
                             (contract.STOP_WORDS_LIST, bool(spec.stop_ids)),
                             # think/'s LoRA task id: only a repository built with the adapter has it (build/think.py);
                             # fusion then sends it with thinking requests only
-                            (contract.LORA_TASK_ID, "think_lora_task_id" in spec.fusion_params)) if not on}
+                            (contract.LORA_TASK_ID, spec.fusion_params.get("think_lora_task_id") is not None))
+            if not on}
 
 
-def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
-    """A model's inputs and outputs, as the contract declares them."""
+def _interface(cfg: mc.ModelConfig, spec: RepoSpec, window_axis: bool = False) -> None:
+    """A model's inputs and outputs, as the contract declares them. window_axis: the contract declares them per
+    window (a batching model's batch axis) but this model takes whole requests (max_batch_size 0): the window axis
+    comes first in each."""
     stage = contract.MODELS[cfg.name]
     cfg.input.extend(_input(t, spec) for t in stage.inputs)
     cfg.output.extend(_output(t, spec) for t in stage.outputs if t.name not in omitted(spec))
+    if window_axis:
+        for t in (*cfg.input, *cfg.output):
+            t.dims.insert(0, -1)
 
 
 def _params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
     for k, v in sorted(params.items()):
         cfg.parameters[k].string_value = str(v)
+
+
+def stage_params(spec: RepoSpec, model: str, own: dict[str, object], **derived) -> StageParams:
+    """The model's parameter record on this target: `derived` from the spec, then the stage's `own` (RepoSpec
+    <model>_params). A name the record does not have, or a value of the wrong type, is an error here, at build time."""
+    record = record_of(model, spec.target)
+    try:
+        return record(**derived, **own)
+    except TypeError as e:
+        raise ValueError(f"{model} ({record.__name__}, runtime/stages/params.py): {e}") from None
 
 
 def _bound_queue(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
@@ -157,8 +190,8 @@ def _python(name: str, max_batch_size: int, instances: int) -> mc.ModelConfig:
 def preprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python(contract.PREPROCESS, 0, spec.preprocess_instances)
     _interface(cfg, spec)
-    _params(cfg, {"max_audio_windows": spec.max_audio_windows, **kernel_params(spec, "preprocess"),
-                  **spec.preprocess_params})
+    _params(cfg, stage_params(spec, contract.PREPROCESS, spec.preprocess_params,
+                              max_audio_windows=spec.max_audio_windows, gpu_kernels=gpu_kernels(spec)).render())
     _bound_queue(cfg, spec)
     return cfg
 
@@ -180,29 +213,32 @@ def encoder_config(spec: RepoSpec) -> mc.ModelConfig:
         # docs/user_guide/model_configuration.md, Instance Groups), memory the plan does not count under TP 2 or
         # `--gpus all`. GPU 0 is the ensemble's: preprocess/fusion kernels use cuda:0, the plan's pool is on 0.
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=spec.encoder_instances, gpus=[0])
-        _params(cfg, {"plan_file": "model.plan", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
+        _params(cfg, INPUTS_WHERE_THEY_ARE)
     else:
-        cfg = _python(contract.ENCODER, spec.encoder_max_batch, spec.encoder_instances)
-    _interface(cfg, spec)
-    if spec.encoder_batching:
+        # Without batching a request (all its windows) is one execution: max_batch_size 0, so that the dynamic
+        # batcher holding the queue policy (_bound_queue, as for preprocess) has nothing to batch along and the
+        # encoder's queue stays bounded (Triton's queue policy exists only on the dynamic batcher:
+        # model_config.proto, ModelDynamicBatching.default_queue_policy).
+        cfg = _python(contract.ENCODER, spec.encoder_max_batch if spec.batches_encoder else 0, spec.encoder_instances)
+    _interface(cfg, spec, window_axis=cfg.max_batch_size == 0)
+    if spec.batches_encoder:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.encoder_queue_delay_us
+    if spec.batches_encoder or cfg.max_batch_size == 0:
         _bound_queue(cfg, spec)
-    _params(cfg, spec.encoder_params)
+    _params(cfg, stage_params(spec, contract.ENCODER, spec.encoder_params).render())
     return cfg
 
 
 def fusion_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg = _python(contract.FUSION, 0, spec.fusion_instances)
     _interface(cfg, spec)
-    _params(cfg, {
-        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "dtype": spec.decoder_dtype,
-        "end_id": spec.end_id, "pad_id": spec.pad_id, "max_input_len": spec.max_input_len,
-        "max_output_len": spec.max_output_len, "default_max_tokens": spec.default_max_tokens,
-        **({"prompt_table_extra_ids": "true"} if spec.prompt_table_extra_ids else {}),
-        **({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
-        **kernel_params(spec, "fusion"),
-        **spec.fusion_params,
-    })
+    params: FusionParams = stage_params(
+        spec, contract.FUSION, spec.fusion_params, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+        dtype=spec.decoder_dtype, end_id=spec.end_id, pad_id=spec.pad_id, max_input_len=spec.max_input_len,
+        max_output_len=spec.max_output_len, default_max_tokens=spec.default_max_tokens,
+        prompt_table_extra_ids=spec.prompt_table_extra_ids, stop_ids=tuple(spec.stop_ids),
+        gpu_kernels=gpu_kernels(spec))
+    _params(cfg, {**params.render(), **(INPUTS_WHERE_THEY_ARE if params.gpu_kernels else {})})
     _bound_queue(cfg, spec)
     return cfg
 
@@ -228,10 +264,15 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.dynamic_batching.SetInParent()
     _bound_queue(cfg, spec)
     _interface(cfg, spec)  # all the inputs the backend takes that fusion sends, a direct client may send
-    _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
-                  "exclude_input_in_output": "true", **spec.decoder_params})
-    if spec.target == "cpu":  # the CPU engine's own waiting list (the tensorrtllm backend has its own scheduler)
-        _params(cfg, {"max_queue_size": spec.max_queue_size, "queue_timeout_ms": spec.queue_timeout_ms})
+    if spec.target == "gpu":  # the tensorrtllm backend's parameters, by upstream's names
+        _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
+                      "exclude_input_in_output": "true", **spec.decoder_params})
+    else:  # the CPU engine bounds its own waiting list (the tensorrtllm backend has its own scheduler)
+        params: DecoderParams = stage_params(
+            spec, contract.DECODER, spec.decoder_params, max_batch_size=spec.max_batch_size,
+            max_input_len=spec.max_input_len, max_output_len=spec.max_output_len, max_queue_size=spec.max_queue_size,
+            queue_timeout_ms=spec.queue_timeout_ms)
+        _params(cfg, params.render())
     return cfg
 
 
@@ -239,8 +280,9 @@ def postprocess_config(spec: RepoSpec) -> mc.ModelConfig:
     # One instance: it keeps the incomplete UTF-8 tail of each streamed request between responses.
     cfg = _python(contract.POSTPROCESS, 0, 1)
     _interface(cfg, spec)
-    _params(cfg, {**({"stop_ids": ",".join(map(str, spec.stop_ids))} if spec.stop_ids else {}),
-                  **spec.postprocess_params})
+    params: PostprocessParams = stage_params(spec, contract.POSTPROCESS, spec.postprocess_params,
+                                             stop_ids=tuple(spec.stop_ids))
+    _params(cfg, params.render())
     return cfg
 
 
@@ -279,8 +321,9 @@ def cancel_config(spec: RepoSpec) -> mc.ModelConfig:
     policy, so that a cancellation is never rejected as overload."""
     cfg = _python(CANCEL, 0, 1)
     _interface(cfg, spec)
-    if spec.target == "gpu":  # the tensorrtllm decoder reads no mark: send it a stop request (runtime/triton/trtllm_stop.py)
-        _params(cfg, {"stop_model": contract.DECODER})
+    # the tensorrtllm decoder reads no mark: send it a stop request (runtime/triton/trtllm_stop.py)
+    params: CancelParams = stage_params(spec, CANCEL, {}, stop_model=contract.DECODER if spec.target == "gpu" else None)
+    _params(cfg, params.render())
     return cfg
 
 

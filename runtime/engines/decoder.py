@@ -21,7 +21,11 @@ meaning. What the GPU backend does and we reproduce (TensorRT-LLM 1.2, executor 
   (token, extra id) (tensorrtllm_backend inflight_batcher_llm/src/utils.h: `prompt_table_extra_ids` feeds the
   executor's PromptTuningConfig input-token extra ids). A prompt with audio rows and no extra ids is never reused.
 
-The decoder is a standard Qwen2ForCausalLM (written by af3trt.export.extract_lm) run by transformers on CPU.
+Two layers: `BatchingEngine` is the skeleton every decoder engine shares (the request record, validation of what any
+engine checks, submit with its queue bound, generate, stop, the worker loop that admits queued requests and steps the
+running batch, cancellation and the response pattern); an engine writes only its own start of a request (`_prefill`)
+and its step (`_step`). `DecoderEngine` is the real one: a standard Qwen2ForCausalLM (written by
+af3trt.export.extract_lm) run by transformers on CPU. runtime/engines/stand_in.py is the other: paced, weightless.
 
     engine = DecoderEngine(lm_dir)
     tokens = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=64, end_id=engine.eos_ids[0]))
@@ -29,6 +33,7 @@ The decoder is a standard Qwen2ForCausalLM (written by af3trt.export.extract_lm)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -110,96 +115,59 @@ class GenerationRequest:
                               seed=DEFAULT_SEED if self.seed is None else int(self.seed))
 
 
-@dataclass(eq=False)
-class _Seq:
-    """A request in flight."""
+@dataclass(eq=False, kw_only=True)
+class Row:
+    """A request in flight: what every engine keeps of it (an engine's own row adds its state)."""
 
     req: GenerationRequest
-    ids: torch.Tensor  # int64 [L]
     emit: Emit
     on_error: OnError | None
     cancelled: Callable[[], bool] | None = None  # the client gave up (Triton's is_cancelled, or its deadline)
     queued_at: float = 0.0  # time.monotonic() at submit
-    params: SamplingParams = SamplingParams()  # the request's sampling, set at prefill
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # bool [V]: ids seen so far, for the repetition penalty
-    generated: list = field(default_factory=list)
-    last: int = -1  # last sampled token: the next decode input
-    pos: int = 0  # position of the next decode input = real tokens in this row's KV cache
+    generated: list = field(default_factory=list)  # the output so far
     next_cancel_check: float = 0.0  # time.monotonic() of the next `cancelled` poll
-    matcher: grammar.Matcher | None = None  # the request's guide: masks its logits, follows its tokens
 
 
 _STOP = object()
 
 
-class DecoderEngine:
-    """Qwen2ForCausalLM on CPU behind a continuous-batching worker thread.
+class BatchingEngine:
+    """The skeleton of a continuous-batching decoder engine behind one worker thread.
 
     `submit(request, emit, on_error)` validates (raising DecodeError at once) and queues; the worker calls
     `emit(new_token_ids, final)` as tokens are produced, and `on_error(exc)` if that request fails later (only that
     request: the others and the engine carry on). `generate(request)` is the synchronous form.
+
+    An engine subclass calls `__init__` with its limits, then `_start_worker()` once it is ready, and writes:
+    `_row(request, ids, **fields)` (its Row for a validated request), `_prefill(row)` (start a queued request: put
+    it in `self._rows` unless it finished at once), `_step()` (advance every running row by one token, answering
+    each through `_respond`); optionally `validate` (more checks after this one's), `_reset_batch` and
+    `_worker_scope`.
     """
 
-    def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
-                 max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
-                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None, prefix_cache_bytes: int = 0,
-                 int8_linear: bool = False):
-        if threads:
-            torch.set_num_threads(threads)  # process-wide in torch
-        lm_dir = Path(lm_dir)
-        t0 = time.perf_counter()
-        if int8_linear and lora_dir:
-            raise DecodeError("int8 linear layers and a LoRA adapter together are not supported by the CPU decoder")
-        self.model = load_model(lm_dir, int8_linear)
-        cfg = self.model.config
-        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (cfg.layer_types or [])):
-            raise DecodeError("sliding-window attention is not supported by the CPU decoder")
-        self.vocab_size: int = cfg.vocab_size
-        self.hidden_size: int = cfg.hidden_size
-        self.dtype: torch.dtype = self.model.dtype
-        self.eos_ids: tuple = _eos_ids(lm_dir, cfg)
+    def __init__(self, *, max_batch_size: int, max_input_len: int, max_new_tokens_limit: int,
+                 max_queue_size: int = 0, queue_timeout_s: float = 0.0, worker_name: str = "af3trt-decoder"):
         self.max_batch_size = int(max_batch_size)
+        self.max_input_len = int(max_input_len)
         self.max_new_tokens_limit = int(max_new_tokens_limit)
-        self.max_input_len = int(max_input_len if max_input_len is not None
-                                 else cfg.max_position_embeddings - self.max_new_tokens_limit)
         if self.max_input_len < 1 or self.max_batch_size < 1 or self.max_new_tokens_limit < 1:
             raise DecodeError("max_input_len, max_batch_size and max_new_tokens_limit must be positive")
-        if self.max_input_len + self.max_new_tokens_limit > cfg.max_position_embeddings:
-            raise DecodeError(f"max_input_len + max_new_tokens_limit exceeds max_position_embeddings "
-                              f"{cfg.max_position_embeddings}")
-        self._embed_tokens = self.model.get_input_embeddings()
-        # the think/ adapter, applied per batch row (runtime/engines/lora.py); its task id is the build's (lora.json)
-        self.lora = lora.attach(self.model, lora_dir) if lora_dir else None
-        # guided decoding: guides compiled on first use with the tokenizer beside the model (nothing loaded before)
-        self.grammars = grammar.Grammars(lm_dir, self.vocab_size, self.eos_ids)
-
-        # Batch state, owned by the worker thread.
-        self._rows: list[_Seq] = []
-        self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
-        self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
-        self.stats = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "max_batch": 0,
-                      "decode_seconds": 0.0, "prefill_seconds": 0.0, "busy": 0, "cancelled": 0,
-                      "reused_tokens": 0, "guided_rows": 0, "guide_seconds": 0.0}
         # Overload: at most max_queue_size requests wait for a batch slot (0: no bound); one that waited longer
         # than queue_timeout_s is answered busy instead of being started (0: no limit).
         self.max_queue_size, self.queue_timeout_s = int(max_queue_size), float(queue_timeout_s)
-        # KV-cache reuse: prompt K/V per layer, [1, kv_heads, b, head_dim] for the first b = k * PREFIX_BLOCK tokens,
-        # keyed by the chained digest of those blocks; LRU within prefix_cache_bytes (0: off)
-        self.prefixes = LruBytes(prefix_cache_bytes)
-
+        self.stats = {"max_batch": 0, "busy": 0, "cancelled": 0}
+        self._rows: list[Row] = []  # the running batch, owned by the worker thread
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="af3trt-decoder", daemon=True)
+        self._worker = threading.Thread(target=self._run, name=worker_name, daemon=True)
+
+    def _start_worker(self) -> None:
         self._worker.start()
-        log.info("decoder: %s, %s, vocab %d, hidden %d, eos %s, max_batch %d, max_input %d, max_new %d (%.2f s)",
-                 lm_dir, str(self.dtype).removeprefix("torch."), self.vocab_size, self.hidden_size, self.eos_ids,
-                 self.max_batch_size, self.max_input_len, self.max_new_tokens_limit, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- public API
 
-    def validate(self, r: GenerationRequest) -> torch.Tensor:
-        """Check a request; return its input ids as int64. Raises DecodeError with the reason."""
+    def validate(self, r: GenerationRequest):
+        """Check what every engine checks; return the input ids. Raises DecodeError with the reason."""
         ids = np.asarray(r.input_ids)
         if ids.ndim != 1 or ids.size == 0:
             raise DecodeError(f"input_ids must be a non-empty 1-D array, got shape {ids.shape}")
@@ -207,54 +175,11 @@ class DecoderEngine:
             raise DecodeError(f"input_ids must be integers, got {ids.dtype}")
         if ids.size > self.max_input_len:
             raise DecodeError(f"input length {ids.size} exceeds max_input_len {self.max_input_len}")
-        if ids.min() < 0:
-            raise DecodeError(f"negative token id {int(ids.min())} in input_ids")
-        n_rows = 0
-        if r.prompt_table is not None:
-            t = r.prompt_table
-            if not isinstance(t, torch.Tensor) or t.ndim != 2:
-                raise DecodeError("prompt_table must be a 2-D torch.Tensor [N, hidden]")
-            if t.shape[1] != self.hidden_size:
-                raise DecodeError(f"prompt_table hidden size {t.shape[1]} != engine hidden size {self.hidden_size}")
-            if t.dtype != self.dtype:
-                raise DecodeError(f"prompt_table dtype {t.dtype} != engine dtype {self.dtype}")
-            n_rows = t.shape[0] if r.prompt_vocab_size == 0 else r.prompt_vocab_size
-            if not 0 < n_rows <= t.shape[0]:
-                raise DecodeError(f"prompt_vocab_size {r.prompt_vocab_size} outside 1..{t.shape[0]} (table rows)")
-        elif r.prompt_vocab_size:
-            raise DecodeError(f"prompt_vocab_size {r.prompt_vocab_size} given without a prompt_table")
-        top = int(ids.max())
-        if top >= self.vocab_size + n_rows:
-            what = "without a prompt table" if n_rows == 0 else f"with a {n_rows}-row prompt table"
-            raise DecodeError(f"token id {top} >= vocab_size {self.vocab_size} {what}")
-        if r.extra_ids is not None and np.shape(r.extra_ids) != ids.shape:
-            raise DecodeError(f"prompt_table_extra_ids must have one id per input token ({ids.size}), got shape "
-                              f"{np.shape(r.extra_ids)}")
         if not 1 <= r.max_new_tokens <= self.max_new_tokens_limit:
             raise DecodeError(f"max_new_tokens {r.max_new_tokens} outside 1..{self.max_new_tokens_limit}")
-        if r.end_id is not None and not 0 <= r.end_id < self.vocab_size:
-            raise DecodeError(f"end_id {r.end_id} outside 0..{self.vocab_size - 1}")
-        if r.lora_task_id is not None:
-            if self.lora is None:
-                raise NoAdapter(f"lora_task_id {r.lora_task_id}: this decoder was built without a LoRA adapter "
-                                f"(thinking needs a build from a checkpoint with think/)")
-            if r.lora_task_id != self.lora.config["task_id"]:
-                raise DecodeError(f"unknown lora_task_id {r.lora_task_id} (this decoder serves "
-                                  f"{self.lora.config['task_id']})")
         if not 0 <= r.min_tokens <= r.max_new_tokens:
             raise DecodeError(f"min_tokens {r.min_tokens} outside 0..{r.max_new_tokens} (max_new_tokens)")
-        for word in r.stop_words:
-            if not word or not all(0 <= t < self.vocab_size for t in word):
-                raise DecodeError(f"stop word {list(word)} must be non-empty with ids in 0..{self.vocab_size - 1}")
-        try:
-            sampling.validate(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                              repetition_penalty=r.repetition_penalty)
-        except SamplingError as e:
-            raise DecodeError(str(e)) from None
-        if r.guide is not None and (r.end_id is None or r.min_tokens):
-            raise DecodeError("a guide needs an end id and no min_tokens: it ends the answer where its grammar is "
-                              "complete (runtime/stages/guided.py)")
-        return torch.from_numpy(ids.astype(np.int64))
+        return ids
 
     def submit(self, request: GenerationRequest, emit: Emit, on_error: OnError | None = None,
                cancelled: Callable[[], bool] | None = None) -> None:
@@ -264,14 +189,13 @@ class DecoderEngine:
         if self._stopped.is_set():
             raise DecodeError("decoder engine is stopped")
         ids = self.validate(request)
-        matcher = self.grammars.matcher(request.guide) if request.guide is not None else None  # compiled once per guide
         if self.max_queue_size and self._queue.qsize() >= self.max_queue_size:
             self.stats["busy"] += 1
             raise ServerBusy(f"server busy: {self._queue.qsize()} requests already wait for the decoder "
                              f"(max_queue_size {self.max_queue_size}); retry later")
-        self._queue.put(_Seq(req=request, ids=ids, emit=emit, on_error=on_error,
-                             cancelled=cancelled if cancelled is not None else request.cancelled,
-                             queued_at=time.monotonic(), matcher=matcher))
+        self._queue.put(self._row(request, ids, emit=emit, on_error=on_error,
+                                  cancelled=cancelled if cancelled is not None else request.cancelled,
+                                  queued_at=time.monotonic()))
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> list[int]:
         """Run one request to completion through the worker; return the generated ids (end id excluded)."""
@@ -308,17 +232,37 @@ class DecoderEngine:
     def __exit__(self, *exc):
         self.stop()
 
+    # ---------------------------------------------------------------- what an engine writes
+
+    def _row(self, request: GenerationRequest, ids, **fields) -> Row:
+        """The engine's Row for a validated request (`ids`: what validate returned)."""
+        raise NotImplementedError
+
+    def _prefill(self, row: Row) -> None:
+        """Start a queued request: append it to self._rows, unless it is answered at once."""
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        """Advance every running row by one token; drop the rows that finished or failed."""
+        raise NotImplementedError
+
+    def _reset_batch(self) -> None:
+        self._rows = []
+
+    def _worker_scope(self):
+        return contextlib.nullcontext()
+
     # ---------------------------------------------------------------- worker
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        with self._worker_scope():
             while not self._stopped.is_set():
                 self._admit()
                 if self._rows and not self._stopped.is_set():
-                    self._decode_step()
+                    self._step()
         stopped = DecodeError("decoder engine is stopped")
-        for seq in self._rows:
-            self._fail(seq, stopped)
+        for row in self._rows:
+            self._fail(row, stopped)
         self._reset_batch()
         while True:
             try:
@@ -329,7 +273,7 @@ class DecoderEngine:
                 self._fail(item, stopped)
 
     def _admit(self) -> None:
-        """Prefill queued requests while there is room, blocking when idle (until a request or stop arrives)."""
+        """Start queued requests while there is room, blocking when idle (until a request or stop arrives)."""
         while len(self._rows) < self.max_batch_size and not self._stopped.is_set():
             try:
                 item = self._queue.get(block=not self._rows)
@@ -352,6 +296,164 @@ class DecoderEngine:
                 self._prefill(item)
             except Exception as exc:  # noqa: BLE001 — delivered to that request only
                 self._fail(item, exc)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
+
+    def _gone(self, row: Row) -> bool:
+        """True (and the request is finished with RequestCancelled) if its client cancelled it."""
+        if row.cancelled is None or time.monotonic() < row.next_cancel_check:
+            return False
+        row.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+        try:
+            gone = bool(row.cancelled())
+        except Exception:  # noqa: BLE001 - a sender that cannot tell is treated as still wanted
+            log.exception("cancellation check failed")
+            gone = False
+        if gone:
+            self.stats["cancelled"] += 1
+            log.warning("decoder: request cancelled by its client after %d tokens; generation stopped",
+                        len(row.generated))
+            self._fail(row, RequestCancelled(f"request cancelled by the client after {len(row.generated)} of at "
+                                             f"most {row.req.max_new_tokens} tokens"))
+        return gone
+
+    @staticmethod
+    def _respond(row: Row, final: bool) -> None:
+        """Answer the token just appended to row.generated: streamed, one response per token; else one response
+        with all tokens when the request is finished."""
+        if row.req.streaming:
+            row.emit(row.generated[-1:], final)
+        elif final:
+            row.emit(list(row.generated), True)
+
+    @staticmethod
+    def _fail(row: Row, exc: BaseException) -> None:
+        if row.on_error is None:
+            log.error("decoder request failed and has no on_error: %s", exc)
+            return
+        try:
+            row.on_error(exc)
+        except Exception:  # noqa: BLE001
+            log.exception("on_error callback raised")
+
+
+@dataclass(eq=False, kw_only=True)
+class _Seq(Row):
+    """A request in flight in the CPU decoder."""
+
+    ids: torch.Tensor  # int64 [L]
+    params: SamplingParams = SamplingParams()  # the request's sampling, set at prefill
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # bool [V]: ids seen so far, for the repetition penalty
+    last: int = -1  # last sampled token: the next decode input
+    pos: int = 0  # position of the next decode input = real tokens in this row's KV cache
+    matcher: grammar.Matcher | None = None  # the request's guide: masks its logits, follows its tokens
+
+
+class DecoderEngine(BatchingEngine):
+    """Qwen2ForCausalLM on CPU behind the continuous-batching worker (BatchingEngine): its prefill (with KV-cache
+    reuse and the prompt table) and its batched decode step."""
+
+    def __init__(self, lm_dir: Path, *, max_batch_size: int = 8, max_input_len: int | None = None,
+                 max_new_tokens_limit: int = 4096, threads: int | None = None, max_queue_size: int = 0,
+                 queue_timeout_s: float = 0.0, lora_dir: Path | None = None, prefix_cache_bytes: int = 0,
+                 int8_linear: bool = False):
+        if threads:
+            torch.set_num_threads(threads)  # process-wide in torch
+        lm_dir = Path(lm_dir)
+        t0 = time.perf_counter()
+        if int8_linear and lora_dir:
+            raise DecodeError("int8 linear layers and a LoRA adapter together are not supported by the CPU decoder")
+        self.model = load_model(lm_dir, int8_linear)
+        cfg = self.model.config
+        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (cfg.layer_types or [])):
+            raise DecodeError("sliding-window attention is not supported by the CPU decoder")
+        self.vocab_size: int = cfg.vocab_size
+        self.hidden_size: int = cfg.hidden_size
+        self.dtype: torch.dtype = self.model.dtype
+        self.eos_ids: tuple = _eos_ids(lm_dir, cfg)
+        super().__init__(max_batch_size=max_batch_size, max_new_tokens_limit=max_new_tokens_limit,
+                         max_input_len=max_input_len if max_input_len is not None
+                         else cfg.max_position_embeddings - max_new_tokens_limit,
+                         max_queue_size=max_queue_size, queue_timeout_s=queue_timeout_s)
+        if self.max_input_len + self.max_new_tokens_limit > cfg.max_position_embeddings:
+            raise DecodeError(f"max_input_len + max_new_tokens_limit exceeds max_position_embeddings "
+                              f"{cfg.max_position_embeddings}")
+        self._embed_tokens = self.model.get_input_embeddings()
+        # the think/ adapter, applied per batch row (runtime/engines/lora.py); its task id is the build's (lora.json)
+        self.lora = lora.attach(self.model, lora_dir) if lora_dir else None
+        # guided decoding: guides compiled on first use with the tokenizer beside the model (nothing loaded before)
+        self.grammars = grammar.Grammars(lm_dir, self.vocab_size, self.eos_ids)
+
+        # Batch state beside self._rows, owned by the worker thread.
+        self._cache = None  # DynamicCache, [B, kv_heads, T, head_dim] per layer, left-padded
+        self._mask: torch.Tensor | None = None  # int64 [B, T]: 1 = real token
+        self.stats.update({"prefills": 0, "decode_steps": 0, "decode_rows": 0, "decode_seconds": 0.0,
+                           "prefill_seconds": 0.0, "reused_tokens": 0, "guided_rows": 0, "guide_seconds": 0.0})
+        # KV-cache reuse: prompt K/V per layer, [1, kv_heads, b, head_dim] for the first b = k * PREFIX_BLOCK tokens,
+        # keyed by the chained digest of those blocks; LRU within prefix_cache_bytes (0: off)
+        self.prefixes = LruBytes(prefix_cache_bytes)
+        self._start_worker()
+        log.info("decoder: %s, %s, vocab %d, hidden %d, eos %s, max_batch %d, max_input %d, max_new %d (%.2f s)",
+                 lm_dir, str(self.dtype).removeprefix("torch."), self.vocab_size, self.hidden_size, self.eos_ids,
+                 self.max_batch_size, self.max_input_len, self.max_new_tokens_limit, time.perf_counter() - t0)
+
+    def validate(self, r: GenerationRequest) -> torch.Tensor:
+        """Check a request; return its input ids as int64. Raises DecodeError with the reason."""
+        ids = super().validate(r)
+        if ids.min() < 0:
+            raise DecodeError(f"negative token id {int(ids.min())} in input_ids")
+        n_rows = 0
+        if r.prompt_table is not None:
+            t = r.prompt_table
+            if not isinstance(t, torch.Tensor) or t.ndim != 2:
+                raise DecodeError("prompt_table must be a 2-D torch.Tensor [N, hidden]")
+            if t.shape[1] != self.hidden_size:
+                raise DecodeError(f"prompt_table hidden size {t.shape[1]} != engine hidden size {self.hidden_size}")
+            if t.dtype != self.dtype:
+                raise DecodeError(f"prompt_table dtype {t.dtype} != engine dtype {self.dtype}")
+            n_rows = t.shape[0] if r.prompt_vocab_size == 0 else r.prompt_vocab_size
+            if not 0 < n_rows <= t.shape[0]:
+                raise DecodeError(f"prompt_vocab_size {r.prompt_vocab_size} outside 1..{t.shape[0]} (table rows)")
+        elif r.prompt_vocab_size:
+            raise DecodeError(f"prompt_vocab_size {r.prompt_vocab_size} given without a prompt_table")
+        top = int(ids.max())
+        if top >= self.vocab_size + n_rows:
+            what = "without a prompt table" if n_rows == 0 else f"with a {n_rows}-row prompt table"
+            raise DecodeError(f"token id {top} >= vocab_size {self.vocab_size} {what}")
+        if r.extra_ids is not None and np.shape(r.extra_ids) != ids.shape:
+            raise DecodeError(f"prompt_table_extra_ids must have one id per input token ({ids.size}), got shape "
+                              f"{np.shape(r.extra_ids)}")
+        if r.end_id is not None and not 0 <= r.end_id < self.vocab_size:
+            raise DecodeError(f"end_id {r.end_id} outside 0..{self.vocab_size - 1}")
+        if r.lora_task_id is not None:
+            if self.lora is None:
+                raise NoAdapter(f"lora_task_id {r.lora_task_id}: this decoder was built without a LoRA adapter "
+                                f"(thinking needs a build from a checkpoint with think/)")
+            if r.lora_task_id != self.lora.config["task_id"]:
+                raise DecodeError(f"unknown lora_task_id {r.lora_task_id} (this decoder serves "
+                                  f"{self.lora.config['task_id']})")
+        for word in r.stop_words:
+            if not word or not all(0 <= t < self.vocab_size for t in word):
+                raise DecodeError(f"stop word {list(word)} must be non-empty with ids in 0..{self.vocab_size - 1}")
+        try:
+            sampling.validate(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                              repetition_penalty=r.repetition_penalty)
+        except SamplingError as e:
+            raise DecodeError(str(e)) from None
+        if r.guide is not None and (r.end_id is None or r.min_tokens):
+            raise DecodeError("a guide needs an end id and no min_tokens: it ends the answer where its grammar is "
+                              "complete (runtime/stages/guided.py)")
+        return torch.from_numpy(ids.astype(np.int64))
+
+    # ---------------------------------------------------------------- this engine's part: prefill and decode step
+
+    def _row(self, request: GenerationRequest, ids: torch.Tensor, **fields) -> _Seq:
+        # a guide is compiled here once (GuideError when it cannot be), each request gets its own matcher
+        matcher = self.grammars.matcher(request.guide) if request.guide is not None else None
+        return _Seq(req=request, ids=ids, matcher=matcher, **fields)
+
+    def _worker_scope(self):
+        return torch.inference_mode()
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
         """inputs_embeds [L, H]: word embedding for ids < vocab_size, table row (id - vocab_size) otherwise."""
@@ -423,25 +525,7 @@ class DecoderEngine:
         self.prefixes.put(keys[-1], [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
                                      for layer in cache.layers])
 
-    def _gone(self, seq: _Seq) -> bool:
-        """True (and the request is finished with RequestCancelled) if its client cancelled it."""
-        if seq.cancelled is None or time.monotonic() < seq.next_cancel_check:
-            return False
-        seq.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
-        try:
-            gone = bool(seq.cancelled())
-        except Exception:  # noqa: BLE001 - a sender that cannot tell is treated as still wanted
-            log.exception("cancellation check failed")
-            gone = False
-        if gone:
-            self.stats["cancelled"] += 1
-            log.warning("decoder: request cancelled by its client after %d tokens; generation stopped",
-                        len(seq.generated))
-            self._fail(seq, RequestCancelled(f"request cancelled by the client after {len(seq.generated)} of at "
-                                             f"most {seq.req.max_new_tokens} tokens"))
-        return gone
-
-    def _decode_step(self) -> None:
+    def _step(self) -> None:
         live = [i for i, seq in enumerate(self._rows) if not self._gone(seq)]
         if len(live) < len(self._rows):
             self._select(live)
@@ -525,21 +609,9 @@ class DecoderEngine:
         if seq.seen is not None:
             seq.seen[token] = True
         final = complete or len(seq.generated) >= r.max_new_tokens or ends_with_stop_word(seq.generated, r.stop_words)
-        if r.streaming:
-            seq.emit([token], final)
-        elif final:
-            seq.emit(list(seq.generated), True)
+        self._respond(seq, final)
         seq.last = token
         return final
-
-    def _fail(self, seq: _Seq, exc: BaseException) -> None:
-        if seq.on_error is None:
-            log.error("decoder request failed and has no on_error: %s", exc)
-            return
-        try:
-            seq.on_error(exc)
-        except Exception:  # noqa: BLE001
-            log.exception("on_error callback raised")
 
     # ---------------------------------------------------------------- batched, left-padded KV cache
 
@@ -560,7 +632,6 @@ class DecoderEngine:
                 layer.keys, layer.values = keys, values
             self._mask = mask
             self._rows.append(seq)
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._rows))
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows `keep`, then drop the left padding every remaining row shares."""

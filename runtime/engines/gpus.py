@@ -99,20 +99,19 @@ def target_gpu(declared: str | None = None, nvidia_smi: str = "nvidia-smi") -> G
     return target
 
 
-def cap_cuda_memory(params: dict[str, str], device, model: str) -> float | None:
-    """Cap this process's torch caching allocator on `device` at the model's `cuda_memory_cap_bytes` parameter
-    (rendered from the build's memory plan, build/memory_plan.py stub_caps), so that one request cannot take the
-    memory the decoder's KV cache was planned with: past the cap the request gets an out-of-memory error, the
+def cap_cuda_memory(cap: int | None, device, model: str) -> float | None:
+    """Cap this process's torch caching allocator on `device` at `cap` bytes, the model's cuda_memory_cap_bytes
+    parameter (rendered from the build's memory plan, build/memory_plan.py stub_caps), so that one request cannot take
+    the memory the decoder's KV cache was planned with: past the cap the request gets an out-of-memory error, the
     other models do not. torch.cuda.set_per_process_memory_fraction(fraction, device) limits the caching allocator
     to fraction x the device's total memory and raises an out-of-memory error beyond it (PyTorch docs,
     torch.cuda.set_per_process_memory_fraction). Returns the fraction set, None without a cap or on a CPU device."""
-    cap = params.get("cuda_memory_cap_bytes")
     if not cap or getattr(device, "type", str(device)) != "cuda":
         return None
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory
-    fraction = min(1.0, int(cap) / total)
+    fraction = min(1.0, cap / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
-    log.info("%s: torch may hold %.2f GiB on %s (%.3f of it)", model, int(cap) / 1024**3, device, fraction)
+    log.info("%s: torch may hold %.2f GiB on %s (%.3f of it)", model, cap / 1024**3, device, fraction)
     return fraction

@@ -18,6 +18,7 @@ from af3trt.runtime.client.library import (STATUS_WAIT_S, AF3Busy, AF3Connection
                                    send_cancel_async)
 from af3trt.runtime.client.library import Request as Job
 from af3trt.runtime.stages.errors import ErrorCode
+from af3trt.runtime.stages.params import FusionParams, ParamError, PreprocessParams
 from af3trt.runtime.openai.common import APIError, Piece
 
 log = logging.getLogger("af3trt.openai")
@@ -61,18 +62,19 @@ class Triton:
             try:
                 ens = (await self.client.get_model_config(self.model, client_timeout=10)).config
                 steps = tuple(s.model_name for s in ens.ensemble_scheduling.step)
-                params = {}
-                for m in (contract.FUSION, contract.PREPROCESS):
+                params = {}  # the stages' records (runtime/stages/params.py), as they load them
+                for m, record in ((contract.FUSION, FusionParams), (contract.PREPROCESS, PreprocessParams)):
                     if m in steps:
                         cfg = (await self.client.get_model_config(m, client_timeout=10)).config
-                        params.update({k: v.string_value for k, v in cfg.parameters.items()})
-            except (InferenceServerException, grpc.RpcError) as e:
+                        params[m] = record.parse({k: v.string_value for k, v in cfg.parameters.items()})
+            except (InferenceServerException, grpc.RpcError, ParamError) as e:
                 raise _unavailable(self.url, e) from None
+            fusion, preprocess = params.get(contract.FUSION), params.get(contract.PREPROCESS)
             self._info = EnsembleInfo(
                 inputs=frozenset(i.name for i in ens.input), models=(self.model, *steps),
-                default_max_tokens=int(params.get("default_max_tokens", 0)) or 0,
-                max_output_len=int(params.get("max_output_len", 0)) or 0,
-                max_audio_seconds=float(int(params.get("max_audio_windows", lengths.MAX_WINDOWS))
+                default_max_tokens=fusion.default_max_tokens if fusion else 0,
+                max_output_len=fusion.max_output_len if fusion else 0,
+                max_audio_seconds=float((preprocess.max_audio_windows if preprocess else lengths.MAX_WINDOWS)
                                         * lengths.WINDOW_SECONDS))
         return self._info
 

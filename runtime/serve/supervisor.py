@@ -5,7 +5,8 @@ What Triton 2.51 does on its own, and why this module exists (each seen on this 
   answers every later request "Stub process '<model>_0_0' is not healthy" for ever; /v2/health/ready stays 200.
   Triton never restarts the stub. With explicit model control, unloading a composing model makes the ensemble
   UNAVAILABLE and /v2/health/ready 400 (with --strict-readiness); loading it again reloads the ensemble too.
-  So the watchdog polls the stubs (processes below tritonserver whose argv[1] is <repo>/<model>/<version>/model.py)
+  So the watchdog polls the stubs (runtime/host/proc.py stub_pids: processes below tritonserver running
+  triton_python_backend_stub on <repo>/<model>/<version>/model.py)
   and, when one is gone, unloads that model (readiness false at once) and loads it again (readiness true when
   the ensemble can answer).
 - On SIGTERM, Triton's own shutdown refuses new requests to every model at once, including the per-token requests
@@ -47,6 +48,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from af3trt.runtime.host.proc import alive, children, stub_pids
 from af3trt.runtime.triton.context import stub_work
 from af3trt.runtime.triton.model_config import repository_configs
 
@@ -107,62 +109,6 @@ def ensembles(repo: Path) -> list[str]:
     return [name for name, cfg in repository_configs(repo).items() if cfg.platform == "ensemble"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _parents() -> dict[int, int]:
-    """{pid: parent pid} of every live process."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] not in ("Z", "X"):
-            out[int(d.name)] = int(fields[1])
-    return out
-
-
-def children(parent: int) -> list[int]:
-    """Live child processes of `parent`."""
-    return [pid for pid, ppid in _parents().items() if ppid == parent]
-
-
-def descendants(root: int) -> list[int]:
-    """Live processes below `root`, at any depth."""
-    kids: dict[int, list[int]] = {}
-    for pid, ppid in _parents().items():
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = [], list(kids.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += kids.get(pid, ())
-    return out
-
-
-def stub_pids(root: int) -> dict[str, set[int]]:
-    """{model: pids of its live python stubs} anywhere below the server process: under TP > 1 that process is
-    mpirun (runtime/serve/tp_launch.py), the stubs being children of its rank-0 tritonserver, not its own."""
-    out: dict[str, set[int]] = {}
-    for pid in descendants(root):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub") and argv[1].endswith(b"model.py"):
-            out.setdefault(Path(argv[1].decode()).parent.parent.name, set()).add(pid)
-    return out
-
-
 def decoupled_python_models(repo: Path) -> set[str]:
     """Python-backend models with a decoupled transaction policy (the CPU decoder)."""
     return {name for name, cfg in repository_configs(repo).items()
@@ -205,7 +151,7 @@ class Watchdog(threading.Thread):
         known = stub_pids(self.server.proc.pid)
         while not self.stopping.wait(self.poll_s):
             for model, pids in list(known.items()):
-                dead = sorted(p for p in pids if not _alive(p))
+                dead = sorted(p for p in pids if not alive(p))
                 if dead and not self.stopping.is_set():
                     self.idle.clear()
                     try:

@@ -28,6 +28,9 @@ __all__ = ["AUDIO_TOKEN", "FusionLimits", "PromptBuilder", "PromptError", "Sampl
 
 @dataclass(frozen=True)
 class FusionLimits:
+    """What the prompt builder and the sampling checks read (fusion's parameters: runtime/stages/params.py
+    FusionParams)."""
+
     vocab_size: int  # first fake id
     hidden_size: int
     dtype: str  # decoder dtype: "float32" | "float16" | "bfloat16"
@@ -36,16 +39,8 @@ class FusionLimits:
     max_input_len: int
     max_output_len: int
     default_max_tokens: int
-    extra_ids: bool = False  # also emit prompt_table_extra_ids (TensorRT-LLM KV-cache reuse)
-    stop_ids: tuple = ()  # the checkpoint's other end ids, sent as stop_words_list (runtime/stages/stop_words.py)
-
-    @classmethod
-    def from_params(cls, p: dict[str, str]) -> "FusionLimits":
-        return cls(vocab_size=int(p["vocab_size"]), hidden_size=int(p["hidden_size"]), dtype=p["dtype"],
-                   end_id=int(p["end_id"]), pad_id=int(p["pad_id"]), max_input_len=int(p["max_input_len"]),
-                   max_output_len=int(p["max_output_len"]), default_max_tokens=int(p["default_max_tokens"]),
-                   extra_ids=p.get("prompt_table_extra_ids", "false") == "true",
-                   stop_ids=tuple(int(i) for i in p.get("stop_ids", "").split(",") if i.strip()))
+    prompt_table_extra_ids: bool = False  # also emit prompt_table_extra_ids (TensorRT-LLM KV-cache reuse)
+    stop_ids: tuple[int, ...] = ()  # the checkpoint's other end ids: stop_words_list (runtime/stages/stop_words.py)
 
 
 def load_chat_template(tokenizer_dir: Path) -> str:

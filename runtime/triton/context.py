@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from af3trt.runtime.host.proc import alive
+
 # How long a request's entry here, or postprocess's held-back text of a stream, may stay before it counts as left
 # over by a request that ended elsewhere (failed upstream, stream abandoned): the one TTL of per-request state.
 STALE_SECONDS = 900.0
@@ -179,14 +181,6 @@ class _Of:
         self.running.add(-self.k)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def stub_work(server_pid: int, root: Path | None = None) -> dict[str, tuple[int, int]]:
     """{model: (requests its live stubs are working on, requests they have finished)} from the RunningRequests files
     of tritonserver `server_pid`'s stubs (their context root is keyed by their parent's pid); files of stubs that are
@@ -197,7 +191,7 @@ def stub_work(server_pid: int, root: Path | None = None) -> dict[str, tuple[int,
         model, _, pid = f.name.rpartition(".")
         if not pid.isdigit():
             continue
-        if not _alive(int(pid)):
+        if not alive(int(pid)):
             f.unlink(missing_ok=True)
             continue
         try:

@@ -22,8 +22,10 @@ class RequestError(InvalidRequest):
 
 
 def params(args: dict) -> dict[str, str]:
+    """The model's config.pbtxt parameters as text (its record in runtime/stages/params.py parses them). An empty
+    string_value may be left out of the config's JSON (protobuf's JSON form omits default values)."""
     cfg = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+    return {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
 
 
 def resolve(args: dict, value: str) -> Path:

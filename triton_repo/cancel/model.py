@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.triton import trtllm_stop
 from af3trt.runtime.triton.context import RequestContext
+from af3trt.runtime.stages.params import CancelParams
 from af3trt.runtime.stages.contract import CANCELLED, REQUEST_ID
 
 MAX_ID_BYTES = 256  # a request id is a short token (the clients send uuid4 hex); longer is a client error
@@ -29,7 +30,7 @@ MAX_ID_BYTES = 256  # a request id is a short token (the clients send uuid4 hex)
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = RequestContext()
-        self.stop_model = io.params(args).get("stop_model")  # the tensorrtllm decoder (GPU target), else None
+        self.stop_model = CancelParams.parse(io.params(args)).stop_model  # the tensorrtllm decoder (GPU), else None
 
     def execute(self, requests):
         return io.per_request(pb, requests, self.run)

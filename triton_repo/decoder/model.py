@@ -7,10 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.runtime.stages import audio_cache
+from af3trt.registry import cpu_decoder_precision
 from af3trt.runtime.stages import contract as c
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.stages.coalesce import Coalescer
+from af3trt.runtime.stages.params import DecoderParams
 from af3trt.runtime.triton.context import RequestContext, RunningRequests
 from af3trt.runtime.engines.decoder import DecoderEngine, GenerationRequest, RequestCancelled
 from af3trt.runtime.engines.stand_in import StandInDecoder
@@ -26,29 +27,24 @@ def _response(tokens):
 
 class TritonPythonModel:
     def initialize(self, args):
-        p = io.params(args)
-        threads = int(p.get("threads", "0")) or None
-        self.stream_interval_s = int(p.get("stream_interval_ms", "0")) / 1000  # runtime/stages/coalesce.py (0: off)
-        rate = float(p.get("stand_in_tokens_per_s", "0"))
+        p = DecoderParams.parse(io.params(args))
+        self.stream_interval_s = p.stream_interval_ms / 1000  # runtime/stages/coalesce.py (0: off)
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # requests generating: the supervisor's drain
         # guides compiled off Triton's thread (execute); the grammar engine loaded at start, in the background
         self._compiling = ThreadPoolExecutor(1, thread_name_prefix="af3trt-guides")
-        if rate > 0:  # the serving-path benchmark's stand-in (af3trt.runtime.engines.stand_in): no weights, no compute
-            self.engine = StandInDecoder(io.resolve(args, p["gpt_model_path"]), tokens_per_s=rate,
-                                         max_batch_size=int(p["max_batch_size"]), max_input_len=int(p["max_input_len"]),
-                                         max_new_tokens_limit=int(p["max_output_len"]),
-                                         max_queue_size=int(p.get("max_queue_size", "0")))
+        lm_dir = io.resolve(args, p.gpt_model_path)
+        if p.stand_in_tokens_per_s > 0:  # the serving-path benchmark's stand-in (runtime/engines/stand_in.py)
+            self.engine = StandInDecoder(lm_dir, tokens_per_s=p.stand_in_tokens_per_s, max_batch_size=p.max_batch_size,
+                                         max_input_len=p.max_input_len, max_new_tokens_limit=p.max_output_len,
+                                         max_queue_size=p.max_queue_size)
             return
-        self.engine = DecoderEngine(io.resolve(args, p["gpt_model_path"]), max_batch_size=int(p["max_batch_size"]),
-                                    max_input_len=int(p["max_input_len"]),
-                                    max_new_tokens_limit=int(p["max_output_len"]), threads=threads,
-                                    max_queue_size=int(p.get("max_queue_size", "0")),
-                                    queue_timeout_s=int(p.get("queue_timeout_ms", "0")) / 1000,
-                                    lora_dir=io.resolve(args, p["lora_dir"]) if p.get("lora_dir") else None,
-                                    prefix_cache_bytes=int(p.get("prefix_cache_bytes",
-                                                                 audio_cache.DEFAULT_PREFIX_BYTES)),
-                                    int8_linear=p.get("int8_linear") == "true")  # the build's CPU precision
+        self.engine = DecoderEngine(lm_dir, max_batch_size=p.max_batch_size, max_input_len=p.max_input_len,
+                                    max_new_tokens_limit=p.max_output_len, threads=p.threads or None,
+                                    max_queue_size=p.max_queue_size, queue_timeout_s=p.queue_timeout_ms / 1000,
+                                    lora_dir=io.resolve(args, p.lora_dir) if p.lora_dir else None,
+                                    prefix_cache_bytes=p.prefix_cache_bytes,
+                                    int8_linear=cpu_decoder_precision(p.precision).int8_linear)  # the build's
         self._compiling.submit(self._load_grammars)
 
     def _load_grammars(self) -> None:

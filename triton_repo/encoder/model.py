@@ -1,6 +1,7 @@
 """Triton adapter: the exported encoder+projector ONNX graph on ONNX Runtime (CPU backend of the encoder stage).
 
-Triton's dynamic batcher hands over the windows of several requests at once; they run as one ORT batch. Each
+With encoder batching (off on CPU by default: triton_repo/configs.py ENCODER_BATCHING) Triton's dynamic batcher hands
+over the windows of several requests at once; they run as one ORT batch; without it, one request's windows. Each
 request's windows are cropped to its frame bucket T_i (preprocess); requests of different T are padded to the
 longest with an empty mask, which changes no kept row (runtime/stages/lengths.py), and each gets back its own T_i / 4 rows.
 A build with think/ overriding the audio side has a second graph (think_onnx_path): the windows of thinking requests
@@ -14,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime.stages import audio_cache
+from af3trt.runtime.stages.params import EncoderParams
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.stages.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
 from af3trt.runtime.triton.context import RunningRequests
@@ -23,20 +25,20 @@ from af3trt.runtime.engines.encoder import OnnxEncoder, pad_frames
 class TritonPythonModel:
     def initialize(self, args):
         self.running = RunningRequests(args["model_name"])
-        p = io.params(args)
-        threads = int(p.get("intra_op_threads", "0")) or None
-        if "stand_in_hidden_size" in p:  # the serving-path benchmark's stand-in: zeros of the right shape
+        p = EncoderParams.parse(io.params(args))
+        threads = p.intra_op_threads or None
+        if p.stand_in_hidden_size is not None:  # the serving-path benchmark's stand-in: zeros of the right shape
             from af3trt.runtime.engines.stand_in import StandInEncoder  # here: it imports the decoder's module (torch)
 
-            self.encoder = StandInEncoder(int(p["stand_in_hidden_size"]))
+            self.encoder = StandInEncoder(p.stand_in_hidden_size)
         else:
-            self.encoder = OnnxEncoder(io.resolve(args, p["onnx_path"]), intra_op_threads=threads)
+            self.encoder = OnnxEncoder(io.resolve(args, p.onnx_path), intra_op_threads=threads)
         # think/'s encoder variant; without one a thinking request's windows use the base graph (the adapter
         # then overrides nothing on the audio side)
-        self.think = (OnnxEncoder(io.resolve(args, p["think_onnx_path"]), intra_op_threads=threads)
-                      if p.get("think_onnx_path") else self.encoder)
-        self.max_run = int(p.get("max_windows_per_run", "0")) or None
-        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_ENCODER_BYTES)))
+        self.think = (OnnxEncoder(io.resolve(args, p.think_onnx_path), intra_op_threads=threads)
+                      if p.think_onnx_path else self.encoder)
+        self.max_run = p.max_windows_per_run or None
+        self.cache = audio_cache.LruBytes(p.cache_bytes)
 
     def execute(self, requests):
         with self.running.of(len(requests)):  # the supervisor's drain reads it

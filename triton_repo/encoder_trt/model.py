@@ -21,6 +21,7 @@ import torch
 import triton_python_backend_utils as pb
 
 from af3trt.runtime.stages import audio_cache
+from af3trt.runtime.stages.params import EncoderTrtParams
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.stages.contract import AUDIO_DIGEST, AUDIO_EMBEDS, INPUT_FEATURES, INPUT_FEATURES_MASK, WINDOW_THINKING
 from af3trt.runtime.engines.gpus import cap_cuda_memory
@@ -36,14 +37,14 @@ def _torch(request, name: str, device) -> torch.Tensor:
 class TritonPythonModel:
     def initialize(self, args):
         self.running = RunningRequests(args["model_name"])
-        p = io.params(args)
-        plan = Path(args["model_repository"]) / args["model_version"] / p.get("plan_file", "model.plan")
+        p = EncoderTrtParams.parse(io.params(args))
+        plan = Path(args["model_repository"]) / args["model_version"] / p.plan_file
         self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
-        cap_cuda_memory(p, self.runner.place.device, "encoder")  # build/memory_plan.py stub_caps
+        cap_cuda_memory(p.cuda_memory_cap_bytes, self.runner.place.device, "encoder")  # build/memory_plan.py stub_caps
         # think/'s encoder variant (build/think.py): thinking requests' windows run on it
-        self.think = (TrtRunner.load(plan.with_name(p["think_plan_file"]), int(args.get("model_instance_device_id", "0")))
-                      if p.get("think_plan_file") else self.runner)
-        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_ENCODER_BYTES)))
+        self.think = (TrtRunner.load(plan.with_name(p.think_plan_file), int(args.get("model_instance_device_id", "0")))
+                      if p.think_plan_file else self.runner)
+        self.cache = audio_cache.LruBytes(p.cache_bytes)
 
     def execute(self, requests):
         with self.running.of(len(requests)):  # the supervisor's drain reads it

@@ -5,13 +5,14 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from af3trt.runtime.stages import conversation, guided
-from af3trt.kernels import device_from_params as kernels_device
+from af3trt.kernels import device_of as kernels_device
 from af3trt.runtime.stages import contract as c
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.engines.gpus import cap_cuda_memory
 from af3trt.runtime.triton.context import RequestContext, RunningRequests
 from af3trt.runtime.stages.errors import Unsupported
-from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder, PromptError, check_sampling, table_extra_ids
+from af3trt.runtime.stages.params import FusionParams
+from af3trt.runtime.stages.prompt import PromptBuilder, PromptError, check_sampling, table_extra_ids
 from af3trt.runtime.stages.stop_words import stop_words_list
 
 
@@ -35,25 +36,22 @@ def _table_tensor(table, dtype: str):
 
 class TritonPythonModel:
     def initialize(self, args):
-        p = io.params(args)
-        self.limits = FusionLimits.from_params(p)
-        self.builder = PromptBuilder(io.resolve(args, p["tokenizer_dir"]), self.limits)
+        p = self.limits = FusionParams.parse(io.params(args))  # a FusionLimits, what the prompt builder reads
+        self.builder = PromptBuilder(io.resolve(args, p.tokenizer_dir), self.limits)
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         # thinking (build/think.py): built with think/, and the decoder's LoRA task id of its adapter if it has one
-        self.think = p.get("think") == "true"
-        self.think_task_id = int(p["think_lora_task_id"]) if p.get("think_lora_task_id") else None
+        self.think, self.think_task_id = p.think, p.think_lora_task_id
         # guides: checked here by compiling them (GPU target: the tensorrtllm backend fails every request of the batch
         # when a guide does not compile, build/trtllm_guided.py); on the CPU target the decoder compiles and refuses
         self.guides = None
-        if p.get("guide_check") == "compile":
+        if p.guide_check:
             from af3trt.runtime.engines.grammar import Grammars
 
-            self.guides = Grammars(io.resolve(args, p["tokenizer_dir"]), self.limits.vocab_size,
-                                   (self.limits.end_id, *self.limits.stop_ids))
+            self.guides = Grammars(io.resolve(args, p.tokenizer_dir), p.vocab_size, (p.end_id, *p.stop_ids))
             self.guides.compiler()  # xgrammar and the vocabulary loaded now, not on the first guided request
-        self.device = kernels_device(p, "fusion")  # None: the table is built on the CPU
-        cap_cuda_memory(p, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
+        self.device = kernels_device(p.gpu_kernels, p.kernels_device, "fusion")  # None: the table is built on the CPU
+        cap_cuda_memory(p.cuda_memory_cap_bytes, self.device, "fusion")  # build/memory_plan.py stub_caps (GPU target)
         if self.device is not None:  # torch (+ triton) only on the GPU path
             from af3trt.kernels import table
             from af3trt.kernels.check import warm
@@ -102,7 +100,7 @@ class TritonPythonModel:
                         **({c.MAX_TOKENS: sampling.max_tokens} if sampling.stream else {}),
                         **({c.IGNORE_EOS: True} if sampling.ignore_eos else {}))
         extra = None
-        if self.limits.extra_ids:  # [L] u64, from the window keys preprocess computed (not from the table)
+        if self.limits.prompt_table_extra_ids:  # [L] u64, from the window keys preprocess computed (not from the table)
             keys = io.tensor(pb, r, c.AUDIO_DIGEST)
             if keys is None:
                 raise PromptError(f"{c.AUDIO_DIGEST} is required with prompt_table_extra_ids (preprocess sends it)")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb
 
+from af3trt.runtime.stages.params import PostprocessParams
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.triton.context import STALE_SECONDS, RequestContext, RunningRequests
 from af3trt.runtime.stages.contract import (IGNORE_EOS, MAX_TOKENS, NOTICE, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM,
@@ -28,12 +29,12 @@ PURGE_EVERY_S = 10.0
 
 class TritonPythonModel:
     def initialize(self, args):
-        p = io.params(args)
-        self.detok = Detokenizer(io.resolve(args, p["tokenizer_dir"]) / "tokenizer.json")
+        p = PostprocessParams.parse(io.params(args))
+        self.detok = Detokenizer(io.resolve(args, p.tokenizer_dir) / "tokenizer.json")
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
         self.states: dict[str, tuple[float, StreamState, dict]] = {}
-        self.stop_ids = [int(i) for i in p.get("stop_ids", "").split(",") if i.strip()]
+        self.stop_ids = list(p.stop_ids)
         self._next_purge = 0.0
 
     def execute(self, requests):

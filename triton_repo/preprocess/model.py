@@ -9,9 +9,10 @@ from functools import partial
 import numpy as np
 import triton_python_backend_utils as pb
 
-from af3trt.kernels import device_from_params as kernels_device
+from af3trt.kernels import device_of as kernels_device
 from af3trt.kernels import logmel
 from af3trt.runtime.stages import audio, audio_cache, lengths
+from af3trt.runtime.stages.params import PreprocessParams
 from af3trt.runtime.triton import triton_io as io
 from af3trt.runtime.engines.gpus import cap_cuda_memory
 from af3trt.runtime.triton.context import RequestContext, RunningRequests
@@ -21,18 +22,18 @@ from af3trt.runtime.stages.contract import (AUDIO, AUDIO_WINDOWS, INPUT_FEATURES
 
 class TritonPythonModel:
     def initialize(self, args):
-        p = io.params(args)
-        self.max_windows = int(p["max_audio_windows"])
-        self.crop = p.get("crop_frames", "true") != "false"  # windows cropped to the request's frame bucket
-        if int(p.get("threads", "0")):  # torch intra-op threads of the log-mel (process-wide in this stub)
+        p = PreprocessParams.parse(io.params(args))
+        self.max_windows = p.max_audio_windows
+        self.crop = p.crop_frames  # windows cropped to the request's frame bucket
+        if p.threads:  # torch intra-op threads of the log-mel (process-wide in this stub)
             import torch
 
-            torch.set_num_threads(int(p["threads"]))
+            torch.set_num_threads(p.threads)
         self.ctx = RequestContext()
         self.running = RunningRequests(args["model_name"])  # the supervisor's drain reads it
-        self.cache = audio_cache.LruBytes(int(p.get("cache_bytes", audio_cache.DEFAULT_PREPROCESS_BYTES)))
-        device = self.device = kernels_device(p, "preprocess")  # None: the CPU log-mel
-        cap_cuda_memory(p, device, "preprocess")  # build/memory_plan.py stub_caps (GPU target)
+        self.cache = audio_cache.LruBytes(p.cache_bytes)
+        device = self.device = kernels_device(p.gpu_kernels, p.kernels_device, "preprocess")  # None: the CPU log-mel
+        cap_cuda_memory(p.cuda_memory_cap_bytes, device, "preprocess")  # build/memory_plan.py stub_caps (GPU target)
         self.log_mel = audio.log_mel if device is None else partial(logmel.log_mel, device=device)
         if device is not None:
             from af3trt.kernels.check import warm
