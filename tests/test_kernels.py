@@ -30,7 +30,7 @@ from fakes import pb_utils as fake_pb  # noqa: E402
 from helpers import fading_noise as signal  # noqa: E402  (falling loudness, a silent second)
 from af3trt import kernels  # noqa: E402
 from af3trt.kernels import logmel, table  # noqa: E402
-from af3trt.runtime.stages import audio, audio_cache, lengths  # noqa: E402
+from af3trt.runtime.stages import audio, audio_cache, contract, lengths  # noqa: E402
 from af3trt.runtime.stages.prompt import FusionLimits, PromptBuilder, window_rows  # noqa: E402
 from af3trt.runtime.stages.params import FusionParams, PreprocessParams  # noqa: E402
 from af3trt.runtime.stages.conversation import shorthand  # noqa: E402
@@ -280,7 +280,8 @@ def test_fusion_adapter_device_path_gives_the_cpu_table(tiny_ckpt, limits, speec
               "audio_digest": audio_cache.window_keys(audio_cache.audio_digest([b"a", b"b"]), 3)}
     (d,), (c,) = (m.execute([fake_pb.Request(dict(inputs))]) for m in (dev_model, cpu_model))
     assert not d.has_error() and not c.has_error(), (d.error, c.error)
-    assert set(d.outputs) == set(c.outputs) == {o.name for o in configs.fusion_config(on).output}
+    declared = {o.name for o in configs.fusion_config(on).output} - set(contract.FUSION_PER_REQUEST)  # no guide here
+    assert set(d.outputs) == set(c.outputs) == declared
     got, want = d.outputs["prompt_embedding_table"]._array, c.outputs["prompt_embedding_table"]._array
     assert got.dtype == want.dtype == torch.bfloat16 and got.device.type == DEVICE
     assert got.shape == (1, sum(batch.tokens_per_clip), limits.hidden_size)
