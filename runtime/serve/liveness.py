@@ -13,8 +13,8 @@ in time, or a refused connection is not. The launcher's watchdog (runtime/serve/
 restarts tritonserver after `failures` failed probes in a row; the Kubernetes liveness probe runs `af3trt probe`
 (deploy/base/deployment.yaml), which restarts the container when the launcher could not heal it.
 
-The OpenAI front's liveness is an HTTP answer to GET /health within the deadline, whatever its status (503 while
-Triton is not ready is the front answering): a wedged front (SIGSTOP) answers nothing.
+The OpenAI front's liveness is an answer to GET /live within the deadline (it does not ask Triton, so a front is
+never restarted for its Triton's sake): a wedged front (SIGSTOP) answers nothing.
 """
 
 from __future__ import annotations

@@ -523,8 +523,8 @@ def supervise(server, *, grace_s: float = DEFAULT_GRACE_SECONDS, watchdog: bool 
 
 class FrontKeeper:
     """The OpenAI front's watch, from the supervisor's loop: restarted when it exited (reaped, so no zombie) or when
-    `failures` GETs of /health in a row got no HTTP answer within the deadline (a wedged front), within its own
-    crash-loop bound."""
+    `failures` GETs of /live in a row got no answer within the deadline (a wedged front; /live does not ask Triton),
+    within its own crash-loop bound."""
 
     def __init__(self, front, checks: Checks):
         self.front, self.checks, self.restarts = front, checks, checks.bound()
@@ -537,7 +537,7 @@ class FrontKeeper:
         if self.front.proc.poll() is not None:
             cause = f"the OpenAI front exited with code {self.front.proc.returncode}"
         elif self.checks.period_s > 0 and time.monotonic() >= self.next_probe:
-            why = liveness.probe_http(self.front.url + "/health", self.checks.deadline_s)
+            why = liveness.probe_http(self.front.url + "/live", self.checks.deadline_s)
             self.next_probe = time.monotonic() + self.checks.period_s
             self.failed = 0 if why is None else self.failed + 1
             if self.failed >= self.checks.failures:
