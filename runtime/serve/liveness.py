@@ -1,6 +1,6 @@
 """Liveness that means a request gets through: one tiny inference through the ensemble, with a deadline.
 
-    af3trt probe [--url 127.0.0.1:8001] [--deadline-s 20]     exit 0: an answer came back in time; 1: it did not
+    af3trt probe [--url 127.0.0.1:8001] [--deadline-s 20] [--status-file F]   exit 0: an answer came in time; 1: not
 
 Triton's /v2/health/ready (and /v2/health/live) answer 200 while a stage is wedged: seen here, a SIGSTOPped decoder
 stub leaves readiness at 200 while every request fails "Stub process 'decoder_0_0' is not healthy" for ever, and
@@ -20,10 +20,14 @@ never restarted for its Triton's sake): a wedged front (SIGSTOP) answers nothing
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import time
 import urllib.error
 import urllib.request
 from functools import lru_cache
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +75,44 @@ def probe_http(url: str, deadline_s: float = DEADLINE_S) -> str | None:
         return f"no answer from {url} within {deadline_s:g} s: {e}"
 
 
+def write_status(path: Path | None, healing: str | None, until_s: float = 0.0) -> None:
+    """The launcher's status for `af3trt probe --status-file`: what it is healing and until when it may take (a
+    restart of tritonserver on a GPU loads the engines again, minutes); written whole, then renamed into place."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"healing": healing, "until": time.time() + until_s if healing else 0.0}))
+    os.replace(tmp, path)
+
+
+def healing(path: Path | None) -> str | None:
+    """What the launcher says it is healing now (None: nothing, no status file, or past the time it allowed)."""
+    try:
+        status = json.loads(Path(path).read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    return status.get("healing") if status.get("until", 0) > time.time() else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="af3trt probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="127.0.0.1:8001", help="tritonserver's gRPC address")
     ap.add_argument("--deadline-s", type=float, default=DEADLINE_S, help="the whole answer must come within this")
+    ap.add_argument("--status-file", type=Path, default=None,
+                    help="`af3trt serve --status-file`: a failed probe still passes while the launcher says it is "
+                         "restarting tritonserver (within its start timeout), so the orchestrator does not kill a "
+                         "heal in progress")
     args = ap.parse_args(argv)
     why = probe_triton(args.url, args.deadline_s)
-    print("live: an answer came back" if why is None else f"not live: {why}", flush=True)
-    return 0 if why is None else 1
+    if why is None:
+        print("live: an answer came back", flush=True)
+        return 0
+    if (what := healing(args.status_file)) is not None:
+        print(f"live: no answer ({why}), but af3trt serve is healing: {what}", flush=True)
+        return 0
+    print(f"not live: {why}", flush=True)
+    return 1
 
 
 if __name__ == "__main__":

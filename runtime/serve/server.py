@@ -356,6 +356,9 @@ def main(argv=None) -> int:
                     help="crash-loop bound: more restarts than this within --restart-window-s and serve gives up "
                          "with a non-zero exit status (for the orchestrator to act on)")
     ap.add_argument("--restart-window-s", type=float, default=supervisor.Restarts.window_s)
+    ap.add_argument("--status-file", type=Path, default=None,
+                    help="write what the launcher is healing here, for `af3trt probe --status-file` (Kubernetes' "
+                         "liveness probe then waits for a restart in progress instead of killing it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
@@ -366,7 +369,8 @@ def main(argv=None) -> int:
         triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else f"{args.host}:{args.grpc_port}"
         front = Front(openai_server.command(args, triton, args.host, args.openai_port), args.host, args.openai_port)
     checks = supervisor.Checks(args.liveness_period_s, args.liveness_deadline_s, args.liveness_failures,
-                               supervisor.Restarts(args.max_restarts, args.restart_window_s))
+                               supervisor.Restarts(args.max_restarts, args.restart_window_s),
+                               start_timeout_s=args.start_timeout, status_file=args.status_file)
     try:
         srv.start(timeout=args.start_timeout)
         log.info("tritonserver started in %s", supervisor.format_loads(srv))

@@ -206,6 +206,8 @@ class Checks:
     deadline_s: float = liveness.DEADLINE_S
     failures: int = liveness.FAILURES
     restarts: Restarts = field(default_factory=Restarts)
+    start_timeout_s: float = 180.0  # a restarted tritonserver's, as the first start's (--start-timeout)
+    status_file: Path | None = None  # liveness.write_status: what the launcher is healing, for `af3trt probe`
 
     def bound(self) -> Restarts:
         return Restarts(self.restarts.limit, self.restarts.window_s)
@@ -341,11 +343,15 @@ class Watchdog(threading.Thread):
             return
         t0 = time.monotonic()
         log.warning("watchdog: %s; restarting tritonserver", cause)
+        liveness.write_status(self.checks.status_file, f"restarting tritonserver: {cause}",
+                              self.checks.start_timeout_s + 30)
         self.server.kill()
         killed = time.monotonic() - t0
+        self.server.start_seconds = None
         try:
-            self.server.start()
+            self.server.start(self.checks.start_timeout_s)
         finally:
+            liveness.write_status(self.checks.status_file, None)
             self.reloads.append({"model": model, "dead_pids": list(dead), "action": "restart", "cause": cause,
                                  "seconds": round(time.monotonic() - t0, 2),
                                  "phases": {"kill_s": round(killed, 2), "start_s": self.server.start_seconds,
