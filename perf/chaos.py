@@ -282,7 +282,7 @@ class Service:
 
     def __init__(self, repo: Path, logs: Path, liveness: tuple[float, float, int] = (5.0, 15.0, 2),
                  start_timeout: float = 600.0):
-        from af3trt.runtime.serve.server import free_port
+        from af3trt.runtime.serve.server import die_with_this_process, free_port
 
         self.grpc, self.http, self.metrics, self.openai = (free_port() for _ in range(4))
         logs.mkdir(parents=True, exist_ok=True)
@@ -295,8 +295,9 @@ class Service:
                str(failures), "--max-restarts", "1000", "--restart-window-s", "60", "--grace-seconds", "60"]
         env = dict(os.environ, AF3TRT_CHAOS_KEY=KEY)
         self.t_start = time.monotonic()
+        cmd, preexec = die_with_this_process(cmd)  # a harness that dies takes its server with it
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=preexec)
         if not self.wait_healthy(start_timeout):
             self.stop()
             raise RuntimeError(f"af3trt serve did not come up in {start_timeout:.0f} s; log {self.log}")
@@ -318,9 +319,10 @@ class Service:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if target == "openai" and b"af3trt.runtime.openai.app" in argv:
-                return pid
-            if argv[0].endswith(b"tritonserver"):
+            if target == "openai":
+                if b"af3trt.runtime.openai.app" in argv:
+                    return pid
+            elif argv[0].endswith(b"tritonserver"):
                 if target == "tritonserver":
                     return pid
                 return min(stub_pids(pid).get(target, ()), default=None)
