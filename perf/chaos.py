@@ -21,7 +21,8 @@ Every request ends as one of:
   broken connection), the part received before it a prefix of the reference;
 - cut: a stream the client closed on purpose (cancellation, disconnect), what it received a prefix of the reference;
 - wrong: a complete answer that differs from the reference; `truncated` when it is a strict prefix of it;
-- mixed: received tokens that are not a prefix of the reference (another request's);
+- mixed: a request that ended early (an error, a cut) after tokens that are not a prefix of the reference (another
+  request's, or wrong ones);
 - hang: no end within the request's deadline + 30 s.
 Wrong, truncated, mixed and hang are failures. Each request is counted under the fault whose window (from the signal
 to the heal) it overlaps, else under `none`. Afterwards every spec is asked once more on the healed server: each must
@@ -271,7 +272,7 @@ def classify(res: Result, ref: Result, spec: Spec, deadline_s: float) -> str:
         return "cut" if prefix else "mixed"
     if got == want and res.text == ref.text and res.extra == ref.extra:
         return "exact"
-    return "truncated" if prefix and len(got) < len(want) else "wrong" if prefix or not got else "mixed"
+    return "truncated" if prefix and len(got) < len(want) else "wrong"
 
 
 # ------------------------------------------------------------------------------------------------ the service

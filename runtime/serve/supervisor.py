@@ -259,6 +259,29 @@ def format_loads(server) -> str:
         if loads else "")
 
 
+_SUCCESS = re.compile(r'^nv_inference_request_success\{model="([^"]+)",.*\} (\S+)$')
+
+
+def delivered(server, timeout: float = 5.0) -> int | None:
+    """Requests and streamed tokens that got through so far: Triton's success count of the ensembles and of their
+    last step (postprocess: one request per streamed response), from its metrics; None when they do not answer. A
+    probe that failed while this grew failed for a busy server, not a wedged one. The other steps do not count: with
+    the decoder wedged, requests still pass preprocess, encoder and fusion, and fail after."""
+    try:
+        with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    counted = set(ensembles(server.model_repository)) | last_steps(server.model_repository)
+    return int(sum(float(m.group(2)) for m in map(_SUCCESS.match, text.splitlines()) if m and m.group(1) in counted))
+
+
+def last_steps(repo: Path) -> set[str]:
+    """The model each ensemble runs last (read from their config.pbtxt)."""
+    return {cfg.ensemble_scheduling.step[-1].model_name for cfg in repository_configs(repo).values()
+            if cfg.platform == "ensemble" and cfg.ensemble_scheduling.step}
+
+
 class Watchdog(threading.Thread):
     """Keep tritonserver answering; readiness is false from the moment it acts until the ensemble can answer again.
 
@@ -270,8 +293,9 @@ class Watchdog(threading.Thread):
     - tritonserver died (a crash, the OOM killer, a SIGKILL): it is started again, after what is left of its process
       group (its python stubs) is killed.
     - A liveness probe (runtime/serve/liveness.py: one token of a cached clip through the ensemble, with a deadline)
-      failed `failures` times in a row: a stage is wedged while readiness may still say 200 (seen: a SIGSTOPped
-      decoder stub). tritonserver and its stubs are SIGKILLed and started again.
+      failed `failures` times in a row while nothing else got through either (delivered(): a probe queued behind long
+      requests of a busy server does not count): a stage is wedged while readiness may still say 200 (seen: a
+      SIGSTOPped decoder stub). tritonserver and its stubs are SIGKILLed and started again.
     A restart past the crash-loop bound (Checks.restarts) is not made: `gave_up` is set to the exit status for the
     launcher and the supervisor stops.
     """
@@ -307,11 +331,19 @@ class Watchdog(threading.Thread):
                         acted = self.act(self.heal, model, dead)
                         break
             if acted is None and self.checks.period_s > 0 and time.monotonic() >= next_probe:
+                before = delivered(self.server)
                 why = liveness.probe_triton(self.server.grpc_url, self.checks.deadline_s)
                 next_probe = time.monotonic() + self.checks.period_s
                 self.probes["ok" if why is None else "failed"] += 1
-                failed = 0 if why is None else failed + 1
-                if why is not None:
+                if why is None:
+                    failed = 0
+                elif before is not None and (after := delivered(self.server)) is not None and after > before:
+                    # slow, not wedged: other requests finished or streamed tokens meanwhile (long requests ahead
+                    # of the probe in a queue); the probe counts neither way
+                    log.info("watchdog: liveness probe failed (%s) while %d responses got through: busy", why,
+                             after - before)
+                else:
+                    failed += 1
                     log.warning("watchdog: liveness probe failed (%d of %d): %s", failed, self.checks.failures, why)
                 if failed >= self.checks.failures and not self.stopping.is_set():
                     acted = self.act(self.restart, f"{failed} liveness probes failed in a row, the last: {why}")
