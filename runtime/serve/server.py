@@ -289,13 +289,17 @@ class Front:
     def url(self) -> str:
         return f"http://{self.local_host}:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> "Front":
+    def check_port(self) -> None:
+        """ServerError when something already listens on the front's port (checked before tritonserver starts)."""
         with socket.socket() as s:  # SO_REUSEADDR as uvicorn binds: a port in TIME_WAIT is free, a listener is not
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((self.host, self.port))
             except OSError as e:
                 raise ServerError(f"the OpenAI front cannot listen on {self.host}:{self.port}: {e.strerror}") from None
+
+    def start(self, timeout: float = 120.0) -> "Front":
+        self.check_port()
         cmd, preexec = die_with_this_process(self.cmd)
         self.proc = subprocess.Popen(cmd, preexec_fn=preexec)
         deadline = time.monotonic() + timeout
@@ -372,6 +376,8 @@ def main(argv=None) -> int:
                                supervisor.Restarts(args.max_restarts, args.restart_window_s),
                                start_timeout_s=args.start_timeout, status_file=args.status_file)
     try:
+        if front is not None:
+            front.check_port()
         srv.start(timeout=args.start_timeout)
         log.info("tritonserver started in %s", supervisor.format_loads(srv))
         print(f"serving {args.model_repository} on grpc {srv.grpc_url}, http {srv.http_url} (log {srv.log_path}); "
