@@ -574,12 +574,18 @@ def fault_of(r: Result, faults: list[Fault]) -> str:
 HEAL_LINES = (re.compile(r"watchdog: model '(\w+)' is back after ([\d.]+) s \(unload ([\d.]+) s, load ([\d.]+) s\)"),
               re.compile(r"watchdog: tritonserver is back after ([\d.]+) s \(killed in ([\d.]+) s, started in "
                          r"([\d.]+) s(?: \(model loads: ([^)]*)\))?"),
-              re.compile(r"the OpenAI front is back after ([\d.]+) s"))
+              re.compile(r"the OpenAI front is back after ([\d.]+) s"),
+              re.compile(r"tritonserver started in ([\d.]+) s(?: \(model loads: ([^)]*)\))?"))
 
 
 def heal_lines(text: str) -> dict:
-    out: dict = {"reload": [], "restart": [], "front": []}
+    """The launcher's heal (and start) lines in `text`: {reload: [...], restart: [...], front: [...], start: [...]}."""
+    out: dict = {"reload": [], "restart": [], "front": [], "start": []}
     for line in text.splitlines():
+        if m := HEAL_LINES[3].search(line):
+            loads = dict((k, float(v)) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(2) or ""))
+            out["start"].append({"seconds": float(m.group(1)), "model_loads_s": loads})
+            continue
         if m := HEAL_LINES[0].search(line):
             out["reload"].append({"model": m.group(1), "seconds": float(m.group(2)), "unload_s": float(m.group(3)),
                                   "load_s": float(m.group(4))})

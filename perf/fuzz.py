@@ -240,7 +240,8 @@ def fuzz(url: str, *, api_key: str | None = None, examples: int = 40, minutes: f
     while True:
         rounds += 1
         for op in operations:
-            cases = st.tuples(op.as_strategy(), st.sampled_from(MODE_WEIGHTS), st.randoms(use_true_random=False)).map(
+            cases = st.tuples(op.as_strategy(), st.sampled_from(MODE_WEIGHTS),
+                              st.randoms(use_true_random=False)).map(
                 lambda c: (seed_case(c[0], c[1], c[2], served, seeds), c[1]))
             run = settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None,
                            suppress_health_check=list(HealthCheck))(given(case=cases)(check))
@@ -253,9 +254,9 @@ def fuzz(url: str, *, api_key: str | None = None, examples: int = 40, minutes: f
             "failures": failures, "rounds": rounds, "seconds": round(time.monotonic() - t0, 1)}
 
 
-def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]]):
+def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]], thinking: bool = False):
     """Hypothesis strategy of client Requests to the ensemble. Three in four are tame: valid audio, a prompt or a valid
-    conversation, every number in its range (they reach the decoder unless thinking meets a build without think/);
+    conversation, every number in its range, thinking only where the build has it (`thinking`);
     the rest are wild: a mutated clip or random bytes, any conversation (wrong roles, audio indices out of range,
     random text), any number of the field's type."""
     from hypothesis import strategies as st
@@ -302,14 +303,15 @@ def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]]):
             temperature=draw(number(0.0, 2.0, False, wild)), top_k=draw(number(0, 50, True, wild)),
             top_p=draw(number(0.01, 1.0, False, wild)), repetition_penalty=draw(number(0.5, 2.0, False, wild)),
             seed=draw(st.one_of(st.none(), st.integers(0, 2**64 - 1))), stream=draw(st.booleans()),
-            strip_prefix=draw(st.one_of(st.none(), st.booleans())), thinking=draw(st.one_of(st.none(), st.booleans())),
+            strip_prefix=draw(st.one_of(st.none(), st.booleans())),
+            thinking=draw(st.one_of(st.none(), st.booleans()) if wild or thinking else st.sampled_from([None, False])),
             min_tokens=draw(number(0, 4, True, wild)), ignore_eos=draw(st.one_of(st.none(), st.booleans())))
 
     return requests()
 
 
 def fuzz_grpc(url: str, *, examples: int = 100, minutes: float | None = None, derandomize: bool = False,
-              timeout: float = 120.0) -> dict:
+              timeout: float = 120.0, thinking: bool = False) -> dict:
     """grpc_requests() through the ensemble over gRPC (AF3Client), `examples` per round, rounds until `minutes` are
     over (one when None). Each request must end answered, busy, or refused with a client's code (invalid_argument,
     unsupported) and a message; anything else (internal, no server, no answer in time) is a failure. Returns
@@ -344,7 +346,7 @@ def fuzz_grpc(url: str, *, examples: int = 100, minutes: float | None = None, de
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             failures.append(f"{type(e).__name__}: {str(e)[:300]} | {_describe(req)}")
 
-    requests = grpc_requests(audio_seeds())
+    requests = grpc_requests(audio_seeds(), thinking)
     try:
         while True:
             rounds += 1
@@ -459,7 +461,9 @@ def main(argv=None) -> int:
         stack.callback(front.stop)
         before, ids_before = known_answer(front.url, clip), known_ids(srv.grpc_url, clip)
         result = fuzz(front.url, examples=args.examples, minutes=args.minutes * (1 - args.grpc_share))
-        result["grpc"] = fuzz_grpc(srv.grpc_url, examples=args.examples, minutes=args.minutes * args.grpc_share)
+        thinking = (args.model_repository.resolve().parent / "artifacts" / "think").is_dir()
+        result["grpc"] = fuzz_grpc(srv.grpc_url, examples=args.examples, minutes=args.minutes * args.grpc_share,
+                                   thinking=thinking)
         after, ids_after = known_answer(front.url, clip), known_ids(srv.grpc_url, clip)
         result.update(model_repository=str(args.model_repository), schemathesis=schemathesis.__version__,
                       examples=args.examples, answer_before=before, ids_before=ids_before,

@@ -4,6 +4,7 @@
     af3trt soak --model-repository … --minutes 10 --concurrency 16 --client reused --out perf/results/soak
     af3trt soak --url 127.0.0.1:8001 --server-pid PID --watch haproxy=PID2 …   # a server (and proxy) you started
     af3trt soak --chaos --model-repository … --minutes 30    # every request kind under random kills (perf/chaos.py)
+    af3trt soak --heal --model-repository …                  # start and heal times per stage (perf/heal.py)
 
 Client modes (--client): `reused` — one AF3Client for all workers, every request a stream of one connection (what
 af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it once
@@ -276,6 +277,10 @@ def main(argv=None) -> int:
         from af3trt.perf import chaos
 
         return chaos.main(argv)
+    if "--heal" in argv:  # start and heal times per stage (perf/heal.py)
+        from af3trt.perf import heal
+
+        return heal.main(argv)
     ap = argparse.ArgumentParser(prog="af3trt soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group(required=True)

@@ -50,11 +50,13 @@ def test_a_request_counts_under_the_fault_whose_window_it_overlaps():
 def test_the_launchers_heal_lines_are_read():
     text = ("watchdog: model 'encoder' is back after 2.6 s (unload 0.0 s, load 2.6 s); ready=True\n"
             "watchdog: tritonserver is back after 13.5 s (killed in 0.0 s, started in 13.5 s (model loads: "
-            "preprocess 13.0 s, decoder 11.5 s, af3 0.0 s)); ready=True\nthe OpenAI front is back after 6.2 s\n")
+            "preprocess 13.0 s, decoder 11.5 s, af3 0.0 s)); ready=True\nthe OpenAI front is back after 6.2 s\n"
+            "tritonserver started in 9.8 s (model loads: decoder 8.6 s, af3 0.0 s)\n")
     lines = chaos.heal_lines(text)
     assert lines["reload"] == [{"model": "encoder", "seconds": 2.6, "unload_s": 0.0, "load_s": 2.6}]
     assert lines["restart"][0]["model_loads_s"] == {"preprocess": 13.0, "decoder": 11.5, "af3": 0.0}
     assert lines["front"] == [{"seconds": 6.2}]
+    assert lines["start"] == [{"seconds": 9.8, "model_loads_s": {"decoder": 8.6, "af3": 0.0}}]
 
 
 @pytest.mark.integration
