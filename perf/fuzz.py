@@ -175,8 +175,8 @@ def seed_case(case, mode: str, rng, model: str, seeds: tuple[list[bytes], dict[s
     body["model"] = model
     if case.path.endswith("/chat/completions"):
         body["messages"] = conversations(rng, clip)
-        for key, (lo, hi, integer) in {"max_tokens": (0, 16, True), "max_completion_tokens": (0, 16, True),
-                                       "min_tokens": (0, 4, True), "temperature": (0.0, 2.0, False),
+        for key, (lo, hi, integer) in {"max_tokens": (1, 16, True), "max_completion_tokens": (1, 16, True),
+                                       "min_tokens": (0, 1, True), "temperature": (0.0, 2.0, False),
                                        "top_p": (0.01, 1.0, False), "seed": (0, 2**32, True)}.items():
             if key in body and body[key] is not None:
                 body[key] = _fold(body[key], lo, hi, rng, integer)
@@ -299,13 +299,14 @@ def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]], thinking: bool = 
         conversation = draw(messages if wild else st.one_of(st.none(), valid_conversation))
         return Request(
             prompt=None if conversation is not None else draw(ask), messages=conversation, audio=audio,
-            system_prompt=draw(st.one_of(st.none(), ask)), max_tokens=draw(number(0, 16, True, wild)),
+            system_prompt=draw(st.one_of(st.none(), ask)) if wild or conversation is None else None,
+            max_tokens=draw(number(1, 16, True, wild)),
             temperature=draw(number(0.0, 2.0, False, wild)), top_k=draw(number(0, 50, True, wild)),
             top_p=draw(number(0.01, 1.0, False, wild)), repetition_penalty=draw(number(0.5, 2.0, False, wild)),
             seed=draw(st.one_of(st.none(), st.integers(0, 2**64 - 1))), stream=draw(st.booleans()),
             strip_prefix=draw(st.one_of(st.none(), st.booleans())),
             thinking=draw(st.one_of(st.none(), st.booleans()) if wild or thinking else st.sampled_from([None, False])),
-            min_tokens=draw(number(0, 4, True, wild)), ignore_eos=draw(st.one_of(st.none(), st.booleans())))
+            min_tokens=draw(number(0, 1, True, wild)), ignore_eos=draw(st.one_of(st.none(), st.booleans())))
 
     return requests()
 
