@@ -312,7 +312,6 @@ class Watchdog(threading.Thread):
         self.idle.set()
         self.gave_up: int | None = None  # the exit status, once a restart was past the crash-loop bound
         self.reloads: list[dict] = []  # {model, dead_pids, action, seconds, cause, phases}
-        self.probes = {"ok": 0, "failed": 0}
         # A restarted tritonserver was started by this thread, and PR_SET_PDEATHSIG fires when the *thread* that
         # started a process ends: so this thread lives until the supervisor has stopped tritonserver.
         self.released = threading.Event()
@@ -321,7 +320,7 @@ class Watchdog(threading.Thread):
         known = stub_pids(self.server.proc.pid)
         failed, next_probe = 0, time.monotonic() + self.checks.period_s
         while self.gave_up is None and not self.stopping.wait(self.poll_s):
-            acted = None
+            acted = False
             if self.server.proc.poll() is not None:
                 acted = self.act(self.restart, f"tritonserver exited with code {self.server.proc.returncode}")
             else:
@@ -330,11 +329,10 @@ class Watchdog(threading.Thread):
                     if dead and not self.stopping.is_set():
                         acted = self.act(self.heal, model, dead)
                         break
-            if acted is None and self.checks.period_s > 0 and time.monotonic() >= next_probe:
+            if not acted and self.checks.period_s > 0 and time.monotonic() >= next_probe:
                 before = delivered(self.server)
                 why = liveness.probe_triton(self.server.grpc_url, self.checks.deadline_s)
                 next_probe = time.monotonic() + self.checks.period_s
-                self.probes["ok" if why is None else "failed"] += 1
                 if why is None:
                     failed = 0
                 elif before is not None and (after := delivered(self.server)) is not None and after > before:
@@ -347,7 +345,7 @@ class Watchdog(threading.Thread):
                     log.warning("watchdog: liveness probe failed (%d of %d): %s", failed, self.checks.failures, why)
                 if failed >= self.checks.failures and not self.stopping.is_set():
                     acted = self.act(self.restart, f"{failed} liveness probes failed in a row, the last: {why}")
-            if acted is not None:
+            if acted:
                 failed, next_probe = 0, time.monotonic() + self.checks.period_s
                 if self.server.proc.poll() is None:
                     known = stub_pids(self.server.proc.pid)
