@@ -313,17 +313,16 @@ class Service:
         return f"http://127.0.0.1:{self.openai}"
 
     def pid_of(self, target: str) -> int | None:
-        from af3trt.runtime.serve.supervisor import children, stub_pids
+        from af3trt.runtime.host.proc import children, cmdline, stub_pids
 
         for pid in children(self.proc.pid):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
+            argv = cmdline(pid)
+            if not argv:
                 continue
             if target == "openai":
-                if b"af3trt.runtime.openai.app" in argv:
+                if "af3trt.runtime.openai.app" in argv:
                     return pid
-            elif argv[0].endswith(b"tritonserver"):
+            elif argv[0].endswith("tritonserver"):
                 if target == "tritonserver":
                     return pid
                 return min(stub_pids(pid).get(target, ()), default=None)
@@ -368,7 +367,7 @@ class Service:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         seconds = time.monotonic() - t0
-        left = [p for p in tree if _alive(p, 10.0)]
+        left = [p for p in tree if _outlives(p, 10.0)]
         for p in left:
             try:
                 os.kill(p, signal.SIGKILL)
@@ -383,9 +382,9 @@ def urllib_open(url: str, timeout: float):
     return urllib.request.urlopen(url, timeout=timeout)
 
 
-def _alive(pid: int, within_s: float) -> bool:
+def _outlives(pid: int, within_s: float) -> bool:
     """Whether pid is still alive after up to within_s seconds."""
-    from af3trt.runtime.serve.supervisor import _alive as alive
+    from af3trt.runtime.host.proc import alive
 
     deadline = time.monotonic() + within_s
     while alive(pid):
@@ -436,10 +435,11 @@ def inject(service: Service, kind: str, rng: random.Random, heal_timeout: float)
 
 
 def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    """When the process started (/proc/<pid>/stat field 22): tells a process from a new one with its pid."""
+    from af3trt.runtime.host.proc import stat
+
+    fields = stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -24,22 +24,21 @@ from pathlib import Path
 import numpy as np
 
 from af3trt.perf.chaos import Service, heal_lines
+from af3trt.runtime.host import proc
 
-CLOCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used (/proc/PID/stat fields 14 and 15)."""
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used; None when it is gone (runtime/host/proc.py)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        return proc.cpu_seconds(pid) if pid is not None else None
+    except ProcessLookupError:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK
 
 
 def start_cpu(service: Service) -> dict[str, float]:
     """{process: CPU seconds since it started}: tritonserver and each stub, right after a start."""
-    from af3trt.runtime.serve.supervisor import stub_pids
+    from af3trt.runtime.host.proc import stub_pids
 
     triton = service.pid_of("tritonserver")
     out = {"tritonserver": cpu_seconds(triton)}

@@ -742,7 +742,7 @@ def test_a_wedged_stage_is_restarted_by_liveness(lively, speech_bytes, victim):
         assert not _wait_gone([pid], 30), "the stopped process outlived the restart"
         assert client.ask("What is said?", [speech_bytes], max_tokens=2).token_ids
     finally:
-        if supervisor._alive(pid):
+        if proc.alive(pid):
             os.kill(pid, signal.SIGCONT)
     lively.triton_pid = new
     launcher = lively.launcher_log.read_text()
@@ -783,7 +783,7 @@ def test_a_dead_or_wedged_openai_front_is_restarted(lively, how):
         _wait_for(lambda: _http(url.split("//")[1], "/health") == 200, 120, lively)
         assert not _wait_gone([old], 30)
     finally:
-        if supervisor._alive(old):
+        if proc.alive(old):
             os.kill(old, signal.SIGCONT)
     assert new != old and "the OpenAI front" in lively.launcher_log.read_text()
 
