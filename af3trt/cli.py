@@ -9,6 +9,7 @@
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt gpu-check OUT [OUT …]                    GPU acceptance in the container: serve, compare with goldens
     af3trt doctor [--repository DIR]                can this machine serve it? (GPU, backends, stub, versions)
+    af3trt probe  [--url 127.0.0.1:8001]            liveness: one token of a cached clip through the ensemble, in time
     af3trt bench  …                                 perf_analyzer sweeps + baseline (perf/)
     af3trt bench --serving-path                     CPU per request and per streamed token, model cost taken out
     af3trt replicas --model-repository DIR --replicas 2   N tritonservers behind HAProxy on loopback
@@ -41,6 +42,7 @@ COMMANDS = {
     "sizing": "af3trt.build.memory_plan",
     "gpu-check": "af3trt.build.gpu_check",
     "doctor": "af3trt.runtime.serve.doctor",
+    "probe": "af3trt.runtime.serve.liveness",
     "bench": "af3trt.perf.bench",
     "replicas": "af3trt.runtime.serve.replicas",
     "k8s": "af3trt.build.k8s",

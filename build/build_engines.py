@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -88,6 +90,38 @@ def build_cpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
                                      "prompt_table": lm["dtype"]}
 
 
+def clean_stale_scratch(out: Path) -> list[Path]:
+    """Remove the scratch folders (`.OUT.building-PID`, `.OUT.old-PID`) that builds of `out` left behind when they
+    were killed beyond cleaning up (SIGKILL, a power cut): with the real checkpoint each holds an ONNX encoder and a
+    15-GB language model. A folder whose PID still runs is another build's: it is reported, not touched. Returns the
+    folders removed."""
+    removed = []
+    for scratch in sorted(out.parent.glob(f".{out.name}.building-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = scratch.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's process
+            alive = True
+        if alive:
+            print(f"note: {scratch} belongs to a build that is still running (pid {pid}); left alone", flush=True)
+            continue
+        shutil.rmtree(scratch, ignore_errors=True)
+        removed.append(scratch)
+        print(f"removed {scratch}: left by a build (pid {pid}) that did not finish", flush=True)
+    return removed
+
+
+def _stop_on_sigterm(signum, _frame):
+    """SIGTERM (an orchestrator, `timeout`, kill) ends the build as Ctrl-C does: the exception unwinds through
+    build(), which removes its scratch folder (before: SIGTERM's default action left it on disk)."""
+    raise SystemExit(128 + signum)
+
+
 def build(opts: BuildOptions) -> Path:
     """Build `opts.out` from `opts.hf_model`; returns the output directory (BuildError when it cannot)."""
     check_options(opts)
@@ -108,6 +142,7 @@ def build(opts: BuildOptions) -> Path:
         plan = make_plan(opts, gpu_target=gpu_target, notes=notes)
 
     plan.out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_scratch(plan.out)
     work = plan.out.parent / f".{plan.out.name}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -171,6 +206,17 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
 def main(argv=None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        _main(ap, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
     if args.from_prepared is not None:
         try:

@@ -310,17 +310,54 @@ def checkpoint_digest(hf_dir: Path) -> dict:
     return {"sha256": h.hexdigest(), "files": [p.name for p in files], "bytes": total}
 
 
+def check_safetensors(path: Path) -> None:
+    """BuildError naming `path` unless it is a whole safetensors file: an 8-byte little-endian header length, that
+    many bytes of JSON header, and the data every tensor's data_offsets reach (the safetensors format, huggingface/
+    safetensors README "Format"). Reads the header only. A download or copy cut short otherwise ends the build in
+    safetensors' own traceback ("incomplete metadata", or a mapped read past the end) minutes later."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            header = f.read(n) if n is not None and 8 + n <= size else b""
+    except OSError as e:
+        raise BuildError(f"{path}: cannot be read ({e.strerror or e})") from None
+    why = None
+    if n is None or 8 + n > size:
+        why = "its header is cut short"
+    else:
+        try:
+            tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            why = "its header is not safetensors JSON"
+        else:
+            if 8 + n + end > size:
+                why = f"its tensors need {8 + n + end} bytes"
+    if why:
+        raise BuildError(f"{path}: not a whole safetensors file ({size} bytes; {why}): was the download or copy cut "
+                         f"short?")
+
+
 def inspect_checkpoint(hf_dir: Path, *, digest: bool = False) -> CheckpointFacts:
     """The facts of an AF3 checkpoint directory (BuildError when it is not one); with digest, its sha256 too."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").exists():
         raise BuildError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json)")
-    cfg = read_config(hf_dir)
+    try:
+        cfg = read_config(hf_dir)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise BuildError(f"{hf_dir / 'config.json'}: cannot be read as JSON ({e})") from None
     if cfg.get("model_type") != "audioflamingo3":
         raise BuildError(f"{hf_dir}: model_type is {cfg.get('model_type')!r}, expected 'audioflamingo3'")
     text, audio = cfg["text_config"], cfg["audio_config"]
     if not any(hf_dir.glob("*.safetensors")):
         raise BuildError(f"{hf_dir} has no .safetensors weights")
+    for weights in sorted(hf_dir.rglob("*.safetensors")):
+        check_safetensors(weights)
     gen_path = hf_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.exists() else {}
     eos = gen.get("eos_token_id", text.get("eos_token_id"))

@@ -3,6 +3,8 @@
     af3trt soak --model-repository out/af3-tiny/model_repository --requests 100000 --client per-connection
     af3trt soak --model-repository … --minutes 10 --concurrency 16 --client reused --out perf/results/soak
     af3trt soak --url 127.0.0.1:8001 --server-pid PID --watch haproxy=PID2 …   # a server (and proxy) you started
+    af3trt soak --chaos --model-repository … --minutes 30    # every request kind under random kills (perf/chaos.py)
+    af3trt soak --heal --model-repository …                  # start and heal times per stage (perf/heal.py)
 
 Client modes (--client): `reused` — one AF3Client for all workers, every request a stream of one connection (what
 af3trt's clients and the OpenAI front do); `per-connection` — a new connection for every request, closed after it once
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -257,6 +260,15 @@ def thin(series: list, max_rows: int) -> list:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--chaos" in argv:  # every request kind while processes are killed at random (perf/chaos.py)
+        from af3trt.perf import chaos
+
+        return chaos.main(argv)
+    if "--heal" in argv:  # start and heal times per stage (perf/heal.py)
+        from af3trt.perf import heal
+
+        return heal.main(argv)
     ap = argparse.ArgumentParser(prog="af3trt soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group(required=True)

@@ -21,10 +21,15 @@ JSON, no custom_id, an unknown url, a missing audio file, a repeated custom_id) 
 already in it, so a run stopped by Ctrl-C, a crash or a kill resumes where it was; a torn last line (a kill in
 the middle of a write) is cut off first.
 
+Only answers the server gave are final. A line that got no answer for want of a server (a refused or broken
+connection, no response in time, or 429/502/503/504 to the last try) is retried with exponential backoff (capped at
+10 s) for at least --max-retries tries and --server-wait-s seconds — a server that restarts (`af3trt serve` restarts
+a dead tritonserver or front) answers it in the same run — and if it still has none it is not written: the run ends
+with exit status 75 (EX_TEMPFAIL) and says how many lines are left, and a rerun with the same OUTPUT sends them.
+
 Concurrency: up to --concurrency requests in flight, halved each time the server answers busy (503/429: its queue
-is full) and grown back by one per window of successes; busy answers and refused connections are retried with
-exponential backoff (--max-retries). The progress bar shows lines, rate, RTFx (audio seconds per wall second) and
-ETA; a summary follows (lines, errors, req/s, RTFx, tokens).
+is full) and grown back by one per window of successes. The progress bar shows lines, rate, RTFx (audio seconds per
+wall second) and ETA; a summary follows (lines, errors, req/s, RTFx, tokens).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import soundfile as sf
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/audio/transcriptions")
 RETRY_STATUS = (429, 502, 503, 504)
+EX_TEMPFAIL = 75  # sysexits.h: lines are left for a rerun (no server answered them)
 
 
 class BadLine(ValueError):
@@ -225,6 +231,7 @@ class Tally:
     errors: int = 0
     skipped: int = 0
     retries: int = 0
+    unanswered: int = 0  # lines no server answered: not written, a rerun sends them
     audio_s: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -256,11 +263,13 @@ class Tally:
 
     def summary(self, interrupted: bool) -> str:
         wall = max((self.t_end or time.monotonic()) - self.t0, 1e-9)
-        head = "interrupted: rerun the same command to resume" if interrupted else "done"
+        head = ("interrupted: rerun the same command to resume" if interrupted else
+                f"{self.unanswered} lines got no answer (no server): rerun the same command to send them" if
+                self.unanswered else "done")
         return (f"{head}: {self.done} lines answered in {wall:.1f} s ({self.errors} errors; {self.skipped} already "
                 f"in the output), {self.done / wall:.2f} req/s, {self.audio_s:.0f} s of audio (RTFx "
                 f"{self.audio_s / wall:.1f}), tokens {self.prompt_tokens} prompt + {self.completion_tokens} completion, "
-                f"{self.retries} busy retries")
+                f"{self.retries} retries")
 
 
 def _clock(s: float) -> str:
@@ -286,8 +295,9 @@ def _line(custom_id: str | None, response: dict | None = None, error: dict | Non
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response, "error": error}
 
 
-async def send(http, job: Job, base: Path, window: Window, tally: Tally, max_retries: int) -> dict:
-    """One line's output (never raises)."""
+async def send(http, job: Job, base: Path, window: Window, tally: Tally, max_retries: int,
+               server_wait_s: float = 0.0) -> dict | None:
+    """One line's output, None when no server answered it (never raises)."""
     try:
         if job.url == ENDPOINTS[0]:
             kw = {"json": resolve_chat(job, base)}
@@ -300,22 +310,26 @@ async def send(http, job: Job, base: Path, window: Window, tally: Tally, max_ret
     except BadLine as e:
         return _line(job.custom_id, error={"code": e.code, "message": str(e), "line": job.number})
     try:
-        return await _post(http, job, kw, window, tally, max_retries)
+        return await _post(http, job, kw, window, tally, max_retries, server_wait_s)
     except Exception as e:  # noqa: BLE001 - whatever goes wrong here is this line's error, not the run's end
         return _line(job.custom_id, error={"code": "client_error", "message": f"{type(e).__name__}: {e}",
                                            "line": job.number})
 
 
-async def _post(http, job: Job, kw: dict, window: Window, tally: Tally, max_retries: int) -> dict:
+async def _post(http, job: Job, kw: dict, window: Window, tally: Tally, max_retries: int,
+                server_wait_s: float = 0.0) -> dict | None:
+    """The line's output for the server's answer; None when no answer came from a server after max_retries tries
+    and server_wait_s seconds (the line is not final: a rerun sends it)."""
     import httpx
 
-    r = transport = None
-    for attempt in range(max_retries + 1):
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
         async with window:
             try:
                 r = await http.post(job.url, **kw)
-            except httpx.TransportError as e:
-                r, transport = None, e
+            except httpx.TransportError:  # refused, broken, or no response in time: no server answered
+                r = None
         if r is not None and r.status_code not in RETRY_STATUS:
             window.ok()
             try:
@@ -330,18 +344,15 @@ async def _post(http, job: Job, kw: dict, window: Window, tally: Tally, max_retr
             rid = r.headers.get("x-request-id") or uuid.uuid4().hex
             return _line(job.custom_id, {"status_code": r.status_code, "request_id": rid, "body": body})
         window.busy()
-        if attempt < max_retries:
-            tally.retries += 1
-            await asyncio.sleep(min(30.0, 0.25 * 2**attempt) * (0.5 + random.random()))
-    if r is not None:
-        return _line(job.custom_id, {"status_code": r.status_code, "request_id": uuid.uuid4().hex, "body": r.json()
-                                     if r.headers.get("content-type", "").startswith("application/json") else r.text})
-    return _line(job.custom_id, error={"code": "server_unavailable", "line": job.number,
-                                       "message": f"no answer after {max_retries + 1} tries: {transport}"})
+        attempt += 1
+        if attempt > max_retries and time.monotonic() - t0 >= server_wait_s:
+            return None
+        tally.retries += 1
+        await asyncio.sleep(min(10.0, 0.25 * 2 ** min(attempt, 8)) * (0.5 + random.random()))
 
 
 async def run(input_path: Path, output: Path, url: str, concurrency: int, max_retries: int,
-              api_key: str | None, timeout: float, tally: Tally) -> Tally:
+              api_key: str | None, timeout: float, tally: Tally, server_wait_s: float = 0.0) -> Tally:
     import httpx
 
     base = input_path.resolve().parent
@@ -363,6 +374,9 @@ async def run(input_path: Path, output: Path, url: str, concurrency: int, max_re
         if task.cancelled():
             return
         out = task.result()
+        if out is None:  # no server answered it: not final, a rerun sends it
+            tally.unanswered += 1
+            return
         writer.write(out)
         tally.done += 1
         tally.errors += out["error"] is not None or (out["response"] or {}).get("status_code") != 200
@@ -394,10 +408,10 @@ async def run(input_path: Path, output: Path, url: str, concurrency: int, max_re
                     continue
                 while len(pending) >= 2 * concurrency:  # read ahead only as far as the window can use
                     await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                task = asyncio.ensure_future(send(http, job, base, window, tally, max_retries))
+                task = asyncio.ensure_future(send(http, job, base, window, tally, max_retries, server_wait_s))
                 pending.add(task)
                 task.add_done_callback(finish)
-        tally.total = tally.done + len(pending)  # bad lines among the first estimate
+        tally.total = tally.done + tally.unanswered + len(pending)  # bad lines among the first estimate
         while pending:
             await asyncio.wait(pending)
         tally.bar(force=True)
@@ -460,7 +474,11 @@ def main(argv=None) -> int:
     where.add_argument("--url", help="the OpenAI-compatible front, e.g. http://127.0.0.1:9000")
     where.add_argument("--model-repository", type=Path, help="start `af3trt serve` on this repository for the run")
     ap.add_argument("--concurrency", type=int, default=16, help="most requests in flight (halved while busy)")
-    ap.add_argument("--max-retries", type=int, default=10, help="tries after a busy answer or refused connection")
+    ap.add_argument("--max-retries", type=int, default=10,
+                    help="tries at least after a busy answer or no answer (refused or broken connection)")
+    ap.add_argument("--server-wait-s", type=float, default=600.0,
+                    help="keep retrying a line that no server answers for at least this long (a server restarting "
+                         "answers it in the same run); after that it is left for a rerun, not written")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one request may take")
     ap.add_argument("--api-key-env", default=None, metavar="VAR", help="send the key in this environment variable")
     ap.add_argument("--start-timeout", type=float, default=300.0)
@@ -473,14 +491,15 @@ def main(argv=None) -> int:
     url = url if url.startswith("http") else f"http://{url}"
     interrupted, tally = False, Tally(total=0)
     try:
-        asyncio.run(run(args.input, args.output, url, args.concurrency, args.max_retries, key, args.timeout, tally))
+        asyncio.run(run(args.input, args.output, url, args.concurrency, args.max_retries, key, args.timeout, tally,
+                        args.server_wait_s))
     except KeyboardInterrupt:
         interrupted = True
     finally:
         if served:
             served.stop()
     print("\n" + tally.summary(interrupted), file=sys.stderr)
-    return 130 if interrupted else 0
+    return 130 if interrupted else EX_TEMPFAIL if tally.unanswered else 0
 
 
 if __name__ == "__main__":

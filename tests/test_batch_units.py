@@ -119,3 +119,42 @@ def test_send_retries_busy_answers_and_posts_transcriptions_as_forms(tmp_path):
     assert out["response"] == {"status_code": 200, "request_id": out["response"]["request_id"], "body": {"text": "ok"}}
     assert tally.retries == 2 and window.limit < 4 and tally.audio_s == pytest.approx(0.5)
     assert b'name="timestamp_granularities[]"' in seen[-1] and b'name="chunking_strategy"' in seen[-1]
+
+
+def test_lines_no_server_answered_are_not_final_and_a_rerun_sends_them(tmp_path, capsys):
+    """A line that got no answer for want of a server (refused connection, 503 to its last try) is not written: a
+    rerun with the same output sends it. Before, it was written as a final "server_unavailable" error that a rerun
+    skipped as done (seen: 32 of 60 lines after a tritonserver SIGKILL)."""
+    import httpx
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"custom_id": f"q{i}", "url": "/v1/chat/completions", "body": {
+        "model": "af3", "messages": [{"role": "user", "content": "hi"}]}}) + "\n" for i in range(6)))
+    server_up, tries = [False], []
+
+    def handler(req):
+        if not server_up[0]:  # no front (refused), or a front without Triton behind it (503), in turn
+            tries.append(req)
+            if len(tries) % 2:
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(503, json={"error": {"code": "triton_unavailable", "message": "no server"}})
+        return httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})
+
+    real = httpx.AsyncClient
+
+    def mocked(*a, **kw):
+        kw.pop("limits", None)
+        return real(*a, transport=httpx.MockTransport(handler), **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(httpx, "AsyncClient", mocked)
+        tally = batch.Tally(total=0)
+        asyncio.run(batch.run(inp, out, "http://x", 4, 1, None, 30, tally, server_wait_s=0.0))
+        assert tally.unanswered == 6 and tally.done == 0 and "rerun" in tally.summary(False)
+        assert not out.exists() or out.read_text() == ""  # nothing final
+        server_up[0] = True
+        tally = batch.Tally(total=0)
+        asyncio.run(batch.run(inp, out, "http://x", 4, 1, None, 30, tally, server_wait_s=0.0))
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(g["custom_id"] for g in got) == [f"q{i}" for i in range(6)]
+    assert all(g["response"]["status_code"] == 200 for g in got) and tally.unanswered == 0

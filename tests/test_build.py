@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -89,3 +90,66 @@ def test_bad_inputs_are_clear(tmp_path, tiny_ckpt, capsys):
         main(["--hf-model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(tmp_path, tiny_ckpt, capsys):
+    """A model.safetensors cut short (a download or copy interrupted) ended the build in safetensors' traceback
+    ("incomplete metadata"); now it is one line naming the file, exit status 2, before any work."""
+    import shutil
+
+    for cut in (0.6, 4 / 1e9):  # the data cut short; the header itself cut short
+        ckpt = tmp_path / f"ckpt-{cut}"
+        shutil.copytree(tiny_ckpt, ckpt)
+        weights = ckpt / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: max(4, int(len(data) * cut))])
+        with pytest.raises(SystemExit) as e:
+            main(["--hf-model", str(ckpt), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert str(weights) in err and "not a whole safetensors file" in err
+        assert not (tmp_path / "o").exists()
+
+
+def test_stale_scratch_folders_are_removed_and_a_running_builds_reported(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from af3trt.build.build_engines import clean_stale_scratch
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID no process has now
+    stale, other = tmp_path / f".af3.building-{gone.pid}", tmp_path / f".af3.old-{gone.pid}"
+    running = tmp_path / f".af3.building-{os.getppid()}"  # a live process: another build's folder
+    for d in (stale, other, running):
+        (d / "artifacts").mkdir(parents=True)
+    assert clean_stale_scratch(tmp_path / "af3") == [stale, other]
+    assert not stale.exists() and not other.exists() and running.exists()
+    out = capsys.readouterr().out
+    assert f"removed {stale}" in out and "still running" in out
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_scratch_folder_as_ctrl_c_does(tmp_path, tiny_ckpt):
+    """`af3trt build` stopped by SIGTERM left `.OUT.building-PID` behind (with the real checkpoint, an ONNX encoder and
+    a 15-GB language model each time); now SIGTERM unwinds like Ctrl-C and removes it. The same build first
+    removes a stale folder that a SIGKILLed build left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "af3"
+    stale = tmp_path / ".af3.building-999999999"
+    (stale / "artifacts").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "af3trt.cli", "build", "--hf-model", str(tiny_ckpt), "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    scratch = tmp_path / f".af3.building-{proc.pid}"
+    deadline = time.monotonic() + 600
+    while not (scratch / "artifacts").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, log  # stopped by the signal, mid-build
+    assert not scratch.exists() and not out.exists(), log
+    assert not stale.exists() and f"removed {stale}" in log

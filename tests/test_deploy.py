@@ -31,7 +31,7 @@ ROOT = DEPLOY.parent
 K8S_VERSION = "1.33.0"  # schemas carried by kubernetes-validate; the manifests use only GA APIs (apps/v1, autoscaling/v2)
 VARIANTS = ["base"] + [f"overlays/{o.name}" for o in k8s.STANDARD_OVERLAYS]
 STANDARD = {o.name: o for o in k8s.STANDARD_OVERLAYS}
-TRITON_PROBE_PATHS = {"/v2/health/ready", "/v2/health/live"}
+TRITON_PROBE_PATHS = {"/v2/health/ready"}
 CRD_MODELS = {("monitoring.coreos.com/v1", "PodMonitor"): prom.PodMonitor,
               ("monitoring.coreos.com/v1", "ServiceMonitor"): prom.ServiceMonitor,
               ("monitoring.coreos.com/v1", "PrometheusRule"): prom.PrometheusRule}
@@ -202,6 +202,7 @@ def test_api_key_only_from_a_secret(rendered):
                               "valueFrom": {"secretKeyRef": {"name": "af3trt-api-key", "key": "api-key"}}}]
     # the OpenAI front (`af3trt openai`, landing from another branch) is probed on its /health endpoint
     assert openai["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert openai["livenessProbe"]["httpGet"] == {"path": "/live", "port": "openai"}  # not restarted for Triton's sake
     svc = one(rendered["overlays/h100-fp8"], "Service", "af3trt")
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002,
                                                                    "openai": 9000}
@@ -387,18 +388,35 @@ def _get(url: str) -> tuple[int, str]:
 
 @pytest.mark.integration
 def test_probes_point_at_endpoints_the_server_serves(rendered, server):
-    paths = set()
+    """Startup and readiness ask Triton's ready endpoint; liveness runs `af3trt probe` (one token through the
+    ensemble: runtime/serve/liveness.py) against the gRPC port serve binds, with the status file serve writes."""
+    import subprocess
+    import sys
+
+    paths, lives = set(), set()
     for docs in rendered.values():
         triton = container(docs, "triton")
         ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             get = triton[probe]["httpGet"]
             assert ports[get["port"]] == 8000 and "--http-port=8000" in triton["args"]
             paths.add(get["path"])
-    assert paths == TRITON_PROBE_PATHS
+        command = triton["livenessProbe"]["exec"]["command"]
+        assert command[:2] == ["af3trt", "probe"] and "--url=127.0.0.1:8001" in command
+        assert ports["grpc"] == 8001 and "--grpc-port=8001" in triton["args"]
+        status = [a for a in command if a.startswith("--status-file=")]
+        assert status and status[0] in triton["args"]
+        deadline = float(next(a for a in command if a.startswith("--deadline-s=")).split("=")[1])
+        assert triton["livenessProbe"]["timeoutSeconds"] > deadline
+        lives.add(tuple(command))
+    assert paths == TRITON_PROBE_PATHS and len(lives) == 1
     for path in sorted(paths):
         status, _ = _get(f"http://{server.http_url}{path}")
         assert status == 200, path
+    argv = [a if not a.startswith("--url=") else f"--url={server.grpc_url}" for a in lives.pop()[2:]]
+    probe = subprocess.run([sys.executable, "-m", "af3trt.cli", "probe", *argv], capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0 and "live" in probe.stdout, probe.stdout + probe.stderr
     assert container(rendered["base"], "triton")["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 

@@ -149,3 +149,35 @@ def test_parse_chunking(value, kind):
 def test_parse_chunking_refuses(value):
     with pytest.raises(ValueError, match="chunking_strategy"):
         longform.parse_chunking(value)
+
+
+def test_a_cancelled_thread_iterator_returns_only_after_its_step_ends():
+    """aiter_thread cancelled while its worker thread is in a step (reading the upload): the cancellation completes
+    only once that step has ended, so the caller's `finally: audio.close()` never closes the SoundFile under a read.
+    Before, it returned at once and the OpenAI front died of SIGSEGV in libsndfile (seen under the chaos soak)."""
+    import threading
+
+    reading, release, order = threading.Event(), threading.Event(), []
+
+    def blocks():
+        yield 1
+        reading.set()
+        release.wait(10)  # a read in progress
+        order.append("step ended")
+        yield 2
+
+    async def main():
+        async def consume():
+            async for _ in longform.aiter_thread(blocks()):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.to_thread(reading.wait, 10)
+        task.cancel()
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        order.append("cancelled")  # where the front closes the file
+
+    asyncio.run(main())
+    assert order == ["step ended", "cancelled"]

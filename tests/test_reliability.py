@@ -301,18 +301,32 @@ def _http(url: str, path: str, *, post: bool = False, headers: dict | None = Non
 class Served:
     """`af3trt serve` in a subprocess, as an operator runs it."""
 
-    def __init__(self, repo: Path, logs: Path, grace: float = 60.0):
+    def __init__(self, repo: Path, logs: Path, grace: float = 60.0, extra: tuple[str, ...] = (),
+                 openai_port: int | None = None, wait: bool = True):
         self.grace = grace
         self.grpc, self.http, self.metrics = free_port(), free_port(), free_port()
+        self.openai_port = openai_port
         self.triton_log, self.launcher_log = logs / "tritonserver.log", logs / "serve.log"
         env = dict(os.environ, AF3TRT_REPOSITORY_KEY=KEY)
+        front = ["--openai-port", str(openai_port)] if openai_port else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "af3trt.cli", "serve", "--model-repository", str(repo),
              "--grpc-port", str(self.grpc), "--http-port", str(self.http), "--metrics-port", str(self.metrics),
-             "--log", str(self.triton_log), "--grace-seconds", str(grace)],
+             "--log", str(self.triton_log), "--grace-seconds", str(grace), *front, *extra],
             env=env, stdout=open(self.launcher_log, "wb"), stderr=subprocess.STDOUT)
-        self.wait_ready(300)
-        self.triton_pid = supervisor.children(self.proc.pid)[0]
+        if wait:
+            self.wait_ready(300)
+            self.triton_pid = self.child("tritonserver")
+
+    def child(self, name: str) -> int | None:
+        """The launcher's child whose command line names `name` (tritonserver, af3trt.runtime.openai.app)."""
+        for pid in supervisor.children(self.proc.pid):
+            try:
+                if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                pass
+        return None
 
     @property
     def url(self) -> str:
@@ -675,3 +689,153 @@ def test_sigkilled_launcher_takes_tritonserver_down(rel_repo, tmp_path):
     finally:
         for p in s.tree():
             os.kill(p, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ round 3: liveness
+# and restarts (issue 31). One launcher with fast liveness probes and the OpenAI front, shared by these tests.
+
+LIVELY = ("--liveness-period-s", "2", "--liveness-deadline-s", "5", "--liveness-failures", "2")
+
+
+@pytest.fixture(scope="module")
+def lively(rel_repo, tmp_path_factory):
+    s = Served(rel_repo, tmp_path_factory.mktemp("lively"), extra=LIVELY, openai_port=free_port())
+    try:
+        yield s
+    finally:
+        s.close()
+        print(f"--- af3trt serve logs\n{s.logs()[-3000:]}")
+
+
+def _wait_for(what, timeout: float, served: "Served"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert served.proc.poll() is None, f"af3trt serve exited {served.proc.returncode}:\n{served.logs()}"
+        got = what()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s:\n{served.logs()}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("victim", ["decoder", "tritonserver"])
+def test_a_wedged_stage_is_restarted_by_liveness(lively, speech_bytes, victim):
+    """SIGSTOP of the decoder stub: Triton's readiness stays 200 and every request fails ("Stub process
+    'decoder_0_0' is not healthy") for ever — nothing healed it before. SIGSTOP of tritonserver: nothing answers,
+    and the launcher did not notice. Now the liveness probe (one token of a cached clip with a deadline) fails, the
+    launcher SIGKILLs tritonserver with its stubs (the stopped one too) and starts it again."""
+    client = AF3Client(lively.url, timeout=60)
+    assert client.ask("What is said?", [speech_bytes], max_tokens=2).token_ids
+    old = lively.child("tritonserver")
+    pid = old if victim == "tritonserver" else min(supervisor.stub_pids(old)[victim])
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        if victim == "decoder":
+            assert lively.ready()  # readiness is green over a wedged stage
+            with pytest.raises(AF3Error, match="not healthy|timeout|Deadline"):
+                client.ask("What is said?", [speech_bytes], max_tokens=2, deadline_s=10)
+        new = _wait_for(lambda: (p := lively.child("tritonserver")) != old and p, 300, lively)
+        _wait_for(lively.ready, 300, lively)
+        healed = time.monotonic() - t0
+        assert not _wait_gone([pid], 30), "the stopped process outlived the restart"
+        assert client.ask("What is said?", [speech_bytes], max_tokens=2).token_ids
+    finally:
+        if proc.alive(pid):
+            os.kill(pid, signal.SIGCONT)
+    lively.triton_pid = new
+    launcher = lively.launcher_log.read_text()
+    print(f"\nSIGSTOP {victim}: tritonserver restarted, ready again {healed:.1f} s after the signal; "
+          f"{re.findall(r'watchdog: tritonserver is back after .*', launcher)[-1:]}")
+    assert "liveness probes failed in a row" in launcher
+
+
+@pytest.mark.integration
+def test_a_dead_tritonserver_is_restarted_and_its_stubs_do_not_outlive_it(lively, speech_bytes):
+    """tritonserver SIGKILLed: the launcher logged "exited with code -9" and shut the whole service down, and the
+    decoder's stub lived on as an orphan (40 minutes, with the model's weights). Now the old process group is
+    killed and tritonserver started again on the same ports; the OpenAI front stays up and answers after."""
+    old = lively.child("tritonserver")
+    stubs = sorted(p for ps in supervisor.stub_pids(old).values() for p in ps)
+    front = lively.child("af3trt.runtime.openai.app")
+    assert len(stubs) >= 5
+    os.kill(old, signal.SIGKILL)
+    new = _wait_for(lambda: (p := lively.child("tritonserver")) != old and p, 300, lively)
+    _wait_for(lively.ready, 300, lively)
+    assert not _wait_gone(stubs, 30), "the dead server's stubs outlived it"
+    assert lively.child("af3trt.runtime.openai.app") == front
+    assert AF3Client(lively.url, timeout=60).ask("What is said?", [speech_bytes], max_tokens=2).token_ids
+    lively.triton_pid = new
+    assert "tritonserver exited with code -9; restarting tritonserver" in lively.launcher_log.read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_wedged_openai_front_is_restarted(lively, how):
+    """The OpenAI front SIGKILLed was left a zombie with its port dead while `serve` ran on; a wedged one was never
+    noticed. Now it is reaped and started again (its liveness: GET /live, which does not ask Triton)."""
+    url = f"http://127.0.0.1:{lively.openai_port}"
+    old = lively.child("af3trt.runtime.openai.app")
+    os.kill(old, how)
+    try:
+        new = _wait_for(lambda: (p := lively.child("af3trt.runtime.openai.app")) != old and p, 120, lively)
+        _wait_for(lambda: _http(url.split("//")[1], "/health") == 200, 120, lively)
+        assert not _wait_gone([old], 30)
+    finally:
+        if proc.alive(old):
+            os.kill(old, signal.SIGCONT)
+    assert new != old and "the OpenAI front" in lively.launcher_log.read_text()
+
+
+@pytest.mark.integration
+def test_a_taken_openai_port_fails_serve_at_start(rel_repo, tmp_path):
+    """`serve --openai-port P` with P in use: the front exited with "address already in use" and serve ran on
+    without it. Now serve refuses to start, with a non-zero status, before tritonserver is started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        s = Served(rel_repo, tmp_path, openai_port=taken.getsockname()[1], wait=False)
+        try:
+            rc = s.proc.wait(120)
+        finally:
+            s.close()
+    assert rc == 1 and "cannot listen" in s.launcher_log.read_text(), s.logs()
+    assert not s.triton_log.exists() or "Started GRPCInferenceService" not in s.triton_log.read_text()
+
+
+def test_restarts_past_the_bound_give_up_with_the_exit_status(tmp_path):
+    """The crash-loop bound: a tritonserver that keeps dying is restarted `limit` times within the window, then the
+    watchdog gives up with the status an orchestrator acts on (128 + 9 for SIGKILL) and serve returns it."""
+
+    class Proc:
+        pid, returncode = 999_999_999, -9
+
+        def poll(self):
+            return self.returncode
+
+    class Dying:  # dies at once after every start
+        model_repository, grpc_url, proc, start_seconds, log_path, log_offset = tmp_path, "x", Proc(), 0.0, None, 0
+
+        def __init__(self):
+            self.starts = 0
+
+        def kill(self):
+            pass
+
+        def start(self, timeout=None):
+            self.starts += 1
+            return self
+
+    (tmp_path / "af3").mkdir()
+    server = Dying()
+    api = type("API", (), {"ready": lambda self: False})()
+    dog = supervisor.Watchdog(server, api, poll_s=0.01,
+                              checks=supervisor.Checks(period_s=0, restarts=supervisor.Restarts(3, 600)))
+    dog.start()
+    deadline = time.monotonic() + 30
+    while dog.gave_up is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    dog.released.set()
+    assert server.starts == 3 and dog.gave_up == 137
+    assert [r["action"] for r in dog.reloads] == ["restart"] * 3

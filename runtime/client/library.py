@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -257,6 +258,17 @@ def _cancel_failed(request_id: str, model: str, error) -> None:
         log.warning("request %s: sending the cancellation failed: %s", request_id, text)
 
 
+def connectivity(channel):
+    """A grpc channel's connectivity state now (grpc.ChannelConnectivity), read without channel.subscribe(): a
+    subscription starts a polling thread per channel that holds its callback, and so the client, for as long as the
+    channel is open (seen: each AF3Client created and dropped without close() left one thread behind, 300 clients →
+    301 threads). Read through grpcio's own channel object (grpc/_channel.py Channel._channel
+    .check_connectivity_state, what subscribe()'s polling thread calls; grpcio 1.7x)."""
+    from grpc._common import CYGRPC_CONNECTIVITY_STATE_TO_CHANNEL_CONNECTIVITY as STATES
+
+    return STATES[channel._channel.check_connectivity_state(False)]
+
+
 def send_cancel(url: str, request_id: str, model: str = CANCEL_MODEL) -> bool:
     """Tell the server to stop generating for `request_id` (after its stream was closed); best effort: False, and
     logged, when it could not be delivered (an older repository without the cancel model, a server gone)."""
@@ -403,7 +415,7 @@ class AF3Client:
         self.private_connection = private_connection
         self._stub = None  # GRPCInferenceServiceStub over self._channel, made at the first request
         self._channel = None
-        self._state = None  # the channel's last connectivity state (grpc.ChannelConnectivity), from its callback
+        self._release = None  # weakref.finalize closing self._channel: when close() is called or the client is freed
         self._fresh = False  # after a failed connection: channels of our own (not gRPC's shared subchannel)
         self._lock = threading.Lock()
 
@@ -411,7 +423,7 @@ class AF3Client:
         import grpc
 
         with self._lock:
-            if self._stub is not None and self._state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            if self._stub is not None and connectivity(self._channel) is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
                 # the connection failed (the server restarted or went away) and gRPC is waiting out its reconnect
                 # backoff, during which every call fails at once with "connection refused" even after the server
                 # is back: start over with a connection of our own instead of waiting for the shared one's backoff
@@ -424,21 +436,17 @@ class AF3Client:
                     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
                     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
                     ("grpc.use_local_subchannel_pool", int(self.private_connection or self._fresh))])
-                self._state = None
-                channel.subscribe(lambda state, c=channel: self._track(c, state))
                 self._channel = channel
                 self._stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                # A client that goes out of scope without close() releases its connection when it is freed: the
+                # finalizer holds the channel, never the client
+                self._release = weakref.finalize(self, channel.close)
             return self._stub
 
-    def _track(self, channel, state) -> None:
-        """gRPC's connectivity callback: the state of the channel in use (a closed one's calls are ignored)."""
-        if channel is self._channel:
-            self._state = state
-
     def _drop_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = self._stub = self._state = None
+        if self._release is not None:
+            self._release()  # closes the channel (once)
+        self._channel = self._stub = self._release = None
 
     def close(self) -> None:
         """Close the connection (requests still running fail); the next request opens a new one."""

@@ -12,6 +12,7 @@ the ensemble, so the HTTP answer is the gRPC answer: same token ids, same errors
     POST /v1/audio/transcriptions  multipart upload; AF3's transcription prompt, its answer prefix stripped
     GET  /v1/models                the ensemble, under its Triton name (or --served-model-name)
     GET  /health                   200 only while Triton reports the ensemble and every model it runs ready
+    GET  /live                     200 while the front answers at all (its liveness, whatever Triton's state)
 
 Errors use OpenAI's error body {"error": {"message", "type", "param", "code"}}: 400 for what the client can fix
 (bad base64, audio the ensemble cannot decode or longer than it reads, parameters out of range, n > 1), 401
@@ -134,7 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
+        if settings.api_key and request.url.path not in ("/health", "/live"):
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):

@@ -37,6 +37,20 @@ FORMATS = ("json", "text", "verbose_json")
 
 router = APIRouter()
 
+# The form this endpoint reads (it parses the multipart body itself, so FastAPI would publish no request body): declared
+# in /openapi.json for clients and for `af3trt fuzz` (schemathesis generates its cases from it).
+FORM_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "additionalProperties": False, "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the clip (wav, flac, ogg, mp3)"},
+        "model": {"type": "string"},
+        "response_format": {"type": "string", "enum": list(FORMATS)},
+        "stream": {"type": "boolean"},
+        "prompt": {"type": "string"},
+        "temperature": {"type": "number"},
+        "chunking_strategy": {"type": "string", "description": '"auto", or a JSON object: {"type": "server_vad", …} '
+                                                               'or {"type": "fixed", "window_seconds": …}'},
+        "timestamp_granularities": {"type": "array", "items": {"type": "string", "enum": ["segment"]}}}}}}}}
+
 
 def _form_float(value: Any, name: str) -> float | None:
     if value in (None, ""):
@@ -73,7 +87,7 @@ def _granularities(form, fmt: str) -> list[str]:
     return given
 
 
-@router.post("/v1/audio/transcriptions")
+@router.post("/v1/audio/transcriptions", openapi_extra=FORM_SCHEMA)
 async def transcriptions(request: Request):
     triton = request.app.state.triton
     info = await triton.info()

@@ -17,11 +17,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from af3trt.runtime.serve import liveness
 from af3trt.runtime.serve.tp_launch import leader_mode_command
 from af3trt.runtime.serve.doctor import preflight_or_exit
 from af3trt.runtime.openai import app as openai_server
@@ -87,6 +89,17 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
             proc.wait(10)
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of process group `pgid` (a tritonserver we started in a session of its own, and the python
+    stubs it forked): the stubs of a tritonserver that died by SIGKILL live on as orphans otherwise (seen: the
+    decoder's stub for 40 minutes, holding its weights). Linux never hands out a PID still in use as a group id, so
+    the group is still ours while any member lives."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 _HANDED_OUT: set[int] = set()  # ports free_port has returned in this process
 
 
@@ -138,6 +151,8 @@ class TritonServer:
     api_key_header: str = "af3trt-repository-key"
     # tritonserver gets SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG): never an orphan.
     die_with_parent: bool = True
+    log_offset: int = 0  # where the last start's lines begin in log_path
+    start_seconds: float | None = None  # how long the last start() took, to ready
 
     @property
     def grpc_url(self) -> str:
@@ -187,6 +202,8 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(binary, backends)
         log.info("starting %s", self.redacted(cmd))
+        self.log_offset = self.log_path.stat().st_size if self.proc is not None and self.log_path.exists() else 0
+        t0 = time.monotonic()
         with open(self.log_path, "ab" if self.proc is not None else "wb") as logf:  # a restart appends
             cmd, preexec = die_with_this_process(cmd) if self.die_with_parent else (cmd, None)
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=server_env(binary),
@@ -196,6 +213,7 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self.start_seconds = time.monotonic() - t0
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -223,21 +241,89 @@ class TritonServer:
             return ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the process we started (by PID; its process group holds only the python stubs it spawned)."""
-        if self.proc is None or self.proc.poll() is not None:
+        """Stop the process we started (by PID; its process group holds only the python stubs it spawned), then
+        whatever of its group outlived it."""
+        if self.proc is None:
             return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        kill_group(self.proc.pid)
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its python stubs at once (a wedged or half-dead server: its requests fail either
+        way), and reap it."""
+        if self.proc is not None:
+            kill_group(self.proc.pid)
             self.proc.wait(10)
+
+    def restart(self, timeout: float = 180.0) -> "TritonServer":
+        """kill(), then start again on the same ports (the log is appended to)."""
+        self.kill()
+        return self.start(timeout)
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Front:
+    """`af3trt openai` as the launcher's child (`af3trt serve --openai-port`): started, watched and restarted by the
+    supervisor like tritonserver. A port that is already taken is an error at start, not a front that never came."""
+
+    def __init__(self, cmd: list[str], host: str, port: int):
+        self.cmd, self.host, self.port = cmd, host, port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def local_host(self) -> str:  # where this machine reaches it
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.local_host}:{self.port}"
+
+    def check_port(self) -> None:
+        """ServerError when something already listens on the front's port (checked before tritonserver starts)."""
+        with socket.socket() as s:  # SO_REUSEADDR as uvicorn binds: a port in TIME_WAIT is free, a listener is not
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host, self.port))
+            except OSError as e:
+                raise ServerError(f"the OpenAI front cannot listen on {self.host}:{self.port}: {e.strerror}") from None
+
+    def start(self, timeout: float = 120.0) -> "Front":
+        self.check_port()
+        cmd, preexec = die_with_this_process(self.cmd)
+        self.proc = subprocess.Popen(cmd, preexec_fn=preexec)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # any HTTP answer (503 while Triton is not ready) means it listens
+            if self.proc.poll() is not None:
+                raise ServerError(f"the OpenAI front exited with code {self.proc.returncode} before it answered on "
+                                  f"{self.url} (its log is above)")
+            try:
+                with socket.create_connection((self.local_host, self.port), timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise ServerError(f"the OpenAI front did not listen on {self.url} within {timeout:.0f} s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace_s)
 
 
 def main(argv=None) -> int:
@@ -262,30 +348,52 @@ def main(argv=None) -> int:
                     help="on SIGTERM/SIGINT: how long requests in flight may take to finish (a second signal "
                          "stops at once)")
     ap.add_argument("--no-watchdog", dest="watchdog", action="store_false",
-                    help="do not reload a model whose python stub died")
+                    help="do not heal: no stub watchdog, no liveness probe, no restart of a dead tritonserver or front")
+    ap.add_argument("--liveness-period-s", type=float, default=liveness.PERIOD_S,
+                    help="seconds between liveness probes (one token of a cached clip through the ensemble; "
+                         "0: none)")
+    ap.add_argument("--liveness-deadline-s", type=float, default=liveness.DEADLINE_S,
+                    help="a probe's whole answer must come within this")
+    ap.add_argument("--liveness-failures", type=int, default=liveness.FAILURES,
+                    help="failed probes in a row before tritonserver (or the front) is restarted")
+    ap.add_argument("--max-restarts", type=int, default=supervisor.Restarts.limit,
+                    help="crash-loop bound: more restarts than this within --restart-window-s and serve gives up "
+                         "with a non-zero exit status (for the orchestrator to act on)")
+    ap.add_argument("--restart-window-s", type=float, default=supervisor.Restarts.window_s)
+    ap.add_argument("--status-file", type=Path, default=None,
+                    help="write what the launcher is healing here, for `af3trt probe --status-file` (Kubernetes' "
+                         "liveness probe then waits for a restart in progress instead of killing it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     preflight_or_exit(args.model_repository.resolve())  # af3trt doctor: backends, stub, GPU, versions
     srv = TritonServer(args.model_repository.resolve(), args.host, args.grpc_port, args.http_port,
                        args.metrics_port, args.log, world_size=args.world_size, api_key=supervisor.repository_key())
-    srv.start(timeout=args.start_timeout)
-    print(f"serving {args.model_repository} on grpc {srv.grpc_url}, http {srv.http_url} (log {srv.log_path}); "
-          f"SIGTERM or Ctrl-C drains and stops it", flush=True)
     front = None
     if args.openai_port is not None:  # the OpenAI-compatible API in a child process, stopped after the drain
-        triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else srv.grpc_url
-        cmd, preexec = die_with_this_process(openai_server.command(args, triton, args.host, args.openai_port))
-        front = subprocess.Popen(cmd, preexec_fn=preexec)
+        triton = f"127.0.0.1:{srv.grpc_port}" if args.host in ("0.0.0.0", "::") else f"{args.host}:{args.grpc_port}"
+        front = Front(openai_server.command(args, triton, args.host, args.openai_port), args.host, args.openai_port)
+    checks = supervisor.Checks(args.liveness_period_s, args.liveness_deadline_s, args.liveness_failures,
+                               supervisor.Restarts(args.max_restarts, args.restart_window_s),
+                               start_timeout_s=args.start_timeout, status_file=args.status_file)
     try:
-        return supervisor.supervise(srv, grace_s=args.grace_seconds, watchdog=args.watchdog)
+        if front is not None:
+            front.check_port()
+        srv.start(timeout=args.start_timeout)
+        log.info("tritonserver started in %s", supervisor.format_loads(srv))
+        print(f"serving {args.model_repository} on grpc {srv.grpc_url}, http {srv.http_url} (log {srv.log_path}); "
+              f"SIGTERM or Ctrl-C drains and stops it", flush=True)
+        if front is not None:
+            front.start()
+    except ServerError as e:
+        srv.stop()
+        print(f"af3trt serve: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return supervisor.supervise(srv, grace_s=args.grace_seconds, watchdog=args.watchdog, front=front,
+                                    checks=checks)
     finally:
         if front is not None:
-            front.terminate()
-            try:
-                front.wait(10)
-            except subprocess.TimeoutExpired:
-                front.kill()
-                front.wait()
+            front.stop()
 
 
 if __name__ == "__main__":

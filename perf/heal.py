@@ -1,0 +1,157 @@
+"""`af3trt soak --heal`: how long `af3trt serve` takes to start and to heal each stage, and where that time goes.
+
+    af3trt soak --heal --model-repository OUT/model_repository [--rounds 3] [--out perf/results/latest]
+
+Starts `af3trt serve` (perf/chaos.py Service), then, `--rounds` times in turn, SIGKILLs each python stub and
+tritonserver on an idle server and waits until it answers again (Triton ready and a liveness probe through the
+ensemble answered). For each it records the time from the signal to that answer and the launcher's own phases
+(serve.log: a stub's unload and load; a restart's kill, start and each model's load, from tritonserver's log). The
+start of each stage is taken apart too: the CPU seconds each process spent from its start to ready (/proc/PID/stat
+utime + stime), which do not depend on how loaded the machine is, beside the wall seconds, which do. heal.md and
+heal.json hold the figures with the machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from af3trt.perf.chaos import Service, heal_lines
+from af3trt.runtime.host import proc
+
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used; None when it is gone (runtime/host/proc.py)."""
+    try:
+        return proc.cpu_seconds(pid) if pid is not None else None
+    except ProcessLookupError:
+        return None
+
+
+def start_cpu(service: Service) -> dict[str, float]:
+    """{process: CPU seconds since it started}: tritonserver and each stub, right after a start."""
+    from af3trt.runtime.host.proc import stub_pids
+
+    triton = service.pid_of("tritonserver")
+    out = {"tritonserver": cpu_seconds(triton)}
+    for model, pids in sorted(stub_pids(triton).items()):
+        out[model] = cpu_seconds(min(pids))
+    return {k: round(v, 2) for k, v in out.items() if v is not None}
+
+
+def heal_once(service: Service, target: str, timeout: float = 600.0) -> dict:
+    pid = service.pid_of(target)
+    lines_before = len(service.log.read_text(errors="replace").splitlines())
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    while time.monotonic() - t0 < timeout and not service.healthy(probe_deadline_s=30.0):
+        time.sleep(0.1)
+    seconds = time.monotonic() - t0
+    new = "\n".join(service.log.read_text(errors="replace").splitlines()[lines_before:])
+    out = {"target": target, "seconds": round(seconds, 2), "launcher": heal_lines(new),
+           "load": round(os.getloadavg()[0], 1)}
+    if target in ("decoder", "tritonserver"):
+        out["cpu_s"] = start_cpu(service)
+    return out
+
+
+def run(repo: Path, out: Path, rounds: int = 3, targets=("preprocess", "encoder", "fusion", "postprocess", "decoder",
+                                                          "tritonserver"), log=print) -> dict:
+    logs = Path(tempfile.mkdtemp(prefix="af3trt-heal-"))
+    service = Service(repo, logs / "serve", liveness=(10.0, 20.0, 3))
+    try:
+        first = heal_lines(service.log.read_text(errors="replace"))
+        start = {"seconds_to_healthy": round(service.start_s, 2), "cpu_s": start_cpu(service),
+                 "launcher": first["start"], "load": round(os.getloadavg()[0], 1)}
+        log(f"[heal] start: {start}")
+        heals = []
+        for r in range(rounds):
+            for target in targets:
+                h = heal_once(service, target)
+                heals.append(h)
+                log(f"[heal] round {r + 1}: {target} healed after {h['seconds']} s (load {h['load']})")
+                time.sleep(2.0)
+    finally:
+        stopped = service.stop()
+    res = {"repo": str(repo), "rounds": rounds, "start": start, "heals": heals, "stopped": stopped,
+           "summary": summarize(heals)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heal.json").write_text(json.dumps(res, indent=1))
+    (out / "heal.md").write_text(report_md(res))
+    return res
+
+
+def summarize(heals: list[dict]) -> dict:
+    out = {}
+    for target in dict.fromkeys(h["target"] for h in heals):
+        hs = [h for h in heals if h["target"] == target]
+        s = {"n": len(hs), "median_s": float(np.median([h["seconds"] for h in hs])),
+             "max_s": max(h["seconds"] for h in hs), "load_median": float(np.median([h["load"] for h in hs]))}
+        reloads = [r for h in hs for r in h["launcher"]["reload"]]
+        restarts = [r for h in hs for r in h["launcher"]["restart"]]
+        if reloads:
+            s["unload_s"] = float(np.median([r["unload_s"] for r in reloads]))
+            s["load_s"] = float(np.median([r["load_s"] for r in reloads]))
+        if restarts:
+            s["kill_s"] = float(np.median([r["kill_s"] for r in restarts]))
+            s["start_s"] = float(np.median([r["start_s"] for r in restarts]))
+            models = {m for r in restarts for m in r["model_loads_s"]}
+            s["model_loads_s"] = {m: float(np.median([r["model_loads_s"][m] for r in restarts
+                                                       if m in r["model_loads_s"]])) for m in sorted(models)}
+            cpus = [h["cpu_s"] for h in hs if "cpu_s" in h]
+            s["cpu_s"] = {k: float(np.median([c[k] for c in cpus if k in c])) for k in cpus[0]} if cpus else {}
+        out[target] = s
+    return out
+
+
+def report_md(res: dict) -> str:
+    st = res["start"]
+    lines = [f"# Start and heal times per stage (`af3trt soak --heal`, {res['rounds']} rounds)", "",
+             f"Build `{res['repo']}`. Wall seconds depend on the machine's load (the load average is beside each "
+             f"figure: this machine's 2 cores were shared with other work); CPU seconds (utime + stime of each "
+             f"process from its start to ready) do not.", "",
+             f"- start: healthy (ready, a probe answered, the front up) {st['seconds_to_healthy']} s after launch at "
+             f"load {st['load']}; tritonserver {st['launcher'][0]['seconds'] if st['launcher'] else '?'} s to ready; "
+             f"model loads " + (", ".join(f"{m} {s} s" for m, s in st["launcher"][0]["model_loads_s"].items())
+                                if st["launcher"] else "?"),
+             "- start, CPU seconds per process: " + ", ".join(f"{k} {v}" for k, v in st["cpu_s"].items()), "",
+             "| SIGKILL of | heals | to answering again, median (max) s | load | launcher: unload / load s | "
+             "launcher: kill / start s | model loads in the restart (median s) |", "|---|---|---|---|---|---|---|"]
+    for target, s in res["summary"].items():
+        lines.append(
+            f"| {target} | {s['n']} | {s['median_s']:.1f} ({s['max_s']:.1f}) | {s['load_median']:.1f} | "
+            + (f"{s['unload_s']:.1f} / {s['load_s']:.1f}" if "load_s" in s else "—") + " | "
+            + (f"{s['kill_s']:.2f} / {s['start_s']:.1f}" if "start_s" in s else "—") + " | "
+            + (", ".join(f"{m} {v:.1f}" for m, v in s.get("model_loads_s", {}).items()) or "—") + " |")
+    cpus = {t: s["cpu_s"] for t, s in res["summary"].items() if s.get("cpu_s")}
+    if cpus:
+        lines += ["", "CPU seconds of each process of a restarted tritonserver, from its start to ready (median): "
+                  + "; ".join(f"after {t}: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items())
+                              for t, c in cpus.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="af3trt soak --heal", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heal", action="store_true", help="(this mode)")
+    ap.add_argument("--model-repository", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("perf/results/heal"))
+    args = ap.parse_args(argv)
+    res = run(args.model_repository.resolve(), args.out, args.rounds)
+    print(report_md(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
