@@ -289,7 +289,7 @@ class Service:
         logs.mkdir(parents=True, exist_ok=True)
         self.log, self.triton_log = logs / "serve.log", logs / "tritonserver.log"
         period, deadline, failures = liveness
-        cmd = [sys.executable, "-m", "af3trt.cli", "serve", "--model-repository", str(repo), "--grpc-port",
+        cmd = [sys.executable, "-m", "af3trt.runtime.serve.server", "--model-repository", str(repo), "--grpc-port",
                str(self.grpc), "--http-port", str(self.http), "--metrics-port", str(self.metrics), "--openai-port",
                str(self.openai), "--log", str(self.triton_log), "--api-key-env", "AF3TRT_CHAOS_KEY",
                "--liveness-period-s", str(period), "--liveness-deadline-s", str(deadline), "--liveness-failures",
@@ -384,8 +384,12 @@ def urllib_open(url: str, timeout: float):
 
 
 def _alive(pid: int, within_s: float) -> bool:
-    """Whether pid is still alive after up to within_s seconds."""
-    from af3trt.runtime.serve.supervisor import _alive as alive
+    """Whether pid is still alive (not gone, not a zombie) after up to within_s seconds."""
+    def alive(p: int) -> bool:
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
 
     deadline = time.monotonic() + within_s
     while alive(pid):
