@@ -289,7 +289,7 @@ class Service:
         logs.mkdir(parents=True, exist_ok=True)
         self.log, self.triton_log = logs / "serve.log", logs / "tritonserver.log"
         period, deadline, failures = liveness
-        cmd = [sys.executable, "-m", "af3trt.cli", "serve", "--model-repository", str(repo), "--grpc-port",
+        cmd = [sys.executable, "-m", "af3trt.runtime.serve.server", "--model-repository", str(repo), "--grpc-port",
                str(self.grpc), "--http-port", str(self.http), "--metrics-port", str(self.metrics), "--openai-port",
                str(self.openai), "--log", str(self.triton_log), "--api-key-env", "AF3TRT_CHAOS_KEY",
                "--liveness-period-s", str(period), "--liveness-deadline-s", str(deadline), "--liveness-failures",
@@ -702,6 +702,13 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=120.0, help="each request's deadline")
     ap.add_argument("--out", type=Path, default=Path("perf/results/chaos"))
     args = ap.parse_args(argv)
+
+    def said(signum, _frame):  # a run stopped from outside says so, and its server drains (Service.stop via exit)
+        print(f"[chaos] received {signal.Signals(signum).name}: stopping", flush=True)
+        raise SystemExit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, said)
     lo, _, hi = args.gap_s.partition("-")
     res = run(args.model_repository.resolve(), args.out, minutes=args.minutes, concurrency=args.concurrency,
               seed=args.seed, reference_repo=args.reference_repository and args.reference_repository.resolve(),

@@ -125,6 +125,20 @@ def test_temperature_sharpens_and_flattens():
     assert cold.max() > sampling.logits_to_probs(logits).max() > hot.max()
 
 
+@pytest.mark.parametrize("temperature", [1.401298464324817e-45, 1.1754943508222875e-38, 1e-30])
+def test_a_tiny_temperature_samples_its_limit_not_nan(temperature):
+    """A valid but tiny temperature (a denormal) overflowed logits / temperature to ±inf and softmax to NaN: the
+    request failed INTERNAL in torch.multinomial (found by af3trt fuzz over gRPC). Now it samples softmax's limit, the
+    arg-max, as greedy does; a usual temperature is computed as before."""
+    logits = _logits(6)
+    probs = sampling.logits_to_probs(logits, temperature, top_k=36, top_p=0.29)
+    assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+    assert int(torch.argmax(probs)) == int(torch.argmax(logits)) and probs.max().item() == 1.0
+    params = SamplingParams(top_k=36, top_p=0.0, temperature=temperature, seed=1)
+    assert sampling.next_token(logits, params, rng=sampling.generator(1)) == int(torch.argmax(logits))
+    assert torch.equal(sampling.logits_to_probs(logits, 0.7), torch.softmax(logits / 0.7, dim=-1))
+
+
 def test_seeded_sampling_is_reproducible():
     logits = _logits(5)
     params = SamplingParams(top_k=50, top_p=0.95, temperature=1.5, seed=7)

@@ -105,7 +105,13 @@ def logits_to_probs(logits: "torch.Tensor", temperature: float = 1.0, top_k: int
     top-k/top-p get probability 0."""
     import torch
 
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not torch.isfinite(scaled[torch.isfinite(logits)]).all():
+        # a temperature so small (1e-38, a denormal) that logits overflow to ±inf and softmax gives NaN (torch's
+        # multinomial then failed the request: found by af3trt fuzz over gRPC): shifted by the maximum first, the
+        # largest logits scale to 0 and the rest to -inf or far below, softmax's limit as the temperature goes to 0
+        scaled = (logits - logits.max()) / temperature
+    logits = scaled
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
