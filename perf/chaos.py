@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.build.tables import Column, markdown_table
 TARGETS = ("preprocess", "encoder", "fusion", "decoder", "postprocess", "cancel", "tritonserver", "openai")
 SIGNALS = ("SIGKILL", "SIGSTOP")
 FAILURES = ("wrong", "truncated", "mixed", "hang")
@@ -646,13 +647,13 @@ def report_md(res: dict) -> str:
              f"- exact afterwards: {res['exact_after']}", f"- SIGTERM afterwards: {res['stopped']}",
              f"- faults never healed within 300 s: {res['unhealed'] or 'none'}",
              f"- af3trt serve healthy at start after {res['start_s']:.1f} s", "",
-             "| fault | faults | requests | " + " | ".join(cols) + " | heal s (median / max) |",
-             "|---|---|---|" + "---|" * len(cols) + "---|"]
-    for kind in sorted(set(res["per_fault_kind"]) | set(res["faults_per_kind"])):
-        c, h = res["per_fault_kind"].get(kind, {}), res["heal_s_per_kind"].get(kind)
-        heal = f"{h['median']:.1f} / {h['max']:.1f}" if h else "—"
-        lines.append(f"| {kind} | {res['faults_per_kind'].get(kind, '—')} | {sum(c.values())} | "
-                     + " | ".join(str(c.get(k, 0)) for k in cols) + f" | {heal} |")
+             *markdown_table(
+                 [Column("fault", "kind"), Column("faults"), Column("requests", lambda r: sum(r["outcomes"].values())),
+                  *(Column(k, lambda r, k=k: r["outcomes"].get(k, 0)) for k in cols),
+                  Column("heal s (median / max)", "heal", lambda h: f"{h['median']:.1f} / {h['max']:.1f}")],
+                 [{"kind": kind, "faults": res["faults_per_kind"].get(kind), "heal": res["heal_s_per_kind"].get(kind),
+                   "outcomes": res["per_fault_kind"].get(kind, {})}
+                  for kind in sorted(set(res["per_fault_kind"]) | set(res["faults_per_kind"]))])]
     lh = res["launcher_heals"]
     lines += ["", "The launcher's own heals (serve.log):", ""]
     if lh["restart"]:

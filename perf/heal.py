@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from af3trt.perf.chaos import Service, heal_lines
+from af3trt.build.tables import Column, markdown_table
 from af3trt.runtime.host import proc
 
 
@@ -34,6 +35,17 @@ def cpu_seconds(pid: int | None) -> float | None:
         return proc.cpu_seconds(pid) if pid is not None else None
     except ProcessLookupError:
         return None
+
+
+HEALS = [Column("SIGKILL of", "target"), Column("heals", "n"),
+         Column("to answering again, median (max) s", lambda s: f"{s['median_s']:.1f} ({s['max_s']:.1f})"),
+         Column("load", "load_median", "{:.1f}"),
+         Column("launcher: unload / load s", lambda s: f"{s['unload_s']:.1f} / {s['load_s']:.1f}" if "load_s" in s
+                else "—"),
+         Column("launcher: kill / start s", lambda s: f"{s['kill_s']:.2f} / {s['start_s']:.1f}" if "start_s" in s
+                else "—"),
+         Column("model loads in the restart (median s)",
+                lambda s: ", ".join(f"{m} {v:.1f}" for m, v in s.get("model_loads_s", {}).items()) or "—")]
 
 
 def start_cpu(service: Service) -> dict[str, float]:
@@ -124,14 +136,7 @@ def report_md(res: dict) -> str:
              f"model loads " + (", ".join(f"{m} {s} s" for m, s in st["launcher"][0]["model_loads_s"].items())
                                 if st["launcher"] else "?"),
              "- start, CPU seconds per process: " + ", ".join(f"{k} {v}" for k, v in st["cpu_s"].items()), "",
-             "| SIGKILL of | heals | to answering again, median (max) s | load | launcher: unload / load s | "
-             "launcher: kill / start s | model loads in the restart (median s) |", "|---|---|---|---|---|---|---|"]
-    for target, s in res["summary"].items():
-        lines.append(
-            f"| {target} | {s['n']} | {s['median_s']:.1f} ({s['max_s']:.1f}) | {s['load_median']:.1f} | "
-            + (f"{s['unload_s']:.1f} / {s['load_s']:.1f}" if "load_s" in s else "—") + " | "
-            + (f"{s['kill_s']:.2f} / {s['start_s']:.1f}" if "start_s" in s else "—") + " | "
-            + (", ".join(f"{m} {v:.1f}" for m, v in s.get("model_loads_s", {}).items()) or "—") + " |")
+             *markdown_table(HEALS, [{"target": t, **s} for t, s in res["summary"].items()])]
     cpus = {t: s["cpu_s"] for t, s in res["summary"].items() if s.get("cpu_s")}
     if cpus:
         lines += ["", "CPU seconds of each process of a restarted tritonserver, from its start to ready (median): "

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from af3trt.build.tables import Column, markdown_table
+
 AF3_VOCAB = 151672  # AF3's text vocab_size (platform facts), the width of its logits
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *[f"<|extra_{i}|>" for i in range(23)], "<sound>",
             "<|sound_bos|>", "<|sound_eos|>"]
@@ -191,6 +193,19 @@ def measure_decoder(lm_dir: str, batches: list[int], prompt: int, steps: int, th
     return rows
 
 
+ENGINES = [Column("engine"), Column("schema"), Column("compile ms", "compile_ms", "{:.1f}"),
+           Column("mask µs/token median", "median_us", "{:.1f}"), Column("mean", "mean_us", "{:.1f}"),
+           Column("max", "max_us", "{:.1f}"), Column("tokens")]
+
+
+def decoder_columns(repeats: int) -> list[Column]:
+    return [Column("batch"), Column("guide", "guided", lambda v: "JSON schema" if v else "none"),
+            Column(f"decode tokens/s (median of {repeats})", "decode_tokens_per_s", "{:.1f}"),
+            Column("min-max", lambda row: f"{row['min']:.1f}-{row['max']:.1f}"),
+            Column("share of decode time in masks", "guide_share", lambda v: f"{100 * v:.1f} %"),
+            Column("mask µs per row per step", "guide_us_per_row", "{:.0f}")]
+
+
 def render(r: dict) -> str:
     m = r["machine"]
     lines = [f"# Structured output on the CPU ({r['started_utc']})", "",
@@ -198,24 +213,16 @@ def render(r: dict) -> str:
              f"sessions while this ran (load average {r['load_average_start']} at start, {r['load_average_end']} at "
              f"end); one run of each figure. Commit {m.get('commit', '?')}.", "",
              f"## Grammar engines at AF3's vocabulary ({AF3_VOCAB:,} tokens, synthetic byte-level vocabulary)", "",
-             "| engine | schema | compile ms | mask µs/token median | mean | max | tokens |", "|---|---|---|---|---|---|---|"]
-    for engine in ("xgrammar", "llguidance"):
-        e = r["engines"][engine]
-        for name, s in e["schemas"].items():
-            lines.append(f"| {engine} {e['version']} | {name} | {s['compile_ms']:.1f} | {s['median_us']:.1f} | "
-                         f"{s['mean_us']:.1f} | {s['max_us']:.1f} | {s['tokens']} |")
+             *markdown_table(ENGINES, [{"engine": f"{engine} {r['engines'][engine]['version']}", "schema": name, **s}
+                                       for engine in ("xgrammar", "llguidance")
+                                       for name, s in r["engines"][engine]["schemas"].items()])]
     lines += ["", f"Tokenizer set-up: xgrammar {r['engines']['xgrammar']['tokenizer_s']:.2f} s, llguidance "
                   f"{r['engines']['llguidance']['tokenizer_s']:.2f} s (once per process). Applying a mask to "
                   f"float32 logits [B, {AF3_VOCAB:,}] (xgrammar's CPU kernel): "
                   + ", ".join(f"B={b}: {us:.0f} µs" for b, us in r["engines"]["apply_mask_us"].items()) + ".",
               "", f"## CPU decoder, `{r['preset']}` preset ({r['decoder'][0]['vocab_size']}-token vocabulary), fp32, "
                   f"{r['threads']} threads, {r['prompt']}-token prompts, {r['steps']} tokens each", "",
-              f"| batch | guide | decode tokens/s (median of {r['repeats']}) | min-max | share of decode time in masks "
-              f"| mask µs per row per step |", "|---|---|---|---|---|---|"]
-    for row in r["decoder"]:
-        lines.append(f"| {row['batch']} | {'JSON schema' if row['guided'] else 'none'} | "
-                     f"{row['decode_tokens_per_s']:.1f} | {row['min']:.1f}-{row['max']:.1f} | "
-                     f"{100 * row['guide_share']:.1f} % | {row['guide_us_per_row']:.0f} |")
+              *markdown_table(decoder_columns(r["repeats"]), r["decoder"])]
     return "\n".join(lines) + "\n"
 
 
