@@ -356,7 +356,7 @@ class Service:
 
     def stop(self, timeout: float = 180.0) -> dict:
         """SIGTERM (drain), then what is left of the tree. Returns {exit_code, seconds, left: pids that outlived it}."""
-        from af3trt.runtime.serve.supervisor import descendants
+        from af3trt.runtime.host.proc import descendants
 
         tree = descendants(self.proc.pid)
         t0 = time.monotonic()
