@@ -257,7 +257,8 @@ def fuzz(url: str, *, api_key: str | None = None, examples: int = 40, minutes: f
 
 
 def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]], thinking: bool = False):
-    """Hypothesis strategy of client Requests to the ensemble. Three in four are tame: valid audio, a prompt or a valid
+    """Hypothesis strategy of ("tame" | "wild", client Request) to the ensemble. Three in four are tame (valid by
+    construction, so each must reach the decoder): valid audio, a prompt or a valid
     conversation, every number in its range, thinking only where the build has it (`thinking`);
     the rest are wild: a mutated clip or random bytes, any conversation (wrong roles, audio indices out of range,
     random text), any number of the field's type."""
@@ -285,9 +286,12 @@ def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]], thinking: bool = 
                                       st.builds(lambda t: {"type": "text", "text": t}, ask),
                                       st.builds(lambda k: {"type": "audio", "audio_index": k}, st.integers(-1, 3))),
                                       max_size=3))})
-    valid_conversation = st.builds(lambda t: [{"role": "user", "content": [{"type": "audio", "audio_index": 0},
-                                                                           {"type": "text", "text": t}]}], ask)
-    messages = st.one_of(st.none(), valid_conversation, st.lists(turn, max_size=4), st.text(max_size=60))
+    def valid_conversation(clips: int):  # one user turn that references every clip sent, then asks
+        return st.builds(lambda t: [{"role": "user", "content": [*({"type": "audio", "audio_index": k}
+                                                                    for k in range(clips)),
+                                                                  {"type": "text", "text": t}]}], ask)
+
+    messages = st.one_of(st.none(), valid_conversation(1), st.lists(turn, max_size=4), st.text(max_size=60))
 
     def number(lo, hi, integer, wild):  # in range; anywhere in the type for a wild request
         base = st.integers(lo, hi) if integer else st.floats(lo, hi)
@@ -295,11 +299,12 @@ def grpc_requests(seeds: tuple[list[bytes], dict[str, bytes]], thinking: bool = 
         return st.one_of(st.none(), base, wide) if wild else st.one_of(st.none(), base)
 
     @st.composite
-    def requests(draw) -> Request:
-        wild = draw(st.sampled_from(["tame"] * 3 + ["wild"])) == "wild"  # a quarter with anything in every field
+    def requests(draw) -> tuple[str, Request]:
+        kind = draw(st.sampled_from(["tame"] * 3 + ["wild"]))  # a quarter with anything in every field
+        wild = kind == "wild"
         audio = draw(st.lists(clip if wild else st.sampled_from(valid), min_size=0 if wild else 1, max_size=2))
-        conversation = draw(messages if wild else st.one_of(st.none(), valid_conversation))
-        return Request(
+        conversation = draw(messages if wild else st.one_of(st.none(), valid_conversation(len(audio))))
+        return kind, Request(
             prompt=None if conversation is not None else draw(ask), messages=conversation, audio=audio,
             system_prompt=draw(st.one_of(st.none(), ask)) if wild or conversation is None else None,
             max_tokens=draw(number(1, 16, True, wild)),
@@ -318,7 +323,8 @@ def fuzz_grpc(url: str, *, examples: int = 100, minutes: float | None = None, de
     """grpc_requests() through the ensemble over gRPC (AF3Client), `examples` per round, rounds until `minutes` are
     over (one when None). Each request must end answered, busy, or refused with a client's code (invalid_argument,
     unsupported) and a message; anything else (internal, no server, no answer in time) is a failure. Returns
-    {"cases", "outcomes", "failures", "rounds", "seconds"}; "answered" with tokens means it reached the decoder."""
+    {"cases", "outcomes", "tame", "failures", "rounds", "seconds"}; "answered" with tokens means it reached the decoder,
+    "tame" counts the requests valid by construction and those of them that did."""
     from hypothesis import HealthCheck, given, settings
 
     from af3trt.runtime.client.library import AF3Busy, AF3Client, AF3ConnectionError, AF3Error
@@ -326,17 +332,21 @@ def fuzz_grpc(url: str, *, examples: int = 100, minutes: float | None = None, de
 
     client = AF3Client(url, timeout=timeout)
     outcomes: Counter = Counter()
+    tame: Counter = Counter()  # tame requests (valid by construction): how many, and how many reached the decoder
     failures: list[str] = []
     t0 = time.monotonic()
     deadline = t0 + 60 * minutes if minutes else None
     rounds = 0
 
-    def check(req) -> None:
+    def check(case) -> None:
         if deadline and time.monotonic() > deadline:
             return
+        kind, req = case
+        tame["cases"] += kind == "tame"
         try:
             answer = client.complete(req)
             outcomes["answered with tokens" if answer.token_ids else "answered, no tokens"] += 1
+            tame["answered with tokens"] += kind == "tame" and bool(answer.token_ids)
         except AF3Busy:
             outcomes["busy"] += 1
         except AF3ConnectionError as e:
@@ -354,12 +364,13 @@ def fuzz_grpc(url: str, *, examples: int = 100, minutes: float | None = None, de
         while True:
             rounds += 1
             settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None,
-                     suppress_health_check=list(HealthCheck))(given(req=requests)(check))()
+                     suppress_health_check=list(HealthCheck))(given(case=requests)(check))()
             if deadline is None or time.monotonic() > deadline:
                 break
     finally:
         client.close()
-    return {"cases": sum(outcomes.values()) + len(failures), "outcomes": dict(outcomes), "failures": failures,
+    return {"cases": sum(outcomes.values()) + len(failures), "outcomes": dict(outcomes), "tame": dict(tame),
+            "failures": failures,
             "rounds": rounds, "seconds": round(time.monotonic() - t0, 1)}
 
 
@@ -424,7 +435,8 @@ def write_summary(result: dict, out: Path) -> str:
     reached = sum(v["statuses"].get(200, 0) for k, v in result["operations"].items() if k.startswith("POST"))
     posted = sum(v["cases"] for k, v in result["operations"].items() if k.startswith("POST"))
     lines += ["", f"- OpenAI front: **{reached} of {posted}** POST cases answered 200 (reached the decoder)",
-              f"- gRPC: {g['cases']} requests: {fmt(g['outcomes'])}",
+              f"- gRPC: {g['cases']} requests: {fmt(g['outcomes'])}; tame (valid by construction): "
+              f"{g.get('tame', {}).get('answered with tokens', 0)} of {g.get('tame', {}).get('cases', 0)} reached the decoder",
               f"- failures: **{len(result['failures']) + len(g['failures'])}**"]
     lines += [f"  - {f}" for f in (result["failures"] + g["failures"])[:20]]
     lines += [f"- healthy afterwards: **{result['healthy_after']}**",

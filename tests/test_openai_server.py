@@ -401,13 +401,15 @@ def test_fuzz_from_the_openapi_schema(http, before_fuzzing):
 
 def test_fuzz_over_grpc_reaches_the_decoder(server, before_fuzzing):
     """Hypothesis requests to the ensemble over gRPC (valid and mutated audio, conversations, every field): each is
-    answered, busy, or refused with a client's code; most reach the decoder (tokens)."""
+    answered, busy, or refused with a client's code; every tame request (valid by construction) reaches the decoder
+    (tokens), and they are a good share of the cases."""
     from af3trt.perf.fuzz import fuzz_grpc
 
     result = fuzz_grpc(server.grpc_url, examples=FUZZ_EXAMPLES, derandomize=True)
-    print(f"\ngRPC fuzz: {result['outcomes']}")
+    print(f"\ngRPC fuzz: {result['outcomes']}, tame: {result['tame']}")
     assert result["failures"] == [], "\n".join(result["failures"])
-    assert result["outcomes"].get("answered with tokens", 0) * 2 > result["cases"]
+    assert result["tame"].get("answered with tokens", 0) == result["tame"]["cases"]
+    assert result["tame"]["cases"] * 4 >= result["cases"]
 
 
 def test_front_is_healthy_and_exact_after_fuzzing(oai, http, speech_bytes, before_fuzzing):
