@@ -53,10 +53,13 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
                         **({"max_windows_per_run": str(o.encoder_windows_per_run)}
                            if o.encoder_windows_per_run else {}), **extra.get("encoder", {})},
         decoder_params={"gpt_model_path": "artifacts/lm", "max_batch_size": str(plan.serving.max_batch_size),
-                        "threads": threads_of(o.decoder_threads), "stream_interval_ms": str(o.stream_interval_ms),
+                        "threads": threads_of(o.decoder_threads),
+                        # with the decoder front, the decoder answers one response per token as tensorrtllm does
+                        "stream_interval_ms": "0" if o.decoder_front else str(o.stream_interval_ms),
                         **stand_in_decoder, **extra.get("decoder", {})},
         preprocess_params={"threads": threads_of(o.preprocess_threads)}, decoder_instances=o.decoder_instances,
-        prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/engines/decoder.py)
+        prompt_table_extra_ids=True,  # the CPU decoder reuses prompt KV keyed by them (runtime/engines/decoder.py)
+        decoder_front=o.decoder_front, decoder_front_params={"stream_interval_ms": str(o.stream_interval_ms)})
     return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
 
@@ -168,12 +171,15 @@ def parser() -> argparse.ArgumentParser:
                     help="CPU encoder: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's "
                          "attention buffers in cache: measured 1.3-2x faster per window than 10 at once)")
     ap.add_argument("--stream-interval-ms", type=int, default=50,
-                    help="CPU decoder: streamed tokens that come faster than one per this many ms share a response "
-                         "(the first token always goes alone; 0: one response per token)")
+                    help="CPU decoder and the GPU target's decoder front: streamed tokens that come faster than one "
+                         "per this many ms share a response (the first token always goes alone; 0: one per token)")
     ap.add_argument("--stand-in-tokens-per-s", type=float, default=0.0,
                     help="measure the serving path alone: encoder and decoder are stand-ins without weights or "
                          "compute (runtime/engines/stand_in.py) making deterministic tokens, never an end id, at this many "
                          "per second per request (0: the real models; `af3trt bench --serving-path` builds one)")
+    ap.add_argument("--decoder-front", action="store_true",
+                    help="with --stand-in-tokens-per-s: the GPU target's ensemble shape, the decoder front (coalescing "
+                         "at --stream-interval-ms) calling a decoder that sends one response per token")
     ap.add_argument("--encoder-max-batch", type=int, default=64, help="windows per encoder execution")
     ap.add_argument("--decoder-instances", type=int, default=1,
                     help="instances of the CPU decoder model (each batches its own requests)")

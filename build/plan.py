@@ -189,8 +189,11 @@ class BuildOptions:
     # decoder that cost nothing and make tokens at this many per second per request
     stand_in_tokens_per_s: float = 0.0
     # CPU decoder: a stream's tokens that come faster than one per this many ms share a response (runtime/stages/coalesce.py;
-    # the first token always goes alone); 0: one response per token
+    # the first token always goes alone); 0: one response per token. The GPU target's decoder front does the same.
     stream_interval_ms: int = 50
+    # CPU target with stand-ins: the GPU target's ensemble shape (the decoder front, at stream_interval_ms, calling a
+    # decoder that answers one response per token as the tensorrtllm backend does), for `af3trt bench --serving-path`
+    decoder_front: bool = False
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 
@@ -406,6 +409,9 @@ def check_options(opts: BuildOptions) -> None:
         raise BuildError(f"--stream-interval-ms must be >= 0, got {opts.stream_interval_ms}")
     if opts.stand_in_tokens_per_s and opts.target != "cpu":
         raise BuildError("--stand-in-tokens-per-s is for the CPU target (the GPU target's models are TensorRT's)")
+    if opts.decoder_front and not opts.stand_in_tokens_per_s:
+        raise BuildError("--decoder-front renders the GPU target's decoder front on a CPU build of stand-ins (the GPU "
+                         "target always has it): give --stand-in-tokens-per-s")
     if opts.target == "cpu":
         opts.encoder_precision = opts.encoder_precision or "fp32"
         if opts.encoder_precision not in CPU_ENCODER_PRECISIONS:

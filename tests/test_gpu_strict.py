@@ -116,11 +116,12 @@ def served(built, monkeypatch, tmp_path):
 
 
 def trt_share(plan: dict) -> int:
-    """What the plan gives TensorRT itself in the encoder stub: the engines' weights (the think variant's too) and
-    whatever activation memory the plan does not put under the stub's torch cap."""
-    think = plan.get("think", {})
-    return plan["encoder_weights"] + think.get("think_encoder_weights", 0) + plan.get("encoder_trt_activations",
-                                                                                      plan["encoder_activations"])
+    """What the plan gives TensorRT itself in the encoder stub (its per-process row less the CUDA context and the torch
+    cap): the engines' weights, the think variant's too. (A plan without a per-process table, before round 3, counted
+    one activation allocation beside the weights and its think/ weights apart: that is its share.)"""
+    if "processes" in plan:
+        return plan["processes"]["encoder"]["TensorRT engine weights"]
+    return plan["encoder_weights"] + plan["encoder_activations"] + plan.get("think", {}).get("think_encoder_weights", 0)
 
 
 def ask(ens, audio: bytes, *, thinking=False, stream=False, request_id="r1", max_tokens=8):
@@ -146,6 +147,24 @@ def test_thinking_on_a_bf16_engine_reaches_the_adapter(served):
     assert runs["base"]["lora_task"] is None and runs["think"]["lora_task"] == 1
     assert decoder.lora.tasks == {1: decoder.engine.trt_dtype}  # pages hold the adapter in the engine's dtype
     assert text(base) and text(thought)
+    # item 7: the backend's one response per token reach postprocess coalesced (the first token alone)
+    assert 1 < len(thought) < len(runs["think"]["tokens"]) == 8
+    assert list(thought[0]["output_ids"].reshape(-1)) == runs["think"]["tokens"][:1]
+    # item 6: a request without an id reaches the decoder with one of ours (a stop needs it)
+    ask(ens, audio, request_id="")
+    assert any(r["triton_id"].startswith("af3trt-") for r in decoder.executor.values())
+
+
+def test_the_think_encoder_shares_the_activation_buffer(served):
+    """Item 4: both encoder engines run on one USER_MANAGED activation buffer allocated under the stub's torch cap;
+    TensorRT itself holds only the engines' weights, the plan's TensorRT share (the fixture's budget refused a second
+    STATIC context before)."""
+    ens, memory = served
+    encoder = ens.model("encoder")
+    assert encoder.think is not encoder.runner and encoder.think.activations is encoder.runner.activations
+    need = max(encoder.runner.engine.device_memory_size_v2, encoder.think.engine.device_memory_size_v2)
+    assert encoder.runner.activations.nbytes == need and memory.live >= need
+    assert memory.trt <= memory.trt_budget
 
 
 def ten_minutes_of_features(ens):
@@ -167,12 +186,34 @@ def test_the_encoder_cache_fills_within_the_stub_cap(served):
     assert windows == 20
     hidden = int(ens.configs["fusion"].parameters["hidden_size"].string_value)
     per_clip = windows * lengths.EMBEDS_PER_WINDOW * hidden * 4  # f32 rows kept per clip
-    clips = memory.cap // per_clip + 2  # the cap filled with cached rows, and more
+    # more clips than the 256-MiB floor of a stub's cap holds (with the old 1-GiB default cache the 14th failed) and
+    # more than the rendered cache holds
+    budget = int(ens.configs["encoder"].parameters["cache_bytes"].string_value or audio_cache.DEFAULT_ENCODER_BYTES)
+    clips = max((256 << 20) // per_clip + 2, budget // per_clip + 3)
     for i in range(clips):
         keys = audio_cache.window_keys(i.to_bytes(16, "little"), windows)
         (out,) = ens.call("encoder", {**feats, "audio_digest": keys}, request_id=f"fill-{i}")
         assert out["audio_embeds"]._array.shape[:2] == (windows, lengths.EMBEDS_PER_WINDOW)
     encoder = ens.model("encoder")
-    budget = int(ens.configs["encoder"].parameters["cache_bytes"].string_value)
     assert memory.peak <= memory.cap and not memory.refused
     assert 0 < encoder.cache.bytes <= budget and encoder.cache.stats["evictions"] > 0
+
+
+def test_a_cache_copy_that_cannot_be_made_fails_no_request(served):
+    """Item 3: when the stub cannot allocate the cache's copy of a window, the request still gets its rows."""
+    from af3trt.runtime.stages import audio_cache
+
+    ens, memory = served
+    feats = ten_minutes_of_features(ens)
+    encoder = ens.model("encoder")
+    keys = audio_cache.window_keys(b"a" * 16, 20)
+    before = memory.live
+    ens.call("encoder", {**feats, "audio_digest": keys}, request_id="measure")
+    with_copies = memory.peak - before
+    encoder.cache.clear()
+    memory.peak = memory.live
+    copies = 20 * lengths.EMBEDS_PER_WINDOW * int(ens.configs["fusion"].parameters["hidden_size"].string_value) * 4
+    memory.cap = memory.live + with_copies - copies // 2  # the execution fits, half the copies do not
+    (out,) = ens.call("encoder", {**feats, "audio_digest": audio_cache.window_keys(b"b" * 16, 20)}, request_id="tight")
+    assert out["audio_embeds"]._array.shape[0] == 20
+    assert memory.refused and encoder.cache.stats["failed_puts"] >= 1 and 0 < len(encoder.cache) < 20

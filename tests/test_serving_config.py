@@ -78,7 +78,7 @@ def render_both(tiny_ckpt, prepared, root, name: str, flags: list[str]) -> dict[
             memory = gpu_build.preflight(plan)
             engines = gpu_build.engine_plans(plan, "artifacts/encoder.fp16.onnx")
             gpu_build.build_engines_and_repository(plan, engines, prepared, repo, Progress(3), BuildReport(),
-                                                   kv_cache_tokens=memory.kv_cache_tokens)
+                                                   memory=memory)
         out[target] = {m: (repo / m / "config.pbtxt").read_text() for m in MODELS}
     return out
 

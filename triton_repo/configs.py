@@ -76,6 +76,12 @@ class RepoSpec:
     # GPU preprocessing kernels (af3trt.kernels): preprocess computes the log-mel on the device and fusion builds the
     # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
     gpu_kernels: bool | None = None
+    # The ensemble's decoder step is the decoder front (triton_repo/decoder_front) calling the decoder by BLS: it
+    # coalesces streams (the tensorrtllm backend sends one response per token), gives every request an id of its own
+    # and refuses a duplicate in flight, and sends think/'s adapter. None: on for target "gpu", off for "cpu" (whose
+    # decoder does all of it itself); on for a CPU repository it plays the GPU's ensemble shape (the stand-in bench).
+    decoder_front: bool | None = None
+    decoder_front_params: dict[str, str] = field(default_factory=dict)
 
 
 def kernel_params(spec: RepoSpec, model: str) -> dict[str, str]:
@@ -124,10 +130,15 @@ def omitted(spec: RepoSpec) -> set[str]:
                             (contract.LORA_TASK_ID, "think_lora_task_id" in spec.fusion_params)) if not on}
 
 
-def _interface(cfg: mc.ModelConfig, spec: RepoSpec) -> None:
-    """A model's inputs and outputs, as the contract declares them."""
+def front(spec: RepoSpec) -> bool:
+    """Whether the ensemble's decoder step is the decoder front (RepoSpec.decoder_front)."""
+    return spec.target == "gpu" if spec.decoder_front is None else spec.decoder_front
+
+
+def _interface(cfg: mc.ModelConfig, spec: RepoSpec, skip: tuple[str, ...] = ()) -> None:
+    """A model's inputs and outputs, as the contract declares them (less the inputs in `skip`)."""
     stage = contract.MODELS[cfg.name]
-    cfg.input.extend(_input(t, spec) for t in stage.inputs)
+    cfg.input.extend(_input(t, spec) for t in stage.inputs if t.name not in skip)
     cfg.output.extend(_output(t, spec) for t in stage.outputs if t.name not in omitted(spec))
 
 
@@ -227,11 +238,30 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.model_transaction_policy.decoupled = True
     cfg.dynamic_batching.SetInParent()
     _bound_queue(cfg, spec)
-    _interface(cfg, spec)  # all the inputs the backend takes that fusion sends, a direct client may send
+    # all the inputs the backend takes that fusion or the front sends, a direct client may send; the CPU decoder reads
+    # its adapter from lora_dir, never from a request
+    _interface(cfg, spec, skip=(contract.LORA_WEIGHTS, contract.LORA_CONFIG) if spec.target == "cpu" else ())
     _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
                   "exclude_input_in_output": "true", **spec.decoder_params})
     if spec.target == "cpu":  # the CPU engine's own waiting list (the tensorrtllm backend has its own scheduler)
         _params(cfg, {"max_queue_size": spec.max_queue_size, "queue_timeout_ms": spec.queue_timeout_ms})
+    return cfg
+
+
+def decoder_front_config(spec: RepoSpec) -> mc.ModelConfig:
+    """The ensemble's decoder step when `front(spec)`: a decoupled python model with the decoder's interface that
+    calls the decoder by BLS (triton_repo/decoder_front). One instance: it keeps the ids in flight (a second instance
+    would not see the first's). Inputs are taken where Triton has them (the prompt table stays on the GPU:
+    FORCE_CPU_ONLY_INPUT_TENSORS "no", python_backend r26.04 README "Input Tensor Device Placement"); its CUDA
+    context is in the memory plan (build/memory_plan.py CUDA_PROCESSES)."""
+    cfg = mc.ModelConfig(name=contract.DECODER_FRONT, backend="python", max_batch_size=spec.max_batch_size)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    cfg.model_transaction_policy.decoupled = True
+    cfg.dynamic_batching.SetInParent()
+    _bound_queue(cfg, spec)
+    _interface(cfg, spec)
+    _params(cfg, {"decoder_model": contract.DECODER, "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+                  **spec.decoder_front_params})
     return cfg
 
 
@@ -253,6 +283,7 @@ def ensemble_maps(spec: RepoSpec) -> list[tuple[str, dict[str, str], dict[str, s
     response = {t.name for t in contract.RESPONSE_OUTPUTS}
     written: set[str] = set()
     steps = []
+    models = {contract.DECODER: contract.DECODER_FRONT} if front(spec) else {}  # the model that runs a step
     for i, stage in enumerate(contract.STEPS):
         inputs = {t.name: f"_{t.name}" if t.name in written else t.name for t in stage.inputs
                   if t.name in written or t.name in request}
@@ -260,7 +291,7 @@ def ensemble_maps(spec: RepoSpec) -> list[tuple[str, dict[str, str], dict[str, s
         outs = [t.name for t in stage.outputs if t.name not in omitted(spec)]
         outputs = {n: n if n in response and n not in later else f"_{n}" for n in outs}
         written.update(outs)
-        steps.append((stage.name, inputs, outputs))
+        steps.append((models.get(stage.name, stage.name), inputs, outputs))
     return steps
 
 
@@ -288,6 +319,6 @@ def all_configs(spec: RepoSpec) -> dict[str, mc.ModelConfig]:
     return {
         "preprocess": preprocess_config(spec), "encoder": encoder_config(spec), "fusion": fusion_config(spec),
         "decoder": decoder_config(spec), "postprocess": postprocess_config(spec), ENSEMBLE: ensemble_config(spec),
-        CANCEL: cancel_config(spec),
+        CANCEL: cancel_config(spec), **({contract.DECODER_FRONT: decoder_front_config(spec)} if front(spec) else {}),
     }
 
