@@ -137,7 +137,7 @@ def gpu_spec(spec, record: dict, art_at_serve: Path, memory_plan=None):
         decoder = trtllm_lora.decoder_parameters(lora["rank"], lora_pages(record),
                                                  prefetch_dir=folder if lora["preloaded"] else None,
                                                  gpu_fraction=fraction)
-        front = {"lora_dir": folder, "lora_task_id": str(record["task_id"]), "lora_dtype": lora["dtype"],
+        front = {"lora_dir": folder, "lora_task": str(record["task_id"]), "lora_dtype": lora["dtype"],
                  "lora_preloaded": "true" if lora["preloaded"] else "false"}
     fusion = {"think": "true", **({"think_lora_task_id": str(record["task_id"])} if lora else {})}
     encoder = {"think_plan_file": THINK_PLAN} if record["encoder_onnx"] else {}

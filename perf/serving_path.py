@@ -473,8 +473,8 @@ def write_report(results: dict, out: Path) -> None:
                       "| process | ms CPU / request | ms CPU / token |", "|---|---|---|"]
             for name, row in table.items():
                 if name != "per_core":
-                    label = f"**{name}**" if name == "serving_path" else name
-                    lines.append(f"| {label} | {fmt(row['ms_per_request'])} | {fmt(row['ms_per_token'])} |")
+                    cell = f"**{name}**" if name == "serving_path" else name
+                    lines.append(f"| {cell} | {fmt(row['ms_per_request'])} | {fmt(row['ms_per_token'])} |")
     if "aiperf" in results:
         lines += ["", "## AIPerf against the OpenAI front (streamed chat, ignore_eos)", ""]
         m = results["aiperf"].get("metrics")

@@ -68,11 +68,12 @@ def front(adapter=None, interval_s=0.05):
 
 
 def request(rid="r1", *, tokens=6, stream=True, lora=False, gpu_streaming=False):
-    inputs = {c.INPUT_IDS: np.array([[5, 6, 7]], np.int32), c.INPUT_LENGTHS: np.array([[3]], np.int32),
-              c.REQUEST_OUTPUT_LEN: np.array([[tokens]], np.int32), c.STREAMING: np.array([[stream]]),
-              c.END_ID: np.array([[1]], np.int32)}
+    """A request as Triton hands it to the front: [1, L] ids, the [1] scalars reshaped to [] ([batch] only)."""
+    inputs = {c.INPUT_IDS: np.array([[5, 6, 7]], np.int32), c.INPUT_LENGTHS: np.array([3], np.int32),
+              c.REQUEST_OUTPUT_LEN: np.array([tokens], np.int32), c.STREAMING: np.array([stream]),
+              c.END_ID: np.array([1], np.int32)}
     if lora:
-        inputs[c.LORA_TASK_ID] = np.array([[1]], np.uint64)
+        inputs[c.LORA_TASK_ID] = np.array([1], np.uint64)
     r = fake_pb.Request(inputs, rid)
     if gpu_streaming:  # FORCE_CPU_ONLY_INPUT_TENSORS "no": Triton may hand it over in GPU memory
         r.inputs[c.STREAMING] = fake_pb.GpuTensor(c.STREAMING, inputs[c.STREAMING])
@@ -135,6 +136,17 @@ def test_request_ids_duplicates_refused_and_ours_for_requests_without_one(decode
     f.submit(again)
     answered(again)
     f.submit(request("busy2"))  # the same id once the first has ended: accepted
+
+
+def test_scalars_reach_the_backend_with_their_declared_shape(decoder):
+    """Triton hands the front each [1] scalar reshaped to [batch]; sent on as such the decoder refuses it (core's shape
+    check, seen on tritonserver 2.51): the front sends [1, 1]."""
+    bad = decoder("d0", {c.INPUT_IDS: np.array([[5]], np.int32), c.INPUT_LENGTHS: np.array([1], np.int32),
+                         c.REQUEST_OUTPUT_LEN: np.array([[2]], np.int32)})
+    assert bad[0].has_error() and "Expected [-1, 1], got [1]" in bad[0].error().message()
+    r = request(tokens=2)
+    front().submit(r)
+    assert not any(resp.has_error() for resp, _ in answered(r) if resp is not None)
 
 
 def test_stop_and_streaming_reach_the_backend_in_host_memory(decoder):
@@ -205,3 +217,52 @@ def test_the_gpu_repository_renders_the_front_as_the_ensembles_decoder_step():
     cpu = configs.all_configs(configs.RepoSpec(target="cpu", hidden_size=8, decoder_dtype="float32", vocab_size=100,
                                                end_id=1, pad_id=0))
     assert c.DECODER_FRONT not in cpu and c.LORA_WEIGHTS not in {i.name for i in cpu[c.DECODER].input}
+
+
+@pytest.fixture(scope="module")
+def front_server(tiny_ckpt, tmp_path_factory):
+    """The GPU target's ensemble shape on a real tritonserver: a CPU build of stand-ins with --decoder-front (the front
+    coalescing at 50 ms, calling by BLS a stand-in decoder that sends one response per token, at 300 tokens/s)."""
+    from af3trt.build.build_engines import main as build_main
+    from af3trt.runtime.serve.server import TritonServer
+
+    out = tmp_path_factory.mktemp("front") / "af3"
+    build_main(["--hf-model", str(tiny_ckpt), "--out", str(out), "--stand-in-tokens-per-s", "300", "--decoder-front",
+                "--stream-interval-ms", "50", "--max-output-len", "64"])
+    with TritonServer(out / "model_repository", log_path=out / "tritonserver.log") as srv:
+        yield srv
+
+
+@pytest.mark.integration
+def test_the_front_on_tritonserver_coalesces_owns_ids_and_stops(front_server, speech_bytes):
+    """Item 7 on Triton 2.51 itself (BLS from the front's threads, decoupled both ways, the ensemble's final flag):
+    a stream of 48 tokens at 300/s arrives in far fewer responses, the first token alone, and joins to the whole
+    answer; a duplicate id in flight is refused; a cancel stops the stream in the decoder behind the front."""
+    import threading
+
+    from af3trt.runtime.client.library import AF3Client, AF3Error
+
+    client = AF3Client(front_server.grpc_url, timeout=120)
+    whole = client.ask("Say something.", [speech_bytes], max_tokens=48, ignore_eos=True, stream=False)
+    streamed = client.ask("Say something.", [speech_bytes], max_tokens=48, ignore_eos=True, stream=True)
+    assert streamed.token_ids == whole.token_ids and len(whole.token_ids) == 48
+    assert 2 <= streamed.chunks <= 12  # 48 tokens in 160 ms at 50 ms: a handful, not 48
+    first = next(iter(client.stream("Say something.", [speech_bytes], max_tokens=4, ignore_eos=True)))
+    assert len(first.token_ids) == 1  # the first token alone
+
+    long = client.stream("Say something.", [speech_bytes], max_tokens=64, ignore_eos=True, request_id="same-id")
+    next(iter(long))  # in flight
+    with pytest.raises(AF3Error, match="already in flight"):
+        client.ask("Say something.", [speech_bytes], max_tokens=2, request_id="same-id", stream=False)
+    got = []
+    done = threading.Event()
+
+    def drain():
+        for c in long:
+            got.append(c)
+        done.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    assert done.wait(60)
+    # after it ended, the id is free again
+    assert client.ask("Say something.", [speech_bytes], max_tokens=2, request_id="same-id", stream=False).token_ids

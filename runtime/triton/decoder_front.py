@@ -131,12 +131,20 @@ def _host(pb, t):
 
 def decoder_inputs(pb, request) -> list:
     """The request's decoder inputs as the BLS request carries them: every input the decoder declares that the request
-    has, those the backend reads from host memory in host memory."""
+    has, those the backend reads from host memory in host memory. The front has the decoder's config, so Triton
+    hands it each [1] scalar reshaped to [] (config `reshape`: [batch] only); a request to the decoder must carry the
+    declared shape again, [batch, 1] (core src/infer_request.cc: "unexpected shape for input ... Expected [-1,1], got
+    [1]", seen on tritonserver 2.51): scalars go on as host [1, 1] arrays."""
     out = []
     for spec in c.DECODER_STAGE.inputs:
         t = pb.get_input_tensor_by_name(request, spec.name)
-        if t is not None:
-            out.append(_host(pb, t) if spec.name in HOST_INPUTS else t)
+        if t is None:
+            continue
+        if spec.reshape is not None:
+            t = pb.Tensor(spec.name, np.ascontiguousarray(_host(pb, t).as_numpy()).reshape(1, *spec.dims))
+        elif spec.name in HOST_INPUTS:
+            t = _host(pb, t)
+        out.append(t)
     return out
 
 

@@ -95,10 +95,16 @@ class Ensemble:
 
     # ---- one model ----------------------------------------------------------------------------------------------
     def _inputs_for(self, name: str, tensors: dict) -> dict:
-        """What the model sees: host copies unless it takes inputs where they are."""
+        """What the model sees: host copies unless it takes inputs where they are; a python model sees an input with a
+        config `reshape` as [batch] + that shape (the backend of a tensorrtllm model validates the shapes sent)."""
         cfg = self.configs[name]
         if cfg.backend == "python" and _params(cfg).get("FORCE_CPU_ONLY_INPUT_TENSORS", "yes") != "no":
-            return {k: fake_pb.Tensor(k, v._array) if isinstance(v, fake_pb.GpuTensor) else v for k, v in tensors.items()}
+            tensors = {k: fake_pb.Tensor(k, v._array) if isinstance(v, fake_pb.GpuTensor) else v
+                       for k, v in tensors.items()}
+        if cfg.backend == "python" and cfg.max_batch_size > 0:
+            reshaped = {i.name: list(i.reshape.shape) for i in cfg.input if i.HasField("reshape")}
+            tensors = {k: type(v)(k, v._array.reshape(v._array.shape[0], *reshaped[k])) if k in reshaped else v
+                       for k, v in tensors.items()}
         return dict(tensors)
 
     def _run(self, name: str, tensors: dict, request_id: str) -> list:

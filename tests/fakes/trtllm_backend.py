@@ -26,7 +26,9 @@ Per request (enqueue → createExecutorRequests → the executor):
   - core: an input the config does not declare ("unexpected inference input '<name>' for model"), a missing
     non-optional input ("missing required input(s)"), an input whose datatype is not the config's ("inference input
     '<name>' data-type is '<got>', but model '<model>' expects '<want>'", core src/infer_request.cc; the message as
-    triton-inference-server/server's qa tests assert it);
+    triton-inference-server/server's qa tests assert it), an input whose shape is not [batch] + the config's dims
+    (config `reshape` applies after: "unexpected shape for input '<name>' for model '<model>'. Expected [-1,1], got
+    [1]", as tritonserver 2.51 answered a BLS request here);
   - `stop` and `streaming` are read by utils.cc getRequestBooleanInputTensor, which asserts host memory
     (TRITONSERVER_MEMORY_CPU or CPU_PINNED) and reads the first byte: a GPU tensor is an error here;
   - handleStopRequest (model_instance_state.cc): `stop` true is not enqueued; an empty request id is the error
@@ -257,9 +259,13 @@ class FakeTrtllmDecoder:
             if got != want:
                 return (f"inference input '{name}' data-type is '{got}', but model '{self.config.name}' expects "
                         f"'{want}'")
-        if self.config.max_batch_size > 0 and any(len(_value(v).shape) < 1 or _value(v).shape[0] != 1
-                                                  for v in inputs.values()):
-            return "every input of a batching model takes the batch dimension first"
+        if self.config.max_batch_size > 0:
+            for name, v in inputs.items():
+                shape, dims = list(_value(v).shape), [1, *declared[name].dims]  # the batch, then the dims
+                if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
+                    want = [-1 if i == 0 else d for i, d in enumerate(dims)]
+                    return (f"unexpected shape for input '{name}' for model '{self.config.name}'. Expected {want}, "
+                            f"got {shape}")
         return None
 
     # ---- the backend and the executor -----------------------------------------------------------------------

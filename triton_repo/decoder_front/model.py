@@ -17,7 +17,7 @@ class TritonPythonModel:
         p = io.params(args)
         adapter = None
         if p.get("lora_dir"):  # think/'s adapter (build/think.py gpu_spec)
-            adapter = Adapter.load(io.resolve(args, p["lora_dir"]), int(p["lora_task_id"]), p["lora_dtype"],
+            adapter = Adapter.load(io.resolve(args, p["lora_dir"]), int(p["lora_task"]), p["lora_dtype"],
                                    held=p.get("lora_preloaded") == "true")
         self.front = Front(pb, p["decoder_model"], interval_s=int(p.get("stream_interval_ms", "0")) / 1000,
                            adapter=adapter, running=RunningRequests(args["model_name"]))
