@@ -30,6 +30,9 @@ from af3trt.runtime.stages.lengths import N_MELS
 
 ENSEMBLE = "af3"
 CANCEL = "cancel"  # not a step: the side channel that cancels a running af3 request (triton_repo/cancel)
+# The GPU target's decoder step: a python model in front of the tensorrtllm decoder (triton_repo/decoder_front) that
+# coalesces its streams, owns request ids and sends think/'s adapter; it has the decoder's interface.
+DECODER_FRONT = "decoder_front"
 PREPROCESS, ENCODER, FUSION, DECODER, POSTPROCESS = "preprocess", "encoder", "fusion", "decoder", "postprocess"
 STAGES = (PREPROCESS, ENCODER, FUSION, DECODER, POSTPROCESS)  # the ensemble's steps, in order
 # DECODER is the stage TensorRT-LLM's `tensorrtllm` backend runs on the GPU target.
@@ -65,6 +68,9 @@ PROMPT_VOCAB_SIZE, STOP_WORDS_LIST = "prompt_vocab_size", "stop_words_list"
 # optional; runtime/triton/trtllm_stop.py)
 STOP = "stop"
 LORA_TASK_ID = "lora_task_id"  # set only for thinking requests: the decoder applies the think/ adapter
+# the adapter itself, sent by the GPU target's decoder front when the backend does not hold the task (not by fusion):
+# [1, rows, width] in the engine's dtype and [1, rows, 3] int32, in host memory (runtime/triton/decoder_front.py)
+LORA_WEIGHTS, LORA_CONFIG = "lora_weights", "lora_config"
 # decoder → postprocess (with OUTPUT_IDS)
 SEQUENCE_LENGTH = "sequence_length"
 # the cancel model
@@ -205,6 +211,10 @@ DECODER_STAGE = StageSpec(DECODER, inputs=(
     TensorSpec(STOP_WORDS_LIST, "INT32", (2, -1), optional=True, ragged=True),
     _scalar(STOP, "BOOL"),  # true: stop the running request of this id (cancel; never sent by the ensemble)
     _scalar(LORA_TASK_ID, "UINT64"),  # inflight_batcher_llm/tensorrt_llm/config.pbtxt: UINT64 [1] reshape [] optional
+    # the same config.pbtxt: lora_weights [-1, -1] optional ragged (TYPE_FP16 there: ours is the engine's dtype, which
+    # TensorRT-LLM requires of request weights, runtime/loraUtils.cpp), lora_config INT32 [-1, 3] optional ragged
+    TensorSpec(LORA_WEIGHTS, TABLE, (-1, -1), optional=True, ragged=True),
+    TensorSpec(LORA_CONFIG, "INT32", (-1, 3), optional=True, ragged=True),
 ), outputs=(
     TensorSpec(OUTPUT_IDS, "INT32", (-1, -1)),  # [beam, T]
     TensorSpec(SEQUENCE_LENGTH, "INT32", (-1,)),  # [beam]
@@ -217,4 +227,5 @@ POSTPROCESS_STAGE = StageSpec(POSTPROCESS, inputs=(
 STEPS = (PREPROCESS_STAGE, ENCODER_STAGE, FUSION_STAGE, DECODER_STAGE, POSTPROCESS_STAGE)
 CANCEL_STAGE = StageSpec(CANCEL, inputs=(CANCEL_INPUT,), outputs=(CANCEL_OUTPUT,))
 ENSEMBLE_STAGE = StageSpec(ENSEMBLE, inputs=REQUEST_INPUTS, outputs=RESPONSE_OUTPUTS)
-MODELS = {s.name: s for s in (*STEPS, ENSEMBLE_STAGE, CANCEL_STAGE)}
+DECODER_FRONT_STAGE = StageSpec(DECODER_FRONT, inputs=DECODER_STAGE.inputs, outputs=DECODER_STAGE.outputs)
+MODELS = {s.name: s for s in (*STEPS, ENSEMBLE_STAGE, CANCEL_STAGE, DECODER_FRONT_STAGE)}
