@@ -230,15 +230,15 @@ def summarize(rounds: list[dict[str, dict]], front: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def variant(name: str) -> tuple[int, bool]:
+def variant(name: str | int) -> tuple[int, bool]:
     """A --stream-interval-ms entry: (interval ms, with the decoder front) from "50" or "front:50"."""
-    front, _, ms = name.strip().rpartition(":")
+    front, _, ms = str(name).strip().rpartition(":")
     if front not in ("", "front"):
         raise ValueError(f"a build is N or front:N, got {name!r}")
     return int(ms), front == "front"
 
 
-def label(name: str) -> str:
+def label(name: str | int) -> str:
     ms, front = variant(name)
     return f"front {ms} ms" if front else f"{ms} ms"
 

@@ -11,7 +11,9 @@ Why a step of our own in front of the backend (facts read at their sources; cite
   inflight_batcher_llm/src/model_instance_state.cc at 0c8de69a, enqueue → handleStopRequest): the id map is
   overwritten by a second request with the same id (`mTritonRequestIdToRequestIds[tritonRequestId] = ...`), and a
   request without an id cannot be stopped ("Trying to stop a request but request ID is not provided"). The front
-  refuses an id already in flight and gives every request without an id one of its own (ID_PREFIX + 32 hex).
+  refuses an id already in flight and gives every request without an id one of its own (ID_PREFIX + 32 hex). (The
+  refused request has passed preprocess and fusion by then, whose request context is keyed by the same id
+  (runtime/triton/context.py): the request in flight may lose its notices there; the stop map is what stays right.)
 - think/'s adapter: TensorRT-LLM keeps LoRA pages in the engine's dtype (batch_manager/peftCacheManager.cpp
   getPageManagerConfig: modelConfig.getDataType()) and takes request weights only in that dtype and in host memory
   (runtime/loraUtils.cpp loraValidateRequestTensors: "Expected lora weights to be the same data type as base
@@ -176,10 +178,9 @@ class Front:
     """One decoder front (per model instance): `submit(request)` answers a request by relaying it to `model` on a
     thread of its own (a decoupled model returns from execute at once)."""
 
-    def __init__(self, pb, model: str, *, interval_s: float, adapter: Adapter | None = None, running=None,
-                 log=None):
+    def __init__(self, pb, model: str, *, interval_s: float, adapter: Adapter | None = None, running=None):
         self.pb, self.model, self.interval_s, self.adapter = pb, model, float(interval_s), adapter
-        self.ids, self.running, self.log = RequestIds(), running, log
+        self.ids, self.running = RequestIds(), running
 
     def submit(self, request) -> None:
         sender = request.get_response_sender()
