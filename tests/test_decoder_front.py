@@ -202,7 +202,7 @@ def test_weights_of_another_dtype_are_refused_as_upstream_refuses_them(decoder, 
 
 
 def test_the_gpu_repository_renders_the_front_as_the_ensembles_decoder_step():
-    spec = configs.RepoSpec(**{**SPEC.__dict__, "decoder_front_params": {"stream_interval_ms": "50"}})
+    spec = configs.RepoSpec(**{**SPEC.__dict__, "decoder_front_params": {"stream_interval_ms": 50}})
     cfgs = configs.all_configs(spec)
     steps = {s.model_name for s in cfgs["af3"].ensemble_scheduling.step}
     assert c.DECODER_FRONT in steps and c.DECODER not in steps
