@@ -48,8 +48,11 @@ def cpu_repo_spec(plan: BuildPlan, lm: dict, onnx_rel: str, extra: dict | None =
         tokenizer_dir=LM_DIR, encoder_max_batch=plan.serving.encoder_max_batch,
         encoder_params={"onnx_path": onnx_rel, **stand_in_encoder, **extra.get("encoder", {})},
         decoder_params={"gpt_model_path": LM_DIR, "precision": o.cpu_decoder_precision,
-                        "stand_in_tokens_per_s": float(o.stand_in_tokens_per_s), **extra.get("decoder", {})},
-        prompt_table_extra_ids=True)  # the CPU decoder reuses prompt KV keyed by them (runtime/engines/decoder.py)
+                        "stand_in_tokens_per_s": float(o.stand_in_tokens_per_s),
+                        # with the decoder front, the decoder answers one response per token as tensorrtllm does
+                        **({"stream_interval_ms": 0} if o.decoder_front else {}), **extra.get("decoder", {})},
+        prompt_table_extra_ids=True,  # the CPU decoder reuses prompt KV keyed by them (runtime/engines/decoder.py)
+        decoder_front=o.decoder_front)
     return replace(spec, fusion_params={**spec.fusion_params, **extra.get("fusion", {})})
 
 
@@ -184,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
                     help="measure the serving path alone: encoder and decoder are stand-ins without weights or "
                          "compute (runtime/engines/stand_in.py) making deterministic tokens, never an end id, at this many "
                          "per second per request (0: the real models; `af3trt bench --serving-path` builds one)")
+    ap.add_argument("--decoder-front", action="store_true",
+                    help="with --stand-in-tokens-per-s: the GPU target's ensemble shape, the decoder front (coalescing "
+                         "at --stream-interval-ms) calling a decoder that sends one response per token")
     ap.add_argument("--no-think", dest="think", action="store_false",
                     help="leave out the checkpoint's think/ (AF3's thinking mode); thinking requests are then refused")
     gpu = ap.add_argument_group("GPU target (TensorRT encoder + TensorRT-LLM 1.2 decoder)")

@@ -81,9 +81,11 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
             art / "lm", art / "trtllm_checkpoint", precision=g.precision, kv_cache=g.kv_cache, tp_size=g.tp_size)
     found = think.load(plan.hf_model, plan.options.think)
     if found is not None:
-        with prog.step("think/ for TensorRT-LLM (LoRA prefetch, plugin flags; think encoder ONNX)"):
-            report.gpu["think"] = think.prepare_gpu(found, plan, art, calib=calib)
-            report.gpu["memory_plan"]["think"] = think.memory(report.gpu["memory_plan"], report.gpu["think"])
+        with prog.step("think/ for TensorRT-LLM (LoRA in the engine's dtype, plugin flags; think encoder ONNX)"):
+            engine_dtype = report.sections["trtllm_checkpoint"]["dtype"]  # the engine's dtype is the checkpoint's
+            report.gpu["think"] = think.prepare_gpu(found, plan, art, engine_dtype, calib=calib)
+            memory = fitting(think.memory(memory, report.gpu["think"]))
+            report.gpu["memory_plan"] = memory.as_dict()
     if g.goldens:
         from af3trt.export.goldens import write_goldens
 
@@ -106,8 +108,7 @@ def build_gpu(plan: BuildPlan, work: Path, prog: Progress, report: BuildReport) 
               f"build them with `af3trt build --from-prepared {plan.out}` where TensorRT and trtllm-build are",
               flush=True)
         return
-    build_engines_and_repository(plan, engines, work, work / "model_repository", prog, report,
-                                 kv_cache_tokens=memory.kv_cache_tokens, stub_caps=memory.stub_caps)
+    build_engines_and_repository(plan, engines, work, work / "model_repository", prog, report, memory=memory)
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,10 @@ def engine_plans(plan: BuildPlan, encoder_onnx: str, now: Path | None = None) ->
 
 
 def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Path, repo_dir: Path,
-                                 prog: Progress, report: BuildReport, *, kv_cache_tokens: int | None,
-                                 stub_caps: dict[str, int] | None = None) -> None:
+                                 prog: Progress, report: BuildReport, *, memory: MemoryPlan) -> None:
     """TensorRT encoder engine, trtllm-build, then the python-encoder + tensorrtllm repository at repo_dir; `root`
-    is where the output is now (a scratch directory during a build, plan.out for --from-prepared)."""
+    is where the output is now (a scratch directory during a build, plan.out for --from-prepared); `memory`: the
+    plan (with think/ when it is built) whose KV tokens, stub caps, encoder cache and LoRA fraction are rendered."""
     art, enc = plan.artifacts(root), engines.encoder
     with prog.step(f"building the TensorRT encoder engine (1…{enc.max_windows} windows)"):
         report.sections["encoder_engine"] = build_encoder_engine(
@@ -169,15 +170,18 @@ def build_engines_and_repository(plan: BuildPlan, engines: EnginePlans, root: Pa
                                                              root / "logs" / "trtllm-build.log")
     with prog.step("rendering the Triton model repository (TensorRT encoder in python + tensorrtllm)"):
         engine = read_decoder_engine(art / "engine")  # what trtllm-build actually built (its plugin_config)
-        options = backend_options(engine, TrtllmOptions(max_tokens_in_paged_kv_cache=kv_cache_tokens))
+        options = backend_options(engine, TrtllmOptions(max_tokens_in_paged_kv_cache=memory.kv_cache_tokens))
         report.gpu["guided_decoding"] = write_guided_decoding(plan, art, engine.vocab_size)
         spec = gpu_repo_spec(plan.checkpoint, plan.serving, engine_dir=art / "engine", tokenizer_dir="artifacts/lm",
                              encoder_max_windows=enc.max_windows, engine=engine, options=options,
                              engine_dir_at_serve=plan.gpu.engine_dir_at_serve or str(plan.artifacts() / "engine"),
                              guided_decoding=True)
-        spec = with_stub_caps(spec, stub_caps)  # build/memory_plan.py stub_caps → cuda_memory_cap_bytes
+        spec = with_stub_caps(spec, memory.stub_caps)  # build/memory_plan.py stub_caps → cuda_memory_cap_bytes
+        # the encoder's audio cache, sized by the memory plan inside its stub's cap (the decoder front's
+        # stream_interval_ms is ServingConfig's, set by build/repository.repo_spec)
+        spec = replace(spec, encoder_params={**spec.encoder_params, "cache_bytes": memory.encoder_cache})
         if prepared is not None:
-            spec = think.gpu_spec(spec, prepared, plan.artifacts())
+            spec = think.gpu_spec(spec, prepared, plan.artifacts(), memory)
         render_gpu_repository(repo_dir, spec, encoder_plan=art / "encoder.plan")
         if prepared is not None and prepared["encoder_onnx"]:
             shutil.move(str(art / "think_encoder.plan"), repo_dir / "encoder" / "1" / think.THINK_PLAN)
@@ -273,6 +277,11 @@ def preflight(plan: BuildPlan) -> MemoryPlan:
                              max_batch_size=plan.serving.max_batch_size,
                              max_audio_windows=plan.serving.max_audio_windows,
                              derived=trtllm.derived, gpu=plan.gpu_target)
+    return fitting(memory)
+
+
+def fitting(memory: MemoryPlan) -> MemoryPlan:
+    """The plan, or BuildError when it does not fit its GPU (build/memory_plan.py check_fits)."""
     try:
         check_fits(memory)
     except MemoryPlanError as e:
@@ -295,11 +304,15 @@ def build_from_prepared(out: Path) -> Path:
     plan = replace(plan, gpu=replace(plan.gpu, prepare_only=False), gpu_target=gpu_target)
     doctor_build_tools(False)
     memory = preflight(plan)
+    recorded = think.read_gpu(plan.artifacts(out))
+    if recorded is not None:
+        memory = fitting(think.memory(memory, recorded))
     prog, report = Progress(total=3), BuildReport()
+    report.gpu["memory_plan"] = memory.as_dict()  # the plan for the GPU here
     scratch = out / f".model_repository.building-{os.getpid()}"
     try:
         build_engines_and_repository(plan, engine_plans(plan, prepared["encoder_onnx"]), out, scratch, prog, report,
-                                     kv_cache_tokens=memory.kv_cache_tokens, stub_caps=memory.stub_caps)
+                                     memory=memory)
         report.sections["engines_built"] = {"unix": int(time.time()), "versions": versions(), "notes": notes}
         scratch.rename(out / "model_repository")
     except BaseException:

@@ -10,6 +10,12 @@ case and a PASS/FAIL line per output with its agreement figures; first, one PASS
 features against the CPU reference (check_features). Nothing is built. Exit status 0 when every output
 passes, 1 when one fails, 2 when one cannot be checked.
 
+Then the serving exercises (exercise(): what the golden prompts do not touch), one PASS/FAIL line each: a thinking
+request (when the build has think/), a stream (it joins to the whole answer, in fewer responses than tokens: the
+decoder front coalesces), a stop (a stream closed after its first response; the cancel model's stop reaches the
+tensorrtllm backend and is acknowledged), a 10-minute clip, and an encoder cache fill (more distinct 10-minute clips
+than the encoder's cache_bytes holds, then the first again). `--no-exercises` skips them.
+
 Pass rules (ours, judged: transformers' reference is not the engine's numerics): an unquantized decoder (bf16, fp16)
 must reproduce the first few tokens of every answer exactly and agree on at least a share of all positions;
 quantized decoders must agree on their first token and on at least a smaller share of positions (both per precision:
@@ -161,19 +167,122 @@ def preflight(out: Path) -> dict:
 
 
 def check_repository(repo: Path, goldens: Goldens, precision: str, *, log_path: Path | None = None,
-                     timeout: float = 600.0) -> Verdict:
-    """Serve `repo` on loopback, send every golden prompt (greedy, the goldens' max_tokens), compare."""
+                     timeout: float = 600.0, exercises: bool = True) -> tuple[Verdict, list[Exercise]]:
+    """Serve `repo` on loopback, send every golden prompt (greedy, the goldens' max_tokens), compare; then the serving
+    exercises (exercise) unless told not to."""
     from af3trt.runtime.client.library import AF3Client
     from af3trt.runtime.serve.server import TritonServer
 
-    verdict = Verdict(precision)
+    verdict, done = Verdict(precision), []
     with TritonServer(Path(repo), log_path=log_path) as srv:
         client = AF3Client(srv.grpc_url, timeout=timeout)
         for c in goldens.cases:
             got = client.ask(c.prompt, [c.audio.read_bytes()], max_tokens=goldens.max_tokens,
                              thinking=c.thinking or None).token_ids
             verdict.cases.append(Agreement(c.name, got, c.token_ids))
-    return verdict
+        if exercises and goldens.cases:
+            first = goldens.cases[0]
+            done = exercise(client, srv.grpc_url, repo, thinking=any(c.thinking for c in goldens.cases),
+                            prompt=first.prompt, audio=first.audio.read_bytes())
+    return verdict, done
+
+
+@dataclass
+class Exercise:
+    name: str
+    passed: bool
+    detail: str
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.detail} ({self.seconds:.1f} s)"
+
+
+def ten_minute_clip(variant: int = 0) -> bytes:
+    """A 10-minute WAV: the bundled speech tiled, one sample changed per variant (a new audio digest each)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from af3trt.runtime import assets
+    from af3trt.runtime.stages import lengths
+
+    wave, rate = sf.read(assets.speech_path(), dtype="float32")
+    n = int(lengths.MAX_WINDOWS * lengths.WINDOW_SECONDS * rate)
+    tiled = np.resize(wave, n)
+    tiled[variant % n] = 0.5 if tiled[variant % n] < 0 else -0.5
+    buf = io.BytesIO()
+    sf.write(buf, tiled, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def exercise(client, grpc_url: str, repo: Path, *, thinking: bool, prompt: str, audio: bytes,
+             max_tokens: int = 32) -> list[Exercise]:
+    """The serving exercises against a served repository (module docstring): each an Exercise, an error a FAIL."""
+    import time
+    import uuid
+
+    from af3trt.runtime.client.library import send_cancel
+    from af3trt.triton_repo import configs
+
+    out = []
+
+    def run(name, fn):
+        t0 = time.perf_counter()
+        try:
+            passed, detail = fn()
+        except Exception as e:  # noqa: BLE001 - a failed exercise is a FAIL line, the others still run
+            passed, detail = False, f"{type(e).__name__}: {e}"
+        out.append(Exercise(name, passed, detail, time.perf_counter() - t0))
+
+    def think():
+        a = client.ask(prompt, [audio], max_tokens=max_tokens, thinking=True, stream=False)
+        return bool(a.token_ids), f"{len(a.token_ids)} tokens"
+
+    def stream():
+        whole = client.ask(prompt, [audio], max_tokens=max_tokens, ignore_eos=True, stream=False)
+        streamed = client.ask(prompt, [audio], max_tokens=max_tokens, ignore_eos=True, stream=True)
+        same = streamed.token_ids == whole.token_ids
+        return (same and len(whole.token_ids) == max_tokens and streamed.chunks < len(whole.token_ids),
+                f"{len(streamed.token_ids)} tokens in {streamed.chunks} responses, equal to the whole answer: {same}")
+
+    def stop():
+        rid = f"gpu-check-{uuid.uuid4().hex}"
+        chunks = client.stream(prompt, [audio], max_tokens=max_tokens * 16, ignore_eos=True, request_id=rid)
+        first = next(iter(chunks))
+        chunks.close()  # the client cancels its stream and sends the cancel model the id
+        acknowledged = send_cancel(grpc_url, rid)  # again, now that it is closed: the backend acknowledges a stop
+        after = client.ask(prompt, [audio], max_tokens=4, stream=False)
+        return (acknowledged and bool(after.token_ids),
+                f"first response {len(first.token_ids)} tokens, stop acknowledged: {acknowledged}, next request "
+                f"answered: {bool(after.token_ids)}")
+
+    def long_clip():
+        t0 = time.perf_counter()
+        chunks = list(client.stream(prompt, [ten_minute_clip()], max_tokens=4, stream=False))
+        prompt_tokens = max(c.prompt_tokens for c in chunks)
+        answered = any(c.token_ids for c in chunks)
+        return (prompt_tokens >= 20 * 750 and answered,
+                f"prompt {prompt_tokens} tokens, answered: {answered}, {time.perf_counter() - t0:.1f} s")
+
+    def cache_fill():
+        enc = configs.parse((Path(repo) / "encoder" / "config.pbtxt").read_text())
+        fusion = configs.parse((Path(repo) / "fusion" / "config.pbtxt").read_text())
+        budget = int(enc.parameters["cache_bytes"].string_value or 0)
+        per_clip = 20 * 750 * int(fusion.parameters["hidden_size"].string_value) * 4
+        clips = budget // per_clip + 2
+        times = [client.ask(prompt, [ten_minute_clip(i + 1)], max_tokens=1, stream=False).latency_s
+                 for i in range(clips)]
+        again = client.ask(prompt, [ten_minute_clip(clips)], max_tokens=1, stream=False).latency_s
+        return True, (f"{clips} distinct 10-min clips past cache_bytes {budget / 2**20:.0f} MiB answered "
+                      f"({min(times):.1f}-{max(times):.1f} s each), the last again in {again:.1f} s")
+
+    if thinking:
+        run("thinking", think)
+    for name, fn in (("stream", stream), ("stop", stop), ("10-minute clip", long_clip), ("cache fill", cache_fill)):
+        run(name, fn)
+    return out
 
 
 def check_features(device: str = "cuda") -> tuple[bool, str]:
@@ -203,6 +312,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outputs", nargs="+", type=Path, help="build outputs (engines built), one precision each")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
+    ap.add_argument("--no-exercises", dest="exercises", action="store_false",
+                    help="only the golden prompts (no thinking/stream/stop/10-minute/cache-fill exercises)")
     args = ap.parse_args(argv)
     from af3trt.runtime.engines.gpus import detect_gpu
 
@@ -226,10 +337,13 @@ def main(argv=None) -> int:
     for out, pre in checks:
         print(f"checking {out} ({pre['precision']}) on {gpu.name}: {len(pre['goldens'].cases)} golden prompts, "
               f"reference {pre['goldens'].reference}", flush=True)
-        verdict = check_repository(pre["repository"], pre["goldens"], pre["precision"],
-                                   log_path=out / "gpu-check.tritonserver.log", timeout=args.timeout)
+        verdict, done = check_repository(pre["repository"], pre["goldens"], pre["precision"],
+                                         log_path=out / "gpu-check.tritonserver.log", timeout=args.timeout,
+                                         exercises=args.exercises)
         print(report(out, verdict, pre["predicted_agreement"]), flush=True)
-        failed |= not verdict.passed
+        for e in done:
+            print(e.line(), flush=True)
+        failed |= not verdict.passed or not all(e.passed for e in done)
     return 1 if failed else 0
 
 

@@ -13,19 +13,28 @@ kv_cache_free_gpu_mem_fraction"), sized for what the decoder can hold at once.
 
 What one GPU holds (rank 0 also runs the encoder model):
 
-    encoder    weights (engine dtype) + activation peak of its largest profile: encoder_activation_bytes(windows,
-               frames), an upper bound that materializes the attention scores (TensorRT may fuse them; the real
-               figure is ICudaEngine.device_memory_size of the built plan)
+    encoder    weights (engine dtype; think/'s encoder variant a second engine) + activation peak of its largest
+               profile: encoder_activation_bytes(windows, frames), an upper bound that materializes the attention
+               scores (TensorRT may fuse them; the real figure is ICudaEngine.device_memory_size_v2 of the built plan).
+               Both engines' contexts run on ONE activation buffer the stub allocates with torch (USER_MANAGED:
+               runtime/engines/trt_runner.py), so the activations sit under the encoder stub's cap
     decoder    weights / tp + activations for max_num_tokens (TensorRT sizes activations for the largest profile at
                build time: docs/source/reference/memory.md "Activation size") + the prompt-table buffer
     KV cache   max_batch_size x max_seq_len tokens in whole blocks (guaranteed_no_evict reserves a request's whole
                sequence), / tp per rank
+    LoRA cache think/'s adapter on the device (with_think): TensorRT-LLM allocates lora_cache_gpu_memory_fraction of
+               the memory free when its executor starts, before the KV cache (trtGptModelInflightBatching.cpp); the
+               build renders the fraction from the adapter's size at the least free memory and counts the most it
+               can take (build/trtllm_lora.py)
     pool       Triton's CUDA memory pool on the ensemble's GPU (cuda_pool_bytes): taken at server start, before the
                decoder sizes its KV cache
     contexts   one CUDA context per process on GPU 0: tritonserver (the tensorrtllm backend runs in it) and the
-               python stubs of preprocess, encoder and fusion (CUDA_PROCESSES; an estimate per context)
+               python stubs of preprocess, encoder, fusion and the decoder front (which takes the prompt table where
+               it is, on the GPU) (CUDA_PROCESSES; an estimate per context)
     stubs      what each stub's torch caching allocator may hold (stub_caps), capped in the stub with
-               torch.cuda.set_per_process_memory_fraction so a request cannot take the decoder's KV memory
+               torch.cuda.set_per_process_memory_fraction so a request cannot take the decoder's KV memory; the
+               encoder's cap holds its outputs, its audio cache (encoder_cache_bytes, rendered as cache_bytes) and
+               the TensorRT activation buffer
     reserve    cuBLAS/NCCL workspaces: an estimate
 
 The encoder's window profile is sized from what the decoder can take per iteration: without chunked context a
@@ -35,7 +44,8 @@ audio cannot enter the decoder in one iteration; but one request's windows arriv
 never split, so the profile takes at least max_audio_windows.
 
 Every figure is computed, not measured: the plan is checked against the declared GPU's memory and written into the
-manifest and docs/sizing.md; measure on the GPU.
+manifest and docs/sizing.md; measure on the GPU. `processes(plan)` is the same total per process: what each process
+on GPU 0 can allocate.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from af3trt.build import sizing
@@ -60,9 +70,9 @@ GIB = 1024**3
 RUNTIME_RESERVE_BYTES = 1 * GIB  # library workspaces (cuBLAS, NCCL): an estimate
 # Processes with a CUDA context on GPU 0: tritonserver (tensorrtllm backend) + the preprocess, encoder, fusion stubs
 # (every python-backend model instance is its own stub process: python_backend README, "each model instance ... in a
-# separate process"). 512 MiB per context is an estimate (CUDA 12's lazy module loading keeps it well below the
+# separate process"), and the decoder front, which opens the GPU tensors it is handed (CUDA IPC). 512 MiB per context is an estimate (CUDA 12's lazy module loading keeps it well below the
 # eager figure); measure with nvidia-smi on the GPU.
-CUDA_PROCESSES = ("tritonserver", "preprocess", "encoder", "fusion")
+CUDA_PROCESSES = ("tritonserver", "preprocess", "encoder", "fusion", "decoder_front")
 CUDA_CONTEXT_BYTES = 512 * 1024**2
 STUB_FLOOR_BYTES = 256 * 1024**2  # no stub is capped below this (kernels, cuFFT plans, small tensors)
 KV_FREE_FRACTION = 0.9  # the tensorrtllm backend's kv_cache_free_gpu_mem_fraction we still send (min() with tokens)
@@ -84,7 +94,7 @@ class MemoryPlan:
     encoder_windows: int  # the encoder profile's max windows
     encoder_frames: int  # mel frames per window in that profile
     encoder_weights: int
-    encoder_activations: int
+    encoder_activations: int  # one buffer for both encoder engines, inside the encoder stub's cap
     decoder_weights: int  # per rank
     decoder_activations: int  # per rank
     prompt_table: int
@@ -95,12 +105,38 @@ class MemoryPlan:
     stub_memory: int  # sum of stub_caps
     stub_caps: dict  # {python model: bytes its torch allocator may hold on GPU 0}
     reserve: int
-    total: int  # on rank 0 (encoder + decoder rank 0 + reserve)
+    total: int  # on rank 0: the sum of processes(plan)
     fits: bool | None  # None: no GPU known
     kv_within_free_fraction: bool | None  # KV <= fraction x (GPU - everything else): safe whatever the load order
+    encoder_cache: int = 0  # the encoder's audio cache (its cache_bytes), inside the encoder stub's cap
+    think_encoder_weights: int = 0  # think/'s encoder variant (with_think)
+    lora_device_cache: int = 0  # the most TensorRT-LLM's LoRA device cache can take (with_think)
+    lora_cache_gpu_memory_fraction: float | None = None  # rendered for it (None: no GPU known, the backend's 0.05)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "processes": processes(self)}
+
+
+# the parts of the total, by the process that allocates them (stub_memory is each stub's cap)
+SUMMED = ("encoder_weights", "think_encoder_weights", "decoder_weights", "decoder_activations", "prompt_table",
+          "kv_cache", "lora_device_cache", "cuda_memory_pool", "cuda_contexts", "stub_memory", "reserve")
+
+
+def processes(plan: MemoryPlan) -> dict[str, dict[str, int]]:
+    """{process on GPU 0: {what it allocates: bytes}}, adding up to plan.total: tritonserver (the tensorrtllm backend
+    and Triton's pool), each python stub (its CUDA context and its capped torch allocator; the encoder also
+    TensorRT's engine weights)."""
+    ctx, caps = plan.cuda_contexts // len(CUDA_PROCESSES), plan.stub_caps
+    out = {"tritonserver": {"CUDA context": ctx, "decoder weights": plan.decoder_weights,
+                            "decoder activations": plan.decoder_activations, "prompt-table buffer": plan.prompt_table,
+                            "KV cache": plan.kv_cache, "LoRA device cache": plan.lora_device_cache,
+                            "Triton CUDA memory pool": plan.cuda_memory_pool, "library workspaces": plan.reserve},
+           "encoder": {"CUDA context": ctx, "TensorRT engine weights": plan.encoder_weights + plan.think_encoder_weights,
+                       "torch, capped": caps.get("encoder", 0)}}
+    for stub in CUDA_PROCESSES:
+        if stub not in out:
+            out[stub] = {"CUDA context": ctx, **({"torch, capped": caps[stub]} if stub in caps else {})}
+    return out
 
 
 def encoder_activation_bytes(e: EncoderDims, windows: int, frames: int = lengths.WINDOW_FRAMES,
@@ -160,13 +196,21 @@ def cuda_pool_bytes(d: DecoderDims, prompt_table_rows: int) -> int:
     return prompt_table_rows * d.hidden * (4 + DTYPE_BYTES) + mel + TRITON_DEFAULT_POOL_BYTES
 
 
-def stub_caps(d: DecoderDims, max_audio_windows: int, encoder_windows: int) -> dict[str, int]:
+def encoder_cache_bytes(d: DecoderDims, max_audio_windows: int) -> int:
+    """The encoder's audio cache (runtime/stages/audio_cache.py, on the device on the GPU target): one request's
+    windows of projector rows [750, H] f32, so that a clip sent again skips the encoder (a 10-min AF3 clip: 215 MB)."""
+    return max_audio_windows * lengths.EMBEDS_PER_WINDOW * d.hidden * 4
+
+
+def stub_caps(d: DecoderDims, max_audio_windows: int, encoder_windows: int, *, encoder_activations: int = 0,
+              encoder_cache: int = 0) -> dict[str, int]:
     """What each python stub's torch caching allocator may hold on GPU 0, for one execution at a time (one instance
     each), doubled for the allocator's rounding and fragmentation, at least STUB_FLOOR_BYTES:
       preprocess  per window of a request: the padded wave [480000] f32, the STFT [201, 3001] complex64, |X|^2
                   [201, 3000] f32, mel and features [128, 3000] f32 each (kernels/logmel.py)
-      encoder     its output [windows, 750, H] f32 for the engine profile's windows (TensorRT's own activation
-                  memory is the engine's allocation, counted in encoder_activations)
+      encoder     its output [windows, 750, H] f32 for the engine profile's windows; then, not doubled, its audio
+                  cache (encoder_cache) and the one TensorRT activation buffer both engines run on (the engine's
+                  device_memory_size_v2, at most encoder_activations)
       fusion      one request's table [rows, H] in the engine dtype and the torch path's f32 temporary
     """
     window = (lengths.WINDOW_SAMPLES + 201 * (lengths.WINDOW_FRAMES + 1) * 2 + 201 * lengths.WINDOW_FRAMES
@@ -175,7 +219,9 @@ def stub_caps(d: DecoderDims, max_audio_windows: int, encoder_windows: int) -> d
     need = {"preprocess": max_audio_windows * window,
             "encoder": encoder_windows * lengths.EMBEDS_PER_WINDOW * d.hidden * 4,
             "fusion": rows * d.hidden * (DTYPE_BYTES + 4)}
-    return {k: max(STUB_FLOOR_BYTES, 2 * v) for k, v in need.items()}
+    caps = {k: max(STUB_FLOOR_BYTES, 2 * v) for k, v in need.items()}
+    caps["encoder"] += encoder_cache + encoder_activations
+    return caps
 
 
 def kv_cache_tokens(max_batch_size: int, max_seq_len: int, tokens_per_block: int = TOKENS_PER_BLOCK) -> int:
@@ -192,12 +238,14 @@ def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str
     kv_tokens = kv_cache_tokens(max_batch_size, max_seq_len)
     if max_audio_windows is None:  # one request's windows: the batch-wide table's share
         max_audio_windows = math.ceil(prompt_table_rows / max_batch_size / lengths.EMBEDS_PER_WINDOW)
-    caps = stub_caps(d, max_audio_windows, encoder_windows)
     kv_rank = kv_tokens * kv_bytes_per_token(d, kv_cache) // tp_size
     enc_bytes = GPU_ENCODER_PRECISIONS[encoder_precision].activation_bytes
+    activations = encoder_activation_bytes(e, encoder_windows, encoder_frames, enc_bytes)
+    cache = encoder_cache_bytes(d, max_audio_windows)
+    caps = stub_caps(d, max_audio_windows, encoder_windows, encoder_activations=activations, encoder_cache=cache)
     parts = {
         "encoder_weights": encoder_weight_bytes(e, enc_bytes if encoder_precision != "int8" else 1),
-        "encoder_activations": encoder_activation_bytes(e, encoder_windows, encoder_frames, enc_bytes),
+        "encoder_activations": activations, "encoder_cache": cache,
         "decoder_weights": decoder_weight_bytes(d, precision) // tp_size,
         "decoder_activations": decoder_activation_bytes(d, max_num_tokens, max_batch_size, tp_size),
         "prompt_table": prompt_table_rows * d.hidden * DTYPE_BYTES,
@@ -205,14 +253,39 @@ def plan_memory(d: DecoderDims, e: EncoderDims, *, precision: str, kv_cache: str
         "cuda_contexts": len(CUDA_PROCESSES) * CUDA_CONTEXT_BYTES, "stub_memory": sum(caps.values()),
         "reserve": reserve_bytes,
     }
-    total = sum(parts.values())
+    return _totalled(MemoryPlan(gpu=gpu_name, gpu_bytes=gpu_bytes, tp_size=tp_size, encoder_windows=encoder_windows,
+                                encoder_frames=encoder_frames, kv_cache_tokens=kv_tokens, total=0, fits=None,
+                                kv_within_free_fraction=None, stub_caps=caps, **parts))
+
+
+def _totalled(plan: MemoryPlan) -> MemoryPlan:
+    """The plan with its total (SUMMED) and the fit checks made against its GPU."""
+    total = sum(getattr(plan, k) for k in SUMMED)
     fits = kv_ok = None
-    if gpu_bytes is not None:
-        fits = total <= gpu_bytes
-        kv_ok = kv_rank <= KV_FREE_FRACTION * (gpu_bytes - (total - kv_rank))
-    return MemoryPlan(gpu=gpu_name, gpu_bytes=gpu_bytes, tp_size=tp_size, encoder_windows=encoder_windows,
-                      encoder_frames=encoder_frames, kv_cache_tokens=kv_tokens, total=total, fits=fits,
-                      kv_within_free_fraction=kv_ok, stub_caps=caps, **parts)
+    if plan.gpu_bytes is not None:
+        fits = total <= plan.gpu_bytes
+        kv_ok = plan.kv_cache <= KV_FREE_FRACTION * (plan.gpu_bytes - (total - plan.kv_cache))
+    return replace(plan, total=total, fits=fits, kv_within_free_fraction=kv_ok)
+
+
+def with_think(plan: MemoryPlan, *, encoder_variant: bool, lora=None) -> MemoryPlan:
+    """The plan with what think/ adds (build/think.py): a second encoder engine's weights (its activations share the
+    first engine's buffer), and TensorRT-LLM's LoRA device cache. lora: build/trtllm_lora.LoraPages of the adapter in
+    the engine's dtype. The device cache takes lora_cache_gpu_memory_fraction of the memory free when the executor
+    starts (peftCacheManager.cpp getDeviceCacheByteBudget / getMaxNumSlots: fraction x (free + the pool's free)), before
+    the KV cache: at least everything but the KV cache is taken then, at most nothing; the fraction is rendered for
+    the least free memory and the most it can take (the whole GPU free, whole pages) is counted."""
+    from af3trt.build import trtllm_lora
+
+    plan = _totalled(replace(plan, think_encoder_weights=plan.encoder_weights if encoder_variant else 0,
+                             lora_device_cache=0, lora_cache_gpu_memory_fraction=None))
+    if lora is None or plan.gpu_bytes is None:
+        return plan
+    least_free = max(1, plan.gpu_bytes - (plan.total - plan.kv_cache))
+    fraction = trtllm_lora.device_fraction(lora, least_free)
+    fraction = float(trtllm_lora.fraction_text(fraction))  # exactly what the backend will read
+    return _totalled(replace(plan, lora_cache_gpu_memory_fraction=fraction,
+                             lora_device_cache=lora.device_cache_bytes(fraction, plan.gpu_bytes)))
 
 
 def check_fits(plan: MemoryPlan) -> None:
@@ -230,17 +303,18 @@ def check_fits(plan: MemoryPlan) -> None:
 
 
 def render_line(plan: MemoryPlan) -> str:
-    return ", ".join(f"{k.replace('_', ' ')} {getattr(plan, k) / GIB:.2f} GiB" for k in
-                     ("encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations",
-                      "prompt_table", "kv_cache", "cuda_memory_pool", "cuda_contexts", "stub_memory", "reserve"))
+    return ", ".join(f"{k.replace('_', ' ')} {getattr(plan, k) / GIB:.2f} GiB" for k in SUMMED if getattr(plan, k))
 
 
 def _yes(v: bool | None) -> str:
     return "yes" if v else "no"
 
 
-# the plan's tables (build/tables.py writes them): its parts, and the GPUs it fits
+# the plan's tables (build/tables.py writes them): its parts, each process's share, and the GPUs it fits
 PLAN = [Column("", "part"), Column("GiB", "bytes", lambda b: f"{b / GIB:.2f}", right=True), Column("", "note")]
+PROCESSES = [Column("process", "process"),
+             Column("GiB", lambda r: sum(r["parts"].values()) / GIB, "{:.2f}", right=True),
+             Column("of which", lambda r: ", ".join(f"{k} {v / GIB:.2f}" for k, v in r["parts"].items() if v))]
 FITS = [Column("GPU", lambda r: f"{r['plan'].gpu} (`--gpu {r['key']}`)"),
         Column("memory", lambda r: r["plan"].gpu_bytes / GIB, "{:.1f} GiB", right=True),
         Column("fits", lambda r: _yes(r["plan"].fits)),
@@ -248,28 +322,37 @@ FITS = [Column("GPU", lambda r: f"{r['plan'].gpu} (`--gpu {r['key']}`)"),
 
 
 def plan_rows(plan: MemoryPlan) -> list[dict]:
-    """The plan's parts as records: part, bytes, note; the total last."""
-    rows = [("encoder weights", plan.encoder_weights, ""),
-            ("encoder activations", plan.encoder_activations,
-             f"largest profile: {plan.encoder_windows} windows x {plan.encoder_frames} frames (unfused upper bound)"),
+    """The plan's parts that it has as records: part, bytes, note; the total last."""
+    encoder_cap = plan.stub_caps.get("encoder", 0)
+    rows = [("encoder weights", plan.encoder_weights, "TensorRT engine"),
+            ("think/ encoder weights", plan.think_encoder_weights, "its encoder variant, a second engine"),
             ("decoder weights", plan.decoder_weights, f"per rank (tp {plan.tp_size})"),
             ("decoder activations", plan.decoder_activations, "estimate for max_num_tokens + float32 logits"),
             ("prompt-table buffer", plan.prompt_table, "max_prompt_embedding_table_size x hidden"),
             ("KV cache", plan.kv_cache, f"max_tokens_in_paged_kv_cache = {plan.kv_cache_tokens:,}"),
+            ("LoRA device cache", plan.lora_device_cache,
+             f"think/'s adapter; lora_cache_gpu_memory_fraction {plan.lora_cache_gpu_memory_fraction}"),
             ("Triton CUDA memory pool", plan.cuda_memory_pool,
              "ensemble intermediates of every request in flight (--cuda-memory-pool-byte-size)"),
             ("CUDA contexts", plan.cuda_contexts,
              f"{len(CUDA_PROCESSES)} processes on GPU 0 ({', '.join(CUDA_PROCESSES)}), estimate"),
             ("python stubs' torch memory", plan.stub_memory,
-             "capped per stub: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.stub_caps.items())),
+             "capped per stub: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.stub_caps.items())
+             + f"; the encoder's holds its audio cache ({plan.encoder_cache / GIB:.2f}) and the TensorRT activation "
+               f"buffer ({plan.encoder_activations / GIB:.2f}, largest profile: {plan.encoder_windows} windows x "
+               f"{plan.encoder_frames} frames, unfused upper bound) of {encoder_cap / GIB:.2f}"),
             ("reserve", plan.reserve, "library workspaces (estimate)"),
             ("**total on GPU 0**", plan.total, "" if plan.gpu_bytes is None else
              f"of {plan.gpu_bytes / GIB:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}")]
-    return [{"part": part, "bytes": b, "note": note} for part, b, note in rows]
+    return [{"part": part, "bytes": b, "note": note} for part, b, note in rows if b or part.startswith("**")]
 
 
 def render_markdown(plan: MemoryPlan, title: str, rows: list[dict] | None = None) -> str:
-    return "\n".join([f"### {title}", "", *markdown_table(PLAN, rows or plan_rows(plan))]) + "\n"
+    """The plan's table and its per-process table (the same total)."""
+    procs = [{"process": proc, "parts": parts} for proc, parts in processes(plan).items()]
+    return "\n".join([f"### {title}", "", *markdown_table(PLAN, rows or plan_rows(plan)), "",
+                      "Per process (what each can allocate on GPU 0; the same total):", "",
+                      *markdown_table(PROCESSES, procs)]) + "\n"
 
 
 def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_precision: str, tp_size: int,
@@ -288,15 +371,22 @@ def plan_for_config(config: dict, *, precision: str, kv_cache: str, encoder_prec
                        gpu_bytes=None if gpu is None else gpu.memory_bytes)
 
 
+def default_plan(config: dict, gpu=None, *, precision: str = "bf16", kv_cache: str = "auto") -> MemoryPlan:
+    """The plan of `af3trt build --target gpu` with its default serving limits (fp16 encoder, tp 1) for `config`."""
+    limits = ServingConfig()
+    derived = plan_trtllm_build("checkpoint", "engine", limits, precision, kv_cache,
+                                limits.window_tokens_per_request).derived
+    return plan_for_config(config, precision=precision, kv_cache=kv_cache, encoder_precision="fp16", tp_size=1,
+                           max_batch_size=limits.max_batch_size, max_audio_windows=limits.max_audio_windows,
+                           derived=derived, gpu=gpu)
+
+
 def default_build_plans(config: dict, gpus: dict, *, precision: str = "bf16", kv_cache: str = "auto") -> str:
     """docs/sizing.md's memory plan: `af3trt build --target gpu` with its default serving limits, per GPU."""
     limits = ServingConfig()
     derived = plan_trtllm_build("checkpoint", "engine", limits, precision, kv_cache,
                                 limits.window_tokens_per_request).derived
-    plans = {key: plan_for_config(config, precision=precision, kv_cache=kv_cache, encoder_precision="fp16",
-                                  tp_size=1, max_batch_size=limits.max_batch_size,
-                                  max_audio_windows=limits.max_audio_windows, derived=derived, gpu=gpu)
-             for key, gpu in gpus.items()}
+    plans = {key: default_plan(config, gpu, precision=precision, kv_cache=kv_cache) for key, gpu in gpus.items()}
     first = next(iter(plans.values()))
     title = (f"Memory plan of the default GPU build ({precision}, KV cache {kv_cache}, fp16 encoder, tp 1, "
              f"{limits.max_batch_size} requests of {limits.max_audio_seconds:g} s audio + {limits.max_text_len} text "

@@ -92,9 +92,10 @@ class ServingConfig:
     encoder_windows_per_run: int = field(default=EncoderParams.max_windows_per_run, metadata=flag(
         "CPU: windows per ONNX Runtime run (0: all at once; 2-4 keep a 10-min request's attention buffers in cache: "
         "measured 1.3-2x faster per window than 10 at once)", targets=CPU))
+    # both targets: the CPU decoder coalesces its own streams, the GPU target's decoder front the tensorrtllm backend's
     stream_interval_ms: int = field(default=DecoderParams.stream_interval_ms, metadata=flag(
-        "CPU: streamed tokens that come faster than one per this many ms share a response (the first token always "
-        "goes alone; 0: one response per token)", targets=CPU))
+        "the CPU decoder and the GPU target's decoder front: streamed tokens that come faster than one per this many "
+        "ms share a response (the first token always goes alone; 0: one response per token)"))
     cpu_threads: int = field(default=0, metadata=flag(
         "CPU: threads per ONNX Runtime / torch model: encoder, decoder (0: their defaults)", targets=CPU))
     encoder_threads: int | None = field(default=None, metadata=flag(
@@ -245,6 +246,10 @@ class BuildOptions:
     # the serving-path benchmark (runtime/engines/stand_in.py, perf/serving_path.py): > 0 renders stand-ins for the encoder and
     # decoder that cost nothing and make tokens at this many per second per request
     stand_in_tokens_per_s: float = 0.0
+    # CPU target with stand-ins: the GPU target's ensemble shape (the decoder front, at the serving
+    # stream_interval_ms, calling a decoder that answers one response per token as the tensorrtllm backend does), for
+    # `af3trt bench --serving-path`
+    decoder_front: bool = False
     # GPU target (build/gpu_build.py)
     gpu: GpuOptions | None = None
 
@@ -499,6 +504,9 @@ def check_options(opts: BuildOptions) -> None:
         raise BuildError(str(e)) from None
     if opts.stand_in_tokens_per_s and opts.target != "cpu":
         raise BuildError("--stand-in-tokens-per-s is for the CPU target (the GPU target's models are TensorRT's)")
+    if opts.decoder_front and not opts.stand_in_tokens_per_s:
+        raise BuildError("--decoder-front renders the GPU target's decoder front on a CPU build of stand-ins (the GPU "
+                         "target always has it): give --stand-in-tokens-per-s")
     if opts.target == "cpu":
         opts.encoder_precision = opts.encoder_precision or "fp32"
         if opts.encoder_precision not in CPU_ENCODER_PRECISIONS:

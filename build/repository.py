@@ -15,7 +15,7 @@ from pathlib import Path
 
 from af3trt.build.plan import CheckpointFacts, ServingConfig
 from af3trt.runtime.stages.contract import STAGES
-from af3trt.runtime.stages.params import StageParams, record_of
+from af3trt.runtime.stages.params import DecoderFrontParams, StageParams, record_of
 from af3trt.triton_repo import configs
 from af3trt.triton_repo.configs import RepoSpec
 
@@ -42,6 +42,9 @@ def repo_spec(checkpoint: CheckpointFacts, serving: ServingConfig, *, target: st
     own = {"preprocess": backend.pop("preprocess_params", {}), "encoder": encoder_params, "decoder": decoder_params,
            "fusion": {"tokenizer_dir": tokenizer_dir}, "postprocess": {"tokenizer_dir": tokenizer_dir}}
     params = {f"{m}_params": {**serving_params(s, record_of(m, target), target), **own[m]} for m in STAGES}
+    # the GPU target's decoder step (and the CPU's in the serving-path benchmark's GPU shape): triton_repo/decoder_front
+    params["decoder_front_params"] = {**serving_params(s, DecoderFrontParams, target),
+                                      **backend.pop("decoder_front_params", {})}
     return RepoSpec(
         target=target, decoder_dtype=decoder_dtype, vocab_size=vocab_size, hidden_size=checkpoint.text_hidden_size,
         end_id=checkpoint.end_id, pad_id=checkpoint.pad_id, stop_ids=checkpoint.stop_ids,

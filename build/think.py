@@ -73,17 +73,19 @@ def build_cpu(think, hf_model: Path, art: Path, report) -> dict[str, dict[str, o
 # container without export/'s dependencies) builds and wires it without reading think/ again.
 GPU_RECORD = "think/gpu.json"
 THINK_PLAN = "think.plan"  # the think encoder's TensorRT engine, beside model.plan in encoder/1/
+LORA_DIR = "think/lora"  # under artifacts/: <task id>/model.lora_{weights,config}.npy in the engine's dtype
 
 
-def prepare_gpu(think, plan, art: Path, calib=None) -> dict:
-    """The GPU half's artifacts of think/: the LoRA converted for the tensorrtllm backend (lora_prefetch_dir layout),
-    the trtllm-build LoRA flags, and the think encoder ONNX (prepared for the plan's encoder precision) when think/
-    overrides the audio side. One engine serves both modes (build/trtllm_lora.py says why)."""
+def prepare_gpu(think, plan, art: Path, engine_dtype: str, calib=None) -> dict:
+    """The GPU half's artifacts of think/: the LoRA in the engine's dtype (engine_dtype: the TensorRT-LLM checkpoint's),
+    the trtllm-build LoRA flags, the LoRA cache's page arithmetic, and the think encoder ONNX (prepared for the plan's
+    encoder precision) when think/ overrides the audio side. One engine serves both modes (build/trtllm_lora.py says
+    why); a float16 engine preloads the adapter, any other is sent it by the decoder front."""
     from af3trt.build import trtllm_lora
     from af3trt.export.onnx_export import export_encoder
     from af3trt.export.onnx_quant import prepare_encoder
 
-    record = {"task_id": THINK_TASK_ID, "encoder_onnx": None, "trtllm_build_flags": [], "decoder_parameters": {},
+    record = {"task_id": THINK_TASK_ID, "encoder_onnx": None, "trtllm_build_flags": [], "lora": None,
               "summary": think.summary()}
     if think.encoder_overrides:
         export_encoder(plan.hf_model, art / "think" / "encoder.onnx", overrides=think.encoder_overrides)
@@ -91,16 +93,13 @@ def prepare_gpu(think, plan, art: Path, calib=None) -> dict:
                                   calib=calib, hf_dir=plan.hf_model)
         record["encoder_onnx"] = f"artifacts/{onnx.relative_to(art)}"
     if think.lora:
-        trtllm_lora.write_prefetch(think, art / "think" / "lora_prefetch", THINK_TASK_ID)
-        record["trtllm_build_flags"] = trtllm_lora.build_flags(think, _trtllm_dtype(plan.checkpoint.dtype))
-        record["decoder_parameters"] = trtllm_lora.decoder_parameters("think/lora_prefetch", think)
-        record["lora_adapter_bytes"] = trtllm_lora.adapter_bytes(think)
+        trtllm_lora.write_adapter(think, art / LORA_DIR, THINK_TASK_ID, engine_dtype)
+        record["trtllm_build_flags"] = trtllm_lora.build_flags(think, engine_dtype)
+        pages = trtllm_lora.pages(think, engine_dtype, plan.checkpoint.text["num_hidden_layers"])
+        record["lora"] = {"dir": LORA_DIR, "dtype": engine_dtype, "rank": think.rank,
+                          "preloaded": engine_dtype in trtllm_lora.PREFETCH_DTYPES, "pages": pages.as_dict()}
     (art / GPU_RECORD).write_text(json.dumps(record, indent=2))
     return record
-
-
-def _trtllm_dtype(checkpoint_dtype: str | None) -> str:
-    return {"bfloat16": "bfloat16", "float16": "float16"}.get(checkpoint_dtype or "", "float16")
 
 
 def read_gpu(art: Path) -> dict | None:
@@ -108,27 +107,42 @@ def read_gpu(art: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def gpu_spec(spec, record: dict, art_at_serve: Path):
-    """The GPU RepoSpec with think/ wired: the decoder's LoRA prefetch dir and cache, the encoder's think plan, the
-    fusion's thinking switch and task id (the decoder's by tensorrtllm's names, the others by their records')."""
+def lora_pages(record: dict):
+    """The adapter's build/trtllm_lora.LoraPages from the record, or None without an adapter."""
+    from af3trt.build.trtllm_lora import LoraPages
+
+    return None if not record.get("lora") else LoraPages(**record["lora"]["pages"])
+
+
+def memory(memory_plan, record: dict):
+    """The GPU memory plan with think/ (build/memory_plan.py with_think): the encoder variant's weights and the LoRA
+    device cache."""
+    from af3trt.build.memory_plan import with_think
+
+    return with_think(memory_plan, encoder_variant=bool(record["encoder_onnx"]), lora=lora_pages(record))
+
+
+def gpu_spec(spec, record: dict, art_at_serve: Path, memory_plan=None):
+    """The GPU RepoSpec with think/ wired: the decoder's LoRA cache (and, float16, its preloaded adapter), the decoder
+    front's adapter, the encoder's think plan, the fusion's thinking switch and task id. memory_plan: the plan with
+    think (memory()), whose LoRA device fraction is rendered."""
     from dataclasses import replace
 
-    decoder = dict(record["decoder_parameters"])
-    if "lora_prefetch_dir" in decoder:
-        decoder["lora_prefetch_dir"] = str(Path(art_at_serve) / decoder["lora_prefetch_dir"])
-    fusion = {"think": True, **({"think_lora_task_id": int(record["task_id"])} if decoder else {})}
+    from af3trt.build import trtllm_lora
+
+    decoder, front = {}, {}
+    lora = record.get("lora")
+    if lora:
+        folder = str(Path(art_at_serve) / lora["dir"])
+        fraction = None if memory_plan is None else memory_plan.lora_cache_gpu_memory_fraction
+        decoder = trtllm_lora.decoder_parameters(lora["rank"], lora_pages(record),
+                                                 prefetch_dir=folder if lora["preloaded"] else None,
+                                                 gpu_fraction=fraction)
+        front = {"lora_dir": folder, "lora_task": int(record["task_id"]), "lora_dtype": lora["dtype"],
+                 "lora_preloaded": bool(lora["preloaded"])}
+    fusion = {"think": True, **({"think_lora_task_id": int(record["task_id"])} if lora else {})}
     encoder = {"think_plan_file": THINK_PLAN} if record["encoder_onnx"] else {}
     return replace(spec, decoder_params={**spec.decoder_params, **decoder},
+                   decoder_front_params={**spec.decoder_front_params, **front},
                    encoder_params={**spec.encoder_params, **encoder},
                    fusion_params={**spec.fusion_params, **fusion})
-
-
-def memory(memory_plan: dict, record: dict) -> dict:
-    """What thinking adds to the GPU memory plan: a second encoder engine (its weights again) and the LoRA cache
-    (the backend's lora_cache_gpu_memory_fraction of the memory left after the engine and the KV cache, at least the
-    converted adapter)."""
-    extra = (memory_plan["encoder_weights"] if record["encoder_onnx"] else 0) + record.get("lora_adapter_bytes", 0)
-    return {"think_encoder_weights": memory_plan["encoder_weights"] if record["encoder_onnx"] else 0,
-            "lora_adapter_bytes": record.get("lora_adapter_bytes", 0),
-            "lora_cache_gpu_memory_fraction": record["decoder_parameters"].get("lora_cache_gpu_memory_fraction"),
-            "total_with_think": memory_plan["total"] + extra}

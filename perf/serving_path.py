@@ -48,7 +48,8 @@ from af3trt.runtime.host.proc import cpu_seconds, stub_names
 log = logging.getLogger("af3trt.bench.serving_path")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVING_PATH = ("tritonserver", "preprocess", "fusion", "postprocess")  # on CPUs on the GPU target too
+# on CPUs on the GPU target too (the decoder front: builds with it, the GPU target's ensemble shape)
+SERVING_PATH = ("tritonserver", "preprocess", "fusion", "decoder_front", "postprocess")
 PROMPT = "What is said in the audio?"
 LOAD_TIMEOUT_S = 300.0  # a request's gRPC deadline: a server that died fails the load instead of hanging it
 
@@ -67,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stream-interval-ms", default="50",
                     help="builds measured side by side, by their stream interval, e.g. 0,50 (streamed tokens faster "
                          "than one per this many ms share a response; 0: one response per token, as before "
-                         "coalescing: at 300 tokens/s its tritonserver 2.51 aborted twice here, docs/performance.md)")
+                         "coalescing: at 300 tokens/s its tritonserver 2.51 aborted twice here, docs/performance.md); "
+                         "front:N is the GPU target's shape, the decoder front coalescing at N ms in front of a "
+                         "decoder that sends one response per token (0 alone is that shape without the front)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64,
                     help="requests per load (CPU time is read in 10-ms clock ticks: 64 requests resolve 0.16 ms per "
@@ -227,13 +230,29 @@ def summarize(rounds: list[dict[str, dict]], front: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float, stream_interval_ms: int) -> Path:
-    """The CPU build the loads run on: stand-ins at tokens_per_s (0: the checkpoint's real models)."""
+def variant(name: str | int) -> tuple[int, bool]:
+    """A --stream-interval-ms entry: (interval ms, with the decoder front) from "50" or "front:50"."""
+    front, _, ms = str(name).strip().rpartition(":")
+    if front not in ("", "front"):
+        raise ValueError(f"a build is N or front:N, got {name!r}")
+    return int(ms), front == "front"
+
+
+def label(name: str | int) -> str:
+    ms, front = variant(name)
+    return f"front {ms} ms" if front else f"{ms} ms"
+
+
+def build_stand_in(ckpt: Path, work: Path, args, tokens_per_s: float, build_name: str) -> Path:
+    """The CPU build the loads run on: stand-ins at tokens_per_s (0: the checkpoint's real models); build_name: a
+    --stream-interval-ms entry (variant)."""
     from af3trt.build.build_engines import BuildOptions, ServingConfig, build
     from af3trt.perf.bench import source_digest
 
-    out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{stream_interval_ms}"
+    stream_interval_ms, front = variant(build_name)
+    out = work / f"repo-{args.preset}-stand-in-{tokens_per_s:g}-interval-{stream_interval_ms}{'-front' if front else ''}"
     opts = BuildOptions(hf_model=ckpt, out=out, force=True, stand_in_tokens_per_s=tokens_per_s,
+                        decoder_front=front and tokens_per_s > 0,
                         serving=ServingConfig(stream_interval_ms=stream_interval_ms,
                                               max_batch_size=max(args.concurrency, 1),
                                               max_output_len=max(args.max_tokens, args.tiny_tokens, 8),
@@ -372,14 +391,14 @@ def _spread(vals: list[float]) -> str:
 
 
 # serving_path.md's tables (build/tables.py writes them), over the records of results["runs"] and ["real_model"]
-LOADS = [Column("stream interval", "interval", "{} ms"), Column("load", "mode"),
+LOADS = [Column("stream interval", "interval", lambda iv: label(str(iv))), Column("load", "mode"),
          Column("serving path ms / token", ("serving_path", "ms_per_token"), fmt),
          Column("serving path ms / request", ("serving_path", "ms_per_request"), fmt),
          Column("ms / request without log-mel (GPU target)", "without_log_mel", fmt),
          Column("tokens/s of one core", ("per_core", "tokens_per_s"), "{:.0f}"),
          Column("T-token loads, tokens/s", "throughput",
                 lambda thr: f"{statistics.median(thr):.0f} ({', '.join(f'{t:.0f}' for t in thr)})")]
-STREAMED = [Column("stream interval", "interval", "{} ms"),
+STREAMED = [Column("stream interval", "interval", lambda iv: label(str(iv))),
             Column("streamed tokens/s", ("tokens_per_s", "stream"), _spread),
             Column("non-streamed tokens/s", ("tokens_per_s", "whole"), _spread),
             Column("streamed / non-streamed, per round", lambda r: f"{r['median_ratio']:.2f} "
@@ -419,7 +438,7 @@ def render(results: dict) -> str:
                   *markdown_table(STREAMED, [{"interval": iv, **rm} for iv, rm in results["real_model"].items()])]
     for iv, run in runs.items():
         for mode, table in run["modes"].items():
-            lines += ["", f"## Per process: {mode}, stream interval {iv} ms", "",
+            lines += ["", f"## Per process: {mode}, stream interval {label(str(iv))}", "",
                       *markdown_table(PROCESSES, [{"name": k, **v} for k, v in table.items() if k != "per_core"])]
     lines += _aiperf_lines(results.get("aiperf"), list(runs)[-1] if runs else None)
     lines += _perf_analyzer_lines(results.get("perf_analyzer"))
@@ -455,7 +474,7 @@ def _aiperf_lines(aiperf: dict | None, interval) -> list[str]:
         v = m.get(key, {}).get(field)
         return "n/a" if v is None else f"{v:.1f} {m[key].get('unit', '')}"
 
-    return lines + [f"`aiperf {aiperf['command']}` (the stream interval {interval} ms build)", "",
+    return lines + [f"`aiperf {aiperf['command']}` (the stream interval {label(str(interval))} build)", "",
                     f"requests {stat('request_count')}, request throughput {stat('request_throughput')}, output "
                     f"tokens {stat('output_token_throughput')}, TTFT p50 {stat('time_to_first_token', 'p50')}, "
                     f"inter-token latency p50 {stat('inter_token_latency', 'p50')}, output length (AIPerf's own "
@@ -478,7 +497,7 @@ def measure(servers: dict[int, tuple], clips: ClipSource, args) -> dict[int, dic
     modes = [m for m in args.modes.split(",") if m]
     procs = {iv: serving_processes(srv.proc.pid, front.proc.pid) for iv, (srv, front) in servers.items()}
     for iv, (srv, front) in servers.items():
-        log.info("interval %d ms: processes %s", iv, procs[iv])
+        log.info("%s: processes %s", label(iv), procs[iv])
         for mode in modes:  # warm-up: first requests load lazily imported code
             run_one(mode, srv.grpc_url, front.url, clips, args, 4, requests=4)
     per_round = {iv: {m: [] for m in modes} for iv in servers}
@@ -500,12 +519,13 @@ def measure(servers: dict[int, tuple], clips: ClipSource, args) -> dict[int, dic
                             throughput[iv][mode].append(tokens / wall)
                 except (RuntimeError, OSError) as e:  # OSError: /proc of a process that exited
                     failed[iv] = f"round {k + 1}, {mode}: {e}"
-                    log.warning("interval %d ms failed: %s", iv, failed[iv])
+                    log.warning("%s failed: %s", label(iv), failed[iv])
                     continue
                 (short, n, _), (long_, _, tokens) = cpu[1], cpu[args.max_tokens]
                 per_round[iv][mode].append(per_process(short, long_, n, tokens))
-                log.info("round %d %s, interval %d ms: serving path %.3f ms/token", k + 1, mode, iv,
-                         sum(per_round[iv][mode][-1][p]["ms_per_token"] for p in SERVING_PATH))
+                log.info("round %d %s, %s: serving path %.3f ms/token", k + 1, mode, label(iv),
+                         sum(per_round[iv][mode][-1][p]["ms_per_token"] for p in SERVING_PATH
+                             if p in per_round[iv][mode][-1]))
     return {iv: {"processes": procs[iv], "throughput": throughput[iv],
                  "modes": {m: summarize(per_round[iv][m], m.startswith("openai")) for m in modes if per_round[iv][m]},
                  **({"failed": failed[iv]} if iv in failed else {})}
@@ -530,15 +550,17 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.hf_model, args.repo, args.thinking_requests = None, None, 0  # prepare_checkpoint's: the synthetic preset
     ckpt = prepare_checkpoint(args, work)
-    intervals = [int(x) for x in str(args.stream_interval_ms).split(",") if x.strip()]
+    intervals = [x.strip() for x in str(args.stream_interval_ms).split(",") if x.strip()]
+    for x in intervals:
+        variant(x)
     clip = clipgen.make_clip(clipgen.ClipSpec("speech", args.clip_seconds))
     results = {"af3trt_bench_serving_path": 1, "started_utc": stamp, "machine": machine.describe(REPO_ROOT),
                "load_average_start": machine.load_average(),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
-    def serve(stack: ExitStack, tokens_per_s: float, iv: int, front: bool):
+    def serve(stack: ExitStack, tokens_per_s: float, iv: str, front: bool):
         repo = build_stand_in(ckpt, work, args, tokens_per_s, iv)
-        name = f"{'stand-in' if tokens_per_s else 'real'}-{iv}ms"
+        name = f"{'stand-in' if tokens_per_s else 'real'}-{label(iv).replace(' ', '')}"
         srv = stack.enter_context(TritonServer(repo / "model_repository", log_path=out / f"tritonserver-{name}.log",
                                                exit_timeout=3).start(timeout=600))
         if not front:

@@ -70,12 +70,16 @@ def gpu_spec(checkpoint, limits, tmp_path, dtype="bfloat16", options=TrtllmOptio
 
 
 def rendered(root: Path) -> dict[str, mc.ModelConfig]:
-    """Every config.pbtxt of a rendered repository, parsed back through model_config_pb2."""
+    """Every config.pbtxt of a rendered repository, parsed back through model_config_pb2 (a GPU repository, whose
+    decoder is the tensorrtllm backend, also has the decoder front in front of it)."""
     out = {}
     for name in MODELS:
         out[name] = configs.parse((root / name / "config.pbtxt").read_text())
         assert out[name].name == name
-    assert sorted(p.name for p in root.iterdir()) == sorted(MODELS)
+    names = (*MODELS, "decoder_front") if out["decoder"].backend == "tensorrtllm" else MODELS
+    for name in names[len(MODELS):]:
+        out[name] = configs.parse((root / name / "config.pbtxt").read_text())
+    assert sorted(p.name for p in root.iterdir()) == sorted(names)
     return out
 
 

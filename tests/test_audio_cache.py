@@ -118,3 +118,20 @@ def test_encoder_cache_is_exact_skips_the_encoder_and_evicts_by_bytes(encoder_on
     # the encoder's key: (think/'s variant?, the window's digest); these are base windows
     assert (False, audio_cache.key_bytes(audio_cache.window_keys(digests[0], 1)[0])) in small.cache
     assert (False, audio_cache.key_bytes(audio_cache.window_keys(digests[1], 1)[0])) not in small.cache
+
+
+def test_a_copy_that_cannot_be_made_is_not_kept_and_raises_nothing():
+    """A capped GPU stub may not have room for the cache's copy of a window (round 3, item 3): nothing is kept, the
+    failure is counted, the caller's request goes on."""
+    import torch
+
+    from af3trt.runtime.stages.audio_cache import LruBytes, keep_computed
+
+    class NoRoom:
+        def clone(self):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    cache = LruBytes(1 << 20)
+    rows = {0: np.zeros((4, 2), np.float32), 1: NoRoom(), 2: np.zeros((4, 2), np.float32)}
+    assert keep_computed(cache, [b"k0", b"k1", b"k2"], rows) == 1
+    assert len(cache) == 1 and cache.stats["failed_puts"] == 1

@@ -82,8 +82,8 @@ def test_from_prepared_and_the_repository_run_in_the_container_python(prepared, 
     """)
     r = run_in(container, "-c", script)
     assert r.returncode == 0, r.stderr
-    # (the GPU decoder is the C++ tensorrtllm backend: no model.py)
-    assert r.stdout.split()[1::2] == ["cancel", "encoder", "fusion", "postprocess", "preprocess"]
+    # (the GPU decoder is the C++ tensorrtllm backend: no model.py; the decoder front in front of it is python)
+    assert r.stdout.split()[1::2] == ["cancel", "decoder_front", "encoder", "fusion", "postprocess", "preprocess"]
 
 
 def test_the_documented_gpu_acceptance_command_collects_in_the_container_python(container):
@@ -91,8 +91,8 @@ def test_the_documented_gpu_acceptance_command_collects_in_the_container_python(
     Python: pytest must be installed there (the base image has none; docker/Dockerfile installs it) and the test
     module with conftest.py must import with only the container's packages."""
     page = (TESTS.parent / "docs" / "gpu.md").read_text()
-    command = next(line.split("#")[0].split() for line in page.splitlines()
-                   if line.startswith("pytest tests/test_gpu_acceptance.py"))
-    r = run_in(container, "-m", *command, "--collect-only", "-q", "-p", "no:cacheprovider", cwd=TESTS.parent)
+    command = next(line.split("#")[0].split("pytest ", 1)[1].split() for line in page.splitlines()
+                   if "pytest tests/test_gpu_acceptance.py" in line and not line.startswith(("The", "`")))
+    r = run_in(container, "-m", "pytest", *command, "--collect-only", "-q", "-p", "no:cacheprovider", cwd=TESTS.parent)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "test_gpu_acceptance.py::test_gpu_check_passes" in r.stdout

@@ -61,6 +61,15 @@ def test_full_gpu_build_renders_the_gpu_ensemble(tiny_ckpt, tmp_path, fake_gpu_t
     for model, cfg in (("encoder", enc), ("fusion", fusion),
                        ("preprocess", configs.parse((repo / "preprocess" / "config.pbtxt").read_text()))):
         assert cfg.parameters["cuda_memory_cap_bytes"].string_value == str(caps[model]), model
+    # the encoder's audio cache is the plan's, inside its cap (round 3, item 3); the ensemble's decoder step is the
+    # decoder front, coalescing at the build's stream interval (item 7)
+    plan_d = json.loads((out / "manifest.json").read_text())["gpu"]["memory_plan"]
+    assert enc.parameters["cache_bytes"].string_value == str(plan_d["encoder_cache"])
+    assert plan_d["encoder_cache"] == 2 * 750 * 64 * 4 and caps["encoder"] > plan_d["encoder_cache"]
+    front = configs.parse((repo / "decoder_front" / "config.pbtxt").read_text())
+    assert front.parameters["stream_interval_ms"].string_value == "50"
+    steps = [s.model_name for s in configs.parse((repo / "af3" / "config.pbtxt").read_text()).ensemble_scheduling.step]
+    assert steps == ["preprocess", "encoder", "fusion", "decoder_front", "postprocess"]
 
     argv = json.loads((out / "artifacts" / "engine" / "argv.json").read_text())
     assert argv[argv.index("--max_prompt_embedding_table_size") + 1] == str(4 * 2 * 750)

@@ -99,14 +99,18 @@ def test_acceptance_preset_has_a_head_size_trtllm_can_run():
 @pytest.mark.integration
 def test_goldens_hold_on_the_cpu_ensemble(tiny_repo, prepared, tmp_path):
     """gpu-check's serving and comparison path on a real tritonserver: the CPU ensemble of the same checkpoint
-    (the session's CPU build) reproduces the goldens written at prepare time, token for token."""
+    (the session's CPU build) reproduces the goldens written at prepare time, token for token; and the serving
+    exercises of the GPU acceptance run (a stream, a stop, a 10-minute clip, a cache fill) pass on it."""
     out = tiny_repo
     goldens = read_goldens(prepared / "artifacts")
-    verdict = gpu_check.check_repository(out / "model_repository", goldens, "bf16", log_path=tmp_path / "srv.log",
-                                         timeout=300)
+    verdict, done = gpu_check.check_repository(out / "model_repository", goldens, "bf16",
+                                               log_path=tmp_path / "srv.log", timeout=300)
     print(gpu_check.report(out, verdict))
+    print("\n".join(e.line() for e in done))
     assert [c.got for c in verdict.cases] == [c.token_ids for c in goldens.cases]
     assert verdict.passed and verdict.agreement == 1.0
+    assert [e.name for e in done] == ["stream", "stop", "10-minute clip", "cache fill"]
+    assert all(e.passed for e in done), [e.line() for e in done]
 
 
 def test_gpu_check_compares_gpu_features_with_the_cpu_reference():
@@ -116,3 +120,27 @@ def test_gpu_check_compares_gpu_features_with_the_cpu_reference():
 
     ok, line = check_features("cpu")
     assert ok and line.startswith("PASS features: log-mel on cpu") and "max |diff|" in line
+
+
+def test_the_acceptance_run_fails_without_a_gpu_when_required(tmp_path):
+    """Round 3, item 2: tests/test_gpu_acceptance.py skips on a machine without a GPU host, and with AF3TRT_REQUIRE_GPU=1
+    fails instead (before any build), so an acceptance run cannot report green having checked nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def run(required: dict):
+        env = {k: v for k, v in os.environ.items() if k != "AF3TRT_REQUIRE_GPU"} | required
+        return subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu_acceptance.py", "-m", "gpu", "-q",
+                               "-rs", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "base")],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+    skipped = run({})
+    assert skipped.returncode == 0 and "3 skipped" in skipped.stdout, skipped.stdout[-2000:]
+    assert "AF3TRT_REQUIRE_GPU=1 makes this a failure" in skipped.stdout
+    required = run({"AF3TRT_REQUIRE_GPU": "1"})
+    assert required.returncode == 1 and "3 failed" in required.stdout, required.stdout[-2000:]
+    assert "checked nothing" in required.stdout

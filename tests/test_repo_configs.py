@@ -60,6 +60,11 @@ TRTLLM_INPUTS = {
     # guided decoding: TYPE_STRING dims [1] optional allow_ragged_batch, no reshape (same file at 0c8de69a)
     "guided_decoding_guide_type": (T.TYPE_STRING, [1], None, True, True),
     "guided_decoding_guide": (T.TYPE_STRING, [1], None, True, True),
+    # the adapter with a request (the decoder front sends it to a bf16 engine): "lora_weights" [-1, -1] optional ragged,
+    # TYPE_FP16 in upstream's file but the engine's dtype in ours (TensorRT-LLM refuses other weights: loraUtils.cpp),
+    # "lora_config" TYPE_INT32 [-1, 3] optional ragged (same file)
+    "lora_weights": ("ENGINE", [-1, -1], None, True, True),
+    "lora_config": (T.TYPE_INT32, [-1, 3], None, True, True),
 }
 TRTLLM_OUTPUTS = {
     "output_ids": (T.TYPE_INT32, [-1, -1]), "sequence_length": (T.TYPE_INT32, [-1]),
@@ -123,7 +128,7 @@ def check_repository(cfgs: dict[str, mc.ModelConfig]) -> None:
     for name, cfg in cfgs.items():
         if name == "af3":
             continue
-        assert cfg.model_transaction_policy.decoupled == (name == "decoder"), name
+        assert cfg.model_transaction_policy.decoupled == (name in ("decoder", "decoder_front")), name
         # every stage but postprocess has a scheduler queue (bounded by the queue policy; see test_reliability);
         # the cancel side channel has none either: a cancellation is never rejected as overload
         assert cfg.HasField("dynamic_batching") == (name not in ("postprocess", "cancel")), name
@@ -257,7 +262,7 @@ def test_gpu_repository_contracts(checkpoint, limits, tmp_path, dtype, triton_dt
     # KV-cache reuse on: fusion sends the extra ids and the ensemble carries them to the decoder
     assert {o.name: o for o in cfgs["fusion"].output}["prompt_table_extra_ids"].data_type == T.TYPE_UINT64
     assert cfgs["fusion"].parameters["prompt_table_extra_ids"].string_value == "true"
-    dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder")
+    dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder_front")
     assert dec_step.input_map["prompt_table_extra_ids"] == "_prompt_table_extra_ids"
 
     # GPU preprocessing kernels on (af3trt.kernels): log-mel and prompt table on the device, fusion inputs left there
@@ -277,7 +282,7 @@ def test_gpu_repository_without_kv_reuse(checkpoint, limits, tmp_path):
     assert (p["enable_kv_cache_reuse"], p["max_tokens_in_paged_kv_cache"], p["kv_cache_free_gpu_mem_fraction"]) == \
         ("false", "65536", "0.8")
     assert "prompt_table_extra_ids" not in {o.name for o in cfgs["fusion"].output}
-    dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder")
+    dec_step = next(s for s in cfgs["af3"].ensemble_scheduling.step if s.model_name == "decoder_front")
     assert "prompt_table_extra_ids" not in dec_step.input_map
 
 

@@ -154,10 +154,10 @@ def test_memory_plan_of_the_default_build():
     assert plan.encoder_windows == 22
     assert plan.kv_cache_tokens == 8 * 16544  # max_seq_len 16,536 in whole 32-token blocks
     assert plan.kv_cache == 8 * 16544 * 57344
-    assert plan.total == sum(getattr(plan, k) for k in ("encoder_weights", "encoder_activations", "decoder_weights",
-                                                         "decoder_activations", "prompt_table", "kv_cache",
-                                                         "cuda_memory_pool", "cuda_contexts", "stub_memory",
-                                                         "reserve"))
+    # the encoder's activations and audio cache are under its stub's cap (stub_memory), counted once
+    assert plan.total == sum(getattr(plan, k) for k in ("encoder_weights", "decoder_weights", "decoder_activations",
+                                                         "prompt_table", "kv_cache", "cuda_memory_pool",
+                                                         "cuda_contexts", "stub_memory", "reserve"))
     for key in ("a100-40gb", "a100", "h100", "h200"):
         gpu = KNOWN_GPUS[key]
         check_fits(_af3_plan(gpu_name=gpu.name, gpu_bytes=gpu.memory_bytes))  # the default fits every declared GPU
@@ -209,23 +209,67 @@ def test_memory_plan_sizes_and_counts_tritons_cuda_memory_pool():
     assert plan.cuda_memory_pool > 64 * 1024**2 * 40  # far past Triton's default
     no_pool = _af3_plan()
     assert plan.total - plan.cuda_memory_pool == sum(getattr(no_pool, k) for k in (
-        "encoder_weights", "encoder_activations", "decoder_weights", "decoder_activations", "prompt_table",
-        "kv_cache", "cuda_contexts", "stub_memory", "reserve"))
+        "encoder_weights", "decoder_weights", "decoder_activations", "prompt_table", "kv_cache", "cuda_contexts",
+        "stub_memory", "reserve"))
 
 
 def test_memory_plan_counts_every_cuda_process_and_caps_the_stubs():
-    """GPU 0 holds four CUDA processes (tritonserver with the tensorrtllm backend, and the preprocess, encoder and
-    fusion stubs: every python-backend instance is its own process) with torch caching allocators; the plan counts a
-    context for each and a cap for each stub's allocator (applied in the stub, runtime/engines/gpus.py cap_cuda_memory)."""
+    """GPU 0 holds five CUDA processes (tritonserver with the tensorrtllm backend, and the preprocess, encoder, fusion
+    and decoder front stubs: every python-backend instance is its own process, and the front opens the GPU tensors
+    it is handed) with torch caching allocators; the plan counts a context for each and a cap for each allocating
+    stub (applied in the stub, runtime/engines/gpus.py cap_cuda_memory). The encoder's cap holds its outputs, its
+    audio cache and the TensorRT activation buffer its engines share (round 3, items 3 and 4)."""
     from af3trt.build.memory_plan import CUDA_CONTEXT_BYTES, CUDA_PROCESSES
 
     plan = _af3_plan()
-    assert CUDA_PROCESSES == ("tritonserver", "preprocess", "encoder", "fusion")
-    assert plan.cuda_contexts == 4 * CUDA_CONTEXT_BYTES
+    assert CUDA_PROCESSES == ("tritonserver", "preprocess", "encoder", "fusion", "decoder_front")
+    assert plan.cuda_contexts == 5 * CUDA_CONTEXT_BYTES
     caps, hidden = plan.stub_caps, AF3_CONFIG["text_config"]["hidden_size"]
     assert set(caps) == {"preprocess", "encoder", "fusion"} and plan.stub_memory == sum(caps.values())
-    assert caps["encoder"] == 2 * 22 * 750 * hidden * 4  # its output for the profile's 22 windows, f32
+    assert plan.encoder_cache == 20 * 750 * hidden * 4  # one 10-min request's rows: a clip sent again hits
+    # its output for the profile's 22 windows (f32, doubled), its cache, its activations
+    assert caps["encoder"] == 2 * 22 * 750 * hidden * 4 + plan.encoder_cache + plan.encoder_activations
     assert caps["fusion"] == 2 * 15000 * hidden * (2 + 4)  # one 10-min request's bf16 table + f32 temporary
     assert caps["preprocess"] > 2 * 20 * 201 * 3001 * 8  # at least the STFT of 20 windows (complex64)
     longer = _af3_plan(max_batch_size=8, prompt_table_rows=8 * 30000)  # 20-min requests: larger caps
     assert longer.stub_caps["fusion"] == 2 * caps["fusion"] and longer.stub_caps["preprocess"] > caps["preprocess"]
+
+
+def test_memory_plan_per_process_adds_up_to_what_each_process_allocates():
+    """The plan's per-process table (build/memory_plan.py processes) is the same total: tritonserver's engine, KV, pool,
+    LoRA cache and workspaces; each stub's context and capped allocator; the encoder's TensorRT weights beside it."""
+    from af3trt.build.memory_plan import processes
+
+    plan = _af3_plan()
+    table = processes(plan)
+    assert set(table) == {"tritonserver", "preprocess", "encoder", "fusion", "decoder_front"}
+    assert sum(sum(parts.values()) for parts in table.values()) == plan.total
+    assert table["encoder"]["torch, capped"] == plan.stub_caps["encoder"]
+    assert table["tritonserver"]["KV cache"] == plan.kv_cache
+
+
+def test_think_adds_its_encoder_weights_and_a_counted_lora_device_cache():
+    """Item 5: TensorRT-LLM's LoRA device cache takes lora_cache_gpu_memory_fraction of the memory free when the
+    executor starts, before the KV cache (trtGptModelInflightBatching.cpp); the plan renders a fraction that holds the
+    adapter at the least free memory (everything else loaded first) and counts the most it can take (the whole GPU
+    free, whole pages), instead of the backend's 0.05 x free (~3 GB on an H100) uncounted. Item 4: think/'s encoder
+    adds its weights only; its context shares the first engine's activation buffer."""
+    from af3trt.build.memory_plan import processes, with_think
+    from af3trt.build.trtllm_lora import LoraPages
+    from af3trt.registry import KNOWN_GPUS
+
+    h100 = KNOWN_GPUS["h100"]
+    plan = _af3_plan(gpu_name=h100.name, gpu_bytes=h100.memory_bytes)
+    pages = LoraPages(dtype="bfloat16", slot_bytes=512 * 2 * 2, slots_per_page=4000, min_slots=30000)  # ~60 MB
+    think = with_think(plan, encoder_variant=True, lora=pages)
+    least_free = h100.memory_bytes - (plan.total + plan.encoder_weights - plan.kv_cache)
+    assert think.lora_cache_gpu_memory_fraction * least_free >= 2 * pages.adapter_bytes  # room for it twice
+    assert think.lora_cache_gpu_memory_fraction < 0.005  # not the backend's 0.05
+    assert think.lora_device_cache >= think.lora_cache_gpu_memory_fraction * h100.memory_bytes
+    assert think.lora_device_cache < 0.05 * h100.memory_bytes
+    assert think.think_encoder_weights == plan.encoder_weights and think.stub_caps == plan.stub_caps
+    assert think.total == plan.total + plan.encoder_weights + think.lora_device_cache
+    assert sum(sum(p.values()) for p in processes(think).values()) == think.total
+    assert with_think(think, encoder_variant=True, lora=pages) == think  # idempotent
+    unknown = with_think(_af3_plan(), encoder_variant=False, lora=pages)  # no GPU known: the backend's default
+    assert unknown.lora_cache_gpu_memory_fraction is None and unknown.lora_device_cache == 0

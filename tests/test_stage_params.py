@@ -88,8 +88,11 @@ def test_what_the_build_writes_is_what_each_stage_reads(tiny_ckpt, checkpoint, l
     # the GPU target's python stages use the same records (its decoder is the tensorrtllm backend's)
     spec, _ = gpu_spec(checkpoint, limits, tmp_path)
     gpu = records(configs.all_configs(spec), "gpu")
-    assert sorted(gpu) == ["cancel", "encoder", "fusion", "postprocess", "preprocess"]
+    assert sorted(gpu) == ["cancel", "decoder_front", "encoder", "fusion", "postprocess", "preprocess"]
     assert isinstance(gpu["encoder"], P.EncoderTrtParams) and gpu["fusion"].gpu_kernels
+    # the decoder front coalesces the tensorrtllm backend's streams at the build's interval
+    assert isinstance(gpu["decoder_front"], P.DecoderFrontParams)
+    assert gpu["decoder_front"].stream_interval_ms == limits.stream_interval_ms
     assert gpu["preprocess"].threads == 0 and gpu["cancel"].stop_model == DECODER  # CPU settings stay off the GPU
 
 

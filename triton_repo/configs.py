@@ -22,8 +22,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from af3trt.runtime.stages import contract, lengths
 from af3trt.runtime.stages.contract import CANCEL, ENSEMBLE, STAGES  # noqa: F401 - the model names, also read from here
-from af3trt.runtime.stages.params import (CancelParams, DecoderParams, FusionParams, PostprocessParams, StageParams,
-                                          record_of)
+from af3trt.runtime.stages.params import (CancelParams, DecoderFrontParams, DecoderParams, FusionParams,
+                                          PostprocessParams, StageParams, record_of)
 from af3trt.runtime.triton.model_config import parse, render  # noqa: F401 - config.pbtxt text, read from here by the build
 
 T = mc.DataType
@@ -90,6 +90,12 @@ class RepoSpec:
     # GPU preprocessing kernels (af3trt.kernels): preprocess computes the log-mel on the device and fusion builds the
     # prompt table there (and keeps its inputs where Triton has them). None: on for target "gpu", off for "cpu".
     gpu_kernels: bool | None = None
+    # The ensemble's decoder step is the decoder front (triton_repo/decoder_front) calling the decoder by BLS: it
+    # coalesces streams (the tensorrtllm backend sends one response per token), gives every request an id of its own
+    # and refuses a duplicate in flight, and sends think/'s adapter. None: on for target "gpu", off for "cpu" (whose
+    # decoder does all of it itself); on for a CPU repository it plays the GPU's ensemble shape (the stand-in bench).
+    decoder_front: bool | None = None
+    decoder_front_params: dict[str, object] = field(default_factory=dict)  # its DecoderFrontParams fields
 
     @property
     def batches_encoder(self) -> bool:
@@ -142,12 +148,17 @@ def omitted(spec: RepoSpec) -> set[str]:
             if not on}
 
 
-def _interface(cfg: mc.ModelConfig, spec: RepoSpec, window_axis: bool = False) -> None:
-    """A model's inputs and outputs, as the contract declares them. window_axis: the contract declares them per
-    window (a batching model's batch axis) but this model takes whole requests (max_batch_size 0): the window axis
-    comes first in each."""
+def front(spec: RepoSpec) -> bool:
+    """Whether the ensemble's decoder step is the decoder front (RepoSpec.decoder_front)."""
+    return spec.target == "gpu" if spec.decoder_front is None else spec.decoder_front
+
+
+def _interface(cfg: mc.ModelConfig, spec: RepoSpec, window_axis: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """A model's inputs and outputs, as the contract declares them (less the inputs in `skip`). window_axis: the
+    contract declares them per window (a batching model's batch axis) but this model takes whole requests
+    (max_batch_size 0): the window axis comes first in each."""
     stage = contract.MODELS[cfg.name]
-    cfg.input.extend(_input(t, spec) for t in stage.inputs)
+    cfg.input.extend(_input(t, spec) for t in stage.inputs if t.name not in skip)
     cfg.output.extend(_output(t, spec) for t in stage.outputs if t.name not in omitted(spec))
     if window_axis:
         for t in (*cfg.input, *cfg.output):
@@ -263,7 +274,9 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
     cfg.model_transaction_policy.decoupled = True
     cfg.dynamic_batching.SetInParent()
     _bound_queue(cfg, spec)
-    _interface(cfg, spec)  # all the inputs the backend takes that fusion sends, a direct client may send
+    # all the inputs the backend takes that fusion or the front sends, a direct client may send; the CPU decoder reads
+    # its adapter from lora_dir, never from a request
+    _interface(cfg, spec, skip=(contract.LORA_WEIGHTS, contract.LORA_CONFIG) if spec.target == "cpu" else ())
     if spec.target == "gpu":  # the tensorrtllm backend's parameters, by upstream's names
         _params(cfg, {"max_input_len": spec.max_input_len, "max_output_len": spec.max_output_len,
                       "exclude_input_in_output": "true", **spec.decoder_params})
@@ -273,6 +286,23 @@ def decoder_config(spec: RepoSpec) -> mc.ModelConfig:
             max_input_len=spec.max_input_len, max_output_len=spec.max_output_len, max_queue_size=spec.max_queue_size,
             queue_timeout_ms=spec.queue_timeout_ms)
         _params(cfg, params.render())
+    return cfg
+
+
+def decoder_front_config(spec: RepoSpec) -> mc.ModelConfig:
+    """The ensemble's decoder step when `front(spec)`: a decoupled python model with the decoder's interface that
+    calls the decoder by BLS (triton_repo/decoder_front). One instance: it keeps the ids in flight (a second instance
+    would not see the first's). Inputs are taken where Triton has them (the prompt table stays on the GPU:
+    FORCE_CPU_ONLY_INPUT_TENSORS "no", python_backend r26.04 README "Input Tensor Device Placement"); its CUDA
+    context is in the memory plan (build/memory_plan.py CUDA_PROCESSES)."""
+    cfg = mc.ModelConfig(name=contract.DECODER_FRONT, backend="python", max_batch_size=spec.max_batch_size)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    cfg.model_transaction_policy.decoupled = True
+    cfg.dynamic_batching.SetInParent()
+    _bound_queue(cfg, spec)
+    _interface(cfg, spec)
+    params: DecoderFrontParams = stage_params(spec, contract.DECODER_FRONT, spec.decoder_front_params)
+    _params(cfg, {**params.render(), **INPUTS_WHERE_THEY_ARE})
     return cfg
 
 
@@ -295,6 +325,7 @@ def ensemble_maps(spec: RepoSpec) -> list[tuple[str, dict[str, str], dict[str, s
     response = {t.name for t in contract.RESPONSE_OUTPUTS}
     written: set[str] = set()
     steps = []
+    models = {contract.DECODER: contract.DECODER_FRONT} if front(spec) else {}  # the model that runs a step
     for i, stage in enumerate(contract.STEPS):
         inputs = {t.name: f"_{t.name}" if t.name in written else t.name for t in stage.inputs
                   if t.name in written or t.name in request}
@@ -302,7 +333,7 @@ def ensemble_maps(spec: RepoSpec) -> list[tuple[str, dict[str, str], dict[str, s
         outs = [t.name for t in stage.outputs if t.name not in omitted(spec)]
         outputs = {n: n if n in response and n not in later else f"_{n}" for n in outs}
         written.update(outs)
-        steps.append((stage.name, inputs, outputs))
+        steps.append((models.get(stage.name, stage.name), inputs, outputs))
     return steps
 
 
@@ -331,6 +362,6 @@ def all_configs(spec: RepoSpec) -> dict[str, mc.ModelConfig]:
     return {
         "preprocess": preprocess_config(spec), "encoder": encoder_config(spec), "fusion": fusion_config(spec),
         "decoder": decoder_config(spec), "postprocess": postprocess_config(spec), ENSEMBLE: ensemble_config(spec),
-        CANCEL: cancel_config(spec),
+        CANCEL: cancel_config(spec), **({contract.DECODER_FRONT: decoder_front_config(spec)} if front(spec) else {}),
     }
 

@@ -10,6 +10,16 @@ run theirs (backend "python", GPU tensors handed on through DLPack).
 
     runner = TrtRunner.load("model_repository/encoder/1/model.plan", device_id=0)
     embeds = encode_windows(runner, features, mask)   # [W, 128, T] f32, [W, T] i32 → [W, T/4, H] f32 (on GPU)
+    think = TrtRunner.load(".../think.plan", 0, activations=runner.activations)  # one activation buffer for both
+
+Activation memory: a context created STATIC allocates the engine's device memory for its largest profile itself,
+outside torch, one allocation per context (ICudaEngine::createExecutionContext; NVIDIA/TensorRT python/src/infer/
+pyCore.cpp as indexed (768d994b): create_execution_context(strategy=ExecutionContextAllocationStrategy.STATIC),
+device_memory_size_v2, IExecutionContext.set_device_memory(memory, size)). The runner creates its context
+USER_MANAGED instead and points it at a torch buffer (SharedActivations) of device_memory_size_v2 bytes, which the
+runners of one stub share: their executions never overlap (one model instance runs one execute at a time, and the
+runner waits for each execution to finish), and the buffer is under the stub's torch memory cap
+(runtime/engines/gpus.py cap_cuda_memory; build/memory_plan.py counts it there, once).
 
 The runner is generic over shapes: tensor names and dtypes come from the engine, shapes from the tensors it is
 given (the window axis W, and the frame axis T when the engine's profile makes it dynamic). TensorRT 10.14 calls
@@ -90,10 +100,32 @@ class IoTensor:
     dtype: torch.dtype
 
 
+class SharedActivations:
+    """One device buffer for the activation memory of several USER_MANAGED execution contexts whose executions never
+    overlap: as large as the largest of them needs; every context is pointed at it again when it grows."""
+
+    def __init__(self, device):
+        self.device, self.buffer, self.contexts = device, None, []
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else int(self.buffer.numel())
+
+    def attach(self, context, size: int) -> None:
+        self.contexts.append(context)
+        if size > self.nbytes:
+            self.buffer = None  # the old buffer goes before the larger one is taken
+            self.buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=self.device)
+            for ctx in self.contexts:
+                ctx.set_device_memory(self.buffer.data_ptr(), self.nbytes)
+        else:
+            context.set_device_memory(self.buffer.data_ptr(), self.nbytes)
+
+
 class TrtRunner:
     """One deserialized engine and one execution context; `run` is called by one Triton model instance at a time."""
 
-    def __init__(self, plan: bytes, place, *, trt=None, source: str = "plan"):
+    def __init__(self, plan: bytes, place, *, trt=None, source: str = "plan", activations: SharedActivations | None = None):
         trt = trt or import_tensorrt()
         self.place, self.source = place, source
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -113,16 +145,19 @@ class TrtRunner:
             if dt not in dtypes:
                 raise TrtRunnerError(f"{source}: tensor {name} has TensorRT type {dt}, which has no torch dtype here")
             self.io[name] = IoTensor(name, mode == trt.TensorIOMode.INPUT, dtypes[dt])
-        self.context = self.engine.create_execution_context()
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
-            raise TrtRunnerError(f"{source}: could not create an execution context (out of GPU memory?)")
+            raise TrtRunnerError(f"{source}: could not create an execution context")
+        self.activations = activations or SharedActivations(place.device)
+        self.activations.attach(self.context, self.engine.device_memory_size_v2)  # torch.OutOfMemoryError past the cap
 
     @classmethod
-    def load(cls, path: str | Path, device_id: int = 0, *, trt=None) -> "TrtRunner":
+    def load(cls, path: str | Path, device_id: int = 0, *, trt=None,
+             activations: SharedActivations | None = None) -> "TrtRunner":
         path = Path(path)
         if not path.is_file():
             raise TrtRunnerError(f"no TensorRT plan at {path}")
-        return cls(path.read_bytes(), CudaPlace(device_id), trt=trt, source=str(path))
+        return cls(path.read_bytes(), CudaPlace(device_id), trt=trt, source=str(path), activations=activations)
 
     @property
     def inputs(self) -> list[str]:

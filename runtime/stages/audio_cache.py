@@ -81,7 +81,7 @@ class LruBytes:
         self.bytes = 0
         self._items: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "failed_puts": 0, "clears": 0}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -98,6 +98,14 @@ class LruBytes:
             self._items.move_to_end(key)
             self.stats["hits"] += 1
             return item[0]
+
+    def clear(self) -> None:
+        """Drop every entry (what the encoder does when an execution runs out of memory: runtime/stages/audio_cache.py
+        keep_computed, triton_repo/encoder_trt)."""
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+            self.stats["clears"] += 1
 
     def put(self, key: bytes, value) -> bool:
         """Keep `value` under `key`; False (nothing kept) when it alone exceeds max_bytes."""
@@ -138,10 +146,19 @@ def take_cached(cache: LruBytes, keys: list, live: np.ndarray) -> tuple[dict, np
     return hits, todo
 
 
-def keep_computed(cache: LruBytes, keys: list, rows: dict) -> None:
+def keep_computed(cache: LruBytes, keys: list, rows: dict) -> int:
     """Put a copy of each computed window's rows ({window: [T/4, H] numpy array or torch tensor, a view into the
     execution's output}) under its key; the copy stays where the rows are (host or device) and is all the entry
-    holds, not the execution's whole output."""
+    holds, not the execution's whole output. A copy that cannot be made (out of memory: a stub's allocator is capped)
+    is not kept and fails nothing: the request has its rows already. Returns the windows kept."""
+    kept = 0
     for w, value in rows.items():
-        if keys[w] is not None:
-            cache.put(keys[w], value.clone() if hasattr(value, "clone") else value.copy())
+        if keys[w] is None:
+            continue
+        try:
+            copy = value.clone() if hasattr(value, "clone") else value.copy()
+        except (MemoryError, RuntimeError):  # torch.OutOfMemoryError is a RuntimeError
+            cache.stats["failed_puts"] += 1
+            break  # the rest would fail alike
+        kept += cache.put(keys[w], copy)
+    return kept

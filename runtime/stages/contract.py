@@ -30,6 +30,9 @@ from af3trt.runtime.stages.lengths import N_MELS
 
 ENSEMBLE = "af3"
 CANCEL = "cancel"  # not a step: the side channel that cancels a running af3 request (triton_repo/cancel)
+# The GPU target's decoder step: a python model in front of the tensorrtllm decoder (triton_repo/decoder_front) that
+# coalesces its streams, owns request ids and sends think/'s adapter; it has the decoder's interface.
+DECODER_FRONT = "decoder_front"
 PREPROCESS, ENCODER, FUSION, DECODER, POSTPROCESS = "preprocess", "encoder", "fusion", "decoder", "postprocess"
 STAGES = (PREPROCESS, ENCODER, FUSION, DECODER, POSTPROCESS)  # the ensemble's steps, in order
 # DECODER is the stage TensorRT-LLM's `tensorrtllm` backend runs on the GPU target.
@@ -72,6 +75,9 @@ LORA_TASK_ID = "lora_task_id"  # set only for thinking requests: the decoder app
 # backend reads each as one string (utils.cc getGuidedDecodingParamsFromTensors drops the 4-byte length prefix of
 # its only element), the type one of runtime/stages/guided.py BACKEND_TYPES
 GUIDED_DECODING_GUIDE_TYPE, GUIDED_DECODING_GUIDE = "guided_decoding_guide_type", "guided_decoding_guide"
+# the adapter itself, sent by the GPU target's decoder front when the backend does not hold the task (not by fusion):
+# [1, rows, width] in the engine's dtype and [1, rows, 3] int32, in host memory (runtime/triton/decoder_front.py)
+LORA_WEIGHTS, LORA_CONFIG = "lora_weights", "lora_config"
 # decoder → postprocess (with OUTPUT_IDS)
 SEQUENCE_LENGTH = "sequence_length"
 # the cancel model
@@ -223,6 +229,10 @@ DECODER_STAGE = StageSpec(DECODER, inputs=(
     _scalar(LORA_TASK_ID, "UINT64"),  # inflight_batcher_llm/tensorrt_llm/config.pbtxt: UINT64 [1] reshape [] optional
     TensorSpec(GUIDED_DECODING_GUIDE_TYPE, "BYTES", (1,), optional=True, ragged=True),
     TensorSpec(GUIDED_DECODING_GUIDE, "BYTES", (1,), optional=True, ragged=True),
+    # the same config.pbtxt: lora_weights [-1, -1] optional ragged (TYPE_FP16 there: ours is the engine's dtype, which
+    # TensorRT-LLM requires of request weights, runtime/loraUtils.cpp), lora_config INT32 [-1, 3] optional ragged
+    TensorSpec(LORA_WEIGHTS, TABLE, (-1, -1), optional=True, ragged=True),
+    TensorSpec(LORA_CONFIG, "INT32", (-1, 3), optional=True, ragged=True),
 ), outputs=(
     TensorSpec(OUTPUT_IDS, "INT32", (-1, -1)),  # [beam, T]
     TensorSpec(SEQUENCE_LENGTH, "INT32", (-1,)),  # [beam]
@@ -235,4 +245,5 @@ POSTPROCESS_STAGE = StageSpec(POSTPROCESS, inputs=(
 STEPS = (PREPROCESS_STAGE, ENCODER_STAGE, FUSION_STAGE, DECODER_STAGE, POSTPROCESS_STAGE)
 CANCEL_STAGE = StageSpec(CANCEL, inputs=(CANCEL_INPUT,), outputs=(CANCEL_OUTPUT,))
 ENSEMBLE_STAGE = StageSpec(ENSEMBLE, inputs=REQUEST_INPUTS, outputs=RESPONSE_OUTPUTS)
-MODELS = {s.name: s for s in (*STEPS, ENSEMBLE_STAGE, CANCEL_STAGE)}
+DECODER_FRONT_STAGE = StageSpec(DECODER_FRONT, inputs=DECODER_STAGE.inputs, outputs=DECODER_STAGE.outputs)
+MODELS = {s.name: s for s in (*STEPS, ENSEMBLE_STAGE, CANCEL_STAGE, DECODER_FRONT_STAGE)}

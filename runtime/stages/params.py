@@ -11,6 +11,7 @@ its own:
     encoder      EncoderParams (ONNX Runtime: CPU target) | EncoderTrtParams (the TensorRT plan: GPU target)
     fusion       FusionParams (runtime/stages/prompt.py's FusionLimits, and what fusion loads)
     decoder      DecoderParams (CPU target; the GPU target's tensorrtllm backend reads upstream's parameters)
+    decoder_front DecoderFrontParams (the GPU target's decoder step before the tensorrtllm decoder)
     postprocess  PostprocessParams
     cancel       CancelParams
 
@@ -35,7 +36,8 @@ from typing import ClassVar
 
 from af3trt.registry import CPU_DECODER_PRECISIONS
 from af3trt.runtime.stages import audio_cache
-from af3trt.runtime.stages.contract import CANCEL, DECODER, ENCODER, FUSION, POSTPROCESS, PREPROCESS
+from af3trt.runtime.stages.contract import (CANCEL, DECODER, DECODER_FRONT, ENCODER, FUSION, POSTPROCESS,
+                                            PREPROCESS)
 from af3trt.runtime.stages.prompt import FusionLimits
 
 # The python backend's own parameters, read by the backend before the stub starts (triton-inference-server/
@@ -253,6 +255,31 @@ class DecoderParams(StageParams):
 
 
 @dataclass(frozen=True)
+class DecoderFrontParams(StageParams):
+    """The decoder front (runtime/triton/decoder_front.py): the GPU target's decoder step, before the tensorrtllm
+    decoder; on the CPU target only in the serving-path benchmark's GPU ensemble shape (RepoSpec.decoder_front)."""
+
+    MODEL: ClassVar[str] = DECODER_FRONT
+
+    decoder_model: str = DECODER  # the model it calls by BLS
+    # a stream's tokens that come faster than one per this many ms share a response (runtime/stages/coalesce.py;
+    # the first token always goes alone); 0: one response per token
+    stream_interval_ms: int = param(default=50, serving=("stream_interval_ms",), minimum=0)
+    # think/'s adapter (build/think.py gpu_spec): its folder, the decoder's LoRA task id, the engine's dtype it is
+    # sent in, and whether the backend holds it preloaded (then only the task id is sent)
+    lora_dir: str | None = None
+    lora_task: int | None = None
+    lora_dtype: str | None = None
+    lora_preloaded: bool = False
+
+    def check(self) -> None:
+        given = [self.lora_dir is not None, self.lora_task is not None, self.lora_dtype is not None]
+        if any(given) and not all(given):
+            raise ParamError(f"{self.MODEL}: parameters lora_dir, lora_task and lora_dtype go together, got "
+                             f"{self.lora_dir!r}, {self.lora_task!r}, {self.lora_dtype!r}")
+
+
+@dataclass(frozen=True)
 class PostprocessParams(StageParams):
     MODEL: ClassVar[str] = POSTPROCESS
 
@@ -268,7 +295,7 @@ class CancelParams(StageParams):
 
 
 RECORDS: tuple[type[StageParams], ...] = (PreprocessParams, EncoderParams, EncoderTrtParams, FusionParams,
-                                          DecoderParams, PostprocessParams, CancelParams)
+                                          DecoderParams, DecoderFrontParams, PostprocessParams, CancelParams)
 
 
 def record_of(model: str, target: str) -> type[StageParams] | None:

@@ -107,11 +107,18 @@ class InferenceResponse:
 
 class Sender:
     def __init__(self):
+        import threading
+
         self.sent = []
         self.cancelled = False  # set by a test to play a client that went away
+        self.done = threading.Event()  # set by the final flag (a decoupled model answers from its own threads)
 
     def send(self, response=None, flags=0):
+        if self.done.is_set():  # python_backend: nothing may follow the final flag
+            raise TritonError("Unable to send response. Response sender has been closed.")
         self.sent.append((response, flags))
+        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.done.set()
 
     def is_cancelled(self):
         return self.cancelled
@@ -146,7 +153,8 @@ class BlsResponse:
 
 # BLS (python_backend README "Business Logic Scripting"; src/pb_stub.cc InferRequest binding: request_id,
 # correlation_id, inputs, requested_output_names, model_name, model_version, flags, timeout, preferred_memory, trace,
-# parameters): a test routes a model name to a callable(request_id, {input name: array}) → list[BlsResponse].
+# parameters): a test routes a model name to a callable(request_id, {input name: Tensor}) → list[BlsResponse] (the
+# tensors as sent, so the callee sees their dtype and whether they are in host memory).
 BLS_MODELS: dict = {}
 
 
@@ -160,12 +168,16 @@ class InferenceRequest:
         if self.model_name not in BLS_MODELS:
             responses = [BlsResponse(error=f"Request for unknown model: '{self.model_name}' is not found")]
         else:
-            responses = BLS_MODELS[self.model_name](self.request_id, {t.name(): t.as_numpy() for t in self.inputs})
+            responses = BLS_MODELS[self.model_name](self.request_id, {t.name(): t for t in self.inputs})
         return iter(responses) if decoupled else responses[0]
 
 
 def get_input_tensor_by_name(request, name):
     return request.inputs.get(name)
+
+
+def get_output_tensor_by_name(response, name):
+    return response.outputs.get(name)
 
 
 def import_model(name: str):

@@ -25,6 +25,9 @@ pinned to the v1.2.1 tag; re-read before relying on a detail):
   "int32", "fp8", "nvfp4", None offered as "disable"; other plugins without fp8/nvfp4), features enable/disable,
   kv_cache_type continuous/paged/disabled, logits_dtype float16/float32. $FAKE_TRTLLM_GEMM_CHOICES (comma list)
   replaces gemm_plugin's choices, to play another version (0.x plugin.py: float16, float32, bfloat16, disable).
+- LoRA (tensorrt_llm/commands/build.py --lora_plugin, --lora_target_modules (nargs +), --max_lora_rank;
+  tensorrt_llm/lora_manager.py LoraConfig, serialized in build_config.lora_config): plugin_config.lora_plugin is the
+  plugin dtype ("auto" resolves to the model dtype), build_config.lora_config {lora_target_modules, max_lora_rank}.
 The SM of the build GPU comes from $FAKE_TRTLLM_SM (default 90, an H100). `install(bin_dir, python)` writes it as
 an executable `trtllm-build` that `python` runs (the GPU-build tests put bin_dir first on PATH).
 """
@@ -69,7 +72,8 @@ def plugin_config(opt: dict, quant: dict, dtype: str, sm: int) -> dict:
             "paged_kv_cache": opt.get("kv_cache_type", "paged") == "paged",
             "tokens_per_block": int(opt.get("tokens_per_block", 32)),
             "remove_input_padding": _flag(opt.get("remove_input_padding"), True),
-            "multiple_profiles": _flag(opt.get("multiple_profiles"), False)}
+            "multiple_profiles": _flag(opt.get("multiple_profiles"), False),
+            "lora_plugin": plugin("lora_plugin", "disable")}
 
 
 EXECUTABLE = """#!{python}
@@ -99,6 +103,9 @@ def help_text() -> str:
         ap.add_argument(f"--{name}", type=int)
     ap.add_argument("--kv_cache_type", choices=["continuous", "paged", "disabled"])
     ap.add_argument("--logits_dtype", choices=["float16", "float32"])
+    ap.add_argument("--lora_plugin", choices=["auto", "float16", "float32", "bfloat16", "int32", "disable"])
+    ap.add_argument("--lora_target_modules", nargs="+")
+    ap.add_argument("--max_lora_rank", type=int)
     ap.add_argument("--log_level", choices=["internal_error", "error", "warning", "info", "verbose", "debug", "trace"])
     gemm = os.environ.get("FAKE_TRTLLM_GEMM_CHOICES")
     ap.add_argument("--gemm_plugin", choices=gemm.split(",") if gemm else
@@ -128,6 +135,13 @@ def main(args: list[str]) -> int:
     # config.json saves as pretrained_config
     if "logits_dtype" in opt:
         ckpt = {**ckpt, "logits_dtype": opt["logits_dtype"]}
+    if "--lora_target_modules" in args:  # nargs="+": the values up to the next flag
+        i = args.index("--lora_target_modules") + 1
+        modules = []
+        while i < len(args) and not args[i].startswith("--"):
+            modules.append(args[i])
+            i += 1
+        build["lora_config"] = {"lora_target_modules": modules, "max_lora_rank": int(opt.get("max_lora_rank", 64))}
     (out / "config.json").write_text(json.dumps({"version": "1.2.1", "pretrained_config": ckpt,
                                                  "build_config": build}))
     for rank in range((ckpt.get("mapping") or {}).get("world_size", 1)):

@@ -39,11 +39,13 @@ class TritonPythonModel:
         self.running = RunningRequests(args["model_name"])
         p = EncoderTrtParams.parse(io.params(args))
         plan = Path(args["model_repository"]) / args["model_version"] / p.plan_file
-        self.runner = TrtRunner.load(plan, int(args.get("model_instance_device_id", "0")))
+        device_id = int(args.get("model_instance_device_id", "0"))
+        self.runner = TrtRunner.load(plan, device_id)
         cap_cuda_memory(p.cuda_memory_cap_bytes, self.runner.place.device, "encoder")  # build/memory_plan.py stub_caps
-        # think/'s encoder variant (build/think.py): thinking requests' windows run on it
-        self.think = (TrtRunner.load(plan.with_name(p.think_plan_file), int(args.get("model_instance_device_id", "0")))
+        # think/'s encoder variant (build/think.py): thinking requests' windows run on it, on the same activation buffer
+        self.think = (TrtRunner.load(plan.with_name(p.think_plan_file), device_id, activations=self.runner.activations)
                       if p.think_plan_file else self.runner)
+        # sized by the memory plan (build/memory_plan.py encoder_cache_bytes), inside this stub's cap
         self.cache = audio_cache.LruBytes(p.cache_bytes)
 
     def execute(self, requests):
@@ -51,6 +53,18 @@ class TritonPythonModel:
             return self.encode(requests)
 
     def encode(self, requests):
+        try:
+            return self._encode(requests)
+        except torch.OutOfMemoryError:
+            if not len(self.cache):
+                raise
+            # the cache is planned inside this stub's cap (build/memory_plan.py); should an execution still run out of
+            # memory, the cache gives way: never a request failed for what caching holds
+            self.cache.clear()
+            pb.Logger.log_warn("encoder: out of memory with the audio cache full; the cache was cleared")
+            return self._encode(requests)
+
+    def _encode(self, requests):
         try:
             device = self.runner.place.device
             feats = [_torch(r, INPUT_FEATURES, device) for r in requests]  # each [w_i, 128, T]
@@ -83,6 +97,10 @@ class TritonPythonModel:
             for w, hit in hits.items():
                 embeds[w] = hit
             audio_cache.keep_computed(self.cache, keys, {int(w): embeds[w] for w in np.flatnonzero(todo)})
+        except torch.OutOfMemoryError as e:
+            if len(self.cache):
+                raise  # encode() clears the cache and runs it again
+            return [io.error_response(pb, e) for _ in requests]
         except Exception as e:  # noqa: BLE001
             return [io.error_response(pb, e) for _ in requests]
         out, start = [], 0

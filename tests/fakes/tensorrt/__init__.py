@@ -8,7 +8,10 @@ and pyFoundationalTypes.cpp (DataType):
   Runtime(logger).deserialize_cuda_engine(serialized_engine) -> ICudaEngine | None (None: not a plan)
   ICudaEngine: num_io_tensors, get_tensor_name(index), get_tensor_mode(name) -> TensorIOMode.INPUT|OUTPUT,
                get_tensor_dtype(name), get_tensor_shape(name) (-1 for a dynamic axis), create_execution_context()
-  IExecutionContext: set_input_shape(name, shape) -> bool (False outside the optimization profile),
+  ICudaEngine.create_execution_context(strategy=ExecutionContextAllocationStrategy.STATIC) (None when its device
+               memory cannot be had), device_memory_size_v2 (the activation memory of the largest profile)
+  IExecutionContext: set_device_memory(memory, size) (USER_MANAGED contexts run on memory the caller owns),
+               set_input_shape(name, shape) -> bool (False outside the optimization profile),
                get_tensor_shape(name) (an output's dims are known once every input shape is set),
                set_tensor_address(name, memory: int) -> bool, execute_async_v3(stream_handle: int) -> bool
   DataType.FLOAT/HALF/BF16/INT32/INT64/BOOL/INT8, with module aliases float32, float16, bfloat16, int32, …
@@ -20,7 +23,12 @@ and pyFoundationalTypes.cpp (DataType):
   OnnxParser.get_error(i) -> IParserError: desc(), node(), node_name(), node_operator(), code(), file(), line()
                (python/src/parsers/pyOnnx.cpp)
 
-What is faked: the plan is JSON naming the ONNX file the engine was built from, its I/O and its profile; the
+What is faked: the plan is JSON holding the ONNX the engine was built from (its bytes: the plan is moved, the ONNX's
+scratch directory is not), its I/O, its profile and its
+activation memory (a stand-in figure: 16 x the bytes of the profile's largest inputs); a STATIC context charges that
+memory, and deserializing charges the weights (the ONNX's initializers), to the GPU stand-in in force (fakes.cuda_memory,
+when a test installs one: TensorRT's allocations go beside torch's, not through it); a USER_MANAGED context runs only
+on memory set with set_device_memory of at least device_memory_size_v2 bytes. The
 parser presents the encoder's I/O (runtime/engines/encoder_io.py) with the ONNX's output width when onnxruntime can read
 it. Executing reads the inputs from the bound addresses and writes the output at its bound address (host memory:
 torch CPU tensors stand in for CUDA ones) after running the ONNX with ONNX Runtime, so a GPU-encoder test can
@@ -81,6 +89,12 @@ _ORT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int32)": "I
 
 def nptype(dtype: DataType):
     return _NP[dtype.name]
+
+
+class ExecutionContextAllocationStrategy(enum.Enum):
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
+    USER_MANAGED = 2
 
 
 class TensorIOMode(enum.Enum):
@@ -258,10 +272,18 @@ class Builder:
         calls.append(("build_serialized_network", (network, config)))
         if not BUILD_OK:
             return None  # TensorRT logs why and returns nullptr
+        profile = config.profiles[0].shapes if config.profiles else {}
+        largest = sum(int(np.prod(mx)) * np.dtype(nptype(t.dtype)).itemsize for t in network.inputs
+                      for mx in [profile.get(t.name, [[1], [1], [1]])[2]])
+        import base64
+        import os
+
+        onnx_bytes = open(network.onnx, "rb").read() if network.onnx and os.path.exists(network.onnx) else b""
         plan = {"magic": PLAN_MAGIC, "version": __version__, "onnx": network.onnx,
+                "onnx_bytes": base64.b64encode(onnx_bytes).decode(),  # the "weights": the plan outlives the path
                 "io": [[t.name, "INPUT", t.dtype.name, list(t.shape)] for t in network.inputs]
                 + [[t.name, "OUTPUT", t.dtype.name, list(t.shape)] for t in network.outputs],
-                "profile": config.profiles[0].shapes if config.profiles else {}}
+                "profile": profile, "device_memory_size": 16 * largest, "weights_bytes": _initializer_bytes(network.onnx)}
         built_plans.append(json.dumps(plan).encode())
         return built_plans[-1]
 
@@ -278,7 +300,36 @@ class Runtime:
             plan = json.loads(bytes(serialized_engine))
         except (ValueError, UnicodeDecodeError):
             return None  # TensorRT logs the error and returns nullptr
-        return ICudaEngine(plan) if isinstance(plan, dict) and plan.get("magic") == PLAN_MAGIC else None
+        if not (isinstance(plan, dict) and plan.get("magic") == PLAN_MAGIC):
+            return None
+        if not _charge(int(plan.get("weights_bytes", 0)), "weights"):
+            return None
+        return ICudaEngine(plan)
+
+
+def _initializer_bytes(path) -> int:
+    """The engine's weights: the ONNX's initializers (what TensorRT keeps of them, at their stored precision); the
+    file's size where onnx is absent (the container env)."""
+    import os
+
+    if not path or not os.path.exists(path):
+        return 0
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        return os.path.getsize(path)
+    model = onnx.load(path, load_external_data=False)
+    return sum(int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+               for t in model.graph.initializer)
+
+
+def _charge(size: int, what: str) -> bool:
+    """TensorRT's own device allocation, against the GPU stand-in in force (fakes.cuda_memory), if any."""
+    import sys
+
+    memory = sys.modules.get("fakes.cuda_memory")
+    return memory is None or memory.trt_allocate(size, what)
 
 
 class ICudaEngine:
@@ -303,14 +354,29 @@ class ICudaEngine:
     def get_tensor_shape(self, name):
         return self.io[name][2]
 
-    def create_execution_context(self):
-        calls.append(("create_execution_context", ()))
-        return IExecutionContext(self)
+    @property
+    def device_memory_size_v2(self):
+        return int(self.plan.get("device_memory_size", 0))
+
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
+        calls.append(("create_execution_context", (strategy,)))
+        if strategy is ExecutionContextAllocationStrategy.STATIC and not _charge(self.device_memory_size_v2,
+                                                                                 "execution context"):
+            return None  # createExecutionContext: nullptr when the activation memory cannot be allocated
+        return IExecutionContext(self, strategy)
+
+
+_MEMO: dict = {}  # the last few executions' outputs by their inputs' digest (a speed-up of the fake, nothing more)
 
 
 class IExecutionContext:
-    def __init__(self, engine: ICudaEngine):
+    def __init__(self, engine: ICudaEngine, strategy=ExecutionContextAllocationStrategy.STATIC):
         self.engine, self.shapes, self.addresses, self._session = engine, {}, {}, None
+        self.strategy, self.device_memory = strategy, None
+
+    def set_device_memory(self, memory, size):
+        calls.append(("set_device_memory", (memory, size)))
+        self.device_memory = (int(memory), int(size))
 
     def _inputs(self):
         return [n for n in self.engine.names if self.engine.io[n][0] is TensorIOMode.INPUT]
@@ -333,9 +399,20 @@ class IExecutionContext:
         import onnxruntime as ort  # only where the fake executes (our venv); the container env lacks it
 
         if self._session is None:
-            self._session = ort.InferenceSession(self.engine.plan["onnx"], providers=["CPUExecutionProvider"])
+            import base64
+
+            model = base64.b64decode(self.engine.plan["onnx_bytes"]) if self.engine.plan.get("onnx_bytes") \
+                else self.engine.plan["onnx"]
+            self._session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         outs = [n for n in self.engine.names if self.engine.io[n][0] is TensorIOMode.OUTPUT]
-        return dict(zip(outs, self._session.run(outs, feeds)))
+        import hashlib
+
+        key = hashlib.sha1(b"".join(np.ascontiguousarray(feeds[n]).tobytes() for n in sorted(feeds))).digest()
+        if key not in _MEMO:  # the engine is a function of its inputs: the same features, the same rows, at once
+            _MEMO[key] = dict(zip(outs, self._session.run(outs, feeds)))
+            while len(_MEMO) > 4:
+                _MEMO.pop(next(iter(_MEMO)))
+        return {n: v.copy() for n, v in _MEMO[key].items()}
 
     def get_tensor_shape(self, name):
         mode, _, dims = self.engine.io[name]
@@ -360,6 +437,9 @@ class IExecutionContext:
             raise TypeError("execute_async_v3(): stream_handle must be an int (a cudaStream_t)")
         if any(n not in self.shapes for n in self._inputs()) or any(n not in self.addresses for n in self.engine.names):
             return False  # TensorRT: "not all shapes are specified" / "address is not set"
+        if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED and (
+                self.device_memory is None or self.device_memory[1] < self.engine.device_memory_size_v2):
+            return False  # a USER_MANAGED context without (enough) device memory set
 
         def view(name, shape):
             dtype = np.dtype(nptype(self.engine.io[name][1]))
