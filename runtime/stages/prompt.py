@@ -190,7 +190,7 @@ def table_extra_ids(ids: np.ndarray, keys: np.ndarray, vocab_size: int) -> np.nd
     With KV-cache reuse, TensorRT-LLM keys each cached block by its (token id, extra id) pairs (generated tokens get
     0). Fake ids are the same in every request (vocab_size + k), so the extra id is what tells two tables apart:
     the same audio gets the same id and shares cached blocks, different audio never does. The id is 64 bits of
-    BLAKE2b over the request's window keys (audio_digest, computed once from the clip bytes in preprocess,
+    BLAKE2b over the request's window keys (audio_digest, computed once from the windows' samples in preprocess,
     runtime/stages/audio_cache.py): the table itself (215 MB for 10 min of AF3 audio) is neither copied nor hashed.
     ids: [L] int32 prompt; keys: uint64 [W, 2], the request's window keys.
     """
