@@ -303,6 +303,11 @@ class AudioBatch:
     keys: np.ndarray  # [W_total, 2] uint64: each window's key (audio_cache.content_keys: its samples and T)
 
 
+def truncation_notice(index: int, seconds: float, limit: float) -> str:
+    """What a request is told when a clip is longer than the audio AF3 reads (limit: seconds)."""
+    return f"audio clip {index}: {seconds:.1f} s is longer than the {limit:g} s AF3 reads; only the first {limit:g} s were used"
+
+
 def featurize(chunks: list[np.ndarray], frames: int, keys: np.ndarray, log_mel_fn=log_mel,
               cache: audio_cache.LruBytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """log_mel_fn(chunks, frames), with each window's row taken from `cache` under its key when there and the rows

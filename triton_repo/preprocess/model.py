@@ -61,8 +61,8 @@ class TritonPythonModel:
             raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
                                   f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
         limit = self.max_windows * lengths.WINDOW_SECONDS
-        notices = [f"audio clip {i}: {s:.1f} s is longer than the {limit} s AF3 reads; only the first {limit} s "
-                   f"were used" for i, (s, cut) in enumerate(zip(batch.seconds_per_clip, batch.truncated)) if cut]
+        notices = [audio.truncation_notice(i, s, limit)
+                   for i, (s, cut) in enumerate(zip(batch.seconds_per_clip, batch.truncated)) if cut]
         self.ctx.put(r.request_id(), {"notices": notices,
                                       STRIP_PREFIX: bool(io.scalar(pb, r, STRIP_PREFIX) or False),
                                       STREAM: bool(io.scalar(pb, r, STREAM) or False)})
