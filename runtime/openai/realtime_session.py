@@ -78,6 +78,7 @@ class RealtimeSession:
         self.ahead_windows = 0  # windows of this turn sent ahead
         self.answers: collections.deque = collections.deque(maxlen=16)  # (response id, token ids): logs and tests
         self.ms_base = 0  # audio ms heard under earlier formats / detectors
+        self.typed = False  # a session.update named the session's type: it is fixed from then on
         self._reset_vad()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -103,8 +104,9 @@ class RealtimeSession:
     # ------------------------------------------------------------------------------------------ events
 
     async def on_session_update(self, ev: dict) -> None:
-        fresh = not self.items and self.turn is None and not self.idle and self.heard == 0
+        fresh = not (self.typed or self.items or self.turn is not None or self.idle or self.heard)
         cfg = update_session(self.cfg, ev.get("session"), self.model_id, fresh)
+        self.typed = self.typed or "type" in ev["session"]
         if (cfg.fmt != self.cfg.fmt or cfg.vad != self.cfg.vad) and (self.turn is not None or self.idle):
             raise EventError("commit or clear the input audio buffer before changing its format or turn_detection",
                              code="input_audio_buffer_not_empty", param="session.audio.input")
