@@ -6,11 +6,14 @@ import one another.
   repository reads, a fake engine directory, the GPU RepoSpec of the tiny checkpoint, and every config.pbtxt of a
   rendered repository parsed back through model_config_pb2.
 - peer_ports: the client ports of the TCP connections a local server port has open (connection-reuse tests).
+- openai_front: the OpenAI front served by uvicorn in a thread of the test process (its app's state readable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +84,31 @@ def peer_ports(port: int) -> set[int]:
             if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # 01: TCP_ESTABLISHED
                 out.add(int(remote.rsplit(":", 1)[1], 16))
     return out
+
+
+@contextlib.contextmanager
+def openai_front(settings):
+    """The OpenAI front (runtime/openai/app.py create_app(settings)) on uvicorn in a thread of this process, on a free
+    loopback port: yields (base URL, app); the test reads the app's state (e.g. its realtime sessions). Stopped on
+    exit."""
+    import uvicorn
+
+    from af3trt.runtime.openai.app import create_app
+    from af3trt.runtime.serve.server import free_port
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets"))
+    thread = threading.Thread(target=server.run, name=f"openai-front-{port}", daemon=True)
+    thread.start()
+    started = threading.Event()
+    while not started.wait(0.05):  # uvicorn says so only through this flag; the thread's death ends the wait
+        assert thread.is_alive(), "the OpenAI front's server thread ended before it started"
+        if server.started:
+            started.set()
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive(), "the OpenAI front did not stop"

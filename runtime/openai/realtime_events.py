@@ -38,12 +38,13 @@ class EventError(Exception):
                  kind: str = "invalid_request_error"):
         super().__init__(message)
         self.message, self.code, self.param, self.kind = message, code, param, kind
+        self.client_event_id: str | None = None  # the client event it answers, when known
 
     def event(self, client_event_id: str | None = None) -> dict:
         """OpenAI's error event: {"type": "error", "error": {type, code, message, param, event_id}}; event_id there
         is the client event that caused it."""
         return event("error", error={"type": self.kind, "code": self.code, "message": self.message,
-                                     "param": self.param, "event_id": client_event_id})
+                                     "param": self.param, "event_id": client_event_id or self.client_event_id})
 
 
 def _fields(value, allowed: set[str], where: str) -> dict:
@@ -89,12 +90,16 @@ def parse_event(message: str | bytes) -> tuple[str, str | None, dict]:
         raise EventError("an event is a JSON object with a string `type`", code="invalid_event", param="type")
     kind, eid = ev["type"], ev.get("event_id")
     eid = eid if isinstance(eid, str) else None
-    if kind in NOT_HERE:
-        raise EventError(f"{kind}: {NOT_HERE[kind]}", code="unsupported_event", param="type")
-    if kind not in CLIENT_EVENTS:
-        raise EventError(f"unknown event type {kind!r}; this server takes {', '.join(CLIENT_EVENTS)}",
-                         code="invalid_event", param="type")
-    _fields(ev, EVENT_FIELDS[kind] | {"type", "event_id"}, kind)
+    try:
+        if kind in NOT_HERE:
+            raise EventError(f"{kind}: {NOT_HERE[kind]}", code="unsupported_event", param="type")
+        if kind not in CLIENT_EVENTS:
+            raise EventError(f"unknown event type {kind!r}; this server takes {', '.join(CLIENT_EVENTS)}",
+                             code="invalid_event", param="type")
+        _fields(ev, EVENT_FIELDS[kind] | {"type", "event_id"}, kind)
+    except EventError as e:
+        e.client_event_id = eid
+        raise
     return kind, eid, ev
 
 

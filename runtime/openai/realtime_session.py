@@ -132,6 +132,7 @@ class RealtimeSession:
                              f"{self.clock() - self.pace.start:.1f} s; this server accepts at most {self.limits.max_speed:g}x "
                              f"real time after the first {self.limits.burst_s:g} s (this append was dropped)",
                              code="rate_limit_exceeded", param="audio")
+        self.heard += len(raw) // fmt.sample_bytes
         if self.cfg.vad is None:
             self._heard(raw)
         else:
@@ -196,7 +197,7 @@ class RealtimeSession:
         fmt, vad = self.cfg.fmt, self.cfg.vad
         self.vad = None if vad is None else live.ServerVad(vad)
         self.detect = StreamResampler(fmt.rate, lengths.SAMPLE_RATE) if vad and fmt.rate != lengths.SAMPLE_RATE else None
-        self.heard = 0  # input samples since this detector started
+        self.heard = 0  # input samples since this format / detector was set (VAD sample indices count from here)
         self.idle = bytearray()  # with VAD, before speech: the latest input (prefix padding)
         self.idle_start = 0  # input sample of idle[0]
         self.vad_turn = False
@@ -221,7 +222,6 @@ class RealtimeSession:
                 self.idle_start += (len(self.idle) - keep) // sb
                 del self.idle[: len(self.idle) - keep]
         x = fmt.decode(raw)
-        self.heard += len(x)
         for kind, at16 in self.vad.feed(self.detect.feed(x) if self.detect else x):
             at = at16 * fmt.rate // lengths.SAMPLE_RATE  # input sample (10-ms frames: exact at 8, 16 and 24 kHz)
             if kind == "started" and not self.vad_turn:
