@@ -98,7 +98,7 @@ def openai_front(settings):
 
     app = create_app(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"))
     thread = threading.Thread(target=server.run, name=f"openai-front-{port}", daemon=True)
     thread.start()
     started = threading.Event()

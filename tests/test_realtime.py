@@ -22,6 +22,7 @@ import pytest
 import soundfile as sf
 from reference import MAX_TOKENS, mono16k
 from scipy.signal import resample_poly
+from websockets.exceptions import ConnectionClosed
 
 from af3trt.runtime.openai.common import RealtimeOptions, Settings
 from af3trt.runtime.stages.longform import TRANSCRIPTION_PROMPT
@@ -251,20 +252,40 @@ def test_malformed_events_are_error_events_and_the_session_goes_on(front):
     assert updated.session.instructions == "still here"
 
 
-def test_session_limit_and_idle_timeout_end_sessions_with_an_error_event(server):
-    options = RealtimeOptions(max_speed=0, max_sessions=1, idle_timeout_s=1.0)
-    with openai_front(Settings(triton_url=server.grpc_url, realtime=options)) as (url, _):
-        async def go():
-            async with connect(url) as first:
-                await until(first, "session.created")
-                async with connect(url) as second:
-                    refused = await asyncio.wait_for(second.recv(), WAIT_S)
-                idle = await until(first, "error")  # the first one sent nothing for 1 s
-            return refused, idle[-1]
+def test_session_limit_and_timeouts_end_sessions_with_an_error_event(server):
+    def front_with(**kw):
+        return openai_front(Settings(triton_url=server.grpc_url, realtime=RealtimeOptions(max_speed=0, **kw)))
 
-        refused, idle = asyncio.run(go())
+    async def refused_second(url):
+        async with connect(url) as first:
+            await until(first, "session.created")
+            async with connect(url) as second:
+                return await asyncio.wait_for(second.recv(), WAIT_S)
+
+    async def idle(url):
+        async with connect(url) as conn:
+            return (await until(conn, "error"))[-1]  # it sends nothing
+
+    async def expired(url):
+        async with connect(url) as busy:  # never idle, but past the session's limit
+            await until(busy, "session.created")
+            while True:
+                try:
+                    await busy.session.update(session={"instructions": "still here"})
+                except ConnectionClosed:  # the server ended it between our events: its error event came first
+                    pass
+                last = await asyncio.wait_for(busy.recv(), WAIT_S)
+                if last.type == "error":
+                    return last
+                await asyncio.sleep(0.2)
+
+    with front_with(max_sessions=1) as (url, _):
+        refused = asyncio.run(refused_second(url))
     assert refused.type == "error" and refused.error.code == "session_limit_reached"
-    assert idle.error.code == "idle_timeout"
+    with front_with(idle_timeout_s=1.0) as (url, _):
+        assert asyncio.run(idle(url)).error.code == "idle_timeout"
+    with front_with(max_session_s=2.0) as (url, _):
+        assert asyncio.run(expired(url)).error.code == "session_expired"
 
 
 def test_a_client_that_leaves_mid_answer_stops_the_decoder(front, server):
@@ -285,7 +306,7 @@ def test_a_client_that_leaves_mid_answer_stops_the_decoder(front, server):
     rid = asyncio.run(go())
     decoder_line = f"(request id {rid!r})"
     deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and decoder_line not in server.log_tail(400):
+    while time.monotonic() < deadline and decoder_line not in server.log_path.read_text(errors="replace"):
         time.sleep(0.2)  # bounds the wait for the decoder's log line
-    line = next(x for x in server.log_tail(400).splitlines() if decoder_line in x)
+    line = next(x for x in server.log_path.read_text(errors="replace").splitlines() if decoder_line in x)
     assert "cancelled by the client" in line and int(line.split(" after ")[1].split()[0]) < 512, line

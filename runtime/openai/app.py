@@ -196,7 +196,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     app = BodyLimit(create_app(settings), settings.max_upload_bytes)
     log.info("OpenAI-compatible API on http://%s:%d/v1 → Triton %s (model %s)%s", host, port, settings.triton_url,
              settings.model_id, ", API key required" if settings.api_key else "")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    # WS /v1/realtime: uvicorn's sans-I/O implementation over the websockets library (its older one is deprecated)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, ws="websockets-sansio")
 
 
 def main(argv=None) -> None:
