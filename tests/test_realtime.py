@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -310,3 +313,29 @@ def test_a_client_that_leaves_mid_answer_stops_the_decoder(front, server):
         time.sleep(0.2)  # bounds the wait for the decoder's log line
     line = next(x for x in server.log_path.read_text(errors="replace").splitlines() if decoder_line in x)
     assert "cancelled by the client" in line and int(line.split(" after ")[1].split()[0]) < 512, line
+
+
+def test_listen_streams_a_file_and_prints_the_answer_and_transcripts(front, client, speech_bytes, tmp_path):
+    """`af3trt listen FILE` (runtime/client/listen.py) against the same front: the file as one turn with a question
+    (its answer is the one request's), then as a transcription session whose turns the server finds by voice."""
+    url, _ = front
+    path = tmp_path / "speech.flac"
+    path.write_bytes(speech_bytes)
+    env = dict(os.environ, AF3TRT_LISTEN_KEY=KEY)
+
+    def listen(*args):
+        return subprocess.run([sys.executable, "-m", "af3trt.cli", "listen", str(path), "--url", url, "--speed", "0",
+                               "--api-key-env", "AF3TRT_LISTEN_KEY", *args], capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    asked = listen("--question", "What is said?", "--max-tokens", str(MAX_TOKENS))
+    assert asked.returncode == 0, asked.stderr
+    clip = wav(np.frombuffer(pcm16(mono16k(speech_bytes)), "<i2"), SR, "PCM_16")  # what listen sends: 16-kHz PCM16
+    want = client.ask(messages=[{"role": "user", "content": [{"type": "audio", "audio_index": 0},
+                                                             {"type": "text", "text": "What is said?"}]}],
+                      audio=[clip], max_tokens=MAX_TOKENS, stream=False)
+    assert asked.stdout == want.text + "\n" and "s after the commit" in asked.stderr
+
+    heard = listen("--transcribe", "--vad")
+    assert heard.returncode == 0, heard.stderr
+    assert heard.stderr.count("[speech from") == 1 and heard.stdout.strip()
