@@ -86,6 +86,7 @@ def test_a_turns_windows_are_its_clips_sample_for_sample_and_find_its_keys():
     assert np.array_equal(clip, resample_poly(x, 2, 3).astype(np.float32))
     assert len(clip) == turn.samples16
     assert np.array_equal(turn.wave(2), clip[: 2 * lengths.WINDOW_SAMPLES])  # final as they arrived
+    assert np.array_equal(audio.decode_audio(turn.clip16()), clip)  # what a commit sends: the clip as decoded
     whole, ahead = audio.prepare_clips([turn.clip()]), audio.prepare_clips([turn.prefix(2)])
     assert np.array_equal(whole.keys[:2], ahead.keys) and np.array_equal(whole.features[:2], ahead.features)
 
@@ -98,8 +99,10 @@ def test_a_turn_past_the_limit_keeps_what_fixes_afs_windows_and_equals_the_longe
     dropped = turn.append(pcm16(wave))
     assert turn.truncated and dropped > 0 and turn.samples < 31 * 24000 and turn.windows == 1
     longer = live.InputFormat("pcm16", 24000).wav(pcm16(wave))
-    kept, full = audio.prepare_clips([turn.clip()], max_windows=1), audio.prepare_clips([longer], max_windows=1)
-    assert np.array_equal(kept.features, full.features) and np.array_equal(kept.keys, full.keys)
+    full = audio.prepare_clips([longer], max_windows=1)
+    for clip in (turn.clip(), turn.clip16()):
+        kept = audio.prepare_clips([clip], max_windows=1)
+        assert np.array_equal(kept.features, full.features) and np.array_equal(kept.keys, full.keys)
     assert full.truncated == [True]
     assert audio.truncation_notice(0, turn.seconds, 30) == \
         "audio clip 0: 37.0 s is longer than the 30 s AF3 reads; only the first 30 s were used"
@@ -112,6 +115,7 @@ def test_a_cut_turn_keeps_its_start_and_returns_what_follows():
     turn.append(raw)
     rest = turn.cut(8000 * 2)
     assert bytes(turn.raw) == raw[:16000] and rest == raw[16000:]
+    assert np.array_equal(audio.decode_audio(turn.clip16()), audio.decode_audio(turn.clip()))  # the cut as decoded
 
 
 # ---------------------------------------------------------------------------------------------- voice, pace
@@ -232,7 +236,8 @@ def test_a_committed_turn_is_answered_with_the_conversations_request_and_its_win
         "response.content_part.done", "response.output_item.done", "conversation.item.done", "response.done"]
     rid, job = fake.jobs[-1]
     clip = live.InputFormat("pcm16", 16000).wav(raw)
-    assert job.audio == [clip] and job.max_tokens == 8 and job.stream
+    assert np.array_equal(audio.decode_audio(job.audio[0]), audio.decode_audio(clip))  # the turn, as decoded
+    assert len(job.audio) == 1 and job.max_tokens == 8 and job.stream
     assert job.messages == [{"role": "system", "content": "Be brief."},
                             {"role": "user", "content": [{"type": "audio", "audio_index": 0}]}]
     done = events[-1]["response"]
@@ -287,7 +292,8 @@ def test_voice_activity_commits_a_turn_from_its_padding_to_its_pause_and_answers
     assert "response.done" in kinds  # create_response: answered without a response.create
     job = fake.jobs[-1][1]
     a, b = started["audio_start_ms"] * 8, stopped["audio_end_ms"] * 8
-    assert job.audio == [fmt.wav(raw[a:b])]  # the turn: from its padding to the end of its pause
+    # the turn: from its padding to the end of its pause
+    assert len(job.audio) == 1 and np.array_equal(audio.decode_audio(job.audio[0]), audio.decode_audio(fmt.wav(raw[a:b])))
 
 
 def test_a_transcription_session_transcribes_each_committed_turn():

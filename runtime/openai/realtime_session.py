@@ -7,7 +7,7 @@ ensemble — answers (a realtime session) or transcripts (a transcription sessio
     await session.close()                       # cancels what is running (Triton stops it)
 
 A committed turn is a user item whose clip is the turn's audio as the client sent it, in a WAV at its own rate
-(runtime/stages/live.py Turn.clip); an answer is the ensemble's request for the conversation's messages (consecutive
+(runtime/stages/live.py Turn.clip; sent as the 16-kHz samples preprocess decodes from it, Turn.clip16); an answer is the ensemble's request for the conversation's messages (consecutive
 items of one role are one message, system items join the instructions: AF3's template alternates user and
 assistant after one system message) — the same request POST /v1/chat/completions sends for those messages, which is
 the reference its answers equal. While a turn is heard, each time a 30-s window completes the session sends that
@@ -266,7 +266,7 @@ class RealtimeSession:
 
     def _part(self, turn: live.Turn) -> Part:
         windows, _ = lengths.window_count(turn.samples16, self.max_windows)
-        return Part(clip=turn.clip(), seconds=turn.samples / turn.fmt.rate, windows=windows)
+        return Part(clip=turn.clip16(), seconds=turn.samples / turn.fmt.rate, windows=windows)
 
     def _check_budget(self, windows: int) -> None:
         """A request reads at most max_windows windows of audio in all: the conversation must fit one."""
@@ -284,6 +284,10 @@ class RealtimeSession:
                              code="input_audio_buffer_commit_empty")
         part = self._part(turn)
         self._check_budget(part.windows)
+        if self.ahead is not None and not self.ahead.done():
+            # windows that completed just now: the commit's own request computes them, and would otherwise wait
+            # behind this one (its encoder and decoder work are the commit's too)
+            self.ahead.cancel()
         self.turn, self.vad_turn = None, False
         if self.vad is not None:
             self.vad.reset()  # a commit ends what the detector heard as one turn
