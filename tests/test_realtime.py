@@ -339,3 +339,25 @@ def test_listen_streams_a_file_and_prints_the_answer_and_transcripts(front, clie
     heard = listen("--transcribe", "--vad")
     assert heard.returncode == 0, heard.stderr
     assert heard.stderr.count("[speech from") == 1 and heard.stdout.strip()
+
+
+def test_the_docs_examples_run_against_the_server(front, tmp_path):
+    """docs/realtime.md's Python blocks, as written but for the server's address: each prints what it promises."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "realtime.md").read_text(), re.S)
+    assert len(blocks) == 2
+    url, _ = front
+    outputs = []
+    for i, code in enumerate(blocks):
+        script = tmp_path / f"example{i}.py"
+        script.write_text(code.replace("http://127.0.0.1:9000/v1", url + "/v1")
+                          .replace('"unused-unless---api-key-env"', repr(KEY)))
+        run = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+    assert re.search(r"\[\d+ tokens in, \d+ out\]", outputs[0])
+    assert not any(line.startswith("error:") for line in outputs[0].splitlines())
+    assert outputs[1].strip()
