@@ -79,7 +79,8 @@ class Session:
         step = 2 * int(CHUNK_S * RATE)
         start = time.perf_counter()
         for at in range(0, len(raw), step):
-            await self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(raw[at: at + step]).decode()})
+            chunk = base64.b64encode(raw[at: at + step]).decode()
+            await self.send({"type": "input_audio_buffer.append", "audio": chunk})
             if speed > 0:
                 await asyncio.sleep(max(0.0, start + (at + step) / 2 / RATE / speed - time.perf_counter()))
 
@@ -225,15 +226,16 @@ def concurrency(repository: Path, levels: list[int], session_s: float, turn_s: f
 def report(result: dict) -> str:
     m, t, c = result["machine"], result["ttft"], result["concurrency"]
     cpu = m["cpu"].get("Model name", "?")
-    lines = [f"# Live audio (WS /v1/realtime): time to first token and concurrent sessions\n",
+    lines = ["# Live audio (WS /v1/realtime): time to first token and concurrent sessions\n",
              f"Machine: {cpu}, {m['logical_cpus']} logical CPUs, {m['ram_bytes'] / 2**30:.0f} GiB; load average at "
              f"start {result['load_average']}. {result['note']}",
              f"Model repository: {result['repository']} (CPU target). Commit {m.get('commit')}.\n",
-             f"## Time to first token after the commit, against audio already streamed\n",
+             "## Time to first token after the commit, against audio already streamed\n",
              f"24-kHz PCM16 espeak-ng speech streamed at {result['speed']:g}x real time in 100-ms appends, then "
              f"commit + response.create ({ANSWER_TOKENS} tokens); one run each. The stage columns are the commit's "
              "request (queue + compute in Triton, ms; the decoder's is its prefill and first token, derived).\n",
-             "| streamed | encode ahead | time to first token (s) | preprocess | encoder | fusion | decoder | prompt tokens |",
+             "| streamed | encode ahead | time to first token (s) | preprocess | encoder | fusion | decoder "
+             "| prompt tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for mode in ("with", "without"):
         for r in t[mode]:
@@ -264,15 +266,28 @@ def main(argv=None) -> int:
     ap.add_argument("--session-seconds", type=float, default=45.0)
     ap.add_argument("--turn-seconds", type=float, default=15.0)
     ap.add_argument("--ttft-limit", type=float, default=1.0, help="seconds: the 95th percentile a level must meet")
+    ap.add_argument("--parts", default="ttft,concurrency", help="what to run: ttft, concurrency (both by default; a "
+                                                               "part left out is kept from --out's realtime.json)")
     ap.add_argument("--note", default="", help="a sentence about the machine's conditions, for the report")
     ap.add_argument("--out", type=Path, default=Path("perf/results/latest"))
     args = ap.parse_args(argv)
     repo = args.model_repository.resolve()
-    result = {"machine": machine.describe(Path(__file__).resolve().parent.parent), "repository": str(args.model_repository),
-              "load_average": machine.load_average(), "note": args.note, "speed": args.speed}
-    result["ttft"] = ttft_vs_length(repo, [float(x) for x in args.lengths.split(",")], args.speed)
-    result["concurrency"] = concurrency(repo, [int(x) for x in args.levels.split(",")], args.session_seconds,
-                                       args.turn_seconds, args.ttft_limit)
+    result = {"machine": machine.describe(Path(__file__).resolve().parent.parent),
+              "repository": str(args.model_repository), "load_average": machine.load_average(), "note": args.note,
+              "speed": args.speed}
+    parts = set(args.parts.split(","))
+    previous = args.out / "realtime.json"
+    kept = json.loads(previous.read_text()) if previous.exists() and parts != {"ttft", "concurrency"} else {}
+    if "ttft" in parts:
+        result["ttft"] = ttft_vs_length(repo, [float(x) for x in args.lengths.split(",")], args.speed)
+    else:
+        result.update({k: kept[k] for k in ("ttft", "speed", "load_average", "note")})
+        result["concurrency_load_average"] = machine.load_average()
+    if "concurrency" in parts:
+        result["concurrency"] = concurrency(repo, [int(x) for x in args.levels.split(",")], args.session_seconds,
+                                           args.turn_seconds, args.ttft_limit)
+    else:
+        result["concurrency"] = kept["concurrency"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "realtime.json").write_text(json.dumps(result, indent=1))
     (args.out / "realtime.md").write_text(report(result))

@@ -136,7 +136,8 @@ def test_a_voice_conversation_equals_its_one_request_reference(front, client, re
             answers.append(session.answers[-1][1])
 
             await conn.session.update(session={"audio": {"input": {
-                "format": {"type": "audio/pcmu"}, "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+                "format": {"type": "audio/pcmu"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
             await until(conn, "session.updated")
             for at in range(0, len(turn3), 800):  # 0.1-s appends; the detector commits and answers by itself
                 await conn.input_audio_buffer.append(audio=b64(turn3[at: at + 800]))
@@ -300,8 +301,8 @@ def test_a_client_that_leaves_mid_answer_stops_the_decoder(front, server):
         async with connect(url) as conn:
             await conn.session.update(session={"type": "realtime", "max_output_tokens": 512,
                                                "audio": {"input": {"turn_detection": None}}})
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": "Tell a long story."}]})
+            story = [{"type": "input_text", "text": "Tell a long story."}]
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": story})
             await conn.response.create()
             created = next(e for e in await until(conn, "response.output_text.delta") if e.type == "response.created")
         return created.response.id

@@ -293,7 +293,8 @@ def test_voice_activity_commits_a_turn_from_its_padding_to_its_pause_and_answers
     job = fake.jobs[-1][1]
     a, b = started["audio_start_ms"] * 8, stopped["audio_end_ms"] * 8
     # the turn: from its padding to the end of its pause
-    assert len(job.audio) == 1 and np.array_equal(audio.decode_audio(job.audio[0]), audio.decode_audio(fmt.wav(raw[a:b])))
+    assert len(job.audio) == 1
+    assert np.array_equal(audio.decode_audio(job.audio[0]), audio.decode_audio(fmt.wav(raw[a:b])))
 
 
 def test_a_transcription_session_transcribes_each_committed_turn():
@@ -360,7 +361,8 @@ def test_bad_input_gets_error_events_and_the_session_goes_on():
     assert _errors(events) == [
         ("input_audio_buffer_commit_empty", "e1"), ("response_cancel_not_active", "e2"),
         ("conversation_not_ready", "e3"), (None, "e4"), ("invalid_audio_format", "e5"), (None, "e6"),
-        ("invalid_audio", "e7"), ("invalid_audio", "e8"), ("unknown_parameter", "e9"), ("item_not_found", "e10"), (None, "e11"),
+        ("invalid_audio", "e7"), ("invalid_audio", "e8"), ("unknown_parameter", "e9"), ("item_not_found", "e10"),
+        (None, "e11"),
         ("audio_too_long", None), ("conversation_already_has_active_response", "e14")]
     notice = next(e for e in events if e["type"] == "error" and e["error"]["code"] == "audio_too_long")
     assert notice["error"]["message"].startswith("audio clip 0: 40.0 s is longer than the 30 s AF3 reads")
@@ -453,6 +455,7 @@ def test_items_merge_by_role_and_system_items_join_the_instructions():
 
     job = run(go()).jobs[-1][1]
     assert job.messages == [{"role": "system", "content": "Be terse.\nUse French."},
-                            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "again"}]},
+                            {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                         {"type": "text", "text": "again"}]},
                             {"role": "assistant", "content": [{"type": "text", "text": "Bonjour"}]},
                             {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]

@@ -7,14 +7,14 @@ ensemble — answers (a realtime session) or transcripts (a transcription sessio
     await session.close()                       # cancels what is running (Triton stops it)
 
 A committed turn is a user item whose clip is the turn's audio as the client sent it, in a WAV at its own rate
-(runtime/stages/live.py Turn.clip; sent as the 16-kHz samples preprocess decodes from it, Turn.clip16); an answer is the ensemble's request for the conversation's messages (consecutive
-items of one role are one message, system items join the instructions: AF3's template alternates user and
-assistant after one system message) — the same request POST /v1/chat/completions sends for those messages, which is
-the reference its answers equal. While a turn is heard, each time a 30-s window completes the session sends that
-request ahead with the turn so far (its complete windows as a 16-kHz clip) and max_tokens 1: preprocess and the
-encoder keep those windows by content and the decoder the prompt's blocks up to the end of that audio
-(runtime/stages/audio_cache.py), so at the commit only the last, partial window is new. What is sent ahead changes no
-answer: a window it left different from the clip's is a cache miss.
+(runtime/stages/live.py Turn.clip; sent as the 16-kHz samples preprocess decodes from it, Turn.clip16); an answer is
+the ensemble's request for the conversation's messages (consecutive items of one role are one message, system items
+join the instructions: AF3's template alternates user and assistant after one system message) — the same request
+POST /v1/chat/completions sends for those messages, which is the reference its answers equal. While a turn is heard,
+each time a 30-s window completes the session sends that request ahead with the turn so far (its complete windows as
+a 16-kHz clip) and max_tokens 1: preprocess and the encoder keep those windows by content and the decoder the
+prompt's blocks up to the end of that audio (runtime/stages/audio_cache.py), so at the commit only the last, partial
+window is new. What is sent ahead changes no answer: a window it left different from the clip's is a cache miss.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import collections
 import io
 import logging
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 import soundfile as sf
 
 from af3trt.runtime.client.library import Request as Job
-from af3trt.runtime.openai.common import Answer, APIError, Piece, deltas
+from af3trt.runtime.openai.common import Answer, APIError, Piece, RealtimeOptions, deltas
 from af3trt.runtime.openai.realtime_events import (EventError, Item, Part, ResponseParams, SessionConfig, event, new_id,
                                                    parse_item, parse_response, update_session)
 from af3trt.runtime.openai.triton import EnsembleInfo
@@ -46,18 +45,10 @@ MIN_COMMIT_MS = 100  # OpenAI's: a commit needs at least 100 ms of audio
 IDLE_KEEP_S = 2.0  # with voice activity detection, audio kept before speech beyond prefix_padding_ms
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one session may send: audio at most `max_speed` times real time after a `burst_s` allowance (0: any)."""
-
-    max_speed: float = 2.0
-    burst_s: float = 30.0
-    encode_ahead: bool = True
-
-
 class RealtimeSession:
     def __init__(self, *, generate: Callable[[Job, str], AsyncIterator[Piece]], info: EnsembleInfo, model_id: str,
-                 send: Callable[[dict], Awaitable[None]], limits: Limits = Limits(), kind: str = "realtime",
+                 send: Callable[[dict], Awaitable[None]], limits: RealtimeOptions = RealtimeOptions(),
+                 kind: str = "realtime",
                  clock: Callable[[], float] = time.monotonic):
         self.generate, self.info, self.send, self.limits, self.clock = generate, info, send, limits, clock
         self.id = new_id("sess")
@@ -106,14 +97,13 @@ class RealtimeSession:
     async def on_session_update(self, ev: dict) -> None:
         fresh = not (self.typed or self.items or self.turn is not None or self.idle or self.heard)
         cfg = update_session(self.cfg, ev.get("session"), self.model_id, fresh)
-        self.typed = self.typed or "type" in ev["session"]
         if (cfg.fmt != self.cfg.fmt or cfg.vad != self.cfg.vad) and (self.turn is not None or self.idle):
             raise EventError("commit or clear the input audio buffer before changing its format or turn_detection",
                              code="input_audio_buffer_not_empty", param="session.audio.input")
         changed = cfg.fmt != self.cfg.fmt or cfg.vad != self.cfg.vad
         if changed:
             self.ms_base = self._ms(self.heard)
-        self.cfg = cfg
+        self.cfg, self.typed = cfg, self.typed or "type" in ev["session"]
         if changed:
             self._reset_vad()
         await self.send(event("session.updated", session=self.cfg.describe(self.id)))
@@ -129,8 +119,9 @@ class RealtimeSession:
         seconds = len(raw) / fmt.sample_bytes / fmt.rate
         if not self.pace.admit(seconds, self.clock()):
             raise EventError(f"audio arrives faster than real time: {self.pace.seconds + seconds:.1f} s in "
-                             f"{self.clock() - self.pace.start:.1f} s; this server accepts at most {self.limits.max_speed:g}x "
-                             f"real time after the first {self.limits.burst_s:g} s (this append was dropped)",
+                             f"{self.clock() - self.pace.start:.1f} s; this server accepts at most "
+                             f"{self.limits.max_speed:g}x real time after the first {self.limits.burst_s:g} s "
+                             "(this append was dropped)",
                              code="rate_limit_exceeded", param="audio")
         self.heard += len(raw) // fmt.sample_bytes
         if self.cfg.vad is None:
@@ -196,7 +187,8 @@ class RealtimeSession:
     def _reset_vad(self) -> None:
         fmt, vad = self.cfg.fmt, self.cfg.vad
         self.vad = None if vad is None else live.ServerVad(vad)
-        self.detect = StreamResampler(fmt.rate, lengths.SAMPLE_RATE) if vad and fmt.rate != lengths.SAMPLE_RATE else None
+        resample = vad is not None and fmt.rate != lengths.SAMPLE_RATE
+        self.detect = StreamResampler(fmt.rate, lengths.SAMPLE_RATE) if resample else None
         self.heard = 0  # input samples since this format / detector was set (VAD sample indices count from here)
         self.idle = bytearray()  # with VAD, before speech: the latest input (prefix padding)
         self.idle_start = 0  # input sample of idle[0]
@@ -272,8 +264,8 @@ class RealtimeSession:
         """A request reads at most max_windows windows of audio in all: the conversation must fit one."""
         used = sum(p.windows for i in self.items for p in i.parts) if self.cfg.kind == "realtime" else 0
         if used + windows > self.max_windows:
-            raise EventError(f"the conversation would hold {used + windows} windows of 30 s of audio; AF3 reads at most "
-                             f"{self.max_windows} in one request (delete items, or start another session)",
+            raise EventError(f"the conversation would hold {used + windows} windows of 30 s of audio; AF3 reads at "
+                             f"most {self.max_windows} in one request (delete items, or start another session)",
                              code="conversation_audio_limit")
 
     async def _commit(self, respond: bool = False) -> None:
@@ -463,12 +455,11 @@ class RealtimeSession:
                                          "param": None}))
             return
         item.parts[0].transcript, item.parts[0].clip = answer.text, None  # the clip is no longer needed
-        usage = {"type": "tokens", "input_tokens": max(answer.prompt_tokens, 0), "output_tokens": answer.n_ids,
-                 "total_tokens": max(answer.prompt_tokens, 0) + answer.n_ids,
-                 "input_token_details": {"audio_tokens": lengths.audio_tokens_for_samples(_samples16(clip),
-                                                                                          self.max_windows),
-                                         "text_tokens": None}}
-        usage["input_token_details"]["text_tokens"] = usage["input_tokens"] - usage["input_token_details"]["audio_tokens"]
+        prompt = max(answer.prompt_tokens, 0)
+        audio_tokens = lengths.audio_tokens_for_samples(_samples16(clip), self.max_windows)
+        usage = {"type": "tokens", "input_tokens": prompt, "output_tokens": answer.n_ids,
+                 "total_tokens": prompt + answer.n_ids,
+                 "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": prompt - audio_tokens}}
         await self.send(event("conversation.item.input_audio_transcription.completed", transcript=answer.text,
                               usage=usage, **where))
 

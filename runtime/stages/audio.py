@@ -305,7 +305,8 @@ class AudioBatch:
 
 def truncation_notice(index: int, seconds: float, limit: float) -> str:
     """What a request is told when a clip is longer than the audio AF3 reads (limit: seconds)."""
-    return f"audio clip {index}: {seconds:.1f} s is longer than the {limit:g} s AF3 reads; only the first {limit:g} s were used"
+    return (f"audio clip {index}: {seconds:.1f} s is longer than the {limit:g} s AF3 reads; only the first {limit:g} s "
+            "were used")
 
 
 def featurize(chunks: list[np.ndarray], frames: int, keys: np.ndarray, log_mel_fn=log_mel,

@@ -42,7 +42,8 @@ G711_RATE = 8000  # telephony (SIP, Twilio): 8-kHz G.711 mu-law or A-law, one by
 
 
 def _g711_table(alaw: bool) -> np.ndarray:
-    """ITU-T G.711: code 0..255 → its linear 16-bit value (libsndfile's tables, tests/test_live.py), as float32 /32768."""
+    """ITU-T G.711: code 0..255 → its linear 16-bit value / 32768 as float32 (libsndfile's tables: checked by
+    tests/test_realtime_units.py)."""
     codes = np.arange(256)
     if alaw:
         a = codes ^ 0x55
@@ -79,7 +80,7 @@ class InputFormat:
         return {"type": f"audio/{self.encoding}"}
 
     def decode(self, data: bytes) -> np.ndarray:
-        """float32 [n] in [-1, 1): what soundfile reads from the same bytes in a WAV (tests/test_live.py)."""
+        """float32 [n] in [-1, 1): what soundfile reads from the same bytes in a WAV (tests/test_realtime_units.py)."""
         if self.encoding == "pcm16":
             return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
         return (_ULAW if self.encoding == "pcmu" else _ALAW)[np.frombuffer(data, np.uint8)]

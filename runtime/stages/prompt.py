@@ -189,13 +189,14 @@ def table_extra_ids(ids: np.ndarray, keys: np.ndarray, vocab_size: int, rows: li
 
     With KV-cache reuse, TensorRT-LLM keys each cached block by its (token id, extra id) pairs (generated tokens get
     0), chained over the blocks before it; the extra id is per token (NVIDIA/TensorRT-LLM a98a9061
-    cpp/tests/unit_tests/executor/serializeUtilsTest.cpp, BlockKeyBasic: a BlockKey of UniqueToken{id, extra id}). Fake ids are the same in every request (vocab_size + row), so the extra id
-    is what tells two tables apart: each window's rows get 64 bits of BLAKE2b over the window's key (audio_digest, by
-    its content, computed once in preprocess: runtime/stages/audio_cache.py) and its first row. Two prompts then
-    share blocks exactly as far as they hold the same tokens and the same windows at the same rows: the same clip
-    asked again with another question, or a clip that starts with the same windows (a live session's turn sent
-    ahead, runtime/openai/realtime_session.py); different audio never does. The table itself (215 MB for 10 min of
-    AF3 audio) is neither copied nor hashed.
+    cpp/tests/unit_tests/executor/serializeUtilsTest.cpp, BlockKeyBasic: a BlockKey of UniqueToken{id, extra id}).
+    Fake ids are the same in every request (vocab_size + row), so the extra id is what tells two tables apart: each
+    window's rows get 64 bits of BLAKE2b over the window's key (audio_digest, by its content, computed once in
+    preprocess: runtime/stages/audio_cache.py) and its first row. Two prompts then share blocks exactly as far as
+    they hold the same tokens and the same windows at the same rows: the same clip asked again with another
+    question, or a clip that starts with the same windows (a live session's turn sent ahead,
+    runtime/openai/realtime_session.py); different audio never does. The table itself (215 MB for 10 min of AF3
+    audio) is neither copied nor hashed.
     ids: [L] int32 prompt; keys: uint64 [W, 2], the request's window keys; rows: valid rows of each window
     (window_rows), in table order.
     """
