@@ -5,6 +5,7 @@
     af3trt serve  --model-repository OUT/model_repository
     af3trt ask    --audio clip.wav "What is said?" [--stream] [--url 127.0.0.1:8001]
     af3trt openai --triton 127.0.0.1:8001 [--port 9000]   OpenAI-compatible HTTP API in front of the ensemble
+    af3trt listen FILE [--question "…"] [--vad]     stream a file to WS /v1/realtime at real-time speed
     af3trt demo   [--out out/demo]                  all of the above on the tiny model, end to end
     af3trt sizing --hf-model DIR                    GPU memory sizing table from the checkpoint config
     af3trt gpu-check OUT [OUT …]                    GPU acceptance in the container: serve, compare with goldens
@@ -38,6 +39,7 @@ COMMANDS = {
     "serve": "af3trt.runtime.serve.server",
     "ask": "af3trt.runtime.client.ask",
     "openai": "af3trt.runtime.openai.app",
+    "listen": "af3trt.runtime.client.listen",
     "demo": "af3trt.demo",
     "sizing": "af3trt.build.memory_plan",
     "gpu-check": "af3trt.build.gpu_check",

@@ -8,14 +8,17 @@ import one another.
 - peer_ports: the client ports of the TCP connections a local server port has open (connection-reuse tests).
 - HTTPServer: `af3trt openai` as a subprocess in front of a running tritonserver (test_openai_server,
   test_structured_output_server).
+- openai_front: the OpenAI front served by uvicorn in a thread of the test process (its app's state readable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -138,3 +141,31 @@ class HTTPServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def openai_front(settings):
+    """The OpenAI front (runtime/openai/app.py create_app(settings)) on uvicorn in a thread of this process, on a free
+    loopback port: yields (base URL, app); the test reads the app's state (e.g. its realtime sessions). Stopped on
+    exit."""
+    import uvicorn
+
+    from af3trt.runtime.openai.app import create_app
+    from af3trt.runtime.serve.server import free_port
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"))
+    thread = threading.Thread(target=server.run, name=f"openai-front-{port}", daemon=True)
+    thread.start()
+    started = threading.Event()
+    while not started.wait(0.05):  # uvicorn says so only through this flag; the thread's death ends the wait
+        assert thread.is_alive(), "the OpenAI front's server thread ended before it started"
+        if server.started:
+            started.set()
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive(), "the OpenAI front did not stop"

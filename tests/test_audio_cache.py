@@ -1,5 +1,6 @@
-"""The audio cache (runtime/stages/audio_cache.py): a clip seen again skips decoding (preprocess) and the encoder, keyed by
-the digest preprocess computes once; bounded in bytes, least recently used out first, exact."""
+"""The audio cache (runtime/stages/audio_cache.py): a clip seen again skips decoding (preprocess) and the encoder, a
+window seen again (by its content, in any request) its log-mel and the encoder, keyed by what preprocess computes once;
+bounded in bytes, least recently used out first, exact."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from af3trt.runtime.stages import audio, audio_cache
 from af3trt.triton_repo import configs
 
 from fakes import pb_utils as fake_pb
+from helpers import fading_noise
 
 
 def test_lru_evicts_by_bytes_least_recently_used_first():
@@ -42,6 +44,38 @@ def test_digest_and_window_keys():
     assert d not in others and len(others) == 4  # clip boundaries, order and settings are in the digest
     keys = audio_cache.window_keys(d, 3)
     assert keys.dtype == np.uint64 and keys.shape == (3, 2) and len({audio_cache.key_bytes(k) for k in keys}) == 3
+
+
+def _float_wav(wave: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_windows_are_keyed_by_content_and_their_log_mel_found_in_any_request():
+    """A live session sends a stream's windows ahead, then the whole stream (runtime/openai/realtime.py): the whole
+    clip's windows carry the keys the earlier requests gave them, and only its new window is transformed."""
+    wave = fading_noise(65 * 16000)
+    cache = audio_cache.LruBytes(1 << 30)
+    transformed = []
+
+    def counting(chunks, frames):
+        transformed.append(len(chunks))
+        return audio.log_mel(chunks, frames)
+
+    one, two, whole = (audio.prepare_clips([_float_wav(wave[:n])], log_mel_fn=counting, window_cache=cache)
+                       for n in (30 * 16000, 60 * 16000, len(wave)))
+    assert transformed == [1, 1, 1]  # each request transformed only the window not seen before
+    plain = audio.prepare_clips([_float_wav(wave)])  # no cache: what the whole clip computes by itself
+    assert np.array_equal(whole.features, plain.features) and np.array_equal(whole.mask, plain.mask)
+    assert np.array_equal(whole.keys, plain.keys) and whole.keys.dtype == np.uint64 and whole.keys.shape == (3, 2)
+    assert np.array_equal(whole.keys[:2], two.keys) and np.array_equal(two.keys[:1], one.keys)
+    assert len({audio_cache.key_bytes(k) for k in whole.keys}) == 3
+    # the same samples cropped to another frame count T are another window
+    short = audio.prepare_clips([_float_wav(wave[:5 * 16000])])
+    padded = audio.prepare_clips([_float_wav(wave[:5 * 16000]), _float_wav(wave[:30 * 16000])])
+    assert short.features.shape[2] < 3000 == padded.features.shape[2]
+    assert not np.array_equal(short.keys[0], padded.keys[0]) and np.array_equal(padded.keys[1], one.keys[0])
 
 
 def _spec(**kw):

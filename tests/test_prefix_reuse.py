@@ -62,3 +62,31 @@ def test_audio_rows_are_reused_only_with_the_same_extra_ids(engines):
     assert reuse.stats["reused_tokens"] == before + 2 * PREFIX_BLOCK
     with pytest.raises(DecodeError, match="one id per input token"):
         reuse.generate(_req(ids, prompt_table=table_a, extra_ids=extra_a[:-1]))
+
+
+def test_the_audio_of_a_prompt_is_reused_under_other_text_and_by_longer_audio_that_starts_with_it(engines):
+    """The blocks up to the end of a prompt's audio are kept on their own: another question about the same audio, and
+    a prompt whose audio starts with the same windows (a live session's commit after its turn was sent ahead,
+    runtime/openai/realtime_session.py), prefill only what follows them, answering as without reuse."""
+    plain, reuse = engines
+    v, h = plain.vocab_size, plain.hidden_size
+    rng = np.random.default_rng(2)
+    head, q1, q2 = rng.integers(0, v, 30), rng.integers(0, v, 40), rng.integers(0, v, 45)
+    rows = 3 * PREFIX_BLOCK + 10  # one window's rows
+    table = torch.randn(3 * rows, h, generator=torch.Generator().manual_seed(3))  # three windows
+
+    def prompt(windows, question):  # the windows' fake ids, each window with its own extra id (prompt.table_extra_ids)
+        ids = np.concatenate([head, v + np.arange(windows * rows), question])
+        extra = np.zeros(len(ids), np.uint64)
+        extra[len(head): len(head) + windows * rows] = np.repeat(np.arange(1, windows + 1, dtype=np.uint64), rows)
+        return _req(ids, prompt_table=table[: windows * rows], extra_ids=extra)
+
+    def same(r):
+        want = plain.generate(_req(r.input_ids, prompt_table=r.prompt_table))
+        return reuse.generate(r) == want
+
+    before = reuse.stats["reused_tokens"]
+    assert same(prompt(2, q1))
+    audio_end = (len(head) + 2 * rows) // PREFIX_BLOCK * PREFIX_BLOCK  # the last block inside the audio
+    assert same(prompt(2, q2)) and reuse.stats["reused_tokens"] == before + audio_end  # another question
+    assert same(prompt(3, q1)) and reuse.stats["reused_tokens"] == before + 2 * audio_end  # longer audio

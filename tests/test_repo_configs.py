@@ -345,17 +345,21 @@ def test_engine_info_and_parameter_errors(checkpoint, limits, tmp_path):
 
 def test_table_extra_ids_semantics():
     vocab = 100
-    a = audio_cache.window_keys(audio_cache.audio_digest([b"clip a"]), 2)  # [2, 2] u64
-    ids = np.array([1, 2, 100, 101, 102, 103, 104, 7, 8], np.int32)
-    x = table_extra_ids(ids, a, vocab)
+    a = audio_cache.window_keys(audio_cache.audio_digest([b"clip a"]), 2)  # [2, 2] u64: two windows
+    ids = np.array([1, 2, 100, 101, 102, 103, 104, 7, 8], np.int32)  # rows 0-2 from window 0, 3-4 from window 1
+    x = table_extra_ids(ids, a, vocab, [3, 2])
     assert x.dtype == np.uint64 and x.shape == ids.shape
     assert (x[ids < vocab] == 0).all()  # text tokens
-    assert len(set(x[ids >= vocab].tolist())) == 1 and x[2] >= 1  # one id for the whole table
+    assert len(set(x[2:5].tolist())) == 1 and len(set(x[5:7].tolist())) == 1 and x[2] != x[5] >= 1  # one per window
     again = audio_cache.window_keys(audio_cache.audio_digest([b"clip a"]), 2)
-    assert (table_extra_ids(ids, again, vocab) == x).all()  # same audio → same id: the KV cache is shared
+    assert (table_extra_ids(ids, again, vocab, [3, 2]) == x).all()  # same audio → same ids: the KV cache is shared
     b = audio_cache.window_keys(audio_cache.audio_digest([b"clip b"]), 2)
-    assert table_extra_ids(ids, b, vocab)[2] != x[2]  # different audio → different id: never shared
-    assert table_extra_ids(np.array([1, 2], np.int32), a, vocab).tolist() == [0, 0]  # text-only
+    assert table_extra_ids(ids, b, vocab, [3, 2])[2] != x[2]  # different audio → different id: never shared
+    # a prompt whose audio starts with the same window shares its ids (prefix reuse); the same window at another
+    # first row does not (its rows are other fake ids' embeddings)
+    assert table_extra_ids(ids[:5], np.stack([a[0], b[1]]), vocab, [3, 2])[2:5].tolist() == x[2:5].tolist()
+    assert table_extra_ids(ids, np.stack([b[0], a[0]]), vocab, [3, 3])[5] != x[2]
+    assert table_extra_ids(np.array([1, 2], np.int32), a, vocab, [3, 2]).tolist() == [0, 0]  # text-only
 
 
 @pytest.fixture(scope="module")

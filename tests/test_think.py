@@ -139,3 +139,55 @@ def test_build_without_think_refuses_thinking(client, speech_bytes):
     assert e.value.code is ErrorCode.UNSUPPORTED
     assert "built without AF3's think/ adapter" in str(e.value)
     assert len(client.ask("What is said?", [speech_bytes], max_tokens=4).token_ids) == 4
+
+
+def test_a_realtime_session_thinks_as_its_one_request_reference(think_client, think_ref, base_ref, speech_bytes):
+    """WS /v1/realtime with reasoning.effort "high" (thinking on) then a response with effort "none" (off), through the
+    openai package's realtime client: token ids equal the same conversation sent as one ordinary request (thinking
+    on / off) and transformers (+ PEFT)."""
+    import asyncio
+    import base64
+
+    import numpy as np
+
+    from af3trt.runtime.openai.common import RealtimeOptions, Settings
+    from af3trt.runtime.stages.live import InputFormat
+    from helpers import openai_front
+
+    openai = pytest.importorskip("openai")
+    wave = mono16k(speech_bytes)
+    raw = (np.clip(wave, -1, 1 - 2**-15) * 32768).astype("<i2").tobytes()
+    clip = InputFormat("pcm16", 16000).wav(raw)  # the turn as the session sends it
+    wave = mono16k(clip)
+
+    with openai_front(Settings(triton_url=think_client.url, realtime=RealtimeOptions(max_speed=0))) as (url, app):
+        async def go():
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            async with client.realtime.connect(model="af3") as conn:
+                await conn.session.update(session={
+                    "type": "realtime", "reasoning": {"effort": "high"}, "max_output_tokens": MAX_TOKENS,
+                    "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}})
+                await conn.input_audio_buffer.append(audio=base64.b64encode(raw).decode())
+                await conn.input_audio_buffer.commit()
+                await conn.response.create()
+                texts = []
+                async for ev in conn:
+                    if ev.type == "response.done":
+                        texts.append(ev.response.output[0].content[0].text)
+                        if len(texts) == 2:
+                            break
+                        await conn.conversation.item.create(item={
+                            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Why?"}]})
+                        await conn.response.create(response={"reasoning": {"effort": "none"}})
+                (session,) = app.state.realtime_sessions
+                return texts, [ids for _, ids in session.answers]
+
+        texts, (thought, plain) = asyncio.run(asyncio.wait_for(go(), 300))
+    first = [{"role": "user", "content": [{"type": "audio", "audio_index": 0}]}]
+    want = think_ref.generate_conversation([{"role": "user", "content": [
+        {"type": "audio", "audio_index": 0}, {"type": "text", "text": SUFFIX.strip()}]}], [wave])
+    assert thought == want == think_client.ask(messages=first, audio=[clip], max_tokens=MAX_TOKENS,
+                                               thinking=True, stream=False).token_ids
+    second = first + [{"role": "assistant", "content": texts[0]}, {"role": "user", "content": "Why?"}]
+    assert plain == base_ref.generate_conversation(second, [wave]) == \
+        think_client.ask(messages=second, audio=[clip], max_tokens=MAX_TOKENS, stream=True).token_ids

@@ -20,6 +20,8 @@ meaning. What the GPU backend does and we reproduce (TensorRT-LLM 1.2, executor 
   only the rest, from the stored K/V of those blocks, as TensorRT-LLM reuses cached blocks keyed by
   (token, extra id) (tensorrtllm_backend inflight_batcher_llm/src/utils.h: `prompt_table_extra_ids` feeds the
   executor's PromptTuningConfig input-token extra ids). A prompt with audio rows and no extra ids is never reused.
+  A prompt's K/V is stored under its last full block and, when its audio ends before that, under the last block
+  of its audio too (TensorRT-LLM finds any shared block; one entry per prompt would find only whole prompts).
 
 Two layers: `BatchingEngine` is the skeleton every decoder engine shares (the request record, validation of what any
 engine checks, submit with its queue bound, generate, stop, the worker loop that admits queued requests and steps the
@@ -485,7 +487,7 @@ class DecoderEngine(BatchingEngine):
         out = self.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq.pos = seq.ids.shape[0]
         if keys and start < len(keys) * PREFIX_BLOCK:
-            self._store_prefix(cache, keys)
+            self._store_prefix(cache, keys, start, seq.ids.numpy())
         self.stats["prefills"] += 1
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         if not self._advance(seq, self._next_token(seq, out.logits[0, -1])):
@@ -520,10 +522,19 @@ class DecoderEngine(BatchingEngine):
                 return k * PREFIX_BLOCK
         return 0
 
-    def _store_prefix(self, cache, keys: list[bytes]) -> None:
-        n = len(keys) * PREFIX_BLOCK
-        self.prefixes.put(keys[-1], [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
-                                     for layer in cache.layers])
+    def _store_prefix(self, cache, keys: list[bytes], start: int, ids: np.ndarray) -> None:
+        """Keep the prompt's K/V under its last full block; and, where its audio rows end before that block, the
+        blocks up to the end of its audio under their own key: a later prompt with the same audio and other text
+        after it (another question; a live session's commit after its turn was sent ahead, whose audio starts with
+        this one's) finds them. Blocks reused from an earlier prompt (before `start`) are not stored again."""
+        ends = {len(keys)}
+        audio = np.flatnonzero(ids >= self.vocab_size)
+        if audio.size:
+            ends.add(min(len(keys), (int(audio[-1]) + 1) // PREFIX_BLOCK))
+        for b in sorted(e for e in ends if e * PREFIX_BLOCK > start):
+            n = b * PREFIX_BLOCK
+            self.prefixes.put(keys[b - 1], [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone())
+                                            for layer in cache.layers])
 
     def _step(self) -> None:
         live = [i for i, seq in enumerate(self._rows) if not self._gone(seq)]

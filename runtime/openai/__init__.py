@@ -6,6 +6,8 @@ endpoint over shared helpers.
     triton.py          the af3 ensemble over Triton's gRPC streaming API: readiness, limits, generation
     chat.py            POST /v1/chat/completions
     transcriptions.py  POST /v1/audio/transcriptions
+    realtime.py        WS /v1/realtime (the socket) over realtime_events.py (OpenAI's Realtime events, parsed and
+                       written) and realtime_session.py (a session: conversation, turns, answers, windows sent ahead)
     models.py          GET /v1/models
     health.py          GET /health
 

@@ -10,6 +10,7 @@ the ensemble, so the HTTP answer is the gRPC answer: same token ids, same errors
 
     POST /v1/chat/completions      messages with text and input_audio parts (base64 wav/mp3/flac/ogg); stream
     POST /v1/audio/transcriptions  multipart upload; AF3's transcription prompt, its answer prefix stripped
+    WS   /v1/realtime              OpenAI's Realtime API: live audio in, text (or transcripts) out (docs/realtime.md)
     GET  /v1/models                the ensemble, under its Triton name (or --served-model-name)
     GET  /health                   200 only while Triton reports the ensemble and every model it runs ready
     GET  /live                     200 while the front answers at all (its liveness, whatever Triton's state)
@@ -38,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from af3trt.runtime.stages.contract import ENSEMBLE
-from af3trt.runtime.openai.common import ERROR_RESPONSES, APIError, Settings
+from af3trt.runtime.openai.common import ERROR_RESPONSES, APIError, RealtimeOptions, Settings
 from af3trt.runtime.openai.triton import Triton
 
 log = logging.getLogger("af3trt.openai")
@@ -46,7 +47,7 @@ log = logging.getLogger("af3trt.openai")
 # One router per endpoint (runtime/openai/<name>.py), imported when an app is made: the launcher (runtime/serve/server.py)
 # imports this module for its flags only, and the transcription router's audio stack takes seconds to import.
 ROUTERS = ("af3trt.runtime.openai.health", "af3trt.runtime.openai.models", "af3trt.runtime.openai.chat",
-           "af3trt.runtime.openai.transcriptions")
+           "af3trt.runtime.openai.transcriptions", "af3trt.runtime.openai.realtime")
 
 
 class BodyLimit:
@@ -159,6 +160,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="longest audio /v1/audio/transcriptions accepts with chunking_strategy (longer gets 400)")
     ap.add_argument("--transcription-concurrency", type=int, default=Settings.transcription_concurrency,
                     help="pieces of one long-form transcription sent to the ensemble at once")
+    RealtimeOptions.add_arguments(ap)
 
 
 def settings_from(args, triton_url: str) -> Settings:
@@ -170,7 +172,8 @@ def settings_from(args, triton_url: str) -> Settings:
     return Settings(triton_url=triton_url, model=getattr(args, "model", ENSEMBLE), api_key=key,
                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_bytes,
                     max_transcription_seconds=args.max_transcription_seconds,
-                    transcription_concurrency=args.transcription_concurrency)
+                    transcription_concurrency=args.transcription_concurrency,
+                    realtime=RealtimeOptions.from_args(args))
 
 
 def command(args, triton_url: str, host: str, port: int) -> list[str]:
@@ -179,7 +182,8 @@ def command(args, triton_url: str, host: str, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "af3trt.runtime.openai.app", "--triton", triton_url, "--host", host,
            "--port", str(port), "--max-upload-bytes", str(args.max_upload_bytes),
            "--max-transcription-seconds", str(args.max_transcription_seconds),
-           "--transcription-concurrency", str(args.transcription_concurrency)]
+           "--transcription-concurrency", str(args.transcription_concurrency),
+           *RealtimeOptions.from_args(args).command()]
     if args.api_key_env:
         cmd += ["--api-key-env", args.api_key_env]
     if args.served_model_name:
@@ -193,7 +197,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     app = BodyLimit(create_app(settings), settings.max_upload_bytes)
     log.info("OpenAI-compatible API on http://%s:%d/v1 → Triton %s (model %s)%s", host, port, settings.triton_url,
              settings.model_id, ", API key required" if settings.api_key else "")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    # WS /v1/realtime: uvicorn's sans-I/O implementation over the websockets library (its older one is deprecated)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, ws="websockets-sansio")
 
 
 def main(argv=None) -> None:

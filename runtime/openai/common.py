@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import soundfile as sf
@@ -62,6 +62,44 @@ ERROR_RESPONSES = {status: {"model": ErrorBody, "description": kind} for status,
     (413, "body over --max-upload-bytes"), (503, "Triton unreachable or the ensemble not ready"))}
 
 
+@dataclass(frozen=True)
+class RealtimeOptions:
+    """WS /v1/realtime (runtime/openai/realtime.py): sessions held at once, how long one may idle and last, how fast
+    its audio may arrive (times real time, after an allowance), and whether complete windows are encoded ahead."""
+
+    max_sessions: int = 16
+    idle_timeout_s: float = 300.0
+    max_session_s: float = 3600.0
+    max_speed: float = 2.0
+    burst_s: float = 30.0
+    encode_ahead: bool = True
+
+    FLAGS = (("max_sessions", "--realtime-max-sessions", "WebSocket sessions held at once (more are refused)"),
+             ("idle_timeout_s", "--realtime-idle-timeout", "seconds a session may send nothing before it is closed"),
+             ("max_session_s", "--realtime-max-session-seconds", "the longest a session lasts"),
+             ("max_speed", "--realtime-max-speed", "audio may arrive at most this many times faster than real time "
+                                                   "(0: no limit)"),
+             ("burst_s", "--realtime-burst-seconds", "seconds of audio a session may send before the speed limit"))
+
+    @classmethod
+    def add_arguments(cls, ap) -> None:
+        for name, flag, help_ in cls.FLAGS:
+            ap.add_argument(flag, dest="realtime_" + name, type=type(getattr(cls, name)), default=getattr(cls, name),
+                            help=help_)
+        ap.add_argument("--no-realtime-encode-ahead", dest="realtime_encode_ahead", action="store_false",
+                        help="encode a live session's audio only when a turn is committed (for comparison)")
+
+    @classmethod
+    def from_args(cls, args) -> "RealtimeOptions":
+        return cls(**{name: getattr(args, "realtime_" + name) for name, _, _ in cls.FLAGS},
+                   encode_ahead=args.realtime_encode_ahead)
+
+    def command(self) -> list[str]:
+        """These options as `af3trt openai` flags."""
+        out = [x for name, flag, _ in self.FLAGS for x in (flag, str(getattr(self, name)))]
+        return out + ([] if self.encode_ahead else ["--no-realtime-encode-ahead"])
+
+
 @dataclass
 class Settings:
     triton_url: str = "127.0.0.1:8001"
@@ -72,6 +110,7 @@ class Settings:
     # long-form transcription (chunking_strategy): the longest audio accepted, and pieces in flight per request
     max_transcription_seconds: float = 4 * 3600.0
     transcription_concurrency: int = 4
+    realtime: RealtimeOptions = field(default_factory=RealtimeOptions)
 
     @property
     def model_id(self) -> str:

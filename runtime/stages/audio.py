@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from af3trt.runtime.stages import lengths
+from af3trt.runtime.stages import audio_cache, lengths
 from af3trt.runtime.stages.errors import InvalidRequest
 from af3trt.runtime.stages.resample import StreamResampler
 from af3trt.runtime.stages.lengths import HOP, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES
@@ -300,14 +300,39 @@ class AudioBatch:
     tokens_per_clip: list[int]  # <sound> tokens each clip expands to
     seconds_per_clip: list[float]  # decoded duration, before AF3's truncation
     truncated: list[bool]  # clip was longer than max_windows * 30 s; only the start is used
+    keys: np.ndarray  # [W_total, 2] uint64: each window's key (audio_cache.content_keys: its samples and T)
+
+
+def truncation_notice(index: int, seconds: float, limit: float) -> str:
+    """What a request is told when a clip is longer than the audio AF3 reads (limit: seconds)."""
+    return (f"audio clip {index}: {seconds:.1f} s is longer than the {limit:g} s AF3 reads; only the first {limit:g} s "
+            "were used")
+
+
+def featurize(chunks: list[np.ndarray], frames: int, keys: np.ndarray, log_mel_fn=log_mel,
+              cache: audio_cache.LruBytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """log_mel_fn(chunks, frames), with each window's row taken from `cache` under its key when there and the rows
+    computed put there (host features only: the numpy log-mel). Equal to log_mel_fn(chunks, frames) row for row."""
+    if cache is None or not chunks:
+        return log_mel_fn(chunks, frames)
+    names = [b"w" + audio_cache.key_bytes(k) for k in keys]  # b"w": apart from the request digests in the same cache
+    rows = [cache.get(n) for n in names]
+    todo = [i for i, row in enumerate(rows) if row is None]
+    if todo:
+        features, mask = log_mel_fn([chunks[i] for i in todo], frames)  # [n, 128, T], [n, T]
+        for j, i in enumerate(todo):
+            rows[i] = (features[j].copy(), mask[j].copy())  # its own copy: the entry holds one window
+            cache.put(names[i], rows[i])
+    return np.stack([f for f, _ in rows]), np.stack([m for _, m in rows])
 
 
 def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS, crop: bool = True,
-                  log_mel_fn=log_mel) -> AudioBatch:
+                  log_mel_fn=log_mel, window_cache: audio_cache.LruBytes | None = None) -> AudioBatch:
     """Decode, window and featurise a request's clips; AudioError messages name the clip index.
     crop=False: full 30-s windows (3000 frames) instead of the request's frame bucket.
     log_mel_fn: (chunks, frames) → (features, mask) like log_mel; the GPU target passes af3trt.kernels.logmel.log_mel
-    bound to its device (features then stay a torch tensor on that device)."""
+    bound to its device (features then stay a torch tensor on that device).
+    window_cache: log-mel rows of windows seen before, by content key (featurize)."""
     chunks: list[np.ndarray] = []
     windows, tokens, seconds, truncated = [], [], [], []
     for index, data in enumerate(clips):
@@ -328,5 +353,7 @@ def prepare_clips(clips: list[bytes], max_windows: int = lengths.MAX_WINDOWS, cr
         tokens.append(n_tokens)
         seconds.append(clip.seconds)
         truncated.append(clip_truncated or clip.truncated)
-    features, mask = log_mel_fn(chunks, request_frames(chunks) if crop else WINDOW_FRAMES)
-    return AudioBatch(features, mask, windows, tokens, seconds, truncated)
+    frames = request_frames(chunks) if crop else WINDOW_FRAMES
+    keys = audio_cache.content_keys(chunks, frames)
+    features, mask = featurize(chunks, frames, keys, log_mel_fn, window_cache)
+    return AudioBatch(features, mask, windows, tokens, seconds, truncated, keys)

@@ -1,17 +1,21 @@
 """A clip seen again skips decoding and the encoder: the audio digest and a byte-bounded LRU cache keyed by it.
 
 Preprocess computes one digest of a request's audio (`audio_digest`: BLAKE2b over each clip's bytes and the settings
-that shape its features) and, from it, one key per window (`window_keys`, the AUDIO_DIGEST tensor of
-runtime/stages/contract.py, uint64 [W, 2]). The digest is computed once and carried along as that tensor:
+that shape its features) and one key per window from what the window holds (`content_keys`: BLAKE2b over its 16-kHz
+samples and the frame count T it is cropped to; the AUDIO_DIGEST tensor of runtime/stages/contract.py, uint64
+[W, 2]). The keys are computed once and carried along as that tensor:
 
-    preprocess  digest → its cached AudioBatch (decoded, windowed, log-mel), else decode and cache
+    preprocess  digest → its cached AudioBatch (decoded, windowed, log-mel, keys), else decode; then each window's
+                key → its cached log-mel row, else compute it (`featurize`)
     encoder     window key → its cached projector rows [T/4, H], else run the window and cache
     fusion      window keys → prompt_table_extra_ids (runtime/prompt.table_extra_ids), without reading the table
 
-Exact: a window's features are a function of the request's clip bytes and preprocess's settings (folded into the
-digest), and its embeddings a function of its features (the encoder batches only windows of the same frame count T,
-triton_repo/configs.py encoder_config, and keys include the window's index and the request's T through the
-digest). A hit returns the very array the miss computed, so cached and uncached outputs are equal bit for bit.
+A window is keyed by its content, not by the request it came in: the same 30 s of audio seen in another request
+(a longer recording that starts the same, a live session's stream sent a window at a time, runtime/openai/realtime.py)
+finds its features and rows cached. Exact: a window's log-mel is a function of its samples alone (the clamp uses the
+window's own maximum) cropped to T, and its embeddings a function of its features (the encoder batches only windows
+of the same frame count T, triton_repo/configs.py encoder_config); both are in the key. A hit returns the very array
+the miss computed, so cached and uncached outputs are equal bit for bit.
 
     cache = LruBytes(max_bytes=256 << 20)
     hit = cache.get(key)          # None on a miss; a hit becomes the most recently used
@@ -53,6 +57,17 @@ def window_keys(digest: bytes, windows: int) -> np.ndarray:
     for w in range(windows):
         keys[w] = np.frombuffer(hashlib.blake2b(digest + w.to_bytes(4, "little"),
                                                 digest_size=DIGEST_BYTES).digest(), np.uint64)
+    return keys
+
+
+def content_keys(chunks: list[np.ndarray], frames: int) -> np.ndarray:
+    """uint64 [len(chunks), 2]: one key per window from its float32 16-kHz samples (at most one window's) and the
+    frames T the request crops its features to."""
+    keys = np.empty((len(chunks), 2), np.uint64)
+    for w, chunk in enumerate(chunks):
+        h = hashlib.blake2b(b"window %d %d " % (frames, len(chunk)), digest_size=DIGEST_BYTES)
+        h.update(memoryview(np.ascontiguousarray(chunk, np.float32)).cast("B"))
+        keys[w] = np.frombuffer(h.digest(), np.uint64)
     return keys
 
 

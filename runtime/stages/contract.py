@@ -59,7 +59,7 @@ TEXT_OUTPUT, OUTPUT_IDS, NOTICE, PROMPT_TOKENS = "text_output", "output_ids", "n
 INPUT_FEATURES, INPUT_FEATURES_MASK, AUDIO_WINDOWS = "input_features", "input_features_mask", "audio_windows"
 AUDIO_EMBEDS = "audio_embeds"
 WINDOW_THINKING = "window_thinking"  # preprocess → encoder: per window, run the think encoder variant
-AUDIO_DIGEST = "audio_digest"  # per window, a 128-bit key of the request's audio (runtime/stages/audio_cache.py)
+AUDIO_DIGEST = "audio_digest"  # per window, a 128-bit key of the window's audio (runtime/stages/audio_cache.py)
 # fusion → decoder: TensorRT-LLM's `tensorrtllm` backend names (TEMPERATURE, REPETITION_PENALTY, SEED as requested)
 INPUT_IDS, INPUT_LENGTHS, REQUEST_OUTPUT_LEN = "input_ids", "input_lengths", "request_output_len"
 END_ID, PAD_ID, STREAMING, RUNTIME_TOP_K, RUNTIME_TOP_P = "end_id", "pad_id", "streaming", "runtime_top_k", "runtime_top_p"
@@ -175,7 +175,7 @@ PREPROCESS_STAGE = StageSpec(PREPROCESS, inputs=_requested(AUDIO, STRIP_PREFIX, 
     TensorSpec(INPUT_FEATURES_MASK, "INT32", (-1, -1)),  # [W, T], 1 for valid frames
     TensorSpec(AUDIO_WINDOWS, "INT32", (-1,)),  # [clips]: windows per clip
     TensorSpec(WINDOW_THINKING, "BOOL", (-1, 1)),  # [W, 1]: the request's thinking, per window
-    TensorSpec(AUDIO_DIGEST, "UINT64", (-1, 2)),  # [W, 2]: each window's key (clip bytes digested once, here)
+    TensorSpec(AUDIO_DIGEST, "UINT64", (-1, 2)),  # [W, 2]: each window's key (its samples and T, hashed here)
 ))
 # windows → projector output, batched over windows (the exported ONNX graph and the TensorRT plan have these names)
 ENCODER_STAGE = StageSpec(ENCODER, inputs=(

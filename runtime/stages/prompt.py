@@ -178,22 +178,32 @@ def window_rows(mask: np.ndarray, audio_windows: list[int]) -> list[int]:
     return [lengths.embeds_valid_per_window(int(mask[w].sum())) for w in range(sum(audio_windows))]
 
 
-def table_extra_ids(ids: np.ndarray, keys: np.ndarray, vocab_size: int) -> np.ndarray:
+def table_extra_ids(ids: np.ndarray, keys: np.ndarray, vocab_size: int, rows: list[int]) -> np.ndarray:
     """TensorRT-LLM's prompt_table_extra_ids for one request: uint64 [L], 0 for text tokens and, for every fake id
-    (>= vocab_size), one id >= 1 that identifies the audio the table was made from.
+    (>= vocab_size), one id >= 1 that identifies the audio row it addresses.
 
     With KV-cache reuse, TensorRT-LLM keys each cached block by its (token id, extra id) pairs (generated tokens get
-    0). Fake ids are the same in every request (vocab_size + k), so the extra id is what tells two tables apart:
-    the same audio gets the same id and shares cached blocks, different audio never does. The id is 64 bits of
-    BLAKE2b over the request's window keys (audio_digest, computed once from the clip bytes in preprocess,
-    runtime/stages/audio_cache.py): the table itself (215 MB for 10 min of AF3 audio) is neither copied nor hashed.
-    ids: [L] int32 prompt; keys: uint64 [W, 2], the request's window keys.
+    0), chained over the blocks before it; the extra id is per token (NVIDIA/TensorRT-LLM a98a9061
+    cpp/tests/unit_tests/executor/serializeUtilsTest.cpp, BlockKeyBasic: a BlockKey of UniqueToken{id, extra id}).
+    Fake ids are the same in every request (vocab_size + row), so the extra id is what tells two tables apart: each
+    window's rows get 64 bits of BLAKE2b over the window's key (audio_digest, by its content, computed once in
+    preprocess: runtime/stages/audio_cache.py) and its first row. Two prompts then share blocks exactly as far as
+    they hold the same tokens and the same windows at the same rows: the same clip asked again with another
+    question, or a clip that starts with the same windows (a live session's turn sent ahead,
+    runtime/openai/realtime_session.py); different audio never does. The table itself (215 MB for 10 min of AF3
+    audio) is neither copied nor hashed.
+    ids: [L] int32 prompt; keys: uint64 [W, 2], the request's window keys; rows: valid rows of each window
+    (window_rows), in table order.
     """
     fake = ids >= vocab_size
     out = np.zeros(len(ids), np.uint64)
     if fake.any():
-        h = hashlib.blake2b(np.ascontiguousarray(keys, np.uint64).tobytes(), digest_size=8)
-        out[fake] = int.from_bytes(h.digest(), "little") or 1
+        first = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])  # [W + 1]: each window's first row
+        per_window = np.array([int.from_bytes(hashlib.blake2b(
+            np.ascontiguousarray(keys[w], np.uint64).tobytes() + int(first[w]).to_bytes(8, "little"),
+            digest_size=8).digest(), "little") or 1 for w in range(len(rows))], np.uint64)  # [W]
+        window_of_row = np.repeat(np.arange(len(rows)), rows)  # [N]
+        out[fake] = per_window[window_of_row[ids[fake] - vocab_size]]
     return out
 
 

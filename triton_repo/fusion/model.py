@@ -12,7 +12,7 @@ from af3trt.runtime.engines.gpus import cap_cuda_memory
 from af3trt.runtime.triton.context import RequestContext, RunningRequests
 from af3trt.runtime.stages.errors import Unsupported
 from af3trt.runtime.stages.params import FusionParams
-from af3trt.runtime.stages.prompt import PromptBuilder, PromptError, check_sampling, table_extra_ids
+from af3trt.runtime.stages.prompt import PromptBuilder, PromptError, check_sampling, table_extra_ids, window_rows
 from af3trt.runtime.stages.stop_words import stop_words_list
 
 
@@ -104,7 +104,9 @@ class TritonPythonModel:
             keys = io.tensor(pb, r, c.AUDIO_DIGEST)
             if keys is None:
                 raise PromptError(f"{c.AUDIO_DIGEST} is required with prompt_table_extra_ids (preprocess sends it)")
-            extra = table_extra_ids(ids, keys, self.limits.vocab_size)
+            mask = io.host_array(pb, r, c.INPUT_FEATURES_MASK)  # [W, T]: each window's valid rows
+            audio_windows = [int(w) for w in io.host_array(pb, r, c.AUDIO_WINDOWS).reshape(-1)]
+            extra = table_extra_ids(ids, keys, self.limits.vocab_size, window_rows(mask, audio_windows))
         if n_rows == 0:  # text-only: a one-row table that no id addresses keeps the tensor well-formed
             table = np.zeros((1, self.limits.hidden_size), np.float32)
 

@@ -1,8 +1,9 @@
 """Triton adapter: encoded audio clips → log-mel windows (af3trt.runtime.stages.audio; af3trt.kernels.logmel on the GPU).
 
 The request's audio is digested once here (runtime/stages/audio_cache.py): a clip seen again skips decoding and the
-log-mel (a byte-bounded LRU of prepared batches, parameter cache_bytes), and each window's key travels on as
-audio_digest to the encoder's cache and fusion's prompt_table_extra_ids."""
+log-mel, a window seen again (by its content, in any request) skips its log-mel (one byte-bounded LRU of prepared
+batches and window rows, parameter cache_bytes), and each window's key travels on as audio_digest to the encoder's
+cache and fusion's prompt_table_extra_ids."""
 
 from functools import partial
 
@@ -53,25 +54,26 @@ class TritonPythonModel:
         digest = audio_cache.audio_digest(clips, self.max_windows, self.crop)
         batch = self.cache.get(digest) if clips else None
         if batch is None:
-            batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop, log_mel_fn=self.log_mel)
+            batch = audio.prepare_clips(clips, self.max_windows, crop=self.crop, log_mel_fn=self.log_mel,
+                                        window_cache=self.cache if self.device is None else None)
             if clips and self.device is None:  # device features stay on the GPU: not kept here
                 self.cache.put(digest, batch)
         if sum(batch.windows_per_clip) > self.max_windows:
             raise io.RequestError(f"{sum(batch.windows_per_clip)} windows of audio in one request; the limit is "
                                   f"{self.max_windows} ({self.max_windows * lengths.WINDOW_SECONDS} s in all)")
         limit = self.max_windows * lengths.WINDOW_SECONDS
-        notices = [f"audio clip {i}: {s:.1f} s is longer than the {limit} s AF3 reads; only the first {limit} s "
-                   f"were used" for i, (s, cut) in enumerate(zip(batch.seconds_per_clip, batch.truncated)) if cut]
+        notices = [audio.truncation_notice(i, s, limit)
+                   for i, (s, cut) in enumerate(zip(batch.seconds_per_clip, batch.truncated)) if cut]
         self.ctx.put(r.request_id(), {"notices": notices,
                                       STRIP_PREFIX: bool(io.scalar(pb, r, STRIP_PREFIX) or False),
                                       STREAM: bool(io.scalar(pb, r, STREAM) or False)})
-        features, mask = batch.features, batch.mask
+        features, mask, keys = batch.features, batch.mask, batch.keys
         if features.shape[0] == 0:
             # Text-only request: Triton cannot batch zero windows, so send one empty-mask placeholder window
             # (the CPU encoder skips it; fusion ignores windows past the clips').
             features = np.zeros((1, lengths.N_MELS, lengths.FRAME_BUCKETS[0]), np.float32)
             mask = np.zeros((1, lengths.FRAME_BUCKETS[0]), np.int32)
-        keys = audio_cache.window_keys(digest, features.shape[0])  # [W, 2]
+            keys = np.zeros((1, 2), np.uint64)  # never looked up: the encoder skips an empty window
         return pb.InferenceResponse([
             io.output_tensor(pb, INPUT_FEATURES, features),  # [W, 128, T]: cropped to the request's frame bucket
             pb.Tensor(INPUT_FEATURES_MASK, mask),  # [W, T]
