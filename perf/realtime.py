@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from af3trt.perf import clips, machine, stats
+from af3trt.build.tables import Column, markdown_table
 from af3trt.runtime.batch import Served
 
 RATE = 24000  # OpenAI's default input: 24-kHz PCM16
@@ -223,6 +224,16 @@ def concurrency(repository: Path, levels: list[int], session_s: float, turn_s: f
 # ---------------------------------------------------------------------------------------------- report
 
 
+TTFT = [Column("streamed", "seconds", lambda v: f"{v / 60:g} min"), Column("encode ahead", "ahead",
+                                                                           lambda v: "on" if v else "off"),
+        Column("time to first token (s)", "ttft_s", "{:.3f}"),
+        *(Column(stage, ("stage_ms", stage), "{:.0f}") for stage in ("preprocess", "encoder", "fusion")),
+        Column("decoder", "decoder_ms", "{:.0f}"), Column("prompt tokens", "prompt_tokens")]
+SESSIONS = [Column("sessions"), Column("turns"), Column("TTFT p50 (s)", "ttft_p50_s"),
+            Column("TTFT p95 (s)", "ttft_p95_s"), Column("TTFT max (s)", "ttft_max_s"),
+            Column("error events", "error_count"), Column("holds", "holds", lambda v: "yes" if v else "no")]
+
+
 def report(result: dict) -> str:
     m, t, c = result["machine"], result["ttft"], result["concurrency"]
     cpu = m["cpu"].get("Model name", "?")
@@ -234,24 +245,12 @@ def report(result: dict) -> str:
              f"24-kHz PCM16 espeak-ng speech streamed at {result['speed']:g}x real time in 100-ms appends, then "
              f"commit + response.create ({ANSWER_TOKENS} tokens); one run each. The stage columns are the commit's "
              "request (queue + compute in Triton, ms; the decoder's is its prefill and first token, derived).\n",
-             "| streamed | encode ahead | time to first token (s) | preprocess | encoder | fusion | decoder "
-             "| prompt tokens |",
-             "|---|---|---|---|---|---|---|---|"]
-    for mode in ("with", "without"):
-        for r in t[mode]:
-            st = r["stage_ms"]
-            lines.append(f"| {r['seconds'] / 60:g} min | {'on' if mode == 'with' else 'off'} | {r['ttft_s']:.3f} | "
-                         f"{st.get('preprocess', 0):.0f} | {st.get('encoder', 0):.0f} | {st.get('fusion', 0):.0f} | "
-                         f"{r['decoder_ms']:.0f} | {r['prompt_tokens']} |")
+             *markdown_table(TTFT, [{**r, "ahead": mode == "with"} for mode in ("with", "without") for r in t[mode]])]
     lines += ["", "## Concurrent sessions at real-time rate\n",
               f"Each session streams {c['session_seconds']:g} s of speech at real time and commits every "
               f"{c['turn_seconds']:g} s ({ANSWER_TOKENS}-token answers); a level holds with no refused append and a "
               f"95th-percentile time to first token of at most {c['ttft_limit_s']:g} s.\n",
-              "| sessions | turns | TTFT p50 (s) | TTFT p95 (s) | TTFT max (s) | error events | holds |",
-              "|---|---|---|---|---|---|---|"]
-    for r in c["levels"]:
-        lines.append(f"| {r['sessions']} | {r['turns']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} | {r['ttft_max_s']} | "
-                     f"{r['error_count']} | {'yes' if r['holds'] else 'no'} |")
+              *markdown_table(SESSIONS, c["levels"])]
     lines.append(f"\nSessions held at real-time rate: **{c['max_sessions_held']}**.")
     return "\n".join(lines) + "\n"
 

@@ -606,9 +606,9 @@ def test_soak_leaves_a_stuck_worker_behind():
     again.set()
 
 
-def test_heal_report_renders_its_records_through_the_table_writer():
-    """perf/heal.py writes its tables with build/tables.py: each record's cells, in order."""
-    from af3trt.perf import heal
+def test_heal_and_realtime_reports_render_their_records_through_the_table_writer():
+    """perf/heal.py and perf/realtime.py write their tables with build/tables.py: each record's cells, in order."""
+    from af3trt.perf import heal, realtime
 
     res = {"rounds": 1, "repo": "r", "start": {"seconds_to_healthy": 9.5, "load": 1.0, "launcher": [], "cpu_s": {}},
            "summary": {"decoder": {"n": 2, "median_s": 8.25, "max_s": 9.0, "load_median": 1.5, "unload_s": 0.5,
@@ -618,3 +618,13 @@ def test_heal_report_renders_its_records_through_the_table_writer():
     md = heal.report_md(res)
     assert "| decoder | 2 | 8.2 (9.0) | 1.5 | 0.5 / 6.0 | — | — |" in md
     assert "| fusion | 1 | 2.0 (2.0) | 0.5 | — | 0.01 / 1.5 | fusion 1.2 |" in md
+    rt = {"machine": {"cpu": {}, "logical_cpus": 2, "ram_bytes": 2**30}, "load_average": 1.0, "note": "", "speed": 4.0,
+          "repository": "r", "ttft": {"with": [{"seconds": 120, "ttft_s": 0.5, "decoder_ms": 40, "prompt_tokens": 9,
+                                               "stage_ms": {"preprocess": 3, "encoder": 20, "fusion": 1}}],
+                                      "without": []},
+          "concurrency": {"session_seconds": 30, "turn_seconds": 10, "ttft_limit_s": 2, "max_sessions_held": 2,
+                          "levels": [{"sessions": 2, "turns": 6, "ttft_p50_s": 0.4, "ttft_p95_s": 0.9,
+                                      "ttft_max_s": 1.1, "error_count": 0, "holds": True}]}}
+    md = realtime.report(rt)
+    assert "| 2 min | on | 0.500 | 3 | 20 | 1 | 40 | 9 |" in md
+    assert "| 2 | 6 | 0.4 | 0.9 | 1.1 | 0 | yes |" in md
