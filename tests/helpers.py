@@ -47,10 +47,11 @@ def fading_noise(n: int, seed: int = 0) -> np.ndarray:
 
 def engine_config(dtype: str, *, vocab: int, hidden: int, mbs: int = 4, max_input_len: int = 16000,
                   max_seq_len: int = 16600, table: int | None = None, paged_context_fmha: bool = True) -> dict:
-    """The parts of a trtllm-build config.json the repository reads."""
+    """The parts of a trtllm-build config.json the repository and the backend fake (its executor's checks) read."""
     return {"version": "1.2.1",
             "pretrained_config": {"architecture": "Qwen2ForCausalLM", "dtype": dtype, "vocab_size": vocab,
-                                  "hidden_size": hidden, "num_hidden_layers": 2},
+                                  "hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "num_key_value_heads": 1, "intermediate_size": 2 * hidden},
             "build_config": {"max_batch_size": mbs, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
                              "max_prompt_embedding_table_size": mbs * 15000 if table is None else table,
                              "plugin_config": {"use_paged_context_fmha": paged_context_fmha}}}

@@ -57,7 +57,9 @@ def adapter_files(tmp_path, dtype="bfloat16"):
 def decoder(tmp_path, monkeypatch):
     cfg = configs.decoder_config(configs.RepoSpec(**{**SPEC.__dict__, "decoder_params": {
         "gpt_model_path": str(engine_dir(tmp_path)), "lora_cache_optimal_adapter_size": "2",
-        "lora_cache_max_adapter_size": "2", "enable_kv_cache_reuse": "false"}}))
+        "lora_cache_max_adapter_size": "2", "enable_kv_cache_reuse": "false",
+        # read without a default by the backend (build/gpu_repo.py backend_params): empty = no guided decoding
+        "tokenizer_dir": "", "xgrammar_tokenizer_info_path": "", "guided_decoding_backend": ""}}))
     fake = FakeTrtllmDecoder(cfg, generate=True)
     monkeypatch.setattr(fake_pb, "BLS_MODELS", {"decoder": fake})
     return fake
