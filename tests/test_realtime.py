@@ -362,3 +362,102 @@ def test_the_docs_examples_run_against_the_server(front, tmp_path):
     assert re.search(r"\[\d+ tokens in, \d+ out\]", outputs[0])
     assert not any(line.startswith("error:") for line in outputs[0].splitlines())
     assert outputs[1].strip()
+
+
+REALTIME_FORMATS = {"pcm16 24 kHz": ({"type": "audio/pcm", "rate": 24000}, 24000, "PCM_16"),
+                    "pcm16 16 kHz": ({"type": "audio/pcm", "rate": 16000}, 16000, "PCM_16"),
+                    "mu-law": ({"type": "audio/pcmu"}, 8000, "ULAW"), "A-law": ({"type": "audio/pcma"}, 8000, "ALAW")}
+FUZZ_SESSIONS = int(os.environ.get("AF3TRT_FUZZ_EXAMPLES", "24"))
+
+
+def test_fuzzed_live_audio_is_answered_or_refused_by_an_error_event_and_the_server_stays_exact(front, client,
+                                                                                               speech_bytes):
+    """Hypothesis sessions (issue 31, item 4: the realtime inputs fuzzed with audio mutations): each sends one input
+    format, audio as appends, a commit and response.create. Half are tame (the bundled speech cut anywhere,
+    in that format): each must reach the decoder (a completed response with output tokens). The rest are wild: the
+    bytes of perf/fuzz.py's mutated files (wrong headers, extreme rates and channel counts claimed, cut, a header
+    claiming hours) sent as samples, random bytes of any length (a partial sample included), long silences, text that
+    is not base64. Every session ends within WAIT_S with response.done or an error event for its response.create,
+    every error event is a client's (no server_error) with a code and a message, and afterwards a known gRPC request
+    is answered with the same token ids as before."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from af3trt.perf.fuzz import audio_seeds
+    from af3trt.runtime.client.library import Request
+
+    url, _ = front
+    known = Request(prompt="What is said?", audio=[speech_bytes], max_tokens=8)
+    before = client.complete(known).token_ids
+    speech = mono16k(speech_bytes)
+    _, mutations = audio_seeds()
+
+    def encoded(name: str, start: float, seconds: float) -> bytes:
+        _, rate, subtype = REALTIME_FORMATS[name]
+        cut = speech[int(start * SR): int((start + seconds) * SR)]
+        wave = resample_poly(cut, rate, SR) if rate != SR else cut
+        buf = io.BytesIO()
+        sf.write(buf, np.clip(wave, -1, 1 - 2**-15), rate, format="RAW", subtype=subtype)
+        return buf.getvalue()
+
+    @st.composite
+    def sessions(draw, kind: str):
+        fmt = draw(st.sampled_from(sorted(REALTIME_FORMATS)))
+        if kind == "tame":
+            start = draw(st.floats(0, len(speech) / SR - 0.5))
+            audio = b64(encoded(fmt, start, draw(st.floats(0.2, 20.0))))
+        else:
+            audio = draw(st.one_of(
+                st.sampled_from(sorted(mutations.values())).map(b64),
+                st.binary(max_size=4096).map(b64),
+                st.integers(1, 70).map(lambda s: b64(bytes(s * REALTIME_FORMATS[fmt][1] * (
+                    2 if REALTIME_FORMATS[fmt][2] == "PCM_16" else 1)))),  # silence (0 is not mu-law's zero)
+                st.text(max_size=40)))
+        chunk = draw(st.sampled_from([4096, 65536, 1 << 30]))  # base64 characters per append
+        return kind, fmt, [audio[at: at + chunk] for at in range(0, len(audio), chunk)] or [""]
+
+    outcomes, failures = {"tame": 0, "tame reached the decoder": 0, "wild": 0, "error events": 0}, []
+
+    async def one(kind: str, fmt: str, appends: list[str]) -> None:
+        async with connect(url) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 3, "audio": {"input": {
+                "format": REALTIME_FORMATS[fmt][0], "turn_detection": None}}})
+            await until(conn, "session.updated")
+            for i, part in enumerate(appends):
+                await conn.send_raw(f'{{"type": "input_audio_buffer.append", "audio": "{part}", "event_id": "a{i}"}}')
+            await conn.send_raw('{"type": "input_audio_buffer.commit", "event_id": "commit"}')
+            await conn.send_raw('{"type": "response.create", "event_id": "respond"}')
+            while True:
+                ev = await asyncio.wait_for(conn.recv(), WAIT_S)
+                if ev.type == "error":
+                    outcomes["error events"] += 1
+                    if ev.error.type == "server_error" or not ev.error.code or not ev.error.message:
+                        failures.append(f"{kind} {fmt}: {ev.error}")
+                    if ev.error.event_id == "respond":
+                        break
+                elif ev.type == "response.done":
+                    usage = ev.response.usage
+                    answered = ev.response.status in ("completed", "incomplete")  # incomplete: max_output_tokens
+                    if kind == "tame" and answered and usage and usage.output_tokens:
+                        outcomes["tame reached the decoder"] += 1
+                    if ev.response.status == "failed":
+                        failures.append(f"{kind} {fmt}: failed response {ev.response.status_details}")
+                    break
+
+    def check(case):
+        kind, fmt, appends = case
+        outcomes[kind] += 1
+        try:
+            asyncio.run(one(kind, fmt, appends))
+        except (asyncio.TimeoutError, ConnectionClosed) as e:
+            failures.append(f"{kind} {fmt}: {type(e).__name__} {e}")
+
+    for kind in ("tame", "wild"):  # half each
+        settings(max_examples=FUZZ_SESSIONS // 2, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=list(HealthCheck))(given(case=sessions(kind))(check))()
+    print(f"\nrealtime fuzz: {outcomes}")
+    assert failures == [], "\n".join(failures)
+    assert outcomes["tame reached the decoder"] == outcomes["tame"] > 0
+    assert outcomes["wild"] and outcomes["error events"]
+    assert client.complete(known).token_ids == before
