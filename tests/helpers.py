@@ -102,6 +102,18 @@ def peer_ports(port: int) -> set[int]:
 UPLOAD_LIMIT = 2 * 2**20  # HTTPServer's --max-upload-bytes
 
 
+@contextlib.contextmanager
+def http_server(triton_url: str, log_dir: Path, api_key: str | None = None):
+    """An HTTPServer listening (a module fixture's body): stopped on exit, its log's tail printed."""
+    srv = HTTPServer(triton_url, log_dir / "openai.log", api_key=api_key)
+    try:
+        srv.wait_listening()
+        yield srv
+    finally:
+        srv.stop()
+        print(f"--- af3trt openai log\n{srv.log()[-3000:]}")
+
+
 class HTTPServer:
     """`af3trt openai` as a subprocess on a free loopback port; stopped by its PID. api_key: required by the server
     (read from an environment variable), None for an open server."""

@@ -21,7 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from helpers import UPLOAD_LIMIT, HTTPServer
+from helpers import UPLOAD_LIMIT, HTTPServer, http_server
 from reference import MAX_TOKENS, mono16k, wav_bytes
 
 from af3trt.runtime.stages.detok import strip_transcription_prefix
@@ -37,13 +37,8 @@ API_KEY = "af3trt-test-key"
 
 @pytest.fixture(scope="module")
 def http(server, tmp_path_factory):
-    srv = HTTPServer(server.grpc_url, tmp_path_factory.mktemp("openai") / "openai.log", api_key=API_KEY)
-    try:
-        srv.wait_listening()
+    with http_server(server.grpc_url, tmp_path_factory.mktemp("openai"), api_key=API_KEY) as srv:
         yield srv
-    finally:
-        srv.stop()
-        print(f"--- af3trt openai log\n{srv.log()[-3000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import HTTPServer
+from helpers import http_server
 from reference import mono16k
 
 openai = pytest.importorskip("openai")  # a declared test dependency (pyproject [test])
@@ -33,13 +33,8 @@ CHOICES = ["(A) a dog barking", "(B) a person speaking", "(C) a piano", "(D) rai
 
 @pytest.fixture(scope="module")
 def http(server, tmp_path_factory):
-    srv = HTTPServer(server.grpc_url, tmp_path_factory.mktemp("openai") / "openai.log")
-    try:
-        srv.wait_listening()
+    with http_server(server.grpc_url, tmp_path_factory.mktemp("openai")) as srv:
         yield srv
-    finally:
-        srv.stop()
-        print(f"--- af3trt openai log\n{srv.log()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
