@@ -170,8 +170,8 @@ def item3(device: str, requests: int, cache: bool, windows: int = AF3_WINDOWS, h
     trt_runner.TrtRunner = StandInRunner
     spec = configs.RepoSpec(target="gpu", hidden_size=hidden, decoder_dtype="bfloat16", vocab_size=1000, end_id=1,
                             pad_id=0, encoder_max_batch=stub["encoder_windows"], prompt_table_extra_ids=True,
-                            encoder_params={"cuda_memory_cap_bytes": str(stub["cap_bytes"]),
-                                            **({"cache_bytes": str(stub["cache_bytes"])} if cache else {})})
+                            encoder_params={"cuda_memory_cap_bytes": int(stub["cap_bytes"]),  # typed: EncoderParams
+                                            **({"cache_bytes": int(stub["cache_bytes"])} if cache else {})})
     result = {"as": "the plan's cap and cache_bytes" if cache else "round 2's cap, cache_bytes unset (1 GiB)",
               "device": str(dev), **stub, "requests": []}
     fake = None
