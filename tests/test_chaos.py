@@ -61,16 +61,18 @@ def test_the_launchers_heal_lines_are_read():
 
 @pytest.mark.integration
 def test_the_harness_catches_a_sabotaged_build(tiny_repo, tmp_path):
-    """The same mix against a build whose postprocess drops each response's last token: the harness reports
-    truncated (or wrong) answers and fails the run. Without this, an exact-looking chaos figure could come from a
-    harness that compares nothing."""
+    """The same mix against a build whose postprocess drops the last token of each response that holds more than one:
+    the harness reports truncated (or wrong) answers and fails the run. Without this, an exact-looking chaos figure
+    could come from a harness that compares nothing. (A one-token answer stays whole: the launcher's liveness probe
+    asks for one token, and a build that never answers it never comes up — the probe's own test.)"""
     bad = tmp_path / "sabotaged"
     shutil.copytree(tiny_repo, bad, ignore=shutil.ignore_patterns("*.log", "__pycache__"))
     model = bad / "model_repository" / "postprocess" / "1" / "model.py"
     text = model.read_text()
     line = "tokens = ids[0, 0, : min(n, ids.shape[-1])]"
     assert line in text
-    model.write_text(text.replace(line, "tokens = ids[0, 0, : max(0, min(n, ids.shape[-1]) - 1)]  # sabotage"))
+    sabotage = "tokens = ids[0, 0, : min(n, ids.shape[-1]) - (min(n, ids.shape[-1]) > 1)]  # sabotage"
+    model.write_text(text.replace(line, sabotage))
     res = chaos.run(bad / "model_repository", tmp_path / "out", minutes=0.5, concurrency=2, faults=False,
                     reference_repo=tiny_repo / "model_repository", deadline_s=120.0)
     print(f"\nsabotaged build: {res['outcomes']}")
