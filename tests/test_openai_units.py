@@ -265,3 +265,21 @@ def test_build_job_takes_ignore_eos_and_min_tokens():
     assert e.value.status == 400
     with pytest.raises(ValidationError):
         ChatRequest(**{**body, "min_tokens": -1})
+
+
+@pytest.mark.parametrize("code, details, status, retry", [
+    ("INTERNAL", "Internal error from Core", 503, True),  # grpc.aio's own failure: the connection was lost
+    ("UNAVAILABLE", "Socket closed", 503, True),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", 503, True),
+    ("INTERNAL", "Stub process 'decoder_0_0' is not healthy.", 500, False),  # Triton's own answer
+])
+def test_a_call_that_lost_its_connection_is_unavailable_not_internal(code, details, status, retry):
+    """A replica SIGKILLed under an open stream (tests/test_batch.py) surfaced as 500 "Internal error from Core", which
+    af3trt batch keeps as a final answer; it is a lost connection, retried like any 503."""
+    import grpc
+
+    from af3trt.runtime.openai.triton import rpc_error
+
+    e = rpc_error("127.0.0.1:1", grpc.aio.AioRpcError(getattr(grpc.StatusCode, code), grpc.aio.Metadata(),
+                                                      grpc.aio.Metadata(), details=details))
+    assert e.status == status and (e.code == "triton_unavailable") == retry and details in e.message

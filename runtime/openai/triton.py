@@ -39,6 +39,22 @@ def _unavailable(url: str, e: BaseException | str) -> APIError:
     return APIError.of(ErrorCode.UNAVAILABLE, f"Triton at {url} is unavailable: {e}", code="triton_unavailable")
 
 
+# What grpc.aio reports when an operation of a call fails in its own core, the server having said nothing: status
+# INTERNAL with this fixed text (grpc/grpc src/python/grpcio/grpc/_cython/_cygrpc/aio/call.pyx.pxi
+# _AioCall.set_internal_error, called by grpc/aio/_call.py when a batch of operations fails). Seen here when a replica
+# behind HAProxy was SIGKILLed with a stream open (tests/test_batch.py): the connection was lost, not answered.
+AIO_LOCAL_FAILURE = "Internal error from Core"
+
+
+def rpc_error(url: str, e: grpc.aio.AioRpcError) -> APIError:
+    """The APIError for a failed gRPC call to Triton: unavailable (a client may retry) when no answer came — nothing
+    listening, a deadline, a connection lost under the call — else Triton's own status, as an internal error."""
+    lost = e.code() == grpc.StatusCode.INTERNAL and e.details() == AIO_LOCAL_FAILURE
+    if lost or e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return _unavailable(url, f"the connection was lost under the call ({e.details()})" if lost else e.details())
+    return APIError.of(ErrorCode.INTERNAL, f"gRPC error from Triton: {e.code().name}: {e.details()}")
+
+
 def _api_error(e: AF3Error) -> APIError:
     if isinstance(e, AF3ConnectionError):
         return APIError.of(ErrorCode.UNAVAILABLE, str(e), code="triton_unavailable")
@@ -119,9 +135,7 @@ class Triton:
                     return
             raise APIError.of(ErrorCode.INTERNAL, "Triton closed the stream before the final response")
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _unavailable(self.url, e.details()) from None
-            raise APIError.of(ErrorCode.INTERNAL, f"gRPC error from Triton: {e.code().name}: {e.details()}") from None
+            raise rpc_error(self.url, e) from None
         finally:
             done.set()  # half-closes our side: Triton ends the stream with its status
             if finished:  # wait for that status rather than drop (and so cancel) a finished stream: AF3Client.responses
