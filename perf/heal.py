@@ -48,14 +48,29 @@ HEALS = [Column("SIGKILL of", "target"), Column("heals", "n"),
                 lambda s: ", ".join(f"{m} {v:.1f}" for m, v in s.get("model_loads_s", {}).items()) or "—")]
 
 
-def start_cpu(service: Service) -> dict[str, float]:
-    """{process: CPU seconds since it started}: tritonserver and each stub, right after a start."""
+def reaped_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds of the children a process has reaped (/proc/PID/stat fields 16 and 17, cutime + cstime): for
+    tritonserver, the stubs that ended before it was ready (with auto-complete on, the python backend started and
+    ended one per model load, runtime/serve/server.py); None when it is gone."""
+    fields = proc.stat(pid) if pid is not None else None
+    return None if fields is None else (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+START = [Column("process", "process"),
+         Column("load in tritonserver's log, s", lambda r: "—" if r.get("load_s") is None else f"{r['load_s']:.1f}"),
+         Column("CPU s from its start to healthy", "cpu_s", "{:.2f}")]
+
+
+def start_cpu(service: Service, launcher: bool = False) -> dict[str, float]:
+    """{process: CPU seconds since it started}: tritonserver, the stubs it reaped, and each live stub, right after a
+    start or restart answered; `launcher`: also `af3trt serve` itself and its OpenAI front (a cold start)."""
     from af3trt.runtime.host.proc import stub_pids
 
     triton = service.pid_of("tritonserver")
-    out = {"tritonserver": cpu_seconds(triton)}
+    out = {"tritonserver": cpu_seconds(triton), "reaped stubs": reaped_cpu_seconds(triton)}
     for model, pids in sorted(stub_pids(triton).items()):
         out[model] = cpu_seconds(min(pids))
+    if launcher:
+        out["launcher"], out["openai front"] = cpu_seconds(service.proc.pid), cpu_seconds(service.pid_of("openai"))
     return {k: round(v, 2) for k, v in out.items() if v is not None}
 
 
@@ -82,7 +97,7 @@ def run(repo: Path, out: Path, rounds: int = 3, targets=("preprocess", "encoder"
     service = Service(repo, logs / "serve", liveness=(10.0, 20.0, 3))
     try:
         first = heal_lines(service.log.read_text(errors="replace"))
-        start = {"seconds_to_healthy": round(service.start_s, 2), "cpu_s": start_cpu(service),
+        start = {"seconds_to_healthy": round(service.start_s, 2), "cpu_s": start_cpu(service, launcher=True),
                  "launcher": first["start"], "load": round(os.getloadavg()[0], 1)}
         log(f"[heal] start: {start}")
         heals = []
@@ -127,19 +142,25 @@ def summarize(heals: list[dict]) -> dict:
 
 def report_md(res: dict) -> str:
     st = res["start"]
+    loads = st["launcher"][0]["model_loads_s"] if st["launcher"] else {}
+    rows = [{"process": k, "load_s": loads.get(k), "cpu_s": v} for k, v in st["cpu_s"].items()]
     lines = [f"# Start and heal times per stage (`af3trt soak --heal`, {res['rounds']} rounds)", "",
              f"Build `{res['repo']}`. Wall seconds depend on the machine's load (the load average is beside each "
              f"figure: this machine's 2 cores were shared with other work); CPU seconds (utime + stime of each "
-             f"process from its start to ready) do not.", "",
+             f"process from its start until the server answered, one probe included) depend on it much less "
+             f"(seen here: the decoder's 5.5-7.3 s at load 3-5, the two logical cores sharing caches).", "",
              f"- start: healthy (ready, a probe answered, the front up) {st['seconds_to_healthy']} s after launch at "
              f"load {st['load']}; tritonserver {st['launcher'][0]['seconds'] if st['launcher'] else '?'} s to ready; "
              f"model loads " + (", ".join(f"{m} {s} s" for m, s in st["launcher"][0]["model_loads_s"].items())
                                 if st["launcher"] else "?"),
-             "- start, CPU seconds per process: " + ", ".join(f"{k} {v}" for k, v in st["cpu_s"].items()), "",
+             "", "Start, per process (\"reaped stubs\": stubs tritonserver started and ended before it was ready):", "",
+             *markdown_table(START, rows), "",
+             f"Heals: each stage SIGKILLed in turn on an idle server, {res['rounds']} rounds; from the signal to a "
+             f"liveness probe answered through the ensemble.", "",
              *markdown_table(HEALS, [{"target": t, **s} for t, s in res["summary"].items()])]
     cpus = {t: s["cpu_s"] for t, s in res["summary"].items() if s.get("cpu_s")}
     if cpus:
-        lines += ["", "CPU seconds of each process of a restarted tritonserver, from its start to ready (median): "
+        lines += ["", "CPU seconds of each process of a restarted tritonserver, from its start until it answered (median): "
                   + "; ".join(f"after {t}: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items())
                               for t, c in cpus.items())]
     return "\n".join(lines) + "\n"
