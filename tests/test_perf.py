@@ -618,3 +618,23 @@ def test_heal_report_renders_its_records_through_the_table_writer():
     md = heal.report_md(res)
     assert "| decoder | 2 | 8.2 (9.0) | 1.5 | 0.5 / 6.0 | — | — |" in md
     assert "| fusion | 1 | 2.0 (2.0) | 0.5 | — | 0.01 / 1.5 | fusion 1.2 |" in md
+
+
+def test_heal_time_is_the_first_answer_not_a_probe_stuck_on_the_dead_stub():
+    """A probe sent to a dead python stub fails only after about a second; polled one probe at a time, that second
+    was counted into every heal (fusion back after 0.3 s read 1.4 s). Probes overlap, and the first answer counts."""
+    import time
+
+    from af3trt.perf import heal
+
+    t0 = time.monotonic()
+
+    class Stage:  # dead for 0.3 s; a probe sent meanwhile hangs 3 s, then fails
+        def healthy(self, probe_deadline_s: float) -> bool:
+            if time.monotonic() - t0 < 0.3:
+                time.sleep(3.0)
+                return False
+            return True
+
+    seconds = heal.first_answer(Stage(), t0, timeout=30.0)
+    assert seconds is not None and 0.3 <= seconds < 2.5, seconds
