@@ -7,7 +7,7 @@ tritonserver on an idle server and waits until it answers again: Triton ready, t
 through the ensemble answered, probes sent every 0.1 s side by side (first_answer). For each it records the time from the signal to that answer and the launcher's own phases
 (serve.log: a stub's unload and load; a restart's kill, start and each model's load, from tritonserver's log). The
 start of each stage is taken apart too: the CPU seconds each process spent from its start to ready (/proc/PID/stat
-utime + stime), which do not depend on how loaded the machine is, beside the wall seconds, which do. heal.md and
+utime + stime), which depend much less on how loaded the machine is, beside the wall seconds, which do. heal.md and
 heal.json hold the figures with the machine's load average.
 """
 
@@ -105,8 +105,13 @@ def heal_once(service: Service, target: str, timeout: float = 600.0) -> dict:
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     seconds = first_answer(service, t0, timeout)
-    new = "\n".join(service.log.read_text(errors="replace").splitlines()[lines_before:])
-    out = {"target": target, "seconds": None if seconds is None else round(seconds, 2), "launcher": heal_lines(new),
+    deadline = time.monotonic() + 10.0  # the launcher logs its heal just after readiness: a probe may answer first
+    while True:
+        launcher = heal_lines("\n".join(service.log.read_text(errors="replace").splitlines()[lines_before:]))
+        if launcher["reload"] or launcher["restart"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    out = {"target": target, "seconds": None if seconds is None else round(seconds, 2), "launcher": launcher,
            "load": round(os.getloadavg()[0], 1)}
     if target in ("decoder", "tritonserver"):
         out["cpu_s"] = start_cpu(service)
@@ -131,7 +136,8 @@ def run(repo: Path, out: Path, rounds: int = 3, targets=("preprocess", "encoder"
                 time.sleep(2.0)
     finally:
         stopped = service.stop()
-    res = {"repo": str(repo), "rounds": rounds, "start": start, "heals": heals, "stopped": stopped,
+    res = {"repo": str(repo), "rounds": rounds, "cpus": os.cpu_count(),
+           "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "start": start, "heals": heals, "stopped": stopped,
            "summary": summarize(heals)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "heal.json").write_text(json.dumps(res, indent=1))
@@ -169,17 +175,18 @@ def report_md(res: dict) -> str:
     loads = st["launcher"][0]["model_loads_s"] if st["launcher"] else {}
     rows = [{"process": k, "load_s": loads.get(k), "cpu_s": v} for k, v in st["cpu_s"].items()]
     lines = [f"# Start and heal times per stage (`af3trt soak --heal`, {res['rounds']} rounds)", "",
-             f"Build `{res['repo']}`. Wall seconds depend on the machine's load (the load average is beside each "
+             f"Build `{res['repo']}`" + (f", measured {res['measured_at']} on {res['cpus']} CPUs" if "cpus" in res
+                                         else "") + (f" ({res['code']})" if "code" in res else "") + f". Wall seconds depend on the machine's load (the load average is beside each "
              f"figure: this machine's 2 cores were shared with other work); CPU seconds (utime + stime of each "
              f"process from its start until the server answered, one probe included) depend on it much less "
-             f"(seen here: the decoder's 5.5-7.3 s at load 3-5, the two logical cores sharing caches).", "",
+             f"(not at all only on an idle machine: the cores share caches).", "",
              f"- start: healthy (ready, a probe answered, the front up) {st['seconds_to_healthy']} s after launch at "
              f"load {st['load']}; tritonserver {st['launcher'][0]['seconds'] if st['launcher'] else '?'} s to ready; "
              f"model loads " + (", ".join(f"{m} {s} s" for m, s in st["launcher"][0]["model_loads_s"].items())
                                 if st["launcher"] else "?"),
              "", "Start, per process (\"reaped stubs\": stubs tritonserver started and ended before it was ready):", "",
              *markdown_table(START, rows), "",
-             f"Heals: each stage SIGKILLed in turn on an idle server, {res['rounds']} rounds; from the signal to a "
+             f"Heals: each stage SIGKILLed in turn, no requests in flight, {res['rounds']} rounds; from the signal to a "
              f"liveness probe answered through the ensemble.", "",
              *markdown_table(HEALS, [{"target": t, **s} for t, s in res["summary"].items()])]
     cpus = {t: s["cpu_s"] for t, s in res["summary"].items() if s.get("cpu_s")}
