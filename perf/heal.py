@@ -3,11 +3,13 @@
     af3trt soak --heal --model-repository OUT/model_repository [--rounds 3] [--out perf/results/latest]
 
 Starts `af3trt serve` (perf/chaos.py Service), then, `--rounds` times in turn, SIGKILLs each python stub and
-tritonserver on an idle server and waits until it answers again: Triton ready, the front up and a liveness probe
-through the ensemble answered, probes sent every 0.1 s side by side (first_answer). For each it records the time from the signal to that answer and the launcher's own phases
-(serve.log: a stub's unload and load; a restart's kill, start and each model's load, from tritonserver's log). The
-start of each stage is taken apart too: the CPU seconds each process spent from its start to ready (/proc/PID/stat
-utime + stime), which depend much less on how loaded the machine is, beside the wall seconds, which do. heal.md and
+tritonserver on a server with no requests in flight and waits until it answers again: Triton ready, the front up and
+a liveness probe through the ensemble answered, probes sent every 0.1 s side by side (first_answer). For each it
+records the time from the signal to that answer and the launcher's own phases (serve.log: a stub's unload and load; a
+restart's kill, start and each model's load, from tritonserver's log). The start of each stage is taken apart too:
+the CPU seconds each process spent from its start until the server answered (/proc/PID/stat utime + stime; stubs
+tritonserver reaped, the launcher and the OpenAI front too), which depend much less on how loaded the machine is,
+beside the wall seconds, which do. heal.md and
 heal.json hold the figures with the machine's load average.
 """
 
@@ -137,8 +139,8 @@ def run(repo: Path, out: Path, rounds: int = 3, targets=("preprocess", "encoder"
     finally:
         stopped = service.stop()
     res = {"repo": str(repo), "rounds": rounds, "cpus": os.cpu_count(),
-           "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "start": start, "heals": heals, "stopped": stopped,
-           "summary": summarize(heals)}
+           "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "start": start, "heals": heals,
+           "stopped": stopped, "summary": summarize(heals)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "heal.json").write_text(json.dumps(res, indent=1))
     (out / "heal.md").write_text(report_md(res))
@@ -174,9 +176,10 @@ def report_md(res: dict) -> str:
     st = res["start"]
     loads = st["launcher"][0]["model_loads_s"] if st["launcher"] else {}
     rows = [{"process": k, "load_s": loads.get(k), "cpu_s": v} for k, v in st["cpu_s"].items()]
+    when = (f", measured {res['measured_at']} on {res['cpus']} CPUs" if "cpus" in res else "") + (
+        f" ({res['code']})" if "code" in res else "")
     lines = [f"# Start and heal times per stage (`af3trt soak --heal`, {res['rounds']} rounds)", "",
-             f"Build `{res['repo']}`" + (f", measured {res['measured_at']} on {res['cpus']} CPUs" if "cpus" in res
-                                         else "") + (f" ({res['code']})" if "code" in res else "") + f". Wall seconds depend on the machine's load (the load average is beside each "
+             f"Build `{res['repo']}`{when}. Wall seconds depend on the machine's load (the load average is beside each "
              f"figure: this machine's 2 cores were shared with other work); CPU seconds (utime + stime of each "
              f"process from its start until the server answered, one probe included) depend on it much less "
              f"(not at all only on an idle machine: the cores share caches).", "",

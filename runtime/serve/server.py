@@ -237,7 +237,7 @@ class TritonServer:
                         return
             except OSError:
                 pass
-            time.sleep(0.1)  # a start or a heal is over when this sees it: 0.5 s polls added 0.25 s to each
+            time.sleep(0.1)  # a start or a heal is over when this sees it: 0.5-s polls added 0.25 s to each, on average
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 60) -> str:
