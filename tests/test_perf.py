@@ -628,3 +628,23 @@ def test_heal_and_realtime_reports_render_their_records_through_the_table_writer
     md = realtime.report(rt)
     assert "| 2 min | on | 0.500 | 3 | 20 | 1 | 40 | 9 |" in md
     assert "| 2 | 6 | 0.4 | 0.9 | 1.1 | 0 | yes |" in md
+
+
+def test_heal_time_is_the_first_answer_not_a_probe_stuck_on_the_dead_stub():
+    """A probe sent to a dead python stub fails only after about a second; polled one probe at a time, that second
+    was counted into every heal (fusion back after 0.3 s read 1.4 s). Probes overlap, and the first answer counts."""
+    import time
+
+    from af3trt.perf import heal
+
+    t0 = time.monotonic()
+
+    class Stage:  # dead for 0.3 s; a probe sent meanwhile hangs 3 s, then fails
+        def healthy(self, probe_deadline_s: float) -> bool:
+            if time.monotonic() - t0 < 0.3:
+                time.sleep(3.0)
+                return False
+            return True
+
+    seconds = heal.first_answer(Stage(), t0, timeout=30.0)
+    assert seconds is not None and 0.3 <= seconds < 2.5, seconds

@@ -177,6 +177,41 @@ def test_launch_command_restricts_the_repository_api_and_redacts_the_key(tmp_pat
     assert not any("restricted" in a or "model-control" in a for a in plain)
 
 
+def test_launch_command_turns_auto_complete_off_once(tmp_path):
+    """With auto-complete on, the python backend started a throw-away stub per model load before the real one (the
+    decoder's and preprocess's imported torch twice per start and heal: 6-7 s of CPU more per start, measured). Off,
+    once per tritonserver, under mpirun too."""
+    off = "--disable-auto-complete-config"
+    assert TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3, api_key="k").command(
+        Path("t"), Path("b")).count(off) == 1
+    assert TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3, world_size=2).command(
+        Path("t"), Path("b")).count(off) == 2
+
+
+def test_start_paths_import_only_what_they_use(tmp_path, speech_bytes):
+    """torch (1.5-1.9 s of CPU to import) and scipy.signal (0.8 s) were imported where nothing used them: by the
+    launcher's doctor on a CPU repository (torch.cuda's GPU count, before tritonserver started), by the OpenAI front
+    (its transcription route decodes audio with runtime/stages/audio.py), and by every preprocess stub (the
+    resampler, which a 16-kHz clip never needs). A fresh interpreter goes through those paths."""
+    from af3trt.triton_repo import configs
+
+    (tmp_path / "model_repository" / "fusion").mkdir(parents=True)
+    (tmp_path / "model_repository" / "fusion" / "config.pbtxt").write_text(
+        configs.render(configs.mc.ModelConfig(name="fusion", backend="python")))
+    (tmp_path / "manifest.json").write_text('{"target": "cpu"}')
+    code = ("import sys\nfrom pathlib import Path\n"
+            "from af3trt.runtime.serve import doctor, server\nfrom af3trt.runtime.openai import app\n"
+            "from af3trt.runtime.stages import audio, resample\n"
+            "app.create_app(app.Settings(triton_url='127.0.0.1:1'))\n"
+            "doctor.diagnose(Path(sys.argv[1]))\n"
+            "audio.decode_audio(sys.stdin.buffer.read())\n"
+            "print(sorted(m for m in ('torch', 'scipy.signal', 'transformers') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model_repository")], capture_output=True,
+                       timeout=300, input=speech_bytes)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert r.stdout.decode().strip().splitlines()[-1] == "[]"
+
+
 # ------------------------------------------------------------------------------------------------ unit: decoder
 
 

@@ -58,9 +58,14 @@ class Check:
         return f"[{'ok' if self.ok else 'FAIL'}] {self.name}: {self.detail}" + ("" if self.ok else f"\n       -> {self.fix}")
 
 
-def detect_gpus() -> list[GpuInfo]:
-    """GPUs from nvidia-smi, else torch.cuda; [] when there is none."""
-    return gpu_detection.detect_gpus(torch_fallback=True)
+def detect_gpus(torch_fallback: bool = True) -> list[GpuInfo]:
+    """GPUs from nvidia-smi, else (torch_fallback) torch.cuda; [] when there is none."""
+    return gpu_detection.detect_gpus(torch_fallback=torch_fallback)
+
+
+def gpu_repository(manifest: dict, models: dict[str, dict]) -> bool:
+    """A repository built for the GPU target (a tensorrtllm decoder, or the manifest says so)."""
+    return any(m["backend"] == "tensorrtllm" for m in models.values()) or manifest.get("target") == "gpu"
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -139,8 +144,7 @@ def check_python_stub(backend_dir: Path, python: str | None = None) -> Check:
 
 
 def check_gpu(gpus: list[GpuInfo], manifest: dict, models: dict[str, dict]) -> list[Check]:
-    gpu_repo = any(m["backend"] == "tensorrtllm" for m in models.values()) or manifest.get("target") == "gpu"
-    if not gpu_repo:
+    if not gpu_repository(manifest, models):
         return [Check("GPU", True, f"CPU repository: no GPU needed ({len(gpus)} visible)")]
     if not gpus:
         return [Check("GPU", False, "no GPU visible (nvidia-smi / torch.cuda found none)",
@@ -232,7 +236,10 @@ def diagnose(repository: Path, *, backend_dir: Path | None = None, gpus: list[Gp
             engine_version = json.loads(engine_cfg.read_text(encoding="utf-8")).get("version")
     backend_dir = Path(backend_dir) if backend_dir is not None else default_backend_dir()
     checks = [Check("repository", True, f"{repository}: {', '.join(sorted(models))}")]
-    checks += check_gpu(detect_gpus() if gpus is None else gpus, manifest, models)
+    # a CPU repository asks nvidia-smi only: torch.cuda's fallback imports torch (1.9 s of CPU, measured), which
+    # `af3trt serve` paid before tritonserver started
+    gpus = detect_gpus(torch_fallback=gpu_repository(manifest, models)) if gpus is None else gpus
+    checks += check_gpu(gpus, manifest, models)
     checks += check_backends(models, backend_dir)
     if any(m["backend"] == "python" for m in models.values()):
         checks.append(check_python_stub(backend_dir, python))

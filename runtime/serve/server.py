@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3trt.runtime.serve import liveness
-from af3trt.runtime.serve.tp_launch import leader_mode_command
+from af3trt.runtime.serve.tp_launch import AUTO_COMPLETE_OFF, leader_mode_command
 from af3trt.runtime.serve.doctor import preflight_or_exit
 from af3trt.runtime.openai import app as openai_server
 from af3trt.runtime.serve.triton_install import ServerError, find_tritonserver, prepare_backends, server_env
@@ -174,6 +174,12 @@ class TritonServer:
             "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
             # Triton 2.51 keeps a decoupled ensemble "live" after streamed requests for the whole exit timeout
             f"--exit-timeout-secs={self.exit_timeout}",
+            # Our configs are complete (rendered from model_config protobuf). With auto-complete on, the python backend
+            # starts a throw-away stub per model load only to ask model.py for its config, a second interpreter
+            # importing model.py (torch, for the decoder and preprocess) before the real one (python_backend 0ccc764
+            # src/python_be.cc ModelState::Create: LaunchAutoCompleteStubProcess; seen on 2.51 as two "Starting
+            # Python backend stub" lines per load). Measured here at load 5: a stub reload 2.0 s -> 0.2-0.5 s.
+            AUTO_COMPLETE_OFF,
             *self.control_args(),
             *memory_pool_args(Path(self.model_repository)),
             *self.extra_args,
@@ -231,7 +237,7 @@ class TritonServer:
                         return
             except OSError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)  # a start or a heal is over when this sees it: 0.5-s polls added 0.25 s to each, on average
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 60) -> str:

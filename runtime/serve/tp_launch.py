@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from af3trt.runtime.stages.contract import DECODER  # the tensorrtllm model of our ensemble
 MPIRUN = "mpirun"
+AUTO_COMPLETE_OFF = "--disable-auto-complete-config"  # every tritonserver we start (TritonServer.rank_command)
 
 
 def shm_prefix_arg(prefix: str) -> str:
@@ -46,7 +47,8 @@ def leader_mode_command(rank_args: list[str], world_size: int, *, decoder_model:
 
     def rank(i: int) -> list[str]:
         args = rank_args if i == 0 else [*workers, "--model-control-mode=explicit", f"--load-model={decoder_model}"]
-        return [*args, "--disable-auto-complete-config", shm_prefix_arg(f"{shm_prefix}{i}_")]
+        auto = [] if AUTO_COMPLETE_OFF in args else [AUTO_COMPLETE_OFF]  # TritonServer.rank_command has it already
+        return [*args, *auto, shm_prefix_arg(f"{shm_prefix}{i}_")]
 
     if world_size == 1:
         return list(rank_args)

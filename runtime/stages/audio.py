@@ -19,7 +19,6 @@ from typing import Iterator
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from af3trt.runtime.stages import audio_cache, lengths
 from af3trt.runtime.stages.errors import InvalidRequest
@@ -202,6 +201,8 @@ def mel_filters() -> torch.Tensor:
     falling = to_edge[:, 2:] / width[1:]
     tri = np.maximum(0.0, np.minimum(rising, falling))  # [201, 128]
     tri *= 2.0 / (hz_edges[2:] - hz_edges[:-2])  # equal area per filter
+    import torch
+
     return torch.from_numpy(tri.T.astype(np.float32)).contiguous()
 
 
@@ -227,6 +228,8 @@ def _mel_to_hz(mel):
 
 @lru_cache(maxsize=1)
 def _hann() -> torch.Tensor:
+    import torch
+
     return torch.hann_window(N_FFT)  # periodic, float32
 
 
@@ -237,7 +240,6 @@ def request_frames(chunks: list[np.ndarray]) -> int:
     return max((lengths.frame_bucket(lengths.valid_frames(len(c))) for c in chunks), default=lengths.FRAME_BUCKETS[0])
 
 
-@torch.no_grad()
 def log_mel(chunks: list[np.ndarray], frames: int = WINDOW_FRAMES) -> tuple[np.ndarray, np.ndarray]:
     """Whisper log-mel of each chunk zero-padded to 30 s, cropped to its first `frames` frames.
 
@@ -246,6 +248,8 @@ def log_mel(chunks: list[np.ndarray], frames: int = WINDOW_FRAMES) -> tuple[np.n
     """
     if not 1 <= frames <= WINDOW_FRAMES:
         raise ValueError(f"frames must be in 1..{WINDOW_FRAMES}, got {frames}")
+    import torch  # here, not at import: the OpenAI front decodes audio with this module and never needs torch
+
     n = len(chunks)
     features = np.empty((n, N_MELS, frames), np.float32)
     mask = np.zeros((n, frames), np.int32)
@@ -253,7 +257,8 @@ def log_mel(chunks: list[np.ndarray], frames: int = WINDOW_FRAMES) -> tuple[np.n
         if chunk.ndim != 1 or len(chunk) > WINDOW_SAMPLES:
             raise ValueError(f"a chunk is mono with at most {WINDOW_SAMPLES} samples, got {chunk.shape}")
         mask[i, : lengths.valid_frames(len(chunk))] = 1
-        features[i] = _log_mel_padded(torch.from_numpy(np.ascontiguousarray(chunk, np.float32)), frames).numpy()
+        with torch.no_grad():
+            features[i] = _log_mel_padded(torch.from_numpy(np.ascontiguousarray(chunk, np.float32)), frames).numpy()
     return features, mask
 
 
@@ -269,6 +274,8 @@ def _log_mel_padded(chunk: torch.Tensor, frames: int = WINDOW_FRAMES) -> torch.T
     constant (max(-10, peak - 8) + 4) / 4: filled in, not computed. Equal to transforming the padded window
     (bit for bit up to the mel product's summation order over fewer columns).
     """
+    import torch
+
     n = chunk.shape[0]
     k = n + N_FFT if n + N_FFT < WINDOW_SAMPLES else WINDOW_SAMPLES
     wave = torch.zeros(1, k)  # [1, k]
