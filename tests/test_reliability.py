@@ -188,6 +188,41 @@ def test_launch_command_turns_auto_complete_off_once(tmp_path):
         Path("t"), Path("b")).count(off) == 2
 
 
+def test_each_server_has_its_own_shared_memory_prefix(tmp_path):
+    """The python backend's regions are named by a prefix of this server's (one per rank under mpirun), so that what
+    a killed server leaves is known to be its own."""
+    a, b = (TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3) for _ in range(2))
+    assert a.shm_prefix != b.shm_prefix and a.shm_prefix.startswith(f"af3trt_{os.getpid()}_")
+    cmd = a.command(Path("t"), Path("b"))
+    assert [x for x in cmd if "shm-region-prefix-name" in x] == [
+        f"--backend-config=python,shm-region-prefix-name={a.shm_prefix}"]
+    ranks = [x for x in TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3, world_size=2,
+                                     shm_prefix="p_").command(Path("t"), Path("b")) if "shm-region" in x]
+    assert ranks == ["--backend-config=python,shm-region-prefix-name=p_rank0_",
+                     "--backend-config=python,shm-region-prefix-name=p_rank1_"]
+
+
+@pytest.mark.integration
+def test_a_killed_server_leaves_nothing_in_shared_memory(tiny_repo, tmp_path, speech_bytes):
+    """SIGKILL (the watchdog's restart, a wedged server) skips Triton's own clean-up: its python backend regions and
+    its stubs' request context folder stayed in /dev/shm (1.5 GB and 441 folders had piled up on this machine).
+    kill() removes what the dead server left, and only that: another server's regions stay."""
+    from af3trt.runtime.triton.context import server_root
+
+    shm = Path("/dev/shm")
+    with TritonServer(tiny_repo / "model_repository", log_path=tmp_path / "other.log") as other:
+        srv = TritonServer(tiny_repo / "model_repository", log_path=tmp_path / "t.log").start(timeout=300)
+        pid = srv.proc.pid
+        try:
+            with AF3Client(srv.grpc_url, timeout=120) as client:
+                assert client.complete(Request(prompt="What is said?", audio=[speech_bytes], max_tokens=1)).token_ids
+            assert list(shm.glob(f"{srv.shm_prefix}*")) and server_root(pid).is_dir()  # what a kill would leave
+        finally:
+            srv.kill()
+        assert list(shm.glob(f"{srv.shm_prefix}*")) == [] and not server_root(pid).exists()
+        assert list(shm.glob(f"{other.shm_prefix}*"))  # the other server's regions are untouched
+
+
 def test_start_paths_import_only_what_they_use(tmp_path, speech_bytes):
     """torch (1.5-1.9 s of CPU to import) and scipy.signal (0.8 s) were imported where nothing used them: by the
     launcher's doctor on a CPU repository (torch.cuda's GPU count, before tritonserver started), by the OpenAI front

@@ -37,7 +37,6 @@ from pathlib import Path
 
 from af3trt.runtime.stages.contract import ENSEMBLE
 from af3trt.runtime.serve.server import ServerError, TritonServer, free_port, stop_process
-from af3trt.runtime.serve.tp_launch import shm_prefix_arg
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class ReplicaSet:
         p = self.ports[i]
         return TritonServer(Path(self.model_repository), HOST, p.grpc, p.http, p.metrics,
                             log_path=self.workdir / f"replica{i}.log",
-                            extra_args=[shm_prefix_arg(f"af3trt_{os.getpid()}_replica{i}_")])
+                            shm_prefix=f"af3trt_{os.getpid()}_replica{i}_")
 
     def start(self) -> "ReplicaSet":
         if self.replicas < 1:

@@ -20,11 +20,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from af3trt.runtime.serve import liveness
-from af3trt.runtime.serve.tp_launch import AUTO_COMPLETE_OFF, leader_mode_command
+from af3trt.runtime.serve.tp_launch import AUTO_COMPLETE_OFF, leader_mode_command, shm_prefix_arg
+from af3trt.runtime.triton.context import server_root
 from af3trt.runtime.serve.doctor import preflight_or_exit
 from af3trt.runtime.openai import app as openai_server
 from af3trt.runtime.serve.triton_install import ServerError, find_tritonserver, prepare_backends, server_env
@@ -130,6 +132,9 @@ def memory_pool_args(model_repository: Path) -> list[str]:
     return [f"--cuda-memory-pool-byte-size=0:{int(pool)}"] if pool else []
 
 
+_SERVER_SERIALS = itertools.count()  # TritonServer.shm_prefix: one per server this process starts
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process: `with TritonServer(repo) as srv: srv.grpc_url`."""
@@ -153,6 +158,12 @@ class TritonServer:
     die_with_parent: bool = True
     log_offset: int = 0  # where the last start's lines begin in log_path
     start_seconds: float | None = None  # how long the last start() took, to ready
+    # The python backend's shared-memory region prefix: "" gives this server one of its own (af3trt_<pid>_<n>_), so
+    # that what a killed tritonserver leaves in /dev/shm is known to be its and removed (remove_leftovers).
+    shm_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        self.shm_prefix = self.shm_prefix or f"af3trt_{os.getpid()}_{next(_SERVER_SERIALS)}_"
 
     @property
     def grpc_url(self) -> str:
@@ -163,7 +174,19 @@ class TritonServer:
         return f"{self.host}:{self.http_port}"
 
     def command(self, binary: Path, backends: Path) -> list[str]:
-        return leader_mode_command(self.rank_command(binary, backends), self.world_size)
+        rank = self.rank_command(binary, backends)
+        if self.world_size == 1:
+            return [*rank, shm_prefix_arg(self.shm_prefix)]
+        return leader_mode_command(rank, self.world_size, shm_prefix=f"{self.shm_prefix}rank")  # one prefix a rank
+
+    def remove_leftovers(self, pid: int) -> None:
+        """What tritonserver `pid` (gone) leaves behind when it is killed: the python backend's shared-memory regions
+        (Triton unlinks them only on a clean exit: 1.5 GB of them had piled up in /dev/shm here) and its stubs'
+        request context folder (runtime/triton/context.py server_root)."""
+        shm = Path("/dev/shm")
+        for region in shm.glob(f"{self.shm_prefix}*") if shm.is_dir() else ():
+            region.unlink(missing_ok=True)
+        shutil.rmtree(server_root(pid), ignore_errors=True)
 
     def rank_command(self, binary: Path, backends: Path) -> list[str]:
         return [
@@ -259,6 +282,7 @@ class TritonServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         kill_group(self.proc.pid)
+        self.remove_leftovers(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL tritonserver and its python stubs at once (a wedged or half-dead server: its requests fail either
@@ -266,6 +290,7 @@ class TritonServer:
         if self.proc is not None:
             kill_group(self.proc.pid)
             self.proc.wait(10)
+            self.remove_leftovers(self.proc.pid)
 
     def restart(self, timeout: float = 180.0) -> "TritonServer":
         """kill(), then start again on the same ports (the log is appended to)."""

@@ -32,9 +32,14 @@ from af3trt.runtime.host.proc import alive
 STALE_SECONDS = 900.0
 
 
-def default_root() -> Path:
+def server_root(server_pid: int) -> Path:
+    """The context root of tritonserver `server_pid`'s stubs (keyed by their parent), in shared memory if there is."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return base / f"af3trt-context-{os.getppid()}"
+    return base / f"af3trt-context-{server_pid}"
+
+
+def default_root() -> Path:
+    return server_root(os.getppid())
 
 
 class RequestContext:
@@ -185,7 +190,7 @@ def stub_work(server_pid: int, root: Path | None = None) -> dict[str, tuple[int,
     """{model: (requests its live stubs are working on, requests they have finished)} from the RunningRequests files
     of tritonserver `server_pid`'s stubs (their context root is keyed by their parent's pid); files of stubs that are
     gone are ignored and removed."""
-    base = (Path(root) if root else default_root().with_name(f"af3trt-context-{server_pid}")) / "running"
+    base = (Path(root) if root else server_root(server_pid)) / "running"
     out: dict[str, tuple[int, int]] = {}
     for f in base.glob("*.*") if base.is_dir() else []:
         model, _, pid = f.name.rpartition(".")
