@@ -269,13 +269,16 @@ def test_build_job_takes_ignore_eos_and_min_tokens():
 
 @pytest.mark.parametrize("code, details, status, retry", [
     ("INTERNAL", "Internal error from Core", 503, True),  # grpc.aio's own failure: the connection was lost
+    ("CANCELLED", "Received RST_STREAM with error code 8", 503, True),  # the proxy reset the stream
+    ("INTERNAL", "Received RST_STREAM with error code 2", 503, True),
     ("UNAVAILABLE", "Socket closed", 503, True),
     ("DEADLINE_EXCEEDED", "Deadline Exceeded", 503, True),
     ("INTERNAL", "Stub process 'decoder_0_0' is not healthy.", 500, False),  # Triton's own answer
 ])
 def test_a_call_that_lost_its_connection_is_unavailable_not_internal(code, details, status, retry):
-    """A replica SIGKILLed under an open stream (tests/test_batch.py) surfaced as 500 "Internal error from Core", which
-    af3trt batch keeps as a final answer; it is a lost connection, retried like any 503."""
+    """A replica SIGKILLed under an open stream (tests/test_batch.py) surfaced as 500 "Internal error from Core" or as
+    a stream reset by HAProxy, which af3trt batch keeps as a final answer; it is a lost connection, retried like any
+    503."""
     import grpc
 
     from af3trt.runtime.openai.triton import rpc_error
@@ -283,3 +286,14 @@ def test_a_call_that_lost_its_connection_is_unavailable_not_internal(code, detai
     e = rpc_error("127.0.0.1:1", grpc.aio.AioRpcError(getattr(grpc.StatusCode, code), grpc.aio.Metadata(),
                                                       grpc.aio.Metadata(), details=details))
     assert e.status == status and (e.code == "triton_unavailable") == retry and details in e.message
+    # the same failure read from a stream's error (tritonclient: "StatusCode.X" and the message) in the client library
+    from af3trt.runtime.client.library import AF3ConnectionError, connection_error
+
+    class StreamError:
+        def status(self):
+            return f"StatusCode.{code}"
+
+        def message(self):
+            return details
+
+    assert isinstance(connection_error("127.0.0.1:1", "af3", StreamError()), AF3ConnectionError) == retry

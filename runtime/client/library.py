@@ -54,7 +54,8 @@ class AF3Error(RuntimeError):
 
 class AF3ConnectionError(AF3Error):
     """The request never reached a ready af3 model: nothing listens at the address, no answer in time, or the model
-    is not loaded/ready. `cause` is one of "connection refused", "timeout", "model not ready", "unavailable"."""
+    is not loaded/ready, or the connection was lost under the call. `cause` is one of "connection refused", "timeout",
+    "model not ready", "unavailable", "connection lost"."""
 
     code = ErrorCode.UNAVAILABLE
 
@@ -175,6 +176,21 @@ def make_input(spec: contract.TensorSpec, elements: list):
     return t
 
 
+# How a call that lost its connection reads, the server having answered nothing: grpc.aio fails an operation in its own
+# core with INTERNAL "Internal error from Core" (grpc/grpc src/python/grpcio/grpc/_cython/_cygrpc/aio/call.pyx.pxi
+# _AioCall.set_internal_error), and grpc's HTTP/2 transport reports a stream the peer reset as "Received RST_STREAM
+# with error code <n>" with the status of that code (2: INTERNAL, 8: CANCELLED; src/core/ext/transport/chttp2/
+# transport/frame_rst_stream.cc). Both seen here when a replica behind HAProxy was SIGKILLed under open streams.
+AIO_LOCAL_FAILURE = "Internal error from Core"
+STREAM_RESET = "Received RST_STREAM"
+
+
+def lost_in_transport(status: str, message: str) -> bool:
+    """Whether a gRPC status (its name, e.g. "INTERNAL" or "StatusCode.INTERNAL") and message say the connection was
+    lost under the call rather than answered."""
+    return ("INTERNAL" in status and message.strip() == AIO_LOCAL_FAILURE) or STREAM_RESET in message
+
+
 def connection_error(url: str, model: str, error) -> AF3ConnectionError | None:
     """The AF3ConnectionError an error from tritonclient stands for, or None when the server answered the request
     itself (a bad request: keep its own message). gRPC statuses: UNAVAILABLE (nothing listening, connection lost),
@@ -186,6 +202,8 @@ def connection_error(url: str, model: str, error) -> AF3ConnectionError | None:
     if "UNAVAILABLE" in status:
         cause = "connection refused" if "refused" in message.lower() else "unavailable"
         return AF3ConnectionError(url, cause, message)
+    if lost_in_transport(status, message):
+        return AF3ConnectionError(url, "connection lost", message)
     if "unknown model" in message or "is not ready" in message or "is not found" in message:
         return AF3ConnectionError(url, "model not ready", message)
     return None

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from af3trt.runtime.stages import contract, lengths
 from af3trt.runtime.client.library import (STATUS_WAIT_S, AF3Busy, AF3ConnectionError, AF3Error, ResponseReader, drain,
-                                   send_cancel_async)
+                                           lost_in_transport, send_cancel_async)
 from af3trt.runtime.client.library import Request as Job
 from af3trt.runtime.stages.errors import ErrorCode
 from af3trt.runtime.stages.params import FusionParams, ParamError, PreprocessParams
@@ -39,17 +39,11 @@ def _unavailable(url: str, e: BaseException | str) -> APIError:
     return APIError.of(ErrorCode.UNAVAILABLE, f"Triton at {url} is unavailable: {e}", code="triton_unavailable")
 
 
-# What grpc.aio reports when an operation of a call fails in its own core, the server having said nothing: status
-# INTERNAL with this fixed text (grpc/grpc src/python/grpcio/grpc/_cython/_cygrpc/aio/call.pyx.pxi
-# _AioCall.set_internal_error, called by grpc/aio/_call.py when a batch of operations fails). Seen here when a replica
-# behind HAProxy was SIGKILLed with a stream open (tests/test_batch.py): the connection was lost, not answered.
-AIO_LOCAL_FAILURE = "Internal error from Core"
-
-
 def rpc_error(url: str, e: grpc.aio.AioRpcError) -> APIError:
     """The APIError for a failed gRPC call to Triton: unavailable (a client may retry) when no answer came — nothing
-    listening, a deadline, a connection lost under the call — else Triton's own status, as an internal error."""
-    lost = e.code() == grpc.StatusCode.INTERNAL and e.details() == AIO_LOCAL_FAILURE
+    listening, a deadline, a connection lost or a stream reset under the call — else Triton's own status, as an
+    internal error."""
+    lost = lost_in_transport(e.code().name, e.details() or "")  # runtime/client/library.py: what a lost call reads
     if lost or e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return _unavailable(url, f"the connection was lost under the call ({e.details()})" if lost else e.details())
     return APIError.of(ErrorCode.INTERNAL, f"gRPC error from Triton: {e.code().name}: {e.details()}")
