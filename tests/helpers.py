@@ -182,3 +182,38 @@ def openai_front(settings):
         server.should_exit = True
         thread.join(60)
         assert not thread.is_alive(), "the OpenAI front did not stop"
+
+
+@contextlib.contextmanager
+def stub_below(tmp_path: Path, model: str, depth: int = 1):
+    """A process tree of the test's own with a python stub as Triton starts it (<...>/triton_python_backend_stub
+    <repo>/<model>/<version>/model.py) `depth` bash levels below its root (1: a server's child; 2: below mpirun's
+    rank). Yields (root pid, stub pid) once the stub runs; on exit the stub is released and the root must end 0.
+    Synchronised by two fifos: the stub writes its pid into one, then blocks opening the other (no sleep)."""
+    import shlex
+    import signal
+
+    path = tmp_path / "model_repository" / model / "1" / "model.py"
+    path.parent.mkdir(parents=True)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    path.write_text(f"import os\nopen({str(ready)!r}, 'w').write(str(os.getpid()))\nopen({str(go)!r}).read()\n")
+    stub = tmp_path / "bin" / "triton_python_backend_stub"
+    stub.parent.mkdir()
+    stub.symlink_to(getattr(sys, "_base_executable", sys.executable))
+    command = f"{shlex.quote(str(stub))} {shlex.quote(str(path))} & wait"
+    for _ in range(depth - 1):
+        command = f"bash -c {shlex.quote(command)} & wait"
+    root = subprocess.Popen(["bash", "-c", command], start_new_session=True)
+    try:
+        with open(ready) as f:  # blocks until the stub has opened it
+            stub_pid = int(f.read())
+        yield root.pid, stub_pid
+        with open(go, "w"):
+            pass
+        assert root.wait(timeout=60) == 0
+    finally:
+        if root.poll() is None:
+            os.killpg(root.pid, signal.SIGKILL)  # our own process group (start_new_session), nothing else
+            root.wait()

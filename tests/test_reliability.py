@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import stub_below
 
 from af3trt.runtime.stages import audio
 from af3trt.runtime.host import proc
@@ -138,32 +139,9 @@ def test_watchdog_finds_stubs_below_mpirun(tmp_path):
     """Under TP > 1 the server process is mpirun (runtime/serve/tp_launch.py) and the python stubs are children of its
     rank-0 tritonserver: a process tree root → rank → stub, the stub found by its argv as Triton starts it
     (<...>/triton_python_backend_stub <repo>/<model>/<version>/model.py …). Not found among direct children."""
-    import shlex
-
-    model = tmp_path / "repo" / "fusion" / "1" / "model.py"
-    model.parent.mkdir(parents=True)
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    os.mkfifo(ready)
-    os.mkfifo(go)
-    # the stub writes its pid into one fifo, then blocks opening the other until the test is done: no sleep
-    model.write_text(f"import os\nopen({str(ready)!r}, 'w').write(str(os.getpid()))\nopen({str(go)!r}).read()\n")
-    stub = tmp_path / "bin" / "triton_python_backend_stub"
-    stub.parent.mkdir()
-    stub.symlink_to(getattr(sys, "_base_executable", sys.executable))
-    rank = f"{shlex.quote(str(stub))} {shlex.quote(str(model))} & wait"  # rank 0: starts the stub, waits
-    root = subprocess.Popen(["bash", "-c", f"bash -c {shlex.quote(rank)} & wait"], start_new_session=True)
-    try:
-        with open(ready) as f:  # blocks until the stub has opened it
-            stub_pid = int(f.read())
-        assert supervisor.stub_pids(root.pid) == {"fusion": {stub_pid}}
-        assert stub_pid in proc.descendants(root.pid) and stub_pid not in proc.children(root.pid)
-        with open(go, "w"):
-            pass
-        assert root.wait(timeout=60) == 0
-    finally:
-        if root.poll() is None:
-            os.killpg(root.pid, signal.SIGKILL)  # our own process group (start_new_session), nothing else
-            root.wait()
+    with stub_below(tmp_path, "fusion", depth=2) as (root, stub_pid):  # root → rank 0 → stub
+        assert supervisor.stub_pids(root) == {"fusion": {stub_pid}}
+        assert stub_pid in proc.descendants(root) and stub_pid not in proc.children(root)
 
 
 def test_launch_command_restricts_the_repository_api_and_redacts_the_key(tmp_path):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import stub_below
 
 from af3trt.perf.serving_path import cpu_seconds, per_process, serving_processes, summarize
 
@@ -29,33 +28,9 @@ def test_stubs_are_named_by_the_model_their_command_line_names(tmp_path):
     """A server process whose child runs as Triton starts a python stub (<...>/triton_python_backend_stub
     <repo>/<model>/<version>/model.py): named by its model. The server is a process of the test's own, so the stubs of
     a tritonserver this test session runs elsewhere are not below it."""
-    import shlex
-    import signal
-
-    model = tmp_path / "model_repository" / "fusion" / "1" / "model.py"
-    model.parent.mkdir(parents=True)
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    os.mkfifo(ready)
-    os.mkfifo(go)
-    # the stub writes its pid into one fifo, then blocks opening the other until the test is done: no sleep
-    model.write_text(f"import os\nopen({str(ready)!r}, 'w').write(str(os.getpid()))\nopen({str(go)!r}).read()\n")
-    stub = tmp_path / "bin" / "triton_python_backend_stub"
-    stub.parent.mkdir()
-    stub.symlink_to(getattr(sys, "_base_executable", sys.executable))
-    server = subprocess.Popen(["bash", "-c", f"{shlex.quote(str(stub))} {shlex.quote(str(model))} & wait"],
-                              start_new_session=True)
-    try:
-        with open(ready) as f:  # blocks until the stub has opened it
-            stub_pid = int(f.read())
-        assert serving_processes(server.pid, None) == {"tritonserver": server.pid, "fusion": stub_pid}
+    with stub_below(tmp_path, "fusion") as (server, stub_pid):
+        assert serving_processes(server, None) == {"tritonserver": server, "fusion": stub_pid}
         assert cpu_seconds(os.getpid()) > 0
-        with open(go, "w"):
-            pass
-        assert server.wait(timeout=60) == 0
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)  # our own process group (start_new_session), nothing else
-            server.wait()
 
 
 def test_a_build_whose_load_fails_leaves_the_later_rounds_and_the_others_go_on(monkeypatch):
